@@ -1,0 +1,537 @@
+"""`chute.Broker`: the asyncio face of the broker, usable in-process; the network server calls the same API.
+
+The pure `BrokerCore` decides everything; this module adds what needs an event loop:
+- durability: a call returns only after the records it wrote are durable (the store's token); a publish is
+  placed in its queues by a callback on that token, so even a cancelled publisher's confirmed message is placed,
+  and no consumer ever sees a message whose publish was not confirmed;
+- time: one timer handle, set for the core's next deadline (lease ends, delays, expiries, retention), or, with
+  `auto_tick=False`, nothing at all: tests move their own clock and call `tick()`;
+- waiting: long-polling receivers wait on one future per call, woken when their queue gains ready messages;
+- housekeeping: checkpoints (every `checkpoint_bytes` of log or `checkpoint_interval_s`) followed by
+  compaction of sparse files, one at a time, in the background.
+
+Invariant: the event loop never blocks on disk (the store does its I/O in threads; recovery runs in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from chute.consumer import Consumer
+from chute.core import records as rec
+from chute.core.broker import BrokerCore
+from chute.core.ids import publish_time
+from chute.core.routing import Pattern
+from chute.core.queue import Entry
+from chute.core.state import DEFAULT_MAX_MESSAGE_BYTES
+from chute.errors import BrokerClosed, ChuteError, InvalidArgument, InvalidReceipt
+from chute.model import (
+    Delivery,
+    Message,
+    Publish,
+    QueueInfo,
+    QueueSettings,
+    QueueStats,
+    SubscriptionInfo,
+    TopicInfo,
+    TopicSettings,
+)
+from chute.storage.api import FsyncPolicy, RecoveryReport, Store
+from chute.storage.file import FileStore
+from chute.storage.memory import MemoryStore
+
+COMPACT_READ_BATCH = 1000  # records read per round trip to the store while compacting
+
+
+class Broker:
+    """A durable broker in this process. Use `async with Broker(path) as broker:` (or `await start()` /
+    `await close()`). `Broker()` without a path or store keeps everything in memory (no durability)."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        *,
+        store: Store | None = None,
+        fsync: FsyncPolicy = "always",
+        clock: Callable[[], float] = time.time,
+        auto_tick: bool = True,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        checkpoint_bytes: int = 256 * 2**20,
+        checkpoint_interval_s: float = 60.0,
+    ) -> None:
+        if store is None:
+            store = FileStore(Path(data_dir), fsync_policy=fsync) if data_dir is not None else MemoryStore()
+        elif data_dir is not None:
+            raise InvalidArgument("give a data_dir or a store, not both")
+        self.store = store
+        self.clock = clock
+        self.auto_tick = auto_tick
+        self.core = BrokerCore(store, receipt_base=secrets.randbits(40) << 20, max_message_bytes=max_message_bytes)
+        self.core.on_queue_deleted = self._queue_deleted
+        self.checkpoint_bytes = checkpoint_bytes
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.recovery: RecoveryReport | None = None
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._housekeeping: asyncio.Task | None = None
+        self._written_at_checkpoint = 0
+        self._checkpoint_time = 0.0
+        self._state = "new"
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def start(self) -> Broker:
+        """Recover the store and start serving. Raises StorageCorrupt if stored data is damaged."""
+        if self._state != "new":
+            raise InvalidArgument(f"broker is {self._state}; start() is called once")
+        self._state = "recovering"
+        recovered = await self.store.open()
+        self.recovery = recovered.report
+        await asyncio.to_thread(self.core.restore, recovered.snapshot, recovered.records, self.clock())
+        self._written_at_checkpoint = self.store.stats().bytes_written
+        self._checkpoint_time = time.monotonic()
+        self._state = "serving"
+        self._after()
+        return self
+
+    async def close(self) -> None:
+        """Stop: wake waiting receivers with BrokerClosed, checkpoint, flush and close the store. Idempotent."""
+        if self._state in ("closed", "new"):
+            self._state = "closed"
+            return
+        self._state = "closing"
+        if self._timer is not None:
+            self._timer.cancel()
+        for waiters in self._waiters.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(BrokerClosed("broker closed"))
+        self._waiters.clear()
+        if self._housekeeping is not None:
+            with contextlib.suppress(Exception):
+                await self._housekeeping
+        if not self.store.read_only:
+            with contextlib.suppress(ChuteError):
+                await self.store.checkpoint(self.core.snapshot())
+        await self.store.close()
+        self._state = "closed"
+
+    async def __aenter__(self) -> Broker:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def healthy(self) -> bool:
+        """True while serving with a writable store."""
+        return self._state == "serving" and not self.store.read_only
+
+    def _check(self) -> None:
+        if self._state != "serving":
+            raise BrokerClosed(f"broker is {self._state}")
+
+    # -- queues, topics, subscriptions ------------------------------------------------------------------------
+
+    async def create_queue(self, name: str, settings: QueueSettings | None = None, **settings_kw) -> QueueInfo:
+        """Create a queue (idempotent with the same settings; QueueExists with others). Settings may be given as
+        a QueueSettings or as keywords (`lease_s=10, max_deliveries=5, ...`)."""
+        self._check()
+        if settings is None:
+            settings = _convert(QueueSettings, settings_kw)
+        elif settings_kw:
+            raise InvalidArgument("give settings or keywords, not both")
+        queue, _ = self._run(self.core.create_queue, name, settings)
+        await self._durable()
+        return QueueInfo(name=queue.name, settings=queue.settings)
+
+    async def update_queue(self, name: str, **changes) -> QueueInfo:
+        """Change some settings of a queue (keywords as in QueueSettings)."""
+        self._check()
+        queue = self._run(self.core.update_queue, name, changes)
+        await self._durable()
+        return QueueInfo(name=queue.name, settings=queue.settings)
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue with its messages and the subscriptions that feed it."""
+        self._check()
+        self._run(self.core.delete_queue, name)
+        await self._durable()
+
+    async def purge_queue(self, name: str) -> int:
+        """Remove every message of a queue that is not in flight; return how many."""
+        self._check()
+        count = self._run(self.core.purge_queue, name)
+        await self._durable()
+        return count
+
+    def list_queues(self) -> list[QueueInfo]:
+        """Durable queues, by name."""
+        return [
+            QueueInfo(name=q.name, settings=q.settings)
+            for q in sorted(self.core.queues.values(), key=lambda q: q.name)
+            if not q.ephemeral
+        ]
+
+    def queue_stats(self, name: str) -> QueueStats:
+        """Depth and counters of a queue."""
+        queue = self.core.queue(name)
+        oldest = queue.oldest_ready()
+        counters = queue.counters
+        return QueueStats(
+            name=name, ready=queue.ready + queue.waiting, in_flight=len(queue.in_flight), delayed=len(queue.delayed),
+            bytes=queue.bytes, dead_lettered=counters["dead"],
+            oldest_age_s=max(0.0, self.clock() - oldest.publish_time) if oldest is not None else 0.0,
+            published=counters["published"], delivered=counters["delivered"], acked=counters["acked"],
+            nacked=counters["nacked"], redelivered=counters["redelivered"],
+        )  # fmt: skip
+
+    async def create_topic(self, name: str, settings: TopicSettings | None = None, **settings_kw) -> TopicInfo:
+        """Create a topic (idempotent with the same settings)."""
+        self._check()
+        if settings is None:
+            settings = _convert(TopicSettings, settings_kw)
+        topic, _ = self._run(self.core.create_topic, name, settings)
+        await self._durable()
+        return self._topic_info(topic)
+
+    async def delete_topic(self, name: str) -> None:
+        """Delete a topic and its subscriptions; their queues stay."""
+        self._check()
+        self._run(self.core.delete_topic, name)
+        await self._durable()
+
+    def list_topics(self) -> list[TopicInfo]:
+        return [self._topic_info(t) for t in sorted(self.core.topics.values(), key=lambda t: t.name)]
+
+    def _topic_info(self, topic) -> TopicInfo:
+        subscriptions = [
+            SubscriptionInfo(topic=topic.name, pattern=s.pattern, queue=s.queue.name, filter=s.filter.spec or None,
+                             ephemeral=s.queue.ephemeral)  # fmt: skip
+            for s in topic.subscriptions.values()
+        ]
+        return TopicInfo(name=topic.name, settings=topic.settings, subscriptions=subscriptions)
+
+    async def subscribe(
+        self, topic: str, pattern: str, queue: str, *, filter: dict | None = None, start: str | float = "now"
+    ) -> SubscriptionInfo:
+        """Bind `pattern` (+ header `filter`) on `topic` to `queue`. `start`: "now", "earliest" (every retained
+        message) or a timestamp (retained messages published at or after it)."""
+        self._check()
+        since = _start_time(start)
+        subscription = self._run(self.core.subscribe, topic, pattern, queue, filter)
+        if since is not None:
+            await self._backfill(subscription, since)
+        await self._durable()
+        return SubscriptionInfo(topic=topic, pattern=subscription.pattern, queue=queue,
+                                filter=subscription.filter.spec or None)  # fmt: skip
+
+    async def _backfill(self, subscription, since: float) -> None:
+        topic = subscription.topic
+        items = [item for item in topic.retained if publish_time(item[0]) >= since]
+        payloads = await self.store.read([ref for _, ref, _ in items]) if items else []
+        chosen = []
+        for (message_id, ref, size), payload in zip(items, payloads, strict=True):
+            record = rec.decode_message(payload)
+            subject = record.subject or topic.name
+            if subscription.queue.name in self.core.queues and subscription.filter.matches(record.headers or {}):
+                if Pattern(subscription.pattern).matches(subject):
+                    chosen.append((message_id, ref, size, record.priority, record.group, record.expires_ms))
+        if chosen:
+            self._run(self.core.enqueue_retained, subscription.queue.name, chosen, self.clock())
+
+    async def unsubscribe(self, topic: str, pattern: str, queue: str) -> None:
+        self._check()
+        self._run(self.core.unsubscribe, topic, pattern, queue)
+        await self._durable()
+
+    async def subscribe_ephemeral(
+        self, topic: str, pattern: str = ">", *, filter: dict | None = None, prefetch: int = 100
+    ) -> Consumer:
+        """A consumer of a subscription that lives only as long as it does: in memory, at-most-once (messages
+        published while nobody listens are not kept; a delivered message is never delivered again)."""
+        self._check()
+        queue = self.core.create_ephemeral_queue()
+        try:
+            self._run(self.core.subscribe, topic, pattern, queue.name, filter)
+        except ChuteError:
+            self.core.delete_queue(queue.name)
+            raise
+        return Consumer(self, queue.name, prefetch=prefetch, lease_s=None, owns_queue=True)
+
+    # -- publish ----------------------------------------------------------------------------------------------
+
+    async def publish(self, dest: str, body: bytes, **options) -> int:
+        """Publish one message to a queue or topic; return its id once durable. Options as in `Publish`."""
+        return (await self.publish_batch(dest, [Publish(body=body, **options)]))[0]
+
+    async def publish_batch(self, dest: str, messages: Sequence[Publish]) -> list[int]:
+        """Publish messages in order; return their ids once all are durable (a repeated dedup id returns the
+        original's id). Raises before storing anything on bad input; StorageFailed/StorageFull if the store
+        could not make them durable (none of them is then delivered)."""
+        self._check()
+        plan = self._run(self.core.prepare_publish, dest, messages, self.clock())
+        self._pending_token = None  # the plan holds it
+        if plan.token is None:
+            self._settle(plan, None)
+            return plan.ids
+        future = asyncio.ensure_future(plan.token)
+        future.add_done_callback(lambda done: self._settle(plan, done))
+        await asyncio.shield(future)
+        return plan.ids
+
+    def _settle(self, plan, done: asyncio.Future | None) -> None:
+        """Place a publish whose records are durable, or forget it if the store failed (the publisher gets
+        the store's error from the awaited future)."""
+        if done is None or (not done.cancelled() and done.exception() is None):
+            self.core.commit_publish(plan, self.clock())
+        else:
+            self.core.abort_publish(plan)
+        if self._state == "serving":
+            self._after()
+
+    # -- consume ----------------------------------------------------------------------------------------------
+
+    async def receive(
+        self, queue: str, max_messages: int = 1, *, wait_s: float = 0.0, lease_s: float | None = None
+    ) -> list[Delivery]:
+        """Lease up to `max_messages` messages, waiting up to `wait_s` for the first (long poll). Returns [] if
+        none came. Each delivery must be acked (or nacked) before its lease ends, or it is delivered again."""
+        self._check()
+        if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 3600:
+            raise InvalidArgument(f"wait_s must be from 0 to 3600 seconds, got {wait_s!r}")
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + wait_s
+        while True:
+            entries = self._run(self.core.receive, queue, max_messages, self.clock(), lease_s)
+            if entries:
+                return await self._deliveries(queue, entries)
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                return []
+            rate_at = self.core.rate_ready_at(queue, self.clock())
+            if rate_at is not None:
+                remaining = min(remaining, max(0.001, rate_at - self.clock()))
+            await self._wait(queue, remaining)
+
+    async def _wait(self, queue: str, timeout: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(queue, [])
+        waiters.append(future)
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            pass
+        finally:
+            if future in waiters:
+                waiters.remove(future)
+
+    async def _deliveries(self, queue_name: str, entries: list[Entry]) -> list[Delivery]:
+        queue = self.core.queues.get(queue_name)
+        store = self.core.store_of(queue) if queue is not None else self.store
+        leases = [(e.receipt, e.deliveries, e.deadline, e.dead) for e in entries]
+        payloads = [store.read_cached(e.ref) for e in entries]
+        missing = [i for i, p in enumerate(payloads) if p is None]
+        if missing:
+            for i, payload in zip(missing, await store.read([entries[i].ref for i in missing]), strict=True):
+                payloads[i] = payload
+        return [
+            _delivery(queue_name, payload, receipt, count, deadline, dead, self.core)
+            for payload, (receipt, count, deadline, dead) in zip(payloads, leases, strict=True)
+        ]
+
+    def consume(self, queue: str, *, prefetch: int = 100, lease_s: float | None = None) -> Consumer:
+        """A push-style consumer: `async for delivery in broker.consume("q")`, at most `prefetch` unacked."""
+        self._check()
+        self.core.queue(queue)
+        return Consumer(self, queue, prefetch=prefetch, lease_s=lease_s)
+
+    async def ack(self, queue: str, receipts: int | Sequence[int]) -> None:
+        """Ack deliveries: they are removed for good once this returns. Receipts not (or no longer) leased
+        raise InvalidReceipt after the others were acked (`error.receipts` lists them)."""
+        self._check()
+        receipts = [receipts] if isinstance(receipts, int) else receipts
+        unknown = self._run(self.core.ack, queue, receipts)
+        await self._durable()
+        _raise_unknown(unknown, "acked")
+
+    async def nack(
+        self, queue: str, receipts: int | Sequence[int], *, delay_s: float = 0.0, dead_letter: bool = False
+    ) -> None:
+        """Give deliveries back: ready again now, after `delay_s`, or dead-lettered (reason `rejected`)."""
+        self._check()
+        receipts = [receipts] if isinstance(receipts, int) else receipts
+        unknown = self._run(self.core.nack, queue, receipts, self.clock(), delay_s=delay_s, dead_letter=dead_letter)
+        await self._durable()
+        _raise_unknown(unknown, "nacked")
+
+    async def extend(self, queue: str, receipts: int | Sequence[int], lease_s: float) -> None:
+        """Make leases end `lease_s` seconds from now."""
+        self._check()
+        receipts = [receipts] if isinstance(receipts, int) else receipts
+        _raise_unknown(self._run(self.core.extend, queue, receipts, lease_s, self.clock()), "extended")
+
+    def release(self, queue: str, receipts: Sequence[int]) -> None:
+        """A consumer is gone: its leased messages are available again at once."""
+        if self._state == "serving":
+            self._run(self.core.release_receipts, queue, receipts, self.clock())
+
+    async def peek(self, queue: str, max_messages: int = 10) -> list[Delivery]:
+        """Browse messages in delivery order without leasing them (receipt 0)."""
+        self._check()
+        entries = self.core.peek(queue, max_messages)
+        items = [(e.ref, e.deliveries, e.dead) for e in entries]
+        store = self.core.store_of(self.core.queue(queue))
+        payloads = await store.read([ref for ref, _, _ in items]) if items else []
+        return [
+            _delivery(queue, payload, 0, count, 0.0, dead, self.core)
+            for payload, (_, count, dead) in zip(payloads, items, strict=True)
+        ]
+
+    async def redrive(self, queue: str, max_messages: int | None = None) -> int:
+        """Move dead-lettered messages of `queue` back to the queues they came from; return how many."""
+        self._check()
+        moved = self._run(self.core.redrive, queue, max_messages, self.clock())
+        await self._durable()
+        return moved
+
+    # -- the engine room --------------------------------------------------------------------------------------
+
+    def _run(self, operation, *args, **kwargs):
+        """Run a core operation, then flush its records, wake receivers and reset the timer — even if it raised
+        (a failed publish may have dead-lettered overflow first)."""
+        self._pending_token = None
+        try:
+            return operation(*args, **kwargs)
+        finally:
+            self._after()
+
+    def _after(self):
+        core = self.core
+        if core.outbox:
+            self._pending_token = core.flush()
+        if core.changed:
+            for queue in core.changed:
+                waiters = self._waiters.get(queue.name)
+                if waiters:
+                    for future in waiters:
+                        if not future.done():
+                            future.set_result(None)
+                    waiters.clear()
+            core.changed.clear()
+        if self.auto_tick and self._state == "serving":
+            self._schedule()
+            self._maybe_housekeep()
+
+    _pending_token = None
+
+    async def _durable(self) -> None:
+        """Wait until the records of the operation just run are durable."""
+        token, self._pending_token = self._pending_token, None
+        if isinstance(token, asyncio.Future):
+            await asyncio.shield(token)  # a cancelled caller must not cancel the store's group future
+        elif token is not None:
+            await token
+
+    def _schedule(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = deadline
+        self._timer = loop.call_later(max(0.0, deadline - self.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.tick()
+
+    def tick(self) -> None:
+        """Fire due timers (lease ends, delays, expiries) at the clock's `now`. Called by the timer, or by tests
+        that run with `auto_tick=False` and move their own clock."""
+        if self._state == "serving":
+            self._run(self.core.tick, self.clock())
+
+    def _maybe_housekeep(self) -> None:
+        if self._housekeeping is not None and not self._housekeeping.done():
+            return
+        written = self.store.stats().bytes_written - self._written_at_checkpoint
+        due = written >= self.checkpoint_bytes or (
+            written and time.monotonic() - self._checkpoint_time >= self.checkpoint_interval_s
+        )
+        if due and not self.store.read_only:
+            self._housekeeping = asyncio.get_running_loop().create_task(self.checkpoint())
+
+    async def checkpoint(self) -> None:
+        """Store a snapshot (recovery then replays only later records) and compact sparse log files."""
+        self._written_at_checkpoint = self.store.stats().bytes_written
+        self._checkpoint_time = time.monotonic()
+        await self.store.checkpoint(self.core.snapshot())
+        refs = self.core.compaction_candidates(self.store.sparse_segments())
+        for start in range(0, len(refs), COMPACT_READ_BATCH):
+            if self._state != "serving":
+                return
+            batch = refs[start : start + COMPACT_READ_BATCH]
+            self._run(self.core.relocate, list(zip(batch, await self.store.read(batch), strict=True)))
+
+    def _queue_deleted(self, queue) -> None:
+        self._queue_deleted_or_closed(queue.name)
+
+    def _queue_deleted_or_closed(self, name: str) -> None:
+        """Wake everyone waiting on queue `name` so they notice it is gone (or their consumer closed)."""
+        for future in self._waiters.pop(name, []):
+            if not future.done():
+                future.set_result(None)
+
+
+def _delivery(queue: str, payload: bytes, receipt, count, deadline, dead, core) -> Delivery:
+    record = rec.decode_message(payload)
+    message = Message(
+        id=record.id, body=record.body, headers=record.headers or {}, publish_time=record.publish_ms / 1000.0,
+        priority=record.priority, subject=record.subject, group=record.group, dedup_id=record.dedup_id,
+        expires_at=record.expires_ms / 1000.0 if record.expires_ms else None,
+    )  # fmt: skip
+    reason = source = None
+    if dead is not None:
+        reason = rec.REASON_NAMES.get(dead[0])
+        source_queue = core.queues_by_id.get(dead[1])
+        source = source_queue.name if source_queue is not None else None
+    return Delivery(queue=queue, receipt=receipt, delivery_count=count, message=message, lease_deadline=deadline,
+                    dead_letter_reason=reason, dead_letter_source=source)  # fmt: skip
+
+
+def _raise_unknown(unknown: list[int], verb: str) -> None:
+    if unknown:
+        error = InvalidReceipt(
+            f"{len(unknown)} receipt(s) not leased (never issued, already acked, or lease ended); the others were {verb}"
+        )
+        error.receipts = unknown
+        raise error
+
+
+def _convert(cls, values: dict):
+    import msgspec
+
+    try:
+        return msgspec.convert(values, cls)
+    except msgspec.ValidationError as exc:
+        raise InvalidArgument(f"invalid settings: {exc}") from None
+
+
+def _start_time(start: str | float) -> float | None:
+    if start == "now":
+        return None
+    if start == "earliest":
+        return 0.0
+    if isinstance(start, int | float) and not isinstance(start, bool) and start >= 0:
+        return float(start)
+    raise InvalidArgument(f"start must be 'now', 'earliest' or a timestamp, got {start!r}")

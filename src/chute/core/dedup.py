@@ -1,0 +1,47 @@
+"""Deduplication window of one queue or topic: dedup id -> (expires, message id).
+
+Invariant: an id is remembered until `expires` (publish time + the window), then forgotten on the next lookup;
+`order` holds (expires, dedup id) in insertion order, which is expiry order while the window is unchanged (a
+shorter window after an update only makes some ids live a little longer).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class DedupWindow:
+    """Remembers recent dedup ids so a repeated publish is confirmed but not stored twice."""
+
+    __slots__ = ("table", "order")
+
+    def __init__(self) -> None:
+        self.table: dict[str, tuple[float, int]] = {}
+        self.order: deque[tuple[float, str]] = deque()
+
+    def lookup(self, dedup_id: str, now: float) -> int | None:
+        """The id of the message published with `dedup_id` within the window, or None."""
+        self.expire(now)
+        found = self.table.get(dedup_id)
+        return found[1] if found is not None else None
+
+    def remember(self, dedup_id: str, message_id: int, expires: float) -> None:
+        self.table[dedup_id] = (expires, message_id)
+        self.order.append((expires, dedup_id))
+
+    def forget(self, dedup_id: str, message_id: int) -> None:
+        """Forget `dedup_id` if it still stands for `message_id` (a publish that failed to become durable)."""
+        found = self.table.get(dedup_id)
+        if found is not None and found[1] == message_id:
+            del self.table[dedup_id]
+
+    def expire(self, now: float) -> None:
+        order, table = self.order, self.table
+        while order and order[0][0] <= now:
+            _, dedup_id = order.popleft()
+            found = table.get(dedup_id)
+            if found is not None and found[0] <= now:
+                del table[dedup_id]
+
+    def items(self) -> list[tuple[str, float, int]]:
+        return [(key, expires, message_id) for key, (expires, message_id) in self.table.items()]

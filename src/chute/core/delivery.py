@@ -1,0 +1,205 @@
+"""Delivering: leases, acks, nacks, redelivery, dead-lettering, redrive, and the timers that drive them.
+
+Invariants:
+- a leased entry is in exactly one queue's `in_flight`, under a receipt never handed out before by this broker
+  (receipts start from a random base each boot, so a receipt from before a restart is simply unknown).
+- when a lease ends (timeout or nack) the entry goes back to the ready line with its delivery count kept (the
+  next delivery increments it), unless it has reached max_deliveries or expired: then it is dead-lettered.
+- ephemeral queues are at-most-once: an entry delivered from one is removed at once, with no lease.
+- the rate limiter is consulted only for messages actually handed out.
+"""
+
+from __future__ import annotations
+
+from chute.core import records as rec
+from chute.core.queue import DELAYED, IN_FLIGHT, READY, WAITING, Entry, Queue
+from chute.core.state import BrokerState
+from chute.core.timers import DELAY, EXPIRE, LEASE, RETAIN
+from chute.errors import InvalidArgument, InvalidReceipt
+from chute.model import MAX_DELAY_S, MAX_LEASE_S
+
+
+def _check_lease(lease_s: float) -> float:
+    if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or not 0.001 <= lease_s <= MAX_LEASE_S:
+        raise InvalidArgument(f"lease_s must be a number from 0.001 to {MAX_LEASE_S:g}, got {lease_s!r}")
+    return float(lease_s)
+
+
+class DeliveryOps(BrokerState):
+    """receive / ack / nack / extend / peek / redrive / tick."""
+
+    def receive(self, name: str, max_messages: int, now: float, lease_s: float | None = None) -> list[Entry]:
+        """Lease up to `max_messages` ready messages of a queue; each leased entry carries receipt and deadline."""
+        queue = self.queue(name)
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+            raise InvalidArgument(f"max_messages must be a positive integer, got {max_messages!r}")
+        lease = _check_lease(lease_s if lease_s is not None else queue.settings.lease_s)
+        wanted = min(max_messages, queue.ready)
+        if wanted and queue.bucket is not None:
+            wanted = queue.bucket.take(wanted, now)
+        taken: list[Entry] = []
+        expired: list[Entry] = []
+        while len(taken) < wanted:
+            entry = queue.pop_ready()
+            if entry is None:
+                break
+            if entry.expires and entry.expires <= now:
+                entry.state = READY  # popped but still counted as present until dead-lettered
+                queue.ready += 1
+                expired.append(entry)
+                continue
+            taken.append(entry)
+        self.dead_letter(queue, expired, "expired", now)
+        if queue.ephemeral:
+            for entry in taken:
+                entry.state = READY
+                queue.ready += 1
+                entry.deliveries = 1
+            self.drop(queue, taken, rec.ACKED)
+            queue.counters["delivered"] += len(taken)
+            return taken
+        deadline = now + lease
+        timers = self.timers
+        redelivered = 0
+        for entry in taken:
+            receipt = self.next_receipt
+            self.next_receipt = receipt + 1
+            if entry.deliveries:
+                redelivered += 1
+            queue.lease(entry, receipt)
+            entry.deadline = deadline
+            timers.add(deadline, LEASE, queue, entry)
+        if taken:
+            queue.counters["delivered"] += len(taken)
+            queue.counters["redelivered"] += redelivered
+            self.emit(rec.DELIVERED, rec.DeliveredRecord(queue.id, [e.id for e in taken]))
+        return taken
+
+    def _leased(self, queue: Queue, receipts) -> tuple[list[Entry], list[int]]:
+        found, unknown = [], []
+        in_flight = queue.in_flight
+        for receipt in receipts:
+            entry = in_flight.get(receipt)
+            if entry is None:
+                unknown.append(receipt)
+            else:
+                found.append(entry)
+        return found, unknown
+
+    def ack(self, name: str, receipts) -> list[int]:
+        """Remove the leased messages; return the receipts that were not (or no longer) leased."""
+        queue = self.queue(name)
+        entries, unknown = self._leased(queue, receipts)
+        queue.counters["acked"] += len(entries)
+        self.drop(queue, entries, rec.ACKED)
+        return unknown
+
+    def nack(
+        self, name: str, receipts, now: float, *, delay_s: float = 0.0, dead_letter: bool = False
+    ) -> list[int]:
+        """Return leased messages now or after `delay_s`, or dead-letter them (`rejected`); return unknown ones."""
+        if isinstance(delay_s, bool) or not isinstance(delay_s, int | float) or not 0 <= delay_s <= MAX_DELAY_S:
+            raise InvalidArgument(f"delay_s must be a number from 0 to {MAX_DELAY_S:g}, got {delay_s!r}")
+        queue = self.queue(name)
+        entries, unknown = self._leased(queue, receipts)
+        queue.counters["nacked"] += len(entries)
+        if dead_letter:
+            self.dead_letter(queue, entries, "rejected", now)
+        else:
+            for entry in entries:
+                self._lease_ended(queue, entry, now, delay_s)
+        return unknown
+
+    def extend(self, name: str, receipts, lease_s: float, now: float) -> list[int]:
+        """Set the lease of leased messages to end `lease_s` from now; return unknown receipts."""
+        lease = _check_lease(lease_s)
+        queue = self.queue(name)
+        entries, unknown = self._leased(queue, receipts)
+        for entry in entries:
+            entry.deadline = now + lease
+            self.timers.add(entry.deadline, LEASE, queue, entry)
+        return unknown
+
+    def release_receipts(self, name: str, receipts, now: float) -> None:
+        """A consumer went away: its leased messages become available at once."""
+        queue = self.queues.get(name)
+        if queue is not None:
+            for entry in self._leased(queue, receipts)[0]:
+                self._lease_ended(queue, entry, now, 0.0)
+
+    def _lease_ended(self, queue: Queue, entry: Entry, now: float, delay_s: float) -> None:
+        if entry.expires and entry.expires <= now:
+            self.dead_letter(queue, [entry], "expired", now)
+            return
+        limit = queue.settings.max_deliveries
+        if limit is not None and entry.deliveries >= limit:
+            self.dead_letter(queue, [entry], "max_deliveries", now)
+            return
+        if delay_s > 0:
+            queue.delay(entry, now + delay_s)
+            self.timers.add(now + delay_s, DELAY, queue, entry)
+        else:
+            queue.requeue(entry)
+            self.changed.add(queue)
+
+    def peek(self, name: str, max_messages: int) -> list[Entry]:
+        """The next messages in delivery order (then waiting, delayed, in flight), without leasing them."""
+        queue = self.queue(name)
+        result = []
+        for entry in queue.entries():
+            if len(result) >= max_messages:
+                break
+            result.append(entry)
+        return result
+
+    def redrive(self, name: str, max_messages: int | None, now: float) -> int:
+        """Move dead-lettered messages of queue `name` back to their source queues; return how many moved."""
+        dlq = self.queue(name)
+        moved = 0
+        by_source: dict[int, list[Entry]] = {}
+        for entry in list(dlq.entries()):
+            if max_messages is not None and moved >= max_messages:
+                break
+            if entry.dead is None or entry.state == IN_FLIGHT:
+                continue
+            source = self.queues_by_id.get(entry.dead[1])
+            if source is None:
+                continue
+            by_source.setdefault(source.id, []).append(entry)
+            moved += 1
+        for source_id, entries in by_source.items():
+            source = self.queues_by_id[source_id]
+            for entry in entries:
+                dlq.remove(entry)
+                self.place(source, Entry(entry.id, entry.ref, entry.size, entry.priority), 0.0, now)
+            self.emit(rec.MOVE, rec.MoveRecord(dlq.id, source_id, rec.ACKED, [e.id for e in entries]))
+        return moved
+
+    def tick(self, now: float) -> None:
+        """Fire every timer due at `now`: lease ends, delays, expiries, retention trims."""
+        for when, kind, owner, subject in self.timers.pop_due(now):
+            if kind == LEASE:
+                entry = subject
+                if entry.state == IN_FLIGHT and entry.deadline == when and owner.in_flight.get(entry.receipt):
+                    self._lease_ended(owner, entry, now, 0.0)
+            elif kind == DELAY:
+                if subject.state == DELAYED and self.queues.get(owner.name) is owner:
+                    owner.undelay(subject)
+                    self.changed.add(owner)
+            elif kind == EXPIRE:
+                if subject.state in (READY, WAITING, DELAYED) and self.queues.get(owner.name) is owner:
+                    self.dead_letter(owner, [subject], "expired", now)
+            elif kind == RETAIN and self.topics.get(owner.name) is owner and owner.trim_at == when:
+                owner.trim_at = None
+                self.trim_topic(owner, now)
+
+    def next_deadline(self) -> float | None:
+        """When `tick` has something to do next, or None."""
+        return self.timers.next_deadline()
+
+    def rate_ready_at(self, name: str, now: float) -> float | None:
+        """When a rate-limited queue with ready messages can deliver again (None: not limited or nothing ready)."""
+        queue = self.queues.get(name)
+        if queue is None or queue.bucket is None or not queue.ready:
+            return None
+        return queue.bucket.next_ready(now)

@@ -1,0 +1,266 @@
+"""Publishing: validate a batch, deduplicate, make room, write one record per message, and place it once durable.
+
+A publish is two steps so that nothing unconfirmed is ever delivered:
+1. `prepare_publish` validates the whole batch (nothing is half-applied on bad input), assigns ids, appends one
+   MESSAGE record per message (the body once, with the ids of every queue it goes to) and returns a plan holding
+   the store's durability token. Pending messages count against max_length / max_bytes and the dedup window.
+2. once the token resolves, `commit_publish` makes the entries ready (or delayed); if it failed,
+   `abort_publish` forgets them. Until then no consumer sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from chute.core import records as rec
+from chute.core.queue import Entry, Queue
+from chute.core.routing import validate_subject
+from chute.core.state import BrokerState
+from chute.core.topic import Topic
+from chute.core.timers import RETAIN
+from chute.errors import InvalidArgument, MessageTooLarge, QueueFull, QueueNotFound
+from chute.model import (
+    MAX_DEDUP_ID_CHARS,
+    MAX_DELAY_S,
+    MAX_GROUP_CHARS,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_PRIORITY,
+    MAX_RETENTION_S,
+    Publish,
+)
+from chute.storage.api import Durable
+
+
+class PublishPlan:
+    """What `prepare_publish` decided; hand it back to `commit_publish` or `abort_publish`."""
+
+    __slots__ = ("ids", "token", "placements", "dedups", "retains")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.token: Durable | None = None
+        self.placements: list[tuple[Queue, Entry, float]] = []
+        self.dedups: list[tuple[object, str, int]] = []
+        self.retains: list[tuple[Topic, int, int, int]] = []
+
+
+class PublishOps(BrokerState):
+    """The publish path."""
+
+    def prepare_publish(self, dest: str, messages: Sequence[Publish], now: float) -> PublishPlan:
+        """Validate and log a batch for a queue or topic named `dest`. Raises before changing anything."""
+        if not messages:
+            raise InvalidArgument("a publish needs at least one message")
+        queue = self.queues.get(dest)
+        topic = self.topics.get(dest) if queue is None else None
+        if queue is None and topic is None:
+            raise QueueNotFound(f"no queue or topic is named {dest!r}")
+        for message in messages:
+            self._validate(message, topic is not None)
+        plan = PublishPlan()
+        window = queue.dedup if queue is not None else topic.dedup
+        new, slots = self._deduplicate(window, messages, now)
+        if queue is not None:
+            targets = [[queue] for _ in new]
+        else:
+            targets = [topic.route(m.subject or topic.name, m.headers) for m in new]
+        self._make_room(new, targets, now)
+        new_ids = self._write(new, targets, queue, topic, now, plan)
+        plan.ids = [new_ids[slot] if slot >= 0 else -slot for slot in slots]
+        window_s = (queue or topic).settings.dedup_window_s
+        for message, message_id in zip(new, new_ids, strict=True):
+            if message.dedup_id is not None and window_s > 0:
+                window.remember(message.dedup_id, message_id, now + window_s)
+                plan.dedups.append((window, message.dedup_id, message_id))
+        self.pending_plans.add(plan)
+        return plan
+
+    def _validate(self, m: Publish, to_topic: bool) -> None:
+        if not isinstance(m, Publish):
+            raise InvalidArgument(f"expected a Publish, got {type(m).__name__}")
+        if isinstance(m.body, bytearray | memoryview):
+            m.body = bytes(m.body)
+        if not isinstance(m.body, bytes):
+            raise InvalidArgument(f"a message body must be bytes, got {type(m.body).__name__}")
+        if len(m.body) > self.max_message_bytes:
+            raise MessageTooLarge(f"body of {len(m.body)} bytes exceeds the limit of {self.max_message_bytes}")
+        if m.headers:
+            _check_headers(m.headers)
+        if isinstance(m.priority, bool) or not isinstance(m.priority, int) or not 0 <= m.priority <= MAX_PRIORITY:
+            raise InvalidArgument(f"priority must be an integer from 0 to {MAX_PRIORITY}, got {m.priority!r}")
+        _check_seconds("delay_s", m.delay_s, 0.0, MAX_DELAY_S)
+        _check_seconds("ttl_s", m.ttl_s, 0.001, MAX_RETENTION_S)
+        _check_key("group", m.group, MAX_GROUP_CHARS)
+        _check_key("dedup_id", m.dedup_id, MAX_DEDUP_ID_CHARS)
+        if m.subject is not None:
+            if not to_topic:
+                raise InvalidArgument("subject is for topic publishes; this destination is a queue")
+            validate_subject(m.subject)
+
+    def _deduplicate(self, window, messages, now) -> tuple[list[Publish], list[int]]:
+        """Split a batch into the messages to store and, per input message, a slot: an index into those
+        (>= 0), or minus the id of the recent message it repeats (< 0)."""
+        new: list[Publish] = []
+        slots: list[int] = []
+        seen: dict[str, int] = {}
+        for message in messages:
+            key = message.dedup_id
+            if key is not None:
+                if key in seen:
+                    slots.append(seen[key])
+                    continue
+                found = window.lookup(key, now)
+                if found is not None:
+                    slots.append(-found)
+                    continue
+                seen[key] = len(new)
+            slots.append(len(new))
+            new.append(message)
+        return new, slots
+
+    def _make_room(self, new: list[Publish], targets: list[list[Queue]], now: float) -> None:
+        """Check max_length / max_bytes of every target queue; drop the oldest where the policy says so."""
+        need: dict[Queue, list[int]] = {}
+        for message, queues in zip(new, targets, strict=True):
+            for queue in queues:
+                counts = need.setdefault(queue, [0, 0])
+                counts[0] += 1
+                counts[1] += len(message.body)
+        for queue, (count, size) in need.items():
+            if queue.has_room(count, size):
+                continue
+            if queue.settings.overflow == "drop-oldest":
+                while not queue.has_room(count, size):
+                    victim = queue.oldest_ready()
+                    if victim is None:
+                        break
+                    self.dead_letter(queue, [victim], "overflow", now)
+            if not queue.has_room(count, size):
+                raise QueueFull(f"queue {queue.name!r} is full (max_length / max_bytes) and rejects publishes")
+
+    def _write(self, new, targets, queue: Queue | None, topic: Topic | None, now: float, plan: PublishPlan):
+        """Append one MESSAGE record per stored message; fill the plan's placements and retains; return the
+        new messages' ids."""
+        records, ephemeral, places, new_ids = self.outbox, [], [], []
+        self.outbox = []
+        defaults = queue.settings if queue is not None else None
+        topic_id = topic.id if topic is not None else 0
+        retains = topic is not None and topic.retains
+        for message, queues in zip(new, targets, strict=True):
+            message_id = self.ids.next(now)
+            new_ids.append(message_id)
+            durable = [q for q in queues if not q.ephemeral]
+            delay_s = message.delay_s if message.delay_s is not None else (defaults.delay_s if defaults else 0.0)
+            ttl_s = message.ttl_s if message.ttl_s is not None else (defaults.retention_s if defaults else None)
+            ready_at = now + delay_s if delay_s else 0.0
+            expires = now + ttl_s if ttl_s else 0.0
+            record = rec.MessageRecord(
+                message_id, int(now * 1000), topic_id, [q.id for q in durable], int(ready_at * 1000),
+                int(expires * 1000), message.priority, message.group, message.dedup_id, message.subject,
+                message.headers, message.body,
+            )  # fmt: skip
+            payload = rec.encode(record)
+            if durable or retains:
+                records.append((rec.MESSAGE, payload))
+                places.append((message_id, len(message.body), durable, record, len(records) - 1))
+            transient = [q for q in queues if q.ephemeral]
+            if transient:
+                ephemeral.append((payload, message_id, len(message.body), transient, record))
+        if records:
+            refs, plan.token = self.store.append(records)
+            for message_id, size, durable, record, index in places:
+                ref = refs[index]
+                for queue in durable:
+                    plan.placements.append((queue, self._entry(message_id, ref, size, record), record.ready_ms))
+                if retains:
+                    plan.retains.append((topic, message_id, ref, size))
+        if ephemeral:
+            refs, _ = self.ephemeral_store.append([(rec.MESSAGE, p) for p, *_ in ephemeral])
+            for ref, (_, message_id, size, queues, record) in zip(refs, ephemeral, strict=True):
+                for queue in queues:
+                    plan.placements.append((queue, self._entry(message_id, ref, size, record), record.ready_ms))
+        for target, entry, _ in plan.placements:
+            target.pending += 1
+            target.pending_bytes += entry.size
+        return new_ids
+
+    @staticmethod
+    def _entry(message_id: int, ref: int, size: int, record: rec.MessageRecord) -> Entry:
+        entry = Entry(message_id, ref, size, record.priority, record.group, record.expires_ms / 1000.0)
+        entry.deadline = record.ready_ms / 1000.0  # kept in a snapshot taken while the publish is pending
+        return entry
+
+    def commit_publish(self, plan: PublishPlan, now: float) -> None:
+        """The plan's records are durable: place its entries (ready or delayed) and retain topic messages."""
+        self.pending_plans.discard(plan)
+        for queue, entry, ready_ms in plan.placements:
+            queue.pending -= 1
+            queue.pending_bytes -= entry.size
+            if self.queues.get(queue.name) is not queue:
+                continue  # the queue was deleted while the publish was being written
+            self.store_of(queue).track(entry.ref)
+            queue.counters["published"] += 1
+            self.place(queue, entry, ready_ms / 1000.0, now)
+        for topic, message_id, ref, size in plan.retains:
+            if self.topics.get(topic.name) is topic:
+                self.store.track(ref)
+                topic.retain(message_id, ref, size)
+        for topic in {t for t, *_ in plan.retains}:
+            self.trim_topic(topic, now)
+
+    def abort_publish(self, plan: PublishPlan) -> None:
+        """The plan's records did not become durable: forget its entries and dedup ids."""
+        self.pending_plans.discard(plan)
+        for queue, entry, _ in plan.placements:
+            queue.pending -= 1
+            queue.pending_bytes -= entry.size
+        for window, key, message_id in plan.dedups:
+            window.forget(key, message_id)
+
+    def enqueue_retained(self, name: str, items: list[tuple], now: float) -> None:
+        """Give retained topic messages to a new subscription's queue: (id, ref, size, priority, group,
+        expires_ms) each; the body is shared, not copied."""
+        queue = self.queue(name)
+        for message_id, ref, size, priority, group, expires_ms in items:
+            self.store.track(ref)
+            queue.counters["published"] += 1
+            self.place(queue, Entry(message_id, ref, size, priority, group, expires_ms / 1000.0), 0.0, now)
+        self.emit(rec.ENQUEUE, rec.EnqueueRecord(queue.id, [tuple(item) for item in items]))
+
+    def trim_topic(self, topic: Topic, now: float) -> None:
+        """Apply retention limits to a topic and set a timer for the next trim by age."""
+        for ref in topic.trim(now):
+            self.store.release(ref)
+        when = topic.next_trim()
+        if when is not None and (topic.trim_at is None or when < topic.trim_at):
+            topic.trim_at = when  # one timer per topic at a time, not one per publish
+            self.timers.add(when, RETAIN, topic, None)
+
+
+def _check_headers(headers: object) -> None:
+    if not isinstance(headers, dict):
+        raise InvalidArgument(f"headers must be a dict of str to str, got {type(headers).__name__}")
+    if len(headers) > MAX_HEADERS:
+        raise InvalidArgument(f"at most {MAX_HEADERS} headers per message, got {len(headers)}")
+    total = 0
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise InvalidArgument(f"header {key!r}: names and values must be strings, names non-empty")
+        total += len(key) + len(value)
+    if total > MAX_HEADER_BYTES:
+        raise MessageTooLarge(f"headers take {total} characters; the limit is {MAX_HEADER_BYTES}")
+
+
+def _check_seconds(name: str, value: object, low: float, high: float) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise InvalidArgument(f"{name} must be a number from {low:g} to {high:g} seconds, got {value!r}")
+
+
+def _check_key(name: str, value: object, max_chars: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not 1 <= len(value) <= max_chars:
+        raise InvalidArgument(f"{name} must be a string of 1 to {max_chars} characters, got {value!r}")

@@ -1,0 +1,300 @@
+"""One queue's in-memory index: which messages are ready, delayed, waiting in a FIFO group, or in flight.
+
+A queue holds `Entry` objects, small references to stored messages (the body stays in the store). An entry is in
+exactly one state:
+
+    DELAYED ──due──► READY ──lease──► IN_FLIGHT ──ack / dead-letter / drop──► GONE
+       ▲               ▲  ▲                │
+       │               │  └──nack/expiry───┘
+     publish ──────────┘
+                WAITING (FIFO group: behind the group's head) ──head leaves──► READY
+
+Invariants:
+- ready order: highest priority first; within a priority, ascending message id (= publish order). New messages
+  arrive in id order and go to the tail of a deque (O(1)); returned ones (nack, lease expiry, delay ended) go to
+  a small heap merged with the deque by id, so they keep their place in line.
+- removal from the middle (expiry, purge) is lazy: the entry is marked GONE and skipped when popped.
+- FIFO groups: at most one entry of a group is READY or IN_FLIGHT (the group's head); the others wait in the
+  group's deque in id order and the next one becomes ready only when the head leaves the queue.
+- the counters (`ready`, `waiting`, `delayed`, `in_flight`, `bytes`) always equal what the structures hold.
+- no I/O, no clock: callers pass `now` and decide what to log.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterator
+
+from chute.core.dedup import DedupWindow
+from chute.core.ids import publish_time
+from chute.core.ratelimit import TokenBucket
+from chute.model import QueueSettings
+
+READY, WAITING, DELAYED, IN_FLIGHT, GONE = range(5)
+
+
+class Entry:
+    """A message's place in one queue. `ref` locates the stored record; `dead` is (reason, source queue id)."""
+
+    __slots__ = (
+        "id", "ref", "size", "priority", "group", "expires", "deliveries", "state", "receipt", "deadline", "dead"
+    )
+
+    def __init__(self, id, ref, size, priority=0, group=None, expires=0.0, deliveries=0, dead=None):
+        self.id = id
+        self.ref = ref
+        self.size = size
+        self.priority = priority
+        self.group = group
+        self.expires = expires  # seconds since the epoch; 0.0 = never
+        self.deliveries = deliveries
+        self.state = GONE
+        self.receipt = 0
+        self.deadline = 0.0  # lease end while IN_FLIGHT, ready time while DELAYED
+        self.dead = dead
+
+    @property
+    def publish_time(self) -> float:
+        return publish_time(self.id)
+
+    def __repr__(self) -> str:
+        return f"Entry(id={self.id}, state={self.state}, deliveries={self.deliveries})"
+
+
+class _Level:
+    """Ready entries of one priority: `fresh` in id order, `returned` a heap of (id, entry)."""
+
+    __slots__ = ("fresh", "returned")
+
+    def __init__(self) -> None:
+        self.fresh: deque[Entry] = deque()
+        self.returned: list[tuple[int, Entry]] = []
+
+    def push(self, entry: Entry) -> None:
+        fresh = self.fresh
+        if not fresh or fresh[-1].id < entry.id:
+            fresh.append(entry)
+        else:
+            heapq.heappush(self.returned, (entry.id, entry))
+
+    def head(self) -> Entry | None:
+        """The next READY entry (smallest id), dropping GONE ones met on the way; None if empty."""
+        fresh, returned = self.fresh, self.returned
+        while fresh and fresh[0].state != READY:
+            fresh.popleft()
+        while returned and returned[0][1].state != READY:
+            heapq.heappop(returned)
+        if returned and (not fresh or returned[0][0] < fresh[0].id):
+            return returned[0][1]
+        return fresh[0] if fresh else None
+
+    def pop(self) -> Entry | None:
+        entry = self.head()
+        if entry is None:
+            return None
+        if self.returned and self.returned[0][1] is entry:
+            heapq.heappop(self.returned)
+        else:
+            self.fresh.popleft()
+        return entry
+
+    def entries(self) -> Iterator[Entry]:
+        for entry in self.fresh:
+            if entry.state == READY:
+                yield entry
+        for _, entry in self.returned:
+            if entry.state == READY:
+                yield entry
+
+
+class Queue:
+    """A queue's index and counters. `id` is the durable number used in log records."""
+
+    def __init__(self, id: int, name: str, settings: QueueSettings, *, ephemeral: bool = False) -> None:
+        self.id = id
+        self.name = name
+        self.ephemeral = ephemeral
+        self.settings = settings
+        self.levels: dict[int, _Level] = {}
+        self.priorities: list[int] = []  # priorities with a level, highest first
+        self.in_flight: dict[int, Entry] = {}  # receipt -> entry
+        self.delayed: set[Entry] = set()
+        self.delayed_heads: set[Entry] = set()  # FIFO: group heads nacked with a delay
+        self.groups: dict[str, deque[Entry]] = {}  # FIFO: waiting entries of groups whose head is out
+        self.ready = 0
+        self.waiting = 0
+        self.bytes = 0
+        self.pending = 0  # published, not yet durable: counted against max_length
+        self.pending_bytes = 0
+        self.dedup = DedupWindow()
+        self.bucket: TokenBucket | None = None
+        self.counters = {"published": 0, "delivered": 0, "acked": 0, "nacked": 0, "redelivered": 0, "dead": 0}
+        self.apply_settings(settings)
+
+    def apply_settings(self, settings: QueueSettings) -> None:
+        """Take new settings; the rate limiter restarts full when its rate changes."""
+        old = self.settings
+        self.settings = settings
+        if settings.rate_limit is None:
+            self.bucket = None
+        elif self.bucket is None or (old.rate_limit, old.rate_burst) != (settings.rate_limit, settings.rate_burst):
+            self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
+
+    # -- sizes ------------------------------------------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        return self.ready + self.waiting + len(self.delayed) + len(self.in_flight)
+
+    def has_room(self, count: int, size: int) -> bool:
+        """True if `count` more messages of `size` bytes in all fit under max_length and max_bytes."""
+        s = self.settings
+        if s.max_length is not None and self.length + self.pending + count > s.max_length:
+            return False
+        return s.max_bytes is None or self.bytes + self.pending_bytes + size <= s.max_bytes
+
+    # -- placing entries --------------------------------------------------------------------------------------
+
+    def add(self, entry: Entry, ready_at: float, now: float) -> bool:
+        """Place a new entry; return True if it is DELAYED until `ready_at` (the caller sets a timer)."""
+        self.bytes += entry.size
+        if ready_at > now:
+            entry.state = DELAYED
+            entry.deadline = ready_at
+            self.delayed.add(entry)
+            return True
+        self._enqueue(entry)
+        return False
+
+    def undelay(self, entry: Entry) -> None:
+        """A delay ended: the entry joins the ready line (or its group's)."""
+        if entry.state == DELAYED:
+            self.delayed.discard(entry)
+            if entry in self.delayed_heads:
+                self.delayed_heads.discard(entry)
+                self._make_ready(entry)
+            else:
+                self._enqueue(entry)
+
+    def _enqueue(self, entry: Entry) -> None:
+        group = entry.group
+        if group is not None and self.settings.fifo:
+            waiting = self.groups.get(group)
+            if waiting is not None:
+                entry.state = WAITING
+                waiting.append(entry)
+                self.waiting += 1
+                return
+            self.groups[group] = deque()
+        self._make_ready(entry)
+
+    def _make_ready(self, entry: Entry) -> None:
+        entry.state = READY
+        level = self.levels.get(entry.priority)
+        if level is None:
+            level = self.levels[entry.priority] = _Level()
+            self.priorities = sorted(self.levels, reverse=True)
+        level.push(entry)
+        self.ready += 1
+
+    def pop_ready(self) -> Entry | None:
+        """Take the next ready entry (highest priority, oldest), or None. The caller leases or removes it."""
+        for priority in self.priorities:
+            entry = self.levels[priority].pop()
+            if entry is not None:
+                self.ready -= 1
+                return entry
+        return None
+
+    def oldest_ready(self) -> Entry | None:
+        """The ready entry with the smallest id, without taking it."""
+        best = None
+        for level in self.levels.values():
+            entry = level.head()
+            if entry is not None and (best is None or entry.id < best.id):
+                best = entry
+        return best
+
+    def lease(self, entry: Entry, receipt: int) -> None:
+        entry.state = IN_FLIGHT
+        entry.receipt = receipt
+        entry.deliveries += 1
+        self.in_flight[receipt] = entry
+
+    def requeue(self, entry: Entry) -> None:
+        """An in-flight entry comes back (nack, lease end): it keeps its place in line and its group's head."""
+        del self.in_flight[entry.receipt]
+        entry.receipt = 0
+        self._make_ready(entry)
+
+    def delay(self, entry: Entry, until: float) -> None:
+        """An in-flight entry comes back at `until` (nack with a delay); `undelay` puts it back in line."""
+        del self.in_flight[entry.receipt]
+        entry.receipt = 0
+        entry.deadline = until
+        entry.state = DELAYED
+        self.delayed.add(entry)
+        if entry.group is not None and self.settings.fifo:
+            self.delayed_heads.add(entry)  # still its group's head: comes back first, not behind the group
+
+    def remove(self, entry: Entry) -> None:
+        """Take an entry out of the queue for good (ack, dead-letter, drop); promote its group's next one."""
+        state = entry.state
+        if state == IN_FLIGHT:
+            del self.in_flight[entry.receipt]
+        elif state == READY:
+            self.ready -= 1  # stays in its level until popped (lazy)
+        elif state == DELAYED:
+            self.delayed.discard(entry)
+            if entry in self.delayed_heads:
+                self.delayed_heads.discard(entry)
+                state = IN_FLIGHT  # it was its group's head: the group moves on below
+        elif state == WAITING:
+            self.waiting -= 1
+            self.groups[entry.group].remove(entry)
+            entry.state = GONE
+            self.bytes -= entry.size
+            return
+        else:
+            return
+        entry.state = GONE
+        self.bytes -= entry.size
+        if entry.group is not None and self.settings.fifo and state != DELAYED:
+            self._promote(entry.group)
+
+    def _promote(self, group: str) -> None:
+        waiting = self.groups.get(group)
+        if waiting is None:
+            return
+        if waiting:
+            self.waiting -= 1
+            self._make_ready(waiting.popleft())
+        else:
+            del self.groups[group]
+
+    # -- browsing ---------------------------------------------------------------------------------------------
+
+    def entries(self) -> Iterator[Entry]:
+        """Every live entry: ready (in delivery order per priority), waiting, delayed, in flight."""
+        for priority in self.priorities:
+            yield from sorted(self.levels[priority].entries(), key=lambda e: e.id)
+        for waiting in self.groups.values():
+            yield from waiting
+        yield from sorted(self.delayed, key=lambda e: e.id)
+        yield from self.in_flight.values()
+
+    def clear(self) -> list[Entry]:
+        """Remove every entry that is not in flight (purge); return them."""
+        removed = [e for e in self.entries() if e.state != IN_FLIGHT]
+        for entry in removed:
+            entry.state = GONE
+            self.bytes -= entry.size
+        self.levels.clear()
+        self.priorities = []
+        self.delayed.clear()
+        self.delayed_heads.clear()
+        self.ready = self.waiting = 0
+        heads = {e.group for e in self.in_flight.values() if e.group is not None}
+        self.groups = {g: deque() for g in heads} if self.settings.fifo else {}
+        return removed

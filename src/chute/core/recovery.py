@@ -1,0 +1,258 @@
+"""Recovery and compaction: snapshot the state, rebuild it from a snapshot plus the log tail, move live records.
+
+Replay applies each record exactly as the live operation changed the state, reusing the `_apply_*` methods and
+`place`; while replaying, `index` maps (queue id -> message id -> entry) so acks and moves find their entries.
+After replay every live ref is tracked again in the store (live counts are not persisted).
+
+Compaction: `compaction_candidates(pred)` groups the live holders of each record the store wants to move;
+`relocate(old_ref, payload)` appends the payload again as a COPY record and points every holder at the new ref.
+A COPY replays as "these holders now live at this ref", so the old file can go once a checkpoint covers it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import msgspec
+
+from chute.core import records as rec
+from chute.core import snapshot as snap
+from chute.core.queue import Entry, Queue
+from chute.core.state import BrokerState
+
+
+class RecoveryOps(BrokerState):
+    """snapshot / restore / compaction."""
+
+    index: dict[int, dict[int, Entry]] | None = None
+
+    # -- snapshot ---------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The durable state as bytes, including publishes still being made durable."""
+        pending: dict[Queue, list[Entry]] = {}
+        retained_pending = []
+        for plan in self.pending_plans:
+            for queue, entry, _ in plan.placements:
+                if not queue.ephemeral:
+                    pending.setdefault(queue, []).append(entry)
+            retained_pending.extend(plan.retains)
+        queues = [
+            snap.queue_image(q, pending.get(q, [])) for q in self.queues.values() if not q.ephemeral
+        ]
+        topics = []
+        for topic in self.topics.values():
+            retained = [tuple(item) for item in topic.retained]
+            retained += [(mid, ref, size) for t, mid, ref, size in retained_pending if t is topic]
+            subscriptions = [
+                (s.pattern, s.queue.id, s.filter.spec) for s in topic.subscriptions.values() if not s.queue.ephemeral
+            ]
+            topics.append(
+                snap.TopicImage(topic.id, topic.name, msgspec.to_builtins(topic.settings), subscriptions,
+                                sorted(retained), topic.dedup.items())  # fmt: skip
+            )
+        image = snap.Snapshot(snap.VERSION, self.ids.last, self.next_queue_id, self.next_topic_id, queues, topics)
+        return snap.encode(image)
+
+    # -- restore ----------------------------------------------------------------------------------------------
+
+    def restore(self, snapshot: bytes | None, records: Iterable[tuple[int, int, bytes]], now: float) -> int:
+        """Rebuild state from a snapshot and the records after it; return how many records were replayed."""
+        self.index = {}
+        store, self.store = self.store, _Uncounted()  # live counts are rebuilt below, once
+        try:
+            if snapshot is not None:
+                self._load(snap.decode(snapshot), now)
+            replayed = 0
+            apply = self._replay_one
+            for ref, kind, payload in records:
+                apply(ref, kind, payload, now)
+                replayed += 1
+        finally:
+            self.store = store
+            self.index = None
+        self.outbox.clear()  # replaying emits nothing new
+        for queue in self.queues.values():
+            for entry in queue.entries():
+                self.store.track(entry.ref)
+        for topic in self.topics.values():
+            for item in topic.retained:
+                self.store.track(item[1])
+            self.trim_topic(topic, now)
+        return replayed
+
+    def _load(self, image: snap.Snapshot, now: float) -> None:
+        self.ids.advance(image.last_id)
+        for q in image.queues:
+            queue = self._apply_create_queue({"id": q.id, "name": q.name, "settings": q.settings})
+            entries = self.index.setdefault(queue.id, {})
+            for entry, ready_at in snap.decode_entries(q.entries):
+                self.place(queue, entry, ready_at, now)
+                entries[entry.id] = entry
+            for key, expires, message_id in q.dedup:
+                queue.dedup.remember(key, message_id, expires)
+        for t in image.topics:
+            topic = self._apply_create_topic({"id": t.id, "name": t.name, "settings": t.settings})
+            for pattern, queue_id, spec in t.subscriptions:
+                self._apply_subscribe({"topic_id": t.id, "pattern": pattern, "queue_id": queue_id, "filter": spec})
+            for message_id, ref, size in t.retained:
+                topic.retain(message_id, ref, size)
+            for key, expires, message_id in t.dedup:
+                topic.dedup.remember(key, message_id, expires)
+        self.next_queue_id = max(self.next_queue_id, image.next_queue_id)
+        self.next_topic_id = max(self.next_topic_id, image.next_topic_id)
+
+    def _replay_one(self, ref: int, kind: int, payload: bytes, now: float) -> None:
+        record = rec.DECODERS[kind](payload)
+        if kind == rec.MESSAGE:
+            self._replay_message(ref, record, now)
+        elif kind == rec.COPY:
+            self._move_holders(record.id, ref)
+        elif kind == rec.REMOVE:
+            queue = self.queues_by_id.get(record.queue_id)
+            entries = self.index.get(record.queue_id, {})
+            for message_id in record.ids:
+                entry = entries.pop(message_id, None)
+                if entry is not None:
+                    queue.remove(entry)
+        elif kind == rec.MOVE:
+            self._replay_move(record, now)
+        elif kind == rec.META:
+            self._replay_meta(record)
+        elif kind == rec.PURGE:
+            queue = self.queues_by_id.get(record.queue_id)
+            if queue is not None:
+                kept = set(record.kept_ids)
+                entries = self.index.get(queue.id, {})
+                for message_id in [m for m in entries if m not in kept]:
+                    queue.remove(entries.pop(message_id))
+        elif kind == rec.DELIVERED:
+            entries = self.index.get(record.queue_id, {})
+            for message_id in record.ids:
+                entry = entries.get(message_id)
+                if entry is not None:
+                    entry.deliveries += 1
+        elif kind == rec.ENQUEUE:
+            queue = self.queues_by_id.get(record.queue_id)
+            if queue is not None:
+                for message_id, entry_ref, size, priority, group, expires_ms in record.entries:
+                    self._replay_place(queue, Entry(message_id, entry_ref, size, priority, group, expires_ms / 1e3),
+                                       0.0, now)  # fmt: skip
+
+    def _replay_place(self, queue: Queue, entry: Entry, ready_at: float, now: float) -> None:
+        self.place(queue, entry, ready_at, now)
+        self.index.setdefault(queue.id, {})[entry.id] = entry
+
+    def _replay_message(self, ref: int, record: rec.MessageRecord, now: float) -> None:
+        self.ids.advance(record.id)
+        size = len(record.body)
+        publish_s = record.publish_ms / 1000.0
+        for queue_id in record.queue_ids:
+            queue = self.queues_by_id.get(queue_id)
+            if queue is not None:
+                entry = Entry(record.id, ref, size, record.priority, record.group, record.expires_ms / 1000.0)
+                self._replay_place(queue, entry, record.ready_ms / 1000.0, now)
+                if record.dedup_id is not None and not record.topic_id and queue.settings.dedup_window_s:
+                    queue.dedup.remember(record.dedup_id, record.id, publish_s + queue.settings.dedup_window_s)
+        topic = self.topics_by_id.get(record.topic_id) if record.topic_id else None
+        if topic is not None:
+            if topic.retains:
+                topic.retain(record.id, ref, size)
+            if record.dedup_id is not None and topic.settings.dedup_window_s:
+                topic.dedup.remember(record.dedup_id, record.id, publish_s + topic.settings.dedup_window_s)
+
+    def _replay_move(self, record: rec.MoveRecord, now: float) -> None:
+        source = self.queues_by_id.get(record.from_queue_id)
+        target = self.queues_by_id.get(record.to_queue_id)
+        entries = self.index.get(record.from_queue_id, {})
+        for message_id in record.ids:
+            entry = entries.pop(message_id, None)
+            if entry is None or source is None:
+                continue
+            source.remove(entry)
+            if target is None:
+                continue
+            dead = (record.reason, source.id) if record.reason else None
+            self._replay_place(target, Entry(entry.id, entry.ref, entry.size, entry.priority, None, 0.0, 0, dead),
+                               0.0, now)  # fmt: skip
+
+    def _replay_meta(self, record: rec.MetaRecord) -> None:
+        op, args = record.op, record.args
+        if op == "create_queue":
+            self._apply_create_queue(args)
+        elif op == "update_queue":
+            self._apply_update_queue(args)
+        elif op == "delete_queue":
+            queue = self.queues_by_id.get(args["id"])
+            if queue is not None:
+                self._apply_delete_queue(queue)
+                self.index.pop(queue.id, None)
+        elif op == "create_topic":
+            self._apply_create_topic(args)
+        elif op == "delete_topic":
+            topic = self.topics_by_id.get(args["id"])
+            if topic is not None:
+                self._apply_delete_topic(topic)
+        elif op == "subscribe":
+            self._apply_subscribe(args)
+        elif op == "unsubscribe":
+            self._apply_unsubscribe(args)
+        else:
+            raise ValueError(f"unknown META op {op!r}")
+
+    def _move_holders(self, message_id: int, new_ref: int) -> None:
+        for entries in self.index.values():
+            entry = entries.get(message_id)
+            if entry is not None:
+                entry.ref = new_ref
+        for topic in self.topics.values():
+            retained = topic.retained
+            for i, item in enumerate(retained):
+                if item[0] == message_id:
+                    retained[i] = (message_id, new_ref, item[2])
+
+    # -- compaction -------------------------------------------------------------------------------------------
+
+    def compaction_candidates(self, in_sparse_file: Callable[[int], bool]) -> list[int]:
+        """Refs of live durable records that sit in files the store wants to reclaim."""
+        refs = set()
+        for queue in self.queues.values():
+            if not queue.ephemeral:
+                refs.update(e.ref for e in queue.entries() if in_sparse_file(e.ref))
+        for topic in self.topics.values():
+            refs.update(item[1] for item in topic.retained if in_sparse_file(item[1]))
+        return sorted(refs)
+
+    def relocate(self, moves: list[tuple[int, bytes]]) -> None:
+        """Append each (old ref, payload) again as a COPY record and point every holder at the new ref."""
+        if not moves:
+            return
+        new_refs, _ = self.store.append([(rec.COPY, payload) for _, payload in moves])
+        mapping = {old: new for (old, _), new in zip(moves, new_refs, strict=True)}
+        for queue in self.queues.values():
+            if queue.ephemeral:
+                continue
+            for entry in queue.entries():
+                new = mapping.get(entry.ref)
+                if new is not None:
+                    self.store.track(new)
+                    self.store.release(entry.ref)
+                    entry.ref = new
+        for topic in self.topics.values():
+            retained = topic.retained
+            for i, (message_id, ref, size) in enumerate(retained):
+                new = mapping.get(ref)
+                if new is not None:
+                    self.store.track(new)
+                    self.store.release(ref)
+                    retained[i] = (message_id, new, size)
+
+
+class _Uncounted:
+    """Stands in for the store during replay: reference counting waits until the state is rebuilt."""
+
+    def track(self, ref: int, count: int = 1) -> None:
+        pass
+
+    def release(self, ref: int, count: int = 1) -> None:
+        pass

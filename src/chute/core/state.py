@@ -1,0 +1,125 @@
+"""The broker's in-memory state and the helpers every operation shares: lookups, log output, dead-lettering.
+
+Invariants:
+- the core never does I/O: it appends records to a store (a synchronous call that returns a durability token)
+  and tells the caller, through `changed`, which queues gained ready messages. The caller awaits the tokens.
+- every change to durable state is described by the records emitted in the same operation, in the order the
+  change happened; replaying them (core/recovery.py) after the last snapshot rebuilds the same durable state.
+- ephemeral queues keep their messages in `ephemeral_store` (a memory store): they never write to disk.
+- names are one namespace: a name is a queue or a topic, never both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from chute.core import records as rec
+from chute.core.ids import IdGenerator
+from chute.core.queue import Entry, Queue
+from chute.core.timers import DELAY, EXPIRE, Timers
+from chute.core.topic import Topic
+from chute.errors import QueueNotFound, TopicNotFound
+from chute.storage.api import Durable, Store
+from chute.storage.memory import MemoryStore
+
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # a broker, not a blob store: larger bodies belong in object storage
+
+
+class BrokerState:
+    """Registries, timers, the id and receipt counters, and the record outbox."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        receipt_base: int = 1,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.store = store
+        self.ephemeral_store: Store = MemoryStore()
+        self.max_message_bytes = max_message_bytes
+        self.queues: dict[str, Queue] = {}
+        self.queues_by_id: dict[int, Queue] = {}
+        self.topics: dict[str, Topic] = {}
+        self.topics_by_id: dict[int, Topic] = {}
+        self.next_queue_id = 1
+        self.next_topic_id = 1
+        self.ids = IdGenerator()
+        self.timers = Timers()
+        self.next_receipt = receipt_base
+        self.changed: set[Queue] = set()
+        self.outbox: list[tuple[int, bytes]] = []
+        self.pending_plans: set = set()  # publish plans written but not yet committed or aborted
+        self.on_queue_deleted: Callable[[Queue], None] | None = None
+
+    # -- lookups ----------------------------------------------------------------------------------------------
+
+    def queue(self, name: str) -> Queue:
+        queue = self.queues.get(name)
+        if queue is None:
+            raise QueueNotFound(f"queue {name!r} does not exist")
+        return queue
+
+    def topic(self, name: str) -> Topic:
+        topic = self.topics.get(name)
+        if topic is None:
+            raise TopicNotFound(f"topic {name!r} does not exist")
+        return topic
+
+    def store_of(self, queue: Queue) -> Store:
+        return self.ephemeral_store if queue.ephemeral else self.store
+
+    # -- log output -------------------------------------------------------------------------------------------
+
+    def emit(self, kind: int, record: object) -> None:
+        """Queue a record for the durable log; `flush()` appends everything emitted, in order."""
+        self.outbox.append((kind, rec.encode(record)))
+
+    def flush(self) -> Durable | None:
+        """Append the emitted records; return their durability token (None if there were none)."""
+        if not self.outbox:
+            return None
+        outbox, self.outbox = self.outbox, []
+        return self.store.append(outbox)[1]
+
+    # -- placing and removing entries -------------------------------------------------------------------------
+
+    def place(self, queue: Queue, entry: Entry, ready_at: float, now: float) -> None:
+        """Put a new entry in `queue`, with the timers its delay and expiry need."""
+        if queue.add(entry, ready_at, now):
+            self.timers.add(ready_at, DELAY, queue, entry)
+        else:
+            self.changed.add(queue)
+        if entry.expires:
+            self.timers.add(entry.expires, EXPIRE, queue, entry)
+
+    def drop(self, queue: Queue, entries: list[Entry], reason: int) -> None:
+        """Remove entries for good (ack, or a drop without a dead-letter queue) and release their refs."""
+        if not entries:
+            return
+        store = self.store_of(queue)
+        for entry in entries:
+            queue.remove(entry)
+            store.release(entry.ref)
+        if not queue.ephemeral:
+            self.emit(rec.REMOVE, rec.RemoveRecord(queue.id, reason, [e.id for e in entries]))
+        if queue.settings.fifo:
+            self.changed.add(queue)
+
+    def dead_letter(self, queue: Queue, entries: list[Entry], reason: str, now: float) -> None:
+        """Move entries to the queue's dead-letter queue with `reason`; drop them if it has none."""
+        if not entries:
+            return
+        code = rec.REASON_CODES[reason]
+        queue.counters["dead"] += len(entries)
+        dlq = self.queues.get(queue.settings.dead_letter_queue or "")
+        if dlq is None or queue.ephemeral or dlq.ephemeral:
+            self.drop(queue, entries, code)
+            return
+        for entry in entries:
+            queue.remove(entry)
+            moved = Entry(entry.id, entry.ref, entry.size, entry.priority, None, 0.0, 0, (code, queue.id))
+            self.place(dlq, moved, 0.0, now)
+        self.emit(rec.MOVE, rec.MoveRecord(queue.id, dlq.id, code, [e.id for e in entries]))
+        if queue.settings.fifo:
+            self.changed.add(queue)

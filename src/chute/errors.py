@@ -1,0 +1,149 @@
+"""The one error table of Chute.
+
+Every error a user can see is a subclass of `ChuteError` listed in `ERRORS`. Each has a stable `name` and
+numeric `code` (never reused or renumbered), the HTTP status the HTTP API answers with, whether a retry of the
+same call can succeed (`retryable`), and whether the network server closes the connection after sending it
+(`closes_connection`). The wire protocol, the HTTP API and the docs are all generated from this table.
+
+Invariant: codes are grouped by hundreds (1xxx bad input, 2xxx not found / conflict, 3xxx capacity,
+5xxx storage and broker state) and a code, once published, keeps its meaning forever.
+"""
+
+from __future__ import annotations
+
+
+class ChuteError(Exception):
+    """Root of every error Chute raises on purpose."""
+
+    name = "chute_error"
+    code = 1000
+    http_status = 500
+    retryable = False
+    closes_connection = False
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.name)
+        self.message = message or self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class InvalidName(ChuteError):
+    """A queue, topic or subscription name breaks the naming rules."""
+
+    name, code, http_status = "invalid_name", 1001, 400
+
+
+class InvalidArgument(ChuteError):
+    """An argument or setting is out of range, of the wrong type or inconsistent with another."""
+
+    name, code, http_status = "invalid_argument", 1002, 400
+
+
+class MessageTooLarge(ChuteError):
+    """A message body or its headers exceed the configured maximum size."""
+
+    name, code, http_status = "message_too_large", 1003, 413
+
+
+class InvalidReceipt(ChuteError):
+    """A receipt (delivery tag) is unknown: never issued, already acked, or its lease has ended."""
+
+    name, code, http_status = "invalid_receipt", 1004, 400
+
+
+class QueueNotFound(ChuteError):
+    """No queue has this name."""
+
+    name, code, http_status = "queue_not_found", 2001, 404
+
+
+class QueueExists(ChuteError):
+    """A queue with this name exists with different settings."""
+
+    name, code, http_status = "queue_exists", 2002, 409
+
+
+class TopicNotFound(ChuteError):
+    """No topic has this name."""
+
+    name, code, http_status = "topic_not_found", 2003, 404
+
+
+class TopicExists(ChuteError):
+    """A topic with this name exists with different settings."""
+
+    name, code, http_status = "topic_exists", 2004, 409
+
+
+class SubscriptionNotFound(ChuteError):
+    """No subscription binds this topic, pattern and queue."""
+
+    name, code, http_status = "subscription_not_found", 2005, 404
+
+
+class QueueInUse(ChuteError):
+    """The queue cannot be deleted: it is the dead-letter queue of another queue or the target of a subscription."""
+
+    name, code, http_status = "queue_in_use", 2006, 409
+
+
+class QueueFull(ChuteError):
+    """The queue is at its max length or max bytes and its overflow policy is `reject`."""
+
+    name, code, http_status, retryable = "queue_full", 3001, 429, True
+
+
+class StorageFailed(ChuteError):
+    """The store could not make the change durable (EIO and the like). Nothing was confirmed; the log is now
+    read-only until the broker is restarted."""
+
+    name, code, http_status, retryable = "storage_failed", 5001, 503, True
+
+
+class StorageFull(ChuteError):
+    """The disk is full (ENOSPC). Nothing was confirmed; reads go on."""
+
+    name, code, http_status, retryable = "storage_full", 5002, 507, True
+
+
+class StorageReadOnly(ChuteError):
+    """An earlier storage failure made the log read-only: writes are refused until restart."""
+
+    name, code, http_status, retryable = "storage_read_only", 5003, 503, True
+
+
+class StorageCorrupt(ChuteError):
+    """Stored data failed its checksum outside the log tail; the report names the file and position."""
+
+    name, code, http_status = "storage_corrupt", 5004, 500
+
+
+class BrokerClosed(ChuteError):
+    """The broker is closed or closing."""
+
+    name, code, http_status, retryable = "broker_closed", 5005, 503, True
+
+
+ERRORS: tuple[type[ChuteError], ...] = (
+    InvalidName,
+    InvalidArgument,
+    MessageTooLarge,
+    InvalidReceipt,
+    QueueNotFound,
+    QueueExists,
+    TopicNotFound,
+    TopicExists,
+    SubscriptionNotFound,
+    QueueInUse,
+    QueueFull,
+    StorageFailed,
+    StorageFull,
+    StorageReadOnly,
+    StorageCorrupt,
+    BrokerClosed,
+)
+
+BY_CODE: dict[int, type[ChuteError]] = {cls.code: cls for cls in ERRORS}
+BY_NAME: dict[str, type[ChuteError]] = {cls.name: cls for cls in ERRORS}

@@ -1,0 +1,131 @@
+"""The storage interface: a durable, append-only log of typed records plus one checkpoint.
+
+The broker core keeps all state (queues, leases, indexes) in memory and describes every durable change as a
+record: `(kind, payload)`, where `kind` is a small int and `payload` bytes the core encoded. A store only has to
+keep those records in order, make them durable, read back the payload of one record by its `ref`, and keep the
+latest checkpoint (a snapshot of the core's state, bytes) so that recovery replays only the records appended
+after it.
+
+Contract (every store, proven by tests/contract):
+- `append(records)` is synchronous: it assigns each record a `ref` (an int, unique and increasing within a store)
+  and returns them with a `Durable` token. Awaiting the token returns once every record of this call (and of
+  every earlier call) is durable under the store's fsync policy, or raises `StorageFailed` / `StorageFull`.
+  After a failure the store is read-only: later appends raise `StorageReadOnly` at once.
+- records are replayed by `open()` in append order, each with its ref; records after the torn tail are dropped
+  and reported, never silently.
+- `checkpoint(snapshot)` makes every record appended so far durable, then stores `snapshot` atomically as
+  standing for all of them; `open()` afterwards yields the snapshot and only the records appended after it.
+- space: `track(ref)` / `release(ref)` count live references to a record. Records whose files hold no live
+  reference and that a checkpoint covers may be deleted; `sparse_segments()` names files worth compacting (the
+  core re-appends their live records and releases the old refs).
+- the store never interprets payloads.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+FsyncPolicy = Literal["always", "interval", "never"]
+
+Record = tuple[int, bytes]
+"""(kind, payload): kind in 1..255, chosen by the core; payload is opaque to the store."""
+
+
+class Durable(Awaitable[None]):
+    """The durability token `append` returns. `await token` waits for durability; `done()` says if it is."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def done(self) -> bool: ...
+
+    @abc.abstractmethod
+    def __await__(self): ...
+
+
+@dataclass
+class RecoveryReport:
+    """What recovery found. `truncated_bytes` > 0 means a torn tail was cut at `truncated_at` (file, pos)."""
+
+    records: int = 0
+    segments: int = 0
+    truncated_at: tuple[str, int] | None = None
+    truncated_bytes: int = 0
+    clean_shutdown: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recovered:
+    """What `open()` hands back: the latest snapshot (or None) and the records appended after it."""
+
+    snapshot: bytes | None
+    records: Iterator[tuple[int, int, bytes]]  # (ref, kind, payload), in append order
+    report: RecoveryReport
+
+
+@dataclass
+class StoreStats:
+    """Counters for stats and metrics."""
+
+    bytes_on_disk: int = 0
+    segments: int = 0
+    appends: int = 0
+    fsyncs: int = 0
+    fsync_seconds_total: float = 0.0
+    bytes_written: int = 0
+    read_only: bool = False
+
+
+class Store(abc.ABC):
+    """A durable append-only log of records plus one checkpoint. See the module docstring for the contract."""
+
+    fsync_policy: FsyncPolicy = "always"
+
+    @abc.abstractmethod
+    async def open(self) -> Recovered:
+        """Recover the log. Call once, before anything else. Raises `StorageCorrupt` for damage before the tail."""
+
+    @abc.abstractmethod
+    def append(self, records: Sequence[Record]) -> tuple[list[int], Durable]:
+        """Append records in order; return their refs and a token that resolves once they are durable."""
+
+    @abc.abstractmethod
+    async def read(self, refs: Sequence[int]) -> list[bytes]:
+        """Return the payloads of the records at `refs` (each must be a live ref), in the same order."""
+
+    @abc.abstractmethod
+    def read_cached(self, ref: int) -> bytes | None:
+        """Return the payload at `ref` if it is in memory (no I/O), else None."""
+
+    @abc.abstractmethod
+    def track(self, ref: int, count: int = 1) -> None:
+        """Count `count` more live references to the record at `ref`."""
+
+    @abc.abstractmethod
+    def release(self, ref: int, count: int = 1) -> None:
+        """Count `count` fewer live references to the record at `ref`."""
+
+    @abc.abstractmethod
+    def sparse_segments(self) -> Callable[[int], bool]:
+        """A predicate on refs: True for records in files worth compacting (mostly dead, covered by a checkpoint)."""
+
+    @abc.abstractmethod
+    async def checkpoint(self, snapshot: bytes) -> None:
+        """Make everything appended durable, store `snapshot` for it atomically, then reclaim dead files."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush and fsync what was appended, mark a clean shutdown and release files. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def read_only(self) -> bool:
+        """True after a storage failure: appends are refused until the store is reopened."""
+
+    @abc.abstractmethod
+    def stats(self) -> StoreStats:
+        """Counters for stats and metrics."""

@@ -1,0 +1,68 @@
+"""Shared fixtures: a hand-driven clock and a broker over each store (memory, file on disk)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from chute import Broker
+from chute.storage.file import FileStore
+from chute.storage.memory import MemoryStore
+
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+class Clock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_store(kind: str, path):
+    if kind == "memory":
+        return MemoryStore()
+    return FileStore(path, fsync_policy="always", segment_max_bytes=1 << 20)
+
+
+@pytest.fixture(params=["memory", "file"])
+def store_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def broker(store_kind, clock, tmp_path):
+    """A started broker on a hand-driven clock (call `broker.tick()` after `clock.advance()`)."""
+    b = Broker(store=make_store(store_kind, tmp_path / "data"), clock=clock, auto_tick=False)
+    await b.start()
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+def reopen(store_kind, clock, tmp_path):
+    """Close a broker and start a new one on the same data (a clean restart)."""
+
+    async def _reopen(old: Broker) -> Broker:
+        await old.close()
+        store = old.store if store_kind == "memory" else make_store(store_kind, tmp_path / "data")
+        new = Broker(store=store, clock=clock, auto_tick=False)
+        return await new.start()
+
+    return _reopen

@@ -1,0 +1,228 @@
+"""Queue features: dead-lettering, redrive, TTL, overflow, rate limits, dedup, FIFO groups, consumers, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chute import Publish
+from chute.errors import QueueFull, QueueInUse
+
+
+async def test_max_deliveries_dead_letters_then_redrive(broker, clock):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", lease_s=1, max_deliveries=2, dead_letter_queue="dlq")
+    await broker.publish("q", b"poison")
+    for _ in range(2):
+        assert len(await broker.receive("q")) == 1
+        clock.advance(2)
+        broker.tick()
+    assert await broker.receive("q") == []
+    [dead] = await broker.peek("dlq")
+    assert (dead.body, dead.dead_letter_reason, dead.dead_letter_source) == (b"poison", "max_deliveries", "q")
+    assert broker.queue_stats("q").dead_lettered == 1
+    assert await broker.redrive("dlq") == 1
+    [back] = await broker.receive("q")
+    assert back.body == b"poison" and back.delivery_count == 1
+    with pytest.raises(QueueInUse):
+        await broker.delete_queue("dlq")
+
+
+async def test_nack_dead_letter_is_rejected(broker):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", dead_letter_queue="dlq")
+    await broker.publish("q", b"bad")
+    [d] = await broker.receive("q")
+    await broker.nack("q", d.receipt, dead_letter=True)
+    [dead] = await broker.receive("dlq")
+    assert dead.dead_letter_reason == "rejected"
+
+
+async def test_without_dead_letter_queue_messages_are_dropped(broker, clock):
+    await broker.create_queue("q", lease_s=1, max_deliveries=1)
+    await broker.publish("q", b"x")
+    await broker.receive("q")
+    clock.advance(2)
+    broker.tick()
+    stats = broker.queue_stats("q")
+    assert (stats.ready, stats.in_flight, stats.dead_lettered) == (0, 0, 1)
+
+
+async def test_ttl_expiry_dead_letters(broker, clock):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", retention_s=60, dead_letter_queue="dlq")
+    await broker.publish("q", b"default-ttl")
+    await broker.publish("q", b"short", ttl_s=5)
+    clock.advance(6)
+    broker.tick()
+    assert [d.body for d in await broker.peek("q")] == [b"default-ttl"]
+    clock.advance(60)
+    broker.tick()
+    assert broker.queue_stats("q").ready == 0
+    dead = await broker.receive("dlq", 10)
+    assert sorted(d.body for d in dead) == [b"default-ttl", b"short"]
+    assert {d.dead_letter_reason for d in dead} == {"expired"}
+
+
+async def test_expired_while_leased_dead_letters_when_lease_ends(broker, clock):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", lease_s=10, dead_letter_queue="dlq")
+    await broker.publish("q", b"x", ttl_s=5)
+    await broker.receive("q")
+    clock.advance(11)
+    broker.tick()
+    assert broker.queue_stats("q").ready == 0
+    assert broker.queue_stats("dlq").ready == 1
+
+
+async def test_overflow_reject(broker):
+    await broker.create_queue("q", max_length=3)
+    await broker.publish_batch("q", [Publish(body=b"1"), Publish(body=b"2")])
+    with pytest.raises(QueueFull):
+        await broker.publish_batch("q", [Publish(body=b"3"), Publish(body=b"4")])
+    assert broker.queue_stats("q").ready == 2  # the whole batch was refused
+    await broker.publish("q", b"3")
+    with pytest.raises(QueueFull):
+        await broker.publish("q", b"4")
+
+
+async def test_overflow_max_bytes(broker):
+    await broker.create_queue("q", max_bytes=10)
+    await broker.publish("q", b"x" * 8)
+    with pytest.raises(QueueFull):
+        await broker.publish("q", b"x" * 3)
+    await broker.publish("q", b"x" * 2)
+
+
+async def test_overflow_drop_oldest_into_dead_letter_queue(broker):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", max_length=2, overflow="drop-oldest", dead_letter_queue="dlq")
+    for body in (b"1", b"2", b"3", b"4"):
+        await broker.publish("q", body)
+    assert [d.body for d in await broker.receive("q", 10)] == [b"3", b"4"]
+    dead = await broker.receive("dlq", 10)
+    assert [(d.body, d.dead_letter_reason) for d in dead] == [(b"1", "overflow"), (b"2", "overflow")]
+
+
+async def test_rate_limit_paces_a_spike(broker, clock):
+    await broker.create_queue("q", rate_limit=10, rate_burst=5)
+    await broker.publish_batch("q", [Publish(body=b"%d" % i) for i in range(30)])
+    assert len(await broker.receive("q", 100)) == 5
+    assert await broker.receive("q", 100) == []
+    clock.advance(1.0)
+    assert len(await broker.receive("q", 100)) == 5  # 10/s, capped by the burst size
+    clock.advance(0.35)
+    assert len(await broker.receive("q", 100)) == 3
+    assert broker.queue_stats("q").ready == 17  # nothing was dropped
+
+
+async def test_dedup_window(broker, clock):
+    await broker.create_queue("q", dedup_window_s=60)
+    first = await broker.publish("q", b"a", dedup_id="order-1")
+    again = await broker.publish("q", b"a-again", dedup_id="order-1")
+    assert first == again
+    ids = await broker.publish_batch("q", [Publish(body=b"b", dedup_id="o2"), Publish(body=b"b2", dedup_id="o2")])
+    assert ids[0] == ids[1] != first
+    assert broker.queue_stats("q").ready == 2
+    clock.advance(61)
+    third = await broker.publish("q", b"a", dedup_id="order-1")
+    assert third != first
+    assert broker.queue_stats("q").ready == 3
+
+
+async def test_fifo_groups_one_in_flight_per_group(broker):
+    await broker.create_queue("q", fifo=True)
+    await broker.publish_batch(
+        "q",
+        [Publish(body=b"a1", group="a"), Publish(body=b"a2", group="a"), Publish(body=b"b1", group="b"),
+         Publish(body=b"a3", group="a"), Publish(body=b"b2", group="b")],
+    )  # fmt: skip
+    first = await broker.receive("q", 10)
+    assert [d.body for d in first] == [b"a1", b"b1"]  # groups run in parallel, one each
+    assert await broker.receive("q", 10) == []
+    await broker.ack("q", first[0].receipt)
+    [a2] = await broker.receive("q", 10)
+    assert a2.body == b"a2"
+    await broker.nack("q", a2.receipt)  # a2 stays its group's head
+    [a2_again] = await broker.receive("q", 10)
+    assert a2_again.body == b"a2"
+    await broker.ack("q", [a2_again.receipt, first[1].receipt])
+    assert [d.body for d in await broker.receive("q", 10)] == [b"a3", b"b2"]  # publish order
+
+
+async def test_fifo_group_head_nacked_with_delay_stays_first(broker, clock):
+    await broker.create_queue("q", fifo=True)
+    await broker.publish_batch("q", [Publish(body=b"1", group="g"), Publish(body=b"2", group="g")])
+    [one] = await broker.receive("q")
+    await broker.nack("q", one.receipt, delay_s=5)
+    assert await broker.receive("q") == []
+    clock.advance(6)
+    broker.tick()
+    assert [d.body for d in await broker.receive("q", 5)] == [b"1"]
+
+
+async def test_consumer_prefetch_and_release_on_close(broker):
+    await broker.create_queue("q", lease_s=300)
+    await broker.publish_batch("q", [Publish(body=b"%d" % i) for i in range(10)])
+    consumer = broker.consume("q", prefetch=3)
+    got = [await consumer.__anext__() for _ in range(3)]
+    assert broker.queue_stats("q").in_flight == 3
+    await consumer.ack(got[0])
+    got.append(await consumer.__anext__())
+    assert [d.body for d in got] == [b"0", b"1", b"2", b"3"]
+    await consumer.close()
+    stats = broker.queue_stats("q")
+    assert (stats.in_flight, stats.ready) == (0, 9)  # released at once, not after the lease
+    [again] = await broker.receive("q")
+    assert again.body == b"1" and again.delivery_count == 2
+
+
+async def test_long_poll_woken_by_publish(store_kind, tmp_path):
+    from chute import Broker
+    from tests.conftest import make_store
+
+    async with Broker(store=make_store(store_kind, tmp_path / "d")) as broker:
+        await broker.create_queue("q")
+        waiter = asyncio.create_task(broker.receive("q", wait_s=10))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        await broker.publish("q", b"wake")
+        [d] = await asyncio.wait_for(waiter, 5)
+        assert d.body == b"wake"
+        assert await broker.receive("q", wait_s=0.05) == []
+
+
+async def test_restart_keeps_unacked_and_forgets_acked(broker, reopen, clock):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", dead_letter_queue="dlq", max_deliveries=3)
+    await broker.publish_batch("q", [Publish(body=b"%d" % i) for i in range(6)])
+    await broker.publish("q", b"delayed", delay_s=100)
+    got = await broker.receive("q", 3)
+    await broker.ack("q", [got[0].receipt, got[1].receipt])
+    await broker.nack("q", got[2].receipt, dead_letter=True)
+    broker2 = await reopen(broker)
+    try:
+        rest = await broker2.receive("q", 10)
+        assert [d.body for d in rest] == [b"3", b"4", b"5"]
+        await broker2.ack("q", [d.receipt for d in rest])
+        [dead] = await broker2.receive("dlq")
+        assert (dead.body, dead.dead_letter_reason) == (b"2", "rejected")
+        clock.advance(101)
+        broker2.tick()
+        assert [d.body for d in await broker2.receive("q", 10)] == [b"delayed"]
+    finally:
+        await broker2.close()
+
+
+async def test_restart_keeps_delivery_counts_and_settings(broker, reopen):
+    await broker.create_queue("q", lease_s=7, fifo=True)
+    await broker.publish("q", b"x", group="g")
+    await broker.receive("q")
+    broker2 = await reopen(broker)
+    try:
+        assert broker2.list_queues()[0].settings.lease_s == 7
+        [d] = await broker2.receive("q")
+        assert d.delivery_count == 2
+    finally:
+        await broker2.close()
