@@ -1,10 +1,10 @@
 """Chute: a durable message broker for Python — queues and topics on an append-only log.
 
-    async with chute.Broker("./chute-data") as broker:
-        await broker.create_queue("jobs")
-        await broker.publish("jobs", b"hello")
-        [delivery] = await broker.receive("jobs")
-        await broker.ack("jobs", delivery.receipt)
+async with chute.Broker("./chute-data") as broker:
+    await broker.create_queue("jobs")
+    await broker.publish("jobs", b"hello")
+    [delivery] = await broker.receive("jobs")
+    await broker.ack("jobs", delivery.receipt)
 """
 
 from chute.broker import Broker

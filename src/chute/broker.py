@@ -27,8 +27,8 @@ from chute.consumer import Consumer
 from chute.core import records as rec
 from chute.core.broker import BrokerCore
 from chute.core.ids import publish_time
-from chute.core.routing import Pattern
 from chute.core.queue import Entry
+from chute.core.routing import Pattern
 from chute.core.state import DEFAULT_MAX_MESSAGE_BYTES
 from chute.errors import BrokerClosed, ChuteError, InvalidArgument, InvalidReceipt
 from chute.model import (
@@ -213,8 +213,13 @@ class Broker:
 
     def _topic_info(self, topic) -> TopicInfo:
         subscriptions = [
-            SubscriptionInfo(topic=topic.name, pattern=s.pattern, queue=s.queue.name, filter=s.filter.spec or None,
-                             ephemeral=s.queue.ephemeral)  # fmt: skip
+            SubscriptionInfo(
+                topic=topic.name,
+                pattern=s.pattern,
+                queue=s.queue.name,
+                filter=s.filter.spec or None,
+                ephemeral=s.queue.ephemeral,
+            )  # fmt: skip
             for s in topic.subscriptions.values()
         ]
         return TopicInfo(name=topic.name, settings=topic.settings, subscriptions=subscriptions)
@@ -238,13 +243,12 @@ class Broker:
         items = [item for item in topic.retained if publish_time(item[0]) >= since]
         payloads = await self.store.read([ref for _, ref, _ in items]) if items else []
         chosen = []
+        pattern = Pattern(subscription.pattern)
         for (message_id, ref, size), payload in zip(items, payloads, strict=True):
             record = rec.decode_message(payload)
-            subject = record.subject or topic.name
-            if subscription.queue.name in self.core.queues and subscription.filter.matches(record.headers or {}):
-                if Pattern(subscription.pattern).matches(subject):
-                    chosen.append((message_id, ref, size, record.priority, record.group, record.expires_ms))
-        if chosen:
+            if pattern.matches(record.subject or topic.name) and subscription.filter.matches(record.headers or {}):
+                chosen.append((message_id, ref, size, record.priority, record.group, record.expires_ms))
+        if chosen and subscription.queue.name in self.core.queues:
             self._run(self.core.enqueue_retained, subscription.queue.name, chosen, self.clock())
 
     async def unsubscribe(self, topic: str, pattern: str, queue: str) -> None:
@@ -512,7 +516,8 @@ def _delivery(queue: str, payload: bytes, receipt, count, deadline, dead, core) 
 def _raise_unknown(unknown: list[int], verb: str) -> None:
     if unknown:
         error = InvalidReceipt(
-            f"{len(unknown)} receipt(s) not leased (never issued, already acked, or lease ended); the others were {verb}"
+            f"{len(unknown)} receipt(s) not leased (never issued, already acked, or lease ended); "
+            f"the others were {verb}"
         )
         error.receipts = unknown
         raise error

@@ -124,4 +124,6 @@ class Consumer:
 def _receipts(deliveries) -> list[int]:
     if isinstance(deliveries, Delivery | int):
         deliveries = [deliveries]
-    return [d.receipt if isinstance(d, Delivery) else d for d in deliveries if (d.receipt if isinstance(d, Delivery) else d)]
+    return [
+        d.receipt if isinstance(d, Delivery) else d for d in deliveries if (d.receipt if isinstance(d, Delivery) else d)
+    ]

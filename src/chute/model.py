@@ -39,8 +39,7 @@ def validate_name(name: object, what: str = "queue") -> str:
     """Return `name` if it is a valid queue or topic name, else raise InvalidName."""
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InvalidName(
-            f"invalid {what} name {name!r}: use 1-200 letters, digits, '_', '-' or '.', starting with a letter "
-            "or digit"
+            f"invalid {what} name {name!r}: use 1-200 letters, digits, '_', '-' or '.', starting with a letter or digit"
         )
     return name
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from chute import Publish
-from chute.errors import InvalidArgument, InvalidName, InvalidReceipt, MessageTooLarge, QueueExists, QueueNotFound
+from chute.errors import (
+    InvalidArgument,
+    InvalidName,
+    InvalidReceipt,
+    MessageTooLarge,
+    QueueExists,
+    QueueNotFound,
+)
 
 
 async def test_publish_receive_ack(broker):
@@ -98,7 +105,13 @@ async def test_nack_with_delay(broker, clock):
 async def test_priorities(broker):
     await broker.create_queue("q")
     await broker.publish_batch(
-        "q", [Publish(body=b"low1"), Publish(body=b"high", priority=9), Publish(body=b"low2"), Publish(body=b"mid", priority=5)]
+        "q",
+        [
+            Publish(body=b"low1"),
+            Publish(body=b"high", priority=9),
+            Publish(body=b"low2"),
+            Publish(body=b"mid", priority=5),
+        ],
     )
     got = await broker.receive("q", 10)
     assert [d.body for d in got] == [b"high", b"mid", b"low1", b"low2"]

@@ -179,8 +179,9 @@ async def test_consumer_prefetch_and_release_on_close(broker):
 
 
 async def test_long_poll_woken_by_publish(store_kind, tmp_path):
-    from chute import Broker
     from tests.conftest import make_store
+
+    from chute import Broker
 
     async with Broker(store=make_store(store_kind, tmp_path / "d")) as broker:
         await broker.create_queue("q")

@@ -7,7 +7,14 @@ import asyncio
 import pytest
 
 from chute import Publish
-from chute.errors import InvalidArgument, InvalidName, QueueExists, SubscriptionNotFound, TopicExists, TopicNotFound
+from chute.errors import (
+    InvalidArgument,
+    InvalidName,
+    QueueExists,
+    SubscriptionNotFound,
+    TopicExists,
+    TopicNotFound,
+)
 
 
 async def test_patterns_route_to_matching_subscriptions(broker):
@@ -49,8 +56,9 @@ async def test_fan_out_stores_the_body_once(store_kind, tmp_path, clock):
     """Bytes written per message with 8 subscriptions stay within 1.2x those of a single queue."""
     if store_kind != "file":
         pytest.skip("bytes on disk are a file-store matter")
-    from chute import Broker
     from tests.conftest import make_store
+
+    from chute import Broker
 
     async def bytes_for(subscriptions: int) -> int:
         async with Broker(store=make_store("file", tmp_path / f"s{subscriptions}"), clock=clock) as b:
@@ -82,8 +90,9 @@ async def test_ephemeral_subscription_is_at_most_once_and_goes_away(broker):
 async def test_ephemeral_only_topic_writes_nothing(store_kind, tmp_path, clock):
     if store_kind != "file":
         pytest.skip("bytes on disk are a file-store matter")
-    from chute import Broker
     from tests.conftest import make_store
+
+    from chute import Broker
 
     async with Broker(store=make_store("file", tmp_path / "d"), clock=clock) as b:
         await b.create_topic("t")

@@ -14,7 +14,14 @@ from chute.core.queue import Queue
 from chute.core.routing import validate_pattern
 from chute.core.state import BrokerState
 from chute.core.topic import Subscription, Topic
-from chute.errors import InvalidArgument, QueueExists, QueueInUse, QueueNotFound, SubscriptionNotFound, TopicExists
+from chute.errors import (
+    InvalidArgument,
+    QueueExists,
+    QueueInUse,
+    QueueNotFound,
+    SubscriptionNotFound,
+    TopicExists,
+)
 from chute.model import QueueSettings, TopicSettings, validate_name
 
 EPHEMERAL_PREFIX = "~"  # not a valid user name: ephemeral queue names never collide with durable ones
@@ -168,7 +175,12 @@ class AdminOps(BrokerState):
         if queue.ephemeral:
             topic.add_subscription(subscription)
             return subscription
-        args = {"topic_id": topic.id, "pattern": pattern, "queue_id": queue.id, "filter": subscription.filter.spec}
+        args = {
+            "topic_id": topic.id,
+            "pattern": pattern,
+            "queue_id": queue.id,
+            "filter": subscription.filter.spec,
+        }
         self._apply_subscribe(args)
         self.emit(rec.META, rec.MetaRecord("subscribe", args))
         return topic.subscriptions[(pattern, queue.name)]

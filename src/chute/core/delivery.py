@@ -15,7 +15,7 @@ from chute.core import records as rec
 from chute.core.queue import DELAYED, IN_FLIGHT, READY, WAITING, Entry, Queue
 from chute.core.state import BrokerState
 from chute.core.timers import DELAY, EXPIRE, LEASE, RETAIN
-from chute.errors import InvalidArgument, InvalidReceipt
+from chute.errors import InvalidArgument
 from chute.model import MAX_DELAY_S, MAX_LEASE_S
 
 
@@ -94,9 +94,7 @@ class DeliveryOps(BrokerState):
         self.drop(queue, entries, rec.ACKED)
         return unknown
 
-    def nack(
-        self, name: str, receipts, now: float, *, delay_s: float = 0.0, dead_letter: bool = False
-    ) -> list[int]:
+    def nack(self, name: str, receipts, now: float, *, delay_s: float = 0.0, dead_letter: bool = False) -> list[int]:
         """Return leased messages now or after `delay_s`, or dead-letter them (`rejected`); return unknown ones."""
         if isinstance(delay_s, bool) or not isinstance(delay_s, int | float) or not 0 <= delay_s <= MAX_DELAY_S:
             raise InvalidArgument(f"delay_s must be a number from 0 to {MAX_DELAY_S:g}, got {delay_s!r}")

@@ -16,8 +16,8 @@ from chute.core import records as rec
 from chute.core.queue import Entry, Queue
 from chute.core.routing import validate_subject
 from chute.core.state import BrokerState
-from chute.core.topic import Topic
 from chute.core.timers import RETAIN
+from chute.core.topic import Topic
 from chute.errors import InvalidArgument, MessageTooLarge, QueueFull, QueueNotFound
 from chute.model import (
     MAX_DEDUP_ID_CHARS,

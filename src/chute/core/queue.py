@@ -38,7 +38,17 @@ class Entry:
     """A message's place in one queue. `ref` locates the stored record; `dead` is (reason, source queue id)."""
 
     __slots__ = (
-        "id", "ref", "size", "priority", "group", "expires", "deliveries", "state", "receipt", "deadline", "dead"
+        "id",
+        "ref",
+        "size",
+        "priority",
+        "group",
+        "expires",
+        "deliveries",
+        "state",
+        "receipt",
+        "deadline",
+        "dead",
     )
 
     def __init__(self, id, ref, size, priority=0, group=None, expires=0.0, deliveries=0, dead=None):
@@ -138,7 +148,10 @@ class Queue:
         self.settings = settings
         if settings.rate_limit is None:
             self.bucket = None
-        elif self.bucket is None or (old.rate_limit, old.rate_burst) != (settings.rate_limit, settings.rate_burst):
+        elif self.bucket is None or (old.rate_limit, old.rate_burst) != (
+            settings.rate_limit,
+            settings.rate_burst,
+        ):
             self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
 
     # -- sizes ------------------------------------------------------------------------------------------------

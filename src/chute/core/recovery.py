@@ -37,9 +37,7 @@ class RecoveryOps(BrokerState):
                 if not queue.ephemeral:
                     pending.setdefault(queue, []).append(entry)
             retained_pending.extend(plan.retains)
-        queues = [
-            snap.queue_image(q, pending.get(q, [])) for q in self.queues.values() if not q.ephemeral
-        ]
+        queues = [snap.queue_image(q, pending.get(q, [])) for q in self.queues.values() if not q.ephemeral]
         topics = []
         for topic in self.topics.values():
             retained = [tuple(item) for item in topic.retained]
@@ -48,8 +46,14 @@ class RecoveryOps(BrokerState):
                 (s.pattern, s.queue.id, s.filter.spec) for s in topic.subscriptions.values() if not s.queue.ephemeral
             ]
             topics.append(
-                snap.TopicImage(topic.id, topic.name, msgspec.to_builtins(topic.settings), subscriptions,
-                                sorted(retained), topic.dedup.items())  # fmt: skip
+                snap.TopicImage(
+                    topic.id,
+                    topic.name,
+                    msgspec.to_builtins(topic.settings),
+                    subscriptions,
+                    sorted(retained),
+                    topic.dedup.items(),
+                )  # fmt: skip
             )
         image = snap.Snapshot(snap.VERSION, self.ids.last, self.next_queue_id, self.next_topic_id, queues, topics)
         return snap.encode(image)

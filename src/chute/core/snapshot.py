@@ -87,8 +87,7 @@ def encode_entries(entries: list[Entry]) -> EntryColumns:
 def decode_entries(columns: EntryColumns) -> list[tuple[Entry, float]]:
     """Unpack entries with the time each is ready at (0.0: ready now)."""
     ids, refs, sizes, expires, ready = (
-        array("q", getattr(columns, name))
-        for name in ("ids", "refs", "sizes", "expires_ms", "ready_ms")
+        array("q", getattr(columns, name)) for name in ("ids", "refs", "sizes", "expires_ms", "ready_ms")
     )
     sources = array("q", columns.dead_sources)
     deliveries = array("l", columns.deliveries)
