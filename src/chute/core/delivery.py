@@ -38,18 +38,18 @@ class DeliveryOps(BrokerState):
         if wanted and queue.bucket is not None:
             wanted = queue.bucket.take(wanted, now)
         taken: list[Entry] = []
-        expired: list[Entry] = []
-        while len(taken) < wanted:
-            entry = queue.pop_ready()
-            if entry is None:
+        while wanted > len(taken):
+            batch = queue.pop_many(wanted - len(taken))
+            if not batch:
                 break
-            if entry.expires and entry.expires <= now:
-                entry.state = READY  # popped but still counted as present until dead-lettered
-                queue.ready += 1
-                expired.append(entry)
-                continue
-            taken.append(entry)
-        self.dead_letter(queue, expired, "expired", now)
+            expired = [e for e in batch if e.expires and e.expires <= now]
+            if expired:
+                for entry in expired:
+                    entry.state = READY  # popped but still counted as present until dead-lettered
+                    queue.ready += 1
+                self.dead_letter(queue, expired, "expired", now)
+                batch = [e for e in batch if e.state == READY]
+            taken.extend(batch)
         if queue.ephemeral:
             for entry in taken:
                 entry.state = READY
@@ -58,21 +58,26 @@ class DeliveryOps(BrokerState):
             self.drop(queue, taken, rec.ACKED)
             queue.counters["delivered"] += len(taken)
             return taken
+        if not taken:
+            return taken
         deadline = now + lease
-        timers = self.timers
+        receipt = self.next_receipt
+        in_flight = queue.in_flight
         redelivered = 0
         for entry in taken:
-            receipt = self.next_receipt
-            self.next_receipt = receipt + 1
             if entry.deliveries:
                 redelivered += 1
-            queue.lease(entry, receipt)
+            entry.state = IN_FLIGHT
+            entry.receipt = receipt
             entry.deadline = deadline
-            timers.add(deadline, LEASE, queue, entry)
-        if taken:
-            queue.counters["delivered"] += len(taken)
-            queue.counters["redelivered"] += redelivered
-            self.emit(rec.DELIVERED, rec.DeliveredRecord(queue.id, [e.id for e in taken]))
+            entry.deliveries += 1
+            in_flight[receipt] = entry
+            receipt += 1
+        self.next_receipt = receipt
+        self.timers.add(deadline, LEASE, queue, taken)  # one timer per batch, checked entry by entry
+        queue.counters["delivered"] += len(taken)
+        queue.counters["redelivered"] += redelivered
+        self.emit(rec.DELIVERED, rec.DeliveredRecord(queue.id, [e.id for e in taken]))
         return taken
 
     def _leased(self, queue: Queue, receipts) -> tuple[list[Entry], list[int]]:
@@ -115,7 +120,8 @@ class DeliveryOps(BrokerState):
         entries, unknown = self._leased(queue, receipts)
         for entry in entries:
             entry.deadline = now + lease
-            self.timers.add(entry.deadline, LEASE, queue, entry)
+        if entries:
+            self.timers.add(now + lease, LEASE, queue, entries)
         return unknown
 
     def release_receipts(self, name: str, receipts, now: float) -> None:
@@ -177,9 +183,10 @@ class DeliveryOps(BrokerState):
         """Fire every timer due at `now`: lease ends, delays, expiries, retention trims."""
         for when, kind, owner, subject in self.timers.pop_due(now):
             if kind == LEASE:
-                entry = subject
-                if entry.state == IN_FLIGHT and entry.deadline == when and owner.in_flight.get(entry.receipt):
-                    self._lease_ended(owner, entry, now, 0.0)
+                in_flight = owner.in_flight
+                for entry in subject:
+                    if entry.state == IN_FLIGHT and entry.deadline == when and in_flight.get(entry.receipt) is entry:
+                        self._lease_ended(owner, entry, now, 0.0)
             elif kind == DELAY:
                 if subject.state == DELAYED and self.queues.get(owner.name) is owner:
                     owner.undelay(subject)

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from chute.core import records as rec
-from chute.core.queue import Entry, Queue
+from chute.core.queue import DELAYED, Entry, Queue
 from chute.core.routing import validate_subject
 from chute.core.state import BrokerState
-from chute.core.timers import RETAIN
+from chute.core.timers import DELAY, EXPIRE, RETAIN
 from chute.core.topic import Topic
 from chute.errors import InvalidArgument, MessageTooLarge, QueueFull, QueueNotFound
 from chute.model import (
@@ -40,7 +40,7 @@ class PublishPlan:
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.token: Durable | None = None
-        self.placements: list[tuple[Queue, Entry, float]] = []
+        self.placements: list[tuple[Queue, list[Entry]]] = []  # entry.deadline holds its ready time
         self.dedups: list[tuple[object, str, int]] = []
         self.retains: list[tuple[Topic, int, int, int]] = []
 
@@ -56,16 +56,31 @@ class PublishOps(BrokerState):
         topic = self.topics.get(dest) if queue is None else None
         if queue is None and topic is None:
             raise QueueNotFound(f"no queue or topic is named {dest!r}")
+        limit = self.max_message_bytes
         for message in messages:
+            if (  # the plain message, checked in one go; anything else gets the full checks
+                type(message) is Publish and type(message.body) is bytes and len(message.body) <= limit
+                and message.headers is None and message.priority == 0 and message.delay_s is None
+                and message.ttl_s is None and message.group is None and message.dedup_id is None
+                and message.subject is None
+            ):  # fmt: skip
+                continue
             self._validate(message, topic is not None)
         plan = PublishPlan()
         window = queue.dedup if queue is not None else topic.dedup
         new, slots = self._deduplicate(window, messages, now)
         if queue is not None:
-            targets = [[queue] for _ in new]
+            targets = None
+            need = {queue: [len(new), sum(len(m.body) for m in new)]} if new else {}
         else:
             targets = [topic.route(m.subject or topic.name, m.headers) for m in new]
-        self._make_room(new, targets, now)
+            need = {}
+            for message, queues in zip(new, targets, strict=True):
+                for target in queues:
+                    counts = need.setdefault(target, [0, 0])
+                    counts[0] += 1
+                    counts[1] += len(message.body)
+        self._make_room(need, now)
         new_ids = self._write(new, targets, queue, topic, now, plan)
         plan.ids = [new_ids[slot] if slot >= 0 else -slot for slot in slots]
         window_s = (queue or topic).settings.dedup_window_s
@@ -119,14 +134,9 @@ class PublishOps(BrokerState):
             new.append(message)
         return new, slots
 
-    def _make_room(self, new: list[Publish], targets: list[list[Queue]], now: float) -> None:
-        """Check max_length / max_bytes of every target queue; drop the oldest where the policy says so."""
-        need: dict[Queue, list[int]] = {}
-        for message, queues in zip(new, targets, strict=True):
-            for queue in queues:
-                counts = need.setdefault(queue, [0, 0])
-                counts[0] += 1
-                counts[1] += len(message.body)
+    def _make_room(self, need: dict[Queue, list[int]], now: float) -> None:
+        """Check max_length / max_bytes of every target queue for [count, bytes] more; drop the oldest where the
+        policy says so, else raise QueueFull."""
         for queue, (count, size) in need.items():
             if queue.has_room(count, size):
                 continue
@@ -142,66 +152,115 @@ class PublishOps(BrokerState):
     def _write(self, new, targets, queue: Queue | None, topic: Topic | None, now: float, plan: PublishPlan):
         """Append one MESSAGE record per stored message; fill the plan's placements and retains; return the
         new messages' ids."""
+        if queue is not None:
+            return self._write_to_queue(new, queue, now, plan)
         records, ephemeral, places, new_ids = self.outbox, [], [], []
         self.outbox = []
-        defaults = queue.settings if queue is not None else None
-        topic_id = topic.id if topic is not None else 0
-        retains = topic is not None and topic.retains
+        retains = topic.retains
+        now_ms = int(now * 1000)
         for message, queues in zip(new, targets, strict=True):
             message_id = self.ids.next(now)
             new_ids.append(message_id)
             durable = [q for q in queues if not q.ephemeral]
-            delay_s = message.delay_s if message.delay_s is not None else (defaults.delay_s if defaults else 0.0)
-            ttl_s = message.ttl_s if message.ttl_s is not None else (defaults.retention_s if defaults else None)
-            ready_at = now + delay_s if delay_s else 0.0
-            expires = now + ttl_s if ttl_s else 0.0
+            ready_at = now + message.delay_s if message.delay_s else 0.0
+            expires = now + message.ttl_s if message.ttl_s else 0.0
             record = rec.MessageRecord(
-                message_id, int(now * 1000), topic_id, [q.id for q in durable], int(ready_at * 1000),
-                int(expires * 1000), message.priority, message.group, message.dedup_id, message.subject,
-                message.headers, message.body,
+                message_id, now_ms, topic.id, [q.id for q in durable], int(ready_at * 1000), int(expires * 1000),
+                message.priority, message.group, message.dedup_id, message.subject, message.headers, message.body,
             )  # fmt: skip
             payload = rec.encode(record)
             if durable or retains:
                 records.append((rec.MESSAGE, payload))
-                places.append((message_id, len(message.body), durable, record, len(records) - 1))
+                places.append((message, message_id, durable, ready_at, expires, len(records) - 1))
             transient = [q for q in queues if q.ephemeral]
             if transient:
-                ephemeral.append((payload, message_id, len(message.body), transient, record))
+                ephemeral.append((payload, message, message_id, transient, ready_at, expires))
+        by_queue: dict[Queue, list[Entry]] = {}
         if records:
             refs, plan.token = self.store.append(records)
-            for message_id, size, durable, record, index in places:
-                ref = refs[index]
-                for queue in durable:
-                    plan.placements.append((queue, self._entry(message_id, ref, size, record), record.ready_ms))
+            for message, message_id, durable, ready_at, expires, index in places:
+                ref, size = refs[index], len(message.body)
+                for target in durable:
+                    by_queue.setdefault(target, []).append(_entry(message_id, ref, message, expires, ready_at))
                 if retains:
                     plan.retains.append((topic, message_id, ref, size))
         if ephemeral:
-            refs, _ = self.ephemeral_store.append([(rec.MESSAGE, p) for p, *_ in ephemeral])
-            for ref, (_, message_id, size, queues, record) in zip(refs, ephemeral, strict=True):
-                for queue in queues:
-                    plan.placements.append((queue, self._entry(message_id, ref, size, record), record.ready_ms))
-        for target, entry, _ in plan.placements:
-            target.pending += 1
-            target.pending_bytes += entry.size
+            refs, _ = self.ephemeral_store.append([(rec.MESSAGE, item[0]) for item in ephemeral])
+            for ref, (_, message, message_id, queues, ready_at, expires) in zip(refs, ephemeral, strict=True):
+                for target in queues:
+                    by_queue.setdefault(target, []).append(_entry(message_id, ref, message, expires, ready_at))
+        for target, entries in by_queue.items():
+            self._hold(target, entries, plan)
+        return new_ids
+
+    def _write_to_queue(self, new: list[Publish], queue: Queue, now: float, plan: PublishPlan) -> list[int]:
+        """The common case, kept lean: every message goes to one queue."""
+        records = self.outbox
+        self.outbox = []
+        first = len(records)
+        settings = queue.settings
+        default_delay, default_ttl = settings.delay_s, settings.retention_s
+        queue_ids = [queue.id]
+        now_ms = int(now * 1000)
+        next_id, encode, make_record = self.ids.next, rec.encode, rec.MessageRecord
+        entries, new_ids = [], []
+        for m in new:
+            message_id = next_id(now)
+            new_ids.append(message_id)
+            delay_s = m.delay_s if m.delay_s is not None else default_delay
+            ttl_s = m.ttl_s if m.ttl_s is not None else default_ttl
+            ready_at = now + delay_s if delay_s else 0.0
+            expires = now + ttl_s if ttl_s else 0.0
+            payload = encode(
+                make_record(
+                    message_id,
+                    now_ms,
+                    0,
+                    queue_ids,
+                    int(ready_at * 1000),
+                    int(expires * 1000),
+                    m.priority,
+                    m.group,
+                    m.dedup_id,
+                    None,
+                    m.headers,
+                    m.body,
+                )  # fmt: skip
+            )
+            records.append((rec.MESSAGE, payload))
+            entries.append(_entry(message_id, 0, m, expires, ready_at))
+        refs, plan.token = self.store_of(queue).append(records)
+        for entry, ref in zip(entries, refs[first:], strict=True):
+            entry.ref = ref
+        self._hold(queue, entries, plan)
         return new_ids
 
     @staticmethod
-    def _entry(message_id: int, ref: int, size: int, record: rec.MessageRecord) -> Entry:
-        entry = Entry(message_id, ref, size, record.priority, record.group, record.expires_ms / 1000.0)
-        entry.deadline = record.ready_ms / 1000.0  # kept in a snapshot taken while the publish is pending
-        return entry
+    def _hold(queue: Queue, entries: list[Entry], plan: PublishPlan) -> None:
+        """Count pending entries against the queue's limits until the plan is committed or aborted."""
+        plan.placements.append((queue, entries))
+        queue.pending += len(entries)
+        queue.pending_bytes += sum(e.size for e in entries)
 
     def commit_publish(self, plan: PublishPlan, now: float) -> None:
         """The plan's records are durable: place its entries (ready or delayed) and retain topic messages."""
         self.pending_plans.discard(plan)
-        for queue, entry, ready_ms in plan.placements:
-            queue.pending -= 1
-            queue.pending_bytes -= entry.size
+        for queue, entries in plan.placements:
+            queue.pending -= len(entries)
+            queue.pending_bytes -= sum(e.size for e in entries)
             if self.queues.get(queue.name) is not queue:
                 continue  # the queue was deleted while the publish was being written
-            self.store_of(queue).track(entry.ref)
-            queue.counters["published"] += 1
-            self.place(queue, entry, ready_ms / 1000.0, now)
+            track = self.store_of(queue).track
+            for entry in entries:
+                track(entry.ref)
+            queue.counters["published"] += len(entries)
+            if queue.add_batch(entries, now):
+                self.changed.add(queue)
+            for entry in entries:
+                if entry.state == DELAYED:
+                    self.timers.add(entry.deadline, DELAY, queue, entry)
+                if entry.expires:
+                    self.timers.add(entry.expires, EXPIRE, queue, entry)
         for topic, message_id, ref, size in plan.retains:
             if self.topics.get(topic.name) is topic:
                 self.store.track(ref)
@@ -212,9 +271,9 @@ class PublishOps(BrokerState):
     def abort_publish(self, plan: PublishPlan) -> None:
         """The plan's records did not become durable: forget its entries and dedup ids."""
         self.pending_plans.discard(plan)
-        for queue, entry, _ in plan.placements:
-            queue.pending -= 1
-            queue.pending_bytes -= entry.size
+        for queue, entries in plan.placements:
+            queue.pending -= len(entries)
+            queue.pending_bytes -= sum(e.size for e in entries)
         for window, key, message_id in plan.dedups:
             window.forget(key, message_id)
 
@@ -264,3 +323,9 @@ def _check_key(name: str, value: object, max_chars: int) -> None:
         return
     if not isinstance(value, str) or not 1 <= len(value) <= max_chars:
         raise InvalidArgument(f"{name} must be a string of 1 to {max_chars} characters, got {value!r}")
+
+
+def _entry(message_id: int, ref: int, message: Publish, expires: float, ready_at: float) -> Entry:
+    entry = Entry(message_id, ref, len(message.body), message.priority, message.group, expires)
+    entry.deadline = ready_at  # when a delayed entry becomes ready; kept in a snapshot taken while pending
+    return entry

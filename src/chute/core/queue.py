@@ -180,6 +180,31 @@ class Queue:
         self._enqueue(entry)
         return False
 
+    def add_batch(self, entries: list[Entry], now: float) -> bool:
+        """Place new entries (each ready at `entry.deadline`, 0 = now); return True if any became ready."""
+        became_ready = False
+        fifo = self.settings.fifo
+        for entry in entries:
+            self.bytes += entry.size
+            ready_at = entry.deadline
+            if ready_at > now:
+                entry.state = DELAYED
+                self.delayed.add(entry)
+                continue
+            entry.deadline = 0.0
+            became_ready = True
+            if fifo and entry.group is not None:
+                self._enqueue(entry)
+                continue
+            level = self.levels.get(entry.priority)
+            if level is None:
+                self._make_ready(entry)
+                continue
+            entry.state = READY
+            level.push(entry)
+            self.ready += 1
+        return became_ready
+
     def undelay(self, entry: Entry) -> None:
         """A delay ended: the entry joins the ready line (or its group's)."""
         if entry.state == DELAYED:
@@ -219,6 +244,29 @@ class Queue:
                 self.ready -= 1
                 return entry
         return None
+
+    def pop_many(self, count: int) -> list[Entry]:
+        """Take up to `count` ready entries in delivery order (the batch form of `pop_ready`)."""
+        taken: list[Entry] = []
+        for priority in self.priorities:
+            level = self.levels[priority]
+            fresh = level.fresh
+            while len(taken) < count:
+                if level.returned:
+                    entry = level.pop()
+                    if entry is None:
+                        break
+                    taken.append(entry)
+                    continue
+                if not fresh:
+                    break
+                entry = fresh.popleft()  # no returned entries: the fresh deque alone is in order
+                if entry.state == READY:
+                    taken.append(entry)
+            if len(taken) >= count:
+                break
+        self.ready -= len(taken)
+        return taken
 
     def oldest_ready(self) -> Entry | None:
         """The ready entry with the smallest id, without taking it."""

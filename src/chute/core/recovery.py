@@ -33,9 +33,9 @@ class RecoveryOps(BrokerState):
         pending: dict[Queue, list[Entry]] = {}
         retained_pending = []
         for plan in self.pending_plans:
-            for queue, entry, _ in plan.placements:
+            for queue, entries in plan.placements:
                 if not queue.ephemeral:
-                    pending.setdefault(queue, []).append(entry)
+                    pending.setdefault(queue, []).extend(entries)
             retained_pending.extend(plan.retains)
         queues = [snap.queue_image(q, pending.get(q, [])) for q in self.queues.values() if not q.ephemeral]
         topics = []
