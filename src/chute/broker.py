@@ -347,6 +347,9 @@ class Broker:
         if missing:
             for i, payload in zip(missing, await store.read([entries[i].ref for i in missing]), strict=True):
                 payloads[i] = payload
+        if queue is not None and queue.ephemeral:
+            for entry in entries:
+                store.release(entry.ref)  # delivered at most once: the body is no longer needed
         return [
             _delivery(queue_name, payload, receipt, count, deadline, dead, self.core)
             for payload, (receipt, count, deadline, dead) in zip(payloads, leases, strict=True)

@@ -50,12 +50,12 @@ class DeliveryOps(BrokerState):
                 self.dead_letter(queue, expired, "expired", now)
                 batch = [e for e in batch if e.state == READY]
             taken.extend(batch)
-        if queue.ephemeral:
+        if queue.ephemeral:  # at-most-once: out of the queue at once; the caller releases the ref once read
             for entry in taken:
                 entry.state = READY
                 queue.ready += 1
+                queue.remove(entry)
                 entry.deliveries = 1
-            self.drop(queue, taken, rec.ACKED)
             queue.counters["delivered"] += len(taken)
             return taken
         if not taken:

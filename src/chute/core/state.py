@@ -36,7 +36,7 @@ class BrokerState:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.store = store
-        self.ephemeral_store: Store = MemoryStore()
+        self.ephemeral_store: Store = MemoryStore(replayable=False)
         self.max_message_bytes = max_message_bytes
         self.queues: dict[str, Queue] = {}
         self.queues_by_id: dict[int, Queue] = {}

@@ -1,0 +1,396 @@
+"""FileStore: the default durable store — a segmented append-only log with group commit and checkpoints.
+
+Concurrency: `append` runs on the event loop and only encodes frames into an in-memory buffer. One flush task
+at a time hands the whole buffer to a single writer thread (write, then fsync under the `always` policy) and
+resolves one future for everything that was in it: the group. Appends made meanwhile form the next group, so
+many publishes and acks share one write and one fsync, and the loop never blocks on disk.
+
+Invariants:
+- a token resolves only after its bytes were written and, under `always`, fsynced — never before.
+- refs are `segment id << 32 | pos` and increase in append order; a record never spans two segments.
+- after any write or fsync error the store is read-only for good (the state of the page cache after a failed
+  fsync is unknown, so it is never retried): the failed group and every later append fail.
+- a segment file is deleted only when a checkpoint covers it and it holds no live record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from chute.errors import StorageCorrupt, StorageFailed, StorageFull, StorageReadOnly
+from chute.storage.api import FsyncPolicy, Record, Recovered, RecoveryReport, Store, StoreStats
+from chute.storage.file import recovery
+from chute.storage.file.fs import Fs, OsFs
+from chute.storage.file.record import (
+    FRAME_SIZE,
+    SEGMENT_HEADER_SIZE,
+    decode_checkpoint,
+    decode_frame,
+    encode_checkpoint,
+    encode_frame,
+    segment_header,
+)
+
+CHECKPOINT = "checkpoint"
+CLEAN_MARKER = "clean-shutdown"
+LOCK = "lock"
+SPARSE_FRACTION = 0.25  # a sealed segment with fewer live records than this share is worth compacting
+
+
+class FileStore(Store):
+    """The durable log in directory `path`. See the module docstring and docs/storage-format.md."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        fsync_policy: FsyncPolicy = "always",
+        fsync_interval_ms: int = 100,
+        segment_max_bytes: int = 64 * 2**20,
+        cache_max_bytes: int = 64 * 2**20,
+        fs: Fs | None = None,
+    ) -> None:
+        if fsync_policy not in ("always", "interval", "never"):
+            raise ValueError(f"fsync_policy must be always, interval or never, got {fsync_policy!r}")
+        self.directory = str(Path(path).absolute())
+        self.fsync_policy = fsync_policy
+        self.fsync_interval_s = fsync_interval_ms / 1000.0
+        self.segment_max_bytes = max(segment_max_bytes, SEGMENT_HEADER_SIZE + FRAME_SIZE + 1)
+        self.cache_max_bytes = cache_max_bytes
+        self.fs = fs if fs is not None else OsFs()
+        self._executor: ThreadPoolExecutor | None = None
+        self._segments: dict[int, list[int]] = {}  # segment id -> [size, records, live]
+        self._active = 0
+        self._active_size = 0
+        self._pending: list[tuple[int, bytearray]] = []  # (segment id, bytes) not yet handed to the writer
+        self._group: asyncio.Future | None = None
+        self._flusher: asyncio.Task | None = None
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self._failure: Exception | None = None
+        self._checkpoint_at = (0, 0)
+        self._unsynced: set[int] = set()
+        self._last_fsync = time.monotonic()
+        self._stats = StoreStats()
+        self._opened = self._closed = False
+
+    def _path(self, segment: int) -> str:
+        return f"{self.directory}/{recovery.segment_name(segment)}"
+
+    # -- open / recovery --------------------------------------------------------------------------------------
+
+    async def open(self) -> Recovered:
+        if self._opened:
+            raise StorageFailed("store is already open")
+        self._opened = True
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="chute-log")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._open)
+
+    def _open(self) -> Recovered:
+        fs, directory = self.fs, self.directory
+        fs.makedirs(directory)
+        if not fs.lock(f"{directory}/{LOCK}"):
+            raise StorageFailed(f"data directory {directory} is in use by another broker")
+        report = RecoveryReport()
+        report.clean_shutdown = fs.exists(f"{directory}/{CLEAN_MARKER}")
+        if fs.exists(f"{directory}/{CHECKPOINT}.tmp"):
+            fs.unlink(f"{directory}/{CHECKPOINT}.tmp")  # a checkpoint interrupted before its rename
+        snapshot, counts = None, {}
+        segments = recovery.segment_ids(fs, directory)
+        start = (segments[0], SEGMENT_HEADER_SIZE) if segments else (0, 0)
+        if fs.exists(f"{directory}/{CHECKPOINT}"):
+            try:
+                start, counts, snapshot = decode_checkpoint(fs.read_file(f"{directory}/{CHECKPOINT}"))
+            except ValueError as exc:
+                raise StorageCorrupt(f"{directory}/{CHECKPOINT} at 0: {exc}") from None
+            self._checkpoint_at = start
+        shape = recovery.validate(fs, directory, segments, start, counts, report)
+        for segment, end in shape.ends.items():
+            self._segments[segment] = [end, shape.records.get(segment, 0), 0]
+        if self._segments:
+            self._active = max(self._segments)
+            self._active_size = self._segments[self._active][0]
+        else:
+            self._new_segment(max(segments + [start[0]], default=0) + 1)  # never reuse a checkpointed id
+        if report.clean_shutdown:
+            fs.unlink(f"{directory}/{CLEAN_MARKER}")
+            fs.fsync_dir(directory)
+        records = recovery.replay(fs, directory, shape, start, report)
+        return Recovered(snapshot, records, report)
+
+    def _new_segment(self, segment: int) -> None:
+        header = bytearray(segment_header(segment))
+        self._segments[segment] = [len(header), 0, 0]
+        self._pending.append((segment, header))
+        self._active, self._active_size = segment, len(header)
+
+    # -- append and group commit ------------------------------------------------------------------------------
+
+    def append(self, records: Sequence[Record]) -> tuple[list[int], asyncio.Future]:
+        if self._failure is not None or self._closed:
+            raise StorageReadOnly(f"the log is read-only after an earlier failure: {self._failure}")
+        pending = self._pending
+        if not pending or pending[-1][0] != self._active:
+            pending.append((self._active, bytearray()))
+        buffer = pending[-1][1]
+        segment, size, limit = self._active, self._active_size, self.segment_max_bytes
+        info = self._segments[segment]
+        refs = []
+        cache = self._cache if self.cache_max_bytes else None
+        added = 0
+        for kind, payload in records:
+            frame = FRAME_SIZE + len(payload)
+            if size + frame > limit and size > SEGMENT_HEADER_SIZE:
+                info[0] = size
+                self._new_segment(segment + 1)
+                segment, size, info = self._active, self._active_size, self._segments[self._active]
+                buffer = pending[-1][1]
+            ref = segment << 32 | size
+            size += encode_frame(buffer, kind, payload)
+            info[1] += 1
+            refs.append(ref)
+            if cache is not None:
+                cache[ref] = payload
+                added += len(payload)
+        info[0] = self._active_size = size
+        self._stats.appends += 1
+        if cache is not None:
+            self._cache_bytes += added
+            if self._cache_bytes > self.cache_max_bytes:
+                self._trim_cache()
+        return refs, self._token()
+
+    def _token(self) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        if self._group is None:
+            self._group = loop.create_future()
+            self._group.add_done_callback(_retrieve)
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush_loop())
+        return self._group
+
+    async def _flush_loop(self) -> None:
+        """Hand each group to the writer thread in turn until nothing is pending."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                group, self._group = self._group, None
+                sync = self.fsync_policy == "always" or (
+                    self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
+                )
+                try:
+                    await loop.run_in_executor(self._executor, self._write, batch, sync)
+                except OSError as exc:
+                    self._fail(exc, group)
+                    return
+                if group is not None and not group.done():
+                    group.set_result(None)
+        finally:
+            self._flusher = None
+        if self.fsync_policy == "interval" and self._unsynced and not self._closed:
+            loop.call_later(self.fsync_interval_s, self._interval_fsync)
+
+    def _interval_fsync(self) -> None:
+        if self._unsynced and self._flusher is None and self._failure is None and not self._closed:
+            self._flusher = asyncio.get_running_loop().create_task(self._sync_only())
+
+    async def _sync_only(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._write, [], True)
+        except OSError as exc:
+            self._fail(exc, None)
+        finally:
+            self._flusher = None
+        if self._pending:
+            self._token()
+
+    def _write(self, batch: list[tuple[int, bytearray]], sync: bool) -> None:
+        """Writer thread: append each buffer to its segment file; fsync if asked (and the directory for new files)."""
+        fs, new_files = self.fs, False
+        for segment, data in batch:
+            if not data:
+                continue
+            if data[:8] == b"CHUTESEG" and len(data) >= SEGMENT_HEADER_SIZE and not fs.exists(self._path(segment)):
+                new_files = True
+            fs.append(self._path(segment), data)
+            self._unsynced.add(segment)
+            self._stats.bytes_written += len(data)
+        if sync and self._unsynced:
+            started = time.perf_counter()
+            for segment in sorted(self._unsynced):
+                if segment in self._segments:
+                    fs.fsync(self._path(segment))
+            if new_files:
+                fs.fsync_dir(self.directory)
+            self._unsynced.clear()
+            self._last_fsync = time.monotonic()
+            self._stats.fsyncs += 1
+            self._stats.fsync_seconds_total += time.perf_counter() - started
+
+    def _fail(self, exc: OSError, group: asyncio.Future | None) -> None:
+        where = exc.filename or self.directory
+        if exc.errno == errno.ENOSPC:
+            error: Exception = StorageFull(f"disk full writing {where}: nothing more is confirmed")
+        else:
+            error = StorageFailed(f"{where}: {exc.strerror or exc} (errno {exc.errno}); the log is now read-only")
+        self._failure = error
+        self._stats.read_only = True
+        for future in (group, self._group):
+            if future is not None and not future.done():
+                future.set_exception(error)
+        self._group = None
+        self._pending = []
+
+    async def flush(self) -> None:
+        """Wait until everything appended so far is written (and fsynced under `always`)."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self._failure is not None:
+            raise self._failure
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def read_cached(self, ref: int) -> bytes | None:
+        return self._cache.get(ref)
+
+    async def read(self, refs: Sequence[int]) -> list[bytes]:
+        result: list[bytes | None] = [self._cache.get(ref) for ref in refs]
+        missing = [i for i, payload in enumerate(result) if payload is None]
+        if missing:
+            await self.flush()
+            loop = asyncio.get_running_loop()
+            found = await loop.run_in_executor(self._executor, self._read_many, [refs[i] for i in missing])
+            for i, payload in zip(missing, found, strict=True):
+                result[i] = payload
+        return result
+
+    def _read_many(self, refs: list[int]) -> list[bytes]:
+        return [self._read_one(ref) for ref in refs]
+
+    def _read_one(self, ref: int) -> bytes:
+        path, pos = self._path(ref >> 32), ref & 0xFFFFFFFF
+        head = self.fs.pread(path, pos, FRAME_SIZE)
+        length = int.from_bytes(head[:4], "little") if len(head) == FRAME_SIZE else 0
+        data = head + self.fs.pread(path, pos + FRAME_SIZE, length)
+        frame = decode_frame(data, 0)
+        if frame is None:
+            raise StorageCorrupt(f"{path} at {pos}: record fails its length or checksum")
+        return bytes(frame[1])
+
+    def _trim_cache(self) -> None:
+        cache, limit = self._cache, self.cache_max_bytes
+        while self._cache_bytes > limit and cache:
+            _, payload = cache.popitem(last=False)
+            self._cache_bytes -= len(payload)
+
+    # -- live references and space ----------------------------------------------------------------------------
+
+    def track(self, ref: int, count: int = 1) -> None:
+        info = self._segments.get(ref >> 32)
+        if info is not None:
+            info[2] += count
+
+    def release(self, ref: int, count: int = 1) -> None:
+        info = self._segments.get(ref >> 32)
+        if info is not None:
+            info[2] -= count
+        payload = self._cache.pop(ref, None)
+        if payload is not None:
+            self._cache_bytes -= len(payload)
+
+    def sparse_segments(self) -> Callable[[int], bool]:
+        covered = self._checkpoint_at[0]
+        sparse = {
+            segment
+            for segment, (_, records, live) in self._segments.items()
+            if segment < covered and segment != self._active and 0 < live < records * SPARSE_FRACTION
+        }
+        return lambda ref: (ref >> 32) in sparse
+
+    # -- checkpoint and close ---------------------------------------------------------------------------------
+
+    async def checkpoint(self, snapshot: bytes) -> None:
+        if self._failure is not None:
+            raise StorageReadOnly(f"the log is read-only after an earlier failure: {self._failure}")
+        position = (self._active, self._active_size)
+        if self._pending and self._flusher is None:
+            self._token()
+        await self.flush()
+        loop = asyncio.get_running_loop()
+        counts = {segment: info[1] for segment, info in self._segments.items() if segment <= position[0]}
+        try:
+            await loop.run_in_executor(self._executor, self._store_checkpoint, position, counts, snapshot)
+        except OSError as exc:
+            self._fail(exc, None)
+            raise self._failure from None
+        self._checkpoint_at = position
+        dead = [s for s, info in self._segments.items() if s < position[0] and info[2] <= 0 and s != self._active]
+        if dead:
+            for segment in dead:
+                del self._segments[segment]
+            await loop.run_in_executor(self._executor, self._delete, dead)
+
+    def _store_checkpoint(self, position, counts, snapshot: bytes) -> None:
+        fs, directory = self.fs, self.directory
+        if self._unsynced:
+            for segment in sorted(self._unsynced):
+                fs.fsync(self._path(segment))  # the snapshot must never cover records a crash could lose
+            fs.fsync_dir(directory)
+            self._unsynced.clear()
+        tmp = f"{directory}/{CHECKPOINT}.tmp"
+        fs.write_file(tmp, encode_checkpoint(position, counts, snapshot))
+        fs.fsync(tmp)  # the new checkpoint's bytes are durable before its name replaces the old one
+        fs.rename(tmp, f"{directory}/{CHECKPOINT}")
+        fs.fsync_dir(directory)  # the rename itself survives a power cut
+
+    def _delete(self, segments: list[int]) -> None:
+        for segment in segments:
+            self.fs.unlink(self._path(segment))
+        self.fs.fsync_dir(self.directory)  # deletions are durable (harmless if lost: recovery skips them)
+
+    async def close(self) -> None:
+        if self._closed or not self._opened:
+            self._closed = True
+            return
+        if self._failure is None:
+            if self._pending and self._flusher is None:
+                self._token()
+            try:
+                await self.flush()
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._close_clean)
+            except (OSError, StorageFailed, StorageFull):
+                pass
+        self._closed = True
+        self.fs.unlock(f"{self.directory}/{LOCK}")
+        self.fs.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def _close_clean(self) -> None:
+        self._write([], True)
+        self.fs.write_file(f"{self.directory}/{CLEAN_MARKER}", b"")
+        self.fs.fsync(f"{self.directory}/{CLEAN_MARKER}")
+        self.fs.fsync_dir(self.directory)
+
+    @property
+    def read_only(self) -> bool:
+        return self._failure is not None
+
+    def stats(self) -> StoreStats:
+        self._stats.segments = len(self._segments)
+        self._stats.bytes_on_disk = sum(info[0] for info in self._segments.values())
+        return self._stats
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a group's exception as seen: the publishers awaiting it get it; nobody else must be warned."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,112 @@
+"""Recovery of the file store: validate the log after the checkpoint, cut a torn tail, replay records.
+
+Rules (docs/storage-format.md):
+- only segments at or after the checkpoint position are read; older ones are kept for their live records.
+- a frame that fails its length or crc check in the LAST segment, with no valid frame after it, is a torn tail
+  (a write cut short by a crash): the file is truncated there and the cut is reported with file and position.
+- any other bad frame, or a bad header of a segment that is not the last, is corruption: `StorageCorrupt` names
+  the file and position. Nothing is ever skipped silently.
+- validation (crc of every frame) runs first and copies no payload; the replay pass then yields one record at a
+  time, so recovery never holds the whole tail in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from chute.errors import StorageCorrupt
+from chute.storage.api import RecoveryReport
+from chute.storage.file.fs import Fs
+from chute.storage.file.record import SEGMENT_HEADER_SIZE, check_segment_header, decode_frame
+
+
+def segment_name(segment_id: int) -> str:
+    return f"{segment_id:020d}.seg"
+
+
+def segment_ids(fs: Fs, directory: str) -> list[int]:
+    return sorted(int(name[:-4]) for name in fs.listdir(directory) if name.endswith(".seg") and name[:-4].isdigit())
+
+
+@dataclass
+class LogShape:
+    """What validation learned: each segment's valid end and record count."""
+
+    ends: dict[int, int] = field(default_factory=dict)
+    records: dict[int, int] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)  # segments removed as torn (header never completed)
+
+
+def validate(
+    fs: Fs, directory: str, segments: list[int], start: tuple[int, int], counts: dict[int, int], report: RecoveryReport
+) -> LogShape:
+    """Check every frame after `start`; truncate a torn tail; raise StorageCorrupt on damage elsewhere."""
+    shape = LogShape()
+    for index, segment in enumerate(segments):
+        path = f"{directory}/{segment_name(segment)}"
+        last = index == len(segments) - 1
+        if segment < start[0]:
+            shape.ends[segment] = fs.size(path)
+            shape.records[segment] = counts.get(segment, 0)
+            continue
+        data = fs.read_file(path)
+        problem = check_segment_header(data, segment)
+        if problem is not None:
+            if not last:
+                raise StorageCorrupt(f"{path} at 0: {problem}")
+            _cut(report, path, 0, len(data))
+            fs.unlink(path)
+            shape.dropped.append(segment)
+            continue
+        pos = start[1] if segment == start[0] else SEGMENT_HEADER_SIZE
+        count = counts.get(segment, 0) if segment == start[0] else 0
+        while pos < len(data):
+            frame = decode_frame(data, pos)
+            if frame is None:
+                if not last or _valid_frame_after(data, pos):
+                    raise StorageCorrupt(f"{path} at {pos}: record fails its length or checksum")
+                _cut(report, path, pos, len(data) - pos)
+                fs.truncate(path, pos)
+                fs.fsync(path)
+                break
+            count += 1
+            pos = frame[2]
+        shape.ends[segment] = pos
+        shape.records[segment] = count
+    report.segments = len(shape.ends)
+    return shape
+
+
+def _cut(report: RecoveryReport, path: str, pos: int, size: int) -> None:
+    report.truncated_at = (path, pos)
+    report.truncated_bytes = size
+    report.problems.append(f"torn tail: cut {size} bytes of {path} at {pos}")
+
+
+def _valid_frame_after(data: bytes, pos: int) -> bool:
+    """True if some valid frame starts after `pos`: then the bad frame is damage, not a torn tail."""
+    for candidate in range(pos + 1, len(data)):
+        if decode_frame(data, candidate) is not None:
+            return True
+    return False
+
+
+def replay(
+    fs: Fs, directory: str, shape: LogShape, start: tuple[int, int], report: RecoveryReport
+) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (ref, kind, payload) for every record after `start`, in order (validated already)."""
+    for segment in sorted(shape.ends):
+        if segment < start[0]:
+            continue
+        path = f"{directory}/{segment_name(segment)}"
+        data = fs.read_file(path)
+        pos = start[1] if segment == start[0] else SEGMENT_HEADER_SIZE
+        end = shape.ends[segment]
+        base = segment << 32
+        while pos < end:
+            kind, payload, following = decode_frame(data, pos)
+            yield base | pos, kind, bytes(payload)
+            report.records += 1
+            pos = following
+        del data
