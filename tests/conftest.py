@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from chute.storage.memory import MemoryStore
 from hypothesis import HealthCheck, settings
 
 from chute import Broker
 from chute.storage.file import FileStore
+from chute.storage.memory import MemoryStore
 
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
