@@ -1,0 +1,142 @@
+"""One contract suite for every store (storage/api.py): memory, file on the real disk, file on the memory fs."""
+
+from __future__ import annotations
+
+import pytest
+
+from chute.errors import StorageReadOnly
+from chute.storage import FileStore, MemoryFs, MemoryStore
+
+
+@pytest.fixture(params=["memory", "file-os", "file-memfs"])
+def factory(request, tmp_path):
+    """A function that returns the store to use for the next (re)open of the same data."""
+    kind = request.param
+    if kind == "memory":
+        store = MemoryStore()
+        return lambda: store
+    fs = MemoryFs() if kind == "file-memfs" else None
+    return lambda: FileStore(tmp_path / "data", segment_max_bytes=4096, fs=fs)
+
+
+async def _opened(factory):
+    store = factory()
+    recovered = await store.open()
+    return store, recovered
+
+
+async def test_append_assigns_increasing_refs_and_reads_back(factory):
+    store, recovered = await _opened(factory)
+    assert recovered.snapshot is None and list(recovered.records) == []
+    refs, token = store.append([(1, b"a"), (2, b"bb"), (3, b"")])
+    more, token2 = store.append([(1, b"d" * 1000) for _ in range(10)])
+    await token
+    await token2
+    assert token.done() and token2.done()
+    all_refs = refs + more
+    assert all_refs == sorted(all_refs) and len(set(all_refs)) == 13
+    assert await store.read([refs[1], refs[0], refs[2]]) == [b"bb", b"a", b""]
+    assert await store.read(more) == [b"d" * 1000] * 10
+    await store.close()
+
+
+async def test_reopen_replays_in_order(factory):
+    store, _ = await _opened(factory)
+    payloads = [bytes([i]) * i for i in range(1, 40)]
+    refs, token = store.append([(5, p) for p in payloads])
+    await token
+    await store.close()
+    store, recovered = await _opened(factory)
+    replayed = list(recovered.records)
+    assert [(r, k, p) for r, k, p in replayed] == [(r, 5, p) for r, p in zip(refs, payloads, strict=True)]
+    await store.close()
+
+
+async def test_checkpoint_replays_only_later_records(factory):
+    store, _ = await _opened(factory)
+    _, token = store.append([(1, b"before")])
+    await token
+    await store.checkpoint(b"SNAP")
+    later, token = store.append([(1, b"after")])
+    await token
+    await store.close()
+    store, recovered = await _opened(factory)
+    assert recovered.snapshot == b"SNAP"
+    assert list(recovered.records) == [(later[0], 1, b"after")]
+    await store.close()
+
+
+async def test_live_records_stay_readable_across_checkpoints(factory):
+    store, _ = await _opened(factory)
+    refs, token = store.append([(1, b"x" * 500) for _ in range(30)])  # several small segments
+    await token
+    keep = refs[3]
+    for ref in refs:
+        store.track(ref)
+    for ref in refs:
+        if ref != keep:
+            store.release(ref)
+    await store.checkpoint(b"S")
+    more, token = store.append([(1, b"y")])
+    await token
+    await store.checkpoint(b"S2")
+    assert await store.read([keep]) == [b"x" * 500]
+    await store.close()
+    store, recovered = await _opened(factory)
+    list(recovered.records)
+    assert await store.read([keep]) == [b"x" * 500]
+    await store.close()
+
+
+async def test_file_store_reclaims_dead_segments(tmp_path):
+    store = FileStore(tmp_path / "d", segment_max_bytes=2048)
+    await store.open()
+    refs, token = store.append([(1, b"z" * 300) for _ in range(40)])
+    await token
+    for ref in refs:
+        store.track(ref)
+    before = store.stats().segments
+    assert before > 4
+    for ref in refs[:-1]:
+        store.release(ref)
+    await store.checkpoint(b"S")
+    after = store.stats().segments
+    assert after < before
+    assert await store.read([refs[-1]]) == [b"z" * 300]
+    await store.close()
+
+
+async def test_sparse_segments_are_named_for_compaction(tmp_path):
+    store = FileStore(tmp_path / "d", segment_max_bytes=2048)
+    await store.open()
+    refs, token = store.append([(1, b"z" * 300) for _ in range(40)])
+    await token
+    for ref in refs:
+        store.track(ref)
+    first_segment = [r for r in refs if r >> 32 == refs[0] >> 32]
+    for ref in first_segment[1:]:
+        store.release(ref)
+    await store.checkpoint(b"S")
+    sparse = store.sparse_segments()
+    assert sparse(first_segment[0])
+    assert not sparse(refs[-1])
+    await store.close()
+
+
+async def test_second_store_on_same_directory_is_refused(tmp_path):
+    from chute.errors import StorageFailed
+
+    first = FileStore(tmp_path / "d")
+    await first.open()
+    second = FileStore(tmp_path / "d")
+    with pytest.raises(StorageFailed, match="in use"):
+        await second.open()
+    await first.close()
+
+
+async def test_closed_store_refuses_appends(tmp_path):
+    store = FileStore(tmp_path / "d")
+    await store.open()
+    await store.close()
+    with pytest.raises(StorageReadOnly):
+        store.append([(1, b"x")])

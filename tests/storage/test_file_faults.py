@@ -1,0 +1,200 @@
+"""File store under damage and faults: torn tails, bit flips, EIO, ENOSPC, power cuts."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chute.errors import StorageCorrupt, StorageFailed, StorageFull, StorageReadOnly
+from chute.storage import FileStore, MemoryFs
+from chute.storage.file.record import FRAME_SIZE, decode_frame, encode_frame
+
+
+async def _write(path, payloads, *, segment_max_bytes=1 << 20, fs=None):
+    store = FileStore(path, segment_max_bytes=segment_max_bytes, fs=fs)
+    await store.open()
+    refs, token = store.append([(1, p) for p in payloads])
+    await token
+    await store.close()
+    return refs
+
+
+async def _reopen(path, *, fs=None, segment_max_bytes=1 << 20):
+    store = FileStore(path, segment_max_bytes=segment_max_bytes, fs=fs)
+    recovered = await store.open()
+    return store, [p for _, _, p in recovered.records], recovered.report
+
+
+def _segments(path):
+    return sorted(p for p in os.listdir(path) if p.endswith(".seg"))
+
+
+async def test_torn_tail_is_cut_at_every_byte_of_the_last_record(tmp_path):
+    payloads = [b"record-%d" % i for i in range(5)]
+    refs = await _write(tmp_path / "seed", payloads)
+    last_pos = refs[-1] & 0xFFFFFFFF
+    seed = (tmp_path / "seed" / _segments(tmp_path / "seed")[0]).read_bytes()
+    for cut in range(last_pos, len(seed)):
+        path = tmp_path / f"cut{cut}"
+        path.mkdir()
+        (path / "00000000000000000001.seg").write_bytes(seed[:cut])
+        store, got, report = await _reopen(path)
+        assert got == payloads[:-1]
+        if cut > last_pos:
+            assert report.truncated_at == (str(path / "00000000000000000001.seg"), last_pos)
+            assert report.truncated_bytes == cut - last_pos
+        refs, token = store.append([(1, b"after")])  # the log goes on from the cut
+        await token
+        await store.close()
+        _, got, report = await _reopen(path)
+        assert got == payloads[:-1] + [b"after"] and report.truncated_at is None
+
+
+async def test_garbage_after_the_tail_is_cut_and_reported(tmp_path):
+    await _write(tmp_path, [b"a", b"b"])
+    segment = tmp_path / _segments(tmp_path)[0]
+    size = segment.stat().st_size
+    with open(segment, "ab") as f:
+        f.write(b"\x00\x17garbage that is not a frame")
+    store, got, report = await _reopen(tmp_path)
+    assert got == [b"a", b"b"]
+    assert report.truncated_at == (str(segment), size)
+    await store.close()
+
+
+async def test_bit_flip_in_a_sealed_segment_is_reported_not_skipped(tmp_path):
+    refs = await _write(tmp_path, [b"p" * 200 for _ in range(40)], segment_max_bytes=1024)
+    first = tmp_path / _segments(tmp_path)[0]
+    data = bytearray(first.read_bytes())
+    pos = (refs[1] & 0xFFFFFFFF) + FRAME_SIZE + 10
+    data[pos] ^= 0x04
+    first.write_bytes(bytes(data))
+    with pytest.raises(StorageCorrupt) as caught:
+        await _reopen(tmp_path, segment_max_bytes=1024)
+    assert str(first) in caught.value.message and f"at {refs[1] & 0xFFFFFFFF}" in caught.value.message
+
+
+async def test_bit_flip_before_valid_records_in_the_last_segment_is_corruption(tmp_path):
+    refs = await _write(tmp_path, [b"q" * 100 for _ in range(10)])
+    segment = tmp_path / _segments(tmp_path)[0]
+    data = bytearray(segment.read_bytes())
+    data[(refs[3] & 0xFFFFFFFF) + FRAME_SIZE + 1] ^= 0x80
+    segment.write_bytes(bytes(data))
+    with pytest.raises(StorageCorrupt, match="at"):
+        await _reopen(tmp_path)
+
+
+async def test_bit_flip_in_the_tail_record_is_a_torn_tail(tmp_path):
+    refs = await _write(tmp_path, [b"q" * 100 for _ in range(10)])
+    segment = tmp_path / _segments(tmp_path)[0]
+    data = bytearray(segment.read_bytes())
+    data[-5] ^= 0x01
+    segment.write_bytes(bytes(data))
+    store, got, report = await _reopen(tmp_path)
+    assert len(got) == 9 and report.truncated_at == (str(segment), refs[-1] & 0xFFFFFFFF)
+    await store.close()
+
+
+async def test_damaged_checkpoint_is_reported(tmp_path):
+    store = FileStore(tmp_path)
+    await store.open()
+    store.append([(1, b"x")])
+    await store.checkpoint(b"snapshot")
+    await store.close()
+    path = tmp_path / "checkpoint"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StorageCorrupt, match="checkpoint"):
+        await _reopen(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("op", "code", "error"),
+    [("fsync", errno.EIO, StorageFailed), ("write", errno.EIO, StorageFailed), ("write", errno.ENOSPC, StorageFull)],
+)
+async def test_write_faults_fail_the_group_and_make_the_log_read_only(tmp_path, op, code, error):
+    fs = MemoryFs()
+    store = FileStore(tmp_path, fs=fs)
+    await store.open()
+    confirmed, token = store.append([(1, b"confirmed")])
+    await token
+    fs.fail(op, code)
+    _, failing = store.append([(1, b"never confirmed")])
+    with pytest.raises(error):
+        await failing
+    assert store.read_only
+    with pytest.raises(StorageReadOnly):
+        store.append([(1, b"later")])
+    assert await store.read(confirmed) == [b"confirmed"]  # reads go on
+    fs.crash()  # whatever reached the page cache but not the disk is gone
+    store2, got, _ = await _reopen(tmp_path, fs=fs)
+    assert got == [b"confirmed"]
+    await store2.close()
+
+
+async def test_power_cut_keeps_every_confirmed_record(tmp_path):
+    fs = MemoryFs()
+    store = FileStore(tmp_path, fs=fs, segment_max_bytes=600)
+    await store.open()
+    confirmed = []
+    for i in range(30):
+        _, token = store.append([(1, b"c%03d" % i * 20)])
+        await token
+        confirmed.append(b"c%03d" % i * 20)
+    store.append([(1, b"unconfirmed")])  # not awaited: may or may not survive
+    fs.crash()
+    store2, got, _ = await _reopen(tmp_path, fs=fs, segment_max_bytes=600)
+    assert got[: len(confirmed)] == confirmed
+    assert got[len(confirmed) :] in ([], [b"unconfirmed"])
+    await store2.close()
+
+
+async def test_power_cut_during_checkpoint_keeps_the_old_one(tmp_path):
+    fs = MemoryFs()
+    store = FileStore(tmp_path, fs=fs)
+    await store.open()
+    _, token = store.append([(1, b"one")])
+    await token
+    await store.checkpoint(b"first")
+    _, token = store.append([(1, b"two")])
+    await token
+    fs.fail("fsync", errno.EIO)  # the new checkpoint never becomes durable
+    with pytest.raises(StorageFailed):
+        await store.checkpoint(b"second")
+    fs.crash()
+    store2 = FileStore(tmp_path, fs=fs)
+    recovered = await store2.open()
+    assert recovered.snapshot == b"first"
+    assert [p for _, _, p in recovered.records] == [b"two"]
+    await store2.close()
+
+
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=255), st.binary(max_size=64))
+def test_frames_round_trip_and_garbage_never_decodes_wrongly(payload, kind, garbage):
+    out = bytearray()
+    encode_frame(out, kind, payload)
+    decoded = decode_frame(bytes(out), 0)
+    assert decoded is not None and decoded[0] == kind and bytes(decoded[1]) == payload and decoded[2] == len(out)
+    for cut in range(len(out)):
+        assert decode_frame(bytes(out[:cut]), 0) is None
+    result = decode_frame(garbage, 0)
+    assert result is None or result[2] <= len(garbage)
+
+
+@given(st.binary(min_size=1, max_size=400))
+async def test_random_bytes_in_a_segment_give_a_report_or_corruption(tmp_path_factory, junk):
+    path = tmp_path_factory.mktemp("junk")
+    await _write(path, [b"ok"])
+    segment = path / _segments(path)[0]
+    segment.write_bytes(segment.read_bytes() + junk)
+    try:
+        store, got, report = await _reopen(path)
+    except StorageCorrupt:
+        return
+    assert got[0] == b"ok"
+    await store.close()
