@@ -80,6 +80,10 @@ class BrokerState:
         if not self.outbox:
             return None
         outbox, self.outbox = self.outbox, []
+        if self.store.read_only:  # delivery counts are best effort: a read-only log still serves receives
+            outbox = [record for record in outbox if record[0] != rec.DELIVERED]
+            if not outbox:
+                return None
         return self.store.append(outbox)[1]
 
     # -- placing and removing entries -------------------------------------------------------------------------
