@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -73,8 +76,8 @@ async def throughput(data_dir: str, messages: int, batch: int, inflight: int, fs
         }
 
 
-async def backlog(data_dir: str, messages: int) -> dict:
-    """Backlog `messages` bodies, measure RSS; restart and measure time to serving and RSS again."""
+async def backlog_fill(data_dir: str, messages: int) -> dict:
+    """Backlog `messages` bodies through one broker; report the fill time and the RSS with the backlog held."""
     base = rss_mb()
     async with Broker(data_dir) as broker:
         await broker.create_queue("backlog")
@@ -87,27 +90,48 @@ async def backlog(data_dir: str, messages: int) -> dict:
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.gather(*pending)
         fill_s = time.perf_counter() - start
-        filled_rss = rss_mb()
-        on_disk = broker.store.stats().bytes_on_disk
+        gc.collect()
+        return {
+            "fill_seconds": round(fill_s, 2),
+            "rss_mb_empty_broker": round(base, 1),
+            "rss_mb_backlogged": round(rss_mb(), 1),
+            "bytes_on_disk": broker.store.stats().bytes_on_disk,
+        }
+
+
+async def backlog_restart(data_dir: str, crashed: bool) -> dict:
+    """Open a backlogged directory in a fresh process: time to serving, RSS, and a first delivery."""
     start = time.perf_counter()
     broker = await Broker(data_dir).start()
     restart_s = time.perf_counter() - start
-    depth = broker.queue_stats("backlog").ready
-    restarted_rss = rss_mb()
-    [first] = await broker.receive("backlog")
-    await broker.close()
-    return {
-        "workload": "backlog",
-        "messages": messages,
-        "fill_seconds": round(fill_s, 2),
-        "rss_mb_before": round(base, 1),
-        "rss_mb_backlogged": round(filled_rss, 1),
-        "rss_mb_after_restart": round(restarted_rss, 1),
+    gc.collect()
+    result = {
+        "restart_kind": "after SIGKILL" if crashed else "after clean close",
         "restart_to_serving_s": round(restart_s, 2),
-        "depth_after_restart": depth,
-        "first_body_ok": first.body == BODY,
-        "bytes_on_disk": on_disk,
+        "records_replayed": broker.recovery.records,
+        "depth_after_restart": broker.queue_stats("backlog").ready,
+        "rss_mb_after_restart": round(rss_mb(), 1),
     }
+    [first] = await broker.receive("backlog")
+    result["first_body_ok"] = first.body == BODY
+    await broker.close()
+    return result
+
+
+def backlog(data_dir: str, messages: int) -> dict:
+    """Fill in one process, then restart in fresh processes (clean close, and after a SIGKILL mid-fill)."""
+    result = {"workload": "backlog", "messages": messages}
+    result.update(_in_subprocess("backlog-fill", data_dir, messages))
+    result["clean"] = _in_subprocess("backlog-restart", data_dir, 0)
+    return result
+
+
+def _in_subprocess(step: str, data_dir: str, messages: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.inprocess", step, "--dir", data_dir, "--messages", str(messages), "--json"],
+        capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+    return json.loads(out.stdout)
 
 
 async def fanout(data_dir: str, messages: int, subscriptions: int) -> dict:
@@ -146,9 +170,20 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inprocess", description=__doc__.splitlines()[0])
-    parser.add_argument("workload", choices=["throughput", "backlog", "fanout", "all"])
+    parser.add_argument(
+        "workload", choices=["throughput", "backlog", "fanout", "all", "backlog-fill", "backlog-restart"]
+    )
     parser.add_argument("--messages", type=int)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--inflight", type=int, default=4)
@@ -157,12 +192,14 @@ def main() -> None:
     parser.add_argument("--dir", default=".", help="where to make the temporary data directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    _install_uvloop()
+    if args.workload in ("backlog-fill", "backlog-restart"):  # one step of `backlog`, in its own process
+        _install_uvloop()
+        if args.workload == "backlog-fill":
+            print(json.dumps(asyncio.run(backlog_fill(args.dir, args.messages))))
+        else:
+            print(json.dumps(asyncio.run(backlog_restart(args.dir, crashed=False))))
+        return
     workloads = ["throughput", "fanout", "backlog"] if args.workload == "all" else [args.workload]
     results = []
     for workload in workloads:
@@ -171,7 +208,8 @@ def main() -> None:
             if workload == "throughput":
                 coro = throughput(data_dir, args.messages or 200_000, args.batch, args.inflight, args.fsync)
             elif workload == "backlog":
-                coro = backlog(data_dir, args.messages or 1_000_000)
+                results.append(backlog(data_dir, args.messages or 1_000_000))
+                continue
             else:
                 coro = fanout(data_dir, args.messages or 20_000, args.subscriptions)
             results.append(asyncio.run(coro))

@@ -95,7 +95,7 @@ class Broker:
         recovered = await self.store.open()
         self.recovery = recovered.report
         await asyncio.to_thread(self.core.restore, recovered.snapshot, recovered.records, self.clock())
-        self._written_at_checkpoint = self.store.stats().bytes_written
+        self._written_at_checkpoint = self.store.bytes_appended
         self._checkpoint_time = time.monotonic()
         self._state = "serving"
         self._after()
@@ -471,7 +471,7 @@ class Broker:
     def _maybe_housekeep(self) -> None:
         if self._housekeeping is not None and not self._housekeeping.done():
             return
-        written = self.store.stats().bytes_written - self._written_at_checkpoint
+        written = self.store.bytes_appended - self._written_at_checkpoint
         due = written >= self.checkpoint_bytes or (
             written and time.monotonic() - self._checkpoint_time >= self.checkpoint_interval_s
         )
@@ -480,7 +480,7 @@ class Broker:
 
     async def checkpoint(self) -> None:
         """Store a snapshot (recovery then replays only later records) and compact sparse log files."""
-        self._written_at_checkpoint = self.store.stats().bytes_written
+        self._written_at_checkpoint = self.store.bytes_appended
         self._checkpoint_time = time.monotonic()
         await self.store.checkpoint(self.core.snapshot())
         refs = self.core.compaction_candidates(self.store.sparse_segments())

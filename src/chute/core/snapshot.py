@@ -71,13 +71,13 @@ def encode_entries(entries: list[Entry]) -> EntryColumns:
     """Pack entries (sorted by id) column-wise."""
     entries.sort(key=lambda e: e.id)
     return EntryColumns(
-        array("q", [e.id for e in entries]).tobytes(),
-        array("q", [e.ref for e in entries]).tobytes(),
-        array("q", [e.size for e in entries]).tobytes(),
-        array("q", [int(e.expires * 1000) for e in entries]).tobytes(),
-        array("q", [int(e.deadline * 1000) if e.state in (DELAYED, GONE) else 0 for e in entries]).tobytes(),
-        array("q", [e.dead[1] if e.dead else 0 for e in entries]).tobytes(),
-        array("l", [e.deliveries for e in entries]).tobytes(),
+        array("q", (e.id for e in entries)).tobytes(),
+        array("q", (e.ref for e in entries)).tobytes(),
+        array("q", (e.size for e in entries)).tobytes(),
+        array("q", (int(e.expires * 1000) for e in entries)).tobytes(),
+        array("q", (int(e.deadline * 1000) if e.state in (DELAYED, GONE) else 0 for e in entries)).tobytes(),
+        array("q", (e.dead[1] if e.dead else 0 for e in entries)).tobytes(),
+        array("l", (e.deliveries for e in entries)).tobytes(),
         bytes(e.priority for e in entries),
         bytes(e.dead[0] if e.dead else 0 for e in entries),
         [e.group for e in entries],

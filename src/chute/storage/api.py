@@ -129,3 +129,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> StoreStats:
         """Counters for stats and metrics."""
+
+    @property
+    def bytes_appended(self) -> int:
+        """Bytes appended since open; cheap enough to read after every operation (checkpoint scheduling)."""
+        return self.stats().bytes_written

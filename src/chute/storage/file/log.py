@@ -19,6 +19,7 @@ import asyncio
 import errno
 import time
 from collections import OrderedDict
+from zlib import crc32
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,16 +32,18 @@ from chute.storage.file.record import (
     FRAME_SIZE,
     SEGMENT_HEADER_SIZE,
     decode_checkpoint,
+    FRAME,
+    KIND_CRC,
     decode_frame,
     encode_checkpoint,
-    encode_frame,
     segment_header,
 )
 
 CHECKPOINT = "checkpoint"
 CLEAN_MARKER = "clean-shutdown"
 LOCK = "lock"
-SPARSE_FRACTION = 0.25  # a sealed segment with fewer live records than this share is worth compacting
+SPARSE_FRACTION = 0.25
+pack_frame = FRAME.pack  # a sealed segment with fewer live records than this share is worth compacting
 
 
 class FileStore(Store):
@@ -53,7 +56,7 @@ class FileStore(Store):
         fsync_policy: FsyncPolicy = "always",
         fsync_interval_ms: int = 100,
         segment_max_bytes: int = 64 * 2**20,
-        cache_max_bytes: int = 64 * 2**20,
+        cache_max_bytes: int = 16 * 2**20,
         fs: Fs | None = None,
     ) -> None:
         if fsync_policy not in ("always", "interval", "never"):
@@ -78,6 +81,7 @@ class FileStore(Store):
         self._unsynced: set[int] = set()
         self._last_fsync = time.monotonic()
         self._stats = StoreStats()
+        self._appended = 0
         self._opened = self._closed = False
 
     def _path(self, segment: int) -> str:
@@ -144,7 +148,7 @@ class FileStore(Store):
         info = self._segments[segment]
         refs = []
         cache = self._cache if self.cache_max_bytes else None
-        added = 0
+        added = appended = 0
         for kind, payload in records:
             frame = FRAME_SIZE + len(payload)
             if size + frame > limit and size > SEGMENT_HEADER_SIZE:
@@ -153,12 +157,16 @@ class FileStore(Store):
                 segment, size, info = self._active, self._active_size, self._segments[self._active]
                 buffer = pending[-1][1]
             ref = segment << 32 | size
-            size += encode_frame(buffer, kind, payload)
+            buffer += pack_frame(len(payload), crc32(payload, KIND_CRC[kind]), kind)
+            buffer += payload
+            size += frame
+            appended += frame
             info[1] += 1
             refs.append(ref)
             if cache is not None:
                 cache[ref] = payload
                 added += len(payload)
+        self._appended += appended
         info[0] = self._active_size = size
         self._stats.appends += 1
         if cache is not None:
@@ -385,9 +393,15 @@ class FileStore(Store):
         return self._failure is not None
 
     def stats(self) -> StoreStats:
+        """Counters; `bytes_on_disk` is summed over segments, so call this for reports, not per operation."""
         self._stats.segments = len(self._segments)
         self._stats.bytes_on_disk = sum(info[0] for info in self._segments.values())
         return self._stats
+
+    @property
+    def bytes_appended(self) -> int:
+        """Bytes appended since the store was opened (cheap: for deciding when to checkpoint)."""
+        return self._appended
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -45,6 +45,7 @@ CHECKPOINT_HEADER = struct.Struct("<8sHHQQIQ")  # + u32 crc
 CHECKPOINT_HEADER_SIZE = CHECKPOINT_HEADER.size + 4
 TABLE_ITEM = struct.Struct("<QI")
 _KIND_BYTES = [bytes([k]) for k in range(256)]
+KIND_CRC = [zlib.crc32(b) for b in _KIND_BYTES]  # crc32 of the kind byte: a frame's crc continues from it
 
 
 def segment_header(segment_id: int) -> bytes:
@@ -70,7 +71,7 @@ def check_segment_header(data: bytes, segment_id: int) -> str | None:
 
 def encode_frame(out: bytearray, kind: int, payload: bytes) -> int:
     """Append one frame to `out`; return its size."""
-    crc = zlib.crc32(payload, zlib.crc32(_KIND_BYTES[kind]))
+    crc = zlib.crc32(payload, KIND_CRC[kind])
     out += FRAME.pack(len(payload), crc, kind)
     out += payload
     return FRAME_SIZE + len(payload)
@@ -85,7 +86,7 @@ def decode_frame(data, pos: int) -> tuple[int, memoryview, int] | None:
     if length > MAX_PAYLOAD or end > len(data) or kind == 0:
         return None
     payload = memoryview(data)[pos + FRAME_SIZE : end]
-    if zlib.crc32(payload, zlib.crc32(_KIND_BYTES[kind])) != crc:
+    if zlib.crc32(payload, KIND_CRC[kind]) != crc:
         return None
     return kind, payload, end
 
