@@ -19,21 +19,21 @@ import asyncio
 import errno
 import time
 from collections import OrderedDict
-from zlib import crc32
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from zlib import crc32
 
 from chute.errors import StorageCorrupt, StorageFailed, StorageFull, StorageReadOnly
 from chute.storage.api import FsyncPolicy, Record, Recovered, RecoveryReport, Store, StoreStats
 from chute.storage.file import recovery
 from chute.storage.file.fs import Fs, OsFs
 from chute.storage.file.record import (
+    FRAME,
     FRAME_SIZE,
+    KIND_CRC,
     SEGMENT_HEADER_SIZE,
     decode_checkpoint,
-    FRAME,
-    KIND_CRC,
     decode_frame,
     encode_checkpoint,
     segment_header,
