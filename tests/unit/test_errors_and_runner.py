@@ -45,6 +45,8 @@ async def test_interval_policy_fsyncs_in_the_background(tmp_path):
     _, token = store.append([(1, b"a")])
     await token
     before = store.stats().fsyncs
+    _, token = store.append([(1, b"b")])  # confirmed on write; its fsync comes inline or from the timer
+    await token
     for _ in range(200):  # bounded wait for the timer-driven fsync
         if store.stats().fsyncs > before:
             break
