@@ -52,12 +52,16 @@ async def throughput(data_dir: str, messages: int, batch: int, inflight: int, fs
                 await broker.publish_batch("bench", chunk)
 
         async def consumer() -> None:
-            done = 0
+            """Receive a batch, ack it without waiting for the previous acks (at most `inflight` pending)."""
+            done, acks = 0, set()
             while done < batches * batch:
                 deliveries = await broker.receive("bench", batch, wait_s=1.0)
                 if deliveries:
-                    await broker.ack("bench", [d.receipt for d in deliveries])
+                    acks.add(asyncio.ensure_future(broker.ack("bench", [d.receipt for d in deliveries])))
                     done += len(deliveries)
+                if len(acks) >= inflight:
+                    _, acks = await asyncio.wait(acks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.gather(*acks)
 
         start = time.perf_counter()
         await asyncio.gather(consumer(), *(producer() for _ in range(inflight)))

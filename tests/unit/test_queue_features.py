@@ -227,3 +227,17 @@ async def test_restart_keeps_delivery_counts_and_settings(broker, reopen):
         assert d.delivery_count == 2
     finally:
         await broker2.close()
+
+
+async def test_dedup_window_ends_on_time_after_restarts(broker, reopen, clock):
+    """Regression (found by the model test): a dedup id whose window ended before a restart must not come back."""
+    await broker.create_queue("q", dedup_window_s=300)
+    await broker.publish("q", b"b", dedup_id="b")
+    old_a = await broker.publish("q", b"a", dedup_id="a")
+    clock.advance(400)
+    await broker.publish("q", b"b2", dedup_id="b")
+    broker2 = await reopen(broker)
+    try:
+        assert await broker2.publish("q", b"a2", dedup_id="a") != old_a
+    finally:
+        await broker2.close()

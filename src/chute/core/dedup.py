@@ -11,7 +11,8 @@ from collections import deque
 
 
 class DedupWindow:
-    """Remembers recent dedup ids so a repeated publish is confirmed but not stored twice."""
+    """Remembers recent dedup ids so a repeated publish is confirmed but not stored twice. `lookup` never
+    returns an id past its window, even one not yet swept from `order`."""
 
     __slots__ = ("table", "order")
 
@@ -23,7 +24,7 @@ class DedupWindow:
         """The id of the message published with `dedup_id` within the window, or None."""
         self.expire(now)
         found = self.table.get(dedup_id)
-        return found[1] if found is not None else None
+        return found[1] if found is not None and found[0] > now else None
 
     def remember(self, dedup_id: str, message_id: int, expires: float) -> None:
         self.table[dedup_id] = (expires, message_id)
@@ -44,4 +45,6 @@ class DedupWindow:
                 del table[dedup_id]
 
     def items(self) -> list[tuple[str, float, int]]:
-        return [(key, expires, message_id) for key, (expires, message_id) in self.table.items()]
+        """(dedup id, expires, message id), soonest expiry first (so a restored window expires in order)."""
+        return sorted(((key, expires, message_id) for key, (expires, message_id) in self.table.items()),
+                      key=lambda item: item[1])  # fmt: skip

@@ -228,7 +228,7 @@ class PublishOps(BrokerState):
                 )  # fmt: skip
             )
             records.append((rec.MESSAGE, payload))
-            entries.append(_entry(message_id, 0, m, expires, ready_at))
+            entries.append(Entry(message_id, 0, len(m.body), m.priority, m.group, expires, 0, None, ready_at))
         refs, plan.token = self.store_of(queue).append(records)
         for entry, ref in zip(entries, refs[first:], strict=True):
             entry.ref = ref
@@ -326,6 +326,5 @@ def _check_key(name: str, value: object, max_chars: int) -> None:
 
 
 def _entry(message_id: int, ref: int, message: Publish, expires: float, ready_at: float) -> Entry:
-    entry = Entry(message_id, ref, len(message.body), message.priority, message.group, expires)
-    entry.deadline = ready_at  # when a delayed entry becomes ready; kept in a snapshot taken while pending
-    return entry
+    # entry.deadline: when it becomes ready; kept in a snapshot taken while the publish is pending
+    return Entry(message_id, ref, len(message.body), message.priority, message.group, expires, 0, None, ready_at)

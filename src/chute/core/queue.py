@@ -51,7 +51,7 @@ class Entry:
         "dead",
     )
 
-    def __init__(self, id, ref, size, priority=0, group=None, expires=0.0, deliveries=0, dead=None):
+    def __init__(self, id, ref, size, priority=0, group=None, expires=0.0, deliveries=0, dead=None, deadline=0.0):
         self.id = id
         self.ref = ref
         self.size = size
@@ -61,7 +61,7 @@ class Entry:
         self.deliveries = deliveries
         self.state = GONE
         self.receipt = 0
-        self.deadline = 0.0  # lease end while IN_FLIGHT, ready time while DELAYED
+        self.deadline = deadline  # lease end while IN_FLIGHT; ready time while DELAYED or being published
         self.dead = dead
 
     @property

@@ -17,8 +17,9 @@ import msgspec
 
 from chute.core import records as rec
 from chute.core import snapshot as snap
-from chute.core.queue import Entry, Queue
+from chute.core.queue import DELAYED, Entry, Queue
 from chute.core.state import BrokerState
+from chute.core.timers import DELAY, EXPIRE
 
 
 class RecoveryOps(BrokerState):
@@ -89,10 +90,14 @@ class RecoveryOps(BrokerState):
         self.ids.advance(image.last_id)
         for q in image.queues:
             queue = self._apply_create_queue({"id": q.id, "name": q.name, "settings": q.settings})
-            entries = self.index.setdefault(queue.id, {})
-            for entry, ready_at in snap.decode_entries(q.entries):
-                self.place(queue, entry, ready_at, now)
-                entries[entry.id] = entry
+            entries = snap.decode_entries(q.entries)
+            if queue.add_batch(entries, now):
+                self.changed.add(queue)
+            for entry in entries:
+                if entry.state == DELAYED:
+                    self.timers.add(entry.deadline, DELAY, queue, entry)
+                if entry.expires:
+                    self.timers.add(entry.expires, EXPIRE, queue, entry)
             for key, expires, message_id in q.dedup:
                 queue.dedup.remember(key, message_id, expires)
         for t in image.topics:
@@ -114,7 +119,7 @@ class RecoveryOps(BrokerState):
             self._move_holders(record.id, ref)
         elif kind == rec.REMOVE:
             queue = self.queues_by_id.get(record.queue_id)
-            entries = self.index.get(record.queue_id, {})
+            entries = self._entries_of(record.queue_id)
             for message_id in record.ids:
                 entry = entries.pop(message_id, None)
                 if entry is not None:
@@ -127,11 +132,11 @@ class RecoveryOps(BrokerState):
             queue = self.queues_by_id.get(record.queue_id)
             if queue is not None:
                 kept = set(record.kept_ids)
-                entries = self.index.get(queue.id, {})
+                entries = self._entries_of(queue.id)
                 for message_id in [m for m in entries if m not in kept]:
                     queue.remove(entries.pop(message_id))
         elif kind == rec.DELIVERED:
-            entries = self.index.get(record.queue_id, {})
+            entries = self._entries_of(record.queue_id)
             for message_id in record.ids:
                 entry = entries.get(message_id)
                 if entry is not None:
@@ -145,7 +150,17 @@ class RecoveryOps(BrokerState):
 
     def _replay_place(self, queue: Queue, entry: Entry, ready_at: float, now: float) -> None:
         self.place(queue, entry, ready_at, now)
-        self.index.setdefault(queue.id, {})[entry.id] = entry
+        if queue.id in self.index:
+            self.index[queue.id][entry.id] = entry
+
+    def _entries_of(self, queue_id: int) -> dict[int, Entry]:
+        """Message id -> entry of one queue, built on first need (a clean restart replays nothing and needs none)."""
+        entries = self.index.get(queue_id)
+        if entries is None:
+            queue = self.queues_by_id.get(queue_id)
+            entries = {e.id: e for e in queue.entries()} if queue is not None else {}
+            self.index[queue_id] = entries
+        return entries
 
     def _replay_message(self, ref: int, record: rec.MessageRecord, now: float) -> None:
         self.ids.advance(record.id)
@@ -156,19 +171,21 @@ class RecoveryOps(BrokerState):
             if queue is not None:
                 entry = Entry(record.id, ref, size, record.priority, record.group, record.expires_ms / 1000.0)
                 self._replay_place(queue, entry, record.ready_ms / 1000.0, now)
-                if record.dedup_id is not None and not record.topic_id and queue.settings.dedup_window_s:
-                    queue.dedup.remember(record.dedup_id, record.id, publish_s + queue.settings.dedup_window_s)
+                expires = publish_s + queue.settings.dedup_window_s
+                if record.dedup_id is not None and not record.topic_id and expires > now:
+                    queue.dedup.remember(record.dedup_id, record.id, expires)
         topic = self.topics_by_id.get(record.topic_id) if record.topic_id else None
         if topic is not None:
             if topic.retains:
                 topic.retain(record.id, ref, size)
-            if record.dedup_id is not None and topic.settings.dedup_window_s:
-                topic.dedup.remember(record.dedup_id, record.id, publish_s + topic.settings.dedup_window_s)
+            expires = publish_s + topic.settings.dedup_window_s
+            if record.dedup_id is not None and expires > now:
+                topic.dedup.remember(record.dedup_id, record.id, expires)
 
     def _replay_move(self, record: rec.MoveRecord, now: float) -> None:
         source = self.queues_by_id.get(record.from_queue_id)
         target = self.queues_by_id.get(record.to_queue_id)
-        entries = self.index.get(record.from_queue_id, {})
+        entries = self._entries_of(record.from_queue_id)
         for message_id in record.ids:
             entry = entries.pop(message_id, None)
             if entry is None or source is None:
@@ -205,8 +222,8 @@ class RecoveryOps(BrokerState):
             raise ValueError(f"unknown META op {op!r}")
 
     def _move_holders(self, message_id: int, new_ref: int) -> None:
-        for entries in self.index.values():
-            entry = entries.get(message_id)
+        for queue_id in list(self.queues_by_id):
+            entry = self._entries_of(queue_id).get(message_id)
             if entry is not None:
                 entry.ref = new_ref
         for topic in self.topics.values():

@@ -84,21 +84,40 @@ def encode_entries(entries: list[Entry]) -> EntryColumns:
     )
 
 
-def decode_entries(columns: EntryColumns) -> list[tuple[Entry, float]]:
-    """Unpack entries with the time each is ready at (0.0: ready now)."""
+def decode_entries(columns: EntryColumns) -> list[Entry]:
+    """Unpack entries; each entry's `deadline` holds the time it is ready at (0.0: ready now)."""
     ids, refs, sizes, expires, ready = (
         array("q", getattr(columns, name)) for name in ("ids", "refs", "sizes", "expires_ms", "ready_ms")
     )
     sources = array("q", columns.dead_sources)
     deliveries = array("l", columns.deliveries)
-    result = []
-    for i, message_id in enumerate(ids):
-        reason = columns.dead_reasons[i]
-        dead = (reason, sources[i]) if reason else None
-        entry = Entry(message_id, refs[i], sizes[i], columns.priorities[i], columns.groups[i], expires[i] / 1000.0,
-                      deliveries[i], dead)  # fmt: skip
-        result.append((entry, ready[i] / 1000.0))
-    return result
+    # 0.0 literals are shared objects; x / 1000.0 would allocate a float per entry even for "never"
+    return [
+        Entry(
+            message_id,
+            ref,
+            size,
+            priority,
+            group,
+            expires_ms / 1000.0 if expires_ms else 0.0,
+            count,
+            (reason, source) if reason else None,
+            ready_ms / 1000.0 if ready_ms else 0.0,
+        )  # fmt: skip
+        for message_id, ref, size, priority, group, expires_ms, count, reason, source, ready_ms in zip(
+            ids,
+            refs,
+            sizes,
+            columns.priorities,
+            columns.groups,
+            expires,
+            deliveries,
+            columns.dead_reasons,
+            sources,
+            ready,
+            strict=True,
+        )  # fmt: skip
+    ]
 
 
 def queue_image(queue: Queue, pending: list[Entry]) -> QueueImage:
