@@ -179,9 +179,8 @@ async def test_consumer_prefetch_and_release_on_close(broker):
 
 
 async def test_long_poll_woken_by_publish(store_kind, tmp_path):
-    from tests.conftest import make_store
-
     from chute import Broker
+    from tests.conftest import make_store
 
     async with Broker(store=make_store(store_kind, tmp_path / "d")) as broker:
         await broker.create_queue("q")
@@ -241,3 +240,20 @@ async def test_dedup_window_ends_on_time_after_restarts(broker, reopen, clock):
         assert await broker2.publish("q", b"a2", dedup_id="a") != old_a
     finally:
         await broker2.close()
+
+
+async def test_real_timers_redeliver_and_undelay(store_kind, tmp_path):
+    """With the real clock and auto_tick, lease ends and delays fire on their own and wake long polls."""
+    from chute import Broker
+    from tests.conftest import make_store
+
+    async with Broker(store=make_store(store_kind, tmp_path / "d")) as broker:
+        await broker.create_queue("q", lease_s=0.05)
+        await broker.publish("q", b"x")
+        [first] = await broker.receive("q")
+        [again] = await asyncio.wait_for(broker.receive("q", wait_s=5), 10)  # woken by the lease timer
+        assert again.id == first.id and again.delivery_count == 2
+        await broker.ack("q", again.receipt)
+        await broker.publish("q", b"later", delay_s=0.05)
+        [later] = await asyncio.wait_for(broker.receive("q", wait_s=5), 10)  # woken by the delay timer
+        assert later.body == b"later"

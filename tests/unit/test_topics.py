@@ -56,9 +56,8 @@ async def test_fan_out_stores_the_body_once(store_kind, tmp_path, clock):
     """Bytes written per message with 8 subscriptions stay within 1.2x those of a single queue."""
     if store_kind != "file":
         pytest.skip("bytes on disk are a file-store matter")
-    from tests.conftest import make_store
-
     from chute import Broker
+    from tests.conftest import make_store
 
     async def bytes_for(subscriptions: int) -> int:
         async with Broker(store=make_store("file", tmp_path / f"s{subscriptions}"), clock=clock) as b:
@@ -90,9 +89,8 @@ async def test_ephemeral_subscription_is_at_most_once_and_goes_away(broker):
 async def test_ephemeral_only_topic_writes_nothing(store_kind, tmp_path, clock):
     if store_kind != "file":
         pytest.skip("bytes on disk are a file-store matter")
-    from tests.conftest import make_store
-
     from chute import Broker
+    from tests.conftest import make_store
 
     async with Broker(store=make_store("file", tmp_path / "d"), clock=clock) as b:
         await b.create_topic("t")

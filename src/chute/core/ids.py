@@ -27,6 +27,13 @@ class IdGenerator:
         self.last = candidate if candidate > last else last + 1
         return self.last
 
+    def next_many(self, now: float, count: int) -> range:
+        """`count` consecutive ids, as `next` would give them one by one."""
+        candidate = int(now * 1000) << SEQ_BITS
+        first = candidate if candidate > self.last else self.last + 1
+        self.last = first + count - 1
+        return range(first, first + count)
+
     def advance(self, seen: int) -> None:
         """Make sure later ids are greater than `seen`."""
         if seen > self.last:

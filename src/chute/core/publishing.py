@@ -202,38 +202,26 @@ class PublishOps(BrokerState):
         default_delay, default_ttl = settings.delay_s, settings.retention_s
         queue_ids = [queue.id]
         now_ms = int(now * 1000)
-        next_id, encode, make_record = self.ids.next, rec.encode, rec.MessageRecord
-        entries, new_ids = [], []
-        for m in new:
-            message_id = next_id(now)
-            new_ids.append(message_id)
+        encode, kind = rec.encode, rec.MESSAGE
+        new_ids = self.ids.next_many(now, len(new))
+        entries = []
+        for m, message_id in zip(new, new_ids):
             delay_s = m.delay_s if m.delay_s is not None else default_delay
             ttl_s = m.ttl_s if m.ttl_s is not None else default_ttl
             ready_at = now + delay_s if delay_s else 0.0
             expires = now + ttl_s if ttl_s else 0.0
-            payload = encode(
-                make_record(
-                    message_id,
-                    now_ms,
-                    0,
-                    queue_ids,
-                    int(ready_at * 1000),
-                    int(expires * 1000),
-                    m.priority,
-                    m.group,
-                    m.dedup_id,
-                    None,
-                    m.headers,
-                    m.body,
-                )  # fmt: skip
-            )
-            records.append((rec.MESSAGE, payload))
+            # a tuple encodes to the same MessagePack array as rec.MessageRecord (array_like), a little faster
+            payload = encode((
+                message_id, now_ms, 0, queue_ids, int(ready_at * 1000) if delay_s else 0,
+                int(expires * 1000) if ttl_s else 0, m.priority, m.group, m.dedup_id, None, m.headers, m.body,
+            ))  # fmt: skip
+            records.append((kind, payload))
             entries.append(Entry(message_id, 0, len(m.body), m.priority, m.group, expires, 0, None, ready_at))
         refs, plan.token = self.store_of(queue).append(records)
         for entry, ref in zip(entries, refs[first:], strict=True):
             entry.ref = ref
         self._hold(queue, entries, plan)
-        return new_ids
+        return list(new_ids)
 
     @staticmethod
     def _hold(queue: Queue, entries: list[Entry], plan: PublishPlan) -> None:
