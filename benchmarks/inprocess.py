@@ -20,6 +20,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,7 @@ async def throughput(data_dir: str, messages: int, batch: int, inflight: int, fs
         }
 
 
-async def backlog_fill(data_dir: str, messages: int) -> dict:
+async def backlog_fill(data_dir: str, messages: int, crash: bool = False) -> dict:
     """Backlog `messages` bodies through one broker; report the fill time and the RSS with the backlog held."""
     base = rss_mb()
     async with Broker(data_dir) as broker:
@@ -95,12 +96,16 @@ async def backlog_fill(data_dir: str, messages: int) -> dict:
         await asyncio.gather(*pending)
         fill_s = time.perf_counter() - start
         gc.collect()
-        return {
+        result = {
             "fill_seconds": round(fill_s, 2),
             "rss_mb_empty_broker": round(base, 1),
             "rss_mb_backlogged": round(rss_mb(), 1),
             "bytes_on_disk": broker.store.stats().bytes_on_disk,
         }
+        if crash:  # die like a killed process: no close, no final checkpoint
+            print(json.dumps(result), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
 
 
 async def backlog_restart(data_dir: str, crashed: bool) -> dict:
@@ -127,13 +132,17 @@ def backlog(data_dir: str, messages: int) -> dict:
     result = {"workload": "backlog", "messages": messages}
     result.update(_in_subprocess("backlog-fill", data_dir, messages))
     result["clean"] = _in_subprocess("backlog-restart", data_dir, 0)
+    crashed_dir = os.path.join(data_dir, "crashed")
+    _in_subprocess("backlog-fill", crashed_dir, messages, "--crash")
+    result["crashed"] = _in_subprocess("backlog-restart", crashed_dir, 0)
     return result
 
 
-def _in_subprocess(step: str, data_dir: str, messages: int) -> dict:
+def _in_subprocess(step: str, data_dir: str, messages: int, *flags: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.inprocess", step, "--dir", data_dir, "--messages", str(messages), "--json"],
-        capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        [sys.executable, "-m", "benchmarks.inprocess", step, "--dir", data_dir, "--messages", str(messages), *flags],
+        capture_output=True, text=True, check="--crash" not in flags,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )  # fmt: skip
     return json.loads(out.stdout)
 
@@ -195,14 +204,15 @@ def main() -> None:
     parser.add_argument("--fsync", default="always", choices=["always", "interval", "never"])
     parser.add_argument("--dir", default=".", help="where to make the temporary data directory")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--crash", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _install_uvloop()
     if args.workload in ("backlog-fill", "backlog-restart"):  # one step of `backlog`, in its own process
         _install_uvloop()
         if args.workload == "backlog-fill":
-            print(json.dumps(asyncio.run(backlog_fill(args.dir, args.messages))))
+            print(json.dumps(asyncio.run(backlog_fill(args.dir, args.messages, crash=args.crash))))
         else:
-            print(json.dumps(asyncio.run(backlog_restart(args.dir, crashed=False))))
+            print(json.dumps(asyncio.run(backlog_restart(args.dir, crashed=args.dir.endswith("crashed")))))
         return
     workloads = ["throughput", "fanout", "backlog"] if args.workload == "all" else [args.workload]
     results = []
