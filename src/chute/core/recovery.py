@@ -25,7 +25,7 @@ from chute.core.timers import DELAY, EXPIRE
 class RecoveryOps(BrokerState):
     """snapshot / restore / compaction."""
 
-    index: dict[int, dict[int, Entry]] | None = None
+    index: dict[int, _QueueIndex] | None = None
 
     # -- snapshot ---------------------------------------------------------------------------------------------
 
@@ -133,8 +133,9 @@ class RecoveryOps(BrokerState):
             if queue is not None:
                 kept = set(record.kept_ids)
                 entries = self._entries_of(queue.id)
-                for message_id in [m for m in entries if m not in kept]:
-                    queue.remove(entries.pop(message_id))
+                for message_id in [m for m in entries.ids() if m not in kept]:
+                    while (entry := entries.pop(message_id)) is not None:
+                        queue.remove(entry)
         elif kind == rec.DELIVERED:
             entries = self._entries_of(record.queue_id)
             for message_id in record.ids:
@@ -151,14 +152,17 @@ class RecoveryOps(BrokerState):
     def _replay_place(self, queue: Queue, entry: Entry, ready_at: float, now: float) -> None:
         self.place(queue, entry, ready_at, now)
         if queue.id in self.index:
-            self.index[queue.id][entry.id] = entry
+            self.index[queue.id].add(entry)
 
-    def _entries_of(self, queue_id: int) -> dict[int, Entry]:
-        """Message id -> entry of one queue, built on first need (a clean restart replays nothing and needs none)."""
+    def _entries_of(self, queue_id: int) -> _QueueIndex:
+        """Message id -> entries of one queue, built on first need (a clean restart replays nothing)."""
         entries = self.index.get(queue_id)
         if entries is None:
+            entries = _QueueIndex()
             queue = self.queues_by_id.get(queue_id)
-            entries = {e.id: e for e in queue.entries()} if queue is not None else {}
+            if queue is not None:
+                for entry in queue.entries():
+                    entries.add(entry)
             self.index[queue_id] = entries
         return entries
 
@@ -223,8 +227,7 @@ class RecoveryOps(BrokerState):
 
     def _move_holders(self, message_id: int, new_ref: int) -> None:
         for queue_id in list(self.queues_by_id):
-            entry = self._entries_of(queue_id).get(message_id)
-            if entry is not None:
+            for entry in self._entries_of(queue_id).all(message_id):
                 entry.ref = new_ref
         for topic in self.topics.values():
             retained = topic.retained
@@ -277,3 +280,40 @@ class _Uncounted:
 
     def release(self, ref: int, count: int = 1) -> None:
         pass
+
+
+class _QueueIndex:
+    """Message id -> entry for replay. One message id can have several entries in one queue (a dead-letter queue
+    fed by two subscriptions of the same topic), so repeats go to `more`; any of them may answer a record about
+    that id, since they differ only in where they were dead-lettered from."""
+
+    __slots__ = ("one", "more")
+
+    def __init__(self) -> None:
+        self.one: dict[int, Entry] = {}
+        self.more: dict[int, list[Entry]] = {}
+
+    def add(self, entry: Entry) -> None:
+        if entry.id in self.one:
+            self.more.setdefault(entry.id, []).append(entry)
+        else:
+            self.one[entry.id] = entry
+
+    def get(self, message_id: int) -> Entry | None:
+        return self.one.get(message_id)
+
+    def pop(self, message_id: int, default: None = None) -> Entry | None:
+        extra = self.more.get(message_id)
+        if extra:
+            entry = extra.pop()
+            if not extra:
+                del self.more[message_id]
+            return entry
+        return self.one.pop(message_id, default)
+
+    def all(self, message_id: int) -> list[Entry]:
+        first = self.one.get(message_id)
+        return ([first] if first is not None else []) + self.more.get(message_id, [])
+
+    def ids(self) -> list[int]:
+        return list(self.one)
