@@ -64,8 +64,8 @@ async def test_shared_dead_letter_queue_survives_a_power_cut(tmp_path):
         await broker.nack(name, delivery.receipt, dead_letter=True)
     dead = await broker.receive("dlq", 10)
     assert len(dead) == 2 and dead[0].id == dead[1].id
-    await broker.ack("dlq", dead[0].receipt)
+    await broker.ack("dlq", [dead[0].receipt, dead[1].receipt])
     fs.crash()
     broker.store._executor.shutdown(wait=True)
     async with Broker(store=FileStore(tmp_path, fs=fs)) as again:
-        assert len(await again.peek("dlq", 10)) == 1
+        assert await again.peek("dlq", 10) == []  # both acked copies stay acked
