@@ -187,3 +187,14 @@ async def test_delete_queue_removes_its_subscriptions(broker):
     await broker.delete_queue("q")
     assert broker.list_topics()[0].subscriptions == []
     await broker.publish("t", b"x")
+
+
+async def test_subscribing_again_replaces_the_filter(broker, reopen):
+    await broker.create_topic("t")
+    await broker.create_queue("q")
+    await broker.subscribe("t", ">", "q", filter={"k": "a"})
+    await broker.subscribe("t", ">", "q", filter={"k": "b"})
+    await broker.publish("t", b"a", headers={"k": "a"})
+    await broker.publish("t", b"b", headers={"k": "b"})
+    assert [d.body for d in await broker.receive("q", 10)] == [b"b"]
+    assert len(broker.list_topics()[0].subscriptions) == 1

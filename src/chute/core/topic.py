@@ -57,6 +57,8 @@ class Topic:
         return self.settings.retention_s is not None or self.settings.retention_bytes is not None
 
     def add_subscription(self, subscription: Subscription) -> None:
+        """Bind; the same pattern and queue again replaces the earlier binding (and its filter)."""
+        self.remove_subscription(subscription.key)
         self.subscriptions[subscription.key] = subscription
         self.index.add(subscription.pattern, subscription)
 
