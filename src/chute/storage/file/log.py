@@ -56,7 +56,7 @@ class FileStore(Store):
         fsync_policy: FsyncPolicy = "always",
         fsync_interval_ms: int = 100,
         segment_max_bytes: int = 64 * 2**20,
-        cache_max_bytes: int = 16 * 2**20,
+        cache_max_bytes: int = 8 * 2**20,
         fs: Fs | None = None,
     ) -> None:
         if fsync_policy not in ("always", "interval", "never"):
