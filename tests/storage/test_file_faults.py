@@ -198,3 +198,21 @@ async def test_random_bytes_in_a_segment_give_a_report_or_corruption(tmp_path_fa
         return
     assert got[0] == b"ok"
     await store.close()
+
+
+@given(st.integers(min_value=1, max_value=8), st.binary(max_size=64))
+async def test_checksummed_but_meaningless_records_are_reported_not_crashed_on(tmp_path_factory, kind, payload):
+    """A record that passes its CRC but is not what this version wrote gives StorageCorrupt, never a traceback."""
+    from chute import Broker
+
+    path = tmp_path_factory.mktemp("meaningless")
+    store = FileStore(path)
+    await store.open()
+    _, token = store.append([(kind, payload)])
+    await token
+    await store.close()
+    try:
+        async with Broker(store=FileStore(path)):
+            pass
+    except StorageCorrupt as exc:
+        assert "segment 1 at" in exc.message

@@ -20,6 +20,10 @@ from chute.core import snapshot as snap
 from chute.core.queue import DELAYED, Entry, Queue
 from chute.core.state import BrokerState
 from chute.core.timers import DELAY, EXPIRE
+from chute.errors import StorageCorrupt
+
+# what a record or snapshot that passed its checksum but means nothing to this version raises while applied
+_UNREADABLE = (msgspec.DecodeError, msgspec.ValidationError, KeyError, ValueError, TypeError, IndexError)
 
 
 class RecoveryOps(BrokerState):
@@ -67,11 +71,19 @@ class RecoveryOps(BrokerState):
         store, self.store = self.store, _Uncounted()  # live counts are rebuilt below, once
         try:
             if snapshot is not None:
-                self._load(snap.decode(snapshot), now)
+                try:
+                    self._load(snap.decode(snapshot), now)
+                except _UNREADABLE as exc:
+                    raise StorageCorrupt(f"the checkpoint's snapshot cannot be read: {exc}") from None
             replayed = 0
             apply = self._replay_one
             for ref, kind, payload in records:
-                apply(ref, kind, payload, now)
+                try:
+                    apply(ref, kind, payload, now)
+                except _UNREADABLE as exc:
+                    raise StorageCorrupt(
+                        f"segment {ref >> 32} at {ref & 0xFFFFFFFF}: record of kind {kind} cannot be applied: {exc!r}"
+                    ) from None
                 replayed += 1
         finally:
             self.store = store
