@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from chute.core import records as rec
-from chute.core.queue import DELAYED, Entry, Queue
+from chute.core.queue import Entry, Queue
 from chute.core.routing import validate_subject
 from chute.core.state import BrokerState
-from chute.core.timers import DELAY, EXPIRE, RETAIN
+from chute.core.timers import RETAIN
 from chute.core.topic import Topic
 from chute.errors import InvalidArgument, MessageTooLarge, QueueFull, QueueNotFound
 from chute.model import (
@@ -242,13 +242,7 @@ class PublishOps(BrokerState):
             for entry in entries:
                 track(entry.ref)
             queue.counters["published"] += len(entries)
-            if queue.add_batch(entries, now):
-                self.changed.add(queue)
-            for entry in entries:
-                if entry.state == DELAYED:
-                    self.timers.add(entry.deadline, DELAY, queue, entry)
-                if entry.expires:
-                    self.timers.add(entry.expires, EXPIRE, queue, entry)
+            self.place_batch(queue, entries, now)
         for topic, message_id, ref, size in plan.retains:
             if self.topics.get(topic.name) is topic:
                 self.store.track(ref)

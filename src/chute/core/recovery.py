@@ -17,9 +17,8 @@ import msgspec
 
 from chute.core import records as rec
 from chute.core import snapshot as snap
-from chute.core.queue import DELAYED, Entry, Queue
+from chute.core.queue import Entry, Queue
 from chute.core.state import BrokerState
-from chute.core.timers import DELAY, EXPIRE
 from chute.errors import StorageCorrupt
 
 # what a record or snapshot that passed its checksum but means nothing to this version raises while applied
@@ -103,13 +102,7 @@ class RecoveryOps(BrokerState):
         for q in image.queues:
             queue = self._apply_create_queue({"id": q.id, "name": q.name, "settings": q.settings})
             entries = snap.decode_entries(q.entries)
-            if queue.add_batch(entries, now):
-                self.changed.add(queue)
-            for entry in entries:
-                if entry.state == DELAYED:
-                    self.timers.add(entry.deadline, DELAY, queue, entry)
-                if entry.expires:
-                    self.timers.add(entry.expires, EXPIRE, queue, entry)
+            self.place_batch(queue, entries, now)
             for key, expires, message_id in q.dedup:
                 queue.dedup.remember(key, message_id, expires)
         for t in image.topics:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from chute.core import records as rec
 from chute.core.ids import IdGenerator
-from chute.core.queue import Entry, Queue
+from chute.core.queue import DELAYED, Entry, Queue
 from chute.core.timers import DELAY, EXPIRE, Timers
 from chute.core.topic import Topic
 from chute.errors import QueueNotFound, TopicNotFound
@@ -96,6 +96,18 @@ class BrokerState:
             self.changed.add(queue)
         if entry.expires:
             self.timers.add(entry.expires, EXPIRE, queue, entry)
+
+    def place_batch(self, queue: Queue, entries: list[Entry], now: float) -> None:
+        """Put new entries (each ready at `entry.deadline`) in `queue`, with the timers their delays and expiries
+        need."""
+        if queue.add_batch(entries, now):
+            self.changed.add(queue)
+        timers = self.timers
+        for entry in entries:
+            if entry.state == DELAYED:
+                timers.add(entry.deadline, DELAY, queue, entry)
+            if entry.expires:
+                timers.add(entry.expires, EXPIRE, queue, entry)
 
     def drop(self, queue: Queue, entries: list[Entry], reason: int) -> None:
         """Remove entries for good (ack, or a drop without a dead-letter queue) and release their refs."""

@@ -1,0 +1,175 @@
+"""The management half of `chute.Broker`: queues, topics and subscriptions, their settings and stats.
+
+`ManagementApi` is a mixin of `Broker` (broker.py) and uses its engine room (`_check`, `_run`, `_durable`,
+`core`, `store`, `clock`); it holds no state of its own. Every call validates through the core before anything
+changes, and returns once the change is durable.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from chute.consumer import Consumer
+from chute.core import records as rec
+from chute.core.ids import publish_time
+from chute.core.routing import Pattern
+from chute.errors import ChuteError, InvalidArgument
+from chute.model import QueueInfo, QueueSettings, QueueStats, SubscriptionInfo, TopicInfo, TopicSettings
+
+if TYPE_CHECKING:
+    from chute.core.broker import BrokerCore
+
+
+class ManagementApi:
+    """create / update / delete / purge / list queues; topics; subscriptions; stats."""
+
+    core: BrokerCore
+
+    async def create_queue(self, name: str, settings: QueueSettings | None = None, **settings_kw) -> QueueInfo:
+        """Create a queue (idempotent with the same settings; QueueExists with others). Settings may be given as
+        a QueueSettings or as keywords (`lease_s=10, max_deliveries=5, ...`)."""
+        self._check()
+        if settings is None:
+            settings = _convert(QueueSettings, settings_kw)
+        elif settings_kw:
+            raise InvalidArgument("give settings or keywords, not both")
+        queue, _ = self._run(self.core.create_queue, name, settings)
+        await self._durable()
+        return QueueInfo(name=queue.name, settings=queue.settings)
+
+    async def update_queue(self, name: str, **changes) -> QueueInfo:
+        """Change some settings of a queue (keywords as in QueueSettings)."""
+        self._check()
+        queue = self._run(self.core.update_queue, name, changes)
+        await self._durable()
+        return QueueInfo(name=queue.name, settings=queue.settings)
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue with its messages and the subscriptions that feed it."""
+        self._check()
+        self._run(self.core.delete_queue, name)
+        await self._durable()
+
+    async def purge_queue(self, name: str) -> int:
+        """Remove every message of a queue that is not in flight; return how many."""
+        self._check()
+        count = self._run(self.core.purge_queue, name)
+        await self._durable()
+        return count
+
+    def list_queues(self) -> list[QueueInfo]:
+        """Durable queues, by name."""
+        return [
+            QueueInfo(name=q.name, settings=q.settings)
+            for q in sorted(self.core.queues.values(), key=lambda q: q.name)
+            if not q.ephemeral
+        ]
+
+    def queue_stats(self, name: str) -> QueueStats:
+        """Depth and counters of a queue."""
+        queue = self.core.queue(name)
+        oldest = queue.oldest_ready()
+        counters = queue.counters
+        return QueueStats(
+            name=name, ready=queue.ready + queue.waiting, in_flight=len(queue.in_flight), delayed=len(queue.delayed),
+            bytes=queue.bytes, dead_lettered=counters["dead"],
+            oldest_age_s=max(0.0, self.clock() - oldest.publish_time) if oldest is not None else 0.0,
+            published=counters["published"], delivered=counters["delivered"], acked=counters["acked"],
+            nacked=counters["nacked"], redelivered=counters["redelivered"],
+        )  # fmt: skip
+
+    async def create_topic(self, name: str, settings: TopicSettings | None = None, **settings_kw) -> TopicInfo:
+        """Create a topic (idempotent with the same settings)."""
+        self._check()
+        if settings is None:
+            settings = _convert(TopicSettings, settings_kw)
+        topic, _ = self._run(self.core.create_topic, name, settings)
+        await self._durable()
+        return self._topic_info(topic)
+
+    async def delete_topic(self, name: str) -> None:
+        """Delete a topic and its subscriptions; their queues stay."""
+        self._check()
+        self._run(self.core.delete_topic, name)
+        await self._durable()
+
+    def list_topics(self) -> list[TopicInfo]:
+        return [self._topic_info(t) for t in sorted(self.core.topics.values(), key=lambda t: t.name)]
+
+    def _topic_info(self, topic) -> TopicInfo:
+        subscriptions = [
+            SubscriptionInfo(
+                topic=topic.name,
+                pattern=s.pattern,
+                queue=s.queue.name,
+                filter=s.filter.spec or None,
+                ephemeral=s.queue.ephemeral,
+            )  # fmt: skip
+            for s in topic.subscriptions.values()
+        ]
+        return TopicInfo(name=topic.name, settings=topic.settings, subscriptions=subscriptions)
+
+    async def subscribe(
+        self, topic: str, pattern: str, queue: str, *, filter: dict | None = None, start: str | float = "now"
+    ) -> SubscriptionInfo:
+        """Bind `pattern` (+ header `filter`) on `topic` to `queue`. `start`: "now", "earliest" (every retained
+        message) or a timestamp (retained messages published at or after it)."""
+        self._check()
+        since = _start_time(start)
+        subscription = self._run(self.core.subscribe, topic, pattern, queue, filter)
+        if since is not None:
+            await self._backfill(subscription, since)
+        await self._durable()
+        return SubscriptionInfo(topic=topic, pattern=subscription.pattern, queue=queue,
+                                filter=subscription.filter.spec or None)  # fmt: skip
+
+    async def _backfill(self, subscription, since: float) -> None:
+        topic = subscription.topic
+        items = [item for item in topic.retained if publish_time(item[0]) >= since]
+        payloads = await self.store.read([ref for _, ref, _ in items]) if items else []
+        chosen = []
+        pattern = Pattern(subscription.pattern)
+        for (message_id, ref, size), payload in zip(items, payloads, strict=True):
+            record = rec.decode_message(payload)
+            if pattern.matches(record.subject or topic.name) and subscription.filter.matches(record.headers or {}):
+                chosen.append((message_id, ref, size, record.priority, record.group, record.expires_ms))
+        if chosen and subscription.queue.name in self.core.queues:
+            self._run(self.core.enqueue_retained, subscription.queue.name, chosen, self.clock())
+
+    async def unsubscribe(self, topic: str, pattern: str, queue: str) -> None:
+        self._check()
+        self._run(self.core.unsubscribe, topic, pattern, queue)
+        await self._durable()
+
+    async def subscribe_ephemeral(
+        self, topic: str, pattern: str = ">", *, filter: dict | None = None, prefetch: int = 100
+    ) -> Consumer:
+        """A consumer of a subscription that lives only as long as it does: in memory, at-most-once (messages
+        published while nobody listens are not kept; a delivered message is never delivered again)."""
+        self._check()
+        queue = self.core.create_ephemeral_queue()
+        try:
+            self._run(self.core.subscribe, topic, pattern, queue.name, filter)
+        except ChuteError:
+            self.core.delete_queue(queue.name)
+            raise
+        return Consumer(self, queue.name, prefetch=prefetch, lease_s=None, owns_queue=True)
+
+
+def _convert(cls, values: dict):
+    try:
+        return msgspec.convert(values, cls)
+    except msgspec.ValidationError as exc:
+        raise InvalidArgument(f"invalid settings: {exc}") from None
+
+
+def _start_time(start: str | float) -> float | None:
+    if start == "now":
+        return None
+    if start == "earliest":
+        return 0.0
+    if isinstance(start, int | float) and not isinstance(start, bool) and start >= 0:
+        return float(start)
+    raise InvalidArgument(f"start must be 'now', 'earliest' or a timestamp, got {start!r}")
