@@ -39,16 +39,18 @@ from chute.storage.api import FsyncPolicy, RecoveryReport, Store
 from chute.storage.file import FileStore
 from chute.storage.memory import MemoryStore
 
+DEFAULT_DATA_DIR = "./chute-data"
 COMPACT_READ_BATCH = 1000  # records read per round trip to the store while compacting
 
 
 class Broker(ManagementApi):
     """A durable broker in this process. Use `async with Broker(path) as broker:` (or `await start()` /
-    `await close()`). `Broker()` without a path or store keeps everything in memory (no durability)."""
+    `await close()`). Durable by default: `Broker()` keeps its data in ./chute-data; `Broker.in_memory()` keeps
+    nothing (for tests)."""
 
     def __init__(
         self,
-        data_dir: str | os.PathLike | None = None,
+        data_dir: str | os.PathLike = DEFAULT_DATA_DIR,
         *,
         store: Store | None = None,
         fsync: FsyncPolicy = "always",
@@ -59,8 +61,8 @@ class Broker(ManagementApi):
         checkpoint_interval_s: float = 60.0,
     ) -> None:
         if store is None:
-            store = FileStore(Path(data_dir), fsync_policy=fsync) if data_dir is not None else MemoryStore()
-        elif data_dir is not None:
+            store = FileStore(Path(data_dir), fsync_policy=fsync)
+        elif data_dir != DEFAULT_DATA_DIR:
             raise InvalidArgument("give a data_dir or a store, not both")
         self.store = store
         self.clock = clock
@@ -77,6 +79,11 @@ class Broker(ManagementApi):
         self._written_at_checkpoint = 0
         self._checkpoint_time = 0.0
         self._state = "new"
+
+    @classmethod
+    def in_memory(cls, **options) -> Broker:
+        """A broker on a MemoryStore: same behaviour, no durability, no files. For tests and throwaway use."""
+        return cls(store=MemoryStore(), **options)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 

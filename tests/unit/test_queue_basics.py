@@ -247,3 +247,19 @@ async def test_invalid_receive_arguments(broker):
         await broker.receive("q", 1, lease_s=0)
     with pytest.raises(InvalidArgument):
         await broker.receive("q", 1, wait_s=-1)
+
+
+async def test_in_memory_broker_and_durable_default(tmp_path, monkeypatch):
+    from chute import Broker
+    from chute.storage import FileStore, MemoryStore
+
+    async with Broker.in_memory() as broker:
+        assert isinstance(broker.store, MemoryStore)
+        await broker.create_queue("q")
+        await broker.publish("q", b"x")
+        assert broker.queue_stats("q").ready == 1
+    monkeypatch.chdir(tmp_path)
+    async with Broker() as broker:
+        assert isinstance(broker.store, FileStore)
+        await broker.create_queue("q")
+    assert (tmp_path / "chute-data" / "checkpoint").exists()
