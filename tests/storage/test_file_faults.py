@@ -216,3 +216,14 @@ async def test_checksummed_but_meaningless_records_are_reported_not_crashed_on(t
             pass
     except StorageCorrupt as exc:
         assert "segment 1 at" in exc.message
+
+
+async def test_a_failed_open_releases_the_directory(tmp_path):
+    await _write(tmp_path, [b"a"])
+    (tmp_path / "checkpoint").write_bytes(b"CHUTECKP broken")
+    with pytest.raises(StorageCorrupt):
+        await _reopen(tmp_path)
+    (tmp_path / "checkpoint").unlink()
+    store, got, _ = await _reopen(tmp_path)  # not "in use": the failed open let go of the lock
+    assert got == [b"a"]
+    await store.close()

@@ -82,6 +82,7 @@ class FileStore(Store):
         self._last_fsync = time.monotonic()
         self._stats = StoreStats()
         self._appended = 0
+        self._locked = False
         self._opened = self._closed = False
 
     def _path(self, segment: int) -> str:
@@ -95,13 +96,20 @@ class FileStore(Store):
         self._opened = True
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="chute-log")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._open)
+        try:
+            return await loop.run_in_executor(self._executor, self._open)
+        except BaseException:
+            if self._locked:
+                self.fs.unlock(f"{self.directory}/{LOCK}")  # a failed open must not keep the directory locked
+            self._executor.shutdown(wait=False)
+            raise
 
     def _open(self) -> Recovered:
         fs, directory = self.fs, self.directory
         fs.makedirs(directory)
         if not fs.lock(f"{directory}/{LOCK}"):
             raise StorageFailed(f"data directory {directory} is in use by another broker")
+        self._locked = True
         report = RecoveryReport()
         report.clean_shutdown = fs.exists(f"{directory}/{CLEAN_MARKER}")
         if fs.exists(f"{directory}/{CHECKPOINT}.tmp"):
@@ -377,7 +385,9 @@ class FileStore(Store):
             except (OSError, StorageFailed, StorageFull):
                 pass
         self._closed = True
-        self.fs.unlock(f"{self.directory}/{LOCK}")
+        if self._locked:
+            self.fs.unlock(f"{self.directory}/{LOCK}")
+            self._locked = False
         self.fs.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
