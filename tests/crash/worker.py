@@ -19,6 +19,7 @@ import sys
 import time
 
 from chute import Broker, Publish
+from chute.storage import FileStore
 
 TIME_LIMIT_S = 30.0  # stops by itself if nobody kills it
 
@@ -30,7 +31,9 @@ async def run(data_dir: str, log_path: str, seed: int) -> None:
     def note(tag: str, seqs) -> None:
         os.write(log, (tag + " " + " ".join(str(s) for s in seqs) + "\n").encode())
 
-    async with Broker(data_dir, checkpoint_bytes=256 * 1024) as broker:
+    # small segments and frequent checkpoints: kills also land in rollovers, checkpoints and compaction
+    store = FileStore(data_dir, segment_max_bytes=64 * 1024)
+    async with Broker(store=store, checkpoint_bytes=128 * 1024) as broker:
         await broker.create_queue("crash", lease_s=600)
         await broker.create_topic("fan")
         await broker.create_queue("fan-a", lease_s=600)
