@@ -19,6 +19,12 @@ Contract (every store, proven by tests/contract):
   reference and that a checkpoint covers may be deleted; `sparse_segments()` names files worth compacting (the
   core re-appends their live records and releases the old refs).
 - the store never interprets payloads.
+
+Several brokers on one database (a later PostgreSQL store): each broker keeps the state of the queues it owns in
+memory, so a shared store gives each broker its own log stream (rows keyed by broker id and ref), its own
+checkpoint and its own live counts behind this same interface; the queues are partitioned between brokers, and a
+broker taking over another's queues opens that broker's stream and recovers it. Two brokers serving one queue at
+the same time is not what this interface is for: leases live in one broker's memory.
 """
 
 from __future__ import annotations
