@@ -236,17 +236,9 @@ class Queue:
         level.push(entry)
         self.ready += 1
 
-    def pop_ready(self) -> Entry | None:
-        """Take the next ready entry (highest priority, oldest), or None. The caller leases or removes it."""
-        for priority in self.priorities:
-            entry = self.levels[priority].pop()
-            if entry is not None:
-                self.ready -= 1
-                return entry
-        return None
-
     def pop_many(self, count: int) -> list[Entry]:
-        """Take up to `count` ready entries in delivery order (the batch form of `pop_ready`)."""
+        """Take up to `count` ready entries in delivery order (highest priority, then oldest); the caller leases
+        or removes them."""
         taken: list[Entry] = []
         for priority in self.priorities:
             level = self.levels[priority]
