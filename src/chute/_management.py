@@ -120,8 +120,12 @@ class ManagementApi:
         since = _start_time(start)
         subscription = self._run(self.core.subscribe, topic, pattern, queue, filter)
         if since is not None:
+            binding, self._pending_token = self._pending_token, None  # taken before the backfill awaits
             await self._backfill(subscription, since)
-        await self._durable()
+            await self._durable()
+            await self._wait_for(binding)
+        else:
+            await self._durable()
         return SubscriptionInfo(topic=topic, pattern=subscription.pattern, queue=queue,
                                 filter=subscription.filter.spec or None)  # fmt: skip
 

@@ -312,6 +312,11 @@ class Broker(ManagementApi):
     async def _durable(self) -> None:
         """Wait until the records of the operation just run are durable."""
         token, self._pending_token = self._pending_token, None
+        await self._wait_for(token)
+
+    @staticmethod
+    async def _wait_for(token) -> None:
+        """Wait for one durability token (None: nothing was written)."""
         if isinstance(token, asyncio.Future):
             await asyncio.shield(token)  # a cancelled caller must not cancel the store's group future
         elif token is not None:
