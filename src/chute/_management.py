@@ -139,6 +139,8 @@ class ManagementApi:
             record = rec.decode_message(payload)
             if pattern.matches(record.subject or topic.name) and subscription.filter.matches(record.headers or {}):
                 chosen.append((message_id, ref, size, record.priority, record.group, record.expires_ms))
+        still_retained = {item[0] for item in topic.retained}  # retention may have trimmed some while we read
+        chosen = [item for item in chosen if item[0] in still_retained]
         if chosen and subscription.queue.name in self.core.queues:
             self._run(self.core.enqueue_retained, subscription.queue.name, chosen, self.clock())
 
