@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 
@@ -79,3 +80,25 @@ def test_runner_reports_a_corrupt_directory_without_a_traceback(tmp_path):
     result = _run(str(data), "--demo")
     assert result.returncode == 1
     assert "storage_corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_runner_serves_until_interrupted_then_closes_cleanly(tmp_path, sig):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chute", str(tmp_path / "data")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in process.stdout:  # bounded by the test timeout
+            if "press Ctrl-C" in line:
+                break
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert process.returncode == 0, err
+    assert "closed cleanly" in out
+    assert (tmp_path / "data" / "clean-shutdown").exists()
