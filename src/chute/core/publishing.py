@@ -57,6 +57,8 @@ class PublishOps(BrokerState):
         if queue is None and topic is None:
             raise QueueNotFound(f"no queue or topic is named {dest!r}")
         limit = self.max_message_bytes
+        keyed = False  # does any message carry a dedup id?
+        plain = True  # are all messages bodies without options?
         for message in messages:
             if (  # the plain message, checked in one go; anything else gets the full checks
                 type(message) is Publish and type(message.body) is bytes and len(message.body) <= limit
@@ -66,9 +68,11 @@ class PublishOps(BrokerState):
             ):  # fmt: skip
                 continue
             self._validate(message, topic is not None)
+            keyed = keyed or message.dedup_id is not None
+            plain = False
         plan = PublishPlan()
         window = queue.dedup if queue is not None else topic.dedup
-        new, slots = self._deduplicate(window, messages, now)
+        new, slots = self._deduplicate(window, messages, now) if keyed else (messages, None)
         if queue is not None:
             targets = None
             need = {queue: [len(new), sum(len(m.body) for m in new)]} if new else {}
@@ -81,13 +85,19 @@ class PublishOps(BrokerState):
                     counts[0] += 1
                     counts[1] += len(message.body)
         self._make_room(need, now)
-        new_ids = self._write(new, targets, queue, topic, now, plan)
-        plan.ids = [new_ids[slot] if slot >= 0 else -slot for slot in slots]
-        window_s = (queue or topic).settings.dedup_window_s
-        for message, message_id in zip(new, new_ids, strict=True):
-            if message.dedup_id is not None and window_s > 0:
-                window.remember(message.dedup_id, message_id, now + window_s)
-                plan.dedups.append((window, message.dedup_id, message_id))
+        if queue is not None:
+            new_ids = self._write_to_queue(new, queue, now, plan, plain)
+        else:
+            new_ids = self._write_to_topic(new, targets, topic, now, plan)
+        if not keyed:
+            plan.ids = list(new_ids)
+        else:
+            plan.ids = [new_ids[slot] if slot >= 0 else -slot for slot in slots]
+            window_s = (queue or topic).settings.dedup_window_s
+            for message, message_id in zip(new, new_ids, strict=True):
+                if message.dedup_id is not None and window_s > 0:
+                    window.remember(message.dedup_id, message_id, now + window_s)
+                    plan.dedups.append((window, message.dedup_id, message_id))
         self.pending_plans.add(plan)
         return plan
 
@@ -149,11 +159,9 @@ class PublishOps(BrokerState):
             if not queue.has_room(count, size):
                 raise QueueFull(f"queue {queue.name!r} is full (max_length / max_bytes) and rejects publishes")
 
-    def _write(self, new, targets, queue: Queue | None, topic: Topic | None, now: float, plan: PublishPlan):
-        """Append one MESSAGE record per stored message; fill the plan's placements and retains; return the
-        new messages' ids."""
-        if queue is not None:
-            return self._write_to_queue(new, queue, now, plan)
+    def _write_to_topic(self, new, targets, topic: Topic, now: float, plan: PublishPlan) -> list[int]:
+        """Append one MESSAGE record per stored message (listing every queue it goes to); fill the plan's
+        placements and retains; return the new messages' ids."""
         records, ephemeral, places, new_ids = self.outbox, [], [], []
         self.outbox = []
         retains = topic.retains
@@ -193,8 +201,8 @@ class PublishOps(BrokerState):
             self._hold(target, entries, plan)
         return new_ids
 
-    def _write_to_queue(self, new: list[Publish], queue: Queue, now: float, plan: PublishPlan) -> list[int]:
-        """The common case, kept lean: every message goes to one queue."""
+    def _write_to_queue(self, new, queue: Queue, now: float, plan: PublishPlan, plain: bool) -> range:
+        """The common case, kept lean: every message goes to one queue. `plain`: no message has options."""
         records = self.outbox
         self.outbox = []
         first = len(records)
@@ -205,6 +213,14 @@ class PublishOps(BrokerState):
         encode, kind = rec.encode, rec.MESSAGE
         new_ids = self.ids.next_many(now, len(new))
         entries = []
+        if plain and not default_delay and not default_ttl:  # bodies only: the hot path of a busy queue
+            for m, message_id in zip(new, new_ids):
+                body = m.body
+                records.append(
+                    (kind, encode((message_id, now_ms, 0, queue_ids, 0, 0, 0, None, None, None, None, body)))
+                )
+                entries.append(Entry(message_id, 0, len(body)))
+            new = ()
         for m, message_id in zip(new, new_ids):
             delay_s = m.delay_s if m.delay_s is not None else default_delay
             ttl_s = m.ttl_s if m.ttl_s is not None else default_ttl
@@ -221,7 +237,7 @@ class PublishOps(BrokerState):
         for entry, ref in zip(entries, refs[first:], strict=True):
             entry.ref = ref
         self._hold(queue, entries, plan)
-        return list(new_ids)
+        return new_ids
 
     @staticmethod
     def _hold(queue: Queue, entries: list[Entry], plan: PublishPlan) -> None:

@@ -26,6 +26,8 @@ import heapq
 from collections import deque
 from collections.abc import Iterator
 
+import msgspec
+
 from chute.core.dedup import DedupWindow
 from chute.core.ids import publish_time
 from chute.core.ratelimit import TokenBucket
@@ -34,76 +36,62 @@ from chute.model import QueueSettings
 READY, WAITING, DELAYED, IN_FLIGHT, GONE = range(5)
 
 
-class Entry:
-    """A message's place in one queue. `ref` locates the stored record; `dead` is (reason, source queue id)."""
+class Entry(msgspec.Struct, gc=False, eq=False):
+    """A message's place in one queue. `ref` locates the stored record; `dead` is (reason, source queue id).
 
-    __slots__ = (
-        "id",
-        "ref",
-        "size",
-        "priority",
-        "group",
-        "expires",
-        "deliveries",
-        "state",
-        "receipt",
-        "deadline",
-        "dead",
-    )
+    A msgspec Struct with `gc=False`: a backlog holds millions of these, and untracked by the cyclic garbage
+    collector they cost no GC passes and 16 bytes less each (they never form reference cycles: their fields are
+    ints, floats, strings and tuples of ints). `eq=False`: compared and hashed by identity, so sets work."""
 
-    def __init__(self, id, ref, size, priority=0, group=None, expires=0.0, deliveries=0, dead=None, deadline=0.0):
-        self.id = id
-        self.ref = ref
-        self.size = size
-        self.priority = priority
-        self.group = group
-        self.expires = expires  # seconds since the epoch; 0.0 = never
-        self.deliveries = deliveries
-        self.state = GONE
-        self.receipt = 0
-        self.deadline = deadline  # lease end while IN_FLIGHT; ready time while DELAYED or being published
-        self.dead = dead
+    id: int
+    ref: int
+    size: int
+    priority: int = 0
+    group: str | None = None
+    expires: float = 0.0  # seconds since the epoch; 0.0 = never
+    deliveries: int = 0
+    dead: tuple[int, int] | None = None
+    deadline: float = 0.0  # lease end while IN_FLIGHT; ready time while DELAYED or being published
+    state: int = GONE
+    receipt: int = 0
 
     @property
     def publish_time(self) -> float:
         return publish_time(self.id)
 
-    def __repr__(self) -> str:
-        return f"Entry(id={self.id}, state={self.state}, deliveries={self.deliveries})"
-
 
 class _Level:
-    """Ready entries of one priority: `fresh` in id order, `returned` a heap of (id, entry)."""
+    """Ready entries of one priority: `fresh` in id order, `returned` a heap of (id, identity, entry)."""
 
     __slots__ = ("fresh", "returned")
 
     def __init__(self) -> None:
         self.fresh: deque[Entry] = deque()
-        self.returned: list[tuple[int, Entry]] = []
+        self.returned: list[tuple[int, int, Entry]] = []  # (id, identity tie-break, entry)
 
     def push(self, entry: Entry) -> None:
         fresh = self.fresh
         if not fresh or fresh[-1].id < entry.id:
             fresh.append(entry)
         else:
-            heapq.heappush(self.returned, (entry.id, entry))
+            heapq.heappush(self.returned, (entry.id, id(entry), entry))
 
     def head(self) -> Entry | None:
         """The next READY entry (smallest id), dropping GONE ones met on the way; None if empty."""
         fresh, returned = self.fresh, self.returned
         while fresh and fresh[0].state != READY:
             fresh.popleft()
-        while returned and returned[0][1].state != READY:
+        while returned and returned[0][2].state != READY:
             heapq.heappop(returned)
         if returned and (not fresh or returned[0][0] < fresh[0].id):
-            return returned[0][1]
+            return returned[0][2]
         return fresh[0] if fresh else None
 
     def pop(self) -> Entry | None:
         entry = self.head()
         if entry is None:
             return None
-        if self.returned and self.returned[0][1] is entry:
+        if self.returned and self.returned[0][2] is entry:
             heapq.heappop(self.returned)
         else:
             self.fresh.popleft()
@@ -113,7 +101,7 @@ class _Level:
         for entry in self.fresh:
             if entry.state == READY:
                 yield entry
-        for _, entry in self.returned:
+        for _, _, entry in self.returned:
             if entry.state == READY:
                 yield entry
 
