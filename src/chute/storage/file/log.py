@@ -156,24 +156,31 @@ class FileStore(Store):
         info = self._segments[segment]
         refs = []
         cache = self._cache if self.cache_max_bytes else None
-        added = appended = 0
+        start = size
+        added = 0
+        frames_in_segment = 0
         for kind, payload in records:
-            frame = FRAME_SIZE + len(payload)
+            length = len(payload)
+            frame = FRAME_SIZE + length
             if size + frame > limit and size > SEGMENT_HEADER_SIZE:
                 info[0] = size
+                info[1] += frames_in_segment
+                self._appended += size - start
                 self._new_segment(segment + 1)
                 segment, size, info = self._active, self._active_size, self._segments[self._active]
+                start, frames_in_segment = size, 0
                 buffer = pending[-1][1]
             ref = segment << 32 | size
-            buffer += pack_frame(len(payload), crc32(payload, KIND_CRC[kind]), kind)
+            buffer += pack_frame(length, crc32(payload, KIND_CRC[kind]), kind)
             buffer += payload
             size += frame
-            appended += frame
-            info[1] += 1
+            frames_in_segment += 1
             refs.append(ref)
             if cache is not None:
                 cache[ref] = payload
-                added += len(payload)
+                added += length
+        info[1] += frames_in_segment
+        appended = size - start
         self._appended += appended
         info[0] = self._active_size = size
         self._stats.appends += 1
