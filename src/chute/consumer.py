@@ -122,8 +122,9 @@ class Consumer:
 
 
 def _receipts(deliveries) -> list[int]:
+    """Receipts of deliveries given as Delivery objects or receipts, one or many; receipt 0 (at-most-once
+    deliveries of ephemeral subscriptions) needs no ack and is left out."""
     if isinstance(deliveries, Delivery | int):
         deliveries = [deliveries]
-    return [
-        d.receipt if isinstance(d, Delivery) else d for d in deliveries if (d.receipt if isinstance(d, Delivery) else d)
-    ]
+    receipts = (d.receipt if isinstance(d, Delivery) else d for d in deliveries)
+    return [receipt for receipt in receipts if receipt]
