@@ -185,7 +185,11 @@ class Broker(ManagementApi):
         while True:
             entries = self._run(self.core.receive, queue, max_messages, self.clock(), lease_s)
             if entries:
-                return await self._deliveries(queue, entries)
+                try:
+                    return await self._deliveries(queue, entries)
+                except BaseException:
+                    self.release(queue, [e.receipt for e in entries if e.receipt])  # not handed out: not leased
+                    raise
             remaining = give_up - loop.time()
             if remaining <= 0:
                 return []

@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import time
 from collections import OrderedDict
@@ -238,14 +239,41 @@ class FileStore(Store):
     def _write(self, batch: list[tuple[int, bytearray]], sync: bool) -> None:
         """Writer thread: append each buffer to its segment file; fsync if asked (and the directory for new files)."""
         fs, new_files = self.fs, False
-        for segment, data in batch:
-            if not data:
-                continue
-            if data[:8] == b"CHUTESEG" and len(data) >= SEGMENT_HEADER_SIZE and not fs.exists(self._path(segment)):
-                new_files = True
-            fs.append(self._path(segment), data)
-            self._unsynced.add(segment)
-            self._stats.bytes_written += len(data)
+        before: list[tuple[str, int | None]] = []  # (path, size before this batch; None: the file is new)
+        try:
+            for segment, data in batch:
+                if not data:
+                    continue
+                path = self._path(segment)
+                size = fs.size(path) if fs.exists(path) else None
+                before.append((path, size))
+                new_files = new_files or size is None
+                fs.append(path, data)
+                self._unsynced.add(segment)
+                self._stats.bytes_written += len(data)
+            self._sync(sync, new_files)
+        except OSError:
+            self._undo(before)
+            raise
+
+    def _undo(self, before: list[tuple[str, int | None]]) -> None:
+        """Best effort after a failed write or fsync: cut the failed group's bytes off again, so a restart does
+        not replay publishes that were rejected. If this fails too, recovery may replay them (at-least-once)."""
+        fs = self.fs
+        try:
+            for path, size in reversed(before):
+                if size is None:
+                    if fs.exists(path):
+                        fs.unlink(path)
+                else:
+                    fs.truncate(path, size)
+                    fs.fsync(path)
+            fs.fsync_dir(self.directory)
+        except OSError:
+            pass
+
+    def _sync(self, sync: bool, new_files: bool) -> None:
+        fs = self.fs
         if sync and self._unsynced:
             started = time.perf_counter()
             for segment in sorted(self._unsynced):
@@ -288,7 +316,9 @@ class FileStore(Store):
         result: list[bytes | None] = [self._cache.get(ref) for ref in refs]
         missing = [i for i, payload in enumerate(result) if payload is None]
         if missing:
-            await self.flush()
+            if self._failure is None:
+                with contextlib.suppress(StorageFailed, StorageFull):
+                    await self.flush()  # a failure here concerns writes; reads of what is on disk go on
             loop = asyncio.get_running_loop()
             found = await loop.run_in_executor(self._executor, self._read_many, [refs[i] for i in missing])
             for i, payload in zip(missing, found, strict=True):

@@ -61,6 +61,8 @@ def validate(
             continue
         pos = start[1] if segment == start[0] else SEGMENT_HEADER_SIZE
         count = counts.get(segment, 0) if segment == start[0] else 0
+        if len(data) < pos:  # the checkpoint was stored only after these bytes were fsynced: they were lost since
+            raise StorageCorrupt(f"{path} at {len(data)}: the checkpoint covers this segment up to {pos}")
         while pos < len(data):
             frame = decode_frame(data, pos)
             if frame is None:
