@@ -227,3 +227,29 @@ async def test_a_failed_open_releases_the_directory(tmp_path):
     store, got, _ = await _reopen(tmp_path)  # not "in use": the failed open let go of the lock
     assert got == [b"a"]
     await store.close()
+
+
+async def test_reads_of_written_bodies_do_not_wait_for_a_busy_writer(tmp_path):
+    """Regression: an uncached read used to wait until the writer was idle, so steady publishing starved it."""
+    import asyncio
+
+    from chute import Broker
+
+    async with Broker(store=FileStore(tmp_path, cache_max_bytes=0)) as broker:
+        await broker.create_queue("q")
+        await broker.create_queue("other")
+        await broker.publish("q", b"waiting")
+        stop = asyncio.Event()
+
+        async def publisher():
+            while not stop.is_set():
+                await broker.publish("other", b"x" * 100)
+
+        publishers = [asyncio.create_task(publisher()) for _ in range(2)]
+        try:
+            [delivery] = await asyncio.wait_for(broker.receive("q"), 30)
+            assert delivery.body == b"waiting"
+            assert not any(task.done() for task in publishers)  # served while the writer was still busy
+        finally:
+            stop.set()
+            await asyncio.gather(*publishers)

@@ -54,7 +54,8 @@ class Durable(Awaitable[None]):
 
 @dataclass
 class RecoveryReport:
-    """What recovery found. `truncated_bytes` > 0 means a torn tail was cut at `truncated_at` (file, pos)."""
+    """What recovery found. `truncated_at` (file, pos) is set when a torn tail was cut there; `truncated_bytes` is
+    how much was cut (0 for an empty segment file left by a crash right after it was created)."""
 
     records: int = 0
     segments: int = 0

@@ -83,6 +83,7 @@ class FileStore(Store):
         self._last_fsync = time.monotonic()
         self._stats = StoreStats()
         self._appended = 0
+        self._written_ref = 0  # refs below this are in the files (written, perhaps not yet fsynced)
         self._locked = False
         self._opened = self._closed = False
 
@@ -130,6 +131,7 @@ class FileStore(Store):
         if self._segments:
             self._active = max(self._segments)
             self._active_size = self._segments[self._active][0]
+            self._written_ref = self._active << 32 | self._active_size
         else:
             self._new_segment(max(segments + [start[0]], default=0) + 1)  # never reuse a checkpointed id
         if report.clean_shutdown:
@@ -207,6 +209,7 @@ class FileStore(Store):
             while self._pending:
                 batch, self._pending = self._pending, []
                 group, self._group = self._group, None
+                end_ref = self._active << 32 | self._active_size  # everything appended so far is in this batch
                 sync = self.fsync_policy == "always" or (
                     self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
                 )
@@ -215,6 +218,7 @@ class FileStore(Store):
                 except OSError as exc:
                     self._fail(exc, group)
                     return
+                self._written_ref = end_ref
                 if group is not None and not group.done():
                     group.set_result(None)
         finally:
@@ -316,9 +320,12 @@ class FileStore(Store):
         result: list[bytes | None] = [self._cache.get(ref) for ref in refs]
         missing = [i for i, payload in enumerate(result) if payload is None]
         if missing:
-            if self._failure is None:
+            newest = max(refs[i] for i in missing)
+            while newest >= self._written_ref and self._flusher is not None and self._failure is None:
+                # only bytes not yet written are waited for (never the writer's whole backlog); a failure here
+                # concerns writes, and reads of what is on disk go on
                 with contextlib.suppress(StorageFailed, StorageFull):
-                    await self.flush()  # a failure here concerns writes; reads of what is on disk go on
+                    await asyncio.shield(self._flusher)
             loop = asyncio.get_running_loop()
             found = await loop.run_in_executor(self._executor, self._read_many, [refs[i] for i in missing])
             for i, payload in zip(missing, found, strict=True):
@@ -355,9 +362,7 @@ class FileStore(Store):
         info = self._segments.get(ref >> 32)
         if info is not None:
             info[2] -= count
-        payload = self._cache.pop(ref, None)
-        if payload is not None:
-            self._cache_bytes -= len(payload)
+        # the body stays cached: another holder (a fan-out subscription) may still read it; the cache is bounded
 
     def sparse_segments(self) -> Callable[[int], bool]:
         covered = self._checkpoint_at[0]

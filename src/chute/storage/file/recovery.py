@@ -43,6 +43,7 @@ def validate(
 ) -> LogShape:
     """Check every frame after `start`; truncate a torn tail; raise StorageCorrupt on damage elsewhere."""
     shape = LogShape()
+    _check_contiguous(directory, segments, start)
     for index, segment in enumerate(segments):
         path = f"{directory}/{segment_name(segment)}"
         last = index == len(segments) - 1
@@ -78,6 +79,23 @@ def validate(
         shape.records[segment] = count
     report.segments = len(shape.ends)
     return shape
+
+
+def _check_contiguous(directory: str, segments: list[int], start: tuple[int, int]) -> None:
+    """From the checkpoint's segment on, segment ids run without a gap: a missing file there lost records."""
+    if not segments:
+        if start != (0, 0):
+            raise StorageCorrupt(f"{directory}/{segment_name(start[0])} at 0: the checkpoint's segment is missing")
+        return
+    later = [s for s in segments if s >= start[0]]
+    if start != (0, 0) and (not later or later[0] != start[0]):
+        raise StorageCorrupt(f"{directory}/{segment_name(start[0])} at 0: the checkpoint's segment is missing")
+    for before, after in zip(later, later[1:]):
+        if after != before + 1:
+            raise StorageCorrupt(
+                f"{directory}/{segment_name(before + 1)} at 0: missing between {segment_name(before)} and "
+                f"{segment_name(after)}"
+            )
 
 
 def _cut(report: RecoveryReport, path: str, pos: int, size: int) -> None:
