@@ -292,3 +292,35 @@ async def test_truncated_checkpointed_segment_is_reported_and_later_publishes_su
         await broker.close()
     async with open_broker(path) as broker:
         assert (await stored(broker))[-1] == 9999
+
+
+# -- a segment file gone -----------------------------------------------------------------------------------------
+
+
+async def test_missing_segment_after_the_checkpoint_is_storage_corrupt(tmp_path):
+    path = await populate(tmp_path, "crash")
+    after_checkpoint = [s for s in segments(path)[:-1] if int(s.stem) > checkpoint_position(path)[0]]
+    missing = after_checkpoint[len(after_checkpoint) // 2]
+    missing.unlink()
+    with pytest.raises(StorageCorrupt) as caught:
+        await open_broker(path).start()
+    assert missing.name in caught.value.message
+
+
+async def test_missing_checkpointed_segment_is_storage_corrupt(tmp_path):
+    path = await populate(tmp_path, "clean")
+    last = segments(path)[-1]
+    assert checkpoint_position(path)[0] == int(last.stem), "test setup"
+    last.unlink()
+    try:
+        broker = await open_broker(path).start()
+    except StorageCorrupt as corrupt:
+        assert last.name in corrupt.message
+        return
+    try:  # if it opens, it must at least keep what it confirms from now on: publish, then SIGKILL (a copy)
+        await broker.publish("q", body_of(9999))
+        shutil.copytree(path, tmp_path / "killed")
+    finally:
+        await broker.close()
+    async with open_broker(tmp_path / "killed") as again:
+        assert 9999 in [seq_of(d.body) for d in (await again.peek("q", 10**6))[-1:]]

@@ -77,9 +77,9 @@ class Violation(Exception):
 
 class Worker:
     """Each step runs two publishes and one receive-and-ack per queue concurrently, so one group commit carries
-    publishes, deliveries, nacks and acks together. Steps, not free-running loops: while writers keep the log busy
-    without a break, reads of bodies that are not cached wait for it to go idle (see the report on
-    FileStore.read), and the fan-out consumers would hardly ever get to ack."""
+    publishes, deliveries, nacks and acks together. Steps, not free-running loops: a read of a body that is not
+    cached waits until the log writer is idle (FileStore.read awaits flush()), so with free-running publishers
+    the fan-out consumers (whose bodies leave the cache when the other subscription acks) hardly ever ack."""
 
     def __init__(self, broker: Broker, log: Log, seed: int) -> None:
         self.broker, self.log, self.rng = broker, log, random.Random(seed)
