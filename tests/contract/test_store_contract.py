@@ -88,13 +88,19 @@ async def test_live_records_stay_readable_across_checkpoints(factory):
     await store.close()
 
 
-async def test_file_store_reclaims_dead_segments(tmp_path):
+async def _forty_live_records(tmp_path):
+    """A file store with small segments holding 40 tracked records of 300 bytes (several segments)."""
     store = FileStore(tmp_path / "d", segment_max_bytes=2048)
     await store.open()
     refs, token = store.append([(1, b"z" * 300) for _ in range(40)])
     await token
     for ref in refs:
         store.track(ref)
+    return store, refs
+
+
+async def test_file_store_reclaims_dead_segments(tmp_path):
+    store, refs = await _forty_live_records(tmp_path)
     before = store.stats().segments
     assert before > 4
     for ref in refs[:-1]:
@@ -107,12 +113,7 @@ async def test_file_store_reclaims_dead_segments(tmp_path):
 
 
 async def test_sparse_segments_are_named_for_compaction(tmp_path):
-    store = FileStore(tmp_path / "d", segment_max_bytes=2048)
-    await store.open()
-    refs, token = store.append([(1, b"z" * 300) for _ in range(40)])
-    await token
-    for ref in refs:
-        store.track(ref)
+    store, refs = await _forty_live_records(tmp_path)
     first_segment = [r for r in refs if r >> 32 == refs[0] >> 32]
     for ref in first_segment[1:]:
         store.release(ref)
