@@ -257,3 +257,19 @@ async def test_real_timers_redeliver_and_undelay(store_kind, tmp_path):
         await broker.publish("q", b"later", delay_s=0.05)
         [later] = await asyncio.wait_for(broker.receive("q", wait_s=5), 10)  # woken by the delay timer
         assert later.body == b"later"
+
+
+async def test_fifo_order_survives_a_restart_with_the_head_in_flight(broker, reopen):
+    await broker.create_queue("q", fifo=True)
+    await broker.publish_batch("q", [Publish(body=b"%d" % i, group="g") for i in range(3)])
+    [head] = await broker.receive("q")
+    assert head.body == b"0"
+    broker2 = await reopen(broker)
+    try:
+        got = []
+        while deliveries := await broker2.receive("q", 10):
+            got += [d.body for d in deliveries]
+            await broker2.ack("q", [d.receipt for d in deliveries])
+        assert got == [b"0", b"1", b"2"]
+    finally:
+        await broker2.close()
