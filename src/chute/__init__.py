@@ -8,6 +8,7 @@ async with chute.Broker("./chute-data") as broker:
 """
 
 from chute.broker import Broker
+from chute.client import AsyncClient, AsyncConsumer, Client
 from chute.consumer import Consumer
 from chute.errors import ChuteError
 from chute.model import (
@@ -23,7 +24,10 @@ from chute.model import (
 )
 
 __all__ = [
+    "AsyncClient",
+    "AsyncConsumer",
     "Broker",
+    "Client",
     "ChuteError",
     "Consumer",
     "Delivery",

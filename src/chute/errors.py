@@ -5,8 +5,8 @@ numeric `code` (never reused or renumbered), the HTTP status the HTTP API answer
 same call can succeed (`retryable`), and whether the network server closes the connection after sending it
 (`closes_connection`). The wire protocol, the HTTP API and the docs are all generated from this table.
 
-Invariant: codes are grouped by hundreds (1xxx bad input, 2xxx not found / conflict, 3xxx capacity,
-5xxx storage and broker state) and a code, once published, keeps its meaning forever.
+Invariant: codes are grouped by thousands (1xxx bad input and protocol, 2xxx not found / conflict, 3xxx
+capacity, 4xxx authentication, 5xxx storage, broker and connection state) and a code, once published, keeps its meaning forever.
 """
 
 from __future__ import annotations
@@ -53,6 +53,25 @@ class InvalidReceipt(ChuteError):
     name, code, http_status = "invalid_receipt", 1004, 400
 
 
+class ProtocolError(ChuteError):
+    """A frame broke the native protocol (bad header, unknown opcode, undecodable payload, wrong order). The
+    server answers with this error and closes the connection."""
+
+    name, code, http_status, closes_connection = "protocol_error", 1005, 400, True
+
+
+class FrameTooLarge(ChuteError):
+    """A frame is larger than the negotiated maximum frame size; the connection is closed."""
+
+    name, code, http_status, closes_connection = "frame_too_large", 1006, 413, True
+
+
+class UnsupportedVersion(ChuteError):
+    """Client and server share no protocol version; the connection is closed."""
+
+    name, code, http_status, closes_connection = "unsupported_version", 1007, 400, True
+
+
 class QueueNotFound(ChuteError):
     """No queue has this name."""
 
@@ -95,6 +114,18 @@ class QueueFull(ChuteError):
     name, code, http_status, retryable = "queue_full", 3001, 429, True
 
 
+class TooManyConnections(ChuteError):
+    """The server is at its max connections; this one is refused and closed."""
+
+    name, code, http_status, retryable, closes_connection = "too_many_connections", 3002, 503, True, True
+
+
+class Unauthenticated(ChuteError):
+    """The handshake carried no token or a wrong one; the connection is closed."""
+
+    name, code, http_status, closes_connection = "unauthenticated", 4001, 401, True
+
+
 class StorageFailed(ChuteError):
     """The store could not make the change durable (EIO and the like). Nothing was confirmed; the log is now
     read-only until the broker is restarted."""
@@ -126,23 +157,50 @@ class BrokerClosed(ChuteError):
     name, code, http_status, retryable = "broker_closed", 5005, 503, True
 
 
+class ConsumerNotFound(ChuteError):
+    """No consumer with this id on this connection (never started, or already cancelled)."""
+
+    name, code, http_status = "consumer_not_found", 2007, 404
+
+
+class ConnectionLost(ChuteError):
+    """Client side: the connection to the broker broke before the reply came. The request may or may not have
+    been carried out (a publish with a dedup id can be retried safely)."""
+
+    name, code, http_status, retryable = "connection_lost", 5006, 503, True
+
+
+class RequestTimeout(ChuteError):
+    """Client side: no reply came within the call's timeout. The request may still be carried out."""
+
+    name, code, http_status, retryable = "timeout", 5007, 504, True
+
+
 ERRORS: tuple[type[ChuteError], ...] = (
     InvalidName,
     InvalidArgument,
     MessageTooLarge,
     InvalidReceipt,
+    ProtocolError,
+    FrameTooLarge,
+    UnsupportedVersion,
     QueueNotFound,
     QueueExists,
     TopicNotFound,
     TopicExists,
     SubscriptionNotFound,
     QueueInUse,
+    ConsumerNotFound,
     QueueFull,
+    TooManyConnections,
+    Unauthenticated,
     StorageFailed,
     StorageFull,
     StorageReadOnly,
     StorageCorrupt,
     BrokerClosed,
+    ConnectionLost,
+    RequestTimeout,
 )
 
 BY_CODE: dict[int, type[ChuteError]] = {cls.code: cls for cls in ERRORS}

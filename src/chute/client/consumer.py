@@ -1,0 +1,129 @@
+"""`AsyncConsumer`: a push consumer over the network, `async for delivery in client.consume("jobs")`.
+
+The server sends deliveries while this consumer has fewer than `prefetch` unsettled; acks and nacks (through
+the consumer or the client) return credit. After a reconnect the client starts the consumer again on the new
+connection: deliveries received before the break were released by the server and will come again, so acking
+them raises InvalidReceipt (at-least-once: the message is not lost, it is delivered again).
+
+Invariant: `_buffer` holds deliveries received and not yet yielded; closing nacks them at once (they go back to
+the queue without waiting for their lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+from chute.errors import ChuteError
+from chute.model import Delivery
+
+if TYPE_CHECKING:
+    from chute.client.aio import AsyncClient
+
+log = logging.getLogger("chute.client")
+
+
+class AsyncConsumer:
+    """Async iterator of deliveries from one queue; `close()` (or `async with`) ends it."""
+
+    def __init__(self, client: AsyncClient, queue: str, prefetch: int, lease_s: float | None) -> None:
+        self.client = client
+        self.queue = queue
+        self.prefetch = prefetch
+        self.lease_s = lease_s
+        self.server_id: int | None = None
+        self.closed = False
+        self.error: ChuteError | None = None
+        self._buffer: deque[Delivery] = deque()
+        self._event = asyncio.Event()
+        self._runner: asyncio.Task | None = None
+
+    def __aiter__(self) -> AsyncConsumer:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        while not self._buffer:
+            if self.error is not None:
+                raise self.error
+            if self.closed:
+                raise StopAsyncIteration
+            self._event.clear()
+            await self._event.wait()
+        return self._buffer.popleft()
+
+    async def get(self, timeout: float | None = None) -> Delivery | None:
+        """The next delivery, or None after `timeout` seconds without one (or when the consumer is closed)."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.__anext__()
+        except (TimeoutError, StopAsyncIteration):
+            return None
+
+    def _feed(self, deliveries: list[Delivery]) -> None:
+        self._buffer.extend(deliveries)
+        self._event.set()
+
+    def _end(self, error: ChuteError | None) -> None:
+        self.error = error
+        self.closed = True
+        self._event.set()
+
+    def _reset(self) -> None:
+        """The connection broke: what was buffered was released by the server."""
+        self._buffer.clear()
+        self.server_id = None
+
+    async def ack(self, deliveries: Delivery | Sequence[Delivery]) -> None:
+        await self.client.ack(deliveries)
+
+    async def nack(self, deliveries: Delivery | Sequence[Delivery], *, delay_s: float = 0.0,
+                   dead_letter: bool = False) -> None:  # fmt: skip
+        await self.client.nack(deliveries, delay_s=delay_s, dead_letter=dead_letter)
+
+    async def extend(self, deliveries: Delivery | Sequence[Delivery], lease_s: float) -> None:
+        await self.client.extend(deliveries, lease_s)
+
+    def run(self, callback: Callable[[Delivery], Awaitable[None]]) -> asyncio.Task:
+        """Call `callback` for each delivery in a background task: ack when it returns, nack (requeue now) when
+        it raises. Returns the task; it ends when the consumer is closed."""
+
+        async def loop() -> None:
+            async for delivery in self:
+                try:
+                    await callback(delivery)
+                except Exception:
+                    log.exception("consumer callback failed on message %s; nacking it", delivery.id)
+                    with contextlib.suppress(ChuteError):
+                        await self.nack(delivery)
+                else:
+                    with contextlib.suppress(ChuteError):
+                        await self.ack(delivery)
+
+        self._runner = asyncio.get_running_loop().create_task(loop())
+        return self._runner
+
+    async def close(self) -> None:
+        """Stop the consumer; deliveries received but not yet yielded go back to the queue at once."""
+        if self.closed and self.server_id is None:
+            return
+        self.closed = True
+        self._event.set()
+        await self.client._cancel_consumer(self)
+        unyielded, self._buffer = list(self._buffer), deque()
+        if unyielded:
+            with contextlib.suppress(ChuteError):
+                await self.client.nack(unyielded)
+        if self._runner is not None and self._runner is not asyncio.current_task():
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner
+
+    async def __aenter__(self) -> AsyncConsumer:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

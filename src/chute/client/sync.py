@@ -1,0 +1,166 @@
+"""`Client`: the blocking client. It runs one `AsyncClient` in an event loop on a background thread and each
+method waits for the async method of the same name, so there is one protocol implementation, not two.
+
+    with chute.Client() as client:                       # CHUTE_URL or chute://127.0.0.1:6160
+        client.create_queue("jobs")
+        client.publish("jobs", b"hello")                  # returns once durable
+        for delivery in client.consume("jobs", prefetch=10):
+            handle(delivery); client.ack(delivery)
+
+Invariant: every call blocks at most the client's timeout (plus the long-poll time of `receive`); the loop
+thread is stopped by `close()` (or at exit of `with`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable, Iterator
+
+from chute.client.aio import AsyncClient
+from chute.client.consumer import AsyncConsumer
+from chute.errors import BrokerClosed, ChuteError
+from chute.model import Delivery
+
+# The AsyncClient methods that Client offers with the same signature and docstring, blocking.
+DELEGATED = (
+    "create_queue", "update_queue", "delete_queue", "purge_queue", "list_queues", "queue_stats",
+    "create_topic", "delete_topic", "list_topics", "subscribe", "unsubscribe", "peek", "redrive",
+    "publish", "publish_batch", "flush", "receive", "ack", "nack", "extend", "ack_receipts",
+)  # fmt: skip
+
+
+class _LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="chute-client", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        if not self.thread.is_alive():
+            coro.close()
+            raise BrokerClosed("the client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class Client:
+    """A blocking connection to a Chute broker. Takes the same arguments as `AsyncClient`; connects at once."""
+
+    def __init__(self, url: str | None = None, **options) -> None:
+        self._runner = _LoopThread()
+        try:
+            self._async: AsyncClient = self._runner.run(self._make(url, options))
+        except BaseException:
+            self._runner.stop()
+            raise
+
+    @staticmethod
+    async def _make(url, options) -> AsyncClient:
+        return await AsyncClient(url, **options).connect()
+
+    @property
+    def url(self) -> str:
+        return self._async.url
+
+    def publish_many(self, dest: str, bodies, **options) -> list[int]:
+        """Publish many bodies with the same options, batched; return their ids once all are durable."""
+
+        async def go() -> list[int]:
+            futures = [self._async.publish_nowait(dest, body, **options) for body in bodies]
+            return list(await asyncio.gather(*futures))
+
+        return self._runner.run(go())
+
+    def consume(self, queue: str, *, prefetch: int = 100, lease_s: float | None = None) -> Consumer:
+        """A push consumer: iterate over it for deliveries (settle each with `ack` / `nack`), or `run(callback)`."""
+        return Consumer(self, self._runner.run(self._async.consume(queue, prefetch=prefetch, lease_s=lease_s)))
+
+    def close(self) -> None:
+        """Send pending publishes, stop consumers, close the connection and the loop thread. Idempotent."""
+        if self._runner.thread.is_alive():
+            try:
+                self._runner.run(self._async.close(), timeout=self._async.timeout + 5)
+            finally:
+                self._runner.stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _delegate(name: str):
+    method = getattr(AsyncClient, name)
+
+    @functools.wraps(method)
+    def call(self: Client, *args, **kwargs):
+        return self._runner.run(getattr(self._async, name)(*args, **kwargs))
+
+    call.__annotations__ = dict(method.__annotations__)  # same parameters; returns the awaited value
+    return call
+
+
+for _name in DELEGATED:
+    setattr(Client, _name, _delegate(_name))
+
+
+class Consumer:
+    """The blocking face of an AsyncConsumer: `for delivery in consumer`, `get(timeout)`, `run(callback)`."""
+
+    def __init__(self, client: Client, consumer: AsyncConsumer) -> None:
+        self._client = client
+        self._async = consumer
+
+    def __iter__(self) -> Iterator[Delivery]:
+        while True:
+            try:
+                yield self._client._runner.run(self._async.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def get(self, timeout: float | None = None) -> Delivery | None:
+        """The next delivery, or None after `timeout` seconds without one."""
+        return self._client._runner.run(self._async.get(timeout))
+
+    def run(self, callback: Callable[[Delivery], None], *, max_messages: int | None = None) -> int:
+        """Call `callback` for each delivery in this thread: ack when it returns, nack (requeue now) when it
+        raises. Returns after `max_messages` (or when the consumer ends); how many were handled."""
+        handled = 0
+        for delivery in self:
+            try:
+                callback(delivery)
+            except Exception:
+                self._client.nack(delivery)
+            else:
+                try:
+                    self._client.ack(delivery)
+                except ChuteError:
+                    pass  # lease ended meanwhile: it will be delivered again
+            handled += 1
+            if max_messages is not None and handled >= max_messages:
+                break
+        return handled
+
+    def ack(self, deliveries) -> None:
+        self._client.ack(deliveries)
+
+    def nack(self, deliveries, **options) -> None:
+        self._client.nack(deliveries, **options)
+
+    def close(self) -> None:
+        self._client._runner.run(self._async.close())
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,114 @@
+"""Payload types of the native protocol, one per opcode (MessagePack maps via msgspec).
+
+Messages, deliveries, settings and stats are the public types of `chute.model`, so the wire carries exactly what
+the in-process API returns. Decoding is typed: a payload of the wrong shape is a ProtocolError, never a crash.
+
+Invariant: fields are only ever added with a default (older peers omit them); none is renamed or retyped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from chute.model import Delivery, Publish
+
+
+class Hello(msgspec.Struct, kw_only=True):
+    versions: list[int]
+    token: str | None = None
+    client: str = ""
+    heartbeat_s: float = 10.0
+
+
+class Welcome(msgspec.Struct, kw_only=True):
+    version: int
+    server: str
+    heartbeat_s: float
+    max_frame_bytes: int
+    max_message_bytes: int
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    code: int
+    name: str
+    message: str
+    retryable: bool = False
+    receipts: list[int] | None = None
+
+
+class Goaway(msgspec.Struct, kw_only=True):
+    reason: str = ""
+
+
+class PublishRequest(msgspec.Struct, kw_only=True):
+    dest: str
+    messages: list[Publish]
+
+
+class PublishReply(msgspec.Struct, kw_only=True):
+    ids: list[int]
+
+
+class ConsumeRequest(msgspec.Struct, kw_only=True):
+    queue: str
+    prefetch: int = 100
+    lease_s: float | None = None
+
+
+class ConsumeReply(msgspec.Struct, kw_only=True):
+    consumer: int
+
+
+class Deliver(msgspec.Struct, kw_only=True):
+    consumer: int
+    deliveries: list[Delivery]
+    end: ErrorBody | None = None
+    """Set when the server ended this consumer (its queue was deleted, the broker is closing)."""
+
+
+class CancelRequest(msgspec.Struct, kw_only=True):
+    consumer: int
+
+
+class ReceiveRequest(msgspec.Struct, kw_only=True):
+    queue: str
+    max_messages: int = 1
+    wait_s: float = 0.0
+    lease_s: float | None = None
+
+
+class ReceiveReply(msgspec.Struct, kw_only=True):
+    deliveries: list[Delivery]
+
+
+class AckRequest(msgspec.Struct, kw_only=True):
+    queue: str
+    receipts: list[int]
+
+
+class NackRequest(msgspec.Struct, kw_only=True):
+    queue: str
+    receipts: list[int]
+    delay_s: float = 0.0
+    dead_letter: bool = False
+
+
+class ExtendRequest(msgspec.Struct, kw_only=True):
+    queue: str
+    receipts: list[int]
+    lease_s: float
+
+
+class CallRequest(msgspec.Struct, kw_only=True):
+    method: str
+    args: dict[str, Any] = {}
+
+
+class CallReply(msgspec.Struct, kw_only=True):
+    result: Any = None
+
+
+class Empty(msgspec.Struct):
+    pass

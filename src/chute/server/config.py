@@ -1,0 +1,88 @@
+"""`ServerConfig`: every setting of `chute serve`, from defaults, a TOML file and command-line flags.
+
+The file uses the same names as the flags (with `_` for `-`), e.g.
+
+    data_dir = "/var/lib/chute"
+    port = 6160
+    http_port = 6161
+    fsync = "always"
+    token = "s3cret"
+
+Invariant: a config that loads is valid — unknown keys, wrong types and out-of-range values are refused with
+an error that names the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from chute.core.state import DEFAULT_MAX_MESSAGE_BYTES
+from chute.errors import InvalidArgument
+from chute.protocol.frames import DEFAULT_HTTP_PORT, DEFAULT_MAX_FRAME_BYTES, DEFAULT_PORT
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    data_dir: str = "./chute-data"
+    """Where the log and checkpoints live (created if missing)."""
+    host: str = DEFAULT_HOST
+    """Address both listeners bind to; loopback by default."""
+    port: int = DEFAULT_PORT
+    """Native protocol port (0: any free port)."""
+    http_port: int | None = DEFAULT_HTTP_PORT
+    """HTTP port for /healthz (0: any free port; None: no HTTP listener)."""
+    fsync: Literal["always", "interval", "never"] = "always"
+    """`always`: confirm after fsync (default); `interval`: fsync every 100 ms; `never`: leave it to the OS."""
+    token: str | None = None
+    """If set, clients must present this token in the handshake."""
+    max_connections: int = 10_000
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    memory_high_water_bytes: int = 256 * 2**20
+    """Above this many bytes of unconfirmed publishes, the server stops reading from publishers until it falls
+    below half of it (backpressure instead of running out of memory)."""
+    heartbeat_s: float = 10.0
+    """Heartbeat interval offered to clients; a peer silent for 3 intervals is considered dead."""
+    shutdown_grace_s: float = 10.0
+    """On SIGTERM, how long in-flight requests may take to finish."""
+
+    def validate(self) -> ServerConfig:
+        for key, low, high in (
+            ("port", 0, 65535), ("max_connections", 1, 1_000_000), ("max_frame_bytes", 65536, 2**30),
+            ("max_message_bytes", 1, 2**30), ("memory_high_water_bytes", 2**20, 2**40),
+            ("heartbeat_s", 0.05, 3600), ("shutdown_grace_s", 0, 3600),
+        ):  # fmt: skip
+            value = getattr(self, key)
+            if not low <= value <= high:
+                raise InvalidArgument(f"{key} must be between {low} and {high}, got {value!r}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise InvalidArgument(f"http_port must be between 0 and 65535, got {self.http_port!r}")
+        if self.max_message_bytes + 64 * 1024 > self.max_frame_bytes:
+            raise InvalidArgument("max_frame_bytes must exceed max_message_bytes by at least 64 KiB")
+        if self.token is not None and not self.token:
+            raise InvalidArgument("token must not be empty")
+        return self
+
+
+def load_config(path: str | Path | None = None, **overrides) -> ServerConfig:
+    """Defaults, then the TOML file at `path` (if given), then `overrides` that are not None."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = msgspec.convert(values, ServerConfig)
+    except msgspec.ValidationError as exc:
+        where = f"config file {path}" if path else "config"
+        raise InvalidArgument(f"{where}: {exc}") from None
+    return config.validate()

@@ -1,0 +1,386 @@
+"""`Session`: one native-protocol connection, an asyncio.Protocol over `chute.protocol.Connection`.
+
+Frames are decoded sans-I/O; each request runs as one task (a publish batch is one request, never one task per
+message) and is answered by exactly one REPLY or ERROR with its correlation id, in completion order. Push
+consumers (`ServerConsumer`) run one task each and send DELIVER frames while they have prefetch credit.
+
+Invariants:
+- `leased[queue]` holds every receipt delivered on this connection and not yet settled through it; when the
+  connection ends they are released at once, so another consumer gets those messages without waiting for leases.
+- A peer that breaks the protocol gets one ERROR frame and the connection is closed; it never affects others.
+- Backpressure: reading stops while the transport's write buffer is full (a peer that does not read its replies
+  cannot make us buffer without bound) and while the server is over its memory high-water mark; consumers do not
+  fetch more while the write buffer is full (a slow consumer only slows itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import logging
+from typing import TYPE_CHECKING
+
+from chute.errors import (
+    BrokerClosed,
+    ChuteError,
+    ConsumerNotFound,
+    InvalidArgument,
+    QueueNotFound,
+    Unauthenticated,
+)
+from chute.protocol import messages as m
+from chute.protocol.connection import Connection, Frame
+from chute.protocol.frames import Op
+
+if TYPE_CHECKING:
+    from chute.server.app import Server
+
+log = logging.getLogger("chute.server")
+
+CREDIT_RECHECK_S = 0.5  # how soon leases that ended free a consumer's prefetch credit
+POLL_S = 1.0  # longest single long-poll of a push consumer
+MAX_DELIVER_BATCH = 256  # deliveries per DELIVER frame
+DEAD_PEER_INTERVALS = 3  # a peer silent this many heartbeat intervals is considered dead
+
+# Management calls a client may make with CALL: the method names of `Broker` (and nothing else).
+CALLS = frozenset({"create_queue", "update_queue", "delete_queue", "purge_queue", "list_queues", "queue_stats",
+                   "create_topic", "delete_topic", "list_topics", "subscribe", "unsubscribe", "peek", "redrive"})  # fmt: skip
+
+
+class ServerConsumer:
+    """A push consumer on one session: keeps at most `prefetch` deliveries unsettled."""
+
+    def __init__(self, session: Session, consumer_id: int, queue: str, prefetch: int, lease_s: float | None):
+        self.session = session
+        self.id = consumer_id
+        self.queue = queue
+        self.prefetch = prefetch
+        self.lease_s = lease_s
+        self.outstanding: set[int] = set()
+        self.credit = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    def settled(self, receipts) -> None:
+        if self.outstanding:
+            self.outstanding.difference_update(receipts)
+            self.credit.set()
+
+    async def run(self) -> None:
+        session, broker = self.session, self.session.broker
+        end: ChuteError | None = None
+        try:
+            while True:
+                await session.writable.wait()
+                credit = self.prefetch - len(self.outstanding)
+                if credit <= 0:
+                    await self._wait_for_credit()
+                    continue
+                deliveries = await broker.receive(
+                    self.queue, min(credit, MAX_DELIVER_BATCH), wait_s=POLL_S, lease_s=self.lease_s
+                )
+                if not deliveries:
+                    continue
+                if session.closed:
+                    broker.release(self.queue, [d.receipt for d in deliveries if d.receipt])
+                    return
+                receipts = [d.receipt for d in deliveries if d.receipt]
+                self.outstanding.update(receipts)
+                session.track(self.queue, receipts)
+                session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=deliveries))
+        except asyncio.CancelledError:
+            raise
+        except ChuteError as exc:  # the queue was deleted, the broker is closing, ...
+            end = exc
+        except Exception as exc:  # a bug: end this consumer, keep the connection
+            log.exception("consumer %s on %s failed", self.id, self.queue)
+            end = ChuteError(f"consumer failed: {exc}")
+        session.consumers.pop(self.id, None)
+        if end is not None and not session.closed:
+            body = m.ErrorBody(code=end.code, name=end.name, message=end.message, retryable=end.retryable)
+            session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=[], end=body))
+
+    async def _wait_for_credit(self) -> None:
+        queue = self.session.broker.core.queues.get(self.queue)
+        if queue is None:
+            raise QueueNotFound(f"queue {self.queue!r} was deleted")
+        self.outstanding &= queue.in_flight.keys()  # leases that ended (and were redelivered) free credit
+        if len(self.outstanding) < self.prefetch:
+            return
+        self.credit.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CREDIT_RECHECK_S):
+                await self.credit.wait()
+
+
+class Session(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.broker = server.broker
+        self.conn = Connection("server", max_frame_bytes=server.config.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.closed = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.requests: set[asyncio.Task] = set()
+        self.consumers: dict[int, ServerConsumer] = {}
+        self.leased: dict[str, set[int]] = {}
+        self._next_consumer = 1
+        self._paused: set[str] = set()  # why reading is paused: "write", "memory", "shutdown"
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._heartbeat_s = server.config.heartbeat_s
+        self._last_received = self._last_sent = 0.0
+        self.publish_bytes = 0
+
+    # -- transport callbacks ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        loop = asyncio.get_running_loop()
+        self._last_received = self._last_sent = loop.time()
+        if not self.server.admit(self):
+            return
+        self._heartbeat = loop.call_later(self._heartbeat_s, self._on_heartbeat)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_received = asyncio.get_running_loop().time()
+        try:
+            frames = self.conn.receive_data(data)
+        except ChuteError as exc:
+            self.fail(exc)
+            return
+        for frame in frames:
+            if self.closed:
+                return
+            op = frame.op
+            if op is Op.HEARTBEAT:
+                continue
+            if op is Op.HELLO:
+                self._hello(frame.body)
+                continue
+            task = asyncio.ensure_future(self._request(frame))
+            self.requests.add(task)
+            task.add_done_callback(self.requests.discard)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+        self.pause_reading("write")
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+        self.resume_reading("write")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.conn.state = "closed"
+        self.writable.set()  # let waiting consumers run to their end
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for consumer in list(self.consumers.values()):
+            if consumer.task is not None:
+                consumer.task.cancel()
+        self.consumers.clear()
+        for queue, receipts in self.leased.items():
+            if receipts:
+                self.broker.release(queue, list(receipts))
+        self.leased.clear()
+        self.server.forget(self)
+
+    # -- writing and closing --------------------------------------------------------------------------------
+
+    def write(self, op: Op, payload=None, correlation_id: int = 0) -> None:
+        if self.closed or self.transport is None:
+            return
+        try:
+            data = self.conn.send(op, payload, correlation_id)
+        except ChuteError as exc:  # the reply is larger than a frame (e.g. a huge peek): say so instead
+            if not correlation_id:
+                raise
+            data = self.conn.error_frame(exc, correlation_id)
+        self.transport.write(data)
+        self._last_sent = asyncio.get_running_loop().time()
+
+    def fail(self, exc: ChuteError) -> None:
+        """Send a connection-level ERROR and close (a protocol violation, refused handshake, ...)."""
+        if self.closed or self.transport is None:
+            return
+        log.info("closing connection from %s: %s (%s)", self.peer, exc.message, exc.name)
+        with contextlib.suppress(Exception):
+            self.transport.write(self.conn.error_frame(exc))
+        self.closed = True  # nothing more is read or answered; connection_lost still releases leases
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        self._paused.discard(reason)
+        if not self._paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _on_heartbeat(self) -> None:
+        if self.closed:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._last_received > DEAD_PEER_INTERVALS * self._heartbeat_s:
+            log.info("connection from %s: no frame for %.1f s, closing", self.peer, now - self._last_received)
+            self.transport.abort()
+            return
+        if now - self._last_sent >= self._heartbeat_s * 0.5:
+            self.write(Op.HEARTBEAT)
+        self._prune_leases()
+        self._heartbeat = asyncio.get_running_loop().call_later(self._heartbeat_s * 0.5, self._on_heartbeat)
+
+    def _prune_leases(self) -> None:
+        """Forget receipts whose lease ended (they were released or redelivered elsewhere)."""
+        for name, receipts in list(self.leased.items()):
+            queue = self.broker.core.queues.get(name)
+            if queue is None:
+                del self.leased[name]
+            elif receipts:
+                receipts.intersection_update(queue.in_flight.keys())
+
+    def track(self, queue: str, receipts) -> None:
+        if receipts:
+            leased = self.leased.get(queue)
+            if leased is None:
+                leased = self.leased[queue] = set()
+            leased.update(receipts)
+
+    def _settled(self, queue: str, receipts) -> None:
+        leased = self.leased.get(queue)
+        if leased:
+            leased.difference_update(receipts)
+        for consumer in self.consumers.values():
+            if consumer.queue == queue:
+                consumer.settled(receipts)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def _hello(self, hello: m.Hello) -> None:
+        token = self.server.config.token
+        if token is not None and not hmac.compare_digest((hello.token or "").encode(), token.encode()):
+            self.fail(Unauthenticated("a valid token is required" if hello.token else "this server requires a token"))
+            return
+        if 0.05 <= hello.heartbeat_s <= 3600:
+            self._heartbeat_s = hello.heartbeat_s
+        try:
+            self.transport.write(self.conn.accept(hello, server=self.server.name, heartbeat_s=self._heartbeat_s,
+                                                  max_message_bytes=self.server.config.max_message_bytes))  # fmt: skip
+        except ChuteError as exc:
+            self.fail(exc)
+
+    async def _request(self, frame: Frame) -> None:
+        corr = frame.correlation_id
+        try:
+            reply = await HANDLERS[frame.op](self, frame.body)
+        except ChuteError as exc:
+            self.write_error(exc, corr)
+            return
+        except asyncio.CancelledError:
+            self.write_error(BrokerClosed("the server is shutting down"), corr)
+            raise
+        except Exception as exc:
+            log.exception("request %s from %s failed", frame.op.name, self.peer)
+            self.write_error(ChuteError(f"internal error: {type(exc).__name__}"), corr)
+            return
+        self.write(Op.REPLY, reply, corr)
+
+    def write_error(self, exc: ChuteError, correlation_id: int) -> None:
+        if self.closed or self.transport is None:
+            return
+        self.transport.write(self.conn.error_frame(exc, correlation_id))
+
+    async def _publish(self, request: m.PublishRequest) -> m.PublishReply:
+        size = sum(len(message.body) for message in request.messages)
+        self.server.publishing(self, size)
+        try:
+            return m.PublishReply(ids=await self.broker.publish_batch(request.dest, request.messages))
+        finally:
+            self.server.publishing(self, -size)
+
+    async def _consume(self, request: m.ConsumeRequest) -> m.ConsumeReply:
+        prefetch = request.prefetch
+        if isinstance(prefetch, bool) or not 1 <= prefetch <= 100_000:
+            raise InvalidArgument(f"prefetch must be from 1 to 100000, got {prefetch!r}")
+        self.broker._check()
+        self.broker.core.queue(request.queue)  # QueueNotFound now rather than in the consumer
+        consumer = ServerConsumer(self, self._next_consumer, request.queue, prefetch, request.lease_s)
+        self._next_consumer += 1
+        self.consumers[consumer.id] = consumer
+        consumer.task = asyncio.get_running_loop().create_task(consumer.run())
+        return m.ConsumeReply(consumer=consumer.id)
+
+    async def _cancel(self, request: m.CancelRequest) -> m.Empty:
+        consumer = self.consumers.pop(request.consumer, None)
+        if consumer is None:
+            raise ConsumerNotFound(f"no consumer {request.consumer} on this connection")
+        consumer.task.cancel()
+        return m.Empty()
+
+    async def _receive(self, request: m.ReceiveRequest) -> m.ReceiveReply:
+        deliveries = await self.broker.receive(
+            request.queue, request.max_messages, wait_s=request.wait_s, lease_s=request.lease_s
+        )
+        if self.closed:
+            self.broker.release(request.queue, [d.receipt for d in deliveries if d.receipt])
+        else:
+            self.track(request.queue, [d.receipt for d in deliveries if d.receipt])
+        return m.ReceiveReply(deliveries=deliveries)
+
+    async def _ack(self, request: m.AckRequest) -> m.Empty:
+        self._settled(request.queue, request.receipts)
+        await self.broker.ack(request.queue, request.receipts)
+        return m.Empty()
+
+    async def _nack(self, request: m.NackRequest) -> m.Empty:
+        self._settled(request.queue, request.receipts)
+        await self.broker.nack(request.queue, request.receipts, delay_s=request.delay_s,
+                               dead_letter=request.dead_letter)  # fmt: skip
+        return m.Empty()
+
+    async def _extend(self, request: m.ExtendRequest) -> m.Empty:
+        await self.broker.extend(request.queue, request.receipts, request.lease_s)
+        return m.Empty()
+
+    async def _call(self, request: m.CallRequest) -> m.CallReply:
+        if request.method not in CALLS:
+            raise InvalidArgument(f"unknown call {request.method!r}")
+        if "settings" in request.args:
+            raise InvalidArgument("give settings as keywords (lease_s=..., ...), not as a 'settings' object")
+        method = getattr(self.broker, request.method)
+        try:
+            inspect.signature(method).bind(**request.args)
+        except TypeError as exc:
+            raise InvalidArgument(f"{request.method}: {exc}") from None
+        result = method(**request.args)
+        if inspect.isawaitable(result):
+            result = await result
+        return m.CallReply(result=result)
+
+
+HANDLERS = {
+    Op.PUBLISH: Session._publish,
+    Op.CONSUME: Session._consume,
+    Op.CANCEL: Session._cancel,
+    Op.RECEIVE: Session._receive,
+    Op.ACK: Session._ack,
+    Op.NACK: Session._nack,
+    Op.EXTEND: Session._extend,
+    Op.CALL: Session._call,
+}
