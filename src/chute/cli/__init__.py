@@ -1,0 +1,22 @@
+"""The `chute` command line: `chute serve` runs a broker; every other command talks to one through the client
+(`--url`, default $CHUTE_URL, then chute://127.0.0.1:6160).
+
+Invariant: a command fails with a non-zero exit and a one-line error on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import click
+
+from chute.cli.bench import bench
+from chute.cli.serve import serve
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="chute", prog_name="chute")
+def main() -> None:
+    """Chute: a durable message broker. `chute serve` runs one; the other commands talk to it."""
+
+
+main.add_command(serve)
+main.add_command(bench)

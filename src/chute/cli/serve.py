@@ -1,0 +1,71 @@
+"""`chute serve`: run a broker in this process until SIGTERM or SIGINT, then stop gracefully and exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import click
+
+from chute.errors import ChuteError
+from chute.server import Server, load_config
+
+
+@click.command()
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Directory of the durable log and checkpoints.  [default: ./chute-data]")
+@click.option("--host", default=None, help="Address to listen on.  [default: 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="Native protocol port (0: any free port).  [default: 6160]")
+@click.option("--http-port", type=int, default=None,
+              help="HTTP port for /healthz (0: any free port; -1: none).  [default: 6161]")
+@click.option("--fsync", type=click.Choice(["always", "interval", "never"]), default=None,
+              help="When a publish is confirmed: after fsync (always), fsync every 100 ms (interval), never.  "
+                   "[default: always]")
+@click.option("--token", envvar="CHUTE_TOKEN", default=None, help="Clients must present this token (or $CHUTE_TOKEN).")
+@click.option("--max-connections", type=int, default=None, help="Connections beyond this are refused.  [default: 10000]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file with any of these settings (flags win).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def serve(config_file, log_level, http_port, **flags) -> None:  # fmt: skip
+    """Run a broker: durable storage in --data-dir, the native protocol on --port, /healthz on --http-port.
+
+    SIGTERM or SIGINT stops it gracefully: no new connections, in-flight requests finish, everything is flushed
+    and fsynced, exit status 0."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)  # fmt: skip
+    try:
+        config = load_config(config_file, http_port=http_port, **flags)
+        if http_port == -1:
+            config.http_port = None
+            config.validate()
+    except ChuteError as exc:
+        raise click.ClickException(exc.message) from None
+    try:
+        _run(_serve(config))
+    except ChuteError as exc:
+        raise click.ClickException(exc.message) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen: {exc.strerror or exc}") from None
+
+
+def _run(coro) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+async def _serve(config) -> None:
+    server = Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop()
