@@ -6,7 +6,8 @@ same call can succeed (`retryable`), and whether the network server closes the c
 (`closes_connection`). The wire protocol, the HTTP API and the docs are all generated from this table.
 
 Invariant: codes are grouped by thousands (1xxx bad input and protocol, 2xxx not found / conflict, 3xxx
-capacity, 4xxx authentication, 5xxx storage, broker and connection state) and a code, once published, keeps its meaning forever.
+capacity, 4xxx authentication, 5xxx storage, broker and connection state) and a code, once published, keeps
+its meaning forever.
 """
 
 from __future__ import annotations

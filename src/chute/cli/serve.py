@@ -24,10 +24,12 @@ from chute.server import Server, load_config
               help="When a publish is confirmed: after fsync (always), fsync every 100 ms (interval), never.  "
                    "[default: always]")
 @click.option("--token", envvar="CHUTE_TOKEN", default=None, help="Clients must present this token (or $CHUTE_TOKEN).")
-@click.option("--max-connections", type=int, default=None, help="Connections beyond this are refused.  [default: 10000]")
+@click.option("--max-connections", type=int, default=None,
+              help="Connections beyond this are refused.  [default: 10000]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file with any of these settings (flags win).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
 def serve(config_file, log_level, http_port, **flags) -> None:  # fmt: skip
     """Run a broker: durable storage in --data-dir, the native protocol on --port, /healthz on --http-port.
 

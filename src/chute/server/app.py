@@ -43,6 +43,7 @@ class Server:
         self.sessions: set[Session] = set()
         self.publish_bytes = 0
         self._memory_paused = False
+        self.backpressure_pauses = 0  # times the memory high-water mark paused publishers (for tests, metrics)
         self._tcp: asyncio.base_events.Server | None = None
         self._http_runner = None
         self.port: int | None = None
@@ -128,6 +129,7 @@ class Server:
         high = self.config.memory_high_water_bytes
         if not self._memory_paused and self.publish_bytes > high:
             self._memory_paused = True
+            self.backpressure_pauses += 1
             log.warning("memory high-water mark reached (%d bytes of unconfirmed publishes): publishers wait",
                         self.publish_bytes)  # fmt: skip
             for each in self.sessions:

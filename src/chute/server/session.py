@@ -45,8 +45,10 @@ MAX_DELIVER_BATCH = 256  # deliveries per DELIVER frame
 DEAD_PEER_INTERVALS = 3  # a peer silent this many heartbeat intervals is considered dead
 
 # Management calls a client may make with CALL: the method names of `Broker` (and nothing else).
-CALLS = frozenset({"create_queue", "update_queue", "delete_queue", "purge_queue", "list_queues", "queue_stats",
-                   "create_topic", "delete_topic", "list_topics", "subscribe", "unsubscribe", "peek", "redrive"})  # fmt: skip
+CALLS = frozenset({
+    "create_queue", "update_queue", "delete_queue", "purge_queue", "list_queues", "queue_stats",
+    "create_topic", "delete_topic", "list_topics", "subscribe", "unsubscribe", "peek", "redrive",
+})  # fmt: skip
 
 
 class ServerConsumer:
