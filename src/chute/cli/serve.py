@@ -14,22 +14,37 @@ from chute.server import Server, load_config
 
 
 @click.command()
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Directory of the durable log and checkpoints.  [default: ./chute-data]")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory of the durable log and checkpoints.  [default: ./chute-data]",
+)
 @click.option("--host", default=None, help="Address to listen on.  [default: 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="Native protocol port (0: any free port).  [default: 6160]")
-@click.option("--http-port", type=int, default=None,
-              help="HTTP port for /healthz (0: any free port; -1: none).  [default: 6161]")
-@click.option("--fsync", type=click.Choice(["always", "interval", "never"]), default=None,
-              help="When a publish is confirmed: after fsync (always), fsync every 100 ms (interval), never.  "
-                   "[default: always]")
+@click.option(
+    "--http-port", type=int, default=None, help="HTTP port for /healthz (0: any free port; -1: none).  [default: 6161]"
+)
+@click.option(
+    "--fsync",
+    type=click.Choice(["always", "interval", "never"]),
+    default=None,
+    help="When a publish is confirmed: after fsync (always), fsync every 100 ms (interval), never.  [default: always]",
+)
 @click.option("--token", envvar="CHUTE_TOKEN", default=None, help="Clients must present this token (or $CHUTE_TOKEN).")
-@click.option("--max-connections", type=int, default=None,
-              help="Connections beyond this are refused.  [default: 10000]")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="TOML file with any of these settings (flags win).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+@click.option(
+    "--max-connections", type=int, default=None, help="Connections beyond this are refused.  [default: 10000]"
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML file with any of these settings (flags win).",
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
 def serve(config_file, log_level, http_port, **flags) -> None:  # fmt: skip
     """Run a broker: durable storage in --data-dir, the native protocol on --port, /healthz on --http-port.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import socket
@@ -110,6 +111,7 @@ class AsyncClient:
         self._supervisor: asyncio.Task | None = None
         self._consumers: dict[int, AsyncConsumer] = {}  # by server consumer id, on the current link
         self._all_consumers: set[AsyncConsumer] = set()
+        self._consumer_ids = itertools.count(1)
         self._batches: dict[str, _Batch] = {}
         self._inflight: dict[str, int] = {}
         self._fatal: ChuteError | None = None
@@ -401,8 +403,9 @@ class AsyncClient:
         for i, item in enumerate(items):
             size += len(item.body) + BATCH_OVERHEAD
             if size > budget and i > start:
-                ids += await self._call(Op.PUBLISH, m.PublishRequest(dest=dest, messages=items[start:i]),
-                                        m.PublishReply, timeout)  # fmt: skip
+                reply = await self._call(Op.PUBLISH, m.PublishRequest(dest=dest, messages=items[start:i]),
+                                         m.PublishReply, timeout)  # fmt: skip
+                ids += reply.ids
                 start, size = i, len(item.body) + BATCH_OVERHEAD
         if start < len(items):
             reply = await self._call(Op.PUBLISH, m.PublishRequest(dest=dest, messages=items[start:]),
@@ -437,10 +440,17 @@ class AsyncClient:
         return consumer
 
     async def _start_consumer(self, consumer: AsyncConsumer) -> None:
-        request = m.ConsumeRequest(queue=consumer.queue, prefetch=consumer.prefetch, lease_s=consumer.lease_s)
-        reply = await self._call(Op.CONSUME, request, m.ConsumeReply)
-        consumer.server_id = reply.consumer
-        self._consumers[reply.consumer] = consumer
+        consumer_id = next(self._consumer_ids)
+        request = m.ConsumeRequest(consumer=consumer_id, queue=consumer.queue, prefetch=consumer.prefetch,
+                                   lease_s=consumer.lease_s)  # fmt: skip
+        self._consumers[consumer_id] = consumer  # before the request: DELIVER may follow the reply at once
+        consumer.server_id = consumer_id
+        try:
+            await self._call(Op.CONSUME, request, m.ConsumeReply)
+        except BaseException:
+            self._consumers.pop(consumer_id, None)
+            consumer.server_id = None
+            raise
 
     async def _cancel_consumer(self, consumer: AsyncConsumer) -> None:
         self._all_consumers.discard(consumer)

@@ -166,6 +166,9 @@ class Link(asyncio.Protocol):
 
 def refusal(error: ChuteError) -> bool:
     """True for errors that a reconnect cannot fix (bad token, no common version, protocol bugs)."""
-    return error.closes_connection and not error.retryable and not isinstance(error, ConnectionLost) or isinstance(
-        error, ProtocolError
+    return (
+        error.closes_connection
+        and not error.retryable
+        and not isinstance(error, ConnectionLost)
+        or isinstance(error, ProtocolError)
     )

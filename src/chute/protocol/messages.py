@@ -52,6 +52,9 @@ class PublishReply(msgspec.Struct, kw_only=True):
 
 
 class ConsumeRequest(msgspec.Struct, kw_only=True):
+    consumer: int
+    """Chosen by the client (1..2^31, unique among its consumers on this connection), so DELIVER frames that
+    arrive right behind the reply already have a known consumer."""
     queue: str
     prefetch: int = 100
     lease_s: float | None = None

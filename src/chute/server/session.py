@@ -131,7 +131,6 @@ class Session(asyncio.Protocol):
         self.requests: set[asyncio.Task] = set()
         self.consumers: dict[int, ServerConsumer] = {}
         self.leased: dict[str, set[int]] = {}
-        self._next_consumer = 1
         self._paused: set[str] = set()  # why reading is paused: "write", "memory", "shutdown"
         self._heartbeat: asyncio.TimerHandle | None = None
         self._heartbeat_s = server.config.heartbeat_s
@@ -320,10 +319,11 @@ class Session(asyncio.Protocol):
         prefetch = request.prefetch
         if isinstance(prefetch, bool) or not 1 <= prefetch <= 100_000:
             raise InvalidArgument(f"prefetch must be from 1 to 100000, got {prefetch!r}")
+        if not 1 <= request.consumer <= 2**31 or request.consumer in self.consumers:
+            raise InvalidArgument(f"consumer id {request.consumer} is out of range or already in use")
         self.broker._check()
         self.broker.core.queue(request.queue)  # QueueNotFound now rather than in the consumer
-        consumer = ServerConsumer(self, self._next_consumer, request.queue, prefetch, request.lease_s)
-        self._next_consumer += 1
+        consumer = ServerConsumer(self, request.consumer, request.queue, prefetch, request.lease_s)
         self.consumers[consumer.id] = consumer
         consumer.task = asyncio.get_running_loop().create_task(consumer.run())
         return m.ConsumeReply(consumer=consumer.id)
