@@ -53,7 +53,7 @@ def serve(config_file, log_level, http_port, **flags) -> None:  # fmt: skip
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)  # fmt: skip
     try:
-        config = load_config(config_file, http_port=http_port, **flags)
+        config = load_config(config_file, http_port=None if http_port == -1 else http_port, **flags)
         if http_port == -1:
             config.http_port = None
             config.validate()
