@@ -27,6 +27,15 @@ from chute.server.session import Session
 log = logging.getLogger("chute.server")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chute")
+    except PackageNotFoundError:
+        return "dev"
+
+
 class Server:
     """A Chute server: `await Server(config).start()`, later `await stop()`; or `async with Server(config):`."""
 
@@ -36,9 +45,7 @@ class Server:
             broker = Broker(self.config.data_dir, fsync=self.config.fsync,
                             max_message_bytes=self.config.max_message_bytes)  # fmt: skip
         self.broker = broker
-        from chute import __version__
-
-        self.name = f"chute/{__version__}"
+        self.name = f"chute/{_version()}"
         self.state: Literal["new", "recovering", "serving", "stopping", "stopped"] = "new"
         self.sessions: set[Session] = set()
         self.publish_bytes = 0
