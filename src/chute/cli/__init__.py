@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import click
 
+from chute.cli.admin import queue, subscribe, topic, unsubscribe
 from chute.cli.bench import bench
+from chute.cli.messages import consume, publish
 from chute.cli.serve import serve
 
 
@@ -20,3 +22,9 @@ def main() -> None:
 
 main.add_command(serve)
 main.add_command(bench)
+main.add_command(publish)
+main.add_command(consume)
+main.add_command(queue)
+main.add_command(topic)
+main.add_command(subscribe)
+main.add_command(unsubscribe)

@@ -1,0 +1,156 @@
+"""What every `chute` command that talks to a broker shares: the `--url` / `--timeout` / `--json` options, the
+`k=v` option parser, the client it connects with, the rich consoles and `run_command`, the one place where
+failures become a one-line message.
+
+Invariants:
+- A failure exits 1 with exactly one line on stderr, `error: <message> (<error name>)`, never a traceback: a
+  ChuteError (from the broker or the client, a refused connection included), an OSError, or, as a last resort,
+  any other exception (its traceback only with CHUTE_DEBUG=1). Ctrl-C exits 130 with `error: interrupted`.
+  A reader closing our stdout (`chute consume q | head`) exits 141 quietly, like any Unix tool killed by SIGPIPE.
+- Bad flag values are click usage errors (exit 2), checked before anything is sent.
+- The client never reconnects: a command is one attempt, so a dead broker fails fast instead of retrying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import click
+import msgspec
+from rich.console import Console
+
+from chute.client import AsyncClient
+from chute.client.url import DEFAULT_URL, parse_url, resolve_url
+from chute.errors import ChuteError
+
+DEFAULT_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0  # at most; a shorter --timeout shortens it too
+NON_TTY_WIDTH = 1000  # tables written to a pipe or file never wrap (rich would assume 80 columns)
+
+
+def _check_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    url = resolve_url(value)
+    try:
+        parse_url(url)
+    except ChuteError as exc:
+        raise click.BadParameter(exc.message, ctx, param) from None
+    return url
+
+
+def url_option(command: Callable) -> Callable:
+    """`--url`: the broker to talk to (default $CHUTE_URL, then the local default)."""
+    return click.option(
+        "--url", default=None, callback=_check_url, metavar="URL",
+        help=f"Broker URL, chute://[token@]host[:port].  [default: $CHUTE_URL, else {DEFAULT_URL}]",
+    )(command)  # fmt: skip
+
+
+def timeout_option(command: Callable) -> Callable:
+    """`--timeout`: seconds each call to the broker may take."""
+    return click.option(
+        "--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True, max=86400), default=DEFAULT_TIMEOUT_S,
+        show_default=True, metavar="S", help="Seconds to wait for the broker's reply to each call.",
+    )(command)  # fmt: skip
+
+
+def json_option(command: Callable) -> Callable:
+    """`--json`: machine-readable output instead of a table."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(command)
+
+
+def parse_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str] | None:
+    """Click callback: `k=v` values (repeatable option) to a dict; None when none were given."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected NAME=VALUE, got {value!r}", ctx, param)
+        pairs[key] = rest
+    return pairs or None
+
+
+@contextlib.asynccontextmanager
+async def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> AsyncIterator[AsyncClient]:
+    """An open client for one command: no reconnects, `timeout_s` per call."""
+    client = AsyncClient(url, timeout=timeout_s, connect_timeout=min(timeout_s, CONNECT_TIMEOUT_S), reconnect=False,
+                         name="chute-cli")  # fmt: skip
+    async with client:
+        yield client
+
+
+def plural(n: int, word: str) -> str:
+    """`1 message`, `2 messages`."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def stdout_console() -> Console:
+    """Console for tables on stdout: terminal width on a terminal, no wrapping into a pipe."""
+    return Console(width=None if sys.stdout.isatty() else NON_TTY_WIDTH, highlight=False)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def print_json(value: Any) -> None:
+    """One JSON document on stdout (msgspec Structs, bytes as base64)."""
+    sys.stdout.buffer.write(msgspec.json.encode(value) + b"\n")
+    sys.stdout.flush()
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Write `error: message` on stderr, as one line, and exit with `code`."""
+    click.echo("error: " + " ".join(message.splitlines()), err=True)
+    sys.exit(code)
+
+
+class CommandFailed(Exception):
+    """Raised by a command body with its own one-line message (e.g. one that says how much was done)."""
+
+
+def describe(error: BaseException) -> str:
+    """The one-line description of a failure."""
+    if isinstance(error, ChuteError):
+        return f"{error.message} ({error.name})"
+    if isinstance(error, OSError):
+        return f"{error.strerror or error} ({type(error).__name__})"
+    return f"unexpected {type(error).__name__}: {error} (set CHUTE_DEBUG=1 for the traceback)"
+
+
+def _stdout_closed() -> None:
+    """Our reader went away: point stdout at /dev/null so the interpreter's final flush cannot fail."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
+
+
+def run_command(main: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Decorate an async command body: run it with asyncio.run and turn every failure into one line."""
+
+    @functools.wraps(main)
+    def command(*args, **kwargs) -> None:
+        try:
+            asyncio.run(main(*args, **kwargs))
+        except BrokenPipeError:
+            _stdout_closed()
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except click.ClickException:
+            raise
+        except CommandFailed as exc:
+            fail(str(exc))
+        except (ChuteError, OSError) as exc:
+            fail(describe(exc))
+        except Exception as exc:
+            if os.environ.get("CHUTE_DEBUG"):
+                raise
+            fail(describe(exc))
+
+    return command
