@@ -73,6 +73,7 @@ class Broker(ManagementApi):
         self.checkpoint_interval_s = checkpoint_interval_s
         self.recovery: RecoveryReport | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._draining = False  # set by end_long_polls: receive() no longer waits
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._housekeeping: asyncio.Task | None = None
@@ -101,6 +102,15 @@ class Broker(ManagementApi):
         self._state = "serving"
         self._after()
         return self
+
+    def end_long_polls(self) -> None:
+        """A graceful stop begins: waiting receivers return now (with what is ready, else []) and later
+        receives do not wait, so in-flight requests finish before the broker closes."""
+        self._draining = True
+        for waiters in self._waiters.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
 
     async def close(self) -> None:
         """Stop: wake waiting receivers with BrokerClosed, checkpoint, flush and close the store. Idempotent."""
@@ -173,17 +183,24 @@ class Broker(ManagementApi):
     # -- consume ----------------------------------------------------------------------------------------------
 
     async def receive(
-        self, queue: str, max_messages: int = 1, *, wait_s: float = 0.0, lease_s: float | None = None
+        self,
+        queue: str,
+        max_messages: int = 1,
+        *,
+        wait_s: float = 0.0,
+        lease_s: float | None = None,
+        max_bytes: int | None = None,
     ) -> list[Delivery]:
         """Lease up to `max_messages` messages, waiting up to `wait_s` for the first (long poll). Returns [] if
-        none came. Each delivery must be acked (or nacked) before its lease ends, or it is delivered again."""
+        none came. Each delivery must be acked (or nacked) before its lease ends, or it is delivered again.
+        `max_bytes` bounds the sum of the bodies (a batch of one may exceed it): a batch that must fit a frame."""
         self._check()
         if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 3600:
             raise InvalidArgument(f"wait_s must be from 0 to 3600 seconds, got {wait_s!r}")
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
         while True:
-            entries = self._run(self.core.receive, queue, max_messages, self.clock(), lease_s)
+            entries = self._run(self.core.receive, queue, max_messages, self.clock(), lease_s, max_bytes)
             if entries:
                 try:
                     return await self._deliveries(queue, entries)
@@ -191,7 +208,7 @@ class Broker(ManagementApi):
                     self.release(queue, [e.receipt for e in entries if e.receipt])  # not handed out: not leased
                     raise
             remaining = give_up - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self._draining:
                 return []
             rate_at = self.core.rate_ready_at(queue, self.clock())
             if rate_at is not None:

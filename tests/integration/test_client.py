@@ -436,6 +436,23 @@ async def test_graceful_stop_confirms_what_was_in_flight(tmp_path):
     assert confirmed <= stored
 
 
+async def test_graceful_stop_answers_long_polls_at_once(tmp_path):
+    """A RECEIVE waiting 60 s does not hold a stop for the grace period: it is answered [] at once."""
+    async with serving(str(tmp_path / "data"), shutdown_grace_s=30.0) as server:
+        client = await chute.AsyncClient(server.url, reconnect=False, timeout=60).connect()
+        await client.create_queue("idle")
+        poll = asyncio.create_task(client.receive("idle", wait_s=60.0))
+        async with asyncio.timeout(5):
+            while not server.server.broker._waiters.get("idle"):  # the RECEIVE is waiting in the broker
+                await asyncio.sleep(0.005)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await server.server.stop()
+        assert loop.time() - started < 5.0
+        assert await poll == []
+        await client.close()
+
+
 def test_the_blocking_client(chute_server):
     with chute.Client(chute_server.url) as client:
         client.create_queue("jobs")

@@ -45,7 +45,7 @@ from chute.protocol.frames import (
     SERVER_OPS,
     pack_header,
 )
-from chute.server.session import CALLS
+from chute.server.calls import CALLS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 REPLY_TYPES = (m.PublishReply, m.ConsumeReply, m.ReceiveReply, m.CallReply, m.Empty)
@@ -619,14 +619,12 @@ def test_a_bad_payload_is_a_protocol_error(payload):
 INVALID_UTF8_PUBLISH = b"\x82\xa4dest\xa2\xff\xfe\xa8messages\x90"  # {"dest": <str of bytes ff fe>, "messages": []}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: invalid UTF-8 in a str field raises UnicodeDecodeError, not ProtocolError")
 def test_invalid_utf8_in_a_payload_is_a_protocol_error():
     conn = open_server()
     with pytest.raises(ProtocolError):
         conn.receive_data(raw_frame(Op.PUBLISH, 1, INVALID_UTF8_PUBLISH))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: invalid UTF-8 in a str field raises UnicodeDecodeError, not ProtocolError")
 def test_invalid_utf8_in_a_hello_is_a_protocol_error():
     payload = b"\x82\xa8versions\x91\x01\xa5token\xa1\xff"  # {"versions": [1], "token": <str of byte ff>}
     with pytest.raises(ProtocolError):
@@ -695,19 +693,11 @@ def test_role_must_be_client_or_server():
 # -- arbitrary bytes ----------------------------------------------------------------------------------------------
 
 
-# Known bug (see test_invalid_utf8_in_a_payload_is_a_protocol_error): a str field that is not valid UTF-8 raises
-# UnicodeDecodeError out of receive_data. The properties below tolerate exactly that exception, so they keep
-# checking everything else; the strict xfail test fails once the bug is fixed, and then this goes.
-KNOWN_BUG = (UnicodeDecodeError,)
-
-
 def feed_all(conn: Connection, chunks: list[bytes]) -> list:
     frames = []
     try:
         for chunk in chunks:
             frames += conn.receive_data(chunk)
-    except KNOWN_BUG:
-        pass
     except ChuteError as exc:
         assert type(exc) in ERRORS and exc.closes_connection, exc
         assert conn.state == "closed"

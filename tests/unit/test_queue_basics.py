@@ -263,3 +263,32 @@ async def test_in_memory_broker_and_durable_default(tmp_path, monkeypatch):
         assert isinstance(broker.store, FileStore)
         await broker.create_queue("q")
     assert (tmp_path / "chute-data" / "checkpoint").exists()
+
+
+async def test_receive_max_bytes_bounds_the_bodies_of_a_batch(broker):
+    """A batch that must fit a frame: the bodies add up to at most max_bytes, the rest stays ready, in order."""
+    await broker.create_queue("q")
+    await broker.publish_batch("q", [Publish(body=bytes([i]) * 100) for i in range(10)])
+    first = await broker.receive("q", 10, max_bytes=350)
+    assert [d.body[0] for d in first] == [0, 1, 2]
+    big = await broker.receive("q", 10, max_bytes=50)  # one message larger than the budget still goes alone
+    assert [d.body[0] for d in big] == [3]
+    rest = await broker.receive("q", 10)
+    assert [d.body[0] for d in rest] == list(range(4, 10))
+    assert all(d.delivery_count == 1 for d in first + big + rest)
+
+
+async def test_receive_max_bytes_keeps_priority_order_and_returned_messages(broker):
+    await broker.create_queue("q")
+    await broker.publish_batch("q", [Publish(body=b"x" * 10, priority=p) for p in (0, 5, 5, 0)])
+    [a, b] = await broker.receive("q", 2)
+    await broker.nack("q", [a.receipt, b.receipt])  # returned: they keep their place in line
+    got = await broker.receive("q", 10, max_bytes=25)
+    assert [(d.id, d.message.priority) for d in got] == [(a.id, 5), (b.id, 5)]
+
+
+async def test_receive_max_bytes_gives_back_unused_rate_tokens(broker):
+    await broker.create_queue("q", rate_limit=4.0)  # a burst of 4
+    await broker.publish_batch("q", [Publish(body=b"x" * 100) for _ in range(4)])
+    assert len(await broker.receive("q", 4, max_bytes=100)) == 1
+    assert len(await broker.receive("q", 4)) == 3  # the 3 tokens the first batch left unused

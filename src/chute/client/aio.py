@@ -52,23 +52,24 @@ from chute.model import (
     TopicInfo,
 )
 from chute.protocol import messages as m
-from chute.protocol.frames import Op
+from chute.protocol.frames import DEFAULT_MAX_FRAME_BYTES, Op
+from chute.protocol.sizes import body_budget, publish_size
 
 log = logging.getLogger("chute.client")
 T = TypeVar("T")
 
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 5.0
-BATCH_OVERHEAD = 64  # bytes of framing we count per message when sizing a batch
 
 
 class _Batch:
-    __slots__ = ("messages", "futures", "size", "timer")
+    __slots__ = ("messages", "futures", "size", "limit", "timer")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.messages: list[Publish] = []
         self.futures: list[asyncio.Future] = []
-        self.size = 0
+        self.size = 0  # an upper bound of the encoded messages (protocol.sizes)
+        self.limit = limit
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -342,22 +343,26 @@ class AsyncClient:
             raise InvalidArgument(f"body must be bytes, got {type(body).__name__}")
         message = Publish(body=bytes(body), **options)
         future = asyncio.get_running_loop().create_future()
+        size = publish_size(message)
         batch = self._batches.get(dest)
+        if batch is not None and batch.size + size > batch.limit:
+            self._send_batch(dest)  # this message would not fit the frame: it starts the next batch
+            batch = None
         if batch is None:
-            batch = self._batches[dest] = _Batch()
+            batch = self._batches[dest] = _Batch(self._frame_budget())
         batch.messages.append(message)
         batch.futures.append(future)
-        batch.size += len(message.body) + BATCH_OVERHEAD
-        limit = self._frame_budget()
-        if not self._inflight.get(dest) or len(batch.messages) >= self.max_batch or batch.size >= limit:
+        batch.size += size
+        if not self._inflight.get(dest) or len(batch.messages) >= self.max_batch or batch.size >= batch.limit:
             self._send_batch(dest)
         elif batch.timer is None:
             batch.timer = asyncio.get_running_loop().call_later(self.linger_s, self._send_batch, dest)
         return future
 
     def _frame_budget(self) -> int:
+        """The bytes of messages one PUBLISH frame may carry (sized by `protocol.sizes.publish_size`)."""
         welcome = self.server_info
-        return (welcome.max_frame_bytes if welcome is not None else 16 * 2**20) // 2
+        return body_budget(welcome.max_frame_bytes if welcome is not None else DEFAULT_MAX_FRAME_BYTES)
 
     def _send_batch(self, dest: str) -> None:
         batch = self._batches.pop(dest, None)
@@ -401,12 +406,13 @@ class AsyncClient:
         budget = self._frame_budget()
         start = size = 0
         for i, item in enumerate(items):
-            size += len(item.body) + BATCH_OVERHEAD
+            item_size = publish_size(item)
+            size += item_size
             if size > budget and i > start:
                 reply = await self._call(Op.PUBLISH, m.PublishRequest(dest=dest, messages=items[start:i]),
                                          m.PublishReply, timeout)  # fmt: skip
                 ids += reply.ids
-                start, size = i, len(item.body) + BATCH_OVERHEAD
+                start, size = i, item_size
         if start < len(items):
             reply = await self._call(Op.PUBLISH, m.PublishRequest(dest=dest, messages=items[start:]),
                                      m.PublishReply, timeout)  # fmt: skip

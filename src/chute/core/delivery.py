@@ -28,8 +28,11 @@ def _check_lease(lease_s: float) -> float:
 class DeliveryOps(BrokerState):
     """receive / ack / nack / extend / peek / redrive / tick."""
 
-    def receive(self, name: str, max_messages: int, now: float, lease_s: float | None = None) -> list[Entry]:
-        """Lease up to `max_messages` ready messages of a queue; each leased entry carries receipt and deadline."""
+    def receive(
+        self, name: str, max_messages: int, now: float, lease_s: float | None = None, max_bytes: int | None = None
+    ) -> list[Entry]:
+        """Lease up to `max_messages` ready messages of a queue; each leased entry carries receipt and deadline.
+        With `max_bytes`, their bodies add up to at most that much (or the batch is one message)."""
         queue = self.queue(name)
         if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
             raise InvalidArgument(f"max_messages must be a positive integer, got {max_messages!r}")
@@ -38,10 +41,13 @@ class DeliveryOps(BrokerState):
         if wanted and queue.bucket is not None:
             wanted = queue.bucket.take(wanted, now)
         taken: list[Entry] = []
+        room = max_bytes
         while wanted > len(taken):
-            batch = queue.pop_many(wanted - len(taken))
+            batch = queue.pop_many(wanted - len(taken), room, first_may_exceed=not taken)
             if not batch:
                 break
+            if room is not None:
+                room = max(0, room - sum(e.size for e in batch))
             expired = [e for e in batch if e.expires and e.expires <= now]
             if expired:
                 for entry in expired:
@@ -50,6 +56,8 @@ class DeliveryOps(BrokerState):
                 self.dead_letter(queue, expired, "expired", now)
                 batch = [e for e in batch if e.state == READY]
             taken.extend(batch)
+        if queue.bucket is not None and wanted > len(taken):
+            queue.bucket.give_back(wanted - len(taken))
         if queue.ephemeral:  # at-most-once: out of the queue at once; the caller releases the ref once read
             for entry in taken:
                 entry.state = READY

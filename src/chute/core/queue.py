@@ -224,25 +224,36 @@ class Queue:
         level.push(entry)
         self.ready += 1
 
-    def pop_many(self, count: int) -> list[Entry]:
+    def pop_many(self, count: int, max_bytes: int | None = None, *, first_may_exceed: bool = True) -> list[Entry]:
         """Take up to `count` ready entries in delivery order (highest priority, then oldest); the caller leases
-        or removes them."""
+        or removes them. With `max_bytes`, stop before the bodies would add up to more (but take the first entry
+        whatever its size if `first_may_exceed`): a batch that has to fit a frame."""
         taken: list[Entry] = []
+        room = max_bytes if max_bytes is not None else -1
         for priority in self.priorities:
             level = self.levels[priority]
             fresh = level.fresh
             while len(taken) < count:
                 if level.returned:
-                    entry = level.pop()
+                    entry = level.head()
                     if entry is None:
                         break
-                    taken.append(entry)
-                    continue
-                if not fresh:
-                    break
-                entry = fresh.popleft()  # no returned entries: the fresh deque alone is in order
-                if entry.state == READY:
-                    taken.append(entry)
+                else:
+                    while fresh and fresh[0].state != READY:
+                        fresh.popleft()
+                    if not fresh:
+                        break
+                    entry = fresh[0]  # no returned entries: the fresh deque alone is in order
+                if room >= 0:
+                    if entry.size > room and (taken or not first_may_exceed):
+                        count = len(taken)  # full
+                        break
+                    room = max(0, room - entry.size)
+                if level.returned:
+                    level.pop()
+                else:
+                    fresh.popleft()
+                taken.append(entry)
             if len(taken) >= count:
                 break
         self.ready -= len(taken)

@@ -43,6 +43,11 @@ class TokenBucket:
             self.tokens -= granted
         return max(0, granted)
 
+    def give_back(self, count: int) -> None:
+        """Return tokens granted but not used (a batch cut short)."""
+        if count > 0:
+            self.tokens = min(self.burst, self.tokens + count)
+
     def next_ready(self, now: float) -> float:
         """The earliest time at which at least one token is available (`now` if one is)."""
         self._refill(now)

@@ -107,6 +107,11 @@ class Connection:
                 if length < LENGTH_OVERHEAD:
                     raise ProtocolError(f"frame length {length} is shorter than its header")
                 if length + 4 > limit:
+                    if self.state == "handshake":  # e.g. an HTTP or TLS client on the native port
+                        raise FrameTooLarge(
+                            f"first frame of {length + 4} bytes exceeds the {limit} bytes allowed before the "
+                            "handshake: is the peer speaking the Chute protocol?"
+                        )
                     raise FrameTooLarge(f"frame of {length + 4} bytes exceeds the limit of {limit} bytes")
                 if end - start < length + 4:
                     break
@@ -155,7 +160,8 @@ class Connection:
             return bytes(payload)
         try:
             return decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            # msgspec lets a str that is not UTF-8 escape as UnicodeDecodeError: the peer's fault all the same
             raise ProtocolError(f"bad {op.name} payload: {exc}") from None
 
     def _accept_welcome(self, welcome: m.Welcome) -> None:
@@ -211,7 +217,7 @@ def decode_reply(payload: bytes, kind: type):
         decoder = _REPLY_DECODERS[kind] = msgspec.msgpack.Decoder(kind)
     try:
         return decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad REPLY payload: {exc}") from None
 
 

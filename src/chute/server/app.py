@@ -164,6 +164,7 @@ class Server:
             session.pause_reading("shutdown")
             for consumer in list(session.consumers.values()):
                 consumer.task.cancel()
+        self.broker.end_long_polls()  # a long-polling RECEIVE is answered now, not after its wait
         pending = [task for session in self.sessions for task in session.requests]
         if pending:
             await asyncio.wait(pending, timeout=self.config.shutdown_grace_s)

@@ -33,6 +33,8 @@ from chute.errors import (
 from chute.protocol import messages as m
 from chute.protocol.connection import Connection, Frame
 from chute.protocol.frames import Op
+from chute.protocol.sizes import body_budget, fitting
+from chute.server.calls import check_call
 
 if TYPE_CHECKING:
     from chute.server.app import Server
@@ -43,12 +45,6 @@ CREDIT_RECHECK_S = 0.5  # how soon leases that ended free a consumer's prefetch 
 POLL_S = 1.0  # longest single long-poll of a push consumer
 MAX_DELIVER_BATCH = 256  # deliveries per DELIVER frame
 DEAD_PEER_INTERVALS = 3  # a peer silent this many heartbeat intervals is considered dead
-
-# Management calls a client may make with CALL: the method names of `Broker` (and nothing else).
-CALLS = frozenset({
-    "create_queue", "update_queue", "delete_queue", "purge_queue", "list_queues", "queue_stats",
-    "create_topic", "delete_topic", "list_topics", "subscribe", "unsubscribe", "peek", "redrive",
-})  # fmt: skip
 
 
 class ServerConsumer:
@@ -71,6 +67,7 @@ class ServerConsumer:
 
     async def run(self) -> None:
         session, broker = self.session, self.session.broker
+        max_frame = session.server.config.max_frame_bytes
         end: ChuteError | None = None
         try:
             while True:
@@ -80,8 +77,9 @@ class ServerConsumer:
                     await self._wait_for_credit()
                     continue
                 deliveries = await broker.receive(
-                    self.queue, min(credit, MAX_DELIVER_BATCH), wait_s=POLL_S, lease_s=self.lease_s
-                )
+                    self.queue, min(credit, MAX_DELIVER_BATCH), wait_s=POLL_S, lease_s=self.lease_s,
+                    max_bytes=body_budget(max_frame),
+                )  # fmt: skip
                 if not deliveries:
                     continue
                 if session.closed:
@@ -90,7 +88,10 @@ class ServerConsumer:
                 receipts = [d.receipt for d in deliveries if d.receipt]
                 self.outstanding.update(receipts)
                 session.track(self.queue, receipts)
-                session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=deliveries))
+                while deliveries:  # usually one frame; more when large headers fill it
+                    count = fitting(deliveries, max_frame)
+                    batch, deliveries = deliveries[:count], deliveries[count:]
+                    session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=batch))
         except asyncio.CancelledError:
             raise
         except ChuteError as exc:  # the queue was deleted, the broker is closing, ...
@@ -242,7 +243,7 @@ class Session(asyncio.Protocol):
             log.info("connection from %s: no frame for %.1f s, closing", self.peer, now - self._last_received)
             self.transport.abort()
             return
-        if now - self._last_sent >= self._heartbeat_s * 0.5:
+        if now - self._last_sent >= self._heartbeat_s * 0.5 and self.conn.state == "open":  # never before WELCOME
             self.write(Op.HEARTBEAT)
         self._prune_leases()
         self._heartbeat = asyncio.get_running_loop().call_later(self._heartbeat_s * 0.5, self._on_heartbeat)
@@ -336,9 +337,15 @@ class Session(asyncio.Protocol):
         return m.Empty()
 
     async def _receive(self, request: m.ReceiveRequest) -> m.ReceiveReply:
+        max_frame = self.server.config.max_frame_bytes
         deliveries = await self.broker.receive(
-            request.queue, request.max_messages, wait_s=request.wait_s, lease_s=request.lease_s
-        )
+            request.queue, request.max_messages, wait_s=request.wait_s, lease_s=request.lease_s,
+            max_bytes=body_budget(max_frame),
+        )  # fmt: skip
+        count = fitting(deliveries, max_frame)
+        if count < len(deliveries):  # large headers: the reply is one frame, so the rest goes back at once
+            self.broker.release(request.queue, [d.receipt for d in deliveries[count:] if d.receipt])
+            deliveries = deliveries[:count]
         if self.closed:
             self.broker.release(request.queue, [d.receipt for d in deliveries if d.receipt])
         else:
@@ -361,16 +368,8 @@ class Session(asyncio.Protocol):
         return m.Empty()
 
     async def _call(self, request: m.CallRequest) -> m.CallReply:
-        if request.method not in CALLS:
-            raise InvalidArgument(f"unknown call {request.method!r}")
-        if "settings" in request.args:
-            raise InvalidArgument("give settings as keywords (lease_s=..., ...), not as a 'settings' object")
-        method = getattr(self.broker, request.method)
-        try:
-            inspect.signature(method).bind(**request.args)
-        except TypeError as exc:
-            raise InvalidArgument(f"{request.method}: {exc}") from None
-        result = method(**request.args)
+        check_call(request.method, request.args)
+        result = getattr(self.broker, request.method)(**request.args)
         if inspect.isawaitable(result):
             result = await result
         return m.CallReply(result=result)
