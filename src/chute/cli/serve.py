@@ -58,13 +58,14 @@ def serve(config_file, log_level, http_port, **flags) -> None:  # fmt: skip
             config.http_port = None
             config.validate()
     except ChuteError as exc:
-        raise click.ClickException(exc.message) from None
+        raise click.ClickException(f"{exc.message} ({exc.name})") from None
     try:
         _run(_serve(config))
     except ChuteError as exc:
-        raise click.ClickException(exc.message) from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen: {exc.strerror or exc}") from None
+        raise click.ClickException(f"{exc.message} ({exc.name})") from None
+    except OSError as exc:  # a bind carries no filename; the data directory (e.g. not a directory) does
+        what = f"cannot use {exc.filename}" if exc.filename else "cannot listen"
+        raise click.ClickException(f"{what}: {exc.strerror or exc}") from None
 
 
 def _run(coro) -> None:
