@@ -408,19 +408,24 @@ def _return_freed_memory() -> None:
 
 
 def _delivery(queue: str, payload: bytes, receipt, count, deadline, dead, core) -> Delivery:
+    # the hot path of every delivery: keyword arguments left at their defaults are not passed (each costs time)
     record = rec.decode_message(payload)
-    message = Message(
-        id=record.id, body=record.body, headers=record.headers or {}, publish_time=record.publish_ms / 1000.0,
-        priority=record.priority, subject=record.subject, group=record.group, dedup_id=record.dedup_id,
-        expires_at=record.expires_ms / 1000.0 if record.expires_ms else None,
-    )  # fmt: skip
-    reason = source = None
-    if dead is not None:
-        reason = rec.REASON_NAMES.get(dead[0])
-        source_queue = core.queues_by_id.get(dead[1])
-        source = source_queue.name if source_queue is not None else None
+    if record.priority or record.expires_ms or record.subject is not None or record.group is not None \
+            or record.dedup_id is not None:  # fmt: skip
+        message = Message(
+            id=record.id, body=record.body, headers=record.headers or {}, publish_time=record.publish_ms / 1000.0,
+            priority=record.priority, subject=record.subject, group=record.group, dedup_id=record.dedup_id,
+            expires_at=record.expires_ms / 1000.0 if record.expires_ms else None,
+        )  # fmt: skip
+    else:
+        message = Message(id=record.id, body=record.body, headers=record.headers or {},
+                          publish_time=record.publish_ms / 1000.0)  # fmt: skip
+    if dead is None:
+        return Delivery(queue=queue, receipt=receipt, delivery_count=count, message=message, lease_deadline=deadline)
+    source_queue = core.queues_by_id.get(dead[1])
     return Delivery(queue=queue, receipt=receipt, delivery_count=count, message=message, lease_deadline=deadline,
-                    dead_letter_reason=reason, dead_letter_source=source)  # fmt: skip
+                    dead_letter_reason=rec.REASON_NAMES.get(dead[0]),
+                    dead_letter_source=source_queue.name if source_queue is not None else None)  # fmt: skip
 
 
 def _raise_unknown(unknown: list[int], verb: str) -> None:

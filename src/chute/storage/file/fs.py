@@ -8,8 +8,8 @@ tests can inject faults (EIO, ENOSPC) and power cuts without touching the real d
 - `fail(op, errno, times)` on either arms a fault: the next `times` calls of `op` ("write", "fsync") raise
   OSError(errno) instead of doing anything.
 
-Invariant: paths are absolute strings; methods are safe to call from the store's single writer thread while the
-event loop thread reads (`pread`).
+Invariant: paths are absolute strings; methods are safe to call from the store's single writer thread while its
+reader thread reads (`pread`).
 """
 
 from __future__ import annotations

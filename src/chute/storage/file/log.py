@@ -4,6 +4,8 @@ Concurrency: `append` runs on the event loop and only encodes frames into an in-
 at a time hands the whole buffer to a single writer thread (write, then fsync under the `always` policy) and
 resolves one future for everything that was in it: the group. Appends made meanwhile form the next group, so
 many publishes and acks share one write and one fsync, and the loop never blocks on disk.
+Reads that miss the cache run in a second thread, so they never queue behind a write and its fsync; they only
+ask for bytes already written (`_written_ref`), and a segment file is never unlinked while a read runs.
 
 Invariants:
 - a token resolves only after its bytes were written and, under `always`, fsynced — never before.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -43,8 +46,11 @@ from chute.storage.file.record import (
 CHECKPOINT = "checkpoint"
 CLEAN_MARKER = "clean-shutdown"
 LOCK = "lock"
-SPARSE_FRACTION = 0.25
-pack_frame = FRAME.pack  # a sealed segment with fewer live records than this share is worth compacting
+SPARSE_FRACTION = 0.25  # a sealed segment with fewer live records than this share is worth compacting
+READ_GAP_BYTES = 64 * 2**10  # records closer than this in one file are read with one pread (bytes between wasted)
+READ_SPAN_BYTES = 2**20  # the most one coalesced pread asks for, beyond the last record's own length
+READ_TAIL_BYTES = 4096  # guess of the last record's length in a span; a longer record costs one more pread
+pack_frame = FRAME.pack
 
 
 class FileStore(Store):
@@ -68,7 +74,10 @@ class FileStore(Store):
         self.segment_max_bytes = max(segment_max_bytes, SEGMENT_HEADER_SIZE + FRAME_SIZE + 1)
         self.cache_max_bytes = cache_max_bytes
         self.fs = fs if fs is not None else OsFs()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: ThreadPoolExecutor | None = None  # the writer: write, fsync, checkpoint, delete
+        self._reader: ThreadPoolExecutor | None = None  # reads of bodies not in the cache
+        self._files_lock = threading.Lock()  # held by a read, and by whoever unlinks a segment file
+        self._file_sizes: dict[int, int] = {}  # writer thread only: segment id -> its file's size, once known
         self._segments: dict[int, list[int]] = {}  # segment id -> [size, records, live]
         self._active = 0
         self._active_size = 0
@@ -97,6 +106,7 @@ class FileStore(Store):
             raise StorageFailed("store is already open")
         self._opened = True
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="chute-log")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="chute-read")
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._open)
@@ -104,6 +114,7 @@ class FileStore(Store):
             if self._locked:
                 self.fs.unlock(f"{self.directory}/{LOCK}")  # a failed open must not keep the directory locked
             self._executor.shutdown(wait=False)
+            self._reader.shutdown(wait=False)
             raise
 
     def _open(self) -> Recovered:
@@ -242,17 +253,20 @@ class FileStore(Store):
 
     def _write(self, batch: list[tuple[int, bytearray]], sync: bool) -> None:
         """Writer thread: append each buffer to its segment file; fsync if asked (and the directory for new files)."""
-        fs, new_files = self.fs, False
+        fs, new_files, sizes = self.fs, False, self._file_sizes
         before: list[tuple[str, int | None]] = []  # (path, size before this batch; None: the file is new)
         try:
             for segment, data in batch:
                 if not data:
                     continue
                 path = self._path(segment)
-                size = fs.size(path) if fs.exists(path) else None
+                size = sizes.get(segment)
+                if size is None:  # first write to this file since open: ask the file system
+                    size = fs.size(path) if fs.exists(path) else None
                 before.append((path, size))
                 new_files = new_files or size is None
                 fs.append(path, data)
+                sizes[segment] = (size or 0) + len(data)
                 self._unsynced.add(segment)
                 self._stats.bytes_written += len(data)
             self._sync(sync, new_files)
@@ -264,11 +278,13 @@ class FileStore(Store):
         """Best effort after a failed write or fsync: cut the failed group's bytes off again, so a restart does
         not replay publishes that were rejected. If this fails too, recovery may replay them (at-least-once)."""
         fs = self.fs
+        self._file_sizes.clear()  # unknown again: ask the file system
         try:
             for path, size in reversed(before):
                 if size is None:
                     if fs.exists(path):
-                        fs.unlink(path)
+                        with self._files_lock:
+                            fs.unlink(path)
                 else:
                     fs.truncate(path, size)
                     fs.fsync(path)
@@ -327,23 +343,48 @@ class FileStore(Store):
                 with contextlib.suppress(StorageFailed, StorageFull):
                     await asyncio.shield(self._flusher)
             loop = asyncio.get_running_loop()
-            found = await loop.run_in_executor(self._executor, self._read_many, [refs[i] for i in missing])
+            found = await loop.run_in_executor(self._reader, self._read_many, [refs[i] for i in missing])
             for i, payload in zip(missing, found, strict=True):
                 result[i] = payload
         return result
 
     def _read_many(self, refs: list[int]) -> list[bytes]:
-        return [self._read_one(ref) for ref in refs]
+        """Reader thread: the payloads of `refs` (all written), records near each other in one pread."""
+        found: dict[int, bytes] = {}
+        ordered = sorted(set(refs))
+        with self._files_lock:  # no segment file is unlinked (and its fd closed) under a read
+            start = 0
+            while start < len(ordered):
+                first = ordered[start]
+                end = start + 1
+                while (
+                    end < len(ordered)
+                    and ordered[end] >> 32 == first >> 32
+                    and ordered[end] - ordered[end - 1] <= READ_GAP_BYTES
+                    and ordered[end] - first <= READ_SPAN_BYTES
+                ):
+                    end += 1
+                self._read_span(ordered[start:end], found)
+                start = end
+        return [found[ref] for ref in refs]
 
-    def _read_one(self, ref: int) -> bytes:
-        path, pos = self._path(ref >> 32), ref & 0xFFFFFFFF
-        head = self.fs.pread(path, pos, FRAME_SIZE)
-        length = int.from_bytes(head[:4], "little") if len(head) == FRAME_SIZE else 0
-        data = head + self.fs.pread(path, pos + FRAME_SIZE, length)
-        frame = decode_frame(data, 0)
-        if frame is None:
-            raise StorageCorrupt(f"{path} at {pos}: record fails its length or checksum")
-        return bytes(frame[1])
+    def _read_span(self, refs: list[int], found: dict[int, bytes]) -> None:
+        """Read records of one segment, in ascending order, with one pread (plus one per record it cut short)."""
+        segment = refs[0] >> 32
+        path, base = self._path(segment), refs[0] & 0xFFFFFFFF
+        if segment not in self._segments:  # deleted (its records were all released): never recreate the file
+            raise StorageCorrupt(f"{path} at {base}: read of a deleted segment")
+        data = self.fs.pread(path, base, (refs[-1] & 0xFFFFFFFF) - base + FRAME_SIZE + READ_TAIL_BYTES)
+        for ref in refs:
+            at = (ref & 0xFFFFFFFF) - base
+            frame = decode_frame(data, at)
+            if frame is None:  # cut short by the span (or damaged): read this record alone
+                head = self.fs.pread(path, base + at, FRAME_SIZE)
+                length = int.from_bytes(head[:4], "little") if len(head) == FRAME_SIZE else 0
+                frame = decode_frame(head + self.fs.pread(path, base + at + FRAME_SIZE, length), 0)
+                if frame is None:
+                    raise StorageCorrupt(f"{path} at {base + at}: record fails its length or checksum")
+            found[ref] = bytes(frame[1])
 
     def _trim_cache(self) -> None:
         cache, limit = self._cache, self.cache_max_bytes
@@ -410,8 +451,10 @@ class FileStore(Store):
         fs.fsync_dir(directory)  # the rename itself survives a power cut
 
     def _delete(self, segments: list[int]) -> None:
-        for segment in segments:
-            self.fs.unlink(self._path(segment))
+        with self._files_lock:
+            for segment in segments:
+                self._file_sizes.pop(segment, None)
+                self.fs.unlink(self._path(segment))
         self.fs.fsync_dir(self.directory)  # deletions are durable (harmless if lost: recovery skips them)
 
     async def close(self) -> None:
@@ -430,6 +473,10 @@ class FileStore(Store):
         if self._locked:
             self.fs.unlock(f"{self.directory}/{LOCK}")
             self._locked = False
+        if self._reader is not None:
+            # reads run in order: once this no-op ran, none is left, and the loop never waited on the disk
+            await asyncio.get_running_loop().run_in_executor(self._reader, _nothing)
+            self._reader.shutdown(wait=True)  # before the files close
         self.fs.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
@@ -454,6 +501,10 @@ class FileStore(Store):
     def bytes_appended(self) -> int:
         """Bytes appended since the store was opened (cheap: for deciding when to checkpoint)."""
         return self._appended
+
+
+def _nothing() -> None:
+    pass
 
 
 def _retrieve(future: asyncio.Future) -> None:
