@@ -26,6 +26,7 @@ from chute.errors import (
     BrokerClosed,
     ChuteError,
     ConsumerNotFound,
+    FrameTooLarge,
     InvalidArgument,
     QueueNotFound,
     Unauthenticated,
@@ -88,10 +89,13 @@ class ServerConsumer:
                 receipts = [d.receipt for d in deliveries if d.receipt]
                 self.outstanding.update(receipts)
                 session.track(self.queue, receipts)
-                while deliveries:  # usually one frame; more when large headers fill it
-                    count = fitting(deliveries, max_frame)
-                    batch, deliveries = deliveries[:count], deliveries[count:]
-                    session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=batch))
+                try:
+                    session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=deliveries))
+                except FrameTooLarge:  # the bodies fit (max_bytes), large headers did not: cut the batch
+                    while deliveries:
+                        count = fitting(deliveries, max_frame)
+                        batch, deliveries = deliveries[:count], deliveries[count:]
+                        session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=batch))
         except asyncio.CancelledError:
             raise
         except ChuteError as exc:  # the queue was deleted, the broker is closing, ...
