@@ -126,6 +126,20 @@ async def test_ack_nack_extend_and_redrive():
         assert (await client.queue_stats("q")).delayed == 1
 
 
+async def test_ack_by_receipt_numbers():
+    """Deliveries passed around as plain data (a receipt and a queue name) can still be acked."""
+    async with serving() as server, chute.AsyncClient(server.url) as client:
+        await client.create_queue("q")
+        await client.publish_batch("q", [b"a", b"b"])
+        receipts = [d.receipt for d in await client.receive("q", 2)]
+        await client.ack_receipts("q", receipts)
+        stats = await client.queue_stats("q")
+        assert (stats.ready, stats.in_flight, stats.acked) == (0, 0, 2)
+        with pytest.raises(InvalidReceipt) as raised:
+            await client.ack_receipts("q", [receipts[0], 12345])
+        assert sorted(raised.value.receipts) == sorted([receipts[0], 12345])
+
+
 async def test_push_consumer_keeps_at_most_prefetch_unacked():
     async with serving() as server, chute.AsyncClient(server.url) as client:
         await client.create_queue("q")
