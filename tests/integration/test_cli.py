@@ -303,35 +303,12 @@ def test_consume_json_and_undecodable_bodies(server, client, name):
 def test_queue_create_with_every_setting(server, client, name):
     queue, dlq = f"{name}-q", f"{name}-dlq"
     client.create_queue(dlq)
-    result = ok(
-        "queue",
-        "create",
-        queue,
-        "--lease",
-        "12",
-        "--max-deliveries",
-        "4",
-        "--dead-letter-queue",
-        dlq,
-        "--delay",
-        "1.5",
-        "--retention",
-        "3600",
-        "--max-length",
-        "100",
-        "--max-bytes",
-        "100000",
-        "--overflow",
-        "drop-oldest",
-        "--rate-limit",
-        "50",
-        "--rate-burst",
-        "5",
-        "--dedup-window",
-        "60",
-        "--fifo",
-        url=server.url,
-    )
+    every_setting = [
+        "--lease", "12", "--max-deliveries", "4", "--dead-letter-queue", dlq, "--delay", "1.5",
+        "--retention", "3600", "--max-length", "100", "--max-bytes", "100000", "--overflow", "drop-oldest",
+        "--rate-limit", "50", "--rate-burst", "5", "--dedup-window", "60", "--fifo",
+    ]  # fmt: skip
+    result = ok("queue", "create", queue, *every_setting, url=server.url)
     assert queue in result.stdout
     [info] = [q for q in client.list_queues() if q.name == queue]
     assert info.settings == chute.QueueSettings(
@@ -348,35 +325,7 @@ def test_queue_create_with_every_setting(server, client, name):
         dedup_window_s=60,
         fifo=True,
     )
-    ok(
-        "queue",
-        "create",
-        queue,
-        "--lease",
-        "12",
-        "--max-deliveries",
-        "4",
-        "--dead-letter-queue",
-        dlq,
-        "--delay",
-        "1.5",
-        "--retention",
-        "3600",
-        "--max-length",
-        "100",
-        "--max-bytes",
-        "100000",
-        "--overflow",
-        "drop-oldest",
-        "--rate-limit",
-        "50",
-        "--rate-burst",
-        "5",
-        "--dedup-window",
-        "60",
-        "--fifo",
-        url=server.url,
-    )
+    ok("queue", "create", queue, *every_setting, url=server.url)  # the same settings again: idempotent
     assert_one_line_error(run("queue", "create", queue, url=server.url), 1, "(queue_exists)")
 
 

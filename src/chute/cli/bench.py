@@ -6,14 +6,13 @@ Invariant: like every command, a failure is one line on stderr and exit 1; a bro
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 from rich.table import Table
 
 from chute.bench import DEFAULT_MESSAGES, WORKLOADS, BenchError, BrokerProcess, Options, Row, run_bench
-from chute.cli.common import describe, fail, json_option, print_json, stdout_console
+from chute.cli.common import json_option, one_line_errors, print_json, stdout_console
 from chute.client.url import parse_url
 from chute.errors import ChuteError
 
@@ -96,18 +95,8 @@ def bench(url, as_json, workloads, **settings) -> None:
         progress(f"started a broker (pid {broker.pid}) at {broker.url}, data in {broker.data_dir}, "
                  f"fsync {broker.fsync}")  # fmt: skip
 
-    try:
+    with one_line_errors(BenchError):
         rows = run_bench(options, url, progress, started)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-    except BenchError as exc:
-        fail(str(exc))
-    except (ChuteError, OSError) as exc:
-        fail(describe(exc))
-    except Exception as exc:
-        if os.environ.get("CHUTE_DEBUG"):
-            raise
-        fail(describe(exc))
     if as_json:
         print_json([row.as_dict() for row in rows])
     else:

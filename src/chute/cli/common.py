@@ -18,7 +18,7 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import click
@@ -131,26 +131,34 @@ def _stdout_closed() -> None:
     sys.exit(141)
 
 
+@contextlib.contextmanager
+def one_line_errors(*expected: type[Exception]) -> Iterator[None]:
+    """Turn every failure inside into one line on stderr and a non-zero exit (a traceback only with
+    CHUTE_DEBUG=1); `expected` exceptions are printed as their text, like CommandFailed."""
+    try:
+        yield
+    except BrokenPipeError:
+        _stdout_closed()
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except click.ClickException:
+        raise
+    except (CommandFailed, *expected) as exc:
+        fail(str(exc))
+    except (ChuteError, OSError) as exc:
+        fail(describe(exc))
+    except Exception as exc:
+        if os.environ.get("CHUTE_DEBUG"):
+            raise
+        fail(describe(exc))
+
+
 def run_command(main: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     """Decorate an async command body: run it with asyncio.run and turn every failure into one line."""
 
     @functools.wraps(main)
     def command(*args, **kwargs) -> None:
-        try:
+        with one_line_errors():
             asyncio.run(main(*args, **kwargs))
-        except BrokenPipeError:
-            _stdout_closed()
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-        except click.ClickException:
-            raise
-        except CommandFailed as exc:
-            fail(str(exc))
-        except (ChuteError, OSError) as exc:
-            fail(describe(exc))
-        except Exception as exc:
-            if os.environ.get("CHUTE_DEBUG"):
-                raise
-            fail(describe(exc))
 
     return command
