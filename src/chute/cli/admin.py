@@ -46,6 +46,15 @@ def _show(table: Table) -> None:
     stdout_console().print(table)
 
 
+dedup_window_option = click.option(
+    "--dedup-window",
+    "dedup_window_s",
+    type=click.FloatRange(min=0),
+    metavar="S",
+    help="Seconds a dedup id is remembered.  [default: 300]",
+)
+
+
 def _given(**settings) -> dict:
     return {key: value for key, value in settings.items() if value is not None and value is not False}
 
@@ -104,13 +113,7 @@ def queue() -> None:
 )
 @click.option("--rate-limit", type=float, metavar="R", help="Deliver at most R messages per second.")
 @click.option("--rate-burst", type=float, metavar="B", help="Token bucket size of --rate-limit.")
-@click.option(
-    "--dedup-window",
-    "dedup_window_s",
-    type=click.FloatRange(min=0),
-    metavar="S",
-    help="Seconds a dedup id is remembered.  [default: 300]",
-)
+@dedup_window_option
 @click.option("--fifo", is_flag=True, help="FIFO groups: one message in flight per group key, in order.")
 @run_command
 async def queue_create(url, timeout_s, name, **settings) -> None:
@@ -295,13 +298,7 @@ def topic() -> None:
     help="Keep published messages S seconds, for subscriptions that start in the past.",
 )
 @click.option("--retention-bytes", type=click.IntRange(min=1), metavar="N", help="Keep at most N bytes of messages.")
-@click.option(
-    "--dedup-window",
-    "dedup_window_s",
-    type=click.FloatRange(min=0),
-    metavar="S",
-    help="Seconds a dedup id is remembered.  [default: 300]",
-)
+@dedup_window_option
 @run_command
 async def topic_create(url, timeout_s, name, **settings) -> None:
     """Create a topic.
