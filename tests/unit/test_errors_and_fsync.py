@@ -51,3 +51,15 @@ async def test_interval_policy_fsyncs_in_the_background(tmp_path):
         await asyncio.sleep(0.005)
     assert store.stats().fsyncs > before
     await store.close()
+
+
+def test_a_recovery_report_reads_as_one_line():
+    from chute.storage.api import RecoveryReport
+
+    assert str(RecoveryReport()) == "0 records from 0 segment(s) after no clean shutdown (first start or a crash)"
+    report = RecoveryReport(records=7, segments=2, truncated_at=("2.seg", 40), truncated_bytes=9, problems=["x"])
+    assert str(report) == (
+        "7 records from 2 segment(s) after no clean shutdown (first start or a crash); "
+        "torn tail cut at 2.seg:40 (9 bytes); 1 problem(s): x"
+    )
+    assert "after a clean shutdown" in str(RecoveryReport(clean_shutdown=True))

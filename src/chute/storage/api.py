@@ -64,6 +64,16 @@ class RecoveryReport:
     clean_shutdown: bool = False
     problems: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        """One line for a log: what was replayed, how the last run ended, what was repaired."""
+        ended = "a clean shutdown" if self.clean_shutdown else "no clean shutdown (first start or a crash)"
+        text = f"{self.records} records from {self.segments} segment(s) after {ended}"
+        if self.truncated_at is not None:
+            text += f"; torn tail cut at {self.truncated_at[0]}:{self.truncated_at[1]} ({self.truncated_bytes} bytes)"
+        if self.problems:
+            text += f"; {len(self.problems)} problem(s): " + "; ".join(self.problems)
+        return text
+
 
 @dataclass
 class Recovered:
