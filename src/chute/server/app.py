@@ -2,8 +2,9 @@
 
     start():  HTTP listener first (so /healthz answers 503 while recovering), then recovery, then the native
               listener; logs each address it listens on.
-    stop():   stop accepting, tell clients GOAWAY, stop reading requests, let in-flight requests finish (up to
-              `shutdown_grace_s`), then close the broker (checkpoint, flush, fsync) and the connections.
+    stop():   stop accepting, tell clients GOAWAY, stop reading requests, answer waiting long polls, let
+              in-flight requests finish (up to `shutdown_grace_s`), then close the broker (checkpoint, flush,
+              fsync) and the connections.
 
 Invariants: at most `max_connections` sessions; the bytes of unconfirmed publishes stay near
 `memory_high_water_bytes` (above it no session reads; below half of it reading resumes).

@@ -8,6 +8,8 @@ Invariants:
 - `leased[queue]` holds every receipt delivered on this connection and not yet settled through it; when the
   connection ends they are released at once, so another consumer gets those messages without waiting for leases.
 - A peer that breaks the protocol gets one ERROR frame and the connection is closed; it never affects others.
+- No frame exceeds `max_frame_bytes`: the broker leases at most a frame's worth of bodies per batch, and a DELIVER
+  batch (or a RECEIVE reply) that large headers still make too big is cut (`protocol.sizes`).
 - Backpressure: reading stops while the transport's write buffer is full (a peer that does not read its replies
   cannot make us buffer without bound) and while the server is over its memory high-water mark; consumers do not
   fetch more while the write buffer is full (a slow consumer only slows itself).
