@@ -223,12 +223,7 @@ class AsyncClient:
         timeout = self.timeout if timeout is None else timeout
         deadline = loop.time() + timeout
         link = await self._ready_link(deadline)
-        future = link.request(op, payload, kind)
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await future
-        except TimeoutError:
-            raise RequestTimeout(f"no reply to {op.name} within {timeout} s") from None
+        return await link.request(op, payload, kind, deadline, timeout)
 
     async def close(self) -> None:
         """Send pending publishes, stop consumers and close the connection. Idempotent."""

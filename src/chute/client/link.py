@@ -11,7 +11,7 @@ import asyncio
 import itertools
 from collections.abc import Callable
 
-from chute.errors import ChuteError, ConnectionLost, ProtocolError
+from chute.errors import ChuteError, ConnectionLost, ProtocolError, RequestTimeout
 from chute.protocol import messages as m
 from chute.protocol.connection import Connection, decode_reply, error_from
 from chute.protocol.frames import MAX_CORRELATION_ID, Op
@@ -96,9 +96,11 @@ class Link(asyncio.Protocol):
     def open(self) -> bool:
         return not self.lost.done() and self.ready.done() and not self.ready.exception()
 
-    def request(self, op: Op, payload, kind: type) -> asyncio.Future:
-        """Send a request; the future gets the decoded reply (or the error)."""
-        future = asyncio.get_running_loop().create_future()
+    def request(self, op: Op, payload, kind: type, deadline: float, timeout_s: float) -> asyncio.Future:
+        """Send a request; the future gets the decoded reply, the error, or RequestTimeout at `deadline` (loop
+        time). One timer handle per request: cheaper than a timeout context around the await."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         if self.lost.done():
             future.set_exception(self.lost.result())
             return future
@@ -108,9 +110,21 @@ class Link(asyncio.Protocol):
             corr = 1
         data = self.conn.send(op, payload, corr)  # FrameTooLarge raises here, before anything is sent
         self.pending[corr] = (future, kind)
-        future.add_done_callback(lambda f, corr=corr: self.pending.pop(corr, None) if f.cancelled() else None)
+        timer = loop.call_at(deadline, self._expire, corr, future, op, timeout_s)
+
+        def settled(done: asyncio.Future) -> None:
+            timer.cancel()
+            if done.cancelled():  # its caller was cancelled: a late reply is dropped
+                self.pending.pop(corr, None)
+
+        future.add_done_callback(settled)
         self._send(data)
         return future
+
+    def _expire(self, corr: int, future: asyncio.Future, op: Op, timeout_s: float) -> None:
+        if not future.done():
+            self.pending.pop(corr, None)  # a late reply is dropped
+            future.set_exception(RequestTimeout(f"no reply to {op.name} within {timeout_s} s"))
 
     def send_heartbeat(self) -> None:
         self._send(self.conn.send(Op.HEARTBEAT))
