@@ -528,3 +528,18 @@ async def test_messages_with_large_headers_are_cut_into_several_frames():
         assert consumer.error is None, consumer.error
         assert sorted(int(d.body) for d in received + pushed) == list(range(40))
         assert all(d.headers == headers for d in pushed)
+
+
+async def test_a_peek_returns_what_fits_one_frame():
+    from chute.testing import serving
+
+    async with (
+        serving(max_frame_bytes=128 * 1024, max_message_bytes=64 * 1024) as running,
+        chute.AsyncClient(running.url, timeout=10) as client,
+    ):
+        await client.create_queue("browse")
+        await client.publish_batch("browse", [b"%02d" % i + b"x" * 30_000 for i in range(10)])
+        seen = await client.peek("browse", 10)
+        assert 1 <= len(seen) < 10  # 300 KB do not fit a 128 KiB frame: the first ones, in order
+        assert [d.body[:2] for d in seen] == [b"%02d" % i for i in range(len(seen))]
+        assert (await client.queue_stats("browse")).ready == 10  # nothing was leased or lost

@@ -378,6 +378,8 @@ class Session(asyncio.Protocol):
         result = getattr(self.broker, request.method)(**request.args)
         if inspect.isawaitable(result):
             result = await result
+        if request.method == "peek":  # browsing leases nothing: return what fits one frame
+            result = result[: fitting(result, self.server.config.max_frame_bytes)] if result else result
         return m.CallReply(result=result)
 
 
