@@ -31,7 +31,7 @@ from chute.errors import (
     ProtocolError,
     UnsupportedVersion,
 )
-from chute.model import Publish
+from chute.model import Delivery, Message, Publish
 from chute.protocol import PROTOCOL_VERSIONS, Connection, Op
 from chute.protocol import messages as m
 from chute.protocol.connection import PAYLOAD_TYPES, decode_reply, error_from
@@ -45,6 +45,7 @@ from chute.protocol.frames import (
     SERVER_OPS,
     pack_header,
 )
+from chute.protocol.sizes import delivery_size, fitting, publish_size
 from chute.server.calls import CALLS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
@@ -734,3 +735,52 @@ def test_arbitrary_bytes_to_a_client_give_frames_or_a_chute_error(data, welcome_
         else b""  # fmt: skip
     for frame in feed_all(Connection("client"), [stream + data]):
         assert frame.op in SERVER_OPS
+
+
+# -- sizing batches to the frame limit (chute.protocol.sizes) --------------------------------------------------
+
+texts = st.none() | st.text(max_size=40)
+header_maps = st.dictionaries(st.text(max_size=20), st.text(max_size=60), max_size=6)
+large_ints = st.integers(0, 2**63 - 1)
+times = st.floats(0, 1e12, allow_nan=False)
+
+
+@st.composite
+def deliveries(draw) -> Delivery:
+    message = Message(
+        id=draw(large_ints), body=draw(st.binary(max_size=300)), headers=draw(header_maps),
+        publish_time=draw(times), priority=draw(st.integers(0, 9)), subject=draw(texts), group=draw(texts),
+        dedup_id=draw(texts), expires_at=draw(st.none() | times),
+    )  # fmt: skip
+    return Delivery(
+        queue=draw(st.text(min_size=1, max_size=80)), receipt=draw(large_ints), delivery_count=draw(large_ints),
+        message=message, lease_deadline=draw(times),
+        dead_letter_reason=draw(st.none() | st.sampled_from(["rejected", "max_deliveries", "expired", "overflow"])),
+        dead_letter_source=draw(texts),
+    )  # fmt: skip
+
+
+@given(delivery=deliveries())
+def test_delivery_size_is_an_upper_bound(delivery):
+    assert delivery_size(delivery) >= len(msgspec.msgpack.encode(delivery))
+
+
+@given(
+    body=st.binary(max_size=300), headers=st.none() | header_maps, priority=st.integers(0, 9),
+    delay_s=st.none() | times, ttl_s=st.none() | times, group=texts, dedup_id=texts, subject=texts,
+)  # fmt: skip
+def test_publish_size_is_an_upper_bound(body, headers, priority, delay_s, ttl_s, group, dedup_id, subject):
+    message = Publish(body=body, headers=headers, priority=priority, delay_s=delay_s, ttl_s=ttl_s, group=group,
+                      dedup_id=dedup_id, subject=subject)  # fmt: skip
+    assert publish_size(message) >= len(msgspec.msgpack.encode(message))
+
+
+@given(batch=st.lists(deliveries(), min_size=1, max_size=40), limit=st.integers(2_000, 20_000))
+def test_what_fitting_counts_fits_one_frame(batch, limit):
+    count = fitting(batch, limit)
+    assert 1 <= count <= len(batch)
+    if count > 1:
+        frame = Connection("server", max_frame_bytes=limit).send(
+            Op.DELIVER, m.Deliver(consumer=1, deliveries=batch[:count])
+        )
+        assert len(frame) <= limit

@@ -229,7 +229,7 @@ class Queue:
         or removes them. With `max_bytes`, stop before the bodies would add up to more (but take the first entry
         whatever its size if `first_may_exceed`): a batch that has to fit a frame."""
         taken: list[Entry] = []
-        room = max_bytes if max_bytes is not None else -1
+        room = max_bytes  # body bytes still allowed; below 0 only after a first entry larger than the budget
         for priority in self.priorities:
             level = self.levels[priority]
             fresh = level.fresh
@@ -244,11 +244,11 @@ class Queue:
                     if not fresh:
                         break
                     entry = fresh[0]  # no returned entries: the fresh deque alone is in order
-                if room >= 0:
+                if room is not None:
                     if entry.size > room and (taken or not first_may_exceed):
-                        count = len(taken)  # full
+                        count = len(taken)  # full: ends the outer loop too
                         break
-                    room = max(0, room - entry.size)
+                    room -= entry.size
                 if level.returned:
                     level.pop()
                 else:
