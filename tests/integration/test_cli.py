@@ -237,7 +237,10 @@ def test_consume_count_waits_for_messages(server, client, name):
         text=True,
     )
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not server.server.broker._waiters.get(queue):  # until its receive waits in the broker
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
         client.publish(queue, b"a")
         client.publish(queue, b"b")
         out, err = process.communicate(timeout=RUN_TIMEOUT_S)

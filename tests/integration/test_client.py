@@ -28,6 +28,13 @@ from chute.testing import running_server, serving
 pytestmark = pytest.mark.timeout(60)
 
 
+async def until_waiting(server, queue: str) -> None:
+    """Until a receive (long poll or push consumer) is waiting in the broker for messages of `queue`."""
+    async with asyncio.timeout(5):
+        while not server.server.broker._waiters.get(queue):
+            await asyncio.sleep(0.005)
+
+
 async def test_manage_queues_topics_and_subscriptions():
     async with serving() as server, chute.AsyncClient(server.url) as client:
         await client.create_queue("jobs-dlq")
@@ -94,7 +101,7 @@ async def test_receive_long_poll_is_released_by_a_publish_from_another_connectio
     ):
         await producer.create_queue("q")
         waiting = asyncio.ensure_future(consumer.receive("q", 10, wait_s=20))
-        await asyncio.sleep(0.05)
+        await until_waiting(server, "q")
         assert not waiting.done()
         await producer.publish("q", b"wake up")
         async with asyncio.timeout(5):
@@ -456,9 +463,7 @@ async def test_graceful_stop_answers_long_polls_at_once(tmp_path):
         client = await chute.AsyncClient(server.url, reconnect=False, timeout=60).connect()
         await client.create_queue("idle")
         poll = asyncio.create_task(client.receive("idle", wait_s=60.0))
-        async with asyncio.timeout(5):
-            while not server.server.broker._waiters.get("idle"):  # the RECEIVE is waiting in the broker
-                await asyncio.sleep(0.005)
+        await until_waiting(server, "idle")
         loop = asyncio.get_running_loop()
         started = loop.time()
         await server.server.stop()
