@@ -127,6 +127,13 @@ class Unauthenticated(ChuteError):
     name, code, http_status, closes_connection = "unauthenticated", 4001, 401, True
 
 
+class Forbidden(ChuteError):
+    """The caller is authenticated but lacks the permission (publish, consume or manage) on this queue or
+    topic. Nothing was changed."""
+
+    name, code, http_status = "forbidden", 4002, 403
+
+
 class StorageFailed(ChuteError):
     """The store could not make the change durable (EIO and the like). Nothing was confirmed; the log is now
     read-only until the broker is restarted."""
@@ -195,6 +202,7 @@ ERRORS: tuple[type[ChuteError], ...] = (
     QueueFull,
     TooManyConnections,
     Unauthenticated,
+    Forbidden,
     StorageFailed,
     StorageFull,
     StorageReadOnly,
