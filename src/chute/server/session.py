@@ -21,7 +21,9 @@ import asyncio
 import contextlib
 import hmac
 import inspect
+import itertools
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from chute.errors import (
@@ -37,11 +39,13 @@ from chute.protocol import messages as m
 from chute.protocol.connection import Connection, Frame
 from chute.protocol.frames import Op
 from chute.protocol.sizes import body_budget, fitting
+from chute.server.auth import ANONYMOUS, Principal
 from chute.server.calls import check_call
 
 if TYPE_CHECKING:
     from chute.server.app import Server
 
+_SESSION_IDS = itertools.count(1)
 log = logging.getLogger("chute.server")
 
 CREDIT_RECHECK_S = 0.5  # how soon leases that ended free a consumer's prefetch credit
@@ -143,6 +147,10 @@ class Session(asyncio.Protocol):
         self._heartbeat_s = server.config.heartbeat_s
         self._last_received = self._last_sent = 0.0
         self.publish_bytes = 0
+        self.id = next(_SESSION_IDS)  # shown in the HTTP API and dashboard
+        self.connected_at = time.time()
+        self.client_name = ""  # what the client called itself in HELLO
+        self.principal: Principal = ANONYMOUS  # who authenticated in HELLO (server/auth.py)
 
     # -- transport callbacks ------------------------------------------------------------------------------------
 
@@ -285,6 +293,7 @@ class Session(asyncio.Protocol):
         if token is not None and not hmac.compare_digest((hello.token or "").encode(), token.encode()):
             self.fail(Unauthenticated("a valid token is required" if hello.token else "this server requires a token"))
             return
+        self.client_name = hello.client[:200]
         if 0.05 <= hello.heartbeat_s <= 3600:
             self._heartbeat_s = hello.heartbeat_s
         try:
