@@ -30,6 +30,7 @@ the same time is not what this interface is for: leases live in one broker's mem
 from __future__ import annotations
 
 import abc
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -84,17 +85,37 @@ class Recovered:
     report: RecoveryReport
 
 
+FSYNC_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+"""Upper bounds (seconds) of the fsync latency histogram: from a fast NVMe flush (~50 µs) to a struggling disk
+(1 s); slower fsyncs fall in the overflow bucket."""
+
+
 @dataclass
 class StoreStats:
-    """Counters for stats and metrics."""
+    """Counters for stats and metrics.
+
+    Thread safety: a store's writer thread is the only writer of the fsync fields (`observe_fsync`); a reader
+    on another thread copies `fsync_buckets` and takes the count as the copy's sum, so its histogram is
+    consistent (the sum may lag one observation behind)."""
 
     bytes_on_disk: int = 0
     segments: int = 0
+    checkpoint_file_bytes: int = 0
+    """Size of the stored checkpoint file (0 without one)."""
     appends: int = 0
     fsyncs: int = 0
     fsync_seconds_total: float = 0.0
+    fsync_buckets: list[int] = field(default_factory=lambda: [0] * (len(FSYNC_BUCKETS_S) + 1))
+    """Group-commit fsyncs by latency: [i] counts those in (FSYNC_BUCKETS_S[i-1], FSYNC_BUCKETS_S[i]]; the
+    last item counts those slower than the last bound. Not cumulative."""
     bytes_written: int = 0
     read_only: bool = False
+
+    def observe_fsync(self, seconds: float) -> None:
+        """Count one fsync (of a group: its files and perhaps the directory) that took `seconds`."""
+        self.fsync_buckets[bisect_left(FSYNC_BUCKETS_S, seconds)] += 1
+        self.fsync_seconds_total += seconds
+        self.fsyncs += 1
 
 
 class Store(abc.ABC):

@@ -132,10 +132,12 @@ class FileStore(Store):
         start = (segments[0], SEGMENT_HEADER_SIZE) if segments else (0, 0)
         if fs.exists(f"{directory}/{CHECKPOINT}"):
             try:
-                start, counts, snapshot = decode_checkpoint(fs.read_file(f"{directory}/{CHECKPOINT}"))
+                stored = fs.read_file(f"{directory}/{CHECKPOINT}")
+                start, counts, snapshot = decode_checkpoint(stored)
             except ValueError as exc:
                 raise StorageCorrupt(f"{directory}/{CHECKPOINT} at 0: {exc}") from None
             self._checkpoint_at = start
+            self._stats.checkpoint_file_bytes = len(stored)
         shape = recovery.validate(fs, directory, segments, start, counts, report)
         for segment, end in shape.ends.items():
             self._segments[segment] = [end, shape.records.get(segment, 0), 0]
@@ -303,8 +305,7 @@ class FileStore(Store):
                 fs.fsync_dir(self.directory)
             self._unsynced.clear()
             self._last_fsync = time.monotonic()
-            self._stats.fsyncs += 1
-            self._stats.fsync_seconds_total += time.perf_counter() - started
+            self._stats.observe_fsync(time.perf_counter() - started)
 
     def _fail(self, exc: OSError, group: asyncio.Future | None) -> None:
         where = exc.filename or self.directory
@@ -445,10 +446,12 @@ class FileStore(Store):
             fs.fsync_dir(directory)
             self._unsynced.clear()
         tmp = f"{directory}/{CHECKPOINT}.tmp"
-        fs.write_file(tmp, encode_checkpoint(position, counts, snapshot))
+        stored = encode_checkpoint(position, counts, snapshot)
+        fs.write_file(tmp, stored)
         fs.fsync(tmp)  # the new checkpoint's bytes are durable before its name replaces the old one
         fs.rename(tmp, f"{directory}/{CHECKPOINT}")
         fs.fsync_dir(directory)  # the rename itself survives a power cut
+        self._stats.checkpoint_file_bytes = len(stored)
 
     def _delete(self, segments: list[int]) -> None:
         with self._files_lock:
