@@ -29,6 +29,12 @@ MAX_HEADERS = 64
 MAX_HEADER_BYTES = 16 * 1024  # all names and values together
 MAX_GROUP_CHARS = 128
 MAX_DEDUP_ID_CHARS = 128
+MAX_TAGS = 50  # SQS's limit of tags per queue
+MAX_TAG_KEY_CHARS = 128
+MAX_TAG_VALUE_CHARS = 256
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_KEY_CHARS = 64
+MAX_ATTRIBUTE_VALUE_CHARS = 20 * 1024  # room for an SQS access policy
 
 Overflow = Literal["reject", "drop-oldest"]
 DeadLetterReason = Literal["max_deliveries", "expired", "overflow", "rejected"]
@@ -53,6 +59,20 @@ def _check_range(field: str, value: float | int | None, low: float, high: float,
         raise InvalidArgument(f"{field} must be a number, got {value!r}")
     if not low <= value <= high:
         raise InvalidArgument(f"{field} must be between {low:g} and {high:g}, got {value!r}")
+
+
+def _check_mapping(field: str, value: object, max_items: int, max_key: int, max_value: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field} must be a mapping of strings, got {type(value).__name__}")
+    if len(value) > max_items:
+        raise InvalidArgument(f"{field}: at most {max_items} entries, got {len(value)}")
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str) or not 1 <= len(key) <= max_key:
+            raise InvalidArgument(f"{field}: keys of 1-{max_key} characters mapping to strings, got {key!r}")
+        if len(item) > max_value:
+            raise InvalidArgument(f"{field}: the value of {key!r} is longer than {max_value} characters")
 
 
 class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -80,6 +100,11 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """A publish repeating a dedup id within this window is confirmed but not stored twice."""
     fifo: bool = False
     """FIFO groups: within a group key one message in flight at a time, strictly in order."""
+    tags: dict[str, str] | None = None
+    """Labels for people and tools (SQS `TagQueue`); Chute gives them no meaning. At most 50."""
+    attributes: dict[str, str] | None = None
+    """Protocol extras Chute keeps but does not act on, by name (e.g. the SQS attributes `MaximumMessageSize`,
+    `ReceiveMessageWaitTimeSeconds`, `RedriveAllowPolicy`, `CreatedTimestamp`). At most 32."""
 
     def validate(self, name: str = "") -> QueueSettings:
         """Return self if every setting is in range, else raise InvalidArgument naming the setting."""
@@ -100,6 +125,9 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             validate_name(self.dead_letter_queue, "dead-letter queue")
             if self.dead_letter_queue == name:
                 raise InvalidArgument("a queue cannot be its own dead-letter queue")
+        _check_mapping("tags", self.tags, MAX_TAGS, MAX_TAG_KEY_CHARS, MAX_TAG_VALUE_CHARS)
+        _check_mapping("attributes", self.attributes, MAX_ATTRIBUTES, MAX_ATTRIBUTE_KEY_CHARS,
+                       MAX_ATTRIBUTE_VALUE_CHARS)  # fmt: skip
         return self
 
 
