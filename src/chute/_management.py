@@ -89,6 +89,13 @@ class ManagementApi:
         await self._durable()
         return self._topic_info(topic)
 
+    async def update_topic(self, name: str, **changes) -> TopicInfo:
+        """Change some settings of a topic (keywords as in TopicSettings); a lower retention trims at once."""
+        self._check()
+        topic = self._run(self.core.update_topic, name, changes, self.clock())
+        await self._durable()
+        return self._topic_info(topic)
+
     async def delete_topic(self, name: str) -> None:
         """Delete a topic and its subscriptions; their queues stay."""
         self._check()
@@ -143,6 +150,18 @@ class ManagementApi:
         chosen = [item for item in chosen if item[0] in still_retained]
         if chosen and subscription.queue.name in self.core.queues:
             self._run(self.core.enqueue_retained, subscription.queue.name, chosen, self.clock())
+
+    async def update_subscription(
+        self, topic: str, pattern: str, queue: str, *, filter: dict | None = None
+    ) -> SubscriptionInfo:
+        """Replace the header filter of an existing subscription (`None`: no filter); SubscriptionNotFound if
+        `queue` is not bound to `pattern` on `topic`."""
+        self._check()
+        subscription = self._run(self.core.update_subscription, topic, pattern, queue, filter)
+        await self._durable()
+        return SubscriptionInfo(topic=topic, pattern=subscription.pattern, queue=queue,
+                                filter=subscription.filter.spec or None,
+                                ephemeral=subscription.queue.ephemeral)  # fmt: skip
 
     async def unsubscribe(self, topic: str, pattern: str, queue: str) -> None:
         self._check()

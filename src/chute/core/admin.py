@@ -147,6 +147,25 @@ class AdminOps(BrokerState):
         self.next_topic_id = max(self.next_topic_id, topic.id + 1)
         return topic
 
+    def update_topic(self, name: str, changes: dict, now: float) -> Topic:
+        """Change some settings of a topic; unknown or out-of-range settings change nothing. A lower retention
+        trims retained messages at once (replay trims them at the end of recovery, with the same result)."""
+        topic = self.topic(name)
+        merged = msgspec.to_builtins(topic.settings) | changes
+        try:
+            settings = msgspec.convert(merged, TopicSettings)
+        except msgspec.ValidationError as exc:
+            raise InvalidArgument(f"invalid topic settings: {exc}") from None
+        settings = _check_topic_settings(settings, name)
+        args = {"id": topic.id, "settings": msgspec.to_builtins(settings)}
+        self._apply_update_topic(args)
+        self.emit(rec.META, rec.MetaRecord("update_topic", args))
+        self.trim_topic(topic, now)
+        return topic
+
+    def _apply_update_topic(self, args: dict) -> None:
+        self.topics_by_id[args["id"]].settings = msgspec.convert(args["settings"], TopicSettings)
+
     def delete_topic(self, name: str) -> None:
         """Delete a topic and its subscriptions (their queues stay)."""
         topic = self.topic(name)
@@ -189,6 +208,14 @@ class AdminOps(BrokerState):
         topic = self.topics_by_id[args["topic_id"]]
         queue = self.queues_by_id[args["queue_id"]]
         topic.add_subscription(Subscription(topic, args["pattern"], queue, args["filter"]))
+
+    def update_subscription(self, topic_name: str, pattern: str, queue_name: str, filter_spec: dict | None):
+        """Replace the header filter of an existing subscription (SubscriptionNotFound if there is none). It is
+        recorded as a `subscribe` of the same binding, whose replay replaces the filter the same way."""
+        topic = self.topic(topic_name)
+        if (pattern, queue_name) not in topic.subscriptions:
+            raise SubscriptionNotFound(f"no subscription of {queue_name!r} to {pattern!r} on topic {topic_name!r}")
+        return self.subscribe(topic_name, pattern, queue_name, filter_spec)
 
     def unsubscribe(self, topic_name: str, pattern: str, queue_name: str) -> None:
         topic = self.topic(topic_name)

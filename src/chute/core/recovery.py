@@ -219,6 +219,8 @@ class RecoveryOps(BrokerState):
                 self.index.pop(queue.id, None)
         elif op == "create_topic":
             self._apply_create_topic(args)
+        elif op == "update_topic":
+            self._apply_update_topic(args)
         elif op == "delete_topic":
             topic = self.topics_by_id.get(args["id"])
             if topic is not None:
