@@ -1,7 +1,96 @@
-"""Placeholder: routes are added by the work on this area."""
+"""The Amazon SQS API on the broker's HTTP port: boto3, the AWS CLI, kombu and Celery work unchanged.
+
+    POST /, POST /<account>/<queue>
+        X-Amz-Target: AmazonSQS.<Action>   -> the JSON protocol (jsonproto.py), what current botocore sends
+        a form body with Action=<Action>   -> the query protocol (query.py), what older SDKs send
+
+`GET /` is the dashboard's. Queue URLs are `http://<host as the client addressed us>/<account id>/<queue>`; an SQS
+queue is the Chute queue of that name. Modules: `actions` (the action table and queue actions), `messaging`
+(send, receive, delete, visibility), `movetasks`, `queueattrs` (attributes <-> settings), `messages` (MD5s,
+attributes as headers, ids, receipt handles), `errors`, `sigv4`.
+
+Credentials: with auth off (no users, no token) every request is accepted, signed or not, as the anonymous
+superuser. With auth on, a request must be SigV4-signed with a known access key (InvalidClientTokenId otherwise)
+and a correct signature (SignatureDoesNotMatch); the key's user's permissions then apply (AccessDenied).
+
+Invariant: every request gets exactly one response in its protocol, errors included; the principal is known
+before any action runs.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def add_routes(app, server) -> None:
-    return None
+from aiohttp import web
+
+from chute.server import auth
+from chute.server.sqs import sigv4
+from chute.server.sqs.common import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, SqsContext
+from chute.server.sqs.errors import SqsError
+
+if TYPE_CHECKING:
+    from chute.server.app import Server
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+def add_routes(app: web.Application, server: Server) -> None:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        target = request.headers.get("X-Amz-Target")
+        is_json = target is not None
+        if not is_json and request.content_type != FORM_TYPE and not body.startswith(b"Action="):
+            raise web.HTTPNotFound()  # neither protocol: not an SQS request
+        try:
+            principal, region = _authenticate(server, request, body)
+        except SqsError as error:
+            return _error(is_json, error)
+        transport = request.transport
+        ctx = SqsContext(server, principal, base_url=f"{request.scheme}://{request.host}",
+                         account_id=DEFAULT_ACCOUNT_ID, region=region or DEFAULT_REGION,
+                         extra={"disconnected": lambda: transport is None or transport.is_closing()})  # fmt: skip
+        if is_json:
+            from chute.server.sqs.jsonproto import handle_json
+
+            return await handle_json(ctx, target, body)
+        from chute.server.sqs.query import handle_query
+
+        return await handle_query(request, ctx, await request.post())
+
+    app.router.add_post("/", handle)
+    app.router.add_post("/{account}/{queue}", handle)
+
+
+def _authenticate(server: Server, request: web.Request, body: bytes) -> tuple[auth.Principal, str | None]:
+    """(principal, the region the request was signed for) or SqsError."""
+    region = None
+    header = request.headers.get("Authorization")
+    if header is not None and header.startswith(sigv4.ALGORITHM):
+        try:
+            region = sigv4.parse_authorization(header).region
+        except SqsError:
+            region = None
+    authenticator = getattr(server, "auth", None)
+    if authenticator is None or not authenticator.enabled:
+        return auth.ANONYMOUS, region
+    credential = sigv4.parse_authorization(header)
+    found = auth.lookup_access_key(server, credential.access_key_id)
+    if found is None:
+        raise SqsError("InvalidClientTokenId", "The security token included in the request is invalid.")
+    secret, principal = found
+    sigv4.verify(request.method, request.raw_path, None, request.headers, body, secret)
+    return principal, credential.region
+
+
+def _error(is_json: bool, error: SqsError) -> web.Response:
+    if is_json:
+        from chute.server.sqs.jsonproto import error_response
+
+        return error_response(error)
+    import uuid
+
+    from chute.server.sqs.query import CONTENT_TYPE, render_error
+
+    request_id = str(uuid.uuid4())
+    return web.Response(body=render_error(error, request_id), status=error.status, content_type=CONTENT_TYPE,
+                        headers={"x-amzn-RequestId": request_id})  # fmt: skip

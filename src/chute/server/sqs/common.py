@@ -1,0 +1,186 @@
+"""What every SQS action shares: the call context, the action registry, the SQS state a server keeps in memory,
+queue URLs, and parameter checks that answer with AWS's error codes.
+
+Invariant: a queue named by a request is resolved (`queue_of`) and authorized before an action changes anything.
+"""
+
+from __future__ import annotations
+
+import secrets
+import weakref
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from chute.server.sqs.errors import SqsError
+
+if TYPE_CHECKING:
+    from chute.broker import Broker
+    from chute.core.queue import Queue
+    from chute.server.app import Server
+    from chute.server.auth import Permission, Principal
+
+DEFAULT_ACCOUNT_ID = "000000000000"
+DEFAULT_REGION = "us-east-1"
+FIRST_RECEIVES_KEPT = 100_000
+
+
+@dataclass
+class SqsContext:
+    """Who calls, and how they addressed us (queue URLs are built from `base_url` and `account_id`)."""
+
+    server: Server
+    principal: Principal
+    base_url: str
+    """`http://host:port` as the client addressed us (no trailing slash)."""
+    account_id: str = DEFAULT_ACCOUNT_ID
+    region: str = DEFAULT_REGION
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Per-request values from the protocol module. `disconnected`: a callable that tells whether the client
+    hung up (a long poll then gives its messages back)."""
+
+    @property
+    def broker(self) -> Broker:
+        return self.server.broker
+
+    @property
+    def state(self) -> SqsState:
+        return sqs_state(self.server)
+
+    def queue_url(self, name: str) -> str:
+        return f"{self.base_url}/{self.account_id}/{name}"
+
+    def arn(self, name: str) -> str:
+        return f"arn:aws:sqs:{self.region}:{self.account_id}:{name}"
+
+    def disconnected(self) -> bool:
+        check = self.extra.get("disconnected")
+        return bool(check is not None and check())
+
+
+Handler = Callable[[SqsContext, dict], Awaitable[dict]]
+ACTIONS: dict[str, Handler] = {}
+
+
+def action(handler: Handler) -> Handler:
+    """Register a handler under its function name in CamelCase (`send_message` -> `SendMessage`)."""
+    ACTIONS["".join(part.capitalize() for part in handler.__name__.split("_"))] = handler
+    return handler
+
+
+class SqsState:
+    """What the SQS API keeps about one server, in memory only: the key of its receipt handles, when messages
+    were first received (for ApproximateFirstReceiveTimestamp, the latest `FIRST_RECEIVES_KEPT`), message move
+    tasks."""
+
+    def __init__(self) -> None:
+        self.handle_key = secrets.token_bytes(32)
+        self.first_receive: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self.move_tasks: list = []  # movetasks.MoveTask, oldest first
+
+    def first_received(self, queue: str, chute_id: int, now_ms: int, count: int) -> int:
+        key = (queue, chute_id)
+        first = self.first_receive.get(key)
+        if first is None:
+            first = now_ms
+            self.first_receive[key] = first
+            if len(self.first_receive) > FIRST_RECEIVES_KEPT:
+                self.first_receive.popitem(last=False)
+        return first
+
+    def forget(self, queue: str, chute_id: int) -> None:
+        self.first_receive.pop((queue, chute_id), None)
+
+
+_STATES: weakref.WeakKeyDictionary[object, SqsState] = weakref.WeakKeyDictionary()
+
+
+def sqs_state(server: object) -> SqsState:
+    state = _STATES.get(server)
+    if state is None:
+        state = _STATES[server] = SqsState()
+    return state
+
+
+# -- queues -----------------------------------------------------------------------------------------------------
+
+
+def queue_name_of_url(url: object) -> str:
+    """The queue name in a queue URL (`http://host:port/<account>/<name>`); a bare name is accepted too."""
+    if not isinstance(url, str) or not url:
+        raise SqsError("MissingParameter", "The request must contain the parameter QueueUrl.")
+    path = urlsplit(url).path if "://" in url else url
+    name = unquote(path.rstrip("/").rsplit("/", 1)[-1])
+    if not name:
+        raise SqsError("InvalidAddress", f"The address {url} is not valid for this endpoint.")
+    return name
+
+
+def queue_of(ctx: SqsContext, params: dict, permission: Permission | None) -> Queue:
+    """The queue named by `QueueUrl`, authorized for `permission` (None: any permission, i.e. visible)."""
+    name = queue_name_of_url(params.get("QueueUrl"))
+    queue = ctx.broker.core.queues.get(name)
+    if queue is None or queue.ephemeral:
+        raise SqsError("QueueDoesNotExist", "The specified queue does not exist.")
+    authorize(ctx, permission, name)
+    return queue
+
+
+def authorize(ctx: SqsContext, permission: Permission | None, name: str) -> None:
+    if permission is None:
+        if not ctx.principal.can_see("queue", name):
+            raise SqsError("AccessDenied", f"{ctx.principal.name} may not access queue {name!r}.")
+        return
+    if not ctx.principal.allows(permission, "queue", name):
+        raise SqsError("AccessDenied", f"{ctx.principal.name} may not {permission} queue {name!r}.")
+
+
+# -- parameters -------------------------------------------------------------------------------------------------
+
+
+def integer(params: dict, name: str, low: int, high: int, default: int | None = None) -> int | None:
+    """An integer parameter in [low, high] (JSON numbers or query strings), else InvalidParameterValue."""
+    value = params.get(name)
+    if value is None:
+        return default
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+    if number is None or not low <= number <= high:
+        raise SqsError("InvalidParameterValue", f"Value {value} for parameter {name} is invalid. Reason: Must be "
+                       f"between {low} and {high}, if provided.")  # fmt: skip
+    return number
+
+
+def string_list(params: dict, name: str) -> list[str]:
+    value = params.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise SqsError("InvalidParameterValue", f"{name} must be a list of strings.")
+    return value
+
+
+def string_map(params: dict, name: str) -> dict[str, str]:
+    value = params.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise SqsError("InvalidParameterValue", f"{name} must be a map of strings to strings.")
+    return value
+
+
+def required_string(params: dict, name: str) -> str:
+    value = params.get(name)
+    if value is None or value == "":
+        raise SqsError("MissingParameter", f"The request must contain the parameter {name}.")
+    if not isinstance(value, str):
+        raise SqsError("InvalidParameterValue", f"Value {value} for parameter {name} is invalid.")
+    return value
