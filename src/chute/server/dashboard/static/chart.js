@@ -9,7 +9,7 @@ const HEIGHT = 160;
 const LABELS = {published: 'publish', delivered: 'deliver', acked: 'ack'};
 
 export class RateChart {
-  constructor(series, capacity = 80) {
+  constructor(series, capacity = 40) {
     this.series = series;
     this.capacity = capacity;
     this.points = [];
@@ -25,7 +25,7 @@ export class RateChart {
         svg('svg', {width: 28, height: 8, 'aria-hidden': 'true'},
           svg('line', {class: `series series-${s}`, x1: 0, y1: 4, x2: 28, y2: 4})),
         `${LABELS[s] || s} per second`))),
-      h('span', {class: 'hint'}, 'Last two minutes.')));
+      h('span', {class: 'hint'}, 'The last minute.')));
   }
 
   push(rates) {
