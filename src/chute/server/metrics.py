@@ -1,7 +1,298 @@
-"""Placeholder: /metrics is added by the work on this area."""
+"""GET /metrics: the broker's state in the Prometheus text format (names and meanings in docs/metrics.md).
+
+Each `Server` has its own `CollectorRegistry` (never prometheus_client's global one: a process may run many
+servers, tests do) holding `BrokerCollector`, which reads the broker, the sessions and the store when scraped,
+and prometheus_client's `ProcessCollector` (resident memory, CPU, open files; from Linux's /proc).
+
+Per-queue and per-topic series are gathered as a `Table` (one row per queue: its label and one value per
+column) that renders itself in two ways from one definition: as prometheus_client metric families (what the
+registry yields, e.g. to `generate_latest(registry)`), and straight to exposition text, which is what GET /metrics
+sends: with 10,000 queues prometheus_client's generic renderer takes over ten times longer for the same bytes
+(a test checks that both give the same series). Server-wide families are few and go through prometheus_client.
+
+Invariants:
+- nothing is counted between scrapes: an idle broker pays nothing, and every value is read at scrape time in
+  one pass over the queues (the counters themselves live in the core, the sessions and the store);
+- broker state is read only on the event loop (it is not thread-safe); the snapshot (plain values) is then
+  rendered, and gzipped when asked, in a worker thread;
+- per-queue series exist only for durable queues that exist: a deleted queue disappears from the next scrape;
+  ephemeral queues (the private queues of live push subscriptions) are only counted (see docs/metrics.md);
+- the caller is authenticated before anything is read; a non-superuser sees only the queues and topics it
+  may see (`Principal.can_see`); server-wide values are shown to every authenticated caller.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
-def add_routes(app, server) -> None:
-    return None
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from chute.errors import Unauthenticated
+from chute.server import auth
+from chute.storage.api import FSYNC_BUCKETS_S
+
+if TYPE_CHECKING:
+    from chute.server.app import Server
+
+GZIP_MIN_BYTES = 4096  # smaller bodies are sent as they are: compressing them saves less than it costs
+GZIP_LEVEL = 1  # the text is very repetitive: level 1 already shrinks it ~20x, at a fraction of level 6's CPU
+REGISTRY_KEY = web.AppKey("metrics_registry", CollectorRegistry)  # the server's registry, for embedders and tests
+
+Filter = Callable[[str], bool]
+
+
+class Column(NamedTuple):
+    """One family of a `Table`: its exposition name (counters end in `_total`), type and HELP text."""
+
+    name: str
+    type: str  # "gauge" or "counter"
+    help: str
+
+
+QUEUE_COLUMNS = (
+    Column("chute_queue_messages_ready", "gauge", "Messages ready to be delivered now (FIFO messages waiting "
+           "behind their group's head included)."),
+    Column("chute_queue_messages_in_flight", "gauge", "Messages delivered and leased, not yet acked."),
+    Column("chute_queue_messages_delayed", "gauge", "Messages not ready before a delay (publish or nack delay)."),
+    Column("chute_queue_messages_bytes", "gauge", "Body bytes of the queue's messages (ready, delayed and in "
+           "flight)."),
+    Column("chute_queue_oldest_message_age_seconds", "gauge", "Age of the oldest ready message (since it was "
+           "published); 0 when none is ready."),
+    Column("chute_queue_consumers", "gauge", "Push consumers on the queue (native connections)."),
+    Column("chute_queue_dead_letter_messages", "gauge", "Messages ready in the queue's dead-letter queue (that "
+           "queue's own chute_queue_messages_ready, shown for every queue that names it). Only for queues with "
+           "a dead-letter queue."),
+    Column("chute_queue_messages_published_total", "counter", "Messages published to the queue or routed to it "
+           "from a topic (messages dead-lettered into it are not counted here)."),
+    Column("chute_queue_messages_delivered_total", "counter", "Deliveries from the queue, redeliveries included."),
+    Column("chute_queue_messages_acked_total", "counter", "Deliveries acked."),
+    Column("chute_queue_messages_nacked_total", "counter", "Deliveries given back by a nack."),
+    Column("chute_queue_messages_redelivered_total", "counter", "Deliveries of a message delivered before."),
+    Column("chute_queue_messages_dead_lettered_total", "counter", "Messages the queue sent to its dead-letter "
+           "queue (or dropped, without one): too many deliveries, expired, rejected or pushed out by overflow."),
+)  # fmt: skip
+
+TOPIC_COLUMNS = (
+    Column("chute_topic_subscriptions", "gauge", "Subscriptions of the topic (ephemeral ones included)."),
+    Column("chute_topic_retained_bytes", "gauge", "Body bytes the topic retains for new subscriptions."),
+)
+
+
+class Table:
+    """Series of one label: `rows[i]` is (label value, one value per column); a None value is no sample."""
+
+    def __init__(self, label: str, columns: Sequence[Column], rows: list[tuple]) -> None:
+        self.label = label
+        self.columns = columns
+        self.rows = rows
+
+    def families(self) -> Iterator[Metric]:
+        """As prometheus_client metric families (counter names lose `_total` there; it comes back in the text)."""
+        for i, column in enumerate(self.columns, 1):
+            kind = CounterMetricFamily if column.type == "counter" else GaugeMetricFamily
+            family = kind(column.name, column.help, labels=[self.label])
+            for row in self.rows:
+                if row[i] is not None:
+                    family.add_metric([row[0]], row[i])
+            yield family
+
+    def render(self) -> str:
+        """Straight to the text format: the same lines prometheus_client writes, without a Sample per value."""
+        label = self.label
+        prefixes = [f'{{{label}="{_escape_label(row[0])}"}} ' for row in self.rows]
+        out: list[str] = []
+        for i, (name, kind, text) in enumerate(self.columns, 1):
+            out.append(f"# HELP {name} {_escape_help(text)}\n# TYPE {name} {kind}\n")
+            out.extend(f"{name}{prefix}{_number(row[i])}\n" for prefix, row in zip(prefixes, self.rows, strict=True)
+                       if row[i] is not None)  # fmt: skip
+        return "".join(out)
+
+
+def _escape_label(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return str(value) if type(value) is int else floatToGoString(value)
+
+
+class BrokerCollector(Collector):
+    """Reads a `Server` (its broker, sessions and store) at scrape time, on the event loop."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to check at registration; and registering must not read a broker still recovering
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family, for a registry (GET /metrics uses `server_families` and `tables` directly)."""
+        yield from self.server_families()
+        for table in self.tables():
+            yield from table.families()
+
+    def readable(self) -> bool:
+        """False while recovering (the core and the store are rebuilt in a thread) or before start."""
+        return self.server.state in ("serving", "stopping")
+
+    def server_families(self) -> Iterator[Metric]:
+        """The server-wide families: health, connections, consumers, queue counts, the store."""
+        server = self.server
+        yield InfoMetricFamily("chute_build", "Version of the Chute server.", value={"version": server.name})
+        healthy = server.state == "serving" and server.broker.healthy
+        yield _gauge("chute_healthy", "1 while serving with a writable store (as /healthz), else 0.", int(healthy))
+        if not self.readable():
+            return
+        yield _gauge("chute_connections", "Open native-protocol connections.", len(server.sessions))
+        consumers = sum(len(session.consumers) for session in server.sessions)
+        yield _gauge("chute_consumers", "Push consumers on native connections (on every queue, ephemeral "
+                     "ones included).", consumers)  # fmt: skip
+        yield _gauge("chute_unconfirmed_publish_bytes", "Bytes of publishes received and not yet confirmed "
+                     "(held against the memory high-water mark).", server.publish_bytes)  # fmt: skip
+        yield _counter("chute_memory_high_water_pauses", "Times publishers were paused at the memory "
+                       "high-water mark.", server.backpressure_pauses)  # fmt: skip
+        queues = server.broker.core.queues.values()
+        ephemeral = [q for q in queues if q.ephemeral]
+        yield _gauge("chute_queues", "Durable queues.", len(queues) - len(ephemeral))
+        yield _gauge("chute_ephemeral_queues", "Ephemeral queues (private queues of live push subscriptions).",
+                     len(ephemeral))  # fmt: skip
+        yield _gauge("chute_ephemeral_queue_messages_ready", "Messages ready in ephemeral queues, in all.",
+                     sum(q.ready for q in ephemeral))  # fmt: skip
+        yield _gauge("chute_topics", "Topics (each with its subscriptions).", len(server.broker.core.topics))
+        yield from self._store()
+
+    def _store(self) -> Iterator[Metric]:
+        store = self.server.broker.store
+        stats = store.stats()
+        yield _gauge("chute_log_bytes", "Bytes of the log's segment files on disk (0 for the memory store).",
+                     stats.bytes_on_disk)  # fmt: skip
+        yield _gauge("chute_log_segments", "Segment files of the log.", stats.segments)
+        yield _gauge("chute_checkpoint_bytes", "Bytes of the stored checkpoint file.", stats.checkpoint_file_bytes)
+        yield _counter("chute_log_written_bytes", "Bytes written to the log since the broker started.",
+                       stats.bytes_written)  # fmt: skip
+        yield _counter("chute_log_appends", "Appends to the log (each a batch of records) since the broker "
+                       "started.", stats.appends)  # fmt: skip
+        yield _gauge("chute_store_read_only", "1 after a write or fsync failure made the store read-only.",
+                     int(store.read_only))  # fmt: skip
+        yield _fsync_histogram(list(stats.fsync_buckets), stats.fsync_seconds_total)
+
+    def tables(self, see_queue: Filter | None = None, see_topic: Filter | None = None) -> list[Table]:
+        """The per-queue and per-topic series, limited to the names the filters accept (all without one)."""
+        if not self.readable():
+            return []
+        return [self._queue_table(see_queue), self._topic_table(see_topic)]
+
+    def _queue_table(self, see: Filter | None) -> Table:
+        server = self.server
+        broker = server.broker
+        names = [q.name for q in broker.core.queues.values() if not q.ephemeral and (see is None or see(q.name))]
+        stats = {name: broker.queue_stats(name) for name in names}
+        consumers = Counter(c.queue for session in server.sessions for c in session.consumers.values())
+        rows = []
+        for name, s in stats.items():
+            dlq = stats.get(broker.core.queues[name].settings.dead_letter_queue)  # None without a (visible) one
+            rows.append((name, s.ready, s.in_flight, s.delayed, s.bytes, s.oldest_age_s, consumers.get(name, 0),
+                         dlq.ready if dlq is not None else None, s.published, s.delivered, s.acked, s.nacked,
+                         s.redelivered, s.dead_lettered))  # fmt: skip
+        return Table("queue", QUEUE_COLUMNS, rows)
+
+    def _topic_table(self, see: Filter | None) -> Table:
+        topics = [t for t in self.server.broker.core.topics.values() if see is None or see(t.name)]
+        rows = [(t.name, len(t.subscriptions), t.retained_bytes) for t in topics]
+        return Table("topic", TOPIC_COLUMNS, rows)
+
+
+def _fsync_histogram(counts: list[int], seconds: float) -> Metric:
+    """The histogram from a copy of the store's per-bucket counts (cumulative here, so `+Inf` is the count)."""
+    buckets, total = [], 0
+    for bound, count in zip([*map(str, FSYNC_BUCKETS_S), "+Inf"], counts, strict=True):
+        total += count
+        buckets.append((bound, total))
+    return HistogramMetricFamily("chute_fsync_duration_seconds", "Time of each group-commit fsync of the log "
+                                 "(its segment files and, for new files, the directory), measured in the "
+                                 "store's writer thread.", buckets=buckets, sum_value=seconds)  # fmt: skip
+
+
+def _gauge(name: str, text: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, text, value=value)
+
+
+def _counter(name: str, text: str, value: float) -> Metric:
+    return CounterMetricFamily(name, text, value=value)
+
+
+class _Frozen(Collector):
+    """Families already collected, for rendering away from the event loop."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def make_registry(server: Server) -> tuple[CollectorRegistry, BrokerCollector, list[Collector]]:
+    """A registry of its own for `server` with the broker collector and the others (the process collector),
+    which are also returned separately."""
+    registry = CollectorRegistry(auto_describe=False)
+    collector = BrokerCollector(server)
+    registry.register(collector)
+    others: list[Collector] = [ProcessCollector(registry=registry)]
+    return registry, collector, others
+
+
+def render(families: list[Metric], tables: list[Table], gzip_ok: bool = False) -> tuple[bytes, bool]:
+    """The exposition text (gzipped if the client accepts it and it is worth it); runs in a worker thread."""
+    body = generate_latest(_Frozen(families)) + "".join(table.render() for table in tables).encode()
+    if gzip_ok and len(body) >= GZIP_MIN_BYTES:
+        return gzip.compress(body, GZIP_LEVEL), True
+    return body, False
+
+
+def add_routes(app: web.Application, server: Server) -> None:
+    registry, collector, others = make_registry(server)
+    app[REGISTRY_KEY] = registry
+
+    async def metrics(request: web.Request) -> web.Response:
+        try:
+            principal = await auth.authenticate(request)
+        except Unauthenticated as exc:
+            return web.Response(status=401, text=f"{exc.message}\n",
+                                headers={"WWW-Authenticate": 'Basic realm="chute", charset="UTF-8"'})  # fmt: skip
+        if principal.superuser:
+            tables = collector.tables()
+        else:
+            tables = collector.tables(lambda name: principal.can_see("queue", name),
+                                      lambda name: principal.can_see("topic", name))  # fmt: skip
+        families = list(collector.server_families())
+        for other in others:
+            families.extend(other.collect())
+        gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "").lower()
+        body, gzipped = await asyncio.to_thread(render, families, tables, gzip_ok)
+        headers = {"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store", "Vary": "Accept-Encoding"}
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+    app.router.add_get("/metrics", metrics)
