@@ -13,6 +13,14 @@ With Chute installed, pytest gets the fixture `chute_server` (a `running_server(
     def test_jobs(chute_server):
         with chute.Client(chute_server.url) as client: ...
 
+Options are `ServerConfig` fields, so a test can start a server with auth and TLS:
+
+    async with serving(users=[User(name="app", password_hash=hash_password("pw"), grants=[...])],
+                       tls_cert="cert.pem", tls_key="key.pem") as server:   # server.url is chutes://...
+        async with chute.AsyncClient(server.url, user="app", password="pw", tls_ca="ca.pem") as client: ...
+
+(`User`, `Grant` and `hash_password` are in `chute.server.users`.)
+
 Invariant: leaving the context stops the server gracefully and deletes its directory (unless you gave one).
 """
 
@@ -35,6 +43,8 @@ class RunningServer:
     http_port: int | None
     data_dir: str
     server: Server
+    http_url: str | None = None
+    """`http://127.0.0.1:PORT` (`https://` with TLS), or None without an HTTP listener."""
 
 
 def _config(data_dir: str, fsync: str, options: dict) -> ServerConfig:
@@ -51,7 +61,9 @@ async def serving(data_dir: str | None = None, *, fsync: str = "never", **option
             data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="chute-test-"))
         server = await Server(_config(data_dir, fsync, options)).start()
         try:
-            yield RunningServer(server.url, server.port, server.http_port, data_dir, server)
+            scheme = "https" if server.ssl else "http"
+            http_url = f"{scheme}://127.0.0.1:{server.http_port}" if server.http_port else None
+            yield RunningServer(server.url, server.port, server.http_port, data_dir, server, http_url)
         finally:
             await server.stop()
 

@@ -363,7 +363,7 @@ def test_golden_hello():
     data = Connection("client").hello()
     assert data == golden("hello")
     assert data == Connection("client").hello(token=None, client="", heartbeat_s=10.0)
-    assert len(data) == 58
+    assert len(data) == 74  # 58 before HELLO gained user and password (nil)
 
 
 def test_golden_heartbeat():

@@ -12,6 +12,7 @@ from chute.cli.admin import queue, subscribe, topic, unsubscribe
 from chute.cli.bench import bench
 from chute.cli.messages import consume, publish
 from chute.cli.serve import serve
+from chute.cli.users import user
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -28,3 +29,4 @@ main.add_command(queue)
 main.add_command(topic)
 main.add_command(subscribe)
 main.add_command(unsubscribe)
+main.add_command(user)

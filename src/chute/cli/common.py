@@ -43,11 +43,23 @@ def _check_url(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return url
 
 
+def _set_tls_ca(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:  # the client reads it when the URL is chutes://
+        os.environ["CHUTE_TLS_CA"] = value
+
+
 def url_option(command: Callable) -> Callable:
-    """`--url`: the broker to talk to (default $CHUTE_URL, then the local default)."""
+    """`--url`: the broker to talk to (default $CHUTE_URL, then the local default); `--tls-ca`: the CA file that
+    verifies a chutes:// broker (default $CHUTE_TLS_CA, then the system's CAs)."""
+    command = click.option(
+        "--tls-ca", type=click.Path(dir_okay=False, exists=True), default=None, callback=_set_tls_ca,
+        expose_value=False, metavar="PEM", is_eager=True,
+        help="CA certificate(s) that verify a chutes:// broker.  [default: $CHUTE_TLS_CA, else the system's]",
+    )(command)  # fmt: skip
     return click.option(
         "--url", default=None, callback=_check_url, metavar="URL",
-        help=f"Broker URL, chute://[token@]host[:port].  [default: $CHUTE_URL, else {DEFAULT_URL}]",
+        help="Broker URL: chute[s]://[user:password@ | token@]host[:port] (chutes: TLS).  "
+        f"[default: $CHUTE_URL, else {DEFAULT_URL}]",
     )(command)  # fmt: skip
 
 

@@ -33,6 +33,19 @@ from chute.server import Server, load_config
 )
 @click.option("--token", envvar="CHUTE_TOKEN", default=None, help="Clients must present this token (or $CHUTE_TOKEN).")
 @click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PEM certificate (chain): both listeners speak TLS 1.2+ (needs --tls-key).",
+)
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key of --tls-cert.")
+@click.option(
+    "--allow-anonymous",
+    is_flag=True,
+    default=None,
+    help="Allow a non-loopback --host without users or a token (anyone may do everything).",
+)
+@click.option(
     "--max-connections", type=int, default=None, help="Connections beyond this are refused.  [default: 10000]"
 )
 @click.option(
@@ -46,7 +59,9 @@ from chute.server import Server, load_config
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 def serve(config_file, log_level, http_port, **flags) -> None:  # fmt: skip
-    """Run a broker: durable storage in --data-dir, the native protocol on --port, /healthz on --http-port.
+    """Run a broker: durable storage in --data-dir, the native protocol on --port, HTTP on --http-port.
+
+    Users: `chute user add ...` (the users file in --data-dir) or [[users]] in --config; see docs/security.md.
 
     SIGTERM or SIGINT stops it gracefully: no new connections, in-flight requests finish, everything is flushed
     and fsynced, exit status 0."""

@@ -15,6 +15,9 @@ Contract:
 - When the connection breaks, the client reconnects with exponential backoff (0.05 s doubling to 5 s) and
   starts its consumers again. Calls in flight at the break fail with ConnectionLost (retryable: a publish with a
   dedup id is safe to retry); calls made while reconnecting wait for the new connection within their timeout.
+- Credentials come from the URL (`chute://user:password@host`, `chute://TOKEN@host`) or the `user=`/`password=`/
+  `token=` arguments; `chutes://` connects with TLS, verifying the server's certificate and host name against the
+  system's CAs, or the PEM file `tls_ca=` (default $CHUTE_TLS_CA).
 - Errors are the ChuteError subclasses of `chute.errors`, with the broker's stable codes.
 
 Invariant: one `Link` at a time; requests are only written to an open link.
@@ -26,8 +29,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 import socket
+import ssl
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -35,7 +40,7 @@ import msgspec
 
 from chute.client.consumer import AsyncConsumer
 from chute.client.link import Link, refusal
-from chute.client.url import parse_url, resolve_url
+from chute.client.url import parse, resolve_url
 from chute.errors import (
     BrokerClosed,
     ChuteError,
@@ -62,6 +67,16 @@ BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 5.0
 
 
+def client_tls_context(cafile: str | None) -> ssl.SSLContext:
+    """TLS 1.2+, certificate and host name verified against the system's CAs, or only `cafile` if given."""
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(f"cannot load the CA file {cafile}: {getattr(exc, 'strerror', None) or exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class _Batch:
     __slots__ = ("messages", "futures", "size", "limit", "timer")
 
@@ -82,6 +97,9 @@ class AsyncClient:
         url: str | None = None,
         *,
         token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 10.0,
         reconnect: bool = True,
@@ -91,8 +109,12 @@ class AsyncClient:
         name: str = "",
     ) -> None:
         self.url = resolve_url(url)
-        self.host, self.port, url_token = parse_url(self.url)
-        self.token = token if token is not None else url_token
+        parsed = parse(self.url)
+        self.host, self.port = parsed.host, parsed.port
+        self.token = token if token is not None else parsed.token
+        self.user = user if user is not None else parsed.user
+        self.password = password if password is not None else parsed.password
+        self.ssl = client_tls_context(tls_ca or os.environ.get("CHUTE_TLS_CA") or None) if parsed.tls else None
         for key, value in (("timeout", timeout), ("connect_timeout", connect_timeout), ("heartbeat_s", heartbeat_s)):
             if not 0 < value <= 86400:
                 raise InvalidArgument(f"{key} must be a positive number of seconds, got {value!r}")
@@ -142,16 +164,26 @@ class AsyncClient:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, link = await loop.create_connection(
-                    lambda: Link(on_deliver=self._on_deliver, heartbeat_s=self.heartbeat_s), self.host, self.port
+                    lambda: Link(on_deliver=self._on_deliver, heartbeat_s=self.heartbeat_s),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
                 )
                 sock = link.transport.get_extra_info("socket")
                 if sock is not None:
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                link.start(self.token, self.name)
+                link.start(self.token, self.name, self.user, self.password)
                 await link.ready
         except TimeoutError:
             raise ConnectionLost(f"could not connect to {self.url} within {self.connect_timeout} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectionLost(
+                f"TLS: the certificate of {self.host} is not trusted ({exc.verify_message}); give the CA's "
+                "certificate with tls_ca= (CLI: --tls-ca, or $CHUTE_TLS_CA)"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ConnectionLost(f"TLS with {self.url} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise ConnectionLost(f"could not connect to {self.url}: {exc.strerror or exc}") from None
         self._link = link

@@ -41,8 +41,9 @@ class Link(asyncio.Protocol):
         self.transport = transport
         self._last_received = self._last_sent = asyncio.get_running_loop().time()
 
-    def start(self, token: str | None, client: str) -> None:
-        self._send(self.conn.hello(token=token, client=client, heartbeat_s=self.heartbeat_s))
+    def start(self, token: str | None, client: str, user: str | None = None, password: str | None = None) -> None:
+        self._send(self.conn.hello(token=token, client=client, heartbeat_s=self.heartbeat_s, user=user,
+                                   password=password))  # fmt: skip
 
     def data_received(self, data: bytes) -> None:
         self._last_received = asyncio.get_running_loop().time()

@@ -186,10 +186,11 @@ class Connection:
         HEADER.pack_into(buffer, 0, len(buffer) - 4, op, 0, correlation_id)
         return bytes(buffer)
 
-    def hello(self, *, token: str | None = None, client: str = "", heartbeat_s: float = 10.0) -> bytes:
-        """Client: the first frame."""
+    def hello(self, *, token: str | None = None, client: str = "", heartbeat_s: float = 10.0,
+              user: str | None = None, password: str | None = None) -> bytes:  # fmt: skip
+        """Client: the first frame (credentials: a token, or a user and password)."""
         return self.send(Op.HELLO, m.Hello(versions=list(PROTOCOL_VERSIONS), token=token, client=client,
-                                           heartbeat_s=heartbeat_s))  # fmt: skip
+                                           heartbeat_s=heartbeat_s, user=user, password=password))  # fmt: skip
 
     def accept(self, hello: m.Hello, *, server: str, heartbeat_s: float, max_message_bytes: int) -> bytes:
         """Server: answer a HELLO with WELCOME, choosing the highest common version (UnsupportedVersion if

@@ -20,6 +20,8 @@ class Hello(msgspec.Struct, kw_only=True):
     token: str | None = None
     client: str = ""
     heartbeat_s: float = 10.0
+    user: str | None = None
+    password: str | None = None
 
 
 class Welcome(msgspec.Struct, kw_only=True):

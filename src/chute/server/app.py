@@ -6,6 +6,10 @@
               in-flight requests finish (up to `shutdown_grace_s`), then close the broker (checkpoint, flush,
               fsync) and the connections.
 
+Security (docs/security.md): `server.auth` checks credentials (server/auth.py); with `tls_cert`/`tls_key` both
+listeners speak TLS 1.2+ only; a non-loopback `host` without auth configured refuses to start unless
+`allow_anonymous` (then it logs a warning).
+
 Invariants: at most `max_connections` sessions; the bytes of unconfirmed publishes stay near
 `memory_high_water_bytes` (above it no session reads; below half of it reading resumes).
 """
@@ -14,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
+import ssl
 from typing import Literal
 
 from chute.broker import Broker
-from chute.errors import TooManyConnections
+from chute.errors import InvalidArgument, TooManyConnections
 from chute.protocol import messages as m
 from chute.protocol.frames import Op
+from chute.server.auth import Authenticator
 from chute.server.config import ServerConfig
 from chute.server.session import Session
 
@@ -46,6 +53,8 @@ class Server:
             broker = Broker(self.config.data_dir, fsync=self.config.fsync,
                             max_message_bytes=self.config.max_message_bytes)  # fmt: skip
         self.broker = broker
+        self.auth = Authenticator(self.config)
+        self.ssl: ssl.SSLContext | None = None
         self.name = f"chute/{_version()}"
         self.state: Literal["new", "recovering", "serving", "stopping", "stopped"] = "new"
         self.sessions: set[Session] = set()
@@ -67,9 +76,13 @@ class Server:
     @property
     def url(self) -> str:
         host = self.config.host
-        return f"chute://{f'[{host}]' if ':' in host else host}:{self.port}"
+        return f"{'chutes' if self.ssl else 'chute'}://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     async def start(self) -> Server:
+        await asyncio.to_thread(self.auth.load)  # InvalidArgument if the users file is malformed
+        await self._check_exposure()
+        if self.config.tls:
+            self.ssl = server_tls_context(self.config.tls_cert, self.config.tls_key)
         self.state = "recovering"
         if self.config.http_port is not None:
             from aiohttp import web
@@ -78,10 +91,12 @@ class Server:
 
             self._http_runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
             await self._http_runner.setup()
-            site = web.TCPSite(self._http_runner, self.config.host, self.config.http_port, reuse_address=True)
+            site = web.TCPSite(self._http_runner, self.config.host, self.config.http_port, reuse_address=True,
+                               ssl_context=self.ssl)  # fmt: skip
             await site.start()
             self.http_port = site._server.sockets[0].getsockname()[1]
-            log.info("HTTP listening on http://%s:%d (/healthz)", self.config.host, self.http_port)
+            log.info("HTTP listening on %s://%s:%d (/healthz)", "https" if self.ssl else "http", self.config.host,
+                     self.http_port)  # fmt: skip
         try:
             if self.broker._state == "new":
                 await self.broker.start()
@@ -90,7 +105,7 @@ class Server:
                     log.info("recovered %s", report)
             loop = asyncio.get_running_loop()
             self._tcp = await loop.create_server(lambda: Session(self), self.config.host, self.config.port,
-                                                 reuse_address=True, backlog=1024)  # fmt: skip
+                                                 reuse_address=True, backlog=1024, ssl=self.ssl)  # fmt: skip
         except BaseException:
             await self._close_http()
             with contextlib.suppress(Exception):
@@ -105,6 +120,22 @@ class Server:
         log.info("native protocol listening on %s (data in %s, fsync %s)", self.url, self.config.data_dir,
                  self.config.fsync)  # fmt: skip
         return self
+
+    async def _check_exposure(self) -> None:
+        """Refuse to listen beyond this machine without auth, unless `allow_anonymous`."""
+        if await is_loopback(self.config.host):
+            return
+        if not self.auth.enabled:
+            if not self.config.allow_anonymous:
+                raise InvalidArgument(
+                    f"refusing to listen on non-loopback address {self.config.host!r} without auth: add users "
+                    "(chute user add) or a token, or pass --allow-anonymous"
+                )
+            log.warning("listening on %s with auth off (--allow-anonymous): anyone who can connect may do "
+                        "everything", self.config.host)  # fmt: skip
+        if not self.config.tls:
+            log.warning("listening on %s without TLS: credentials and messages travel in clear text",
+                        self.config.host)  # fmt: skip
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -188,3 +219,39 @@ class Server:
         if self._http_runner is not None:
             runner, self._http_runner = self._http_runner, None
             await runner.cleanup()
+
+
+async def is_loopback(host: str) -> bool:
+    """Does `host` (an address or a name) mean only this machine? A name counts if every address it resolves to
+    is a loopback address; "" (every interface) does not."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False  # binding will fail with a clearer error
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server TLS context (TLS 1.2 minimum) from PEM files; InvalidArgument naming the file on any problem."""
+    for what, path in (("certificate", cert), ("key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the TLS {what} {path}: {exc.strerror or exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if "KEY_VALUES_MISMATCH" in str(reason):
+            raise InvalidArgument(f"the TLS key {key} does not belong to the certificate {cert}") from None
+        raise InvalidArgument(f"cannot load the TLS certificate {cert} and key {key}: {reason}") from None
+    return context

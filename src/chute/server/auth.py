@@ -1,6 +1,6 @@
 """Who is calling, and may they do this? (Users, API tokens and permissions on name patterns.)
 
-THE INTERFACE OTHER MODULES USE (stable; the auth work fills in the implementation):
+THE INTERFACE OTHER MODULES USE (stable):
 
     Permission = "publish" | "consume" | "manage"
     Kind       = "queue" | "topic"
@@ -16,29 +16,61 @@ THE INTERFACE OTHER MODULES USE (stable; the auth work fills in the implementati
                                                       # authenticate, then Forbidden (403) unless allowed
     check(principal, permission, kind, name) -> None  # Forbidden unless allowed (native sessions)
     dest_kind(broker, dest) -> Kind                   # a publish destination is a topic or a queue
+    await login(request, user, password) -> (session token, seconds it lasts)
+    whoami(request, principal) -> dict
+    lookup_access_key(server, access_key_id) -> (secret, Principal) | None    # for SigV4 (SQS API)
 
 Rules of thumb for callers: authorize *before* touching the broker, so a refused request changes nothing;
 filter lists with `can_see`.
 
-Invariant (for now): auth is off, every caller is ANONYMOUS and may do everything.
+How it works: each `Server` has one `Authenticator` (`server.auth`). Auth is *on* when the config has a `token`
+(a superuser token, as before users existed) or any user exists (config `[[users]]` or `<data_dir>/users.json`,
+server/users.py). With auth off every caller is ANONYMOUS, a superuser. Credentials:
+- `Basic user:password` / HELLO `user`+`password`: scrypt, run in a worker thread (never on the event loop), at
+  most `MAX_CONCURRENT_HASHES` at a time; a successful check is cached for `PASSWORD_CACHE_S` under a SHA-256 of
+  user and password, so HTTP Basic on every request costs one hash lookup. The cache is dropped when users change.
+- `Bearer cht_...` / HELLO `token`: an API token, looked up by its SHA-256; `Bearer chs_...`: a dashboard session
+  from `login`, kept in memory (a restart signs everyone out); anything else is compared with the config token.
+Invariants: a principal is recomputed from the current users at each authentication, so a revoked token, deleted
+user or changed grant applies to the next request (a native connection keeps the principal of its HELLO);
+unknown users cost the same hash as known ones (no user enumeration by timing).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
+from aiohttp import web
 
-from chute.errors import Forbidden
+from chute.errors import Forbidden, InvalidArgument, Unauthenticated
+from chute.server.users import Grant, User, UsersFile, check_users, hash_password, token_digest, verify_password
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from chute.broker import Broker
+    from chute.protocol.messages import Hello
+    from chute.server.config import ServerConfig
 
 Permission = Literal["publish", "consume", "manage"]
 Kind = Literal["queue", "topic"]
 PERMISSIONS: tuple[Permission, ...] = ("publish", "consume", "manage")
+
+SESSION_PREFIX = "chs_"
+SESSION_S = 8 * 3600.0  # a dashboard session lasts a working day
+MAX_SESSIONS = 10_000  # the oldest is dropped beyond this (memory stays bounded whatever logins come)
+PASSWORD_CACHE_S = 60.0  # how long a verified user+password skips scrypt
+PASSWORD_CACHE_SIZE = 1024
+MAX_CONCURRENT_HASHES = 2  # scrypt at once: a flood of bad passwords cannot take every core
+CHALLENGE = 'Basic realm="chute", Bearer'
+TOKEN_PRINCIPAL = "token"  # the name of the config file's superuser token
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -46,24 +78,185 @@ class Principal(msgspec.Struct, frozen=True):
 
     name: str
     superuser: bool = False
+    grants: tuple[Grant, ...] = ()
 
     def allows(self, permission: Permission, kind: Kind, name: str) -> bool:
-        return self.superuser
+        return self.superuser or any(grant.matches(permission, kind, name) for grant in self.grants)
 
     def can_see(self, kind: Kind, name: str) -> bool:
-        return self.superuser
+        return self.superuser or any(grant.covers(kind, name) for grant in self.grants)
 
 
 ANONYMOUS = Principal(name="anonymous", superuser=True)
 
 
+def principal_of(user: User) -> Principal:
+    return Principal(name=user.name, superuser=user.superuser, grants=tuple(user.grants))
+
+
+class Authenticator:
+    """The users a server knows (config + users file) and the checks of credentials against them."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.token = config.token
+        self.static = {user.name: user for user in check_users(list(config.users), "config [[users]]")}
+        self.file = UsersFile(config.data_dir)
+        self.users: dict[str, User] = dict(self.static)
+        self._by_token: dict[str, User] = {}
+        self._by_key: dict[str, tuple[str, User]] = {}
+        self._passwords: OrderedDict[bytes, float] = OrderedDict()  # digest of user+password -> valid until
+        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()  # token -> (user, expires at)
+        self._hashing = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
+        self._refreshing: asyncio.Task | None = None
+        self._dummy_hash: str | None = None
+        self._kick: asyncio.Future | None = None
+        self._index()
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None or bool(self.users)
+
+    # -- the users ----------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the users file now (blocking; at startup). InvalidArgument if it is malformed."""
+        self.file.refresh()
+        if self.file.error is not None:
+            raise InvalidArgument(self.file.error)
+        self._index()
+
+    async def refresh(self) -> None:
+        """Pick up changes of the users file: a stat at most once a second, in a worker thread."""
+        if self._refreshing is None and self.file.due(time.monotonic()):
+            self.file._checked_at = time.monotonic()  # one refresh at a time
+            self._refreshing = asyncio.ensure_future(asyncio.to_thread(self.file.refresh))
+        if self._refreshing is not None:
+            task = self._refreshing
+            try:
+                changed = await asyncio.shield(task)
+            finally:
+                if task.done() and self._refreshing is task:
+                    self._refreshing = None
+            if changed:
+                self._index()
+
+    def _index(self) -> None:
+        users = {user.name: user for user in self.file.users}
+        users.update(self.static)  # the config's entries win over the file's
+        self.users = users
+        self._by_token = {token.sha256: user for user in users.values() for token in user.tokens}
+        self._by_key = {key.id: (key.secret, user) for user in users.values() for key in user.access_keys}
+        self._passwords.clear()
+
+    # -- credentials --------------------------------------------------------------------------------------
+
+    async def by_password(self, name: str, password: str) -> Principal:
+        await self.refresh()
+        key = hashlib.sha256(f"{name}\0{password}".encode()).digest()
+        now = time.monotonic()
+        user = self.users.get(name)
+        valid_until = self._passwords.get(key)
+        if user is not None and valid_until is not None and valid_until > now:
+            self._passwords.move_to_end(key)
+            return principal_of(user)
+        stored = user.password_hash if user is not None else None
+        if stored is None:  # spend the same time as a real check: no user enumeration by timing
+            if self._dummy_hash is None:
+                self._dummy_hash = await asyncio.to_thread(hash_password, secrets.token_hex(8))
+            stored = self._dummy_hash
+        async with self._hashing:
+            ok = await asyncio.to_thread(verify_password, password, stored)
+        if not ok or user is None or user.password_hash is None or self.users.get(name) is not user:
+            raise Unauthenticated(f"wrong user name or password for {name!r}")
+        self._passwords[key] = time.monotonic() + PASSWORD_CACHE_S
+        while len(self._passwords) > PASSWORD_CACHE_SIZE:
+            self._passwords.popitem(last=False)
+        return principal_of(user)
+
+    async def by_token(self, token: str) -> Principal:
+        await self.refresh()
+        if token.startswith(SESSION_PREFIX):
+            entry = self._sessions.get(token)
+            if entry is not None and entry[1] > time.monotonic() and entry[0] in self.users:
+                return principal_of(self.users[entry[0]])
+            self._sessions.pop(token, None)
+            raise Unauthenticated("the session has expired or is unknown: log in again")
+        user = self._by_token.get(token_digest(token))
+        if user is not None:
+            return principal_of(user)
+        if self.token is not None and hmac.compare_digest(token.encode(), self.token.encode()):
+            return Principal(name=TOKEN_PRINCIPAL, superuser=True)
+        raise Unauthenticated("the token is not valid (revoked, or never issued)")
+
+    async def hello(self, hello: Hello) -> Principal:
+        """The principal of a native connection's HELLO; Unauthenticated if auth is on and it has no valid
+        credentials."""
+        await self.refresh()
+        if not self.enabled:
+            return ANONYMOUS
+        if hello.user is not None:
+            return await self.by_password(hello.user, hello.password or "")
+        if hello.token:
+            return await self.by_token(hello.token)
+        raise Unauthenticated("this server requires credentials: a user and password, or a token")
+
+    async def http(self, header: str | None) -> Principal:
+        """The principal of an HTTP request's `Authorization` header."""
+        await self.refresh()
+        if not self.enabled:
+            return ANONYMOUS
+        if not header:
+            raise Unauthenticated("this server requires credentials (Authorization: Basic or Bearer)")
+        scheme, _, value = header.strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer" and value:
+            return await self.by_token(value)
+        if scheme.lower() == "basic" and value:
+            try:
+                name, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                name, sep, password = "", "", ""
+            if sep:
+                return await self.by_password(name, password)
+        raise Unauthenticated("malformed Authorization header: use Basic user:password or Bearer <token>")
+
+    async def login(self, name: str, password: str) -> tuple[str, float]:
+        principal = await self.by_password(name, password)
+        token = SESSION_PREFIX + secrets.token_urlsafe(32)
+        self._sessions[token] = (principal.name, time.monotonic() + SESSION_S)
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return token, SESSION_S
+
+    def access_key(self, key_id: str) -> tuple[str, Principal] | None:
+        if self._refreshing is None and self.file.due(time.monotonic()):  # sync caller: refresh for next time
+            self._kick = asyncio.ensure_future(self.refresh())
+        found = self._by_key.get(key_id)
+        return None if found is None else (found[0], principal_of(found[1]))
+
+
+# -- the functions other modules call ------------------------------------------------------------------------
+
+_PRINCIPAL_KEY = "chute.principal"
+
+
+def _server(request: web.Request):
+    from chute.server.http import SERVER_KEY  # here: http imports the areas, which import this module
+
+    return request.app[SERVER_KEY]
+
+
 async def authenticate(request: web.Request) -> Principal:
-    return ANONYMOUS
+    principal = request.get(_PRINCIPAL_KEY)
+    if principal is None:
+        principal = await _server(request).auth.http(request.headers.get("Authorization"))
+        request[_PRINCIPAL_KEY] = principal
+    return principal
 
 
 def check(principal: Principal, permission: Permission, kind: Kind, name: str) -> None:
     if not principal.allows(permission, kind, name):
-        raise Forbidden(f"{principal.name} may not {permission} {kind} {name!r}")
+        raise Forbidden(f"{principal.name} lacks the {permission} permission on {kind} {name!r}")
 
 
 async def authorize(request: web.Request, permission: Permission, kind: Kind, name: str) -> Principal:
@@ -78,10 +271,40 @@ def dest_kind(broker: Broker, dest: str) -> Kind:
 
 async def login(request: web.Request, user: str, password: str) -> tuple[str, float]:
     """A dashboard session token for `user` (for `Authorization: Bearer`) and how long it lasts, in seconds;
-    Unauthenticated if the password is wrong."""
-    return "anonymous", 3600.0
+    Unauthenticated if the password is wrong. With auth off: a placeholder token that nothing checks."""
+    auth = _server(request).auth
+    await auth.refresh()
+    if not auth.enabled:
+        return "anonymous", SESSION_S
+    return await auth.login(user, password)
 
 
 def whoami(request: web.Request, principal: Principal) -> dict:
     """What `GET /api/v1/whoami` answers: name, auth_enabled, superuser, permissions."""
-    return {"name": principal.name, "auth_enabled": False, "superuser": principal.superuser, "permissions": []}
+    return {
+        "name": principal.name,
+        "auth_enabled": _server(request).auth.enabled,
+        "superuser": principal.superuser,
+        "permissions": [msgspec.to_builtins(grant) for grant in principal.grants],
+    }
+
+
+def lookup_access_key(server, access_key_id: str) -> tuple[str, Principal] | None:
+    """The secret and principal of an AWS-style access key (SigV4 needs the secret itself, so access keys are
+    stored as secrets, unlike passwords and tokens); None if unknown. Reflects the users file as of the last
+    refresh (at most a second old while requests come in)."""
+    return server.auth.access_key(access_key_id)
+
+
+@web.middleware
+async def challenge_middleware(request: web.Request, handler):
+    """aiohttp middleware: every 401 carries `WWW-Authenticate`, whichever area answered it."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 401 and "WWW-Authenticate" not in exc.headers:
+            exc.headers["WWW-Authenticate"] = CHALLENGE
+        raise
+    if response.status == 401 and "WWW-Authenticate" not in response.headers:
+        response.headers["WWW-Authenticate"] = CHALLENGE
+    return response

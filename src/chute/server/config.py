@@ -7,6 +7,13 @@ The file uses the same names as the flags (with `_` for `-`), e.g.
     http_port = 6161
     fsync = "always"
     token = "s3cret"
+    tls_cert = "/etc/chute/cert.pem"
+    tls_key = "/etc/chute/key.pem"
+
+    [[users]]                       # same schema as an entry of <data_dir>/users.json (docs/security.md)
+    name = "orders-app"
+    password_hash = "scrypt$14$8$1$..."          # from `chute user hash-password`
+    grants = [{allow = ["publish", "consume"], queues = "orders.*"}]
 
 Invariant: a config that loads is valid — unknown keys, wrong types and out-of-range values are refused with
 an error that names the key.
@@ -23,6 +30,7 @@ import msgspec
 from chute.core.state import DEFAULT_MAX_MESSAGE_BYTES
 from chute.errors import InvalidArgument
 from chute.protocol.frames import DEFAULT_HTTP_PORT, DEFAULT_MAX_FRAME_BYTES, DEFAULT_PORT
+from chute.server.users import User, check_users
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -39,7 +47,15 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fsync: Literal["always", "interval", "never"] = "always"
     """`always`: confirm after fsync (default); `interval`: fsync every 100 ms; `never`: leave it to the OS."""
     token: str | None = None
-    """If set, clients must present this token in the handshake."""
+    """A superuser token: clients presenting it may do everything (auth is on when this is set or users exist)."""
+    users: list[User] = []
+    """Static users (read-only; `chute user` edits the users file in the data directory instead)."""
+    allow_anonymous: bool = False
+    """Allow listening on a non-loopback address without auth (otherwise the server refuses to start)."""
+    tls_cert: str | None = None
+    """PEM certificate chain: both listeners speak TLS (1.2 or later) when this and `tls_key` are set."""
+    tls_key: str | None = None
+    """PEM private key of `tls_cert`."""
     max_connections: int = 10_000
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -66,7 +82,14 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidArgument("max_frame_bytes must exceed max_message_bytes by at least 64 KiB")
         if self.token is not None and not self.token:
             raise InvalidArgument("token must not be empty")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("tls_cert and tls_key go together: give both or neither")
+        check_users(self.users, "config users")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 def load_config(path: str | Path | None = None, **overrides) -> ServerConfig:

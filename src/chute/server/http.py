@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from chute.server import api, dashboard, metrics, sqs
+from chute.server.auth import challenge_middleware
 
 if TYPE_CHECKING:
     from chute.server.app import Server
@@ -28,7 +29,7 @@ SERVER_KEY = web.AppKey("server", object)
 
 
 def make_app(server: Server) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[challenge_middleware])  # 401s challenge
     app[SERVER_KEY] = server
 
     async def healthz(request: web.Request) -> web.Response:

@@ -10,6 +10,9 @@ Invariants:
 - A peer that breaks the protocol gets one ERROR frame and the connection is closed; it never affects others.
 - No frame exceeds `max_frame_bytes`: the broker leases at most a frame's worth of bodies per batch, and a DELIVER
   batch (or a RECEIVE reply) that large headers still make too big is cut (`protocol.sizes`).
+- Auth: HELLO's credentials are checked (off the event loop for passwords) before WELCOME; frames pipelined behind
+  HELLO wait (reading paused) until then. Every request is checked against `principal` before the broker is
+  touched: a refused one is answered `forbidden` and changes nothing; the connection stays open.
 - Backpressure: reading stops while the transport's write buffer is full (a peer that does not read its replies
   cannot make us buffer without bound) and while the server is over its memory high-water mark; consumers do not
   fetch more while the write buffer is full (a slow consumer only slows itself).
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import inspect
 import itertools
 import logging
@@ -33,13 +35,12 @@ from chute.errors import (
     FrameTooLarge,
     InvalidArgument,
     QueueNotFound,
-    Unauthenticated,
 )
 from chute.protocol import messages as m
 from chute.protocol.connection import Connection, Frame
 from chute.protocol.frames import Op
 from chute.protocol.sizes import body_budget, fitting
-from chute.server.auth import ANONYMOUS, Principal
+from chute.server.auth import ANONYMOUS, Principal, check, dest_kind
 from chute.server.calls import check_call
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ class Session(asyncio.Protocol):
         self.connected_at = time.time()
         self.client_name = ""  # what the client called itself in HELLO
         self.principal: Principal = ANONYMOUS  # who authenticated in HELLO (server/auth.py)
+        self._held: list[Frame] | None = None  # frames that came behind HELLO while it is being checked
 
     # -- transport callbacks ------------------------------------------------------------------------------------
 
@@ -174,15 +176,23 @@ class Session(asyncio.Protocol):
         for frame in frames:
             if self.closed:
                 return
-            op = frame.op
-            if op is Op.HEARTBEAT:
+            if self._held is not None:  # the handshake is being checked: keep the order
+                self._held.append(frame)
                 continue
-            if op is Op.HELLO:
-                self._hello(frame.body)
-                continue
+            self._dispatch(frame)
+
+    def _dispatch(self, frame: Frame) -> None:
+        op = frame.op
+        if op is Op.HEARTBEAT:
+            return
+        if op is Op.HELLO:
+            self._held = []
+            self.pause_reading("handshake")
+            task = asyncio.ensure_future(self._hello(frame.body))
+        else:
             task = asyncio.ensure_future(self._request(frame))
-            self.requests.add(task)
-            task.add_done_callback(self.requests.discard)
+        self.requests.add(task)
+        task.add_done_callback(self.requests.discard)
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -257,7 +267,7 @@ class Session(asyncio.Protocol):
             log.info("connection from %s: no frame for %.1f s, closing", self.peer, now - self._last_received)
             self.transport.abort()
             return
-        if now - self._last_sent >= self._heartbeat_s * 0.5 and self.conn.state == "open":  # never before WELCOME
+        if now - self._last_sent >= self._heartbeat_s * 0.5 and self.conn.welcome is not None:  # never before WELCOME
             self.write(Op.HEARTBEAT)
         self._prune_leases()
         self._heartbeat = asyncio.get_running_loop().call_later(self._heartbeat_s * 0.5, self._on_heartbeat)
@@ -288,10 +298,13 @@ class Session(asyncio.Protocol):
 
     # -- requests ---------------------------------------------------------------------------------------------
 
-    def _hello(self, hello: m.Hello) -> None:
-        token = self.server.config.token
-        if token is not None and not hmac.compare_digest((hello.token or "").encode(), token.encode()):
-            self.fail(Unauthenticated("a valid token is required" if hello.token else "this server requires a token"))
+    async def _hello(self, hello: m.Hello) -> None:
+        try:
+            self.principal = await self.server.auth.hello(hello)
+        except ChuteError as exc:
+            self.fail(exc)
+            return
+        if self.closed:
             return
         self.client_name = hello.client[:200]
         if 0.05 <= hello.heartbeat_s <= 3600:
@@ -301,10 +314,19 @@ class Session(asyncio.Protocol):
                                                   max_message_bytes=self.server.config.max_message_bytes))  # fmt: skip
         except ChuteError as exc:
             self.fail(exc)
+            return
+        held, self._held = self._held or [], None
+        for frame in held:
+            if self.closed:
+                return
+            self._dispatch(frame)
+        self.resume_reading("handshake")
 
     async def _request(self, frame: Frame) -> None:
         corr = frame.correlation_id
         try:
+            if not self.principal.superuser:
+                self._permit(frame.op, frame.body)
             reply = await HANDLERS[frame.op](self, frame.body)
         except ChuteError as exc:
             self.write_error(exc, corr)
@@ -317,6 +339,22 @@ class Session(asyncio.Protocol):
             self.write_error(ChuteError(f"internal error: {type(exc).__name__}"), corr)
             return
         self.write(Op.REPLY, reply, corr)
+
+    def _permit(self, op: Op, body) -> None:
+        """Forbidden unless the principal may make this request (checked before the broker is touched)."""
+        principal = self.principal
+        if op is Op.PUBLISH:
+            check(principal, "publish", dest_kind(self.broker, body.dest), body.dest)
+        elif op in (Op.CONSUME, Op.RECEIVE, Op.ACK, Op.NACK, Op.EXTEND):
+            check(principal, "consume", "queue", body.queue)
+        elif op is Op.CALL:
+            check_call(body.method, body.args)  # bad arguments are invalid_argument, before forbidden
+            for permission, kind, name in CALL_PERMISSIONS[body.method](body.args):
+                if permission == "see":
+                    if not principal.can_see(kind, name):
+                        check(principal, "manage", kind, name)  # raises, naming the caller and the name
+                else:
+                    check(principal, permission, kind, name)
 
     def write_error(self, exc: ChuteError, correlation_id: int) -> None:
         if self.closed or self.transport is None:
@@ -389,7 +427,26 @@ class Session(asyncio.Protocol):
             result = await result
         if request.method == "peek":  # browsing leases nothing: return what fits one frame
             result = result[: fitting(result, self.server.config.max_frame_bytes)] if result else result
+        elif request.method in ("list_queues", "list_topics") and not self.principal.superuser:
+            kind = "queue" if request.method == "list_queues" else "topic"
+            result = [each for each in result if self.principal.can_see(kind, each.name)]
         return m.CallReply(result=result)
+
+
+def _name(kind: str, key: str = "name", permission: str = "manage"):
+    return lambda args: [(permission, kind, args[key])]
+
+
+# What each CALL needs: (permission, kind, name) triples; "see" is any permission (lists are filtered instead).
+CALL_PERMISSIONS = {
+    "create_queue": _name("queue"), "update_queue": _name("queue"), "delete_queue": _name("queue"),
+    "purge_queue": _name("queue"), "redrive": _name("queue", "queue"),
+    "queue_stats": _name("queue", permission="see"), "peek": _name("queue", "queue", "consume"),
+    "create_topic": _name("topic"), "delete_topic": _name("topic"),
+    "subscribe": lambda args: [("manage", "topic", args["topic"]), ("manage", "queue", args["queue"])],
+    "unsubscribe": lambda args: [("manage", "topic", args["topic"]), ("manage", "queue", args["queue"])],
+    "list_queues": lambda args: [], "list_topics": lambda args: [],
+}  # fmt: skip
 
 
 HANDLERS = {
