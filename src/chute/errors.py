@@ -73,6 +73,12 @@ class UnsupportedVersion(ChuteError):
     name, code, http_status, closes_connection = "unsupported_version", 1007, 400, True
 
 
+class MethodNotAllowed(ChuteError):
+    """HTTP only: the path exists but not with this method (the `Allow` header lists those it has)."""
+
+    name, code, http_status = "method_not_allowed", 1008, 405
+
+
 class QueueNotFound(ChuteError):
     """No queue has this name."""
 
@@ -171,6 +177,12 @@ class ConsumerNotFound(ChuteError):
     name, code, http_status = "consumer_not_found", 2007, 404
 
 
+class RouteNotFound(ChuteError):
+    """HTTP only: no route has this path (see GET /openapi.json for those there are)."""
+
+    name, code, http_status = "route_not_found", 2008, 404
+
+
 class ConnectionLost(ChuteError):
     """Client side: the connection to the broker broke before the reply came. The request may or may not have
     been carried out (a publish with a dedup id can be retried safely)."""
@@ -192,6 +204,7 @@ ERRORS: tuple[type[ChuteError], ...] = (
     ProtocolError,
     FrameTooLarge,
     UnsupportedVersion,
+    MethodNotAllowed,
     QueueNotFound,
     QueueExists,
     TopicNotFound,
@@ -199,6 +212,7 @@ ERRORS: tuple[type[ChuteError], ...] = (
     SubscriptionNotFound,
     QueueInUse,
     ConsumerNotFound,
+    RouteNotFound,
     QueueFull,
     TooManyConnections,
     Unauthenticated,
