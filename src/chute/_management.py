@@ -102,6 +102,10 @@ class ManagementApi:
         self._run(self.core.delete_topic, name)
         await self._durable()
 
+    def topic_info(self, name: str) -> TopicInfo:
+        """A topic's settings and subscriptions (TopicNotFound if there is none)."""
+        return self._topic_info(self.core.topic(name))
+
     def list_topics(self) -> list[TopicInfo]:
         return [self._topic_info(t) for t in sorted(self.core.topics.values(), key=lambda t: t.name)]
 

@@ -1,0 +1,70 @@
+"""Handlers of /api/v1/topics/...: topics (create, list, describe, update, delete), publishing to them, and
+their subscriptions (list, subscribe, change the filter, unsubscribe).
+
+Invariants: a topic route only ever acts on a topic (a queue of the same name is `topic_not_found`);
+subscribing needs `manage` on the topic (the route) and on the queue it feeds (checked here, before anything
+changes), since the queue then receives the topic's messages.
+"""
+
+from __future__ import annotations
+
+from chute.model import validate_name
+from chute.server import auth
+from chute.server.api import models as m
+from chute.server.api.call import Call
+from chute.server.api.queues import to_publish
+
+
+async def list_topics(call: Call) -> m.TopicList:
+    return m.TopicList(topics=[t for t in call.broker.list_topics() if call.principal.can_see("topic", t.name)])
+
+
+async def create_topic(call: Call):
+    existed = call.name in call.broker.core.topics
+    info = await call.broker.create_topic(call.name, call.body)
+    return (200 if existed else 201), info
+
+
+async def get_topic(call: Call):
+    return call.broker.topic_info(call.name)
+
+
+async def update_topic(call: Call):
+    return await call.broker.update_topic(call.name, **m.changes_of(call.body))
+
+
+async def delete_topic(call: Call) -> None:
+    await call.broker.delete_topic(call.name)
+
+
+async def publish_to_topic(call: Call) -> m.Published:
+    call.broker.core.topic(call.name)  # a topic route never publishes to a queue
+    [message_id] = await call.broker.publish_batch(call.name, [to_publish(call.body)])
+    return m.Published(id=str(message_id))
+
+
+async def publish_batch_to_topic(call: Call) -> m.PublishedBatch:
+    call.broker.core.topic(call.name)
+    messages = [to_publish(message, i) for i, message in enumerate(call.body.messages)]
+    return m.PublishedBatch(ids=[str(i) for i in await call.broker.publish_batch(call.name, messages)])
+
+
+async def list_subscriptions(call: Call) -> m.SubscriptionList:
+    return m.SubscriptionList(subscriptions=call.broker.topic_info(call.name).subscriptions)
+
+
+async def subscribe(call: Call):
+    body = call.body
+    auth.check(call.principal, "manage", "queue", body.queue)
+    info = await call.broker.subscribe(call.name, body.pattern, body.queue, filter=body.filter, start=body.start)
+    return 201, info
+
+
+async def update_subscription(call: Call):
+    queue = validate_name(call.query["queue"])
+    return await call.broker.update_subscription(call.name, call.query["pattern"], queue, filter=call.body.filter)
+
+
+async def unsubscribe(call: Call) -> None:
+    queue = validate_name(call.query["queue"])
+    await call.broker.unsubscribe(call.name, call.query["pattern"], queue)
