@@ -316,3 +316,19 @@ def test_a_server_not_started_exports_only_its_health():
     names = {family.name for family in collector.collect()}
     assert names == {"chute_build", "chute_healthy"}
     assert collector.tables() == []
+
+
+async def test_a_thousand_queues_each_get_every_series_in_one_scrape():
+    async with serving() as server:
+        broker = server.server.broker
+        names = [f"q{i:04d}" for i in range(1000)]
+        for name in names:
+            await broker.create_queue(name)
+        await broker.publish("q0999", b"last")
+        result = await scrape(server, **{"Accept-Encoding": "gzip"})
+    assert result.queues() == set(names)
+    per_queue = [column.name for column in metrics.QUEUE_COLUMNS if column.name != "chute_queue_dead_letter_messages"]
+    for column in per_queue:
+        assert sum(1 for name, _ in result.samples if name == column) == 1000, column
+    assert result("chute_queue_messages_ready", queue="q0999") == 1
+    assert result("chute_queues") == 1000
