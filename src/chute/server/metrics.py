@@ -27,6 +27,7 @@ import asyncio
 import gzip
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import web
@@ -57,34 +58,45 @@ Filter = Callable[[str], bool]
 
 
 class Column(NamedTuple):
-    """One family of a `Table`: its exposition name (counters end in `_total`), type and HELP text."""
+    """One family of a `Table`: its exposition name (counters end in `_total`), type and HELP text; `source` is
+    the `QueueStats` field it shows, for the per-queue columns read from there."""
 
     name: str
     type: str  # "gauge" or "counter"
     help: str
+    source: str = ""
 
+
+QUEUE_STATS_COLUMNS = (
+    Column("chute_queue_messages_ready", "gauge", "Messages ready to be delivered now (FIFO messages waiting "
+           "behind their group's head included).", "ready"),
+    Column("chute_queue_messages_in_flight", "gauge", "Messages delivered and leased, not yet acked.", "in_flight"),
+    Column("chute_queue_messages_delayed", "gauge", "Messages not ready before a delay (publish or nack delay).",
+           "delayed"),
+    Column("chute_queue_messages_bytes", "gauge", "Body bytes of the queue's messages (ready, delayed and in "
+           "flight).", "bytes"),
+    Column("chute_queue_oldest_message_age_seconds", "gauge", "Age of the oldest ready message (since it was "
+           "published); 0 when none is ready.", "oldest_age_s"),
+    Column("chute_queue_messages_published_total", "counter", "Messages published to the queue or routed to it "
+           "from a topic (messages dead-lettered into it are not counted here).", "published"),
+    Column("chute_queue_messages_delivered_total", "counter", "Deliveries from the queue, redeliveries included.",
+           "delivered"),
+    Column("chute_queue_messages_acked_total", "counter", "Deliveries acked.", "acked"),
+    Column("chute_queue_messages_nacked_total", "counter", "Deliveries given back by a nack.", "nacked"),
+    Column("chute_queue_messages_redelivered_total", "counter", "Deliveries of a message delivered before.",
+           "redelivered"),
+    Column("chute_queue_messages_dead_lettered_total", "counter", "Messages the queue sent to its dead-letter "
+           "queue (or dropped, without one): too many deliveries, expired, rejected or pushed out by overflow.",
+           "dead_lettered"),
+)  # fmt: skip
+_stats_values = attrgetter(*(column.source for column in QUEUE_STATS_COLUMNS))
 
 QUEUE_COLUMNS = (
-    Column("chute_queue_messages_ready", "gauge", "Messages ready to be delivered now (FIFO messages waiting "
-           "behind their group's head included)."),
-    Column("chute_queue_messages_in_flight", "gauge", "Messages delivered and leased, not yet acked."),
-    Column("chute_queue_messages_delayed", "gauge", "Messages not ready before a delay (publish or nack delay)."),
-    Column("chute_queue_messages_bytes", "gauge", "Body bytes of the queue's messages (ready, delayed and in "
-           "flight)."),
-    Column("chute_queue_oldest_message_age_seconds", "gauge", "Age of the oldest ready message (since it was "
-           "published); 0 when none is ready."),
+    *QUEUE_STATS_COLUMNS,
     Column("chute_queue_consumers", "gauge", "Push consumers on the queue (native connections)."),
     Column("chute_queue_dead_letter_messages", "gauge", "Messages ready in the queue's dead-letter queue (that "
            "queue's own chute_queue_messages_ready, shown for every queue that names it). Only for queues with "
            "a dead-letter queue."),
-    Column("chute_queue_messages_published_total", "counter", "Messages published to the queue or routed to it "
-           "from a topic (messages dead-lettered into it are not counted here)."),
-    Column("chute_queue_messages_delivered_total", "counter", "Deliveries from the queue, redeliveries included."),
-    Column("chute_queue_messages_acked_total", "counter", "Deliveries acked."),
-    Column("chute_queue_messages_nacked_total", "counter", "Deliveries given back by a nack."),
-    Column("chute_queue_messages_redelivered_total", "counter", "Deliveries of a message delivered before."),
-    Column("chute_queue_messages_dead_lettered_total", "counter", "Messages the queue sent to its dead-letter "
-           "queue (or dropped, without one): too many deliveries, expired, rejected or pushed out by overflow."),
 )  # fmt: skip
 
 TOPIC_COLUMNS = (
@@ -116,7 +128,7 @@ class Table:
         label = self.label
         prefixes = [f'{{{label}="{_escape_label(row[0])}"}} ' for row in self.rows]
         out: list[str] = []
-        for i, (name, kind, text) in enumerate(self.columns, 1):
+        for i, (name, kind, text, _) in enumerate(self.columns, 1):
             out.append(f"# HELP {name} {_escape_help(text)}\n# TYPE {name} {kind}\n")
             out.extend(f"{name}{prefix}{_number(row[i])}\n" for prefix, row in zip(prefixes, self.rows, strict=True)
                        if row[i] is not None)  # fmt: skip
@@ -209,12 +221,11 @@ class BrokerCollector(Collector):
         names = [q.name for q in broker.core.queues.values() if not q.ephemeral and (see is None or see(q.name))]
         stats = {name: broker.queue_stats(name) for name in names}
         consumers = Counter(c.queue for session in server.sessions for c in session.consumers.values())
-        rows = []
-        for name, s in stats.items():
+        rows = []  # in QUEUE_COLUMNS order: the QueueStats fields, then consumers and dead-letter depth
+        for name, queue_stats in stats.items():
             dlq = stats.get(broker.core.queues[name].settings.dead_letter_queue)  # None without a (visible) one
-            rows.append((name, s.ready, s.in_flight, s.delayed, s.bytes, s.oldest_age_s, consumers.get(name, 0),
-                         dlq.ready if dlq is not None else None, s.published, s.delivered, s.acked, s.nacked,
-                         s.redelivered, s.dead_lettered))  # fmt: skip
+            rows.append((name, *_stats_values(queue_stats), consumers.get(name, 0),
+                         dlq.ready if dlq is not None else None))  # fmt: skip
         return Table("queue", QUEUE_COLUMNS, rows)
 
     def _topic_table(self, see: Filter | None) -> Table:
