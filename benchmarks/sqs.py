@@ -1,0 +1,234 @@
+"""The SQS API benchmark (issue "Chute speaks the Amazon SQS API", Performance): boto3 end to end.
+
+    python -m benchmarks.sqs [--target chute|moto|both] [--messages 20000] [--max-seconds 60] [--size 256]
+                             [--threads 4] [--runs 1] [--fsync always] [--json] [--profile FILE]
+
+One producer process sends `--messages` bodies of `--size` bytes with SendMessageBatch (10 per call); one
+consumer process receives them with ReceiveMessage (10 per call, WaitTimeSeconds 1) and deletes them with
+DeleteMessageBatch. Each process runs `--threads` threads, each with its own boto3 client, so that one call's
+network and fsync wait overlaps another's work. The figure is messages/s end to end: messages deleted by the
+consumer divided by the time from the common start to the last delete.
+
+The server runs as a subprocess on 127.0.0.1: `chute serve` on a fresh data directory (file store, fsync
+`always` unless --fsync says otherwise), or `python -m moto.server` for comparison. With `--target both` the
+runs are interleaved (chute, moto, chute, ...) because this kind of machine is noisy. Each run is bounded by
+count and time (`--max-seconds`, after which a run reports what it did). The size can also be set with
+$CHUTE_BENCH_SQS_SIZE. Nothing here is a test: figures go to BENCHMARKS.md with the machine they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+BATCH = 10
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the server did not answer {url} within {timeout_s} s")
+
+
+@contextlib.contextmanager
+def server(target: str, fsync: str) -> Iterator[tuple[str, int]]:
+    """Run the server under test; yield its endpoint URL and pid."""
+    port = free_port()
+    data_dir = tempfile.mkdtemp(prefix="chute-bench-sqs-", dir=".")
+    if target == "chute":
+        command = [sys.executable, "-m", "chute", "serve", "--data-dir", data_dir, "--port", "0",
+                   "--http-port", str(port), "--fsync", fsync, "--log-level", "warning"]  # fmt: skip
+        probe = f"http://127.0.0.1:{port}/healthz"
+    else:
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        probe = f"http://127.0.0.1:{port}/moto-api/"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_up(probe, process)
+        yield f"http://127.0.0.1:{port}", process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def client(endpoint: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "sqs", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bench", aws_secret_access_key="bench",
+        config=Config(retries={"max_attempts": 2}, max_pool_connections=4),
+    )  # fmt: skip
+
+
+def run_threads(threads: int, work) -> None:
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def producer(endpoint: str, queue_url: str, messages: int, size: int, threads: int, start, deadline_s, out) -> None:
+    body = "x" * size
+    lock = threading.Lock()
+    state = {"next": 0, "sent": 0, "errors": 0}
+
+    def work(index: int) -> None:
+        sqs = client(endpoint)
+        entries = [{"Id": str(i), "MessageBody": body} for i in range(BATCH)]
+        start.wait()
+        while time.time() < deadline_s:
+            with lock:
+                if state["next"] >= messages:
+                    return
+                state["next"] += BATCH
+            result = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+            with lock:
+                state["sent"] += len(result.get("Successful", []))
+                state["errors"] += len(result.get("Failed", []))
+
+    run_threads(threads, work)
+    out.put(("producer", state["sent"], state["errors"], time.time()))
+
+
+def consumer(endpoint: str, queue_url: str, messages: int, threads: int, start, deadline_s, out) -> None:
+    lock = threading.Lock()
+    state = {"deleted": 0, "received": 0, "last": 0.0}
+
+    def work(index: int) -> None:
+        sqs = client(endpoint)
+        start.wait()
+        while time.time() < deadline_s:
+            with lock:
+                if state["received"] >= messages:
+                    return
+            got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=BATCH, WaitTimeSeconds=1)
+            batch = got.get("Messages", [])
+            if not batch:
+                continue
+            with lock:
+                state["received"] += len(batch)
+            entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)]
+            result = sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
+            with lock:
+                state["deleted"] += len(result.get("Successful", []))
+                state["last"] = time.time()
+
+    run_threads(threads, work)
+    out.put(("consumer", state["deleted"], state["received"], state["last"]))
+
+
+@contextlib.contextmanager
+def profiling(pid: int, path: str | None) -> Iterator[None]:
+    """Sample the server with py-spy (folded stacks in `path`) while the block runs, when a path is given."""
+    if not path:
+        yield
+        return
+    spy = subprocess.Popen(["py-spy", "record", "-f", "raw", "-r", "200", "-o", path, "-p", str(pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
+
+
+def one_run(target: str, args: argparse.Namespace) -> dict:
+    with server(target, args.fsync) as (endpoint, pid), profiling(pid, args.profile):
+        queue_url = client(endpoint).create_queue(QueueName="bench", Attributes={"VisibilityTimeout": "120"})[
+            "QueueUrl"
+        ]
+        ctx = mp.get_context("spawn")
+        start, out = ctx.Event(), ctx.Queue()
+        deadline_s = time.time() + args.max_seconds + 30  # the processes' own bound (spawn takes a while)
+        processes = [
+            ctx.Process(target=producer, args=(endpoint, queue_url, args.messages, args.size, args.threads, start,
+                                               deadline_s, out)),
+            ctx.Process(target=consumer, args=(endpoint, queue_url, args.messages, args.threads, start, deadline_s,
+                                               out)),
+        ]  # fmt: skip
+        for p in processes:
+            p.start()
+        time.sleep(3)  # let both import boto3 and build their clients before the clock starts
+        started = time.time()
+        start.set()
+        results = {}
+        for _ in processes:
+            role, *values = out.get(timeout=args.max_seconds + 120)
+            results[role] = values
+        for p in processes:
+            p.join(30)
+        deleted, received, last = results["consumer"]
+        sent, send_errors, producer_done = results["producer"]
+        elapsed = max(last - started, 1e-9)
+        return {
+            "target": target, "messages": args.messages, "size": args.size, "threads": args.threads,
+            "fsync": args.fsync if target == "chute" else "n/a", "sent": sent, "send_errors": send_errors,
+            "received": received, "deleted": deleted, "seconds": round(elapsed, 2),
+            "msgs_per_s": round(deleted / elapsed), "producer_msgs_per_s": round(sent / (producer_done - started)),
+        }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=["chute", "moto", "both"], default="chute")
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--max-seconds", type=float, default=60.0)
+    parser.add_argument("--size", type=int, default=int(os.environ.get("CHUTE_BENCH_SQS_SIZE", "256")))
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--fsync", choices=["always", "interval", "never"], default="always")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", metavar="FILE", help="sample the server with py-spy into FILE (folded stacks)")
+    args = parser.parse_args(argv)
+    targets = ["chute", "moto"] if args.target == "both" else [args.target]
+    if not args.json:
+        print(f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+              f"{args.messages} messages of {args.size} B, {args.threads} threads per process")  # fmt: skip
+    for _ in range(args.runs):
+        for target in targets:
+            result = one_run(target, args)
+            if args.json:
+                print(json.dumps(result), flush=True)
+            else:
+                line = f"{target:6} {result['msgs_per_s']:>7} msg/s end to end  ({result['deleted']} deleted in "
+                line += f"{result['seconds']} s; producer {result['producer_msgs_per_s']} msg/s)"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
