@@ -332,3 +332,12 @@ async def test_a_thousand_queues_each_get_every_series_in_one_scrape():
         assert sum(1 for name, _ in result.samples if name == column) == 1000, column
     assert result("chute_queue_messages_ready", queue="q0999") == 1
     assert result("chute_queues") == 1000
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("gzip", True), ("gzip, deflate", True), ("deflate, GZIP;q=0.5", True), ("*", True), ("gzip;q=0", False),
+     ("identity", False), ("", False), ("gzip;q=zero", False)],
+)  # fmt: skip
+def test_accept_encoding_is_read_with_its_quality(header, expected):
+    assert metrics.accepts_gzip(header) is expected

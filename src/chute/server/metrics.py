@@ -281,6 +281,21 @@ def render(families: list[Metric], tables: list[Table], gzip_ok: bool = False) -
     return body, False
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """True if an Accept-Encoding header allows gzip (`gzip` or `*`, not with q=0)."""
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip() in ("gzip", "x-gzip", "*"):
+            params = params.strip()
+            if not params.startswith("q="):
+                return True
+            try:
+                return float(params[2:]) > 0
+            except ValueError:
+                return False
+    return False
+
+
 def add_routes(app: web.Application, server: Server) -> None:
     registry, collector, others = make_registry(server)
     app[REGISTRY_KEY] = registry
@@ -299,7 +314,7 @@ def add_routes(app: web.Application, server: Server) -> None:
         families = list(collector.server_families())
         for other in others:
             families.extend(other.collect())
-        gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "").lower()
+        gzip_ok = accepts_gzip(request.headers.get("Accept-Encoding", ""))
         body, gzipped = await asyncio.to_thread(render, families, tables, gzip_ok)
         headers = {"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store", "Vary": "Accept-Encoding"}
         if gzipped:
