@@ -24,6 +24,8 @@ from botocore.config import Config
 
 from chute.testing import running_server
 
+__all__ = ["aws_cli_env", "query_client", "running_server", "sqs_endpoint"]
+
 TARGET = os.environ.get("CHUTE_SQS_TARGET", "chute")
 REGION = "us-east-1"
 ACCESS_KEY = "test-key"
@@ -106,7 +108,7 @@ def query_model() -> dict:
     return model
 
 
-def query_client(endpoint_url: str, directory: Path):
+def query_client(endpoint_url: str, directory: Path, *, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
     """A botocore SQS client that speaks the query protocol (its model is written under `directory`)."""
     model_dir = directory / "models" / "sqs" / "2012-11-05"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -114,8 +116,8 @@ def query_client(endpoint_url: str, directory: Path):
     session = botocore.session.get_session()
     session.get_component("data_loader").search_paths.insert(0, str(directory / "models"))
     client = session.create_client(
-        "sqs", region_name=REGION, endpoint_url=endpoint_url, aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY, config=Config(retries={"max_attempts": 1}),
+        "sqs", region_name=REGION, endpoint_url=endpoint_url, aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key, config=Config(retries={"max_attempts": 1}),
     )  # fmt: skip
     assert client.meta.service_model.protocol == "query"
     return client

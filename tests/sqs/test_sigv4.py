@@ -1,6 +1,8 @@
-"""SigV4 verification against signatures made by botocore for real SQS requests (JSON and query protocol),
-captured just before they would be sent: a right secret passes; a wrong secret, a tampered body, path, query
-or signed header, a stale or future date and a malformed header are refused with AWS's error codes."""
+"""SigV4 verification against signatures made by botocore for real SQS requests, captured just before they would
+be sent: a right secret passes; a wrong secret, a tampered body, path, query or signed header, a stale or future
+date and a malformed header are refused with AWS's error codes. End to end, on a server with access keys: boto3
+over both protocols is verified and mapped to the key's user (a wrong secret, an unknown key, a queue outside the
+user's grants and an unsigned request are refused)."""
 
 from __future__ import annotations
 
@@ -171,3 +173,63 @@ def test_the_signing_key_matches_the_aws_documentation_example():
     # The worked example of AWS's "Deriving the signing key" (secret, 20120215, us-east-1, iam).
     key = sigv4.signing_key("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "20120215", "us-east-1", "iam")
     assert key.hex() == "f4780e2d9f65fa895f9c67b32ce1baf0b0d8a43505a000a1a9e090d414db404d"
+
+
+# -- end to end: a server with access keys ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def secured(tmp_path):
+    """A server with auth on: `app` may use queues `app-*` only; `admin` is a superuser."""
+    from chute.server.users import AccessKey, Grant, User
+    from tests.sqs.compat_support import running_server
+
+    users = [
+        User(name="app", access_keys=[AccessKey(id="AKCHAPP", secret="app-secret")],
+             grants=[Grant(allow=["publish", "consume", "manage"], queues="app-*")]),
+        User(name="admin", superuser=True, access_keys=[AccessKey(id="AKCHADMIN", secret="admin-secret")]),
+    ]  # fmt: skip
+    with running_server(users=users) as server:
+        yield f"http://127.0.0.1:{server.http_port}"
+
+
+def signed_client(endpoint: str, key: str, secret: str, tmp_path=None):
+    from tests.sqs.compat_support import query_client
+
+    if tmp_path is not None:
+        return query_client(endpoint, tmp_path, access_key=key, secret_key=secret)
+    return boto3.client("sqs", region_name="us-east-1", endpoint_url=endpoint, aws_access_key_id=key,
+                        aws_secret_access_key=secret, config=Config(retries={"max_attempts": 1}))  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", ["json", "query"])
+def test_access_keys_are_verified_and_mapped_to_users(secured, protocol, tmp_path):
+    from botocore.exceptions import ClientError
+
+    directory = tmp_path if protocol == "query" else None
+    app = signed_client(secured, "AKCHAPP", "app-secret", directory)
+    url = app.create_queue(QueueName="app-jobs")["QueueUrl"]
+    app.send_message(QueueUrl=url, MessageBody="signed")
+    assert app.receive_message(QueueUrl=url, WaitTimeSeconds=1)["Messages"][0]["Body"] == "signed"
+
+    def code_of(call) -> tuple[str, int]:
+        with pytest.raises(ClientError) as error:
+            call()
+        return error.value.response["Error"]["Code"], error.value.response["ResponseMetadata"]["HTTPStatusCode"]
+
+    wrong = signed_client(secured, "AKCHAPP", "not-the-secret", directory)
+    assert code_of(lambda: wrong.list_queues()) == ("SignatureDoesNotMatch", 403)
+    unknown = signed_client(secured, "AKCHNOBODY", "x", directory)
+    assert code_of(lambda: unknown.list_queues()) == ("InvalidClientTokenId", 403)
+    assert code_of(lambda: app.create_queue(QueueName="billing"))[0] == "AccessDenied"
+    admin = signed_client(secured, "AKCHADMIN", "admin-secret", directory)
+    admin.create_queue(QueueName="billing")
+    assert code_of(lambda: app.get_queue_url(QueueName="billing")) == ("AccessDenied", 403)
+
+
+def test_an_unsigned_request_is_refused_when_auth_is_on(secured):
+    import requests
+
+    response = requests.post(secured + "/", data={"Action": "ListQueues", "Version": "2012-11-05"}, timeout=10)
+    assert response.status_code in (400, 403)
+    assert "<ErrorResponse" in response.text
