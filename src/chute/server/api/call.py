@@ -188,7 +188,7 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     except ChuteError as exc:
         return error_response(exc)
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(MessageTooLarge(f"the request body is larger than {exc.max_size} bytes"))
+        return error_response(MessageTooLarge(f"the request body is too large ({exc.text})"))
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
