@@ -11,6 +11,7 @@ import time
 import pytest
 from botocore.exceptions import ClientError
 
+from chute.testing import running_server
 from tests.sqs import boto3_support
 from tests.sqs.boto3_support import (
     attributes,
@@ -319,3 +320,26 @@ def test_message_move_task_to_another_queue_and_cancel(sqs, name):
     with pytest.raises(ClientError) as excinfo:
         sqs.start_message_move_task(SourceArn=dlq_arn + "-missing")
     assert error_of(excinfo) == ("ResourceNotFoundException", 404)
+
+
+def test_receipt_handles_from_before_a_restart_are_outdated_not_forged(tmp_path):
+    with running_server(str(tmp_path)) as server:
+        sqs = boto3_support.client_for(server.http_port)
+        url = sqs.create_queue(QueueName="standard")["QueueUrl"]
+        fifo = sqs.create_queue(QueueName="ordered.fifo", Attributes={"FifoQueue": "true",
+                                "ContentBasedDeduplication": "true"})["QueueUrl"]  # fmt: skip
+        sqs.send_message(QueueUrl=url, MessageBody="kept")
+        sqs.send_message(QueueUrl=fifo, MessageBody="kept", MessageGroupId="g")
+        [old] = sqs.receive_message(QueueUrl=url)["Messages"]
+        [old_fifo] = sqs.receive_message(QueueUrl=fifo)["Messages"]
+        sqs.close()
+    with running_server(str(tmp_path)) as server:
+        sqs = boto3_support.client_for(server.http_port)
+        sqs.delete_message(QueueUrl=url, ReceiptHandle=old["ReceiptHandle"])  # outdated: accepted, deletes nothing
+        with pytest.raises(ClientError) as excinfo:
+            sqs.delete_message(QueueUrl=fifo, ReceiptHandle=old_fifo["ReceiptHandle"])
+        assert error_of(excinfo) == ("ReceiptHandleIsInvalid", 404)
+        assert "expired" in excinfo.value.response["Error"]["Message"]
+        [again] = sqs.receive_message(QueueUrl=url, AttributeNames=["ApproximateReceiveCount"])["Messages"]
+        assert again["Body"] == "kept" and again["Attributes"]["ApproximateReceiveCount"] == "2"
+        sqs.close()

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from chute.server import auth
 from chute.server.sqs import sigv4
-from chute.server.sqs.common import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, SqsContext
+from chute.server.sqs.common import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, SqsContext, prepared_state
 from chute.server.sqs.errors import SqsError
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ def add_routes(app: web.Application, server: Server) -> None:
             principal, region = _authenticate(server, request, body)
         except SqsError as error:
             return _error(is_json, error)
+        await prepared_state(server)
         transport = request.transport
         ctx = SqsContext(server, principal, base_url=f"{request.scheme}://{request.host}",
                          account_id=DEFAULT_ACCOUNT_ID, region=region or DEFAULT_REGION,

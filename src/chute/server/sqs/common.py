@@ -6,6 +6,9 @@ Invariant: a queue named by a request is resolved (`queue_of`) and authorized be
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import secrets
 import weakref
 from collections import OrderedDict
@@ -22,9 +25,13 @@ if TYPE_CHECKING:
     from chute.server.app import Server
     from chute.server.auth import Permission, Principal
 
+log = logging.getLogger("chute.server.sqs")
+
 DEFAULT_ACCOUNT_ID = "000000000000"
 DEFAULT_REGION = "us-east-1"
 FIRST_RECEIVES_KEPT = 100_000
+HANDLE_KEY_FILE = "sqs-receipt-key"
+HANDLE_KEY_BYTES = 32
 
 
 @dataclass
@@ -71,12 +78,15 @@ def action(handler: Handler) -> Handler:
 
 
 class SqsState:
-    """What the SQS API keeps about one server, in memory only: the key of its receipt handles, when messages
-    were first received (for ApproximateFirstReceiveTimestamp, the latest `FIRST_RECEIVES_KEPT`), message move
-    tasks."""
+    """What the SQS API keeps about one server: the key of its receipt handles (in `<data_dir>/sqs-receipt-key`,
+    so that handles from before a restart are recognized as outdated rather than forged), and in memory only:
+    when messages were first received (for ApproximateFirstReceiveTimestamp, the latest `FIRST_RECEIVES_KEPT`),
+    message move tasks."""
 
     def __init__(self) -> None:
-        self.handle_key = secrets.token_bytes(32)
+        self.handle_key = secrets.token_bytes(HANDLE_KEY_BYTES)
+        self.key_loaded = False
+        self.key_lock = asyncio.Lock()
         self.first_receive: OrderedDict[tuple[str, int], int] = OrderedDict()
         self.move_tasks: list = []  # movetasks.MoveTask, oldest first
 
@@ -102,6 +112,50 @@ def sqs_state(server: object) -> SqsState:
     if state is None:
         state = _STATES[server] = SqsState()
     return state
+
+
+async def prepared_state(server: Server) -> SqsState:
+    """The server's SQS state, with its receipt-handle key loaded (or made) on first use, off the event loop."""
+    state = sqs_state(server)
+    if not state.key_loaded:
+        async with state.key_lock:
+            if not state.key_loaded:
+                key = await asyncio.to_thread(_handle_key, getattr(server.config, "data_dir", None))
+                state.handle_key, state.key_loaded = key or state.handle_key, True
+    return state
+
+
+def _handle_key(data_dir: str | None) -> bytes | None:
+    """The key in `<data_dir>/sqs-receipt-key`, made (mode 0600) if missing; None if it cannot be kept."""
+    if not data_dir:
+        return None
+    path = os.path.join(data_dir, HANDLE_KEY_FILE)
+    try:
+        with open(path, "rb") as file:
+            key = file.read(HANDLE_KEY_BYTES + 1)
+        if len(key) == HANDLE_KEY_BYTES:
+            return key
+        log.warning("%s is damaged: receipt handles from before this start will be refused", path)
+        return None
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot read %s (%s): receipt handles will not outlive this run", path, exc)
+        return None
+    key = secrets.token_bytes(HANDLE_KEY_BYTES)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it meanwhile
+        return _handle_key(data_dir) if os.path.getsize(path) == HANDLE_KEY_BYTES else None
+    except OSError as exc:
+        log.warning("cannot write %s (%s): receipt handles will not outlive this run", path, exc)
+        return None
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
 
 
 # -- queues -----------------------------------------------------------------------------------------------------

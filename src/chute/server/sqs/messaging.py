@@ -30,7 +30,7 @@ MAX_BATCH_ENTRIES = 10
 MAX_BATCH_BYTES = 1_048_576
 MAX_VISIBILITY_S = 43_200
 MIN_LEASE_S = 0.001  # VisibilityTimeout 0: visible again (almost) at once
-DISCONNECT_POLL_S = 0.2
+DISCONNECT_POLL_S = 0.5
 _ENTRY_ID = re.compile(r"^[A-Za-z0-9_\-]{1,80}$")
 _ID_CHARS = re.compile(r"^[A-Za-z0-9!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]{1,128}$")
 SYSTEM_ATTRIBUTE_NAMES = (
