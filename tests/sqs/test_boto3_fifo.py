@@ -129,4 +129,7 @@ def test_an_expired_receipt_handle_cannot_delete_from_a_fifo_queue(sqs, name):
     sqs.receive_message(QueueUrl=url, WaitTimeSeconds=2, VisibilityTimeout=30)
     with pytest.raises(ClientError) as excinfo:
         sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-    assert error_of(excinfo) == ("ReceiptHandleIsInvalid", 404)
+    assert error_of(excinfo) == ("InvalidParameterValue", 400)
+    assert "expired" in excinfo.value.response["Error"]["Message"]
+    result = sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": "old", "ReceiptHandle": message["ReceiptHandle"]}])
+    assert [(f["Id"], f["Code"]) for f in result["Failed"]] == [("old", "InvalidParameterValue")]

@@ -338,7 +338,7 @@ def test_receipt_handles_from_before_a_restart_are_outdated_not_forged(tmp_path)
         sqs.delete_message(QueueUrl=url, ReceiptHandle=old["ReceiptHandle"])  # outdated: accepted, deletes nothing
         with pytest.raises(ClientError) as excinfo:
             sqs.delete_message(QueueUrl=fifo, ReceiptHandle=old_fifo["ReceiptHandle"])
-        assert error_of(excinfo) == ("ReceiptHandleIsInvalid", 404)
+        assert error_of(excinfo) == ("InvalidParameterValue", 400)
         assert "expired" in excinfo.value.response["Error"]["Message"]
         [again] = sqs.receive_message(QueueUrl=url, AttributeNames=["ApproximateReceiveCount"])["Messages"]
         assert again["Body"] == "kept" and again["Attributes"]["ApproximateReceiveCount"] == "2"

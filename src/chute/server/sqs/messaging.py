@@ -265,7 +265,8 @@ def _receipt(ctx: SqsContext, queue, handle: object) -> tuple[int, int]:
 
 
 def _expired(handle: object) -> SqsError:
-    return SqsError("ReceiptHandleIsInvalid", f'The receipt handle "{handle}" has expired.')
+    return SqsError("InvalidParameterValue", f"Value {handle} for parameter ReceiptHandle is invalid. Reason: The "
+                    "receipt handle has expired.")  # fmt: skip
 
 
 @action
@@ -290,6 +291,7 @@ async def delete_message_batch(ctx: SqsContext, params: dict) -> dict:
     entries = _entries(params)
     failed: list[dict] = []
     chosen: list[tuple[str, int, int]] = []
+    handles = {entry["Id"]: entry.get("ReceiptHandle") for entry in entries}
     for entry in entries:
         try:
             receipt, chute_id = _receipt(ctx, queue, entry.get("ReceiptHandle"))
@@ -306,7 +308,7 @@ async def delete_message_batch(ctx: SqsContext, params: dict) -> dict:
     successful = []
     for entry_id, receipt, chute_id in chosen:
         if receipt in unknown and queue.settings.fifo:
-            failed.append(_failed(entry_id, _expired("")))
+            failed.append(_failed(entry_id, _expired(handles[entry_id])))
             continue
         ctx.state.forget(queue.name, chute_id)
         successful.append({"Id": entry_id})
