@@ -7,13 +7,16 @@ One producer process sends `--messages` bodies of `--size` bytes with SendMessag
 consumer process receives them with ReceiveMessage (10 per call, WaitTimeSeconds 1) and deletes them with
 DeleteMessageBatch. Each process runs `--threads` threads, each with its own boto3 client, so that one call's
 network and fsync wait overlaps another's work. The figure is messages/s end to end: messages deleted by the
-consumer divided by the time from the common start to the last delete.
+consumer divided by the time from the common start to the last delete. Each run also reports the CPU time per
+message of the server, the producer and the consumer (on a shared 2-core machine, where the CPU goes says more
+than a noisy rate).
 
 The server runs as a subprocess on 127.0.0.1: `chute serve` on a fresh data directory (file store, fsync
 `always` unless --fsync says otherwise), or `python -m moto.server` for comparison. With `--target both` the
 runs are interleaved (chute, moto, chute, ...) because this kind of machine is noisy. Each run is bounded by
-count and time (`--max-seconds`, after which a run reports what it did). The size can also be set with
-$CHUTE_BENCH_SQS_SIZE. Nothing here is a test: figures go to BENCHMARKS.md with the machine they were measured on.
+count and time (`--max-seconds` from the common start, after which a run reports what it did). The size can also
+be set with $CHUTE_BENCH_SQS_SIZE. Nothing here is a test: figures go to BENCHMARKS.md with the machine they were
+measured on.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def run_threads(threads: int, work) -> None:
         w.join()
 
 
-def producer(endpoint: str, queue_url: str, messages: int, size: int, threads: int, start, deadline_s, out) -> None:
+def producer(endpoint: str, queue_url: str, messages: int, size: int, threads: int, start, max_s, out) -> None:
     body = "x" * size
     lock = threading.Lock()
     state = {"next": 0, "sent": 0, "errors": 0}
@@ -111,6 +114,7 @@ def producer(endpoint: str, queue_url: str, messages: int, size: int, threads: i
         sqs = client(endpoint)
         entries = [{"Id": str(i), "MessageBody": body} for i in range(BATCH)]
         start.wait()
+        deadline_s = time.time() + max_s
         while time.time() < deadline_s:
             with lock:
                 if state["next"] >= messages:
@@ -121,17 +125,20 @@ def producer(endpoint: str, queue_url: str, messages: int, size: int, threads: i
                 state["sent"] += len(result.get("Successful", []))
                 state["errors"] += len(result.get("Failed", []))
 
+    start.wait()
+    cpu_s = time.process_time()
     run_threads(threads, work)
-    out.put(("producer", state["sent"], state["errors"], time.time()))
+    out.put(("producer", state["sent"], state["errors"], time.time(), time.process_time() - cpu_s))
 
 
-def consumer(endpoint: str, queue_url: str, messages: int, threads: int, start, deadline_s, out) -> None:
+def consumer(endpoint: str, queue_url: str, messages: int, threads: int, start, max_s, out) -> None:
     lock = threading.Lock()
     state = {"deleted": 0, "received": 0, "last": 0.0}
 
     def work(index: int) -> None:
         sqs = client(endpoint)
         start.wait()
+        deadline_s = time.time() + max_s
         while time.time() < deadline_s:
             with lock:
                 if state["received"] >= messages:
@@ -148,8 +155,20 @@ def consumer(endpoint: str, queue_url: str, messages: int, threads: int, start, 
                 state["deleted"] += len(result.get("Successful", []))
                 state["last"] = time.time()
 
+    start.wait()
+    cpu_s = time.process_time()
     run_threads(threads, work)
-    out.put(("consumer", state["deleted"], state["received"], state["last"]))
+    out.put(("consumer", state["deleted"], state["received"], state["last"], time.process_time() - cpu_s))
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (0 where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -174,32 +193,40 @@ def one_run(target: str, args: argparse.Namespace) -> dict:
         ]
         ctx = mp.get_context("spawn")
         start, out = ctx.Event(), ctx.Queue()
-        deadline_s = time.time() + args.max_seconds + 30  # the processes' own bound (spawn takes a while)
         processes = [
             ctx.Process(target=producer, args=(endpoint, queue_url, args.messages, args.size, args.threads, start,
-                                               deadline_s, out)),
-            ctx.Process(target=consumer, args=(endpoint, queue_url, args.messages, args.threads, start, deadline_s,
-                                               out)),
+                                               args.max_seconds, out)),
+            ctx.Process(target=consumer, args=(endpoint, queue_url, args.messages, args.threads, start,
+                                               args.max_seconds, out)),
         ]  # fmt: skip
         for p in processes:
             p.start()
         time.sleep(3)  # let both import boto3 and build their clients before the clock starts
+        server_cpu_s = process_cpu_s(pid)
         started = time.time()
         start.set()
         results = {}
         for _ in processes:
             role, *values = out.get(timeout=args.max_seconds + 120)
             results[role] = values
+        server_cpu_s = process_cpu_s(pid) - server_cpu_s
         for p in processes:
             p.join(30)
-        deleted, received, last = results["consumer"]
-        sent, send_errors, producer_done = results["producer"]
+        deleted, received, last, consumer_cpu_s = results["consumer"]
+        sent, send_errors, producer_done, producer_cpu_s = results["producer"]
         elapsed = max(last - started, 1e-9)
+
+        def per_message_ms(cpu_s: float, count: int) -> float:
+            return round(1000 * cpu_s / max(count, 1), 3)
+
         return {
             "target": target, "messages": args.messages, "size": args.size, "threads": args.threads,
             "fsync": args.fsync if target == "chute" else "n/a", "sent": sent, "send_errors": send_errors,
             "received": received, "deleted": deleted, "seconds": round(elapsed, 2),
             "msgs_per_s": round(deleted / elapsed), "producer_msgs_per_s": round(sent / (producer_done - started)),
+            "cpu_ms_per_msg": {"server": per_message_ms(server_cpu_s, deleted),
+                               "producer": per_message_ms(producer_cpu_s, sent),
+                               "consumer": per_message_ms(consumer_cpu_s, deleted)},
         }  # fmt: skip
 
 
@@ -226,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(result), flush=True)
             else:
                 line = f"{target:6} {result['msgs_per_s']:>7} msg/s end to end  ({result['deleted']} deleted in "
-                line += f"{result['seconds']} s; producer {result['producer_msgs_per_s']} msg/s)"
+                line += f"{result['seconds']} s; producer {result['producer_msgs_per_s']} msg/s; "
+                line += "CPU ms per message: " + ", ".join(f"{k} {v}" for k, v in result["cpu_ms_per_msg"].items())
+                line += ")"
                 print(line, flush=True)
 
 
