@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from chute.errors import (
+    BrokerClosed,
     ChuteError,
     Forbidden,
     InvalidArgument,
@@ -107,6 +108,8 @@ async def run(route: Route, server: Server, request: web.Request) -> web.Respons
     """Serve one request on `route` (errors are raised; the middleware turns them into JSON)."""
     name = request.match_info.get("name", "")
     principal = await _admit(route, request, name)
+    if server.state in ("new", "recovering") and route.access != "public":
+        raise BrokerClosed(f"the broker is {server.state}: try again in a moment")  # recovery owns the state
     if "{name}" in route.path:
         validate_name(name, route.kind or "queue")
     query = _query(route, request)
