@@ -90,7 +90,8 @@ export class LiveTable {
     this.el = h('div', {class: 'table-wrap'},
       h('table', {},
         caption ? h('caption', {}, caption) : null,
-        h('thead', {}, h('tr', {}, columns.map((c) => h('th', {scope: 'col', class: c.numeric ? 'num' : null}, c.label)))),
+        h('thead', {}, h('tr', {},
+          columns.map((c) => h('th', {scope: 'col', class: c.numeric ? 'num' : null}, c.label)))),
         this.tbody));
     this.update([]);
   }

@@ -23,9 +23,9 @@ function bodyCell(message) {
 
 export function messageTable() {
   return new LiveTable({
-    caption: 'Messages (oldest first)',
+    caption: 'Messages (in delivery order)',
     key: (d) => d.message.id,
-    empty: 'No ready messages.',
+    empty: 'No messages.',
     columns: [
       {label: 'ID', cell: (d) => h('code', {}, d.message.id)},
       {label: 'Published', text: (d) => fmt.time(d.message.publish_time)},

@@ -11,7 +11,7 @@ export class RateMeter {
     this.rates = Object.fromEntries(names.map((n) => [n, null]));
   }
 
-  /** Record counters seen at `t` (seconds); returns {name: per-second rate or null}. */
+  /** Record counters seen at `t` (seconds); returns a new {name: per-second rate or null}. */
   sample(t, counters) {
     const previous = this.previous;
     this.previous = {t, counters};
@@ -22,7 +22,7 @@ export class RateMeter {
         this.rates[n] = delta >= 0 ? delta / dt : null;
       }
     }
-    return this.rates;
+    return {...this.rates};
   }
 }
 
@@ -39,7 +39,7 @@ export class RateBook {
       const k = key(item);
       seen.add(k);
       if (!this.meters.has(k)) this.meters.set(k, new RateMeter());
-      out.set(k, {...this.meters.get(k).sample(t, counters(item))});
+      out.set(k, this.meters.get(k).sample(t, counters(item)));
     }
     for (const k of [...this.meters.keys()]) if (!seen.has(k)) this.meters.delete(k);
     return out;

@@ -1,6 +1,6 @@
 // The overview (#/): live message rates from counter deltas, the totals of every queue, and the broker's state.
 
-import {h, LiveTable} from './dom.js';
+import {h, LiveTable, setText} from './dom.js';
 import * as fmt from './format.js';
 import {now, RateBook, RateMeter} from './rates.js';
 import {RateChart} from './chart.js';
@@ -11,13 +11,15 @@ const BUSIEST = 6;
 export function overviewView(ctx) {
   const meter = new RateMeter();
   const chart = new RateChart(['published', 'delivered', 'acked']);
-  const rates = statList([['publish_rate', 'Publish'], ['deliver_rate', 'Deliver'], ['ack_rate', 'Ack']], 'stats rates');
+  const rates = statList([['publish_rate', 'Publish'], ['deliver_rate', 'Deliver'], ['ack_rate', 'Ack']],
+    'stats rates');
   const messages = statList([['ready', 'Ready'], ['in_flight', 'In flight'], ['delayed', 'Delayed'],
     ['dead_lettered', 'Dead-lettered'], ['bytes', 'Stored'], ['published', 'Published (total)'],
     ['delivered', 'Delivered (total)'], ['acked', 'Acked (total)']]);
   const broker = statList([['queues', 'Queues'], ['topics', 'Topics'], ['connections', 'Connections'],
     ['consumers', 'Consumers'], ['state', 'State'], ['uptime', 'Up for'], ['log_bytes', 'Log on disk'],
-    ['segments', 'Log segments'], ['version', 'Version']]);
+    ['segments', 'Log segments']]);
+  const version = h('span', {}, '');
 
   const book = new RateBook();
   let queueRates = new Map();
@@ -40,7 +42,8 @@ export function overviewView(ctx) {
       section('Message rates', rates.el, chart.el),
       h('div', {class: 'column'}, section('Messages in all queues', messages.el), section('Queues', busiest.el))),
     section('Broker', broker.el,
-      h('p', {class: 'hint'}, 'See ', h('a', {href: '#/queues'}, 'queues'), ', ', h('a', {href: '#/topics'}, 'topics'),
+      h('p', {class: 'hint'}, version, 'See ', h('a', {href: '#/queues'}, 'queues'), ', ',
+        h('a', {href: '#/topics'}, 'topics'),
         ' and ', h('a', {href: '#/connections'}, 'connections'), '.')));
 
   async function refresh(current) {
@@ -52,7 +55,8 @@ export function overviewView(ctx) {
       .slice(0, BUSIEST));
     const totals = overview.totals || {};
     const r = meter.sample(now(), totals);
-    rates.update({publish_rate: fmt.rate(r.published), deliver_rate: fmt.rate(r.delivered), ack_rate: fmt.rate(r.acked)});
+    rates.update({publish_rate: fmt.rate(r.published), deliver_rate: fmt.rate(r.delivered),
+      ack_rate: fmt.rate(r.acked)});
     if (r.published !== null) chart.push(r);
     messages.update({
       ready: fmt.count(totals.ready), in_flight: fmt.count(totals.in_flight), delayed: fmt.count(totals.delayed),
@@ -63,10 +67,11 @@ export function overviewView(ctx) {
     broker.update({
       queues: fmt.count(overview.queues), topics: fmt.count(overview.topics),
       connections: fmt.count(overview.connections), consumers: fmt.count(overview.consumers),
+      log_bytes: fmt.bytes(storage.log_bytes), segments: fmt.count(storage.segments),
       state: storage.read_only ? `${overview.state}, storage read-only` : overview.state ?? '–',
-      uptime: fmt.duration(overview.uptime_s), log_bytes: fmt.bytes(storage.log_bytes),
-      segments: fmt.count(storage.segments), version: overview.version ?? '–',
+      uptime: fmt.duration(overview.uptime_s),
     });
+    setText(version, `Chute ${overview.version ?? ''}. `);
   }
 
   return {title: 'Overview', root, refresh};

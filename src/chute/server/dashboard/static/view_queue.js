@@ -37,11 +37,12 @@ function settingsForm(ctx, name, onSaved) {
       : h('input', {name: key, autocomplete: 'off', ...(kind === 'text' ? {} : {type: 'number', step: 'any', min: 0}),
         ...(kind === 'required' ? {required: true} : {})});
   }
-  let loaded = null;
+  let loaded = null;  // what the form was filled with (changes are computed against it)
+  let latest = null;  // the broker's settings at the last poll (someone else may have changed them)
   const form = h('form', {'aria-label': 'Queue settings'},
     h('div', {class: 'fields'}, SETTINGS.map(([key, label, , hint]) => field(label, inputs[key], hint))),
     h('div', {class: 'buttons'}, h('button', {type: 'submit'}, 'Save settings'),
-      h('button', {type: 'button', class: 'secondary', onclick: () => loaded && fill(loaded)}, 'Undo changes')));
+      h('button', {type: 'button', class: 'secondary', onclick: () => latest && fill(latest)}, 'Reset to current')));
 
   function fill(settings) {
     loaded = settings;
@@ -67,7 +68,13 @@ function settingsForm(ctx, name, onSaved) {
     onSaved();
     return `Saved: ${Object.keys(changes).join(', ')}.`;
   });
-  return {form, fill, get loaded() { return loaded; }};
+  /** Called by every poll: fills the form the first time only, so a poll never overwrites what is typed. */
+  function seen(settings) {
+    latest = settings;
+    if (loaded === null) fill(settings);
+  }
+
+  return {form, seen};
 }
 
 export function queueView(ctx, name) {
@@ -96,6 +103,7 @@ export function queueView(ctx, name) {
     ],
   });
 
+  const consumersNote = h('p', {class: 'outcome error', hidden: true});
   const peekSelect = h('select', {id: 'peek-count'}, PEEK_CHOICES.map((n) => h('option', {value: n}, String(n))));
   peekSelect.addEventListener('change', () => {
     peekCount = Number(peekSelect.value);
@@ -152,12 +160,14 @@ export function queueView(ctx, name) {
     section('Now', stats.el),
     section('Messages', h('form', {class: 'inline', 'aria-label': 'Peek'},
       field('Show up to', peekSelect)),
-    h('p', {class: 'hint'}, 'Ready messages, peeked without leasing them; updated live.'), messages.el),
+    h('p', {class: 'hint'},
+      'The next messages to be delivered (those in flight included), peeked without leasing them; updated live.'),
+    messages.el),
     h('div', {class: 'grid'},
       section('Publish a test message', publishForm(ctx, `${path}/messages`, {onPublished: () => ctx.refresh()})),
       section('Dead letters', deadLetterInfo, redriveForm)),
     section('Settings', settings.form),
-    section('Consumers', consumers.el),
+    section('Consumers', consumersNote, consumers.el),
     h('section', {class: 'danger-zone', 'aria-label': 'Purge or delete'},
       h('h2', {}, 'Purge or delete'),
       h('div', {class: 'buttons'}, purgeButton, deleteButton), purgeOut, deleteOut));
@@ -201,7 +211,7 @@ export function queueView(ctx, name) {
     }
     const [peeked, consumerList] = await Promise.all([
       ctx.api('GET', `${path}/messages?max_messages=${peekCount}`),
-      ctx.api('GET', '/consumers').catch(() => null),
+      ctx.api('GET', '/consumers').catch((err) => err),  // shown in its section; the rest of the page still works
     ]);
     if (!current()) return;
     missing.hidden = true;
@@ -214,10 +224,16 @@ export function queueView(ctx, name) {
       published_rate: fmt.rate(r.published), delivered_rate: fmt.rate(r.delivered), acked_rate: fmt.rate(r.acked),
       published: fmt.count(s.published), delivered: fmt.count(s.delivered), acked: fmt.count(s.acked),
       nacked: fmt.count(s.nacked), redelivered: fmt.count(s.redelivered)});
-    if (settings.loaded === null) settings.fill(fresh.settings);
+    settings.seen(fresh.settings);
     showDeadLetters(fresh);
     messages.update(peeked.messages);
-    if (consumerList) consumers.update(consumerList.consumers.filter((c) => c.queue === name));
+    if (consumerList instanceof Error) {
+      consumersNote.hidden = false;
+      setText(consumersNote, `Cannot list consumers. ${errorText(consumerList)}`);
+    } else {
+      consumersNote.hidden = true;
+      consumers.update(consumerList.consumers.filter((c) => c.queue === name));
+    }
   }
 
   return {title: `Queue ${name}`, root, refresh};

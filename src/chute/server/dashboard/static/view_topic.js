@@ -109,6 +109,8 @@ export function topicView(ctx, name) {
       }
       throw err;
     }
+    // Only suggestions for the queue field: without them the field still takes any name, so a failure here
+    // (say, no permission to list queues) must not stop the rest of the page.
     const queues = await ctx.api('GET', '/queues').catch(() => null);
     if (!current()) return;
     missing.hidden = true;

@@ -14,7 +14,8 @@ export function topicsView(ctx) {
       {label: 'Name', cell: (t) => topicLink(t.name)},
       {label: 'Subscriptions', numeric: true, text: (t) => fmt.count((t.subscriptions || []).length)},
       {label: 'Routes to', text: (t) => [...new Set((t.subscriptions || []).map((s) => s.queue))].join(', ') || '–'},
-      {label: 'Retention', text: (t) => (t.settings.retention_s === null ? 'off' : fmt.duration(t.settings.retention_s))},
+      {label: 'Retention',
+        text: (t) => (t.settings.retention_s === null ? 'off' : fmt.duration(t.settings.retention_s))},
     ],
   });
 
