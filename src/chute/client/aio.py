@@ -273,6 +273,7 @@ class AsyncClient:
                 await self._supervisor
         if self._link is not None:
             self._link.close()
+            await self._link.wait_closed()
         self._connected.set()
 
     # -- management -----------------------------------------------------------------------------------------

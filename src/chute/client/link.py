@@ -8,6 +8,7 @@ request fails with ConnectionLost (or the error the server closed it with) and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ from chute.protocol.connection import Connection, decode_reply, error_from
 from chute.protocol.frames import MAX_CORRELATION_ID, Op
 
 DEAD_PEER_INTERVALS = 3
+CLOSE_WAIT_S = 2.0  # how long close() waits for a TLS close_notify exchange before giving up on it
 
 
 class Link(asyncio.Protocol):
@@ -28,6 +30,7 @@ class Link(asyncio.Protocol):
         self.pending: dict[int, tuple[asyncio.Future, type]] = {}
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()  # WELCOME or the refusal
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()  # the error that ended it
+        self.disconnected = asyncio.Event()  # the transport is gone (for TLS: after its close_notify exchange)
         self.goaway = False
         self.writable = asyncio.Event()
         self.writable.set()
@@ -89,6 +92,7 @@ class Link(asyncio.Protocol):
         self.writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.disconnected.set()
         self._finish(ConnectionLost(f"connection to the broker lost{f': {exc}' if exc else ''}"))
 
     # -- requests -----------------------------------------------------------------------------------------------
@@ -133,7 +137,15 @@ class Link(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+        elif self.transport is None:
+            self.disconnected.set()
         self._finish(ConnectionLost("connection closed by the client"))
+
+    async def wait_closed(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+        """Wait (bounded) until the transport is really closed: a TLS close needs a round trip."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.disconnected.wait()
 
     # -- internals ----------------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from chute.server.config import ServerConfig
 from chute.server.session import Session
 
 log = logging.getLogger("chute.server")
+CLOSE_WAIT_S = 2.0  # at stop, how long closed connections get to finish closing (TLS needs a round trip)
 
 
 def _version() -> str:
@@ -66,6 +67,7 @@ class Server:
         self.port: int | None = None
         self.http_port: int | None = None
         self._stopped = asyncio.Event()
+        self._no_sessions = asyncio.Event()
 
     async def __aenter__(self) -> Server:
         return await self.start()
@@ -157,6 +159,8 @@ class Server:
 
     def forget(self, session: Session) -> None:
         self.sessions.discard(session)
+        if not self.sessions:
+            self._no_sessions.set()
         if session.publish_bytes:
             self.publishing(session, -session.publish_bytes)
 
@@ -206,6 +210,7 @@ class Server:
             await asyncio.wait(pending, timeout=1.0)
         for session in list(self.sessions):
             session.close()
+        await self._sessions_gone(CLOSE_WAIT_S)
         if self._tcp is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
@@ -214,6 +219,14 @@ class Server:
         self.state = "stopped"
         self._stopped.set()
         log.info("stopped")
+
+    async def _sessions_gone(self, timeout_s: float) -> None:
+        """Wait (bounded) until closed sessions are really gone: a TLS close takes a close_notify round trip."""
+        if self.sessions:
+            self._no_sessions.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._no_sessions.wait()
 
     async def _close_http(self) -> None:
         if self._http_runner is not None:

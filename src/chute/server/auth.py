@@ -24,8 +24,9 @@ Rules of thumb for callers: authorize *before* touching the broker, so a refused
 filter lists with `can_see`.
 
 How it works: each `Server` has one `Authenticator` (`server.auth`). Auth is *on* when the config has a `token`
-(a superuser token, as before users existed) or any user exists (config `[[users]]` or `<data_dir>/users.json`,
-server/users.py). With auth off every caller is ANONYMOUS, a superuser. Credentials:
+(a superuser token, as before users existed), config `[[users]]`, or a users file `<data_dir>/users.json` exists
+(server/users.py) — even one listing nobody, so deleting the last user locks everyone out rather than letting
+everyone in. With auth off every caller is ANONYMOUS, a superuser. Credentials:
 - `Basic user:password` / HELLO `user`+`password`: scrypt, run in a worker thread (never on the event loop), at
   most `MAX_CONCURRENT_HASHES` at a time; a successful check is cached for `PASSWORD_CACHE_S` under a SHA-256 of
   user and password, so HTTP Basic on every request costs one hash lookup. The cache is dropped when users change.
@@ -41,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import secrets
@@ -49,12 +51,13 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
-from aiohttp import web
 
 from chute.errors import Forbidden, InvalidArgument, Unauthenticated
 from chute.server.users import Grant, User, UsersFile, check_users, hash_password, token_digest, verify_password
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from chute.broker import Broker
     from chute.protocol.messages import Hello
     from chute.server.config import ServerConfig
@@ -114,7 +117,7 @@ class Authenticator:
 
     @property
     def enabled(self) -> bool:
-        return self.token is not None or bool(self.users)
+        return self.token is not None or bool(self.users) or self.file.exists
 
     # -- the users ----------------------------------------------------------------------------------------
 
@@ -237,7 +240,11 @@ class Authenticator:
 
 # -- the functions other modules call ------------------------------------------------------------------------
 
-_PRINCIPAL_KEY = "chute.principal"
+@functools.cache
+def _principal_key():
+    from aiohttp import web  # here, not at the top: the CLI imports the server package without needing aiohttp
+
+    return web.RequestKey("principal", Principal)
 
 
 def _server(request: web.Request):
@@ -247,10 +254,11 @@ def _server(request: web.Request):
 
 
 async def authenticate(request: web.Request) -> Principal:
-    principal = request.get(_PRINCIPAL_KEY)
-    if principal is None:
+    key = _principal_key()
+    principal = request.get(key)
+    if principal is None:  # once per request, however many times the handler asks
         principal = await _server(request).auth.http(request.headers.get("Authorization"))
-        request[_PRINCIPAL_KEY] = principal
+        request[key] = principal
     return principal
 
 
@@ -296,15 +304,21 @@ def lookup_access_key(server, access_key_id: str) -> tuple[str, Principal] | Non
     return server.auth.access_key(access_key_id)
 
 
-@web.middleware
-async def challenge_middleware(request: web.Request, handler):
-    """aiohttp middleware: every 401 carries `WWW-Authenticate`, whichever area answered it."""
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status == 401 and "WWW-Authenticate" not in exc.headers:
-            exc.headers["WWW-Authenticate"] = CHALLENGE
-        raise
-    if response.status == 401 and "WWW-Authenticate" not in response.headers:
-        response.headers["WWW-Authenticate"] = CHALLENGE
-    return response
+def challenge_middleware():
+    """An aiohttp middleware: every 401 carries `WWW-Authenticate`, whichever area answered it. (A factory, so
+    that importing this module does not import aiohttp: the CLI imports the server package.)"""
+    from aiohttp import web
+
+    @web.middleware
+    async def challenge(request: web.Request, handler):
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 401 and "WWW-Authenticate" not in exc.headers:
+                exc.headers["WWW-Authenticate"] = CHALLENGE
+            raise
+        if response.status == 401 and "WWW-Authenticate" not in response.headers:
+            response.headers["WWW-Authenticate"] = CHALLENGE
+        return response
+
+    return challenge

@@ -29,7 +29,7 @@ SERVER_KEY = web.AppKey("server", object)
 
 
 def make_app(server: Server) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[challenge_middleware])  # 401s challenge
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[challenge_middleware()])  # 401s challenge
     app[SERVER_KEY] = server
 
     async def healthz(request: web.Request) -> web.Response:

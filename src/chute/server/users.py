@@ -204,6 +204,7 @@ class UsersFile:
         self.users: list[User] = []
         self.generation = 0  # bumped whenever `users` changes
         self.error: str | None = None  # why the last reload failed (the previous users stay)
+        self.exists = False  # the file exists (even listing nobody: then auth stays on and nobody gets in)
         self._stamp: tuple | None = None
         self._checked_at = -1e9
 
@@ -224,6 +225,7 @@ class UsersFile:
         stamp = self._stat()
         if stamp == self._stamp:
             return False
+        self.exists = stamp is not None
         try:
             users = self.load()
         except (InvalidArgument, OSError) as exc:
