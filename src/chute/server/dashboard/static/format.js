@@ -31,9 +31,11 @@ export function duration(s) {
   if (s < 10) return `${oneDecimal.format(s)} s`;
   const t = Math.round(s);
   if (t < 60) return `${t} s`;
-  if (t < 3600) return `${Math.floor(t / 60)} min ${t % 60} s`;
-  if (t < 86400) return `${Math.floor(t / 3600)} h ${Math.floor((t % 3600) / 60)} min`;
-  return `${Math.floor(t / 86400)} d ${Math.floor((t % 86400) / 3600)} h`;
+  const two = (big, bigUnit, small, smallUnit) =>
+    (small ? `${big} ${bigUnit} ${small} ${smallUnit}` : `${big} ${bigUnit}`);
+  if (t < 3600) return two(Math.floor(t / 60), 'min', t % 60, 's');
+  if (t < 86400) return two(Math.floor(t / 3600), 'h', Math.floor((t % 3600) / 60), 'min');
+  return two(Math.floor(t / 86400), 'd', Math.floor((t % 86400) / 3600), 'h');
 }
 
 /** Unix seconds as a local date and time (ISO-like, sortable). */
