@@ -1,17 +1,18 @@
 """A real Celery app on kombu's SQS transport (`sqs://key:secret@127.0.0.1:PORT`) against a live server: a
 `celery worker` subprocess runs tasks sent by the test — one that succeeds, one that fails twice and is retried
 until it succeeds, and one that always fails — and the test reads their results (a file result backend, since
-SQS carries no results)."""
+SQS carries no results). Once with auth off, once with auth on (the worker signs with a user's access key)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+from urllib.parse import quote
 
 import pytest
 
-from tests.sqs.compat_support import ACCESS_KEY, SECRET_KEY, sqs_endpoint
+from tests.sqs.compat_support import ACCESS_KEY, SECRET_KEY, TARGET, sqs_endpoint
 
 APP = textwrap.dedent(
     """
@@ -57,15 +58,30 @@ APP = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def celery_env(tmp_path):
+# With auth on, the worker signs with a user's access key whose grants cover only the app's queues; the secret has
+# characters that must be URL-encoded in the broker URL.
+AUTH_KEY_ID = "AKCHCELERYTEST"
+AUTH_SECRET = "s3cr/t+with=chars"
+
+
+@pytest.fixture(params=["auth-off", "auth-on"])
+def celery_env(request, tmp_path):
+    from chute.server.users import AccessKey, Grant, User
+
     (tmp_path / "chute_celery_app.py").write_text(APP)
     results = tmp_path / "results"
     results.mkdir()
-    with sqs_endpoint() as url:
+    key, secret, options = ACCESS_KEY, SECRET_KEY, {}
+    if request.param == "auth-on":
+        if TARGET == "moto":
+            pytest.skip("moto does not verify signatures")
+        key, secret = AUTH_KEY_ID, AUTH_SECRET
+        grant = Grant(allow=["publish", "consume", "manage"], queues="celery-test-*")
+        options["users"] = [User(name="celery", access_keys=[AccessKey(id=key, secret=secret)], grants=[grant])]
+    with sqs_endpoint(**options) as url:
         host_port = url.removeprefix("http://")
         env = {
-            "TEST_BROKER_URL": f"sqs://{ACCESS_KEY}:{SECRET_KEY}@{host_port}",
+            "TEST_BROKER_URL": f"sqs://{quote(key, safe='')}:{quote(secret, safe='')}@{host_port}",
             "TEST_RESULTS_DIR": str(results),
             "PYTHONPATH": str(tmp_path),
         }
@@ -95,7 +111,8 @@ def worker(celery_env, tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(240)
-def test_celery_worker_runs_tasks_through_sqs(worker, tmp_path):
+def test_celery_worker_runs_tasks_through_sqs(worker, tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "chute_celery_app", raising=False)  # each test's app has its own broker URL
     import chute_celery_app as tasks
 
     try:
