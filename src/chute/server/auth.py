@@ -244,7 +244,11 @@ class Authenticator:
 def _principal_key():
     from aiohttp import web  # here, not at the top: the CLI imports the server package without needing aiohttp
 
-    return web.RequestKey("principal", Principal)
+    # RequestKey names itself after the module whose top level creates it, found by walking up the stack; a
+    # server on a thread (chute.testing.running_server) has no module frame there, so create it as top-level code
+    namespace = {"__name__": __name__, "web": web, "Principal": Principal}
+    exec(compile("key = web.RequestKey('principal', Principal)", __file__, "exec"), namespace)
+    return namespace["key"]
 
 
 def _server(request: web.Request):
