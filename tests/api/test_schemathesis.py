@@ -22,6 +22,7 @@ from chute.testing import running_server
 
 EXAMPLES = int(os.environ.get("CHUTE_SCHEMATHESIS_EXAMPLES", "10"))
 PHASES = os.environ.get("CHUTE_SCHEMATHESIS_PHASES", "examples,coverage,fuzzing").split(",")
+MAX_REQUEST_LINE = 8190  # aiohttp's default max_line_size
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,
@@ -62,4 +63,13 @@ def test_the_api_keeps_its_openapi_contract(case, live):
     base, session = live
     if case.body is not None and isinstance(case.body, dict) and "wait_s" in case.body:
         case.body["wait_s"] = 0  # a generated long poll would only make the run slow
-    case.call_and_validate(base_url=base, session=session, checks=CHECKS, timeout=30)
+    excluded = [checks.content_type_conformance] if _too_long_for_the_http_parser(case, base) else []
+    case.call_and_validate(base_url=base, session=session, checks=CHECKS, excluded_checks=excluded, timeout=30)
+
+
+def _too_long_for_the_http_parser(case, base: str) -> bool:
+    """aiohttp's HTTP parser answers a request line over 8190 bytes itself, before any route or middleware, with
+    a plain-text 400 (documented in docs/http-api.md); generated queries of long non-ASCII strings get there."""
+    kwargs = case.as_transport_kwargs(base_url=base)
+    prepared = requests.Request(kwargs["method"], kwargs["url"], params=kwargs.get("params")).prepare()
+    return len(prepared.path_url) + len(case.method) + len(" HTTP/1.1") > MAX_REQUEST_LINE

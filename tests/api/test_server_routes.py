@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import html.parser
 import time
+import urllib.request
 
 import pytest
 
@@ -130,3 +131,9 @@ def test_route_table_is_complete_and_consistent():
         assert route.access in ("publish", "consume", "manage", "see", "user", "superuser", "public")
         if route.method in ("PUT", "PATCH") or route.path.endswith(("/messages", "/batch", "/ack", "/nack")):
             assert route.body is not None or route.method == "GET", route.path
+
+
+def test_the_api_on_a_server_running_on_a_thread(chute_server):
+    """chute.testing's running_server (the chute_server fixture) runs the server on a thread: the API works there."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{chute_server.http_port}/api/v1/whoami", timeout=10) as response:
+        assert response.status == 200 and b'"superuser":true' in response.read()

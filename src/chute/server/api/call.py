@@ -153,7 +153,7 @@ def _query(route: Route, request: web.Request) -> dict[str, Any]:
 
 async def _body(route: Route, request: web.Request) -> Any:
     data = await request.read()  # HTTPRequestEntityTooLarge over the app's client_max_size
-    if not data.strip():
+    if not data:
         if route.body_required:
             raise InvalidArgument("a JSON body is required")
         data = b"{}"
