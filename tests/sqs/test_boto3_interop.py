@@ -7,9 +7,12 @@ import asyncio
 import base64
 import json
 
+import pytest
+from botocore.exceptions import ClientError
+
 import chute
 from tests.sqs import boto3_support
-from tests.sqs.boto3_support import attributes, md5_of_message_attributes
+from tests.sqs.boto3_support import attributes, error_of, md5_of_message_attributes
 
 sqs_server, sqs, name = boto3_support.sqs_server, boto3_support.sqs, boto3_support.name  # the fixtures
 
@@ -63,3 +66,14 @@ async def test_a_native_queue_is_used_through_boto3(sqs, sqs_server, name):
         assert info.settings.lease_s == 9
         await asyncio.to_thread(sqs.delete_queue, QueueUrl=url)
         assert name not in [q.name for q in await client.list_queues()]
+
+
+async def test_a_topic_name_is_not_an_sqs_queue(sqs, sqs_server, name):
+    async with chute.AsyncClient(sqs_server.url) as client:
+        await client.create_topic(name)
+    with pytest.raises(ClientError) as excinfo:
+        await asyncio.to_thread(sqs.create_queue, QueueName=name)
+    assert error_of(excinfo) == ("QueueNameExists", 400)
+    with pytest.raises(ClientError) as excinfo:
+        await asyncio.to_thread(sqs.get_queue_url, QueueName=name)
+    assert error_of(excinfo) == ("QueueDoesNotExist", 400)

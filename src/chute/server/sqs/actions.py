@@ -106,11 +106,11 @@ async def create_queue(ctx: SqsContext, params: dict) -> dict:
         kept = {k: v for k, v in kept.items() if v} | {"CreatedTimestamp": now, "LastModifiedTimestamp": now}
         values = {"lease_s": 30.0, "retention_s": float(queueattrs.DEFAULT_RETENTION_S), "fifo": fifo} | changes
         settings = QueueSettings(**values, attributes=kept, tags=tags or None)
+        if name in ctx.broker.core.topics:
+            raise SqsError("QueueNameExists", f"{name} is a Chute topic: queues and topics share names.")
         try:
             await ctx.broker.create_queue(name, settings)
-        except QueueExists:
-            if name not in ctx.broker.core.queues:  # a topic of that name
-                raise SqsError("QueueNameExists", f"{name} is a Chute topic: queues and topics share names.") from None
+        except QueueExists:  # made meanwhile by another request: compare with it
             continue
         return {"QueueUrl": ctx.queue_url(name)}
     raise SqsError("QueueNameExists", "A queue already exists with the same name and different attributes.")

@@ -92,6 +92,8 @@ _FROM_CHUTE: dict[type[chute_errors.ChuteError], str] = {
     chute_errors.InvalidReceipt: "ReceiptHandleIsInvalid",
     chute_errors.QueueNotFound: "QueueDoesNotExist",
     chute_errors.QueueExists: "QueueNameExists",
+    chute_errors.TopicExists: "QueueNameExists",  # queues and topics share one namespace
+    chute_errors.TopicNotFound: "QueueDoesNotExist",
     chute_errors.QueueInUse: "InvalidParameterValue",
     chute_errors.QueueFull: "OverLimit",
     chute_errors.Unauthenticated: "InvalidClientTokenId",
