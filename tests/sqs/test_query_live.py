@@ -1,10 +1,12 @@
 """The query protocol end to end: botocore speaking form-encoded requests and reading XML, against a live
 server — queues, messages with attributes, batches, visibility, tags, errors with their legacy codes, and a
-request posted to the queue's own URL without a QueueUrl parameter (as boto 2 did)."""
+request posted to the queue's own URL without a QueueUrl parameter (as boto 2 did), FIFO attributes, dead-letter
+sources, move tasks and ListQueues pages."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import requests
@@ -136,3 +138,40 @@ def test_an_unknown_action_is_an_xml_error(endpoint):
     response = requests.post(f"{endpoint}/", data=form, timeout=10)
     assert response.status_code == 400
     assert "<ErrorResponse" in response.text and "InvalidAction" in response.text
+
+
+@pytest.mark.skipif(TARGET == "moto", reason="moto leaves SequenceNumber out of received FIFO messages")
+def test_fifo_dead_letters_move_tasks_and_pagination(sqs):
+    attributes = {"FifoQueue": "true", "ContentBasedDeduplication": "true"}
+    fifo = sqs.create_queue(QueueName="orders.fifo", Attributes=attributes)["QueueUrl"]
+    first = sqs.send_message(QueueUrl=fifo, MessageBody="one", MessageGroupId="g")
+    sqs.send_message(QueueUrl=fifo, MessageBody="one", MessageGroupId="g")  # a duplicate: accepted, not delivered
+    got = sqs.receive_message(QueueUrl=fifo, AttributeNames=["All"], MaxNumberOfMessages=10, WaitTimeSeconds=1)
+    got = got["Messages"]
+    assert len(got) == 1 and got[0]["Attributes"]["MessageGroupId"] == "g"
+    assert got[0]["Attributes"]["SequenceNumber"] == first["SequenceNumber"]
+
+    dlq = sqs.create_queue(QueueName="dead")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "1"})
+    source = sqs.create_queue(QueueName="source", Attributes={"RedrivePolicy": policy})["QueueUrl"]
+    assert sqs.list_dead_letter_source_queues(QueueUrl=dlq)["queueUrls"] == [source]
+    sqs.send_message(QueueUrl=source, MessageBody="poison")
+    received = sqs.receive_message(QueueUrl=source, VisibilityTimeout=0, WaitTimeSeconds=1)["Messages"]
+    assert [m["Body"] for m in received] == ["poison"]
+    for _ in range(20):  # the second receive moves it to the dead-letter queue
+        if "Messages" in sqs.receive_message(QueueUrl=dlq, WaitTimeSeconds=1):
+            break
+        sqs.receive_message(QueueUrl=source, WaitTimeSeconds=0)
+    else:
+        raise AssertionError("the message never reached the dead-letter queue")
+    task = sqs.start_message_move_task(SourceArn=dlq_arn)["TaskHandle"]
+    tasks = sqs.list_message_move_tasks(SourceArn=dlq_arn)["Results"]
+    assert tasks and tasks[0]["SourceArn"] == dlq_arn
+    assert tasks[0]["Status"] in ("RUNNING", "COMPLETED", "CANCELLING", "CANCELLED", "FAILED")
+    assert task
+
+    page = sqs.list_queues(MaxResults=2)
+    assert len(page["QueueUrls"]) == 2 and page["NextToken"]
+    rest = sqs.list_queues(MaxResults=10, NextToken=page["NextToken"])["QueueUrls"]
+    assert sorted(page["QueueUrls"] + rest) == sorted([fifo, dlq, source])
