@@ -304,8 +304,7 @@ def add_routes(app: web.Application, server: Server) -> None:
         try:
             principal = await auth.authenticate(request)
         except Unauthenticated as exc:
-            return web.Response(status=401, text=f"{exc.message}\n",
-                                headers={"WWW-Authenticate": 'Basic realm="chute", charset="UTF-8"'})  # fmt: skip
+            return web.Response(status=401, text=f"{exc.message}\n", headers={"WWW-Authenticate": auth.CHALLENGE})
         if principal.superuser:
             tables = collector.tables()
         else:
