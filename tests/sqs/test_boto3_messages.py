@@ -11,6 +11,7 @@ import time
 import pytest
 from botocore.exceptions import ClientError
 
+from chute.server.sqs.common import sqs_state
 from chute.testing import running_server
 from tests.sqs import boto3_support
 from tests.sqs.boto3_support import (
@@ -343,3 +344,23 @@ def test_receipt_handles_from_before_a_restart_are_outdated_not_forged(tmp_path)
         [again] = sqs.receive_message(QueueUrl=url, AttributeNames=["ApproximateReceiveCount"])["Messages"]
         assert again["Body"] == "kept" and again["Attributes"]["ApproximateReceiveCount"] == "2"
         sqs.close()
+
+
+def test_a_server_stops_promptly_during_a_slow_move_task(caplog):
+    with running_server() as server:
+        sqs = boto3_support.client_for(server.http_port)
+        dlq = sqs.create_queue(QueueName="slow-dlq")["QueueUrl"]
+        dlq_arn = attributes(sqs, dlq, "QueueArn")["QueueArn"]
+        sqs.create_queue(QueueName="slow-source", Attributes={
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 1})})  # fmt: skip
+        target = sqs.create_queue(QueueName="slow-target")["QueueUrl"]
+        for i in range(5):
+            sqs.send_message(QueueUrl=dlq, MessageBody=f"m{i}")
+        sqs.start_message_move_task(SourceArn=dlq_arn, DestinationArn=attributes(sqs, target, "QueueArn")["QueueArn"],
+                                    MaxNumberOfMessagesPerSecond=1)  # fmt: skip
+        sqs.close()
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    [task] = sqs_state(server.server).move_tasks
+    assert task.status in ("CANCELLED", "FAILED") and task.runner.done()  # ended with the server, not left pending

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from chute.server import auth
 from chute.server.sqs import sigv4
-from chute.server.sqs.common import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, SqsContext, prepared_state
+from chute.server.sqs.common import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, SqsContext, prepared_state, sqs_state
 from chute.server.sqs.errors import SqsError
 
 if TYPE_CHECKING:
@@ -58,8 +58,14 @@ def add_routes(app: web.Application, server: Server) -> None:
 
         return await handle_query(request, ctx, await request.post())
 
+    async def stop_move_tasks(app: web.Application) -> None:
+        for task in sqs_state(server).move_tasks:
+            if task.runner is not None and not task.runner.done():
+                task.runner.cancel()
+
     app.router.add_post("/", handle)
     app.router.add_post("/{account}/{queue}", handle)
+    app.on_shutdown.append(stop_move_tasks)  # a stopping server does not wait for a slow move task
 
 
 def _authenticate(server: Server, request: web.Request, body: bytes) -> tuple[auth.Principal, str | None]:
