@@ -133,3 +133,12 @@ def test_an_expired_receipt_handle_cannot_delete_from_a_fifo_queue(sqs, name):
     assert "expired" in excinfo.value.response["Error"]["Message"]
     result = sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": "old", "ReceiptHandle": message["ReceiptHandle"]}])
     assert [(f["Id"], f["Code"]) for f in result["Failed"]] == [("old", "InvalidParameterValue")]
+
+
+def test_a_standard_queue_keeps_a_message_group_without_ordering(sqs, name):
+    url = sqs.create_queue(QueueName=name)["QueueUrl"]
+    for body in ("a", "b"):
+        sqs.send_message(QueueUrl=url, MessageBody=body, MessageGroupId="tenant-1")  # fair queues: accepted
+    messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, AttributeNames=["MessageGroupId"])["Messages"]
+    assert sorted(m["Body"] for m in messages) == ["a", "b"]  # both at once: no FIFO group lock
+    assert {m["Attributes"]["MessageGroupId"] for m in messages} == {"tenant-1"}
