@@ -1,6 +1,7 @@
 """Long polling and concurrency over HTTP: a waiting receive is answered by a publish from another request, a
 client that hangs up during a long poll loses nothing, a stopping server answers waiting polls, many concurrent
-requests deliver every message exactly once, and HTTP and the native protocol see the same broker."""
+requests deliver every message exactly once, HTTP and the native protocol see the same broker, and requests
+during recovery are told to come back (503) instead of reading half-restored state."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import aiohttp
 import pytest
 
 import chute
-from chute.testing import serving
+from chute import Broker
+from chute.server import Server, ServerConfig
+from chute.storage.memory import MemoryStore
+from chute.testing import RunningServer, serving
 from tests.api.conftest import Api
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,3 +121,36 @@ async def test_http_and_native_clients_share_queues(api):
         message_id = await client.publish("from-http", b"\x00\xff binary")
         [received] = (await api.ok("POST", "/queues/from-http/receive", {}))["deliveries"]
         assert received["message"]["id"] == str(message_id) and received["message"]["body_encoding"] == "base64"
+
+
+class _SlowStore(MemoryStore):
+    """A store whose recovery waits until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def open(self):
+        await self.release.wait()
+        return await super().open()
+
+
+async def test_requests_during_recovery_get_503_then_work(tmp_path):
+    store = _SlowStore()
+    config = ServerConfig(data_dir=str(tmp_path), host="127.0.0.1", port=0, http_port=0, fsync="never")
+    server = Server(config, broker=Broker(store=store))
+    starting = asyncio.ensure_future(server.start())
+    try:
+        await until(lambda: server.http_port is not None, "the HTTP listener")
+        async with aiohttp.ClientSession() as session:
+            api = Api(RunningServer("", 0, server.http_port, str(tmp_path), server), session)
+            status, name, message = await api.error("GET", "/queues")
+            assert (status, name) == (503, "broker_closed") and "recovering" in message
+            assert (await api.error("PUT", "/queues/q"))[:2] == (503, "broker_closed")
+            store.release.set()
+            await asyncio.wait_for(starting, WAIT_LIMIT_S)
+            await api.ok("PUT", "/queues/q", expect=201)
+    finally:
+        store.release.set()
+        await asyncio.wait_for(asyncio.shield(starting), WAIT_LIMIT_S)
+        await server.stop()

@@ -61,7 +61,7 @@ def _operation(path: str, method: str, op: dict[str, Any]) -> str:
         f"<p>{escape(op['summary'])}</p>",
     ]
     if op.get("description"):
-        html.append(f"<p class='muted'>{escape(op['description'])}</p>")
+        html.append(f"<p class='muted'>{_inline(op['description'])}</p>")
     if op.get("parameters"):
         html.append("<table><tr><th>parameter</th><th>in</th><th>type</th><th>meaning</th></tr>")
         for param in op["parameters"]:
