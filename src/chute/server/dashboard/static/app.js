@@ -18,13 +18,14 @@ import {connectionsView} from './view_connections.js';
 
 const POLL_MS = 1500;
 
+// [path pattern (its groups are the view's arguments), view, the navigation entry it belongs to]
 const ROUTES = [
-  [/^\/?$/, () => overviewView, 'overview'],
-  [/^\/queues$/, () => queuesView, 'queues'],
-  [/^\/queues\/([^/]+)$/, () => queueView, 'queues'],
-  [/^\/topics$/, () => topicsView, 'topics'],
-  [/^\/topics\/([^/]+)$/, () => topicView, 'topics'],
-  [/^\/connections$/, () => connectionsView, 'connections'],
+  [/^\/?$/, overviewView, 'overview'],
+  [/^\/queues$/, queuesView, 'queues'],
+  [/^\/queues\/([^/]+)$/, queueView, 'queues'],
+  [/^\/topics$/, topicsView, 'topics'],
+  [/^\/topics\/([^/]+)$/, topicView, 'topics'],
+  [/^\/connections$/, connectionsView, 'connections'],
 ];
 
 const main = document.getElementById('main');
@@ -32,7 +33,7 @@ const nav = document.getElementById('nav');
 const banner = document.getElementById('banner');
 const userBox = document.getElementById('user');
 
-const state = {user: null, view: null, generation: 0, timer: null, polling: false, started: false};
+const state = {user: null, view: null, generation: 0, timer: null, polling: false, pollAgain: false};
 
 function showBanner(text) {
   setText(banner, text || '');
@@ -64,7 +65,7 @@ function parseRoute() {
       } catch {
         return null;
       }
-      return {view: view(), params, section};
+      return {view, params, section};
     }
   }
   return null;

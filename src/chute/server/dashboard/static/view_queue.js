@@ -1,81 +1,17 @@
 // One queue (#/queues/NAME): live stats and rates, peeked messages, publish a test message, purge (confirmed),
 // redrive dead letters, change settings, its consumers, delete (confirmed).
-// Invariant: the settings form is filled from the broker once (and after a save), never by a poll, so a poll
-// never overwrites what the user is typing.
+// Invariant: the page is built once; each poll only updates it in place (figures, rows, the dead-letter links).
 
 import {field, h, LiveTable, setText} from './dom.js';
 import * as fmt from './format.js';
 import {seg} from './api.js';
 import {now, RateMeter} from './rates.js';
 import {messageTable, publishForm} from './messages.js';
-import {actionForm, confirmDialog, errorText, numberOrNull, outcome, queueLink, section, showOutcome, statList}
-  from './ui.js';
+import {dangerZone, deadLetters} from './queue_actions.js';
+import {settingsForm} from './queue_settings.js';
+import {errorText, section, statList} from './ui.js';
 
 const PEEK_CHOICES = [10, 25, 50, 100];
-
-// [field, label, kind, hint]; kind: number (empty = off), required number, text (empty = none), overflow.
-const SETTINGS = [
-  ['lease_s', 'Lease (s)', 'required', 'How long a delivery is leased'],
-  ['max_deliveries', 'Max deliveries', 'number', 'Empty: unlimited'],
-  ['dead_letter_queue', 'Dead-letter queue', 'text', 'Empty: dead letters are dropped'],
-  ['delay_s', 'Delay (s)', 'required', 'Default delay of new messages'],
-  ['retention_s', 'Retention (s)', 'number', 'Empty: kept until consumed'],
-  ['max_length', 'Max length', 'number', 'Empty: unlimited'],
-  ['max_bytes', 'Max bytes', 'number', 'Empty: unlimited'],
-  ['overflow', 'When full', 'overflow', ''],
-  ['rate_limit', 'Rate limit (/s)', 'number', 'Empty: no limit'],
-  ['rate_burst', 'Rate burst', 'number', 'Empty: the default'],
-  ['dedup_window_s', 'Dedup window (s)', 'required', ''],
-];
-
-function settingsForm(ctx, name, onSaved) {
-  const inputs = {};
-  for (const [key, , kind] of SETTINGS) {
-    inputs[key] = kind === 'overflow'
-      ? h('select', {name: key}, h('option', {value: 'reject'}, 'reject publishes'),
-        h('option', {value: 'drop-oldest'}, 'drop the oldest'))
-      : h('input', {name: key, autocomplete: 'off', ...(kind === 'text' ? {} : {type: 'number', step: 'any', min: 0}),
-        ...(kind === 'required' ? {required: true} : {})});
-  }
-  let loaded = null;  // what the form was filled with (changes are computed against it)
-  let latest = null;  // the broker's settings at the last poll (someone else may have changed them)
-  const form = h('form', {'aria-label': 'Queue settings'},
-    h('div', {class: 'fields'}, SETTINGS.map(([key, label, , hint]) => field(label, inputs[key], hint))),
-    h('div', {class: 'buttons'}, h('button', {type: 'submit'}, 'Save settings'),
-      h('button', {type: 'button', class: 'secondary', onclick: () => latest && fill(latest)}, 'Reset to current')));
-
-  function fill(settings) {
-    loaded = settings;
-    for (const [key] of SETTINGS) {
-      const value = settings[key];
-      inputs[key].value = value === null || value === undefined ? '' : String(value);
-    }
-  }
-
-  actionForm(form, async () => {
-    const changes = {};
-    for (const [key, label, kind] of SETTINGS) {
-      let value;
-      if (kind === 'overflow') value = inputs[key].value;
-      else if (kind === 'text') value = inputs[key].value.trim() || null;
-      else value = numberOrNull(inputs[key]);
-      if (kind === 'required' && value === null) throw new Error(`${label} is required`);
-      if (value !== loaded[key]) changes[key] = value;
-    }
-    if (Object.keys(changes).length === 0) return 'No changes to save.';
-    const detail = await ctx.api('PATCH', `/queues/${seg(name)}`, changes);
-    fill(detail.settings);
-    onSaved();
-    return `Saved: ${Object.keys(changes).join(', ')}.`;
-  });
-  /** Called by every poll: fills the form the first time only, so a poll never overwrites what is typed. */
-  function seen(settings) {
-    latest = settings;
-    if (loaded === null) fill(settings);
-  }
-
-  return {form, seen};
-}
 
 export function queueView(ctx, name) {
   const path = `/queues/${seg(name)}`;
@@ -110,48 +46,7 @@ export function queueView(ctx, name) {
     ctx.refresh();
   });
 
-  // Purge and delete: buttons that ask first.
-  const purgeOut = outcome();
-  const purgeButton = h('button', {type: 'button', class: 'danger'}, 'Purge…');
-  purgeButton.addEventListener('click', async () => {
-    const ready = detail ? fmt.count(detail.stats.ready) : 'all';
-    const ok = await confirmDialog({title: `Purge queue ${name}?`, confirmLabel: 'Purge',
-      message: `This deletes the ${ready} ready messages of ${name} for good. Messages in flight are not affected.`});
-    if (!ok) return;
-    try {
-      const reply = await ctx.api('POST', `${path}/purge`);
-      showOutcome(purgeOut, `Purged ${fmt.count(reply.purged)} messages.`, true);
-      ctx.refresh();
-    } catch (err) {
-      showOutcome(purgeOut, errorText(err), false);
-    }
-  });
-  const deleteOut = outcome();
-  const deleteButton = h('button', {type: 'button', class: 'danger'}, 'Delete queue…');
-  deleteButton.addEventListener('click', async () => {
-    const ok = await confirmDialog({title: `Delete queue ${name}?`, confirmLabel: 'Delete',
-      message: `This deletes ${name} and every message in it, for good.`});
-    if (!ok) return;
-    try {
-      await ctx.api('DELETE', path);
-      ctx.navigate('#/queues');
-    } catch (err) {
-      showOutcome(deleteOut, errorText(err), false);
-    }
-  });
-
-  // Redrive: only meaningful on a dead-letter queue; the section explains where dead letters go.
-  const deadLetterInfo = h('p', {});
-  const redriveMax = h('input', {name: 'max_messages', type: 'number', min: 1, step: 1});
-  const redriveForm = h('form', {'aria-label': 'Redrive dead letters', class: 'inline'},
-    field('Messages to move', redriveMax, 'Empty: all'),
-    h('button', {type: 'submit'}, 'Redrive to source queues'));
-  actionForm(redriveForm, async () => {
-    const reply = await ctx.api('POST', `${path}/redrive`, {max_messages: numberOrNull(redriveMax)});
-    ctx.refresh();
-    return `Moved ${fmt.count(reply.moved)} messages back to their source queues.`;
-  });
-
+  const dead = deadLetters(ctx, path);
   const heading = h('h1', {}, 'Queue ', h('span', {class: 'mono'}, name));
   const root = h('div', {class: 'view queue'},
     h('nav', {class: 'breadcrumb', 'aria-label': 'Breadcrumb'},
@@ -165,37 +60,10 @@ export function queueView(ctx, name) {
     messages.el),
     h('div', {class: 'grid'},
       section('Publish a test message', publishForm(ctx, `${path}/messages`, {onPublished: () => ctx.refresh()})),
-      section('Dead letters', deadLetterInfo, redriveForm)),
+      section('Dead letters', dead.el)),
     section('Settings', settings.form),
     section('Consumers', consumersNote, consumers.el),
-    h('section', {class: 'danger-zone', 'aria-label': 'Purge or delete'},
-      h('h2', {}, 'Purge or delete'),
-      h('div', {class: 'buttons'}, purgeButton, deleteButton), purgeOut, deleteOut));
-
-  function showDeadLetters(d) {
-    const parts = [];
-    if (d.dead_letter_sources && d.dead_letter_sources.length) {
-      parts.push('This is the dead-letter queue of ');
-      d.dead_letter_sources.forEach((source, i) => {
-        if (i) parts.push(', ');
-        parts.push(queueLink(source));
-      });
-      parts.push('. Redrive moves its messages back to the queue each came from.');
-    } else {
-      parts.push('No queue sends its dead letters here; redrive moves dead-lettered messages (if any) back. ');
-    }
-    parts.push(' ');
-    if (d.settings.dead_letter_queue) {
-      parts.push('Dead letters of this queue go to ', queueLink(d.settings.dead_letter_queue), '.');
-    } else {
-      parts.push('This queue has no dead-letter queue: its dead letters are dropped.');
-    }
-    const key = JSON.stringify([d.dead_letter_sources, d.settings.dead_letter_queue]);
-    if (deadLetterInfo.dataset.key !== key) {
-      deadLetterInfo.dataset.key = key;
-      deadLetterInfo.replaceChildren(...parts.map((p) => (typeof p === 'string' ? document.createTextNode(p) : p)));
-    }
-  }
+    dangerZone(ctx, name, path, () => (detail ? fmt.count(detail.stats.ready) : null)));
 
   async function refresh(current) {
     let fresh;
@@ -225,7 +93,7 @@ export function queueView(ctx, name) {
       published: fmt.count(s.published), delivered: fmt.count(s.delivered), acked: fmt.count(s.acked),
       nacked: fmt.count(s.nacked), redelivered: fmt.count(s.redelivered)});
     settings.seen(fresh.settings);
-    showDeadLetters(fresh);
+    dead.show(fresh);
     messages.update(peeked.messages);
     if (consumerList instanceof Error) {
       consumersNote.hidden = false;
