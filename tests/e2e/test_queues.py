@@ -87,7 +87,7 @@ def test_redrive_from_a_dead_letter_queue(page, server):
 
     redrive = page.get_by_role("form", name="Redrive dead letters")
     redrive.get_by_role("button", name="Redrive to source queues").click()
-    expect(redrive.get_by_role("status")).to_have_text("Moved 1 messages back to their source queues.")
+    expect(redrive.get_by_role("status")).to_have_text("Moved 1 message back to their source queues.")
     expect(stat(page, "ready")).to_have_text("0")
 
     page.get_by_role("link", name="jobs", exact=True).first.click()

@@ -7,6 +7,11 @@ export function count(n) {
   return typeof n === 'number' && Number.isFinite(n) ? integer.format(n) : '–';
 }
 
+/** "1 message", "2 messages". */
+export function plural(n, noun) {
+  return `${count(n)} ${n === 1 ? noun : `${noun}s`}`;
+}
+
 /** A rate in messages per second; null (not measured yet) is a dash. */
 export function rate(r) {
   if (r === null || r === undefined || !Number.isFinite(r)) return '–';

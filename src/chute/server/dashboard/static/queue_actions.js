@@ -25,12 +25,12 @@ export function dangerZone(ctx, name, path, ready) {
   const out = outcome();
   const purge = confirmedButton('Purge…', () => ({
     title: `Purge queue ${name}?`, confirmLabel: 'Purge',
-    message: `This deletes the ${ready() ?? 'all'} ready messages of ${name} for good. ` +
+    message: `This deletes every ready message of ${name} (${ready() ?? 'unknown'} now) for good. ` +
       'Messages in flight are not affected.',
   }), async () => {
     const reply = await ctx.api('POST', `${path}/purge`);
     ctx.refresh();
-    return `Purged ${fmt.count(reply.purged)} messages.`;
+    return `Purged ${fmt.plural(reply.purged, 'message')}.`;
   }, out);
   const remove = confirmedButton('Delete queue…', () => ({
     title: `Delete queue ${name}?`, confirmLabel: 'Delete',
@@ -54,7 +54,7 @@ export function deadLetters(ctx, path) {
   actionForm(form, async () => {
     const reply = await ctx.api('POST', `${path}/redrive`, {max_messages: numberOrNull(max)});
     ctx.refresh();
-    return `Moved ${fmt.count(reply.moved)} messages back to their source queues.`;
+    return `Moved ${fmt.plural(reply.moved, 'message')} back to their source queues.`;
   });
 
   function show(detail) {
