@@ -8,7 +8,6 @@ error in the page fails the test.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from collections.abc import Iterator
 
@@ -23,12 +22,10 @@ VIEWPORT = {"width": 1280, "height": 800}
 EXPECT_TIMEOUT_MS = 10_000  # a poll is every 1.5 s; a loaded CI machine gets ample slack
 
 
-
 @pytest.fixture(scope="session")
 def browser():
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package); the dashboard's browser tests need it")
-    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=EXPECT_TIMEOUT_MS)
