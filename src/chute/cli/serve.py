@@ -31,7 +31,7 @@ from chute.server import Server, load_config
     default=None,
     help="When a publish is confirmed: after fsync (always), fsync every 100 ms (interval), never.  [default: always]",
 )
-@click.option("--token", envvar="CHUTE_TOKEN", default=None, help="Clients must present this token (or $CHUTE_TOKEN).")
+@click.option("--token", envvar="CHUTE_TOKEN", default=None, help="A superuser token (or $CHUTE_TOKEN): auth is on.")
 @click.option(
     "--tls-cert",
     type=click.Path(dir_okay=False),

@@ -2,8 +2,8 @@
 their subscriptions (list, subscribe, change the filter, unsubscribe).
 
 Invariants: a topic route only ever acts on a topic (a queue of the same name is `topic_not_found`);
-subscribing needs `manage` on the topic (the route) and on the queue it feeds (checked here, before anything
-changes), since the queue then receives the topic's messages.
+subscribing, changing a subscription's filter and unsubscribing need `manage` on the topic (the route) and on
+the queue it feeds (checked here, before anything changes), since they decide what that queue receives.
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ async def subscribe(call: Call):
 
 async def update_subscription(call: Call):
     queue = validate_name(call.query["queue"])
+    auth.check(call.principal, "manage", "queue", queue)
     return await call.broker.update_subscription(call.name, call.query["pattern"], queue, filter=call.body.filter)
 
 
 async def unsubscribe(call: Call) -> None:
     queue = validate_name(call.query["queue"])
+    auth.check(call.principal, "manage", "queue", queue)
     await call.broker.unsubscribe(call.name, call.query["pattern"], queue)
