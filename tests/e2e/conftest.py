@@ -22,8 +22,10 @@ VIEWPORT = {"width": 1280, "height": 800}
 EXPECT_TIMEOUT_MS = 10_000  # a poll is every 1.5 s; a loaded CI machine gets ample slack
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
+    """One Chromium for tests/e2e, closed after its last test: Playwright's sync API runs an event loop on this
+    thread while it is open, so it must be gone before any asyncio test of another folder runs."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package); the dashboard's browser tests need it")
     from playwright.sync_api import expect, sync_playwright
