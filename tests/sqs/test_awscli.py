@@ -1,6 +1,7 @@
 """The AWS CLI (`aws sqs ... --endpoint-url`) against a live server: create a queue, send with attributes, receive,
 change visibility, delete, batch, attributes, tags, purge, list and delete the queue; an error exits non-zero with
-AWS's code on stderr."""
+AWS's code on stderr. With auth on, the CLI signs with a user's access key: a wrong secret and a queue outside the
+user's grants are refused."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sqs.compat_support import aws_cli_env, sqs_endpoint
+from tests.sqs.compat_support import TARGET, aws_cli_env, sqs_endpoint
 
 AWS = Path(sys.executable).parent / "aws"
 
@@ -68,3 +69,25 @@ def test_aws_cli_drives_a_queue(aws):
     failed = aws("get-queue-url", "--queue-name", "cli-jobs", check=False)
     assert failed.returncode != 0
     assert "QueueDoesNotExist" in failed.stderr or "NonExistentQueue" in failed.stderr
+
+
+@pytest.mark.skipif(TARGET == "moto", reason="moto does not verify signatures")
+def test_aws_cli_with_an_access_key_when_auth_is_on(tmp_path):
+    from chute.server.users import AccessKey, Grant, User
+
+    user = User(name="cli", access_keys=[AccessKey(id="AKCHCLI", secret="cli-secret")],
+                grants=[Grant(allow=["publish", "consume", "manage"], queues="cli-*")])  # fmt: skip
+    with sqs_endpoint(users=[user]) as url:
+        env = aws_cli_env(tmp_path) | {"AWS_ACCESS_KEY_ID": "AKCHCLI", "AWS_SECRET_ACCESS_KEY": "cli-secret"}
+
+        def run(*args: str, **overrides: str) -> subprocess.CompletedProcess:
+            command = [str(AWS), "sqs", *args, "--endpoint-url", url, "--output", "json"]
+            return subprocess.run(command, env=env | overrides, capture_output=True, text=True, timeout=60)
+
+        created = run("create-queue", "--queue-name", "cli-signed")
+        assert created.returncode == 0, created.stderr
+        assert json.loads(created.stdout)["QueueUrl"].endswith("/cli-signed")
+        wrong = run("list-queues", AWS_SECRET_ACCESS_KEY="not-the-secret")
+        assert wrong.returncode != 0 and "SignatureDoesNotMatch" in wrong.stderr
+        denied = run("create-queue", "--queue-name", "billing")
+        assert denied.returncode != 0 and "AccessDenied" in denied.stderr
