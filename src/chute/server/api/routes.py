@@ -117,9 +117,11 @@ ROUTES: tuple[Route, ...] = (
                                      "queue again replace the filter."),
     _route("PATCH", "/topics/{name}/subscriptions", t.update_subscription, "Change a subscription's filter",
            "manage", "topic", body=m.SubscriptionPatch, reply=SubscriptionInfo, query=BINDING,
-           errors=(*TOPIC, SubscriptionNotFound, *WRITE), tag="topics"),
+           errors=(*TOPIC, SubscriptionNotFound, *WRITE), tag="topics",
+           description="Needs `manage` on the topic and on the queue."),
     _route("DELETE", "/topics/{name}/subscriptions", t.unsubscribe, "Unsubscribe a queue", "manage", "topic",
-           query=BINDING, errors=(*TOPIC, SubscriptionNotFound, *WRITE), tag="topics"),
+           query=BINDING, errors=(*TOPIC, SubscriptionNotFound, *WRITE), tag="topics",
+           description="Needs `manage` on the topic and on the queue."),
     # -- the server ------------------------------------------------------------------------------------------
     _route("GET", "/overview", s.overview, "Version, state, counts, totals of every visible queue, storage",
            "user", reply=m.Overview, tag="server"),
