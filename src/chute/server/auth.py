@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import secrets
@@ -240,16 +239,6 @@ class Authenticator:
 
 # -- the functions other modules call ------------------------------------------------------------------------
 
-@functools.cache
-def _principal_key():
-    from aiohttp import web  # here, not at the top: the CLI imports the server package without needing aiohttp
-
-    # RequestKey names itself after the module whose top level creates it, found by walking up the stack; a
-    # server on a thread (chute.testing.running_server) has no module frame there, so create it as top-level code
-    namespace = {"__name__": __name__, "web": web, "Principal": Principal}
-    exec(compile("key = web.RequestKey('principal', Principal)", __file__, "exec"), namespace)
-    return namespace["key"]
-
 
 def _server(request: web.Request):
     from chute.server.http import SERVER_KEY  # here: http imports the areas, which import this module
@@ -258,11 +247,12 @@ def _server(request: web.Request):
 
 
 async def authenticate(request: web.Request) -> Principal:
-    key = _principal_key()
-    principal = request.get(key)
+    from chute.server.http import PRINCIPAL_KEY  # here, like SERVER_KEY: the CLI need not import aiohttp
+
+    principal = request.get(PRINCIPAL_KEY)
     if principal is None:  # once per request, however many times the handler asks
         principal = await _server(request).auth.http(request.headers.get("Authorization"))
-        request[key] = principal
+        request[PRINCIPAL_KEY] = principal
     return principal
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 SERVER_KEY = web.AppKey("server", object)
+PRINCIPAL_KEY = web.RequestKey("principal", object)  # who a request authenticated as (server/auth.py)
 
 
 def make_app(server: Server) -> web.Application:
