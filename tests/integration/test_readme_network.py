@@ -54,3 +54,27 @@ def test_the_command_line_examples_run_as_written():
         lines = result.stdout.splitlines()
         assert lines.count("one") == lines.count("two") == lines.count('{"resize": 42}') == 1  # consumed once
         assert "Traceback" not in result.stderr
+
+
+def test_the_http_api_example_runs_as_written():
+    [script] = blocks("HTTP API", "sh")
+    with running_server() as server:
+        script = script.replace("localhost:6161", f"127.0.0.1:{server.http_port}")
+        result = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert '"body":"photo 42"' in result.stdout  # the receive got the published message
+        import chute
+
+        with chute.Client(server.url) as client:
+            assert client.queue_stats("thumbnails").in_flight == 1  # leased by the curl receive, not acked
+
+
+def test_the_sqs_example_runs_as_written():
+    [example] = blocks("Amazon SQS API", "python")
+    with running_server() as server:
+        exec(example.replace("127.0.0.1:6161", f"127.0.0.1:{server.http_port}"), {})
+        import chute
+
+        with chute.Client(server.url) as client:  # an SQS queue is a Chute queue
+            stats = client.queue_stats("invoices")
+            assert (stats.published, stats.acked, stats.ready) == (1, 1, 0)
