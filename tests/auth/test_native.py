@@ -230,3 +230,64 @@ def _read_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+
+async def _sessions_of(running, name: str, *, gone: bool, seconds: float = 15) -> None:
+    """Wait until the server has (or no longer has) a native connection of user `name`, without sending it
+    anything (the session's heartbeat is what must notice a change of users)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while any(s.principal.name == name for s in running.server.sessions) == gone:
+        assert loop.time() < deadline, f"{name}'s connection still {'open' if gone else 'missing'} after {seconds} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_open_connections_of_a_changed_or_deleted_user_are_closed(tmp_path):
+    from chute.server.users import Grant, UsersFile, new_token
+
+    secret, record = new_token("ci")
+    with UsersFile(tmp_path).edit() as stored:
+        stored.extend(users())
+        stored[1].tokens.append(record)  # alice's token
+    async with serving(str(tmp_path), heartbeat_s=0.5) as running:
+        async with client(running, "admin", "admin-pw") as admin:
+            await admin.create_queue("orders.a")
+        by_password = client(running, "alice", "alice-pw", heartbeat_s=0.5)
+        by_token = chute.AsyncClient(running.url, token=secret, reconnect=False, timeout=10, heartbeat_s=0.5)
+        bob = client(running, "bob", "bob-pw", heartbeat_s=0.5)
+        async with by_password, by_token, bob:
+            await by_password.receive("orders.a", wait_s=0)
+            await by_token.receive("orders.a", wait_s=0)
+            await bob.receive("orders.a", wait_s=0)
+            with UsersFile(tmp_path).edit() as stored:  # alice loses consume; nobody sends anything
+                stored[1].grants = [Grant(allow=["publish"], queues="orders.*")]
+            await _sessions_of(running, "alice", gone=True)  # both of alice's connections are closed
+            with pytest.raises(chute.errors.ChuteError):
+                await by_password.receive("orders.a", wait_s=0)
+            await bob.receive("orders.a", wait_s=0)  # an unchanged user keeps its connection
+            with UsersFile(tmp_path).edit() as stored:
+                del stored[2]  # bob is deleted
+            await _sessions_of(running, "bob", gone=True)
+        async with client(running, "alice", "alice-pw") as alice:  # back, with the new permissions
+            await alice.publish("orders.a", b"x")
+            with pytest.raises(Forbidden):
+                await alice.receive("orders.a", wait_s=0)
+        with pytest.raises(Unauthenticated):
+            async with client(running, "bob", "bob-pw"):
+                pass
+
+
+async def test_anonymous_connections_are_closed_when_auth_is_turned_on(tmp_path):
+    from chute.server.users import UsersFile
+
+    async with (
+        serving(str(tmp_path), heartbeat_s=0.5) as running,
+        chute.AsyncClient(running.url, reconnect=False, timeout=10, heartbeat_s=0.5) as anyone,
+    ):
+        await anyone.create_queue("q")
+        with UsersFile(tmp_path).edit() as stored:  # the first user turns auth on
+            stored.extend(users())
+        await _sessions_of(running, "anonymous", gone=True)
+        with pytest.raises(chute.errors.ChuteError):
+            await anyone.list_queues()

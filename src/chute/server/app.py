@@ -25,7 +25,7 @@ import ssl
 from typing import Literal
 
 from chute.broker import Broker
-from chute.errors import InvalidArgument, TooManyConnections
+from chute.errors import InvalidArgument, TooManyConnections, Unauthenticated
 from chute.protocol import messages as m
 from chute.protocol.frames import Op
 from chute.server.auth import Authenticator
@@ -55,6 +55,7 @@ class Server:
                             max_message_bytes=self.config.max_message_bytes)  # fmt: skip
         self.broker = broker
         self.auth = Authenticator(self.config)
+        self.auth.on_change.append(self._users_changed)
         self.ssl: ssl.SSLContext | None = None
         self.name = f"chute/{_version()}"
         self.state: Literal["new", "recovering", "serving", "stopping", "stopped"] = "new"
@@ -156,6 +157,13 @@ class Server:
         if self._memory_paused:
             session.pause_reading("memory")
         return True
+
+    def _users_changed(self) -> None:
+        """Close every native connection whose credential was revoked or whose principal changed (a client
+        with reconnect comes back with the new permissions, or learns it is no longer let in)."""
+        for session in list(self.sessions):
+            if session.credential is not None and not self.auth.still_valid(session.principal, session.credential):
+                session.fail(Unauthenticated("this connection's user, credentials or permissions changed"))
 
     def forget(self, session: Session) -> None:
         self.sessions.discard(session)

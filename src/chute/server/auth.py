@@ -33,8 +33,11 @@ everyone in. With auth off every caller is ANONYMOUS, a superuser. Credentials:
 - `Bearer cht_...` / HELLO `token`: an API token, looked up by its SHA-256; `Bearer chs_...`: a dashboard session
   from `login`, kept in memory (a restart signs everyone out); anything else is compared with the config token.
 Invariants: a principal is recomputed from the current users at each authentication, so a revoked token, deleted
-user or changed grant applies to the next request (a native connection keeps the principal of its HELLO);
-unknown users cost the same hash as known ones (no user enumeration by timing).
+user or changed grant applies to the next request. A native connection keeps the principal of its HELLO until
+the users change: then every connection whose credential was revoked, whose password or permissions changed, or
+which came in anonymously before auth was turned on is closed with `unauthenticated` (its session heartbeat polls
+for changes, so this happens within a few seconds even on a connection that sends nothing). Unknown users cost
+the same hash as known ones (no user enumeration by timing).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
@@ -112,6 +116,7 @@ class Authenticator:
         self._refreshing: asyncio.Task | None = None
         self._dummy_hash: str | None = None
         self._kick: asyncio.Future | None = None
+        self.on_change: list[Callable[[], None]] = []  # called after the users changed (server/app.py)
         self._index()
 
     @property
@@ -149,6 +154,47 @@ class Authenticator:
         self._by_token = {token.sha256: user for user in users.values() for token in user.tokens}
         self._by_key = {key.id: (key.secret, user) for user in users.values() for key in user.access_keys}
         self._passwords.clear()
+        for callback in self.on_change:
+            callback()
+
+    def poll(self) -> None:
+        """For synchronous callers (a session's heartbeat, SigV4): start a refresh of the users file if one is
+        due, so changes are noticed even when no request authenticates."""
+        if self._refreshing is None and self.file.due(time.monotonic()):
+            self._kick = asyncio.ensure_future(self.refresh())
+
+    def credential(self, hello: Hello) -> tuple:
+        """What a native connection that was just accepted authenticated with, for `still_valid` later."""
+        if not self.enabled:
+            return ("anonymous",)
+        if hello.user is not None:
+            user = self.users.get(hello.user)
+            return ("password", hello.user, user.password_hash if user is not None else None)
+        token = hello.token or ""
+        if token.startswith(SESSION_PREFIX):
+            return ("session", token)
+        digest = token_digest(token)
+        return ("token", digest) if digest in self._by_token else ("config",)
+
+    def still_valid(self, principal: Principal, credential: tuple) -> bool:
+        """Whether a connection authenticated as `principal` with `credential` may go on with the current users:
+        its credential still exists and it would get exactly the same principal now."""
+        kind = credential[0]
+        if kind == "anonymous":
+            return not self.enabled
+        if kind == "config":
+            return True  # the config's token changes only with a restart
+        if kind == "password":
+            user = self.users.get(credential[1])
+            current = user is not None and user.password_hash == credential[2]
+        elif kind == "token":
+            user = self._by_token.get(credential[1])
+            current = user is not None
+        else:  # a dashboard session token
+            entry = self._sessions.get(credential[1])
+            user = self.users.get(entry[0]) if entry is not None else None
+            current = user is not None
+        return current and principal_of(user) == principal
 
     # -- credentials --------------------------------------------------------------------------------------
 
@@ -231,8 +277,7 @@ class Authenticator:
         return token, SESSION_S
 
     def access_key(self, key_id: str) -> tuple[str, Principal] | None:
-        if self._refreshing is None and self.file.due(time.monotonic()):  # sync caller: refresh for next time
-            self._kick = asyncio.ensure_future(self.refresh())
+        self.poll()  # a sync caller: the refresh serves the next request
         found = self._by_key.get(key_id)
         return None if found is None else (found[0], principal_of(found[1]))
 

@@ -152,6 +152,7 @@ class Session(asyncio.Protocol):
         self.connected_at = time.time()
         self.client_name = ""  # what the client called itself in HELLO
         self.principal: Principal = ANONYMOUS  # who authenticated in HELLO (server/auth.py)
+        self.credential: tuple | None = None  # what HELLO authenticated with (None before WELCOME)
         self._held: list[Frame] | None = None  # frames that came behind HELLO while it is being checked
 
     # -- transport callbacks ------------------------------------------------------------------------------------
@@ -270,6 +271,7 @@ class Session(asyncio.Protocol):
         if now - self._last_sent >= self._heartbeat_s * 0.5 and self.conn.welcome is not None:  # never before WELCOME
             self.write(Op.HEARTBEAT)
         self._prune_leases()
+        self.server.auth.poll()  # changed users are noticed (and revoked connections closed) without requests
         self._heartbeat = asyncio.get_running_loop().call_later(self._heartbeat_s * 0.5, self._on_heartbeat)
 
     def _prune_leases(self) -> None:
@@ -306,6 +308,7 @@ class Session(asyncio.Protocol):
             return
         if self.closed:
             return
+        self.credential = self.server.auth.credential(hello)
         self.client_name = hello.client[:200]
         if 0.05 <= hello.heartbeat_s <= 3600:
             self._heartbeat_s = hello.heartbeat_s
