@@ -35,9 +35,9 @@ everyone in. With auth off every caller is ANONYMOUS, a superuser. Credentials:
 Invariants: a principal is recomputed from the current users at each authentication, so a revoked token, deleted
 user or changed grant applies to the next request. A native connection keeps the principal of its HELLO until
 the users change: then every connection whose credential was revoked, whose password or permissions changed, or
-which came in anonymously before auth was turned on is closed with `unauthenticated` (its session heartbeat polls
-for changes, so this happens within a few seconds even on a connection that sends nothing). Unknown users cost
-the same hash as known ones (no user enumeration by timing).
+which came in anonymously before auth was turned on is closed with `unauthenticated` (session heartbeats look at
+the file every `IDLE_RECHECK_S`, so this happens within seconds even on a connection that sends nothing).
+Unknown users cost the same hash as known ones (no user enumeration by timing).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ PASSWORD_CACHE_S = 60.0  # how long a verified user+password skips scrypt
 PASSWORD_CACHE_SIZE = 1024
 MAX_CONCURRENT_HASHES = 2  # scrypt at once: a flood of bad passwords cannot take every core
 CHALLENGE = 'Basic realm="chute", Bearer'
+IDLE_RECHECK_S = 3.0  # how often open native connections alone make the server look at the users file
 TOKEN_PRINCIPAL = "token"  # the name of the config file's superuser token
 
 
@@ -157,10 +158,11 @@ class Authenticator:
         for callback in self.on_change:
             callback()
 
-    def poll(self) -> None:
-        """For synchronous callers (a session's heartbeat, SigV4): start a refresh of the users file if one is
-        due, so changes are noticed even when no request authenticates."""
-        if self._refreshing is None and self.file.due(time.monotonic()):
+    def poll(self, every_s: float | None = None) -> None:
+        """For synchronous callers (a session's heartbeat, SigV4): start a refresh of the users file if the last
+        look is older than `every_s` (default: the file's recheck interval, a second), so changes are noticed
+        even when no request authenticates."""
+        if self._refreshing is None and self.file.due(time.monotonic(), every_s):
             self._kick = asyncio.ensure_future(self.refresh())
 
     def credential(self, hello: Hello) -> tuple:

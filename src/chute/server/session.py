@@ -40,7 +40,7 @@ from chute.protocol import messages as m
 from chute.protocol.connection import Connection, Frame
 from chute.protocol.frames import Op
 from chute.protocol.sizes import body_budget, fitting
-from chute.server.auth import ANONYMOUS, Principal, check, dest_kind
+from chute.server.auth import ANONYMOUS, IDLE_RECHECK_S, Principal, check, dest_kind
 from chute.server.calls import check_call
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ class Session(asyncio.Protocol):
         if now - self._last_sent >= self._heartbeat_s * 0.5 and self.conn.welcome is not None:  # never before WELCOME
             self.write(Op.HEARTBEAT)
         self._prune_leases()
-        self.server.auth.poll()  # changed users are noticed (and revoked connections closed) without requests
+        self.server.auth.poll(IDLE_RECHECK_S)  # changed users are noticed (revoked connections closed) when idle
         self._heartbeat = asyncio.get_running_loop().call_later(self._heartbeat_s * 0.5, self._on_heartbeat)
 
     def _prune_leases(self) -> None:

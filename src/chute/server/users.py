@@ -215,8 +215,8 @@ class UsersFile:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def due(self, now: float) -> bool:
-        return now - self._checked_at >= self.RECHECK_S
+    def due(self, now: float, every_s: float | None = None) -> bool:
+        return now - self._checked_at >= (self.RECHECK_S if every_s is None else every_s)
 
     def refresh(self, now: float | None = None) -> bool:
         """Re-read the file if its stat changed (blocking I/O: a stat, and a read only on change). True if the
