@@ -98,8 +98,8 @@ class Server:
                                ssl_context=self.ssl)  # fmt: skip
             await site.start()
             self.http_port = site._server.sockets[0].getsockname()[1]
-            log.info("HTTP listening on %s://%s:%d (/healthz)", "https" if self.ssl else "http", self.config.host,
-                     self.http_port)  # fmt: skip
+            log.info("HTTP listening on %s://%s:%d (dashboard /, API /api, /metrics, SQS, /healthz)",
+                     "https" if self.ssl else "http", self.config.host, self.http_port)  # fmt: skip
         try:
             if self.broker._state == "new":
                 await self.broker.start()
