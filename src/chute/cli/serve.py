@@ -23,7 +23,8 @@ from chute.server import Server, load_config
 @click.option("--host", default=None, help="Address to listen on.  [default: 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="Native protocol port (0: any free port).  [default: 6160]")
 @click.option(
-    "--http-port", type=int, default=None, help="HTTP port for /healthz (0: any free port; -1: none).  [default: 6161]"
+    "--http-port", type=int, default=None,
+    help="HTTP port: HTTP API, dashboard, /metrics, SQS API, /healthz (0: any free port; -1: none).  [default: 6161]",
 )
 @click.option(
     "--fsync",

@@ -43,7 +43,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     port: int = DEFAULT_PORT
     """Native protocol port (0: any free port)."""
     http_port: int | None = DEFAULT_HTTP_PORT
-    """HTTP port for /healthz (0: any free port; None: no HTTP listener)."""
+    """HTTP port: the HTTP API, dashboard, /metrics, SQS API and /healthz (0: any free port; None: none)."""
     fsync: Literal["always", "interval", "never"] = "always"
     """`always`: confirm after fsync (default); `interval`: fsync every 100 ms; `never`: leave it to the OS."""
     token: str | None = None
