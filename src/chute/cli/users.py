@@ -251,14 +251,7 @@ def token_list(name, data_dir, config_file) -> None:
 @_store_options
 def token_revoke(name, token_id, data_dir, config_file) -> None:
     """Revoke a token by its id."""
-    with one_line_errors():
-        with _users_file(data_dir, config_file).edit() as users:
-            each = find(users, name)
-            kept = [t for t in each.tokens if t.id != token_id]
-            if len(kept) == len(each.tokens):
-                raise InvalidArgument(f"user {name!r} has no token {token_id!r}")
-            each.tokens = kept
-        click.echo(f"revoked token {token_id} of {name}", err=True)
+    _revoke(name, "tokens", "token", token_id, data_dir, config_file)
 
 
 @user.group("key")
@@ -284,14 +277,20 @@ def key_add(name, data_dir, config_file) -> None:
 @_store_options
 def key_revoke(name, key_id, data_dir, config_file) -> None:
     """Revoke an access key by its id."""
+    _revoke(name, "access_keys", "access key", key_id, data_dir, config_file)
+
+
+def _revoke(name: str, field: str, what: str, record_id: str, data_dir, config_file) -> None:
+    """Remove the record with id `record_id` from the user's `field` list (tokens or access keys)."""
     with one_line_errors():
         with _users_file(data_dir, config_file).edit() as users:
             each = find(users, name)
-            kept = [k for k in each.access_keys if k.id != key_id]
-            if len(kept) == len(each.access_keys):
-                raise InvalidArgument(f"user {name!r} has no access key {key_id!r}")
-            each.access_keys = kept
-        click.echo(f"revoked access key {key_id} of {name}", err=True)
+            records = getattr(each, field)
+            kept = [record for record in records if record.id != record_id]
+            if len(kept) == len(records):
+                raise InvalidArgument(f"user {name!r} has no {what} {record_id!r}")
+            setattr(each, field, kept)
+        click.echo(f"revoked {what} {record_id} of {name}", err=True)
 
 
 @user.command("hash-password")

@@ -140,16 +140,26 @@ async def redrive(call: Call) -> m.Redriven:
 # -- messages -------------------------------------------------------------------------------------------------
 
 
-async def publish(call: Call) -> m.Published:
-    call.broker.core.queue(call.name)  # a queue route never publishes to a topic
+async def publish_one(call: Call) -> m.Published:
+    """Publish the body's one message to `call.name` (the caller checked it is a queue, or a topic)."""
     [message_id] = await call.broker.publish_batch(call.name, [to_publish(call.body)])
     return m.Published(id=str(message_id))
 
 
-async def publish_batch(call: Call) -> m.PublishedBatch:
-    call.broker.core.queue(call.name)
+async def publish_many(call: Call) -> m.PublishedBatch:
+    """Publish the body's messages, in order, to `call.name` (checked by the caller, as for publish_one)."""
     messages = [to_publish(message, i) for i, message in enumerate(call.body.messages)]
     return m.PublishedBatch(ids=[str(i) for i in await call.broker.publish_batch(call.name, messages)])
+
+
+async def publish(call: Call) -> m.Published:
+    call.broker.core.queue(call.name)  # a queue route never publishes to a topic
+    return await publish_one(call)
+
+
+async def publish_batch(call: Call) -> m.PublishedBatch:
+    call.broker.core.queue(call.name)
+    return await publish_many(call)
 
 
 async def peek(call: Call) -> m.MessageList:

@@ -12,7 +12,7 @@ from chute.model import validate_name
 from chute.server import auth
 from chute.server.api import models as m
 from chute.server.api.call import Call
-from chute.server.api.queues import to_publish
+from chute.server.api.queues import publish_many, publish_one
 
 
 async def list_topics(call: Call) -> m.TopicList:
@@ -39,14 +39,12 @@ async def delete_topic(call: Call) -> None:
 
 async def publish_to_topic(call: Call) -> m.Published:
     call.broker.core.topic(call.name)  # a topic route never publishes to a queue
-    [message_id] = await call.broker.publish_batch(call.name, [to_publish(call.body)])
-    return m.Published(id=str(message_id))
+    return await publish_one(call)
 
 
 async def publish_batch_to_topic(call: Call) -> m.PublishedBatch:
     call.broker.core.topic(call.name)
-    messages = [to_publish(message, i) for i, message in enumerate(call.body.messages)]
-    return m.PublishedBatch(ids=[str(i) for i in await call.broker.publish_batch(call.name, messages)])
+    return await publish_many(call)
 
 
 async def list_subscriptions(call: Call) -> m.SubscriptionList:
