@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 
 import chute
 from tests.sqs import boto3_support
-from tests.sqs.boto3_support import attributes, error_of, md5_of_message_attributes
+from tests.sqs.boto3_support import attributes, error_of, md5_of_body, md5_of_message_attributes
 
 sqs_server, sqs, name = boto3_support.sqs_server, boto3_support.sqs, boto3_support.name  # the fixtures
 
@@ -57,6 +57,7 @@ async def test_a_native_queue_is_used_through_boto3(sqs, sqs_server, name):
         assert got["ApproximateNumberOfMessages"] == "2"
         messages = (await asyncio.to_thread(sqs.receive_message, QueueUrl=url, MaxNumberOfMessages=10))["Messages"]
         assert [m["Body"] for m in messages] == ["\ufffdnot utf-8", "plain"]  # undecodable bytes are replaced
+        assert [m["MD5OfBody"] for m in messages] == [md5_of_body(m["Body"]) for m in messages]  # of what is shown
         for message in messages:
             await asyncio.to_thread(sqs.delete_message, QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
         stats = await client.queue_stats(name)

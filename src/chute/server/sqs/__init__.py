@@ -94,10 +94,9 @@ def _error(is_json: bool, error: SqsError) -> web.Response:
         from chute.server.sqs.jsonproto import error_response
 
         return error_response(error)
-    import uuid
-
+    from chute.server.sqs import messages as msgs
     from chute.server.sqs.query import CONTENT_TYPE, render_error
 
-    request_id = str(uuid.uuid4())
+    request_id = msgs.request_id()
     return web.Response(body=render_error(error, request_id), status=error.status, content_type=CONTENT_TYPE,
                         headers={"x-amzn-RequestId": request_id})  # fmt: skip

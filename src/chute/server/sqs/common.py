@@ -7,6 +7,7 @@ Invariant: a queue named by a request is resolved (`queue_of`) and authorized be
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -52,9 +53,9 @@ class SqsContext:
     def broker(self) -> Broker:
         return self.server.broker
 
-    @property
+    @functools.cached_property
     def state(self) -> SqsState:
-        return sqs_state(self.server)
+        return sqs_state(self.server)  # (looked up once per request: actions use it once per message)
 
     def queue_url(self, name: str) -> str:
         return f"{self.base_url}/{self.account_id}/{name}"

@@ -15,7 +15,6 @@ Invariant: every request gets exactly one JSON document; an error other than `Sq
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -23,6 +22,7 @@ from aiohttp import web
 
 from chute.errors import ChuteError
 from chute.server.sqs import actions
+from chute.server.sqs import messages as msgs
 from chute.server.sqs.errors import JSON_TYPE_PREFIX, SqsError, from_chute
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ _encoder = msgspec.json.Encoder()
 
 async def handle_json(ctx: SqsContext, target: str, body: bytes) -> web.Response:
     """Run the action named by an `X-Amz-Target` header value with the JSON body; answer in JSON."""
-    request_id = str(uuid.uuid4())
+    request_id = msgs.request_id()
     try:
         if not target.startswith(TARGET_PREFIX):
             raise SqsError("InvalidAction", f"The target {target!r} is not an Amazon SQS action.")
@@ -66,5 +66,5 @@ def as_sqs_error(exc: Exception) -> SqsError:
 def error_response(error: SqsError, request_id: str | None = None) -> web.Response:
     body = {"__type": JSON_TYPE_PREFIX + error.code, "message": error.message}
     headers = {"x-amzn-query-error": f"{error.query_code};{error.fault}",
-               "x-amzn-RequestId": request_id or str(uuid.uuid4())}  # fmt: skip
+               "x-amzn-RequestId": request_id or msgs.request_id()}  # fmt: skip
     return web.Response(body=_encoder.encode(body), status=error.status, content_type=CONTENT_TYPE, headers=headers)

@@ -52,7 +52,8 @@ def _prepare(queue, entry: dict) -> tuple[Publish, dict, int]:
     for name, value in system.items():
         if value["DataType"] != "String" or "StringValue" not in value:
             raise SqsError("InvalidParameterValue", f"Message system attribute {name} must be of type String.")
-    size = len(body.encode()) + attributes_size + system_size
+    data = body.encode()
+    size = len(data) + attributes_size + system_size
     limit = int(kept.get("MaximumMessageSize", queueattrs.DEFAULT_MAX_MESSAGE_BYTES))
     if size > limit:
         raise SqsError("InvalidParameterValue", f"One or more parameters are invalid. Reason: Message must be "
@@ -74,13 +75,13 @@ def _prepare(queue, entry: dict) -> tuple[Publish, dict, int]:
             if kept.get("ContentBasedDeduplication") != "true":
                 raise SqsError("InvalidParameterValue", "The queue should either have ContentBasedDeduplication "
                                "enabled or MessageDeduplicationId provided explicitly")  # fmt: skip
-            dedup_id = hashlib.sha256(body.encode()).hexdigest()
+            dedup_id = hashlib.sha256(data).hexdigest()
     elif dedup_id is not None:
         raise SqsError("InvalidParameterValue", "Value for parameter MessageDeduplicationId is invalid. Reason: The "
                        "request include parameter that is not valid for this queue type.")  # fmt: skip
-    publish = Publish(body=body.encode(), headers=msgs.to_headers(attributes, system),
+    publish = Publish(body=data, headers=msgs.to_headers(attributes, system),
                       delay_s=float(delay) if delay is not None else None, group=group, dedup_id=dedup_id)  # fmt: skip
-    answer = {"MD5OfMessageBody": msgs.md5_of_body(body)}
+    answer = {"MD5OfMessageBody": msgs.md5_hex(data)}
     if attributes:
         answer["MD5OfMessageAttributes"] = msgs.md5_of_attributes(attributes)
     if system:
@@ -215,11 +216,16 @@ def _message(ctx: SqsContext, delivery: Delivery, system_names: list[str], attri
     message = delivery.message
     state = ctx.state
     first = state.first_received(delivery.queue, message.id, now_ms, delivery.delivery_count)
-    body = message.body.decode("utf-8", errors="replace")
+    data = message.body
+    try:
+        body = data.decode()
+    except UnicodeDecodeError:  # a binary body published natively: SQS bodies are text, so shown with U+FFFD
+        body = data.decode(errors="replace")
+        data = body.encode()
     result = {
         "MessageId": msgs.message_id(message.id),
         "ReceiptHandle": msgs.make_receipt_handle(state.handle_key, delivery.queue, delivery.receipt, message.id),
-        "MD5OfBody": msgs.md5_of_body(body),
+        "MD5OfBody": msgs.md5_hex(data),
         "Body": body,
     }
     attributes, system = msgs.from_headers(message.headers) if message.headers else ({}, {})

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from chute.errors import ChuteError
+from chute.server.sqs import messages as msgs
 from chute.server.sqs.errors import SqsError, from_chute
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ async def handle_query(request: web.Request, ctx: SqsContext, form: Mapping[str,
     """Run the action a query-protocol form names and answer with its XML result or XML error."""
     from chute.server.sqs import actions  # on first use: parsing and rendering need no action module
 
-    request_id = str(uuid.uuid4())
+    request_id = msgs.request_id()
     action = ""
     try:
         action, params = parse_form(form)
