@@ -22,6 +22,7 @@ measured on.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import multiprocessing as mp
@@ -87,77 +88,124 @@ def server(target: str, fsync: str) -> Iterator[tuple[str, int]]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def client(endpoint: str):
+def client(endpoint: str, kind: str = "boto3"):
+    """A boto3 SQS client: as most code makes one ("boto3"), or with request signing and parameter validation
+    off ("boto3-lean"; signing off only works with auth off, see docs/sqs-clients.md)."""
     import boto3
+    import botocore
     from botocore.config import Config
 
+    lean = {"signature_version": botocore.UNSIGNED, "parameter_validation": False} if kind == "boto3-lean" else {}
     return boto3.client(
         "sqs", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bench", aws_secret_access_key="bench",
-        config=Config(retries={"max_attempts": 2}, max_pool_connections=4),
+        config=Config(retries={"max_attempts": 2}, max_pool_connections=4, **lean),
     )  # fmt: skip
 
 
-def run_threads(threads: int, work) -> None:
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+class RawClient:
+    """The same JSON-protocol requests boto3 sends (unsigned), over one keep-alive HTTP/1.1 connection, with none
+    of boto3's per-call work: what the server can do when the client costs next to nothing."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.host, self.port = endpoint.removeprefix("http://").rsplit(":", 1)
+        self.reader = self.writer = None
+
+    async def call(self, action: str, params: dict) -> dict:
+        import msgspec
+
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, int(self.port))
+        body = msgspec.json.encode(params)
+        head = (f"POST / HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nX-Amz-Target: AmazonSQS.{action}\r\n"
+                f"Content-Type: application/x-amz-json-1.0\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        self.writer.write(head.encode() + body)
+        response = await self.reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in response.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        data = msgspec.json.decode(await self.reader.readexactly(length)) if length else {}
+        if response[9:12] != b"200":
+            raise RuntimeError(f"{action}: {response[:12].decode()} {data}")
+        return data
 
 
-def producer(endpoint: str, queue_url: str, messages: int, size: int, threads: int, start, max_s, out) -> None:
+def run_workers(kind: str, workers: int, endpoint: str, work) -> None:
+    """Run `work(call)` `workers` times at once, each with its own client: boto3 clients in threads, or raw
+    connections as tasks in one event loop. `call(action, params)` makes one SQS call and returns its result."""
+    if kind != "raw":
+
+        def thread(index: int) -> None:
+            sqs = client(endpoint, kind)
+            calls = {"SendMessageBatch": sqs.send_message_batch, "ReceiveMessage": sqs.receive_message,
+                     "DeleteMessageBatch": sqs.delete_message_batch}  # fmt: skip
+            asyncio.run(work(lambda action, params: _done(calls[action](**params))))
+
+        threads = [threading.Thread(target=thread, args=(i,)) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return
+
+    async def main() -> None:
+        await asyncio.gather(*(work(RawClient(endpoint).call) for _ in range(workers)))
+
+    asyncio.run(main())
+
+
+async def _done(value):
+    return value
+
+
+def producer(endpoint: str, queue_url: str, messages: int, size: int, args, start, out) -> None:
     body = "x" * size
     lock = threading.Lock()
     state = {"next": 0, "sent": 0, "errors": 0}
+    entries = [{"Id": str(i), "MessageBody": body} for i in range(BATCH)]
+    params = {"QueueUrl": queue_url, "Entries": entries}
 
-    def work(index: int) -> None:
-        sqs = client(endpoint)
-        entries = [{"Id": str(i), "MessageBody": body} for i in range(BATCH)]
-        start.wait()
-        deadline_s = time.time() + max_s
+    async def work(call) -> None:
+        deadline_s = time.time() + args.max_seconds
         while time.time() < deadline_s:
             with lock:
                 if state["next"] >= messages:
                     return
                 state["next"] += BATCH
-            result = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+            result = await call("SendMessageBatch", params)
             with lock:
                 state["sent"] += len(result.get("Successful", []))
                 state["errors"] += len(result.get("Failed", []))
 
     start.wait()
     cpu_s = time.process_time()
-    run_threads(threads, work)
+    run_workers(args.client, args.threads, endpoint, work)
     out.put(("producer", state["sent"], state["errors"], time.time(), time.process_time() - cpu_s))
 
 
-def consumer(endpoint: str, queue_url: str, messages: int, threads: int, start, max_s, out) -> None:
+def consumer(endpoint: str, queue_url: str, messages: int, args, start, out) -> None:
     lock = threading.Lock()
     state = {"deleted": 0, "received": 0, "last": 0.0}
+    receive = {"QueueUrl": queue_url, "MaxNumberOfMessages": BATCH, "WaitTimeSeconds": 1}
 
-    def work(index: int) -> None:
-        sqs = client(endpoint)
-        start.wait()
-        deadline_s = time.time() + max_s
-        while time.time() < deadline_s:
-            with lock:
-                if state["received"] >= messages:
-                    return
-            got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=BATCH, WaitTimeSeconds=1)
-            batch = got.get("Messages", [])
+    async def work(call) -> None:
+        deadline_s = time.time() + args.max_seconds
+        while time.time() < deadline_s and state["received"] < messages:
+            batch = (await call("ReceiveMessage", receive)).get("Messages", [])
             if not batch:
                 continue
             with lock:
                 state["received"] += len(batch)
             entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)]
-            result = sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
+            result = await call("DeleteMessageBatch", {"QueueUrl": queue_url, "Entries": entries})
             with lock:
                 state["deleted"] += len(result.get("Successful", []))
                 state["last"] = time.time()
 
     start.wait()
     cpu_s = time.process_time()
-    run_threads(threads, work)
+    run_workers(args.client, args.threads, endpoint, work)
     out.put(("consumer", state["deleted"], state["received"], state["last"], time.process_time() - cpu_s))
 
 
@@ -194,10 +242,8 @@ def one_run(target: str, args: argparse.Namespace) -> dict:
         ctx = mp.get_context("spawn")
         start, out = ctx.Event(), ctx.Queue()
         processes = [
-            ctx.Process(target=producer, args=(endpoint, queue_url, args.messages, args.size, args.threads, start,
-                                               args.max_seconds, out)),
-            ctx.Process(target=consumer, args=(endpoint, queue_url, args.messages, args.threads, start,
-                                               args.max_seconds, out)),
+            ctx.Process(target=producer, args=(endpoint, queue_url, args.messages, args.size, args, start, out)),
+            ctx.Process(target=consumer, args=(endpoint, queue_url, args.messages, args, start, out)),
         ]  # fmt: skip
         for p in processes:
             p.start()
@@ -220,7 +266,8 @@ def one_run(target: str, args: argparse.Namespace) -> dict:
             return round(1000 * cpu_s / max(count, 1), 3)
 
         return {
-            "target": target, "messages": args.messages, "size": args.size, "threads": args.threads,
+            "target": target, "client": args.client, "messages": args.messages, "size": args.size,
+            "threads": args.threads,
             "fsync": args.fsync if target == "chute" else "n/a", "sent": sent, "send_errors": send_errors,
             "received": received, "deleted": deleted, "seconds": round(elapsed, 2),
             "msgs_per_s": round(deleted / elapsed), "producer_msgs_per_s": round(sent / (producer_done - started)),
@@ -236,7 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--max-seconds", type=float, default=60.0)
     parser.add_argument("--size", type=int, default=int(os.environ.get("CHUTE_BENCH_SQS_SIZE", "256")))
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=4, help="boto3 threads (or raw connections) per process")
+    parser.add_argument("--client", choices=["boto3", "boto3-lean", "raw"], default="boto3",
+                        help="boto3 as most code makes it; boto3 unsigned without parameter validation; or raw "
+                             "HTTP requests with the same bodies (what the server can do)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--fsync", choices=["always", "interval", "never"], default="always")
     parser.add_argument("--json", action="store_true")
@@ -245,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     targets = ["chute", "moto"] if args.target == "both" else [args.target]
     if not args.json:
         print(f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
-              f"{args.messages} messages of {args.size} B, {args.threads} threads per process")  # fmt: skip
+              f"{args.messages} messages of {args.size} B, {args.client} client, {args.threads} threads or connections "
+              "per process")  # fmt: skip
     for _ in range(args.runs):
         for target in targets:
             result = one_run(target, args)
