@@ -189,6 +189,8 @@ async def _receive(ctx: SqsContext, name: str, count: int, wait: int, lease_s: f
     broker = ctx.broker
     if not wait or "disconnected" not in ctx.extra:
         deliveries = await broker.receive(name, count, wait_s=wait, lease_s=lease_s)
+    elif deliveries := await broker.receive(name, count, wait_s=0, lease_s=lease_s):
+        pass  # ready at once (a busy queue): no long poll, so no task to watch for a hang-up
     else:
         task = asyncio.ensure_future(broker.receive(name, count, wait_s=wait, lease_s=lease_s))
         try:
