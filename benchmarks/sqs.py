@@ -1,12 +1,16 @@
 """The SQS API benchmark (issue "Chute speaks the Amazon SQS API", Performance): boto3 end to end.
 
     python -m benchmarks.sqs [--target chute|moto|both] [--messages 20000] [--max-seconds 60] [--size 256]
-                             [--threads 4] [--runs 1] [--fsync always] [--json] [--profile FILE]
+                             [--threads 4] [--client boto3|boto3-lean|raw] [--runs 1] [--fsync always]
+                             [--json] [--profile FILE]
 
 One producer process sends `--messages` bodies of `--size` bytes with SendMessageBatch (10 per call); one
 consumer process receives them with ReceiveMessage (10 per call, WaitTimeSeconds 1) and deletes them with
 DeleteMessageBatch. Each process runs `--threads` threads, each with its own boto3 client, so that one call's
-network and fsync wait overlaps another's work. The figure is messages/s end to end: messages deleted by the
+network and fsync wait overlaps another's work. `--client boto3-lean` makes those clients unsigned and without
+parameter validation (docs/sqs-clients.md, "Speed"); `--client raw` replaces boto3 with as many keep-alive HTTP
+connections in one event loop per process, sending the same JSON bodies (unsigned), to show what the server does
+when the client costs next to nothing. The figure is messages/s end to end: messages deleted by the
 consumer divided by the time from the common start to the last delete. Each run also reports the CPU time per
 message of the server, the producer and the consumer (on a shared 2-core machine, where the CPU goes says more
 than a noisy rate).
