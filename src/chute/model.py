@@ -37,6 +37,7 @@ MAX_ATTRIBUTE_KEY_CHARS = 64
 MAX_ATTRIBUTE_VALUE_CHARS = 20 * 1024  # room for an SQS access policy
 
 Overflow = Literal["reject", "drop-oldest"]
+OnExpiry = Literal["dead-letter", "drop"]
 DeadLetterReason = Literal["max_deliveries", "expired", "overflow", "rejected"]
 DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = ("max_deliveries", "expired", "overflow", "rejected")
 
@@ -87,7 +88,11 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     delay_s: float = 0.0
     """Default delay before a published message becomes ready."""
     retention_s: float | None = None
-    """Default message TTL: a message older than this is dead-lettered (reason `expired`)."""
+    """Default message TTL: a message older than this is dead-lettered (reason `expired`), see `on_expiry`."""
+    on_expiry: OnExpiry = "dead-letter"
+    """What becomes of a message whose TTL ends: `dead-letter` (to the dead-letter queue with reason `expired`,
+    as RabbitMQ does; dropped if there is none) or `drop` (deleted even if there is a dead-letter queue, as SQS
+    does: queues created through the SQS API have `drop`)."""
     max_length: int | None = None
     max_bytes: int | None = None
     overflow: Overflow = "reject"
@@ -119,6 +124,8 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         _check_range("dedup_window_s", self.dedup_window_s, 0, MAX_DEDUP_WINDOW_S, allow_none=False)
         if self.overflow not in ("reject", "drop-oldest"):
             raise InvalidArgument(f"overflow must be 'reject' or 'drop-oldest', got {self.overflow!r}")
+        if self.on_expiry not in ("dead-letter", "drop"):
+            raise InvalidArgument(f"on_expiry must be 'dead-letter' or 'drop', got {self.on_expiry!r}")
         if self.rate_burst is not None and self.rate_limit is None:
             raise InvalidArgument("rate_burst needs rate_limit")
         if self.dead_letter_queue is not None:

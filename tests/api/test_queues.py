@@ -34,6 +34,9 @@ async def test_list_describe_update_delete(api):
     assert cleared["settings"]["max_length"] is None and cleared["settings"]["lease_s"] == 7
     assert (await api.error("PATCH", "/queues/a", {"lease_s": -1}))[:2] == (400, "invalid_argument")
     assert (await api.ok("GET", "/queues/a"))["settings"]["lease_s"] == 7  # nothing half-applied
+    assert (await api.ok("GET", "/queues/a"))["settings"]["on_expiry"] == "dead-letter"
+    assert (await api.ok("PATCH", "/queues/a", {"on_expiry": "drop"}))["settings"]["on_expiry"] == "drop"
+    assert (await api.error("PATCH", "/queues/a", {"on_expiry": "later"}))[:2] == (400, "invalid_argument")
     assert (await api.error("DELETE", "/queues/dead"))[:2] == (409, "queue_in_use")
     assert await api.ok("DELETE", "/queues/a", expect=204) is None
     assert (await api.error("GET", "/queues/a"))[:2] == (404, "queue_not_found")

@@ -104,11 +104,13 @@ def test_change_settings_and_delete(page, server):
     expect(form.get_by_label("Lease (s)")).to_have_value("30")
     form.get_by_label("Lease (s)").fill("45")
     form.get_by_label("Max deliveries").fill("3")
+    expect(form.get_by_label("When retention ends")).to_have_value("dead-letter")
+    form.get_by_label("When retention ends").select_option("drop")
     form.get_by_role("button", name="Save settings").click()
-    expect(form.get_by_role("status")).to_have_text("Saved: lease_s, max_deliveries.")
+    expect(form.get_by_role("status")).to_have_text("Saved: lease_s, max_deliveries, on_expiry.")
     with chute.Client(server.url) as client:
         [info] = [q for q in client.list_queues() if q.name == "settings-q"]
-        assert (info.settings.lease_s, info.settings.max_deliveries) == (45, 3)
+        assert (info.settings.lease_s, info.settings.max_deliveries, info.settings.on_expiry) == (45, 3, "drop")
 
     form.get_by_label("Max deliveries").fill("")  # empty: unlimited
     form.get_by_label("Lease (s)").fill("0")

@@ -308,8 +308,8 @@ def test_queue_create_with_every_setting(server, client, name):
     client.create_queue(dlq)
     every_setting = [
         "--lease", "12", "--max-deliveries", "4", "--dead-letter-queue", dlq, "--delay", "1.5",
-        "--retention", "3600", "--max-length", "100", "--max-bytes", "100000", "--overflow", "drop-oldest",
-        "--rate-limit", "50", "--rate-burst", "5", "--dedup-window", "60", "--fifo",
+        "--retention", "3600", "--on-expiry", "drop", "--max-length", "100", "--max-bytes", "100000",
+        "--overflow", "drop-oldest", "--rate-limit", "50", "--rate-burst", "5", "--dedup-window", "60", "--fifo",
     ]  # fmt: skip
     result = ok("queue", "create", queue, *every_setting, url=server.url)
     assert queue in result.stdout
@@ -320,6 +320,7 @@ def test_queue_create_with_every_setting(server, client, name):
         dead_letter_queue=dlq,
         delay_s=1.5,
         retention_s=3600,
+        on_expiry="drop",
         max_length=100,
         max_bytes=100_000,
         overflow="drop-oldest",
@@ -462,6 +463,7 @@ def test_bad_options_are_usage_errors():
         ("consume", "q", "--count", "0"),
         ("consume", "q", "--follow", "--timeout", "1"),
         ("queue", "create", "q", "--overflow", "sometimes"),
+        ("queue", "create", "q", "--on-expiry", "later"),
         ("queue", "list", "--timeout", "0"),
         ("subscribe", "t", ">", "q", "--start", "yesterday"),
         ("subscribe", "t", ">", "q", "--filter", "region"),

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from chute import Publish
-from chute.errors import QueueFull, QueueInUse
+from chute.errors import InvalidArgument, QueueFull, QueueInUse
 
 
 async def test_max_deliveries_dead_letters_then_redrive(broker, clock):
@@ -63,6 +63,44 @@ async def test_ttl_expiry_dead_letters(broker, clock):
     dead = await broker.receive("dlq", 10)
     assert sorted(d.body for d in dead) == [b"default-ttl", b"short"]
     assert {d.dead_letter_reason for d in dead} == {"expired"}
+
+
+async def test_on_expiry_drop_deletes_expired_messages_but_still_dead_letters_the_rest(broker, clock, reopen):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", retention_s=60, dead_letter_queue="dlq", lease_s=1, max_deliveries=1,
+                              on_expiry="drop")  # fmt: skip
+    await broker.publish("q", b"old")
+    clock.advance(61)
+    broker.tick()
+    assert broker.queue_stats("q").ready == 0 and broker.queue_stats("dlq").ready == 0  # dropped, as SQS does
+    await broker.publish("q", b"poison")
+    await broker.receive("q")
+    clock.advance(2)  # the lease ends after the only delivery allowed: dead-lettered, not dropped
+    broker.tick()
+    assert [d.dead_letter_reason for d in await broker.peek("dlq")] == ["max_deliveries"]
+    broker = await reopen(broker)  # the setting is durable
+    [info] = [q for q in broker.list_queues() if q.name == "q"]
+    assert info.settings.on_expiry == "drop"
+    await broker.publish("q", b"after restart", ttl_s=5)
+    clock.advance(6)
+    broker.tick()
+    assert broker.queue_stats("q").ready == 0 and broker.queue_stats("dlq").ready == 1
+    info = await broker.update_queue("q", on_expiry="dead-letter")
+    assert info.settings.on_expiry == "dead-letter"
+    await broker.publish("q", b"kept", ttl_s=5)
+    clock.advance(6)
+    broker.tick()
+    assert sorted(d.dead_letter_reason for d in await broker.peek("dlq", 10)) == ["expired", "max_deliveries"]
+    await broker.close()
+
+
+async def test_on_expiry_must_be_dead_letter_or_drop(broker):
+    for bad in ("later", None, 1):
+        with pytest.raises(InvalidArgument):
+            await broker.create_queue("q", on_expiry=bad)
+    await broker.create_queue("q")
+    with pytest.raises(InvalidArgument):
+        await broker.update_queue("q", on_expiry="sometimes")
 
 
 async def test_expired_while_leased_dead_letters_when_lease_ends(broker, clock):

@@ -102,7 +102,13 @@ def queue() -> None:
     "retention_s",
     type=float,
     metavar="S",
-    help="Default message TTL, seconds; older messages are dead-lettered.",
+    help="Default message TTL, seconds; older messages are dead-lettered (see --on-expiry).",
+)
+@click.option(
+    "--on-expiry",
+    type=click.Choice(["dead-letter", "drop"]),
+    help="When a message's TTL ends: move it to the dead-letter queue, or drop it (as SQS does).  "
+    "[default: dead-letter]",
 )
 @click.option("--max-length", type=click.IntRange(min=1), metavar="N", help="Most messages the queue holds.")
 @click.option("--max-bytes", type=click.IntRange(min=1), metavar="N", help="Most body bytes the queue holds.")

@@ -288,7 +288,8 @@ class AsyncClient:
     async def create_queue(self, name: str, **settings) -> QueueInfo:
         """Create a queue (idempotent with the same settings; QueueExists with others). Settings are the
         fields of `chute.QueueSettings`: lease_s, max_deliveries, dead_letter_queue, delay_s, retention_s,
-        max_length, max_bytes, overflow, rate_limit, rate_burst, dedup_window_s, fifo."""
+        on_expiry, max_length, max_bytes, overflow, rate_limit, rate_burst, dedup_window_s, fifo, tags,
+        attributes."""
         return await self._manage("create_queue", QueueInfo, name=name, **settings)
 
     async def update_queue(self, name: str, **changes) -> QueueInfo:

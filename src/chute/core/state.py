@@ -123,13 +123,19 @@ class BrokerState:
             self.changed.add(queue)
 
     def dead_letter(self, queue: Queue, entries: list[Entry], reason: str, now: float) -> None:
-        """Move entries to the queue's dead-letter queue with `reason`; drop them if it has none."""
+        """Move entries to the queue's dead-letter queue with `reason`; drop them if it has none (or if they
+        expired on a queue whose `on_expiry` is `drop`)."""
         if not entries:
             return
         code = rec.REASON_CODES[reason]
         queue.counters["dead"] += len(entries)
         dlq = self.queues.get(queue.settings.dead_letter_queue or "")
-        if dlq is None or queue.ephemeral or dlq.ephemeral:
+        if (
+            dlq is None
+            or queue.ephemeral
+            or dlq.ephemeral
+            or (reason == "expired" and queue.settings.on_expiry == "drop")
+        ):
             self.drop(queue, entries, code)
             return
         for entry in entries:

@@ -6,16 +6,19 @@ import {field, h} from './dom.js';
 import {seg} from './api.js';
 import {actionForm, numberOrNull} from './ui.js';
 
-// [field, label, kind, hint]; kind: number (empty = off), required number, text (empty = none), overflow.
+// [field, label, kind, hint, choices]; kind: number (empty = off), required number, text (empty = none), choice
+// (a select of [value, text] choices).
 const SETTINGS = [
   ['lease_s', 'Lease (s)', 'required', 'How long a delivery is leased'],
   ['max_deliveries', 'Max deliveries', 'number', 'Empty: unlimited'],
   ['dead_letter_queue', 'Dead-letter queue', 'text', 'Empty: dead letters are dropped'],
   ['delay_s', 'Delay (s)', 'required', 'Default delay of new messages'],
   ['retention_s', 'Retention (s)', 'number', 'Empty: kept until consumed'],
+  ['on_expiry', 'When retention ends', 'choice', '',
+    [['dead-letter', 'dead-letter the message'], ['drop', 'drop it (as SQS does)']]],
   ['max_length', 'Max length', 'number', 'Empty: unlimited'],
   ['max_bytes', 'Max bytes', 'number', 'Empty: unlimited'],
-  ['overflow', 'When full', 'overflow', ''],
+  ['overflow', 'When full', 'choice', '', [['reject', 'reject publishes'], ['drop-oldest', 'drop the oldest']]],
   ['rate_limit', 'Rate limit (/s)', 'number', 'Empty: no limit'],
   ['rate_burst', 'Rate burst', 'number', 'Empty: the default'],
   ['dedup_window_s', 'Dedup window (s)', 'required', ''],
@@ -23,10 +26,9 @@ const SETTINGS = [
 
 export function settingsForm(ctx, name, onSaved) {
   const inputs = {};
-  for (const [key, , kind] of SETTINGS) {
-    inputs[key] = kind === 'overflow'
-      ? h('select', {name: key}, h('option', {value: 'reject'}, 'reject publishes'),
-        h('option', {value: 'drop-oldest'}, 'drop the oldest'))
+  for (const [key, , kind, , choices] of SETTINGS) {
+    inputs[key] = kind === 'choice'
+      ? h('select', {name: key}, choices.map(([value, text]) => h('option', {value}, text)))
       : h('input', {name: key, autocomplete: 'off', ...(kind === 'text' ? {} : {type: 'number', step: 'any', min: 0}),
         ...(kind === 'required' ? {required: true} : {})});
   }
@@ -49,7 +51,7 @@ export function settingsForm(ctx, name, onSaved) {
     const changes = {};
     for (const [key, label, kind] of SETTINGS) {
       let value;
-      if (kind === 'overflow') value = inputs[key].value;
+      if (kind === 'choice') value = inputs[key].value;
       else if (kind === 'text') value = inputs[key].value.trim() || null;
       else value = numberOrNull(inputs[key]);
       if (kind === 'required' && value === null) throw new Error(`${label} is required`);
