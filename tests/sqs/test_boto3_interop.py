@@ -78,3 +78,20 @@ async def test_a_topic_name_is_not_an_sqs_queue(sqs, sqs_server, name):
     with pytest.raises(ClientError) as excinfo:
         await asyncio.to_thread(sqs.get_queue_url, QueueName=name)
     assert error_of(excinfo) == ("QueueDoesNotExist", 400)
+
+
+async def test_expired_messages_are_deleted_not_dead_lettered_as_on_aws(sqs, sqs_server, name):
+    dlq = (await asyncio.to_thread(sqs.create_queue, QueueName=f"{name}-dlq"))["QueueUrl"]
+    dlq_arn = attributes(sqs, dlq, "QueueArn")["QueueArn"]
+    url = (await asyncio.to_thread(sqs.create_queue, QueueName=name, Attributes={
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 2})}))["QueueUrl"]  # fmt: skip
+    async with chute.AsyncClient(sqs_server.url) as client:
+        [info] = [q for q in await client.list_queues() if q.name == name]
+        assert info.settings.on_expiry == "drop" and info.settings.dead_letter_queue == f"{name}-dlq"
+        await client.update_queue(name, retention_s=0.2)  # below SQS's 60 s minimum: only Chute can wait less
+        await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody="short-lived")
+        async with asyncio.timeout(10):
+            while (await client.queue_stats(name)).ready:
+                await asyncio.sleep(0.05)
+        assert (await client.queue_stats(f"{name}-dlq")).ready == 0  # gone, not moved to the dead-letter queue
+    assert attributes(sqs, dlq, "ApproximateNumberOfMessages")["ApproximateNumberOfMessages"] == "0"

@@ -104,7 +104,9 @@ async def create_queue(ctx: SqsContext, params: dict) -> dict:
                                          region=ctx.region, account_id=ctx.account_id)  # fmt: skip
         now = _now_s()
         kept = {k: v for k, v in kept.items() if v} | {"CreatedTimestamp": now, "LastModifiedTimestamp": now}
-        values = {"lease_s": 30.0, "retention_s": float(queueattrs.DEFAULT_RETENTION_S), "fifo": fifo} | changes
+        # on_expiry: SQS deletes a message whose retention period ends; it never dead-letters it
+        values = {"lease_s": 30.0, "retention_s": float(queueattrs.DEFAULT_RETENTION_S), "fifo": fifo,
+                  "on_expiry": "drop"} | changes  # fmt: skip
         settings = QueueSettings(**values, attributes=kept, tags=tags or None)
         if name in ctx.broker.core.topics:
             raise SqsError("QueueNameExists", f"{name} is a Chute topic: queues and topics share names.")
