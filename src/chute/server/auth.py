@@ -37,7 +37,9 @@ user or changed grant applies to the next request. A native connection keeps the
 the users change: then every connection whose credential was revoked, whose password or permissions changed, or
 which came in anonymously before auth was turned on is closed with `unauthenticated` (session heartbeats look at
 the file every `IDLE_RECHECK_S`, so this happens within seconds even on a connection that sends nothing).
-Unknown users cost the same hash as known ones (no user enumeration by timing).
+Unknown users cost the same hash as known ones (no user enumeration by timing). After `failed_login_limit` wrong
+passwords in a row for one name (known or not), attempts for that name are refused unchecked for a pause that
+starts at `LOGIN_BACKOFF_FIRST_S` and doubles up to `LOGIN_BACKOFF_MAX_S`; a success resets it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -77,6 +80,10 @@ PASSWORD_CACHE_SIZE = 1024
 MAX_CONCURRENT_HASHES = 2  # scrypt at once: a flood of bad passwords cannot take every core
 CHALLENGE = 'Basic realm="chute", Bearer'
 IDLE_RECHECK_S = 3.0  # how often open native connections alone make the server look at the users file
+LOGIN_BACKOFF_FIRST_S = 1.0  # the pause after `failed_login_limit` wrong passwords in a row; it doubles with each more
+LOGIN_BACKOFF_MAX_S = 60.0
+FAILURES_FORGOTTEN_S = 15 * 60.0  # a name with no wrong password for this long starts again from zero
+FAILED_NAMES_KEPT = 10_000  # the oldest name is forgotten beyond this (memory stays bounded)
 TOKEN_PRINCIPAL = "token"  # the name of the config file's superuser token
 
 
@@ -114,6 +121,9 @@ class Authenticator:
         self._passwords: OrderedDict[bytes, float] = OrderedDict()  # digest of user+password -> valid until
         self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()  # token -> (user, expires at)
         self._hashing = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
+        self.failed_login_limit = config.failed_login_limit
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # name -> (wrong in a row, retry at)
+        self.clock: Callable[[], float] = time.monotonic  # of the failed-login limit (tests move it)
         self._refreshing: asyncio.Task | None = None
         self._dummy_hash: str | None = None
         self._kick: asyncio.Future | None = None
@@ -209,19 +219,46 @@ class Authenticator:
         if user is not None and valid_until is not None and valid_until > now:
             self._passwords.move_to_end(key)
             return principal_of(user)
+        self._check_backoff(name)
         stored = user.password_hash if user is not None else None
         if stored is None:  # spend the same time as a real check: no user enumeration by timing
             if self._dummy_hash is None:
                 self._dummy_hash = await asyncio.to_thread(hash_password, secrets.token_hex(8))
             stored = self._dummy_hash
         async with self._hashing:
+            self._check_backoff(name)  # again: attempts that queued for a hash while others failed
             ok = await asyncio.to_thread(verify_password, password, stored)
         if not ok or user is None or user.password_hash is None or self.users.get(name) is not user:
+            self._failed(name)
             raise Unauthenticated(f"wrong user name or password for {name!r}")
+        self._failures.pop(name, None)
         self._passwords[key] = time.monotonic() + PASSWORD_CACHE_S
         while len(self._passwords) > PASSWORD_CACHE_SIZE:
             self._passwords.popitem(last=False)
         return principal_of(user)
+
+    def _check_backoff(self, name: str) -> None:
+        """Unauthenticated, without checking the password, while `name` is paused after too many wrong ones."""
+        entry = self._failures.get(name)
+        if entry is not None:
+            wait = entry[1] - self.clock()
+            if wait > 0:
+                raise Unauthenticated(f"too many wrong passwords for {name!r}: try again in {math.ceil(wait)} s")
+
+    def _failed(self, name: str) -> None:
+        """Count a wrong password for `name` (known or not): from the limit on, the next attempt must wait."""
+        if not self.failed_login_limit:
+            return
+        now = self.clock()
+        count, retry_at = self._failures.pop(name, (0, now))
+        if now - retry_at > FAILURES_FORGOTTEN_S:
+            count = 0
+        count += 1
+        over = count - self.failed_login_limit
+        pause = 0.0 if over < 0 else min(LOGIN_BACKOFF_MAX_S, LOGIN_BACKOFF_FIRST_S * 2 ** min(over, 16))
+        self._failures[name] = (count, now + pause)
+        while len(self._failures) > FAILED_NAMES_KEPT:
+            self._failures.popitem(last=False)
 
     async def by_token(self, token: str) -> Principal:
         await self.refresh()

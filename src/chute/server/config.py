@@ -56,6 +56,9 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """PEM certificate chain: both listeners speak TLS (1.2 or later) when this and `tls_key` are set."""
     tls_key: str | None = None
     """PEM private key of `tls_cert`."""
+    failed_login_limit: int = 5
+    """Wrong passwords in a row for one user name before further attempts for that name are spaced out (1 s, then
+    doubling up to 60 s, with no password check meanwhile); 0 turns the limit off. docs/security.md."""
     max_connections: int = 10_000
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -71,7 +74,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for key, low, high in (
             ("port", 0, 65535), ("max_connections", 1, 1_000_000), ("max_frame_bytes", 65536, 2**30),
             ("max_message_bytes", 1, 2**30), ("memory_high_water_bytes", 2**20, 2**40),
-            ("heartbeat_s", 0.05, 3600), ("shutdown_grace_s", 0, 3600),
+            ("heartbeat_s", 0.05, 3600), ("shutdown_grace_s", 0, 3600), ("failed_login_limit", 0, 1_000_000),
         ):  # fmt: skip
             value = getattr(self, key)
             if not low <= value <= high:
