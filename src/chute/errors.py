@@ -127,6 +127,14 @@ class TooManyConnections(ChuteError):
     name, code, http_status, retryable, closes_connection = "too_many_connections", 3002, 503, True, True
 
 
+class ServerBusy(ChuteError):
+    """HTTP only: the server holds more unconfirmed publish data than its memory high-water mark, so an HTTP
+    publish is refused before its body is read (with `Retry-After: 1`); retry once publishes have been confirmed.
+    Native publishers are not refused: the server stops reading from them instead."""
+
+    name, code, http_status, retryable = "server_busy", 3003, 503, True
+
+
 class Unauthenticated(ChuteError):
     """The handshake carried no token or a wrong one; the connection is closed."""
 
@@ -215,6 +223,7 @@ ERRORS: tuple[type[ChuteError], ...] = (
     RouteNotFound,
     QueueFull,
     TooManyConnections,
+    ServerBusy,
     Unauthenticated,
     Forbidden,
     StorageFailed,

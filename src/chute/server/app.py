@@ -10,8 +10,9 @@ Security (docs/security.md): `server.auth` checks credentials (server/auth.py); 
 listeners speak TLS 1.2+ only; a non-loopback `host` without auth configured refuses to start unless
 `allow_anonymous` (then it logs a warning).
 
-Invariants: at most `max_connections` sessions; the bytes of unconfirmed publishes stay near
-`memory_high_water_bytes` (above it no session reads; below half of it reading resumes).
+Invariants: at most `max_connections` sessions; the bytes of unconfirmed publishes (native, HTTP API and SQS)
+stay near `memory_high_water_bytes` (above it no session reads and HTTP publishes are refused before their body
+is read; below half of it reading resumes and HTTP publishes are accepted again).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+from collections.abc import Iterator
 from typing import Literal
 
 from chute.broker import Broker
@@ -172,23 +174,40 @@ class Server:
         if session.publish_bytes:
             self.publishing(session, -session.publish_bytes)
 
-    def publishing(self, session: Session, size: int) -> None:
-        """Account `size` bytes of publishes starting (or, negative, ending) on `session`; pause or resume
-        reading on every session around the memory high-water mark."""
-        session.publish_bytes += size
+    def publishing(self, session: Session | None, size: int) -> None:
+        """Account `size` bytes of publishes starting (or, negative, ending) on `session` (None: an HTTP publish,
+        see `http_publish`); pause or resume reading on every session around the memory high-water mark."""
+        if session is not None:
+            session.publish_bytes += size
         self.publish_bytes += size
         high = self.config.memory_high_water_bytes
         if not self._memory_paused and self.publish_bytes > high:
             self._memory_paused = True
             self.backpressure_pauses += 1
-            log.warning("memory high-water mark reached (%d bytes of unconfirmed publishes): publishers wait",
-                        self.publish_bytes)  # fmt: skip
+            log.warning("memory high-water mark reached (%d bytes of unconfirmed publishes): native publishers "
+                        "wait, HTTP publishes are refused", self.publish_bytes)  # fmt: skip
             for each in self.sessions:
                 each.pause_reading("memory")
         elif self._memory_paused and self.publish_bytes <= high // 2:
             self._memory_paused = False
             for each in self.sessions:
                 each.resume_reading("memory")
+
+    @property
+    def memory_paused(self) -> bool:
+        """Over the memory high-water mark (and not yet back below half of it): HTTP publishes are refused."""
+        return self._memory_paused
+
+    @contextlib.contextmanager
+    def http_publish(self) -> Iterator[PublishHold]:
+        """Hold one HTTP publish's bytes against the memory high-water mark for the `with` block: the caller sets
+        the size as it learns it (`hold.set(n)`); whatever it is, it is given back when the block ends, however
+        it ends (an error, a cancelled handler, a client that hung up)."""
+        hold = PublishHold(self)
+        try:
+            yield hold
+        finally:
+            hold.set(0)
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 
@@ -240,6 +259,23 @@ class Server:
         if self._http_runner is not None:
             runner, self._http_runner = self._http_runner, None
             await runner.cleanup()
+
+
+class PublishHold:
+    """The bytes one HTTP publish holds against the memory high-water mark (see `Server.http_publish`)."""
+
+    __slots__ = ("server", "size")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.size = 0
+
+    def set(self, size: int) -> None:
+        """Hold `size` bytes from now on (instead of what was held so far)."""
+        delta = size - self.size
+        if delta:
+            self.size = size
+            self.server.publishing(None, delta)
 
 
 async def is_loopback(host: str) -> bool:

@@ -5,6 +5,9 @@ error middleware that gives every failure under /api/ and /openapi.json the JSON
 Invariants:
 - the route's access rule is applied (server/auth.py) before the name, query or body are looked at and before
   the handler runs, so a refused request changes nothing and learns nothing about the body's validity;
+- a publish route (access `publish`) is refused with `server_busy` (503, `Retry-After: 1`) before its body is
+  read while the server is over its memory high-water mark, and otherwise holds its body's bytes against the
+  mark from before the body is read until the handler ends (the publish is durable or failed);
 - a handler gets a well-typed body (msgspec, unknown fields refused) and query, and a valid name;
 - every error is JSON `{"error": {name, code, message, retryable}}` with the status of the error table, never
   an HTML page or a traceback; an unexpected exception is logged and answered 500 `chute_error`.
@@ -29,6 +32,7 @@ from chute.errors import (
     MessageTooLarge,
     MethodNotAllowed,
     RouteNotFound,
+    ServerBusy,
 )
 from chute.model import validate_name
 from chute.server import auth
@@ -113,12 +117,31 @@ async def run(route: Route, server: Server, request: web.Request) -> web.Respons
     if "{name}" in route.path:
         validate_name(name, route.kind or "queue")
     query = _query(route, request)
-    body = await _body(route, request) if route.body is not None else None
-    answer = await route.handler(Call(request, server, principal, name, body, query))
+    if route.access == "publish":
+        answer = await _publish(route, server, request, principal, name, query)
+    else:
+        body = await _body(route, request) if route.body is not None else None
+        answer = await route.handler(Call(request, server, principal, name, body, query))
     if answer is None:
         return web.Response(status=204)
     status, reply = answer if isinstance(answer, tuple) else (route.status, answer)
     return web.Response(status=status, body=msgspec.json.encode(reply), content_type=JSON)
+
+
+async def _publish(route: Route, server: Server, request: web.Request, principal: Principal | None, name: str,
+                   query: dict[str, Any]) -> Answer:  # fmt: skip
+    """A publish route: refused while the server is over its memory high-water mark, before the body is read;
+    otherwise its body's bytes count toward the mark until the publish is durable or has failed."""
+    if server.memory_paused:
+        raise ServerBusy(f"the server holds more than its memory high-water mark "
+                         f"({server.config.memory_high_water_bytes} bytes) of unconfirmed publishes: retry in a "
+                         "moment")  # fmt: skip
+    with server.http_publish() as hold:
+        hold.set(min(request.content_length or 0, request.client_max_size))  # what is about to be read
+        data = await request.read()
+        hold.set(len(data))
+        body = _decode(route, data)
+        return await route.handler(Call(request, server, principal, name, body, query))
 
 
 async def _admit(route: Route, request: web.Request, name: str) -> Principal | None:
@@ -152,7 +175,10 @@ def _query(route: Route, request: web.Request) -> dict[str, Any]:
 
 
 async def _body(route: Route, request: web.Request) -> Any:
-    data = await request.read()  # HTTPRequestEntityTooLarge over the app's client_max_size
+    return _decode(route, await request.read())  # HTTPRequestEntityTooLarge over the app's client_max_size
+
+
+def _decode(route: Route, data: bytes) -> Any:
     if not data:
         if route.body_required:
             raise InvalidArgument("a JSON body is required")
@@ -168,7 +194,13 @@ async def _body(route: Route, request: web.Request) -> Any:
 # -- errors ---------------------------------------------------------------------------------------------------
 
 
+RETRY_AFTER: dict[type[ChuteError], str] = {ServerBusy: "1"}  # seconds, as the `Retry-After` header says it
+
+
 def error_response(exc: ChuteError, headers: dict[str, str] | None = None) -> web.Response:
+    retry_after = RETRY_AFTER.get(type(exc))
+    if retry_after is not None:
+        headers = {"Retry-After": retry_after} | (headers or {})
     receipts = getattr(exc, "receipts", None) if isinstance(exc, InvalidReceipt) else None
     detail = ErrorDetail(name=exc.name, code=exc.code, message=exc.message, retryable=exc.retryable,
                          receipts=[str(r) for r in receipts] if receipts else None)  # fmt: skip
@@ -198,6 +230,9 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
                                                f"allowed: {allowed}"), {"Allow": allowed})  # fmt: skip
     except web.HTTPNotFound:
         return error_response(RouteNotFound(f"no route {request.path} (see /openapi.json)"))
+    except ConnectionResetError:  # the client hung up while its body was being read: nobody reads an answer
+        log.debug("%s %s: the client hung up", request.method, request.path)
+        return error_response(ChuteError("the client disconnected"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

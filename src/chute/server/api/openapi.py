@@ -3,7 +3,8 @@ validate requests (`msgspec.json.schema_components`), so the document cannot dri
 
 Invariants: every route of the table is an operation with its path and query parameters, request body,
 success response and every error status it may answer (each with the `Error` schema and the error names from
-`chute.errors`); the security schemes are HTTP bearer and basic (login needs none).
+`chute.errors`, and the `Retry-After` header where one of them comes with it); the security schemes are HTTP
+bearer and basic (login needs none).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from chute.errors import (
     Unauthenticated,
 )
 from chute.model import NAME_RE
-from chute.server.api.call import Route
+from chute.server.api.call import RETRY_AFTER, Route
 from chute.server.api.models import Error
 
 REF = "#/components/schemas/{name}"
@@ -124,9 +125,16 @@ def _responses(route: Route, ref: dict[int, dict]) -> dict[str, Any]:
             responses["200"] = {"description": "it existed already, with the same settings",
                                 "content": success["content"]}  # fmt: skip
     by_status: dict[int, list[str]] = {}
+    retry_after: dict[int, list[str]] = {}  # status -> the errors that come with a Retry-After header
     for error in errors_of(route):
         by_status.setdefault(error.http_status, []).append(f"`{error.name}` ({error.code})")
+        if error in RETRY_AFTER:
+            retry_after.setdefault(error.http_status, []).append(f"`{error.name}`")
     for status in sorted(by_status):
         responses[str(status)] = {"description": ", ".join(by_status[status]),
                                   "content": {JSON: {"schema": ref[id(Error)]}}}  # fmt: skip
+        if status in retry_after:
+            header = {"description": f"with {', '.join(retry_after[status])}: seconds to wait before retrying",
+                      "schema": {"type": "integer"}}  # fmt: skip
+            responses[str(status)]["headers"] = {"Retry-After": header}
     return responses

@@ -18,6 +18,7 @@ from chute.errors import (
     QueueFull,
     QueueInUse,
     QueueNotFound,
+    ServerBusy,
     StorageFailed,
     StorageFull,
     StorageReadOnly,
@@ -37,6 +38,7 @@ V1 = "/api/v1"
 WRITE = (StorageFailed, StorageFull, StorageReadOnly)
 QUEUE = (QueueNotFound,)
 TOPIC = (TopicNotFound,)
+PUBLISH = (QueueFull, ServerBusy, *WRITE)  # server_busy: over the memory high-water mark (call.py)
 
 PEEK_COUNT = Query("max_messages", Annotated[int, Meta(ge=1, le=m.MAX_PEEK)], "how many messages (1..100)", 10)
 BINDING = (
@@ -66,10 +68,10 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/queues/{name}/stats", q.queue_stats, "A queue's depths and counters", "see", "queue",
            reply=QueueStats, errors=QUEUE),
     _route("POST", "/queues/{name}/messages", q.publish, "Publish a message (answered once durable)", "publish",
-           "queue", body=m.PublishMessage, reply=m.Published, status=201, errors=(*QUEUE, QueueFull, *WRITE)),
+           "queue", body=m.PublishMessage, reply=m.Published, status=201, errors=(*QUEUE, *PUBLISH)),
     _route("POST", "/queues/{name}/messages/batch", q.publish_batch, "Publish messages in order (1..1000)",
            "publish", "queue", body=m.PublishBatch, reply=m.PublishedBatch, status=201,
-           errors=(*QUEUE, QueueFull, *WRITE)),
+           errors=(*QUEUE, *PUBLISH)),
     _route("GET", "/queues/{name}/messages", q.peek, "Peek at messages in delivery order (leases nothing)",
            "consume", "queue", reply=m.MessageList, query=(PEEK_COUNT,), errors=QUEUE),
     _route("POST", "/queues/{name}/receive", q.receive, "Receive messages under a lease, with long polling",
@@ -88,7 +90,7 @@ ROUTES: tuple[Route, ...] = (
            "queue", reply=m.Purged, errors=(*QUEUE, *WRITE)),
     _route("POST", "/queues/{name}/redrive", q.redrive, "Move dead-lettered messages back to their queues",
            "manage", "queue", body=m.RedriveRequest, body_required=False, reply=m.Redriven,
-           errors=(*QUEUE, QueueFull, *WRITE)),
+           errors=(*QUEUE, *PUBLISH)),
     # -- topics ----------------------------------------------------------------------------------------------
     _route("GET", "/topics", t.list_topics, "List topics (those the caller may see)", "user", reply=m.TopicList,
            tag="topics"),
@@ -104,11 +106,11 @@ ROUTES: tuple[Route, ...] = (
     _route("DELETE", "/topics/{name}", t.delete_topic, "Delete a topic and its subscriptions (queues stay)",
            "manage", "topic", errors=(*TOPIC, *WRITE), tag="topics"),
     _route("POST", "/topics/{name}/messages", t.publish_to_topic, "Publish a message to a topic", "publish",
-           "topic", body=m.PublishMessage, reply=m.Published, status=201, errors=(*TOPIC, QueueFull, *WRITE),
+           "topic", body=m.PublishMessage, reply=m.Published, status=201, errors=(*TOPIC, *PUBLISH),
            tag="topics"),
     _route("POST", "/topics/{name}/messages/batch", t.publish_batch_to_topic, "Publish messages to a topic",
            "publish", "topic", body=m.PublishBatch, reply=m.PublishedBatch, status=201,
-           errors=(*TOPIC, QueueFull, *WRITE), tag="topics"),
+           errors=(*TOPIC, *PUBLISH), tag="topics"),
     _route("GET", "/topics/{name}/subscriptions", t.list_subscriptions, "List a topic's subscriptions", "see",
            "topic", reply=m.SubscriptionList, errors=TOPIC, tag="topics"),
     _route("POST", "/topics/{name}/subscriptions", t.subscribe, "Subscribe a queue to a topic", "manage", "topic",

@@ -13,6 +13,11 @@ Credentials: with auth off (no users, no token) every request is accepted, signe
 superuser. With auth on, a request must be SigV4-signed with a known access key (InvalidClientTokenId otherwise)
 and a correct signature (SignatureDoesNotMatch); the key's user's permissions then apply (AccessDenied).
 
+Memory: SendMessage and SendMessageBatch hold their request body's bytes against the server's memory high-water
+mark (`Server.http_publish`) until the messages are durable or the send failed; while the server is over the
+mark they are answered `RequestThrottled` (retryable), in the JSON protocol before the body is read (the action
+is in the `X-Amz-Target` header), in the query protocol once the form names the action.
+
 Invariant: every request gets exactly one response in its protocol, errors included; the principal is known
 before any action runs.
 """
@@ -32,31 +37,54 @@ if TYPE_CHECKING:
     from chute.server.app import Server
 
 FORM_TYPE = "application/x-www-form-urlencoded"
+SEND_ACTIONS = frozenset({"SendMessage", "SendMessageBatch"})
+SEND_TARGETS = frozenset(f"AmazonSQS.{action}" for action in SEND_ACTIONS)
+
+
+def throttled(server: Server) -> SqsError:
+    """The answer to a send while the server is over its memory high-water mark: `RequestThrottled`, which
+    botocore retries in every retry mode (docs/sqs.md)."""
+    high = server.config.memory_high_water_bytes
+    return SqsError("RequestThrottled", f"The server holds more than its memory high-water mark ({high} bytes) "
+                    "of unconfirmed messages; retry in a moment.")  # fmt: skip
 
 
 def add_routes(app: web.Application, server: Server) -> None:
     async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
         target = request.headers.get("X-Amz-Target")
         is_json = target is not None
-        if not is_json and request.content_type != FORM_TYPE and not body.startswith(b"Action="):
-            raise web.HTTPNotFound()  # neither protocol: not an SQS request
-        try:
-            principal, region = _authenticate(server, request, body)
-        except SqsError as error:
-            return _error(is_json, error)
-        await prepared_state(server)
-        transport = request.transport
-        ctx = SqsContext(server, principal, base_url=f"{request.scheme}://{request.host}",
-                         account_id=DEFAULT_ACCOUNT_ID, region=region or DEFAULT_REGION,
-                         extra={"disconnected": lambda: transport is None or transport.is_closing()})  # fmt: skip
-        if is_json:
-            from chute.server.sqs.jsonproto import handle_json
+        sending = target in SEND_TARGETS
+        if sending and server.memory_paused:
+            return _error(is_json, throttled(server))  # before the body is read
+        with server.http_publish() as hold:
+            if sending:
+                hold.set(min(request.content_length or 0, request.client_max_size))  # what is about to be read
+            body = await request.read()
+            if sending:
+                hold.set(len(body))
+            if not is_json and request.content_type != FORM_TYPE and not body.startswith(b"Action="):
+                raise web.HTTPNotFound()  # neither protocol: not an SQS request
+            try:
+                principal, region = _authenticate(server, request, body)
+            except SqsError as error:
+                return _error(is_json, error)
+            await prepared_state(server)
+            transport = request.transport
+            ctx = SqsContext(server, principal, base_url=f"{request.scheme}://{request.host}",
+                             account_id=DEFAULT_ACCOUNT_ID, region=region or DEFAULT_REGION,
+                             extra={"disconnected": lambda: transport is None or transport.is_closing()})  # fmt: skip
+            if is_json:
+                from chute.server.sqs.jsonproto import handle_json
 
-            return await handle_json(ctx, target, body)
-        from chute.server.sqs.query import handle_query
+                return await handle_json(ctx, target, body)
+            from chute.server.sqs.query import handle_query
 
-        return await handle_query(request, ctx, await request.post())
+            form = await request.post()
+            if form.get("Action") in SEND_ACTIONS:  # a query-protocol send: known only once its body is read
+                if server.memory_paused:
+                    return _error(is_json, throttled(server))
+                hold.set(len(body))
+            return await handle_query(request, ctx, form)
 
     async def stop_move_tasks(app: web.Application) -> None:
         for task in sqs_state(server).move_tasks:

@@ -96,6 +96,7 @@ _FROM_CHUTE: dict[type[chute_errors.ChuteError], str] = {
     chute_errors.TopicNotFound: "QueueDoesNotExist",
     chute_errors.QueueInUse: "InvalidParameterValue",
     chute_errors.QueueFull: "OverLimit",
+    chute_errors.ServerBusy: "RequestThrottled",  # over the memory high-water mark (see __init__.py)
     chute_errors.Unauthenticated: "InvalidClientTokenId",
     chute_errors.Forbidden: "AccessDenied",
     chute_errors.BrokerClosed: "ServiceUnavailable",
