@@ -59,6 +59,8 @@ _DECODERS = {op: msgspec.msgpack.Decoder(t) for op, t in PAYLOAD_TYPES.items() i
 _REPLY_DECODERS: dict[type, msgspec.msgpack.Decoder] = {}
 _ENCODER = msgspec.msgpack.Encoder()
 
+HEARTBEAT_BYTES = HEADER.pack(LENGTH_OVERHEAD, Op.HEARTBEAT, 0, 0)  # the whole HEARTBEAT frame (10 bytes)
+
 
 class Frame:
     """One received frame: its opcode, correlation id and payload (a messages.* Struct, raw bytes for REPLY,
@@ -90,6 +92,12 @@ class Connection:
         self._buffer = bytearray()
 
     # -- receiving --------------------------------------------------------------------------------------------
+
+    def heartbeat_only(self, data: bytes) -> bool:
+        """True if `data` is exactly one HEARTBEAT frame (id 0, no flags) that `receive_data` would accept now
+        with nothing else to return or change: then the caller may skip `receive_data` (an idle peer's sign of
+        life costs a comparison). False: feed `data` to `receive_data` as usual."""
+        return data == HEARTBEAT_BYTES and self.state == "open" and not self._buffer
 
     def receive_data(self, data: bytes) -> list[Frame]:
         """Feed bytes from the peer; return the frames completed by them (possibly none)."""

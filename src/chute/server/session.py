@@ -26,6 +26,7 @@ import inspect
 import itertools
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from chute.errors import (
@@ -37,11 +38,12 @@ from chute.errors import (
     QueueNotFound,
 )
 from chute.protocol import messages as m
-from chute.protocol.connection import Connection, Frame
+from chute.protocol.connection import HEARTBEAT_BYTES, Connection, Frame
 from chute.protocol.frames import Op
 from chute.protocol.sizes import body_budget, fitting
 from chute.server.auth import ANONYMOUS, IDLE_RECHECK_S, Principal, check, dest_kind
 from chute.server.calls import check_call
+from chute.server.heartbeats import Sweeper
 
 if TYPE_CHECKING:
     from chute.server.app import Server
@@ -53,6 +55,17 @@ CREDIT_RECHECK_S = 0.5  # how soon leases that ended free a consumer's prefetch 
 POLL_S = 1.0  # longest single long-poll of a push consumer
 MAX_DELIVER_BATCH = 256  # deliveries per DELIVER frame
 DEAD_PEER_INTERVALS = 3  # a peer silent this many heartbeat intervals is considered dead
+
+# One heartbeat sweeper per server (server/heartbeats.py): a single timer for every connection's heartbeats and
+# dead-peer checks, which also makes idle connections look at the users file every IDLE_RECHECK_S.
+_SWEEPERS: weakref.WeakKeyDictionary[Server, Sweeper] = weakref.WeakKeyDictionary()
+
+
+def sweeper_of(server: Server, loop: asyncio.AbstractEventLoop) -> Sweeper:
+    sweeper = _SWEEPERS.get(server)
+    if sweeper is None or sweeper.loop is not loop:
+        sweeper = _SWEEPERS[server] = Sweeper(loop, lambda: server.auth.poll(IDLE_RECHECK_S), IDLE_RECHECK_S)
+    return sweeper
 
 
 class ServerConsumer:
@@ -144,8 +157,9 @@ class Session(asyncio.Protocol):
         self.consumers: dict[int, ServerConsumer] = {}
         self.leased: dict[str, set[int]] = {}
         self._paused: set[str] = set()  # why reading is paused: "write", "memory", "shutdown"
-        self._heartbeat: asyncio.TimerHandle | None = None
-        self._heartbeat_s = server.config.heartbeat_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: Sweeper | None = None  # looks at us for heartbeats and silence (`sweep`)
+        self.heartbeat_s = server.config.heartbeat_s
         self._last_received = self._last_sent = 0.0
         self.publish_bytes = 0
         self.id = next(_SESSION_IDS)  # shown in the HTTP API and dashboard
@@ -161,14 +175,17 @@ class Session(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._last_received = self._last_sent = loop.time()
         if not self.server.admit(self):
             return
-        self._heartbeat = loop.call_later(self._heartbeat_s, self._on_heartbeat)
+        self._sweeper = sweeper_of(self.server, loop)
+        self._sweeper.schedule(self, self._last_received + DEAD_PEER_INTERVALS * self.heartbeat_s)  # no HELLO yet
 
     def data_received(self, data: bytes) -> None:
-        self._last_received = asyncio.get_running_loop().time()
+        self._last_received = self._loop.time()
+        if data == HEARTBEAT_BYTES and self.conn.heartbeat_only(data):
+            return  # an idle client's sign of life: nothing more to do (the common case of an idle broker)
         try:
             frames = self.conn.receive_data(data)
         except ChuteError as exc:
@@ -210,8 +227,8 @@ class Session(asyncio.Protocol):
         self.closed = True
         self.conn.state = "closed"
         self.writable.set()  # let waiting consumers run to their end
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        if self._sweeper is not None:
+            self._sweeper.discard(self)
         for consumer in list(self.consumers.values()):
             if consumer.task is not None:
                 consumer.task.cancel()
@@ -234,7 +251,7 @@ class Session(asyncio.Protocol):
                 raise
             data = self.conn.error_frame(exc, correlation_id)
         self.transport.write(data)
-        self._last_sent = asyncio.get_running_loop().time()
+        self._last_sent = self._loop.time()
 
     def fail(self, exc: ChuteError) -> None:
         """Send a connection-level ERROR and close (a protocol violation, refused handshake, ...)."""
@@ -260,19 +277,27 @@ class Session(asyncio.Protocol):
         if not self._paused and self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
-    def _on_heartbeat(self) -> None:
+    def sweep(self, now: float) -> float | None:
+        """The heartbeat sweeper looks at us (at the time we asked for, or a grid step later): close the
+        connection if the peer was silent for DEAD_PEER_INTERVALS intervals, send HEARTBEAT after half an interval
+        of our own silence (never before WELCOME), forget ended leases. Returns when to look again: when our next
+        HEARTBEAT falls due or the peer's silence would become too long, whichever comes first."""
         if self.closed:
-            return
-        now = asyncio.get_running_loop().time()
-        if now - self._last_received > DEAD_PEER_INTERVALS * self._heartbeat_s:
+            return None
+        dead_after = DEAD_PEER_INTERVALS * self.heartbeat_s
+        if now - self._last_received > dead_after:
             log.info("connection from %s: no frame for %.1f s, closing", self.peer, now - self._last_received)
             self.transport.abort()
-            return
-        if now - self._last_sent >= self._heartbeat_s * 0.5 and self.conn.welcome is not None:  # never before WELCOME
-            self.write(Op.HEARTBEAT)
-        self._prune_leases()
-        self.server.auth.poll(IDLE_RECHECK_S)  # changed users are noticed (revoked connections closed) when idle
-        self._heartbeat = asyncio.get_running_loop().call_later(self._heartbeat_s * 0.5, self._on_heartbeat)
+            return None
+        if self.leased:
+            self._prune_leases()
+        if self.conn.welcome is None:
+            return self._last_received + dead_after
+        half = self.heartbeat_s * 0.5
+        if now - self._last_sent >= half:
+            self.transport.write(HEARTBEAT_BYTES)
+            self._last_sent = now
+        return min(self._last_sent + half, self._last_received + dead_after)
 
     def _prune_leases(self) -> None:
         """Forget receipts whose lease ended (they were released or redelivered elsewhere)."""
@@ -311,13 +336,16 @@ class Session(asyncio.Protocol):
         self.credential = self.server.auth.credential(hello)
         self.client_name = hello.client[:200]
         if 0.05 <= hello.heartbeat_s <= 3600:
-            self._heartbeat_s = hello.heartbeat_s
+            self.heartbeat_s = hello.heartbeat_s
         try:
-            self.transport.write(self.conn.accept(hello, server=self.server.name, heartbeat_s=self._heartbeat_s,
+            self.transport.write(self.conn.accept(hello, server=self.server.name, heartbeat_s=self.heartbeat_s,
                                                   max_message_bytes=self.server.config.max_message_bytes))  # fmt: skip
         except ChuteError as exc:
             self.fail(exc)
             return
+        self._last_sent = self._loop.time()
+        if self._sweeper is not None:  # the interval in force may have changed: heartbeats from now on
+            self._sweeper.schedule(self, self._last_sent + self.heartbeat_s * 0.5)
         held, self._held = self._held or [], None
         for frame in held:
             if self.closed:

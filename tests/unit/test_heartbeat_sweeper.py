@@ -1,0 +1,116 @@
+"""The server's heartbeat sweeper (chute.server.heartbeats): one loop timer for every connection's checks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from chute.server.heartbeats import TICK_S, Sweeper, tick_s
+
+
+class Item:
+    """Asks to be looked at every `period` seconds, `times` times; records when it was looked at."""
+
+    def __init__(self, loop, heartbeat_s: float, period: float, times: int) -> None:
+        self.loop = loop
+        self.heartbeat_s = heartbeat_s
+        self.period = period
+        self.left = times
+        self.asked: list[float] = []  # times asked for
+        self.seen: list[tuple[float, float]] = []  # (now passed to sweep, loop time at the call)
+
+    def ask(self, sweeper: Sweeper, at: float) -> None:
+        self.asked.append(at)
+        sweeper.schedule(self, at)
+
+    def sweep(self, now: float) -> float | None:
+        self.seen.append((now, self.loop.time()))
+        self.left -= 1
+        if self.left <= 0:
+            return None
+        at = now + self.period
+        self.asked.append(at)
+        return at
+
+
+async def test_many_items_share_few_wakeups_and_each_is_looked_at_on_time():
+    loop = asyncio.get_running_loop()
+    sweeper = Sweeper(loop)
+    rng = random.Random(7)
+    start = loop.time()
+    items = [Item(loop, 2.0, 0.3, 3) for _ in range(300)]
+    for item in items:
+        item.ask(sweeper, start + rng.uniform(0.0, 0.5))
+    while len(sweeper):
+        await asyncio.sleep(0.05)
+    step = tick_s(2.0)
+    for item in items:
+        assert len(item.seen) == 3
+        for asked, (now, actual) in zip(item.asked, item.seen, strict=True):
+            assert now >= asked  # never early
+            assert actual - asked <= step + 0.1  # at most a grid step late (plus the loop's own lateness)
+    # 900 checks over about 1.1 s, on a 0.25 s grid: a handful of wakeups, not one per check
+    assert sweeper.wakeups <= 20, sweeper.wakeups
+    assert sweeper._timer is None  # nothing registered: no timer
+
+
+async def test_short_intervals_get_a_finer_grid():
+    loop = asyncio.get_running_loop()
+    sweeper = Sweeper(loop)
+    item = Item(loop, 0.05, 0.025, 8)
+    item.ask(sweeper, loop.time() + 0.025)
+    while len(sweeper):
+        await asyncio.sleep(0.01)
+    assert tick_s(0.05) < TICK_S
+    for asked, (now, actual) in zip(item.asked, item.seen, strict=True):
+        assert asked <= now and actual - asked <= tick_s(0.05) + 0.05
+
+
+async def test_discarded_and_rescheduled_items():
+    loop = asyncio.get_running_loop()
+    sweeper = Sweeper(loop)
+    gone, moved = Item(loop, 1.0, 1.0, 1), Item(loop, 1.0, 1.0, 1)
+    gone.ask(sweeper, loop.time() + 0.05)
+    moved.ask(sweeper, loop.time() + 0.05)
+    moved.ask(sweeper, loop.time() + 0.4)  # replaces its first request
+    sweeper.discard(gone)
+    await asyncio.sleep(0.2)
+    assert gone.seen == [] and moved.seen == []
+    await asyncio.sleep(0.5)
+    assert gone.seen == [] and len(moved.seen) == 1
+    assert len(sweeper) == 0 and sweeper._timer is None
+
+
+async def test_on_sweep_runs_at_least_every_every_s_while_items_are_registered():
+    loop = asyncio.get_running_loop()
+    calls: list[float] = []
+    sweeper = Sweeper(loop, lambda: calls.append(loop.time()), every_s=0.1)
+    item = Item(loop, 100.0, 50.0, 1)
+    item.ask(sweeper, loop.time() + 50.0)  # nothing due for a long time
+    await asyncio.sleep(0.55)
+    assert len(calls) >= 4, calls
+    assert all(b - a <= 0.1 + 0.1 for a, b in zip(calls, calls[1:], strict=False))
+    sweeper.discard(item)
+    count = len(calls)
+    await asyncio.sleep(0.25)
+    assert len(calls) == count  # no items: no timer, no calls
+    assert sweeper._timer is None
+
+
+async def test_a_failing_item_does_not_stop_the_others():
+    loop = asyncio.get_running_loop()
+    errors = []
+    loop.set_exception_handler(lambda loop, context: errors.append(context))
+
+    class Broken(Item):
+        def sweep(self, now):
+            raise RuntimeError("bug")
+
+    sweeper = Sweeper(loop)
+    broken, fine = Broken(loop, 1.0, 0.1, 1), Item(loop, 1.0, 0.1, 2)
+    broken.ask(sweeper, loop.time() + 0.01)
+    fine.ask(sweeper, loop.time() + 0.01)
+    while len(sweeper):
+        await asyncio.sleep(0.02)
+    assert len(fine.seen) == 2 and broken not in sweeper
+    assert [type(context["exception"]) for context in errors] == [RuntimeError]
