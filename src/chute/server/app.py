@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Iterator
 from typing import Literal
 
 from chute.broker import Broker
@@ -198,16 +197,12 @@ class Server:
         """Over the memory high-water mark (and not yet back below half of it): HTTP publishes are refused."""
         return self._memory_paused
 
-    @contextlib.contextmanager
-    def http_publish(self) -> Iterator[PublishHold]:
-        """Hold one HTTP publish's bytes against the memory high-water mark for the `with` block: the caller sets
+    def http_publish(self) -> PublishHold:
+        """Hold one HTTP publish's bytes against the memory high-water mark for a `with` block: the caller sets
         the size as it learns it (`hold.set(n)`); whatever it is, it is given back when the block ends, however
-        it ends (an error, a cancelled handler, a client that hung up)."""
-        hold = PublishHold(self)
-        try:
-            yield hold
-        finally:
-            hold.set(0)
+        it ends (an error, a cancelled handler, a client that hung up). (A plain class, not a generator context
+        manager: every SQS request enters one.)"""
+        return PublishHold(self)
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 
@@ -269,6 +264,12 @@ class PublishHold:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.size = 0
+
+    def __enter__(self) -> PublishHold:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.set(0)
 
     def set(self, size: int) -> None:
         """Hold `size` bytes from now on (instead of what was held so far)."""
