@@ -116,6 +116,9 @@ REFUSED = [
     ("subscribe without manage on the queue", "mgr", lambda c: c.subscribe("events.x", ">", "other")),
     ("subscribe without manage on the topic", "alice", lambda c: c.subscribe("events.x", ">", "orders.a")),
     ("unsubscribe", "alice", lambda c: c.unsubscribe("events.x", ">", "orders.b")),
+    ("update a topic", "alice", lambda c: c.update_topic("events.x", retention_s=5)),
+    ("update a subscription without manage on the topic", "alice",
+     lambda c: c.update_subscription("events.x", ">", "orders.b", filter={"k": "v"})),
 ]
 
 

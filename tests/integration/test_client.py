@@ -59,13 +59,24 @@ async def test_manage_queues_topics_and_subscriptions():
         await client.publish("orders", b"b", subject="orders.1.us", headers={"kind": "new"})
         await client.publish("orders", b"c", subject="orders.2.eu", headers={"kind": "old"})
         assert [d.body for d in await client.peek("eu")] == [b"a"]
+        changed = await client.update_subscription("orders", "orders.*.eu", "eu", filter={"kind": "old"})
+        assert changed.filter == {"kind": {"eq": "old"}}  # the normalized form
+        await client.publish("orders", b"d", subject="orders.3.eu", headers={"kind": "new"})  # filtered out now
+        await client.publish("orders", b"e", subject="orders.3.eu", headers={"kind": "old"})
+        assert [d.body for d in await client.peek("eu")] == [b"a", b"e"]
+        with pytest.raises(SubscriptionNotFound):
+            await client.update_subscription("orders", "orders.*.us", "eu", filter=None)
+        topic = await client.update_topic("orders", retention_s=30, dedup_window_s=10)
+        assert (topic.settings.retention_s, topic.settings.dedup_window_s) == (30, 10)
+        with pytest.raises(InvalidArgument):
+            await client.update_topic("orders", retention_s=-1)
         await client.unsubscribe("orders", "orders.*.eu", "eu")
         with pytest.raises(SubscriptionNotFound):
             await client.unsubscribe("orders", "orders.*.eu", "eu")
         await client.delete_topic("orders")
         assert await client.list_topics() == []
 
-        assert await client.purge_queue("eu") == 1
+        assert await client.purge_queue("eu") == 2
         await client.delete_queue("eu")
         with pytest.raises(QueueNotFound) as raised:
             await client.queue_stats("eu")

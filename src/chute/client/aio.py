@@ -315,6 +315,11 @@ class AsyncClient:
         """Create a topic (idempotent with the same settings): retention_s, retention_bytes, dedup_window_s."""
         return await self._manage("create_topic", TopicInfo, name=name, **settings)
 
+    async def update_topic(self, name: str, **changes) -> TopicInfo:
+        """Change some settings of a topic (retention_s, retention_bytes, dedup_window_s); a lower retention
+        trims retained messages at once."""
+        return await self._manage("update_topic", TopicInfo, name=name, **changes)
+
     async def delete_topic(self, name: str) -> None:
         await self._manage("delete_topic", None, name=name)
 
@@ -327,6 +332,13 @@ class AsyncClient:
         `start`: "now", "earliest" or a timestamp, to receive retained messages."""
         return await self._manage("subscribe", SubscriptionInfo, topic=topic, pattern=pattern, queue=queue,
                                   filter=filter, start=start)  # fmt: skip
+
+    async def update_subscription(self, topic: str, pattern: str, queue: str, *,
+                                  filter: dict | None = None) -> SubscriptionInfo:  # fmt: skip
+        """Replace the header filter of the subscription binding `pattern` on `topic` to `queue` (None: no filter);
+        subscription_not_found if there is no such binding."""
+        return await self._manage("update_subscription", SubscriptionInfo, topic=topic, pattern=pattern,
+                                  queue=queue, filter=filter)  # fmt: skip
 
     async def unsubscribe(self, topic: str, pattern: str, queue: str) -> None:
         await self._manage("unsubscribe", None, topic=topic, pattern=pattern, queue=queue)

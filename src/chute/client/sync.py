@@ -26,8 +26,9 @@ from chute.model import Delivery
 # The AsyncClient methods that Client offers with the same signature and docstring, blocking.
 DELEGATED = (
     "create_queue", "update_queue", "delete_queue", "purge_queue", "list_queues", "queue_stats",
-    "create_topic", "delete_topic", "list_topics", "subscribe", "unsubscribe", "peek", "redrive",
-    "publish", "publish_batch", "flush", "receive", "ack", "nack", "extend", "ack_receipts",
+    "create_topic", "update_topic", "delete_topic", "list_topics", "subscribe", "update_subscription",
+    "unsubscribe", "peek", "redrive", "publish", "publish_batch", "flush", "receive", "ack", "nack", "extend",
+    "ack_receipts",
 )  # fmt: skip
 
 

@@ -19,7 +19,8 @@ from chute.errors import InvalidArgument
 
 CALLS = frozenset({
     "create_queue", "update_queue", "delete_queue", "purge_queue", "list_queues", "queue_stats",
-    "create_topic", "delete_topic", "list_topics", "subscribe", "unsubscribe", "peek", "redrive",
+    "create_topic", "update_topic", "delete_topic", "list_topics", "subscribe", "update_subscription",
+    "unsubscribe", "peek", "redrive",
 })  # fmt: skip
 
 

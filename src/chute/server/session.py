@@ -473,8 +473,9 @@ CALL_PERMISSIONS = {
     "create_queue": _name("queue"), "update_queue": _name("queue"), "delete_queue": _name("queue"),
     "purge_queue": _name("queue"), "redrive": _name("queue", "queue"),
     "queue_stats": _name("queue", permission="see"), "peek": _name("queue", "queue", "consume"),
-    "create_topic": _name("topic"), "delete_topic": _name("topic"),
+    "create_topic": _name("topic"), "update_topic": _name("topic"), "delete_topic": _name("topic"),
     "subscribe": lambda args: [("manage", "topic", args["topic"]), ("manage", "queue", args["queue"])],
+    "update_subscription": lambda args: [("manage", "topic", args["topic"]), ("manage", "queue", args["queue"])],
     "unsubscribe": lambda args: [("manage", "topic", args["topic"]), ("manage", "queue", args["queue"])],
     "list_queues": lambda args: [], "list_topics": lambda args: [],
 }  # fmt: skip
