@@ -15,42 +15,20 @@ import errno
 import io
 import json
 import re
-import threading
 import time
 
 import aiohttp
 import pytest
 
 import chute
-from chute.testing import RunningServer, serving
+from chute.testing import serving
 from tests.api.conftest import Api
+from tests.held_fsync import HeldFsync
 
 pytestmark = pytest.mark.timeout(60)
 MARK = 2**20  # the smallest memory_high_water_bytes allowed
 BODY = 300_000  # four of these are over the mark
 WAIT_LIMIT_S = 10.0
-
-
-class HeldFsync:
-    """Makes every fsync of a server's file store wait while held (in the store's writer thread)."""
-
-    def __init__(self, running: RunningServer) -> None:
-        self.gate = threading.Event()
-        self.gate.set()
-        fs = running.server.broker.store.fs
-        real = fs._fsync
-
-        def fsync(path: str) -> None:
-            self.gate.wait(WAIT_LIMIT_S * 3)
-            real(path)
-
-        fs._fsync = fsync
-
-    def hold(self) -> None:
-        self.gate.clear()
-
-    def release(self) -> None:
-        self.gate.set()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -20,6 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from chute.testing import running_server
+from tests.held_fsync import HeldFsync
 from tests.sqs.boto3_support import client_for, error_of, wait_until
 from tests.sqs.compat_support import query_client
 
@@ -27,28 +27,6 @@ pytestmark = pytest.mark.timeout(90)
 MARK = 2**20  # the smallest memory_high_water_bytes allowed
 BODY = 250_000  # five of these are over the mark (and each is under SQS's 256 KiB)
 WAIT_LIMIT_S = 10.0
-
-
-class HeldFsync:
-    """Makes every fsync of a server's file store wait while held (in the store's writer thread)."""
-
-    def __init__(self, running) -> None:
-        self.gate = threading.Event()
-        self.gate.set()
-        fs = running.server.broker.store.fs
-        real = fs._fsync
-
-        def fsync(path: str) -> None:
-            self.gate.wait(WAIT_LIMIT_S * 3)
-            real(path)
-
-        fs._fsync = fsync
-
-    def hold(self) -> None:
-        self.gate.clear()
-
-    def release(self) -> None:
-        self.gate.set()
 
 
 @pytest.fixture
