@@ -1,0 +1,618 @@
+"""A soak benchmark: a mixed, steady workload against a `chute serve` subprocess, sampled over time (issue 12).
+
+    python -m benchmarks.soak                                  # 300,000 messages or 120 s, whichever ends first
+    python -m benchmarks.soak --messages 20000000 --seconds 7200 --rate 5000 --png docs/soak.png
+
+All the lanes run at once, each publishing at its share of `--rate` (msg/s) from one producer connection, each
+queue consumed by its own connection:
+- `p2p`: one queue, acked;
+- `nack`: a share of first deliveries are nacked with `delay_s`, acked when they come back;
+- `topic`: a topic with three subscriptions (pattern `>`), each to its own queue, each consumed and acked;
+- `dedup`: publishes with dedup ids, a share of them repeating a recent id (within the queue's window);
+- `delayed`: publishes with a random `delay_s`;
+- `ttl`: a queue with a retention (TTL) whose consumer keeps up with only part of it, so messages expire into its
+  dead-letter queue, which is consumed and acked too;
+- `slow`: a consumer that alternates phases at half and then one and a half times the publish rate, so its backlog
+  grows and then shrinks (a saw-tooth).
+
+Every `--sample-s` it records the broker's RSS (VmRSS), the checkpoint file's size and the bytes of the data
+directory, fsync latency and event-loop lag (per-interval quantiles from the bucket deltas of the histograms on
+`/metrics`; the lag histogram only if the broker exports it), the messages published and acked so far, rates and
+the backlog. It writes the samples (CSV), a summary (JSON) and a PNG, and prints the summary with the targets:
+after warm-up RSS stays within ±10% of its median; disk stays within the backlog plus a few segments.
+
+Invariants: the broker started here is always stopped (SIGTERM, then SIGKILL) and its data directory deleted,
+whatever happens; every loop ends by the message count or the deadline (the run is cut at `--seconds` plus a
+bounded grace period); nothing here asserts speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import queue as queue_mod
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks import soak_report as report
+from chute.bench import BROKER_START_TIMEOUT_S, BenchError, BrokerProcess
+from chute.client import AsyncClient
+from chute.errors import ChuteError
+
+# share of the publish rate per lane (sums to 1)
+LANES = {"p2p": 0.30, "nack": 0.10, "topic": 0.15, "dedup": 0.10, "delayed": 0.10, "ttl": 0.10, "slow": 0.15}
+SUBSCRIPTIONS = 3
+SEGMENT_BYTES = 64 * 2**20  # FileStore's segment_max_bytes; `chute serve` has no setting for it
+# The files a checkpoint does not yet cover stay: a checkpoint comes every 256 MiB of log (4 segments) or 60 s,
+# plus the active segment. Beyond that, disk should hold only the backlog.
+FEW_SEGMENTS = 5
+RSS_SPREAD_TARGET = 0.10
+TICK_S = 0.01  # the producer's pacing step: it sends whatever is due, never one sleep per message
+MAX_CATCH_UP_S = 0.5  # a producer held back (window full) catches up at most this much of its schedule
+ACK_INTERVAL_S = 0.02  # consumers ack (and nack) what they hold at this pace, one request at a time
+STOP_GRACE_S = 30.0  # after the deadline: the last confirms, acks and the consumers' close
+HTTP_RE = re.compile(r"HTTP listening on (http://127\.0\.0\.1:\d+)")
+LISTENING_RE = re.compile(r"native protocol listening on (chute://127\.0\.0\.1:\d+)")
+COLUMNS = ["t_s", "published", "acked", "publish_rate", "ack_rate", "backlog", "backlog_bytes", "slow_backlog",
+           "rss_mb", "broker_cpu_pct", "disk_bytes", "log_bytes", "checkpoint_bytes", "segments", "fsyncs",
+           "fsync_p50_ms", "fsync_p99_ms", "fsync_max_ms", "loop_lag_p99_ms", "loop_lag_max_ms", "errors"]  # fmt: skip
+
+
+@dataclass
+class Options:
+    messages: int = 300_000
+    seconds: float = 120.0
+    rate: float = 2500.0  # msg/s published, over all lanes
+    size: int = 256
+    sample_s: float = 1.0
+    warmup_fraction: float = 0.2
+    fsync: str = "always"
+    nack_share: float = 0.2
+    nack_delay_s: float = 1.0
+    dedup_repeat_share: float = 0.1
+    dedup_window_s: float = 60.0
+    max_delay_s: float = 5.0
+    ttl_s: float = 2.0
+    ttl_consume_share: float = 0.5
+    slow_phase_s: float = 15.0
+    window: int = 20_000  # most unconfirmed publishes
+    prefetch: int = 1000
+    data_parent: str | None = None  # where the temporary data directory goes (None: the system's temp dir)
+    out_dir: str = "benchmarks/results"
+    png: str | None = None  # None: <out_dir>/soak-<stamp>.png
+    progress_s: float = 10.0
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    published: int = 0  # confirmed
+    acked: int = 0  # confirmed
+    nacked: int = 0
+    dedup_repeats: int = 0
+    errors: int = 0
+    first_error: str = ""
+
+    def error(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"
+
+
+# -- the broker ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SoakBroker(BrokerProcess):
+    """`chute serve` as `chute.bench.BrokerProcess` starts it, but with its HTTP port on (for `/metrics`)."""
+
+    parent: str | None = None
+    http_url: str = ""
+
+    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> SoakBroker:
+        self.data_dir = tempfile.mkdtemp(prefix="chute-soak-", dir=self.parent)
+        command = [sys.executable, "-m", "chute.cli", "serve", "--data-dir", self.data_dir, "--port", "0",
+                   "--http-port", "0", "--fsync", self.fsync, "--log-level", "info"]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, errors="replace")  # fmt: skip
+        lines: queue_mod.Queue[str | None] = queue_mod.Queue()
+        # The broker logs to stderr for as long as it runs: drain the pipe for good, or a full pipe blocks it.
+        threading.Thread(target=self._drain, args=(lines,), name="chute-soak-broker-stderr", daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not self.url:  # the HTTP line comes first, then the native one
+            line = self._next_line(lines, deadline)
+            if found := HTTP_RE.search(line):
+                self.http_url = found.group(1)
+            if found := LISTENING_RE.search(line):
+                self.url = found.group(1)
+        if not self.http_url:
+            self.stop()
+            raise BenchError("the broker did not announce its HTTP port")
+        return self
+
+    def _next_line(self, lines: queue_mod.Queue, deadline: float) -> str:
+        """The broker's next stderr line; stops the broker and raises BenchError at its exit or the deadline."""
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue_mod.Empty:
+            self.stop()
+            raise BenchError("the broker did not start listening in time") from None
+        if line is None:
+            self.stop()
+            raise BenchError(f"the broker exited before listening: {self.last_words()}")
+        return line
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def last_words(self) -> str:
+        return self._tail[-1].strip() if self._tail else "no output"
+
+
+# -- what is sampled -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scrape:
+    """What one `/metrics` scrape gives the soak: gauges, per-queue sums and cumulative histogram buckets."""
+
+    gauges: dict[str, float] = field(default_factory=dict)
+    queues: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> queue -> value
+    histograms: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # name -> [(le, count)]
+
+
+def parse_metrics(text: str) -> Scrape:
+    scrape = Scrape()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets = scrape.histograms.setdefault(family.name, [])
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif "queue" in sample.labels:
+                scrape.queues.setdefault(sample.name, {})[sample.labels["queue"]] = sample.value
+            elif not sample.labels:
+                scrape.gauges[sample.name] = sample.value
+    for buckets in scrape.histograms.values():
+        buckets.sort()
+    return scrape
+
+
+def bucket_deltas(now: list[tuple[float, float]], before: list[tuple[float, float]] | None) -> list[tuple]:
+    """Cumulative buckets of what was observed between two scrapes."""
+    if not before:
+        return now
+    previous = dict(before)
+    return [(le, count - previous.get(le, 0.0)) for le, count in now]
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile of cumulative buckets, interpolated linearly inside its bucket (as Prometheus's
+    histogram_quantile); None when nothing was observed. In the +Inf bucket: the largest finite bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank and count > below:
+            if math.isinf(le):
+                return lower
+            return lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = (le if not math.isinf(le) else lower), count
+    return lower
+
+
+def highest_bucket(buckets: list[tuple[float, float]]) -> float | None:
+    """Upper bound of the highest bucket that gained an observation (the largest finite bound for +Inf)."""
+    finite = [le for le, _ in buckets if not math.isinf(le)]
+    below = 0.0
+    top = None
+    for le, count in buckets:
+        if count > below:
+            top = le if not math.isinf(le) else finite[-1]
+        below = count
+    return top
+
+
+def disk_usage(directory: str) -> tuple[int, int]:
+    """(bytes of every file under `directory`, bytes of its checkpoint file), files vanishing meanwhile skipped."""
+    total = checkpoint = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                size = os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                continue
+            total += size
+            if name == "checkpoint" and root == directory:
+                checkpoint = size
+    return total, checkpoint
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+class Sampler:
+    """One row of COLUMNS every `sample_s`, from /proc, the data directory, `/metrics` and the counters."""
+
+    def __init__(self, broker: SoakBroker, counters: Counters) -> None:
+        self.broker = broker
+        self.counters = counters
+        self.rows: list[dict] = []
+        self.start = time.monotonic()
+        self._last: tuple[float, int, int, float] = (self.start, 0, 0, broker.cpu_seconds())
+        self._histograms: dict[str, list] = {}
+        self.last: Scrape | None = None
+
+    async def sample(self) -> dict:
+        if not self.broker.alive():
+            raise BenchError(f"the broker exited during the soak: {self.broker.last_words()}")
+        now, c = time.monotonic(), self.counters
+        rss, cpu = self.broker.rss_mb(), self.broker.cpu_seconds()
+        (disk, checkpoint), text = await asyncio.gather(
+            asyncio.to_thread(disk_usage, self.broker.data_dir),
+            asyncio.to_thread(fetch, self.broker.http_url + "/metrics"),
+        )
+        scrape = self.last = parse_metrics(text)
+        then, published, acked, cpu_then = self._last
+        dt = max(now - then, 1e-9)
+        self._last = (now, c.published, c.acked, cpu)
+        depth = [scrape.queues.get(f"chute_queue_messages_{k}", {}) for k in ("ready", "in_flight", "delayed")]
+        fsync = self._interval("chute_fsync_duration_seconds", scrape)
+        lag = self._interval("chute_event_loop_lag_seconds", scrape)
+        row = {
+            "t_s": round(now - self.start, 3), "published": c.published, "acked": c.acked,
+            "publish_rate": (c.published - published) / dt, "ack_rate": (c.acked - acked) / dt,
+            "backlog": int(sum(sum(d.values()) for d in depth)),
+            "backlog_bytes": int(sum(scrape.queues.get("chute_queue_messages_bytes", {}).values())),
+            "slow_backlog": int(sum(d.get("soak-slow", 0) for d in depth)),
+            "rss_mb": rss, "broker_cpu_pct": (cpu - cpu_then) / dt * 100, "disk_bytes": disk,
+            "log_bytes": int(scrape.gauges.get("chute_log_bytes", 0)), "checkpoint_bytes": checkpoint,
+            "segments": int(scrape.gauges.get("chute_log_segments", 0)),
+            "fsyncs": int(fsync[-1][1]) if fsync else 0,
+            "fsync_p50_ms": ms(quantile(fsync, 0.5)), "fsync_p99_ms": ms(quantile(fsync, 0.99)),
+            "fsync_max_ms": ms(highest_bucket(fsync)),
+            "loop_lag_p99_ms": ms(quantile(lag, 0.99)), "loop_lag_max_ms": ms(highest_bucket(lag)),
+            "errors": c.errors,
+        }  # fmt: skip
+        self.rows.append(row)
+        return row
+
+    def _interval(self, name: str, scrape: Scrape) -> list[tuple[float, float]]:
+        buckets = scrape.histograms.get(name)
+        if buckets is None:
+            return []
+        deltas = bucket_deltas(buckets, self._histograms.get(name))
+        self._histograms[name] = buckets
+        return deltas
+
+    def queue_totals(self) -> dict[str, dict[str, int]]:
+        """Per queue, the broker's own counters at the last sample (published, acked, nacked, dead-lettered)."""
+        kinds = ("published", "acked", "nacked", "dead_lettered")
+        series = {kind: self.last.queues.get(f"chute_queue_messages_{kind}_total", {}) for kind in kinds}
+        names = sorted({queue for values in series.values() for queue in values})
+        return {queue: {kind: int(series[kind].get(queue, 0)) for kind in kinds} for queue in names}
+
+    @property
+    def lag_exported(self) -> bool:
+        return "chute_event_loop_lag_seconds" in self._histograms
+
+
+# -- the workload ----------------------------------------------------------------------------------------------
+
+
+class Pacer:
+    """Lets through at most `rate_at(t)` events per second (t: seconds since start), in bursts of `burst`."""
+
+    def __init__(self, rate_at: Callable[[float], float], burst: float) -> None:
+        self.rate_at = rate_at
+        self.burst = burst
+        self.start = self.last = time.monotonic()
+        self.tokens = 0.0
+
+    async def take(self) -> None:
+        while True:
+            now = time.monotonic()
+            rate = self.rate_at(now - self.start)
+            self.tokens = min(self.burst, self.tokens + rate * (now - self.last))
+            self.last = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await asyncio.sleep(max(0.005, (1 - self.tokens) / max(rate, 1e-3)))
+
+
+def slow_rate(o: Options) -> Callable[[float], float]:
+    """The slow consumer's pace: half the lane's publish rate, then one and a half times, `slow_phase_s` each."""
+    publish = o.rate * LANES["slow"]
+    return lambda t: publish * (0.5 if int(t / o.slow_phase_s) % 2 == 0 else 1.5)
+
+
+async def create_layout(admin: AsyncClient, o: Options) -> list[str]:
+    """Create the queues, the topic and its subscriptions; return the queues to consume."""
+    for name in ("soak-p2p", "soak-nack", "soak-delayed", "soak-slow", "soak-ttl-dlq"):
+        await admin.create_queue(name, lease_s=60)
+    await admin.create_queue("soak-dedup", lease_s=60, dedup_window_s=o.dedup_window_s)
+    await admin.create_queue("soak-ttl", lease_s=60, retention_s=o.ttl_s, dead_letter_queue="soak-ttl-dlq")
+    await admin.create_topic("soak-topic")
+    subscribed = [f"soak-sub-{i}" for i in range(SUBSCRIPTIONS)]
+    for name in subscribed:
+        await admin.create_queue(name, lease_s=60)
+        await admin.subscribe("soak-topic", ">", name)
+    return ["soak-p2p", "soak-nack", *subscribed, "soak-dedup", "soak-delayed", "soak-ttl", "soak-ttl-dlq",
+            "soak-slow"]  # fmt: skip
+
+
+class Producer:
+    """Publishes every lane's share of `rate` from one connection, at most `window` unconfirmed."""
+
+    def __init__(self, client: AsyncClient, o: Options, counters: Counters, rng: random.Random) -> None:
+        self.client, self.o, self.counters, self.rng = client, o, counters, rng
+        self.body = b"x" * o.size
+        self.recent_ids: list[str] = []
+        self._room = asyncio.Event()
+
+    async def run(self, deadline: float) -> None:
+        o, c = self.o, self.counters
+        credit = dict.fromkeys(LANES, 0.0)
+        last = time.monotonic()
+        while c.sent < o.messages and last < deadline:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for lane, share in LANES.items():
+                rate = o.rate * share
+                credit[lane] = min(rate * MAX_CATCH_UP_S, credit[lane] + rate * (now - last))
+                due = min(int(credit[lane]), o.messages - c.sent)
+                credit[lane] -= due
+                for _ in range(due):
+                    self.publish(lane)
+            last = now
+            while c.sent - c.published - c.errors > o.window and time.monotonic() < deadline:
+                self._room.clear()
+                await asyncio.wait_for(self._room.wait(), timeout=1.0)
+        await asyncio.wait_for(self.client.flush(), timeout=max(1.0, deadline + STOP_GRACE_S - time.monotonic()))
+
+    def publish(self, lane: str) -> None:
+        options: dict = {}
+        dest = f"soak-{lane}"
+        if lane == "topic":
+            dest = "soak-topic"
+        elif lane == "dedup":
+            options["dedup_id"] = self.dedup_id()
+        elif lane == "delayed":
+            options["delay_s"] = self.rng.uniform(0.5, self.o.max_delay_s)
+        self.counters.sent += 1
+        self.client.publish_nowait(dest, self.body, **options).add_done_callback(self._confirmed)
+
+    def dedup_id(self) -> str:
+        recent = self.recent_ids
+        if recent and self.rng.random() < self.o.dedup_repeat_share:
+            self.counters.dedup_repeats += 1
+            return self.rng.choice(recent)
+        fresh = f"d{self.counters.sent}"
+        if len(recent) < 1000:
+            recent.append(fresh)
+        else:
+            recent[self.counters.sent % 1000] = fresh
+        return fresh
+
+    def _confirmed(self, future: asyncio.Future) -> None:
+        if future.cancelled():
+            self.counters.error(ChuteError("publish cancelled"))
+        elif future.exception() is not None:
+            self.counters.error(future.exception())
+        else:
+            self.counters.published += 1
+        self._room.set()
+
+
+class Consumer:
+    """Consumes one queue (optionally paced), acks in batches every ACK_INTERVAL_S; on the nack lane, nacks a
+    share of first deliveries with a delay."""
+
+    def __init__(self, client: AsyncClient, queue: str, o: Options, counters: Counters, rng: random.Random,
+                 pacer: Pacer | None = None) -> None:  # fmt: skip
+        self.client, self.queue, self.o, self.counters, self.rng, self.pacer = client, queue, o, counters, rng, pacer
+        self.nack_share = o.nack_share if queue == "soak-nack" else 0.0
+        self.acks: list = []
+        self.nacks: list = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = await self.client.consume(self.queue, prefetch=50 if self.pacer else self.o.prefetch)
+        settling = asyncio.get_running_loop().create_task(self._settle_until(stop))
+        try:
+            while not stop.is_set():
+                delivery = await consumer.get(timeout=0.1)
+                if delivery is None:
+                    continue
+                if delivery.delivery_count == 1 and self.rng.random() < self.nack_share:
+                    self.nacks.append(delivery)
+                else:
+                    self.acks.append(delivery)
+                if self.pacer is not None:
+                    await self.pacer.take()
+        finally:
+            await settling
+            await consumer.close()
+
+    async def _settle_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(ACK_INTERVAL_S)
+            await self._settle()
+        await self._settle()
+
+    async def _settle(self) -> None:
+        acks, self.acks, nacks, self.nacks = self.acks, [], self.nacks, []
+        try:
+            if acks:
+                await self.client.ack(acks)
+                self.counters.acked += len(acks)
+            if nacks:
+                await self.client.nack(nacks, delay_s=self.o.nack_delay_s)
+                self.counters.nacked += len(nacks)
+        except ChuteError as exc:
+            self.counters.error(exc)
+
+
+async def soak(o: Options, broker: SoakBroker, say: Callable[[str], None]) -> tuple[Sampler, Counters, float]:
+    """Run the workload against `broker` until `o.messages` are sent or `o.seconds` pass; return the sampler,
+    the counters and the elapsed seconds."""
+    counters, rng = Counters(), random.Random(12)
+    producer = AsyncClient(broker.url, timeout=60, reconnect=False, name="soak-producer")
+    clients = [producer]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        await producer.connect()
+        queues = await create_layout(producer, o)
+        clients += [AsyncClient(broker.url, timeout=60, reconnect=False, name=f"soak-{queue}") for queue in queues]
+        await asyncio.gather(*(client.connect() for client in clients[1:]))
+        pacers = {"soak-slow": Pacer(slow_rate(o), burst=50),
+                  "soak-ttl": Pacer(lambda t: o.rate * LANES["ttl"] * o.ttl_consume_share, burst=50)}  # fmt: skip
+        consumers = [loop.create_task(Consumer(client, queue, o, counters, rng, pacers.get(queue)).run(stop))
+                     for client, queue in zip(clients[1:], queues, strict=True)]  # fmt: skip
+        sampler = Sampler(broker, counters)
+        await sampler.sample()
+        start = time.monotonic()
+        deadline = start + o.seconds
+        producing = loop.create_task(Producer(producer, o, counters, rng).run(deadline))
+        try:
+            await sample_until(sampler, o, producing, say)
+        finally:
+            stop.set()
+            producing.cancel()
+            await asyncio.wait_for(asyncio.gather(*consumers, return_exceptions=True), timeout=STOP_GRACE_S)
+        elapsed = time.monotonic() - start
+        await sampler.sample()
+        return sampler, counters, elapsed
+    finally:
+        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+
+
+async def sample_until(sampler: Sampler, o: Options, producing: asyncio.Task, say: Callable[[str], None]) -> None:
+    """Sample every `sample_s` while the producer runs; report progress every `progress_s`."""
+    next_sample = next_progress = time.monotonic()
+    while not producing.done():
+        next_sample += o.sample_s
+        await asyncio.wait({producing}, timeout=max(0.0, next_sample - time.monotonic()))
+        if producing.done():
+            break
+        row = await sampler.sample()
+        if time.monotonic() >= next_progress:
+            next_progress += o.progress_s
+            say(
+                f"t={row['t_s']:.0f}s published {row['published']:,} acked {row['acked']:,} "
+                f"backlog {row['backlog']:,} RSS {row['rss_mb']:.1f} MB disk {row['disk_bytes'] / 2**20:.1f} MiB"
+            )
+    producing.result()  # raises what stopped the producer
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+
+
+def run(o: Options, say: Callable[[str], None] = print) -> dict:
+    """Start a broker, soak it, stop it; write the CSV, JSON and PNG; return the report (also in the JSON)."""
+    broker = SoakBroker(fsync=o.fsync, parent=o.data_parent).start()
+    say(f"broker pid {broker.pid} at {broker.url}, data in {broker.data_dir}, fsync {o.fsync}")
+    try:
+        sampler, counters, elapsed = run_loop(soak(o, broker, say))
+        lag_exported = sampler.lag_exported
+    finally:
+        code = broker.stop()
+    if code not in (0, None):
+        say(f"warning: the broker exited with status {code}")
+    summary = report.summarize(sampler.rows, asdict(counters), elapsed, o.warmup_fraction, SEGMENT_BYTES,
+                               FEW_SEGMENTS, RSS_SPREAD_TARGET, lag_exported)  # fmt: skip
+    result = {"options": asdict(o), "machine": report.machine(), "counters": asdict(counters), "summary": summary,
+              "queues": sampler.queue_totals()}  # fmt: skip
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(o.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / f"soak-{stamp}.csv", "json": out / f"soak-{stamp}.json",
+             "png": Path(o.png) if o.png else out / f"soak-{stamp}.png"}  # fmt: skip
+    result["files"] = {kind: str(path) for kind, path in paths.items()}
+    report.write_csv(paths["csv"], sampler.rows, COLUMNS)
+    report.write_json(paths["json"], result)
+    cpu = result["machine"]
+    title = (
+        f"Chute soak: {counters.published:,} messages in {elapsed:.0f} s at {o.rate:g} msg/s, fsync {o.fsync} "
+        f"({cpu['nproc']} cores, {cpu['cpu'] or 'unknown CPU'})"
+    )
+    paths["png"].parent.mkdir(parents=True, exist_ok=True)
+    report.draw(paths["png"], sampler.rows, summary, title, SEGMENT_BYTES)
+    for line in report.describe(summary, asdict(counters), result["queues"], FEW_SEGMENTS, RSS_SPREAD_TARGET):
+        say(line)
+    say("wrote " + ", ".join(str(path) for path in paths.values()))
+    return result
+
+
+def run_loop(coro):
+    """Run `coro` on a fresh loop (uvloop when installed, as `chute serve` and the client's users would)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    d = Options()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--messages", type=int, default=d.messages, help="stop after publishing this many (default %(default)s)")
+    add("--seconds", type=float, default=d.seconds, help="stop after this long (default %(default)s)")
+    add("--rate", type=float, default=d.rate, help="msg/s published over all lanes (default %(default)s)")
+    add("--size", type=int, default=d.size, help="body bytes (default %(default)s)")
+    add("--sample-s", type=float, default=d.sample_s, help="sampling period (default %(default)s)")
+    add("--warmup-fraction", type=float, default=d.warmup_fraction, help="share of the run left out of the RSS "
+        "and disk targets (default %(default)s)")  # fmt: skip
+    add("--fsync", choices=["always", "interval", "never"], default=d.fsync)
+    add("--nack-share", type=float, default=d.nack_share)
+    add("--nack-delay-s", type=float, default=d.nack_delay_s)
+    add("--dedup-repeat-share", type=float, default=d.dedup_repeat_share)
+    add("--dedup-window-s", type=float, default=d.dedup_window_s)
+    add("--max-delay-s", type=float, default=d.max_delay_s)
+    add("--ttl-s", type=float, default=d.ttl_s)
+    add("--ttl-consume-share", type=float, default=d.ttl_consume_share)
+    add("--slow-phase-s", type=float, default=d.slow_phase_s, help="length of each phase of the slow consumer")
+    add("--window", type=int, default=d.window, help="most unconfirmed publishes (default %(default)s)")
+    add("--data-parent", default=d.data_parent, help="directory for the temporary data directory")
+    add("--out-dir", default=d.out_dir, help="CSV, JSON (and PNG) go here (default %(default)s)")
+    add("--png", default=d.png, help="where the PNG goes (default: in --out-dir)")
+    add("--progress-s", type=float, default=d.progress_s, help="progress line period (default %(default)s)")
+    args = p.parse_args(argv)
+    if args.messages < 1 or args.seconds <= 0 or args.rate <= 0 or args.sample_s <= 0 or args.slow_phase_s <= 0:
+        p.error("--messages, --seconds, --rate, --sample-s and --slow-phase-s must be positive")
+    return Options(**vars(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    try:
+        result = run(options, say=lambda text: print(text, flush=True))
+    except (BenchError, ChuteError, OSError) as exc:
+        print(f"soak failed: {exc}", file=sys.stderr)
+        return 1
+    return 1 if result["counters"]["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
