@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import queue as queue_mod
@@ -386,7 +387,8 @@ class Producer:
             last = now
             while c.sent - c.published - c.errors > o.window and time.monotonic() < deadline:
                 self._room.clear()
-                await asyncio.wait_for(self._room.wait(), timeout=1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), timeout=1.0)
         await asyncio.wait_for(self.client.flush(), timeout=max(1.0, deadline + STOP_GRACE_S - time.monotonic()))
 
     def publish(self, lane: str) -> None:
