@@ -1,0 +1,170 @@
+"""Chute in `python -m benchmarks.peers`: `chute serve --fsync always` in a subprocess (chute.bench's
+`BrokerProcess`), measured by chute.bench's own workloads (`Bench.w_p2p`, `w_latency`, `w_fanout`) with the same
+options the peers get, and a backlog filled with chute.bench's `publish_all`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue as queue_mod
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from benchmarks._peer_common import START_TIMEOUT_S, STOP_TIMEOUT_S, Opts, PeerError, bounded, run_async
+from chute.bench import LISTENING_RE, Bench, BenchError, BrokerProcess, Options, body_of, publish_all
+from chute.client import AsyncClient
+
+NAME = "chute"
+BINARY = ""
+QUEUE = "backlog"
+
+
+def version() -> str:
+    from importlib.metadata import version as dist_version
+
+    return f"chute {dist_version('chute')} (this work tree), fsync always"
+
+
+def client_version() -> str:
+    return "chute.AsyncClient"
+
+
+@dataclass
+class Server(BrokerProcess):
+    """chute.bench's BrokerProcess (`chute serve --fsync always`, a fresh data directory), which can also restart
+    on the same data directory and report how long that took."""
+
+    announce: Callable[[str], None] = field(default=lambda text: None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.fsync = "always"
+
+    def start(self, timeout_s: float = START_TIMEOUT_S, check: Callable[[], Awaitable[None]] | None = None) -> float:
+        started = time.perf_counter()
+        if not self.data_dir:
+            BrokerProcess.start(self, timeout_s)
+        else:
+            self._respawn(timeout_s)
+        self.announce(f"started chute serve (pid {self.pid}) at {self.url}, data in {self.data_dir}")
+        if check is not None:
+            try:
+                run_async(self._checked(check, timeout_s))
+            except BaseException:
+                self.stop()
+                raise
+        return time.perf_counter() - started
+
+    async def _checked(self, check: Callable[[], Awaitable[None]], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(check(), 5.0)
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise PeerError(f"chute did not serve its backlog within {timeout_s:g} s ({exc!r})") from None
+            await asyncio.sleep(0.01)
+
+    def _respawn(self, timeout_s: float) -> None:
+        """BrokerProcess.start on the data directory it already has (start always makes a fresh one)."""
+        command = [sys.executable, "-m", "chute.cli", "serve", "--data-dir", self.data_dir, "--port", "0",
+                   "--http-port", "-1", "--fsync", self.fsync, "--log-level", "info"]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, errors="replace")  # fmt: skip
+        lines: queue_mod.Queue[str | None] = queue_mod.Queue()
+        threading.Thread(target=self._drain, args=(lines,), name="chute-peers-broker-stderr", daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_mod.Empty:
+                self.stop()
+                raise PeerError(f"chute did not start listening within {timeout_s:g} s") from None
+            if line is None:
+                self.stop()
+                last = self._tail[-1].strip() if self._tail else "no output"
+                raise PeerError(f"chute exited before listening: {last}")
+            found = LISTENING_RE.search(line)
+            if found:
+                self.url = found.group(1)
+                return
+
+    def _drain(self, lines: queue_mod.Queue) -> None:
+        stream = self.process.stderr  # this process's pipe, closed once drained (a restart makes a new one)
+        try:
+            BrokerProcess._drain(self, lines)
+        finally:
+            stream.close()
+
+    def halt(self, kill: bool = False, timeout_s: float = STOP_TIMEOUT_S) -> float:
+        """SIGTERM (or SIGKILL) and wait for the exit, keeping the data; return the seconds it took."""
+        started = time.perf_counter()
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return time.perf_counter() - started
+
+    def restart(self, kill: bool, check: Callable[[], Awaitable[None]]) -> tuple[float, float]:
+        """(seconds to stop, seconds until it serves again and `check` passes)."""
+        stopped = self.halt(kill)
+        return stopped, self.start(check=check)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        return BrokerProcess.stop(self, timeout_s)
+
+
+def options(opts: Opts, workload: str) -> Options:
+    return Options(workloads=[workload], messages=opts.messages, size=opts.size, rate=opts.rate,
+                   duration=opts.duration, subscriptions=opts.subscriptions, fsync="always", window=opts.window,
+                   prefetch=opts.prefetch, ack_batch=opts.batch, acks_in_flight=opts.in_flight,
+                   max_lag=opts.max_lag, timeout_s=60.0)  # fmt: skip
+
+
+async def _bench(server: Server, opts: Opts, workload: str) -> dict[str, float]:
+    bench = Bench(server.url, options(opts, workload), server)
+    try:
+        rows = await bounded(bench.run(workload), opts.timeout_s * 2, workload)
+    except BenchError as exc:
+        raise PeerError(str(exc)) from None
+    return {("server CPU" if row.metric == "broker CPU" else row.metric): row.value for row in rows}
+
+
+async def p2p(server: Server, opts: Opts) -> dict[str, float]:
+    return await _bench(server, opts, "p2p")
+
+
+async def latency(server: Server, opts: Opts) -> dict[str, float]:
+    return await _bench(server, opts, "latency")
+
+
+async def fanout(server: Server, opts: Opts) -> dict[str, float]:
+    return await _bench(server, opts, "fanout")
+
+
+def _client(server: Server) -> AsyncClient:
+    return AsyncClient(server.url, timeout=60.0, reconnect=False, name="chute-peers")
+
+
+async def fill(server: Server, count: int, opts: Opts) -> None:
+    """Publish `count` messages to the backlog queue (nobody consumes it)."""
+    async with _client(server) as client:
+        await client.create_queue(QUEUE, lease_s=300)  # idempotent with the same settings
+        await bounded(publish_all(client, lambda i: QUEUE, count, body_of(opts.size), opts.window),
+                      opts.timeout_s * 10, "backlog")  # fmt: skip
+
+
+async def verify(server: Server, count: int) -> None:
+    async with _client(server) as client:
+        stats = await client.queue_stats(QUEUE)
+    if stats.ready != count:
+        raise PeerError(f"the backlog queue holds {stats.ready} of {count} messages")
