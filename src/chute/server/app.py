@@ -31,6 +31,7 @@ from chute.protocol import messages as m
 from chute.protocol.frames import Op
 from chute.server.auth import Authenticator
 from chute.server.config import ServerConfig
+from chute.server.looplag import LoopLagMonitor
 from chute.server.session import Session
 
 log = logging.getLogger("chute.server")
@@ -64,6 +65,7 @@ class Server:
         self.publish_bytes = 0
         self._memory_paused = False
         self.backpressure_pauses = 0  # times the memory high-water mark paused publishers (for tests, metrics)
+        self.loop_lag = LoopLagMonitor()  # how late the event loop runs what is due (/metrics)
         self._tcp: asyncio.base_events.Server | None = None
         self._http_runner = None
         self.port: int | None = None
@@ -88,6 +90,7 @@ class Server:
         if self.config.tls:
             self.ssl = server_tls_context(self.config.tls_cert, self.config.tls_key)
         self.state = "recovering"
+        self.loop_lag.start()
         if self.config.http_port is not None:
             from aiohttp import web
 
@@ -114,6 +117,7 @@ class Server:
             await self._close_http()
             with contextlib.suppress(Exception):
                 await self.broker.close()
+            self.loop_lag.stop()
             self.state = "stopped"
             raise
         for sock in self._tcp.sockets:
@@ -238,6 +242,7 @@ class Server:
                 async with asyncio.timeout(2.0):
                     await self._tcp.wait_closed()
         await self._close_http()
+        self.loop_lag.stop()
         self.state = "stopped"
         self._stopped.set()
         log.info("stopped")

@@ -45,6 +45,7 @@ from prometheus_client.utils import floatToGoString
 
 from chute.errors import Unauthenticated
 from chute.server import auth
+from chute.server.looplag import LoopLagMonitor
 from chute.storage.api import FSYNC_BUCKETS_S
 
 if TYPE_CHECKING:
@@ -176,6 +177,7 @@ class BrokerCollector(Collector):
         yield _gauge("chute_healthy", "1 while serving with a writable store (as /healthz), else 0.", int(healthy))
         if not self.readable():
             return
+        yield from _loop_lag(server.loop_lag)
         yield _gauge("chute_connections", "Open native-protocol connections.", len(server.sessions))
         consumers = sum(len(session.consumers) for session in server.sessions)
         yield _gauge("chute_consumers", "Push consumers on native connections (on every queue, ephemeral "
@@ -243,6 +245,14 @@ def _fsync_histogram(counts: list[int], seconds: float) -> Metric:
     return HistogramMetricFamily("chute_fsync_duration_seconds", "Time of each group-commit fsync of the log "
                                  "(its segment files and, for new files, the directory), measured in the "
                                  "store's writer thread.", buckets=buckets, sum_value=seconds)  # fmt: skip
+
+
+def _loop_lag(monitor: LoopLagMonitor) -> Iterator[Metric]:
+    yield HistogramMetricFamily("chute_event_loop_lag_seconds", "How late the event loop ran a timer due every "
+                                f"{monitor.interval_s:g} s: the stalls every client felt.",
+                                buckets=monitor.cumulative(), sum_value=monitor.sum_s)  # fmt: skip
+    yield _gauge("chute_event_loop_lag_max_seconds", "Largest event-loop lag measured since the server started.",
+                 monitor.max_s)  # fmt: skip
 
 
 def _gauge(name: str, text: str, value: float) -> Metric:

@@ -1,0 +1,75 @@
+"""chute_event_loop_lag_seconds: a loop held for 50 ms shows in the right bucket of a real /metrics scrape; an idle
+loop's ticks stay in the smallest buckets; the monitor stops with the server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from chute.server.looplag import LAG_BUCKETS_S, LoopLagMonitor
+from chute.testing import serving
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def lag_samples(server) -> dict[str, float]:
+    """The histogram's samples by bucket bound (`count`, `sum`, `max` too), from a real GET /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(f"{server.http_url}/metrics") as response:
+        text = await response.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {}
+    for sample in families["chute_event_loop_lag_seconds"].samples:
+        key = sample.labels.get("le") or sample.name.rsplit("_", 1)[1]
+        samples[key] = sample.value
+    samples["max"] = families["chute_event_loop_lag_max_seconds"].samples[0].value
+    assert families["chute_event_loop_lag_seconds"].type == "histogram"
+    return samples
+
+
+async def test_a_held_loop_is_counted_in_its_bucket() -> None:
+    async with serving() as server:
+        monitor = server.server.loop_lag
+        monitor.stop()
+        monitor.interval_s = 0.001  # a tick due within a millisecond of the hold's start: its lag ~ the hold
+        monitor.start()
+        await asyncio.sleep(0.05)
+        before = await lag_samples(server)
+        await asyncio.sleep(0)
+        time.sleep(0.05)  # the stall: the loop is held for 50 ms
+        await asyncio.sleep(0.01)
+        after = await lag_samples(server)
+        new = {bound: after[bound] - before[bound] for bound in ("0.025", "0.05", "0.1", "+Inf")}
+        assert new["+Inf"] - new["0.025"] >= 1, (before, after)  # one tick was 25 ms late or more ...
+        assert new["+Inf"] - new["0.1"] == 0, (before, after)  # ... and none over 100 ms (scheduling noise aside)
+        assert 0.045 <= after["max"] <= 0.1
+        assert after["count"] == after["+Inf"] and after["sum"] >= 0.045
+
+
+async def test_an_idle_loop_shows_no_stall_and_the_monitor_stops_with_the_server() -> None:
+    async with serving() as server:
+        monitor = server.server.loop_lag
+        assert monitor.running and monitor.interval_s == 0.1
+        monitor.stop()
+        monitor.interval_s = 0.005
+        monitor.start()
+        await asyncio.sleep(0.2)
+        samples = await lag_samples(server)
+        assert samples["count"] >= 10
+        assert samples["0.025"] >= samples["count"] - 2  # an idle loop: no tick more than 25 ms late, bar noise
+    assert not monitor.running
+
+
+def test_observations_land_in_the_first_bucket_at_or_above_them() -> None:
+    monitor = LoopLagMonitor()
+    for lag in (-0.001, 0.0005, 0.003, 0.05, 2.0):
+        monitor.observe(lag)
+    cumulative = dict(monitor.cumulative())
+    assert list(cumulative) == [*map(str, LAG_BUCKETS_S), "+Inf"]
+    assert cumulative["0.0005"] == 2  # a negative lag (a timer run early) counts as 0
+    assert cumulative["0.005"] == 3 and cumulative["0.025"] == 3 and cumulative["0.05"] == 4
+    assert cumulative["1.0"] == 4 and cumulative["+Inf"] == 5
+    assert monitor.max_s == 2.0 and monitor.count == 5
