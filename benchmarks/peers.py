@@ -5,7 +5,7 @@ every figure is also a ratio measured on the same machine at the same time.
     pip install -e '.[bench]'                           # redis, nats-py (hiredis optional: faster redis-py)
     python -m benchmarks.peers [--workload p2p --workload latency ...] [--peers redis,nats] [--messages N]
                                [--size 256] [--repeat K] [--rate 2000] [--duration 10]
-                               [--backlog 100000,1000000] [--no-install] [--json]
+                               [--backlog 100000,1000000] [--no-install] [--json] [--save FILE]
 
 Servers, each a subprocess on 127.0.0.1 and a free port with its data in a fresh temporary directory, deleted
 afterwards; every workload gets fresh servers, so one workload's leftovers never show in the next one's figures:
@@ -298,6 +298,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, help="bound on each wait of a workload, s")
     parser.add_argument("--no-install", action="store_true", help="never run apt-get: skip missing peers")
     parser.add_argument("--json", action="store_true", help="print everything as JSON instead of the table")
+    parser.add_argument("--save", metavar="FILE", help="also write everything as JSON to FILE")
     args = parser.parse_args(argv)
     args.peer_list = [p for p in (s.strip() for s in args.peers.split(",")) if p]
     unknown = [p for p in args.peer_list if p not in PEERS]
@@ -332,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
               "options": {**asdict(opts), "workloads": workloads, "repeat": args.repeat}, "summary": summary,
               "runs": [asdict(run) for run in runs], "errors": errors,
               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(report, f, indent=2, default=list)
     if args.json:
         print(json.dumps(report, indent=2, default=list))
     else:
