@@ -379,12 +379,23 @@ class Broker(ManagementApi):
         self._checkpoint_time = time.monotonic()
         await self.store.checkpoint(self.core.snapshot())
         _return_freed_memory()  # the snapshot was a large transient buffer
-        refs = self.core.compaction_candidates(self.store.sparse_segments())
-        for start in range(0, len(refs), COMPACT_READ_BATCH):
+        await self._compact()
+
+    async def _compact(self) -> None:
+        """Move the live records of sparse files forward, a slice at a time: the search yields to the loop every
+        few thousand entries and each move is one batch of reads and one append."""
+        scan = self.core.compaction_scan(self.store.sparse_segments())
+        while not scan.step():
+            await asyncio.sleep(0)
             if self._state != "serving":
                 return
+        refs = scan.refs()
+        for start in range(0, len(refs), COMPACT_READ_BATCH):
             batch = refs[start : start + COMPACT_READ_BATCH]
-            self._run(self.core.relocate, list(zip(batch, await self.store.read(batch), strict=True)))
+            payloads = await self.store.read(batch)
+            if self._state != "serving":
+                return
+            self._run(self.core.relocate, list(zip(batch, payloads, strict=True)), scan)
 
     def _queue_deleted(self, queue) -> None:
         self._queue_deleted_or_closed(queue.name)

@@ -350,3 +350,17 @@ class Queue:
         heads = {e.group for e in self.in_flight.values() if e.group is not None}
         self.groups = {g: deque() for g in heads} if self.settings.fifo else {}
         return removed
+
+    def entry_lists(self) -> list[list[Entry]]:
+        """Every structure that holds entries, each copied as a plain list at C speed (so ~1 ms per 100,000
+        entries): for walks done in slices between which the queue changes (compaction's scan). No order; may
+        include entries already GONE (lazily removed), and an entry may appear twice (a stale heap item)."""
+        lists = []
+        for level in self.levels.values():
+            lists.append(list(level.fresh))
+            if level.returned:
+                lists.append([item[2] for item in level.returned])
+        lists.extend(list(waiting) for waiting in self.groups.values() if waiting)
+        lists.append(list(self.delayed))
+        lists.append(list(self.in_flight.values()))
+        return lists

@@ -4,9 +4,10 @@ Replay applies each record exactly as the live operation changed the state, reus
 `place`; while replaying, `index` maps (queue id -> message id -> entry) so acks and moves find their entries.
 After replay every live ref is tracked again in the store (live counts are not persisted).
 
-Compaction: `compaction_candidates(pred)` groups the live holders of each record the store wants to move;
-`relocate(old_ref, payload)` appends the payload again as a COPY record and points every holder at the new ref.
-A COPY replays as "these holders now live at this ref", so the old file can go once a checkpoint covers it.
+Compaction: `compaction_scan(pred)` finds, in steps (core/compaction.py), the live holders of each record the
+store wants to move; `relocate(moves, scan)` appends each payload again as a COPY record and points the holders
+still at the old ref to the new one. A COPY replays as "every holder of this message now lives at this ref", so
+the old file can go once a checkpoint covers it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import msgspec
 
 from chute.core import records as rec
 from chute.core import snapshot as snap
-from chute.core.queue import Entry, Queue
+from chute.core.compaction import CompactionScan
+from chute.core.queue import GONE, Entry, Queue
 from chute.core.state import BrokerState
 from chute.errors import StorageCorrupt
 
@@ -244,39 +246,38 @@ class RecoveryOps(BrokerState):
 
     # -- compaction -------------------------------------------------------------------------------------------
 
-    def compaction_candidates(self, in_sparse_file: Callable[[int], bool]) -> list[int]:
-        """Refs of live durable records that sit in files the store wants to reclaim."""
-        refs = set()
-        for queue in self.queues.values():
-            if not queue.ephemeral:
-                refs.update(e.ref for e in queue.entries() if in_sparse_file(e.ref))
-        for topic in self.topics.values():
-            refs.update(item[1] for item in topic.retained if in_sparse_file(item[1]))
-        return sorted(refs)
+    def compaction_scan(self, in_sparse_file: Callable[[int], bool]) -> CompactionScan:
+        """A search, to run in steps, for the live durable records that sit in files the store wants to reclaim."""
+        return CompactionScan(self, in_sparse_file)
 
-    def relocate(self, moves: list[tuple[int, bytes]]) -> None:
-        """Append each (old ref, payload) again as a COPY record and point every holder at the new ref."""
+    def relocate(self, moves: list[tuple[int, bytes]], scan: CompactionScan) -> None:
+        """Append each (old ref, payload) again as a COPY record and point the holders `scan` found, if still
+        live and still at the old ref, at the new ref. Costs what it moves, not what is stored."""
         if not moves:
             return
         new_refs, _ = self.store.append([(rec.COPY, payload) for _, payload in moves])
-        mapping = {old: new for (old, _), new in zip(moves, new_refs, strict=True)}
-        for queue in self.queues.values():
-            if queue.ephemeral:
-                continue
-            for entry in queue.entries():
-                new = mapping.get(entry.ref)
-                if new is not None:
-                    self.store.track(new)
-                    self.store.release(entry.ref)
+        store = self.store
+        retained = {}
+        for (old, _), new in zip(moves, new_refs, strict=True):
+            for entry in scan.holders_of(old):
+                if entry.state != GONE and entry.ref == old:
+                    store.track(new)
+                    store.release(old)
                     entry.ref = new
+            if old in scan.retained_refs:
+                retained[old] = new
+        if retained:
+            self._relocate_retained(retained)
+
+    def _relocate_retained(self, mapping: dict[int, int]) -> None:
         for topic in self.topics.values():
-            retained = topic.retained
-            for i, (message_id, ref, size) in enumerate(retained):
+            items = topic.retained
+            for i, (message_id, ref, size) in enumerate(items):
                 new = mapping.get(ref)
                 if new is not None:
                     self.store.track(new)
                     self.store.release(ref)
-                    retained[i] = (message_id, new, size)
+                    items[i] = (message_id, new, size)
 
 
 class _Uncounted:
