@@ -3,6 +3,8 @@
     python -m benchmarks.soak                                  # 300,000 messages or 120 s, whichever ends first
     python -m benchmarks.soak --messages 20000000 --seconds 7200 --rate 5000 --png docs/soak.png
 
+Needs matplotlib for the PNG (`pip install -e '.[bench]'`). `--help` lists the knobs of every lane.
+
 All the lanes run at once, each publishing at its share of `--rate` (msg/s) from one producer connection, each
 queue consumed by its own connection:
 - `p2p`: one queue, acked;
@@ -12,8 +14,8 @@ queue consumed by its own connection:
 - `delayed`: publishes with a random `delay_s`;
 - `ttl`: a queue with a retention (TTL) whose consumer keeps up with only part of it, so messages expire into its
   dead-letter queue, which is consumed and acked too;
-- `slow`: a consumer that alternates phases at half and then one and a half times the publish rate, so its backlog
-  grows and then shrinks (a saw-tooth).
+- `slow`: a consumer that alternates phases at half and then twice the publish rate, so its backlog grows for a
+  phase and then shrinks back to nothing in half the next one (a saw-tooth).
 
 Every `--sample-s` it records the broker's RSS (VmRSS), the checkpoint file's size and the bytes of the data
 directory, fsync latency and event-loop lag (per-interval quantiles from the bucket deltas of the histograms on
@@ -341,9 +343,11 @@ class Pacer:
 
 
 def slow_rate(o: Options) -> Callable[[float], float]:
-    """The slow consumer's pace: half the lane's publish rate, then one and a half times, `slow_phase_s` each."""
+    """The slow consumer's pace: half the lane's publish rate, then twice it, `slow_phase_s` each. Twice, not one
+    and a half: a pace that drains exactly what the slow phase left would leave a little more every cycle (the
+    pacer's sleeps overshoot), and the backlog would creep up instead of going back to nothing."""
     publish = o.rate * LANES["slow"]
-    return lambda t: publish * (0.5 if int(t / o.slow_phase_s) % 2 == 0 else 1.5)
+    return lambda t: publish * (0.5 if int(t / o.slow_phase_s) % 2 == 0 else 2.0)
 
 
 async def create_layout(admin: AsyncClient, o: Options) -> list[str]:
@@ -533,6 +537,8 @@ def run(o: Options, say: Callable[[str], None] = print) -> dict:
     """Start a broker, soak it, stop it; write the CSV, JSON and PNG; return the report (also in the JSON)."""
     broker = SoakBroker(fsync=o.fsync, parent=o.data_parent).start()
     say(f"broker pid {broker.pid} at {broker.url}, data in {broker.data_dir}, fsync {o.fsync}")
+    version = source_version()
+    say(f"chute at {version['commit']}" + (" with uncommitted changes" if version["uncommitted_changes"] else ""))
     try:
         sampler, counters, elapsed = run_loop(soak(o, broker, say))
         lag_exported = sampler.lag_exported
@@ -542,7 +548,10 @@ def run(o: Options, say: Callable[[str], None] = print) -> dict:
         say(f"warning: the broker exited with status {code}")
     summary = report.summarize(sampler.rows, asdict(counters), elapsed, o.warmup_fraction, SEGMENT_BYTES,
                                FEW_SEGMENTS, RSS_SPREAD_TARGET, lag_exported)  # fmt: skip
-    result = {"options": asdict(o), "machine": report.machine(), "counters": asdict(counters), "summary": summary,
+    exact = sampler.last.gauges.get("chute_event_loop_lag_max_seconds") if sampler.last else None
+    summary["loop_lag_max_since_start_ms"] = ms(exact)
+    machine = {**report.machine(), **version}
+    result = {"options": asdict(o), "machine": machine, "counters": asdict(counters), "summary": summary,
               "queues": sampler.queue_totals()}  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(o.out_dir)
@@ -563,6 +572,21 @@ def run(o: Options, say: Callable[[str], None] = print) -> dict:
         say(line)
     say("wrote " + ", ".join(str(path) for path in paths.values()))
     return result
+
+
+def source_version() -> dict:
+    """The commit of the chute package the broker ran, and whether its source had uncommitted changes."""
+    import chute
+
+    source = Path(chute.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=source, capture_output=True,
+                                text=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=source, capture_output=True,
+                               text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "uncommitted_changes": None}
+    return {"commit": commit or None, "uncommitted_changes": bool(dirty) if commit else None}
 
 
 def run_loop(coro):

@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 MIB = 2**20
+STALL_MS = 10.0  # issue 12: nothing holds the event loop for more than ~10 ms
 
 
 def machine() -> dict:
@@ -77,6 +78,8 @@ def summarize(rows: list[dict], counters: dict, elapsed_s: float, warmup_fractio
         "loop_lag_exported": lag_exported,
         "loop_lag_p99_ms": {"median": statistics.median(lag_p99), "max": max(lag_p99)} if lag_p99 else None,
         "loop_lag_max_bucket_ms": max(lag_max, default=None),
+        "loop_lag_stalls": sum(bound > STALL_MS for bound in lag_max),
+        "intervals": len(rows) - 1,
     }
 
 
@@ -116,8 +119,11 @@ def describe(summary: dict, counters: dict, queues: dict, few_segments: int, rss
     if s["loop_lag_p99_ms"]:
         lines.append(
             f"event-loop lag p99 per interval: median {s['loop_lag_p99_ms']['median']:.2f} ms, worst "
-            f"{s['loop_lag_p99_ms']['max']:.2f} ms; max <= {s['loop_lag_max_bucket_ms']:g} ms (bucket)"
+            f"{s['loop_lag_p99_ms']['max']:.2f} ms; max <= {s['loop_lag_max_bucket_ms']:g} ms (bucket); "
+            f"{s['loop_lag_stalls']} of {s['intervals']} intervals saw a lag over {STALL_MS:g} ms"
         )
+        if s.get("loop_lag_max_since_start_ms") is not None:
+            lines.append(f"  largest lag since the broker started: {s['loop_lag_max_since_start_ms']:.1f} ms")
     elif not s["loop_lag_exported"]:
         lines.append("event-loop lag: not exported by this broker (no chute_event_loop_lag_seconds)")
     return lines
@@ -189,7 +195,7 @@ def draw(path: Path, rows: list[dict], summary: dict, title: str, segment_bytes:
     lag_ax.set_ylabel("ms")
 
     rate_ax.plot(t, col("publish_rate"), color="tab:blue", label="published (confirmed)")
-    rate_ax.plot(t, col("ack_rate"), color="tab:green", label="acked (confirmed)")
+    rate_ax.plot(t, col("ack_rate"), color="tab:green", label="acked deliveries (confirmed)")
     rate_ax.set_ylabel("msg/s")
     rate_ax.set_ylim(bottom=0)
     rate_ax.set_xlabel("seconds since the workload started")
