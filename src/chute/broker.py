@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from chute import _forked_snapshot as forked_snapshot
 from chute._management import ManagementApi
 from chute.consumer import Consumer
 from chute.core import records as rec
@@ -77,6 +78,7 @@ class Broker(ManagementApi):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._housekeeping: asyncio.Task | None = None
+        self._checkpointing = asyncio.Lock()
         self._written_at_checkpoint = 0
         self._checkpoint_time = 0.0
         self._state = "new"
@@ -374,12 +376,25 @@ class Broker(ManagementApi):
             self._housekeeping = asyncio.get_running_loop().create_task(self.checkpoint())
 
     async def checkpoint(self) -> None:
-        """Store a snapshot (recovery then replays only later records) and compact sparse log files."""
-        self._written_at_checkpoint = self.store.bytes_appended
-        self._checkpoint_time = time.monotonic()
-        await self.store.checkpoint(self.core.snapshot())
-        _return_freed_memory()  # the snapshot was a large transient buffer
-        await self._compact()
+        """Store a snapshot (recovery then replays only later records) and compact sparse log files. A large
+        state's snapshot is built in a forked process while the broker keeps serving (chute._forked_snapshot)."""
+        async with self._checkpointing:  # one at a time: the forked path wraps the store's append
+            self._written_at_checkpoint = self.store.bytes_appended
+            self._checkpoint_time = time.monotonic()
+            # compaction first: it moves what the previous checkpoint covers, its copies are covered by this one
+            # (their old files go now), and its walk over every entry is done before a fork, not while pages
+            # are shared with the child (the first write to each shared page copies it)
+            await self._compact()
+            if self._state != "serving":
+                return
+            snapshot = None
+            if forked_snapshot.worth_forking(self.core):
+                snapshot = await forked_snapshot.snapshot(self.core, self.store)
+            if snapshot is None:
+                snapshot = self.core.snapshot()
+            await self.store.checkpoint(snapshot)  # no await since the snapshot was made: it stands for this position
+            del snapshot
+            _return_freed_memory()  # the snapshot was a large transient buffer
 
     async def _compact(self) -> None:
         """Move the live records of sparse files forward, a slice at a time: the search yields to the loop every

@@ -364,3 +364,7 @@ class Queue:
         lists.append(list(self.delayed))
         lists.append(list(self.in_flight.values()))
         return lists
+
+    def newest_ref(self) -> int:
+        """The ref of the newest ready entry of any priority (0 if none): cheap, a bound for compaction's probe."""
+        return max((level.fresh[-1].ref for level in self.levels.values() if level.fresh), default=0)

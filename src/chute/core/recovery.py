@@ -12,6 +12,8 @@ the old file can go once a checkpoint covers it.
 
 from __future__ import annotations
 
+import itertools
+import zlib
 from collections.abc import Callable, Iterable
 
 import msgspec
@@ -71,14 +73,16 @@ class RecoveryOps(BrokerState):
         self.index = {}
         store, self.store = self.store, _Uncounted()  # live counts are rebuilt below, once
         try:
+            tail = []
             if snapshot is not None:
                 try:
-                    self._load(snap.decode(snapshot), now)
-                except _UNREADABLE as exc:
+                    image, tail = snap.decode(snapshot)
+                    self._load(image, now)
+                except (*_UNREADABLE, zlib.error) as exc:
                     raise StorageCorrupt(f"the checkpoint's snapshot cannot be read: {exc}") from None
             replayed = 0
             apply = self._replay_one
-            for ref, kind, payload in records:
+            for ref, kind, payload in itertools.chain(tail, records):  # a tail: records appended as it was made
                 try:
                     apply(ref, kind, payload, now)
                 except _UNREADABLE as exc:

@@ -9,19 +9,25 @@ reason), topics (settings, subscriptions, retained messages), dedup windows, the
 purpose: leases (after a restart nothing is in flight: leased entries are ready again, their delivery count
 kept), stats counters, ephemeral queues.
 
+A snapshot with a tail (`TAILED`, made by chute._forked_snapshot): the image of the state at an earlier log
+position P, compressed, plus the records appended between P and the checkpoint's position, in order, with their
+refs. Loading it means loading the image, then replaying the tail like records read from the log.
+
 Invariant: messages still being made durable (pending publishes) are included, because their records precede
 the checkpoint position; the checkpoint is stored only after the log is durable up to that position.
 """
 
 from __future__ import annotations
 
+import zlib
 from array import array
 
 import msgspec
 
 from chute.core.queue import DELAYED, GONE, Entry, Queue
 
-VERSION = 1
+VERSION = 1  # the image: the state as of the checkpoint's position
+TAILED = 2  # a compressed image of the state at an earlier position, plus the records appended since
 
 
 class EntryColumns(msgspec.Struct, array_like=True):
@@ -63,8 +69,16 @@ class Snapshot(msgspec.Struct, array_like=True):
     topics: list[TopicImage]
 
 
+class Tailed(msgspec.Struct, array_like=True):
+    version: int
+    image: bytes  # zlib-compressed `Snapshot` (VERSION)
+    tail: list[tuple[int, int, bytes]]  # (ref, kind, payload) of every record appended after the image's position
+
+
 _decoder = msgspec.msgpack.Decoder(Snapshot)
+_tailed_decoder = msgspec.msgpack.Decoder(Tailed)
 _encoder = msgspec.msgpack.Encoder()
+_TAILED_PREFIX = bytes([0x93, TAILED])  # a msgpack array of 3 whose first item is TAILED (an image begins 0x96 0x01)
 
 
 def encode_entries(entries: list[Entry]) -> EntryColumns:
@@ -135,8 +149,18 @@ def encode(snapshot: Snapshot) -> bytes:
     return _encoder.encode(snapshot)
 
 
-def decode(data: bytes) -> Snapshot:
+def with_tail(compressed_image: bytes, tail: list[tuple[int, int, bytes]]) -> bytes:
+    """A TAILED snapshot: `compressed_image` (zlib of `encode(...)`) plus the records appended after it."""
+    return _encoder.encode(Tailed(TAILED, compressed_image, tail))
+
+
+def decode(data: bytes) -> tuple[Snapshot, list[tuple[int, int, bytes]]]:
+    """The image and the tail of records to replay after it (empty for a plain snapshot)."""
+    tail = []
+    if data[:2] == _TAILED_PREFIX:
+        tailed = _tailed_decoder.decode(data)
+        data, tail = zlib.decompress(tailed.image), tailed.tail
     snapshot = _decoder.decode(data)
     if snapshot.version != VERSION:
         raise ValueError(f"snapshot version {snapshot.version} is not supported (expected {VERSION})")
-    return snapshot
+    return snapshot, tail

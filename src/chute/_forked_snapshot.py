@@ -1,0 +1,147 @@
+"""Checkpoints that do not hold the event loop: the snapshot of a large state is built in a forked child process.
+
+A snapshot must stand for exactly the log position its checkpoint records, and the store takes that position
+when `checkpoint()` is called. Building the snapshot of a million-message backlog is over a second of Python
+(`BrokerCore.snapshot`), which on the event loop would stall every client. Instead, at a moment P:
+- `os.fork()` copies the process (copy-on-write page tables: ~10 ms for 250 MB resident). The child holds the
+  state exactly as it was at P; it builds the snapshot there, compresses it (zlib level 1: the column-packed
+  entries shrink ~14x, so the parent handles megabytes, not tens of them), writes it to a pipe and exits;
+- meanwhile the broker keeps working, and every record it appends to the durable store is also noted (the
+  store object's `append` is wrapped for the duration): the tail;
+- at P', when the image has arrived, the snapshot is the image plus the tail of records appended in (P, P'],
+  and the caller stores it at once, in the same turn of the loop, so P' is the position the checkpoint records.
+Recovery loads the image, replays the tail, then the log's records after P': the same steps as recovering from
+a checkpoint taken at P, which the model, contract and crash tests prove for every checkpoint.
+
+Invariants:
+- nothing is appended between the end of the tail and the store's position: `snapshot()` returns, and its
+  caller calls `store.checkpoint`, within one synchronous step;
+- every append in (P, P'] is in the tail: the store's append counter must have moved by exactly the appends
+  noted, else the image is dropped and the caller builds the snapshot on the loop (never a wrong checkpoint);
+- the child only reads memory and writes its pipe, then leaves with `os._exit` (no atexit handlers, no flush of
+  inherited buffers); it closes every inherited descriptor but its pipe and stdio first, so it never holds the
+  data directory's lock or a client's socket; a failed child costs an on-loop snapshot, never a missing
+  checkpoint;
+- while the child lives, the parent avoids writing to many pages at once (each first write copies a page): the
+  garbage collector's old objects are frozen, and compaction runs before the fork, not after;
+- Linux only (elsewhere, and for states under FORK_MIN_ENTRIES entries, the snapshot is built on the loop: a
+  small one takes less than a fork).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import sys
+import warnings
+import zlib
+
+from chute.core import snapshot as snap
+from chute.core.broker import BrokerCore
+from chute.storage.api import Store
+
+# below this many entries the snapshot takes ~20 ms or less on the loop: not worth a process. The environment
+# variable is for tests that make every checkpoint fork (the SIGKILL campaign: CHUTE_SNAPSHOT_FORK_MIN_ENTRIES=0)
+FORK_MIN_ENTRIES = int(os.environ.get("CHUTE_SNAPSHOT_FORK_MIN_ENTRIES", "20000"))
+COMPRESS_LEVEL = 1  # ~250 ms per million entries in the child; level 6 is 5x slower for 4% less
+READ_CHUNK_BYTES = 1 << 20
+MAX_FD = 1 << 20  # close_range's upper bound in the child (the kernel stops at the highest open descriptor)
+
+
+def worth_forking(core: BrokerCore) -> bool:
+    """True where forking is available and the durable state is large enough to be worth it."""
+    if sys.platform != "linux":
+        return False
+    return sum(q.length + q.pending for q in core.queues.values() if not q.ephemeral) >= FORK_MIN_ENTRIES
+
+
+async def snapshot(core: BrokerCore, store: Store) -> bytes | None:
+    """The snapshot for a checkpoint the caller stores right after this returns (no await in between), built
+    in a child process; None if that could not be done (the caller then uses `core.snapshot()`)."""
+    tail: list[tuple[int, int, bytes]] = []
+    noted = 0
+    original = store.append
+
+    def append(records):
+        nonlocal noted
+        if not isinstance(records, list | tuple):
+            records = list(records)  # read twice below
+        refs, token = original(records)
+        noted += 1
+        tail.extend((ref, kind, payload) for ref, (kind, payload) in zip(refs, records, strict=True))
+        return refs, token
+
+    appends_before = store.stats().appends
+    read_fd, write_fd = os.pipe()
+    store.append = append  # the tail: every record appended while the child works
+    gc.freeze()  # while pages are shared, a full collection here would write to (so copy) every object's page
+    try:
+        pid = _fork()
+        if pid == 0:
+            _child(core, read_fd, write_fd)  # never returns
+        os.close(write_fd)
+        write_fd = -1
+        try:
+            image = await asyncio.to_thread(_collect, pid, read_fd)
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # the thread then reads the end of the pipe and reaps it
+            raise
+    finally:
+        gc.unfreeze()
+        if vars(store).get("append") is append:
+            del store.append
+        if write_fd >= 0:
+            os.close(write_fd)
+    if image is None or store.stats().appends - appends_before != noted:
+        return None
+    return snap.with_tail(image, tail)
+
+
+def _fork() -> int:
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when a process with threads forks: the child must not need a lock another thread
+        # held. This child only reads the broker's memory, compresses and writes a pipe (glibc's malloc is
+        # fork-safe); it takes no Python lock and uses none of the threads.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+def _child(core: BrokerCore, read_fd: int, write_fd: int) -> None:
+    code = 1
+    try:
+        # inherited descriptors go first: above all the data directory's lock (a flock, held while any copy of
+        # its descriptor is open: a child outliving a killed broker would keep the restarted one out), and the
+        # sockets and files of the broker, which only the parent may use
+        os.closerange(3, write_fd)
+        os.closerange(write_fd + 1, MAX_FD)
+        gc.disable()  # the child lives for one snapshot; a collection would only copy pages
+        os.nice(10)  # on a busy machine the broker's loop comes first
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)  # a signal must not wake the parent's loop through the inherited fd
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signum, signal.SIG_DFL)
+        view = memoryview(zlib.compress(core.snapshot(), COMPRESS_LEVEL))
+        while view:
+            view = view[os.write(write_fd, view) :]
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _collect(pid: int, read_fd: int) -> bytes | None:
+    """Read the child's image to its end and reap the child (in a worker thread); None if it failed."""
+    chunks = []
+    try:
+        while chunk := os.read(read_fd, READ_CHUNK_BYTES):
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        return None
+    return b"".join(chunks)

@@ -1,0 +1,89 @@
+"""The queue model (test_queue_model.py) with checkpoints whose snapshot is built in a forked child while the
+broker keeps working: publishes, deliveries, acks, nacks, time passing, restarts and power cuts happen between
+the fork and the moment the checkpoint is stored, so the records appended meanwhile (the tail) must carry them.
+Every guarantee the model checks must hold across those checkpoints too."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from hypothesis.stateful import precondition, rule
+
+from chute import _forked_snapshot as forked_snapshot
+from tests.model.test_queue_model import QueueMachine
+
+FORKED: list[int] = []  # one item per checkpoint seen in flight with its child forked
+
+
+class ForkingQueueMachine(QueueMachine):
+    def __init__(self) -> None:
+        self.saved_min = forked_snapshot.FORK_MIN_ENTRIES
+        forked_snapshot.FORK_MIN_ENTRIES = 0  # every checkpoint forks, however small the state
+        self.checkpointing: asyncio.Task | None = None
+        super().__init__()
+
+    def teardown(self) -> None:
+        try:
+            self._end_checkpoint(cancel=False)
+            super().teardown()
+        finally:
+            forked_snapshot.FORK_MIN_ENTRIES = self.saved_min
+
+    @precondition(lambda self: self.checkpointing is None)
+    @rule()
+    def begin_checkpoint(self):
+        """Start a checkpoint and run the loop until its child is forked (the store's append is wrapped)."""
+        task = self.loop.create_task(self.broker.checkpoint())
+        self.broker._housekeeping = task  # a restart's close waits for it, as for a scheduled checkpoint
+
+        async def forked() -> None:
+            while "append" not in vars(self.broker.store) and not task.done():
+                await asyncio.sleep(0.0005)
+
+        self._run(forked())
+        self.checkpointing = task
+        if not task.done():
+            FORKED.append(1)
+
+    @precondition(lambda self: self.checkpointing is not None)
+    @rule()
+    def finish_checkpoint(self):
+        self._end_checkpoint(cancel=False)
+
+    def _end_checkpoint(self, cancel: bool) -> None:
+        task, self.checkpointing = self.checkpointing, None
+        if task is None:
+            return
+        if cancel:
+            task.cancel()  # the process dies mid-checkpoint: the child is killed, nothing is stored
+        with contextlib.suppress(asyncio.CancelledError):
+            self._run(task)
+        assert "append" not in vars(self.broker.store)
+
+    @rule()
+    def restart(self):
+        self.checkpointing = None  # close() waits for it
+        super().restart()
+
+    @precondition(lambda self: self.store_kind == "file")
+    @rule()
+    def power_cut(self):
+        self._end_checkpoint(cancel=True)
+        super().power_cut()
+
+
+class TestForkedCheckpointsMemoryStore(ForkingQueueMachine.TestCase):
+    pass
+
+
+class FileForkingQueueMachine(ForkingQueueMachine):
+    store_kind = "file"
+
+
+class TestForkedCheckpointsFileStore(FileForkingQueueMachine.TestCase):
+    pass
+
+
+def test_the_machines_above_did_fork():
+    assert len(FORKED) >= 20  # runs after the two machines (file order): most of their checkpoints were in flight
