@@ -79,6 +79,7 @@ class Broker(ManagementApi):
         self._timer_at: float | None = None
         self._housekeeping: asyncio.Task | None = None
         self._checkpointing = asyncio.Lock()
+        self.checkpoints = 0  # checkpoints stored since start (for /metrics)
         self._written_at_checkpoint = 0
         self._checkpoint_time = 0.0
         self._state = "new"
@@ -393,6 +394,7 @@ class Broker(ManagementApi):
             if snapshot is None:
                 snapshot = self.core.snapshot()
             await self.store.checkpoint(snapshot)  # no await since the snapshot was made: it stands for this position
+            self.checkpoints += 1
             del snapshot
             _return_freed_memory()  # the snapshot was a large transient buffer
 

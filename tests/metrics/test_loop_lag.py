@@ -43,9 +43,10 @@ async def test_a_held_loop_is_counted_in_its_bucket() -> None:
         await asyncio.sleep(0.01)
         after = await lag_samples(server)
         new = {bound: after[bound] - before[bound] for bound in ("0.025", "0.05", "0.1", "+Inf")}
-        assert new["+Inf"] - new["0.025"] >= 1, (before, after)  # one tick was 25 ms late or more ...
-        assert new["+Inf"] - new["0.1"] == 0, (before, after)  # ... and none over 100 ms (scheduling noise aside)
-        assert 0.045 <= after["max"] <= 0.1
+        # the tick due during the hold ran ~50 ms late: in the bucket (0.025, 0.05], or the next one when the
+        # machine adds a few milliseconds of its own
+        assert new["0.1"] - new["0.025"] >= 1, (before, after)
+        assert after["max"] >= 0.045  # (the largest since start: a busy machine may have stalled it earlier)
         assert after["count"] == after["+Inf"] and after["sum"] >= 0.045
 
 

@@ -203,6 +203,8 @@ class BrokerCollector(Collector):
                      stats.bytes_on_disk)  # fmt: skip
         yield _gauge("chute_log_segments", "Segment files of the log.", stats.segments)
         yield _gauge("chute_checkpoint_bytes", "Bytes of the stored checkpoint file.", stats.checkpoint_file_bytes)
+        yield _counter("chute_checkpoints", "Checkpoints stored since the broker started (the one at a clean stop "
+                       "aside).", self.server.broker.checkpoints)  # fmt: skip
         yield _counter("chute_log_written_bytes", "Bytes written to the log since the broker started.",
                        stats.bytes_written)  # fmt: skip
         yield _counter("chute_log_appends", "Appends to the log (each a batch of records) since the broker "
