@@ -90,7 +90,6 @@ class Server:
         if self.config.tls:
             self.ssl = server_tls_context(self.config.tls_cert, self.config.tls_key)
         self.state = "recovering"
-        self.loop_lag.start()
         if self.config.http_port is not None:
             from aiohttp import web
 
@@ -117,7 +116,6 @@ class Server:
             await self._close_http()
             with contextlib.suppress(Exception):
                 await self.broker.close()
-            self.loop_lag.stop()
             self.state = "stopped"
             raise
         for sock in self._tcp.sockets:
@@ -125,6 +123,7 @@ class Server:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.port = self._tcp.sockets[0].getsockname()[1]
         self.state = "serving"
+        self.loop_lag.start()  # from now on (start-up's imports and setup are not stalls a client waits behind)
         log.info("native protocol listening on %s (data in %s, fsync %s)", self.url, self.config.data_dir,
                  self.config.fsync)  # fmt: skip
         return self

@@ -253,7 +253,7 @@ def _loop_lag(monitor: LoopLagMonitor) -> Iterator[Metric]:
     yield HistogramMetricFamily("chute_event_loop_lag_seconds", "How late the event loop ran a timer due every "
                                 f"{monitor.interval_s:g} s: the stalls every client felt.",
                                 buckets=monitor.cumulative(), sum_value=monitor.sum_s)  # fmt: skip
-    yield _gauge("chute_event_loop_lag_max_seconds", "Largest event-loop lag measured since the server started.",
+    yield _gauge("chute_event_loop_lag_max_seconds", "Largest event-loop lag measured since the server began serving.",
                  monitor.max_s)  # fmt: skip
 
 

@@ -1,0 +1,224 @@
+"""Stalls under a large backlog (issue 12, "No stalls"): end-to-end latency and event-loop lag of `chute serve`.
+
+    python -m benchmarks.stalls [--backlog 1000000] [--rate 2000] [--duration 90] [--size 256] [--fsync always]
+                                [--json]
+
+Starts `chute serve` in a subprocess (a fresh data directory, HTTP on for /metrics), publishes a backlog of
+`--backlog` messages to a queue nobody consumes (it stays in the broker for the whole run: its index, its
+checkpoints), then for `--duration` seconds publishes to a second queue at a steady `--rate` while a consumer
+consumes it at the same rate (each body starts with its send time; the consumer notes receive - send). The
+default duration is longer than the broker's 60 s checkpoint interval, so at least one checkpoint of the whole
+backlog lands inside the measured window (`checkpoints` in the output says how many did).
+
+Reports latency p50 / p99 / p99.9 / max (ms, every message of the steady phase) and, from /metrics
+(`chute_event_loop_lag_seconds`, scraped before and after the steady phase), the loop lag's p50 / p99 / p99.9
+within the window (upper bounds of their buckets) and the largest lag since the broker began serving
+(`chute_event_loop_lag_max_seconds`, backlog building included). Targets (issue 12): p99.9 <= 5 ms, max <= 20 ms.
+Clients and broker share the machine, as in every benchmark here; figures go to BENCHMARKS.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import queue as queue_mod
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from chute.bench import (
+    BROKER_START_TIMEOUT_S,
+    LISTENING_RE,
+    STAMP,
+    BenchError,
+    BrokerProcess,
+    drain,
+    percentile,
+    publish_all,
+)
+from chute.client import AsyncClient
+
+HTTP_RE = re.compile(r"HTTP listening on (http://127\.0\.0\.1:\d+)")
+BACKLOG_QUEUE, LATENCY_QUEUE = "stalls-backlog", "stalls-latency"
+
+
+class HttpBrokerProcess(BrokerProcess):
+    """`chute serve` as BrokerProcess starts it (same flags, log handling and stop), with the HTTP listener on."""
+
+    http_url = ""
+
+    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> HttpBrokerProcess:
+        self.data_dir = tempfile.mkdtemp(prefix="chute-stalls-")
+        command = [sys.executable, "-m", "chute.cli", "serve", "--data-dir", self.data_dir, "--port", "0",
+                   "--http-port", "0", "--fsync", self.fsync, "--log-level", "info"]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, errors="replace")  # fmt: skip
+        lines: queue_mod.Queue[str | None] = queue_mod.Queue()
+        threading.Thread(target=self._drain, args=(lines,), name="stalls-broker-stderr", daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not self.url:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_mod.Empty:
+                line = None
+            if line is None:
+                self.stop()
+                raise BenchError(f"the broker did not start listening: {''.join(self._tail)[-300:]}")
+            if found := HTTP_RE.search(line):
+                self.http_url = found.group(1)
+            if found := LISTENING_RE.search(line):
+                self.url = found.group(1)
+        if not self.http_url:
+            self.stop()
+            raise BenchError("the broker did not say where its HTTP listener is")
+        return self
+
+
+def scrape(http_url: str) -> dict[str, dict]:
+    """The loop-lag histogram (cumulative counts by bound), its max and the checkpoint counter."""
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    result = {"buckets": {}, "max": math.nan, "checkpoints": math.nan}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "chute_event_loop_lag_seconds_bucket":
+                result["buckets"][float(sample.labels["le"])] = sample.value
+            elif sample.name == "chute_event_loop_lag_max_seconds":
+                result["max"] = sample.value
+            elif sample.name == "chute_checkpoints_total":
+                result["checkpoints"] = sample.value
+    return result
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound of the bucket holding quantile `q` of the observations made between two scrapes."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    if total <= 0:
+        return math.nan
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= q * total:
+            return bound
+    return math.inf
+
+
+async def build_backlog(url: str, count: int, body: bytes) -> float:
+    async with AsyncClient(url, timeout=120, reconnect=False, name="stalls-backlog") as client:
+        await client.create_queue(BACKLOG_QUEUE, lease_s=300)
+        started = time.perf_counter()
+        await publish_all(client, lambda i: BACKLOG_QUEUE, count, body, window=2000)
+        return time.perf_counter() - started
+
+
+async def steady(url: str, rate: float, duration: float, size: int) -> list[float]:
+    """Publish at `rate` for `duration` seconds while a consumer drains; return latencies (seconds)."""
+    total = max(1, int(rate * duration))
+    padding = b"x" * max(0, size - STAMP.size)
+    samples: list[float] = []
+    async with AsyncClient(url, timeout=60, reconnect=False, name="stalls-producer") as producer, \
+            AsyncClient(url, timeout=60, reconnect=False, name="stalls-consumer") as consumer:  # fmt: skip
+        await producer.create_queue(LATENCY_QUEUE, lease_s=300)
+
+        def received(delivery) -> None:
+            samples.append(time.perf_counter() - STAMP.unpack_from(delivery.body)[0])
+
+        draining = asyncio.get_running_loop().create_task(
+            drain(consumer, LATENCY_QUEUE, total, prefetch=1000, ack_batch=50, acks_in_flight=4,
+                  on_delivery=received))  # fmt: skip
+        await asyncio.sleep(0.05)
+        futures, sent, start = [], 0, time.perf_counter()
+        while sent < total:  # a 1 ms pacing loop sends whatever is due (never one sleep per message)
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            while sent < due:
+                futures.append(producer.publish_nowait(LATENCY_QUEUE, STAMP.pack(time.perf_counter()) + padding))
+                sent += 1
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*futures)
+        await draining
+    return samples
+
+
+async def run(options: argparse.Namespace, broker: HttpBrokerProcess, say) -> dict:
+    body = b"x" * options.size
+    say(f"building a backlog of {options.backlog:,} messages")
+    build_s = await build_backlog(broker.url, options.backlog, body)
+    say(f"backlog built in {build_s:.1f} s; steady phase: {options.rate:g} msg/s for {options.duration:g} s")
+    before = await asyncio.to_thread(scrape, broker.http_url)
+    samples = await steady(broker.url, options.rate, options.duration, options.size)
+    after = await asyncio.to_thread(scrape, broker.http_url)
+    ordered = sorted(samples)
+    lag = {f"p{q}": bucket_quantile(before["buckets"], after["buckets"], q / 100) for q in (50, 99, 99.9)}
+    return {
+        "backlog": options.backlog, "rate": options.rate, "duration_s": options.duration, "size": options.size,
+        "fsync": options.fsync, "backlog_build_s": round(build_s, 1), "messages": len(samples),
+        "latency_ms": {label: percentile(ordered, p) * 1000
+                       for label, p in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))},
+        "loop_lag_ms": {**{k: v * 1000 for k, v in lag.items()}, "max_since_start": after["max"] * 1000},
+        "checkpoints_in_window": after["checkpoints"] - before["checkpoints"],
+        "broker_rss_mb": round(broker.rss_mb(), 1),
+        "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}",
+    }  # fmt: skip
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def render(result: dict) -> str:
+    lat, lag = result["latency_ms"], result["loop_lag_ms"]
+    rows = [
+        ("latency p50 / p99 / p99.9 / max", f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['p99.9']:.2f} / "
+                                            f"{lat['max']:.2f} ms", "p99.9 <= 5, max <= 20"),
+        ("loop lag p50 / p99 / p99.9 (bucket bounds)", f"<= {lag['p50']:g} / {lag['p99']:g} / {lag['p99.9']:g} ms",
+         ""),
+        ("loop lag max since the broker began serving", f"{lag['max_since_start']:.1f} ms", "<= 20"),
+        ("checkpoints in the window", f"{result['checkpoints_in_window']:g}", ">= 1"),
+        ("broker RSS at the end", f"{result['broker_rss_mb']:.0f} MB", ""),
+    ]  # fmt: skip
+    head = (
+        f"backlog {result['backlog']:,} x {result['size']} B (built in {result['backlog_build_s']} s), "
+        f"{result['rate']:g} msg/s for {result['duration_s']:g} s, fsync {result['fsync']}; {result['machine']}"
+    )
+    lines = [head, "", "| measure | value | target |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stalls", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backlog", type=int, default=1_000_000, help="messages left in the broker (default 1M)")
+    parser.add_argument("--rate", type=float, default=2000.0, help="msg/s of the steady phase (default 2000)")
+    parser.add_argument("--duration", type=float, default=90.0, help="seconds of the steady phase (default 90)")
+    parser.add_argument("--size", type=int, default=256, help="body bytes (default 256)")
+    parser.add_argument("--fsync", default="always", choices=["always", "interval", "never"])
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    options = parser.parse_args(argv)
+    broker = HttpBrokerProcess(fsync=options.fsync).start()
+    try:
+        result = asyncio.run(run(options, broker, lambda text: print(f"# {text}", file=sys.stderr, flush=True)))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        broker.stop()
+    print(json.dumps(result, indent=2) if options.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
