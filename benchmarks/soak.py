@@ -66,6 +66,10 @@ RSS_SPREAD_TARGET = 0.10
 TICK_S = 0.01  # the producer's pacing step: it sends whatever is due, never one sleep per message
 MAX_CATCH_UP_S = 0.5  # a producer held back (window full) catches up at most this much of its schedule
 ACK_INTERVAL_S = 0.02  # consumers ack (and nack) what they hold at this pace, one request at a time
+# A paced consumer's prefetch: credit comes back once per ack round (ACK_INTERVAL_S plus an fsync, ~50 ms on a
+# loaded machine), so 200 lets it take ~4,000 msg/s, well above its pace (50 could not keep up with 1,200 msg/s).
+# Leased messages do not expire, so the TTL lane's expiries come from what waits in the queue, not from this.
+PACED_PREFETCH = 200
 STOP_GRACE_S = 30.0  # after the deadline: the last confirms, acks and the consumers' close
 HTTP_RE = re.compile(r"HTTP listening on (http://127\.0\.0\.1:\d+)")
 LISTENING_RE = re.compile(r"native protocol listening on (chute://127\.0\.0\.1:\d+)")
@@ -441,7 +445,7 @@ class Consumer:
         self.nacks: list = []
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = await self.client.consume(self.queue, prefetch=50 if self.pacer else self.o.prefetch)
+        consumer = await self.client.consume(self.queue, prefetch=PACED_PREFETCH if self.pacer else self.o.prefetch)
         settling = asyncio.get_running_loop().create_task(self._settle_until(stop))
         try:
             while not stop.is_set():
