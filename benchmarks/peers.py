@@ -180,6 +180,7 @@ class Run:
     metric: str
     value: float
     unit: str
+    load: float  # the 1-minute load average when the run started (the machine is shared)
 
 
 def unit_of(metric: str) -> str:
@@ -195,14 +196,15 @@ def run_all(opts: Opts, systems: list[str], workloads: list[str], repeat: int) -
         order = systems[r % len(systems) :] + systems[: r % len(systems)]
         for workload in workloads:
             for name in order:
-                say(f"repeat {r + 1}/{repeat}: {workload} on {name}")
+                load = os.getloadavg()[0]
+                say(f"repeat {r + 1}/{repeat}: {workload} on {name} (load average {load:.2f})")
                 try:
                     metrics = run_one(name, workload, opts)
                 except Exception as exc:
                     say(f"{workload} on {name} failed: {exc!r}")
                     errors.append({"repeat": r, "workload": workload, "system": name, "error": repr(exc)})
                     continue
-                runs += [Run(r, workload, name, metric, value, unit_of(metric))
+                runs += [Run(r, workload, name, metric, value, unit_of(metric), load)
                          for metric, value in metrics.items() if value is not None]  # fmt: skip
     return runs, errors
 
@@ -340,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2, default=list))
     else:
         m = report["machine"]
+        loads = [run.load for run in runs] or [os.getloadavg()[0]]
         print(f"machine: {m['nproc']} CPUs, {m['cpu']}, Python {m['python']}; {args.repeat} repeat(s), "
-              f"{args.size}-byte bodies, {report['seconds']:.0f} s")  # fmt: skip
+              f"{args.size}-byte bodies, {report['seconds']:.0f} s; 1-min load average {min(loads):.2f}–"
+              f"{max(loads):.2f} (median {statistics.median(loads):.2f}) during the runs")  # fmt: skip
         for name in systems:
             print(f"{name}: {versions[name]}; client {clients[name]}")
         for peer, reason in skipped.items():

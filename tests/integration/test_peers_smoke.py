@@ -91,7 +91,7 @@ def test_a_missing_peer_is_skipped_with_its_reason(monkeypatch):
 
 @pytest.mark.timeout(10)
 def test_targets_are_judged_per_repeat_on_side_by_side_figures():
-    runs = [peers.Run(r, "p2p", system, "end to end", value, "msg/s")
+    runs = [peers.Run(r, "p2p", system, "end to end", value, "msg/s", 1.0)
             for r, values in enumerate([{"chute": 100.0, "redis": 40.0}, {"chute": 100.0, "redis": 60.0}])
             for system, value in values.items()]  # fmt: skip
     (row,) = peers.summarize(runs, ["chute", "redis"], repeat=2)
