@@ -2,7 +2,9 @@
 
 Invariant: an id is remembered until `expires` (publish time + the window), then forgotten on the next lookup;
 `order` holds (expires, dedup id) in insertion order, which is expiry order while the window is unchanged (a
-shorter window after an update only makes some ids live a little longer).
+shorter window after an update only makes some ids live a little longer). The broker sweeps a window with a
+timer (`timer_at`) so ids are forgotten on time even when no publish looks them up: memory holds the ids of the
+window, never every id that ever passed.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ class DedupWindow:
     """Remembers recent dedup ids so a repeated publish is confirmed but not stored twice. `lookup` never
     returns an id past its window, even one not yet swept from `order`."""
 
-    __slots__ = ("table", "order")
+    __slots__ = ("table", "order", "timer_at")
 
     def __init__(self) -> None:
         self.table: dict[str, tuple[float, int]] = {}
         self.order: deque[tuple[float, str]] = deque()
+        self.timer_at: float | None = None  # when the broker's sweep timer for this window fires
 
     def lookup(self, dedup_id: str, now: float) -> int | None:
         """The id of the message published with `dedup_id` within the window, or None."""
@@ -43,6 +46,10 @@ class DedupWindow:
             found = table.get(dedup_id)
             if found is not None and found[0] <= now:
                 del table[dedup_id]
+
+    def next_expiry(self) -> float | None:
+        """When the oldest remembered id expires (None: nothing is remembered)."""
+        return self.order[0][0] if self.order else None
 
     def items(self) -> list[tuple[str, float, int]]:
         """(dedup id, expires, message id), soonest expiry first (so a restored window expires in order)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from chute.core import records as rec
 from chute.core.queue import DELAYED, IN_FLIGHT, READY, WAITING, Entry, Queue
 from chute.core.state import BrokerState
-from chute.core.timers import DELAY, EXPIRE, LEASE, RETAIN
+from chute.core.timers import DEDUP, DELAY, EXPIRE, LEASE, RETAIN
 from chute.errors import InvalidArgument
 from chute.model import MAX_DELAY_S, MAX_LEASE_S
 
@@ -81,8 +81,9 @@ class DeliveryOps(BrokerState):
             entry.deliveries += 1
             in_flight[receipt] = entry
             receipt += 1
+        # one timer per batch, naming its receipts (not its entries: an acked batch must not keep them alive)
+        self.timers.add(deadline, LEASE, queue, range(self.next_receipt, receipt))
         self.next_receipt = receipt
-        self.timers.add(deadline, LEASE, queue, taken)  # one timer per batch, checked entry by entry
         queue.counters["delivered"] += len(taken)
         queue.counters["redelivered"] += redelivered
         self.emit(rec.DELIVERED, rec.DeliveredRecord(queue.id, [e.id for e in taken]))
@@ -129,7 +130,7 @@ class DeliveryOps(BrokerState):
         for entry in entries:
             entry.deadline = now + lease
         if entries:
-            self.timers.add(now + lease, LEASE, queue, entries)
+            self.timers.add(now + lease, LEASE, queue, tuple(e.receipt for e in entries))
         return unknown
 
     def release_receipts(self, name: str, receipts, now: float) -> None:
@@ -192,8 +193,9 @@ class DeliveryOps(BrokerState):
         for when, kind, owner, subject in self.timers.pop_due(now):
             if kind == LEASE:
                 in_flight = owner.in_flight
-                for entry in subject:
-                    if entry.state == IN_FLIGHT and entry.deadline == when and in_flight.get(entry.receipt) is entry:
+                for receipt in subject:
+                    entry = in_flight.get(receipt)
+                    if entry is not None and entry.deadline == when:
                         self._lease_ended(owner, entry, now, 0.0)
             elif kind == DELAY:
                 if subject.state == DELAYED and self.queues.get(owner.name) is owner:
@@ -205,6 +207,10 @@ class DeliveryOps(BrokerState):
             elif kind == RETAIN and self.topics.get(owner.name) is owner and owner.trim_at == when:
                 owner.trim_at = None
                 self.trim_topic(owner, now)
+            elif kind == DEDUP and owner.timer_at == when:
+                owner.timer_at = None
+                owner.expire(now)
+                self.watch_dedup(owner)
 
     def next_deadline(self) -> float | None:
         """When `tick` has something to do next, or None."""

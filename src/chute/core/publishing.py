@@ -98,6 +98,7 @@ class PublishOps(BrokerState):
                 if message.dedup_id is not None and window_s > 0:
                     window.remember(message.dedup_id, message_id, now + window_s)
                     plan.dedups.append((window, message.dedup_id, message_id))
+            self.watch_dedup(window)
         self.pending_plans.add(plan)
         return plan
 

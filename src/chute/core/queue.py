@@ -13,7 +13,10 @@ Invariants:
 - ready order: highest priority first; within a priority, ascending message id (= publish order). New messages
   arrive in id order and go to the tail of a deque (O(1)); returned ones (nack, lease expiry, delay ended) go to
   a small heap merged with the deque by id, so they keep their place in line.
-- removal from the middle (expiry, purge) is lazy: the entry is marked GONE and skipped when popped.
+- removal from the middle (expiry, purge) is lazy: the entry is marked GONE and skipped when popped. Lazy
+  entries never pile up: GONE entries at the front of a line are dropped at once (expiry and drop-oldest take
+  the oldest), and when the lines hold more than twice the ready entries plus `LINE_SLACK`, they are rebuilt
+  (amortised O(1) per removal). So the index grows with what is stored, never with what passed through.
 - FIFO groups: at most one entry of a group is READY or IN_FLIGHT (the group's head); the others wait in the
   group's deque in id order and the next one becomes ready only when the head leaves the queue.
 - the counters (`ready`, `waiting`, `delayed`, `in_flight`, `bytes`) always equal what the structures hold.
@@ -34,6 +37,8 @@ from chute.core.ratelimit import TokenBucket
 from chute.model import QueueSettings
 
 READY, WAITING, DELAYED, IN_FLIGHT, GONE = range(5)
+
+LINE_SLACK = 1024  # lazily removed entries tolerated in a queue's ready lines before they are rebuilt
 
 
 class Entry(msgspec.Struct, gc=False, eq=False):
@@ -96,6 +101,23 @@ class _Level:
         else:
             self.fresh.popleft()
         return entry
+
+    def __len__(self) -> int:
+        return len(self.fresh) + len(self.returned)
+
+    def tidy_front(self) -> None:
+        """Drop entries that are no longer READY from the front of both lines."""
+        fresh, returned = self.fresh, self.returned
+        while fresh and fresh[0].state != READY:
+            fresh.popleft()
+        while returned and returned[0][2].state != READY:
+            heapq.heappop(returned)
+
+    def rebuild(self) -> None:
+        """Keep only the READY entries (order kept)."""
+        self.fresh = deque(e for e in self.fresh if e.state == READY)
+        self.returned = [item for item in self.returned if item[2].state == READY]
+        heapq.heapify(self.returned)
 
     def entries(self) -> Iterator[Entry]:
         for entry in self.fresh:
@@ -312,8 +334,20 @@ class Queue:
             return
         entry.state = GONE
         self.bytes -= entry.size
+        if state == READY:
+            self._tidy(entry.priority)
         if entry.group is not None and self.settings.fifo and state != DELAYED:
             self._promote(entry.group)
+
+    def _tidy(self, priority: int) -> None:
+        """After a READY entry was removed lazily: drop dead entries at the front of its line, and rebuild the
+        lines if dead entries make up most of them."""
+        level = self.levels.get(priority)
+        if level is not None:
+            level.tidy_front()
+        if sum(len(lv) for lv in self.levels.values()) > 2 * self.ready + LINE_SLACK:
+            for lv in self.levels.values():
+                lv.rebuild()
 
     def _promote(self, group: str) -> None:
         waiting = self.groups.get(group)

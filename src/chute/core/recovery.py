@@ -101,6 +101,9 @@ class RecoveryOps(BrokerState):
             for item in topic.retained:
                 self.store.track(item[1])
             self.trim_topic(topic, now)
+        for owner in (*self.queues.values(), *self.topics.values()):
+            owner.dedup.expire(now)
+            self.watch_dedup(owner.dedup)
         return replayed
 
     def _load(self, image: snap.Snapshot, now: float) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from chute.core import records as rec
+from chute.core.dedup import DedupWindow
 from chute.core.ids import IdGenerator
-from chute.core.queue import DELAYED, Entry, Queue
-from chute.core.timers import DELAY, EXPIRE, Timers
+from chute.core.queue import DELAYED, GONE, Entry, Queue
+from chute.core.timers import DEDUP, DELAY, EXPIRE, LEASE, RETAIN, Timers
 from chute.core.topic import Topic
 from chute.errors import QueueNotFound, TopicNotFound
 from chute.storage.api import Durable, Store
@@ -45,7 +46,7 @@ class BrokerState:
         self.next_queue_id = 1
         self.next_topic_id = 1
         self.ids = IdGenerator()
-        self.timers = Timers()
+        self.timers = Timers(self.timer_live)
         self.next_receipt = receipt_base
         self.changed: set[Queue] = set()
         self.outbox: list[tuple[int, bytes]] = []
@@ -65,6 +66,31 @@ class BrokerState:
         if topic is None:
             raise TopicNotFound(f"topic {name!r} does not exist")
         return topic
+
+    def timer_live(self, when: float, kind: int, owner, subject) -> bool:
+        """Can this timer still do anything when it fires? (Asked while the timer heap is compacted; a timer
+        judged dead here would have been ignored by `tick`.)"""
+        if kind == LEASE:
+            in_flight = owner.in_flight
+            for receipt in subject:
+                entry = in_flight.get(receipt)
+                if entry is not None and entry.deadline == when:
+                    return self.queues.get(owner.name) is owner
+            return False
+        if kind == DELAY:
+            return subject.state == DELAYED and self.queues.get(owner.name) is owner
+        if kind == EXPIRE:  # in flight still counts: the entry may come back before it expires
+            return subject.state != GONE and self.queues.get(owner.name) is owner
+        if kind == RETAIN:
+            return owner.trim_at == when and self.topics.get(owner.name) is owner
+        return kind == DEDUP and owner.timer_at == when
+
+    def watch_dedup(self, window: DedupWindow) -> None:
+        """Make sure a timer will forget `window`'s ids when they expire, even if no publish looks them up."""
+        first = window.next_expiry()
+        if first is not None and window.timer_at is None:
+            window.timer_at = first
+            self.timers.add(first, DEDUP, window, None)
 
     def store_of(self, queue: Queue) -> Store:
         return self.ephemeral_store if queue.ephemeral else self.store
