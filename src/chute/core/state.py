@@ -85,6 +85,22 @@ class BrokerState:
             return owner.trim_at == when and self.topics.get(owner.name) is owner
         return kind == DEDUP and owner.timer_at == when
 
+    def index_sizes(self) -> dict[str, int]:
+        """How many items the per-message structures hold, summed over queues and topics: what must follow what
+        is stored (backlog, in flight, delayed, dedup windows, retained messages), never what passed through.
+        O(queues + topics); for tests, soak runs and stats, not for every operation."""
+        queues, topics = self.queues.values(), self.topics.values()
+        return {
+            "timers": len(self.timers),
+            "ready_lines": sum(len(level) for q in queues for level in q.levels.values()),
+            "group_lines": sum(len(waiting) for q in queues for waiting in q.groups.values()),
+            "in_flight": sum(len(q.in_flight) for q in queues),
+            "delayed": sum(len(q.delayed) + len(q.delayed_heads) for q in queues),
+            "dedup": sum(len(o.dedup.table) + len(o.dedup.order) for o in (*queues, *topics)),
+            "retained": sum(len(t.retained) for t in topics),
+            "pending_plans": len(self.pending_plans),
+        }
+
     def watch_dedup(self, window: DedupWindow) -> None:
         """Make sure a timer will forget `window`'s ids when they expire, even if no publish looks them up."""
         first = window.next_expiry()

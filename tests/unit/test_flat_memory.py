@@ -1,0 +1,141 @@
+"""Flat memory: the core's per-message structures follow what is stored, never what passed through.
+
+A broker that runs for months sees billions of messages; anything it keeps per message after the message is gone
+(a stale timer, a lazily removed entry, an expired dedup id) is a leak however small. These tests push many
+messages through every feature with a hand-driven clock and check that `index_sizes()` comes back to its
+baseline, and that it does not grow with the number of messages while traffic goes on.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from chute import Publish
+from chute.core.timers import DEDUP, SLACK, Timers
+
+pytestmark = pytest.mark.timeout(60)
+
+DAY = 86_400.0
+
+
+async def _setup(broker) -> None:
+    await broker.create_queue("dlq")
+    # SQS's default: every message carries a 4-day expiry, which must not keep a timer alive after its ack
+    await broker.create_queue("q", retention_s=4 * DAY, max_deliveries=3, dead_letter_queue="dlq",
+                              dedup_window_s=5)  # fmt: skip
+    await broker.create_queue("fifo", fifo=True, retention_s=DAY)
+    await broker.create_queue("ttl", retention_s=5, on_expiry="drop")  # expires with nobody consuming
+    await broker.create_topic("t")
+    for name in ("s1", "s2", "s3"):
+        await broker.create_queue(name, retention_s=DAY)
+        await broker.subscribe("t", ">", name)
+
+
+async def _traffic(broker, clock, rounds: int, rng: random.Random) -> None:
+    """Rounds of mixed traffic; every message ends acked, expired or dead-lettered and drained."""
+    for r in range(rounds):
+        await broker.publish_batch("q", [Publish(body=b"m", dedup_id=f"d{r}-{i % 40}") for i in range(50)])
+        await broker.publish_batch("q", [Publish(body=b"late", delay_s=0.5, ttl_s=3 * DAY) for _ in range(5)])
+        await broker.publish_batch("fifo", [Publish(body=b"g", group=f"g{i % 4}") for i in range(20)])
+        await broker.publish_batch("ttl", [Publish(body=b"x") for _ in range(20)])
+        await broker.publish_batch("t", [Publish(body=b"fan", subject="t.a") for _ in range(10)])
+        for name in ("q", "fifo", "s1", "s2", "s3", "dlq"):
+            while deliveries := await broker.receive(name, rng.choice((1, 7, 50))):  # small batches: many leases
+                keep = [d for d in deliveries if rng.random() < 0.1]
+                done = [d.receipt for d in deliveries if d not in keep]
+                if done:
+                    await broker.ack(name, done)
+                if keep:
+                    await broker.nack(name, [d.receipt for d in keep], delay_s=0.2)
+        clock.advance(0.3)
+        broker.tick()
+    clock.advance(1.0)
+    broker.tick()
+    for name in ("q", "fifo", "s1", "s2", "s3", "dlq"):  # what came back from delays
+        while deliveries := await broker.receive(name, 100):
+            await broker.ack(name, [d.receipt for d in deliveries])
+
+
+@pytest.fixture
+async def manual_broker(broker):
+    broker.auto_tick = False  # the test moves the clock and ticks
+    return broker
+
+
+async def test_traffic_leaves_nothing_behind(manual_broker, clock):
+    broker, rng = manual_broker, random.Random(7)
+    await _setup(broker)
+    baseline = broker.core.index_sizes()
+    await _traffic(broker, clock, 40, rng)
+    clock.advance(5 * DAY)  # past every lease, delay, expiry and dedup window
+    broker.tick()
+    after = broker.core.index_sizes()
+    assert after == baseline
+    assert all(broker.queue_stats(name).ready == 0 for name in ("q", "fifo", "ttl", "s1", "s2", "s3"))
+    assert len(broker.core.timers) == 0
+
+
+async def test_structures_do_not_grow_with_traffic(manual_broker, clock):
+    """With traffic still going on (leases, 4-day expiries and dedup windows not yet over), the structures stay
+    bounded by a constant: three times the messages leave them no bigger than once did."""
+    broker, rng = manual_broker, random.Random(11)
+    await _setup(broker)
+    await _traffic(broker, clock, 60, rng)
+    first = broker.core.index_sizes()
+    await _traffic(broker, clock, 180, rng)
+    later = broker.core.index_sizes()
+    # ~23,000 stale timers would be there without compaction (a 4-day expiry per message, a lease per batch)
+    assert later["timers"] <= 2 * SLACK + 2 * first["timers"]
+    for key in ("ready_lines", "group_lines", "in_flight", "delayed", "retained", "pending_plans"):
+        assert later[key] <= first[key] + 10, key
+    assert later["dedup"] <= first["dedup"] + 100  # 5 s of ids: a function of the window, not of the traffic
+
+
+async def test_snapshot_size_follows_the_backlog(manual_broker, clock):
+    broker, rng = manual_broker, random.Random(3)
+    await _setup(broker)
+    await _traffic(broker, clock, 5, rng)
+    clock.advance(5 * DAY)
+    broker.tick()
+    small = len(broker.core.snapshot())
+    await _traffic(broker, clock, 60, rng)
+    clock.advance(5 * DAY)
+    broker.tick()
+    assert len(broker.core.snapshot()) <= small + 64
+
+
+async def test_ready_lines_shed_entries_expired_in_the_middle(manual_broker, clock):
+    """Per-message TTLs expire out of order: the lazily removed entries are dropped once they outnumber the
+    live ones, so a queue nobody consumes does not keep them."""
+    broker = manual_broker
+    await broker.create_queue("q")
+    await broker.publish_batch("q", [Publish(body=b"keep")])  # a live head keeps the line from emptying
+    for _ in range(40):
+        await broker.publish_batch("q", [Publish(body=b"x", ttl_s=1.0) for _ in range(200)])
+        await broker.publish_batch("q", [Publish(body=b"y")])
+        clock.advance(1.5)
+        broker.tick()
+    sizes = broker.core.index_sizes()
+    assert broker.queue_stats("q").ready == 41
+    assert sizes["ready_lines"] <= 2 * 41 + 1024 + 200
+
+
+def test_timer_compaction_keeps_live_timers_in_order():
+    rng = random.Random(5)
+    dead: set[int] = set()
+    timers = Timers(lambda when, kind, owner, subject: subject not in dead)
+    expected = []
+    for i in range(60_000):
+        when = rng.uniform(0, 1000)
+        timers.add(when, DEDUP, None, i)
+        expected.append((when, i))
+        if rng.random() < 0.9:
+            dead.add(i)
+        assert len(timers) <= 2 * SLACK + 3 * (len(expected) - len(dead)) + 600
+    fired = [(when, subject) for when, _, _, subject in timers.pop_due(2000.0)]
+    live = sorted((w, i) for w, i in expected if i not in dead)
+    assert [item for item in fired if item[1] not in dead] == live
+    assert len(fired) < len(expected) / 2  # most stale timers were dropped before firing
+    assert len(timers) == 0
