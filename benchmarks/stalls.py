@@ -104,7 +104,7 @@ def bucket_quantile(before: dict[float, float], after: dict[float, float], q: fl
     """The upper bound of the bucket holding quantile `q` of the observations made between two scrapes."""
     bounds = sorted(after)
     counts = [after[b] - before.get(b, 0.0) for b in bounds]
-    total = counts[-1]
+    total = counts[-1] if counts else 0.0  # (no histogram: a broker from before issue 12)
     if total <= 0:
         return math.nan
     for bound, count in zip(bounds, counts, strict=True):

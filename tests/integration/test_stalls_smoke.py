@@ -40,3 +40,4 @@ def test_quantiles_come_from_the_bucket_counts_between_two_scrapes():
     assert bucket_quantile(before, after, 0.99) == 0.1
     assert bucket_quantile(before, after, 0.999) == math.inf
     assert math.isnan(bucket_quantile(after, after, 0.5))
+    assert math.isnan(bucket_quantile({}, {}, 0.5))  # a broker without the histogram

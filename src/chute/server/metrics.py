@@ -12,7 +12,9 @@ sends: with 10,000 queues prometheus_client's generic renderer takes over ten ti
 
 Invariants:
 - nothing is counted between scrapes: an idle broker pays nothing, and every value is read at scrape time in
-  one pass over the queues (the counters themselves live in the core, the sessions and the store);
+  one pass over the queues (the counters themselves live in the core, the sessions and the store), done for
+  GET /metrics in slices of SCRAPE_SLICE_QUEUES queues with a turn of the event loop between them (each row is
+  one queue's values at one instant; the rows of 10,000 queues span a few turns);
 - broker state is read only on the event loop (it is not thread-safe); the snapshot (plain values) is then
   rendered, and gzipped when asked, in a worker thread;
 - per-queue series exist only for durable queues that exist: a deleted queue disappears from the next scrape;
@@ -49,8 +51,10 @@ from chute.server.looplag import LoopLagMonitor
 from chute.storage.api import FSYNC_BUCKETS_S
 
 if TYPE_CHECKING:
+    from chute.model import QueueStats
     from chute.server.app import Server
 
+SCRAPE_SLICE_QUEUES = 1000  # queues read per turn of the event loop while answering GET /metrics (~3 ms)
 GZIP_MIN_BYTES = 4096  # smaller bodies are sent as they are: compressing them saves less than it costs
 GZIP_LEVEL = 1  # the text is very repetitive: level 1 already shrinks it ~20x, at a fraction of level 6's CPU
 REGISTRY_KEY = web.AppKey("metrics_registry", CollectorRegistry)  # the server's registry, for embedders and tests
@@ -219,15 +223,44 @@ class BrokerCollector(Collector):
             return []
         return [self._queue_table(see_queue), self._topic_table(see_topic)]
 
+    async def tables_in_slices(self, see_queue: Filter | None = None, see_topic: Filter | None = None) -> list[Table]:
+        """As `tables`, reading SCRAPE_SLICE_QUEUES queues per turn of the event loop, so a scrape of many queues
+        never holds it for the whole read. The rows are not one instant's: each queue's row is."""
+        if not self.readable():
+            return []
+        names = self._queue_names(see_queue)
+        stats: dict[str, QueueStats] = {}
+        for start in range(0, len(names), SCRAPE_SLICE_QUEUES):
+            if start:
+                await asyncio.sleep(0)
+                if not self.readable():
+                    return []
+            self._read_stats(names[start : start + SCRAPE_SLICE_QUEUES], stats)
+        return [self._rows(stats), self._topic_table(see_topic)]
+
     def _queue_table(self, see: Filter | None) -> Table:
+        stats: dict[str, QueueStats] = {}
+        self._read_stats(self._queue_names(see), stats)
+        return self._rows(stats)
+
+    def _queue_names(self, see: Filter | None) -> list[str]:
+        queues = self.server.broker.core.queues.values()
+        return [q.name for q in queues if not q.ephemeral and (see is None or see(q.name))]
+
+    def _read_stats(self, names: list[str], into: dict[str, QueueStats]) -> None:
+        broker = self.server.broker
+        for name in names:
+            if name in broker.core.queues:  # (gone since the names were read: a slice ago)
+                into[name] = broker.queue_stats(name)
+
+    def _rows(self, stats: dict[str, QueueStats]) -> Table:
         server = self.server
-        broker = server.broker
-        names = [q.name for q in broker.core.queues.values() if not q.ephemeral and (see is None or see(q.name))]
-        stats = {name: broker.queue_stats(name) for name in names}
+        queues = server.broker.core.queues
         consumers = Counter(c.queue for session in server.sessions for c in session.consumers.values())
         rows = []  # in QUEUE_COLUMNS order: the QueueStats fields, then consumers and dead-letter depth
         for name, queue_stats in stats.items():
-            dlq = stats.get(broker.core.queues[name].settings.dead_letter_queue)  # None without a (visible) one
+            queue = queues.get(name)
+            dlq = stats.get(queue.settings.dead_letter_queue) if queue is not None else None  # None: no (visible) one
             rows.append((name, *_stats_values(queue_stats), consumers.get(name, 0),
                          dlq.ready if dlq is not None else None))  # fmt: skip
         return Table("queue", QUEUE_COLUMNS, rows)
@@ -318,10 +351,10 @@ def add_routes(app: web.Application, server: Server) -> None:
         except Unauthenticated as exc:
             return web.Response(status=401, text=f"{exc.message}\n", headers={"WWW-Authenticate": auth.CHALLENGE})
         if principal.superuser:
-            tables = collector.tables()
+            tables = await collector.tables_in_slices()
         else:
-            tables = collector.tables(lambda name: principal.can_see("queue", name),
-                                      lambda name: principal.can_see("topic", name))  # fmt: skip
+            tables = await collector.tables_in_slices(lambda name: principal.can_see("queue", name),
+                                                      lambda name: principal.can_see("topic", name))  # fmt: skip
         families = list(collector.server_families())
         for other in others:
             families.extend(other.collect())
