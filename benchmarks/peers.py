@@ -124,6 +124,19 @@ def ensure_installed(peers: list[str], install: bool) -> dict[str, str]:
             for p in peers if shutil.which(SYSTEMS[p].BINARY) is None}  # fmt: skip
 
 
+def commit() -> str:
+    """The work tree's commit, with `+changes` when files under src/ differ from it (Chute runs from the tree)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
+                               text=True, timeout=30).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + (" +changes" if dirty else "")
+
+
 def machine() -> dict[str, object]:
     cpu = platform.processor() or ""
     try:
@@ -327,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Opts(messages=args.messages, size=args.size, rate=args.rate, duration=args.duration,
                 backlog=args.backlog_sizes, timeout_s=args.timeout)  # fmt: skip
     versions = {name: SYSTEMS[name].version() for name in systems}
+    versions["chute"] += f", commit {commit()}"
     clients = {name: SYSTEMS[name].client_version() for name in systems}
     started = time.perf_counter()
     runs, errors = run_all(opts, systems, workloads, args.repeat)
