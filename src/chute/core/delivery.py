@@ -75,6 +75,8 @@ class DeliveryOps(BrokerState):
         for entry in taken:
             if entry.deliveries:
                 redelivered += 1
+            elif not entry.first_delivered:
+                entry.first_delivered = now
             entry.state = IN_FLIGHT
             entry.receipt = receipt
             entry.deadline = deadline

@@ -59,6 +59,7 @@ class Entry(msgspec.Struct, gc=False, eq=False):
     deadline: float = 0.0  # lease end while IN_FLIGHT; ready time while DELAYED or being published
     state: int = GONE
     receipt: int = 0
+    first_delivered: float = 0.0  # when it was first leased in this run (0.0: not yet); memory only
 
     @property
     def publish_time(self) -> float:

@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,6 @@ log = logging.getLogger("chute.server.sqs")
 
 DEFAULT_ACCOUNT_ID = "000000000000"
 DEFAULT_REGION = "us-east-1"
-FIRST_RECEIVES_KEPT = 100_000
 HANDLE_KEY_FILE = "sqs-receipt-key"
 HANDLE_KEY_BYTES = 32
 
@@ -81,28 +79,14 @@ def action(handler: Handler) -> Handler:
 class SqsState:
     """What the SQS API keeps about one server: the key of its receipt handles (in `<data_dir>/sqs-receipt-key`,
     so that handles from before a restart are recognized as outdated rather than forged), and in memory only:
-    when messages were first received (for ApproximateFirstReceiveTimestamp, the latest `FIRST_RECEIVES_KEPT`),
-    message move tasks."""
+    message move tasks. Nothing here is kept per message (a message's first receive time lives on its entry in
+    the core, and goes with it)."""
 
     def __init__(self) -> None:
         self.handle_key = secrets.token_bytes(HANDLE_KEY_BYTES)
         self.key_loaded = False
         self.key_lock = asyncio.Lock()
-        self.first_receive: OrderedDict[tuple[str, int], int] = OrderedDict()
         self.move_tasks: list = []  # movetasks.MoveTask, oldest first
-
-    def first_received(self, queue: str, chute_id: int, now_ms: int, count: int) -> int:
-        key = (queue, chute_id)
-        first = self.first_receive.get(key)
-        if first is None:
-            first = now_ms
-            self.first_receive[key] = first
-            if len(self.first_receive) > FIRST_RECEIVES_KEPT:
-                self.first_receive.popitem(last=False)
-        return first
-
-    def forget(self, queue: str, chute_id: int) -> None:
-        self.first_receive.pop((queue, chute_id), None)
 
 
 _STATES: weakref.WeakKeyDictionary[object, SqsState] = weakref.WeakKeyDictionary()

@@ -213,11 +213,21 @@ async def _receive(ctx: SqsContext, name: str, count: int, wait: int, lease_s: f
     return deliveries
 
 
+def _first_received(ctx: SqsContext, delivery: Delivery, now_ms: int) -> int:
+    """ApproximateFirstReceiveTimestamp: when the core first leased the message in this run (kept on its entry,
+    so it goes when the message goes); now if that is unknown."""
+    queue = ctx.broker.core.queues.get(delivery.queue)
+    entry = queue.in_flight.get(delivery.receipt) if queue is not None else None
+    if entry is None or not entry.first_delivered:
+        return now_ms
+    return int(entry.first_delivered * 1000)
+
+
 def _message(ctx: SqsContext, delivery: Delivery, system_names: list[str], attribute_names: list[str],
              now_ms: int) -> dict:  # fmt: skip
     message = delivery.message
     state = ctx.state
-    first = state.first_received(delivery.queue, message.id, now_ms, delivery.delivery_count)
+    first = _first_received(ctx, delivery, now_ms)
     data = message.body
     try:
         body = data.decode()
@@ -289,7 +299,6 @@ async def delete_message(ctx: SqsContext, params: dict) -> dict:
         # queue refuses an expired handle
         if queue.settings.fifo:
             raise _expired(handle) from None
-    ctx.state.forget(queue.name, chute_id)
     return {}
 
 
@@ -314,11 +323,10 @@ async def delete_message_batch(ctx: SqsContext, params: dict) -> dict:
         except InvalidReceipt as error:
             unknown = set(error.receipts)
     successful = []
-    for entry_id, receipt, chute_id in chosen:
+    for entry_id, receipt, _ in chosen:
         if receipt in unknown and queue.settings.fifo:
             failed.append(_failed(entry_id, _expired(handles[entry_id])))
             continue
-        ctx.state.forget(queue.name, chute_id)
         successful.append({"Id": entry_id})
     return {"Successful": successful, "Failed": failed}
 
