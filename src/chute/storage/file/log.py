@@ -49,6 +49,7 @@ LOCK = "lock"
 SPARSE_FRACTION = 0.25  # a sealed segment with fewer live records than this share is worth compacting
 READ_GAP_BYTES = 64 * 2**10  # records closer than this in one file are read with one pread (bytes between wasted)
 READ_SPAN_BYTES = 2**20  # the most one coalesced pread asks for, beyond the last record's own length
+CACHE_ITEM_BYTES = 120  # what a cached record costs beyond its payload (dict slot, int key, bytes header)
 READ_TAIL_BYTES = 4096  # guess of the last record's length in a span; a longer record costs one more pread
 pack_frame = FRAME.pack
 
@@ -194,7 +195,7 @@ class FileStore(Store):
             refs.append(ref)
             if cache is not None:
                 cache[ref] = payload
-                added += length
+                added += length + CACHE_ITEM_BYTES
         info[1] += frames_in_segment
         appended = size - start
         self._appended += appended
@@ -391,7 +392,7 @@ class FileStore(Store):
         cache, limit = self._cache, self.cache_max_bytes
         while self._cache_bytes > limit and cache:
             _, payload = cache.popitem(last=False)
-            self._cache_bytes -= len(payload)
+            self._cache_bytes -= len(payload) + CACHE_ITEM_BYTES
 
     # -- live references and space ----------------------------------------------------------------------------
 
