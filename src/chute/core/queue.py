@@ -66,6 +66,10 @@ class Entry(msgspec.Struct, gc=False, eq=False):
         return publish_time(self.id)
 
 
+def _by_id(entry: Entry) -> int:
+    return entry.id
+
+
 class _Level:
     """Ready entries of one priority: `fresh` in id order, `returned` a heap of (id, identity, entry)."""
 
@@ -363,9 +367,13 @@ class Queue:
     # -- browsing ---------------------------------------------------------------------------------------------
 
     def entries(self) -> Iterator[Entry]:
-        """Every live entry: ready (in delivery order per priority), waiting, delayed, in flight."""
+        """Every live entry: ready (in delivery order per priority), waiting, delayed, in flight. Lazy: taking the
+        first few (a peek) costs a few steps, not a sort of the whole backlog."""
         for priority in self.priorities:
-            yield from sorted(self.levels[priority].entries(), key=lambda e: e.id)
+            level = self.levels[priority]
+            fresh = (e for e in level.fresh if e.state == READY)  # already in id order
+            returned = [item[2] for item in sorted(level.returned) if item[2].state == READY]
+            yield from heapq.merge(fresh, returned, key=_by_id)
         for waiting in self.groups.values():
             yield from waiting
         yield from sorted(self.delayed, key=lambda e: e.id)
