@@ -172,7 +172,7 @@ class DeliveryOps(BrokerState):
         dlq = self.queue(name)
         moved = 0
         by_source: dict[int, list[Entry]] = {}
-        for entry in list(dlq.entries()):
+        for entry in dlq.entries():  # lazy: a redrive of a few looks at a few (nothing is moved until below)
             if max_messages is not None and moved >= max_messages:
                 break
             if entry.dead is None or entry.state == IN_FLIGHT:
