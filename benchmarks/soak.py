@@ -74,8 +74,9 @@ STOP_GRACE_S = 30.0  # after the deadline: the last confirms, acks and the consu
 HTTP_RE = re.compile(r"HTTP listening on (http://127\.0\.0\.1:\d+)")
 LISTENING_RE = re.compile(r"native protocol listening on (chute://127\.0\.0\.1:\d+)")
 COLUMNS = ["t_s", "published", "acked", "publish_rate", "ack_rate", "backlog", "backlog_bytes", "slow_backlog",
-           "rss_mb", "broker_cpu_pct", "disk_bytes", "log_bytes", "checkpoint_bytes", "segments", "fsyncs",
-           "fsync_p50_ms", "fsync_p99_ms", "fsync_max_ms", "loop_lag_p99_ms", "loop_lag_max_ms", "errors"]  # fmt: skip
+           "rss_mb", "broker_cpu_pct", "disk_bytes", "log_bytes", "checkpoint_bytes", "checkpoints", "segments",
+           "fsyncs", "fsync_p50_ms", "fsync_p99_ms", "fsync_max_ms", "loop_lag_p99_ms", "loop_lag_max_ms",
+           "errors"]  # fmt: skip
 
 
 @dataclass
@@ -292,6 +293,7 @@ class Sampler:
             "slow_backlog": int(sum(d.get("soak-slow", 0) for d in depth)),
             "rss_mb": rss, "broker_cpu_pct": (cpu - cpu_then) / dt * 100, "disk_bytes": disk,
             "log_bytes": int(scrape.gauges.get("chute_log_bytes", 0)), "checkpoint_bytes": checkpoint,
+            "checkpoints": scrape.gauges.get("chute_checkpoints_total"),  # None from a broker without it
             "segments": int(scrape.gauges.get("chute_log_segments", 0)),
             "fsyncs": int(fsync[-1][1]) if fsync else 0,
             "fsync_p50_ms": ms(quantile(fsync, 0.5)), "fsync_p99_ms": ms(quantile(fsync, 0.99)),
@@ -348,8 +350,8 @@ class Pacer:
 
 def slow_rate(o: Options) -> Callable[[float], float]:
     """The slow consumer's pace: half the lane's publish rate, then twice it, `slow_phase_s` each. Twice, not one
-    and a half: a pace that drains exactly what the slow phase left would leave a little more every cycle (the
-    pacer's sleeps overshoot), and the backlog would creep up instead of going back to nothing."""
+    and a half: a pace that drains exactly what the slow phase left would leave whatever it fell short of (a busy
+    machine, ack round trips) every cycle, and the backlog would creep up instead of going back to nothing."""
     publish = o.rate * LANES["slow"]
     return lambda t: publish * (0.5 if int(t / o.slow_phase_s) % 2 == 0 else 2.0)
 
@@ -401,10 +403,8 @@ class Producer:
 
     def publish(self, lane: str) -> None:
         options: dict = {}
-        dest = f"soak-{lane}"
-        if lane == "topic":
-            dest = "soak-topic"
-        elif lane == "dedup":
+        dest = f"soak-{lane}"  # the topic lane publishes to the topic soak-topic, the others to their queue
+        if lane == "dedup":
             options["dedup_id"] = self.dedup_id()
         elif lane == "delayed":
             options["delay_s"] = self.rng.uniform(0.5, self.o.max_delay_s)
