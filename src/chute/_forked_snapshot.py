@@ -23,7 +23,7 @@ Invariants:
   data directory's lock or a client's socket; a failed child costs an on-loop snapshot, never a missing
   checkpoint;
 - while the child lives, the parent avoids writing to many pages at once (each first write copies a page): the
-  garbage collector's old objects are frozen, and compaction runs before the fork, not after;
+  garbage collector is paused (for a second or two), and compaction runs before the fork, not after;
 - Linux only (elsewhere, and for states under FORK_MIN_ENTRIES entries, the snapshot is built on the loop: a
   small one takes less than a fork).
 """
@@ -77,7 +77,8 @@ async def snapshot(core: BrokerCore, store: Store) -> bytes | None:
     appends_before = store.stats().appends
     read_fd, write_fd = os.pipe()
     store.append = append  # the tail: every record appended while the child works
-    gc.freeze()  # while pages are shared, a full collection here would write to (so copy) every object's page
+    collecting = gc.isenabled()
+    gc.disable()  # while pages are shared, a collection here would write to (so copy) every object's page
     try:
         pid = _fork()
         if pid == 0:
@@ -91,7 +92,8 @@ async def snapshot(core: BrokerCore, store: Store) -> bytes | None:
                 os.kill(pid, signal.SIGKILL)  # the thread then reads the end of the pipe and reaps it
             raise
     finally:
-        gc.unfreeze()
+        if collecting:
+            gc.enable()
         if vars(store).get("append") is append:
             del store.append
         if write_fd >= 0:

@@ -5,14 +5,17 @@ broker keeps working, and the records appended meanwhile travel in the checkpoin
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import sys
+import time
 
 import pytest
 
 from chute import Broker, Publish
 from chute import _forked_snapshot as forked_snapshot
+from chute import broker as broker_module
 from chute.core import compaction
 from chute.core import snapshot as snap
 from chute.storage import FileStore
@@ -105,6 +108,13 @@ async def test_a_forked_checkpoint_carries_what_happened_while_the_child_worked(
         await broker.create_queue("dlq")
         await broker.create_queue("q", dead_letter_queue="dlq")
         before = await broker.publish_batch("q", [Publish(body=b"old-%d" % i) for i in range(100)])
+        snapshot = broker.core.snapshot
+
+        def slow_snapshot():  # runs in the child: the operations below all happen while it works
+            time.sleep(0.5)
+            return snapshot()
+
+        broker.core.snapshot = slow_snapshot
         task = asyncio.create_task(broker.checkpoint())
         await until_forked(broker, task)
         during = await broker.publish_batch("q", [Publish(body=b"new-%d" % i) for i in range(10)])
@@ -160,3 +170,20 @@ def test_small_states_and_other_systems_do_not_fork(monkeypatch):
     assert forked_snapshot.worth_forking(core) == (sys.platform == "linux")
     monkeypatch.setattr(forked_snapshot.sys, "platform", "darwin")
     assert not forked_snapshot.worth_forking(core)
+
+
+async def test_a_recovered_backlog_is_kept_out_of_full_collections_until_close(tmp_path, monkeypatch):
+    monkeypatch.setattr(broker_module, "GC_FREEZE_MIN_ENTRIES", 5)
+    assert gc.get_freeze_count() == 0
+    async with Broker(store=FileStore(tmp_path)) as broker:
+        await broker.create_queue("q")
+        await broker.publish_batch("q", [Publish(body=b"x") for _ in range(3)])
+        assert gc.get_freeze_count() == 0  # nothing recovered: nothing frozen
+    async with Broker(store=FileStore(tmp_path)) as broker:
+        assert gc.get_freeze_count() == 0  # 3 entries: below the threshold
+        await broker.publish_batch("q", [Publish(body=b"x") for _ in range(3)])
+    async with Broker(store=FileStore(tmp_path)) as broker:
+        assert gc.get_freeze_count() > 0
+        deliveries = await broker.receive("q", 10)  # frozen objects still work, and are still freed
+        assert len(deliveries) == 6
+    assert gc.get_freeze_count() == 0

@@ -66,6 +66,14 @@ class RecoveryOps(BrokerState):
         image = snap.Snapshot(snap.VERSION, self.ids.last, self.next_queue_id, self.next_topic_id, queues, topics)
         return snap.encode(image)
 
+    def pending_refs(self) -> list[int]:
+        """Refs of the durable records of publishes still being made durable: not tracked before they are placed,
+        so a checkpoint must hold them (track, then release) or a store could reclaim them first."""
+        refs = [e.ref for plan in self.pending_plans for queue, entries in plan.placements if not queue.ephemeral
+                for e in entries]  # fmt: skip
+        refs += [ref for plan in self.pending_plans for _, _, ref, _ in plan.retains]
+        return refs
+
     # -- restore ----------------------------------------------------------------------------------------------
 
     def restore(self, snapshot: bytes | None, records: Iterable[tuple[int, int, bytes]], now: float) -> int:
