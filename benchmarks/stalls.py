@@ -1,14 +1,16 @@
 """Stalls under a large backlog (issue 12, "No stalls"): end-to-end latency and event-loop lag of `chute serve`.
 
     python -m benchmarks.stalls [--backlog 1000000] [--rate 2000] [--duration 90] [--size 256] [--fsync always]
-                                [--json]
+                                [--restart] [--json]
 
 Starts `chute serve` in a subprocess (a fresh data directory, HTTP on for /metrics), publishes a backlog of
 `--backlog` messages to a queue nobody consumes (it stays in the broker for the whole run: its index, its
 checkpoints), then for `--duration` seconds publishes to a second queue at a steady `--rate` while a consumer
 consumes it at the same rate (each body starts with its send time; the consumer notes receive - send). The
 default duration is longer than the broker's 60 s checkpoint interval, so at least one checkpoint of the whole
-backlog lands inside the measured window (`checkpoints` in the output says how many did).
+backlog lands inside the measured window (`checkpoints` in the output says how many did). With `--restart` the
+broker is stopped and started again once the backlog is built (it recovers it; the time to listen is reported),
+the case of a production broker restarted with a backlog.
 
 Reports latency p50 / p99 / p99.9 / max (ms, every message of the steady phase) and, from /metrics
 (`chute_event_loop_lag_seconds`, scraped before and after the steady phase), the loop lag's p50 / p99 / p99.9
@@ -27,6 +29,7 @@ import os
 import platform
 import queue as queue_mod
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,8 +60,20 @@ class HttpBrokerProcess(BrokerProcess):
 
     http_url = ""
 
-    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> HttpBrokerProcess:
-        self.data_dir = tempfile.mkdtemp(prefix="chute-stalls-")
+    def restart(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> float:
+        """Stop the broker (SIGTERM: a clean stop) and start it again on its data; return the seconds from the
+        new process's start to its native listener (recovery included)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout_s)
+        self.url = self.http_url = ""
+        started = time.perf_counter()
+        self.start(timeout_s, keep_data=True)
+        return time.perf_counter() - started
+
+    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S, keep_data: bool = False) -> HttpBrokerProcess:
+        if not keep_data:
+            self.data_dir = tempfile.mkdtemp(prefix="chute-stalls-")
         command = [sys.executable, "-m", "chute.cli", "serve", "--data-dir", self.data_dir, "--port", "0",
                    "--http-port", "0", "--fsync", self.fsync, "--log-level", "info"]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -153,7 +168,12 @@ async def run(options: argparse.Namespace, broker: HttpBrokerProcess, say) -> di
     body = b"x" * options.size
     say(f"building a backlog of {options.backlog:,} messages")
     build_s = await build_backlog(broker.url, options.backlog, body)
-    say(f"backlog built in {build_s:.1f} s; steady phase: {options.rate:g} msg/s for {options.duration:g} s")
+    say(f"backlog built in {build_s:.1f} s")
+    restart_s = None
+    if options.restart:
+        restart_s = await asyncio.to_thread(broker.restart)
+        say(f"restarted on the backlog in {restart_s:.1f} s")
+    say(f"steady phase: {options.rate:g} msg/s for {options.duration:g} s")
     before = await asyncio.to_thread(scrape, broker.http_url)
     samples = await steady(broker.url, options.rate, options.duration, options.size)
     after = await asyncio.to_thread(scrape, broker.http_url)
@@ -162,6 +182,7 @@ async def run(options: argparse.Namespace, broker: HttpBrokerProcess, say) -> di
     return {
         "backlog": options.backlog, "rate": options.rate, "duration_s": options.duration, "size": options.size,
         "fsync": options.fsync, "backlog_build_s": round(build_s, 1), "messages": len(samples),
+        "restart_s": None if restart_s is None else round(restart_s, 2),
         "latency_ms": {label: percentile(ordered, p) * 1000
                        for label, p in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))},
         "loop_lag_ms": {**{k: v * 1000 for k, v in lag.items()}, "max_since_start": after["max"] * 1000},
@@ -189,6 +210,8 @@ def render(result: dict) -> str:
         ("loop lag max since the broker began serving", f"{lag['max_since_start']:.1f} ms", "<= 20"),
         ("checkpoints in the window", f"{result['checkpoints_in_window']:g}", ">= 1"),
         ("broker RSS at the end", f"{result['broker_rss_mb']:.0f} MB", ""),
+        ("restart on the backlog (--restart)", "not asked" if result["restart_s"] is None
+         else f"{result['restart_s']:.2f} s", ""),
     ]  # fmt: skip
     head = (
         f"backlog {result['backlog']:,} x {result['size']} B (built in {result['backlog_build_s']} s), "
@@ -206,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=90.0, help="seconds of the steady phase (default 90)")
     parser.add_argument("--size", type=int, default=256, help="body bytes (default 256)")
     parser.add_argument("--fsync", default="always", choices=["always", "interval", "never"])
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart the broker once the backlog is built (it then recovers the backlog)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     options = parser.parse_args(argv)
     broker = HttpBrokerProcess(fsync=options.fsync).start()

@@ -20,11 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(90)
 def test_a_tiny_stalls_run_reports_latency_and_loop_lag():
     command = [sys.executable, "-W", "error", "-m", "benchmarks.stalls", "--backlog", "20000", "--rate", "500",
-               "--duration", "3", "--fsync", "never", "--json"]  # fmt: skip
+               "--duration", "3", "--fsync", "never", "--restart", "--json"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=80)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert report["backlog"] == 20000 and report["messages"] == 1500
+    assert report["backlog"] == 20000 and report["messages"] == 1500 and report["restart_s"] > 0
     latency = report["latency_ms"]
     assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
     lag = report["loop_lag_ms"]
