@@ -7,12 +7,14 @@ changes, and returns once the change is durable.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from chute.consumer import Consumer
 from chute.core import records as rec
+from chute.core.admin import PURGE_STEP
 from chute.core.ids import publish_time
 from chute.core.routing import Pattern
 from chute.errors import ChuteError, InvalidArgument
@@ -50,14 +52,41 @@ class ManagementApi:
         """Delete a queue with its messages and the subscriptions that feed it."""
         self._check()
         self._run(self.core.delete_queue, name)
+        token = self._pending_token
+        if self.core.detached:  # a large queue: its messages' space is given back in steps, in the background
+            self._release_task = asyncio.ensure_future(self._release_detached())
+        self._pending_token = token
         await self._durable()
 
+    async def _release_detached(self) -> None:
+        while self.core.release_detached(PURGE_STEP) and self._state == "serving":
+            await asyncio.sleep(0)
+
     async def purge_queue(self, name: str) -> int:
-        """Remove every message of a queue that is not in flight; return how many."""
+        """Remove every message of a queue that is not in flight; return how many.
+
+        A small queue is purged at once (one PURGE record). A large one is purged in steps of `PURGE_STEP`
+        messages, one turn of the event loop each, so other work goes on: every message published before the
+        call is removed (unless in flight); one published during it may be removed too (as with SQS's
+        PurgeQueue). Each step is durable on its own: a crash in the middle leaves the rest."""
         self._check()
-        count = self._run(self.core.purge_queue, name)
+        queue = self.core.queue(name)
+        if queue.length - len(queue.in_flight) <= PURGE_STEP:
+            count = self._run(self.core.purge_queue, name)
+            await self._durable()
+            return count
+        up_to_id, total, token = self.core.ids.last, 0, None
+        while True:
+            count = self._run(self.core.purge_step, name, PURGE_STEP, up_to_id)
+            token = self._pending_token or token
+            total += count
+            if count < PURGE_STEP:
+                break
+            await asyncio.sleep(0)
+            self._check()
+        self._pending_token = token  # the store confirms in order: the last step's token covers the others
         await self._durable()
-        return count
+        return total
 
     def list_queues(self) -> list[QueueInfo]:
         """Durable queues, by name."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from chute.core import records as rec
-from chute.core.queue import Queue
+from chute.core.queue import GONE, Queue
 from chute.core.routing import validate_pattern
 from chute.core.state import BrokerState
 from chute.core.topic import Subscription, Topic
@@ -24,6 +24,7 @@ from chute.errors import (
 )
 from chute.model import QueueSettings, TopicSettings, validate_name
 
+PURGE_STEP = 5_000  # messages a purge or a deleted queue gives up per turn of the event loop (a few ms)
 EPHEMERAL_PREFIX = "~"  # not a valid user name: ephemeral queue names never collide with durable ones
 
 
@@ -95,10 +96,13 @@ class AdminOps(BrokerState):
             for key in [k for k, s in topic.subscriptions.items() if s.queue is queue]:
                 topic.remove_subscription(key)
         store = self.store_of(queue)
-        for entry in list(queue.entries()):
-            store.release(entry.ref)
-        queue.clear()
-        queue.in_flight.clear()
+        if queue.length > PURGE_STEP and getattr(self, "index", None) is None:  # live (not replay), and large
+            self.detached.append((store, queue.detach()))
+        else:
+            for entry in list(queue.entries()):
+                store.release(entry.ref)
+            queue.clear()
+            queue.in_flight.clear()
         del self.queues[queue.name]
         self.queues_by_id.pop(queue.id, None)
         self.changed.discard(queue)
@@ -116,6 +120,38 @@ class AdminOps(BrokerState):
             kept = [e.id for e in queue.in_flight.values()]
             self.emit(rec.PURGE, rec.PurgeRecord(queue.id, kept))
         return len(removed)
+
+    def purge_step(self, name: str, limit: int, up_to_id: int) -> int:
+        """One step of a large purge: remove up to `limit` messages not in flight whose id is at most `up_to_id`
+        (the newest id when the purge began), in a REMOVE record; return how many. Fewer than `limit`: done."""
+        queue = self.queue(name)
+        chosen = []
+        for entry in queue.backlog():
+            if entry.id <= up_to_id:
+                chosen.append(entry)
+                if len(chosen) >= limit:
+                    break
+        self.drop(queue, chosen, rec.PURGED)
+        return len(chosen)
+
+    def release_detached(self, budget: int) -> bool:
+        """Release up to about `budget` entries of deleted queues (see `_apply_delete_queue`); True while some
+        are left."""
+        while self.detached and budget > 0:
+            store, lists = self.detached[-1]
+            while lists and budget > 0:
+                entries = lists[-1]
+                for _ in range(min(budget, len(entries))):
+                    entry = entries.pop()
+                    budget -= 1
+                    if entry.state != GONE:  # already released, or met twice (a stale heap item)
+                        entry.state = GONE
+                        store.release(entry.ref)
+                if not entries:
+                    lists.pop()
+            if not lists:
+                self.detached.pop()
+        return bool(self.detached)
 
     def _check_dead_letter_queue(self, settings: QueueSettings) -> None:
         dlq = settings.dead_letter_queue

@@ -348,11 +348,12 @@ class Queue:
         """After a READY entry was removed lazily: drop dead entries at the front of its line, and rebuild the
         lines if dead entries make up most of them."""
         level = self.levels.get(priority)
-        if level is not None:
-            level.tidy_front()
-        if sum(len(lv) for lv in self.levels.values()) > 2 * self.ready + LINE_SLACK:
-            for lv in self.levels.values():
-                lv.rebuild()
+        if level is None:
+            return
+        level.tidy_front()
+        if len(level) > 2 * self.ready + LINE_SLACK:  # one line's size: a cheap lower bound of all lines'
+            for each in self.levels.values():
+                each.rebuild()
 
     def _promote(self, group: str) -> None:
         waiting = self.groups.get(group)
@@ -378,6 +379,34 @@ class Queue:
             yield from waiting
         yield from sorted(self.delayed, key=lambda e: e.id)
         yield from self.in_flight.values()
+
+    def backlog(self) -> Iterator[Entry]:
+        """Every live entry not in flight (ready, waiting, delayed), lazily and in no particular order; the oldest
+        ready ones come first. For taking a purge in steps (nothing may change while it is iterated)."""
+        for level in self.levels.values():
+            for entry in level.fresh:
+                if entry.state == READY:
+                    yield entry
+            for item in level.returned:
+                if item[2].state == READY:
+                    yield item[2]
+        for waiting in self.groups.values():
+            yield from waiting
+        yield from self.delayed
+
+    def detach(self) -> list[list[Entry]]:
+        """Empty the queue at once, without touching its entries; return them (as `entry_lists`) for the caller
+        to release in steps. Only for a queue that is being deleted: its entries are never looked at again by
+        the queue (its timers find it unregistered)."""
+        lists = self.entry_lists()
+        self.levels = {}
+        self.priorities = []
+        self.in_flight = {}
+        self.delayed = set()
+        self.delayed_heads = set()
+        self.groups = {}
+        self.ready = self.waiting = self.bytes = 0
+        return lists
 
     def clear(self) -> list[Entry]:
         """Remove every entry that is not in flight (purge); return them."""

@@ -10,7 +10,8 @@ records after a snapshot, in order, rebuilds exactly the durable state (see core
 |      |           | dedup_id, subject, headers, body  — the body is written once, whatever the      |
 |      |           | number of queues it goes to                                                     |
 | 2    | COPY      | same as MESSAGE: a live message moved by compaction; replay updates its ref     |
-| 3    | REMOVE    | queue_id, reason, ids — ack (reason 0) or drop (a dead-letter reason code)      |
+| 3    | REMOVE    | queue_id, reason, ids — ack (reason 0), drop (a dead-letter reason code), or a  |
+|      |           | step of a large purge (reason 5)                                                |
 | 4    | MOVE      | from_queue_id, to_queue_id, reason, ids — dead-letter (reason > 0), redrive (0) |
 | 5    | META      | op, args — queue / topic / subscription create, update, delete                  |
 | 6    | PURGE     | queue_id, kept_ids — drop every message of the queue but the in-flight `kept`   |
@@ -37,6 +38,7 @@ ENQUEUE = 8
 
 # reason codes in REMOVE / MOVE records and in dead-letter entries
 ACKED = 0
+PURGED = 5  # REMOVE only: a step of a purge too large to do in one turn of the event loop
 REASON_CODES = {"max_deliveries": 1, "expired": 2, "overflow": 3, "rejected": 4}
 REASON_NAMES = {code: name for name, code in REASON_CODES.items()}
 

@@ -51,6 +51,7 @@ class BrokerState:
         self.changed: set[Queue] = set()
         self.outbox: list[tuple[int, bytes]] = []
         self.pending_plans: set = set()  # publish plans written but not yet committed or aborted
+        self.detached: list = []  # (store, entry lists) of deleted queues whose refs are released in steps
         self.on_queue_deleted: Callable[[Queue], None] | None = None
 
     # -- lookups ----------------------------------------------------------------------------------------------
