@@ -42,6 +42,7 @@ from chute.storage.file import FileStore
 from chute.storage.memory import MemoryStore
 
 DEFAULT_DATA_DIR = "./chute-data"
+REDRIVE_STEP = 5_000  # messages a redrive moves per turn of the event loop (a few ms)
 COMPACT_READ_BATCH = 1000  # records read per round trip to the store while compacting
 GC_FREEZE_MIN_ENTRIES = 100_000  # a recovered backlog from which full collections would hold the loop > ~5 ms
 
@@ -301,9 +302,21 @@ class Broker(ManagementApi):
         ]
 
     async def redrive(self, queue: str, max_messages: int | None = None) -> int:
-        """Move dead-lettered messages of `queue` back to the queues they came from; return how many."""
+        """Move dead-lettered messages of `queue` back to the queues they came from; return how many. Goes in steps
+        of `REDRIVE_STEP` messages (a MOVE record each), one turn of the event loop each, so a large redrive never
+        stalls other work; a crash in the middle leaves the rest where it was."""
         self._check()
-        moved = self._run(self.core.redrive, queue, max_messages, self.clock())
+        moved, token = 0, None
+        while True:
+            step = REDRIVE_STEP if max_messages is None else min(REDRIVE_STEP, max_messages - moved)
+            count = self._run(self.core.redrive, queue, step, self.clock())
+            token = self._pending_token or token
+            moved += count
+            if count < step or step == 0:
+                break
+            await asyncio.sleep(0)
+            self._check()
+        self._pending_token = token  # the store confirms in order: the last step's token covers the others
         await self._durable()
         return moved
 

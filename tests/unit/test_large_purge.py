@@ -85,3 +85,22 @@ async def test_deleting_a_large_queue_gives_its_space_back(broker, store_kind):
         assert not broker.store._live
     await broker.create_queue("q")  # the name is free again, and empty
     assert broker.queue_stats("q").ready == 0
+
+
+async def test_large_redrive_goes_in_steps_and_moves_everything(broker, reopen):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", dead_letter_queue="dlq", max_deliveries=1)
+    count = PURGE_STEP * 2 + 77
+    await _fill(broker, "q", count)
+    while deliveries := await broker.receive("q", 5000):
+        await broker.nack("q", [d.receipt for d in deliveries])  # the first delivery was the last: dead-lettered
+    assert broker.queue_stats("dlq").ready == count
+    redrive = asyncio.ensure_future(broker.redrive("dlq"))
+    await asyncio.sleep(0)
+    assert not redrive.done()  # the loop is free between steps
+    assert await redrive == count
+    assert (broker.queue_stats("dlq").ready, broker.queue_stats("q").ready) == (0, count)
+    assert await broker.redrive("dlq", 10) == 0
+    broker = await reopen(broker)
+    assert (broker.queue_stats("dlq").ready, broker.queue_stats("q").ready) == (0, count)
+    await broker.close()
