@@ -127,6 +127,8 @@ class Broker(ManagementApi):
         self._state = "closing"
         if self._timer is not None:
             self._timer.cancel()
+        if self._idle_check is not None:
+            self._idle_check.cancel()
         for waiters in self._waiters.values():
             for future in waiters:
                 if not future.done():
@@ -392,6 +394,18 @@ class Broker(ManagementApi):
         )
         if due and not self.store.read_only:
             self._housekeeping = asyncio.get_running_loop().create_task(self.checkpoint())
+        elif written and self._idle_check is None:
+            # if nothing else happens, checkpoint when the interval is over anyway: a broker that goes idle after
+            # a busy spell reclaims the files of what was acked, and its checkpoint stands for its state now
+            wait_s = self.checkpoint_interval_s - (time.monotonic() - self._checkpoint_time)
+            self._idle_check = asyncio.get_running_loop().call_later(max(0.0, wait_s) + 0.01, self._idle_housekeep)
+
+    _idle_check: asyncio.TimerHandle | None = None
+
+    def _idle_housekeep(self) -> None:
+        self._idle_check = None
+        if self._state == "serving":
+            self._maybe_housekeep()
 
     async def checkpoint(self) -> None:
         """Store a snapshot (recovery then replays only later records) and compact sparse log files. A large

@@ -3,6 +3,8 @@ checkpoints bound what recovery replays."""
 
 from __future__ import annotations
 
+import asyncio
+
 from chute import Broker, Publish
 from chute.storage import FileStore
 
@@ -50,3 +52,23 @@ async def test_restart_replays_only_the_tail_after_a_checkpoint(tmp_path):
     async with Broker(store=store) as broker:
         assert broker.recovery.records <= 2  # close() checkpointed too: nothing or almost nothing to replay
         assert broker.queue_stats("q").ready == 1001
+
+
+async def test_an_idle_broker_checkpoints_once_its_interval_is_over(tmp_path):
+    """After a busy spell the broker goes quiet: the checkpoint still follows, so the acked messages' files go and
+    the checkpoint stands for the (empty) state, without waiting for the next client request."""
+    store = FileStore(tmp_path, segment_max_bytes=16 * 1024)
+    async with Broker(store=store, checkpoint_bytes=1 << 40, checkpoint_interval_s=0.3) as broker:
+        await broker.create_queue("q")
+        for _ in range(20):
+            await broker.publish_batch("q", [Publish(body=b"x" * 200) for _ in range(50)])
+        while deliveries := await broker.receive("q", 100):
+            await broker.ack("q", [d.receipt for d in deliveries])
+        grown = store.stats().segments
+        checkpoints = broker.checkpoints
+        for _ in range(200):  # nothing else is asked of the broker meanwhile
+            if broker.checkpoints > checkpoints and store.stats().segments <= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert broker.checkpoints > checkpoints
+        assert store.stats().segments <= 2 < grown
