@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue as queue_mod
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,14 @@ class Server(BrokerProcess):
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         return BrokerProcess.stop(self, timeout_s)
+
+    def kill_now(self) -> None:
+        """From a signal handler: SIGKILL, reap, delete the data directory."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self.data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def options(opts: Opts, workload: str) -> Options:

@@ -213,6 +213,14 @@ class ServerProcess:
             if self.tmp:
                 shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def kill_now(self) -> None:
+        """From a signal handler: SIGKILL, reap, delete the directory."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
     def rss_mb(self) -> float:
         return proc_rss_mb(self.pid)
 

@@ -63,6 +63,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -172,9 +173,20 @@ def backlog(system: ModuleType, server, opts: Opts) -> dict[str, float]:
     return metrics
 
 
+LIVE: list = []  # the servers started and not yet stopped
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    """Kill the servers at once and delete their directories, then exit (Ctrl-C unwinds through `run_one`)."""
+    for server in list(LIVE):
+        server.kill_now()
+    os._exit(128 + signum)
+
+
 def run_one(name: str, workload: str, opts: Opts) -> dict[str, float]:
     system = SYSTEMS[name]
     server = system.Server(announce=say)
+    LIVE.append(server)
     try:
         server.start()
         if workload == "backlog":
@@ -182,6 +194,7 @@ def run_one(name: str, workload: str, opts: Opts) -> dict[str, float]:
         return run_async(getattr(system, workload)(server, opts))
     finally:
         server.stop()
+        LIVE.remove(server)
         say(f"stopped {name} (pid {server.pid})" if server.process is not None else f"stopped {name}")
 
 
@@ -332,6 +345,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
     skipped = ensure_installed(args.peer_list, install=not args.no_install)
     for peer, reason in skipped.items():
         say(f"skipping {peer}: {reason}")
