@@ -80,7 +80,11 @@ async def snapshot(core: BrokerCore, store: Store) -> bytes | None:
     collecting = gc.isenabled()
     gc.disable()  # while pages are shared, a collection here would write to (so copy) every object's page
     try:
-        pid = _fork()
+        try:
+            pid = _fork()
+        except OSError:  # no memory or no process left for a child: the snapshot is made on the loop
+            os.close(read_fd)
+            return None
         if pid == 0:
             _child(core, read_fd, write_fd)  # never returns
         os.close(write_fd)
