@@ -155,7 +155,7 @@ async def p2p(server: Server, opts: Opts) -> dict[str, float]:
             await add_stream(js, stream, api.RetentionPolicy.WORK_QUEUE, ["c"])
         lag = Lag(opts.max_lag) if opts.max_lag else None
         draining = asyncio.get_running_loop().create_task(
-            consume(consumer, "p2p", "c", n, opts, on_body=lag and (lambda body: lag.got())))
+            consume(consumer, "p2p", "c", n, opts, on_body=lag and (lambda body: lag.got())))  # fmt: skip
         await asyncio.sleep(0.05)
         clock = CpuClock(server.pid)
         start = time.perf_counter()
@@ -189,7 +189,7 @@ async def latency(server: Server, opts: Opts) -> dict[str, float]:
         js = producer.jetstream(publish_async_max_pending=total + 1)
         await add_stream(js, "latency", api.RetentionPolicy.WORK_QUEUE, ["c"])
         draining = asyncio.get_running_loop().create_task(
-            consume(consumer, "latency", "c", total, opts, prefetch=1000, ack_batch=50, on_body=received))
+            consume(consumer, "latency", "c", total, opts, prefetch=1000, ack_batch=50, on_body=received))  # fmt: skip
         await asyncio.sleep(0.05)
         futures = []
         sent = 0

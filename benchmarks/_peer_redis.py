@@ -122,7 +122,7 @@ async def p2p(server: Server, opts: Opts) -> dict[str, float]:
             await _group(producer, stream)
         lag = Lag(opts.max_lag) if opts.max_lag else None
         draining = asyncio.get_running_loop().create_task(
-            consume(consumer, "p2p", n, opts, on_body=lag and (lambda body: lag.got())))
+            consume(consumer, "p2p", n, opts, on_body=lag and (lambda body: lag.got())))  # fmt: skip
         await asyncio.sleep(0.05)  # let the consumer start before the clock does
         clock = CpuClock(server.pid)
         start = time.perf_counter()
@@ -155,7 +155,7 @@ async def latency(server: Server, opts: Opts) -> dict[str, float]:
     try:
         await _group(producer, "latency")
         draining = asyncio.get_running_loop().create_task(
-            consume(consumer, "latency", total, opts, read=1000, ack_batch=50, on_body=received))
+            consume(consumer, "latency", total, opts, read=1000, ack_batch=50, on_body=received))  # fmt: skip
         await asyncio.sleep(0.05)
         pipelines = Acks(64)
         sent = 0
