@@ -253,6 +253,14 @@ def fetch(url: str) -> str:
         return response.read().decode()
 
 
+def fetch_or_none(url: str) -> str | None:
+    """`fetch`, or None if the broker did not answer within its timeout (or at all)."""
+    try:
+        return fetch(url)
+    except OSError:  # URLError and socket timeouts are OSErrors
+        return None
+
+
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
@@ -268,6 +276,8 @@ class Sampler:
         self._last: tuple[float, int, int, float] = (self.start, 0, 0, broker.cpu_seconds())
         self._histograms: dict[str, list] = {}
         self.last: Scrape | None = None
+        self.scrape_failures = 0
+        self._last_text = ""
 
     async def sample(self) -> dict:
         if not self.broker.alive():
@@ -276,8 +286,12 @@ class Sampler:
         rss, cpu = self.broker.rss_mb(), self.broker.cpu_seconds()
         (disk, checkpoint), text = await asyncio.gather(
             asyncio.to_thread(disk_usage, self.broker.data_dir),
-            asyncio.to_thread(fetch, self.broker.http_url + "/metrics"),
+            asyncio.to_thread(fetch_or_none, self.broker.http_url + "/metrics"),
         )
+        if text is None:  # a scrape that took over 10 s is a finding, not the end of the run: counted, reported
+            self.scrape_failures += 1
+            text = self._last_text
+        self._last_text = text
         scrape = self.last = parse_metrics(text)
         then, published, acked, cpu_then = self._last
         dt = max(now - then, 1e-9)
@@ -554,6 +568,9 @@ def run(o: Options, say: Callable[[str], None] = print) -> dict:
                                FEW_SEGMENTS, RSS_SPREAD_TARGET, lag_exported)  # fmt: skip
     exact = sampler.last.gauges.get("chute_event_loop_lag_max_seconds") if sampler.last else None
     summary["loop_lag_max_since_start_ms"] = ms(exact)
+    summary["scrape_failures"] = sampler.scrape_failures
+    if sampler.scrape_failures:
+        say(f"warning: {sampler.scrape_failures} scrape(s) of /metrics got no answer within 10 s")
     machine = {**report.machine(), **version}
     result = {"options": asdict(o), "machine": machine, "counters": asdict(counters), "summary": summary,
               "queues": sampler.queue_totals()}  # fmt: skip
