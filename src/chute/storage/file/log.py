@@ -4,6 +4,8 @@ Concurrency: `append` runs on the event loop and only encodes frames into an in-
 at a time hands the whole buffer to a single writer thread (write, then fsync under the `always` policy) and
 resolves one future for everything that was in it: the group. Appends made meanwhile form the next group, so
 many publishes and acks share one write and one fsync, and the loop never blocks on disk.
+A checkpoint's file (megabytes, written then fsynced and renamed) is written on a third thread, after the writer
+thread made the segments durable up to the checkpoint's position, so group commits never wait behind it.
 Reads that miss the cache run in a second thread, so they never queue behind a write and its fsync; they only
 ask for bytes already written (`_written_ref`), and a segment file is never unlinked while a read runs.
 
@@ -77,6 +79,7 @@ class FileStore(Store):
         self.fs = fs if fs is not None else OsFs()
         self._executor: ThreadPoolExecutor | None = None  # the writer: write, fsync, checkpoint, delete
         self._reader: ThreadPoolExecutor | None = None  # reads of bodies not in the cache
+        self._checkpointer: ThreadPoolExecutor | None = None  # checkpoint files, never in the way of a commit
         self._files_lock = threading.Lock()  # held by a read, and by whoever unlinks a segment file
         self._file_sizes: dict[int, int] = {}  # writer thread only: segment id -> its file's size, once known
         self._segments: dict[int, list[int]] = {}  # segment id -> [size, records, live]
@@ -108,6 +111,7 @@ class FileStore(Store):
         self._opened = True
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="chute-log")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="chute-read")
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="chute-checkpoint")
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._open)
@@ -116,6 +120,7 @@ class FileStore(Store):
                 self.fs.unlock(f"{self.directory}/{LOCK}")  # a failed open must not keep the directory locked
             self._executor.shutdown(wait=False)
             self._reader.shutdown(wait=False)
+            self._checkpointer.shutdown(wait=False)
             raise
 
     def _open(self) -> Recovered:
@@ -428,7 +433,10 @@ class FileStore(Store):
         loop = asyncio.get_running_loop()
         counts = {segment: info[1] for segment, info in self._segments.items() if segment <= position[0]}
         try:
-            await loop.run_in_executor(self._executor, self._store_checkpoint, position, counts, snapshot)
+            # the writer thread makes the segments durable up to `position` (at once under `always`); the file
+            # of the checkpoint, megabytes with its fsyncs, is written on its own thread, so group commits go on
+            await loop.run_in_executor(self._executor, self._sync_for_checkpoint)
+            await loop.run_in_executor(self._checkpointer, self._store_checkpoint, position, counts, snapshot)
         except OSError as exc:
             self._fail(exc, None)
             raise self._failure from None
@@ -439,13 +447,18 @@ class FileStore(Store):
                 del self._segments[segment]
             await loop.run_in_executor(self._executor, self._delete, dead)
 
-    def _store_checkpoint(self, position, counts, snapshot: bytes) -> None:
+    def _sync_for_checkpoint(self) -> None:
+        """Writer thread: fsync what is written and not yet durable (the `interval` and `never` policies)."""
         fs, directory = self.fs, self.directory
         if self._unsynced:
             for segment in sorted(self._unsynced):
                 fs.fsync(self._path(segment))  # the snapshot must never cover records a crash could lose
             fs.fsync_dir(directory)
             self._unsynced.clear()
+
+    def _store_checkpoint(self, position, counts, snapshot: bytes) -> None:
+        """Checkpoint thread: write the checkpoint file beside the old one, then put it in its place."""
+        fs, directory = self.fs, self.directory
         tmp = f"{directory}/{CHECKPOINT}.tmp"
         stored = encode_checkpoint(position, counts, snapshot)
         fs.write_file(tmp, stored)
@@ -481,6 +494,8 @@ class FileStore(Store):
             # reads run in order: once this no-op ran, none is left, and the loop never waited on the disk
             await asyncio.get_running_loop().run_in_executor(self._reader, _nothing)
             self._reader.shutdown(wait=True)  # before the files close
+        if self._checkpointer is not None:
+            self._checkpointer.shutdown(wait=True)  # a checkpoint file being written is finished first
         self.fs.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
