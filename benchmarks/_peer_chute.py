@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue as queue_mod
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from benchmarks._peer_common import START_TIMEOUT_S, STOP_TIMEOUT_S, Opts, PeerError, bounded, run_async
-from chute.bench import LISTENING_RE, Bench, BenchError, BrokerProcess, Options, body_of, publish_all
+from chute.bench import Bench, BenchError, BrokerProcess, Options, body_of, publish_all
 from chute.client import AsyncClient
 
 NAME = "chute"
@@ -47,10 +44,10 @@ class Server(BrokerProcess):
 
     def start(self, timeout_s: float = START_TIMEOUT_S, check: Callable[[], Awaitable[None]] | None = None) -> float:
         started = time.perf_counter()
-        if not self.data_dir:
-            BrokerProcess.start(self, timeout_s)
-        else:
-            self._respawn(timeout_s)
+        try:
+            BrokerProcess.start(self, timeout_s, keep_data=True)  # a fresh directory the first time
+        except BenchError as exc:
+            raise PeerError(f"chute: {exc}") from None
         self.announce(f"started chute serve (pid {self.pid}) at {self.url}, data in {self.data_dir}")
         if check is not None:
             try:
@@ -70,37 +67,6 @@ class Server(BrokerProcess):
                 if time.monotonic() > deadline:
                     raise PeerError(f"chute did not serve its backlog within {timeout_s:g} s ({exc!r})") from None
             await asyncio.sleep(0.01)
-
-    def _respawn(self, timeout_s: float) -> None:
-        """BrokerProcess.start on the data directory it already has (start always makes a fresh one)."""
-        command = [sys.executable, "-m", "chute.cli", "serve", "--data-dir", self.data_dir, "--port", "0",
-                   "--http-port", "-1", "--fsync", self.fsync, "--log-level", "info"]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, errors="replace")  # fmt: skip
-        lines: queue_mod.Queue[str | None] = queue_mod.Queue()
-        threading.Thread(target=self._drain, args=(lines,), name="chute-peers-broker-stderr", daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue_mod.Empty:
-                self.stop()
-                raise PeerError(f"chute did not start listening within {timeout_s:g} s") from None
-            if line is None:
-                self.stop()
-                last = self._tail[-1].strip() if self._tail else "no output"
-                raise PeerError(f"chute exited before listening: {last}")
-            found = LISTENING_RE.search(line)
-            if found:
-                self.url = found.group(1)
-                return
-
-    def _drain(self, lines: queue_mod.Queue) -> None:
-        stream = self.process.stderr  # this process's pipe, closed once drained (a restart makes a new one)
-        try:
-            BrokerProcess._drain(self, lines)
-        finally:
-            stream.close()
 
     def halt(self, kill: bool = False, timeout_s: float = STOP_TIMEOUT_S) -> float:
         """SIGTERM (or SIGKILL) and wait for the exit, keeping the data; return the seconds it took."""

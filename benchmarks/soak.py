@@ -35,13 +35,9 @@ import asyncio
 import contextlib
 import math
 import os
-import queue as queue_mod
 import random
-import re
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -51,7 +47,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import soak_report as report
-from chute.bench import BROKER_START_TIMEOUT_S, BenchError, BrokerProcess
+from chute.bench import BenchError, BrokerProcess
 from chute.client import AsyncClient
 from chute.errors import ChuteError
 
@@ -71,8 +67,6 @@ ACK_INTERVAL_S = 0.02  # consumers ack (and nack) what they hold at this pace, o
 # Leased messages do not expire, so the TTL lane's expiries come from what waits in the queue, not from this.
 PACED_PREFETCH = 200
 STOP_GRACE_S = 30.0  # after the deadline: the last confirms, acks and the consumers' close
-HTTP_RE = re.compile(r"HTTP listening on (http://127\.0\.0\.1:\d+)")
-LISTENING_RE = re.compile(r"native protocol listening on (chute://127\.0\.0\.1:\d+)")
 COLUMNS = ["t_s", "published", "acked", "publish_rate", "ack_rate", "backlog", "backlog_bytes", "slow_backlog",
            "rss_mb", "broker_cpu_pct", "disk_bytes", "log_bytes", "checkpoint_bytes", "checkpoints", "segments",
            "fsyncs", "fsync_p50_ms", "fsync_p99_ms", "fsync_max_ms", "loop_lag_p99_ms", "loop_lag_max_ms",
@@ -124,49 +118,10 @@ class Counters:
 
 @dataclass
 class SoakBroker(BrokerProcess):
-    """`chute serve` as `chute.bench.BrokerProcess` starts it, but with its HTTP port on (for `/metrics`)."""
+    """`chute serve` as `chute.bench.BrokerProcess` starts it, with its HTTP port on (for `/metrics`)."""
 
-    parent: str | None = None
-    http_url: str = ""
-
-    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> SoakBroker:
-        self.data_dir = tempfile.mkdtemp(prefix="chute-soak-", dir=self.parent)
-        command = [sys.executable, "-m", "chute.cli", "serve", "--data-dir", self.data_dir, "--port", "0",
-                   "--http-port", "0", "--fsync", self.fsync, "--log-level", "info"]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, errors="replace")  # fmt: skip
-        lines: queue_mod.Queue[str | None] = queue_mod.Queue()
-        # The broker logs to stderr for as long as it runs: drain the pipe for good, or a full pipe blocks it.
-        threading.Thread(target=self._drain, args=(lines,), name="chute-soak-broker-stderr", daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while not self.url:  # the HTTP line comes first, then the native one
-            line = self._next_line(lines, deadline)
-            if found := HTTP_RE.search(line):
-                self.http_url = found.group(1)
-            if found := LISTENING_RE.search(line):
-                self.url = found.group(1)
-        if not self.http_url:
-            self.stop()
-            raise BenchError("the broker did not announce its HTTP port")
-        return self
-
-    def _next_line(self, lines: queue_mod.Queue, deadline: float) -> str:
-        """The broker's next stderr line; stops the broker and raises BenchError at its exit or the deadline."""
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue_mod.Empty:
-            self.stop()
-            raise BenchError("the broker did not start listening in time") from None
-        if line is None:
-            self.stop()
-            raise BenchError(f"the broker exited before listening: {self.last_words()}")
-        return line
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def last_words(self) -> str:
-        return self._tail[-1].strip() if self._tail else "no output"
+    http: bool = True
+    prefix: str = "chute-soak-"
 
 
 # -- what is sampled -------------------------------------------------------------------------------------------

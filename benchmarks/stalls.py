@@ -29,21 +29,16 @@ import json
 import math
 import os
 import platform
-import queue as queue_mod
-import re
 import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from chute.bench import (
     BROKER_START_TIMEOUT_S,
-    LISTENING_RE,
     STAMP,
     BenchError,
     BrokerProcess,
@@ -53,14 +48,15 @@ from chute.bench import (
 )
 from chute.client import AsyncClient
 
-HTTP_RE = re.compile(r"HTTP listening on (http://127\.0\.0\.1:\d+)")
 BACKLOG_QUEUE, LATENCY_QUEUE = "stalls-backlog", "stalls-latency"
 
 
+@dataclass
 class HttpBrokerProcess(BrokerProcess):
     """`chute serve` as BrokerProcess starts it (same flags, log handling and stop), with the HTTP listener on."""
 
-    http_url = ""
+    http: bool = True
+    prefix: str = "chute-stalls-"
 
     def restart(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> float:
         """Stop the broker (SIGTERM: a clean stop) and start it again on its data; return the seconds from the
@@ -68,37 +64,9 @@ class HttpBrokerProcess(BrokerProcess):
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout_s)
-        self.url = self.http_url = ""
         started = time.perf_counter()
         self.start(timeout_s, keep_data=True)
         return time.perf_counter() - started
-
-    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S, keep_data: bool = False) -> HttpBrokerProcess:
-        if not keep_data:
-            self.data_dir = tempfile.mkdtemp(prefix="chute-stalls-")
-        command = [sys.executable, "-m", "chute.cli", "serve", "--data-dir", self.data_dir, "--port", "0",
-                   "--http-port", "0", "--fsync", self.fsync, "--log-level", "info"]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, errors="replace")  # fmt: skip
-        lines: queue_mod.Queue[str | None] = queue_mod.Queue()
-        threading.Thread(target=self._drain, args=(lines,), name="stalls-broker-stderr", daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while not self.url:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue_mod.Empty:
-                line = None
-            if line is None:
-                self.stop()
-                raise BenchError(f"the broker did not start listening: {''.join(self._tail)[-300:]}")
-            if found := HTTP_RE.search(line):
-                self.http_url = found.group(1)
-            if found := LISTENING_RE.search(line):
-                self.url = found.group(1)
-        if not self.http_url:
-            self.stop()
-            raise BenchError("the broker did not say where its HTTP listener is")
-        return self
 
 
 def scrape(http_url: str) -> dict[str, dict]:

@@ -69,6 +69,7 @@ TARGETS = {
 BROKER_START_TIMEOUT_S = 60.0
 BROKER_STOP_TIMEOUT_S = 30.0
 LISTENING_RE = re.compile(r"native protocol listening on (chute://127\.0\.0\.1:\d+)")
+HTTP_RE = re.compile(r"HTTP listening on (http://127\.0\.0\.1:\d+)")
 STAMP = struct.Struct("<d")
 
 
@@ -120,12 +121,18 @@ class Row:
 
 @dataclass
 class BrokerProcess:
-    """`chute serve` in a subprocess on a free port, with its data in a fresh temporary directory."""
+    """`chute serve` in a subprocess on a free port, with its data in a fresh temporary directory (`prefix`, under
+    `parent`), its HTTP listener on a free port too when `http` (then `http_url` is set). The benchmarks of
+    benchmarks/ (soak, stalls, peers) start their brokers through this class."""
 
     fsync: str = "always"
     process: subprocess.Popen | None = None
     url: str = ""
     data_dir: str = ""
+    http: bool = False
+    http_url: str = ""
+    prefix: str = "chute-bench-"
+    parent: str | None = None
     _tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
 
     @property
@@ -133,17 +140,22 @@ class BrokerProcess:
         assert self.process is not None
         return self.process.pid
 
-    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> BrokerProcess:
-        self.data_dir = tempfile.mkdtemp(prefix="chute-bench-")
+    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S, keep_data: bool = False) -> BrokerProcess:
+        """Start the broker (on the data directory it already has if `keep_data`: a restart) and wait until it
+        listens. Raises BenchError (the broker stopped) if it exits first or takes longer than `timeout_s`."""
+        if not keep_data or not self.data_dir:
+            self.data_dir = tempfile.mkdtemp(prefix=self.prefix, dir=self.parent)
         command = [sys.executable, "-m", "chute.cli", "serve", "--data-dir", self.data_dir, "--port", "0",
-                   "--http-port", "-1", "--fsync", self.fsync, "--log-level", "info"]  # fmt: skip
+                   "--http-port", "0" if self.http else "-1", "--fsync", self.fsync, "--log-level", "info"]  # fmt: skip
+        self.url = self.http_url = ""
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True, errors="replace")  # fmt: skip
         lines: queue_mod.Queue[str | None] = queue_mod.Queue()
         # The broker logs to stderr for as long as it runs: drain the pipe for good, or a full pipe blocks it.
-        threading.Thread(target=self._drain, args=(lines,), name="chute-bench-broker-stderr", daemon=True).start()
+        threading.Thread(target=self._drain, args=(self.process, lines), name="chute-bench-broker-stderr",
+                         daemon=True).start()  # fmt: skip
         deadline = time.monotonic() + timeout_s
-        while True:
+        while not self.url:  # the HTTP line comes first, then the native one
             try:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue_mod.Empty:
@@ -151,22 +163,33 @@ class BrokerProcess:
                 raise BenchError(f"the broker did not start listening within {timeout_s:g} s") from None
             if line is None:
                 self.stop()
-                last = self._tail[-1].strip() if self._tail else "no output"
-                raise BenchError(f"the broker exited before listening: {last}")
-            found = LISTENING_RE.search(line)
-            if found:
+                raise BenchError(f"the broker exited before listening: {self.last_words()}")
+            if found := HTTP_RE.search(line):
+                self.http_url = found.group(1)
+            if found := LISTENING_RE.search(line):
                 self.url = found.group(1)
-                return self
+        if self.http and not self.http_url:
+            self.stop()
+            raise BenchError("the broker did not say where its HTTP listener is")
+        return self
 
-    def _drain(self, lines: queue_mod.Queue) -> None:
-        assert self.process is not None and self.process.stderr is not None
+    def _drain(self, process: subprocess.Popen, lines: queue_mod.Queue) -> None:
+        assert process.stderr is not None
         announced = False
-        for line in self.process.stderr:
-            self._tail.append(line)
-            if not announced:
-                lines.put(line)
-                announced = LISTENING_RE.search(line) is not None
+        with process.stderr:  # this process's pipe, closed once drained (a restart makes a new one)
+            for line in process.stderr:
+                self._tail.append(line)
+                if not announced:
+                    lines.put(line)
+                    announced = LISTENING_RE.search(line) is not None
         lines.put(None)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def last_words(self) -> str:
+        """The broker's last line on stderr (for errors)."""
+        return self._tail[-1].strip() if self._tail else "no output"
 
     def stop(self, timeout_s: float = BROKER_STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait for the exit (SIGKILL after `timeout_s`), delete the data directory. Idempotent."""
