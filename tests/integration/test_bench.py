@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from chute.testing import running_server
+from tests.processes import alive
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,14 +23,6 @@ TINY = ["--messages", "2000", "--duration", "1", "--rate", "500", "--queues", "2
 def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "chute.cli", "bench", "--json", *TINY, *args],
                           capture_output=True, text=True, timeout=100)  # fmt: skip
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def by_metric(rows: list[dict]) -> dict[tuple[str, str], float | None]:

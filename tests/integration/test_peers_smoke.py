@@ -16,19 +16,12 @@ from pathlib import Path
 import pytest
 
 from benchmarks import peers
+from tests.processes import alive
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--workload", "p2p", "--workload", "latency", "--messages", "2000", "--duration", "1", "--rate", "500",
         "--timeout", "20", "--no-install", "--json"]  # fmt: skip
 PEERS = {"redis": ("redis-server", "redis"), "nats": ("nats-server", "nats")}  # binary, Python client module
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def run_peers(*args: str, timeout_s: float = 45.0) -> tuple[int, str, str]:

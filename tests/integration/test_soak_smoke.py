@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -15,18 +14,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.soak import COLUMNS, bucket_deltas, highest_bucket, quantile
+from tests.processes import alive
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--messages", "3000", "--seconds", "15", "--rate", "1000", "--sample-s", "0.5", "--slow-phase-s", "1",
         "--ttl-s", "1", "--max-delay-s", "1", "--progress-s", "60"]  # fmt: skip
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.timeout(100)
