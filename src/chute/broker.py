@@ -7,8 +7,8 @@ The pure `BrokerCore` decides everything; this module adds what needs an event l
 - time: one timer handle, set for the core's next deadline (lease ends, delays, expiries, retention), or, with
   `auto_tick=False`, nothing at all: tests move their own clock and call `tick()`;
 - waiting: long-polling receivers wait on one future per call, woken when their queue gains ready messages;
-- housekeeping: checkpoints (every `checkpoint_bytes` of log or `checkpoint_interval_s`) followed by
-  compaction of sparse files, one at a time, in the background.
+- housekeeping (`_housekeeping.py`, a mixin): checkpoints (every `checkpoint_bytes` of log or
+  `checkpoint_interval_s`) after compaction of sparse files, one at a time, in the background.
 
 Invariant: the event loop never blocks on disk (the store does its I/O in threads; recovery runs in a thread).
 """
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from chute import _forked_snapshot as forked_snapshot
+from chute._housekeeping import Housekeeping, return_freed_memory
 from chute._management import ManagementApi
 from chute.consumer import Consumer
 from chute.core import records as rec
@@ -43,11 +42,9 @@ from chute.storage.memory import MemoryStore
 
 DEFAULT_DATA_DIR = "./chute-data"
 REDRIVE_STEP = 5_000  # messages a redrive moves per turn of the event loop (a few ms)
-COMPACT_READ_BATCH = 1000  # records read per round trip to the store while compacting
-GC_FREEZE_MIN_ENTRIES = 100_000  # a recovered backlog from which full collections would hold the loop > ~5 ms
 
 
-class Broker(ManagementApi):
+class Broker(ManagementApi, Housekeeping):
     """A durable broker in this process. Use `async with Broker(path) as broker:` (or `await start()` /
     `await close()`). Durable by default: `Broker()` keeps its data in ./chute-data; `Broker.in_memory()` keeps
     nothing (for tests)."""
@@ -102,7 +99,7 @@ class Broker(ManagementApi):
         recovered = await self.store.open()
         self.recovery = recovered.report
         await asyncio.to_thread(self.core.restore, recovered.snapshot, recovered.records, self.clock())
-        _return_freed_memory()  # recovery's transient buffers (snapshot, columns) would otherwise stay in RSS
+        return_freed_memory()  # recovery's transient buffers (snapshot, columns) would otherwise stay in RSS
         self._freeze_recovered_state()
         self._written_at_checkpoint = self.store.bytes_appended
         self._checkpoint_time = time.monotonic()
@@ -385,96 +382,6 @@ class Broker(ManagementApi):
         if self._state == "serving":
             self._run(self.core.tick, self.clock())
 
-    def _maybe_housekeep(self) -> None:
-        if self._housekeeping is not None and not self._housekeeping.done():
-            return
-        written = self.store.bytes_appended - self._written_at_checkpoint
-        due = written >= self.checkpoint_bytes or (
-            written and time.monotonic() - self._checkpoint_time >= self.checkpoint_interval_s
-        )
-        if due and not self.store.read_only:
-            self._housekeeping = asyncio.get_running_loop().create_task(self.checkpoint())
-        elif written and self._idle_check is None:
-            # if nothing else happens, checkpoint when the interval is over anyway: a broker that goes idle after
-            # a busy spell reclaims the files of what was acked, and its checkpoint stands for its state now
-            wait_s = self.checkpoint_interval_s - (time.monotonic() - self._checkpoint_time)
-            self._idle_check = asyncio.get_running_loop().call_later(max(0.0, wait_s) + 0.01, self._idle_housekeep)
-
-    _idle_check: asyncio.TimerHandle | None = None
-
-    def _idle_housekeep(self) -> None:
-        self._idle_check = None
-        if self._state == "serving":
-            self._maybe_housekeep()
-
-    async def checkpoint(self) -> None:
-        """Store a snapshot (recovery then replays only later records) and compact sparse log files. A large
-        state's snapshot is built in a forked process while the broker keeps serving (chute._forked_snapshot)."""
-        async with self._checkpointing:  # one at a time: the forked path wraps the store's append
-            self._written_at_checkpoint = self.store.bytes_appended
-            self._checkpoint_time = time.monotonic()
-            # compaction first: it moves what the previous checkpoint covers, its copies are covered by this one
-            # (their old files go now), and its walk over every entry is done before a fork, not while pages
-            # are shared with the child (the first write to each shared page copies it)
-            await self._compact()
-            if self._state != "serving":
-                return
-            snapshot = None
-            if forked_snapshot.worth_forking(self.core):
-                snapshot = await forked_snapshot.snapshot(self.core, self.store)
-            if snapshot is None:
-                snapshot = self.core.snapshot()
-            held = self.core.pending_refs()  # a store must not reclaim them before their publishes are placed
-            for ref in held:
-                self.store.track(ref)
-            try:
-                await self.store.checkpoint(snapshot)  # no await since the snapshot was made: it stands for here
-            finally:
-                for ref in held:
-                    self.store.release(ref)
-            self.checkpoints += 1
-            del snapshot
-            _return_freed_memory()  # the snapshot was a large transient buffer
-
-    async def _compact(self) -> None:
-        """Move the live records of sparse files forward, a slice at a time: the search yields to the loop every
-        few thousand entries and each move is one batch of reads and one append."""
-        scan = self.core.compaction_scan(self.store.sparse_segments())
-        while not scan.step():
-            await asyncio.sleep(0)
-            if self._state != "serving":
-                return
-        refs = scan.refs()
-        for start in range(0, len(refs), COMPACT_READ_BATCH):
-            batch = refs[start : start + COMPACT_READ_BATCH]
-            payloads = await self.store.read(batch)
-            if self._state != "serving":
-                return
-            self._run(self.core.relocate, list(zip(batch, payloads, strict=True)), scan)
-
-    def _freeze_recovered_state(self) -> None:
-        """After recovering a large backlog, move every object the garbage collector tracks out of its reach
-        (`gc.freeze`) until close. A full collection visits every item of every tracked container: with a
-        million entries in a queue's ready line that is 60-270 ms of a held loop each time. Frozen objects are
-        still freed by reference counting; only cycles among them wait for close (start-up's objects live as
-        long as the broker anyway). Queues filled after start are not covered (see BENCHMARKS.md, issue 12)."""
-        durable = sum(q.length for q in self.core.queues.values() if not q.ephemeral)
-        if durable >= GC_FREEZE_MIN_ENTRIES:
-            gc.collect()  # before serving: what is garbage now is not frozen
-            gc.freeze()
-            Broker._gc_freezes += 1
-            self._gc_frozen = True
-
-    def _thaw(self) -> None:
-        if self._gc_frozen:
-            self._gc_frozen = False
-            Broker._gc_freezes -= 1
-            if not Broker._gc_freezes:  # the last broker that froze: the collector sees everything again
-                gc.unfreeze()
-
-    _gc_frozen = False
-    _gc_freezes = 0  # brokers of this process whose start froze the collector's objects
-
     def _queue_deleted(self, queue) -> None:
         self._queue_deleted_or_closed(queue.name)
 
@@ -483,17 +390,6 @@ class Broker(ManagementApi):
         for future in self._waiters.pop(name, []):
             if not future.done():
                 future.set_result(None)
-
-
-def _return_freed_memory() -> None:
-    """Ask glibc to give freed heap pages back to the OS (no-op elsewhere). After recovery the heap holds tens of
-    MB of freed snapshot buffers that glibc keeps for reuse; a broker should not look bigger than its index."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _delivery(queue: str, payload: bytes, receipt, count, deadline, dead, core) -> Delivery:

@@ -15,7 +15,7 @@ import pytest
 
 from chute import Broker, Publish
 from chute import _forked_snapshot as forked_snapshot
-from chute import broker as broker_module
+from chute import _housekeeping as housekeeping_module
 from chute.core import compaction
 from chute.core import snapshot as snap
 from chute.storage import FileStore
@@ -173,7 +173,7 @@ def test_small_states_and_other_systems_do_not_fork(monkeypatch):
 
 
 async def test_a_recovered_backlog_is_kept_out_of_full_collections_until_close(tmp_path, monkeypatch):
-    monkeypatch.setattr(broker_module, "GC_FREEZE_MIN_ENTRIES", 5)
+    monkeypatch.setattr(housekeeping_module, "GC_FREEZE_MIN_ENTRIES", 5)
     assert gc.get_freeze_count() == 0
     async with Broker(store=FileStore(tmp_path)) as broker:
         await broker.create_queue("q")
