@@ -4,6 +4,7 @@ checkpoints bound what recovery replays."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from chute import Broker, Publish
 from chute.storage import FileStore
@@ -72,3 +73,32 @@ async def test_an_idle_broker_checkpoints_once_its_interval_is_over(tmp_path):
             await asyncio.sleep(0.02)
         assert broker.checkpoints > checkpoints
         assert store.stats().segments <= 2 < grown
+
+
+async def test_commits_go_on_while_a_checkpoint_file_is_written(tmp_path):
+    """The checkpoint's file is written on its own thread: a publish made while that write is held (a slow disk,
+    a large checkpoint) is confirmed without waiting for it."""
+    store = FileStore(tmp_path)
+    entered, gate = threading.Event(), threading.Event()
+    real = store.fs._write_file
+
+    def write_file(path, data) -> None:
+        if path.endswith("checkpoint.tmp"):
+            entered.set()
+            gate.wait(30)
+        real(path, data)
+
+    store.fs._write_file = write_file
+    async with Broker(store=store, checkpoint_bytes=1 << 40) as broker:
+        await broker.create_queue("q")
+        await broker.publish("q", b"before")
+        checkpoint = asyncio.ensure_future(broker.checkpoint())
+        try:
+            assert await asyncio.to_thread(entered.wait, 10)
+            await asyncio.wait_for(broker.publish("q", b"during"), 10)  # confirmed while the checkpoint is held
+            assert not checkpoint.done()
+        finally:
+            gate.set()
+        await checkpoint
+    async with Broker(store=FileStore(tmp_path)) as broker:
+        assert sorted(d.body for d in await broker.receive("q", 10)) == [b"before", b"during"]
