@@ -5,15 +5,12 @@ options the peers get, and a backlog filled with chute.bench's `publish_all`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from benchmarks._peer_common import START_TIMEOUT_S, STOP_TIMEOUT_S, Opts, PeerError, bounded, run_async
+from benchmarks._peer_common import START_TIMEOUT_S, Opts, PeerError, bounded, run_async
 from chute.bench import Bench, BenchError, BrokerProcess, Options, body_of, publish_all
 from chute.client import AsyncClient
 
@@ -68,26 +65,10 @@ class Server(BrokerProcess):
                     raise PeerError(f"chute did not serve its backlog within {timeout_s:g} s ({exc!r})") from None
             await asyncio.sleep(0.01)
 
-    def halt(self, kill: bool = False, timeout_s: float = STOP_TIMEOUT_S) -> float:
-        """SIGTERM (or SIGKILL) and wait for the exit, keeping the data; return the seconds it took."""
-        started = time.perf_counter()
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return time.perf_counter() - started
-
     def restart(self, kill: bool, check: Callable[[], Awaitable[None]]) -> tuple[float, float]:
         """(seconds to stop, seconds until it serves again and `check` passes)."""
         stopped = self.halt(kill)
         return stopped, self.start(check=check)
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        return BrokerProcess.stop(self, timeout_s)
 
     def kill_now(self) -> None:
         """From a signal handler: SIGKILL, reap, delete the data directory."""

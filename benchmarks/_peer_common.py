@@ -4,7 +4,6 @@ own temporary directory, /proc readings, and the bounded helpers every workload 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import shutil
@@ -16,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from chute.bench import DEFAULT_MESSAGES
+from chute.bench import DEFAULT_MESSAGES, end_process
 
 START_TIMEOUT_S = 120.0  # a peer recovering a 1,000,000-message backlog may take a while
 STOP_TIMEOUT_S = 30.0
@@ -184,14 +183,8 @@ class ServerProcess:
     def halt(self, kill: bool = False, timeout_s: float = STOP_TIMEOUT_S) -> float:
         """SIGTERM (or SIGKILL) and wait for the exit, keeping the data; return the seconds it took."""
         started = time.perf_counter()
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            end_process(self.process, signal.SIGKILL if kill else signal.SIGTERM, timeout_s)
         self._reap()
         return time.perf_counter() - started
 

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 import urllib.request
@@ -61,9 +60,7 @@ class HttpBrokerProcess(BrokerProcess):
     def restart(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> float:
         """Stop the broker (SIGTERM: a clean stop) and start it again on its data; return the seconds from the
         new process's start to its native listener (recovery included)."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout_s)
+        self.halt(timeout_s=timeout_s)
         started = time.perf_counter()
         self.start(timeout_s, keep_data=True)
         return time.perf_counter() - started

@@ -119,6 +119,20 @@ class Row:
 # -- the broker subprocess --------------------------------------------------------------------------------------
 
 
+def end_process(process: subprocess.Popen, signum: int, timeout_s: float) -> int | None:
+    """Send `signum` to a running process and wait for its exit (SIGKILL after `timeout_s`); return its exit
+    status. Does nothing to a process that has already exited."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 @dataclass
 class BrokerProcess:
     """`chute serve` in a subprocess on a free port, with its data in a fresh temporary directory (`prefix`, under
@@ -191,19 +205,19 @@ class BrokerProcess:
         """The broker's last line on stderr (for errors)."""
         return self._tail[-1].strip() if self._tail else "no output"
 
+    def halt(self, kill: bool = False, timeout_s: float = BROKER_STOP_TIMEOUT_S) -> float:
+        """SIGTERM (or SIGKILL) and wait for the exit, keeping the data (for a restart); return the seconds it
+        took."""
+        started = time.perf_counter()
+        if self.process is not None:
+            end_process(self.process, signal.SIGKILL if kill else signal.SIGTERM, timeout_s)
+        return time.perf_counter() - started
+
     def stop(self, timeout_s: float = BROKER_STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait for the exit (SIGKILL after `timeout_s`), delete the data directory. Idempotent."""
         code = None
         if self.process is not None:
-            if self.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-            code = self.process.returncode
+            code = end_process(self.process, signal.SIGTERM, timeout_s)
         if self.data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         return code
