@@ -52,10 +52,8 @@ class ManagementApi:
         """Delete a queue with its messages and the subscriptions that feed it."""
         self._check()
         self._run(self.core.delete_queue, name)
-        token = self._pending_token
         if self.core.detached:  # a large queue: its messages' space is given back in steps, in the background
             self._release_task = asyncio.ensure_future(self._release_detached())
-        self._pending_token = token
         await self._durable()
 
     async def _release_detached(self) -> None:
