@@ -204,6 +204,13 @@ class ManagementApi:
     ) -> Consumer:
         """A consumer of a subscription that lives only as long as it does: in memory, at-most-once (messages
         published while nobody listens are not kept; a delivered message is never delivered again)."""
+        queue = self.ephemeral_subscription(topic, pattern, filter=filter)
+        return Consumer(self, queue, prefetch=prefetch, lease_s=None, owns_queue=True)
+
+    def ephemeral_subscription(self, topic: str, pattern: str = ">", *, filter: dict | None = None) -> str:
+        """Bind `pattern` (+ `filter`) on `topic` to a new private in-memory queue and return its name. Nothing
+        is written to the log; whoever made it ends it with `end_ephemeral` (a network consumer, when it or its
+        connection ends)."""
         self._check()
         queue = self.core.create_ephemeral_queue()
         try:
@@ -211,7 +218,15 @@ class ManagementApi:
         except ChuteError:
             self.core.delete_queue(queue.name)
             raise
-        return Consumer(self, queue.name, prefetch=prefetch, lease_s=None, owns_queue=True)
+        return queue.name
+
+    def end_ephemeral(self, queue: str) -> None:
+        """Delete an ephemeral subscription's queue, with its subscription and messages, and wake whoever waits
+        on it. A no-op if it is gone already (or is not an ephemeral queue)."""
+        found = self.core.queues.get(queue)
+        if found is not None and found.ephemeral:
+            self.core.delete_queue(queue)
+        self._queue_deleted_or_closed(queue)
 
 
 def _convert(cls, values: dict):

@@ -386,6 +386,21 @@ def test_golden_publish_reply():
     assert decode_reply(frame.body, m.PublishReply) == m.PublishReply(ids=[1])
 
 
+def test_golden_consume_of_an_ephemeral_subscription():
+    request = m.ConsumeRequest(consumer=1, queue="", topic="orders", pattern="orders.*")
+    assert open_client().send(Op.CONSUME, request, 9) == golden("consume-ephemeral")
+    [frame] = open_server().receive_data(golden("consume-ephemeral"))
+    assert (frame.op, frame.correlation_id, frame.body) == (Op.CONSUME, 9, request)
+
+
+def test_a_consume_without_the_newer_fields_is_a_consume_of_a_queue():
+    older = msgspec.msgpack.encode({"consumer": 1, "queue": "jobs", "prefetch": 100, "lease_s": None})
+    [frame] = open_server().receive_data(pack_header(Op.CONSUME, 3, len(older)) + older)
+    assert frame.body == m.ConsumeRequest(consumer=1, queue="jobs", topic=None, pattern=">", filter=None)
+    reply = open_client().receive_data(open_server().send(Op.REPLY, m.ConsumeReply(consumer=1), 3))[0]
+    assert decode_reply(reply.body, m.ConsumeReply).queue is None
+
+
 def test_the_doc_states_the_port_and_the_handshake_limit():
     text = doc_text()
     assert f"port **{DEFAULT_PORT}**" in text

@@ -29,6 +29,7 @@ from chute.cli.common import (
     timeout_option,
     url_option,
 )
+from chute.cli.messages import tail_topic
 from chute.errors import QueueNotFound
 from chute.model import Delivery, QueueStats
 
@@ -366,7 +367,7 @@ async def topic_delete(url, timeout_s, name) -> None:
 @timeout_option
 @click.argument("topic_name", metavar="TOPIC")
 @click.argument("pattern")
-@click.argument("queue_name", metavar="QUEUE")
+@click.argument("queue_name", metavar="QUEUE", required=False)
 @click.option(
     "--filter",
     "filter_",
@@ -382,13 +383,29 @@ async def topic_delete(url, timeout_s, name) -> None:
     show_default=True,
     help="earliest: also route the messages the topic retains.",
 )
+@click.option(
+    "--ephemeral",
+    is_flag=True,
+    help="No QUEUE: print the matching messages published while the command runs, until Ctrl-C (as `chute tail`).",
+)
 @run_command
-async def subscribe(url, timeout_s, topic_name, pattern, queue_name, filter_, start) -> None:
+async def subscribe(url, timeout_s, topic_name, pattern, queue_name, filter_, start, ephemeral) -> None:
     """Route messages of a topic to a queue.
 
-    Messages of TOPIC whose subject matches PATTERN go to QUEUE; both must exist.
+    Messages of TOPIC whose subject matches PATTERN go to QUEUE; both must exist. With --ephemeral (and no
+    QUEUE) the subscription lasts as long as the command, which prints the messages.
 
     PATTERN: dot-separated words; `*` matches one word, a final `>` one or more."""
+    context = click.get_current_context()
+    if ephemeral:
+        if queue_name is not None:
+            raise click.UsageError("--ephemeral takes no QUEUE (the subscription's queue is private)", context)
+        if start != "now":
+            raise click.UsageError("--ephemeral only takes --start now (it keeps nothing from before)", context)
+        await tail_topic(url, topic_name, pattern, filter_, None, 100, False)
+        return
+    if queue_name is None:
+        raise click.UsageError("missing argument QUEUE (or --ephemeral)", context)
     async with connect(url, timeout_s) as client:
         await client.subscribe(topic_name, pattern, queue_name, filter=filter_, start=start)
     click.echo(f"subscribed {queue_name} to {topic_name} {pattern}")

@@ -1,7 +1,8 @@
-"""`chute publish` and `chute consume`: messages in and out of a broker from the shell.
+"""`chute publish`, `chute consume` and `chute tail`: messages in and out of a broker from the shell.
 
     seq 100000 | chute publish jobs          # one message per line, batched by the client
     chute consume jobs --count 10            # one body per line; acked once printed
+    chute tail orders 'orders.*.eu'          # live messages of a topic until Ctrl-C (an ephemeral subscription)
 
 Invariants:
 - `publish` exits 0 only when every message was confirmed durable; on the first failure it stops reading, waits
@@ -9,6 +10,8 @@ Invariants:
   a time, so a fast producer on stdin cannot make us buffer without bound. stdout carries only ids (`--ids`).
 - `consume` acks a message only after its line was written and flushed, and exits 0 only once every ack is
   confirmed; a message it did not print (still buffered, or its write failed) goes back to the queue.
+- `tail` (and `chute subscribe --ephemeral`) subscribes for as long as it runs: the subscription is made before
+  the line `listening ...` on stderr and is gone when the command ends, Ctrl-C (exit 0) and errors included.
 - `consume` leases only what it may print: with --count it long-polls for at most the messages still wanted
   (`receive`); without, it streams with a push consumer (`consume`) and stops only when that is idle.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -421,3 +425,76 @@ async def consume(url, queue, count, idle_s, follow, no_ack, prefetch, lease_s, 
         printed = await _consume(client, queue, count, idle_s, not no_ack, prefetch, lease_s, as_json)
     verb = "printed" if no_ack else "consumed"
     click.echo(f"{verb} {plural(printed, 'message')} from {queue}{' (not acked)' if no_ack else ''}", err=True)
+
+
+# -- tail ---------------------------------------------------------------------------------------------------------
+
+
+async def tail_topic(url: str, topic: str, pattern: str, filter_: dict | None, count: int | None, prefetch: int,
+                     as_json: bool) -> None:  # fmt: skip
+    """Print the messages of `topic` matching `pattern` and `filter_` published from now on, until `count` came,
+    Ctrl-C or SIGTERM (exit 0); the ephemeral subscription ends with the command."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    printed = 0
+    try:
+        async with connect(url) as client:
+            consumer = await client.subscribe_ephemeral(topic, pattern, filter=filter_, prefetch=prefetch)
+            click.echo(f"listening to {topic} {pattern} (Ctrl-C to stop)", err=True)
+            async with consumer:
+                stopping = loop.create_task(stop.wait())
+                try:
+                    while count is None or printed < count:
+                        getting = loop.create_task(consumer.__anext__())
+                        await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                        if not getting.done():
+                            getting.cancel()
+                            break
+                        try:
+                            delivery = getting.result()
+                        except StopAsyncIteration:
+                            break
+                        sys.stdout.buffer.write(_line(delivery, as_json))
+                        sys.stdout.buffer.flush()
+                        printed += 1
+                finally:
+                    stopping.cancel()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    click.echo(f"printed {plural(printed, 'message')} from {topic}", err=True)
+
+
+@click.command()
+@url_option
+@click.argument("topic")
+@click.argument("pattern", default=">")
+@click.option(
+    "--filter",
+    "filter_",
+    multiple=True,
+    callback=parse_pairs,
+    metavar="HEADER=VALUE",
+    help="Take only messages with this header value (repeatable: all must match).",
+)
+@click.option("--count", "-n", type=click.IntRange(min=1), default=None, metavar="N", help="Exit after N messages.")
+@click.option(
+    "--prefetch", type=click.IntRange(1, 100_000), default=100, show_default=True, metavar="P",
+    help="Deliveries on their way at a time.",
+)  # fmt: skip
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object per message: id, body, headers, delivery_count, priority, subject.",
+)
+@run_command
+async def tail(url, topic, pattern, filter_, count, prefetch, as_json) -> None:
+    """Print live messages of a topic until Ctrl-C.
+
+    Subscribes to PATTERN (default `>`: every subject) on TOPIC for as long as the command runs: messages
+    published meanwhile are printed, one body per line (--json: one object), at most once; nothing is stored
+    for later and nothing is left behind when it ends. Needs the consume permission on the topic."""
+    await tail_topic(url, topic, pattern, filter_, count, prefetch, as_json)

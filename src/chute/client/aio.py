@@ -486,14 +486,32 @@ class AsyncClient:
         self._all_consumers.add(consumer)
         return consumer
 
+    async def subscribe_ephemeral(self, topic: str, pattern: str = ">", *, filter: dict | None = None,
+                                  prefetch: int = 100) -> AsyncConsumer:  # fmt: skip
+        """A push consumer of a subscription that lives as long as the consumer: messages of `topic` whose subject
+        matches `pattern` (and headers match `filter`) published from now on, until `close()` (or the client's
+        close, or the connection's end). At most once: deliveries have receipt 0 and need no ack; nothing is
+        kept while nobody listens (after a reconnect a new subscription starts). Needs `consume` on the topic."""
+        consumer = AsyncConsumer(self, "", prefetch, None, topic=topic, pattern=pattern, filter=filter)
+        await self._start_consumer(consumer)
+        self._all_consumers.add(consumer)
+        return consumer
+
     async def _start_consumer(self, consumer: AsyncConsumer) -> None:
         consumer_id = next(self._consumer_ids)
         request = m.ConsumeRequest(consumer=consumer_id, queue=consumer.queue, prefetch=consumer.prefetch,
                                    lease_s=consumer.lease_s)  # fmt: skip
+        if consumer.topic is not None:
+            request.queue, request.topic = "", consumer.topic
+            request.pattern, request.filter = consumer.pattern, consumer.filter
         self._consumers[consumer_id] = consumer  # before the request: DELIVER may follow the reply at once
         consumer.server_id = consumer_id
         try:
-            await self._call(Op.CONSUME, request, m.ConsumeReply)
+            reply = await self._call(Op.CONSUME, request, m.ConsumeReply)
+            if consumer.topic is not None:
+                if reply.queue is None:  # a broker from before ephemeral subscriptions over the network
+                    raise ChuteError("this broker has no ephemeral subscriptions over the network (upgrade it)")
+                consumer.queue = reply.queue
         except BaseException:
             self._consumers.pop(consumer_id, None)
             consumer.server_id = None

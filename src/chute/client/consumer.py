@@ -5,6 +5,11 @@ the consumer or the client) return credit. After a reconnect the client starts t
 connection: deliveries received before the break were released by the server and will come again, so acking
 them raises InvalidReceipt (at-least-once: the message is not lost, it is delivered again).
 
+An ephemeral consumer (`client.subscribe_ephemeral(topic, pattern)`) consumes a subscription the broker makes for
+it and ends with it: when it is closed, when the client closes, when the connection breaks. Its deliveries are
+at most once (receipt 0: nothing to ack); after a reconnect a new subscription is made, and what was published
+in between is not delivered.
+
 Invariant: `_buffer` holds deliveries received and not yet yielded; closing nacks them at once (they go back to
 the queue without waiting for their lease).
 """
@@ -30,9 +35,15 @@ log = logging.getLogger("chute.client")
 class AsyncConsumer:
     """Async iterator of deliveries from one queue; `close()` (or `async with`) ends it."""
 
-    def __init__(self, client: AsyncClient, queue: str, prefetch: int, lease_s: float | None) -> None:
+    def __init__(self, client: AsyncClient, queue: str, prefetch: int, lease_s: float | None, *,
+                 topic: str | None = None, pattern: str = ">", filter: dict | None = None) -> None:  # fmt: skip
         self.client = client
         self.queue = queue
+        """The queue consumed; for an ephemeral subscription, its private queue (a new one after a reconnect)."""
+        self.topic = topic
+        """Set for an ephemeral subscription: the topic, with `pattern` and `filter`."""
+        self.pattern = pattern
+        self.filter = filter
         self.prefetch = prefetch
         self.lease_s = lease_s
         self.server_id: int | None = None

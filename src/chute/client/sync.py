@@ -84,6 +84,13 @@ class Client:
         """A push consumer: iterate over it for deliveries (settle each with `ack` / `nack`), or `run(callback)`."""
         return Consumer(self, self._runner.run(self._async.consume(queue, prefetch=prefetch, lease_s=lease_s)))
 
+    def subscribe_ephemeral(self, topic: str, pattern: str = ">", *, filter: dict | None = None,
+                            prefetch: int = 100) -> Consumer:  # fmt: skip
+        """A consumer of a subscription that lives as long as it does (see AsyncClient.subscribe_ephemeral):
+        messages published from now on, at most once, nothing to ack; `close()` ends the subscription."""
+        consumer = self._runner.run(self._async.subscribe_ephemeral(topic, pattern, filter=filter, prefetch=prefetch))
+        return Consumer(self, consumer)
+
     def close(self) -> None:
         """Send pending publishes, stop consumers, close the connection and the loop thread. Idempotent."""
         if self._runner.thread.is_alive():

@@ -60,10 +60,19 @@ class ConsumeRequest(msgspec.Struct, kw_only=True):
     queue: str
     prefetch: int = 100
     lease_s: float | None = None
+    topic: str | None = None
+    """Set (with `queue` ""): consume an ephemeral subscription of this topic, made for this consumer and ended
+    with it (CANCEL, its end, or the connection's)."""
+    pattern: str = ">"
+    """With `topic`: the subscription's subject pattern."""
+    filter: dict[str, Any] | None = None
+    """With `topic`: the subscription's header filter."""
 
 
 class ConsumeReply(msgspec.Struct, kw_only=True):
     consumer: int
+    queue: str | None = None
+    """For an ephemeral subscription: the name of its private queue (the `queue` of its deliveries)."""
 
 
 class Deliver(msgspec.Struct, kw_only=True):

@@ -69,17 +69,36 @@ def sweeper_of(server: Server, loop: asyncio.AbstractEventLoop) -> Sweeper:
 
 
 class ServerConsumer:
-    """A push consumer on one session: keeps at most `prefetch` deliveries unsettled."""
+    """A push consumer on one session: keeps at most `prefetch` deliveries unsettled. An ephemeral one consumes
+    the private queue of an ephemeral subscription made for it, which it ends when it ends (at-most-once: its
+    deliveries have receipt 0, need no ack and take no credit)."""
 
-    def __init__(self, session: Session, consumer_id: int, queue: str, prefetch: int, lease_s: float | None):
+    def __init__(self, session: Session, consumer_id: int, queue: str, prefetch: int, lease_s: float | None,
+                 *, ephemeral: bool = False):  # fmt: skip
         self.session = session
         self.id = consumer_id
         self.queue = queue
         self.prefetch = prefetch
         self.lease_s = lease_s
+        self.ephemeral = ephemeral
         self.outstanding: set[int] = set()
         self.credit = asyncio.Event()
         self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run())
+        if self.ephemeral:  # however the task ends (even cancelled before its first step)
+            self.task.add_done_callback(lambda _: self._end_subscription())
+
+    def stop(self) -> None:
+        """Cancel the task; an ephemeral subscription is gone when this returns."""
+        if self.task is not None:
+            self.task.cancel()
+        self._end_subscription()
+
+    def _end_subscription(self) -> None:
+        if self.ephemeral:
+            self.session.broker.end_ephemeral(self.queue)
 
     def settled(self, receipts) -> None:
         if self.outstanding:
@@ -91,7 +110,7 @@ class ServerConsumer:
         max_frame = session.server.config.max_frame_bytes
         end: ChuteError | None = None
         try:
-            while True:
+            while not session.closed:
                 await session.writable.wait()
                 credit = self.prefetch - len(self.outstanding)
                 if credit <= 0:
@@ -230,8 +249,7 @@ class Session(asyncio.Protocol):
         if self._sweeper is not None:
             self._sweeper.discard(self)
         for consumer in list(self.consumers.values()):
-            if consumer.task is not None:
-                consumer.task.cancel()
+            consumer.stop()
         self.consumers.clear()
         for queue, receipts in self.leased.items():
             if receipts:
@@ -376,6 +394,8 @@ class Session(asyncio.Protocol):
         principal = self.principal
         if op is Op.PUBLISH:
             check(principal, "publish", dest_kind(self.broker, body.dest), body.dest)
+        elif op is Op.CONSUME and body.topic is not None:  # an ephemeral subscription: as consuming the topic
+            check(principal, "consume", "topic", body.topic)
         elif op in (Op.CONSUME, Op.RECEIVE, Op.ACK, Op.NACK, Op.EXTEND):
             check(principal, "consume", "queue", body.queue)
         elif op is Op.CALL:
@@ -406,18 +426,26 @@ class Session(asyncio.Protocol):
             raise InvalidArgument(f"prefetch must be from 1 to 100000, got {prefetch!r}")
         if not 1 <= request.consumer <= 2**31 or request.consumer in self.consumers:
             raise InvalidArgument(f"consumer id {request.consumer} is out of range or already in use")
+        if self.closed:  # the connection ended before this request ran: nobody would stop the consumer
+            raise BrokerClosed("the connection is closed")
         self.broker._check()
-        self.broker.core.queue(request.queue)  # QueueNotFound now rather than in the consumer
-        consumer = ServerConsumer(self, request.consumer, request.queue, prefetch, request.lease_s)
+        if request.topic is None:
+            self.broker.core.queue(request.queue)  # QueueNotFound now rather than in the consumer
+            consumer = ServerConsumer(self, request.consumer, request.queue, prefetch, request.lease_s)
+        elif request.queue:
+            raise InvalidArgument("CONSUME takes a queue or a topic (an ephemeral subscription), not both")
+        else:
+            queue = self.broker.ephemeral_subscription(request.topic, request.pattern, filter=request.filter)
+            consumer = ServerConsumer(self, request.consumer, queue, prefetch, None, ephemeral=True)
         self.consumers[consumer.id] = consumer
-        consumer.task = asyncio.get_running_loop().create_task(consumer.run())
-        return m.ConsumeReply(consumer=consumer.id)
+        consumer.start()
+        return m.ConsumeReply(consumer=consumer.id, queue=consumer.queue if consumer.ephemeral else None)
 
     async def _cancel(self, request: m.CancelRequest) -> m.Empty:
         consumer = self.consumers.pop(request.consumer, None)
         if consumer is None:
             raise ConsumerNotFound(f"no consumer {request.consumer} on this connection")
-        consumer.task.cancel()
+        consumer.stop()
         return m.Empty()
 
     async def _receive(self, request: m.ReceiveRequest) -> m.ReceiveReply:

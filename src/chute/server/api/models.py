@@ -185,6 +185,16 @@ class ReceiveRequest(Model):
     """null: the queue's lease."""
 
 
+class TopicReceiveRequest(Model):
+    pattern: Annotated[str, Meta(min_length=1, max_length=1000)] = ">"
+    """The subject pattern of the ephemeral subscription (`>`: every subject)."""
+    filter: dict[str, Any] | None = None
+    """Header filter, e.g. {"region": "eu"} or {"amount": {"gt": 100}}."""
+    max_messages: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 1
+    wait_s: Annotated[float, Meta(ge=0, le=MAX_WAIT_S)] = 0.0
+    """Wait up to this long for the first message published during the request."""
+
+
 class AckRequest(Model):
     receipts: Receipts
 

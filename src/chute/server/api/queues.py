@@ -172,14 +172,14 @@ async def receive(call: Call) -> m.DeliveryList:
     broker.core.queue(name)
     leasing = broker.receive(name, request.max_messages, wait_s=request.wait_s, lease_s=request.lease_s,
                              max_bytes=REPLY_BODY_BYTES)  # fmt: skip
-    deliveries = await _while_connected(call, leasing) if request.wait_s > 0 else await leasing
+    deliveries = await while_connected(call, leasing) if request.wait_s > 0 else await leasing
     if _gone(call.request):  # nobody will read the reply: give the messages back now
         _release(call, deliveries)
         deliveries = []
     return m.DeliveryList(deliveries=[delivery_out(d) for d in deliveries])
 
 
-async def _while_connected(call: Call, leasing) -> list[Delivery]:
+async def while_connected(call: Call, leasing) -> list[Delivery]:
     """Run a long poll; end it early (with []) if the client disconnects. If this handler is cancelled, what the
     poll leased is released, whenever the poll ends."""
     task = asyncio.ensure_future(leasing)

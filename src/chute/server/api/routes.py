@@ -111,6 +111,13 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/topics/{name}/messages/batch", t.publish_batch_to_topic, "Publish messages to a topic",
            "publish", "topic", body=m.PublishBatch, reply=m.PublishedBatch, status=201,
            errors=(*TOPIC, *PUBLISH), tag="topics"),
+    _route("POST", "/topics/{name}/receive", t.receive_from_topic, "Receive messages published while waiting",
+           "consume", "topic", body=m.TopicReceiveRequest, body_required=False, reply=m.DeliveryList,
+           errors=TOPIC, tag="topics",
+           description="An ephemeral subscription (`pattern`, `filter`) lives for the request: it waits up to "
+                       "`wait_s` for the first message published to the topic meanwhile and answers with at most "
+                       "`max_messages`. At most once: receipts are null, nothing to ack; messages published "
+                       "between requests are not kept. `invalid_name`: a bad pattern."),
     _route("GET", "/topics/{name}/subscriptions", t.list_subscriptions, "List a topic's subscriptions", "see",
            "topic", reply=m.SubscriptionList, errors=TOPIC, tag="topics"),
     _route("POST", "/topics/{name}/subscriptions", t.subscribe, "Subscribe a queue to a topic", "manage", "topic",

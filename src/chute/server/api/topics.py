@@ -1,9 +1,12 @@
-"""Handlers of /api/v1/topics/...: topics (create, list, describe, update, delete), publishing to them, and
-their subscriptions (list, subscribe, change the filter, unsubscribe).
+"""Handlers of /api/v1/topics/...: topics (create, list, describe, update, delete), publishing to them,
+receiving from them (an ephemeral subscription for one request) and their subscriptions (list, subscribe, change
+the filter, unsubscribe).
 
 Invariants: a topic route only ever acts on a topic (a queue of the same name is `topic_not_found`);
 subscribing, changing a subscription's filter and unsubscribing need `manage` on the topic (the route) and on
-the queue it feeds (checked here, before anything changes), since they decide what that queue receives.
+the queue it feeds (checked here, before anything changes), since they decide what that queue receives. A
+receive's ephemeral subscription is gone when its handler ends, however it ends (answered, client gone,
+cancelled).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from chute.model import validate_name
 from chute.server import auth
 from chute.server.api import models as m
 from chute.server.api.call import Call
-from chute.server.api.queues import publish_many, publish_one
+from chute.server.api.queues import REPLY_BODY_BYTES, delivery_out, publish_many, publish_one, while_connected
 
 
 async def list_topics(call: Call) -> m.TopicList:
@@ -45,6 +48,19 @@ async def publish_to_topic(call: Call) -> m.Published:
 async def publish_batch_to_topic(call: Call) -> m.PublishedBatch:
     call.broker.core.topic(call.name)
     return await publish_many(call)
+
+
+async def receive_from_topic(call: Call) -> m.DeliveryList:
+    """Messages published to the topic while the request waits: an ephemeral subscription lives for the request
+    (at most once, receipt null, nothing to ack)."""
+    request, broker = call.body, call.broker
+    queue = broker.ephemeral_subscription(call.name, request.pattern, filter=request.filter)
+    try:
+        leasing = broker.receive(queue, request.max_messages, wait_s=request.wait_s, max_bytes=REPLY_BODY_BYTES)
+        deliveries = await while_connected(call, leasing) if request.wait_s > 0 else await leasing
+    finally:
+        broker.end_ephemeral(queue)
+    return m.DeliveryList(deliveries=[delivery_out(d) for d in deliveries])
 
 
 async def list_subscriptions(call: Call) -> m.SubscriptionList:
