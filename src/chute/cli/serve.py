@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -59,7 +61,11 @@ from chute.server import Server, load_config
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
-def serve(config_file, log_level, http_port, **flags) -> None:  # fmt: skip
+@click.option(
+    "--pidfile", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+    help="Write the process id to PATH once listening; removed on a clean stop.",
+)  # fmt: skip
+def serve(config_file, log_level, http_port, pidfile, **flags) -> None:  # fmt: skip
     """Run a broker: durable storage in --data-dir, the native protocol on --port, HTTP on --http-port.
 
     Users: `chute user add ...` (the users file in --data-dir) or [[users]] in --config; see docs/security.md.
@@ -76,7 +82,7 @@ def serve(config_file, log_level, http_port, **flags) -> None:  # fmt: skip
     except ChuteError as exc:
         raise click.ClickException(f"{exc.message} ({exc.name})") from None
     try:
-        _run(_serve(config))
+        _run(_serve(config, pidfile))
     except ChuteError as exc:
         raise click.ClickException(f"{exc.message} ({exc.name})") from None
     except OSError as exc:  # a bind carries no filename; the data directory (e.g. not a directory) does
@@ -102,12 +108,32 @@ def _run(coro) -> None:
         runner.run(coro)
 
 
-async def _serve(config) -> None:
+async def _serve(config, pidfile: str | None = None) -> None:
     server = Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    await stop.wait()
-    await server.stop()
+    try:
+        if pidfile is not None:
+            _write_pidfile(pidfile)
+        await stop.wait()
+    finally:
+        await server.stop()
+    if pidfile is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(pidfile)
+
+
+def _write_pidfile(path: str) -> None:
+    """Our pid and a newline, written whole (a temporary file renamed over PATH): a reader never sees a part."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="ascii") as file:
+            file.write(f"{os.getpid()}\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise OSError(exc.errno, exc.strerror, path) from None  # named as given: "cannot use PATH: ..."
