@@ -45,10 +45,12 @@ class RunningServer:
     server: Server
     http_url: str | None = None
     """`http://127.0.0.1:PORT` (`https://` with TLS), or None without an HTTP listener."""
+    amqp_url: str | None = None
+    """`amqp://127.0.0.1:PORT/` (`amqps://` with TLS) for pika, aio-pika, kombu; None without AMQP."""
 
 
 def _config(data_dir: str, fsync: str, options: dict) -> ServerConfig:
-    values = {"data_dir": data_dir, "host": "127.0.0.1", "port": 0, "http_port": 0, "fsync": fsync,
+    values = {"data_dir": data_dir, "host": "127.0.0.1", "port": 0, "http_port": 0, "amqp_port": 0, "fsync": fsync,
               "heartbeat_s": 5.0, "shutdown_grace_s": 2.0} | options  # fmt: skip
     return ServerConfig(**values)
 
@@ -63,7 +65,9 @@ async def serving(data_dir: str | None = None, *, fsync: str = "never", **option
         try:
             scheme = "https" if server.ssl else "http"
             http_url = f"{scheme}://127.0.0.1:{server.http_port}" if server.http_port else None
-            yield RunningServer(server.url, server.port, server.http_port, data_dir, server, http_url)
+            amqp_scheme = "amqps" if server.ssl else "amqp"
+            amqp_url = f"{amqp_scheme}://127.0.0.1:{server.amqp_port}/" if server.amqp_port else None
+            yield RunningServer(server.url, server.port, server.http_port, data_dir, server, http_url, amqp_url)
         finally:
             await server.stop()
 

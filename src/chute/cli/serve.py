@@ -29,6 +29,10 @@ from chute.server import Server, load_config
     help="HTTP port: HTTP API, dashboard, /metrics, SQS API, /healthz (0: any free port; -1: none).  [default: 6161]",
 )
 @click.option(
+    "--amqp-port", type=int, default=None,
+    help="AMQP 0-9-1 port for pika, aio-pika, kombu (0: any free port; -1: none).  [default: 5672]",
+)  # fmt: skip
+@click.option(
     "--fsync",
     type=click.Choice(["always", "interval", "never"]),
     default=None,
@@ -66,7 +70,8 @@ from chute.server import Server, load_config
     help="Write the process id to PATH once listening; removed on a clean stop.",
 )  # fmt: skip
 def serve(config_file, log_level, http_port, pidfile, **flags) -> None:  # fmt: skip
-    """Run a broker: durable storage in --data-dir, the native protocol on --port, HTTP on --http-port.
+    """Run a broker: durable storage in --data-dir, the native protocol on --port, HTTP on --http-port, AMQP 0-9-1
+    on --amqp-port.
 
     Users: `chute user add ...` (the users file in --data-dir) or [[users]] in --config; see docs/security.md.
 
@@ -75,9 +80,12 @@ def serve(config_file, log_level, http_port, pidfile, **flags) -> None:  # fmt: 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)  # fmt: skip
     try:
-        config = load_config(config_file, http_port=None if http_port == -1 else http_port, **flags)
-        if http_port == -1:
-            config.http_port = None
+        amqp_port = flags.pop("amqp_port")
+        config = load_config(config_file, http_port=None if http_port == -1 else http_port,
+                             amqp_port=None if amqp_port == -1 else amqp_port, **flags)  # fmt: skip
+        if http_port == -1 or amqp_port == -1:
+            config.http_port = None if http_port == -1 else config.http_port
+            config.amqp_port = None if amqp_port == -1 else config.amqp_port
             config.validate()
     except ChuteError as exc:
         raise click.ClickException(f"{exc.message} ({exc.name})") from None

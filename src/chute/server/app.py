@@ -1,7 +1,7 @@
 """`Server`: the broker behind its listeners, with a lifecycle.
 
     start():  HTTP listener first (so /healthz answers 503 while recovering), then recovery, then the native
-              listener; logs each address it listens on.
+              listener and the AMQP one (chute.amqp); logs each address it listens on.
     stop():   stop accepting, tell clients GOAWAY, stop reading requests, answer waiting long polls, let
               in-flight requests finish (up to `shutdown_grace_s`), then close the broker (checkpoint, flush,
               fsync) and the connections.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -30,7 +31,7 @@ from chute.errors import InvalidArgument, TooManyConnections, Unauthenticated
 from chute.protocol import messages as m
 from chute.protocol.frames import Op
 from chute.server.auth import Authenticator
-from chute.server.config import ServerConfig
+from chute.server.config import DEFAULT_AMQP_PORT, ServerConfig
 from chute.server.looplag import LoopLagMonitor
 from chute.server.session import Session
 
@@ -70,6 +71,8 @@ class Server:
         self._http_runner = None
         self.port: int | None = None
         self.http_port: int | None = None
+        self.amqp = None  # the AMQP 0-9-1 front (chute.amqp.AmqpFront) when its listener runs
+        self.amqp_port: int | None = None
         self._stopped = asyncio.Event()
         self._no_sessions = asyncio.Event()
 
@@ -112,7 +115,11 @@ class Server:
             loop = asyncio.get_running_loop()
             self._tcp = await loop.create_server(lambda: Session(self), self.config.host, self.config.port,
                                                  reuse_address=True, backlog=1024, ssl=self.ssl)  # fmt: skip
+            if self.config.amqp_port is not None:
+                await self._start_amqp()
         except BaseException:
+            if self._tcp is not None:
+                self._tcp.close()
             await self._close_http()
             with contextlib.suppress(Exception):
                 await self.broker.close()
@@ -127,6 +134,21 @@ class Server:
         log.info("native protocol listening on %s (data in %s, fsync %s)", self.url, self.config.data_dir,
                  self.config.fsync)  # fmt: skip
         return self
+
+    async def _start_amqp(self) -> None:
+        """The AMQP 0-9-1 listener (docs/amqp.md); without it if the default port is taken by someone else."""
+        from chute.amqp import AmqpFront
+
+        front = AmqpFront(self)
+        try:
+            await front.start(self.config.host, self.config.amqp_port, self.ssl)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or self.config.amqp_port != DEFAULT_AMQP_PORT:
+                raise
+            log.warning("AMQP port %d is in use: AMQP is off (choose another with --amqp-port, or -1)",
+                        DEFAULT_AMQP_PORT)  # fmt: skip
+            return
+        self.amqp, self.amqp_port = front, front.port
 
     async def _check_exposure(self) -> None:
         """Refuse to listen beyond this machine without auth, unless `allow_anonymous`."""
@@ -190,10 +212,14 @@ class Server:
                         "wait, HTTP publishes are refused", self.publish_bytes)  # fmt: skip
             for each in self.sessions:
                 each.pause_reading("memory")
+            if self.amqp is not None:
+                self.amqp.memory(True)  # connection.blocked, and AMQP publishers wait too
         elif self._memory_paused and self.publish_bytes <= high // 2:
             self._memory_paused = False
             for each in self.sessions:
                 each.resume_reading("memory")
+            if self.amqp is not None:
+                self.amqp.memory(False)
 
     @property
     def memory_paused(self) -> bool:
@@ -225,10 +251,14 @@ class Server:
             session.pause_reading("shutdown")
             for consumer in list(session.consumers.values()):
                 consumer.task.cancel()
+        # AMQP: in-flight work finishes, then connection.close 320 CONNECTION_FORCED (before the broker closes)
+        amqp = asyncio.ensure_future(self.amqp.stop(self.config.shutdown_grace_s)) if self.amqp else None
         self.broker.end_long_polls()  # a long-polling RECEIVE is answered now, not after its wait
         pending = [task for session in self.sessions for task in session.requests]
         if pending:
             await asyncio.wait(pending, timeout=self.config.shutdown_grace_s)
+        if amqp is not None:
+            await amqp
         await self.broker.close()  # wakes long polls with BrokerClosed; checkpoint, flush, fsync
         pending = [task for session in self.sessions for task in session.requests]
         if pending:

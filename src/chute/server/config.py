@@ -5,6 +5,7 @@ The file uses the same names as the flags (with `_` for `-`), e.g.
     data_dir = "/var/lib/chute"
     port = 6160
     http_port = 6161
+    amqp_port = 5672
     fsync = "always"
     token = "s3cret"
     tls_cert = "/etc/chute/cert.pem"
@@ -33,6 +34,7 @@ from chute.protocol.frames import DEFAULT_HTTP_PORT, DEFAULT_MAX_FRAME_BYTES, DE
 from chute.server.users import User, check_users
 
 DEFAULT_HOST = "127.0.0.1"
+DEFAULT_AMQP_PORT = 5672
 
 
 class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -44,6 +46,9 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Native protocol port (0: any free port)."""
     http_port: int | None = DEFAULT_HTTP_PORT
     """HTTP port: the HTTP API, dashboard, /metrics, SQS API and /healthz (0: any free port; None: none)."""
+    amqp_port: int | None = DEFAULT_AMQP_PORT
+    """AMQP 0-9-1 port (docs/amqp.md; 0: any free port; None: none). If the default port is taken, the server
+    starts without AMQP and logs a warning; a port given explicitly must be free."""
     fsync: Literal["always", "interval", "never"] = "always"
     """`always`: confirm after fsync (default); `interval`: fsync every 100 ms; `never`: leave it to the OS."""
     token: str | None = None
@@ -81,6 +86,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise InvalidArgument(f"{key} must be between {low} and {high}, got {value!r}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise InvalidArgument(f"http_port must be between 0 and 65535, got {self.http_port!r}")
+        if self.amqp_port is not None and not 0 <= self.amqp_port <= 65535:
+            raise InvalidArgument(f"amqp_port must be between 0 and 65535, got {self.amqp_port!r}")
         if self.max_message_bytes + 64 * 1024 > self.max_frame_bytes:
             raise InvalidArgument("max_frame_bytes must exceed max_message_bytes by at least 64 KiB")
         if self.token is not None and not self.token:

@@ -1,0 +1,272 @@
+"""basic.*, confirm.select and channel.flow: publishing, consuming, getting and settling messages.
+
+Publishing: a run of consecutive basic.publish on a channel becomes one `Broker.publish_batch` per destination
+(the default exchange publishes to the queue named by the routing key; an exchange to its topic, with the routing
+key as the subject). Unroutable messages are not stored: with `mandatory` they come back as basic.return
+(312 NO_ROUTE) before their confirm. In confirm mode, basic.ack goes out once the broker's durable confirm came
+(so a confirm means durable, as on every front); basic.nack when the broker refused the message (a full queue
+with x-overflow reject-publish, a storage failure).
+
+Consuming: see channel.py (prefetch, leases, settling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import TYPE_CHECKING
+
+from pamqp import commands
+
+from chute.amqp import exchanges as ex
+from chute.amqp.channel import LEASE_S, AmqpConsumer
+from chute.amqp.declare import _no_exchange, _no_queue, _owned_elsewhere, queue_name
+from chute.amqp.errors import (
+    ACCESS_REFUSED,
+    NO_ROUTE,
+    NOT_ALLOWED,
+    NOT_IMPLEMENTED,
+    AmqpError,
+    connection_error,
+    from_chute,
+)
+from chute.amqp.mapping import EXCHANGE_HEADER, to_publish
+from chute.errors import ChuteError, QueueFull, QueueNotFound, TopicNotFound
+from chute.server.auth import check
+
+if TYPE_CHECKING:
+    from chute.amqp.channel import Channel
+    from chute.amqp.connection import Content
+    from chute.amqp.session import AmqpSession
+
+MAX_BATCH = 1000  # publishes taken together into one broker call
+
+
+# -- publishing -------------------------------------------------------------------------------------------------
+
+
+def publish(session: AmqpSession, channel: Channel, batch: list[Content]) -> None:
+    """Route a run of publishes and start their broker calls (one task per destination run), in order."""
+    group_dest, group = None, []
+    for content in batch:
+        try:
+            dest, message, routable = _route(session, content)
+        except (AmqpError, ChuteError) as exc:
+            _flush(session, channel, group_dest, group)
+            if isinstance(exc, ChuteError):
+                exc = from_chute(exc)
+            exc.blame(content.method)
+            if exc.connection:
+                session.fail(exc)
+            else:
+                session.channel_error(channel.number, exc)
+            return
+        seq = 0
+        if channel.confirm:
+            channel.publish_seq += 1
+            seq = channel.publish_seq
+            channel.unconfirmed.add(seq)
+        if not routable:
+            method = content.method
+            if method.mandatory:
+                session.write(session.conn.send_content(channel.number, commands.Basic.Return(
+                    reply_code=NO_ROUTE, reply_text="NO_ROUTE", exchange=method.exchange,
+                    routing_key=method.routing_key), content.properties, content.body))  # fmt: skip
+            if seq:
+                _confirm(session, channel, [seq], True)
+            continue
+        if dest != group_dest:
+            _flush(session, channel, group_dest, group)
+            group_dest, group = dest, []
+        group.append((message, seq))
+    _flush(session, channel, group_dest, group)
+
+
+def _route(session: AmqpSession, content: Content):
+    """(destination, Chute publish, routable) of one basic.publish; AmqpError for a refused one."""
+    method = content.method
+    if method.immediate:
+        raise connection_error(NOT_IMPLEMENTED, "immediate=true", method)
+    exchange, key = method.exchange, method.routing_key
+    core = session.broker.core
+    if not exchange:
+        if not key:
+            return "", None, False
+        check(session.principal, "publish", "queue", key)
+        return key, to_publish(content.properties, content.body), key in core.queues
+    declared = session.front.book.exchanges.get(exchange)
+    dest = ex.topic_name(exchange)
+    topic = core.topics.get(dest)
+    if declared is None:
+        raise _no_exchange(exchange)
+    if declared["internal"]:
+        raise AmqpError(ACCESS_REFUSED, f"cannot publish to internal exchange '{exchange}' in vhost '/'")
+    check(session.principal, "publish", "topic", dest)
+    subject = ex.subject(key)
+    if subject is None and declared["type"] in ("fanout", "headers"):
+        subject = ex.FANOUT_SUBJECT
+    message = to_publish(content.properties, content.body, subject)
+    headers = message.headers if message.headers is not None else {}
+    headers[EXCHANGE_HEADER] = exchange
+    message.headers = headers
+    routable = subject is not None and topic is not None and bool(topic.route(subject, headers))
+    return dest, message, routable
+
+
+def _flush(session: AmqpSession, channel: Channel, dest: str | None, group: list) -> None:
+    if group:
+        task = session.spawn(_commit(session, channel, dest, group))
+        channel.publishing.add(task)
+        task.add_done_callback(channel.publishing.discard)
+
+
+async def _commit(session: AmqpSession, channel: Channel, dest: str, group: list) -> None:
+    messages = [message for message, _ in group]
+    seqs = [seq for _, seq in group if seq]
+    size = sum(len(message.body) for message in messages)
+    session.server.publishing(session, size)
+    try:
+        await session.broker.publish_batch(dest, messages)
+    except (QueueFull, QueueNotFound, TopicNotFound) as exc:  # refused (reject-publish) or gone meanwhile
+        _confirm(session, channel, seqs, isinstance(exc, QueueNotFound | TopicNotFound))
+        return
+    except ChuteError as exc:
+        _confirm(session, channel, seqs, False)
+        error = from_chute(exc, commands.Basic.Publish())
+        if error.connection:
+            session.fail(error)
+        elif not channel.closed:
+            session.channel_error(channel.number, error)
+        return
+    finally:
+        session.server.publishing(session, -size)
+    _confirm(session, channel, seqs, True)
+
+
+def _confirm(session: AmqpSession, channel: Channel, seqs: list[int], ok: bool) -> None:
+    """basic.ack (or nack) for these sequence numbers: one frame with `multiple` when they are all that is left
+    below the highest."""
+    if not seqs or channel.closed:
+        return
+    pending = channel.unconfirmed
+    pending.difference_update(seqs)
+    last = max(seqs)
+    conn, number = session.conn, channel.number
+    kind = commands.Basic.Ack if ok else commands.Basic.Nack
+    if len(seqs) > 1 and (not pending or min(pending) > last):
+        session.write(conn.send_method(number, kind(delivery_tag=last, multiple=True)))
+        return
+    session.write(b"".join(conn.send_method(number, kind(delivery_tag=seq)) for seq in seqs))
+
+
+# -- consuming --------------------------------------------------------------------------------------------------
+
+
+def _consumable(session: AmqpSession, channel: Channel, method) -> str:
+    name = queue_name(channel, method.queue, method)
+    if name not in session.broker.core.queues:
+        raise _no_queue(name)
+    check(session.principal, "consume", "queue", name)
+    _owned_elsewhere(session, name)
+    return name
+
+
+async def basic_qos(session: AmqpSession, channel: Channel, method) -> object:
+    if method.prefetch_size:
+        raise connection_error(NOT_IMPLEMENTED, "prefetch_size!=0 is not supported", method)
+    if method.global_:
+        channel.prefetch = method.prefetch_count
+    else:
+        channel.consumer_prefetch = method.prefetch_count
+    channel.credit.set()
+    return commands.Basic.QosOk()
+
+
+async def basic_consume(session: AmqpSession, channel: Channel, method) -> object:
+    name = _consumable(session, channel, method)
+    front = session.front
+    tag = method.consumer_tag or "amq.ctag-" + secrets.token_urlsafe(16)
+    if tag in channel.consumers:
+        raise connection_error(NOT_ALLOWED, f"attempt to reuse consumer tag '{tag}'", method)
+    if name in front.exclusive_consumers or (method.exclusive and front.consumers[name]):
+        raise AmqpError(ACCESS_REFUSED, f"queue '{name}' in vhost '/' in exclusive use")
+    consumer = AmqpConsumer(channel, tag, name, bool(method.no_ack), bool(method.exclusive), channel.consumer_prefetch)
+    channel.consumers[tag] = consumer
+    front.consumer_started(name)
+    if method.exclusive:
+        front.exclusive_consumers.add(name)
+    if not method.nowait:
+        session.write(session.conn.send_method(channel.number, commands.Basic.ConsumeOk(consumer_tag=tag)))
+    consumer.task = asyncio.ensure_future(consumer.run())
+    return None
+
+
+async def basic_cancel(session: AmqpSession, channel: Channel, method) -> object:
+    channel.cancel(method.consumer_tag)
+    return commands.Basic.CancelOk(consumer_tag=method.consumer_tag)
+
+
+async def basic_get(session: AmqpSession, channel: Channel, method) -> object:
+    name = _consumable(session, channel, method)
+    broker = session.broker
+    deliveries = await broker.receive(name, 1, lease_s=LEASE_S)
+    if not deliveries:
+        return commands.Basic.GetEmpty()
+    if channel.closed:
+        broker.release(name, [d.receipt for d in deliveries])
+        return None
+    count = broker.queue_stats(name).ready
+    channel.deliver(None, deliveries, get_count=count, get_no_ack=bool(method.no_ack))
+    return None
+
+
+async def basic_ack(session: AmqpSession, channel: Channel, method) -> object:
+    channel.settle(method, method.delivery_tag, method.multiple, "ack")
+
+
+async def basic_nack(session: AmqpSession, channel: Channel, method) -> object:
+    channel.settle(method, method.delivery_tag, method.multiple, "nack", method.requeue)
+
+
+async def basic_reject(session: AmqpSession, channel: Channel, method) -> object:
+    channel.settle(method, method.delivery_tag, False, "nack", method.requeue)
+
+
+async def basic_recover(session: AmqpSession, channel: Channel, method) -> object:
+    channel.recover()
+    return commands.Basic.RecoverOk() if isinstance(method, commands.Basic.Recover) else None
+
+
+async def confirm_select(session: AmqpSession, channel: Channel, method) -> object:
+    channel.confirm = True
+    return commands.Confirm.SelectOk()
+
+
+async def channel_flow(session: AmqpSession, channel: Channel, method) -> object:
+    if method.active:
+        channel.flow.set()
+    else:
+        channel.flow.clear()
+    return commands.Channel.FlowOk(active=method.active)
+
+
+async def not_implemented(session: AmqpSession, channel: Channel, method) -> object:
+    raise connection_error(NOT_IMPLEMENTED, f"{method.name} is not supported by Chute (see docs/amqp.md)", method)
+
+
+HANDLERS = {
+    commands.Basic.Qos: basic_qos,
+    commands.Basic.Consume: basic_consume,
+    commands.Basic.Cancel: basic_cancel,
+    commands.Basic.Get: basic_get,
+    commands.Basic.Ack: basic_ack,
+    commands.Basic.Nack: basic_nack,
+    commands.Basic.Reject: basic_reject,
+    commands.Basic.Recover: basic_recover,
+    commands.Basic.RecoverAsync: basic_recover,
+    commands.Confirm.Select: confirm_select,
+    commands.Channel.Flow: channel_flow,
+    commands.Tx.Select: not_implemented,
+    commands.Tx.Commit: not_implemented,
+    commands.Tx.Rollback: not_implemented,
+}

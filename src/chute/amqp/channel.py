@@ -1,0 +1,238 @@
+"""`Channel` and `AmqpConsumer`: one AMQP channel's deliveries, prefetch and acknowledgements.
+
+A channel numbers its deliveries (delivery tags 1, 2, 3, ...) and maps each unacked tag to the Chute queue and
+receipt it stands for. basic.ack / nack / reject settle tags (with `multiple`, every tag up to one); closing the
+channel (or the connection) releases every unacked delivery at once, so another consumer gets it.
+
+Prefetch: basic.qos with global=false sets the limit of each consumer started afterwards (as RabbitMQ does);
+global=true the limit of the whole channel. A consumer leases at most its remaining credit (the smaller of the
+two) per batch, and nothing while the connection's write buffer is full or the channel's flow is off.
+
+Leases: an AMQP delivery stays unacked as long as the channel lives, so it is leased for `LEASE_S` (12 h, Chute's
+longest lease) and given back when the channel closes; a no-ack consumer's deliveries are acked as they are sent
+(at most once).
+
+Invariants: every tag in `unacked` is leased from the broker under its receipt and released or settled exactly
+once; a consumer's deliveries are written in tag order; after `close()` nothing more is delivered on the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from pamqp import commands
+
+from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
+from chute.amqp.exchanges import routing_key
+from chute.amqp.mapping import to_properties
+from chute.errors import ChuteError, QueueNotFound
+from chute.model import MAX_LEASE_S, Delivery
+
+if TYPE_CHECKING:
+    from chute.amqp.session import AmqpSession
+
+log = logging.getLogger("chute.amqp")
+LEASE_S = MAX_LEASE_S
+POLL_S = 1.0  # longest single long poll of a consumer
+MAX_BATCH = 256  # deliveries leased per batch
+CREDIT_RECHECK_S = 0.5
+
+
+class AmqpConsumer:
+    __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "outstanding", "task")
+
+    def __init__(self, channel: Channel, tag: str, queue: str, no_ack: bool, exclusive: bool, prefetch: int):
+        self.channel = channel
+        self.tag = tag
+        self.queue = queue
+        self.no_ack = no_ack
+        self.exclusive = exclusive
+        self.prefetch = prefetch  # 0: unlimited
+        self.outstanding = 0  # unacked deliveries of this consumer
+        self.task: asyncio.Task | None = None
+
+    def credit(self) -> int:
+        channel = self.channel
+        credit = MAX_BATCH
+        if self.prefetch and not self.no_ack:
+            credit = min(credit, self.prefetch - self.outstanding)
+        if channel.prefetch and not self.no_ack:
+            credit = min(credit, channel.prefetch - len(channel.unacked))
+        return credit
+
+    async def run(self) -> None:
+        channel = self.channel
+        session = channel.session
+        broker = session.broker
+        try:
+            while not channel.closed:
+                await session.writable.wait()
+                await channel.flow.wait()
+                credit = self.credit()
+                if credit <= 0:
+                    channel.credit.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(CREDIT_RECHECK_S):
+                            await channel.credit.wait()
+                    continue
+                deliveries = await broker.receive(self.queue, credit, wait_s=POLL_S, lease_s=LEASE_S,
+                                                  max_bytes=session.body_budget)  # fmt: skip
+                if not deliveries:
+                    continue
+                if channel.closed or self.task is None:
+                    broker.release(self.queue, [d.receipt for d in deliveries])
+                    return
+                channel.deliver(self, deliveries)
+        except asyncio.CancelledError:
+            raise
+        except QueueNotFound:  # the queue was deleted: RabbitMQ tells the client with basic.cancel
+            channel.consumer_gone(self, notify=True)
+        except ChuteError as exc:
+            log.info("consumer %s on %s ended: %s", self.tag, self.queue, exc.message)
+            channel.consumer_gone(self, notify=True)
+        except Exception:
+            log.exception("consumer %s on %s failed", self.tag, self.queue)
+            channel.consumer_gone(self, notify=True)
+
+
+class Channel:
+    """One open channel of a session."""
+
+    def __init__(self, session: AmqpSession, number: int) -> None:
+        self.session = session
+        self.number = number
+        self.consumers: dict[str, AmqpConsumer] = {}
+        self.unacked: OrderedDict[int, tuple[str, int, AmqpConsumer | None]] = OrderedDict()
+        self.next_tag = 1
+        self.prefetch = 0  # channel-wide limit (qos global=true); 0: none
+        self.consumer_prefetch = 0  # limit of consumers started from now on (qos global=false)
+        self.confirm = False
+        self.publish_seq = 0  # last publish sequence number in confirm mode
+        self.unconfirmed: set[int] = set()
+        self.publishing: set[asyncio.Task] = set()  # publish batches not yet confirmed by the broker
+        self.last_queue = ""  # the queue of the last queue.declare ("" in later methods means this one)
+        self.flow = asyncio.Event()
+        self.flow.set()
+        self.credit = asyncio.Event()
+        self.closed = False
+        self.inbox: list = []  # events waiting for the channel's worker (methods run one at a time, in order)
+        self.worker: asyncio.Task | None = None
+
+    # -- delivering -------------------------------------------------------------------------------------------
+
+    def deliver(self, consumer: AmqpConsumer | None, deliveries: list[Delivery], *, get_count: int = 0,
+                get_no_ack: bool = False) -> None:
+        """Number the deliveries, remember them as unacked (unless no-ack) and write them."""
+        session = self.session
+        conn = session.conn
+        parts = []
+        acks = []
+        for delivery in deliveries:
+            tag = self.next_tag
+            self.next_tag += 1
+            properties = to_properties(delivery)
+            exchange, key = _origin(delivery)
+            redelivered = delivery.delivery_count > 1
+            if consumer is None:  # basic.get
+                method = commands.Basic.GetOk(delivery_tag=tag, redelivered=redelivered, exchange=exchange,
+                                              routing_key=key, message_count=get_count)  # fmt: skip
+                no_ack = get_no_ack
+            else:
+                method = commands.Basic.Deliver(consumer_tag=consumer.tag, delivery_tag=tag, redelivered=redelivered,
+                                                exchange=exchange, routing_key=key)  # fmt: skip
+                no_ack = consumer.no_ack
+            if no_ack:
+                acks.append(delivery.receipt)
+            else:
+                self.unacked[tag] = (delivery.queue, delivery.receipt, consumer)
+                if consumer is not None:
+                    consumer.outstanding += 1
+            parts.append(conn.send_content(self.number, method, properties, delivery.body))
+        session.write(b"".join(parts))
+        if acks:
+            session.spawn(session.broker.ack(deliveries[0].queue, acks))
+
+    def settle(self, method, tag: int, multiple: bool, action: str, requeue: bool = True) -> None:
+        """basic.ack / nack / reject: settle `tag` (and every earlier one with `multiple`); 406 if unknown."""
+        if multiple:
+            tags = [t for t in self.unacked if t <= tag] if tag else list(self.unacked)
+        elif tag in self.unacked:
+            tags = [tag]
+        else:
+            tags = []
+        if not tags and (tag or not multiple):
+            raise AmqpError(PRECONDITION_FAILED, f"unknown delivery tag {tag}", method=method)
+        by_queue: dict[str, list[int]] = {}
+        for each in tags:
+            queue, receipt, consumer = self.unacked.pop(each)
+            if consumer is not None:
+                consumer.outstanding -= 1
+            by_queue.setdefault(queue, []).append(receipt)
+        self.credit.set()
+        broker = self.session.broker
+        for queue, receipts in by_queue.items():
+            if action == "ack":
+                self.session.spawn(broker.ack(queue, receipts))
+            else:
+                self.session.spawn(broker.nack(queue, receipts, dead_letter=not requeue))
+
+    def recover(self) -> None:
+        """basic.recover: every unacked delivery goes back to its queue (delivered again, marked redelivered)."""
+        self._release_unacked()
+        self.credit.set()
+
+    def consumer_gone(self, consumer: AmqpConsumer, *, notify: bool) -> None:
+        if self.consumers.get(consumer.tag) is consumer:
+            del self.consumers[consumer.tag]
+            if consumer.exclusive:
+                self.session.front.exclusive_consumers.discard(consumer.queue)
+            self.session.front.consumer_ended(consumer.queue)
+            if notify and not self.closed and self.session.capabilities.get("consumer_cancel_notify"):
+                self.session.write(self.session.conn.send_method(self.number, commands.Basic.Cancel(
+                    consumer_tag=consumer.tag, nowait=True)))  # fmt: skip
+        consumer.task = None
+
+    def cancel(self, tag: str) -> None:
+        consumer = self.consumers.get(tag)
+        if consumer is not None:
+            task = consumer.task
+            self.consumer_gone(consumer, notify=False)
+            if task is not None:
+                task.cancel()
+
+    def close(self) -> None:
+        """The channel ends: stop its consumers, release its unacked deliveries."""
+        if self.closed:
+            return
+        self.closed = True
+        self.flow.set()
+        self.credit.set()
+        for tag in list(self.consumers):
+            self.cancel(tag)
+        if self.worker is not None and self.worker is not asyncio.current_task():
+            self.worker.cancel()
+        self.inbox.clear()
+        self._release_unacked()
+
+    def _release_unacked(self) -> None:
+        by_queue: dict[str, list[int]] = {}
+        for queue, receipt, consumer in self.unacked.values():
+            by_queue.setdefault(queue, []).append(receipt)
+            if consumer is not None:
+                consumer.outstanding -= 1
+        self.unacked.clear()
+        for queue, receipts in by_queue.items():
+            self.session.broker.release(queue, receipts)
+
+
+def _origin(delivery: Delivery) -> tuple[str, str]:
+    """The exchange and routing key a message was published with."""
+    message = delivery.message
+    exchange = message.headers.get("amqp-exchange", "")
+    if message.subject is not None:
+        return exchange, routing_key(message.subject)
+    return exchange, delivery.queue

@@ -1,0 +1,297 @@
+"""exchange.* and queue.* methods: declaring, binding and deleting, on Chute topics, subscriptions and queues.
+
+Permissions (server/auth.py): declaring, binding, purging and deleting need `manage` on the queue (and on the
+exchange's topic for bindings); a passive declare needs any permission on the name. Every check comes before the
+broker is touched, so a refused method changes nothing.
+
+RabbitMQ's rules and texts are followed where a client can tell: the default exchange cannot be declared, bound
+or deleted (403); names starting with `amq.` are reserved (403); redeclaring with other flags, type or arguments
+is 406 (`inequivalent arg ...`); a queue another connection declared exclusive is 405; deleting a queue or an
+exchange that does not exist succeeds.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from pamqp import commands
+
+from chute.amqp import exchanges as ex
+from chute.amqp.errors import (
+    ACCESS_REFUSED,
+    COMMAND_INVALID,
+    NOT_FOUND,
+    NOT_IMPLEMENTED,
+    PRECONDITION_FAILED,
+    RESOURCE_LOCKED,
+    AmqpError,
+    connection_error,
+)
+from chute.amqp.mapping import queue_settings
+from chute.errors import QueueExists, QueueNotFound, SubscriptionNotFound
+from chute.server.auth import check
+
+if TYPE_CHECKING:
+    from chute.amqp.channel import Channel
+    from chute.amqp.session import AmqpSession
+
+VHOST = "'/'"
+
+
+def _no_exchange(name: str) -> AmqpError:
+    return AmqpError(NOT_FOUND, f"no exchange '{name}' in vhost {VHOST}")
+
+
+def _no_queue(name: str) -> AmqpError:
+    return AmqpError(NOT_FOUND, f"no queue '{name}' in vhost {VHOST}")
+
+
+def _see(session: AmqpSession, kind: str, name: str) -> None:
+    if not session.principal.can_see(kind, name):
+        check(session.principal, "manage", kind, name)  # raises Forbidden naming the caller
+
+
+def plain(value):
+    """Arguments as JSON-safe data (for the exchange book and for comparing declarations)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    return str(value)
+
+
+# -- exchanges --------------------------------------------------------------------------------------------------
+
+
+async def exchange_declare(session: AmqpSession, channel: Channel, method) -> object:
+    name, book = method.exchange, session.front.book
+    if not name:
+        raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
+    current = book.exchanges.get(name)
+    if method.passive:
+        if current is None:
+            raise _no_exchange(name)
+        _see(session, "topic", ex.topic_name(name))
+        return commands.Exchange.DeclareOk()
+    if method.exchange_type not in ex.TYPES:
+        raise connection_error(COMMAND_INVALID, f"unknown exchange type '{method.exchange_type}'")
+    wanted = {"type": method.exchange_type, "durable": bool(method.durable), "auto_delete": bool(method.auto_delete),
+              "internal": bool(method.internal), "arguments": plain(method.arguments or {})}  # fmt: skip
+    if current is not None:
+        for key in ("type", "durable", "auto_delete", "internal"):
+            if current[key] != wanted[key]:
+                raise AmqpError(PRECONDITION_FAILED, f"inequivalent arg '{key}' for exchange '{name}' in vhost "
+                                f"{VHOST}: received '{wanted[key]}' but current is '{current[key]}'")  # fmt: skip
+        return commands.Exchange.DeclareOk()
+    if name.startswith("amq."):
+        raise AmqpError(ACCESS_REFUSED, f"exchange name '{name}' contains reserved prefix 'amq.*'")
+    topic = ex.topic_name(name)
+    check(session.principal, "manage", "topic", topic)
+    await session.broker.create_topic(topic)
+    book.exchanges[name] = wanted
+    await session.front.save_book()
+    return commands.Exchange.DeclareOk()
+
+
+async def exchange_delete(session: AmqpSession, channel: Channel, method) -> object:
+    name, book = method.exchange, session.front.book
+    if not name or name.startswith("amq."):
+        raise AmqpError(ACCESS_REFUSED, f"operation not permitted on the {name or 'default'} exchange")
+    if name not in book.exchanges:
+        return commands.Exchange.DeleteOk()
+    topic = ex.topic_name(name)
+    check(session.principal, "manage", "topic", topic)
+    if method.if_unused and any(b["exchange"] == name for b in book.bindings):
+        raise AmqpError(PRECONDITION_FAILED, f"exchange '{name}' in vhost {VHOST} in use")
+    if topic in session.broker.core.topics:
+        await session.broker.delete_topic(topic)
+    del book.exchanges[name]
+    book.bindings = [b for b in book.bindings if b["exchange"] != name]
+    await session.front.save_book()
+    return commands.Exchange.DeleteOk()
+
+
+async def exchange_bind(session: AmqpSession, channel: Channel, method) -> object:
+    raise connection_error(NOT_IMPLEMENTED, "exchange-to-exchange bindings are not supported by Chute", method)
+
+
+# -- queues -----------------------------------------------------------------------------------------------------
+
+
+def _owned_elsewhere(session: AmqpSession, name: str) -> None:
+    owner = session.front.exclusive.get(name)
+    if owner is not None and owner is not session:
+        raise AmqpError(RESOURCE_LOCKED, f"cannot obtain exclusive access to locked queue '{name}' in vhost {VHOST}."
+                        " It could be originally declared on another connection or the exclusive property value "
+                        "does not match that of the original declaration.")  # fmt: skip
+
+
+def queue_name(channel: Channel, name: str, method) -> str:
+    """The queue a method names: "" means the channel's last declared queue."""
+    if name:
+        return name
+    if not channel.last_queue:
+        raise AmqpError(NOT_FOUND, "no previously declared queue", method=method)
+    return channel.last_queue
+
+
+async def queue_declare(session: AmqpSession, channel: Channel, method) -> object:
+    broker, front = session.broker, session.front
+    name = method.queue
+    if method.passive:
+        name = queue_name(channel, name, method)
+        if name not in broker.core.queues:
+            raise _no_queue(name)
+        _see(session, "queue", name)
+        _owned_elsewhere(session, name)
+    else:
+        if not name:
+            name = "amq.gen-" + secrets.token_urlsafe(16)
+        elif name.startswith("amq."):
+            raise AmqpError(ACCESS_REFUSED, f"queue name '{name}' contains reserved prefix 'amq.*'")
+        check(session.principal, "manage", "queue", name)
+        _owned_elsewhere(session, name)
+        settings = queue_settings(method.arguments, _dead_letter_queue(session, method.arguments or {}))
+        try:
+            await broker.create_queue(name, settings)
+        except QueueExists:
+            raise AmqpError(PRECONDITION_FAILED, f"inequivalent arg for queue '{name}' in vhost {VHOST}: its "
+                            "arguments differ from the existing queue's settings") from None  # fmt: skip
+        if method.exclusive:
+            front.exclusive[name] = session
+        if method.auto_delete:
+            front.auto_delete.add(name)
+    channel.last_queue = name
+    stats = broker.queue_stats(name)
+    return commands.Queue.DeclareOk(queue=name, message_count=stats.ready, consumer_count=front.consumers[name])
+
+
+def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
+    """The Chute dead-letter queue of `x-dead-letter-exchange` and `-routing-key`, resolved now: the default
+    exchange names the queue; another exchange must route the routing key to exactly one queue."""
+    if "x-dead-letter-exchange" not in arguments:
+        return None
+    exchange = arguments["x-dead-letter-exchange"]
+    key = arguments.get("x-dead-letter-routing-key")
+    core = session.broker.core
+    if exchange == "":
+        if not key:
+            raise AmqpError(PRECONDITION_FAILED, "x-dead-letter-exchange '' needs x-dead-letter-routing-key (the "
+                            "dead-letter queue)")  # fmt: skip
+        if key not in core.queues:
+            raise AmqpError(PRECONDITION_FAILED, f"dead-letter queue '{key}' does not exist: declare it first")
+        return key
+    if exchange not in session.front.book.exchanges:
+        raise AmqpError(PRECONDITION_FAILED, f"dead-letter exchange '{exchange}' does not exist: declare it and "
+                        "bind its queue first")  # fmt: skip
+    topic = core.topics.get(ex.topic_name(exchange))
+    subject = ex.subject(key or "") or ""
+    queues = topic.route(subject, {}) if topic is not None else []
+    if len(queues) != 1:
+        raise AmqpError(PRECONDITION_FAILED, f"dead-letter exchange '{exchange}' must route "
+                        f"{'the key ' + repr(key) if key else 'messages'} to exactly one queue (it routes to "
+                        f"{len(queues)}): Chute dead-letters to one queue")  # fmt: skip
+    return queues[0].name
+
+
+async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
+    exchange, book, broker = method.exchange, session.front.book, session.broker
+    name = queue_name(channel, method.queue, method)
+    if not exchange:
+        raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
+    if name not in broker.core.queues:
+        raise _no_queue(name)
+    declared = book.exchanges.get(exchange)
+    if declared is None:
+        raise _no_exchange(exchange)
+    topic = ex.topic_name(exchange)
+    check(session.principal, "manage", "topic", topic)
+    check(session.principal, "manage", "queue", name)
+    _owned_elsewhere(session, name)
+    if topic not in broker.core.topics:  # a predeclared amq.* exchange's first binding (or a topic deleted natively)
+        await broker.create_topic(topic)
+    arguments = plain(method.arguments or {})
+    patterns, header_filter = ex.patterns(declared["type"], method.routing_key, arguments)
+    if book.find(exchange, name, method.routing_key, arguments) is not None:
+        return commands.Queue.BindOk()
+    for pattern in patterns:
+        await broker.subscribe(topic, pattern, name, filter=header_filter or None)
+    book.bindings.append({"exchange": exchange, "queue": name, "key": method.routing_key, "arguments": arguments})
+    await session.front.save_book()
+    return commands.Queue.BindOk()
+
+
+async def queue_unbind(session: AmqpSession, channel: Channel, method) -> object:
+    exchange, book, broker = method.exchange, session.front.book, session.broker
+    name = queue_name(channel, method.queue, method)
+    if not exchange:
+        raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
+    declared = book.exchanges.get(exchange)
+    if declared is None:
+        raise _no_exchange(exchange)
+    if name not in broker.core.queues:
+        raise _no_queue(name)
+    topic = ex.topic_name(exchange)
+    check(session.principal, "manage", "topic", topic)
+    check(session.principal, "manage", "queue", name)
+    arguments = plain(method.arguments or {})
+    binding = book.find(exchange, name, method.routing_key, arguments)
+    if binding is None:
+        return commands.Queue.UnbindOk()
+    book.bindings.remove(binding)
+    still = set()
+    for other in book.bound(exchange, name):
+        still.update(ex.patterns(declared["type"], other["key"], other["arguments"])[0])
+    for pattern in ex.patterns(declared["type"], method.routing_key, arguments)[0]:
+        if pattern not in still:
+            try:
+                await broker.unsubscribe(topic, pattern, name)
+            except SubscriptionNotFound:
+                pass
+    await session.front.save_book()
+    return commands.Queue.UnbindOk()
+
+
+async def queue_purge(session: AmqpSession, channel: Channel, method) -> object:
+    name = queue_name(channel, method.queue, method)
+    if name not in session.broker.core.queues:
+        raise _no_queue(name)
+    check(session.principal, "manage", "queue", name)
+    _owned_elsewhere(session, name)
+    return commands.Queue.PurgeOk(message_count=await session.broker.purge_queue(name))
+
+
+async def queue_delete(session: AmqpSession, channel: Channel, method) -> object:
+    broker, front = session.broker, session.front
+    name = queue_name(channel, method.queue, method)
+    if name not in broker.core.queues:
+        return commands.Queue.DeleteOk(message_count=0)
+    check(session.principal, "manage", "queue", name)
+    _owned_elsewhere(session, name)
+    if method.if_unused and front.consumers[name]:
+        raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} in use")
+    stats = broker.queue_stats(name)
+    if method.if_empty and stats.ready + stats.in_flight + stats.delayed:
+        raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} is not empty")
+    try:
+        await broker.delete_queue(name)
+    except QueueNotFound:
+        return commands.Queue.DeleteOk(message_count=0)
+    await front.forget_queue(name)
+    return commands.Queue.DeleteOk(message_count=stats.ready)
+
+
+HANDLERS = {
+    commands.Exchange.Declare: exchange_declare,
+    commands.Exchange.Delete: exchange_delete,
+    commands.Exchange.Bind: exchange_bind,
+    commands.Exchange.Unbind: exchange_bind,
+    commands.Queue.Declare: queue_declare,
+    commands.Queue.Bind: queue_bind,
+    commands.Queue.Unbind: queue_unbind,
+    commands.Queue.Purge: queue_purge,
+    commands.Queue.Delete: queue_delete,
+}

@@ -1,0 +1,188 @@
+"""AMQP exchanges and bindings as Chute topics and subscriptions: names, routing keys and binding keys.
+
+One model: the exchange `X` is the Chute topic `exchange.X` (a prefix, because AMQP lets an exchange and a queue
+share a name — Celery and kombu do exactly that — while Chute's queues and topics share one namespace); a
+binding of queue `Q` to `X` with key `K` is one or more subscriptions of `exchange.X` feeding `Q`; a message
+published to `X` with routing key `R` is published to `exchange.X` with the subject `subject(R)`. So the core
+routes it (the body stored once, whatever the number of queues), and a native or HTTP client can publish to
+`exchange.X` with that subject and reach the same queues.
+
+Routing keys become subjects word by word: a word made of letters, digits, `-` and `_` and not starting with `_`
+stays as it is; any other word (empty, other characters, or starting with `_`) becomes `_` followed by the hex of
+its UTF-8 bytes. The mapping is one-to-one, and the usual keys (`orders.created.eu`, `task_queue`) are unchanged.
+
+Binding keys per exchange type:
+- direct: the subject of the key (an exact match).
+- fanout: `>` (every subject; fanout publishes use the subject `_`, the empty word, when the key does not fit).
+- topic: `*` stays `*` (one word); `#` (zero or more words) becomes `>` when last (`a.#` → `a` and `a.>`), and
+  anywhere else expands into `*` runs (`#.err` → `err`, `*.err`, `*.*.err`, ... up to the longest subject);
+  an expansion beyond `MAX_EXPANSION` subscriptions is refused (406).
+- headers: `x-match=all` with string values becomes a header filter on the subscription (pattern `>`); `any`,
+  and non-string values, are refused (540 NOT_IMPLEMENTED) for now.
+
+`ExchangeBook` keeps what Chute's topics do not: each exchange's type and flags and the list of AMQP bindings (a
+binding may own several subscriptions, and two bindings may share one), in `<data_dir>/amqp-exchanges.json`,
+written atomically. Invariant: a subscription made for AMQP bindings is removed only when no remaining binding
+of that exchange and queue needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from chute.amqp.errors import NOT_IMPLEMENTED, PRECONDITION_FAILED, AmqpError
+from chute.core.routing import MAX_SUBJECT_CHARS
+from chute.model import NAME_RE
+
+TOPIC_PREFIX = "exchange."
+TYPES = ("direct", "fanout", "topic", "headers")
+MAX_EXPANSION = 256  # subscriptions one topic binding key may become
+_WORD = re.compile(r"^[A-Za-z0-9\-][A-Za-z0-9_\-]*$")
+FANOUT_SUBJECT = "_"  # the empty word
+
+
+def topic_name(exchange: str) -> str:
+    """The Chute topic of an exchange; 406 if the name cannot be one."""
+    name = TOPIC_PREFIX + exchange
+    if not NAME_RE.match(name):
+        raise AmqpError(PRECONDITION_FAILED, f"exchange name {exchange!r} is not supported here: use letters, "
+                        "digits, '_', '-' and '.' (at most 191 characters)")  # fmt: skip
+    return name
+
+
+def encode_word(word: str) -> str:
+    if _WORD.match(word):
+        return word
+    return "_" + word.encode().hex()
+
+
+def decode_word(word: str) -> str:
+    if word.startswith("_"):
+        try:
+            return bytes.fromhex(word[1:]).decode()
+        except ValueError:
+            return word
+    return word
+
+
+def subject(routing_key: str) -> str | None:
+    """The subject a routing key is published with (None: too long to be a subject, so it matches nothing)."""
+    text = ".".join(encode_word(word) for word in routing_key.split("."))
+    return text if len(text) <= MAX_SUBJECT_CHARS else None
+
+
+def routing_key(subject_text: str) -> str:
+    """The routing key a subject stands for (the inverse of `subject`)."""
+    return ".".join(decode_word(word) for word in subject_text.split("."))
+
+
+def patterns(kind: str, key: str, arguments: dict | None) -> tuple[list[str], dict | None]:
+    """The subscription patterns (and header filter) that carry a binding of this exchange type."""
+    if kind == "fanout":
+        return [">"], None
+    if kind == "direct":
+        text = subject(key)
+        return ([text] if text is not None else []), None
+    if kind == "topic":
+        return _topic_patterns(key), None
+    return [">"], _headers_filter(arguments or {})
+
+
+def _topic_patterns(key: str) -> list[str]:
+    words: list[str] = []
+    for word in key.split("."):
+        if word == "#" and words and words[-1] == "#":
+            continue  # '#.#' is '#'
+        words.append(word if word in ("*", "#") else encode_word(word))
+    results: list[list[str]] = [[]]
+    for i, word in enumerate(words):
+        if word != "#":
+            for each in results:
+                each.append(word)
+            continue
+        if i == len(words) - 1:  # zero words, or one or more ('>')
+            results = [each for base in results for each in (list(base), base + [">"])]
+            continue
+        longest = (MAX_SUBJECT_CHARS + 1) // 2  # a subject of 1-character words
+        expanded = []
+        for base in results:
+            for extra in range(0, longest - len(base)):
+                expanded.append(base + ["*"] * extra)
+                if len(expanded) > MAX_EXPANSION:
+                    raise AmqpError(NOT_IMPLEMENTED, f"binding key {key!r}: '#' before the last word expands to "
+                                    f"more than {MAX_EXPANSION} patterns here")  # fmt: skip
+        results = expanded
+    out = []
+    for each in results:
+        text = ".".join(each)
+        if not text:
+            text = FANOUT_SUBJECT  # '#' alone also matches the empty routing key
+        elif text.startswith(">"):
+            text = ">"
+        if len(text) <= MAX_SUBJECT_CHARS and text not in out:
+            out.append(text)
+    if ">" in out:
+        out = [">"]  # '#' matches everything
+    return out
+
+
+def _headers_filter(arguments: dict) -> dict:
+    match = arguments.get("x-match", "all")
+    if match != "all":
+        raise AmqpError(NOT_IMPLEMENTED, f"headers exchange: x-match {match!r} is not supported (only 'all')")
+    spec = {}
+    for name, value in arguments.items():
+        if name.startswith("x-"):
+            continue
+        if not isinstance(value, str):
+            raise AmqpError(NOT_IMPLEMENTED, f"headers exchange: only string values can be matched ({name!r})")
+        spec[name] = value
+    return spec
+
+
+class ExchangeBook:
+    """Exchange types and flags, and the bindings (exchange, queue, key, arguments), persisted in a JSON file."""
+
+    def __init__(self, data_dir: str | os.PathLike | None) -> None:
+        self.path = Path(data_dir) / "amqp-exchanges.json" if data_dir is not None else None
+        self.exchanges: dict[str, dict] = {}  # name -> {"type", "durable", "auto_delete", "internal", "arguments"}
+        self.bindings: list[dict] = []  # {"exchange", "queue", "key", "arguments"}
+        if self.path is not None and self.path.exists():
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                self.exchanges = dict(data.get("exchanges", {}))
+                self.bindings = list(data.get("bindings", []))
+
+    def dumps(self) -> str:
+        return json.dumps({"exchanges": self.exchanges, "bindings": self.bindings}, sort_keys=True)
+
+    def write(self, data: str) -> None:
+        """Store `data` (from `dumps`) atomically (blocking: run it in a worker thread)."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".amqp-exchanges.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:  # a crash leaves the old file or the new one
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def bound(self, exchange: str, queue: str) -> list[dict]:
+        return [b for b in self.bindings if b["exchange"] == exchange and b["queue"] == queue]
+
+    def find(self, exchange: str, queue: str, key: str, arguments: dict) -> dict | None:
+        for each in self.bindings:
+            if (each["exchange"], each["queue"], each["key"], each["arguments"]) == (exchange, queue, key, arguments):
+                return each
+        return None

@@ -1,0 +1,157 @@
+"""`AmqpFront`: the AMQP 0-9-1 listener of a `Server` and what its connections share.
+
+It holds the exchange book (exchanges.py), which connection owns each exclusive queue, how many AMQP consumers
+each queue has (for declare-ok's consumer_count, if-unused and auto-delete) and the open sessions. It reaches the
+rest of the server only through `server.broker`, `server.auth`, `server.config` and `server.publishing` (the memory
+high-water mark), so the AMQP area does not depend on the native one.
+
+Lifecycle: `start()` after the broker has recovered (RabbitMQ's predeclared exchanges `amq.direct`, `amq.fanout`,
+`amq.topic`, `amq.headers` and `amq.match` exist from then on); `stop(grace_s)` closes the listener, lets in-flight
+work finish and closes every connection with 320 CONNECTION_FORCED, before the broker closes.
+
+Invariants: at most `max_connections` AMQP connections (counted apart from native ones); an exclusive queue is
+deleted when its connection ends; an auto-delete queue when its last consumer goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from chute.amqp.exchanges import ExchangeBook
+from chute.amqp.session import AmqpSession
+from chute.errors import ChuteError
+from chute.server.config import DEFAULT_AMQP_PORT
+
+if TYPE_CHECKING:
+    from chute.server.app import Server
+
+log = logging.getLogger("chute.amqp")
+PREDECLARED = {"amq.direct": "direct", "amq.fanout": "fanout", "amq.topic": "topic", "amq.headers": "headers",
+               "amq.match": "headers"}  # fmt: skip
+__all__ = ["AmqpFront", "DEFAULT_AMQP_PORT"]
+
+
+class AmqpFront:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.broker = server.broker
+        self.book = ExchangeBook(server.config.data_dir)
+        self.sessions: set[AmqpSession] = set()
+        self.consumers: Counter[str] = Counter()  # queue -> AMQP consumers on it
+        self.exclusive: dict[str, AmqpSession] = {}  # queue -> the connection that owns it
+        self.auto_delete: set[str] = set()
+        self.exclusive_consumers: set[str] = set()  # queues with an exclusive consumer
+        self.port: int | None = None
+        self._listener: asyncio.base_events.Server | None = None
+        self._saving = asyncio.Lock()
+
+    async def save_book(self) -> None:
+        """Store the exchange book (in a worker thread; one write at a time, each with the latest state)."""
+        async with self._saving:
+            await asyncio.to_thread(self.book.write, self.book.dumps())
+
+    async def start(self, host: str, port: int, ssl=None) -> None:
+        self._predeclare()
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(lambda: AmqpSession(self), host, port, reuse_address=True,
+                                                  backlog=1024, ssl=ssl)  # fmt: skip
+        for sock in self._listener.sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.port = self._listener.sockets[0].getsockname()[1]
+        log.info("AMQP 0-9-1 listening on %s://%s:%d", "amqps" if ssl else "amqp", host, self.port)
+
+    def _predeclare(self) -> None:
+        """RabbitMQ's predeclared exchanges exist from the start (their topics are made at their first binding,
+        so a server nobody binds on through AMQP has no extra topics)."""
+        for name, kind in PREDECLARED.items():
+            self.book.exchanges.setdefault(name, {"type": kind, "durable": True, "auto_delete": False,
+                                                  "internal": False, "arguments": {}})  # fmt: skip
+
+    async def stop(self, grace_s: float) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        if self.sessions:
+            await asyncio.gather(*(session.shutdown(grace_s) for session in list(self.sessions)))
+        for _ in range(40):  # close-ok round trips (bounded: a session aborts itself after CLOSE_WAIT_S)
+            if not self.sessions:
+                break
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.abort()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await self._listener.wait_closed()
+
+    # -- sessions ---------------------------------------------------------------------------------------------
+
+    def admit(self, session: AmqpSession) -> bool:
+        if self.server.state != "serving" or len(self.sessions) >= self.server.config.max_connections:
+            return False
+        self.sessions.add(session)
+        if self.server.memory_paused:
+            session.pause_reading("memory")
+        return True
+
+    def forget(self, session: AmqpSession) -> None:
+        self.sessions.discard(session)
+        if session.publish_bytes:
+            self.server.publishing(session, -session.publish_bytes)
+        owned = [name for name, owner in self.exclusive.items() if owner is session]
+        for name in owned:
+            del self.exclusive[name]
+            self._delete_later(name)
+
+    def memory(self, paused: bool) -> None:
+        for session in self.sessions:
+            session.memory(paused)
+
+    def server_properties(self) -> dict:
+        return {
+            "product": "Chute", "version": self.server.name.partition("/")[2], "platform": "Python",
+            "information": "AMQP 0-9-1 front of Chute (docs/amqp.md)",
+            "capabilities": {"publisher_confirms": True, "basic.nack": True, "consumer_cancel_notify": True,
+                             "connection.blocked": True, "authentication_failure_close": True,
+                             "per_consumer_qos": True, "exchange_exchange_bindings": False,
+                             "direct_reply_to": False, "consumer_priorities": False},
+        }  # fmt: skip
+
+    # -- queue ownership and consumers --------------------------------------------------------------------------
+
+    def consumer_started(self, queue: str) -> None:
+        self.consumers[queue] += 1
+
+    def consumer_ended(self, queue: str) -> None:
+        self.consumers[queue] -= 1
+        if self.consumers[queue] <= 0:
+            del self.consumers[queue]
+            if queue in self.auto_delete:
+                self._delete_later(queue)
+
+    def _delete_later(self, name: str) -> None:
+        self.auto_delete.discard(name)
+        if self.server.state != "serving":
+            return
+        task = asyncio.ensure_future(self._delete(name))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _delete(self, name: str) -> None:
+        with contextlib.suppress(ChuteError):
+            await self.broker.delete_queue(name)
+        await self.forget_queue(name)
+
+    async def forget_queue(self, name: str) -> None:
+        """A queue is gone: drop its bindings from the book."""
+        before = len(self.book.bindings)
+        self.book.bindings = [b for b in self.book.bindings if b["queue"] != name]
+        self.exclusive.pop(name, None)
+        self.auto_delete.discard(name)
+        if len(self.book.bindings) != before:
+            await self.save_book()

@@ -1,0 +1,197 @@
+"""AMQP messages ↔ Chute messages, and queue arguments ↔ queue settings.
+
+A Chute message has a body, string headers, a priority (0-9) and a TTL. An AMQP message's properties and header
+table are kept in its Chute headers, in a reversible way that other fronts can read:
+
+- each property that is set becomes the header `amqp-<property>` (`amqp-content-type`, `amqp-correlation-id`,
+  `amqp-reply-to`, `amqp-message-id`, `amqp-type`, `amqp-app-id`, `amqp-user-id`, `amqp-cluster-id`,
+  `amqp-content-encoding`, `amqp-expiration`; `amqp-delivery-mode`, `amqp-priority` and `amqp-timestamp` as
+  decimal integers);
+- each entry of the header table whose value is a string (and whose name does not start with `amqp-`) becomes a
+  header of the same name, so `{"region": "eu"}` is the Chute header `region: eu` for a native consumer;
+- every other entry (numbers, booleans, decimals, timestamps, byte arrays, nested tables and arrays, void, and
+  names starting with `amqp-`) goes into one header, `amqp-table`: the base64 of the AMQP field table holding
+  them, exactly as the wire carries it, so every field type comes back unchanged.
+
+A Chute message published by another front arrives at an AMQP consumer with its headers as a table of strings;
+the message id becomes `message-id` unless the message had one, `publish_time` the `timestamp`, and a
+dead-lettered message gets an `x-death` header as RabbitMQ writes it (`queue`, `reason`, `count`, `time`,
+`exchange`, `routing-keys`).
+
+Priority: AMQP's 0-255 is clamped to Chute's 0-9 (`amqp-priority` keeps the original). Expiration: the
+`expiration` property (milliseconds, a string) is the message's TTL.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+from decimal import Decimal
+
+from pamqp import commands, decode, encode
+
+from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
+from chute.model import MAX_PRIORITY, Delivery, Publish, QueueSettings
+
+Properties = commands.Basic.Properties
+PREFIX = "amqp-"
+TABLE_HEADER = "amqp-table"
+EXCHANGE_HEADER = "amqp-exchange"  # the exchange a message was published to (its routing key is the subject)
+_STRING_PROPERTIES = ("content_type", "content_encoding", "correlation_id", "reply_to", "expiration", "message_id",
+                      "message_type", "user_id", "app_id", "cluster_id")  # fmt: skip
+_NUMBER_PROPERTIES = ("delivery_mode", "priority")
+_HEADER_OF = {name: PREFIX + ("type" if name == "message_type" else name).replace("_", "-")
+              for name in (*_STRING_PROPERTIES, *_NUMBER_PROPERTIES, "timestamp")}  # fmt: skip
+_PROPERTY_OF = {header: name for name, header in _HEADER_OF.items()}
+REASONS = {"rejected": "rejected", "expired": "expired", "overflow": "maxlen", "max_deliveries": "delivery_limit"}
+
+
+def to_publish(properties, body: bytes, routing_subject: str | None = None) -> Publish:
+    """The Chute publish of an AMQP message (406 if its expiration is not a number of milliseconds)."""
+    headers: dict[str, str] = {}
+    ttl_s = None
+    priority = 0
+    if properties is not None:
+        for name in _STRING_PROPERTIES:
+            value = getattr(properties, name, None)
+            if value:
+                headers[_HEADER_OF[name]] = value
+        for name in _NUMBER_PROPERTIES:
+            value = getattr(properties, name, None)
+            if value is not None:
+                headers[_HEADER_OF[name]] = str(value)
+        if properties.priority:
+            priority = min(int(properties.priority), MAX_PRIORITY)
+        stamp = properties.timestamp
+        if stamp is not None:
+            headers[_HEADER_OF["timestamp"]] = str(int(stamp.replace(tzinfo=datetime.UTC).timestamp())
+                                                   if isinstance(stamp, datetime.datetime) else int(stamp))  # fmt: skip
+        if properties.expiration:
+            ttl_s = _expiration_s(properties.expiration)
+        if properties.headers:
+            _pack_table(properties.headers, headers)
+    return Publish(body=body, headers=headers or None, priority=priority, ttl_s=ttl_s, subject=routing_subject)
+
+
+def _expiration_s(text: str) -> float:
+    if not text.isdigit():
+        raise AmqpError(PRECONDITION_FAILED, f"invalid expiration {text!r}: a number of milliseconds")
+    return max(int(text), 1) / 1000.0
+
+
+def _pack_table(table: dict, headers: dict[str, str]) -> None:
+    rest = {}
+    for name, value in table.items():
+        if isinstance(value, str) and name and not name.startswith(PREFIX):
+            headers[name] = value
+        else:
+            rest[name] = value
+    if rest:
+        headers[TABLE_HEADER] = base64.b64encode(encode.field_table(rest)[4:]).decode()
+
+
+def _unpack_table(text: str) -> dict:
+    raw = base64.b64decode(text)
+    try:
+        return decode.field_table(len(raw).to_bytes(4, "big") + raw)[1]
+    except Exception:  # not ours: keep it as a string
+        return {TABLE_HEADER: text}
+
+
+def to_properties(delivery: Delivery, *, queue: str | None = None) -> Properties:
+    """The AMQP properties of a stored message (see the module docstring)."""
+    message = delivery.message
+    values: dict = {}
+    table: dict = {}
+    for name, value in message.headers.items():
+        prop = _PROPERTY_OF.get(name)
+        if prop is not None:
+            values[prop] = value
+        elif name == TABLE_HEADER:
+            table.update(_unpack_table(value))
+        elif name == EXCHANGE_HEADER:
+            continue
+        else:
+            table[name] = value
+    for name in _NUMBER_PROPERTIES:
+        if name in values:
+            values[name] = _int(values[name])
+    if "timestamp" in values:
+        seconds = _int(values["timestamp"])
+        values["timestamp"] = _stamp(seconds) if seconds is not None else None
+    else:
+        values["timestamp"] = _stamp(int(message.publish_time))
+    if "message_id" not in values:
+        values["message_id"] = str(message.id)
+    if "priority" not in values and message.priority:
+        values["priority"] = message.priority
+    if delivery.dead_letter_reason is not None:
+        table["x-death"] = [{
+            "count": 1, "reason": REASONS.get(delivery.dead_letter_reason, delivery.dead_letter_reason),
+            "queue": delivery.dead_letter_source or "", "time": _stamp(int(message.publish_time)),
+            "exchange": "", "routing-keys": [delivery.dead_letter_source or ""],
+        }]  # fmt: skip
+    return Properties(headers=table or None, **values)
+
+
+def _stamp(seconds: int) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).replace(tzinfo=None)
+
+
+def _int(text) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- queue arguments ----------------------------------------------------------------------------------------------
+
+QUEUE_TYPES = ("classic", "quorum")
+OVERFLOWS = {"drop-head": "drop-oldest", "reject-publish": "reject", "reject-publish-dlx": "reject"}
+ACCEPTED_ARGUMENTS = {"x-message-ttl", "x-dead-letter-exchange", "x-dead-letter-routing-key", "x-max-length",
+                      "x-max-length-bytes", "x-overflow", "x-max-priority", "x-queue-type", "x-delivery-limit",
+                      "x-queue-mode", "x-queue-master-locator", "x-queue-version"}  # fmt: skip
+
+
+def queue_settings(arguments: dict | None, dead_letter_queue: str | None) -> QueueSettings:
+    """The Chute settings of `queue.declare`'s arguments (406 for a value RabbitMQ would refuse). The dead-letter
+    exchange has been resolved to a queue by the caller (`dead_letter_queue`)."""
+    args = arguments or {}
+    values: dict = {}
+    for name in args:
+        if name.startswith("x-") and name not in ACCEPTED_ARGUMENTS:
+            raise AmqpError(PRECONDITION_FAILED, f"queue argument {name!r} is not supported by Chute")
+    ttl = args.get("x-message-ttl")
+    if ttl is not None:
+        values["retention_s"] = max(_non_negative("x-message-ttl", ttl), 1) / 1000.0
+    for name, key in (("x-max-length", "max_length"), ("x-max-length-bytes", "max_bytes"),
+                      ("x-delivery-limit", "max_deliveries")):  # fmt: skip
+        if name in args:
+            values[key] = max(_non_negative(name, args[name]), 1) if key != "max_deliveries" else \
+                _non_negative(name, args[name]) + 1  # fmt: skip
+    overflow = args.get("x-overflow")
+    if overflow is not None:
+        if overflow not in OVERFLOWS:
+            raise AmqpError(PRECONDITION_FAILED, f"invalid arg 'x-overflow' for queue: {overflow!r}")
+        values["overflow"] = OVERFLOWS[overflow]
+    elif "max_length" in values or "max_bytes" in values:
+        values["overflow"] = "drop-oldest"  # RabbitMQ's default: drop-head
+    priority = args.get("x-max-priority")
+    if priority is not None:
+        _non_negative("x-max-priority", priority)
+        if priority > 255:
+            raise AmqpError(PRECONDITION_FAILED, "invalid arg 'x-max-priority' for queue: above 255")
+    queue_type = args.get("x-queue-type")
+    if queue_type is not None and queue_type not in QUEUE_TYPES:
+        raise AmqpError(PRECONDITION_FAILED, f"invalid arg 'x-queue-type' for queue: {queue_type!r} (classic or "
+                        "quorum)")  # fmt: skip
+    if dead_letter_queue is not None:
+        values["dead_letter_queue"] = dead_letter_queue
+    return QueueSettings(lease_s=QueueSettings().lease_s, **values)
+
+
+def _non_negative(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | Decimal) or value < 0:
+        raise AmqpError(PRECONDITION_FAILED, f"invalid arg {name!r} for queue: {value!r} (a non-negative integer)")
+    return int(value)
