@@ -1,0 +1,214 @@
+"""Exchanges with pika: direct, fanout, topic (`*` and `#` anywhere), headers (x-match all), bindings and
+unbindings, as in RabbitMQ's tutorials; and the queue arguments users rely on (TTL, dead-lettering with x-death,
+max length with drop-head, priorities)."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+import pytest
+from pika.exceptions import ChannelClosedByBroker
+
+
+def drain(channel, queue: str) -> list[bytes]:
+    bodies = []
+    while True:
+        method, _, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return bodies
+        bodies.append(body)
+
+
+def wait_for(channel, queue: str, count: int, timeout_s: float = 10.0) -> list:
+    """basic.get until `count` messages came (a condition awaited, bounded)."""
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            assert time.monotonic() < deadline, f"only {len(got)} of {count} messages within {timeout_s} s"
+            channel.connection.sleep(0.01)
+            continue
+        got.append((method, properties, body))
+    return got
+
+
+def test_fanout_publish_subscribe(channel, name):
+    channel.exchange_declare(name, "fanout")
+    queues = [channel.queue_declare("", exclusive=True).method.queue for _ in range(3)]
+    for queue in queues:
+        channel.queue_bind(queue, name)
+    channel.confirm_delivery()
+    channel.basic_publish(name, "ignored", b"log line")
+    for queue in queues:
+        assert drain(channel, queue) == [b"log line"]
+
+
+def test_direct_routing(channel, name):
+    channel.exchange_declare(name, "direct")
+    errors = channel.queue_declare("", exclusive=True).method.queue
+    everything = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(errors, name, "error")
+    for severity in ("info", "warning", "error"):
+        channel.queue_bind(everything, name, severity)
+    channel.confirm_delivery()
+    for severity in ("info", "warning", "error", "debug"):
+        channel.basic_publish(name, severity, severity.encode())
+    assert drain(channel, errors) == [b"error"]
+    assert drain(channel, everything) == [b"info", b"warning", b"error"]
+    method, _, _ = channel.basic_get(everything) or (None, None, None)
+    assert method is None
+
+
+def test_topic_wildcards_as_in_the_tutorial(channel, name):
+    channel.exchange_declare(name, "topic")
+    q1 = channel.queue_declare("", exclusive=True).method.queue
+    q2 = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(q1, name, "*.orange.*")
+    channel.queue_bind(q2, name, "*.*.rabbit")
+    channel.queue_bind(q2, name, "lazy.#")
+    channel.confirm_delivery()
+    keys = ["quick.orange.rabbit", "lazy.orange.elephant", "quick.orange.fox", "lazy.brown.fox", "lazy.pink.rabbit",
+            "quick.brown.fox", "orange", "quick.orange.new.rabbit", "lazy.orange.new.rabbit", "lazy"]  # fmt: skip
+    for key in keys:
+        channel.basic_publish(name, key, key.encode())
+    assert drain(channel, q1) == [b"quick.orange.rabbit", b"lazy.orange.elephant", b"quick.orange.fox"]
+    assert drain(channel, q2) == [b"quick.orange.rabbit", b"lazy.orange.elephant", b"lazy.brown.fox",
+                                  b"lazy.pink.rabbit", b"lazy.orange.new.rabbit", b"lazy"]  # fmt: skip
+
+
+def test_topic_hash_anywhere_and_odd_keys(channel, name):
+    channel.exchange_declare(name, "topic")
+    tail = channel.queue_declare("", exclusive=True).method.queue
+    middle = channel.queue_declare("", exclusive=True).method.queue
+    everything = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(tail, name, "#.error")
+    channel.queue_bind(middle, name, "a.#.z")
+    channel.queue_bind(everything, name, "#")
+    channel.confirm_delivery()
+    keys = ["error", "x.error", "x.y.error", "errors", "a.z", "a.b.z", "a.b.c.z", "a.b", "", "weird key:with/chars",
+            "x..error"]  # fmt: skip
+    for key in keys:
+        channel.basic_publish(name, key, key.encode())
+    assert drain(channel, tail) == [b"error", b"x.error", b"x.y.error", b"x..error"]
+    assert drain(channel, middle) == [b"a.z", b"a.b.z", b"a.b.c.z"]
+    assert drain(channel, everything) == [key.encode() for key in keys]
+
+
+def test_delivery_carries_exchange_and_routing_key(channel, name):
+    channel.exchange_declare(name, "topic")
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, name, "orders.*")
+    channel.confirm_delivery()
+    channel.basic_publish(name, "orders.created", b"o")
+    method, _, _ = channel.basic_get(queue, auto_ack=True)
+    assert (method.exchange, method.routing_key) == (name, "orders.created")
+    channel.basic_publish("", queue, b"direct")
+    method, _, _ = channel.basic_get(queue, auto_ack=True)
+    assert (method.exchange, method.routing_key) == ("", queue)
+
+
+def test_unbind_keeps_what_other_bindings_need(channel, name):
+    channel.exchange_declare(name, "topic")
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, name, "a.#")  # a, a.>
+    channel.queue_bind(queue, name, "a")  # a (shared)
+    channel.queue_unbind(queue, name, "a")
+    channel.confirm_delivery()
+    channel.basic_publish(name, "a", b"still routed by a.#")
+    assert drain(channel, queue) == [b"still routed by a.#"]
+    channel.queue_unbind(queue, name, "a.#")
+    channel.basic_publish(name, "a", b"unrouted")
+    assert drain(channel, queue) == []
+
+
+def test_headers_exchange_match_all(channel, name):
+    channel.exchange_declare(name, "headers")
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, name, arguments={"x-match": "all", "format": "pdf", "type": "report"})
+    channel.confirm_delivery()
+    for headers in ({"format": "pdf", "type": "report"}, {"format": "pdf"}, {"format": "zip", "type": "report"}):
+        channel.basic_publish(name, "", repr(headers).encode(), pika.BasicProperties(headers=headers))
+    assert drain(channel, queue) == [repr({"format": "pdf", "type": "report"}).encode()]
+
+
+def test_predeclared_amq_topic_exchange(channel, name):
+    channel.exchange_declare("amq.topic", "topic", passive=True)
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, "amq.topic", f"{name}.#")
+    channel.confirm_delivery()
+    channel.basic_publish("amq.topic", f"{name}.x", b"via amq.topic")
+    assert drain(channel, queue) == [b"via amq.topic"]
+
+
+def test_exchange_delete_if_unused(channel, name):
+    channel.exchange_declare(name, "fanout")
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, name)
+    with pytest.raises(ChannelClosedByBroker) as caught:
+        channel.exchange_delete(name, if_unused=True)
+    assert caught.value.reply_code == 406
+    channel = channel.connection.channel()
+    channel.exchange_delete(name)
+    with pytest.raises(ChannelClosedByBroker) as caught:
+        channel.exchange_declare(name, passive=True)
+    assert caught.value.reply_code == 404
+
+
+def test_message_ttl_dead_letters_with_x_death(channel, name):
+    dlq = f"{name}-dead"
+    channel.queue_declare(dlq)
+    channel.queue_declare(name, arguments={"x-message-ttl": 50, "x-dead-letter-exchange": "",
+                                           "x-dead-letter-routing-key": dlq})  # fmt: skip
+    channel.confirm_delivery()
+    channel.basic_publish("", name, b"short-lived")
+    [(_, properties, body)] = wait_for(channel, dlq, 1)
+    assert body == b"short-lived"
+    [death] = properties.headers["x-death"]
+    assert death["reason"] == "expired" and death["queue"] == name and death["count"] == 1
+
+
+def test_per_message_expiration(channel, name):
+    channel.queue_declare(name)
+    channel.confirm_delivery()
+    channel.basic_publish("", name, b"gone", pika.BasicProperties(expiration="1"))
+    channel.basic_publish("", name, b"kept")
+    channel.connection.sleep(0.05)  # the expiration is a time: let it pass
+    assert drain(channel, name) == [b"kept"]
+
+
+def test_reject_dead_letters_through_a_named_exchange(channel, name):
+    dlx, dlq = f"{name}-dlx", f"{name}-dlq"
+    channel.exchange_declare(dlx, "fanout")
+    channel.queue_declare(dlq)
+    channel.queue_bind(dlq, dlx)
+    channel.queue_declare(name, arguments={"x-dead-letter-exchange": dlx})
+    channel.confirm_delivery()
+    channel.basic_publish("", name, b"bad")
+    method, _, _ = channel.basic_get(name)
+    channel.basic_reject(method.delivery_tag, requeue=False)
+    [(_, properties, body)] = wait_for(channel, dlq, 1)
+    assert body == b"bad" and properties.headers["x-death"][0]["reason"] == "rejected"
+
+
+def test_max_length_drops_the_head(channel, name):
+    channel.queue_declare(name, arguments={"x-max-length": 2})
+    channel.confirm_delivery()
+    for body in (b"1", b"2", b"3"):
+        channel.basic_publish("", name, body)
+    assert drain(channel, name) == [b"2", b"3"]
+
+
+def test_priorities(channel, name):
+    channel.queue_declare(name, arguments={"x-max-priority": 10, "x-queue-type": "classic"})
+    channel.confirm_delivery()
+    for priority in (1, 5, 0, 9):
+        channel.basic_publish("", name, str(priority).encode(), pika.BasicProperties(priority=priority))
+    assert drain(channel, name) == [b"9", b"5", b"1", b"0"]
+
+
+def test_unsupported_queue_argument_is_406(channel, name):
+    with pytest.raises(ChannelClosedByBroker) as caught:
+        channel.queue_declare(name, arguments={"x-queue-type": "stream"})
+    assert caught.value.reply_code == 406
