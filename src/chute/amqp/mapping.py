@@ -87,7 +87,22 @@ def _pack_table(table: dict, headers: dict[str, str]) -> None:
         else:
             rest[name] = value
     if rest:
-        headers[TABLE_HEADER] = base64.b64encode(encode.field_table(rest)[4:]).decode()
+        try:
+            packed = encode.field_table(_byte_arrays(rest))[4:]
+        except (TypeError, ValueError) as exc:
+            raise AmqpError(PRECONDITION_FAILED, f"cannot store the header table: {exc}") from None
+        headers[TABLE_HEADER] = base64.b64encode(packed).decode()
+
+
+def _byte_arrays(value):
+    """A long string that is not UTF-8 arrives as bytes, which pamqp encodes only as a byte array: keep it so."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: _byte_arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_byte_arrays(v) for v in value]
+    return value
 
 
 def _unpack_table(text: str) -> dict:
