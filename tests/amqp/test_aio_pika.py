@@ -55,19 +55,18 @@ async def test_rpc_with_reply_to_and_correlation_id():
 
 
 async def test_every_field_type_round_trips():
-    async with serving() as server:
-        async with await aio_pika.connect(server.amqp_url) as connection:
-            channel = await connection.channel(publisher_confirms=True)
-            queue = await channel.declare_queue("fields")
-            headers = {"float": 2.5, "int": -3, "bool": False, "decimal": Decimal("1.25"), "bytes": bytearray(b"\x01\x02"),
-                       "time": datetime.datetime(2025, 6, 7, 8, 9, 10, tzinfo=datetime.UTC), "none": None,
-                       "list": [1, "a", [2.5]], "table": {"inner": {"deep": "yes"}}, "text": "plain"}  # fmt: skip
-            await channel.default_exchange.publish(aio_pika.Message(b"body", headers=headers), routing_key="fields")
-            message = await queue.get(timeout=5)
-            await message.ack()
-            got = dict(message.headers)
-            got["time"] = got["time"].replace(tzinfo=datetime.UTC) if got["time"].tzinfo is None else got["time"]
-            assert got == headers
+    headers = {"float": 2.5, "int": -3, "bool": False, "decimal": Decimal("1.25"), "bytes": bytearray(b"\x01\x02"),
+               "time": datetime.datetime(2025, 6, 7, 8, 9, 10, tzinfo=datetime.UTC), "none": None,
+               "list": [1, "a", [2.5]], "table": {"inner": {"deep": "yes"}}, "text": "plain"}  # fmt: skip
+    async with serving() as server, await aio_pika.connect(server.amqp_url) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue("fields")
+        await channel.default_exchange.publish(aio_pika.Message(b"body", headers=headers), routing_key="fields")
+        message = await queue.get(timeout=5)
+        await message.ack()
+    got = dict(message.headers)
+    got["time"] = got["time"].replace(tzinfo=datetime.UTC) if got["time"].tzinfo is None else got["time"]
+    assert got == headers
 
 
 async def test_robust_connection_comes_back_after_a_restart(tmp_path):
