@@ -1,0 +1,138 @@
+"""The sans-I/O `AmqpConnection`: any split of the byte stream gives the same events, and any bytes give events
+or an AmqpError (a connection exception), never another exception. A live server then gets random and mutated
+frames: each bad connection is closed with a connection exception, and nothing stored changes."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pika
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pamqp import body as content
+from pamqp import commands, frame, header
+
+from chute.amqp.connection import PROTOCOL_HEADER, AmqpConnection, Content, Header, Method
+from chute.amqp.errors import AmqpError
+from tests.amqp.raw import Raw
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _opened() -> AmqpConnection:
+    conn = AmqpConnection()
+    conn.receive_data(PROTOCOL_HEADER)
+    conn.receive_data(frame.marshal(commands.Connection.StartOk(response="\0guest\0guest"), 0))
+    conn.tune(10)
+    conn.receive_data(frame.marshal(commands.Connection.TuneOk(channel_max=100, frame_max=4096, heartbeat=10), 0))
+    conn.receive_data(frame.marshal(commands.Connection.Open(virtual_host="/"), 0))
+    conn.open_ok()
+    conn.receive_data(frame.marshal(commands.Channel.Open(), 1))
+    return conn
+
+
+def _publish(body: bytes, channel: int = 1) -> bytes:
+    properties = commands.Basic.Properties(content_type="text/plain", headers={"n": 1})
+    parts = [frame.marshal(commands.Basic.Publish(exchange="", routing_key="q"), channel),
+             frame.marshal(header.ContentHeader(0, len(body), properties), channel)]  # fmt: skip
+    for offset in range(0, len(body), 4000):
+        parts.append(frame.marshal(content.ContentBody(body[offset : offset + 4000]), channel))
+    return b"".join(parts)
+
+
+def _summary(events) -> list:
+    out = []
+    for event in events:
+        if isinstance(event, Content):
+            out.append(("content", event.channel, event.properties.content_type, event.body))
+        elif isinstance(event, Method):
+            out.append(("method", event.channel, event.method.name))
+        else:
+            out.append(type(event).__name__)
+    return out
+
+
+STREAM = (_publish(b"x" * 10_000) + frame.marshal(commands.Basic.Qos(prefetch_count=5), 1) + _publish(b"")
+          + b"\x08\x00\x00\x00\x00\x00\x00\xce" + _publish(b"tail"))  # fmt: skip
+
+
+def test_whole_and_byte_by_byte_give_the_same_events():
+    whole = _summary(_opened().receive_data(STREAM))
+    assert [e[0] for e in whole] == ["content", "method", "content", "content"]
+    assert whole[0][3] == b"x" * 10_000 and whole[0][2] == "text/plain"
+    conn = _opened()
+    events = []
+    for i in range(len(STREAM)):
+        events.extend(conn.receive_data(STREAM[i : i + 1]))
+    assert _summary(events) == whole
+
+
+def test_handshake_events():
+    conn = AmqpConnection()
+    assert [type(e) for e in conn.receive_data(PROTOCOL_HEADER)] == [Header]
+
+
+@given(st.binary(max_size=300), st.integers(0, 2))
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_any_bytes_give_events_or_an_amqp_error(data, stage):
+    conn = _opened() if stage else AmqpConnection()
+    if stage == 2:
+        data = STREAM[: len(data) % len(STREAM)] + data  # a valid prefix, then garbage
+    try:
+        conn.receive_data(data)
+    except AmqpError as exc:
+        assert exc.connection and 500 <= exc.code < 600
+        assert conn.state == "closed"
+
+
+@st.composite
+def bad_frames(draw):
+    """Random bytes, or a valid frame truncated, or with bytes changed, or with a wrong size, or junk appended."""
+    good = draw(st.sampled_from([
+        frame.marshal(commands.Basic.Qos(prefetch_count=3), 1),
+        frame.marshal(commands.Basic.Ack(delivery_tag=1), 1),
+        _publish(b"hello", 1),
+        frame.marshal(commands.Channel.Flow(active=True), 1),
+    ]))  # fmt: skip
+    how = draw(st.sampled_from(["random", "truncate", "flip", "size", "junk"]))
+    if how == "random":
+        return draw(st.binary(min_size=1, max_size=200))
+    if how == "truncate":
+        return good[: draw(st.integers(1, len(good) - 1))] + b"\x01\x00\x01\x00\x00\x00\x00"  # then a bad frame
+    if how == "flip":
+        i = draw(st.integers(0, len(good) - 1))
+        return good[:i] + bytes([good[i] ^ draw(st.integers(1, 255))]) + good[i + 1 :] + b"\xff" * 8
+    if how == "size":
+        return good[:3] + draw(st.binary(min_size=4, max_size=4)) + good[7:] + b"\xff" * 8
+    return good + draw(st.binary(min_size=1, max_size=50)) + b"\xff" * 8
+
+
+@pytest.fixture(scope="module")
+def sentinel(server):
+    """A queue with 3 messages that no fuzzed connection may change."""
+    connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+    channel = connection.channel()
+    channel.queue_declare("sentinel")
+    channel.confirm_delivery()
+    for _ in range(3):
+        channel.basic_publish("", "sentinel", b"s")
+    yield connection
+    connection.close()
+
+
+@given(bad_frames())
+@settings(max_examples=int(os.environ.get("CHUTE_AMQP_FUZZ", "200")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+def test_a_live_server_closes_bad_connections_and_changes_nothing(server, sentinel, data):
+    raw = Raw(server.server.amqp_port)
+    try:
+        raw.handshake()
+        raw.send(data)
+        raw.sock.shutdown(socket.SHUT_WR)  # a frame cut short is then cut for good
+        code = raw.close_reason()
+        assert code is None or 500 <= code < 600 or code in (403, 404, 406), code
+    finally:
+        raw.close()
+    assert sentinel.channel().queue_declare("sentinel", passive=True).method.message_count == 3
