@@ -60,22 +60,27 @@ class ManagementApi:
         while self.core.release_detached(PURGE_STEP) and self._state == "serving":
             await asyncio.sleep(0)
 
-    async def purge_queue(self, name: str) -> int:
-        """Remove every message of a queue that is not in flight; return how many.
+    async def purge_queue(self, name: str, *, in_flight: bool = False) -> int:
+        """Remove every message of a queue that is not in flight; return how many. With `in_flight=True`, the
+        messages in flight go too (as SQS's PurgeQueue does): they never come back when their lease ends, and
+        their receipts are unknown from then on (an ack or nack of one raises InvalidReceipt).
 
         A small queue is purged at once (one PURGE record). A large one is purged in steps of `PURGE_STEP`
         messages, one turn of the event loop each, so other work goes on: every message published before the
-        call is removed (unless in flight); one published during it may be removed too (as with SQS's
-        PurgeQueue). Each step is durable on its own: a crash in the middle leaves the rest."""
+        call is removed (unless in flight and not `in_flight`); one published during it may be removed too (as
+        with SQS's PurgeQueue). Each step is durable on its own: a crash in the middle leaves the rest. Either
+        way the purge holds after a restart."""
         self._check()
+        if not isinstance(in_flight, bool):
+            raise InvalidArgument(f"in_flight must be true or false, got {in_flight!r}")
         queue = self.core.queue(name)
-        if queue.length - len(queue.in_flight) <= PURGE_STEP:
-            count = self._run(self.core.purge_queue, name)
+        if (queue.length if in_flight else queue.length - len(queue.in_flight)) <= PURGE_STEP:
+            count = self._run(self.core.purge_queue, name, in_flight=in_flight)
             await self._durable()
             return count
         up_to_id, total, token = self.core.ids.last, 0, None
         while True:
-            count = self._run(self.core.purge_step, name, PURGE_STEP, up_to_id)
+            count = self._run(self.core.purge_step, name, PURGE_STEP, up_to_id, in_flight=in_flight)
             token = self._pending_token or token
             total += count
             if count < PURGE_STEP:

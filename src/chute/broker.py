@@ -258,12 +258,14 @@ class Broker(ManagementApi, Housekeeping):
         self.core.queue(queue)
         return Consumer(self, queue, prefetch=prefetch, lease_s=lease_s)
 
-    async def ack(self, queue: str, receipts: int | Sequence[int]) -> None:
+    async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False) -> None:
         """Ack deliveries: they are removed for good once this returns. Receipts not (or no longer) leased
-        raise InvalidReceipt after the others were acked (`error.receipts` lists them)."""
+        raise InvalidReceipt after the others were acked (`error.receipts` lists them). With `lapsed=True`, a
+        receipt whose lease has ended still removes its message if nobody has received it since (SQS's
+        DeleteMessage with the latest receipt handle)."""
         self._check()
         receipts = [receipts] if isinstance(receipts, int) else receipts
-        unknown = self._run(self.core.ack, queue, receipts)
+        unknown = self._run(self.core.ack, queue, receipts, lapsed=lapsed is True)
         await self._durable()
         _raise_unknown(unknown, "acked")
 

@@ -7,6 +7,8 @@ arguments, so the live path and the replay path cannot drift apart.
 
 from __future__ import annotations
 
+import itertools
+
 import msgspec
 
 from chute.core import records as rec
@@ -109,24 +111,36 @@ class AdminOps(BrokerState):
         if self.on_queue_deleted is not None:
             self.on_queue_deleted(queue)
 
-    def purge_queue(self, name: str) -> int:
-        """Remove every message that is not in flight; return how many."""
+    def purge_queue(self, name: str, *, in_flight: bool = False) -> int:
+        """Remove every message that is not in flight, or every message with `in_flight` (their receipts are
+        then unknown: an ack or nack of one names nothing); return how many.
+
+        The PURGE record keeps, besides the in-flight messages spared, the messages still being published to the
+        queue: their MESSAGE records come before it in the log, but they are placed after the purge."""
         queue = self.queue(name)
-        removed = queue.clear()
+        removed = queue.clear(in_flight=in_flight)
         store = self.store_of(queue)
         for entry in removed:
             store.release(entry.ref)
         if not queue.ephemeral:
-            kept = [e.id for e in queue.in_flight.values()]
+            kept = [] if in_flight else [e.id for e in queue.in_flight.values()]
+            for plan in self.pending_plans:
+                for placement in plan.placements:  # (queue, entries, ...)
+                    if placement[0] is queue:
+                        kept.extend(e.id for e in placement[1])
             self.emit(rec.PURGE, rec.PurgeRecord(queue.id, kept))
         return len(removed)
 
-    def purge_step(self, name: str, limit: int, up_to_id: int) -> int:
-        """One step of a large purge: remove up to `limit` messages not in flight whose id is at most `up_to_id`
-        (the newest id when the purge began), in a REMOVE record; return how many. Fewer than `limit`: done."""
+    def purge_step(self, name: str, limit: int, up_to_id: int, *, in_flight: bool = False) -> int:
+        """One step of a large purge: remove up to `limit` messages whose id is at most `up_to_id` (the newest id
+        when the purge began), not in flight unless `in_flight`, in a REMOVE record; return how many. Fewer than
+        `limit`: done."""
         queue = self.queue(name)
         chosen = []
-        for entry in queue.backlog():
+        candidates = queue.backlog()
+        if in_flight:
+            candidates = itertools.chain(candidates, queue.in_flight.values())  # nothing changes until drop
+        for entry in candidates:
             if entry.id <= up_to_id:
                 chosen.append(entry)
                 if len(chosen) >= limit:

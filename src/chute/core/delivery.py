@@ -75,6 +75,8 @@ class DeliveryOps(BrokerState):
         for entry in taken:
             if entry.deliveries:
                 redelivered += 1
+                if entry.receipt:  # leased before: its lapsed receipt names it no more
+                    queue.lapsed.pop(entry.receipt, None)
             elif not entry.first_delivered:
                 entry.first_delivered = now
             entry.state = IN_FLIGHT
@@ -100,15 +102,34 @@ class DeliveryOps(BrokerState):
                 unknown.append(receipt)
             else:
                 found.append(entry)
+        if len(found) > 1 and len(set(found)) < len(found):  # a receipt named twice: settle its entry once
+            found = list(dict.fromkeys(found))
         return found, unknown
 
-    def ack(self, name: str, receipts) -> list[int]:
-        """Remove the leased messages; return the receipts that were not (or no longer) leased."""
+    def ack(self, name: str, receipts, *, lapsed: bool = False) -> list[int]:
+        """Remove the leased messages; return the receipts that were not (or no longer) leased. With `lapsed`,
+        a receipt whose lease ended also removes its message if nobody has leased it since (SQS's DeleteMessage
+        with the latest receipt handle); an older receipt names nothing."""
         queue = self.queue(name)
         entries, unknown = self._leased(queue, receipts)
+        if lapsed and unknown and queue.lapsed:
+            entries, unknown = self._lapsed(queue, entries, unknown)
         queue.counters["acked"] += len(entries)
         self.drop(queue, entries, rec.ACKED)
         return unknown
+
+    @staticmethod
+    def _lapsed(queue: Queue, entries: list[Entry], receipts: list[int]) -> tuple[list[Entry], list[int]]:
+        """`entries` plus the entries that `receipts` name as lapsed ones (each once); the receipts left."""
+        found, unknown = set(entries), []
+        for receipt in receipts:
+            entry = queue.lapsed.get(receipt)
+            if entry is None or entry in found:
+                unknown.append(receipt)
+            else:
+                found.add(entry)
+                entries.append(entry)
+        return entries, unknown
 
     def nack(self, name: str, receipts, now: float, *, delay_s: float = 0.0, dead_letter: bool = False) -> list[int]:
         """Return leased messages now or after `delay_s`, or dead-letter them (`rejected`); return unknown ones."""

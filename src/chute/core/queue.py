@@ -20,6 +20,10 @@ Invariants:
 - FIFO groups: at most one entry of a group is READY or IN_FLIGHT (the group's head); the others wait in the
   group's deque in id order and the next one becomes ready only when the head leaves the queue.
 - the counters (`ready`, `waiting`, `delayed`, `in_flight`, `bytes`) always equal what the structures hold.
+- lapsed receipts: an entry whose lease ended (timeout, nack, consumer gone) keeps its last receipt, and
+  `lapsed` maps that receipt to it until it is leased again or leaves the queue. So the latest receipt of a
+  message back in line still names it (SQS deletes it with that receipt handle), while an older one names
+  nothing. `lapsed` holds at most one item per stored entry, never more than the queue holds.
 - no I/O, no clock: callers pass `now` and decide what to log.
 """
 
@@ -144,6 +148,7 @@ class Queue:
         self.levels: dict[int, _Level] = {}
         self.priorities: list[int] = []  # priorities with a level, highest first
         self.in_flight: dict[int, Entry] = {}  # receipt -> entry
+        self.lapsed: dict[int, Entry] = {}  # last receipt -> entry, for entries whose lease ended (see header)
         self.delayed: set[Entry] = set()
         self.delayed_heads: set[Entry] = set()  # FIFO: group heads nacked with a delay
         self.groups: dict[str, deque[Entry]] = {}  # FIFO: waiting entries of groups whose head is out
@@ -296,21 +301,24 @@ class Queue:
         return best
 
     def lease(self, entry: Entry, receipt: int) -> None:
+        if entry.receipt:
+            self.lapsed.pop(entry.receipt, None)
         entry.state = IN_FLIGHT
         entry.receipt = receipt
         entry.deliveries += 1
         self.in_flight[receipt] = entry
 
     def requeue(self, entry: Entry) -> None:
-        """An in-flight entry comes back (nack, lease end): it keeps its place in line and its group's head."""
+        """An in-flight entry comes back (nack, lease end): it keeps its place in line and its group's head, and
+        its receipt (now a lapsed one)."""
         del self.in_flight[entry.receipt]
-        entry.receipt = 0
+        self.lapsed[entry.receipt] = entry
         self._make_ready(entry)
 
     def delay(self, entry: Entry, until: float) -> None:
         """An in-flight entry comes back at `until` (nack with a delay); `undelay` puts it back in line."""
         del self.in_flight[entry.receipt]
-        entry.receipt = 0
+        self.lapsed[entry.receipt] = entry
         entry.deadline = until
         entry.state = DELAYED
         self.delayed.add(entry)
@@ -320,9 +328,13 @@ class Queue:
     def remove(self, entry: Entry) -> None:
         """Take an entry out of the queue for good (ack, dead-letter, drop); promote its group's next one."""
         state = entry.state
+        if state == GONE:
+            return
         if state == IN_FLIGHT:
             del self.in_flight[entry.receipt]
-        elif state == READY:
+        elif entry.receipt:
+            self.lapsed.pop(entry.receipt, None)
+        if state == READY:
             self.ready -= 1  # stays in its level until popped (lazy)
         elif state == DELAYED:
             self.delayed.discard(entry)
@@ -334,8 +346,6 @@ class Queue:
             self.groups[entry.group].remove(entry)
             entry.state = GONE
             self.bytes -= entry.size
-            return
-        else:
             return
         entry.state = GONE
         self.bytes -= entry.size
@@ -402,15 +412,16 @@ class Queue:
         self.levels = {}
         self.priorities = []
         self.in_flight = {}
+        self.lapsed = {}
         self.delayed = set()
         self.delayed_heads = set()
         self.groups = {}
         self.ready = self.waiting = self.bytes = 0
         return lists
 
-    def clear(self) -> list[Entry]:
-        """Remove every entry that is not in flight (purge); return them."""
-        removed = [e for e in self.entries() if e.state != IN_FLIGHT]
+    def clear(self, *, in_flight: bool = False) -> list[Entry]:
+        """Remove every entry that is not in flight (purge), or every entry with `in_flight`; return them."""
+        removed = [e for e in self.entries() if in_flight or e.state != IN_FLIGHT]
         for entry in removed:
             entry.state = GONE
             self.bytes -= entry.size
@@ -418,7 +429,10 @@ class Queue:
         self.priorities = []
         self.delayed.clear()
         self.delayed_heads.clear()
+        self.lapsed.clear()  # lapsed entries are never in flight: all of them went
         self.ready = self.waiting = 0
+        if in_flight:
+            self.in_flight.clear()
         heads = {e.group for e in self.in_flight.values() if e.group is not None}
         self.groups = {g: deque() for g in heads} if self.settings.fifo else {}
         return removed

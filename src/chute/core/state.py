@@ -47,6 +47,7 @@ class BrokerState:
         self.next_topic_id = 1
         self.ids = IdGenerator()
         self.timers = Timers(self.timer_live)
+        self.receipt_base = receipt_base  # receipts below it are from another run (or never issued)
         self.next_receipt = receipt_base
         self.changed: set[Queue] = set()
         self.outbox: list[tuple[int, bytes]] = []
@@ -96,6 +97,7 @@ class BrokerState:
             "ready_lines": sum(len(level) for q in queues for level in q.levels.values()),
             "group_lines": sum(len(waiting) for q in queues for waiting in q.groups.values()),
             "in_flight": sum(len(q.in_flight) for q in queues),
+            "lapsed": sum(len(q.lapsed) for q in queues),
             "delayed": sum(len(q.delayed) + len(q.delayed_heads) for q in queues),
             "dedup": sum(len(o.dedup.table) + len(o.dedup.order) for o in (*queues, *topics)),
             "retained": sum(len(t.retained) for t in topics),
