@@ -318,9 +318,13 @@ class AmqpConnection:
         return frame.marshal(method, channel)
 
     def send_content(self, channel: int, method, properties, body: bytes) -> bytes:
-        """A method with content (basic.deliver, basic.get-ok, basic.return): method, header and body frames."""
-        parts = [frame.marshal(method, channel),
-                 frame.marshal(header.ContentHeader(0, len(body), properties), channel)]  # fmt: skip
+        """A method with content (basic.deliver, basic.get-ok, basic.return): method, header and body frames.
+        `method` may be a method's encoded payload (bytes) instead of a pamqp method."""
+        if isinstance(method, bytes):
+            parts = [FRAME_HEADER.pack(FRAME_METHOD, channel, len(method)), method, b"\xce"]
+        else:
+            parts = [frame.marshal(method, channel)]
+        parts.append(frame.marshal(header.ContentHeader(0, len(body), properties), channel))
         step = self.frame_max - FRAME_OVERHEAD
         for offset in range(0, len(body), step):
             chunk = body[offset : offset + step]

@@ -96,6 +96,7 @@ class AmqpSession(asyncio.Protocol):
         self._sweeper = None
         self._last_received = self._last_sent = 0.0
         self._closer: asyncio.TimerHandle | None = None
+        self._settles: dict[tuple[str, str], list[int]] = {}  # acks and nacks gathered for one broker call each
         self._closing = False  # connection.close sent: only close-ok (or the peer's close) matters now
 
     # -- transport callbacks ----------------------------------------------------------------------------------
@@ -177,6 +178,22 @@ class AmqpSession(asyncio.Protocol):
         self.tasks.add(task)
         task.add_done_callback(self._done)
         return task
+
+    def settle_later(self, queue: str, action: str, receipts: list[int]) -> None:
+        """Ack ("ack"), requeue ("nack") or dead-letter ("reject") receipts: gathered until the current batch of
+        incoming frames is handled, then one broker call per queue and action (one record, one group commit)."""
+        if not self._settles:
+            self._loop.call_soon(self._flush_settles)
+        self._settles.setdefault((queue, action), []).extend(receipts)
+
+    def _flush_settles(self) -> None:
+        settles, self._settles = self._settles, {}
+        broker = self.broker
+        for (queue, action), receipts in settles.items():
+            if action == "ack":
+                self.spawn(broker.ack(queue, receipts))
+            else:
+                self.spawn(broker.nack(queue, receipts, dead_letter=action == "reject"))
 
     def _done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
@@ -389,11 +406,14 @@ class AmqpSession(asyncio.Protocol):
                     basic.publish(self, channel, batch)
                     continue
                 method = inbox.pop(0)
-                if channel.publishing and not isinstance(method, SETTLING):
-                    # RabbitMQ's order: what a channel published is in its queues before the channel's next method
-                    await asyncio.wait(list(channel.publishing))
-                elif self.tasks:
-                    await asyncio.sleep(0)  # let work spawned before this method take its first step
+                if not isinstance(method, SETTLING):
+                    if self._settles:
+                        self._flush_settles()
+                    if channel.publishing:
+                        # RabbitMQ's order: what a channel published is in its queues before its next method
+                        await asyncio.wait(list(channel.publishing))
+                    elif self.tasks:
+                        await asyncio.sleep(0)  # let work spawned before this method take its first step
                 await self._run(channel, method)
         finally:
             channel.worker = None
