@@ -1,10 +1,11 @@
 """Deduplication window of one queue or topic: dedup id -> (expires, message id).
 
-Invariant: an id is remembered until `expires` (publish time + the window), then forgotten on the next lookup;
+Invariant: an id is remembered until `expires` (publish time + the window), then forgotten by the next sweep;
 `order` holds (expires, dedup id) in insertion order, which is expiry order while the window is unchanged (a
 shorter window after an update only makes some ids live a little longer). The broker sweeps a window with a
 timer (`timer_at`) so ids are forgotten on time even when no publish looks them up: memory holds the ids of the
-window, never every id that ever passed.
+window, never every id that ever passed. `lookup` changes nothing, so a publish refused after its dedup check
+leaves the window as it was.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ class DedupWindow:
         self.timer_at: float | None = None  # when the broker's sweep timer for this window fires
 
     def lookup(self, dedup_id: str, now: float) -> int | None:
-        """The id of the message published with `dedup_id` within the window, or None."""
-        self.expire(now)
+        """The id of the message published with `dedup_id` within the window, or None. Changes nothing."""
         found = self.table.get(dedup_id)
         return found[1] if found is not None and found[0] > now else None
 

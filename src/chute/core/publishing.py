@@ -6,6 +6,17 @@ A publish is two steps so that nothing unconfirmed is ever delivered:
    the store's durability token. Pending messages count against max_length / max_bytes and the dedup window.
 2. once the token resolves, `commit_publish` makes the entries ready (or delayed); if it failed,
    `abort_publish` forgets them. Until then no consumer sees them.
+
+Invariants:
+- a refused publish changes nothing: every reason to refuse (bad input, a missing destination, a `reject` queue
+  without room, a read-only log) is found before the first change (dead-lettering overflow, ids, dedup ids,
+  records). Only the store's append comes after, and it fails only on a read-only log, checked first.
+- `drop-oldest` never refuses for length or size: it drops the queue's oldest ready messages, then the batch's
+  own oldest (and any larger than max_bytes by itself), until the rest fits; dropped batch messages are still
+  written once and moved to the dead-letter queue by a MOVE record in the same append (or not written at all
+  without one), so replay rebuilds the same queues.
+- a message routed to a queue takes the queue's default delay and TTL unless it has its own; where that makes
+  its times in a queue differ from its own, the record lists them (`queue_times`), so replay needs no settings.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from chute.core.routing import validate_subject
 from chute.core.state import BrokerState
 from chute.core.timers import RETAIN
 from chute.core.topic import Topic
-from chute.errors import InvalidArgument, MessageTooLarge, QueueFull, QueueNotFound
+from chute.errors import InvalidArgument, MessageTooLarge, QueueFull, QueueNotFound, StorageReadOnly
 from chute.model import (
     MAX_DEDUP_ID_CHARS,
     MAX_DELAY_S,
@@ -35,12 +46,15 @@ from chute.storage.api import Durable
 class PublishPlan:
     """What `prepare_publish` decided; hand it back to `commit_publish` or `abort_publish`."""
 
-    __slots__ = ("ids", "token", "placements", "dedups", "retains")
+    __slots__ = ("ids", "token", "placements", "dropped", "dedups", "retains")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.token: Durable | None = None
-        self.placements: list[tuple[Queue, list[Entry]]] = []  # entry.deadline holds its ready time
+        # (queue, entries, source): entry.deadline holds its ready time; `source` is None, or the queue whose
+        # overflow sent these batch messages straight to `queue`, its dead-letter queue
+        self.placements: list[tuple[Queue, list[Entry], Queue | None]] = []
+        self.dropped: list[tuple[Queue, int]] = []  # batch messages a queue dropped for overflow (no DLQ)
         self.dedups: list[tuple[object, str, int]] = []
         self.retains: list[tuple[Topic, int, int, int]] = []
 
@@ -75,20 +89,25 @@ class PublishOps(BrokerState):
         new, slots = self._deduplicate(window, messages, now) if keyed else (messages, None)
         if queue is not None:
             targets = None
-            need = {queue: [len(new), sum(len(m.body) for m in new)]} if new else {}
+            routes = {queue: range(len(new))} if new else {}
         else:
             targets = [topic.route(m.subject or topic.name, m.headers) for m in new]
-            need = {}
-            for message, queues in zip(new, targets, strict=True):
+            routes = {}
+            for index, queues in enumerate(targets):
                 for target in queues:
-                    counts = need.setdefault(target, [0, 0])
-                    counts[0] += 1
-                    counts[1] += len(message.body)
-        self._make_room(need, now)
-        if queue is not None:
+                    routes.setdefault(target, []).append(index)
+        victims, dropped = self._plan_room(routes, new)
+        if self.store.read_only and new and ((topic is not None and topic.retains) or any(routes)):
+            raise StorageReadOnly("the log is read-only after an earlier storage failure: publishes are refused")
+        # nothing below refuses: from here on the publish changes state
+        for target, entries in victims.items():
+            self.dead_letter(target, entries, "overflow", now)
+        if not new:  # every message repeats a dedup id: nothing to write
+            new_ids = []
+        elif queue is not None and not dropped:
             new_ids = self._write_to_queue(new, queue, now, plan, plain)
         else:
-            new_ids = self._write_to_topic(new, targets, topic, now, plan)
+            new_ids = self._write_routed(new, targets or [[queue]] * len(new), topic, now, plan, dropped)
         if not keyed:
             plan.ids = list(new_ids)
         else:
@@ -145,61 +164,85 @@ class PublishOps(BrokerState):
             new.append(message)
         return new, slots
 
-    def _make_room(self, need: dict[Queue, list[int]], now: float) -> None:
-        """Check max_length / max_bytes of every target queue for [count, bytes] more; drop the oldest where the
-        policy says so, else raise QueueFull."""
-        for queue, (count, size) in need.items():
-            if queue.has_room(count, size):
+    def _plan_room(self, routes: dict[Queue, Sequence[int]], new: Sequence[Publish]):
+        """Decide, changing nothing, how every target queue takes its messages (`routes`: queue -> positions in
+        `new`): raise QueueFull if a `reject` queue has no room; for a `drop-oldest` one, choose what it drops.
+        Return (victims: queue -> its ready entries to dead-letter, dropped: queue -> positions it drops)."""
+        victims: dict[Queue, list[Entry]] = {}
+        dropped: dict[Queue, set[int]] = {}
+        for queue, positions in routes.items():
+            sizes = [len(new[i].body) for i in positions]
+            if queue.has_room(len(sizes), sum(sizes)):
                 continue
-            if queue.settings.overflow == "drop-oldest":
-                while not queue.has_room(count, size):
-                    victim = queue.oldest_ready()
-                    if victim is None:
-                        break
-                    self.dead_letter(queue, [victim], "overflow", now)
-            if not queue.has_room(count, size):
+            if queue.settings.overflow != "drop-oldest":
                 raise QueueFull(f"queue {queue.name!r} is full (max_length / max_bytes) and rejects publishes")
+            old, own = queue.overflow(sizes)
+            if old:
+                victims[queue] = old
+            if own:
+                dropped[queue] = {positions[i] for i in own}
+        return victims, dropped
 
-    def _write_to_topic(self, new, targets, topic: Topic, now: float, plan: PublishPlan) -> list[int]:
-        """Append one MESSAGE record per stored message (listing every queue it goes to); fill the plan's
-        placements and retains; return the new messages' ids."""
+    def _overflow_target(self, queue: Queue) -> Queue | None:
+        """Where `queue`'s overflow goes: its durable dead-letter queue, or None (dropped), as `dead_letter` does."""
+        dlq = self.queues.get(queue.settings.dead_letter_queue or "")
+        return None if dlq is None or queue.ephemeral or dlq.ephemeral else dlq
+
+    def _write_routed(self, new, targets, topic: Topic | None, now: float, plan: PublishPlan, dropped) -> list[int]:
+        """Append one MESSAGE record per stored message (the body once, listing every durable queue it goes to,
+        with its own times in the queues whose defaults differ), then a MOVE record per queue that sends some of
+        the batch to its dead-letter queue for overflow; fill the plan; return the new messages' ids. `targets`:
+        the queues of each message; `topic`: None for a queue publish that drops some of its own batch."""
         records, ephemeral, places, new_ids = self.outbox, [], [], []
         self.outbox = []
-        retains = topic.retains
+        retains = topic is not None and topic.retains
+        topic_id = topic.id if topic is not None else 0
         now_ms = int(now * 1000)
-        for message, queues in zip(new, targets, strict=True):
+        moves: dict[tuple[Queue, Queue], list[int]] = {}
+        for index, (message, queues) in enumerate(zip(new, targets, strict=True)):
             message_id = self.ids.next(now)
             new_ids.append(message_id)
-            durable = [q for q in queues if not q.ephemeral]
-            ready_at = now + message.delay_s if message.delay_s else 0.0
-            expires = now + message.ttl_s if message.ttl_s else 0.0
-            record = rec.MessageRecord(
-                message_id, now_ms, topic.id, [q.id for q in durable], int(ready_at * 1000), int(expires * 1000),
-                message.priority, message.group, message.dedup_id, message.subject, message.headers, message.body,
+            own = (now + message.delay_s if message.delay_s else 0.0, now + message.ttl_s if message.ttl_s else 0.0)
+            durable, transient, queue_times = [], [], []
+            for target in queues:
+                dlq = None
+                if index in dropped.get(target, ()):
+                    dlq = self._overflow_target(target)
+                    if dlq is None:
+                        plan.dropped.append((target, 1))
+                        continue
+                    moves.setdefault((target, dlq), []).append(message_id)
+                when = _times_in(target, message, now, own)
+                (transient if target.ephemeral else durable).append((target, dlq, when))
+                if when != own and not target.ephemeral:
+                    queue_times.append((target.id, int(when[0] * 1000), int(when[1] * 1000)))
+            fields = (
+                message_id, now_ms, topic_id, [place[0].id for place in durable], int(own[0] * 1000),
+                int(own[1] * 1000), message.priority, message.group, message.dedup_id, message.subject,
+                message.headers, message.body,
             )  # fmt: skip
-            payload = rec.encode(record)
+            payload = rec.encode((*fields, queue_times) if queue_times else fields)  # the array of a MessageRecord
             if durable or retains:
                 records.append((rec.MESSAGE, payload))
-                places.append((message, message_id, durable, ready_at, expires, len(records) - 1))
-            transient = [q for q in queues if q.ephemeral]
+                places.append((message, message_id, durable, len(records) - 1))
             if transient:
-                ephemeral.append((payload, message, message_id, transient, ready_at, expires))
-        by_queue: dict[Queue, list[Entry]] = {}
+                ephemeral.append((payload, message, message_id, transient))
+        overflow = rec.REASON_CODES["overflow"]
+        for (source, dlq), ids in moves.items():  # after the MESSAGE records: replay places them, then moves them
+            records.append((rec.MOVE, rec.encode(rec.MoveRecord(source.id, dlq.id, overflow, ids))))
+        by_queue: dict[tuple[Queue, Queue | None], list[Entry]] = {}
         if records:
             refs, plan.token = self.store.append(records)
-            for message, message_id, durable, ready_at, expires, index in places:
-                ref, size = refs[index], len(message.body)
-                for target in durable:
-                    by_queue.setdefault(target, []).append(_entry(message_id, ref, message, expires, ready_at))
+            for message, message_id, durable, index in places:
+                _collect(by_queue, message, message_id, refs[index], durable)
                 if retains:
-                    plan.retains.append((topic, message_id, ref, size))
+                    plan.retains.append((topic, message_id, refs[index], len(message.body)))
         if ephemeral:
             refs, _ = self.ephemeral_store.append([(rec.MESSAGE, item[0]) for item in ephemeral])
-            for ref, (_, message, message_id, queues, ready_at, expires) in zip(refs, ephemeral, strict=True):
-                for target in queues:
-                    by_queue.setdefault(target, []).append(_entry(message_id, ref, message, expires, ready_at))
-        for target, entries in by_queue.items():
-            self._hold(target, entries, plan)
+            for ref, (_, message, message_id, transient) in zip(refs, ephemeral, strict=True):
+                _collect(by_queue, message, message_id, ref, transient)
+        for (target, source), entries in by_queue.items():
+            self._hold(target, entries, plan, source)
         return new_ids
 
     def _write_to_queue(self, new, queue: Queue, now: float, plan: PublishPlan, plain: bool) -> range:
@@ -241,16 +284,16 @@ class PublishOps(BrokerState):
         return new_ids
 
     @staticmethod
-    def _hold(queue: Queue, entries: list[Entry], plan: PublishPlan) -> None:
+    def _hold(queue: Queue, entries: list[Entry], plan: PublishPlan, source: Queue | None = None) -> None:
         """Count pending entries against the queue's limits until the plan is committed or aborted."""
-        plan.placements.append((queue, entries))
+        plan.placements.append((queue, entries, source))
         queue.pending += len(entries)
         queue.pending_bytes += sum(e.size for e in entries)
 
     def commit_publish(self, plan: PublishPlan, now: float) -> None:
         """The plan's records are durable: place its entries (ready or delayed) and retain topic messages."""
         self.pending_plans.discard(plan)
-        for queue, entries in plan.placements:
+        for queue, entries, source in plan.placements:
             queue.pending -= len(entries)
             queue.pending_bytes -= sum(e.size for e in entries)
             if self.queues.get(queue.name) is not queue:
@@ -258,8 +301,14 @@ class PublishOps(BrokerState):
             track = self.store_of(queue).track
             for entry in entries:
                 track(entry.ref)
-            queue.counters["published"] += len(entries)
+            if source is None:
+                queue.counters["published"] += len(entries)
+            else:  # published to `source`, dead-lettered at once for overflow
+                plan.dropped.append((source, len(entries)))
             self.place_batch(queue, entries, now)
+        for queue, count in plan.dropped:
+            queue.counters["published"] += count
+            queue.counters["dead"] += count
         for topic, message_id, ref, size in plan.retains:
             if self.topics.get(topic.name) is topic:
                 self.store.track(ref)
@@ -270,7 +319,7 @@ class PublishOps(BrokerState):
     def abort_publish(self, plan: PublishPlan) -> None:
         """The plan's records did not become durable: forget its entries and dedup ids."""
         self.pending_plans.discard(plan)
-        for queue, entries in plan.placements:
+        for queue, entries, _ in plan.placements:
             queue.pending -= len(entries)
             queue.pending_bytes -= sum(e.size for e in entries)
         for window, key, message_id in plan.dedups:
@@ -322,6 +371,29 @@ def _check_key(name: str, value: object, max_chars: int) -> None:
         return
     if not isinstance(value, str) or not 1 <= len(value) <= max_chars:
         raise InvalidArgument(f"{name} must be a string of 1 to {max_chars} characters, got {value!r}")
+
+
+def _times_in(queue: Queue, message: Publish, now: float, own: tuple[float, float]) -> tuple[float, float]:
+    """(ready_at, expires) of `message` in `queue`: its own delay and TTL, else the queue's defaults."""
+    ready_at, expires = own
+    settings = queue.settings
+    if message.delay_s is None and settings.delay_s:
+        ready_at = now + settings.delay_s
+    if message.ttl_s is None and settings.retention_s:
+        expires = now + settings.retention_s
+    return ready_at, expires
+
+
+def _collect(by_queue: dict, message: Publish, message_id: int, ref: int, places: list) -> None:
+    """Add a stored message's entries to `by_queue`, keyed (queue, overflowing source or None)."""
+    for target, dlq, (ready_at, expires) in places:
+        if dlq is None:
+            by_queue.setdefault((target, None), []).append(_entry(message_id, ref, message, expires, ready_at))
+        else:
+            dead = (rec.REASON_CODES["overflow"], target.id)
+            by_queue.setdefault((dlq, target), []).append(
+                Entry(message_id, ref, len(message.body), message.priority, None, 0.0, 0, dead)
+            )
 
 
 def _entry(message_id: int, ref: int, message: Publish, expires: float, ready_at: float) -> Entry:

@@ -300,6 +300,41 @@ class Queue:
                 best = entry
         return best
 
+    def ready_by_age(self) -> Iterator[Entry]:
+        """Ready entries, oldest (smallest id) first, lazily and without changing anything: drop-oldest's
+        candidates. Take what is needed before changing the queue."""
+        lines = []
+        for level in self.levels.values():
+            lines.append(e for e in level.fresh if e.state == READY)
+            if level.returned:
+                lines.append(item[2] for item in sorted(level.returned) if item[2].state == READY)
+        return heapq.merge(*lines, key=_by_id)
+
+    def overflow(self, sizes: list[int]) -> tuple[list[Entry], list[int]]:
+        """drop-oldest, for new messages of `sizes` (oldest first): the ready entries to drop (oldest first) and
+        the positions in `sizes` of the new messages to drop (any larger than max_bytes by itself, then the
+        oldest) so that the rest fits under max_length and max_bytes. Changes nothing."""
+        s = self.settings
+        max_length = s.max_length if s.max_length is not None else float("inf")
+        max_bytes = s.max_bytes if s.max_bytes is not None else float("inf")
+        length, used = self.length + self.pending, self.bytes + self.pending_bytes
+        dropped = [i for i, size in enumerate(sizes) if size > max_bytes]
+        kept = [i for i, size in enumerate(sizes) if size <= max_bytes]
+        count, total = len(kept), sum(sizes[i] for i in kept)
+        victims: list[Entry] = []
+        if length + count > max_length or used + total > max_bytes:
+            for entry in self.ready_by_age():
+                victims.append(entry)
+                length, used = length - 1, used - entry.size
+                if length + count <= max_length and used + total <= max_bytes:
+                    break
+        for i in kept:
+            if length + count <= max_length and used + total <= max_bytes:
+                break
+            dropped.append(i)
+            count, total = count - 1, total - sizes[i]
+        return victims, sorted(dropped)
+
     def lease(self, entry: Entry, receipt: int) -> None:
         if entry.receipt:
             self.lapsed.pop(entry.receipt, None)

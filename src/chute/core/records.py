@@ -8,7 +8,9 @@ records after a snapshot, in order, rebuilds exactly the durable state (see core
 |------|-----------|---------------------------------------------------------------------------------|
 | 1    | MESSAGE   | id, publish_ms, topic_id, queue_ids, ready_ms, expires_ms, priority, group,     |
 |      |           | dedup_id, subject, headers, body  — the body is written once, whatever the      |
-|      |           | number of queues it goes to                                                     |
+|      |           | number of queues it goes to; then `queue_times`: [[queue_id, ready_ms,          |
+|      |           | expires_ms], ...] for the queues whose times differ from ready_ms / expires_ms  |
+|      |           | (a topic message taking a subscription queue's default delay or TTL), or nil    |
 | 2    | COPY      | same as MESSAGE: a live message moved by compaction; replay updates its ref     |
 | 3    | REMOVE    | queue_id, reason, ids — ack (reason 0), drop (a dead-letter reason code), or a  |
 |      |           | step of a large purge (reason 5)                                                |
@@ -56,6 +58,16 @@ class MessageRecord(msgspec.Struct, array_like=True):
     subject: str | None
     headers: dict[str, str] | None
     body: bytes
+    # a topic message's ready / expiry time in a queue whose defaults give it other times than its own
+    queue_times: list[tuple[int, int, int]] | None = None
+
+    def times_in(self, queue_id: int) -> tuple[int, int]:
+        """(ready_ms, expires_ms) of this message in the queue numbered `queue_id`."""
+        if self.queue_times:
+            for each_id, ready_ms, expires_ms in self.queue_times:
+                if each_id == queue_id:
+                    return ready_ms, expires_ms
+        return self.ready_ms, self.expires_ms
 
 
 class RemoveRecord(msgspec.Struct, array_like=True):

@@ -41,7 +41,7 @@ class RecoveryOps(BrokerState):
         pending: dict[Queue, list[Entry]] = {}
         retained_pending = []
         for plan in self.pending_plans:
-            for queue, entries in plan.placements:
+            for queue, entries, _ in plan.placements:
                 if not queue.ephemeral:
                     pending.setdefault(queue, []).extend(entries)
             retained_pending.extend(plan.retains)
@@ -69,7 +69,7 @@ class RecoveryOps(BrokerState):
     def pending_refs(self) -> list[int]:
         """Refs of the durable records of publishes still being made durable: not tracked before they are placed,
         so a checkpoint must hold them (track, then release) or a store could reclaim them first."""
-        refs = [e.ref for plan in self.pending_plans for queue, entries in plan.placements if not queue.ephemeral
+        refs = [e.ref for plan in self.pending_plans for queue, entries, _ in plan.placements if not queue.ephemeral
                 for e in entries]  # fmt: skip
         refs += [ref for plan in self.pending_plans for _, _, ref, _ in plan.retains]
         return refs
@@ -195,8 +195,9 @@ class RecoveryOps(BrokerState):
         for queue_id in record.queue_ids:
             queue = self.queues_by_id.get(queue_id)
             if queue is not None:
-                entry = Entry(record.id, ref, size, record.priority, record.group, record.expires_ms / 1000.0)
-                self._replay_place(queue, entry, record.ready_ms / 1000.0, now)
+                ready_ms, expires_ms = record.times_in(queue_id)
+                entry = Entry(record.id, ref, size, record.priority, record.group, expires_ms / 1000.0)
+                self._replay_place(queue, entry, ready_ms / 1000.0, now)
                 expires = publish_s + queue.settings.dedup_window_s
                 if record.dedup_id is not None and not record.topic_id and expires > now:
                     queue.dedup.remember(record.dedup_id, record.id, expires)

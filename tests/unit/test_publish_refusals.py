@@ -1,0 +1,183 @@
+"""Overflow and refusals: drop-oldest never refuses for length or size, and a refused publish changes nothing.
+
+"Nothing" is what a user or an operator could see: every queue's messages and stats, the broker's index sizes
+(`BrokerCore.index_sizes()`: ready lines, timers, dedup windows...) and the records appended to the log.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import msgspec
+import pytest
+
+from chute import Broker, Publish
+from chute.errors import (
+    ChuteError,
+    InvalidArgument,
+    InvalidName,
+    MessageTooLarge,
+    QueueFull,
+    QueueNotFound,
+    StorageFailed,
+    StorageReadOnly,
+)
+from chute.storage import FileStore, MemoryFs
+
+
+async def _bodies(broker, name):
+    return [(d.body, d.dead_letter_reason, d.dead_letter_source) for d in await broker.peek(name, 100)]
+
+
+async def test_drop_oldest_batch_longer_than_the_limit_keeps_the_newest(broker, reopen):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", max_length=3, overflow="drop-oldest", dead_letter_queue="dlq")
+    await broker.publish_batch("q", [Publish(body=b"p0"), Publish(body=b"p1")])
+    ids = await broker.publish_batch("q", [Publish(body=b"b%d" % i) for i in range(4)])
+    assert len(set(ids)) == 4
+    assert await _bodies(broker, "q") == [(b"b1", None, None), (b"b2", None, None), (b"b3", None, None)]
+    dead = [(b"p0", "overflow", "q"), (b"p1", "overflow", "q"), (b"b0", "overflow", "q")]
+    assert await _bodies(broker, "dlq") == dead
+    stats = broker.queue_stats("q")
+    assert (stats.ready, stats.published, stats.dead_lettered) == (3, 6, 3)
+    broker = await reopen(broker)  # the log says the same: the batch's b0 went straight to the dead-letter queue
+    assert [b for b, *_ in await _bodies(broker, "q")] == [b"b1", b"b2", b"b3"]
+    assert await _bodies(broker, "dlq") == dead
+    assert await broker.redrive("dlq") == 3  # a dead-lettered batch message knows where it came from
+    assert [b for b, *_ in await _bodies(broker, "q")] == [b"p0", b"p1", b"b0", b"b1", b"b2", b"b3"]  # id order
+
+
+async def test_drop_oldest_without_dead_letter_queue_drops_the_batch_head(broker, reopen):
+    await broker.create_queue("q", max_length=2, overflow="drop-oldest")
+    await broker.publish("q", b"old")
+    await broker.publish_batch("q", [Publish(body=b"a"), Publish(body=b"b"), Publish(body=b"c")])
+    assert [b for b, *_ in await _bodies(broker, "q")] == [b"b", b"c"]
+    assert broker.queue_stats("q").dead_lettered == 2
+    broker = await reopen(broker)
+    assert [b for b, *_ in await _bodies(broker, "q")] == [b"b", b"c"]
+
+
+async def test_drop_oldest_keeps_in_flight_messages_and_drops_new_ones_instead(broker):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", max_length=2, overflow="drop-oldest", dead_letter_queue="dlq")
+    await broker.publish_batch("q", [Publish(body=b"x"), Publish(body=b"y")])
+    assert len(await broker.receive("q", 2)) == 2  # both in flight: nothing old can go
+    await broker.publish("q", b"new")
+    assert broker.queue_stats("q").in_flight == 2
+    assert await _bodies(broker, "dlq") == [(b"new", "overflow", "q")]
+
+
+async def test_drop_oldest_by_bytes(broker, reopen):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", max_bytes=10, overflow="drop-oldest", dead_letter_queue="dlq")
+    await broker.publish("q", b"x" * 6)
+    await broker.publish_batch("q", [Publish(body=b"a" * 4), Publish(body=b"b" * 5), Publish(body=b"c" * 5)])
+    assert [b for b, *_ in await _bodies(broker, "q")] == [b"b" * 5, b"c" * 5]
+    await broker.publish("q", b"z" * 11)  # can never fit: dead-lettered, not refused, and nothing else goes
+    assert [b for b, *_ in await _bodies(broker, "q")] == [b"b" * 5, b"c" * 5]
+    assert [b for b, *_ in await _bodies(broker, "dlq")] == [b"x" * 6, b"a" * 4, b"z" * 11]
+    assert broker.queue_stats("q").bytes == 10
+    broker = await reopen(broker)
+    assert [b for b, *_ in await _bodies(broker, "q")] == [b"b" * 5, b"c" * 5]
+    assert [b for b, *_ in await _bodies(broker, "dlq")] == [b"x" * 6, b"a" * 4, b"z" * 11]
+
+
+async def test_drop_oldest_on_a_topic_batch(broker, reopen):
+    await broker.create_queue("dlq")
+    await broker.create_queue("small", max_length=2, overflow="drop-oldest", dead_letter_queue="dlq")
+    await broker.create_queue("all")
+    await broker.create_topic("t")
+    await broker.subscribe("t", ">", "small")
+    await broker.subscribe("t", ">", "all")
+    await broker.publish_batch("t", [Publish(body=b"m%d" % i) for i in range(3)])
+    assert [b for b, *_ in await _bodies(broker, "small")] == [b"m1", b"m2"]
+    assert [b for b, *_ in await _bodies(broker, "all")] == [b"m0", b"m1", b"m2"]
+    assert await _bodies(broker, "dlq") == [(b"m0", "overflow", "small")]
+    broker = await reopen(broker)
+    assert [b for b, *_ in await _bodies(broker, "small")] == [b"m1", b"m2"]
+    assert [b for b, *_ in await _bodies(broker, "all")] == [b"m0", b"m1", b"m2"]
+    assert await _bodies(broker, "dlq") == [(b"m0", "overflow", "small")]
+
+
+# -- a refused publish changes nothing -------------------------------------------------------------------------
+
+
+async def _observe(broker: Broker) -> dict:
+    """Everything a refused publish must leave as it was."""
+    core = broker.core
+    queues = {}
+    for name in sorted(core.queues):
+        stats = msgspec.to_builtins(broker.queue_stats(name))
+        stats.pop("oldest_age_s")
+        queues[name] = (stats, [(d.id, d.body, d.dead_letter_reason) for d in await broker.peek(name, 100)])
+    log = broker.store.stats()
+    dedup = {name: sorted(q.dedup.table) for name, q in core.queues.items()}
+    dedup.update({name: sorted(t.dedup.table) for name, t in core.topics.items()})
+    return {"index": core.index_sizes(), "queues": queues, "dedup": dedup,
+            "log": (log.appends, log.bytes_written), "outbox": list(core.outbox)}  # fmt: skip
+
+
+async def _setup(broker, clock) -> None:
+    """Queues at their limits, with a dead-letter queue, a topic over them, in-flight and expired dedup ids."""
+    await broker.create_queue("dlq")
+    await broker.create_queue("dropping", max_length=3, overflow="drop-oldest", dead_letter_queue="dlq",
+                              dedup_window_s=1)  # fmt: skip
+    await broker.create_queue("full", max_length=2)
+    await broker.create_queue("heavy", max_bytes=10)
+    await broker.create_topic("t", dedup_window_s=1)
+    await broker.subscribe("t", "a.>", "dropping")
+    await broker.subscribe("t", "a.b", "full")
+    await broker.publish_batch("dropping", [Publish(body=b"d%d" % i, dedup_id=f"d{i}") for i in range(3)])
+    await broker.publish_batch("full", [Publish(body=b"f0"), Publish(body=b"f1")])
+    await broker.publish("heavy", b"h" * 8)
+    await broker.publish("t", b"t0", subject="a.x", dedup_id="t0")
+    await broker.receive("dropping", 1)
+    clock.advance(2)  # the dedup ids above have expired but are not swept yet (no tick)
+
+
+REFUSALS = [  # (destination, batch, error)
+    ("full", [Publish(body=b"x")], QueueFull),
+    ("heavy", [Publish(body=b"x" * 3)], QueueFull),
+    ("t", [Publish(body=b"x", subject="a.c"), Publish(body=b"y", subject="a.b")], QueueFull),  # dropping, then full
+    ("t", [Publish(body=b"x", subject="a.c", dedup_id="n1"), Publish(body=b"y", subject="a.b")], QueueFull),
+    ("dropping", [Publish(body=b"x", dedup_id="n2"), Publish(body=b"x" * (2 << 20))], MessageTooLarge),
+    ("dropping", [Publish(body=b"x"), Publish(body=b"y", headers={"k": "v" * 70_000})], MessageTooLarge),
+    ("dropping", [Publish(body=b"x"), Publish(body=b"y", priority=10)], InvalidArgument),
+    ("dropping", [Publish(body=b"x"), Publish(body=b"y", ttl_s=0)], InvalidArgument),
+    ("dropping", [Publish(body=b"x"), Publish(body=b"y", subject="a.b")], InvalidArgument),
+    ("dropping", [Publish(body=b"x"), "not a message"], InvalidArgument),
+    ("dropping", [], InvalidArgument),
+    ("t", [Publish(body=b"x", subject="a.c"), Publish(body=b"y", subject="a..b")], InvalidName),
+    ("nowhere", [Publish(body=b"x")], QueueNotFound),
+]
+
+
+@pytest.mark.parametrize(("dest", "batch", "error"), REFUSALS, ids=[f"{e.__name__}-{d}" for d, _, e in REFUSALS])
+async def test_a_refused_publish_changes_nothing(broker, clock, dest, batch, error):
+    await _setup(broker, clock)
+    before = await _observe(broker)
+    with pytest.raises(error):
+        await broker.publish_batch(dest, batch)
+    assert await _observe(broker) == before  # the refused batch's dedup ids (n1, n2) were not kept either
+
+
+async def test_a_publish_refused_by_a_read_only_log_changes_nothing(tmp_path, clock):
+    fs = MemoryFs()
+    broker = Broker(store=FileStore(tmp_path, fs=fs), clock=clock, auto_tick=False)
+    await broker.start()
+    try:
+        await _setup(broker, clock)
+        fs.fail("write", errno.EIO)
+        with pytest.raises(StorageFailed):
+            await broker.publish("dlq", b"lost")  # the log is read-only from now on
+        before = await _observe(broker)
+        for dest, batch in [("dropping", [Publish(body=b"x")]), ("t", [Publish(body=b"x", subject="a.c")])]:
+            with pytest.raises(StorageReadOnly):
+                await broker.publish_batch(dest, batch)  # drop-oldest would have moved d1 to the DLQ first
+            assert await _observe(broker) == before
+    finally:
+        await broker.close()
+
+
+def test_refusal_errors_are_chute_errors():
+    assert all(issubclass(error, ChuteError) for _, _, error in REFUSALS)
