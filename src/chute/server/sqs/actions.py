@@ -28,6 +28,7 @@ from chute.server.sqs.common import (
     ACTIONS,
     DEFAULT_ACCOUNT_ID,
     DEFAULT_REGION,
+    PurgeMark,
     SqsContext,
     action,
     authorize,
@@ -208,8 +209,26 @@ async def delete_queue(ctx: SqsContext, params: dict) -> dict:
 
 @action
 async def purge_queue(ctx: SqsContext, params: dict) -> dict:
+    """Every message goes: visible, delayed and in flight (none comes back when its lease ends); a second purge
+    of the queue within `purge_interval_s` (60 s) is refused with PurgeQueueInProgress."""
     queue = queue_of(ctx, params, "manage")
-    await ctx.broker.purge_queue(queue.name)
+    state, core = ctx.state, ctx.broker.core
+    for name in [n for n, m in state.purges.items() if core.queues_by_id.get(m.queue_id) is None]:
+        del state.purges[name]  # its queue is gone
+    now = state.clock()
+    last = state.purges.get(queue.name)
+    if last is not None and last.queue_id == queue.id and now - last.at < state.purge_interval_s:
+        raise SqsError("PurgeQueueInProgress", f"Only one PurgeQueue operation on {queue.name} is allowed every "
+                       f"{state.purge_interval_s:g} seconds.")  # fmt: skip
+    state.purges[queue.name] = PurgeMark(queue.id, now, core.next_receipt)
+    try:
+        await ctx.broker.purge_queue(queue.name, in_flight=True)
+    except BaseException:
+        if last is None:  # a purge that failed does not count
+            state.purges.pop(queue.name, None)
+        else:
+            state.purges[queue.name] = last
+        raise
     return {}
 
 

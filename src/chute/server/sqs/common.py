@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import secrets
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ DEFAULT_ACCOUNT_ID = "000000000000"
 DEFAULT_REGION = "us-east-1"
 HANDLE_KEY_FILE = "sqs-receipt-key"
 HANDLE_KEY_BYTES = 32
+PURGE_INTERVAL_S = 60.0  # AWS: one PurgeQueue per queue every 60 seconds (PurgeQueueInProgress otherwise)
 
 
 @dataclass
@@ -76,17 +78,32 @@ def action(handler: Handler) -> Handler:
     return handler
 
 
+@dataclass
+class PurgeMark:
+    """The latest PurgeQueue of a queue: which queue (its durable id: a queue of the same name made later is
+    another), when (on `SqsState.clock`), and the first receipt the broker had not yet issued then (every
+    receipt below it, from this run, named a message that the purge removed or that was gone already)."""
+
+    queue_id: int
+    at: float
+    receipts_below: int
+
+
 class SqsState:
     """What the SQS API keeps about one server: the key of its receipt handles (in `<data_dir>/sqs-receipt-key`,
     so that handles from before a restart are recognized as outdated rather than forged), and in memory only:
-    message move tasks. Nothing here is kept per message (a message's first receive time lives on its entry in
-    the core, and goes with it)."""
+    message move tasks and the latest purge of each queue (`purges`, forgotten when its queue is gone). Nothing
+    here is kept per message (a message's first receive time lives on its entry in the core, and goes with it).
+    `clock` and `purge_interval_s` time PurgeQueueInProgress; tests replace them."""
 
     def __init__(self) -> None:
         self.handle_key = secrets.token_bytes(HANDLE_KEY_BYTES)
         self.key_loaded = False
         self.key_lock = asyncio.Lock()
         self.move_tasks: list = []  # movetasks.MoveTask, oldest first
+        self.purges: dict[str, PurgeMark] = {}
+        self.purge_interval_s = PURGE_INTERVAL_S
+        self.clock: Callable[[], float] = time.monotonic
 
 
 _STATES: weakref.WeakKeyDictionary[object, SqsState] = weakref.WeakKeyDictionary()

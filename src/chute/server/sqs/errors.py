@@ -37,7 +37,7 @@ CODES: dict[str, tuple[str, int, bool]] = {
     "QueueDeletedRecently": ("AWS.SimpleQueueService.QueueDeletedRecently", 400, True),
     "QueueDoesNotExist": ("AWS.SimpleQueueService.NonExistentQueue", 400, True),
     "QueueNameExists": ("QueueAlreadyExists", 400, True),
-    "ReceiptHandleIsInvalid": ("ReceiptHandleIsInvalid", 404, True),
+    "ReceiptHandleIsInvalid": ("ReceiptHandleIsInvalid", 400, True),
     "RequestThrottled": ("RequestThrottled", 403, True),
     "ResourceNotFoundException": ("ResourceNotFoundException", 404, True),
     "ServiceUnavailable": ("ServiceUnavailable", 503, False),

@@ -66,7 +66,7 @@ def _prepare(queue, entry: dict) -> tuple[Publish, dict, int]:
             raise SqsError("InvalidParameterValue", f"Value {value} for parameter {name} is invalid. Reason: it must "
                            "be 1-128 alphanumeric or punctuation characters.")  # fmt: skip
     if settings.fifo:
-        if delay is not None:
+        if delay:  # 0 is accepted (and changes nothing): only a real per-message delay is refused
             raise SqsError("InvalidParameterValue", f"Value {delay} for parameter DelaySeconds is invalid. Reason: "
                            "The request include parameter that is not valid for this queue type.")  # fmt: skip
         if group is None:
@@ -79,6 +79,8 @@ def _prepare(queue, entry: dict) -> tuple[Publish, dict, int]:
     elif dedup_id is not None:
         raise SqsError("InvalidParameterValue", "Value for parameter MessageDeduplicationId is invalid. Reason: The "
                        "request include parameter that is not valid for this queue type.")  # fmt: skip
+    if settings.fifo:
+        delay = None  # a FIFO queue's messages take the queue's delay
     publish = Publish(body=data, headers=msgs.to_headers(attributes, system),
                       delay_s=float(delay) if delay is not None else None, group=group, dedup_id=dedup_id)  # fmt: skip
     answer = {"MD5OfMessageBody": msgs.md5_hex(data)}
@@ -138,6 +140,9 @@ async def send_message_batch(ctx: SqsContext, params: dict) -> dict:
     if total > MAX_BATCH_BYTES:
         raise SqsError("BatchRequestTooLong", f"Batch requests cannot be longer than {MAX_BATCH_BYTES} bytes. You "
                        f"have sent {total} bytes.")  # fmt: skip
+    if queue.settings.fifo and any(entry.get("MessageGroupId") is None for entry in entries):
+        # AWS refuses the whole batch (not the entry) when an entry to a FIFO queue has no group
+        raise SqsError("InvalidParameterValue", "The request must contain the parameter MessageGroupId.")
     failed: list[dict] = []
     good: list[tuple[str, Publish, dict]] = []
     total = 0
@@ -287,17 +292,27 @@ def _expired(handle: object) -> SqsError:
                     "receipt handle has expired.")  # fmt: skip
 
 
+def _purged(ctx: SqsContext, queue, receipt: int) -> bool:
+    """Did a PurgeQueue remove the message this receipt (issued in this run) named, or find it gone already?"""
+    mark = ctx.state.purges.get(queue.name)
+    if mark is None or mark.queue_id != queue.id:
+        return False
+    return ctx.broker.core.receipt_base <= receipt < mark.receipts_below
+
+
 @action
 async def delete_message(ctx: SqsContext, params: dict) -> dict:
+    """A standard queue deletes with the latest receipt handle even after the visibility timeout ended, as long
+    as nobody has received the message since; an older handle (or one of a deleted message) succeeds and deletes
+    nothing. A FIFO queue refuses a handle whose visibility timeout ended, as AWS does."""
     queue = queue_of(ctx, params, "consume")
     handle = required_string(params, "ReceiptHandle")
     receipt, chute_id = _receipt(ctx, queue, handle)
+    fifo = queue.settings.fifo
     try:
-        await ctx.broker.ack(queue.name, [receipt])
+        await ctx.broker.ack(queue.name, [receipt], lapsed=not fifo)
     except InvalidReceipt:
-        # AWS: deleting with an outdated handle succeeds on a standard queue (the message may stay); a FIFO
-        # queue refuses an expired handle
-        if queue.settings.fifo:
+        if fifo and not _purged(ctx, queue, receipt):
             raise _expired(handle) from None
     return {}
 
@@ -306,6 +321,7 @@ async def delete_message(ctx: SqsContext, params: dict) -> dict:
 async def delete_message_batch(ctx: SqsContext, params: dict) -> dict:
     queue = queue_of(ctx, params, "consume")
     entries = _entries(params)
+    fifo = queue.settings.fifo
     failed: list[dict] = []
     chosen: list[tuple[str, int, int]] = []
     handles = {entry["Id"]: entry.get("ReceiptHandle") for entry in entries}
@@ -319,12 +335,12 @@ async def delete_message_batch(ctx: SqsContext, params: dict) -> dict:
     unknown: set[int] = set()
     if chosen:
         try:
-            await ctx.broker.ack(queue.name, [receipt for _, receipt, _ in chosen])
+            await ctx.broker.ack(queue.name, [receipt for _, receipt, _ in chosen], lapsed=not fifo)
         except InvalidReceipt as error:
             unknown = set(error.receipts)
     successful = []
     for entry_id, receipt, _ in chosen:
-        if receipt in unknown and queue.settings.fifo:
+        if receipt in unknown and fifo and not _purged(ctx, queue, receipt):
             failed.append(_failed(entry_id, _expired(handles[entry_id])))
             continue
         successful.append({"Id": entry_id})
@@ -332,7 +348,7 @@ async def delete_message_batch(ctx: SqsContext, params: dict) -> dict:
 
 
 async def _change_visibility(ctx: SqsContext, queue, handle: object, visibility: object) -> None:
-    receipt, _ = _receipt(ctx, queue, handle)
+    receipt, chute_id = _receipt(ctx, queue, handle)
     seconds = integer({"VisibilityTimeout": visibility}, "VisibilityTimeout", 0, MAX_VISIBILITY_S)
     if seconds is None:
         raise SqsError("MissingParameter", "The request must contain the parameter VisibilityTimeout.")
@@ -342,8 +358,15 @@ async def _change_visibility(ctx: SqsContext, queue, handle: object, visibility:
         else:
             await ctx.broker.extend(queue.name, [receipt], float(seconds))
     except InvalidReceipt:
-        raise SqsError("MessageNotInflight", "The message referred to is not in flight (its visibility timeout "
-                       "ended, or it was deleted).") from None  # fmt: skip
+        lapsed = queue.lapsed.get(receipt)
+        if lapsed is not None and lapsed.id == chute_id:  # the latest handle of a message back in line
+            raise SqsError("MessageNotInflight", "The message referred to is not in flight (its visibility "
+                           "timeout ended).") from None  # fmt: skip
+        raise SqsError(
+            "InvalidParameterValue",
+            f"Value {handle} for parameter ReceiptHandle is invalid. Reason: "
+            "Message does not exist or is not available for visibility timeout change.",
+        ) from None
 
 
 @action
