@@ -87,3 +87,23 @@ async def test_a_restart_rebuilds_the_same_times(broker, clock, reopen, store_ki
     broker.tick()
     assert await _bodies(broker, "short") == [b"second"]  # "first" expired at 5 s, "own" at 2 s
     assert await _bodies(broker, "dlq") == [b"first", b"own"]
+
+
+async def test_retained_messages_take_the_new_subscriptions_default_ttl(broker, clock, reopen):
+    await broker.create_topic("t", retention_s=3600)
+    await broker.publish("t", b"old")
+    clock.advance(100)
+    await broker.publish("t", b"new")
+    await broker.publish("t", b"own", ttl_s=1000)
+    await broker.create_queue("dlq")
+    await broker.create_queue("short", retention_s=150, dead_letter_queue="dlq")
+    await broker.subscribe("t", ">", "short", start="earliest")
+    clock.advance(60)  # "old" is 160 s old, "new" 60 s: the queue's TTL counts from the publish time
+    broker.tick()
+    assert await _bodies(broker, "dlq") == [b"old"]
+    broker = await reopen(broker)
+    assert await _bodies(broker, "short") == [b"new", b"own"]
+    clock.advance(100)
+    broker.tick()
+    assert await _bodies(broker, "short") == [b"own"]  # its own TTL of 1,000 s wins
+    assert await _bodies(broker, "dlq") == [b"new", b"old"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from chute.core import records as rec
+from chute.core.ids import publish_time
 from chute.core.queue import Entry, Queue
 from chute.core.routing import validate_subject
 from chute.core.state import BrokerState
@@ -327,8 +328,12 @@ class PublishOps(BrokerState):
 
     def enqueue_retained(self, name: str, items: list[tuple], now: float) -> None:
         """Give retained topic messages to a new subscription's queue: (id, ref, size, priority, group,
-        expires_ms) each; the body is shared, not copied."""
+        expires_ms) each; the body is shared, not copied. A message without a TTL of its own takes the queue's
+        default TTL, counted from its publish time (the ENQUEUE record holds the result)."""
         queue = self.queue(name)
+        ttl_s = queue.settings.retention_s
+        if ttl_s:
+            items = [(*item[:5], item[5] or int((publish_time(item[0]) + ttl_s) * 1000)) for item in items]
         for message_id, ref, size, priority, group, expires_ms in items:
             self.store.track(ref)
             queue.counters["published"] += 1
