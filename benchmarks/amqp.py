@@ -2,6 +2,7 @@
 
     python -m benchmarks.amqp [--messages 20000] [--size 256] [--client aio-pika|pika] [--window 1000]
                               [--prefetch 1000] [--fsync always] [--target chute|rabbitmq|both] [--runs 1] [--json]
+                              [--url amqp://...]
 
 A producer process publishes `--messages` bodies of `--size` bytes to one durable queue through the default
 exchange, in confirm mode: with `--client aio-pika` up to `--window` publishes await their confirms at once (the
@@ -217,8 +218,27 @@ async def _declare(url: str) -> None:
         await channel.declare_queue(QUEUE, durable=True)
 
 
+class External:
+    """A server someone else runs (`--url`): e.g. under a profiler."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def cpu_s(self) -> float:
+        return 0.0
+
+    def stop(self) -> None:
+        pass
+
+
+def _server(target: str, args):
+    if args.url:
+        return External(args.url)
+    return ChuteServer(args.fsync) if target == "chute" else RabbitServer()
+
+
 def run_once(target: str, args) -> dict:
-    server = ChuteServer(args.fsync) if target == "chute" else RabbitServer()
+    server = _server(target, args)
     try:
         asyncio.run(_declare(server.url))
         cpu_before = server.cpu_s()
@@ -262,6 +282,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=600)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--url", help="an AMQP URL of a server already running (its CPU is then not measured)")
     args = parser.parse_args()
     targets = ["chute", "rabbitmq"] if args.target == "both" else [args.target]
     print(f"# {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}", file=sys.stderr)
