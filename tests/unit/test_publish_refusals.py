@@ -167,6 +167,7 @@ async def test_a_publish_refused_by_a_read_only_log_changes_nothing(tmp_path, cl
     await broker.start()
     try:
         await _setup(broker, clock)
+        tail = broker.ephemeral_subscription("t", "e.>")  # in memory: still fed while the log is read-only
         fs.fail("write", errno.EIO)
         with pytest.raises(StorageFailed):
             await broker.publish("dlq", b"lost")  # the log is read-only from now on
@@ -175,6 +176,8 @@ async def test_a_publish_refused_by_a_read_only_log_changes_nothing(tmp_path, cl
             with pytest.raises(StorageReadOnly):
                 await broker.publish_batch(dest, batch)  # drop-oldest would have moved d1 to the DLQ first
             assert await _observe(broker) == before
+        await broker.publish("t", b"live", subject="e.x")
+        assert [d.body for d in await broker.receive(tail)] == [b"live"]
     finally:
         await broker.close()
 

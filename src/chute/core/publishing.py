@@ -98,7 +98,8 @@ class PublishOps(BrokerState):
                 for target in queues:
                     routes.setdefault(target, []).append(index)
         victims, dropped = self._plan_room(routes, new)
-        if self.store.read_only and new and ((topic is not None and topic.retains) or any(routes)):
+        durable = (topic is not None and topic.retains) or any(not target.ephemeral for target in routes)
+        if self.store.read_only and new and durable:
             raise StorageReadOnly("the log is read-only after an earlier storage failure: publishes are refused")
         # nothing below refuses: from here on the publish changes state
         for target, entries in victims.items():
