@@ -386,6 +386,24 @@ def test_golden_publish_reply():
     assert decode_reply(frame.body, m.PublishReply) == m.PublishReply(ids=[1])
 
 
+def test_golden_welcome_with_the_fsync_policy():
+    server = Connection("server")
+    [hello] = server.receive_data(Connection("client").hello())
+    data = server.accept(hello.body, server="chute/0.1.0", heartbeat_s=10.0, max_message_bytes=2**20, fsync="always")
+    assert data == golden("welcome")
+    client = Connection("client")
+    [frame] = client.receive_data(data)
+    assert frame.body.fsync == "always" and client.welcome.max_frame_bytes == 16 * 2**20
+
+
+def test_a_welcome_without_the_fsync_field_reads_as_none():
+    older = msgspec.msgpack.encode({"version": 1, "server": "old", "heartbeat_s": 10.0, "max_frame_bytes": 2**20,
+                                    "max_message_bytes": 2**16})  # fmt: skip
+    client = Connection("client")
+    [frame] = client.receive_data(pack_header(Op.WELCOME, 0, len(older)) + older)
+    assert frame.body.fsync is None and client.state == "open"
+
+
 def test_golden_consume_of_an_ephemeral_subscription():
     request = m.ConsumeRequest(consumer=1, queue="", topic="orders", pattern="orders.*")
     assert open_client().send(Op.CONSUME, request, 9) == golden("consume-ephemeral")

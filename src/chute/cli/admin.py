@@ -30,7 +30,7 @@ from chute.cli.common import (
     url_option,
 )
 from chute.cli.messages import tail_topic
-from chute.errors import QueueNotFound
+from chute.errors import QueueNotFound, TopicNotFound
 from chute.model import Delivery, QueueStats
 
 PREVIEW_CHARS = 60  # of a body in `queue peek`
@@ -152,12 +152,16 @@ async def _queues_with_stats(client) -> list[tuple[object, QueueStats]]:
 async def queue_list(url, timeout_s, as_json) -> None:
     """List queues with their depth.
 
-    Columns: ready, in flight, delayed, and how many messages each queue dead-lettered."""
+    The first line names the broker and its fsync policy (always: a confirm means fsynced). Columns: ready, in
+    flight, delayed, and how many messages each queue dead-lettered."""
     async with connect(url, timeout_s) as client:
         rows = await _queues_with_stats(client)
+        welcome, where = client.server_info, f"{client.host}:{client.port}"  # not the URL: it may hold a password
     if as_json:
         print_json([{"name": info.name, "settings": info.settings, "stats": s} for info, s in rows])
         return
+    fsync = welcome.fsync or "unknown (the broker does not say)"
+    stdout_console().print(Text(f"{welcome.server} at {where}, fsync {fsync}"))
     numeric = ("ready", "in flight", "delayed", "dead-lettered")
     table = _table("name", *numeric, numeric=numeric)
     for info, s in sorted(rows, key=lambda row: row[0].name):
@@ -275,13 +279,20 @@ async def queue_redrive(url, timeout_s, name, max_messages) -> None:
 @url_option
 @timeout_option
 @click.argument("name")
+@click.option("--missing-ok", is_flag=True, help="Succeed (exit 0) when there is no such queue.")
 @run_command
-async def queue_delete(url, timeout_s, name) -> None:
+async def queue_delete(url, timeout_s, name, missing_ok) -> None:
     """Delete a queue.
 
     Its messages and the subscriptions that feed it go with it."""
     async with connect(url, timeout_s) as client:
-        await client.delete_queue(name)
+        try:
+            await client.delete_queue(name)
+        except QueueNotFound:
+            if not missing_ok:
+                raise
+            click.echo(f"no queue {name}: nothing deleted")
+            return
     click.echo(f"deleted queue {name}")
 
 
@@ -349,13 +360,20 @@ async def topic_list(url, timeout_s, as_json) -> None:
 @url_option
 @timeout_option
 @click.argument("name")
+@click.option("--missing-ok", is_flag=True, help="Succeed (exit 0) when there is no such topic.")
 @run_command
-async def topic_delete(url, timeout_s, name) -> None:
+async def topic_delete(url, timeout_s, name, missing_ok) -> None:
     """Delete a topic.
 
     Its subscriptions go with it; their queues stay."""
     async with connect(url, timeout_s) as client:
-        await client.delete_topic(name)
+        try:
+            await client.delete_topic(name)
+        except TopicNotFound:
+            if not missing_ok:
+                raise
+            click.echo(f"no topic {name}: nothing deleted")
+            return
     click.echo(f"deleted topic {name}")
 
 

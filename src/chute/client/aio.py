@@ -12,9 +12,13 @@ Contract:
 - `publish` returns only after the broker confirmed the message durable. Calls made close together are batched
   into one frame: the first goes at once, later ones wait up to `linger_s` (or until `max_batch` messages) while
   an earlier batch is in flight, like a Kafka producer. `publish_batch` sends its messages as one frame.
+- `ack_nowait` returns a future at once; acks made close together share ACK requests, at most
+  `max_acks_in_flight` of them outstanding (client/_acks.py). `flush()` waits for every publish and ack.
 - When the connection breaks, the client reconnects with exponential backoff (0.05 s doubling to 5 s) and
   starts its consumers again. Calls in flight at the break fail with ConnectionLost (retryable: a publish with a
   dedup id is safe to retry); calls made while reconnecting wait for the new connection within their timeout.
+  The broker released every delivery of the broken connection that was not acked: it is delivered again (to
+  this client's restarted consumers or to others), so a dropped connection means redelivery, never loss.
 - Credentials come from the URL (`chute://user:password@host`, `chute://TOKEN@host`) or the `user=`/`password=`/
   `token=` arguments; `chutes://` connects with TLS, verifying the server's certificate and host name against the
   system's CAs, or the PEM file `tls_ca=` (default $CHUTE_TLS_CA).
@@ -38,6 +42,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from chute.client._acks import Acks
+from chute.client._publisher import Publisher, checked_body
 from chute.client.consumer import AsyncConsumer
 from chute.client.link import Link, refusal
 from chute.client.url import parse, resolve_url
@@ -46,7 +52,9 @@ from chute.errors import (
     ChuteError,
     ConnectionLost,
     InvalidArgument,
+    QueueNotFound,
     RequestTimeout,
+    TopicNotFound,
 )
 from chute.model import (
     Delivery,
@@ -57,8 +65,8 @@ from chute.model import (
     TopicInfo,
 )
 from chute.protocol import messages as m
-from chute.protocol.frames import DEFAULT_MAX_FRAME_BYTES, Op
-from chute.protocol.sizes import body_budget, publish_size
+from chute.protocol.frames import Op
+from chute.protocol.sizes import publish_size
 
 log = logging.getLogger("chute.client")
 T = TypeVar("T")
@@ -75,17 +83,6 @@ def client_tls_context(cafile: str | None) -> ssl.SSLContext:
         raise InvalidArgument(f"cannot load the CA file {cafile}: {getattr(exc, 'strerror', None) or exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
-
-
-class _Batch:
-    __slots__ = ("messages", "futures", "size", "limit", "timer")
-
-    def __init__(self, limit: int) -> None:
-        self.messages: list[Publish] = []
-        self.futures: list[asyncio.Future] = []
-        self.size = 0  # an upper bound of the encoded messages (protocol.sizes)
-        self.limit = limit
-        self.timer: asyncio.TimerHandle | None = None
 
 
 class AsyncClient:
@@ -107,6 +104,7 @@ class AsyncClient:
         max_batch: int = 1000,
         heartbeat_s: float = 10.0,
         name: str = "",
+        max_acks_in_flight: int = 8,
     ) -> None:
         self.url = resolve_url(url)
         parsed = parse(self.url)
@@ -120,6 +118,9 @@ class AsyncClient:
                 raise InvalidArgument(f"{key} must be a positive number of seconds, got {value!r}")
         if not 0 <= linger_s <= 1 or not 1 <= max_batch <= 100_000:
             raise InvalidArgument("linger_s must be 0..1 s and max_batch 1..100000")
+        if isinstance(max_acks_in_flight, bool) or not isinstance(max_acks_in_flight, int) \
+                or not 1 <= max_acks_in_flight <= 1000:  # fmt: skip
+            raise InvalidArgument(f"max_acks_in_flight must be 1..1000, got {max_acks_in_flight!r}")
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.reconnect = reconnect
@@ -135,9 +136,9 @@ class AsyncClient:
         self._consumers: dict[int, AsyncConsumer] = {}  # by server consumer id, on the current link
         self._all_consumers: set[AsyncConsumer] = set()
         self._consumer_ids = itertools.count(1)
-        self._batches: dict[str, _Batch] = {}
-        self._inflight: dict[str, int] = {}
+        self._publisher = Publisher(self, linger_s, max_batch)
         self._fatal: ChuteError | None = None
+        self._acks = Acks(self, max_acks_in_flight)
 
     # -- connection -----------------------------------------------------------------------------------------
 
@@ -156,7 +157,10 @@ class AsyncClient:
 
     @property
     def server_info(self) -> m.Welcome | None:
-        """What the broker said in the handshake: version, server name, limits."""
+        """What the broker said in the handshake of the current connection: protocol `version`, `server` name and
+        version, `heartbeat_s`, `max_frame_bytes`, `max_message_bytes`, and `fsync`, its fsync policy ("always":
+        a publish or ack confirm means fsynced; "interval", "never"; None from a broker before Chute 0.2).
+        None before `connect()`."""
         return self._link.conn.welcome if self._link is not None else None
 
     async def _open(self) -> None:
@@ -187,6 +191,7 @@ class AsyncClient:
         except OSError as exc:
             raise ConnectionLost(f"could not connect to {self.url}: {exc.strerror or exc}") from None
         self._link = link
+        self._publisher.loop = loop
         self.connections += 1
         self._connected.set()
 
@@ -196,10 +201,11 @@ class AsyncClient:
             link = self._link
             error = await link.lost
             self._connected.clear()
+            self._acks.connection_lost(error)
             self._consumers.clear()
             for consumer in self._all_consumers:
                 consumer._reset()
-            self._inflight.clear()
+            self._publisher.connection_lost()
             if self.closed:
                 return
             if not self.reconnect or refusal(error):
@@ -296,9 +302,14 @@ class AsyncClient:
         """Change some settings of a queue."""
         return await self._manage("update_queue", QueueInfo, name=name, **changes)
 
-    async def delete_queue(self, name: str) -> None:
-        """Delete a queue with its messages and the subscriptions that feed it."""
-        await self._manage("delete_queue", None, name=name)
+    async def delete_queue(self, name: str, *, missing_ok: bool = False) -> None:
+        """Delete a queue with its messages and the subscriptions that feed it. QueueNotFound if there is no such
+        queue, unless `missing_ok`."""
+        try:
+            await self._manage("delete_queue", None, name=name)
+        except QueueNotFound:
+            if not missing_ok:
+                raise
 
     async def purge_queue(self, name: str) -> int:
         """Remove every message of the queue that is not in flight; return how many."""
@@ -320,8 +331,14 @@ class AsyncClient:
         trims retained messages at once."""
         return await self._manage("update_topic", TopicInfo, name=name, **changes)
 
-    async def delete_topic(self, name: str) -> None:
-        await self._manage("delete_topic", None, name=name)
+    async def delete_topic(self, name: str, *, missing_ok: bool = False) -> None:
+        """Delete a topic and its subscriptions (their queues stay). TopicNotFound if there is no such topic,
+        unless `missing_ok`."""
+        try:
+            await self._manage("delete_topic", None, name=name)
+        except TopicNotFound:
+            if not missing_ok:
+                raise
 
     async def list_topics(self) -> list[TopicInfo]:
         return await self._manage("list_topics", list[TopicInfo])
@@ -368,8 +385,9 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> int:
         """Publish one message to a queue or topic; return its id once the broker has made it durable."""
-        future = self.publish_nowait(dest, body, headers=headers, priority=priority, delay_s=delay_s, ttl_s=ttl_s,
-                                     group=group, dedup_id=dedup_id, subject=subject)  # fmt: skip
+        message = Publish(body=checked_body(body), headers=headers, priority=priority, delay_s=delay_s, ttl_s=ttl_s,
+                          group=group, dedup_id=dedup_id, subject=subject)  # fmt: skip
+        future = self._publisher.add(dest, message, publish_size(message))
         timeout = self.timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(timeout):
@@ -378,95 +396,22 @@ class AsyncClient:
             raise RequestTimeout(f"publish not confirmed within {timeout} s") from None
 
     def publish_nowait(self, dest: str, body: bytes, **options) -> asyncio.Future[int]:
-        """Queue one message for the next batch and return a future of its id (set once durable). Await the
-        futures (or `flush()`): an unawaited failure is logged by asyncio."""
-        if not isinstance(body, bytes | bytearray | memoryview):
-            raise InvalidArgument(f"body must be bytes, got {type(body).__name__}")
-        message = Publish(body=bytes(body), **options)
-        future = asyncio.get_running_loop().create_future()
-        size = publish_size(message)
-        batch = self._batches.get(dest)
-        if batch is not None and batch.size + size > batch.limit:
-            self._send_batch(dest)  # this message would not fit the frame: it starts the next batch
-            batch = None
-        if batch is None:
-            batch = self._batches[dest] = _Batch(self._frame_budget())
-        batch.messages.append(message)
-        batch.futures.append(future)
-        batch.size += size
-        if not self._inflight.get(dest) or len(batch.messages) >= self.max_batch or batch.size >= batch.limit:
-            self._send_batch(dest)
-        elif batch.timer is None:
-            batch.timer = asyncio.get_running_loop().call_later(self.linger_s, self._send_batch, dest)
-        return future
-
-    def _frame_budget(self) -> int:
-        """The bytes of messages one PUBLISH frame may carry (sized by `protocol.sizes.publish_size`)."""
-        welcome = self.server_info
-        return body_budget(welcome.max_frame_bytes if welcome is not None else DEFAULT_MAX_FRAME_BYTES)
-
-    def _send_batch(self, dest: str) -> None:
-        batch = self._batches.pop(dest, None)
-        if batch is None or not batch.messages:
-            return
-        if batch.timer is not None:
-            batch.timer.cancel()
-        self._inflight[dest] = self._inflight.get(dest, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._publish_frame(dest, batch.messages))
-
-        def settle(done: asyncio.Task, futures=batch.futures) -> None:
-            self._inflight[dest] = max(0, self._inflight.get(dest, 1) - 1)
-            if done.cancelled():
-                error: BaseException | None = ConnectionLost("publish cancelled")
-            else:
-                error = done.exception()
-            for i, future in enumerate(futures):
-                if future.done():
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(done.result()[i])
-            if dest in self._batches and not self._inflight[dest]:
-                self._send_batch(dest)  # what gathered while this batch was in flight goes now
-
-        task.add_done_callback(settle)
-
-    async def _publish_frame(self, dest: str, messages: list[Publish]) -> list[int]:
-        reply = await self._call(Op.PUBLISH, m.PublishRequest(dest=dest, messages=messages), m.PublishReply)
-        if len(reply.ids) != len(messages):
-            raise ChuteError(f"broker confirmed {len(reply.ids)} of {len(messages)} messages")
-        return reply.ids
+        """Queue one message for the next batch and return a future of its id (set once durable); options as for
+        `publish`. The fast way to publish many: call it for each message, then `await flush()` once (or await the
+        futures). An unawaited failure is logged by asyncio."""
+        return self._publisher.publish_nowait(dest, body, options)
 
     async def publish_batch(self, dest: str, messages: Sequence[Publish | bytes],
                             *, timeout: float | None = None) -> list[int]:  # fmt: skip
         """Publish messages in order as one request (split into several frames only if they exceed the
         frame size); return their ids once all are durable."""
-        items = [Publish(body=bytes(x)) if isinstance(x, bytes | bytearray | memoryview) else x for x in messages]
-        ids: list[int] = []
-        budget = self._frame_budget()
-        start = size = 0
-        for i, item in enumerate(items):
-            item_size = publish_size(item)
-            size += item_size
-            if size > budget and i > start:
-                reply = await self._call(Op.PUBLISH, m.PublishRequest(dest=dest, messages=items[start:i]),
-                                         m.PublishReply, timeout)  # fmt: skip
-                ids += reply.ids
-                start, size = i, item_size
-        if start < len(items):
-            reply = await self._call(Op.PUBLISH, m.PublishRequest(dest=dest, messages=items[start:]),
-                                     m.PublishReply, timeout)  # fmt: skip
-            ids += reply.ids
-        return ids
+        return await self._publisher.publish_batch(dest, messages, timeout)
 
     async def flush(self) -> None:
-        """Send every batched publish now and wait until all of them are confirmed (or failed)."""
-        futures = [f for batch in self._batches.values() for f in batch.futures]
-        for dest in list(self._batches):
-            self._send_batch(dest)
-        if futures:
-            await asyncio.gather(*futures, return_exceptions=True)
+        """Send every batched publish now and wait until every publish made before the call is confirmed (or
+        failed), and every `ack_nowait` is answered. Errors stay on the futures."""
+        await self._publisher.flush()
+        await self._acks.flush()
 
     # -- consume --------------------------------------------------------------------------------------------
 
@@ -559,6 +504,16 @@ class AsyncClient:
         """Make the leases of deliveries end `lease_s` seconds from now."""
         for queue, receipts in _by_queue(deliveries).items():
             await self._call(Op.EXTEND, m.ExtendRequest(queue=queue, receipts=receipts, lease_s=lease_s), m.Empty)
+
+    def ack_nowait(self, deliveries: Delivery | Sequence[Delivery]) -> asyncio.Future[None]:
+        """Ack deliveries without waiting: returns a future that is done once the acks are durable (or with
+        their error: InvalidReceipt naming the receipts no longer leased, ConnectionLost, ...). Acks made while
+        `max_acks_in_flight` ACK requests are outstanding gather and go together when one is answered. A failed
+        ack means the message will be delivered again; failures are logged. Cancelling the future before its
+        request left withdraws the ack. `flush()` (and `close()`) wait for all of them."""
+        if self.closed:
+            raise BrokerClosed("the client is closed")
+        return self._acks.add(_by_queue(deliveries))
 
     async def ack_receipts(self, queue: str, receipts: Sequence[int]) -> None:
         """Ack by receipt numbers (when deliveries were passed around as plain data)."""

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from chute.errors import ChuteError
+from chute.errors import ChuteError, InvalidArgument
 from chute.model import Delivery
 
 if TYPE_CHECKING:
@@ -56,6 +56,13 @@ class AsyncConsumer:
     def __aiter__(self) -> AsyncConsumer:
         return self
 
+    def __len__(self) -> int:
+        """How many deliveries have arrived and not been taken yet (what `get_many` returns at once)."""
+        return len(self._buffer)
+
+    def __bool__(self) -> bool:
+        return True  # a consumer is a consumer, even with nothing buffered
+
     async def __anext__(self) -> Delivery:
         while not self._buffer:
             if self.error is not None:
@@ -74,6 +81,23 @@ class AsyncConsumer:
         except (TimeoutError, StopAsyncIteration):
             return None
 
+    async def get_many(self, max_n: int, timeout: float | None = None) -> list[Delivery]:
+        """Up to `max_n` deliveries: at once what has arrived; if nothing has, wait up to `timeout` seconds (None:
+        no limit) for the first and return it with whatever came with it. [] after `timeout`, or when the consumer
+        is closed. Raises the error that ended the consumer (e.g. ConnectionLost without reconnect)."""
+        if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
+            raise InvalidArgument(f"max_n must be a positive integer, got {max_n!r}")
+        batch: list[Delivery] = []
+        if not self._buffer:
+            first = await self.get(timeout)
+            if first is None:
+                return batch
+            batch.append(first)
+        buffer = self._buffer
+        while buffer and len(batch) < max_n:
+            batch.append(buffer.popleft())
+        return batch
+
     def _feed(self, deliveries: list[Delivery]) -> None:
         self._buffer.extend(deliveries)
         self._event.set()
@@ -90,6 +114,10 @@ class AsyncConsumer:
 
     async def ack(self, deliveries: Delivery | Sequence[Delivery]) -> None:
         await self.client.ack(deliveries)
+
+    def ack_nowait(self, deliveries: Delivery | Sequence[Delivery]) -> asyncio.Future[None]:
+        """Ack without waiting (see AsyncClient.ack_nowait): a future, done once the acks are durable."""
+        return self.client.ack_nowait(deliveries)
 
     async def nack(self, deliveries: Delivery | Sequence[Delivery], *, delay_s: float = 0.0,
                    dead_letter: bool = False) -> None:  # fmt: skip

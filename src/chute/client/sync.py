@@ -14,9 +14,10 @@ thread is stopped by `close()` (or at exit of `with`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from chute.client.aio import AsyncClient
 from chute.client.consumer import AsyncConsumer
@@ -71,6 +72,11 @@ class Client:
     def url(self) -> str:
         return self._async.url
 
+    @property
+    def server_info(self):
+        """What the broker said in the handshake (see AsyncClient.server_info): limits and its `fsync` policy."""
+        return self._async.server_info
+
     def publish_many(self, dest: str, bodies, **options) -> list[int]:
         """Publish many bodies with the same options, batched; return their ids once all are durable."""
 
@@ -79,6 +85,25 @@ class Client:
             return list(await asyncio.gather(*futures))
 
         return self._runner.run(go())
+
+    def ack_nowait(self, deliveries: Delivery | Sequence[Delivery]) -> concurrent.futures.Future[None]:
+        """Ack without waiting (see AsyncClient.ack_nowait): a concurrent.futures.Future, done once the acks are
+        durable (or with their error). Acks made in a row share requests; `flush()` waits for all of them."""
+
+        result: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def start() -> None:  # on the client's loop, in call order
+            try:
+                inner = self._async.ack_nowait(deliveries)
+            except BaseException as exc:
+                result.set_exception(exc)
+                return
+            inner.add_done_callback(lambda done: _copy(done, result))
+
+        if not self._runner.thread.is_alive():
+            raise BrokerClosed("the client is closed")
+        self._runner.loop.call_soon_threadsafe(start)
+        return result
 
     def consume(self, queue: str, *, prefetch: int = 100, lease_s: float | None = None) -> Consumer:
         """A push consumer: iterate over it for deliveries (settle each with `ack` / `nack`), or `run(callback)`."""
@@ -104,6 +129,15 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _copy(done: asyncio.Future, result: concurrent.futures.Future) -> None:
+    if done.cancelled():
+        result.cancel()
+    elif done.exception() is not None:
+        result.set_exception(done.exception())
+    else:
+        result.set_result(done.result())
 
 
 def _delegate(name: str):
@@ -139,6 +173,18 @@ class Consumer:
         """The next delivery, or None after `timeout` seconds without one."""
         return self._client._runner.run(self._async.get(timeout))
 
+    def get_many(self, max_n: int, timeout: float | None = None) -> list[Delivery]:
+        """Up to `max_n` deliveries: at once what has arrived, else wait up to `timeout` for the first ([] if
+        none came; see AsyncConsumer.get_many)."""
+        return self._client._runner.run(self._async.get_many(max_n, timeout))
+
+    def __len__(self) -> int:
+        """How many deliveries have arrived and not been taken yet."""
+        return len(self._async)
+
+    def __bool__(self) -> bool:
+        return True
+
     def run(self, callback: Callable[[Delivery], None], *, max_messages: int | None = None) -> int:
         """Call `callback` for each delivery in this thread: ack when it returns, nack (requeue now) when it
         raises. Returns after `max_messages` (or when the consumer ends); how many were handled."""
@@ -160,6 +206,9 @@ class Consumer:
 
     def ack(self, deliveries) -> None:
         self._client.ack(deliveries)
+
+    def ack_nowait(self, deliveries) -> concurrent.futures.Future[None]:
+        return self._client.ack_nowait(deliveries)
 
     def nack(self, deliveries, **options) -> None:
         self._client.nack(deliveries, **options)

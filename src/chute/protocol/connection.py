@@ -200,16 +200,18 @@ class Connection:
         return self.send(Op.HELLO, m.Hello(versions=list(PROTOCOL_VERSIONS), token=token, client=client,
                                            heartbeat_s=heartbeat_s, user=user, password=password))  # fmt: skip
 
-    def accept(self, hello: m.Hello, *, server: str, heartbeat_s: float, max_message_bytes: int) -> bytes:
+    def accept(self, hello: m.Hello, *, server: str, heartbeat_s: float, max_message_bytes: int,
+               fsync: str | None = None) -> bytes:  # fmt: skip
         """Server: answer a HELLO with WELCOME, choosing the highest common version (UnsupportedVersion if
-        there is none)."""
+        there is none); `fsync` is the server's fsync policy, for clients to check what a confirm means."""
         common = set(hello.versions) & set(PROTOCOL_VERSIONS)
         if not common:
             self.state = "closed"
             raise UnsupportedVersion(f"client speaks versions {hello.versions}, server speaks {PROTOCOL_VERSIONS}")
         self.version = max(common)
         self.welcome = m.Welcome(version=self.version, server=server, heartbeat_s=heartbeat_s,
-                                 max_frame_bytes=self.max_frame_bytes, max_message_bytes=max_message_bytes)  # fmt: skip
+                                 max_frame_bytes=self.max_frame_bytes, max_message_bytes=max_message_bytes,
+                                 fsync=fsync)  # fmt: skip
         return self.send(Op.WELCOME, self.welcome)
 
     def error_frame(self, exc: ChuteError, correlation_id: int = 0) -> bytes:

@@ -30,6 +30,9 @@ class Welcome(msgspec.Struct, kw_only=True):
     heartbeat_s: float
     max_frame_bytes: int
     max_message_bytes: int
+    fsync: str | None = None
+    """The server's fsync policy: "always" (a confirm means fsynced), "interval" (fsync every 100 ms: a confirm
+    may precede it), "never"; None from a server that predates the field."""
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

@@ -357,7 +357,8 @@ class Session(asyncio.Protocol):
             self.heartbeat_s = hello.heartbeat_s
         try:
             self.transport.write(self.conn.accept(hello, server=self.server.name, heartbeat_s=self.heartbeat_s,
-                                                  max_message_bytes=self.server.config.max_message_bytes))  # fmt: skip
+                                                  max_message_bytes=self.server.config.max_message_bytes,
+                                                  fsync=self.server.config.fsync))  # fmt: skip
         except ChuteError as exc:
             self.fail(exc)
             return

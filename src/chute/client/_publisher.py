@@ -1,0 +1,156 @@
+"""`Publisher`: the automatic batching of `AsyncClient.publish` / `publish_nowait`, and `publish_batch`.
+
+Messages to one destination gather in a batch: the first goes at once (nothing of that destination in flight);
+while a batch is in flight, later messages wait up to `linger_s`, or until `max_batch` messages or a frame's worth
+of bytes, then leave as one PUBLISH frame, like a Kafka producer. When a batch's confirm comes back, the futures
+of its messages get their ids and what gathered meanwhile leaves at once.
+
+This is the hot path of a producer: per message, one Publish struct, one future and a few list appends (no task,
+no timer, no `get_running_loop()`, which costs a getpid() system call). `flush()` waits for the few batch tasks,
+not for every future.
+
+Invariants: a future resolves only with the broker's confirm (its id) or an error; at most one timer per batch;
+`sending` holds every batch task not yet settled, so `flush()` returns only when every message sent before it is
+confirmed or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from chute.errors import ChuteError, ConnectionLost, InvalidArgument
+from chute.model import Publish
+from chute.protocol import messages as m
+from chute.protocol.frames import DEFAULT_MAX_FRAME_BYTES, Op
+from chute.protocol.sizes import MESSAGE_OVERHEAD, body_budget, publish_size
+
+if TYPE_CHECKING:
+    from chute.client.aio import AsyncClient
+
+
+def checked_body(body) -> bytes:
+    """`body` as bytes (InvalidArgument unless it is bytes, bytearray or memoryview)."""
+    if type(body) is not bytes:
+        if not isinstance(body, (bytes, bytearray, memoryview)):  # noqa: UP038 - a tuple is faster here
+            raise InvalidArgument(f"body must be bytes, got {type(body).__name__}")
+        body = bytes(body)
+    return body
+
+
+class _Batch:
+    __slots__ = ("messages", "futures", "size", "limit", "timer")
+
+    def __init__(self, limit: int) -> None:
+        self.messages: list[Publish] = []
+        self.futures: list[asyncio.Future] = []
+        self.size = 0  # an upper bound of the encoded messages (protocol.sizes)
+        self.limit = limit
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Publisher:
+    """The publishing half of one AsyncClient."""
+
+    def __init__(self, client: AsyncClient, linger_s: float, max_batch: int) -> None:
+        self.client = client
+        self.linger_s = linger_s
+        self.max_batch = max_batch
+        self.loop: asyncio.AbstractEventLoop | None = None  # the client's loop, set when it connects
+        self.batches: dict[str, _Batch] = {}  # gathering, by destination
+        self.in_flight: dict[str, int] = {}  # batches sent and not confirmed, by destination
+        self.sending: set[asyncio.Task] = set()
+
+    def publish_nowait(self, dest: str, body, options: dict) -> asyncio.Future[int]:
+        body = checked_body(body)
+        if options:
+            message = Publish(body=body, **options)
+            return self.add(dest, message, publish_size(message))
+        return self.add(dest, Publish(body=body), MESSAGE_OVERHEAD + len(body))  # = publish_size, without options
+
+    def add(self, dest: str, message: Publish, size: int) -> asyncio.Future[int]:
+        """Put `message` (whose encoded size is at most `size`) in the batch of `dest`; its future."""
+        loop = self.loop or asyncio.get_running_loop()
+        future = loop.create_future()
+        batch = self.batches.get(dest)
+        if batch is not None and batch.size + size > batch.limit:
+            self.send(dest)  # this message would not fit the frame: it starts the next batch
+            batch = None
+        if batch is None:
+            batch = self.batches[dest] = _Batch(self.frame_budget())
+        messages = batch.messages
+        messages.append(message)
+        batch.futures.append(future)
+        batch.size += size
+        if len(messages) >= self.max_batch or batch.size >= batch.limit or not self.in_flight.get(dest):
+            self.send(dest)
+        elif batch.timer is None:
+            batch.timer = loop.call_later(self.linger_s, self.send, dest)
+        return future
+
+    def frame_budget(self) -> int:
+        """The bytes of messages one PUBLISH frame may carry (sized by `protocol.sizes.publish_size`)."""
+        welcome = self.client.server_info
+        return body_budget(welcome.max_frame_bytes if welcome is not None else DEFAULT_MAX_FRAME_BYTES)
+
+    def send(self, dest: str) -> None:
+        """Send the batch of `dest` now (if there is one)."""
+        batch = self.batches.pop(dest, None)
+        if batch is None or not batch.messages:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self.in_flight[dest] = self.in_flight.get(dest, 0) + 1
+        task = (self.loop or asyncio.get_running_loop()).create_task(self._publish_frame(dest, batch.messages))
+        self.sending.add(task)
+        task.add_done_callback(lambda done: self._settle(done, dest, batch.futures))
+
+    def _settle(self, done: asyncio.Task, dest: str, futures: list[asyncio.Future]) -> None:
+        self.sending.discard(done)
+        self.in_flight[dest] = max(0, self.in_flight.get(dest, 1) - 1)
+        error = ConnectionLost("publish cancelled") if done.cancelled() else done.exception()
+        if error is not None:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+        else:
+            for future, message_id in zip(futures, done.result(), strict=True):
+                if not future.done():  # its caller cancelled it: the message is published all the same
+                    future.set_result(message_id)
+        if dest in self.batches and not self.in_flight[dest]:
+            self.send(dest)  # what gathered while this batch was in flight goes now
+
+    async def _publish_frame(self, dest: str, messages: list[Publish], timeout: float | None = None) -> list[int]:
+        request = m.PublishRequest(dest=dest, messages=messages)
+        reply = await self.client._call(Op.PUBLISH, request, m.PublishReply, timeout)
+        if len(reply.ids) != len(messages):
+            raise ChuteError(f"broker confirmed {len(reply.ids)} of {len(messages)} messages")
+        return reply.ids
+
+    async def publish_batch(self, dest: str, messages: Sequence[Publish | bytes], timeout: float | None) -> list[int]:
+        items = [Publish(body=bytes(x)) if isinstance(x, bytes | bytearray | memoryview) else x for x in messages]
+        ids: list[int] = []
+        budget = self.frame_budget()
+        start = size = 0
+        for i, item in enumerate(items):
+            item_size = publish_size(item)
+            size += item_size
+            if size > budget and i > start:
+                ids += await self._publish_frame(dest, items[start:i], timeout)
+                start, size = i, item_size
+        if start < len(items):
+            ids += await self._publish_frame(dest, items[start:], timeout)
+        return ids
+
+    async def flush(self) -> None:
+        """Send every batch now; wait until every batch sent so far is confirmed or failed."""
+        for dest in list(self.batches):
+            self.send(dest)
+        pending = list(self.sending)  # every message published before this call is in one of them
+        if pending:
+            await asyncio.wait(pending)  # their settle callbacks ran first: the futures are done
+
+    def connection_lost(self) -> None:
+        """The link broke: batches in flight fail by themselves (their requests get ConnectionLost)."""
+        self.in_flight.clear()
