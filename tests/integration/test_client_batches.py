@@ -277,3 +277,7 @@ def test_the_blocking_client_server_info_and_missing_ok(chute_server):
         client.delete_topic("nope", missing_ok=True)
         with pytest.raises(QueueNotFound):
             client.delete_queue("nope")
+        with pytest.raises(QueueNotFound):
+            client.publish_many("nope", [b"a", b"b"])
+        client.create_queue("many")
+        assert len(set(client.publish_many("many", [b"%d" % i for i in range(3000)]))) == 3000

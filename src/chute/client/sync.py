@@ -82,7 +82,12 @@ class Client:
 
         async def go() -> list[int]:
             futures = [self._async.publish_nowait(dest, body, **options) for body in bodies]
-            return list(await asyncio.gather(*futures))
+            await self._async.flush()  # cheaper than gathering every future: they are all done after it
+            errors = [f.exception() for f in futures]  # every error retrieved; the first is raised
+            first = next((error for error in errors if error is not None), None)
+            if first is not None:
+                raise first
+            return [f.result() for f in futures]
 
         return self._runner.run(go())
 
