@@ -26,7 +26,14 @@ from chute import Broker, Publish
 from chute.core import records as rec
 from chute.errors import StorageCorrupt
 from chute.storage import FileStore
-from chute.storage.file.record import FRAME_SIZE, SEGMENT_HEADER_SIZE, decode_checkpoint, decode_frame
+from chute.storage.file.record import (
+    BATCH_SIZE,
+    RECORD_SIZE,
+    SEGMENT_HEADER_SIZE,
+    decode_batch,
+    decode_checkpoint,
+    segment_version,
+)
 
 SEGMENT = 2048
 MESSAGES = 300
@@ -53,9 +60,12 @@ async def populate(tmp_path: Path, kind: str) -> Path:
         store=FileStore(source, segment_max_bytes=SEGMENT), checkpoint_bytes=1 << 40, checkpoint_interval_s=3600
     ).start()
     await broker.create_queue("q")
-    for start in range(0, MESSAGES, BATCH):
-        await broker.publish_batch("q", [Publish(body=body_of(s)) for s in range(start, start + BATCH)])
-        if start + BATCH == CHECKPOINT_AFTER:
+    start = 0
+    while start < MESSAGES:  # batches of BATCH (one frame each, or two across a segment's end), the last ten alone
+        size = BATCH if start < MESSAGES - BATCH else 1
+        await broker.publish_batch("q", [Publish(body=body_of(s)) for s in range(start, start + size)])
+        start += size
+        if start == CHECKPOINT_AFTER:
             await broker.checkpoint()
     if kind == "crash":
         image = tmp_path / "image"
@@ -68,10 +78,11 @@ async def populate(tmp_path: Path, kind: str) -> Path:
 
 @dataclass
 class Frame:
+    """A batch frame (format 2): what one append wrote."""
+
     pos: int
     end: int
-    kind: int
-    seq: int | None  # for MESSAGE records
+    seqs: list[int]  # of its MESSAGE records
 
 
 def segments(path: Path) -> list[Path]:
@@ -80,13 +91,14 @@ def segments(path: Path) -> list[Path]:
 
 def frames(segment: Path) -> list[Frame]:
     data = segment.read_bytes()
+    assert segment_version(data, int(segment.stem)) == 2, "test setup: a segment of format 2"
     found, pos = [], SEGMENT_HEADER_SIZE
     while pos < len(data):
-        decoded = decode_frame(data, pos)
+        decoded = decode_batch(data, pos)
         assert decoded is not None, f"test setup: {segment} does not parse at {pos}"
-        kind, payload, end = decoded
-        seq = seq_of(rec.decode_message(bytes(payload)).body) if kind == rec.MESSAGE else None
-        found.append(Frame(pos, end, kind, seq))
+        records, end = decoded
+        seqs = [seq_of(rec.decode_message(bytes(p)).body) for _, kind, p in records if kind == rec.MESSAGE]
+        found.append(Frame(pos, end, seqs))
         pos = end
     return found
 
@@ -97,7 +109,7 @@ def checkpoint_position(path: Path) -> tuple[int, int]:
 
 
 def message_seqs(segment_files: list[Path]) -> list[int]:
-    return [f.seq for segment in segment_files for f in frames(segment) if f.seq is not None]
+    return [seq for segment in segment_files for f in frames(segment) for seq in f.seqs]
 
 
 async def stored(broker: Broker) -> list[int]:
@@ -145,7 +157,7 @@ async def test_truncated_last_segment_is_cut_and_reported(tmp_path, cut):
         "into header": 10,
     }[cut]
     os.truncate(last, new_size)
-    survivors = message_seqs(files[:-1]) + [f.seq for f in last_frames if f.end <= new_size and f.seq is not None]
+    survivors = message_seqs(files[:-1]) + [seq for f in last_frames if f.end <= new_size for seq in f.seqs]
     torn = [f for f in last_frames if f.pos < new_size < f.end]
 
     async with open_broker(path) as broker:
@@ -212,8 +224,8 @@ def place_to_flip(segment: Path, place: str) -> tuple[int, int]:
         middle = segment.stat().st_size // 2
         [holder] = [f for f in frames(segment) if f.pos <= middle < f.end]
         return middle, holder.pos
-    offset = {"length field": 1, "crc field": 5, "kind byte": 8, "payload": FRAME_SIZE + 3}[place]
-    return chosen.pos + offset, chosen.pos
+    offset = {"length field": 1, "crc field": 5, "kind byte": BATCH_SIZE, "payload": BATCH_SIZE + RECORD_SIZE + 3}
+    return chosen.pos + offset[place], chosen.pos
 
 
 @pytest.mark.parametrize("place", PLACES)
@@ -238,7 +250,7 @@ async def test_bit_flip_in_the_last_segment_before_valid_records_is_storage_corr
     path = await populate(tmp_path, "crash")
     last = segments(path)[-1]
     first = frames(last)[0]
-    flip_bit(last, first.pos + FRAME_SIZE + 1)
+    flip_bit(last, first.pos + BATCH_SIZE + RECORD_SIZE + 1)
     before = snapshot_files(path)
     with pytest.raises(StorageCorrupt) as caught:
         await open_broker(path).start()
@@ -262,7 +274,7 @@ async def test_bit_flip_in_a_checkpointed_segment_is_reported_when_read(tmp_path
     assert checkpoint_position(path)[0] >= int(files[-1].stem), "test setup: the checkpoint covers every file"
     target = files[len(files) // 2]
     victim = frames(target)[1]
-    flip_bit(target, victim.pos + FRAME_SIZE + 5)
+    flip_bit(target, victim.pos + BATCH_SIZE + RECORD_SIZE + 5)
     async with open_broker(path) as broker:
         with pytest.raises(StorageCorrupt) as caught:
             await broker.peek("q", 10**6)
@@ -272,7 +284,7 @@ async def test_bit_flip_in_a_checkpointed_segment_is_reported_when_read(tmp_path
             while batch := await broker.receive("q", 1):
                 delivered += [seq_of(d.body) for d in batch]
         assert f"{target} at {victim.pos}" in caught.value.message
-        assert delivered == list(range(victim.seq))  # everything before it, intact and in order
+        assert delivered == list(range(victim.seqs[0]))  # everything before its frame, intact and in order
 
 
 async def test_truncated_checkpointed_segment_is_reported_and_later_publishes_survive(tmp_path):

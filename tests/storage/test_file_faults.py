@@ -11,16 +11,25 @@ from hypothesis import strategies as st
 
 from chute.errors import StorageCorrupt, StorageFailed, StorageFull, StorageReadOnly
 from chute.storage import FileStore, MemoryFs
-from chute.storage.file.record import FRAME_SIZE, decode_frame, encode_frame
+from chute.storage.file.record import BATCH_SIZE, RECORD_SIZE, decode_frame, encode_frame
 
 
-async def _write(path, payloads, *, segment_max_bytes=1 << 20, fs=None):
+async def _write(path, payloads, *, segment_max_bytes=1 << 20, fs=None, batch=False):
+    """Append `payloads`, each in a group commit of its own, so each has a frame of its own (or all in one)."""
     store = FileStore(path, segment_max_bytes=segment_max_bytes, fs=fs)
     await store.open()
-    refs, token = store.append([(1, p) for p in payloads])
-    await token
+    refs = []
+    for group in [payloads] if batch else [[p] for p in payloads]:
+        more, token = store.append([(1, p) for p in group])
+        refs += more
+        await token
     await store.close()
     return refs
+
+
+def _frame_at(ref: int) -> int:
+    """The file position of the frame of a record that has a frame of its own."""
+    return (ref & 0xFFFFFFFF) - BATCH_SIZE
 
 
 async def _reopen(path, *, fs=None, segment_max_bytes=1 << 20):
@@ -36,7 +45,7 @@ def _segments(path):
 async def test_torn_tail_is_cut_at_every_byte_of_the_last_record(tmp_path):
     payloads = [b"record-%d" % i for i in range(5)]
     refs = await _write(tmp_path / "seed", payloads)
-    last_pos = refs[-1] & 0xFFFFFFFF
+    last_pos = _frame_at(refs[-1])
     seed = (tmp_path / "seed" / _segments(tmp_path / "seed")[0]).read_bytes()
     for cut in range(last_pos, len(seed)):
         path = tmp_path / f"cut{cut}"
@@ -70,19 +79,19 @@ async def test_bit_flip_in_a_sealed_segment_is_reported_not_skipped(tmp_path):
     refs = await _write(tmp_path, [b"p" * 200 for _ in range(40)], segment_max_bytes=1024)
     first = tmp_path / _segments(tmp_path)[0]
     data = bytearray(first.read_bytes())
-    pos = (refs[1] & 0xFFFFFFFF) + FRAME_SIZE + 10
+    pos = (refs[1] & 0xFFFFFFFF) + RECORD_SIZE + 10
     data[pos] ^= 0x04
     first.write_bytes(bytes(data))
     with pytest.raises(StorageCorrupt) as caught:
         await _reopen(tmp_path, segment_max_bytes=1024)
-    assert str(first) in caught.value.message and f"at {refs[1] & 0xFFFFFFFF}" in caught.value.message
+    assert str(first) in caught.value.message and f"at {_frame_at(refs[1])}" in caught.value.message
 
 
 async def test_bit_flip_before_valid_records_in_the_last_segment_is_corruption(tmp_path):
     refs = await _write(tmp_path, [b"q" * 100 for _ in range(10)])
     segment = tmp_path / _segments(tmp_path)[0]
     data = bytearray(segment.read_bytes())
-    data[(refs[3] & 0xFFFFFFFF) + FRAME_SIZE + 1] ^= 0x80
+    data[(refs[3] & 0xFFFFFFFF) + RECORD_SIZE + 1] ^= 0x80
     segment.write_bytes(bytes(data))
     with pytest.raises(StorageCorrupt, match="at"):
         await _reopen(tmp_path)
@@ -95,7 +104,7 @@ async def test_bit_flip_in_the_tail_record_is_a_torn_tail(tmp_path):
     data[-5] ^= 0x01
     segment.write_bytes(bytes(data))
     store, got, report = await _reopen(tmp_path)
-    assert len(got) == 9 and report.truncated_at == (str(segment), refs[-1] & 0xFFFFFFFF)
+    assert len(got) == 9 and report.truncated_at == (str(segment), _frame_at(refs[-1]))
     await store.close()
 
 

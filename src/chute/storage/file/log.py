@@ -12,6 +12,11 @@ ask for bytes already written (`_written_ref`), and a segment file is never unli
 Invariants:
 - a token resolves only after its bytes were written and, under `always`, fsynced — never before.
 - refs are `segment id << 32 | pos` and increase in append order; a record never spans two segments.
+- records go in batch frames (one crc, one cache entry each): an `append` call starts a frame or, while the
+  group is still being gathered, extends the group's last frame up to FRAME_MERGE_BYTES; a frame never spans
+  segments or groups. A ref is the position of its record's header in the file (docs/storage-format.md).
+- segments of format 1 (written before format 2) are read as they are, never appended to, and count as sparse
+  once a checkpoint covers them, so compaction rewrites their live records in format 2 and they are deleted.
 - after any write or fsync error the store is read-only for good (the state of the page cache after a failed
   fsync is unknown, so it is never retried): the failed group and every later append fail.
 - a segment file is deleted only when a checkpoint covers it and it holds no live record.
@@ -24,7 +29,7 @@ import contextlib
 import errno
 import threading
 import time
-from collections import OrderedDict
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,13 +40,20 @@ from chute.storage.api import FsyncPolicy, Record, Recovered, RecoveryReport, St
 from chute.storage.file import recovery
 from chute.storage.file.fs import Fs, OsFs
 from chute.storage.file.record import (
-    FRAME,
+    BATCH,
+    BATCH_SIZE,
     FRAME_SIZE,
-    KIND_CRC,
+    MAX_PAYLOAD,
+    RECORD,
+    RECORD_SIZE,
     SEGMENT_HEADER_SIZE,
+    decode_batch,
     decode_checkpoint,
     decode_frame,
+    encode_batch,
     encode_checkpoint,
+    encode_records,
+    record_in_batch,
     segment_header,
 )
 
@@ -51,9 +63,11 @@ LOCK = "lock"
 SPARSE_FRACTION = 0.25  # a sealed segment with fewer live records than this share is worth compacting
 READ_GAP_BYTES = 64 * 2**10  # records closer than this in one file are read with one pread (bytes between wasted)
 READ_SPAN_BYTES = 2**20  # the most one coalesced pread asks for, beyond the last record's own length
-CACHE_ITEM_BYTES = 120  # what a cached record costs beyond its payload (dict slot, int key, bytes header)
+CACHE_ITEM_BYTES = 120  # what a cached frame costs beyond its records (dict slot, list slot, int key, bytes header)
+CACHE_TRIM = 0.75  # a full cache drops its oldest frames down to this share of its limit, in one go
 READ_TAIL_BYTES = 4096  # guess of the last record's length in a span; a longer record costs one more pread
-pack_frame = FRAME.pack
+MASK = 0xFFFFFFFF
+FRAME_MERGE_BYTES = 64 * 2**10  # appends of one group share a frame up to this size (a read checks a whole frame)
 
 
 class FileStore(Store):
@@ -74,7 +88,7 @@ class FileStore(Store):
         self.directory = str(Path(path).absolute())
         self.fsync_policy = fsync_policy
         self.fsync_interval_s = fsync_interval_ms / 1000.0
-        self.segment_max_bytes = max(segment_max_bytes, SEGMENT_HEADER_SIZE + FRAME_SIZE + 1)
+        self.segment_max_bytes = max(segment_max_bytes, SEGMENT_HEADER_SIZE + BATCH_SIZE + RECORD_SIZE + 1)
         self.cache_max_bytes = cache_max_bytes
         self.fs = fs if fs is not None else OsFs()
         self._executor: ThreadPoolExecutor | None = None  # the writer: write, fsync, checkpoint, delete
@@ -83,12 +97,16 @@ class FileStore(Store):
         self._files_lock = threading.Lock()  # held by a read, and by whoever unlinks a segment file
         self._file_sizes: dict[int, int] = {}  # writer thread only: segment id -> its file's size, once known
         self._segments: dict[int, list[int]] = {}  # segment id -> [size, records, live]
+        self._format1: set[int] = set()  # segments of format 1 (read as they are, compacted away)
         self._active = 0
         self._active_size = 0
         self._pending: list[tuple[int, bytearray]] = []  # (segment id, bytes) not yet handed to the writer
+        self._open_frame: list | None = None  # [buffer, header offset, file pos, crc, length] of the frame appends
+        # may still extend: the last one in the pending bytes, not yet handed to the writer
         self._group: asyncio.Future | None = None
         self._flusher: asyncio.Task | None = None
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: dict[int, bytes] = {}  # a frame's ref -> its records (format 2), in append order
+        self._cache_starts: list[int] = []  # the cached frames' refs, ascending (= insertion order)
         self._cache_bytes = 0
         self._failure: Exception | None = None
         self._checkpoint_at = (0, 0)
@@ -147,11 +165,13 @@ class FileStore(Store):
         shape = recovery.validate(fs, directory, segments, start, counts, report)
         for segment, end in shape.ends.items():
             self._segments[segment] = [end, shape.records.get(segment, 0), 0]
-        if self._segments:
-            self._active = max(self._segments)
-            self._active_size = self._segments[self._active][0]
-            self._written_ref = self._active << 32 | self._active_size
-        else:
+        self._format1 = {segment for segment, version in shape.versions.items() if version == 1}
+        last = max(self._segments, default=None)
+        if last is not None:
+            self._written_ref = last << 32 | self._segments[last][0]
+        if last is not None and last not in self._format1:
+            self._active, self._active_size = last, self._segments[last][0]
+        else:  # a new directory, or one of format 1: format 2 is never appended to a format-1 segment
             self._new_segment(max(segments + [start[0]], default=0) + 1)  # never reuse a checkpointed id
         if report.clean_shutdown:
             fs.unlink(f"{directory}/{CLEAN_MARKER}")
@@ -160,6 +180,7 @@ class FileStore(Store):
         return Recovered(snapshot, records, report)
 
     def _new_segment(self, segment: int) -> None:
+        self._open_frame = None
         header = bytearray(segment_header(segment))
         self._segments[segment] = [len(header), 0, 0]
         self._pending.append((segment, header))
@@ -170,47 +191,66 @@ class FileStore(Store):
     def append(self, records: Sequence[Record]) -> tuple[list[int], asyncio.Future]:
         if self._failure is not None or self._closed:
             raise StorageReadOnly(f"the log is read-only after an earlier failure: {self._failure}")
-        pending = self._pending
-        if not pending or pending[-1][0] != self._active:
-            pending.append((self._active, bytearray()))
-        buffer = pending[-1][1]
-        segment, size, limit = self._active, self._active_size, self.segment_max_bytes
-        info = self._segments[segment]
-        refs = []
-        cache = self._cache if self.cache_max_bytes else None
-        start = size
-        added = 0
-        frames_in_segment = 0
-        for kind, payload in records:
-            length = len(payload)
-            frame = FRAME_SIZE + length
-            if size + frame > limit and size > SEGMENT_HEADER_SIZE:
-                info[0] = size
-                info[1] += frames_in_segment
-                self._appended += size - start
-                self._new_segment(segment + 1)
-                segment, size, info = self._active, self._active_size, self._segments[self._active]
-                start, frames_in_segment = size, 0
-                buffer = pending[-1][1]
-            ref = segment << 32 | size
-            buffer += pack_frame(length, crc32(payload, KIND_CRC[kind]), kind)
-            buffer += payload
-            size += frame
-            frames_in_segment += 1
-            refs.append(ref)
-            if cache is not None:
-                cache[ref] = payload
-                added += length + CACHE_ITEM_BYTES
-        info[1] += frames_in_segment
-        appended = size - start
-        self._appended += appended
-        info[0] = self._active_size = size
+        refs: list[int] = []
+        first, count = 0, len(records)
+        while first < count:
+            # the records that fit in the active segment form one frame (a record larger than a whole segment
+            # gets a segment of its own); the rest start a new segment
+            size, limit = self._active_size + BATCH_SIZE, self.segment_max_bytes
+            last = first
+            while last < count and (size + RECORD_SIZE + len(records[last][1]) <= limit or last == first):
+                size += RECORD_SIZE + len(records[last][1])
+                last += 1
+            if size > limit and self._active_size > SEGMENT_HEADER_SIZE:
+                self._roll()  # not even the first record fits after what the segment holds
+                continue
+            self._append_frame(records, first, last, size - self._active_size - BATCH_SIZE, refs)
+            first = last
+            if first < count:
+                self._roll()
         self._stats.appends += 1
-        if cache is not None:
-            self._cache_bytes += added
-            if self._cache_bytes > self.cache_max_bytes:
-                self._trim_cache()
+        if self._cache_bytes > self.cache_max_bytes:
+            self._trim_cache()
         return refs, self._token()
+
+    def _append_frame(self, records: Sequence[Record], first: int, last: int, size: int, refs: list[int]) -> None:
+        """Frame records[first:last] (`size` bytes with their headers) into the active segment's pending bytes:
+        in the group's open frame if it has room, else in a new one; cache what was added."""
+        pending, segment, pos = self._pending, self._active, self._active_size
+        if not pending or pending[-1][0] != segment:
+            pending.append((segment, bytearray()))
+        buffer = pending[-1][1]
+        chunk = records[first:last] if first or last < len(records) else records
+        base, start, frame = segment << 32, len(buffer), self._open_frame
+        if frame is not None and frame[0] is buffer and frame[4] + size <= FRAME_MERGE_BYTES:
+            positions = encode_records(buffer, chunk, pos, frame[2])
+            added = memoryview(buffer)[start:]
+            frame[3] = crc32(added, frame[3])
+            frame[4] += len(added)
+            BATCH.pack_into(buffer, frame[1], frame[4], frame[3])
+            body = self._cache.get(base | frame[2])
+            if body is not None:
+                body += added
+                self._cache_bytes += len(added)
+            added.release()
+        else:
+            positions = encode_batch(buffer, chunk, pos)
+            length, crc = BATCH.unpack_from(buffer, start)
+            self._open_frame = [buffer, start, pos, crc, length]
+            if self.cache_max_bytes:
+                self._cache[base | pos] = bytearray(memoryview(buffer)[start + BATCH_SIZE :])
+                self._cache_starts.append(base | pos)
+                self._cache_bytes += length + CACHE_ITEM_BYTES
+        refs += [base | p for p in positions]
+        grown = len(buffer) - start
+        info = self._segments[segment]
+        info[0] = self._active_size = pos + grown
+        info[1] += last - first
+        self._appended += grown
+
+    def _roll(self) -> None:
+        """Seal the active segment and start the next one."""
+        self._new_segment(self._active + 1)
 
     def _token(self) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -227,6 +267,7 @@ class FileStore(Store):
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                self._open_frame = None  # the writer has these bytes now: later appends start a new frame
                 group, self._group = self._group, None
                 end_ref = self._active << 32 | self._active_size  # everything appended so far is in this batch
                 sync = self.fsync_policy == "always" or (
@@ -326,6 +367,7 @@ class FileStore(Store):
                 future.set_exception(error)
         self._group = None
         self._pending = []
+        self._open_frame = None
 
     async def flush(self) -> None:
         """Wait until everything appended so far is written (and fsynced under `always`)."""
@@ -337,10 +379,15 @@ class FileStore(Store):
     # -- reads ------------------------------------------------------------------------------------------------
 
     def read_cached(self, ref: int) -> bytes | None:
-        return self._cache.get(ref)
+        starts = self._cache_starts
+        i = bisect_right(starts, ref) - 1
+        if i < 0:
+            return None
+        start = starts[i]
+        return record_in_batch(self._cache[start], ref - start - BATCH_SIZE)
 
     async def read(self, refs: Sequence[int]) -> list[bytes]:
-        result: list[bytes | None] = [self._cache.get(ref) for ref in refs]
+        result: list[bytes | None] = [self.read_cached(ref) for ref in refs]
         missing = [i for i, payload in enumerate(result) if payload is None]
         if missing:
             newest = max(refs[i] for i in missing)
@@ -371,19 +418,69 @@ class FileStore(Store):
                     and ordered[end] - first <= READ_SPAN_BYTES
                 ):
                     end += 1
-                self._read_span(ordered[start:end], found)
+                if first >> 32 in self._format1:
+                    self._read_span_format1(ordered[start:end], found)
+                else:
+                    self._read_span(ordered[start:end], found)
                 start = end
         return [found[ref] for ref in refs]
 
-    def _read_span(self, refs: list[int], found: dict[int, bytes]) -> None:
-        """Read records of one segment, in ascending order, with one pread (plus one per record it cut short)."""
-        segment = refs[0] >> 32
-        path, base = self._path(segment), refs[0] & 0xFFFFFFFF
+    def _segment_path(self, ref: int) -> str:
+        segment = ref >> 32
+        path = self._path(segment)
         if segment not in self._segments:  # deleted (its records were all released): never recreate the file
-            raise StorageCorrupt(f"{path} at {base}: read of a deleted segment")
-        data = self.fs.pread(path, base, (refs[-1] & 0xFFFFFFFF) - base + FRAME_SIZE + READ_TAIL_BYTES)
+            raise StorageCorrupt(f"{path} at {ref & MASK}: read of a deleted segment")
+        return path
+
+    def _read_span(self, refs: list[int], found: dict[int, bytes]) -> None:
+        """Read records of one format-2 segment, in ascending order: one pread for the span, plus one for each
+        frame that starts before it or ends after it; every frame is checked against its crc."""
+        path = self._segment_path(refs[0])
+        base = refs[0] & MASK
+        data = self.fs.pread(path, base, (refs[-1] & MASK) - base + RECORD_SIZE + READ_TAIL_BYTES)
+        frames: dict[int, tuple[int, memoryview] | None] = {}  # frame pos -> (its pos, its bytes) once checked
         for ref in refs:
-            at = (ref & 0xFFFFFFFF) - base
+            pos = ref & MASK
+            at = pos - base
+            inside = at + RECORD_SIZE <= len(data)
+            head = data[at : at + RECORD_SIZE] if inside else self.fs.pread(path, pos, RECORD_SIZE)
+            back = RECORD.unpack(head)[2] if len(head) == RECORD_SIZE else pos + 1
+            frame_pos = pos - back
+            if frame_pos not in frames:
+                frames[frame_pos] = self._frame(path, data, base, frame_pos) if frame_pos >= 0 else None
+            frame = frames[frame_pos]
+            payload = None if frame is None else record_in_batch(frame, pos - frame_pos - BATCH_SIZE)
+            if payload is None:
+                raise StorageCorrupt(f"{path} at {max(frame_pos, 0)}: record fails its length or checksum")
+            found[ref] = payload
+
+    def _frame(self, path: str, data: bytes, base: int, pos: int) -> memoryview | None:
+        """The records of the batch frame at `pos` (from `data`, read at `base`, where it lies in it), if it
+        passes its crc; else None."""
+        at = pos - base
+        if at < 0 or at + BATCH_SIZE > len(data):
+            data, at = self.fs.pread(path, pos, BATCH_SIZE), 0
+            if len(data) < BATCH_SIZE:
+                return None
+        length = BATCH.unpack_from(data, at)[0]
+        end = at + BATCH_SIZE + length
+        if length > MAX_PAYLOAD:
+            return None
+        if end > len(data):  # the frame goes on past what was read
+            data, at = data[at:] + self.fs.pread(path, pos + len(data) - at, end - len(data)), 0
+        decoded = decode_batch(data, at)
+        if decoded is None:
+            return None
+        return memoryview(data)[at + BATCH_SIZE : decoded[1]]
+
+    def _read_span_format1(self, refs: list[int], found: dict[int, bytes]) -> None:
+        """Read records of one format-1 segment, in ascending order, with one pread (plus one per record it cut
+        short)."""
+        path = self._segment_path(refs[0])
+        base = refs[0] & MASK
+        data = self.fs.pread(path, base, (refs[-1] & MASK) - base + FRAME_SIZE + READ_TAIL_BYTES)
+        for ref in refs:
+            at = (ref & MASK) - base
             frame = decode_frame(data, at)
             if frame is None:  # cut short by the span (or damaged): read this record alone
                 head = self.fs.pread(path, base + at, FRAME_SIZE)
@@ -394,10 +491,17 @@ class FileStore(Store):
             found[ref] = bytes(frame[1])
 
     def _trim_cache(self) -> None:
-        cache, limit = self._cache, self.cache_max_bytes
-        while self._cache_bytes > limit and cache:
-            _, payload = cache.popitem(last=False)
-            self._cache_bytes -= len(payload) + CACHE_ITEM_BYTES
+        """Drop the oldest cached frames (the lowest refs: the cache holds appended frames in order) down to
+        CACHE_TRIM of the limit, in one go."""
+        cache, starts, target = self._cache, self._cache_starts, self.cache_max_bytes * CACHE_TRIM
+        dropped, freed = 0, 0
+        for start in starts:
+            if self._cache_bytes - freed <= target:
+                break
+            freed += len(cache.pop(start)) + CACHE_ITEM_BYTES
+            dropped += 1
+        del starts[:dropped]
+        self._cache_bytes -= freed
 
     # -- live references and space ----------------------------------------------------------------------------
 
@@ -417,7 +521,10 @@ class FileStore(Store):
         sparse = {
             segment
             for segment, (_, records, live) in self._segments.items()
-            if segment < covered and segment != self._active and 0 < live < records * SPARSE_FRACTION
+            if segment < covered
+            and segment != self._active
+            and live > 0
+            and (live < records * SPARSE_FRACTION or segment in self._format1)  # format 1 is upgraded
         }
         return lambda ref: (ref >> 32) in sparse
 
@@ -445,6 +552,7 @@ class FileStore(Store):
         if dead:
             for segment in dead:
                 del self._segments[segment]
+                self._format1.discard(segment)
             await loop.run_in_executor(self._executor, self._delete, dead)
 
     def _sync_for_checkpoint(self) -> None:

@@ -8,6 +8,8 @@ Rules (docs/storage-format.md):
   the file and position. Nothing is ever skipped silently.
 - validation (crc of every frame) runs first and copies no payload; the replay pass then yields one record at a
   time, so recovery never holds the whole tail in memory.
+- each segment is read in its own format (its header's version): format-1 record frames or format-2 batch
+  frames; a frame is a unit, so a batch is replayed whole or, as a torn tail, not at all.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from chute.errors import StorageCorrupt
 from chute.storage.api import RecoveryReport
 from chute.storage.file.fs import Fs
-from chute.storage.file.record import SEGMENT_HEADER_SIZE, check_segment_header, decode_frame
+from chute.storage.file.record import SEGMENT_HEADER_SIZE, decode_batch, decode_frame, segment_version
 
 
 def segment_name(segment_id: int) -> str:
@@ -31,10 +33,11 @@ def segment_ids(fs: Fs, directory: str) -> list[int]:
 
 @dataclass
 class LogShape:
-    """What validation learned: each segment's valid end and record count."""
+    """What validation learned: each segment's valid end, record count and format version."""
 
     ends: dict[int, int] = field(default_factory=dict)
     records: dict[int, int] = field(default_factory=dict)
+    versions: dict[int, int] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)  # segments removed as torn (header never completed)
 
 
@@ -47,15 +50,19 @@ def validate(
     for index, segment in enumerate(segments):
         path = f"{directory}/{segment_name(segment)}"
         last = index == len(segments) - 1
-        if segment < start[0]:
+        if segment < start[0]:  # covered by the checkpoint: only its header is read, for its format
+            version = segment_version(fs.pread(path, 0, SEGMENT_HEADER_SIZE), segment)
+            if isinstance(version, str):
+                raise StorageCorrupt(f"{path} at 0: {version}")
+            shape.versions[segment] = version
             shape.ends[segment] = fs.size(path)
             shape.records[segment] = counts.get(segment, 0)
             continue
         data = fs.read_file(path)
-        problem = check_segment_header(data, segment)
-        if problem is not None:
+        version = segment_version(data, segment)
+        if isinstance(version, str):
             if not last:
-                raise StorageCorrupt(f"{path} at 0: {problem}")
+                raise StorageCorrupt(f"{path} at 0: {version}")
             _cut(report, path, 0, len(data))
             fs.unlink(path)
             shape.dropped.append(segment)
@@ -64,17 +71,18 @@ def validate(
         count = counts.get(segment, 0) if segment == start[0] else 0
         if len(data) < pos:  # the checkpoint was stored only after these bytes were fsynced: they were lost since
             raise StorageCorrupt(f"{path} at {len(data)}: the checkpoint covers this segment up to {pos}")
+        shape.versions[segment] = version
         while pos < len(data):
-            frame = decode_frame(data, pos)
-            if frame is None:
-                if not last or _valid_frame_after(data, pos):
+            found = _records(data, pos, version)
+            if found is None:
+                if not last or _valid_frame_after(data, pos, version):
                     raise StorageCorrupt(f"{path} at {pos}: record fails its length or checksum")
                 _cut(report, path, pos, len(data) - pos)
                 fs.truncate(path, pos)
                 fs.fsync(path)
                 break
-            count += 1
-            pos = frame[2]
+            count += len(found[0])
+            pos = found[1]
         shape.ends[segment] = pos
         shape.records[segment] = count
     report.segments = len(shape.ends)
@@ -104,10 +112,19 @@ def _cut(report: RecoveryReport, path: str, pos: int, size: int) -> None:
     report.problems.append(f"torn tail: cut {size} bytes of {path} at {pos}")
 
 
-def _valid_frame_after(data: bytes, pos: int) -> bool:
+def _records(data, pos: int, version: int) -> tuple[list[tuple[int, int, memoryview]], int] | None:
+    """The records of the frame at `pos` of a segment of format `version`, and where the next frame starts; None
+    if the frame is cut short or damaged."""
+    if version == 1:
+        frame = decode_frame(data, pos)
+        return None if frame is None else ([(pos, frame[0], frame[1])], frame[2])
+    return decode_batch(data, pos)
+
+
+def _valid_frame_after(data: bytes, pos: int, version: int) -> bool:
     """True if some valid frame starts after `pos`: then the bad frame is damage, not a torn tail."""
     for candidate in range(pos + 1, len(data)):
-        if decode_frame(data, candidate) is not None:
+        if _records(data, candidate, version) is not None:
             return True
     return False
 
@@ -124,9 +141,11 @@ def replay(
         pos = start[1] if segment == start[0] else SEGMENT_HEADER_SIZE
         end = shape.ends[segment]
         base = segment << 32
+        version = shape.versions[segment]
         while pos < end:
-            kind, payload, following = decode_frame(data, pos)
-            yield base | pos, kind, bytes(payload)
-            report.records += 1
-            pos = following
+            records, pos = _records(data, pos, version)
+            for at, kind, payload in records:
+                yield base | at, kind, bytes(payload)
+                report.records += 1
+            del records
         del data
