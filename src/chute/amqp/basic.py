@@ -92,6 +92,7 @@ def _route(session: AmqpSession, content: Content):
     if not exchange:
         if not key:
             return "", None, False
+        key = ex.chute_queue(key)
         check(session.principal, "publish", "queue", key)
         return key, to_publish(content.properties, content.body), key in core.queues
     declared = session.front.book.exchanges.get(exchange)
@@ -209,6 +210,7 @@ async def basic_cancel(session: AmqpSession, channel: Channel, method) -> object
 async def basic_get(session: AmqpSession, channel: Channel, method) -> object:
     name = _consumable(session, channel, method)
     broker = session.broker
+    session.front.used(name)
     deliveries = await broker.receive(name, 1, lease_s=LEASE_S)
     if not deliveries:
         return commands.Basic.GetEmpty()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from pamqp import commands
 
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
-from chute.amqp.exchanges import routing_key
+from chute.amqp.exchanges import amqp_queue, routing_key
 from chute.amqp.mapping import to_properties
 from chute.errors import ChuteError, QueueNotFound
 from chute.model import MAX_LEASE_S, Delivery
@@ -247,4 +247,4 @@ def _origin(delivery: Delivery) -> tuple[str, str]:
     exchange = message.headers.get("amqp-exchange", "")
     if message.subject is not None:
         return exchange, routing_key(message.subject)
-    return exchange, delivery.queue
+    return exchange, amqp_queue(delivery.queue)

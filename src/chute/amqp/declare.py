@@ -130,9 +130,9 @@ def _owned_elsewhere(session: AmqpSession, name: str) -> None:
 
 
 def queue_name(channel: Channel, name: str, method) -> str:
-    """The queue a method names: "" means the channel's last declared queue."""
+    """The Chute queue a method names: "" means the channel's last declared queue."""
     if name:
-        return name
+        return ex.chute_queue(name)
     if not channel.last_queue:
         raise AmqpError(NOT_FOUND, "no previously declared queue", method=method)
     return channel.last_queue
@@ -152,6 +152,8 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
             name = "amq.gen-" + secrets.token_urlsafe(16)
         elif name.startswith("amq."):
             raise AmqpError(ACCESS_REFUSED, f"queue name '{name}' contains reserved prefix 'amq.*'")
+        else:
+            name = ex.chute_queue(name)
         check(session.principal, "manage", "queue", name)
         _owned_elsewhere(session, name)
         settings = queue_settings(method.arguments, _dead_letter_queue(session, method.arguments or {}))
@@ -164,9 +166,14 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
             front.exclusive[name] = session
         if method.auto_delete:
             front.auto_delete.add(name)
+        expires = (method.arguments or {}).get("x-expires")
+        if expires is not None:
+            front.set_expires(name, int(expires) / 1000.0)
+    front.used(name)
     channel.last_queue = name
     stats = broker.queue_stats(name)
-    return commands.Queue.DeclareOk(queue=name, message_count=stats.ready, consumer_count=front.consumers[name])
+    return commands.Queue.DeclareOk(queue=ex.amqp_queue(name), message_count=stats.ready,
+                                    consumer_count=front.consumers[name])  # fmt: skip
 
 
 def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
@@ -178,6 +185,7 @@ def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
     key = arguments.get("x-dead-letter-routing-key")
     core = session.broker.core
     if exchange == "":
+        key = ex.chute_queue(key or "")
         if not key:
             raise AmqpError(PRECONDITION_FAILED, "x-dead-letter-exchange '' needs x-dead-letter-routing-key (the "
                             "dead-letter queue)")  # fmt: skip

@@ -55,6 +55,26 @@ def topic_name(exchange: str) -> str:
     return name
 
 
+_ESCAPED = re.compile(r"_x((?:[0-9a-f]{2})+)_")
+
+
+def chute_queue(name: str) -> str:
+    """The Chute queue of an AMQP queue name. A name Chute accepts is itself; in another, each character after
+    the first that Chute does not allow becomes `_x` + the hex of its UTF-8 + `_` (Celery's
+    `celery@host.celery.pidbox` is `celery_x40_host.celery.pidbox`). A bad first character stays and is refused."""
+    if NAME_RE.match(name) or not name:
+        return name
+    return name[0] + "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_.-") else f"_x{ch.encode().hex()}_"
+                             for ch in name[1:])  # fmt: skip
+
+
+def amqp_queue(name: str) -> str:
+    """The AMQP name of a Chute queue (the inverse of `chute_queue`)."""
+    if "_x" not in name:
+        return name
+    return _ESCAPED.sub(lambda m: bytes.fromhex(m[1]).decode("utf-8", "replace"), name)
+
+
 def encode_word(word: str) -> str:
     if _WORD.match(word):
         return word

@@ -10,7 +10,8 @@ Lifecycle: `start()` after the broker has recovered (RabbitMQ's predeclared exch
 work finish and closes every connection with 320 CONNECTION_FORCED, before the broker closes.
 
 Invariants: at most `max_connections` AMQP connections (counted apart from native ones); an exclusive queue is
-deleted when its connection ends; an auto-delete queue when its last consumer goes.
+deleted when its connection ends; an auto-delete queue when its last consumer goes; a queue with x-expires when
+it has been unused (no consumer, no declare, no basic.get) that long.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class AmqpFront:
         self.exclusive: dict[str, AmqpSession] = {}  # queue -> the connection that owns it
         self.auto_delete: set[str] = set()
         self.exclusive_consumers: set[str] = set()  # queues with an exclusive consumer
+        self.expires: dict[str, float] = {}  # queue -> x-expires (s): deleted after this long unused
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
         self.port: int | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._saving = asyncio.Lock()
@@ -127,6 +130,7 @@ class AmqpFront:
 
     def consumer_started(self, queue: str) -> None:
         self.consumers[queue] += 1
+        self.used(queue)
 
     def consumer_ended(self, queue: str) -> None:
         self.consumers[queue] -= 1
@@ -134,6 +138,29 @@ class AmqpFront:
             del self.consumers[queue]
             if queue in self.auto_delete:
                 self._delete_later(queue)
+                return
+        self.used(queue)
+
+    def set_expires(self, queue: str, seconds: float) -> None:
+        self.expires[queue] = seconds
+        self.used(queue)
+
+    def used(self, queue: str) -> None:
+        """The queue was declared, consumed from or read (basic.get): its x-expires countdown starts again,
+        and runs only while it has no consumer. (In memory: after a restart the queue stays until redeclared.)"""
+        seconds = self.expires.get(queue)
+        if seconds is None:
+            return
+        timer = self._expiry.pop(queue, None)
+        if timer is not None:
+            timer.cancel()
+        if not self.consumers[queue]:
+            self._expiry[queue] = asyncio.get_running_loop().call_later(seconds, self._expire, queue)
+
+    def _expire(self, queue: str) -> None:
+        self._expiry.pop(queue, None)
+        if not self.consumers[queue] and self.expires.pop(queue, None) is not None:
+            self._delete_later(queue)
 
     def _delete_later(self, name: str) -> None:
         self.auto_delete.discard(name)
@@ -153,5 +180,9 @@ class AmqpFront:
         self.book.bindings = [b for b in self.book.bindings if b["queue"] != name]
         self.exclusive.pop(name, None)
         self.auto_delete.discard(name)
+        self.expires.pop(name, None)
+        timer = self._expiry.pop(name, None)
+        if timer is not None:
+            timer.cancel()
         if len(self.book.bindings) != before:
             await self.save_book()

@@ -31,6 +31,7 @@ from decimal import Decimal
 from pamqp import commands, decode, encode
 
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
+from chute.amqp.exchanges import amqp_queue
 from chute.model import MAX_PRIORITY, Delivery, Publish, QueueSettings
 
 Properties = commands.Basic.Properties
@@ -141,10 +142,10 @@ def to_properties(delivery: Delivery, *, queue: str | None = None) -> Properties
     if "priority" not in values and message.priority:
         values["priority"] = message.priority
     if delivery.dead_letter_reason is not None:
+        source = amqp_queue(delivery.dead_letter_source or "")
         table["x-death"] = [{
             "count": 1, "reason": REASONS.get(delivery.dead_letter_reason, delivery.dead_letter_reason),
-            "queue": delivery.dead_letter_source or "", "time": _stamp(int(message.publish_time)),
-            "exchange": "", "routing-keys": [delivery.dead_letter_source or ""],
+            "queue": source, "time": _stamp(int(message.publish_time)), "exchange": "", "routing-keys": [source],
         }]  # fmt: skip
     return Properties(headers=table or None, **values)
 
@@ -166,7 +167,7 @@ QUEUE_TYPES = ("classic", "quorum")
 OVERFLOWS = {"drop-head": "drop-oldest", "reject-publish": "reject", "reject-publish-dlx": "reject"}
 ACCEPTED_ARGUMENTS = {"x-message-ttl", "x-dead-letter-exchange", "x-dead-letter-routing-key", "x-max-length",
                       "x-max-length-bytes", "x-overflow", "x-max-priority", "x-queue-type", "x-delivery-limit",
-                      "x-queue-mode", "x-queue-master-locator", "x-queue-version"}  # fmt: skip
+                      "x-queue-mode", "x-queue-master-locator", "x-queue-version", "x-expires"}  # fmt: skip
 
 
 def queue_settings(arguments: dict | None, dead_letter_queue: str | None) -> QueueSettings:
@@ -201,6 +202,9 @@ def queue_settings(arguments: dict | None, dead_letter_queue: str | None) -> Que
     if queue_type is not None and queue_type not in QUEUE_TYPES:
         raise AmqpError(PRECONDITION_FAILED, f"invalid arg 'x-queue-type' for queue: {queue_type!r} (classic or "
                         "quorum)")  # fmt: skip
+    expires = args.get("x-expires")
+    if expires is not None and _non_negative("x-expires", expires) < 1:
+        raise AmqpError(PRECONDITION_FAILED, "invalid arg 'x-expires' for queue: must be at least 1 (ms)")
     if dead_letter_queue is not None:
         values["dead_letter_queue"] = dead_letter_queue
     return QueueSettings(lease_s=QueueSettings().lease_s, **values)
