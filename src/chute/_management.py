@@ -23,6 +23,11 @@ from chute.model import QueueInfo, QueueSettings, QueueStats, SubscriptionInfo, 
 if TYPE_CHECKING:
     from chute.core.broker import BrokerCore
 
+# What the private queue of an ephemeral subscription holds at most: a consumer that falls behind (or stops
+# reading its connection) loses the oldest messages, at most once, rather than growing the broker's memory
+# without bound; the pending limits of a NATS subscription (65,536 messages, 64 MiB) are the precedent.
+EPHEMERAL_LIMITS = QueueSettings(max_length=65_536, max_bytes=64 * 2**20, overflow="drop-oldest")
+
 
 class ManagementApi:
     """create / update / delete / purge / list queues; topics; subscriptions; stats."""
@@ -214,10 +219,11 @@ class ManagementApi:
 
     def ephemeral_subscription(self, topic: str, pattern: str = ">", *, filter: dict | None = None) -> str:
         """Bind `pattern` (+ `filter`) on `topic` to a new private in-memory queue and return its name. Nothing
-        is written to the log; whoever made it ends it with `end_ephemeral` (a network consumer, when it or its
-        connection ends)."""
+        is written to the log; the queue keeps at most EPHEMERAL_LIMITS (the oldest go first); whoever made it
+        ends it with `end_ephemeral` (a network consumer, when it or its connection ends)."""
         self._check()
         queue = self.core.create_ephemeral_queue()
+        queue.apply_settings(EPHEMERAL_LIMITS)
         try:
             self._run(self.core.subscribe, topic, pattern, queue.name, filter)
         except ChuteError:

@@ -12,7 +12,10 @@ import asyncio
 import pytest
 
 import chute
+import chute._management
+import chute.client.consumer
 from chute.errors import ConnectionLost, Forbidden, InvalidArgument, InvalidName, TopicNotFound
+from chute.model import Publish, QueueSettings
 from chute.server.users import Grant, User, hash_password
 from chute.testing import serving
 
@@ -208,3 +211,29 @@ def test_the_blocking_client(chute_server):
         consumer.close()
         [topic] = client.list_topics()
         assert topic.subscriptions == []
+
+
+async def test_the_broker_keeps_at_most_its_limit_for_a_reader_that_falls_behind(monkeypatch):
+    monkeypatch.setattr(chute._management, "EPHEMERAL_LIMITS", QueueSettings(max_length=5, overflow="drop-oldest"))
+    async with serving() as server:
+        broker = server.server.broker
+        await broker.create_topic("t")
+        async with await broker.subscribe_ephemeral("t") as live:  # not read while these are published
+            await broker.publish_batch("t", [Publish(body=b"%d" % i) for i in range(20)])
+            for i in range(20, 25):
+                await broker.publish("t", b"%d" % i)
+            assert broker.core.queues[live.queue].length == 5
+            assert [(await live.__anext__()).body for _ in range(5)] == [b"20", b"21", b"22", b"23", b"24"]
+        assert_nothing_left(broker)
+
+
+async def test_a_client_that_falls_behind_drops_the_oldest_and_counts_them(monkeypatch):
+    monkeypatch.setattr(chute.client.consumer, "EPHEMERAL_MAX_BUFFERED", 10)
+    async with serving() as server, chute.AsyncClient(server.url) as client:
+        await client.create_topic("t")
+        consumer = await client.subscribe_ephemeral("t")
+        await client.publish_batch("t", [b"%d" % i for i in range(50)])
+        await until(lambda: consumer.dropped + len(consumer) == 50)
+        assert consumer.dropped == 40
+        assert [d.body for d in await consumer.get_many(100)] == [b"%d" % i for i in range(40, 50)]
+        await consumer.close()

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from chute.client.aio import AsyncClient
 
 log = logging.getLogger("chute.client")
+# Deliveries an ephemeral consumer buffers at most: they take no credit, so the broker sends them as fast as the
+# connection carries them; a reader that falls behind loses the oldest (at most once), counted in `dropped`, as a
+# NATS subscription past its pending limit does, instead of growing without bound.
+EPHEMERAL_MAX_BUFFERED = 65_536
 
 
 class AsyncConsumer:
@@ -44,6 +48,8 @@ class AsyncConsumer:
         """Set for an ephemeral subscription: the topic, with `pattern` and `filter`."""
         self.pattern = pattern
         self.filter = filter
+        self.dropped = 0
+        """Ephemeral consumers: deliveries dropped, oldest first, because more than EPHEMERAL_MAX_BUFFERED waited."""
         self.prefetch = prefetch
         self.lease_s = lease_s
         self.server_id: int | None = None
@@ -99,7 +105,17 @@ class AsyncConsumer:
         return batch
 
     def _feed(self, deliveries: list[Delivery]) -> None:
-        self._buffer.extend(deliveries)
+        buffer = self._buffer
+        buffer.extend(deliveries)
+        if self.topic is not None and len(buffer) > EPHEMERAL_MAX_BUFFERED:
+            excess = len(buffer) - EPHEMERAL_MAX_BUFFERED
+            if not self.dropped:
+                log.warning("ephemeral subscription of %s %s: the reader fell behind by more than %d messages; the "
+                            "oldest are dropped (see consumer.dropped)", self.topic, self.pattern,
+                            EPHEMERAL_MAX_BUFFERED)  # fmt: skip
+            for _ in range(excess):
+                buffer.popleft()
+            self.dropped += excess
         self._event.set()
 
     def _end(self, error: ChuteError | None) -> None:
