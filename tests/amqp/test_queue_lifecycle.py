@@ -1,0 +1,107 @@
+"""Queues that end by themselves (auto-delete, x-expires), a consumer told by basic.cancel that its queue was
+deleted, queue names Chute does not allow, channel-wide prefetch, and channel.flow."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+import pytest
+from pika.exceptions import ChannelClosedByBroker
+
+import chute
+
+
+def gone(channel_factory, queue: str, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            channel_factory().queue_declare(queue, passive=True)
+        except ChannelClosedByBroker as exc:
+            assert exc.reply_code == 404
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_auto_delete_queue_goes_with_its_last_consumer(connection, channel, name):
+    channel.queue_declare(name, auto_delete=True)
+    tag = channel.basic_consume(name, lambda *a: None)
+    channel.queue_declare(name, passive=True)  # still there while consumed
+    channel.basic_cancel(tag)
+    assert gone(connection.channel, name)
+
+
+def test_x_expires_deletes_an_unused_queue(server, channel, name):
+    channel.queue_declare(name, arguments={"x-expires": 100})
+    deadline = time.monotonic() + 10
+    with chute.Client(server.url) as client:  # looking through AMQP (a declare) would count as using it
+        while name in [q.name for q in client.list_queues()]:
+            assert time.monotonic() < deadline, "the queue outlived its x-expires"
+            time.sleep(0.02)
+
+
+def test_consumer_is_cancelled_when_its_queue_is_deleted(server, connection, channel, name):
+    channel.queue_declare(name)
+    cancelled = []
+    channel.add_on_cancel_callback(lambda method: cancelled.append(method.method.consumer_tag))
+    tag = channel.basic_consume(name, lambda *a: None)
+    with chute.Client(server.url) as client:
+        client.delete_queue(name)
+    deadline = time.monotonic() + 10
+    while not cancelled and time.monotonic() < deadline:
+        connection.process_data_events(time_limit=0.05)
+    assert cancelled == [tag]
+
+
+def test_names_chute_does_not_allow_are_mapped_and_come_back(server, channel, name):
+    queue = f"{name}@host:with/odd chars"
+    assert channel.queue_declare(queue).method.queue == queue
+    channel.confirm_delivery()
+    channel.basic_publish("", queue, b"odd")
+    method, _, body = channel.basic_get(queue, auto_ack=True)
+    assert body == b"odd" and method.routing_key == queue
+    with chute.Client(server.url) as client:
+        assert f"{name}_x40_host_x3a_with_x2f_odd_x20_chars" in [q.name for q in client.list_queues()]
+
+
+def test_channel_wide_prefetch(connection, channel, name):
+    channel.queue_declare(name)
+    for i in range(6):
+        channel.basic_publish("", name, str(i).encode())
+    channel.basic_qos(prefetch_count=3, global_qos=True)
+    received = []
+    for _ in range(2):
+        channel.basic_consume(name, lambda ch, method, props, body: received.append(method.delivery_tag))
+    connection.process_data_events(time_limit=0.5)
+    assert len(received) == 3  # shared by the channel's two consumers
+
+
+def test_channel_flow_pauses_deliveries(connection, channel, name):
+    channel.queue_declare(name)
+    channel.flow(False)
+    received = []
+    channel.basic_consume(name, lambda ch, method, props, body: received.append(body), auto_ack=True)
+    channel.basic_publish("", name, b"held")
+    connection.process_data_events(time_limit=0.5)
+    assert received == []
+    channel.flow(True)
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        connection.process_data_events(time_limit=0.05)
+    assert received == [b"held"]
+
+
+def test_exclusive_consumer(connection, channel, name):
+    channel.queue_declare(name)
+    channel.basic_consume(name, lambda *a: None, exclusive=True)
+    with pytest.raises(ChannelClosedByBroker) as caught:
+        connection.channel().basic_consume(name, lambda *a: None)
+    assert caught.value.reply_code == 403
+
+
+def test_tx_is_not_implemented(server):
+    connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as caught:
+        connection.channel().tx_select()
+    assert caught.value.reply_code == 540
