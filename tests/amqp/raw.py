@@ -46,10 +46,12 @@ class Raw:
         assert got is not None and isinstance(got[1], kind), f"expected {kind.__name__}, got {got!r}"
         return got[1]
 
-    def handshake(self, *, heartbeat: int = 0, user: str = "guest", password: str = "guest") -> None:
+    def handshake(self, *, heartbeat: int = 0, user: str = "guest", password: str = "guest",
+                  capabilities: dict | None = None) -> None:  # fmt: skip
         self.send(PROTOCOL_HEADER)
         self.expect(commands.Connection.Start)
-        self.method(0, commands.Connection.StartOk(client_properties={"product": "raw"}, mechanism="PLAIN",
+        properties = {"product": "raw", "capabilities": capabilities or {}}
+        self.method(0, commands.Connection.StartOk(client_properties=properties, mechanism="PLAIN",
                                                    response=f"\0{user}\0{password}", locale="en_US"))  # fmt: skip
         tune = self.expect(commands.Connection.Tune)
         self.method(0, commands.Connection.TuneOk(channel_max=tune.channel_max, frame_max=tune.frame_max,

@@ -131,3 +131,29 @@ def test_amqp_port_off_and_default_taken(tmp_path):
         blocker.listen()
         with running_server(amqp_port=5672) as server:  # the default port, taken: the server starts without AMQP
             assert server.server.amqp is None
+
+
+def test_amqps_with_the_servers_tls_certificate(tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    with running_server(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")) as server:
+        assert server.amqp_url.startswith("amqps://")
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        params = pika.ConnectionParameters("127.0.0.1", server.server.amqp_port,
+                                           ssl_options=pika.SSLOptions(context, "127.0.0.1"))  # fmt: skip
+        connection = pika.BlockingConnection(params)
+        try:
+            channel = connection.channel()
+            channel.queue_declare("over-tls")
+            channel.confirm_delivery()
+            channel.basic_publish("", "over-tls", b"secret")
+            assert channel.basic_get("over-tls", auto_ack=True)[2] == b"secret"
+        finally:
+            connection.close()
