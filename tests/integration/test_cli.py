@@ -16,6 +16,7 @@ import uuid
 
 import click
 import pytest
+from click.testing import CliRunner
 
 import chute
 from chute.cli import main
@@ -455,24 +456,57 @@ def test_no_broker_is_one_line():
         assert_one_line_error(result, 1, "(connection_lost)", url)
 
 
-def test_bad_options_are_usage_errors():
-    commands = [
-        ("publish", "q", "x", "--priority", "12"),
-        ("publish", "q", "x", "--header", "novalue"),
-        ("publish", "q", "x", "--delay", "-1"),
-        ("consume", "q", "--count", "0"),
-        ("consume", "q", "--follow", "--timeout", "1"),
-        ("queue", "create", "q", "--overflow", "sometimes"),
-        ("queue", "create", "q", "--on-expiry", "later"),
-        ("queue", "list", "--timeout", "0"),
-        ("subscribe", "t", ">", "q", "--start", "yesterday"),
-        ("subscribe", "t", ">", "q", "--filter", "region"),
-        ("queue", "list", "--url", "http://127.0.0.1:6160"),
-        ("queue", "nonsense"),
-    ]
-    for args, result in zip(commands, run_all(commands, url=closed_port_url())):
-        assert result.returncode == 2, (args, result.stderr)
-        assert "Traceback" not in result.stderr and "Usage:" in result.stderr, args
+USAGE_ERRORS = [  # (command line, what its one line must say; run as `python -m chute.cli`, so no "chute")
+    (("publish", "q", "x", "--priority", "10"), [" publish:", "'--priority'", "10", "from 0 to 9"]),
+    (("publish", "q", "x", "--priority", "high"), ["'--priority'", "'high'", "an integer from 0 to 9"]),
+    (("publish", "q", "x", "--header", "novalue"), ["'--header'", "NAME=VALUE"]),
+    (("publish", "q", "x", "--delay", "-1"), ["'--delay'", "-1"]),
+    (("publish", "q", "x", "--priority"), [" publish:", "'--priority' requires an argument"]),
+    (("publish",), [" publish:", "missing argument 'DEST'"]),
+    (("publish", "q", "x", "--prio", "3"), ["no such option '--prio'", "did you mean --group or --priority"]),
+    (("consume", "q", "--count", "0"), [" consume:", "'--count'"]),
+    (("consume", "q", "--follow", "--timeout", "1"), ["--follow"]),
+    (("queue", "create", "q", "--overflow", "sometimes"), [" queue create:", "'--overflow'", "reject, drop-oldest"]),
+    (("queue", "create", "q", "--on-expiry", "later"), ["'--on-expiry'", "dead-letter", "drop"]),
+    (("queue", "create", "q", "extra"), [" queue create:", "unexpected extra argument (extra)"]),
+    (("queue", "list", "--timeout", "0"), ["'--timeout'", "a number above 0"]),
+    (("subscribe", "t", ">", "q", "--start", "yesterday"), ["'--start'", "yesterday"]),
+    (("subscribe", "t", ">", "q", "--filter", "region"), ["'--filter'"]),
+    (("queue", "list", "--url", "http://127.0.0.1:6160"), ["'--url'"]),
+    (("queue", "nonsense"), [" queue:", "no such command 'nonsense'", "commands: create, delete, list"]),
+    (("nonsense",), ["no such command 'nonsense'", "commands: bench, consume, publish"]),
+    (("--bogus",), ["no such option '--bogus'"]),
+    (("user", "grant", "a", "--allow", "fly", "--queues", "*"), [" user grant:", "'--allow'"]),
+]
+
+
+def test_usage_errors_are_one_line_naming_the_flag_and_what_it_allows():
+    commands = [args for args, _ in USAGE_ERRORS]
+    for (args, fragments), result in zip(USAGE_ERRORS, run_all(commands, url=closed_port_url()), strict=True):
+        assert result.stdout == "", args
+        assert_one_line_error(result, 2, *fragments)
+        assert result.stderr.rstrip().endswith(" --help')"), result.stderr  # where to read more
+
+
+def test_usage_errors_in_process():
+    """The same through click's runner: the group turns every usage error into one line, whichever command."""
+    runner = CliRunner()
+    for args, fragments in USAGE_ERRORS[:6]:
+        result = runner.invoke(main, list(args), prog_name="chute", env={"CHUTE_URL": closed_port_url()})
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert all(fragment in lines[0] for fragment in fragments), lines[0]
+
+
+def test_help_is_unchanged_and_a_bare_group_shows_its_help():
+    runner = CliRunner()
+    result = runner.invoke(main, ["publish", "--help"], prog_name="chute")
+    assert result.exit_code == 0 and result.output.startswith("Usage: chute publish [OPTIONS] DEST [BODY]...")
+    assert "--priority" in result.output
+    bare = runner.invoke(main, ["queue"], prog_name="chute")
+    assert bare.exit_code == 2 and "Usage: chute queue [OPTIONS] COMMAND [ARGS]..." in bare.output
+    assert "Commands:" in bare.output
 
 
 def test_chute_url_from_environment_and_url_flag_wins(server, client, name):

@@ -55,10 +55,10 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *, code: int, says: str) -> None:
-    """Exit `code`, exactly one `Error:` line on stderr and it contains `says`, no traceback."""
+    """Exit `code`, exactly one `Error:` line (`error:` for a usage error) on stderr containing `says`, no traceback."""
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    errors = [line for line in result.stderr.splitlines() if line.lower().startswith("error:")]
     assert len(errors) == 1 and says in errors[0], result.stderr
 
 

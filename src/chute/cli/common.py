@@ -7,7 +7,11 @@ Invariants:
   ChuteError (from the broker or the client, a refused connection included), an OSError, or, as a last resort,
   any other exception (its traceback only with CHUTE_DEBUG=1). Ctrl-C exits 130 with `error: interrupted`.
   A reader closing our stdout (`chute consume q | head`) exits 141 quietly, like any Unix tool killed by SIGPIPE.
-- Bad flag values are click usage errors (exit 2), checked before anything is sent.
+- Bad flag values are click usage errors (exit 2), checked before anything is sent. Every usage error (a bad or
+  missing value, an unknown option or command, a missing argument) is one line on stderr too, `error: <command>:
+  <what is wrong> (try '<command> --help')`, naming the flag and what it allows: `ChuteGroup`, the `chute`
+  group, turns them into `UsageLine` wherever they come from, so a new command gets this by being added to it.
+  `--help`, and a group run without a command, print the help as click does.
 - The client never reconnects: a command is one attempt, so a dead broker fails fast instead of retrying.
 """
 
@@ -163,6 +167,87 @@ def one_line_errors(*expected: type[Exception]) -> Iterator[None]:
         if os.environ.get("CHUTE_DEBUG"):
             raise
         fail(describe(exc))
+
+
+class UsageLine(click.UsageError):
+    """A click usage error shown as one line (exit status 2)."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.line, err=True)
+
+
+def _allowed(param: click.Parameter | None) -> str | None:
+    """What a parameter accepts, in words, if its type says (choices, a range), else None."""
+    kind = getattr(param, "type", None)
+    if isinstance(kind, click.Choice):
+        return "one of " + ", ".join(str(choice) for choice in kind.choices)
+    if isinstance(kind, click.IntRange | click.FloatRange):
+        number = "an integer" if isinstance(kind, click.IntRange) else "a number"
+        low = None if kind.min is None else f"{'above' if kind.min_open else 'from'} {kind.min:g}"
+        high = None if kind.max is None else f"{'below' if kind.max_open else 'to'} {kind.max:g}"
+        return " ".join(part for part in (number, low, high) if part)
+    return None
+
+
+def _named_path(ctx: click.Context, words: list[str]) -> str:
+    """The path of the deepest command named by `words`, the arguments left to `ctx` (`chute queue create`): for
+    an error that the option parser raised without saying which command's options it was parsing."""
+    path, command = ctx.command_path, ctx.command
+    for word in words:
+        sub = command.get_command(ctx, word) if isinstance(command, click.Group) else None
+        if sub is None:
+            break
+        path, command = f"{path} {word}", sub
+    return path
+
+
+def usage_line(error: click.UsageError, outer: tuple[click.Context, list[str]] | None = None) -> str:
+    """`error: chute publish: invalid value for '--priority': 10 is not in the range 0<=x<=9 (allowed: an integer
+    from 0 to 9; try 'chute publish --help')`: one line that says which flag and what it allows. `outer`: the
+    context the error passed through and its arguments, for errors that name no context."""
+    ctx = error.ctx
+    path = ctx.command_path if ctx is not None else _named_path(*outer) if outer is not None else "chute"
+    message = " ".join(error.format_message().split()).rstrip(".")
+    hints = []
+    allowed = _allowed(getattr(error, "param", None)) if isinstance(error, click.BadParameter) else None
+    if isinstance(error, click.NoSuchOption):
+        message = f"No such option {error.option_name!r}"
+        if error.possibilities:
+            hints.append("did you mean " + " or ".join(sorted(error.possibilities)))
+    elif allowed is not None:
+        hints.append(f"allowed: {allowed}")
+    elif ctx is not None and isinstance(ctx.command, click.Group) and message.startswith("No such command"):
+        hints.append("commands: " + ", ".join(ctx.command.list_commands(ctx)))
+    hints.append(f"try '{path} --help'")
+    return f"error: {path}: {message[:1].lower()}{message[1:]} ({'; '.join(hints)})"
+
+
+@contextlib.contextmanager
+def _one_line_click_errors(outer: tuple[click.Context, list[str]] | None = None) -> Iterator[None]:
+    try:
+        yield
+    except (UsageLine, click.exceptions.NoArgsIsHelpError):
+        raise  # already one line; or a group run without a command, which shows its help
+    except click.UsageError as exc:
+        raise UsageLine(usage_line(exc, outer)) from None
+
+
+class ChuteGroup(click.Group):
+    """The `chute` group: usage errors of any command under it (parsing its own options, finding a command,
+    parsing a subcommand's, or raised by a command's body) become one line on stderr, exit status 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        with _one_line_click_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        words = [*getattr(ctx, "_protected_args", ()), *ctx.args]  # the group's invoke empties them
+        with _one_line_click_errors((ctx, words)):
+            return super().invoke(ctx)
 
 
 def run_command(main: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
