@@ -136,3 +136,23 @@ def test_a_live_server_closes_bad_connections_and_changes_nothing(server, sentin
     finally:
         raw.close()
     assert sentinel.channel().queue_declare("sentinel", passive=True).method.message_count == 3
+
+
+_SHORT = st.text(max_size=40).filter(lambda t: len(t.encode()) < 256)
+
+
+@given(st.from_regex(r"[a-zA-Z0-9._:-]{0,100}", fullmatch=True), _SHORT, st.booleans(), st.booleans(),
+       st.integers(0, 2**64 - 1))
+@settings(max_examples=200)
+def test_hand_decoded_publish_and_ack_equal_pamqps(exchange, key, mandatory, multiple, tag):
+    from chute.amqp.connection import _decode_method
+
+    for method in (commands.Basic.Publish(exchange=exchange, routing_key=key, mandatory=mandatory),
+                   commands.Basic.Ack(delivery_tag=tag, multiple=multiple)):  # fmt: skip
+        payload = frame.marshal(method, 1)[7:-1]
+        reference = type(method)()
+        reference.unmarshal(payload[4:])
+        assert dict(_decode_method(payload)) == dict(reference)
+        for cut in (5, len(payload) - 1):
+            with pytest.raises(AmqpError):
+                _decode_method(payload[:cut])

@@ -359,6 +359,12 @@ def _decode_method(payload: bytes):
     if len(payload) < 4:
         raise connection_error(FRAME_ERROR, "method frame too short")
     index = int.from_bytes(payload[:4], "big")
+    fast = _FAST.get(index)
+    if fast is not None:  # the methods of every message: decoded by hand (pamqp's generic path is slow)
+        try:
+            return fast(payload)
+        except (IndexError, UnicodeDecodeError):
+            raise connection_error(FRAME_ERROR, f"cannot decode {commands.INDEX_MAPPING[index].name}") from None
     cls = commands.INDEX_MAPPING.get(index)
     if cls is None:
         raise connection_error(FRAME_ERROR, f"unknown method {index >> 16}.{index & 0xFFFF}")
@@ -368,6 +374,36 @@ def _decode_method(payload: bytes):
     except Exception as exc:  # pamqp raises struct.error, ValueError, IndexError, KeyError... on bad bytes
         raise connection_error(FRAME_ERROR, f"cannot decode {method.name}: {type(exc).__name__}") from None
     return method
+
+
+def _publish(payload: bytes):
+    """basic.publish: class 60 method 40 | ticket u16 | exchange shortstr | routing-key shortstr | bits."""
+    size = payload[6]
+    exchange = payload[7 : 7 + size].decode()
+    at = 7 + size
+    key_size = payload[at]
+    key = payload[at + 1 : at + 1 + key_size].decode()
+    if len(payload) < at + 2 + key_size:
+        raise IndexError("truncated")
+    bits = payload[at + 1 + key_size]
+    method = commands.Basic.Publish.__new__(commands.Basic.Publish)
+    method.ticket = int.from_bytes(payload[4:6], "big")
+    method.exchange, method.routing_key = exchange, key
+    method.mandatory, method.immediate = bool(bits & 1), bool(bits & 2)
+    return method
+
+
+def _ack(payload: bytes):
+    """basic.ack: class 60 method 80 | delivery-tag u64 | bits (multiple)."""
+    if len(payload) < 13:
+        raise IndexError("truncated")
+    method = commands.Basic.Ack.__new__(commands.Basic.Ack)
+    method.delivery_tag = int.from_bytes(payload[4:12], "big")
+    method.multiple = bool(payload[12] & 1)
+    return method
+
+
+_FAST = {commands.Basic.Publish.index: _publish, commands.Basic.Ack.index: _ack}
 
 
 def _decode_header(payload: bytes):
