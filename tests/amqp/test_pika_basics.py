@@ -4,6 +4,7 @@ prefetch, properties and headers, and the errors RabbitMQ sends, as pika reports
 from __future__ import annotations
 
 import datetime
+import time
 from decimal import Decimal
 
 import pika
@@ -229,3 +230,44 @@ def test_reject_publish_overflow_nacks_the_publish(channel, name):
     with pytest.raises(NackError):
         channel.basic_publish("", name, b"second")
     assert channel.basic_get(name, auto_ack=True)[2] == b"first"
+
+
+def test_a_message_larger_than_a_frame_round_trips(channel, name):
+    body = bytes(range(256)) * 2000  # 512,000 bytes: several body frames each way (frame_max 131,072)
+    channel.queue_declare(name)
+    channel.confirm_delivery()
+    channel.basic_publish("", name, body)
+    assert channel.basic_get(name, auto_ack=True)[2] == body
+
+
+def test_work_queue_fair_dispatch_with_prefetch_one(server, name):
+    """RabbitMQ's tutorial 2: two workers with prefetch 1 share the tasks; an unacked one is not given more."""
+    connections = [pika.BlockingConnection(pika.URLParameters(server.amqp_url)) for _ in range(2)]
+    try:
+        producer = connections[0].channel()
+        producer.queue_declare(name, durable=True)
+        producer.confirm_delivery()
+        for i in range(6):
+            producer.basic_publish("", name, str(i).encode(), pika.BasicProperties(delivery_mode=2))
+        busy, idle = (c.channel() for c in connections)
+        for channel in (busy, idle):
+            channel.basic_qos(prefetch_count=1)
+        held = []
+        busy.basic_consume(name, lambda ch, method, props, body: held.append(body))  # never acks
+        done = []
+
+        def work(ch, method, props, body):
+            done.append(body)
+            ch.basic_ack(method.delivery_tag)
+
+        connections[0].process_data_events(time_limit=0.3)
+        idle.basic_consume(name, work)
+        deadline = time.monotonic() + 10
+        while len(done) < 5:
+            assert time.monotonic() < deadline, f"only {done} done"
+            connections[1].process_data_events(time_limit=0.1)
+            connections[0].process_data_events(time_limit=0)
+        assert len(held) == 1 and sorted(held + done) == [str(i).encode() for i in range(6)]
+    finally:
+        for connection in connections:
+            connection.close()
