@@ -14,8 +14,10 @@ import pytest
 import chute
 import chute._management
 import chute.client.consumer
-from chute.errors import ConnectionLost, Forbidden, InvalidArgument, InvalidName, TopicNotFound
+from chute.errors import ChuteError, ConnectionLost, Forbidden, InvalidArgument, InvalidName, TopicNotFound
 from chute.model import Publish, QueueSettings
+from chute.protocol.frames import Op
+from chute.server.session import HANDLERS
 from chute.server.users import Grant, User, hash_password
 from chute.testing import serving
 
@@ -237,3 +239,20 @@ async def test_a_client_that_falls_behind_drops_the_oldest_and_counts_them(monke
         assert consumer.dropped == 40
         assert [d.body for d in await consumer.get_many(100)] == [b"%d" % i for i in range(40, 50)]
         await consumer.close()
+
+
+async def test_a_broker_without_ephemeral_subscriptions_over_the_network_is_named(monkeypatch):
+    """A server from before ignores CONSUME's `topic` and looks for the queue "": the client says what is wrong."""
+    original = HANDLERS[Op.CONSUME]
+
+    async def older(session, request):
+        request.topic = None
+        return await original(session, request)
+
+    monkeypatch.setitem(HANDLERS, Op.CONSUME, older)
+    async with serving() as server, chute.AsyncClient(server.url) as client:
+        await client.create_topic("t")
+        with pytest.raises(ChuteError, match="no ephemeral subscriptions over the network"):
+            await client.subscribe_ephemeral("t")
+        assert not client._consumers
+        assert_nothing_left(server.server.broker)

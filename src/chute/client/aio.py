@@ -436,7 +436,10 @@ class AsyncClient:
         """A push consumer of a subscription that lives as long as the consumer: messages of `topic` whose subject
         matches `pattern` (and headers match `filter`) published from now on, until `close()` (or the client's
         close, or the connection's end). At most once: deliveries have receipt 0 and need no ack; nothing is
-        kept while nobody listens (after a reconnect a new subscription starts). Needs `consume` on the topic."""
+        kept while nobody listens (after a reconnect a new subscription starts). Such deliveries take no credit:
+        `prefetch` only bounds how many travel in one DELIVER batch, and a reader more than
+        `consumer.EPHEMERAL_MAX_BUFFERED` deliveries behind loses the oldest (`consumer.dropped`). Needs the
+        `consume` permission on the topic; TopicNotFound, InvalidName (pattern), InvalidArgument (filter)."""
         consumer = AsyncConsumer(self, "", prefetch, None, topic=topic, pattern=pattern, filter=filter)
         await self._start_consumer(consumer)
         self._all_consumers.add(consumer)
@@ -452,7 +455,12 @@ class AsyncClient:
         self._consumers[consumer_id] = consumer  # before the request: DELIVER may follow the reply at once
         consumer.server_id = consumer_id
         try:
-            reply = await self._call(Op.CONSUME, request, m.ConsumeReply)
+            try:
+                reply = await self._call(Op.CONSUME, request, m.ConsumeReply)
+            except QueueNotFound:
+                if consumer.topic is None:
+                    raise
+                reply = m.ConsumeReply(consumer=consumer_id)  # a broker that ignored `topic` and looked for ""
             if consumer.topic is not None:
                 if reply.queue is None:  # a broker from before ephemeral subscriptions over the network
                     raise ChuteError("this broker has no ephemeral subscriptions over the network (upgrade it)")
