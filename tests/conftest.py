@@ -30,6 +30,19 @@ class Clock:
         self.now += seconds
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A PostgreSQL server for the PostgreSQL store's tests, started once per run (tests/postgres/server.py);
+    $CHUTE_TEST_POSTGRES names an existing one. Skipped where PostgreSQL is not installed, except in CI."""
+    from tests.postgres import server
+
+    if not server.available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql) and CHUTE_TEST_POSTGRES is not set")
+    return server.shared_url()
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()

@@ -1,4 +1,5 @@
-"""One contract suite for every store (storage/api.py): memory, file on the real disk, file on the memory fs."""
+"""One contract suite for every store (storage/api.py): memory, file on the real disk, file on the memory fs, and
+PostgreSQL (a real server, tests/postgres/server.py; each test on a stream of its own)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ from chute.errors import StorageReadOnly
 from chute.storage import FileStore, MemoryFs, MemoryStore
 
 
-@pytest.fixture(params=["memory", "file-os", "file-memfs"])
+@pytest.fixture(params=["memory", "file-os", "file-memfs", "postgres"])
 def factory(request, tmp_path):
     """A function that returns the store to use for the next (re)open of the same data."""
     kind = request.param
     if kind == "memory":
         store = MemoryStore()
         return lambda: store
+    if kind == "postgres":
+        from chute.storage.postgres import PostgresStore
+        from tests.postgres.server import unique_name
+
+        url, stream = request.getfixturevalue("postgres_url"), unique_name()
+        return lambda: PostgresStore(url, stream=stream, chunk_max_bytes=4096)
     fs = MemoryFs() if kind == "file-memfs" else None
     return lambda: FileStore(tmp_path / "data", segment_max_bytes=4096, fs=fs)
 

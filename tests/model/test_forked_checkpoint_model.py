@@ -1,6 +1,7 @@
 """The queue model (test_queue_model.py) with checkpoints whose snapshot is built in a forked child while the
 broker keeps working: publishes, deliveries, acks, nacks, time passing, restarts and power cuts happen between
 the fork and the moment the checkpoint is stored, so the records appended meanwhile (the tail) must carry them.
+Over the memory, file and PostgreSQL stores.
 Every guarantee the model checks must hold across those checkpoints too."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from hypothesis.stateful import precondition, rule
 
 from chute import _forked_snapshot as forked_snapshot
 from tests.model.test_queue_model import QueueMachine
+from tests.postgres import server as postgres_server
 
 FORKED: list[int] = []  # one item per checkpoint seen in flight with its child forked
 
@@ -66,7 +68,7 @@ class ForkingQueueMachine(QueueMachine):
         self.checkpointing = None  # close() waits for it
         super().restart()
 
-    @precondition(lambda self: self.store_kind == "file")
+    @precondition(lambda self: self.store_kind != "memory")
     @rule()
     def power_cut(self):
         self._end_checkpoint(cancel=True)
@@ -83,6 +85,17 @@ class FileForkingQueueMachine(ForkingQueueMachine):
 
 class TestForkedCheckpointsFileStore(FileForkingQueueMachine.TestCase):
     pass
+
+
+class PostgresForkingQueueMachine(ForkingQueueMachine):
+    store_kind = "postgres"
+
+
+@postgres_server.required
+class TestForkedCheckpointsPostgresStore(PostgresForkingQueueMachine.TestCase):
+    """The child inherits the store's database sockets and closes them unused; the parent's stay intact."""
+
+    settings = postgres_server.model_settings(default=20)
 
 
 def test_the_machines_above_did_fork():

@@ -1,8 +1,10 @@
 """Model-based test: random publish / receive / ack / nack / time / restart / power-cut sequences against a
 reference model, checking the guarantees of DESIGN.md §1 after every step.
 
-The broker runs on a hand-driven clock over the memory store, and over the file store on the in-memory fs shim,
-where `power_cut` drops everything not fsynced. Invariants checked after every step:
+The broker runs on a hand-driven clock over the memory store, over the file store on the in-memory fs shim,
+where `power_cut` drops everything not fsynced, and over the PostgreSQL store (a real server), where `power_cut`
+drops the store's connections without a goodbye, as when the process dies (the server rolls back what was in
+flight), and the next broker takes the stream over (a new epoch). Invariants checked after every step:
 - every confirmed, unacked message is in the queue (ready, delayed or in flight) — after restarts and power cuts;
 - no acked message ever comes back; no message is in flight twice;
 - the queue's counts equal the model's;
@@ -22,6 +24,7 @@ from chute import Broker, Publish
 from chute.errors import InvalidReceipt
 from chute.storage import FileStore, MemoryFs, MemoryStore
 from tests.conftest import Clock
+from tests.postgres import server as postgres_server
 
 LEASE_S = 10.0
 DEDUP_WINDOW_S = 300.0
@@ -38,6 +41,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.clock = Clock()
         self.fs = MemoryFs()
         self.memory_store = MemoryStore()
+        self.stream = postgres_server.unique_name("model")  # the PostgreSQL store's stream (one per machine)
         self.live: dict[int, bytes] = {}  # confirmed, not acked: must be in the queue
         self.acked: set[int] = set()
         self.held: dict[int, tuple[int, float]] = {}  # receipt -> (id, lease deadline)
@@ -55,6 +59,10 @@ class QueueMachine(RuleBasedStateMachine):
     def _store(self):
         if self.store_kind == "memory":
             return self.memory_store
+        if self.store_kind == "postgres":
+            from chute.storage.postgres import PostgresStore
+
+            return PostgresStore(postgres_server.shared_url(), stream=self.stream, chunk_max_bytes=4096)
         return FileStore("/model/data", fs=self.fs, segment_max_bytes=4096)
 
     async def _start(self) -> Broker:
@@ -141,11 +149,14 @@ class QueueMachine(RuleBasedStateMachine):
         self.broker = self._run(self._start())
         self.held.clear()  # leases do not survive a restart
 
-    @precondition(lambda self: self.store_kind == "file")
+    @precondition(lambda self: self.store_kind != "memory")
     @rule()
     def power_cut(self):
-        self.fs.crash()
-        self.broker.store._executor.shutdown(wait=True)  # the old process is gone
+        if self.store_kind == "postgres":
+            self.broker.store.sever()  # the old process is gone: its connections drop, the server rolls back
+        else:
+            self.fs.crash()
+            self.broker.store._executor.shutdown(wait=True)  # the old process is gone
         self.broker = self._run(self._start())
         self.held.clear()
 
@@ -172,3 +183,12 @@ class FileQueueMachine(QueueMachine):
 
 class TestFileStoreModel(FileQueueMachine.TestCase):
     pass
+
+
+class PostgresQueueMachine(QueueMachine):
+    store_kind = "postgres"
+
+
+@postgres_server.required
+class TestPostgresStoreModel(PostgresQueueMachine.TestCase):
+    settings = postgres_server.model_settings()

@@ -1,0 +1,101 @@
+"""The PostgreSQL store's tables, and the versioned migration that creates them on first open.
+
+Every name starts with `chute_`, so Chute can share a database with other applications. Tables:
+
+    chute_schema_version   one row: the schema version this database holds (refuse a newer one)
+    chute_streams          one row per stream (a node's log): name, ownership epoch, who opened it, clean flag
+    chute_records          the log: (stream_id, ref) -> kind, payload; ref = chunk << 32 | index in chunk
+    chute_checkpoints      one row per stream: the position the snapshot covers, the chunk table (per chunk
+                           before it: records and bytes), the snapshot's generation, size, parts and CRC-32
+    chute_snapshot_parts   the snapshot of that generation in parts of at most SNAPSHOT_PART_BYTES
+
+Invariants:
+- migrations run in one transaction under a transaction-level advisory lock, so two nodes starting together
+  create the schema once; a database whose version is newer than SCHEMA_VERSION is refused untouched;
+- a database holding Chute-looking tables (`chute_records`) without `chute_schema_version` is not Chute's, or
+  is damaged: refused untouched, never "repaired".
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+MIGRATION_LOCK = 0x43487574  # pg_advisory_xact_lock key ("CHut"): serializes concurrent first opens
+
+# Version 1. Records and snapshot parts are stored EXTERNAL (out of line, not compressed): message bodies are
+# the users' bytes, often compressed already, and PostgreSQL's pglz would cost CPU on every insert.
+SCHEMA_V1 = """
+CREATE TABLE chute_schema_version (
+    version integer NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE chute_streams (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    epoch bigint NOT NULL,
+    owner text NOT NULL,
+    opened_at timestamptz NOT NULL DEFAULT now(),
+    clean boolean NOT NULL DEFAULT false
+);
+CREATE TABLE chute_records (
+    stream_id bigint NOT NULL,
+    ref bigint NOT NULL,
+    kind smallint NOT NULL,
+    payload bytea NOT NULL,
+    PRIMARY KEY (stream_id, ref)
+);
+ALTER TABLE chute_records ALTER COLUMN payload SET STORAGE EXTERNAL;
+CREATE TABLE chute_checkpoints (
+    stream_id bigint PRIMARY KEY,
+    generation bigint NOT NULL,
+    position bigint NOT NULL,
+    chunk_table bytea NOT NULL,
+    snapshot_bytes bigint NOT NULL,
+    snapshot_parts integer NOT NULL,
+    snapshot_crc32 bigint NOT NULL,
+    stored_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE chute_snapshot_parts (
+    stream_id bigint NOT NULL,
+    generation bigint NOT NULL,
+    part integer NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (stream_id, generation, part)
+);
+ALTER TABLE chute_snapshot_parts ALTER COLUMN data SET STORAGE EXTERNAL;
+"""
+
+MIGRATIONS = {1: SCHEMA_V1}  # version -> the DDL that brings version - 1 to it
+
+
+class SchemaError(Exception):
+    """The database is not one this Chute can use (newer schema, or not Chute's); the message says why."""
+
+
+async def migrate(connection) -> int:
+    """Bring the database's Chute tables to SCHEMA_VERSION (creating them on first open); return the version
+    found before. Raises SchemaError, having changed nothing, for a newer or foreign schema."""
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        present = {
+            row["tablename"]
+            for row in await connection.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE 'chute\\_%'"
+            )
+        }
+        found = 0
+        if "chute_schema_version" in present:
+            found = await connection.fetchval("SELECT max(version) FROM chute_schema_version") or 0
+        elif present:
+            raise SchemaError(
+                f"the database has tables {', '.join(sorted(present))} but no chute_schema_version: it is not a "
+                "Chute database (or it is damaged); use another database"
+            )
+        if found > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database's Chute schema is version {found}, newer than this Chute understands "
+                f"({SCHEMA_VERSION}): upgrade Chute"
+            )
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            await connection.execute(MIGRATIONS[version])
+            await connection.execute("INSERT INTO chute_schema_version (version) VALUES ($1)", version)
+        return found
