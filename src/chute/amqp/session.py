@@ -403,7 +403,11 @@ class AmqpSession(asyncio.Protocol):
                         count += 1
                     batch = inbox[:count]
                     del inbox[:count]
-                    basic.publish(self, channel, batch)
+                    try:
+                        basic.publish(self, channel, batch)
+                    except Exception as exc:  # a bug: this connection ends, the others go on
+                        log.exception("AMQP publish from %s failed", self.peer)
+                        self.fail(connection_error(INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
                     continue
                 method = inbox.pop(0)
                 if not isinstance(method, SETTLING):
