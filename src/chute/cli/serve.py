@@ -22,6 +22,14 @@ from chute.server import Server, load_config
     default=None,
     help="Directory of the durable log and checkpoints.  [default: ./chute-data]",
 )
+@click.option(
+    "--store", envvar="CHUTE_STORE", default=None, metavar="URL",
+    help="postgresql://user@host/db (or $CHUTE_STORE): keep the log in PostgreSQL instead of --data-dir.",
+)
+@click.option(
+    "--node-name", default=None,
+    help="This node's name; with --store, the name of its log stream in the database.  [default: default]",
+)
 @click.option("--host", default=None, help="Address to listen on.  [default: 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="Native protocol port (0: any free port).  [default: 6160]")
 @click.option(

@@ -53,6 +53,13 @@ class Server:
 
     def __init__(self, config: ServerConfig | None = None, *, broker: Broker | None = None) -> None:
         self.config = (config or ServerConfig()).validate()
+        if broker is None and self.config.store is not None:  # the PostgreSQL store (needs asyncpg)
+            try:
+                from chute.storage.postgres import PostgresStore
+            except ImportError as exc:
+                raise InvalidArgument(f"--store needs asyncpg ({exc}): pip install 'chute[postgres]'") from None
+            store = PostgresStore(self.config.store, stream=self.config.node_name, fsync_policy=self.config.fsync)
+            broker = Broker(store=store, max_message_bytes=self.config.max_message_bytes)
         if broker is None:
             broker = Broker(self.config.data_dir, fsync=self.config.fsync,
                             max_message_bytes=self.config.max_message_bytes)  # fmt: skip
@@ -131,7 +138,8 @@ class Server:
         self.port = self._tcp.sockets[0].getsockname()[1]
         self.state = "serving"
         self.loop_lag.start()  # from now on (start-up's imports and setup are not stalls a client waits behind)
-        log.info("native protocol listening on %s (data in %s, fsync %s)", self.url, self.config.data_dir,
+        where = self.config.data_dir if self.config.store is None else getattr(self.broker.store, "where", "?")
+        log.info("native protocol listening on %s (data in %s, fsync %s)", self.url, where,
                  self.config.fsync)  # fmt: skip
         return self
 

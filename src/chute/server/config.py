@@ -49,6 +49,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     amqp_port: int | None = DEFAULT_AMQP_PORT
     """AMQP 0-9-1 port (docs/amqp.md; 0: any free port; None: none). If the default port is taken, the server
     starts without AMQP and logs a warning; a port given explicitly must be free."""
+    store: str | None = None
+    """A `postgresql://` URL: keep the broker's log and checkpoints in that PostgreSQL database (a stream named
+    `node_name`) instead of `data_dir`, which then holds only the users file (docs/cluster.md)."""
+    node_name: str = "default"
+    """This node's name: with `store`, the name of its log stream; a node opening a stream takes it over."""
     fsync: Literal["always", "interval", "never"] = "always"
     """`always`: confirm after fsync (default); `interval`: fsync every 100 ms; `never`: leave it to the OS."""
     token: str | None = None
@@ -95,6 +100,10 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidArgument("tls_cert and tls_key go together: give both or neither")
         check_users(self.users, "config users")
+        if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
+            raise InvalidArgument("store must be a postgresql:// URL (without it, data_dir holds the log)")
+        if not self.node_name or len(self.node_name) > 200 or not self.node_name.isprintable():
+            raise InvalidArgument("node_name must be 1 to 200 printable characters")
         return self
 
     @property
