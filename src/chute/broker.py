@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import time
@@ -176,6 +177,44 @@ class Broker(ManagementApi, Housekeeping):
         future.add_done_callback(lambda done: self._settle(plan, done))
         await asyncio.shield(future)
         return plan.ids
+
+    async def publish_many(self, groups: Sequence[tuple[str, Sequence[Publish]]]) -> list[list[int] | ChuteError]:
+        """Publish to several destinations at once: for each (dest, messages) group, in order, its ids once
+        durable, or the error that refused it (a refused group stores nothing; the others go on). Every group's
+        records go to the store in the same turn of the event loop, so they share one group commit (and one
+        frame of the file store). A store failure fails every group it covers."""
+        self._check()
+        now = self.clock()
+        results: list = []
+        waits: dict[int, asyncio.Future] = {}
+        for dest, messages in groups:
+            try:
+                plan = self._run(self.core.prepare_publish, dest, messages, now)
+            except ChuteError as exc:
+                results.append(exc)
+                continue
+            self._pending_token = None  # the plan holds it
+            results.append(plan)
+            if plan.token is None:
+                self._settle(plan, None)
+            else:
+                future = waits.get(id(plan.token))
+                if future is None:
+                    future = waits[id(plan.token)] = asyncio.ensure_future(plan.token)
+                future.add_done_callback(functools.partial(self._settle, plan))
+        if waits:
+            await asyncio.shield(asyncio.gather(*waits.values(), return_exceptions=True))
+        out: list[list[int] | ChuteError] = []
+        for result in results:
+            if isinstance(result, ChuteError):
+                out.append(result)
+                continue
+            future = waits.get(id(result.token)) if result.token is not None else None
+            error = None if future is None else future.exception()
+            if error is not None and not isinstance(error, ChuteError):
+                raise error
+            out.append(error if error is not None else result.ids)
+        return out
 
     def _settle(self, plan, done: asyncio.Future | None) -> None:
         """Place a publish whose records are durable, or forget it if the store failed (the publisher gets

@@ -459,10 +459,10 @@ async def test_graceful_stop_confirms_what_was_in_flight(tmp_path):
         futures = [client.publish_nowait("q", b"%d" % i) for i in range(2000)]
         await asyncio.sleep(0)  # some are on the wire when the stop begins
     confirmed = {i for i, f in enumerate(futures) if f.done() and not f.exception()}
+    await client.close()  # what was still gathering is sent, and fails: the connection is gone
     for f in futures:
         if f.done():
             f.exception()  # retrieved: some may have failed with ConnectionLost
-    await client.close()
     async with serving(data) as again, chute.AsyncClient(again.url) as check:
         stored = {int(d.body) for d in await check.peek("q", 5000)}
     assert confirmed <= stored

@@ -363,7 +363,7 @@ def test_golden_hello():
     data = Connection("client").hello()
     assert data == golden("hello")
     assert data == Connection("client").hello(token=None, client="", heartbeat_s=10.0)
-    assert len(data) == 74  # 58 before HELLO gained user and password (nil)
+    assert len(data) == 75  # 58 before HELLO gained user and password (nil), 74 before version 2
 
 
 def test_golden_heartbeat():
@@ -676,7 +676,7 @@ def test_a_bad_hello_is_a_protocol_error():
         Connection("server").receive_data(raw_frame(Op.HELLO, 0, msgspec.msgpack.encode({"versions": "1"})))
 
 
-@pytest.mark.parametrize("versions", [[], [2], [0, 99], [2**40]])
+@pytest.mark.parametrize("versions", [[], [3], [0, 99], [2**40]])
 def test_no_common_version(versions):
     server = Connection("server")
     [hello] = server.receive_data(Connection("client").send(Op.HELLO, m.Hello(versions=versions)))
@@ -696,7 +696,7 @@ def test_the_server_picks_the_highest_common_version():
 
 
 def test_a_client_refuses_a_version_it_did_not_offer():
-    welcome = m.Welcome(version=2, server="s", heartbeat_s=1.0, max_frame_bytes=1 << 20, max_message_bytes=1)
+    welcome = m.Welcome(version=3, server="s", heartbeat_s=1.0, max_frame_bytes=1 << 20, max_message_bytes=1)
     client = Connection("client")
     with pytest.raises(UnsupportedVersion):
         client.receive_data(Connection("server").send(Op.WELCOME, welcome))

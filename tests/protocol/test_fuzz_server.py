@@ -347,11 +347,11 @@ def test_valid_frames_get_a_normal_reply(server, good_client):
     [
         (publish_frame(), ProtocolError.code),  # not a HELLO first
         (HEADER.pack(70_000, Op.HELLO, 0, 0), FrameTooLarge.code),  # over 64 KiB before the handshake
-        (Connection("client").send(Op.HELLO, m.Hello(versions=[2, 3])), UnsupportedVersion.code),
+        (Connection("client").send(Op.HELLO, m.Hello(versions=[3, 4])), UnsupportedVersion.code),
         (Connection("client").send(Op.HELLO, m.Hello(versions=[])), UnsupportedVersion.code),
         (pack_header(Op.HELLO, 0, 1) + b"\xc1", ProtocolError.code),
     ],
-    ids=["publish-first", "too-large-hello", "versions-2-3", "no-versions", "bad-hello"],
+    ids=["publish-first", "too-large-hello", "versions-3-4", "no-versions", "bad-hello"],
 )
 def test_handshake_violations(server, data, code):
     with RawPeer(server.port) as peer:
@@ -423,7 +423,7 @@ def test_a_wrong_token_is_unauthenticated_and_closed(token_server, token):
 def test_the_right_token_is_welcome(token_server):
     with RawPeer(token_server.port) as peer:
         welcome = peer.handshake(token="s3cret")
-        assert welcome.version == 1
+        assert welcome.version == 2
 
 
 @pytest.fixture(scope="module")

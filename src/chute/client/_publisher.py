@@ -5,6 +5,12 @@ while a batch is in flight, later messages wait up to `linger_s`, or until `max_
 of bytes, then leave as one PUBLISH frame, like a Kafka producer. When a batch's confirm comes back, the futures
 of its messages get their ids and what gathered meanwhile leaves at once.
 
+With a server of protocol 2 or later the batching is per connection rather than per destination: messages to
+any destinations gather in one request (a PUBLISH with `more` groups), sent at once when no publish is in flight
+on the connection, else after `linger_s`, `max_batch` messages or a frame's worth. A producer spreading messages
+over a thousand queues then sends a few large requests instead of one per message. Each destination's messages
+still travel in order, and each destination's group is confirmed or refused on its own.
+
 This is the hot path of a producer: per message, one Publish struct, one future and a few list appends (no task,
 no timer, no `get_running_loop()`, which costs a getpid() system call). `flush()` waits for the few batch tasks,
 not for every future.
@@ -23,8 +29,9 @@ from typing import TYPE_CHECKING
 from chute.errors import ChuteError, ConnectionLost, InvalidArgument
 from chute.model import Publish
 from chute.protocol import messages as m
+from chute.protocol.connection import error_from
 from chute.protocol.frames import DEFAULT_MAX_FRAME_BYTES, Op
-from chute.protocol.sizes import MESSAGE_OVERHEAD, body_budget, publish_size
+from chute.protocol.sizes import GROUP_OVERHEAD, MESSAGE_OVERHEAD, body_budget, publish_size
 
 if TYPE_CHECKING:
     from chute.client.aio import AsyncClient
@@ -61,6 +68,17 @@ class Publisher:
         self.batches: dict[str, _Batch] = {}  # gathering, by destination
         self.in_flight: dict[str, int] = {}  # batches sent and not confirmed, by destination
         self.sending: set[asyncio.Task] = set()
+        # protocol 2: one gathering request for every destination
+        self.any_dest = False
+        self.gathered = 0  # messages in `batches`
+        self.gathered_size = 0  # an upper bound of their encoding, group overheads included
+        self.requests = 0  # multi-destination requests in flight
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connected(self, loop: asyncio.AbstractEventLoop, version: int) -> None:
+        """A link is up: batch per connection if the server speaks protocol 2 (several destinations a request)."""
+        self.loop = loop
+        self.any_dest = version >= 2
 
     def publish_nowait(self, dest: str, body, options: dict) -> asyncio.Future[int]:
         body = checked_body(body)
@@ -71,6 +89,8 @@ class Publisher:
 
     def add(self, dest: str, message: Publish, size: int) -> asyncio.Future[int]:
         """Put `message` (whose encoded size is at most `size`) in the batch of `dest`; its future."""
+        if self.any_dest:
+            return self._add_any(dest, message, size)
         loop = self.loop or asyncio.get_running_loop()
         future = loop.create_future()
         batch = self.batches.get(dest)
@@ -88,6 +108,73 @@ class Publisher:
         elif batch.timer is None:
             batch.timer = loop.call_later(self.linger_s, self.send, dest)
         return future
+
+    def _add_any(self, dest: str, message: Publish, size: int) -> asyncio.Future[int]:
+        """Protocol 2: gather `message` in the connection's next request, whatever its destination."""
+        loop = self.loop or asyncio.get_running_loop()
+        future = loop.create_future()
+        batch = self.batches.get(dest)
+        extra = size if batch is not None else size + GROUP_OVERHEAD + len(dest.encode())
+        if self.gathered and self.gathered_size + extra > self.frame_budget():
+            self.send_all()  # this message would not fit the frame: it starts the next request
+            extra = size + GROUP_OVERHEAD + len(dest.encode())
+            batch = None
+        if batch is None:
+            batch = self.batches[dest] = _Batch(0)
+        batch.messages.append(message)
+        batch.futures.append(future)
+        self.gathered += 1
+        self.gathered_size += extra
+        if not self.requests or self.gathered >= self.max_batch:
+            self.send_all()
+        elif self.timer is None:
+            self.timer = loop.call_later(self.linger_s, self.send_all)
+        return future
+
+    def send_all(self) -> None:
+        """Protocol 2: send everything gathered, for every destination, as one request."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.batches:
+            return
+        groups, self.batches = list(self.batches.items()), {}
+        self.gathered = self.gathered_size = 0
+        self.requests += 1
+        task = (self.loop or asyncio.get_running_loop()).create_task(self._publish_groups(groups))
+        self.sending.add(task)
+        task.add_done_callback(lambda done: self._settle_groups(done, groups))
+
+    async def _publish_groups(self, groups: list[tuple[str, _Batch]]) -> m.PublishReply:
+        (dest, first), rest = groups[0], groups[1:]
+        more = [m.PublishGroup(dest=name, messages=batch.messages) for name, batch in rest] or None
+        request = m.PublishRequest(dest=dest, messages=first.messages, more=more)
+        reply = await self.client._call(Op.PUBLISH, request, m.PublishReply)
+        if len(reply.ids) != sum(len(batch.messages) for _, batch in groups):
+            raise ChuteError(f"broker confirmed {len(reply.ids)} ids for a request of {len(groups)} groups")
+        return reply
+
+    def _settle_groups(self, done: asyncio.Task, groups: list[tuple[str, _Batch]]) -> None:
+        self.sending.discard(done)
+        self.requests = max(0, self.requests - 1)
+        error = ConnectionLost("publish cancelled") if done.cancelled() else done.exception()
+        failed = {}
+        if error is None:
+            reply = done.result()
+            failed = {failure.group: error_from(failure.error) for failure in reply.failed or ()}
+            ids = iter(reply.ids)
+        for index, (_, batch) in enumerate(groups):
+            group_error = error if error is not None else failed.get(index)
+            for future in batch.futures:
+                message_id = next(ids) if error is None else 0
+                if future.done():  # its caller cancelled it: the message is published all the same
+                    continue
+                if group_error is not None:
+                    future.set_exception(group_error)
+                else:
+                    future.set_result(message_id)
+        if self.batches and not self.requests:
+            self.send_all()  # what gathered while this request was in flight goes now
 
     def frame_budget(self) -> int:
         """The bytes of messages one PUBLISH frame may carry (sized by `protocol.sizes.publish_size`)."""
@@ -145,6 +232,8 @@ class Publisher:
 
     async def flush(self) -> None:
         """Send every batch now; wait until every batch sent so far is confirmed or failed."""
+        if self.any_dest:
+            self.send_all()
         for dest in list(self.batches):
             self.send(dest)
         pending = list(self.sending)  # every message published before this call is in one of them
@@ -154,3 +243,4 @@ class Publisher:
     def connection_lost(self) -> None:
         """The link broke: batches in flight fail by themselves (their requests get ConnectionLost)."""
         self.in_flight.clear()
+        self.requests = 0

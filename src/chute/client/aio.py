@@ -191,7 +191,7 @@ class AsyncClient:
         except OSError as exc:
             raise ConnectionLost(f"could not connect to {self.url}: {exc.strerror or exc}") from None
         self._link = link
-        self._publisher.loop = loop
+        self._publisher.connected(loop, link.conn.version)
         self.connections += 1
         self._connected.set()
 
@@ -393,6 +393,8 @@ class AsyncClient:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(future)
         except TimeoutError:
+            # the caller hears of it now; the message's own outcome, later, is nobody's to log
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise RequestTimeout(f"publish not confirmed within {timeout} s") from None
 
     def publish_nowait(self, dest: str, body: bytes, **options) -> asyncio.Future[int]:

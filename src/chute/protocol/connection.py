@@ -216,9 +216,13 @@ class Connection:
 
     def error_frame(self, exc: ChuteError, correlation_id: int = 0) -> bytes:
         """An ERROR frame for `exc` (a reply if `correlation_id`, else a connection error)."""
-        body = m.ErrorBody(code=exc.code, name=exc.name, message=exc.message, retryable=exc.retryable,
+        return self.send(Op.ERROR, self.error_body(exc), correlation_id)
+
+    @staticmethod
+    def error_body(exc: ChuteError) -> m.ErrorBody:
+        """`exc` as it travels: in an ERROR frame, or inside a reply (a failed group of a PUBLISH)."""
+        return m.ErrorBody(code=exc.code, name=exc.name, message=exc.message, retryable=exc.retryable,
                            receipts=getattr(exc, "receipts", None))  # fmt: skip
-        return self.send(Op.ERROR, body, correlation_id)
 
 
 def decode_reply(payload: bytes, kind: type):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import struct
 
-PROTOCOL_VERSIONS = (1,)
+PROTOCOL_VERSIONS = (1, 2)  # 2: a PUBLISH may carry messages for several destinations
 DEFAULT_PORT = 6160  # the native protocol's port; the HTTP listener defaults to the next one
 DEFAULT_HTTP_PORT = 6161
 

@@ -47,13 +47,31 @@ class Goaway(msgspec.Struct, kw_only=True):
     reason: str = ""
 
 
-class PublishRequest(msgspec.Struct, kw_only=True):
+class PublishGroup(msgspec.Struct, kw_only=True):
     dest: str
     messages: list[Publish]
 
 
-class PublishReply(msgspec.Struct, kw_only=True):
+class PublishRequest(msgspec.Struct, kw_only=True, omit_defaults=True):  # `more` only when there are more
+    dest: str
+    messages: list[Publish]
+    more: list[PublishGroup] | None = None
+    """Protocol 2: messages for more destinations in the same request (docs/protocol.md, section 7). Each
+    destination's messages are stored or refused as a whole, on their own."""
+
+
+class PublishFailure(msgspec.Struct, kw_only=True):
+    group: int
+    """0: the request's `dest` and `messages`; i: its `more[i - 1]`."""
+    error: ErrorBody
+
+
+class PublishReply(msgspec.Struct, kw_only=True, omit_defaults=True):  # `failed` only when something failed
     ids: list[int]
+    """One id per message, in request order (`messages`, then each of `more`); 0 for a message of a failed
+    group."""
+    failed: list[PublishFailure] | None = None
+    """Protocol 2: the groups of a request with `more` that were refused, with why."""
 
 
 class ConsumeRequest(msgspec.Struct, kw_only=True):

@@ -18,6 +18,7 @@ FRAME_RESERVE = 64 * 1024  # room kept in every frame for the header, keys and s
 REQUEST_RESERVE = 1024  # the frame header and the request's or reply's own keys
 MESSAGE_OVERHEAD = 256  # msgpack keys, ids, floats and small fields of one message, rounded up
 HEADER_OVERHEAD = 10  # msgpack string prefixes of one header name and value
+GROUP_OVERHEAD = 32  # a PUBLISH group's keys and prefixes (protocol 2), beyond its destination's name
 
 
 def body_budget(max_frame_bytes: int) -> int:

@@ -394,7 +394,8 @@ class Session(asyncio.Protocol):
         """Forbidden unless the principal may make this request (checked before the broker is touched)."""
         principal = self.principal
         if op is Op.PUBLISH:
-            check(principal, "publish", dest_kind(self.broker, body.dest), body.dest)
+            if not body.more:  # several destinations: each group is checked on its own (_publish_many)
+                check(principal, "publish", dest_kind(self.broker, body.dest), body.dest)
         elif op is Op.CONSUME and body.topic is not None:  # an ephemeral subscription: as consuming the topic
             check(principal, "consume", "topic", body.topic)
         elif op in (Op.CONSUME, Op.RECEIVE, Op.ACK, Op.NACK, Op.EXTEND):
@@ -414,12 +415,48 @@ class Session(asyncio.Protocol):
         self.transport.write(self.conn.error_frame(exc, correlation_id))
 
     async def _publish(self, request: m.PublishRequest) -> m.PublishReply:
+        if request.more:
+            return await self._publish_many(request)
         size = sum(len(message.body) for message in request.messages)
         self.server.publishing(self, size)
         try:
             return m.PublishReply(ids=await self.broker.publish_batch(request.dest, request.messages))
         finally:
             self.server.publishing(self, -size)
+
+    async def _publish_many(self, request: m.PublishRequest) -> m.PublishReply:
+        """Protocol 2: a PUBLISH with messages for several destinations; each group is authorized, stored or
+        refused on its own, and the reply says which failed."""
+        groups = [(request.dest, request.messages)] + [(group.dest, group.messages) for group in request.more]
+        allowed, failed = [], []
+        principal = self.principal
+        for index, (dest, messages) in enumerate(groups):
+            try:
+                if not isinstance(dest, str) or not messages:
+                    raise InvalidArgument("every group of a publish needs a destination and at least one message")
+                if not principal.superuser:
+                    check(principal, "publish", dest_kind(self.broker, dest), dest)
+            except ChuteError as exc:
+                failed.append(m.PublishFailure(group=index, error=self.conn.error_body(exc)))
+                continue
+            allowed.append(index)
+        size = sum(len(message.body) for _, messages in groups for message in messages)
+        self.server.publishing(self, size)
+        try:
+            outcomes = await self.broker.publish_many([groups[i] for i in allowed]) if allowed else []
+        finally:
+            self.server.publishing(self, -size)
+        ids: list[list[int] | None] = [None] * len(groups)
+        for index, outcome in zip(allowed, outcomes, strict=True):
+            if isinstance(outcome, ChuteError):
+                failed.append(m.PublishFailure(group=index, error=self.conn.error_body(outcome)))
+            else:
+                ids[index] = outcome
+        flat = []
+        for group_ids, (_, messages) in zip(ids, groups, strict=True):
+            flat += group_ids if group_ids is not None else [0] * len(messages)
+        failed.sort(key=lambda failure: failure.group)
+        return m.PublishReply(ids=flat, failed=failed or None)
 
     async def _consume(self, request: m.ConsumeRequest) -> m.ConsumeReply:
         prefetch = request.prefetch

@@ -1,0 +1,55 @@
+"""Broker.publish_many: several destinations in one step, each stored or refused on its own, one frame on disk."""
+
+from __future__ import annotations
+
+from chute import Broker, Publish
+from chute.errors import QueueNotFound, StorageFailed
+from chute.storage import FileStore
+from chute.storage.file.record import SEGMENT_HEADER_SIZE, decode_batch
+
+
+async def test_groups_are_stored_or_refused_on_their_own(broker):
+    await broker.create_queue("a")
+    await broker.create_queue("b")
+    out = await broker.publish_many([
+        ("a", [Publish(body=b"a1"), Publish(body=b"a2")]),
+        ("nowhere", [Publish(body=b"x")]),
+        ("b", [Publish(body=b"b1")]),
+    ])  # fmt: skip
+    assert isinstance(out[1], QueueNotFound)
+    assert len(out[0]) == 2 and len(out[2]) == 1
+    assert [d.body for d in await broker.receive("a", 10)] == [b"a1", b"a2"]
+    assert [d.body for d in await broker.receive("b", 10)] == [b"b1"]
+
+
+async def test_every_group_shares_one_frame_of_the_log(tmp_path, clock):
+    broker = await Broker(store=FileStore(tmp_path), clock=clock, auto_tick=False).start()
+    try:
+        for i in range(20):
+            await broker.create_queue(f"q{i}")
+        await broker.store.flush()
+        segment = sorted(tmp_path.glob("*.seg"))[-1]
+        before = segment.stat().st_size
+        await broker.publish_many([(f"q{i}", [Publish(body=b"m%d" % i)]) for i in range(20)])
+        data = segment.read_bytes()
+        records, end = decode_batch(data, before)
+        assert len(records) == 20 and end == len(data)  # one frame, one crc, for twenty destinations
+        assert before > SEGMENT_HEADER_SIZE
+    finally:
+        await broker.close()
+
+
+async def test_a_store_failure_fails_every_group(tmp_path, clock):
+    from chute.storage import MemoryFs
+
+    fs = MemoryFs()
+    broker = await Broker(store=FileStore(tmp_path, fs=fs), clock=clock, auto_tick=False).start()
+    try:
+        await broker.create_queue("a")
+        await broker.create_queue("b")
+        fs.fail("fsync", 5)
+        out = await broker.publish_many([("a", [Publish(body=b"1")]), ("b", [Publish(body=b"2")])])
+        assert all(isinstance(result, StorageFailed) for result in out)
+        assert await broker.receive("a", 10) == [] and await broker.receive("b", 10) == []
+    finally:
+        await broker.close()
