@@ -28,6 +28,7 @@ from pamqp import commands
 
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
 from chute.amqp.exchanges import amqp_queue, routing_key
+from chute.amqp.frames import deliver_method
 from chute.amqp.mapping import to_properties
 from chute.errors import ChuteError, QueueNotFound
 from chute.model import MAX_LEASE_S, Delivery
@@ -223,22 +224,6 @@ class Channel:
         self.unacked.clear()
         for queue, receipts in by_queue.items():
             self.session.broker.release(queue, receipts)
-
-
-_DELIVER_INDEX = commands.Basic.Deliver.index.to_bytes(4, "big")
-
-
-def deliver_method(consumer_tag: str, tag: int, redelivered: bool, exchange: str, key: str) -> bytes:
-    """The payload of a basic.deliver method frame, encoded by hand: it goes out with every message, and pamqp's
-    generic marshalling costs several microseconds (`send_content` takes the bytes as they are).
-
-        class 60, method 60 | consumer-tag shortstr | delivery-tag u64 | redelivered octet | exchange shortstr
-        | routing-key shortstr
-    """
-    ctag, name, rkey = consumer_tag.encode(), exchange.encode(), key.encode()
-    return b"".join((_DELIVER_INDEX, len(ctag).to_bytes(1, "big"), ctag, tag.to_bytes(8, "big"),
-                     b"\x01" if redelivered else b"\x00", len(name).to_bytes(1, "big"), name,
-                     len(rkey).to_bytes(1, "big"), rkey))  # fmt: skip
 
 
 def _origin(delivery: Delivery) -> tuple[str, str]:

@@ -28,7 +28,6 @@ another exception (fuzz-tested); after it raised, the connection is `closed` and
 
 from __future__ import annotations
 
-import struct
 from typing import Literal
 
 from pamqp import commands, frame, header
@@ -43,19 +42,25 @@ from chute.amqp.errors import (
     AmqpError,
     connection_error,
 )
-
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
-FRAME_HEADER = struct.Struct(">BHI")
-FRAME_METHOD, FRAME_HEADER_TYPE, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
-FRAME_END = 0xCE
-FRAME_OVERHEAD = 8  # 7 bytes of header and the frame-end octet
-HEARTBEAT_BYTES = b"\x08\x00\x00\x00\x00\x00\x00\xce"
-FRAME_MIN_SIZE = 4096  # the spec's floor: every peer accepts frames this large
-HANDSHAKE_FRAME_MAX = 131_072  # frames accepted before tune-ok (start-ok carries the client's properties)
-DEFAULT_FRAME_MAX = 131_072  # offered in connection.tune (RabbitMQ's default)
-DEFAULT_CHANNEL_MAX = 2047  # offered in connection.tune (RabbitMQ's default)
-CONNECTION_CLASS = 10
-CHANNEL_CLASS = 20
+from chute.amqp.frames import (
+    CLIENT_METHODS,
+    CONNECTION_CLASS,
+    DEFAULT_CHANNEL_MAX,
+    DEFAULT_FRAME_MAX,
+    FRAME_BODY,
+    FRAME_END,
+    FRAME_HEADER,
+    FRAME_HEADER_TYPE,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    FRAME_MIN_SIZE,
+    FRAME_OVERHEAD,
+    HANDSHAKE_FRAME_MAX,
+    HEARTBEAT_BYTES,
+    PROTOCOL_HEADER,
+    decode_header,
+    decode_method,
+)
 
 State = Literal["header", "start-ok", "tune-ok", "open", "opened", "closing", "closed"]
 
@@ -183,7 +188,7 @@ class AmqpConnection:
                 raise connection_error(FRAME_ERROR, f"heartbeat frame on channel {channel}")
             return
         if kind == FRAME_METHOD:
-            self._method(channel, _decode_method(payload), events)
+            self._method(channel, decode_method(payload), events)
         elif kind in (FRAME_HEADER_TYPE, FRAME_BODY):
             self._content(kind, channel, payload, events)
         else:
@@ -230,7 +235,7 @@ class AmqpConnection:
         elif isinstance(method, commands.Basic.Publish):
             self._pending[channel] = _Pending(method)
             return
-        elif not _CLIENT_METHODS.get(type(method), False):
+        elif not CLIENT_METHODS.get(type(method), False):
             raise connection_error(COMMAND_INVALID, f"a client may not send {method.name}", method)
         events.append(Method(channel, method))
 
@@ -273,7 +278,7 @@ class AmqpConnection:
         if kind == FRAME_HEADER_TYPE:
             if pending.size >= 0:
                 raise connection_error(UNEXPECTED_FRAME, f"second content header on channel {channel}")
-            content_header = _decode_header(payload)
+            content_header = decode_header(payload)
             pending.properties = content_header.properties
             pending.size = content_header.body_size
             if pending.size > self.max_message_bytes:
@@ -355,81 +360,5 @@ class AmqpConnection:
         return frame.marshal(close, 0)
 
 
-def _decode_method(payload: bytes):
-    if len(payload) < 4:
-        raise connection_error(FRAME_ERROR, "method frame too short")
-    index = int.from_bytes(payload[:4], "big")
-    fast = _FAST.get(index)
-    if fast is not None:  # the methods of every message: decoded by hand (pamqp's generic path is slow)
-        try:
-            return fast(payload)
-        except (IndexError, UnicodeDecodeError):
-            raise connection_error(FRAME_ERROR, f"cannot decode {commands.INDEX_MAPPING[index].name}") from None
-    cls = commands.INDEX_MAPPING.get(index)
-    if cls is None:
-        raise connection_error(FRAME_ERROR, f"unknown method {index >> 16}.{index & 0xFFFF}")
-    method = cls()
-    try:
-        method.unmarshal(payload[4:])
-    except Exception as exc:  # pamqp raises struct.error, ValueError, IndexError, KeyError... on bad bytes
-        raise connection_error(FRAME_ERROR, f"cannot decode {method.name}: {type(exc).__name__}") from None
-    return method
-
-
-def _publish(payload: bytes):
-    """basic.publish: class 60 method 40 | ticket u16 | exchange shortstr | routing-key shortstr | bits."""
-    size = payload[6]
-    exchange = payload[7 : 7 + size].decode()
-    at = 7 + size
-    key_size = payload[at]
-    key = payload[at + 1 : at + 1 + key_size].decode()
-    if len(payload) < at + 2 + key_size:
-        raise IndexError("truncated")
-    bits = payload[at + 1 + key_size]
-    method = commands.Basic.Publish.__new__(commands.Basic.Publish)
-    method.ticket = int.from_bytes(payload[4:6], "big")
-    method.exchange, method.routing_key = exchange, key
-    method.mandatory, method.immediate = bool(bits & 1), bool(bits & 2)
-    return method
-
-
-def _ack(payload: bytes):
-    """basic.ack: class 60 method 80 | delivery-tag u64 | bits (multiple)."""
-    if len(payload) < 13:
-        raise IndexError("truncated")
-    method = commands.Basic.Ack.__new__(commands.Basic.Ack)
-    method.delivery_tag = int.from_bytes(payload[4:12], "big")
-    method.multiple = bool(payload[12] & 1)
-    return method
-
-
-_FAST = {commands.Basic.Publish.index: _publish, commands.Basic.Ack.index: _ack}
-
-
-def _decode_header(payload: bytes):
-    content_header = header.ContentHeader()
-    try:
-        content_header.unmarshal(payload)
-    except Exception as exc:  # as in _decode_method
-        raise connection_error(FRAME_ERROR, f"cannot decode a content header: {type(exc).__name__}") from None
-    if content_header.class_id != commands.Basic.frame_id:
-        raise connection_error(FRAME_ERROR, f"content header of class {content_header.class_id}")
-    return content_header
-
-
-# Methods a client may send on a channel (True), beyond channel.open and basic.publish which are handled above.
-_CLIENT_METHODS = {
-    commands.Channel.Close: True, commands.Channel.CloseOk: True, commands.Channel.Flow: True,
-    commands.Channel.FlowOk: True,
-    commands.Exchange.Declare: True, commands.Exchange.Delete: True, commands.Exchange.Bind: True,
-    commands.Exchange.Unbind: True,
-    commands.Queue.Declare: True, commands.Queue.Bind: True, commands.Queue.Unbind: True,
-    commands.Queue.Purge: True, commands.Queue.Delete: True,
-    commands.Basic.Qos: True, commands.Basic.Consume: True, commands.Basic.Cancel: True, commands.Basic.Get: True,
-    commands.Basic.Ack: True, commands.Basic.Nack: True, commands.Basic.Reject: True,
-    commands.Basic.Recover: True, commands.Basic.RecoverAsync: True,
-    commands.Confirm.Select: True,
-    commands.Tx.Select: True, commands.Tx.Commit: True, commands.Tx.Rollback: True,
-}  # fmt: skip
-
-__all__ = ["AmqpConnection", "BadProtocolHeader", "Header", "Method", "Content", "ChannelError"]
+__all__ = ["AmqpConnection", "BadProtocolHeader", "Header", "Method", "Content", "ChannelError", "HEARTBEAT_BYTES",
+           "PROTOCOL_HEADER"]

@@ -28,9 +28,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pamqp import commands, decode
+from pamqp import commands
 
-from chute.amqp import basic, declare
+from chute.amqp import dispatch
 from chute.amqp.channel import Channel
 from chute.amqp.connection import (
     HEARTBEAT_BYTES,
@@ -43,14 +43,12 @@ from chute.amqp.connection import (
     Method,
 )
 from chute.amqp.errors import (
-    ACCESS_REFUSED,
     CONNECTION_FORCED,
-    INTERNAL_ERROR,
     NOT_ALLOWED,
     AmqpError,
     connection_error,
-    from_chute,
 )
+from chute.amqp.handshake import authenticate
 from chute.errors import ChuteError
 from chute.protocol.sizes import body_budget
 from chute.server.auth import ANONYMOUS, Principal
@@ -183,10 +181,13 @@ class AmqpSession(asyncio.Protocol):
         """Ack ("ack"), requeue ("nack") or dead-letter ("reject") receipts: gathered until the current batch of
         incoming frames is handled, then one broker call per queue and action (one record, one group commit)."""
         if not self._settles:
-            self._loop.call_soon(self._flush_settles)
+            self._loop.call_soon(self.flush_settles)
         self._settles.setdefault((queue, action), []).extend(receipts)
 
-    def _flush_settles(self) -> None:
+    def flush_settles(self) -> None:
+        """Hand the gathered acks and nacks to the broker now (each in its own task, started in order)."""
+        if not self._settles:
+            return
         settles, self._settles = self._settles, {}
         broker = self.broker
         for (queue, action), receipts in settles.items():
@@ -335,7 +336,7 @@ class AmqpSession(asyncio.Protocol):
 
     async def _start_ok(self, method) -> None:
         try:
-            self.principal = await self._authenticate(method)
+            self.principal = await authenticate(self.server.auth, method)
         except AmqpError as exc:
             self.fail(exc)
             return
@@ -352,20 +353,6 @@ class AmqpSession(asyncio.Protocol):
                 return
             self._event(event)
         self.resume_reading("handshake")
-
-    async def _authenticate(self, method) -> Principal:
-        user, password = _credentials(method)
-        auth = self.server.auth
-        await auth.refresh()
-        if not auth.enabled:
-            return ANONYMOUS  # auth off: any user (guest/guest too) is the anonymous superuser, as natively
-        try:
-            if user:
-                return await auth.by_password(user, password)
-            return await auth.by_token(password)  # an empty user name: the password is an API token
-        except ChuteError as exc:
-            raise connection_error(ACCESS_REFUSED, f"Login was refused using authentication mechanism "
-                                   f"{method.mechanism}: {exc.message}") from None  # fmt: skip
 
     # -- channels -----------------------------------------------------------------------------------------------
 
@@ -390,66 +377,7 @@ class AmqpSession(asyncio.Protocol):
             return
         channel.inbox.append(item)
         if channel.worker is None:
-            channel.worker = asyncio.ensure_future(self._work(channel))
-
-    async def _work(self, channel: Channel) -> None:
-        """Run a channel's methods in order; consecutive publishes go as one batch."""
-        inbox = channel.inbox
-        try:
-            while inbox and not channel.closed and not self.closed:
-                if isinstance(inbox[0], Content):
-                    count = 1
-                    while count < len(inbox) and count < basic.MAX_BATCH and isinstance(inbox[count], Content):
-                        count += 1
-                    batch = inbox[:count]
-                    del inbox[:count]
-                    try:
-                        basic.publish(self, channel, batch)
-                    except Exception as exc:  # a bug: this connection ends, the others go on
-                        log.exception("AMQP publish from %s failed", self.peer)
-                        self.fail(connection_error(INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
-                    continue
-                method = inbox.pop(0)
-                if not isinstance(method, SETTLING):
-                    if self._settles:
-                        self._flush_settles()
-                    if channel.publishing:
-                        # RabbitMQ's order: what a channel published is in its queues before its next method
-                        await asyncio.wait(list(channel.publishing))
-                    elif self.tasks:
-                        await asyncio.sleep(0)  # let work spawned before this method take its first step
-                await self._run(channel, method)
-        finally:
-            channel.worker = None
-
-    async def _run(self, channel: Channel, method) -> None:
-        handler = HANDLERS.get(type(method))
-        try:
-            if handler is None:
-                raise connection_error(540, f"{method.name} is not implemented", method)
-            reply = await handler(self, channel, method)
-        except AmqpError as exc:
-            exc.blame(method)
-            if exc.connection:
-                self.fail(exc)
-            else:
-                self.channel_error(channel.number, exc)
-            return
-        except ChuteError as exc:
-            error = from_chute(exc, method)
-            if error.connection:
-                self.fail(error)
-            else:
-                self.channel_error(channel.number, error)
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("AMQP %s from %s failed", method.name, self.peer)
-            self.fail(connection_error(INTERNAL_ERROR, f"internal error: {type(exc).__name__}", method))
-            return
-        if reply is not None and not getattr(method, "nowait", False) and not channel.closed:
-            self.write(self.conn.send_method(channel.number, reply))
+            channel.worker = asyncio.ensure_future(dispatch.work(self, channel))
 
     def channel_error(self, number: int, error: AmqpError) -> None:
         """A channel exception: channel.close with its code; the channel's deliveries go back at once."""
@@ -460,27 +388,3 @@ class AmqpSession(asyncio.Protocol):
             channel.close()
         log.info("closing AMQP channel %d of %s: %s", number, self.peer, error.text)
         self.write(self.conn.close_channel(number, error))
-
-
-def _credentials(method) -> tuple[str, str]:
-    """(user, password) of start-ok's PLAIN or AMQPLAIN response; 403 for other mechanisms or a bad response."""
-    response = method.response
-    if isinstance(response, str):
-        response = response.encode("utf-8", "surrogateescape")
-    response = response or b""
-    if method.mechanism == "PLAIN":
-        parts = response.split(b"\x00")
-        if len(parts) != 3:
-            raise connection_error(ACCESS_REFUSED, "malformed PLAIN response")
-        return parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace")
-    if method.mechanism == "AMQPLAIN":
-        try:
-            table = decode.field_table(len(response).to_bytes(4, "big") + response)[1]
-        except Exception:
-            raise connection_error(ACCESS_REFUSED, "malformed AMQPLAIN response") from None
-        return str(table.get("LOGIN", "")), str(table.get("PASSWORD", ""))
-    raise connection_error(ACCESS_REFUSED, f"unsupported authentication mechanism {method.mechanism!r}")
-
-
-HANDLERS = {**declare.HANDLERS, **basic.HANDLERS}
-SETTLING = (commands.Basic.Ack, commands.Basic.Nack, commands.Basic.Reject)
