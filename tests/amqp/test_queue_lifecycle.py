@@ -105,3 +105,30 @@ def test_tx_is_not_implemented(server):
     with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as caught:
         connection.channel().tx_select()
     assert caught.value.reply_code == 540
+
+
+def test_single_active_consumer(server, name):
+    connections = [pika.BlockingConnection(pika.URLParameters(server.amqp_url)) for _ in range(2)]
+    try:
+        first, second = (c.channel() for c in connections)
+        first.queue_declare(name, arguments={"x-single-active-consumer": True})
+        got: dict[str, list] = {"first": [], "second": []}
+        tag = first.basic_consume(name, lambda ch, m, p, body: got["first"].append(body), auto_ack=True)
+        second.basic_consume(name, lambda ch, m, p, body: got["second"].append(body), auto_ack=True)
+        for i in range(3):
+            first.basic_publish("", name, str(i).encode())
+        deadline = time.monotonic() + 10
+        while len(got["first"]) < 3:
+            assert time.monotonic() < deadline
+            connections[0].process_data_events(time_limit=0.05)
+        connections[1].process_data_events(time_limit=0.3)
+        assert got == {"first": [b"0", b"1", b"2"], "second": []}  # only the active consumer gets messages
+        first.basic_cancel(tag)
+        first.basic_publish("", name, b"3")
+        while not got["second"]:
+            assert time.monotonic() < deadline, "the next consumer did not become active"
+            connections[1].process_data_events(time_limit=0.05)
+        assert got["second"] == [b"3"]
+    finally:
+        for connection in connections:
+            connection.close()

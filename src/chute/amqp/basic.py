@@ -193,7 +193,7 @@ async def basic_consume(session: AmqpSession, channel: Channel, method) -> objec
         raise AmqpError(ACCESS_REFUSED, f"queue '{name}' in vhost '/' in exclusive use")
     consumer = AmqpConsumer(channel, tag, name, bool(method.no_ack), bool(method.exclusive), channel.consumer_prefetch)
     channel.consumers[tag] = consumer
-    front.consumer_started(name)
+    front.consumer_started(name, consumer)
     if method.exclusive:
         front.exclusive_consumers.add(name)
     if not method.nowait:

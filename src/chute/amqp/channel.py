@@ -73,7 +73,7 @@ class AmqpConsumer:
             while not channel.closed:
                 await session.writable.wait()
                 await channel.flow.wait()
-                credit = self.credit()
+                credit = self.credit() if session.front.may_deliver(self.queue, self) else 0
                 if credit <= 0:
                     channel.credit.clear()
                     with contextlib.suppress(TimeoutError):
@@ -187,7 +187,7 @@ class Channel:
             del self.consumers[consumer.tag]
             if consumer.exclusive:
                 self.session.front.exclusive_consumers.discard(consumer.queue)
-            self.session.front.consumer_ended(consumer.queue)
+            self.session.front.consumer_ended(consumer.queue, consumer)
             if notify and not self.closed and self.session.capabilities.get("consumer_cancel_notify"):
                 self.session.write(self.session.conn.send_method(self.number, commands.Basic.Cancel(
                     consumer_tag=consumer.tag, nowait=True)))  # fmt: skip

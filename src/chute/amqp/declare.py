@@ -166,6 +166,8 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
             front.exclusive[name] = session
         if method.auto_delete:
             front.auto_delete.add(name)
+        if (method.arguments or {}).get("x-single-active-consumer"):
+            front.single_active.setdefault(name, [])
         expires = (method.arguments or {}).get("x-expires")
         if expires is not None:
             front.set_expires(name, int(expires) / 1000.0)

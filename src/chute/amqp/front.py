@@ -11,7 +11,8 @@ work finish and closes every connection with 320 CONNECTION_FORCED, before the b
 
 Invariants: at most `max_connections` AMQP connections (counted apart from native ones); an exclusive queue is
 deleted when its connection ends; an auto-delete queue when its last consumer goes; a queue with x-expires when
-it has been unused (no consumer, no declare, no basic.get) that long.
+it has been unused (no consumer, no declare, no basic.get) that long; an x-single-active-consumer queue delivers
+to one consumer at a time, the first registered (then the next, when it goes). The last two are kept in memory.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class AmqpFront:
         self.auto_delete: set[str] = set()
         self.exclusive_consumers: set[str] = set()  # queues with an exclusive consumer
         self.expires: dict[str, float] = {}  # queue -> x-expires (s): deleted after this long unused
+        self.single_active: dict[str, list] = {}  # x-single-active-consumer queue -> its consumers, active first
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self.port: int | None = None
         self._listener: asyncio.base_events.Server | None = None
@@ -128,11 +130,26 @@ class AmqpFront:
 
     # -- queue ownership and consumers --------------------------------------------------------------------------
 
-    def consumer_started(self, queue: str) -> None:
+    def consumer_started(self, queue: str, consumer=None) -> None:
         self.consumers[queue] += 1
+        waiting = self.single_active.get(queue)
+        if waiting is not None and consumer is not None:
+            waiting.append(consumer)
         self.used(queue)
 
-    def consumer_ended(self, queue: str) -> None:
+    def may_deliver(self, queue: str, consumer) -> bool:
+        """False for a consumer of an x-single-active-consumer queue that is not the active one (the first
+        registered of those still there)."""
+        waiting = self.single_active.get(queue)
+        return not waiting or waiting[0] is consumer
+
+    def consumer_ended(self, queue: str, consumer=None) -> None:
+        waiting = self.single_active.get(queue)
+        if waiting is not None and consumer in waiting:
+            first = waiting[0] is consumer
+            waiting.remove(consumer)
+            if first and waiting:
+                waiting[0].channel.credit.set()  # the next one becomes active now
         self.consumers[queue] -= 1
         if self.consumers[queue] <= 0:
             del self.consumers[queue]
@@ -181,6 +198,7 @@ class AmqpFront:
         self.exclusive.pop(name, None)
         self.auto_delete.discard(name)
         self.expires.pop(name, None)
+        self.single_active.pop(name, None)
         timer = self._expiry.pop(name, None)
         if timer is not None:
             timer.cancel()

@@ -167,7 +167,8 @@ QUEUE_TYPES = ("classic", "quorum")
 OVERFLOWS = {"drop-head": "drop-oldest", "reject-publish": "reject", "reject-publish-dlx": "reject"}
 ACCEPTED_ARGUMENTS = {"x-message-ttl", "x-dead-letter-exchange", "x-dead-letter-routing-key", "x-max-length",
                       "x-max-length-bytes", "x-overflow", "x-max-priority", "x-queue-type", "x-delivery-limit",
-                      "x-queue-mode", "x-queue-master-locator", "x-queue-version", "x-expires"}  # fmt: skip
+                      "x-queue-mode", "x-queue-master-locator", "x-queue-version", "x-expires",
+                      "x-single-active-consumer"}  # fmt: skip
 
 
 def queue_settings(arguments: dict | None, dead_letter_queue: str | None) -> QueueSettings:
@@ -202,6 +203,8 @@ def queue_settings(arguments: dict | None, dead_letter_queue: str | None) -> Que
     if queue_type is not None and queue_type not in QUEUE_TYPES:
         raise AmqpError(PRECONDITION_FAILED, f"invalid arg 'x-queue-type' for queue: {queue_type!r} (classic or "
                         "quorum)")  # fmt: skip
+    if not isinstance(args.get("x-single-active-consumer", False), bool):
+        raise AmqpError(PRECONDITION_FAILED, "invalid arg 'x-single-active-consumer' for queue: a boolean")
     expires = args.get("x-expires")
     if expires is not None and _non_negative("x-expires", expires) < 1:
         raise AmqpError(PRECONDITION_FAILED, "invalid arg 'x-expires' for queue: must be at least 1 (ms)")
