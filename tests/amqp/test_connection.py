@@ -157,3 +157,22 @@ def test_amqps_with_the_servers_tls_certificate(tmp_path):
             assert channel.basic_get("over-tls", auto_ack=True)[2] == b"secret"
         finally:
             connection.close()
+
+
+def test_a_storage_failure_nacks_the_publish_and_closes_with_541():
+    import errno
+
+    with running_server(fsync="always") as server:
+        connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+        channel = connection.channel()
+        channel.queue_declare("doomed")
+        channel.confirm_delivery()
+        server.server.broker.store.fs.fail("fsync", errno.EIO)  # the next fsync fails: the store goes read-only
+        with pytest.raises((pika.exceptions.NackError, ConnectionClosedByBroker)) as caught:
+            channel.basic_publish("", "doomed", b"never durable")
+            connection.process_data_events(time_limit=5)
+        if isinstance(caught.value, pika.exceptions.NackError):  # the nack came first, then the close
+            with pytest.raises(ConnectionClosedByBroker) as caught:
+                connection.process_data_events(time_limit=5)
+                channel.queue_declare("doomed", passive=True)
+        assert caught.value.reply_code == 541
