@@ -187,6 +187,7 @@ class Session(asyncio.Protocol):
         self.principal: Principal = ANONYMOUS  # who authenticated in HELLO (server/auth.py)
         self.credential: tuple | None = None  # what HELLO authenticated with (None before WELCOME)
         self._held: list[Frame] | None = None  # frames that came behind HELLO while it is being checked
+        self._out: list[bytes] | None = None  # bytes for the peer in this turn of the loop (`_send`)
 
     # -- transport callbacks ------------------------------------------------------------------------------------
 
@@ -268,8 +269,23 @@ class Session(asyncio.Protocol):
             if not correlation_id:
                 raise
             data = self.conn.error_frame(exc, correlation_id)
-        self.transport.write(data)
+        self._send(data)
         self._last_sent = self._loop.time()
+
+    def _send(self, data: bytes) -> None:
+        """Queue bytes for the peer; everything queued in one turn of the event loop goes in one write (with a
+        thousand consumers on a connection, one system call instead of one per DELIVER)."""
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self._loop.call_soon(self._flush_out)
+        else:
+            out.append(data)
+
+    def _flush_out(self) -> None:
+        out, self._out = self._out, None
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def fail(self, exc: ChuteError) -> None:
         """Send a connection-level ERROR and close (a protocol violation, refused handshake, ...)."""
@@ -277,12 +293,13 @@ class Session(asyncio.Protocol):
             return
         log.info("closing connection from %s: %s (%s)", self.peer, exc.message, exc.name)
         with contextlib.suppress(Exception):
-            self.transport.write(self.conn.error_frame(exc))
+            self._send(self.conn.error_frame(exc))
         self.closed = True  # nothing more is read or answered; connection_lost still releases leases
         self.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self._flush_out()  # what was answered before the close goes first
             self.transport.close()
 
     def pause_reading(self, reason: str) -> None:
@@ -313,7 +330,7 @@ class Session(asyncio.Protocol):
             return self._last_received + dead_after
         half = self.heartbeat_s * 0.5
         if now - self._last_sent >= half:
-            self.transport.write(HEARTBEAT_BYTES)
+            self._send(HEARTBEAT_BYTES)
             self._last_sent = now
         return min(self._last_sent + half, self._last_received + dead_after)
 
@@ -356,9 +373,9 @@ class Session(asyncio.Protocol):
         if 0.05 <= hello.heartbeat_s <= 3600:
             self.heartbeat_s = hello.heartbeat_s
         try:
-            self.transport.write(self.conn.accept(hello, server=self.server.name, heartbeat_s=self.heartbeat_s,
-                                                  max_message_bytes=self.server.config.max_message_bytes,
-                                                  fsync=self.server.config.fsync))  # fmt: skip
+            self._send(self.conn.accept(hello, server=self.server.name, heartbeat_s=self.heartbeat_s,
+                                        max_message_bytes=self.server.config.max_message_bytes,
+                                        fsync=self.server.config.fsync))  # fmt: skip
         except ChuteError as exc:
             self.fail(exc)
             return
@@ -412,7 +429,7 @@ class Session(asyncio.Protocol):
     def write_error(self, exc: ChuteError, correlation_id: int) -> None:
         if self.closed or self.transport is None:
             return
-        self.transport.write(self.conn.error_frame(exc, correlation_id))
+        self._send(self.conn.error_frame(exc, correlation_id))
 
     async def _publish(self, request: m.PublishRequest) -> m.PublishReply:
         if request.more:
