@@ -100,11 +100,36 @@ def test_exclusive_consumer(connection, channel, name):
     assert caught.value.reply_code == 403
 
 
-def test_tx_is_not_implemented(server):
-    connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
-    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as caught:
-        connection.channel().tx_select()
-    assert caught.value.reply_code == 540
+def test_transactions_hold_publishes_and_acks_until_commit(connection, name):
+    channel = connection.channel()
+    channel.queue_declare(name)
+    channel.tx_select()
+    channel.basic_publish("", name, b"one")
+    channel.basic_publish("", name, b"two")
+    other = connection.channel()
+    assert other.queue_declare(name, passive=True).method.message_count == 0  # not before the commit
+    channel.tx_commit()
+    assert other.queue_declare(name, passive=True).method.message_count == 2
+    channel.basic_publish("", name, b"rolled back")
+    channel.tx_rollback()
+    method, _, body = channel.basic_get(name)
+    assert body == b"one"
+    channel.basic_ack(method.delivery_tag)
+    channel.tx_rollback()  # the ack is forgotten: still unacked
+    channel.close()
+    got = [other.basic_get(name, auto_ack=True)[2] for _ in range(3)]
+    assert got == [b"one", b"two", None]
+
+
+def test_tx_and_confirm_modes_exclude_each_other(connection):
+    channel = connection.channel()
+    channel.confirm_delivery()
+    with pytest.raises(ChannelClosedByBroker) as caught:
+        channel.tx_select()
+    assert caught.value.reply_code == 406
+    with pytest.raises(ChannelClosedByBroker) as caught:
+        connection.channel().tx_commit()
+    assert caught.value.reply_code == 406
 
 
 def test_single_active_consumer(server, name):

@@ -26,6 +26,7 @@ from chute.amqp.errors import (
     NO_ROUTE,
     NOT_ALLOWED,
     NOT_IMPLEMENTED,
+    PRECONDITION_FAILED,
     AmqpError,
     connection_error,
     from_chute,
@@ -223,15 +224,24 @@ async def basic_get(session: AmqpSession, channel: Channel, method) -> object:
 
 
 async def basic_ack(session: AmqpSession, channel: Channel, method) -> object:
-    channel.settle(method, method.delivery_tag, method.multiple, "ack")
+    _settle(channel, method, method.delivery_tag, method.multiple, "ack", True)
 
 
 async def basic_nack(session: AmqpSession, channel: Channel, method) -> object:
-    channel.settle(method, method.delivery_tag, method.multiple, "nack", method.requeue)
+    _settle(channel, method, method.delivery_tag, method.multiple, "nack", method.requeue)
 
 
 async def basic_reject(session: AmqpSession, channel: Channel, method) -> object:
-    channel.settle(method, method.delivery_tag, False, "nack", method.requeue)
+    _settle(channel, method, method.delivery_tag, False, "nack", method.requeue)
+
+
+def _settle(channel: Channel, method, tag: int, multiple: bool, action: str, requeue: bool) -> None:
+    if channel.tx is not None:  # a transaction: checked now, carried out at tx.commit
+        if tag not in channel.unacked and (tag or not multiple):
+            raise AmqpError(PRECONDITION_FAILED, f"unknown delivery tag {tag}", method=method)
+        channel.tx.settles.append((method, tag, multiple, action, requeue))
+        return
+    channel.settle(method, tag, multiple, action, requeue)
 
 
 async def basic_recover(session: AmqpSession, channel: Channel, method) -> object:
@@ -240,6 +250,8 @@ async def basic_recover(session: AmqpSession, channel: Channel, method) -> objec
 
 
 async def confirm_select(session: AmqpSession, channel: Channel, method) -> object:
+    if channel.tx is not None:
+        raise AmqpError(PRECONDITION_FAILED, "cannot switch from tx to confirm mode")
     channel.confirm = True
     return commands.Confirm.SelectOk()
 
@@ -268,7 +280,4 @@ HANDLERS = {
     commands.Basic.RecoverAsync: basic_recover,
     commands.Confirm.Select: confirm_select,
     commands.Channel.Flow: channel_flow,
-    commands.Tx.Select: not_implemented,
-    commands.Tx.Commit: not_implemented,
-    commands.Tx.Rollback: not_implemented,
 }

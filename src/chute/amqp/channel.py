@@ -115,6 +115,7 @@ class Channel:
         self.publish_seq = 0  # last publish sequence number in confirm mode
         self.unconfirmed: set[int] = set()
         self.publishing: set[asyncio.Task] = set()  # publish batches not yet confirmed by the broker
+        self.tx = None  # tx.Transaction after tx.select: publishes and settles wait for tx.commit
         self.last_queue = ""  # the queue of the last queue.declare ("" in later methods means this one)
         self.flow = asyncio.Event()
         self.flow.set()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pamqp import commands
 
-from chute.amqp import basic, declare
+from chute.amqp import basic, declare, tx
 from chute.amqp.connection import Content
 from chute.amqp.errors import INTERNAL_ERROR, NOT_IMPLEMENTED, AmqpError, connection_error, from_chute
 from chute.errors import ChuteError
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from chute.amqp.session import AmqpSession
 
 log = logging.getLogger("chute.amqp")
-HANDLERS = {**declare.HANDLERS, **basic.HANDLERS}
+HANDLERS = {**declare.HANDLERS, **basic.HANDLERS, **tx.HANDLERS}
 SETTLING = (commands.Basic.Ack, commands.Basic.Nack, commands.Basic.Reject)
 
 
@@ -34,6 +34,9 @@ async def work(session: AmqpSession, channel: Channel) -> None:
     inbox = channel.inbox
     try:
         while inbox and not channel.closed and not session.closed:
+            if isinstance(inbox[0], Content) and channel.tx is not None:  # held until tx.commit
+                channel.tx.publishes.append(inbox.pop(0))
+                continue
             if isinstance(inbox[0], Content):
                 count = 1
                 while count < len(inbox) and count < basic.MAX_BATCH and isinstance(inbox[count], Content):

@@ -184,17 +184,19 @@ class AmqpSession(asyncio.Protocol):
             self._loop.call_soon(self.flush_settles)
         self._settles.setdefault((queue, action), []).extend(receipts)
 
-    def flush_settles(self) -> None:
+    def flush_settles(self) -> list[asyncio.Task]:
         """Hand the gathered acks and nacks to the broker now (each in its own task, started in order)."""
         if not self._settles:
-            return
+            return []
         settles, self._settles = self._settles, {}
         broker = self.broker
+        tasks = []
         for (queue, action), receipts in settles.items():
             if action == "ack":
-                self.spawn(broker.ack(queue, receipts))
+                tasks.append(self.spawn(broker.ack(queue, receipts)))
             else:
-                self.spawn(broker.nack(queue, receipts, dead_letter=action == "reject"))
+                tasks.append(self.spawn(broker.nack(queue, receipts, dead_letter=action == "reject")))
+        return tasks
 
     def _done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
