@@ -3,12 +3,14 @@ every error by the `api` fixture), never a 500 or an HTML page, and it changes n
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
 import pytest
 
 from chute.server.http import MAX_BODY_BYTES
+from tests.api.conftest import check_error
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -166,3 +168,63 @@ async def test_missing_query_parameters(api):
     assert (status, name) == (400, "invalid_argument") and "queue" in message
     status, name, message = await api.error("PATCH", "/topics/t/subscriptions?pattern=%3E&queue=-bad", {"filter": 1})
     assert (status, name) == (400, "invalid_argument") and "'queue'" in message  # the query is checked first
+
+
+# -- requests that aiohttp's HTTP parser refuses, over a raw socket ---------------------------------------------
+
+PUBLISH = b"POST /api/v1/queues/q/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+MALFORMED = {  # what a client sends in one go, and a word of the answer's message
+    "request-line-too-long": (b"GET /api/v1/queues?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "8190 bytes"),
+    "header-too-long": (b"GET /api/v1/queues HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", "8190"),
+    "too-many-headers": (b"GET /api/v1/queues HTTP/1.1\r\n" + b"X-H: y\r\n" * 200 + b"\r\n", "Too many headers"),
+    "bad-chunk-size": (PUBLISH + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", "chunk size"),
+    "chunked-and-length": (PUBLISH + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}", "Content-Length"),
+    "bad-content-length": (PUBLISH + b"Content-Length: two\r\n\r\n{}", "Content-Length"),
+    "bad-method": (b"G@T /api/v1/queues HTTP/1.1\r\nHost: x\r\n\r\n", "method"),
+    "bad-version": (b"GET /api/v1/queues HTTP/7.0\r\nHost: x\r\n\r\n", "version"),
+    "bad-header-name": (b"GET /metrics HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n", "header"),
+    "tls-on-plain-http": (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(64), "HTTPS"),
+}
+
+
+async def exchange(port: int, *parts: bytes, until: bytes | None = None) -> tuple[int, dict, bytes]:
+    """Send `parts` on a new connection (before each part after the first, read up to `until`); return the
+    final answer's status, its JSON body, and what followed it before the server closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for i, part in enumerate(parts):
+            if i:
+                await reader.readuntil(until)
+            writer.write(part)
+            await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:-2])
+        assert headers[b"Content-Type"].startswith(b"application/json"), head
+        body = await reader.readexactly(int(headers[b"Content-Length"]))
+        rest = await reader.read()  # the server closes the connection after such an answer
+        return status, json.loads(body), rest
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+async def test_requests_the_http_parser_refuses_get_the_json_error_shape(api, name):
+    await api.ok("PUT", "/queues/q")
+    data, words = MALFORMED[name]
+    status, payload, rest = await exchange(api.server.http_port, data)
+    check_error(status, payload)
+    assert (status, payload["error"]["name"]) == (400, "protocol_error") and words in payload["error"]["message"]
+    assert rest == b""
+    assert (await api.ok("GET", "/queues/q/stats"))["published"] == 0  # nothing changed, the server goes on
+
+
+async def test_a_body_that_breaks_its_chunked_encoding_midway_is_refused(api):
+    await api.ok("PUT", "/queues/q")
+    head = PUBLISH + b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    # the 100 Continue says the handler has the request: the broken chunk reaches a body being read
+    status, payload, rest = await exchange(api.server.http_port, head, b'9\r\n{"body": \r\nzz\r\n', until=b"\r\n\r\n")
+    check_error(status, payload)
+    assert (status, payload["error"]["name"]) == (400, "protocol_error") and "chunk" in payload["error"]["message"]
+    assert rest == b""
+    assert (await api.ok("GET", "/queues/q/stats"))["published"] == 0

@@ -103,9 +103,9 @@ class Server:
         if self.config.http_port is not None:
             from aiohttp import web
 
-            from chute.server.http import make_app
+            from chute.server.http import Runner, make_app
 
-            self._http_runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+            self._http_runner = Runner(make_app(self), access_log=None, handle_signals=False)
             await self._http_runner.setup()
             site = web.TCPSite(self._http_runner, self.config.host, self.config.http_port, reuse_address=True,
                                ssl_context=self.ssl)  # fmt: skip

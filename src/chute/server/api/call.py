@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from chute.errors import (
     BrokerClosed,
@@ -31,6 +32,7 @@ from chute.errors import (
     InvalidReceipt,
     MessageTooLarge,
     MethodNotAllowed,
+    ProtocolError,
     RouteNotFound,
     ServerBusy,
 )
@@ -233,6 +235,8 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     except ConnectionResetError:  # the client hung up while its body was being read: nobody reads an answer
         log.debug("%s %s: the client hung up", request.method, request.path)
         return error_response(ChuteError("the client disconnected"))
+    except HttpProcessingError as exc:  # the body broke HTTP as it was read (aiohttp's pure-Python parser)
+        return error_response(ProtocolError(f"malformed HTTP request: {' '.join(str(exc.message).split())}"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
