@@ -253,7 +253,10 @@ class FileStore(Store):
         self._new_segment(self._active + 1)
 
     def _token(self) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
+        group = self._group
+        if group is not None and self._flusher is not None:  # the common case under load, kept cheap
+            return group
+        loop = asyncio.get_running_loop()  # (a getpid() system call)
         if self._group is None:
             self._group = loop.create_future()
             self._group.add_done_callback(_retrieve)
