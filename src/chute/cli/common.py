@@ -226,11 +226,15 @@ def usage_line(error: click.UsageError, outer: tuple[click.Context, list[str]] |
     return f"error: {path}: {message[:1].lower()}{message[1:]} ({'; '.join(hints)})"
 
 
+# a group run without a command shows its help (click 8.2+ raises this usage error for it; 8.1 exits 0)
+_SHOWS_HELP = (click.exceptions.NoArgsIsHelpError,) if hasattr(click.exceptions, "NoArgsIsHelpError") else ()
+
+
 @contextlib.contextmanager
 def _one_line_click_errors(outer: tuple[click.Context, list[str]] | None = None) -> Iterator[None]:
     try:
         yield
-    except (UsageLine, click.exceptions.NoArgsIsHelpError):
+    except (UsageLine, *_SHOWS_HELP):
         raise  # already one line; or a group run without a command, which shows its help
     except click.UsageError as exc:
         raise UsageLine(usage_line(exc, outer)) from None
@@ -245,7 +249,8 @@ class ChuteGroup(click.Group):
             return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: click.Context) -> Any:
-        words = [*getattr(ctx, "_protected_args", ()), *ctx.args]  # the group's invoke empties them
+        protected = getattr(ctx, "_protected_args", None)  # click 8.2+; 8.1 names it protected_args
+        words = [*(protected if protected is not None else ctx.protected_args), *ctx.args]  # invoke empties them
         with _one_line_click_errors((ctx, words)):
             return super().invoke(ctx)
 
