@@ -153,3 +153,17 @@ async def test_a_missing_snapshot_part_is_reported_not_skipped(postgres_url, mon
         )
     with pytest.raises(StorageCorrupt, match="4 of 5 snapshot parts"):
         await PostgresStore(postgres_url, stream=stream).open()
+
+
+@pytest.mark.parametrize(("policy", "server", "session"), [("always", "off", "on"), ("always", "remote_apply",
+                         "remote_apply"), ("interval", "on", "off"), ("never", "on", "off")])  # fmt: skip
+async def test_the_fsync_policy_sets_what_a_commit_waits_for(postgres_url, policy, server, session):
+    """`always`: a confirm means flushed (never below `on`; a stronger server setting, such as waiting for a
+    standby, is kept); `interval` / `never`: commits return before the WAL flush."""
+    url = await fresh_database(postgres_url)
+    async with connected(url) as connection:
+        await connection.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} SET synchronous_commit = {server}")
+    store = PostgresStore(url, stream="a", fsync_policy=policy)
+    await store.open()
+    assert await store._call(store._db.writer.fetchval("SHOW synchronous_commit")) == session
+    await store.close()
