@@ -123,14 +123,26 @@ def test_unbind_keeps_what_other_bindings_need(channel, name):
     assert drain(channel, queue) == []
 
 
-def test_headers_exchange_match_all(channel, name):
+def test_headers_exchange_match_all_and_any(channel, name):
     channel.exchange_declare(name, "headers")
-    queue = channel.queue_declare("", exclusive=True).method.queue
-    channel.queue_bind(queue, name, arguments={"x-match": "all", "format": "pdf", "type": "report"})
+    every = channel.queue_declare("", exclusive=True).method.queue
+    some = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(every, name, arguments={"x-match": "all", "format": "pdf", "type": "report"})
+    channel.queue_bind(some, name, arguments={"x-match": "any", "format": "zip", "type": "log"})
+    channel.queue_bind(some, name, arguments={"x-match": "all", "urgent": "yes"})  # a second binding, same queue
     channel.confirm_delivery()
-    for headers in ({"format": "pdf", "type": "report"}, {"format": "pdf"}, {"format": "zip", "type": "report"}):
-        channel.basic_publish(name, "", repr(headers).encode(), pika.BasicProperties(headers=headers))
-    assert drain(channel, queue) == [repr({"format": "pdf", "type": "report"}).encode()]
+    sent = [{"format": "pdf", "type": "report"}, {"format": "pdf"}, {"format": "zip", "type": "report"},
+            {"type": "log"}, {"urgent": "yes", "format": "zip"}, {}]  # fmt: skip
+    for headers in sent:
+        channel.basic_publish(name, "rk", repr(headers).encode(), pika.BasicProperties(headers=headers))
+    assert drain(channel, every) == [repr(sent[0]).encode()]
+    assert drain(channel, some) == [repr(h).encode() for h in (sent[2], sent[3], sent[4])]
+    channel.queue_unbind(some, name, arguments={"x-match": "any", "format": "zip", "type": "log"})
+    for headers in sent:
+        channel.basic_publish(name, "rk", repr(headers).encode(), pika.BasicProperties(headers=headers))
+    method, properties, body = channel.basic_get(some, auto_ack=True)
+    assert body == repr(sent[4]).encode() and method.routing_key == "rk" and properties.headers == sent[4]
+    assert drain(channel, some) == []
 
 
 def test_predeclared_amq_topic_exchange(channel, name):

@@ -31,7 +31,7 @@ from chute.amqp.errors import (
     connection_error,
     from_chute,
 )
-from chute.amqp.mapping import EXCHANGE_HEADER, to_publish
+from chute.amqp.mapping import EXCHANGE_HEADER, ROUTING_KEY_HEADER, to_publish
 from chute.errors import ChuteError, QueueFull, QueueNotFound, TopicNotFound
 from chute.server.auth import check
 
@@ -104,12 +104,15 @@ def _route(session: AmqpSession, content: Content):
     if declared["internal"]:
         raise AmqpError(ACCESS_REFUSED, f"cannot publish to internal exchange '{exchange}' in vhost '/'")
     check(session.principal, "publish", "topic", dest)
-    subject = ex.subject(key)
-    if subject is None and declared["type"] in ("fanout", "headers"):
+    kind = declared["type"]
+    subject = ex.HEADERS_SUBJECT if kind == "headers" else ex.subject(key)
+    if subject is None and kind == "fanout":
         subject = ex.FANOUT_SUBJECT
     message = to_publish(content.properties, content.body, subject)
     headers = message.headers if message.headers is not None else {}
     headers[EXCHANGE_HEADER] = exchange
+    if kind == "headers":
+        headers[ROUTING_KEY_HEADER] = key
     message.headers = headers
     routable = subject is not None and topic is not None and bool(topic.route(subject, headers))
     return dest, message, routable

@@ -231,6 +231,9 @@ def _origin(delivery: Delivery) -> tuple[str, str]:
     """The exchange and routing key a message was published with."""
     message = delivery.message
     exchange = message.headers.get("amqp-exchange", "")
+    key = message.headers.get("amqp-routing-key")
+    if key is not None:
+        return exchange, key
     if message.subject is not None:
         return exchange, routing_key(message.subject)
     return exchange, amqp_queue(delivery.queue)

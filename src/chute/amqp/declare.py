@@ -224,12 +224,22 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
     if topic not in broker.core.topics:  # a predeclared amq.* exchange's first binding (or a topic deleted natively)
         await broker.create_topic(topic)
     arguments = plain(method.arguments or {})
-    patterns, header_filter = ex.patterns(declared["type"], method.routing_key, arguments)
     if book.find(exchange, name, method.routing_key, arguments) is not None:
         return commands.Queue.BindOk()
-    for pattern in patterns:
-        await broker.subscribe(topic, pattern, name, filter=header_filter or None)
-    book.bindings.append({"exchange": exchange, "queue": name, "key": method.routing_key, "arguments": arguments})
+    binding = {"exchange": exchange, "queue": name, "key": method.routing_key, "arguments": arguments}
+    if declared["type"] == "headers":
+        filters = ex.headers_filters(arguments)
+        taken = {slot for other in book.bound(exchange, name) for slot in other.get("slots", ())}
+        free = [slot for slot in range(ex.MAX_HEADERS_SLOTS) if slot not in taken][: len(filters)]
+        if len(free) < len(filters):
+            raise AmqpError(NOT_IMPLEMENTED, f"queue '{method.queue}' has too many headers bindings on '{exchange}'")
+        for slot, header_filter in zip(free, filters):
+            await broker.subscribe(topic, ex.slot_pattern(slot), name, filter=header_filter)
+        binding["slots"] = free
+    else:
+        for pattern in ex.patterns(declared["type"], method.routing_key):
+            await broker.subscribe(topic, pattern, name)
+    book.bindings.append(binding)
     await session.front.save_book()
     return commands.Queue.BindOk()
 
@@ -252,10 +262,12 @@ async def queue_unbind(session: AmqpSession, channel: Channel, method) -> object
     if binding is None:
         return commands.Queue.UnbindOk()
     book.bindings.remove(binding)
-    still = set()
-    for other in book.bound(exchange, name):
-        still.update(ex.patterns(declared["type"], other["key"], other["arguments"])[0])
-    for pattern in ex.patterns(declared["type"], method.routing_key, arguments)[0]:
+    if declared["type"] == "headers":
+        mine, still = [ex.slot_pattern(slot) for slot in binding.get("slots", ())], set()
+    else:
+        mine = ex.patterns(declared["type"], method.routing_key)
+        still = {p for other in book.bound(exchange, name) for p in ex.patterns(declared["type"], other["key"])}
+    for pattern in mine:
         if pattern not in still:
             try:
                 await broker.unsubscribe(topic, pattern, name)

@@ -17,8 +17,10 @@ Binding keys per exchange type:
 - topic: `*` stays `*` (one word); `#` (zero or more words) becomes `>` when last (`a.#` → `a` and `a.>`), and
   anywhere else expands into `*` runs (`#.err` → `err`, `*.err`, `*.*.err`, ... up to the longest subject);
   an expansion beyond `MAX_EXPANSION` subscriptions is refused (406).
-- headers: `x-match=all` with string values becomes a header filter on the subscription (pattern `>`); `any`,
-  and non-string values, are refused (540 NOT_IMPLEMENTED) for now.
+- headers: publishes carry the subject `HEADERS_SUBJECT` (the routing key goes in the `amqp-routing-key` header);
+  a binding with `x-match: all` is one subscription whose header filter holds its string values, one with
+  `x-match: any` one subscription per value; each takes a slot of its own, a pattern that matches
+  `HEADERS_SUBJECT` (`slot_pattern`), so one queue can have many bindings. Non-string values are refused (540).
 
 `ExchangeBook` keeps what Chute's topics do not: each exchange's type and flags and the list of AMQP bindings (a
 binding may own several subscriptions, and two bindings may share one), in `<data_dir>/amqp-exchanges.json`,
@@ -44,6 +46,9 @@ TYPES = ("direct", "fanout", "topic", "headers")
 MAX_EXPANSION = 256  # subscriptions one topic binding key may become
 _WORD = re.compile(r"^[A-Za-z0-9\-][A-Za-z0-9_\-]*$")
 FANOUT_SUBJECT = "_"  # the empty word
+HEADERS_WORDS = 8
+HEADERS_SUBJECT = ".".join(["_"] * HEADERS_WORDS)  # every headers-exchange publish (its key is in a header)
+MAX_HEADERS_SLOTS = 2**HEADERS_WORDS  # header filters one queue may have on one headers exchange
 
 
 def topic_name(exchange: str) -> str:
@@ -101,16 +106,38 @@ def routing_key(subject_text: str) -> str:
     return ".".join(decode_word(word) for word in subject_text.split("."))
 
 
-def patterns(kind: str, key: str, arguments: dict | None) -> tuple[list[str], dict | None]:
-    """The subscription patterns (and header filter) that carry a binding of this exchange type."""
+def patterns(kind: str, key: str) -> list[str]:
+    """The subscription patterns that carry a binding of a direct, fanout or topic exchange."""
     if kind == "fanout":
-        return [">"], None
+        return [">"]
     if kind == "direct":
         text = subject(key)
-        return ([text] if text is not None else []), None
-    if kind == "topic":
-        return _topic_patterns(key), None
-    return [">"], _headers_filter(arguments or {})
+        return [text] if text is not None else []
+    return _topic_patterns(key)
+
+
+def headers_filters(arguments: dict) -> list[dict | None]:
+    """The header filters that carry a headers-exchange binding: one for `x-match: all` (None: match all), one
+    per header for `x-match: any` (none at all: it matches nothing, as in RabbitMQ)."""
+    match = arguments.get("x-match", "all")
+    if match not in ("all", "any"):
+        raise AmqpError(NOT_IMPLEMENTED, f"headers exchange: x-match {match!r} is not supported ('all' or 'any')")
+    spec = {}
+    for name, value in arguments.items():
+        if name.startswith("x-"):
+            continue
+        if not isinstance(value, str):
+            raise AmqpError(NOT_IMPLEMENTED, f"headers exchange: only string values can be matched ({name!r})")
+        spec[name] = value
+    if match == "all":
+        return [spec or None]
+    return [{name: value} for name, value in spec.items()]
+
+
+def slot_pattern(slot: int) -> str:
+    """The pattern of a headers-exchange subscription slot: each of HEADERS_SUBJECT's words as itself or `*`, so
+    every slot matches every headers-exchange publish and the slots of one queue are distinct subscriptions."""
+    return ".".join("*" if slot >> i & 1 else "_" for i in range(HEADERS_WORDS))
 
 
 def _topic_patterns(key: str) -> list[str]:
@@ -149,20 +176,6 @@ def _topic_patterns(key: str) -> list[str]:
     if ">" in out:
         out = [">"]  # '#' matches everything
     return out
-
-
-def _headers_filter(arguments: dict) -> dict:
-    match = arguments.get("x-match", "all")
-    if match != "all":
-        raise AmqpError(NOT_IMPLEMENTED, f"headers exchange: x-match {match!r} is not supported (only 'all')")
-    spec = {}
-    for name, value in arguments.items():
-        if name.startswith("x-"):
-            continue
-        if not isinstance(value, str):
-            raise AmqpError(NOT_IMPLEMENTED, f"headers exchange: only string values can be matched ({name!r})")
-        spec[name] = value
-    return spec
 
 
 class ExchangeBook:

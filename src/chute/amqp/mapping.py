@@ -38,6 +38,7 @@ Properties = commands.Basic.Properties
 PREFIX = "amqp-"
 TABLE_HEADER = "amqp-table"
 EXCHANGE_HEADER = "amqp-exchange"  # the exchange a message was published to (its routing key is the subject)
+ROUTING_KEY_HEADER = "amqp-routing-key"  # a headers-exchange publish's routing key (its subject is fixed)
 _STRING_PROPERTIES = ("content_type", "content_encoding", "correlation_id", "reply_to", "expiration", "message_id",
                       "message_type", "user_id", "app_id", "cluster_id")  # fmt: skip
 _NUMBER_PROPERTIES = ("delivery_mode", "priority")
@@ -125,7 +126,7 @@ def to_properties(delivery: Delivery, *, queue: str | None = None) -> Properties
             values[prop] = value
         elif name == TABLE_HEADER:
             table.update(_unpack_table(value))
-        elif name == EXCHANGE_HEADER:
+        elif name in (EXCHANGE_HEADER, ROUTING_KEY_HEADER):
             continue
         else:
             table[name] = value
