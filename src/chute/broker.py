@@ -448,12 +448,15 @@ def _wake(future: asyncio.Future) -> None:
 def _delivery(queue: str, payload: bytes, receipt, count, deadline, dead, core) -> Delivery:
     # the hot path of every delivery: keyword arguments left at their defaults are not passed (each costs time)
     record = rec.decode_message(payload)
-    if record.priority or record.expires_ms or record.subject is not None or record.group is not None \
+    expires_ms = record.expires_ms
+    if record.queue_times and queue in core.queues:  # a topic message whose TTL here is the queue's default
+        expires_ms = record.times_in(core.queues[queue].id)[1]
+    if record.priority or expires_ms or record.subject is not None or record.group is not None \
             or record.dedup_id is not None:  # fmt: skip
         message = Message(
             id=record.id, body=record.body, headers=record.headers or {}, publish_time=record.publish_ms / 1000.0,
             priority=record.priority, subject=record.subject, group=record.group, dedup_id=record.dedup_id,
-            expires_at=record.expires_ms / 1000.0 if record.expires_ms else None,
+            expires_at=expires_ms / 1000.0 if expires_ms else None,
         )  # fmt: skip
     else:
         message = Message(id=record.id, body=record.body, headers=record.headers or {},

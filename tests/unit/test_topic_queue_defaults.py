@@ -107,3 +107,13 @@ async def test_retained_messages_take_the_new_subscriptions_default_ttl(broker, 
     broker.tick()
     assert await _bodies(broker, "short") == [b"own"]  # its own TTL of 1,000 s wins
     assert await _bodies(broker, "dlq") == [b"new", b"old"]
+
+
+async def test_a_delivery_shows_the_expiry_it_has_in_its_queue(broker, clock):
+    await _subscribed(broker)
+    await broker.publish("t", b"m")
+    [short] = await broker.receive("short")
+    [plain] = await broker.receive("plain")
+    assert (short.message.expires_at, plain.message.expires_at) == (clock() + 5, None)
+    [peeked] = await broker.peek("both")
+    assert peeked.message.expires_at == clock() + 60
