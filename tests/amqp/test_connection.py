@@ -176,3 +176,32 @@ def test_a_storage_failure_nacks_the_publish_and_closes_with_541():
                 connection.process_data_events(time_limit=5)
                 channel.queue_declare("doomed", passive=True)
         assert caught.value.reply_code == 541
+
+
+def test_a_connection_whose_user_changed_is_closed_with_320(tmp_path):
+    from chute.server.users import UsersFile
+
+    with UsersFile(tmp_path).edit() as stored:
+        stored.append(make_user("carol", "carol-pw", grants=[Grant(allow=["manage", "consume"], queues="c.*")]))
+        stored.append(make_user("dave", "dave-pw", grants=[Grant(allow=["manage"], queues="d.*")]))
+    with running_server(str(tmp_path)) as server:
+        def connect(user, heartbeat):
+            url = server.amqp_url.replace("amqp://", f"amqp://{user}:{user}-pw@") + f"?heartbeat={heartbeat}"
+            return pika.BlockingConnection(pika.URLParameters(url))
+
+        # carol's heartbeats make the server look at the users file; dave sends none while the test waits on carol
+        carol, dave = connect("carol", 1), connect("dave", 0)
+        try:
+            carol.channel().queue_declare("c.jobs")
+            with UsersFile(tmp_path).edit() as stored:  # carol loses consume; dave is unchanged
+                stored[0].grants = [Grant(allow=["manage"], queues="c.*")]
+            with pytest.raises(ConnectionClosedByBroker) as caught:
+                carol.process_data_events(time_limit=15)  # the users file is looked at within seconds
+                carol.channel()
+            assert caught.value.reply_code == 320
+            assert dave.is_open
+            dave.channel().queue_declare("d.jobs")
+        finally:
+            for connection in (carol, dave):
+                if connection.is_open:
+                    connection.close()

@@ -24,6 +24,7 @@ import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from chute.amqp.errors import CONNECTION_FORCED, AmqpError
 from chute.amqp.exchanges import ExchangeBook
 from chute.amqp.session import AmqpSession
 from chute.errors import ChuteError
@@ -54,6 +55,7 @@ class AmqpFront:
         self.port: int | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._saving = asyncio.Lock()
+        server.auth.on_change.append(self.users_changed)
 
     async def save_book(self) -> None:
         """Store the exchange book (in a worker thread; one write at a time, each with the latest state)."""
@@ -113,6 +115,15 @@ class AmqpFront:
         for name in owned:
             del self.exclusive[name]
             self._delete_later(name)
+
+    def users_changed(self) -> None:
+        """Close (320 CONNECTION_FORCED, as RabbitMQ does for a deleted user) every AMQP connection whose
+        credential was revoked or whose permissions changed; a client that reconnects gets the new ones."""
+        auth = self.server.auth
+        for session in list(self.sessions):
+            if session.credential is not None and not auth.still_valid(session.principal, session.credential):
+                session.fail(AmqpError(CONNECTION_FORCED, "this connection's user, credentials or permissions "
+                                       "changed", connection=True))  # fmt: skip
 
     def memory(self, paused: bool) -> None:
         for session in self.sessions:

@@ -9,7 +9,16 @@ from pamqp import decode
 
 from chute.amqp.errors import ACCESS_REFUSED, connection_error
 from chute.errors import ChuteError
+from chute.protocol.messages import Hello
 from chute.server.auth import ANONYMOUS, Authenticator, Principal
+
+
+def credential(auth: Authenticator, method) -> tuple:
+    """What a connection authenticated with (for `Authenticator.still_valid` when the users change)."""
+    user, password = _credentials(method)
+    hello = Hello(versions=[1], user=user or None, password=password if user else None,
+                  token=None if user else password)  # fmt: skip
+    return auth.credential(hello)
 
 
 async def authenticate(auth: Authenticator, method) -> Principal:

@@ -48,7 +48,7 @@ from chute.amqp.errors import (
     AmqpError,
     connection_error,
 )
-from chute.amqp.handshake import authenticate
+from chute.amqp.handshake import authenticate, credential
 from chute.errors import ChuteError
 from chute.protocol.sizes import body_budget
 from chute.server.auth import ANONYMOUS, Principal
@@ -83,6 +83,7 @@ class AmqpSession(asyncio.Protocol):
         self.channels: dict[int, Channel] = {}
         self.tasks: set[asyncio.Task] = set()
         self.principal: Principal = ANONYMOUS
+        self.credential: tuple | None = None  # what start-ok authenticated with (None before tune)
         self.capabilities: dict = {}
         self.client_properties: dict = {}
         self.publish_bytes = 0
@@ -339,6 +340,7 @@ class AmqpSession(asyncio.Protocol):
     async def _start_ok(self, method) -> None:
         try:
             self.principal = await authenticate(self.server.auth, method)
+            self.credential = credential(self.server.auth, method)
         except AmqpError as exc:
             self.fail(exc)
             return
