@@ -93,6 +93,30 @@ def test_the_blocking_consumer_get_many_and_len(chute_server):
         assert client.queue_stats("q").acked == 3
 
 
+def test_the_blocking_iterator_gives_back_what_it_took_and_did_not_yield(chute_server):
+    with chute.Client(chute_server.url) as client:
+        client.create_queue("it", lease_s=600)
+        client.publish_many("it", [b"%d" % i for i in range(10)])
+        consumer = client.consume("it", prefetch=10)
+        for first in consumer:  # takes all that has arrived in one go, yields one
+            break
+        rest = []
+        while len(rest) < 9:
+            rest += consumer.get_many(10, timeout=5)
+        assert [d.body for d in [first, *rest]] == [b"%d" % i for i in range(10)]  # none lost, in order
+        client.ack([first, *rest])
+        client.publish_many("it", [b"a", b"b", b"c"])
+        while client.queue_stats("it").in_flight < 3:  # the DELIVER frames come before this reply
+            pass
+        assert len(consumer) == 3
+        for delivery in consumer:  # takes the three, yields one
+            consumer.close()  # closed meanwhile: what the iterator still holds goes back to the queue at once
+            break
+        client.ack(delivery)
+        stats = client.queue_stats("it")
+        assert (stats.acked, stats.ready, stats.in_flight) == (11, 2, 0)
+
+
 # -- ack_nowait and flush ------------------------------------------------------------------------------------------
 
 

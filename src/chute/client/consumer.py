@@ -118,6 +118,16 @@ class AsyncConsumer:
             self.dropped += excess
         self._event.set()
 
+    async def _put_back(self, deliveries: list[Delivery]) -> None:
+        """Deliveries taken and not handed to the application (the blocking iterator stopped): first again, or
+        back to the queue at once if the consumer was closed meanwhile."""
+        if self.closed:
+            with contextlib.suppress(ChuteError):
+                await self.client.nack(deliveries)
+            return
+        self._buffer.extendleft(reversed(deliveries))
+        self._event.set()
+
     def _end(self, error: ChuteError | None) -> None:
         self.error = error
         self.closed = True
@@ -143,8 +153,9 @@ class AsyncConsumer:
         await self.client.extend(deliveries, lease_s)
 
     def run(self, callback: Callable[[Delivery], Awaitable[None]]) -> asyncio.Task:
-        """Call `callback` for each delivery in a background task: ack when it returns, nack (requeue now) when
-        it raises. Returns the task; it ends when the consumer is closed."""
+        """Call `callback` for each delivery in a background task: ack when it returns (without waiting for the
+        ack: `ack_nowait`, so the next delivery is handled meanwhile; `client.flush()` waits for the acks), nack
+        (requeue now) when it raises. Returns the task; it ends when the consumer is closed."""
 
         async def loop() -> None:
             async for delivery in self:
@@ -155,8 +166,8 @@ class AsyncConsumer:
                     with contextlib.suppress(ChuteError):
                         await self.nack(delivery)
                 else:
-                    with contextlib.suppress(ChuteError):
-                        await self.ack(delivery)
+                    with contextlib.suppress(ChuteError):  # the client is closed: it will be delivered again
+                        self.ack_nowait(delivery)  # a failed ack is logged (and the message comes again)
 
         self._runner = asyncio.get_running_loop().create_task(loop())
         return self._runner

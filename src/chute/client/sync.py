@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 from chute.client.aio import AsyncClient
@@ -168,11 +170,21 @@ class Consumer:
         self._async = consumer
 
     def __iter__(self) -> Iterator[Delivery]:
-        while True:
-            try:
-                yield self._client._runner.run(self._async.__anext__())
-            except StopAsyncIteration:
-                return
+        """Deliveries as they come; what has arrived is taken in one go from the client's loop thread (one
+        thread hop per batch, not per delivery), and what the loop did not yield goes back when it ends."""
+        run = self._client._runner.run
+        taken: deque[Delivery] = deque()
+        try:
+            while True:
+                if not taken:
+                    taken.extend(run(self._async.get_many(self._async.prefetch)))
+                    if not taken:
+                        return  # closed
+                yield taken.popleft()
+        finally:
+            if taken:
+                with contextlib.suppress(ChuteError):
+                    run(self._async._put_back(list(taken)))
 
     def get(self, timeout: float | None = None) -> Delivery | None:
         """The next delivery, or None after `timeout` seconds without one."""
@@ -192,7 +204,9 @@ class Consumer:
 
     def run(self, callback: Callable[[Delivery], None], *, max_messages: int | None = None) -> int:
         """Call `callback` for each delivery in this thread: ack when it returns, nack (requeue now) when it
-        raises. Returns after `max_messages` (or when the consumer ends); how many were handled."""
+        raises. Returns after `max_messages` (or when the consumer ends), once every ack is answered; how many
+        were handled. Acks do not hold up the next delivery (`ack_nowait`); one that fails is logged and its
+        message is delivered again."""
         handled = 0
         for delivery in self:
             try:
@@ -200,13 +214,13 @@ class Consumer:
             except Exception:
                 self._client.nack(delivery)
             else:
-                try:
-                    self._client.ack(delivery)
-                except ChuteError:
-                    pass  # lease ended meanwhile: it will be delivered again
+                with contextlib.suppress(ChuteError):  # the client is closed: it will be delivered again
+                    self._client.ack_nowait(delivery)
             handled += 1
             if max_messages is not None and handled >= max_messages:
                 break
+        with contextlib.suppress(ChuteError):
+            self._client.flush()
         return handled
 
     def ack(self, deliveries) -> None:
