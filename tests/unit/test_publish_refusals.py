@@ -10,8 +10,11 @@ import errno
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from chute import Broker, Publish
+from chute.core.broker import BrokerCore
 from chute.errors import (
     ChuteError,
     InvalidArgument,
@@ -22,7 +25,9 @@ from chute.errors import (
     StorageFailed,
     StorageReadOnly,
 )
+from chute.model import QueueSettings
 from chute.storage import FileStore, MemoryFs
+from chute.storage.memory import MemoryStore
 
 
 async def _bodies(broker, name):
@@ -184,3 +189,65 @@ async def test_a_publish_refused_by_a_read_only_log_changes_nothing(tmp_path, cl
 
 def test_refusal_errors_are_chute_errors():
     assert all(issubclass(error, ChuteError) for _, _, error in REFUSALS)
+
+
+# -- the same as a property, on the pure core ---------------------------------------------------------------------
+
+BATCHES = st.lists(  # (body size, valid?) per message: an invalid one (priority 10) makes the batch refused
+    st.tuples(st.integers(0, 12), st.booleans().map(lambda ok: ok or None)), min_size=1, max_size=6
+)  # fmt: skip
+STEPS = st.lists(st.one_of(st.tuples(st.just("publish"), BATCHES), st.tuples(st.just("lease"), st.integers(1, 3))),
+                 max_size=12)  # fmt: skip
+
+
+def _core_state(core: BrokerCore, store: MemoryStore) -> tuple:
+    queues = {
+        name: (q.length, q.ready, q.bytes, dict(q.counters), sorted(e.id for e in q.entries()))
+        for name, q in core.queues.items()
+    }  # fmt: skip
+    return core.index_sizes(), queues, store.stats().appends, len(core.outbox)
+
+
+@given(
+    max_length=st.none() | st.integers(1, 5),
+    max_bytes=st.none() | st.integers(12, 30),
+    overflow=st.sampled_from(["reject", "drop-oldest"]),
+    dlq=st.booleans(),
+    steps=STEPS,
+)
+def test_refused_publishes_change_nothing_and_drop_oldest_keeps_the_newest(max_length, max_bytes, overflow, dlq,
+                                                                             steps):  # fmt: skip
+    store = MemoryStore()
+    core = BrokerCore(store)
+    now = 1_800_000_000.0
+    core.create_queue("dlq", QueueSettings())
+    settings = QueueSettings(max_length=max_length, max_bytes=max_bytes, overflow=overflow,
+                             dead_letter_queue="dlq" if dlq else None)  # fmt: skip
+    queue, _ = core.create_queue("q", settings)
+    core.flush()
+    for kind, arg in steps:
+        now += 1
+        if kind == "lease":
+            core.receive("q", arg, now)
+            core.flush()
+            continue
+        batch = [Publish(body=b"x" * size, priority=0 if valid else 10) for size, valid in arg]
+        before = _core_state(core, store)
+        sizes = [size for size, _ in arg]
+        try:
+            plan = core.prepare_publish("q", batch, now)
+        except (InvalidArgument, QueueFull) as exc:
+            assert _core_state(core, store) == before
+            assert isinstance(exc, InvalidArgument) or overflow == "reject"
+            continue
+        core.commit_publish(plan, now)
+        core.flush()
+        kept = [i for i, message_id in enumerate(plan.ids) if any(e.id == message_id for e in queue.entries())]
+        fitting = [i for i, size in enumerate(sizes) if max_bytes is None or size <= max_bytes]
+        assert kept == fitting[len(fitting) - len(kept) :]  # the newest of those that can fit at all
+        if overflow == "drop-oldest":  # never over its limits, whatever it held in flight
+            assert max_length is None or queue.length <= max_length
+            assert max_bytes is None or queue.bytes <= max_bytes
+        stats = queue.counters
+        dead_in_dlq = sum(1 for e in core.queues["dlq"].entries() if e.dead is not None)
+        assert dead_in_dlq == (stats["dead"] if dlq else 0)
