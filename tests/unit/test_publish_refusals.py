@@ -10,7 +10,7 @@ import errno
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from chute import Broker, Publish
@@ -214,6 +214,15 @@ def _core_state(core: BrokerCore, store: MemoryStore) -> tuple:
     overflow=st.sampled_from(["reject", "drop-oldest"]),
     dlq=st.booleans(),
     steps=STEPS,
+)
+@example(max_length=3, max_bytes=None, overflow="drop-oldest", dlq=True,  # the case
+         steps=[("publish", [(2, True)] * 2), ("publish", [(2, True)] * 4)])  # fmt: skip
+@example(
+    max_length=None,
+    max_bytes=12,
+    overflow="drop-oldest",
+    dlq=False,
+    steps=[("publish", [(5, True)] * 2), ("lease", 1), ("publish", [(4, True), (13, True), (6, True)])],
 )
 def test_refused_publishes_change_nothing_and_drop_oldest_keeps_the_newest(max_length, max_bytes, overflow, dlq,
                                                                              steps):  # fmt: skip
