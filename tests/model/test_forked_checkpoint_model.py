@@ -95,7 +95,7 @@ class PostgresForkingQueueMachine(ForkingQueueMachine):
 class TestForkedCheckpointsPostgresStore(PostgresForkingQueueMachine.TestCase):
     """The child inherits the store's database sockets and closes them unused; the parent's stay intact."""
 
-    settings = postgres_server.model_settings(default=20)
+    settings = postgres_server.model_settings(default=15)
 
 
 def test_the_machines_above_did_fork():

@@ -185,7 +185,7 @@ def required(cls):
     return pytest.mark.skip(reason="PostgreSQL is not installed and CHUTE_TEST_POSTGRES is not set")(cls)
 
 
-def model_settings(default: int = 40):
+def model_settings(default: int = 30):
     """Hypothesis settings for a state machine over the PostgreSQL store: the current profile, with at most
     $CHUTE_PG_MODEL_EXAMPLES examples (else `default`: each example starts brokers on the database, and the
     PostgreSQL tests should take well under a minute in CI; raise it for a campaign)."""

@@ -271,7 +271,8 @@ class Database:
         """In one transaction checked against our epoch: store the snapshot of `generation` for `position`,
         forget older generations, delete the records of the dead ref ranges [low, high)."""
         connection = await self._side("checkpointer")
-        parts = [snapshot[i : i + SNAPSHOT_PART_BYTES] for i in range(0, len(snapshot), SNAPSHOT_PART_BYTES)]
+        view = memoryview(snapshot)  # parts are views: a large snapshot is not copied once more
+        parts = [view[i : i + SNAPSHOT_PART_BYTES] for i in range(0, len(snapshot), SNAPSHOT_PART_BYTES)]
         crc = zlib.crc32(snapshot)
         async with connection.transaction():
             if await connection.fetchval(CHECK_EPOCH, self.stream_id, self.epoch) is None:
