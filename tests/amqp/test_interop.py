@@ -7,8 +7,9 @@ import pika
 import pytest
 
 import chute
+from tests.amqp.conftest import chute_only
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), chute_only]
 
 
 def test_pika_publishes_native_client_reads(server, channel, name):

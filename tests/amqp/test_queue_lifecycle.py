@@ -1,5 +1,6 @@
 """Queues that end by themselves (auto-delete, x-expires), a consumer told by basic.cancel that its queue was
-deleted, queue names Chute does not allow, channel-wide prefetch, and channel.flow."""
+deleted, queue names Chute does not allow, channel-wide prefetch, channel.flow, transactions and single active
+consumers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from pika.exceptions import ChannelClosedByBroker
 
 import chute
+from tests.amqp.conftest import chute_only
 
 
 def gone(channel_factory, queue: str, timeout_s: float = 10.0) -> bool:
@@ -32,6 +34,7 @@ def test_auto_delete_queue_goes_with_its_last_consumer(connection, channel, name
     assert gone(connection.channel, name)
 
 
+@chute_only
 def test_x_expires_deletes_an_unused_queue(server, channel, name):
     channel.queue_declare(name, arguments={"x-expires": 100})
     deadline = time.monotonic() + 10
@@ -46,14 +49,14 @@ def test_consumer_is_cancelled_when_its_queue_is_deleted(server, connection, cha
     cancelled = []
     channel.add_on_cancel_callback(lambda method: cancelled.append(method.method.consumer_tag))
     tag = channel.basic_consume(name, lambda *a: None)
-    with chute.Client(server.url) as client:
-        client.delete_queue(name)
+    connection.channel().queue_delete(name)  # from another channel of the same connection
     deadline = time.monotonic() + 10
     while not cancelled and time.monotonic() < deadline:
         connection.process_data_events(time_limit=0.05)
     assert cancelled == [tag]
 
 
+@chute_only
 def test_names_chute_does_not_allow_are_mapped_and_come_back(server, channel, name):
     queue = f"{name}@host:with/odd chars"
     assert channel.queue_declare(queue).method.queue == queue
@@ -77,19 +80,11 @@ def test_channel_wide_prefetch(connection, channel, name):
     assert len(received) == 3  # shared by the channel's two consumers
 
 
-def test_channel_flow_pauses_deliveries(connection, channel, name):
-    channel.queue_declare(name)
-    channel.flow(False)
-    received = []
-    channel.basic_consume(name, lambda ch, method, props, body: received.append(body), auto_ack=True)
-    channel.basic_publish("", name, b"held")
-    connection.process_data_events(time_limit=0.5)
-    assert received == []
+def test_channel_flow_off_is_not_implemented_as_in_rabbitmq(connection, channel, name):
     channel.flow(True)
-    deadline = time.monotonic() + 10
-    while not received and time.monotonic() < deadline:
-        connection.process_data_events(time_limit=0.05)
-    assert received == [b"held"]
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as caught:
+        channel.flow(False)
+    assert caught.value.reply_code == 540
 
 
 def test_exclusive_consumer(connection, channel, name):

@@ -260,11 +260,10 @@ async def confirm_select(session: AmqpSession, channel: Channel, method) -> obje
 
 
 async def channel_flow(session: AmqpSession, channel: Channel, method) -> object:
-    if method.active:
-        channel.flow.set()
-    else:
-        channel.flow.clear()
-    return commands.Channel.FlowOk(active=method.active)
+    """As RabbitMQ: a client may not stop the server's deliveries this way (540), only say it goes on."""
+    if not method.active:
+        raise connection_error(NOT_IMPLEMENTED, "active=false", method)
+    return commands.Channel.FlowOk(active=True)
 
 
 async def not_implemented(session: AmqpSession, channel: Channel, method) -> object:

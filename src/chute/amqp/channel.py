@@ -6,7 +6,7 @@ channel (or the connection) releases every unacked delivery at once, so another 
 
 Prefetch: basic.qos with global=false sets the limit of each consumer started afterwards (as RabbitMQ does);
 global=true the limit of the whole channel. A consumer leases at most its remaining credit (the smaller of the
-two) per batch, and nothing while the connection's write buffer is full or the channel's flow is off.
+two) per batch, and nothing while the connection's write buffer is full.
 
 Leases: an AMQP delivery stays unacked as long as the channel lives, so it is leased for `LEASE_S` (12 h, Chute's
 longest lease) and given back when the channel closes; a no-ack consumer's deliveries are acked as they are sent
@@ -72,7 +72,6 @@ class AmqpConsumer:
         try:
             while not channel.closed:
                 await session.writable.wait()
-                await channel.flow.wait()
                 credit = self.credit() if session.front.may_deliver(self.queue, self) else 0
                 if credit <= 0:
                     channel.credit.clear()
@@ -117,8 +116,6 @@ class Channel:
         self.publishing: set[asyncio.Task] = set()  # publish batches not yet confirmed by the broker
         self.tx = None  # tx.Transaction after tx.select: publishes and settles wait for tx.commit
         self.last_queue = ""  # the queue of the last queue.declare ("" in later methods means this one)
-        self.flow = asyncio.Event()
-        self.flow.set()
         self.credit = asyncio.Event()
         self.closed = False
         self.inbox: list = []  # events waiting for the channel's worker (methods run one at a time, in order)
@@ -207,7 +204,6 @@ class Channel:
         if self.closed:
             return
         self.closed = True
-        self.flow.set()
         self.credit.set()
         for tag in list(self.consumers):
             self.cancel(tag)
