@@ -179,6 +179,7 @@ def test_message_ttl_dead_letters_with_x_death(channel, name):
     assert body == b"short-lived"
     [death] = properties.headers["x-death"]
     assert death["reason"] == "expired" and death["queue"] == name and death["count"] == 1
+    assert death["exchange"] == "" and death["routing-keys"] == [name]
 
 
 def test_per_message_expiration(channel, name):

@@ -31,7 +31,7 @@ from decimal import Decimal
 from pamqp import commands, decode, encode
 
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
-from chute.amqp.exchanges import amqp_queue
+from chute.amqp.exchanges import amqp_queue, routing_key
 from chute.model import MAX_PRIORITY, Delivery, Publish, QueueSettings
 
 Properties = commands.Basic.Properties
@@ -144,9 +144,13 @@ def to_properties(delivery: Delivery, *, queue: str | None = None) -> Properties
         values["priority"] = message.priority
     if delivery.dead_letter_reason is not None:
         source = amqp_queue(delivery.dead_letter_source or "")
+        exchange = message.headers.get(EXCHANGE_HEADER, "")
+        key = message.headers.get(ROUTING_KEY_HEADER)
+        if key is None:
+            key = routing_key(message.subject) if message.subject is not None else source
         table["x-death"] = [{
             "count": 1, "reason": REASONS.get(delivery.dead_letter_reason, delivery.dead_letter_reason),
-            "queue": source, "time": _stamp(int(message.publish_time)), "exchange": "", "routing-keys": [source],
+            "queue": source, "time": _stamp(int(message.publish_time)), "exchange": exchange, "routing-keys": [key],
         }]  # fmt: skip
     return Properties(headers=table or None, **values)
 
