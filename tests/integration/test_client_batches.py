@@ -98,8 +98,9 @@ def test_the_blocking_iterator_gives_back_what_it_took_and_did_not_yield(chute_s
         client.create_queue("it", lease_s=600)
         client.publish_many("it", [b"%d" % i for i in range(10)])
         consumer = client.consume("it", prefetch=10)
-        for first in consumer:  # takes all that has arrived in one go, yields one
-            break
+        iterator = iter(consumer)
+        first = next(iterator)  # takes all that has arrived in one go, yields one
+        iterator.close()  # as a `for` loop left with `break` does
         rest = []
         while len(rest) < 9:
             rest += consumer.get_many(10, timeout=5)
@@ -109,9 +110,10 @@ def test_the_blocking_iterator_gives_back_what_it_took_and_did_not_yield(chute_s
         while client.queue_stats("it").in_flight < 3:  # the DELIVER frames come before this reply
             pass
         assert len(consumer) == 3
-        for delivery in consumer:  # takes the three, yields one
-            consumer.close()  # closed meanwhile: what the iterator still holds goes back to the queue at once
-            break
+        iterator = iter(consumer)
+        delivery = next(iterator)  # takes the three, yields one
+        consumer.close()  # closed meanwhile: what the iterator still holds goes back to the queue at once
+        iterator.close()
         client.ack(delivery)
         stats = client.queue_stats("it")
         assert (stats.acked, stats.ready, stats.in_flight) == (11, 2, 0)
