@@ -219,9 +219,13 @@ async def test_requests_the_http_parser_refuses_get_the_json_error_shape(api, na
     assert (await api.ok("GET", "/queues/q/stats"))["published"] == 0  # nothing changed, the server goes on
 
 
-async def test_a_body_that_breaks_its_chunked_encoding_midway_is_refused(api):
+@pytest.mark.parametrize("path", [b"/api/v1/queues/q/messages", b"/"], ids=["api", "sqs"])
+async def test_a_body_that_breaks_its_chunked_encoding_midway_is_refused(api, path):
     await api.ok("PUT", "/queues/q")
-    head = PUBLISH + b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    head = (
+        PUBLISH.replace(b"/api/v1/queues/q/messages", path)
+        + b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    )
     # the 100 Continue says the handler has the request: the broken chunk reaches a body being read
     status, payload, rest = await exchange(api.server.http_port, head, b'9\r\n{"body": \r\nzz\r\n', until=b"\r\n\r\n")
     check_error(status, payload)
