@@ -469,7 +469,7 @@ USAGE_ERRORS = [  # (command line, what its one line must say; run as `python -m
     (("queue", "create", "q", "--overflow", "sometimes"), [" queue create:", "'--overflow'", "reject, drop-oldest"]),
     (("queue", "create", "q", "--on-expiry", "later"), ["'--on-expiry'", "dead-letter", "drop"]),
     (("queue", "create", "q", "extra"), [" queue create:", "unexpected extra argument (extra)"]),
-    (("queue", "list", "--timeout", "0"), ["'--timeout'", "a number above 0"]),
+    (("queue", "list", "--timeout", "0"), ["'--timeout'", "a number, above 0 and at most 86400"]),
     (("subscribe", "t", ">", "q", "--start", "yesterday"), ["'--start'", "yesterday"]),
     (("subscribe", "t", ">", "q", "--filter", "region"), ["'--filter'"]),
     (("queue", "list", "--url", "http://127.0.0.1:6160"), ["'--url'"]),

@@ -187,9 +187,12 @@ def _allowed(param: click.Parameter | None) -> str | None:
         return "one of " + ", ".join(str(choice) for choice in kind.choices)
     if isinstance(kind, click.IntRange | click.FloatRange):
         number = "an integer" if isinstance(kind, click.IntRange) else "a number"
-        low = None if kind.min is None else f"{'above' if kind.min_open else 'from'} {kind.min:g}"
-        high = None if kind.max is None else f"{'below' if kind.max_open else 'to'} {kind.max:g}"
-        return " ".join(part for part in (number, low, high) if part)
+        low, high = kind.min, kind.max
+        if low is not None and high is not None and not kind.min_open and not kind.max_open:
+            return f"{number} from {low:g} to {high:g}"
+        bounds = [f"{'above' if kind.min_open else 'at least'} {low:g}" if low is not None else "",
+                  f"{'below' if kind.max_open else 'at most'} {high:g}" if high is not None else ""]  # fmt: skip
+        return f"{number}, {' and '.join(bound for bound in bounds if bound)}"
     return None
 
 
