@@ -52,14 +52,18 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    """One PostgreSQL server in a temporary directory, listening on 127.0.0.1:`port`, trust auth for `postgres`."""
+    """One PostgreSQL server in a temporary directory, listening on 127.0.0.1:`port`, for the user `postgres`:
+    trusted, or with `password` required over TCP (SCRAM)."""
 
-    def __init__(self, *, durable: bool = False, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, durable: bool = False, settings: dict[str, str] | None = None, password: str | None = None
+    ) -> None:
         binaries = bin_dir()
         if binaries is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql); or set CHUTE_TEST_POSTGRES")
         self.bin = binaries
         self.durable = durable
+        self.password = password
         self.settings = dict(settings or {})
         self.directory = tempfile.mkdtemp(prefix="chute-pg-")
         self.data = f"{self.directory}/data"
@@ -75,7 +79,8 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        user = "postgres" if self.password is None else f"postgres:{self.password}"
+        return f"postgresql://{user}@127.0.0.1:{self.port}/postgres"
 
     def _command(self, *args: str) -> list[str]:
         """`args` run as the server's user (through setpriv when we are root), dying with this process."""
@@ -87,8 +92,15 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         """initdb (once) and start the server; returns when it accepts connections."""
         if not Path(self.data).exists():
+            auth = ["--auth=trust"]
+            if self.password is not None:
+                pwfile = Path(self.directory, "pwfile")
+                pwfile.write_text(self.password + "\n")
+                if self.user is not None:
+                    os.chown(pwfile, self.user.pw_uid, self.user.pw_gid)
+                auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
             subprocess.run(
-                self._command(f"{self.bin}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust",
+                self._command(f"{self.bin}/initdb", "-D", self.data, "-U", "postgres", *auth,
                               "--no-sync", "-E", "UTF8", "--locale=C"),
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.directory,
             )  # fmt: skip

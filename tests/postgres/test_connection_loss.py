@@ -11,7 +11,7 @@ import pytest
 from chute.errors import StorageFailed, StorageReadOnly
 from chute.storage.postgres import PostgresStore
 from tests.postgres.helpers import connected, wait_for_lock_waiters
-from tests.postgres.server import PostgresServer, available, unique_name
+from tests.postgres.server import PostgresServer, bin_dir, unique_name
 
 
 async def _hold_next_ref(connection, store: PostgresStore):
@@ -65,7 +65,7 @@ async def test_an_idle_connection_killed_fails_the_next_group_and_loses_nothing_
     async with connected(postgres_url) as side:
         await side.fetchval("SELECT pg_terminate_backend($1)", (await store.backend_pids())[0])
     _, token = store.append([(1, b"three")])
-    with pytest.raises(StorageFailed):
+    with pytest.raises(StorageFailed, match=r"connection to PostgreSQL at 127\.0\.0\.1:\d+/postgres lost"):
         await token
     assert store.read_only
     await store.close()
@@ -92,10 +92,10 @@ async def test_reads_survive_a_killed_reader_connection(postgres_url):
 
 @pytest.fixture(scope="module")
 def private_server():
-    """A PostgreSQL of this module's own, which the tests stop and start."""
-    if not available():
+    """A PostgreSQL of this module's own, which the tests stop and start; it asks for a password over TCP."""
+    if bin_dir() is None:
         pytest.skip("PostgreSQL is not installed")
-    server = PostgresServer().start()
+    server = PostgresServer(password="s3cret-pw").start()
     yield server
     server.destroy()
 
@@ -130,3 +130,10 @@ async def test_opening_while_postgres_is_down_is_one_clear_error(private_server)
             store.append([(1, b"x")])
     finally:
         private_server.start()
+
+
+async def test_a_wrong_password_is_one_clear_error_that_does_not_repeat_it(private_server):
+    wrong = private_server.url.replace("s3cret-pw", "hunter2")
+    with pytest.raises(StorageFailed, match="password authentication failed") as failure:
+        await PostgresStore(wrong, stream="a").open()
+    assert "hunter2" not in str(failure.value) and "s3cret" not in str(failure.value)

@@ -304,7 +304,7 @@ class Database:
         """The payloads of `refs` that exist. The reader connection is opened again once if it broke."""
         try:
             rows = await (await self._side("reader")).fetch(READ, self.stream_id, refs)
-        except (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InterfaceError, OSError):
+        except Exception:  # a broken connection shows in many ways (a server-side kill: often a protocol state)
             with contextlib.suppress(Exception):
                 self.reader.terminate()
             self.reader = await self._connect()

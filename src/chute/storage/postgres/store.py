@@ -427,8 +427,9 @@ def _connection_lost(exc: BaseException) -> bool:
         OSError,
         TimeoutError,
         Stopped,
+        asyncpg.exceptions.InternalClientError,  # the state a connection killed by the server can leave
     )
-    return isinstance(exc, lost)  # fmt: skip
+    return isinstance(exc, lost)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
