@@ -271,3 +271,14 @@ def test_work_queue_fair_dispatch_with_prefetch_one(server, name):
     finally:
         for connection in connections:
             connection.close()
+
+
+def test_redeclaring_with_other_flags_or_arguments_is_406(connection, name):
+    channel = connection.channel()
+    channel.queue_declare(name, durable=True, arguments={"x-max-priority": 5})
+    channel.queue_declare(name, durable=True, arguments={"x-max-priority": 5})  # the same: fine
+    for flags, arguments, what in ((False, {"x-max-priority": 5}, "durable"), (True, {}, "x-max-priority"),
+                                   (True, {"x-max-priority": 6}, "x-max-priority")):  # fmt: skip
+        with pytest.raises(ChannelClosedByBroker) as caught:
+            connection.channel().queue_declare(name, durable=flags, arguments=arguments)
+        assert caught.value.reply_code == 406 and f"inequivalent arg '{what}'" in caught.value.reply_text

@@ -152,3 +152,26 @@ def test_single_active_consumer(server, name):
     finally:
         for connection in connections:
             connection.close()
+
+
+@chute_only
+def test_restart_deletes_leftover_exclusive_queues_and_keeps_flags(tmp_path):
+    from chute.testing import running_server
+
+    with running_server(str(tmp_path)) as server:
+        connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+        channel = connection.channel()
+        exclusive = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_declare("kept", durable=True, arguments={"x-max-priority": 3})
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker):  # 320 at the stop: pika closes its sockets
+        connection.process_data_events(time_limit=5)
+    with running_server(str(tmp_path)) as server:  # the exclusive queue's connection belonged to the last run
+        channel = pika.BlockingConnection(pika.URLParameters(server.amqp_url)).channel()
+        with pytest.raises(ChannelClosedByBroker) as caught:
+            channel.queue_declare(exclusive, passive=True)
+        assert caught.value.reply_code == 404
+        channel = channel.connection.channel()
+        with pytest.raises(ChannelClosedByBroker) as caught:  # its declared arguments were kept
+            channel.queue_declare("kept", durable=True)
+        assert caught.value.reply_code == 406
+        channel.connection.close()

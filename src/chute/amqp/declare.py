@@ -156,26 +156,43 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
             name = ex.chute_queue(name)
         check(session.principal, "manage", "queue", name)
         _owned_elsewhere(session, name)
-        settings = queue_settings(method.arguments, _dead_letter_queue(session, method.arguments or {}))
-        try:
-            await broker.create_queue(name, settings)
-        except QueueExists:
-            raise AmqpError(PRECONDITION_FAILED, f"inequivalent arg for queue '{name}' in vhost {VHOST}: its "
-                            "arguments differ from the existing queue's settings") from None  # fmt: skip
-        if method.exclusive:
-            front.exclusive[name] = session
-        if method.auto_delete:
-            front.auto_delete.add(name)
-        if (method.arguments or {}).get("x-single-active-consumer"):
-            front.single_active.setdefault(name, [])
-        expires = (method.arguments or {}).get("x-expires")
-        if expires is not None:
-            front.set_expires(name, int(expires) / 1000.0)
+        await _declare(session, name, method)
     front.used(name)
     channel.last_queue = name
     stats = broker.queue_stats(name)
     return commands.Queue.DeclareOk(queue=ex.amqp_queue(name), message_count=stats.ready,
                                     consumer_count=front.consumers[name])  # fmt: skip
+
+
+async def _declare(session: AmqpSession, name: str, method) -> None:
+    """Create the queue, or check that this declaration is equivalent to the one that created it (406 if not,
+    naming the first argument that differs, as RabbitMQ does)."""
+    broker, front = session.broker, session.front
+    arguments = method.arguments or {}
+    declared = {"durable": bool(method.durable), "auto_delete": bool(method.auto_delete),
+                "exclusive": bool(method.exclusive), "arguments": plain(arguments)}  # fmt: skip
+    current = front.book.queues.get(name)
+    if current is not None and name in broker.core.queues:
+        for key in ("durable", "auto_delete"):
+            if current[key] != declared[key]:
+                raise AmqpError(PRECONDITION_FAILED, f"inequivalent arg '{key}' for queue '{method.queue}' in vhost "
+                                f"{VHOST}: received '{str(declared[key]).lower()}' but current is "
+                                f"'{str(current[key]).lower()}'")  # fmt: skip
+        for key in sorted(set(current["arguments"]) | set(declared["arguments"])):
+            if current["arguments"].get(key) != declared["arguments"].get(key):
+                raise AmqpError(PRECONDITION_FAILED, f"inequivalent arg '{key}' for queue '{method.queue}' in vhost "
+                                f"{VHOST}: received {declared['arguments'].get(key)!r} but current is "
+                                f"{current['arguments'].get(key)!r}")  # fmt: skip
+        return
+    settings = queue_settings(arguments, _dead_letter_queue(session, arguments))
+    try:
+        await broker.create_queue(name, settings)
+    except QueueExists:
+        raise AmqpError(PRECONDITION_FAILED, f"inequivalent arg for queue '{method.queue}' in vhost {VHOST}: its "
+                        "arguments differ from the existing queue's settings") from None  # fmt: skip
+    front.book.queues[name] = declared
+    front.adopt(name, declared, owner=session)
+    await front.save_book()
 
 
 def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:

@@ -22,9 +22,11 @@ Binding keys per exchange type:
   `x-match: any` one subscription per value; each takes a slot of its own, a pattern that matches
   `HEADERS_SUBJECT` (`slot_pattern`), so one queue can have many bindings. Non-string values are refused (540).
 
-`ExchangeBook` keeps what Chute's topics do not: each exchange's type and flags and the list of AMQP bindings (a
-binding may own several subscriptions, and two bindings may share one), in `<data_dir>/amqp-exchanges.json`,
-written atomically. Invariant: a subscription made for AMQP bindings is removed only when no remaining binding
+`ExchangeBook` keeps what Chute's topics and queues do not: each exchange's type and flags, the list of AMQP
+bindings (a binding may own several subscriptions, and two bindings may share one), and each queue's declared
+flags and arguments (for RabbitMQ's equivalence checks, and what Chute's settings do not hold: auto-delete,
+exclusive, x-expires, x-single-active-consumer), in `<data_dir>/amqp-exchanges.json`, written atomically.
+Invariant: a subscription made for AMQP bindings is removed only when no remaining binding
 of that exchange and queue needs it.
 """
 
@@ -185,14 +187,17 @@ class ExchangeBook:
         self.path = Path(data_dir) / "amqp-exchanges.json" if data_dir is not None else None
         self.exchanges: dict[str, dict] = {}  # name -> {"type", "durable", "auto_delete", "internal", "arguments"}
         self.bindings: list[dict] = []  # {"exchange", "queue", "key", "arguments"}
+        self.queues: dict[str, dict] = {}  # Chute queue -> {"durable", "auto_delete", "exclusive", "arguments"}
         if self.path is not None and self.path.exists():
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(self.path.read_text(encoding="utf-8"))
                 self.exchanges = dict(data.get("exchanges", {}))
                 self.bindings = list(data.get("bindings", []))
+                self.queues = dict(data.get("queues", {}))
 
     def dumps(self) -> str:
-        return json.dumps({"exchanges": self.exchanges, "bindings": self.bindings}, sort_keys=True)
+        return json.dumps({"exchanges": self.exchanges, "bindings": self.bindings, "queues": self.queues},
+                          sort_keys=True)  # fmt: skip
 
     def write(self, data: str) -> None:
         """Store `data` (from `dumps`) atomically (blocking: run it in a worker thread)."""

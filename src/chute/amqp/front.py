@@ -64,6 +64,7 @@ class AmqpFront:
 
     async def start(self, host: str, port: int, ssl=None) -> None:
         self._predeclare()
+        await self._restore()
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(lambda: AmqpSession(self), host, port, reuse_address=True,
                                                   backlog=1024, ssl=ssl)  # fmt: skip
@@ -72,6 +73,37 @@ class AmqpFront:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.port = self._listener.sockets[0].getsockname()[1]
         log.info("AMQP 0-9-1 listening on %s://%s:%d", "amqps" if ssl else "amqp", host, self.port)
+
+    def adopt(self, name: str, declared: dict, owner: AmqpSession | None = None) -> None:
+        """Take a queue's declared flags and arguments into effect (at its declaration, or at start-up)."""
+        if declared["exclusive"] and owner is not None:
+            self.exclusive[name] = owner
+        if declared["auto_delete"]:
+            self.auto_delete.add(name)
+        arguments = declared["arguments"]
+        if arguments.get("x-single-active-consumer"):
+            self.single_active.setdefault(name, [])
+        if arguments.get("x-expires") is not None:
+            self.set_expires(name, int(arguments["x-expires"]) / 1000.0)
+
+    async def _restore(self) -> None:
+        """At start-up: queues declared through AMQP get their flags back; exclusive ones, whose connections
+        belonged to an earlier run, are deleted (as RabbitMQ deletes them at a restart)."""
+        changed = False
+        for name, declared in list(self.book.queues.items()):
+            if name not in self.broker.core.queues:
+                del self.book.queues[name]
+                changed = True
+            elif declared["exclusive"]:
+                with contextlib.suppress(ChuteError):
+                    await self.broker.delete_queue(name)
+                del self.book.queues[name]
+                self.book.bindings = [b for b in self.book.bindings if b["queue"] != name]
+                changed = True
+            else:
+                self.adopt(name, declared)
+        if changed:
+            await self.save_book()
 
     def _predeclare(self) -> None:
         """RabbitMQ's predeclared exchanges exist from the start (their topics are made at their first binding,
@@ -210,8 +242,9 @@ class AmqpFront:
         self.auto_delete.discard(name)
         self.expires.pop(name, None)
         self.single_active.pop(name, None)
+        changed = self.book.queues.pop(name, None) is not None
         timer = self._expiry.pop(name, None)
         if timer is not None:
             timer.cancel()
-        if len(self.book.bindings) != before:
+        if changed or len(self.book.bindings) != before:
             await self.save_book()
