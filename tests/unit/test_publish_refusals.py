@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 import msgspec
@@ -260,3 +261,30 @@ def test_refused_publishes_change_nothing_and_drop_oldest_keeps_the_newest(max_l
         stats = queue.counters
         dead_in_dlq = sum(1 for e in core.queues["dlq"].entries() if e.dead is not None)
         assert dead_in_dlq == (stats["dead"] if dlq else 0)
+
+
+def test_drop_oldest_keeps_the_newest_of_publishes_made_durable_together():
+    """Publishes waiting for the same group commit are each planned without the others; when they are placed,
+    the oldest go, not the newest (a burst of single publishes into a small queue)."""
+    core = BrokerCore(MemoryStore())
+    now = 1_800_000_000.0
+    core.create_queue("dlq", QueueSettings())
+    queue, _ = core.create_queue("q", QueueSettings(max_length=2, overflow="drop-oldest", dead_letter_queue="dlq"))
+    plans = [core.prepare_publish("q", [Publish(body=b"m%d" % i)], now) for i in range(4)]  # none durable yet
+    for plan in plans:
+        core.commit_publish(plan, now)
+    ids = [plan.ids[0] for plan in plans]
+    assert [e.id for e in queue.entries()] == ids[2:]
+    assert [e.id for e in core.queues["dlq"].entries()] == ids[:2]
+    assert queue.counters["dead"] == 2
+
+
+async def test_concurrent_publishes_into_a_full_drop_oldest_queue_survive_a_restart(broker, reopen):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", max_length=2, overflow="drop-oldest", dead_letter_queue="dlq")
+    ids = await asyncio.gather(*(broker.publish("q", b"m%d" % i) for i in range(5)))
+    kept = [d.message.id for d in await broker.peek("q")]
+    assert kept == sorted(ids)[-2:]
+    broker = await reopen(broker)  # the MOVE records written as they were placed replay the same
+    assert [d.message.id for d in await broker.peek("q")] == kept
+    assert sorted(d.message.id for d in await broker.peek("dlq")) == sorted(ids)[:3]

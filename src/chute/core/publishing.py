@@ -14,7 +14,8 @@ Invariants:
 - `drop-oldest` never refuses for length or size: it drops the queue's oldest ready messages, then the batch's
   own oldest (and any larger than max_bytes by itself), until the rest fits; dropped batch messages are still
   written once and moved to the dead-letter queue by a MOVE record in the same append (or not written at all
-  without one), so replay rebuilds the same queues.
+  without one), so replay rebuilds the same queues. Publishes still being made durable are left out of that
+  reckoning (they are older): when one is placed, the queue's oldest ready messages go if it is over its limits.
 - a message routed to a queue takes the queue's default delay and TTL unless it has its own; where that makes
   its times in a queue differ from its own, the record lists them (`queue_times`), so replay needs no settings.
 """
@@ -308,6 +309,9 @@ class PublishOps(BrokerState):
             else:  # published to `source`, dead-lettered at once for overflow
                 plan.dropped.append((source, len(entries)))
             self.place_batch(queue, entries, now)
+            if queue.settings.overflow == "drop-oldest" and source is None:
+                # publishes made durable together can overfill it (each was planned without the others)
+                self.dead_letter(queue, queue.overflow([])[0], "overflow", now)
         for queue, count in plan.dropped:
             queue.counters["published"] += count
             queue.counters["dead"] += count

@@ -313,11 +313,13 @@ class Queue:
     def overflow(self, sizes: list[int]) -> tuple[list[Entry], list[int]]:
         """drop-oldest, for new messages of `sizes` (oldest first): the ready entries to drop (oldest first) and
         the positions in `sizes` of the new messages to drop (any larger than max_bytes by itself, then the
-        oldest) so that the rest fits under max_length and max_bytes. Changes nothing."""
+        oldest) so that the rest fits under max_length and max_bytes. Changes nothing. Publishes still being made
+        durable (`pending`) are not counted: they are older than these, so they are trimmed when they are placed
+        (`overflow([])` then names what is over the limits)."""
         s = self.settings
         max_length = s.max_length if s.max_length is not None else float("inf")
         max_bytes = s.max_bytes if s.max_bytes is not None else float("inf")
-        length, used = self.length + self.pending, self.bytes + self.pending_bytes
+        length, used = self.length, self.bytes
         dropped = [i for i, size in enumerate(sizes) if size > max_bytes]
         kept = [i for i, size in enumerate(sizes) if size <= max_bytes]
         count, total = len(kept), sum(sizes[i] for i in kept)
