@@ -10,6 +10,8 @@ import pika
 import pytest
 from pika.exceptions import ChannelClosedByBroker
 
+from tests.amqp.conftest import chute_only
+
 
 def drain(channel, queue: str) -> list[bytes]:
     bodies = []
@@ -225,3 +227,29 @@ def test_unsupported_queue_argument_is_406(channel, name):
     with pytest.raises(ChannelClosedByBroker) as caught:
         channel.queue_declare(name, arguments={"x-queue-type": "stream"})
     assert caught.value.reply_code == 406
+
+
+@chute_only
+def test_chutes_own_features_through_headers_and_arguments(channel, name):
+    channel.queue_declare(name, arguments={"x-chute-fifo": True, "x-chute-dedup-window": 60_000})
+    channel.confirm_delivery()
+
+    def publish(body: bytes, **headers) -> None:
+        channel.basic_publish("", name, body, pika.BasicProperties(headers=headers))
+
+    publish(b"a1", **{"x-group-id": "a"})
+    publish(b"a2", **{"x-group-id": "a"})
+    publish(b"b1", **{"x-group-id": "b"})
+    publish(b"once", **{"x-deduplication-header": "k1"})
+    publish(b"twice", **{"x-deduplication-header": "k1"})  # a repeat: confirmed, not stored
+    publish(b"later", **{"x-delay": 300})
+    first = [channel.basic_get(name) for _ in range(4)]
+    assert [body for _, _, body in first] == [b"a1", b"b1", b"once", None]  # a2 waits for a1; "later" is delayed
+    channel.basic_ack(first[0][0].delivery_tag)
+    [(_, _, a2)] = wait_for(channel, name, 1)
+    assert a2 == b"a2"
+    [(_, _, later)] = wait_for(channel, name, 1)
+    assert later == b"later"
+    channel.basic_recover(requeue=True)
+    assert sorted(body for _, _, body in wait_for(channel, name, 2)) == [b"b1", b"once"]
+    assert drain(channel, name) == []

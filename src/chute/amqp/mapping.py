@@ -32,7 +32,7 @@ from pamqp import commands, decode, encode
 
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
 from chute.amqp.exchanges import amqp_queue, routing_key
-from chute.model import MAX_PRIORITY, Delivery, Publish, QueueSettings
+from chute.model import MAX_DELAY_S, MAX_PRIORITY, Delivery, Publish, QueueSettings
 
 Properties = commands.Basic.Properties
 PREFIX = "amqp-"
@@ -72,7 +72,33 @@ def to_publish(properties, body: bytes, routing_subject: str | None = None) -> P
             ttl_s = _expiration_s(properties.expiration)
         if properties.headers:
             _pack_table(properties.headers, headers)
+            options = _chute_options(properties.headers)
+            if options:
+                return Publish(body=body, headers=headers or None, priority=priority, ttl_s=ttl_s,
+                               subject=routing_subject, **options)  # fmt: skip
     return Publish(body=body, headers=headers or None, priority=priority, ttl_s=ttl_s, subject=routing_subject)
+
+
+# Chute's per-message features through AMQP headers (each stays in the header table as well).
+DELAY_HEADER = "x-delay"  # milliseconds, as RabbitMQ's delayed-message plugin names it
+DEDUP_HEADER = "x-deduplication-header"  # as RabbitMQ's message-deduplication plugin names it
+GROUP_HEADER = "x-group-id"  # a FIFO group key (queues declared with x-chute-fifo)
+
+
+def _chute_options(table: dict) -> dict:
+    options = {}
+    delay = table.get(DELAY_HEADER)
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, int | Decimal) or not 0 <= delay <= MAX_DELAY_S * 1000:
+            raise AmqpError(PRECONDITION_FAILED, f"{DELAY_HEADER} must be 0 to {int(MAX_DELAY_S * 1000)} ms")
+        options["delay_s"] = int(delay) / 1000.0
+    for header, key in ((DEDUP_HEADER, "dedup_id"), (GROUP_HEADER, "group")):
+        value = table.get(header)
+        if value is not None:
+            if not isinstance(value, str) or not 1 <= len(value) <= 128:
+                raise AmqpError(PRECONDITION_FAILED, f"{header} must be a string of 1 to 128 characters")
+            options[key] = value
+    return options
 
 
 def _expiration_s(text: str) -> float:
@@ -173,7 +199,8 @@ OVERFLOWS = {"drop-head": "drop-oldest", "reject-publish": "reject", "reject-pub
 ACCEPTED_ARGUMENTS = {"x-message-ttl", "x-dead-letter-exchange", "x-dead-letter-routing-key", "x-max-length",
                       "x-max-length-bytes", "x-overflow", "x-max-priority", "x-queue-type", "x-delivery-limit",
                       "x-queue-mode", "x-queue-master-locator", "x-queue-version", "x-expires",
-                      "x-single-active-consumer"}  # fmt: skip
+                      "x-single-active-consumer", "x-chute-fifo", "x-chute-rate-limit", "x-chute-delay",
+                      "x-chute-dedup-window"}  # fmt: skip
 
 
 def queue_settings(arguments: dict | None, dead_letter_queue: str | None) -> QueueSettings:
@@ -213,9 +240,28 @@ def queue_settings(arguments: dict | None, dead_letter_queue: str | None) -> Que
     expires = args.get("x-expires")
     if expires is not None and _non_negative("x-expires", expires) < 1:
         raise AmqpError(PRECONDITION_FAILED, "invalid arg 'x-expires' for queue: must be at least 1 (ms)")
+    _chute_settings(args, values)
     if dead_letter_queue is not None:
         values["dead_letter_queue"] = dead_letter_queue
     return QueueSettings(lease_s=QueueSettings().lease_s, **values)
+
+
+def _chute_settings(args: dict, values: dict) -> None:
+    """Chute's own queue features: x-chute-fifo (FIFO groups), x-chute-rate-limit (deliveries per second),
+    x-chute-delay and x-chute-dedup-window (milliseconds). Ranges are checked with the settings (406)."""
+    fifo = args.get("x-chute-fifo")
+    if fifo is not None:
+        if not isinstance(fifo, bool):
+            raise AmqpError(PRECONDITION_FAILED, "invalid arg 'x-chute-fifo' for queue: a boolean")
+        values["fifo"] = fifo
+    rate = args.get("x-chute-rate-limit")
+    if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, int | float | Decimal):
+            raise AmqpError(PRECONDITION_FAILED, "invalid arg 'x-chute-rate-limit' for queue: a number")
+        values["rate_limit"] = float(rate)
+    for name, key in (("x-chute-delay", "delay_s"), ("x-chute-dedup-window", "dedup_window_s")):
+        if name in args:
+            values[key] = _non_negative(name, args[name]) / 1000.0
 
 
 def _non_negative(name: str, value) -> int:
