@@ -17,7 +17,6 @@ import chute
 from chute.testing import running_server
 
 pytestmark = pytest.mark.timeout(120)
-TAIL = "from chute.cli.messages import tail; tail(prog_name='chute tail')"
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_subscribe_ephemeral_prints_live_messages_until_ctrl_c(server, client, t
 
 
 def test_tail_with_a_filter_json_and_a_count(server, client, topic):
-    process = start(server, sys.executable, "-c", TAIL, topic, "--filter", "kind=new", "--json", "-n", "2")
+    process = start(server, sys.executable, "-m", "chute", "tail", topic, "--filter", "kind=new", "--json", "-n", "2")
     client.publish(topic, b"old", headers={"kind": "old"})
     client.publish(topic, b"first", headers={"kind": "new"})
     client.publish(topic, b"second", headers={"kind": "new"})
@@ -82,7 +81,7 @@ def test_tail_with_a_filter_json_and_a_count(server, client, topic):
 
 
 def test_a_killed_tail_leaves_nothing(server, client, topic):
-    process = start(server, sys.executable, "-c", TAIL, topic)
+    process = start(server, sys.executable, "-m", "chute", "tail", topic)
     assert len(ephemeral_subscriptions(client, topic)) == 1
     process.kill()
     process.communicate(timeout=60)
@@ -106,7 +105,7 @@ def test_usage_errors(server, topic):
 
 
 def test_an_unknown_topic_is_one_line(server):
-    result = subprocess.run([sys.executable, "-c", TAIL, "no-such-topic"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "chute", "tail", "no-such-topic"], capture_output=True, text=True,
                             env={**os.environ, "CHUTE_URL": server.url}, timeout=60)  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.splitlines() == ["error: topic 'no-such-topic' does not exist (topic_not_found)"]

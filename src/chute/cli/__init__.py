@@ -12,7 +12,7 @@ import click
 from chute.cli.admin import queue, subscribe, topic, unsubscribe
 from chute.cli.bench import bench
 from chute.cli.common import ChuteGroup
-from chute.cli.messages import consume, publish
+from chute.cli.messages import consume, publish, tail
 from chute.cli.serve import serve
 from chute.cli.users import user
 
@@ -27,6 +27,7 @@ main.add_command(serve)
 main.add_command(bench)
 main.add_command(publish)
 main.add_command(consume)
+main.add_command(tail)
 main.add_command(queue)
 main.add_command(topic)
 main.add_command(subscribe)
