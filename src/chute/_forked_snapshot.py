@@ -74,9 +74,22 @@ async def snapshot(core: BrokerCore, store: Store) -> bytes | None:
         tail.extend((ref, kind, payload) for ref, (kind, payload) in zip(refs, records, strict=True))
         return refs, token
 
+    original_lazy = store.append_lazy
+
+    def append_lazy(records):
+        nonlocal noted
+        if not isinstance(records, list | tuple):
+            records = list(records)
+        refs = original_lazy(records)
+        noted += 1
+        tail.extend((ref, kind, payload) for ref, (kind, payload) in zip(refs, records, strict=True))
+        return refs
+
     appends_before = store.stats().appends
     read_fd, write_fd = os.pipe()
     store.append = append  # the tail: every record appended while the child works
+    if type(store).append_lazy is not Store.append_lazy:  # (the default goes through `append` already)
+        store.append_lazy = append_lazy
     collecting = gc.isenabled()
     gc.disable()  # while pages are shared, a collection here would write to (so copy) every object's page
     try:
@@ -100,6 +113,8 @@ async def snapshot(core: BrokerCore, store: Store) -> bytes | None:
             gc.enable()
         if vars(store).get("append") is append:
             del store.append
+        if vars(store).get("append_lazy") is append_lazy:
+            del store.append_lazy
         if write_fd >= 0:
             os.close(write_fd)
     if image is None or store.stats().appends - appends_before != noted:

@@ -182,3 +182,29 @@ async def test_appends_of_one_group_share_a_frame_up_to_the_merge_limit(tmp_path
         assert got == payloads and await store.read(refs[::7]) == payloads[::7]
     finally:
         await store.close()
+
+
+async def test_a_checkpoint_ends_the_open_frame(tmp_path):
+    """A checkpoint's position is a frame boundary: an append made after it was taken (while the group is still
+    gathering) starts a new frame instead of growing the one the position ends. (Found by the SIGKILL campaign:
+    recovery then began inside a frame.)"""
+    import asyncio
+
+    store = FileStore(tmp_path)
+    await store.open()
+    try:
+        _, first = store.append([(1, b"x")])
+        await asyncio.sleep(0)  # the flusher has taken "x" and is writing it: later appends gather
+        store.append([(1, b"a")])
+        checkpoint = asyncio.ensure_future(store.checkpoint(b"snapshot"))
+        await asyncio.sleep(0)  # the checkpoint has taken its position, after "a"
+        _, last = store.append([(1, b"b")])  # after the position: must not extend a's frame
+        await checkpoint
+        await last
+    finally:
+        await store.close()
+    store, got, report = await _reopen(tmp_path)
+    try:
+        assert got == [b"b"] and report.truncated_at is None
+    finally:
+        await store.close()

@@ -129,6 +129,9 @@ class BrokerState:
             outbox = [record for record in outbox if record[0] != rec.DELIVERED]
             if not outbox:
                 return None
+        if all(record[0] == rec.DELIVERED for record in outbox):  # nobody waits: they go with the next commit
+            self.store.append_lazy(outbox)
+            return None
         return self.store.append(outbox)[1]
 
     # -- placing and removing entries -------------------------------------------------------------------------

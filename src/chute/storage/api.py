@@ -131,6 +131,12 @@ class Store(abc.ABC):
     def append(self, records: Sequence[Record]) -> tuple[list[int], Durable]:
         """Append records in order; return their refs and a token that resolves once they are durable."""
 
+    def append_lazy(self, records: Sequence[Record]) -> list[int]:
+        """Append records nobody waits for (delivery counts): a store may hold them back to go with the next
+        group commit, for a short while (FileStore: LAZY_FLUSH_S). A crash may lose the last of them; their
+        order with every other record is kept. Returns their refs. By default the same as `append`."""
+        return self.append(records)[0]
+
     @abc.abstractmethod
     async def read(self, refs: Sequence[int]) -> list[bytes]:
         """Return the payloads of the records at `refs` (each must be a live ref), in the same order."""

@@ -67,6 +67,7 @@ CACHE_ITEM_BYTES = 120  # what a cached frame costs beyond its records (dict slo
 CACHE_TRIM = 0.75  # a full cache drops its oldest frames down to this share of its limit, in one go
 READ_TAIL_BYTES = 4096  # guess of the last record's length in a span; a longer record costs one more pread
 MASK = 0xFFFFFFFF
+LAZY_FLUSH_S = 0.1  # records appended lazily (delivery counts) wait at most this long for a group commit
 FRAME_MERGE_BYTES = 64 * 2**10  # appends of one group share a frame up to this size (a read checks a whole frame)
 
 
@@ -104,6 +105,7 @@ class FileStore(Store):
         self._open_frame: list | None = None  # [buffer, header offset, file pos, crc, length] of the frame appends
         # may still extend: the last one in the pending bytes, not yet handed to the writer
         self._group: asyncio.Future | None = None
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._flusher: asyncio.Task | None = None
         self._cache: dict[int, bytes] = {}  # a frame's ref -> its records (format 2), in append order
         self._cache_starts: list[int] = []  # the cached frames' refs, ascending (= insertion order)
@@ -189,6 +191,23 @@ class FileStore(Store):
     # -- append and group commit ------------------------------------------------------------------------------
 
     def append(self, records: Sequence[Record]) -> tuple[list[int], asyncio.Future]:
+        refs = self._frame_records(records)
+        return refs, self._token()
+
+    def append_lazy(self, records: Sequence[Record]) -> list[int]:
+        """Records nobody waits for go with the next group commit, or LAZY_FLUSH_S from now: a quiet broker
+        does not write and fsync once more for each delivery's count."""
+        refs = self._frame_records(records)
+        if self._flusher is None and self._lazy_timer is None:
+            self._lazy_timer = asyncio.get_running_loop().call_later(LAZY_FLUSH_S, self._lazy_flush)
+        return refs
+
+    def _lazy_flush(self) -> None:
+        self._lazy_timer = None
+        if self._pending and self._flusher is None and self._failure is None and not self._closed:
+            self._token()
+
+    def _frame_records(self, records: Sequence[Record]) -> list[int]:
         if self._failure is not None or self._closed:
             raise StorageReadOnly(f"the log is read-only after an earlier failure: {self._failure}")
         refs: list[int] = []
@@ -211,7 +230,7 @@ class FileStore(Store):
         self._stats.appends += 1
         if self._cache_bytes > self.cache_max_bytes:
             self._trim_cache()
-        return refs, self._token()
+        return refs
 
     def _append_frame(self, records: Sequence[Record], first: int, last: int, size: int, refs: list[int]) -> None:
         """Frame records[first:last] (`size` bytes with their headers) into the active segment's pending bytes:
@@ -537,6 +556,7 @@ class FileStore(Store):
         if self._failure is not None:
             raise StorageReadOnly(f"the log is read-only after an earlier failure: {self._failure}")
         position = (self._active, self._active_size)
+        self._open_frame = None  # the position is a frame boundary: a later append must not grow the frame before it
         if self._pending and self._flusher is None:
             self._token()
         await self.flush()
@@ -598,6 +618,8 @@ class FileStore(Store):
             except (OSError, StorageFailed, StorageFull):
                 pass
         self._closed = True
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
         if self._locked:
             self.fs.unlock(f"{self.directory}/{LOCK}")
             self._locked = False
