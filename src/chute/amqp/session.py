@@ -52,6 +52,7 @@ from chute.amqp.handshake import authenticate, credential
 from chute.errors import ChuteError
 from chute.protocol.sizes import body_budget
 from chute.server.auth import ANONYMOUS, Principal
+from chute.server.session import sweeper_of  # the server's one heartbeat sweeper, shared with native sessions
 
 if TYPE_CHECKING:
     from chute.amqp.front import AmqpFront
@@ -110,8 +111,6 @@ class AmqpSession(asyncio.Protocol):
             self.closed = True
             transport.abort()
             return
-        from chute.server.session import sweeper_of
-
         self._sweeper = sweeper_of(self.server, self._loop)
         self._sweeper.schedule(self, self._last_received + HANDSHAKE_TIMEOUT_S)
 
