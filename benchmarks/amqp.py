@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -84,6 +85,7 @@ class RabbitServer:
         if not os.path.exists(binary):
             raise RuntimeError("rabbitmq-server is not installed (apt-get install -y rabbitmq-server)")
         self.base = tempfile.mkdtemp(prefix="rabbit-bench-")
+        self.epmd_before = set(_pids_of("epmd"))  # RabbitMQ starts Erlang's port mapper if none runs
         self.port = free_port()
         dist = free_port()
         env = dict(os.environ, RABBITMQ_NODE_PORT=str(self.port), RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
@@ -107,6 +109,9 @@ class RabbitServer:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, 9)
+        for pid in set(_pids_of("epmd")) - self.epmd_before:  # the port mapper this server started
+            with contextlib.suppress(OSError):
+                os.kill(pid, 15)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -117,6 +122,20 @@ def _cpu_of(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
+
+
+def _pids_of(program: str) -> list[int]:
+    """Processes running `program` (by /proc/PID/comm)."""
+    found = []
+    for each in os.listdir("/proc"):
+        if each.isdigit():
+            try:
+                with open(f"/proc/{each}/comm") as file:
+                    if file.read().strip() == program:
+                        found.append(int(each))
+            except OSError:
+                continue
+    return found
 
 
 def _descendants(pid: int) -> list[int]:
