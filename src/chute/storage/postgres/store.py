@@ -128,6 +128,8 @@ class PostgresStore(Store):
         except BaseException as exc:
             self._closed = True
             await asyncio.to_thread(self._db.stop)
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # our caller's own cancellation (the database side's shows as Stopped)
             raise self._open_error(exc) from None
         self.epoch, self.previous_owner = opened.epoch, opened.previous_owner
         checkpoint = opened.checkpoint
