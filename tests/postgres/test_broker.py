@@ -93,3 +93,27 @@ def test_chute_serve_with_an_unreachable_or_wrong_store_is_one_clear_error(tmp_p
     assert "hunter2" not in result.stderr
     result = run("--data-dir", str(tmp_path / "d"), "--port", "0", "--store", "mysql://h/db")
     assert_one_line_error(result, code=1, says="store must be a postgresql:// URL")
+
+
+async def test_a_broker_whose_stream_was_taken_over_refuses_writes_and_reports_unhealthy(postgres_url):
+    """Two brokers started with one node name: the second takes the stream; the first, still running (a node
+    that was cut off and came back), can never write to it again, and says so."""
+    from chute.errors import StorageFailed, StorageReadOnly
+
+    stream = unique_name("node")
+    old = await _broker(postgres_url, stream).start()
+    await old.create_queue("q")
+    await old.publish("q", b"confirmed by the old owner")
+    new = await _broker(postgres_url, stream).start()
+    assert [d.body for d in await new.peek("q", 10)] == [b"confirmed by the old owner"]
+    with pytest.raises(StorageFailed, match="fenced: stream .* was taken over"):
+        await old.publish("q", b"written after the takeover")
+    assert not old.healthy and new.healthy
+    with pytest.raises(StorageReadOnly):
+        await old.publish("q", b"again")
+    await new.publish("q", b"the new owner's")
+    await old.close()
+    await new.close()
+    again = await _broker(postgres_url, stream).start()
+    assert [d.body for d in await again.peek("q", 10)] == [b"confirmed by the old owner", b"the new owner's"]
+    await again.close()
