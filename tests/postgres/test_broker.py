@@ -23,6 +23,7 @@ def _broker(url: str, stream: str, **options) -> Broker:
 async def test_a_broker_gets_its_messages_back_after_restarts_checkpoints_and_a_crash(postgres_url):
     stream = unique_name("broker")
     broker = await _broker(postgres_url, stream).start()
+    assert not broker.recovery.clean_shutdown  # a first start, as the file store says it
     await broker.create_queue("orders", lease_s=30)
     await broker.create_topic("events")
     await broker.create_queue("audit")
@@ -35,6 +36,7 @@ async def test_a_broker_gets_its_messages_back_after_restarts_checkpoints_and_a_
     await broker.close()
 
     broker = await _broker(postgres_url, stream).start()  # a clean restart (the close stored a checkpoint)
+    assert broker.recovery.clean_shutdown
     assert broker.queue_stats("orders").ready == 200
     await broker.checkpoint()
     more = await broker.publish_batch("orders", [Publish(body=b"late %d" % i) for i in range(50)])

@@ -195,7 +195,7 @@ class Database:
                     self.stream, self.owner,
                 )  # fmt: skip
                 row = await connection.fetchrow(
-                    "SELECT id, epoch, NULL AS owner, true AS clean FROM chute_streams WHERE name = $1 FOR UPDATE",
+                    "SELECT id, epoch, NULL AS owner, false AS clean FROM chute_streams WHERE name = $1 FOR UPDATE",
                     self.stream,
                 )  # fmt: skip
             self.stream_id, self.epoch = row["id"], row["epoch"] + 1
