@@ -31,7 +31,8 @@ def server():
 
         rabbit = RabbitServer()
         try:
-            yield types.SimpleNamespace(amqp_url=rabbit.url.replace("guest:guest@", ""), server=None, url=None)
+            yield types.SimpleNamespace(amqp_url=rabbit.url.replace("guest:guest@", ""), url=None,
+                                        server=types.SimpleNamespace(amqp_port=rabbit.port))  # fmt: skip
         finally:
             rabbit.stop()
         return

@@ -12,12 +12,14 @@ from pika.exceptions import ChannelClosedByBroker, ConnectionClosedByBroker, Pro
 
 from chute.server.users import Grant
 from chute.testing import running_server
+from tests.amqp.conftest import chute_only
 from tests.amqp.raw import Raw
 from tests.auth.conftest import make_user
 
 pytestmark = pytest.mark.timeout(60)
 
 
+@chute_only
 def test_users_and_permissions():
     users = [make_user("alice", "alice-pw", grants=[Grant(allow=["publish", "consume", "manage"], queues="orders.*")])]
     with running_server(users=users) as server:
@@ -66,13 +68,15 @@ def test_wrong_protocol_header_gets_ours_back(server):
 @pytest.mark.parametrize(
     "bad, code",
     [
-        (frame.marshal(commands.Basic.Qos(), 0), 503),  # a channel method on channel 0
+        (frame.marshal(commands.Basic.Qos(), 0), 504),  # a channel method on channel 0
         (frame.marshal(commands.Basic.Qos(), 2), 504),  # a channel that was never opened
         (frame.marshal(commands.Channel.Open(), 1), 504),  # opened twice
-        (frame.marshal(commands.Channel.Open(), 5000), 530),  # above channel_max
+        pytest.param(frame.marshal(commands.Channel.Open(), 5000), 530, marks=chute_only),  # above channel_max
+        # (RabbitMQ 3.10 does not answer this one)
         (b"\x03\x00\x01\x00\x00\x00\x01x\xce", 505),  # a body frame with no publish
         (b"\x01\x00\x01\x00\x00\x00\x04\x00\x3c\x00\x0a\x00", 501),  # no frame-end octet
-        (b"\x01\x00\x01\x00\x00\x00\x04\x00\x99\x00\x01\xce", 501),  # an unknown method
+        pytest.param(b"\x01\x00\x01\x00\x00\x00\x04\x00\x99\x00\x01\xce", 501, marks=chute_only),  # an unknown
+        # method (RabbitMQ 3.10 closes the socket without connection.close)
         (b"\x01\x00\x01\x7f\xff\xff\xff", 501),  # larger than frame_max
     ],
 )
@@ -108,6 +112,7 @@ def test_heartbeats_keep_an_idle_pika_connection_open(server):
         connection.close()
 
 
+@chute_only
 def test_stop_closes_connections_with_320():
     with running_server() as server:
         connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
@@ -119,6 +124,7 @@ def test_stop_closes_connections_with_320():
     assert caught.value.reply_code == 320
 
 
+@chute_only
 def test_amqp_port_off_and_default_taken(tmp_path):
     with running_server(amqp_port=None) as server:
         assert server.amqp_url is None and server.server.amqp is None
@@ -133,6 +139,7 @@ def test_amqp_port_off_and_default_taken(tmp_path):
             assert server.server.amqp is None
 
 
+@chute_only
 def test_amqps_with_the_servers_tls_certificate(tmp_path):
     import ssl
 
@@ -159,6 +166,7 @@ def test_amqps_with_the_servers_tls_certificate(tmp_path):
             connection.close()
 
 
+@chute_only
 def test_a_storage_failure_nacks_the_publish_and_closes_with_541():
     import errno
 
@@ -178,6 +186,7 @@ def test_a_storage_failure_nacks_the_publish_and_closes_with_541():
         assert caught.value.reply_code == 541
 
 
+@chute_only
 def test_a_connection_whose_user_changed_is_closed_with_320(tmp_path):
     from chute.server.users import UsersFile
 

@@ -13,9 +13,9 @@ protocol that does not need the broker:
   missing frame-end octet, an unknown frame type or a payload pamqp cannot decode is a connection exception 501
   FRAME_ERROR; a protocol header other than AMQP 0-9-1's gets the server's own header back and the connection
   closes (`BadProtocolHeader`), as the specification says.
-- channel 0 carries only connection methods; other channels only the other classes (503 COMMAND_INVALID); a
-  channel above channel_max is 530 NOT_ALLOWED; a method on a channel that is not open, or channel.open on one
-  that is, is 504 CHANNEL_ERROR.
+- channel 0 carries only connection methods (504 CHANNEL_ERROR, as RabbitMQ), other channels only the other
+  classes (503 COMMAND_INVALID); a channel above channel_max is 530 NOT_ALLOWED; a method on a channel that is
+  not open, or channel.open on one that is, is 504 CHANNEL_ERROR.
 - content: basic.publish is followed on its channel by one content header and body frames up to its body size;
   anything else on that channel meanwhile is 505 UNEXPECTED_FRAME, and so are content frames with no publish.
   The three are delivered as one `Content` event. A body above `max_message_bytes` is a channel exception (406),
@@ -205,8 +205,8 @@ class AmqpConnection:
             self._handshake(channel, method, events)
             return
         if channel == 0:
-            if class_id != CONNECTION_CLASS:
-                raise connection_error(COMMAND_INVALID, f"{method.name} on channel 0", method)
+            if class_id != CONNECTION_CLASS:  # 504, as RabbitMQ answers it
+                raise connection_error(CHANNEL_ERROR, f"{method.name} on channel 0", method)
             if not isinstance(method, commands.Connection.Close | commands.Connection.CloseOk
                               | commands.Connection.Blocked | commands.Connection.Unblocked):  # fmt: skip
                 raise connection_error(COMMAND_INVALID, f"unexpected {method.name} after the handshake", method)
