@@ -87,6 +87,10 @@ class CpuClock:
         self.pid = pid
         self.wall, self.client, self.server = time.perf_counter(), time.process_time(), proc_cpu_seconds(pid)
 
+    def server_seconds(self) -> float:
+        """The server's CPU seconds since this clock was made."""
+        return proc_cpu_seconds(self.pid) - self.server
+
     def metrics(self) -> dict[str, float]:
         wall = time.perf_counter() - self.wall
         return {"server CPU": (proc_cpu_seconds(self.pid) - self.server) / wall * 100,

@@ -191,6 +191,7 @@ async def latency(server: Server, opts: Opts) -> dict[str, float]:
         draining = asyncio.get_running_loop().create_task(
             consume(consumer, "latency", "c", total, opts, prefetch=1000, ack_batch=50, on_body=received))  # fmt: skip
         await asyncio.sleep(0.05)
+        clock = CpuClock(server.pid)
         futures = []
         sent = 0
         start = time.perf_counter()
@@ -203,10 +204,12 @@ async def latency(server: Server, opts: Opts) -> dict[str, float]:
             await asyncio.sleep(0.001)
         await bounded(asyncio.gather(*futures), opts.timeout_s, "latency publishes")
         await draining
+        cpu = clock.metrics()
+        cpu["server CPU per message"] = clock.server_seconds() / total * 1e6
     finally:
         await producer.close()
         await consumer.close()
-    return latency_metrics(samples)
+    return latency_metrics(samples) | cpu
 
 
 async def fanout(server: Server, opts: Opts) -> dict[str, float]:

@@ -157,6 +157,7 @@ async def latency(server: Server, opts: Opts) -> dict[str, float]:
         draining = asyncio.get_running_loop().create_task(
             consume(consumer, "latency", total, opts, read=1000, ack_batch=50, on_body=received))  # fmt: skip
         await asyncio.sleep(0.05)
+        clock = CpuClock(server.pid)
         pipelines = Acks(64)
         sent = 0
         start = time.perf_counter()
@@ -172,10 +173,12 @@ async def latency(server: Server, opts: Opts) -> dict[str, float]:
             await asyncio.sleep(0.001)
         await bounded(pipelines.wait(), opts.timeout_s, "latency publishes")
         await bounded(draining, opts.timeout_s, "latency consumer")
+        cpu = clock.metrics()
+        cpu["server CPU per message"] = clock.server_seconds() / total * 1e6
     finally:
         await producer.aclose()
         await consumer.aclose()
-    return latency_metrics(samples)
+    return latency_metrics(samples) | cpu
 
 
 async def fanout(server: Server, opts: Opts) -> dict[str, float]:

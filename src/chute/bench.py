@@ -452,6 +452,7 @@ class Bench:
                 await asyncio.sleep(0.05)
                 futures = []
                 sent = 0
+                before = self.cpu()
                 start = time.perf_counter()
                 while sent < total:
                     due = min(total, int((time.perf_counter() - start) * o.rate) + 1)
@@ -461,11 +462,16 @@ class Bench:
                     await asyncio.sleep(0.001)
                 await asyncio.gather(*futures)
                 await draining
+                after = self.cpu()
+                cpu = self.cpu_rows("latency", before)
         finally:
             await delete_queues(self.admin, [name])
         ordered = sorted(samples)
-        return [Row("latency", label, percentile(ordered, p) * 1000, "ms")
+        rows = [Row("latency", label, percentile(ordered, p) * 1000, "ms")
                 for label, p in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))]  # fmt: skip
+        broker_s = after[2] - before[2]  # nan when the broker is not ours
+        per_message = None if math.isnan(broker_s) else broker_s / total * 1e6
+        return rows + cpu + [Row("latency", "broker CPU per message", per_message, "µs")]
 
     async def w_fanout(self) -> list[Row]:
         o = self.options
