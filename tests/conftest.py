@@ -48,13 +48,23 @@ def clock() -> Clock:
     return Clock()
 
 
+STORE_KINDS = os.environ.get("CHUTE_TEST_STORES", "memory,file").split(",")
+"""The stores the `store_kind` tests run over; `CHUTE_TEST_STORES=postgres` runs them over the PostgreSQL store
+(a campaign, not in CI: tests/postgres and the contract and model tests cover that store there)."""
+
+
 def make_store(kind: str, path):
     if kind == "memory":
         return MemoryStore()
+    if kind == "postgres":  # one stream per data path: a test's restarts find their data, other tests' are apart
+        from chute.storage.postgres import PostgresStore
+        from tests.postgres.server import shared_url
+
+        return PostgresStore(shared_url(), stream=f"unit-{abs(hash(str(path))):x}")
     return FileStore(path, fsync_policy="always", segment_max_bytes=1 << 20)
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=STORE_KINDS)
 def store_kind(request) -> str:
     return request.param
 
@@ -69,13 +79,18 @@ async def broker(store_kind, clock, tmp_path):
 
 
 @pytest.fixture
-def reopen(store_kind, clock, tmp_path):
+async def reopen(store_kind, clock, tmp_path):
     """Close a broker and start a new one on the same data (a clean restart)."""
+    opened: list[Broker] = []
 
     async def _reopen(old: Broker) -> Broker:
         await old.close()
         store = old.store if store_kind == "memory" else make_store(store_kind, tmp_path / "data")
         new = Broker(store=store, clock=clock, auto_tick=False)
+        opened.append(new)
         return await new.start()
 
-    return _reopen
+    yield _reopen
+    if store_kind == "postgres":  # its connections are closed, not left to the garbage collector
+        for new in opened:
+            await new.close()
