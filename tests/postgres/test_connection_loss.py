@@ -137,3 +137,21 @@ async def test_a_wrong_password_is_one_clear_error_that_does_not_repeat_it(priva
     with pytest.raises(StorageFailed, match="password authentication failed") as failure:
         await PostgresStore(wrong, stream="a").open()
     assert "hunter2" not in str(failure.value) and "s3cret" not in str(failure.value)
+
+
+async def test_a_group_without_an_answer_in_time_fails_unconfirmed(postgres_url):
+    """A database that stops answering (a machine gone without closing connections) must not hang publishers."""
+    stream = unique_name("loss")
+    store = PostgresStore(postgres_url, stream=stream, statement_timeout_s=0.3)
+    await store.open()
+    _, token = store.append([(1, b"confirmed")])
+    await token
+    async with connected(postgres_url) as side:
+        held = await _hold_next_ref(side, store)
+        _, in_flight = store.append([(1, b"never answered")])
+        with pytest.raises(StorageFailed, match=r"no answer from PostgreSQL .* within 0.3 s .*outcome is unknown"):
+            await in_flight
+        assert store.read_only
+        await held.rollback()
+    await store.close()
+    assert await _recovered_payloads(postgres_url, stream) == [b"confirmed"]  # the statement was cancelled

@@ -118,11 +118,15 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 class Database:
     """The database side of one PostgresStore. Coroutines run on its own loop, through `submit`."""
 
-    def __init__(self, url: str, stream: str, *, synchronous_commit: str | None, connect_timeout_s: float) -> None:
+    def __init__(
+        self, url: str, stream: str, *, synchronous_commit: str | None, connect_timeout_s: float,
+        statement_timeout_s: float,
+    ) -> None:  # fmt: skip
         self.url = url
         self.stream = stream
         self.synchronous_commit = synchronous_commit  # None: the server's own setting
         self.connect_timeout_s = connect_timeout_s
+        self.statement_timeout_s = statement_timeout_s  # a group or a read without an answer by then has failed
         self.owner = f"{socket.gethostname()} pid {os.getpid()}"
         self.stream_id = 0
         self.epoch = 0
@@ -240,7 +244,9 @@ class Database:
         """Commit one group: all of it, checked against our epoch, or nothing (Fenced, or the driver's error)."""
         connection = self.writer
         if size <= STATEMENT_MAX_BYTES:
-            status = await connection.execute(INSERT_GROUP, self.stream_id, self.epoch, refs, kinds, payloads)
+            status = await connection.execute(
+                INSERT_GROUP, self.stream_id, self.epoch, refs, kinds, payloads, timeout=self.statement_timeout_s
+            )
             if _rows(status) != len(refs):
                 raise Fenced(await self._fenced_by(connection))
             return
@@ -252,8 +258,9 @@ class Database:
                     taken += len(payloads[end])
                     end += 1
                 status = await connection.execute(
-                    INSERT_GROUP, self.stream_id, self.epoch, refs[start:end], kinds[start:end], payloads[start:end]
-                )
+                    INSERT_GROUP, self.stream_id, self.epoch, refs[start:end], kinds[start:end], payloads[start:end],
+                    timeout=self.statement_timeout_s,
+                )  # fmt: skip
                 if _rows(status) != end - start:
                     raise Fenced(await self._fenced_by(connection))
                 start = end
@@ -303,12 +310,14 @@ class Database:
     async def read(self, refs: list[int]) -> dict[int, bytes]:
         """The payloads of `refs` that exist. The reader connection is opened again once if it broke."""
         try:
-            rows = await (await self._side("reader")).fetch(READ, self.stream_id, refs)
+            rows = await (await self._side("reader")).fetch(
+                READ, self.stream_id, refs, timeout=self.statement_timeout_s
+            )
         except Exception:  # a broken connection shows in many ways (a server-side kill: often a protocol state)
             with contextlib.suppress(Exception):
                 self.reader.terminate()
             self.reader = await self._connect()
-            rows = await self.reader.fetch(READ, self.stream_id, refs)
+            rows = await self.reader.fetch(READ, self.stream_id, refs, timeout=self.statement_timeout_s)
         return {row[0]: row[1] for row in rows}
 
     # -- end --------------------------------------------------------------------------------------------------

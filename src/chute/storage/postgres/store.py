@@ -55,7 +55,10 @@ class PostgresStore(Store):
     `fsync_policy`: `always` — a group is confirmed when its commit is durable (the server's synchronous_commit,
     raised to `on` if the server has it `off`); `interval` and `never` — sessions use synchronous_commit=off:
     a commit returns before its WAL is flushed, so a PostgreSQL crash (not a Chute crash) may lose the last
-    ~0.6 s of confirmed groups (3 x wal_writer_delay)."""
+    ~0.6 s of confirmed groups (3 x wal_writer_delay).
+
+    `statement_timeout_s`: a group commit or a read without an answer by then has failed (a database machine
+    that vanished without closing its connections must not hang publishers); a group's outcome is then unknown."""
 
     def __init__(
         self,
@@ -66,6 +69,7 @@ class PostgresStore(Store):
         chunk_max_bytes: int = 16 * 2**20,
         cache_max_bytes: int = 8 * 2**20,
         connect_timeout_s: float = 10.0,
+        statement_timeout_s: float = 30.0,
     ) -> None:
         if fsync_policy not in ("always", "interval", "never"):
             raise InvalidArgument(f"fsync_policy must be always, interval or never, got {fsync_policy!r}")
@@ -79,6 +83,7 @@ class PostgresStore(Store):
         self.chunk_max_bytes = max(chunk_max_bytes, ROW_BYTES + 1)
         self.cache_max_bytes = cache_max_bytes
         self.connect_timeout_s = connect_timeout_s
+        self.statement_timeout_s = statement_timeout_s
         self.where = describe(url)  # host:port/database, for messages (never the password)
         self.epoch = 0
         self.previous_owner: str | None = None
@@ -122,7 +127,8 @@ class PostgresStore(Store):
         self._opened = True
         synchronous_commit = None if self.fsync_policy == "always" else "off"
         self._db = Database(self.url, self.stream, synchronous_commit=synchronous_commit,
-                            connect_timeout_s=self.connect_timeout_s)  # fmt: skip
+                            connect_timeout_s=self.connect_timeout_s,
+                            statement_timeout_s=self.statement_timeout_s)  # fmt: skip
         try:
             opened = await self._call(self._db.open())
         except BaseException as exc:
@@ -253,6 +259,12 @@ class PostgresStore(Store):
             error = StorageFailed(f"fenced: {exc}; this store may not write it any more and is read-only")
         elif _is_disk_full(exc):
             error = StorageFull(f"PostgreSQL at {self.where} is out of disk space: {exc}; nothing more is confirmed")
+        elif isinstance(exc, TimeoutError) and records:
+            error = StorageFailed(
+                f"no answer from PostgreSQL at {self.where} within {self.statement_timeout_s:g} s to a group commit "
+                f"of {records} record(s): its outcome is unknown (it may be stored); nothing more is confirmed and "
+                "the store is read-only until the broker restarts"
+            )
         elif _connection_lost(exc):
             what = f"a group commit of {records} record(s)" if records else "a write"
             error = StorageFailed(
