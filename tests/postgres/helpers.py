@@ -18,12 +18,13 @@ async def connected(url: str):
         await connection.close()
 
 
-async def wait_for_lock_waiters(connection, count: int) -> None:
-    """Until `count` backends wait for a lock (polled: PostgreSQL offers nothing to wait on for this)."""
+async def wait_for_lock_waiters(connection, count: int, *, at_most: bool = False) -> None:
+    """Until `count` backends (or, `at_most`, no more than `count`) wait for a lock (polled: PostgreSQL offers
+    nothing to wait on for this)."""
     for _ in range(2000):
         await connection.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees its first look again
         waiting = await connection.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
-        if waiting >= count:
+        if waiting <= count if at_most else waiting >= count:
             return
         await asyncio.sleep(0.01)
     activity = await connection.fetch("SELECT state, wait_event_type, wait_event, query FROM pg_stat_activity")

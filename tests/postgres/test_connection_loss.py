@@ -152,6 +152,9 @@ async def test_a_group_without_an_answer_in_time_fails_unconfirmed(postgres_url)
         with pytest.raises(StorageFailed, match=r"no answer from PostgreSQL .* within 0.3 s .*outcome is unknown"):
             await in_flight
         assert store.read_only
+        # the driver asks the server to cancel the statement; once it is gone the group can never commit (had the
+        # lock been released first, it could have: the outcome really is unknown until then)
+        await wait_for_lock_waiters(side, 0, at_most=True)
         await held.rollback()
     await store.close()
-    assert await _recovered_payloads(postgres_url, stream) == [b"confirmed"]  # the statement was cancelled
+    assert await _recovered_payloads(postgres_url, stream) == [b"confirmed"]
