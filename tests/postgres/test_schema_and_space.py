@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from chute.errors import InvalidArgument, StorageCorrupt, StorageFailed
@@ -166,4 +168,23 @@ async def test_the_fsync_policy_sets_what_a_commit_waits_for(postgres_url, polic
     store = PostgresStore(url, stream="a", fsync_policy=policy)
     await store.open()
     assert await store._call(store._db.writer.fetchval("SHOW synchronous_commit")) == session
+    await store.close()
+
+
+async def test_lazy_records_go_with_the_next_group_or_soon_after(postgres_url):
+    """Delivery counts (appended lazily) cost no commit of their own when a group follows, and are committed
+    within LAZY_FLUSH_S when none does; their order with other records is kept."""
+    stream = unique_name("lazy")
+    store = PostgresStore(postgres_url, stream=stream)
+    await store.open()
+    store.append_lazy([(7, b"count 1")])
+    _, token = store.append([(1, b"message")])
+    await token
+    assert store.stats().fsyncs == 1  # one commit for both
+    store.append_lazy([(7, b"count 2")])
+    for _ in range(500):  # the lazy timer's commit (awaited by polling the store's own counter)
+        if store.stats().fsyncs == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert await stored_payloads(postgres_url, stream) == [b"count 1", b"message", b"count 2"]
     await store.close()

@@ -47,6 +47,7 @@ SPARSE_FRACTION = 0.25  # a chunk with fewer live records than this share is wor
 REPLAY_BATCH = 5000  # records fetched per round trip while recovering
 CACHE_ITEM_BYTES = 120  # what a cached record costs beyond its payload (dict slot, int key, bytes header)
 MAX_STREAM_NAME = 200
+LAZY_FLUSH_S = 0.1  # records appended lazily (delivery counts) wait at most this long for a group commit
 
 
 class PostgresStore(Store):
@@ -96,6 +97,7 @@ class PostgresStore(Store):
         self._pending_bytes = 0
         self._group: asyncio.Future | None = None
         self._flusher: asyncio.Task | None = None
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._committed_ref = 0  # refs below this are committed
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_bytes = 0
@@ -185,6 +187,24 @@ class PostgresStore(Store):
     # -- append and group commit ------------------------------------------------------------------------------
 
     def append(self, records: Sequence[Record]) -> tuple[list[int], asyncio.Future]:
+        refs = self._add(records)
+        return refs, self._token()
+
+    def append_lazy(self, records: Sequence[Record]) -> list[int]:
+        """Records nobody waits for (delivery counts) go with the next group commit, or LAZY_FLUSH_S from now:
+        a quiet broker does not commit once more for each delivery's count."""
+        refs = self._add(records)
+        if self._flusher is None and self._lazy_timer is None:
+            self._lazy_timer = asyncio.get_running_loop().call_later(LAZY_FLUSH_S, self._lazy_flush)
+        return refs
+
+    def _lazy_flush(self) -> None:
+        self._lazy_timer = None
+        if self._pending[0] and self._flusher is None and self._failure is None and not self._closed:
+            self._token()
+
+    def _add(self, records: Sequence[Record]) -> list[int]:
+        """Give `records` their refs, put them in the pending group and the cache; the refs."""
         if self._failure is not None or self._closed or self._db is None:
             raise StorageReadOnly(self._read_only_reason())
         pending_refs, pending_kinds, pending_payloads = self._pending
@@ -217,7 +237,7 @@ class PostgresStore(Store):
             self._cache_bytes += cached
             if self._cache_bytes > self.cache_max_bytes:
                 self._trim_cache()
-        return refs, self._token()
+        return refs
 
     def _token(self) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -385,6 +405,8 @@ class PostgresStore(Store):
                 await self.flush()
                 await self._call(self._db.mark_clean())
         self._closed = True
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
         await asyncio.to_thread(self._db.stop)
 
     def sever(self) -> None:
