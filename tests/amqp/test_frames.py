@@ -16,6 +16,7 @@ from pamqp import commands, frame, header
 
 from chute.amqp.connection import PROTOCOL_HEADER, AmqpConnection, Content, Header, Method
 from chute.amqp.errors import AmqpError
+from tests.amqp.conftest import chute_only
 from tests.amqp.raw import Raw
 
 pytestmark = pytest.mark.timeout(120)
@@ -125,6 +126,7 @@ def sentinel(server):
 @given(bad_frames())
 @settings(max_examples=int(os.environ.get("CHUTE_AMQP_FUZZ", "200")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+@chute_only  # RabbitMQ lets many of these wait for its socket timeouts
 def test_a_live_server_closes_bad_connections_and_changes_nothing(server, sentinel, data):
     raw = Raw(server.server.amqp_port)
     try:
@@ -200,6 +202,7 @@ def _marshal(method) -> bytes | None:
 @given(st.lists(METHODS, min_size=1, max_size=8))
 @settings(max_examples=int(os.environ.get("CHUTE_AMQP_FUZZ", "200")) // 2, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+@chute_only
 def test_random_well_formed_methods_get_an_answer_never_an_internal_error(server, sentinel, methods):
     frames = [f for f in (_marshal(m) for m in methods) if f is not None]
     raw = Raw(server.server.amqp_port)
