@@ -12,3 +12,11 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def abandon(store) -> None:
+    """What the death of its process leaves of a FileStore: nothing of it runs any more (its writer thread is
+    stopped and its timer for lazily appended records cancelled); its files are as the crash left them."""
+    store._executor.shutdown(wait=True)
+    if store._lazy_timer is not None:
+        store._lazy_timer.cancel()

@@ -19,6 +19,7 @@ import pytest
 from chute import Broker, Publish
 from chute.errors import StorageFailed, StorageFull, StorageReadOnly
 from chute.storage import FileStore, MemoryFs
+from tests.processes import abandon
 
 FAULTS = [
     pytest.param("fsync", errno.EIO, StorageFailed, id="fsync-EIO"),
@@ -197,7 +198,7 @@ async def test_power_cut_keeps_confirmed_publishes_and_acks(tmp_path):
     got = await broker.receive("q", 4)
     await broker.ack("q", [d.receipt for d in got])
     fs.crash()  # no close: the process and the machine are gone
-    broker.store._executor.shutdown(wait=True)
+    abandon(broker.store)
     async with Broker(store=FileStore(tmp_path, fs=fs)) as again:
         assert [d.body for d in await again.receive("q", 20)] == [b"%d" % i for i in range(4, 10)]
 
@@ -219,6 +220,6 @@ async def test_shared_dead_letter_queue_survives_a_power_cut(tmp_path):
     assert len(dead) == 2 and dead[0].id == dead[1].id
     await broker.ack("dlq", [dead[0].receipt, dead[1].receipt])
     fs.crash()
-    broker.store._executor.shutdown(wait=True)
+    abandon(broker.store)
     async with Broker(store=FileStore(tmp_path, fs=fs)) as again:
         assert await again.peek("dlq", 10) == []  # both acked copies stay acked

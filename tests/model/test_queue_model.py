@@ -25,6 +25,7 @@ from chute.errors import InvalidReceipt
 from chute.storage import FileStore, MemoryFs, MemoryStore
 from tests.conftest import Clock
 from tests.postgres import server as postgres_server
+from tests.processes import abandon
 
 LEASE_S = 10.0
 DEDUP_WINDOW_S = 300.0
@@ -156,7 +157,7 @@ class QueueMachine(RuleBasedStateMachine):
             self.broker.store.sever()  # the old process is gone: its connections drop, the server rolls back
         else:
             self.fs.crash()
-            self.broker.store._executor.shutdown(wait=True)  # the old process is gone
+            abandon(self.broker.store)  # the old process is gone
         self.broker = self._run(self._start())
         self.held.clear()
 
