@@ -97,6 +97,7 @@ class Broker(ManagementApi, Housekeeping):
         if self._state != "new":
             raise InvalidArgument(f"broker is {self._state}; start() is called once")
         self._state = "recovering"
+        self._loop = asyncio.get_running_loop()
         recovered = await self.store.open()
         self.recovery = recovered.report
         await asyncio.to_thread(self.core.restore, recovered.snapshot, recovered.records, self.clock())
@@ -167,16 +168,24 @@ class Broker(ManagementApi, Housekeeping):
         """Publish messages in order; return their ids once all are durable (a repeated dedup id returns the
         original's id). Raises before storing anything on bad input; StorageFailed/StorageFull if the store
         could not make them durable (none of them is then delivered)."""
+        ids, future = self._publish(dest, messages)
+        if future is not None:
+            await asyncio.shield(future)
+        return ids
+
+    def _publish(self, dest: str, messages: Sequence[Publish]) -> tuple[list[int], asyncio.Future | None]:
+        """The step of `publish_batch` that does not wait: (the ids, the future that is done once they are durable
+        and placed, or None if nothing had to be written). A callback added to the future runs after the
+        messages were placed (or forgotten, if the store failed: the future then holds the store's error)."""
         self._check()
         plan = self._run(self.core.prepare_publish, dest, messages, self.clock())
         self._pending_token = None  # the plan holds it
         if plan.token is None:
             self._settle(plan, None)
-            return plan.ids
+            return plan.ids, None
         future = asyncio.ensure_future(plan.token)
-        future.add_done_callback(lambda done: self._settle(plan, done))
-        await asyncio.shield(future)
-        return plan.ids
+        future.add_done_callback(functools.partial(self._settle, plan))
+        return plan.ids, future
 
     async def publish_many(self, groups: Sequence[tuple[str, Sequence[Publish]]]) -> list[list[int] | ChuteError]:
         """Publish to several destinations at once: for each (dest, messages) group, in order, its ids once
@@ -187,6 +196,7 @@ class Broker(ManagementApi, Housekeeping):
         now = self.clock()
         results: list = []
         waits: dict[int, asyncio.Future] = {}
+        settling: dict[int, list] = {}  # the plans each future settles, in order (one callback, one `_after`)
         prepare = self.core.prepare_publish
         self._pending_token = None
         try:  # as `_run`, with one `_after` for every group
@@ -203,7 +213,9 @@ class Broker(ManagementApi, Housekeeping):
                     future = waits.get(id(plan.token))
                     if future is None:
                         future = waits[id(plan.token)] = asyncio.ensure_future(plan.token)
-                    future.add_done_callback(functools.partial(self._settle, plan))
+                        settling[id(plan.token)] = plans = []
+                        future.add_done_callback(functools.partial(self._settle_all, plans))
+                    settling[id(plan.token)].append(plan)
         finally:
             self._after()
             self._pending_token = None  # the plans hold it
@@ -231,6 +243,18 @@ class Broker(ManagementApi, Housekeeping):
         if self._state == "serving":
             self._after()
 
+    def _settle_all(self, plans: list, done: asyncio.Future) -> None:
+        """`_settle` for the plans of one store future, in order, with one `_after` for them all."""
+        core, now = self.core, self.clock()
+        if not done.cancelled() and done.exception() is None:
+            for plan in plans:
+                core.commit_publish(plan, now)
+        else:
+            for plan in plans:
+                core.abort_publish(plan)
+        if self._state == "serving":
+            self._after()
+
     # -- consume ----------------------------------------------------------------------------------------------
 
     async def receive(
@@ -251,27 +275,43 @@ class Broker(ManagementApi, Housekeeping):
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
         while True:
-            entries = self._run(self.core.receive, queue, max_messages, self.clock(), lease_s, max_bytes)
+            entries = self._lease(queue, max_messages, lease_s, max_bytes)
             if entries:
-                try:
-                    return await self._deliveries(queue, entries)
-                except BaseException:
-                    self.release(queue, [e.receipt for e in entries if e.receipt])  # not handed out: not leased
-                    raise
+                deliveries = self._cached_deliveries(queue, entries)
+                return deliveries if deliveries is not None else await self._read_deliveries(queue, entries)
             remaining = give_up - loop.time()
             if remaining <= 0 or self._draining:
                 return []
-            rate_at = self.core.rate_ready_at(queue, self.clock())
-            if rate_at is not None:
-                remaining = min(remaining, max(0.001, rate_at - self.clock()))
-            await self._wait(queue, remaining)
+            await self._wait_ready(queue, remaining)
+
+    def _lease(self, queue: str, max_messages: int, lease_s: float | None, max_bytes: int | None) -> list[Entry]:
+        """The step of `receive` that does not wait: lease what is ready now (validated by the core)."""
+        if self._state != "serving":
+            raise BrokerClosed(f"broker is {self._state}")
+        self._pending_token = None
+        try:
+            return self.core.receive(queue, max_messages, self.clock(), lease_s, max_bytes)
+        finally:
+            self._after()
+
+    async def _wait_ready(self, queue: str, timeout: float) -> None:
+        """Until `queue` changes, its rate limit lets a message go, or `timeout` passes. BrokerClosed if closing."""
+        self._check()
+        rate_at = self.core.rate_ready_at(queue, self.clock())
+        if rate_at is not None:
+            timeout = min(timeout, max(0.001, rate_at - self.clock()))
+        await self._wait(queue, timeout)
 
     async def _wait(self, queue: str, timeout: float) -> None:
         """Until `queue` changes or `timeout` passes (a plain timer on the future: a thousand consumers wait
         here, and asyncio.timeout costs several times more per wait)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()  # (a getpid() system call: once, not per wait)
         future = loop.create_future()
-        waiters = self._waiters.setdefault(queue, [])
+        waiters = self._waiters.get(queue)
+        if waiters is None:
+            waiters = self._waiters[queue] = []
         waiters.append(future)
         timer = loop.call_later(timeout, _wake, future)
         try:
@@ -280,6 +320,38 @@ class Broker(ManagementApi, Housekeeping):
             timer.cancel()
             if future in waiters:
                 waiters.remove(future)
+
+    _loop: asyncio.AbstractEventLoop | None = None  # the loop the broker serves (cached by `_wait`)
+
+    def _cached_deliveries(self, queue_name: str, entries: list[Entry]) -> list[Delivery] | None:
+        """The deliveries of leased `entries` if every body is in the store's cache (no coroutine, no wait); None
+        (and nothing changed) if one must be read from disk: then `_read_deliveries`."""
+        core = self.core
+        queue = core.queues.get(queue_name)
+        store = core.store_of(queue) if queue is not None else self.store
+        read_cached = store.read_cached
+        payloads = []
+        for entry in entries:
+            payload = read_cached(entry.ref)
+            if payload is None:
+                return None
+            payloads.append(payload)
+        if queue is not None and queue.ephemeral:
+            for entry in entries:
+                store.release(entry.ref)  # delivered at most once: the body is no longer needed
+        return [
+            _delivery(queue_name, payload, e.receipt, e.deliveries, e.deadline, e.dead, core)
+            for payload, e in zip(payloads, entries, strict=True)
+        ]
+
+    async def _read_deliveries(self, queue: str, entries: list[Entry]) -> list[Delivery]:
+        """The deliveries of leased `entries`, reading bodies from disk; if that fails (or is cancelled), the
+        entries are released: not handed out, not leased."""
+        try:
+            return await self._deliveries(queue, entries)
+        except BaseException:
+            self.release(queue, [e.receipt for e in entries if e.receipt])
+            raise
 
     async def _deliveries(self, queue_name: str, entries: list[Entry]) -> list[Delivery]:
         queue = self.core.queues.get(queue_name)
@@ -309,11 +381,18 @@ class Broker(ManagementApi, Housekeeping):
         raise InvalidReceipt after the others were acked (`error.receipts` lists them). With `lapsed=True`, a
         receipt whose lease has ended still removes its message if nobody has received it since (SQS's
         DeleteMessage with the latest receipt handle)."""
+        token, unknown = self._ack(queue, receipts, lapsed=lapsed)
+        await self._wait_for(token)
+        _raise_unknown(unknown, "acked")
+
+    def _ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False) -> tuple[object, list[int]]:
+        """The step of `ack` that does not wait: (the durability token of its records or None, unknown receipts).
+        The caller waits for the token before telling anyone the acks are done."""
         self._check()
         receipts = [receipts] if isinstance(receipts, int) else receipts
         unknown = self._run(self.core.ack, queue, receipts, lapsed=lapsed is True)
-        await self._durable()
-        _raise_unknown(unknown, "acked")
+        token, self._pending_token = self._pending_token, None
+        return token, unknown
 
     async def nack(
         self, queue: str, receipts: int | Sequence[int], *, delay_s: float = 0.0, dead_letter: bool = False
@@ -471,9 +550,13 @@ def _delivery(queue: str, payload: bytes, receipt, count, deadline, dead, core) 
 
 def _raise_unknown(unknown: list[int], verb: str) -> None:
     if unknown:
-        error = InvalidReceipt(
-            f"{len(unknown)} receipt(s) not leased (never issued, already acked, or lease ended); "
-            f"the others were {verb}"
-        )
-        error.receipts = unknown
-        raise error
+        raise unknown_receipts(unknown, verb)
+
+
+def unknown_receipts(unknown: list[int], verb: str) -> InvalidReceipt:
+    """The error of a settlement that named receipts not (or no longer) leased."""
+    error = InvalidReceipt(
+        f"{len(unknown)} receipt(s) not leased (never issued, already acked, or lease ended); the others were {verb}"
+    )
+    error.receipts = unknown
+    return error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 
@@ -262,3 +263,51 @@ async def test_reads_of_written_bodies_do_not_wait_for_a_busy_writer(tmp_path):
         finally:
             stop.set()
             await asyncio.gather(*publishers)
+
+
+async def test_appends_of_one_turn_share_a_group_and_groups_confirm_in_order(tmp_path):
+    """The writer thread takes one group at a time: what is appended in one turn of the loop shares a group (one
+    write, one fsync); what is appended while it is written forms the next; they are confirmed in append order."""
+    store = FileStore(tmp_path)
+    await store.open()
+    first = [store.append([(1, b"a%d" % i)])[1] for i in range(5)]
+    assert all(token is first[0] for token in first)
+    confirmed: list[int] = []
+    tokens = []
+    for i in range(20):
+        token = store.append([(1, b"b%d" % i)])[1]
+        token.add_done_callback(lambda _, i=i: confirmed.append(i))
+        tokens.append(token)
+        await asyncio.sleep(0)  # a new turn: the group being written is not extended
+    await asyncio.gather(first[0], *tokens)
+    assert confirmed == list(range(20))
+    await store.close()
+    store, got, _ = await _reopen(tmp_path)
+    assert got == [b"a%d" % i for i in range(5)] + [b"b%d" % i for i in range(20)]
+    await store.close()
+
+
+async def test_an_unexpected_error_in_the_writer_fails_its_group_instead_of_hanging(tmp_path):
+    class Broken(MemoryFs):
+        broken = False
+
+        def _append(self, path, data):
+            if self.broken:
+                raise ValueError("a bug below the store")
+            super()._append(path, data)
+
+    fs = Broken()
+    store = FileStore(tmp_path, fs=fs)
+    await store.open()
+    await store.append([(1, b"kept")])[1]
+    fs.broken = True
+    with pytest.raises(StorageFailed, match="ValueError"):
+        await asyncio.wait_for(store.append([(1, b"lost")])[1], 10)
+    assert store.read_only
+    with pytest.raises(StorageReadOnly):
+        store.append([(1, b"refused")])
+    await store.close()
+    fs.broken = False
+    store, got, _ = await _reopen(tmp_path, fs=fs)
+    assert got == [b"kept"]
+    await store.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -29,6 +30,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
+from chute.broker import unknown_receipts
 from chute.errors import (
     BrokerClosed,
     ChuteError,
@@ -106,35 +108,38 @@ class ServerConsumer:
             self.credit.set()
 
     async def run(self) -> None:
-        session, broker = self.session, self.session.broker
+        """Deliver while there is credit. A wake whose bodies are all cached runs without coroutine layers: lease
+        (`Broker._lease`), build the deliveries from the cache, write one DELIVER; only waiting (for messages,
+        credit or a writable transport) and reading bodies from disk suspend the task."""
+        session, broker, name = self.session, self.session.broker, self.queue
         max_frame = session.server.config.max_frame_bytes
+        budget = body_budget(max_frame)
+        writable, queues = session.writable, broker.core.queues
         end: ChuteError | None = None
         try:
             while not session.closed:
-                await session.writable.wait()
+                if not writable.is_set():
+                    await writable.wait()
+                    continue
                 credit = self.prefetch - len(self.outstanding)
                 if credit <= 0:
                     await self._wait_for_credit()
                     continue
-                deliveries = await broker.receive(
-                    self.queue, min(credit, MAX_DELIVER_BATCH), wait_s=POLL_S, lease_s=self.lease_s,
-                    max_bytes=body_budget(max_frame),
-                )  # fmt: skip
-                if not deliveries:
+                queue = queues.get(name)
+                if queue is not None and not queue.ready:  # nothing to lease: wait, without an empty receive
+                    await broker._wait_ready(name, POLL_S)
                     continue
-                if session.closed:
-                    broker.release(self.queue, [d.receipt for d in deliveries if d.receipt])
-                    return
-                receipts = [d.receipt for d in deliveries if d.receipt]
-                self.outstanding.update(receipts)
-                session.track(self.queue, receipts)
-                try:
-                    session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=deliveries))
-                except FrameTooLarge:  # the bodies fit (max_bytes), large headers did not: cut the batch
-                    while deliveries:
-                        count = fitting(deliveries, max_frame)
-                        batch, deliveries = deliveries[:count], deliveries[count:]
-                        session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=batch))
+                entries = broker._lease(name, min(credit, MAX_DELIVER_BATCH), self.lease_s, budget)
+                if not entries:
+                    await broker._wait_ready(name, POLL_S)
+                    continue
+                deliveries = broker._cached_deliveries(name, entries)
+                if deliveries is None:
+                    deliveries = await broker._read_deliveries(name, entries)
+                    if session.closed:
+                        broker.release(name, [d.receipt for d in deliveries if d.receipt])
+                        return
+                self._deliver(deliveries, max_frame)
         except asyncio.CancelledError:
             raise
         except ChuteError as exc:  # the queue was deleted, the broker is closing, ...
@@ -146,6 +151,20 @@ class ServerConsumer:
         if end is not None and not session.closed:
             body = m.ErrorBody(code=end.code, name=end.name, message=end.message, retryable=end.retryable)
             session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=[], end=body))
+
+    def _deliver(self, deliveries: list, max_frame: int) -> None:
+        session = self.session
+        receipts = [d.receipt for d in deliveries if d.receipt]
+        if receipts:
+            self.outstanding.update(receipts)
+            session.track(self.queue, receipts)
+        try:
+            session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=deliveries))
+        except FrameTooLarge:  # the bodies fit (max_bytes), large headers did not: cut the batch
+            while deliveries:
+                count = fitting(deliveries, max_frame)
+                batch, deliveries = deliveries[:count], deliveries[count:]
+                session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=batch))
 
     async def _wait_for_credit(self) -> None:
         queue = self.session.broker.core.queues.get(self.queue)
@@ -222,6 +241,9 @@ class Session(asyncio.Protocol):
     def _dispatch(self, frame: Frame) -> None:
         op = frame.op
         if op is Op.HEARTBEAT:
+            return
+        if op is Op.ACK:
+            self._ack_now(frame)
             return
         if op is Op.HELLO:
             self._held = []
@@ -519,6 +541,53 @@ class Session(asyncio.Protocol):
             self.track(request.queue, [d.receipt for d in deliveries if d.receipt])
         return m.ReceiveReply(deliveries=deliveries)
 
+    def _answer_error(self, exc: BaseException, corr: int, op: str) -> None:
+        """Answer request `corr` with the error that ended it (as `_request` does)."""
+        if isinstance(exc, ChuteError):
+            self.write_error(exc, corr)
+        else:
+            log.error("request %s from %s failed", op, self.peer, exc_info=exc)
+            self.write_error(ChuteError(f"internal error: {type(exc).__name__}"), corr)
+
+    def _ack_now(self, frame: Frame) -> None:
+        """ACK, the request a busy consumer sends most, without a task: acked now, answered (by a callback on
+        the store's future) once the acks are durable, never before."""
+        corr, request = frame.correlation_id, frame.body
+        try:
+            if not self.principal.superuser:
+                self._permit(Op.ACK, request)
+            self._settled(request.queue, request.receipts)
+            token, unknown = self.broker._ack(request.queue, request.receipts)
+        except Exception as exc:
+            self._answer_error(exc, corr, "ACK")
+            return
+        if isinstance(token, asyncio.Future):
+            token.add_done_callback(functools.partial(self._acked, corr, unknown))
+        elif token is None:
+            self._acked(corr, unknown, None)
+        else:  # a store whose token is not a future: a task waits for it
+            task = asyncio.ensure_future(self._ack_durable(token, corr, unknown))
+            self.requests.add(task)
+            task.add_done_callback(self.requests.discard)
+
+    async def _ack_durable(self, token, corr: int, unknown: list[int]) -> None:
+        try:
+            await self.broker._wait_for(token)
+        except ChuteError as exc:
+            self.write_error(exc, corr)
+            return
+        self._acked(corr, unknown, None)
+
+    def _acked(self, corr: int, unknown: list[int], done: asyncio.Future | None) -> None:
+        """The acks of request `corr` are durable (or failed): answer it."""
+        error = None if done is None else _outcome(done)
+        if error is None and unknown:
+            error = unknown_receipts(unknown, "acked")
+        if error is None:
+            self.write(Op.REPLY, m.Empty(), corr)
+        else:
+            self._answer_error(error, corr, "ACK")
+
     async def _ack(self, request: m.AckRequest) -> m.Empty:
         self._settled(request.queue, request.receipts)
         await self.broker.ack(request.queue, request.receipts)
@@ -545,6 +614,11 @@ class Session(asyncio.Protocol):
             kind = "queue" if request.method == "list_queues" else "topic"
             result = [each for each in result if self.principal.can_see(kind, each.name)]
         return m.CallReply(result=result)
+
+
+def _outcome(done: asyncio.Future) -> BaseException | None:
+    """The error a store's future ended with (None: durable)."""
+    return BrokerClosed("the server is shutting down") if done.cancelled() else done.exception()
 
 
 def _name(kind: str, key: str = "name", permission: str = "manage"):

@@ -1,9 +1,10 @@
 """FileStore: the default durable store — a segmented append-only log with group commit and checkpoints.
 
-Concurrency: `append` runs on the event loop and only encodes frames into an in-memory buffer. One flush task
-at a time hands the whole buffer to a single writer thread (write, then fsync under the `always` policy) and
-resolves one future for everything that was in it: the group. Appends made meanwhile form the next group, so
-many publishes and acks share one write and one fsync, and the loop never blocks on disk.
+Concurrency: `append` runs on the event loop and only encodes frames into an in-memory buffer. At the end of
+that turn of the loop the whole buffer goes to a single long-lived writer thread (write, then fsync under the
+`always` policy), one group at a time, through a queue; the thread resolves one future for everything that was
+in it, the group, with one call back to the loop, which then hands over what was appended meanwhile (the next
+group). So many publishes and acks share one write and one fsync, and the loop never blocks on disk.
 A checkpoint's file (megabytes, written then fsynced and renamed) is written on a third thread, after the writer
 thread made the segments durable up to the checkpoint's position, so group commits never wait behind it.
 Reads that miss the cache run in a second thread, so they never queue behind a write and its fsync; they only
@@ -27,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import queue
 import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from zlib import crc32
 
@@ -92,7 +94,7 @@ class FileStore(Store):
         self.segment_max_bytes = max(segment_max_bytes, SEGMENT_HEADER_SIZE + BATCH_SIZE + RECORD_SIZE + 1)
         self.cache_max_bytes = cache_max_bytes
         self.fs = fs if fs is not None else OsFs()
-        self._executor: ThreadPoolExecutor | None = None  # the writer: write, fsync, checkpoint, delete
+        self._executor: _Writer | None = None  # the writer thread: write, fsync, checkpoint, delete
         self._reader: ThreadPoolExecutor | None = None  # reads of bodies not in the cache
         self._checkpointer: ThreadPoolExecutor | None = None  # checkpoint files, never in the way of a commit
         self._files_lock = threading.Lock()  # held by a read, and by whoever unlinks a segment file
@@ -106,7 +108,8 @@ class FileStore(Store):
         # may still extend: the last one in the pending bytes, not yet handed to the writer
         self._group: asyncio.Future | None = None
         self._lazy_timer: asyncio.TimerHandle | None = None
-        self._flusher: asyncio.Task | None = None
+        self._flusher: asyncio.Future | None = None  # set while groups are being written (done when none is)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the groups being written
         self._cache: dict[int, bytes] = {}  # a frame's ref -> its records (format 2), in append order
         self._cache_starts: list[int] = []  # the cached frames' refs, ascending (= insertion order)
         self._cache_bytes = 0
@@ -129,10 +132,10 @@ class FileStore(Store):
         if self._opened:
             raise StorageFailed("store is already open")
         self._opened = True
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="chute-log")
+        self._executor = _Writer("chute-log")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="chute-read")
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="chute-checkpoint")
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._open)
         except BaseException:
@@ -275,38 +278,69 @@ class FileStore(Store):
         group = self._group
         if group is not None and self._flusher is not None:  # the common case under load, kept cheap
             return group
-        loop = asyncio.get_running_loop()  # (a getpid() system call)
-        if self._group is None:
-            self._group = loop.create_future()
-            self._group.add_done_callback(_retrieve)
+        if self._flusher is None:  # (a getpid() system call: once per busy spell, not per token)
+            loop = self._loop = asyncio.get_running_loop()
+        else:
+            loop = self._loop
+        if group is None:
+            group = self._group = loop.create_future()
+            group.add_done_callback(_retrieve)
         if self._flusher is None:
-            self._flusher = loop.create_task(self._flush_loop())
-        return self._group
+            # the hand-over waits for the end of this turn of the loop: appends made in it join the group
+            self._flusher = loop.create_future()
+            loop.call_soon(self._hand_over)
+        return group
 
-    async def _flush_loop(self) -> None:
-        """Hand each group to the writer thread in turn until nothing is pending."""
-        loop = asyncio.get_running_loop()
+    def _hand_over(self) -> None:
+        """Loop: give everything pending, as one group, to the writer thread (one group there at a time; appends
+        made meanwhile form the next one, handed over by `_written`)."""
+        if not self._pending or self._failure is not None:
+            self._flushed()
+            return
+        batch, self._pending = self._pending, []
+        self._open_frame = None  # the writer has these bytes now: later appends start a new frame
+        group, self._group = self._group, None
+        end_ref = self._active << 32 | self._active_size  # everything appended so far is in this batch
+        sync = self.fsync_policy == "always" or (
+            self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
+        )
+        if not self._executor.post(self._write_group, self._loop, batch, sync, end_ref, group):
+            self._flushed()  # the writer is gone (a simulated power cut): nothing more is written or confirmed
+
+    def _write_group(self, loop, batch: list[tuple[int, bytearray]], sync: bool, end_ref: int, group) -> None:
+        """Writer thread: write (and fsync) one group, then tell the loop, with one call."""
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                self._open_frame = None  # the writer has these bytes now: later appends start a new frame
-                group, self._group = self._group, None
-                end_ref = self._active << 32 | self._active_size  # everything appended so far is in this batch
-                sync = self.fsync_policy == "always" or (
-                    self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
-                )
-                try:
-                    await loop.run_in_executor(self._executor, self._write, batch, sync)
-                except OSError as exc:
-                    self._fail(exc, group)
-                    return
-                self._written_ref = end_ref
-                if group is not None and not group.done():
-                    group.set_result(None)
-        finally:
-            self._flusher = None
-        if self.fsync_policy == "interval" and self._unsynced and not self._closed:
-            loop.call_later(self.fsync_interval_s, self._interval_fsync)
+            self._write(batch, sync)
+        except OSError as exc:
+            error: OSError | None = exc
+        except Exception as exc:  # a bug: fail the group (and the log) rather than leave its publishers waiting
+            error = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
+        else:
+            error = None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+            loop.call_soon_threadsafe(self._written, end_ref, group, error)
+
+    def _written(self, end_ref: int, group: asyncio.Future | None, error: OSError | None) -> None:
+        """Loop: a group is written (and fsynced if asked): confirm it and hand over the next, if any."""
+        if error is not None:
+            self._fail(error, group)
+            self._flushed(after_failure=True)
+            return
+        self._written_ref = end_ref
+        if group is not None and not group.done():
+            group.set_result(None)
+        if self._pending:
+            self._hand_over()
+        else:
+            self._flushed()
+
+    def _flushed(self, after_failure: bool = False) -> None:
+        """Loop: nothing is pending or being written any more."""
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None and not flusher.done():
+            flusher.set_result(None)
+        if not after_failure and self.fsync_policy == "interval" and self._unsynced and not self._closed:
+            self._loop.call_later(self.fsync_interval_s, self._interval_fsync)
 
     def _interval_fsync(self) -> None:
         if self._unsynced and self._flusher is None and self._failure is None and not self._closed:
@@ -653,6 +687,54 @@ class FileStore(Store):
     def bytes_appended(self) -> int:
         """Bytes appended since the store was opened (cheap: for deciding when to checkpoint)."""
         return self._appended
+
+
+class _Writer(Executor):
+    """The writer thread: runs its jobs one at a time, in the order given. Group commits are `post`ed (no
+    concurrent.futures.Future, and one call back to the loop per group, made by the job itself); other work
+    (open, checkpoint syncs, deletions, close) is `submit`ted as to any executor, in the same order."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        if self._stopped:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def post(self, fn, *args) -> bool:
+        """Run `fn(*args)` on the thread (it reports its own outcome); False if the writer was shut down."""
+        if self._stopped:
+            return False
+        self._jobs.put((None, fn, args, None))
+        return True
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._jobs.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _serve(self) -> None:
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            if future is None:
+                with contextlib.suppress(Exception):  # a posted job reports its own outcome; the thread lives on
+                    fn(*args)
+            elif future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
 
 
 def _nothing() -> None:
