@@ -107,14 +107,6 @@ class Opened:
     previous_owner: str | None
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 class Database:
     """The database side of one PostgresStore. Coroutines run on its own loop, through `submit`."""
 
@@ -136,7 +128,9 @@ class Database:
         self._connecting = asyncio.Lock()
         self._submitting = threading.Lock()
         self._stopping = False
-        self.loop = _new_loop()
+        # asyncio's own loop, not uvloop: closing a uvloop loop from the thread that stopped it runs libuv again,
+        # and after a severed connection that was seen to wait forever (1 in a few thousand power cuts)
+        self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"chute-pg-{stream}", daemon=True)
         self._thread.start()
 
@@ -358,6 +352,8 @@ class Database:
             for task in late:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
+        for _ in range(3):  # the transports' connection_lost callbacks (which close the sockets) run before the stop
+            await asyncio.sleep(0)
 
 
 def _rows(status: str) -> int:
