@@ -292,7 +292,7 @@ class Broker(ManagementApi, Housekeeping):
         try:
             return self.core.receive(queue, max_messages, self.clock(), lease_s, max_bytes)
         finally:
-            self._after()
+            self._after(housekeep=False)  # a checkpoint falls due by the next other operation or the idle check
 
     async def _wait_ready(self, queue: str, timeout: float) -> None:
         """Until `queue` changes, its rate limit lets a message go, or `timeout` passes. BrokerClosed if closing."""
@@ -457,7 +457,10 @@ class Broker(ManagementApi, Housekeeping):
         finally:
             self._after()
 
-    def _after(self):
+    def _after(self, housekeep: bool = True):
+        """Flush the records of the operation just run, wake receivers of the queues it changed, move the timer
+        earlier if the core's next deadline did, and (unless `housekeep` is False: a lease, which writes only a
+        lazy delivery count) start a checkpoint if one is due."""
         core = self.core
         if core.outbox:
             self._pending_token = core.flush()
@@ -472,7 +475,8 @@ class Broker(ManagementApi, Housekeeping):
             core.changed.clear()
         if self.auto_tick and self._state == "serving":
             self._schedule()
-            self._maybe_housekeep()
+            if housekeep:
+                self._maybe_housekeep()
 
     _pending_token = None
 
