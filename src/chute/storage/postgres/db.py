@@ -8,8 +8,8 @@ coroutine of this class on the database loop and returns a concurrent future.
 
 Connections (each with application_name `chute:<stream>`):
 - `writer`  — group commits (one statement, or one transaction, per group, never more than one at a time),
-  the clean-shutdown flag, taking the stream at open
-  and the replay at open (nothing is appended before it ends);
+  the clean-shutdown flag, taking the stream at open and the replay after it (nothing is appended before the
+  replay ends);
 - `checkpointer` — checkpoint transactions (snapshot parts, deletion of dead chunks), beside group commits;
 - `reader`  — reads of bodies; reconnected once if it breaks (reads change nothing).
 The last two connect on first use.
@@ -18,6 +18,9 @@ Fencing: every write carries the epoch this store took at open, checked in the s
 `SELECT 1 FROM chute_streams WHERE id = $1 AND epoch = $2 FOR SHARE`. A takeover (`open` by another store)
 updates the stream row under FOR UPDATE, so it waits for writes in flight (share locks) to end, and every write
 that starts after it re-checks the new row version and finds another epoch: it writes nothing (`Fenced`).
+
+Every statement that a group commit or a read sends has a timeout (`statement_timeout_s`): a database that stops
+answering fails it instead of hanging its callers.
 
 Tests cut connections here (`sever`: every socket closed at once, as when the process dies) and kill backends
 from the server side (pg_terminate_backend on `backend_pids()`).
