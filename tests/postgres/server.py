@@ -45,6 +45,29 @@ def available() -> bool:
     return bool(os.environ.get(ENV_URL)) or bin_dir() is not None
 
 
+STALE_AFTER_S = 600.0
+
+
+def _remove_stale_directories() -> None:
+    """Delete what earlier runs killed before their exit handlers left behind: directories of ours older than
+    STALE_AFTER_S whose server is not running (a run still in initdb has a young directory)."""
+    for directory in Path(tempfile.gettempdir()).glob("chute-pg-*"):
+        try:
+            if time.time() - directory.stat().st_mtime < STALE_AFTER_S:
+                continue
+            pid_file = directory / "data" / "postmaster.pid"
+            if pid_file.exists():
+                pid = int(pid_file.read_text().split()[0])
+                try:
+                    os.kill(pid, 0)
+                    continue  # its server runs
+                except ProcessLookupError:
+                    pass
+            shutil.rmtree(directory, ignore_errors=True)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,6 +88,7 @@ class PostgresServer:
         self.durable = durable
         self.password = password
         self.settings = dict(settings or {})
+        _remove_stale_directories()
         self.directory = tempfile.mkdtemp(prefix="chute-pg-")
         self.data = f"{self.directory}/data"
         self.port = 0
