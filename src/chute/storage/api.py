@@ -20,11 +20,11 @@ Contract (every store, proven by tests/contract):
   core re-appends their live records and releases the old refs).
 - the store never interprets payloads.
 
-Several brokers on one database (the PostgreSQL store, storage/postgres; docs/cluster.md): each broker keeps the state of the queues it owns in
-memory, so a shared store gives each broker its own log stream (rows keyed by broker id and ref), its own
-checkpoint and its own live counts behind this same interface; the queues are partitioned between brokers, and a
-broker taking over another's queues opens that broker's stream and recovers it. Two brokers serving one queue at
-the same time is not what this interface is for: leases live in one broker's memory.
+Several brokers on one database (the PostgreSQL store, storage/postgres; docs/cluster.md): each broker keeps the
+state of the queues it owns in memory, so a shared store gives each broker its own log stream (rows keyed by broker
+id and ref), its own checkpoint and its own live counts behind this same interface; the queues are partitioned
+between brokers, and a broker taking over another's queues opens that broker's stream and recovers it. Two brokers
+serving one queue at the same time is not what this interface is for: leases live in one broker's memory.
 """
 
 from __future__ import annotations
