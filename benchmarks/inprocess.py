@@ -40,44 +40,51 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
+async def p2p_round(broker: Broker, messages: int, batch: int, inflight: int, body: bytes = BODY) -> int:
+    """Publish + receive + ack `messages` bodies (rounded down to whole batches) through the queue "bench" of
+    `broker`, with `inflight` producers, each with one batch in flight, and a consumer that acks without waiting for
+    its previous acks (at most `inflight` pending); return how many messages went through."""
+    await broker.create_queue("bench", lease_s=300)
+    batches = messages // batch
+    next_batch = iter(range(batches))
+
+    async def producer() -> None:
+        chunk = [Publish(body=body) for _ in range(batch)]
+        for _ in next_batch:
+            await broker.publish_batch("bench", chunk)
+
+    async def consumer() -> None:
+        done, acks = 0, set()
+        while done < batches * batch:
+            deliveries = await broker.receive("bench", batch, wait_s=1.0)
+            if deliveries:
+                acks.add(asyncio.ensure_future(broker.ack("bench", [d.receipt for d in deliveries])))
+                done += len(deliveries)
+            if len(acks) >= inflight:
+                _, acks = await asyncio.wait(acks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*acks)
+
+    await asyncio.gather(consumer(), *(producer() for _ in range(inflight)))
+    return batches * batch
+
+
 async def throughput(data_dir: str, messages: int, batch: int, inflight: int, fsync: str) -> dict:
     """Publish + receive + ack `messages` bodies in batches; producers keep `inflight` batches in flight."""
     async with Broker(data_dir, fsync=fsync) as broker:
-        await broker.create_queue("bench", lease_s=300)
-        batches = messages // batch
-        next_batch = iter(range(batches))
-
-        async def producer() -> None:
-            chunk = [Publish(body=BODY) for _ in range(batch)]
-            for _ in next_batch:
-                await broker.publish_batch("bench", chunk)
-
-        async def consumer() -> None:
-            """Receive a batch, ack it without waiting for the previous acks (at most `inflight` pending)."""
-            done, acks = 0, set()
-            while done < batches * batch:
-                deliveries = await broker.receive("bench", batch, wait_s=1.0)
-                if deliveries:
-                    acks.add(asyncio.ensure_future(broker.ack("bench", [d.receipt for d in deliveries])))
-                    done += len(deliveries)
-                if len(acks) >= inflight:
-                    _, acks = await asyncio.wait(acks, return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.gather(*acks)
-
         start = time.perf_counter()
-        await asyncio.gather(consumer(), *(producer() for _ in range(inflight)))
+        done = await p2p_round(broker, messages, batch, inflight)
         elapsed = time.perf_counter() - start
         stats = broker.store.stats()
         return {
             "workload": "throughput",
-            "messages": batches * batch,
+            "messages": done,
             "batch": batch,
             "inflight_batches": inflight,
             "fsync": fsync,
             "seconds": round(elapsed, 3),
-            "messages_per_s": round(batches * batch / elapsed),
+            "messages_per_s": round(done / elapsed),
             "fsyncs": stats.fsyncs,
-            "messages_per_fsync": round(2 * batches * batch / max(1, stats.fsyncs), 1),
+            "messages_per_fsync": round(2 * done / max(1, stats.fsyncs), 1),
         }
 
 

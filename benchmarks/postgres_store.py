@@ -24,7 +24,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from chute import Broker, Publish
+from benchmarks.inprocess import p2p_round
+from chute import Broker
 from chute.storage.postgres import PostgresStore
 
 
@@ -106,34 +107,14 @@ async def store_appends(url: str, messages: int, batch: int, inflight: int, body
 
 async def p2p(url: str, messages: int, batch: int, inflight: int, body: bytes) -> dict:
     async with Broker(store=PostgresStore(url, stream=f"bench-p2p-{os.getpid()}")) as broker:
-        await broker.create_queue("bench", lease_s=300)
-        batches = messages // batch
-        work = iter(range(batches))
-
-        async def producer() -> None:
-            chunk = [Publish(body=body) for _ in range(batch)]
-            for _ in work:
-                await broker.publish_batch("bench", chunk)
-
-        async def consumer() -> None:
-            done, acks = 0, set()
-            while done < batches * batch:
-                deliveries = await broker.receive("bench", batch, wait_s=1.0)
-                if deliveries:
-                    acks.add(asyncio.ensure_future(broker.ack("bench", [d.receipt for d in deliveries])))
-                    done += len(deliveries)
-                if len(acks) >= inflight:
-                    _, acks = await asyncio.wait(acks, return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.gather(*acks)
-
         with Meter() as meter:
-            await asyncio.gather(consumer(), *(producer() for _ in range(inflight)))
+            done = await p2p_round(broker, messages, batch, inflight, body)
         stats = broker.store.stats()
     return {
         "workload": "p2p",
-        **meter.report(batches * batch),
+        **meter.report(done),
         "group_commits": stats.fsyncs,
-        "records_per_commit": round(2 * batches * batch / max(1, stats.fsyncs), 1),
+        "records_per_commit": round(2 * done / max(1, stats.fsyncs), 1),
     }
 
 
