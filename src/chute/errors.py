@@ -204,6 +204,13 @@ class RequestTimeout(ChuteError):
     name, code, http_status, retryable = "timeout", 5007, 504, True
 
 
+class Unavailable(ChuteError):
+    """Cluster only: the shard holding this queue or topic has no live owner right now (its node died and the
+    takeover is not done, or the node asked no longer owns it). Nothing was changed; retry in a few seconds."""
+
+    name, code, http_status, retryable = "unavailable", 5008, 503, True
+
+
 ERRORS: tuple[type[ChuteError], ...] = (
     InvalidName,
     InvalidArgument,
@@ -233,6 +240,7 @@ ERRORS: tuple[type[ChuteError], ...] = (
     BrokerClosed,
     ConnectionLost,
     RequestTimeout,
+    Unavailable,
 )
 
 BY_CODE: dict[int, type[ChuteError]] = {cls.code: cls for cls in ERRORS}
