@@ -53,7 +53,8 @@ class ClusterNode:
 
     `shards`: the number of shards when this node sets the database up (None: the stored number, or 16 for a
     new cluster); a different number than the stored one is refused at start. `lease_s`: how long a node
-    (and its shards) stays alive without a heartbeat; `heartbeat_s`: how often it renews. `broker_factory(shard)`
+    (and its shards) stays alive without a heartbeat; `heartbeat_s`: how often it renews (default: 1 s, or a
+    quarter of a shorter lease). `broker_factory(shard)`
     makes the (unstarted) broker of a shard; by default a Broker over PostgresStore(url, stream="shard-<n>")."""
 
     def __init__(
@@ -63,7 +64,7 @@ class ClusterNode:
         *,
         shards: int | None = None,
         lease_s: float = DEFAULT_LEASE_S,
-        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        heartbeat_s: float | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
         http_port: int | None = None,
@@ -72,6 +73,8 @@ class ClusterNode:
         broker_factory: Callable[[int], Broker] | None = None,
         broker_options: dict | None = None,
     ) -> None:
+        if heartbeat_s is None:  # at least 4 renewals per lease: one lost heartbeat never costs the shards
+            heartbeat_s = min(DEFAULT_HEARTBEAT_S, lease_s / 4)
         if not 0.05 <= heartbeat_s < lease_s:
             raise InvalidArgument(f"the heartbeat ({heartbeat_s} s) must be shorter than the lease ({lease_s} s)")
         if not name or len(name) > 200 or not name.isprintable():
@@ -83,7 +86,7 @@ class ClusterNode:
         self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s
         self.fsync = fsync
-        self.info = NodeInfo(name, host, port, http_port, amqp_port, True)
+        self.info = NodeInfo(name, _reachable_host(host), port, http_port, amqp_port, True)
         self.incarnation = f"{socket.gethostname()}:{secrets.token_hex(6)}"
         self.where = describe(url)
         self._factory = broker_factory or self._default_broker
@@ -183,7 +186,7 @@ class ClusterNode:
                         amqp_port: int | None = None) -> None:  # fmt: skip
         """Publish this node's addresses (once its listeners are bound and their ports known)."""
         info = self.info
-        self.info = NodeInfo(self.name, host or info.host, port if port is not None else info.port,
+        self.info = NodeInfo(self.name, _reachable_host(host) if host else info.host, port if port is not None else info.port,
                              http_port if http_port is not None else info.http_port,
                              amqp_port if amqp_port is not None else info.amqp_port, True)  # fmt: skip
         if self._pool is not None:
@@ -488,6 +491,11 @@ class ClusterNode:
             await broker.close()
         except Exception as exc:
             log.warning("closing a shard's broker: %s", _reason(exc))
+
+
+def _reachable_host(host: str) -> str:
+    """A wildcard listening address (0.0.0.0, ::) is no address to reach: advertise this machine's name."""
+    return socket.gethostname() if host in ("", "0.0.0.0", "::") else host
 
 
 def _owner_of(rows: list[ownership.ShardRow], shard: int) -> str:

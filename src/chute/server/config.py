@@ -54,6 +54,16 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     `node_name`) instead of `data_dir`, which then holds only the users file (docs/cluster.md)."""
     node_name: str = "default"
     """This node's name: with `store`, the name of its log stream; a node opening a stream takes it over."""
+    shards: int | None = None
+    """With `store`: the cluster's number of shards, fixed when the first node sets the database up (None: the
+    stored number, or 16 for a new cluster); a node given another number than the stored one refuses to start."""
+    cluster_lease_s: float = 10.0
+    """With `store`: a node whose heartbeat is older than this is dead; the others take its shards over."""
+    cluster_heartbeat_s: float = 1.0
+    """With `store`: how often a node renews its heartbeat and its shards' leases (less than cluster_lease_s)."""
+    advertise: str | None = None
+    """With `store`: the host other nodes reach this one at (default: `host`, or this machine's name when `host`
+    is a wildcard address such as 0.0.0.0)."""
     fsync: Literal["always", "interval", "never"] = "always"
     """`always`: confirm after fsync (default); `interval`: fsync every 100 ms; `never`: leave it to the OS."""
     token: str | None = None
@@ -102,6 +112,15 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         check_users(self.users, "config users")
         if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
             raise InvalidArgument("store must be a postgresql:// URL (without it, data_dir holds the log)")
+        if self.shards is not None and not 1 <= self.shards <= 4096:
+            raise InvalidArgument(f"shards must be between 1 and 4096, got {self.shards!r}")
+        if not 0.5 <= self.cluster_lease_s <= 3600:
+            raise InvalidArgument(f"cluster_lease_s must be between 0.5 and 3600, got {self.cluster_lease_s!r}")
+        if not 0.05 <= self.cluster_heartbeat_s < self.cluster_lease_s:
+            raise InvalidArgument(f"cluster_heartbeat_s must be at least 0.05 and less than cluster_lease_s "
+                                  f"({self.cluster_lease_s}), got {self.cluster_heartbeat_s!r}")  # fmt: skip
+        if self.advertise is not None and (not self.advertise or not self.advertise.isprintable()):
+            raise InvalidArgument("advertise must be a host name or address")
         if not self.node_name or len(self.node_name) > 200 or not self.node_name.isprintable():
             raise InvalidArgument("node_name must be 1 to 200 printable characters")
         return self
