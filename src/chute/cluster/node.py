@@ -186,7 +186,8 @@ class ClusterNode:
                         amqp_port: int | None = None) -> None:  # fmt: skip
         """Publish this node's addresses (once its listeners are bound and their ports known)."""
         info = self.info
-        self.info = NodeInfo(self.name, _reachable_host(host) if host else info.host, port if port is not None else info.port,
+        self.info = NodeInfo(self.name, _reachable_host(host) if host else info.host,
+                             port if port is not None else info.port,
                              http_port if http_port is not None else info.http_port,
                              amqp_port if amqp_port is not None else info.amqp_port, True)  # fmt: skip
         if self._pool is not None:
