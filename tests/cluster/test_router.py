@@ -1,0 +1,156 @@
+"""The router (ClusterBroker) with three in-process nodes whose shards the test assigns (routing_helpers.py):
+native clients through every node see one broker — publish via one node, receive via another, ack via a third;
+listings merge every shard; fan-out stays in a topic's shard; forwarded calls are never forwarded again; a shard
+without an owner fails retryably, then works once a node takes it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chute import AsyncClient
+from chute.cluster.placement import home_shard
+from chute.errors import InvalidArgument, QueueNotFound, TopicExists, Unavailable
+from tests.cluster.routing_helpers import static_cluster
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def clients(servers):
+    return [await AsyncClient(server.url, reconnect=False).connect() for server in servers]
+
+
+def names_on_each_shard(shards: int, prefix: str) -> list[str]:
+    """One queue name per shard (so a test touches every node)."""
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < shards:
+        name = f"{prefix}-{i}"
+        found.setdefault(home_shard(name, shards), name)
+        i += 1
+    return [found[s] for s in range(shards)]
+
+
+async def test_publish_via_one_node_receive_via_another_ack_via_a_third():
+    async with static_cluster(3, 6) as (servers, directory):
+        a, b, c = await clients(servers)
+        try:
+            for name in names_on_each_shard(6, "jobs"):
+                await a.create_queue(name, lease_s=30)
+                ids = await a.publish_batch(name, [b"one", b"two"])
+                got = await b.receive(name, 2, wait_s=5)
+                assert [d.message.body for d in got] == [b"one", b"two"]
+                assert [d.message.id for d in got] == ids
+                await c.ack_receipts(name, [d.receipt for d in got])
+                stats = await a.queue_stats(name)
+                assert (stats.ready, stats.in_flight, stats.acked) == (0, 0, 2)
+                owner = directory.nodes[directory.owners[home_shard(name, 6)]]
+                assert name in owner.brokers[home_shard(name, 6)].core.queues  # it lives in its home shard
+        finally:
+            for client in (a, b, c):
+                await client.close()
+
+
+async def test_listings_merge_every_shard_from_any_node():
+    async with static_cluster(3, 6) as (servers, _):
+        a, b, c = await clients(servers)
+        try:
+            names = names_on_each_shard(6, "listed")
+            for name in names:
+                await a.create_queue(name)
+            await b.create_topic("events")
+            for client in (a, b, c):
+                assert [q.name for q in await client.list_queues()] == sorted(names)
+                assert [t.name for t in await client.list_topics()] == ["events"]
+            await c.delete_queue(names[0])
+            assert [q.name for q in await a.list_queues()] == sorted(names[1:])
+            with pytest.raises(QueueNotFound):
+                await b.publish(names[0], b"gone")
+            with pytest.raises(TopicExists):  # one namespace across the cluster
+                await c.create_queue("events")
+        finally:
+            for client in (a, b, c):
+                await client.close()
+
+
+async def test_push_consumers_through_a_node_that_does_not_own_the_queue():
+    async with static_cluster(3, 6) as (servers, directory):
+        a, b, _ = await clients(servers)
+        try:
+            name = next(n for n in names_on_each_shard(6, "push") if directory.owners[home_shard(n, 6)] != "node-1")
+            await a.create_queue(name)
+            consumer = await b.consume(name, prefetch=10)
+            await a.publish_batch(name, [f"m{i}".encode() for i in range(25)])
+            bodies = []
+            async for delivery in consumer:
+                bodies.append(delivery.message.body)
+                await b.ack(delivery)
+                if len(bodies) == 25:
+                    break
+            assert sorted(bodies) == sorted(f"m{i}".encode() for i in range(25))
+            await consumer.close()
+            assert (await a.queue_stats(name)).acked == 25
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_a_topic_fans_out_to_queues_its_subscriptions_create_in_its_shard():
+    async with static_cluster(3, 6) as (servers, directory):
+        a, b, c = await clients(servers)
+        try:
+            await a.create_topic("orders")
+            await b.subscribe("orders", "orders.eu.*", "eu-orders")  # queues that do not exist yet
+            await c.subscribe("orders", "orders.>", "all-orders")
+            await a.publish("orders", b"o1", subject="orders.eu.fr")
+            await b.publish("orders", b"o2", subject="orders.us.ny")
+            assert [d.message.body for d in await c.receive("eu-orders", 10, wait_s=5)] == [b"o1"]
+            assert sorted(d.message.body for d in await a.receive("all-orders", 10, wait_s=5)) == [b"o1", b"o2"]
+            shard = home_shard("orders", 6)
+            broker = directory.nodes[directory.owners[shard]].brokers[shard]
+            assert {"eu-orders", "all-orders"} <= set(broker.core.queues)  # both in the topic's shard
+            other = next(n for n in names_on_each_shard(6, "elsewhere") if home_shard(n, 6) != shard)
+            await a.create_queue(other)
+            with pytest.raises(InvalidArgument, match="cross-shard subscriptions are not supported"):
+                await b.subscribe("orders", ">", other)
+        finally:
+            for client in (a, b, c):
+                await client.close()
+
+
+async def test_a_shard_without_an_owner_fails_retryably_then_serves_once_taken():
+    async with static_cluster(2, 2, wait_owner_s=0.5) as (servers, directory):
+        a, b = await clients(servers)
+        try:
+            name = next(n for n in names_on_each_shard(2, "moving") if home_shard(n, 2) == 1)  # owned by node-1
+            await a.create_queue(name)
+            await a.publish(name, b"before")
+            await directory.nodes["node-1"].drop(1)  # its node is gone: nobody owns shard 1
+            with pytest.raises(Unavailable) as caught:
+                await a.publish(name, b"during")
+            assert caught.value.retryable
+            broker = await directory.nodes["node-0"].take(1)  # a takeover (in memory: what it had is gone)
+            await broker.create_queue(name)
+            await a.publish(name, b"after")
+            assert [d.message.body for d in await b.receive(name, 10, wait_s=5)] == [b"after"]
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_a_forwarded_call_is_never_forwarded_again():
+    async with static_cluster(2, 2, wait_owner_s=0.3) as (servers, directory):
+        name = next(n for n in names_on_each_shard(2, "loop") if home_shard(n, 2) == 1)
+        async with AsyncClient(servers[1].url) as owner:
+            await owner.create_queue(name)
+        # node-0 believes node-1 owns shard 1, but node-1 handed it to nobody: a forwarded call fails there
+        directory.owners[1] = "node-1"
+        await servers[1].broker.node.brokers.pop(1).close()
+        async with AsyncClient(servers[0].url, name="chute-peer node-9") as peer_like:
+            with pytest.raises(Unavailable, match="does not own shard 1"):
+                await peer_like.publish(name, b"x")
+        async with AsyncClient(servers[0].url) as client:
+            with pytest.raises(Unavailable):
+                await client.publish(name, b"x")
+        await asyncio.sleep(0)
