@@ -129,3 +129,31 @@ async def nodes(connection, *, timeout=None) -> list[NodeInfo]:
                  r["started_at"])
         for r in rows
     ]  # fmt: skip
+
+
+async def view(connection, *, timeout=None) -> dict:
+    """The whole cluster as the database holds it (for `chute cluster status`): shards, nodes with what each
+    holds, and per shard its owner and its queue and topic counts (from the placement). Reads only."""
+    shards = await connection.fetchval("SELECT shards FROM chute_cluster WHERE id = 1", timeout=timeout)
+    rows = await connection.fetch(
+        """
+        SELECT s.shard, s.owner, s.owner IS NOT NULL AND s.lease_until > now() AS held,
+               count(p.name) FILTER (WHERE p.kind = 'queue') AS queues,
+               count(p.name) FILTER (WHERE p.kind = 'topic') AS topics
+        FROM chute_shards s LEFT JOIN chute_placement p ON p.shard = s.shard
+        GROUP BY s.shard ORDER BY s.shard
+        """,
+        timeout=timeout,
+    )
+    table = [dict(row) for row in rows]
+    listed = []
+    for node in await nodes(connection, timeout=timeout):
+        held = [row for row in table if row["owner"] == node.name and row["held"]]
+        listed.append({
+            "name": node.name, "host": node.host, "port": node.port, "http_port": node.http_port,
+            "amqp_port": node.amqp_port, "alive": node.alive, "heartbeat_age_s": round(node.heartbeat_age_s, 3),
+            "started_at": node.started_at, "shards": [row["shard"] for row in held],
+            "queues": sum(row["queues"] for row in held), "topics": sum(row["topics"] for row in held),
+        })  # fmt: skip
+    unowned = [row["shard"] for row in table if not row["held"]]
+    return {"shards": shards, "nodes": listed, "unowned": unowned, "shard_table": table}
