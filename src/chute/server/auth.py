@@ -352,6 +352,9 @@ async def authorize(request: web.Request, permission: Permission, kind: Kind, na
 
 
 def dest_kind(broker: Broker, dest: str) -> Kind:
+    kind_of = getattr(broker, "kind_of", None)  # a cluster's router knows kinds from placement
+    if kind_of is not None:
+        return kind_of(dest)
     return "topic" if dest in broker.core.topics else "queue"
 
 

@@ -114,6 +114,9 @@ class ServerConsumer:
         session, broker, name = self.session, self.session.broker, self.queue
         max_frame = session.server.config.max_frame_bytes
         budget = body_budget(max_frame)
+        if not hasattr(broker, "core"):  # a cluster's router: the shard's broker may be on another node
+            await self._run_routed(max_frame, budget)
+            return
         writable, queues = session.writable, broker.core.queues
         end: ChuteError | None = None
         try:
@@ -145,6 +148,41 @@ class ServerConsumer:
         except ChuteError as exc:  # the queue was deleted, the broker is closing, ...
             end = exc
         except Exception as exc:  # a bug: end this consumer, keep the connection
+            log.exception("consumer %s on %s failed", self.id, self.queue)
+            end = ChuteError(f"consumer failed: {exc}")
+        session.consumers.pop(self.id, None)
+        if end is not None and not session.closed:
+            body = m.ErrorBody(code=end.code, name=end.name, message=end.message, retryable=end.retryable)
+            session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=[], end=body))
+
+    async def _run_routed(self, max_frame: int, budget: int) -> None:
+        """`run` through a cluster's router: long-poll receives of at most the credit, wherever the queue is."""
+        session, broker, name = self.session, self.session.broker, self.queue
+        end: ChuteError | None = None
+        try:
+            while not session.closed:
+                if not session.writable.is_set():
+                    await session.writable.wait()
+                    continue
+                credit = self.prefetch - len(self.outstanding)
+                if credit <= 0:
+                    self.credit.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(CREDIT_RECHECK_S):
+                            await self.credit.wait()
+                    continue
+                deliveries = await broker.receive(name, min(credit, MAX_DELIVER_BATCH), wait_s=POLL_S,
+                                                  lease_s=self.lease_s, max_bytes=budget)  # fmt: skip
+                if session.closed:
+                    broker.release(name, [d.receipt for d in deliveries if d.receipt])
+                    return
+                if deliveries:
+                    self._deliver(deliveries, max_frame)
+        except asyncio.CancelledError:
+            raise
+        except ChuteError as exc:
+            end = exc
+        except Exception as exc:
             log.exception("consumer %s on %s failed", self.id, self.queue)
             end = ChuteError(f"consumer failed: {exc}")
         session.consumers.pop(self.id, None)
@@ -207,6 +245,7 @@ class Session(asyncio.Protocol):
         self.credential: tuple | None = None  # what HELLO authenticated with (None before WELCOME)
         self._held: list[Frame] | None = None  # frames that came behind HELLO while it is being checked
         self._out: list[bytes] | None = None  # bytes for the peer in this turn of the loop (`_send`)
+        self._fast_ack = hasattr(self.broker, "_ack")  # not through a cluster's router: ACK runs as a task there
 
     # -- transport callbacks ------------------------------------------------------------------------------------
 
@@ -242,7 +281,7 @@ class Session(asyncio.Protocol):
         op = frame.op
         if op is Op.HEARTBEAT:
             return
-        if op is Op.ACK:
+        if op is Op.ACK and self._fast_ack:
             self._ack_now(frame)
             return
         if op is Op.HELLO:
@@ -358,8 +397,11 @@ class Session(asyncio.Protocol):
 
     def _prune_leases(self) -> None:
         """Forget receipts whose lease ended (they were released or redelivered elsewhere)."""
+        core = getattr(self.broker, "core", None)
+        if core is None:  # a cluster's router: leases are on the shards' brokers; released at the end anyway
+            return
         for name, receipts in list(self.leased.items()):
-            queue = self.broker.core.queues.get(name)
+            queue = core.queues.get(name)
             if queue is None:
                 del self.leased[name]
             elif receipts:
@@ -392,6 +434,9 @@ class Session(asyncio.Protocol):
             return
         self.credential = self.server.auth.credential(hello)
         self.client_name = hello.client[:200]
+        for_peer = getattr(self.server.broker, "for_peer", None)
+        if for_peer is not None:  # a cluster node: another node's forwarding connection is served locally only
+            self.broker = for_peer(self.client_name)
         if 0.05 <= hello.heartbeat_s <= 3600:
             self.heartbeat_s = hello.heartbeat_s
         try:
@@ -507,12 +552,19 @@ class Session(asyncio.Protocol):
             raise BrokerClosed("the connection is closed")
         self.broker._check()
         if request.topic is None:
-            self.broker.core.queue(request.queue)  # QueueNotFound now rather than in the consumer
+            if hasattr(self.broker, "core"):
+                self.broker.core.queue(request.queue)  # QueueNotFound now rather than in the consumer
+            else:  # a cluster's router: asks the queue's shard
+                await _awaited(self.broker.queue_stats(request.queue))
             consumer = ServerConsumer(self, request.consumer, request.queue, prefetch, request.lease_s)
         elif request.queue:
             raise InvalidArgument("CONSUME takes a queue or a topic (an ephemeral subscription), not both")
         else:
             queue = self.broker.ephemeral_subscription(request.topic, request.pattern, filter=request.filter)
+            queue = await _awaited(queue)
+            if self.closed:
+                self.broker.end_ephemeral(queue)
+                raise BrokerClosed("the connection is closed")
             consumer = ServerConsumer(self, request.consumer, queue, prefetch, None, ephemeral=True)
         self.consumers[consumer.id] = consumer
         consumer.start()
@@ -614,6 +666,11 @@ class Session(asyncio.Protocol):
             kind = "queue" if request.method == "list_queues" else "topic"
             result = [each for each in result if self.principal.can_see(kind, each.name)]
         return m.CallReply(result=result)
+
+
+async def _awaited(value):
+    """`value`, awaited if it is awaitable (a cluster's router answers remote questions asynchronously)."""
+    return await value if inspect.isawaitable(value) else value
 
 
 def _outcome(done: asyncio.Future) -> BaseException | None:
