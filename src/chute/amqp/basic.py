@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
-from chute.amqp.channel import LEASE_S, AmqpConsumer
+from chute.amqp.channel import AmqpConsumer, lease_s
 from chute.amqp.declare import _no_exchange, _no_queue, _owned_elsewhere, queue_name
 from chute.amqp.errors import (
     ACCESS_REFUSED,
@@ -178,7 +178,7 @@ def _consumable(session: AmqpSession, channel: Channel, method) -> str:
 
 async def basic_qos(session: AmqpSession, channel: Channel, method) -> object:
     if method.prefetch_size:
-        raise connection_error(NOT_IMPLEMENTED, "prefetch_size!=0 is not supported", method)
+        raise connection_error(NOT_IMPLEMENTED, f"prefetch_size!=0 ({method.prefetch_size})", method)  # as RabbitMQ
     if method.global_:
         channel.prefetch = method.prefetch_count
     else:
@@ -195,7 +195,9 @@ async def basic_consume(session: AmqpSession, channel: Channel, method) -> objec
         raise connection_error(NOT_ALLOWED, f"attempt to reuse consumer tag '{tag}'", method)
     if name in front.exclusive_consumers or (method.exclusive and front.consumers[name]):
         raise AmqpError(ACCESS_REFUSED, f"queue '{name}' in vhost '/' in exclusive use")
-    consumer = AmqpConsumer(channel, tag, name, bool(method.no_ack), bool(method.exclusive), channel.consumer_prefetch)
+    priority = _consumer_priority(method.arguments or {})
+    consumer = AmqpConsumer(channel, tag, name, bool(method.no_ack), bool(method.exclusive), channel.consumer_prefetch,
+                            priority)  # fmt: skip
     channel.consumers[tag] = consumer
     front.consumer_started(name, consumer)
     if method.exclusive:
@@ -204,6 +206,14 @@ async def basic_consume(session: AmqpSession, channel: Channel, method) -> objec
         session.write(session.conn.send_method(channel.number, commands.Basic.ConsumeOk(consumer_tag=tag)))
     consumer.task = asyncio.ensure_future(consumer.run())
     return None
+
+
+def _consumer_priority(arguments: dict) -> int:
+    """basic.consume's `x-priority` (any integer, default 0), as RabbitMQ reads it; 406 for another type."""
+    value = arguments.get("x-priority", 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AmqpError(PRECONDITION_FAILED, f"invalid arg 'x-priority' for consumer: {value!r} (an integer)")
+    return value
 
 
 async def basic_cancel(session: AmqpSession, channel: Channel, method) -> object:
@@ -215,7 +225,7 @@ async def basic_get(session: AmqpSession, channel: Channel, method) -> object:
     name = _consumable(session, channel, method)
     broker = session.broker
     session.front.used(name)
-    deliveries = await broker.receive(name, 1, lease_s=LEASE_S)
+    deliveries = await broker.receive(name, 1, lease_s=lease_s(session))
     if not deliveries:
         return commands.Basic.GetEmpty()
     if channel.closed:

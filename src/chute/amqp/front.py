@@ -51,6 +51,7 @@ class AmqpFront:
         self.exclusive_consumers: set[str] = set()  # queues with an exclusive consumer
         self.expires: dict[str, float] = {}  # queue -> x-expires (s): deleted after this long unused
         self.single_active: dict[str, list] = {}  # x-single-active-consumer queue -> its consumers, active first
+        self.ranked: dict[str, list] = {}  # queue -> its consumers by x-priority, highest first
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self.port: int | None = None
         self._listener: asyncio.base_events.Server | None = None
@@ -168,13 +169,17 @@ class AmqpFront:
             "capabilities": {"publisher_confirms": True, "basic.nack": True, "consumer_cancel_notify": True,
                              "connection.blocked": True, "authentication_failure_close": True,
                              "per_consumer_qos": True, "exchange_exchange_bindings": False,
-                             "direct_reply_to": False, "consumer_priorities": False},
+                             "direct_reply_to": False, "consumer_priorities": True},
         }  # fmt: skip
 
     # -- queue ownership and consumers --------------------------------------------------------------------------
 
     def consumer_started(self, queue: str, consumer=None) -> None:
         self.consumers[queue] += 1
+        if consumer is not None:
+            ranked = self.ranked.setdefault(queue, [])
+            ranked.append(consumer)
+            ranked.sort(key=lambda each: -each.priority)
         waiting = self.single_active.get(queue)
         if waiting is not None and consumer is not None:
             waiting.append(consumer)
@@ -182,11 +187,37 @@ class AmqpFront:
 
     def may_deliver(self, queue: str, consumer) -> bool:
         """False for a consumer of an x-single-active-consumer queue that is not the active one (the first
-        registered of those still there)."""
+        registered of those still there), and for one while a consumer of higher `x-priority` on the same queue
+        has prefetch room (and a connection that is not blocked on writing)."""
         waiting = self.single_active.get(queue)
-        return not waiting or waiting[0] is consumer
+        if waiting and waiting[0] is not consumer:
+            return False
+        ranked = self.ranked.get(queue)
+        if ranked:
+            for other in ranked:
+                if other.priority <= consumer.priority:
+                    break
+                if other.task is not None and other.credit() > 0 and other.channel.session.writable.is_set():
+                    return False
+        return True
+
+    def dead_letters(self, queue: str) -> bool:
+        """Whether `queue` has a dead-letter queue (its rejected deliveries get x-death, see dead_letter.py)."""
+        found = self.broker.core.queues.get(queue)
+        return found is not None and found.settings.dead_letter_queue is not None
+
+    def consumer_full(self, queue: str) -> None:
+        """A consumer of `queue` used up its prefetch room: consumers of lower priority may go on now."""
+        for other in self.ranked.get(queue, ()):
+            other.channel.credit.set()
 
     def consumer_ended(self, queue: str, consumer=None) -> None:
+        ranked = self.ranked.get(queue)
+        if ranked is not None and consumer in ranked:
+            ranked.remove(consumer)
+            if not ranked:
+                del self.ranked[queue]
+            self.consumer_full(queue)
         waiting = self.single_active.get(queue)
         if waiting is not None and consumer in waiting:
             first = waiting[0] is consumer
