@@ -272,6 +272,9 @@ class AmqpSession(asyncio.Protocol):
             self._last_sent = now
         return min(self._last_sent + half, self._last_received + MISSED_HEARTBEATS * interval + 0.01)
 
+    def loop_time(self) -> float:
+        return self._loop.time()
+
     def connected_at_loop(self) -> float:
         return self._loop.time() - (time.time() - self.connected_at)
 

@@ -85,6 +85,9 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     memory_high_water_bytes: int = 256 * 2**20
     """Above this many bytes of unconfirmed publishes, the server stops reading from publishers until it falls
     below half of it (backpressure instead of running out of memory)."""
+    amqp_consumer_timeout_s: float = 1800.0
+    """AMQP: a delivery left unacknowledged this long closes its channel with 406 PRECONDITION_FAILED and goes
+    back to its queue (RabbitMQ's `consumer_timeout`, 30 minutes by default; docs/amqp.md)."""
     heartbeat_s: float = 10.0
     """Heartbeat interval offered to clients; a peer silent for 3 intervals is considered dead."""
     shutdown_grace_s: float = 10.0
@@ -95,6 +98,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             ("port", 0, 65535), ("max_connections", 1, 1_000_000), ("max_frame_bytes", 65536, 2**30),
             ("max_message_bytes", 1, 2**30), ("memory_high_water_bytes", 2**20, 2**40),
             ("heartbeat_s", 0.05, 3600), ("shutdown_grace_s", 0, 3600), ("failed_login_limit", 0, 1_000_000),
+            ("amqp_consumer_timeout_s", 0.1, 43_200),
         ):  # fmt: skip
             value = getattr(self, key)
             if not low <= value <= high:
