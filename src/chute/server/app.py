@@ -121,7 +121,7 @@ class Server:
                 await self._start_amqp()
             node = getattr(self.broker, "node", None)
             if node is not None:  # a cluster node: the others learn where to forward calls for its shards
-                host = getattr(self.config, "advertise", None) or self.config.host
+                host = self.config.advertise or self.config.host
                 await node.advertise(host, self._tcp.sockets[0].getsockname()[1], self.http_port, self.amqp_port)
         except BaseException:
             if self._tcp is not None:
@@ -310,8 +310,13 @@ def cluster_broker(config: ServerConfig):
     from chute.cluster.peers import Peers
     from chute.cluster.router import ClusterBroker
 
-    options = {"shards": getattr(config, "shards", None), "lease_s": getattr(config, "cluster_lease_s", None)}
-    node = ClusterNode(config.store, config.node_name, host=getattr(config, "advertise", None) or config.host,
+    heartbeat_s = config.cluster_heartbeat_s
+    options = {
+        "shards": config.shards,
+        "lease_s": config.cluster_lease_s,
+        "heartbeat_s": None if heartbeat_s == 1.0 else heartbeat_s,  # the default: the node's own choice
+    }
+    node = ClusterNode(config.store, config.node_name, host=config.advertise or config.host,
                        fsync=config.fsync, broker_options={"max_message_bytes": config.max_message_bytes},
                        **{key: value for key, value in options.items() if value is not None})  # fmt: skip
     return ClusterBroker(node, peers=Peers(config.node_name, token=config.token, tls=config.tls))
