@@ -10,7 +10,7 @@ Lifecycle: `start()` after the broker has recovered (RabbitMQ's predeclared exch
 work finish and closes every connection with 320 CONNECTION_FORCED, before the broker closes.
 
 Invariants: at most `max_connections` AMQP connections (counted apart from native ones); an exclusive queue is
-deleted when its connection ends; an auto-delete queue when its last consumer goes; a queue with x-expires when
+deleted when its connection ends, a non-durable one at the next start; an auto-delete queue when its last consumer goes; a queue with x-expires when
 it has been unused (no consumer, no declare, no basic.get) that long; an x-single-active-consumer queue delivers
 to one consumer at a time, the first registered (then the next, when it goes). The last two are kept in memory.
 """
@@ -89,13 +89,14 @@ class AmqpFront:
 
     async def _restore(self) -> None:
         """At start-up: queues declared through AMQP get their flags back; exclusive ones, whose connections
-        belonged to an earlier run, are deleted (as RabbitMQ deletes them at a restart)."""
+        belonged to an earlier run, and non-durable ones (`durable=False`) are deleted, as RabbitMQ deletes them
+        at a restart."""
         changed = False
         for name, declared in list(self.book.queues.items()):
             if name not in self.broker.core.queues:
                 del self.book.queues[name]
                 changed = True
-            elif declared["exclusive"]:
+            elif declared["exclusive"] or not declared["durable"]:
                 with contextlib.suppress(ChuteError):
                     await self.broker.delete_queue(name)
                 del self.book.queues[name]
