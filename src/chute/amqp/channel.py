@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 from pamqp import commands
 
+from chute.amqp import dead_letter
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
-from chute.amqp.exchanges import amqp_queue, routing_key
 from chute.amqp.frames import deliver_method
-from chute.amqp.mapping import to_properties
+from chute.amqp.mapping import origin, to_properties
 from chute.errors import ChuteError, QueueNotFound
 from chute.model import MAX_LEASE_S, Delivery
 
@@ -151,7 +151,7 @@ class Channel:
             tag = self.next_tag
             self.next_tag += 1
             properties = to_properties(delivery)
-            exchange, key = _origin(delivery)
+            exchange, key = origin(delivery)
             redelivered = delivery.delivery_count > 1
             if consumer is None:  # basic.get
                 method = commands.Basic.GetOk(delivery_tag=tag, redelivered=redelivered, exchange=exchange,
@@ -205,15 +205,23 @@ class Channel:
         if not tags and (tag or not multiple):
             raise AmqpError(PRECONDITION_FAILED, f"unknown delivery tag {tag}", method=method)
         by_queue: dict[str, list[int]] = {}
+        rejected: dict[str, list[Delivery]] = {}  # deliveries dead-lettered with their x-death (dead_letter.py)
         for each in tags:
-            queue, receipt, consumer, _, _ = self.unacked.pop(each)
+            queue, receipt, consumer, _, delivery = self.unacked.pop(each)
             if consumer is not None:
                 consumer.outstanding -= 1
-            by_queue.setdefault(queue, []).append(receipt)
+            if delivery is not None and action != "ack" and not requeue:
+                rejected.setdefault(queue, []).append(delivery)
+            else:
+                by_queue.setdefault(queue, []).append(receipt)
         self.credit.set()
         for queue, receipts in by_queue.items():
             self.session.settle_later(queue, action if action == "ack" else ("nack" if requeue else "reject"),
                                       receipts)  # fmt: skip
+        for queue, deliveries in rejected.items():
+            task = self.session.spawn(dead_letter.reject(self.session, queue, deliveries))
+            self.publishing.add(task)  # tx.commit waits for it
+            task.add_done_callback(self.publishing.discard)
 
     def recover(self) -> None:
         """basic.recover: every unacked delivery goes back to its queue (delivered again, marked redelivered)."""
@@ -264,15 +272,3 @@ class Channel:
         self.unacked.clear()
         for queue, receipts in by_queue.items():
             self.session.broker.release(queue, receipts)
-
-
-def _origin(delivery: Delivery) -> tuple[str, str]:
-    """The exchange and routing key a message was published with."""
-    message = delivery.message
-    exchange = message.headers.get("amqp-exchange", "")
-    key = message.headers.get("amqp-routing-key")
-    if key is not None:
-        return exchange, key
-    if message.subject is not None:
-        return exchange, routing_key(message.subject)
-    return exchange, amqp_queue(delivery.queue)

@@ -192,12 +192,18 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
                         "arguments differ from the existing queue's settings") from None  # fmt: skip
     front.book.queues[name] = declared
     front.adopt(name, declared, owner=session)
+    if "x-dead-letter-exchange" in arguments and settings.dead_letter_queue is None:
+        front.pending_dead_letters.add(name)
     await front.save_book()
+    if front.pending_dead_letters:
+        await resolve_dead_letters(session)
 
 
 def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
-    """The Chute dead-letter queue of `x-dead-letter-exchange` and `-routing-key`, resolved now: the default
-    exchange names the queue; another exchange must route the routing key to exactly one queue."""
+    """The Chute dead-letter queue of `x-dead-letter-exchange` and `-routing-key`: the default exchange names the
+    queue; another exchange must route the routing key to exactly one queue (406 if it routes to several). None
+    while there is no such queue yet: as in RabbitMQ, dead letters are dropped until there is one
+    (`resolve_dead_letters` looks again after each queue.declare and queue.bind)."""
     if "x-dead-letter-exchange" not in arguments:
         return None
     exchange = arguments["x-dead-letter-exchange"]
@@ -208,20 +214,35 @@ def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
         if not key:
             raise AmqpError(PRECONDITION_FAILED, "x-dead-letter-exchange '' needs x-dead-letter-routing-key (the "
                             "dead-letter queue)")  # fmt: skip
-        if key not in core.queues:
-            raise AmqpError(PRECONDITION_FAILED, f"dead-letter queue '{key}' does not exist: declare it first")
-        return key
+        return key if key in core.queues else None
     if exchange not in session.front.book.exchanges:
-        raise AmqpError(PRECONDITION_FAILED, f"dead-letter exchange '{exchange}' does not exist: declare it and "
-                        "bind its queue first")  # fmt: skip
+        return None
     topic = core.topics.get(ex.topic_name(exchange))
     subject = ex.subject(key or "") or ""
     queues = topic.route(subject, {}) if topic is not None else []
-    if len(queues) != 1:
+    if len(queues) > 1:
         raise AmqpError(PRECONDITION_FAILED, f"dead-letter exchange '{exchange}' must route "
                         f"{'the key ' + repr(key) if key else 'messages'} to exactly one queue (it routes to "
                         f"{len(queues)}): Chute dead-letters to one queue")  # fmt: skip
-    return queues[0].name
+    return queues[0].name if queues else None
+
+
+async def resolve_dead_letters(session: AmqpSession) -> None:
+    """Give the queues whose dead-letter exchange led nowhere yet their dead-letter queue, if it exists now."""
+    front, core = session.front, session.broker.core
+    for name in sorted(front.pending_dead_letters):
+        declared = front.book.queues.get(name)
+        queue = core.queues.get(name)
+        if declared is None or queue is None or queue.settings.dead_letter_queue is not None:
+            front.pending_dead_letters.discard(name)
+            continue
+        try:
+            target = _dead_letter_queue(session, declared["arguments"])
+        except AmqpError:
+            continue
+        if target is not None and target != name:
+            await session.broker.update_queue(name, dead_letter_queue=target)
+            front.pending_dead_letters.discard(name)
 
 
 async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
@@ -258,6 +279,8 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
             await broker.subscribe(topic, pattern, name)
     book.bindings.append(binding)
     await session.front.save_book()
+    if session.front.pending_dead_letters:
+        await resolve_dead_letters(session)
     return commands.Queue.BindOk()
 
 
@@ -315,6 +338,11 @@ async def queue_delete(session: AmqpSession, channel: Channel, method) -> object
     stats = broker.queue_stats(name)
     if method.if_empty and stats.ready + stats.in_flight + stats.delayed:
         raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} is not empty")
+    for other in [q for q in broker.core.queues.values() if q.settings.dead_letter_queue == name]:
+        if other.name not in front.book.queues:
+            break  # a queue of another front: the broker refuses (406), as before
+        await broker.update_queue(other.name, dead_letter_queue=None)  # RabbitMQ drops its dead letters now
+        front.pending_dead_letters.add(other.name)
     try:
         await broker.delete_queue(name)
     except QueueNotFound:

@@ -10,9 +10,11 @@ Lifecycle: `start()` after the broker has recovered (RabbitMQ's predeclared exch
 work finish and closes every connection with 320 CONNECTION_FORCED, before the broker closes.
 
 Invariants: at most `max_connections` AMQP connections (counted apart from native ones); an exclusive queue is
-deleted when its connection ends, a non-durable one at the next start; an auto-delete queue when its last consumer goes; a queue with x-expires when
-it has been unused (no consumer, no declare, no basic.get) that long; an x-single-active-consumer queue delivers
-to one consumer at a time, the first registered (then the next, when it goes). The last two are kept in memory.
+deleted when its connection ends, a non-durable one at the next start; an auto-delete queue when its last
+consumer goes; a queue with x-expires when it has been unused (no consumer, no declare, no basic.get) that long;
+an x-single-active-consumer queue delivers to one consumer at a time, the first registered (then the next, when
+it goes); a consumer delivers only while no consumer of higher `x-priority` on its queue has prefetch room. The
+last three are kept in memory.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class AmqpFront:
         self.exclusive_consumers: set[str] = set()  # queues with an exclusive consumer
         self.expires: dict[str, float] = {}  # queue -> x-expires (s): deleted after this long unused
         self.single_active: dict[str, list] = {}  # x-single-active-consumer queue -> its consumers, active first
+        self.pending_dead_letters: set[str] = set()  # queues whose dead-letter exchange leads nowhere yet
         self.ranked: dict[str, list] = {}  # queue -> its consumers by x-priority, highest first
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self.port: int | None = None
@@ -104,6 +107,9 @@ class AmqpFront:
                 changed = True
             else:
                 self.adopt(name, declared)
+                settings = self.broker.core.queues[name].settings
+                if "x-dead-letter-exchange" in declared["arguments"] and settings.dead_letter_queue is None:
+                    self.pending_dead_letters.add(name)
         if changed:
             await self.save_book()
 
