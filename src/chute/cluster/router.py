@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from chute.cluster.localview import LocalCore, LocalStore
 from chute.cluster.peers import PEER_CLIENT, Peers
 from chute.cluster.placement import namespace_error
 from chute.errors import (
@@ -75,6 +76,18 @@ class ClusterBroker:
         else:  # the local view shares the pool, the state and the change event of its router
             self.peers, self._changed = _shared.peers, _shared._changed
             self.local = self
+
+    routed = True  # the server's fronts: calls go through the router (no `_lease`/`_ack` fast paths)
+
+    @property
+    def core(self) -> LocalCore:
+        """The merged state of the shards this node serves now (for /metrics and overviews; read-only)."""
+        return LocalCore(self._local_brokers)
+
+    @property
+    def store(self) -> LocalStore:
+        """The stores of the shards this node serves now, counted together."""
+        return LocalStore(self._local_brokers, getattr(self.node, "where", "?"))
 
     @property
     def placement(self):
@@ -199,6 +212,13 @@ class ClusterBroker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, RECHECK_S)):
                     await self._changed.wait()
+
+    def _owner_now(self, shard: int):
+        """The local broker of `shard`; Unavailable if this node does not serve it now (no waiting)."""
+        broker = self.node.local_broker(shard)
+        if broker is not None and broker._state == "serving":
+            return broker
+        raise Unavailable(f"node {self.node.name} does not own shard {shard} (any more)")
 
     async def _on_shard(self, shard: int, method: str, *args, **kwargs):
         """Call `method` on the broker of `shard` (local or a peer), waiting for an owner within the bound; a

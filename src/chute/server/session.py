@@ -114,7 +114,7 @@ class ServerConsumer:
         session, broker, name = self.session, self.session.broker, self.queue
         max_frame = session.server.config.max_frame_bytes
         budget = body_budget(max_frame)
-        if not hasattr(broker, "core"):  # a cluster's router: the shard's broker may be on another node
+        if getattr(broker, "routed", False):  # a cluster's router: the shard's broker may be on another node
             await self._run_routed(max_frame, budget)
             return
         writable, queues = session.writable, broker.core.queues
@@ -245,7 +245,7 @@ class Session(asyncio.Protocol):
         self.credential: tuple | None = None  # what HELLO authenticated with (None before WELCOME)
         self._held: list[Frame] | None = None  # frames that came behind HELLO while it is being checked
         self._out: list[bytes] | None = None  # bytes for the peer in this turn of the loop (`_send`)
-        self._fast_ack = hasattr(self.broker, "_ack")  # not through a cluster's router: ACK runs as a task there
+        self._fast_ack = not getattr(self.broker, "routed", False)  # through a cluster's router, ACK is a task
 
     # -- transport callbacks ------------------------------------------------------------------------------------
 
@@ -397,11 +397,10 @@ class Session(asyncio.Protocol):
 
     def _prune_leases(self) -> None:
         """Forget receipts whose lease ended (they were released or redelivered elsewhere)."""
-        core = getattr(self.broker, "core", None)
-        if core is None:  # a cluster's router: leases are on the shards' brokers; released at the end anyway
-            return
+        if getattr(self.broker, "routed", False):  # a cluster's router: leases are on the shards' brokers
+            return  # (released when the connection ends anyway)
         for name, receipts in list(self.leased.items()):
-            queue = core.queues.get(name)
+            queue = self.broker.core.queues.get(name)
             if queue is None:
                 del self.leased[name]
             elif receipts:
@@ -552,7 +551,7 @@ class Session(asyncio.Protocol):
             raise BrokerClosed("the connection is closed")
         self.broker._check()
         if request.topic is None:
-            if hasattr(self.broker, "core"):
+            if not getattr(self.broker, "routed", False):
                 self.broker.core.queue(request.queue)  # QueueNotFound now rather than in the consumer
             else:  # a cluster's router: asks the queue's shard
                 await _awaited(self.broker.queue_stats(request.queue))

@@ -13,6 +13,7 @@ import time
 import msgspec
 from aiohttp import web
 
+from chute.errors import ChuteError
 from chute.server import auth
 from chute.server.api import models as m
 from chute.server.api.call import Call
@@ -41,12 +42,23 @@ def _consumers(session) -> list[m.ConsumerInfo]:
 async def overview(call: Call) -> m.Overview:
     broker, server, principal = call.broker, call.server, call.principal
     totals = {f.name: 0 for f in TOTALS}
-    queues = [q for q in broker.list_queues() if principal.can_see("queue", q.name)]
+    listed = broker.list_queues()
+    listed = await listed if inspect.isawaitable(listed) else listed  # a cluster's router asks other nodes
+    queues = [q for q in listed if principal.can_see("queue", q.name)]
     for queue in queues:
         stats = broker.queue_stats(queue.name)
+        if inspect.isawaitable(stats):
+            try:
+                stats = await stats
+            except ChuteError:  # deleted meanwhile, or its node is being taken over
+                continue
         for name in totals:
             totals[name] += getattr(stats, name)
-    topics = [t for t in broker.core.topics if principal.can_see("topic", t)]
+    if getattr(broker, "routed", False):
+        topic_names = [t.name for t in await _awaited(broker.list_topics())]
+    else:
+        topic_names = list(broker.core.topics)
+    topics = [t for t in topic_names if principal.can_see("topic", t)]
     store = broker.store.stats()
     sessions = list(server.sessions)
     return m.Overview(
@@ -55,6 +67,10 @@ async def overview(call: Call) -> m.Overview:
         consumers=sum(len(s.consumers) for s in sessions), totals=m.Totals(**totals),
         storage=m.StorageInfo(log_bytes=store.bytes_on_disk, segments=store.segments, read_only=broker.store.read_only),
     )  # fmt: skip
+
+
+async def _awaited(value):
+    return await value if inspect.isawaitable(value) else value
 
 
 async def connections(call: Call) -> m.ConnectionList:
