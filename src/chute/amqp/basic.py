@@ -2,10 +2,11 @@
 
 Publishing: a run of consecutive basic.publish on a channel becomes one `Broker.publish_batch` per destination
 (the default exchange publishes to the queue named by the routing key; an exchange to its topic, with the routing
-key as the subject). Unroutable messages are not stored: with `mandatory` they come back as basic.return
-(312 NO_ROUTE) before their confirm. In confirm mode, basic.ack goes out once the broker's durable confirm came
-(so a confirm means durable, as on every front); basic.nack when the broker refused the message (a full queue
-with x-overflow reject-publish, a storage failure).
+key as the subject; an exchange with exchange-to-exchange or typed headers bindings to the queues the front
+routes it to, routing.py, with one `Broker.publish_many`). Unroutable messages are not stored: with `mandatory`
+they come back as basic.return (312 NO_ROUTE) before their confirm. In confirm mode, basic.ack goes out once the
+broker's durable confirm came (so a confirm means durable, as on every front); basic.nack when the broker refused
+the message (a full queue with x-overflow reject-publish, a storage failure).
 
 Consuming: see channel.py (prefetch, leases, settling).
 """
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
+from chute.amqp import routing
 from chute.amqp.channel import AmqpConsumer, lease_s
 from chute.amqp.declare import _no_exchange, _no_queue, _owned_elsewhere, queue_name
 from chute.amqp.errors import (
@@ -105,6 +107,8 @@ def _route(session: AmqpSession, content: Content):
         raise AmqpError(ACCESS_REFUSED, f"cannot publish to internal exchange '{exchange}' in vhost '/'")
     check(session.principal, "publish", "topic", dest)
     kind = declared["type"]
+    if session.front.book.front_routed(exchange):
+        return _route_by_front(session, content, exchange)
     subject = ex.HEADERS_SUBJECT if kind == "headers" else ex.subject(key)
     if subject is None and kind == "fanout":
         subject = ex.FANOUT_SUBJECT
@@ -116,6 +120,45 @@ def _route(session: AmqpSession, content: Content):
     message.headers = headers
     routable = subject is not None and topic is not None and bool(topic.route(subject, headers))
     return dest, message, routable
+
+
+def _route_by_front(session: AmqpSession, content: Content, exchange: str):
+    """(queues, Chute publish, routable) of a publish routed by the front (routing.py): the queues reached from
+    `exchange` through its bindings and its exchange-to-exchange bindings, each once."""
+    method = content.method
+    key, table = method.routing_key, (content.properties.headers if content.properties is not None else None)
+    book, core = session.front.book, session.broker.core
+    message = to_publish(content.properties, content.body)
+    headers = message.headers if message.headers is not None else {}
+    headers[EXCHANGE_HEADER] = exchange
+    headers[ROUTING_KEY_HEADER] = key
+    message.headers = headers
+    subject = ex.subject(key)
+    queues: set[str] = set()
+    seen, todo = {exchange}, [exchange]
+    while todo:
+        name = todo.pop()
+        declared = book.exchanges.get(name)
+        if declared is None:
+            continue
+        kind = declared["type"]
+        topic = core.topics.get(ex.topic_name(name))
+        if topic is not None:
+            routed_subject = ex.HEADERS_SUBJECT if kind == "headers" else subject
+            if routed_subject is None and kind == "fanout":
+                routed_subject = ex.FANOUT_SUBJECT
+            if routed_subject is not None:
+                queues.update(queue.name for queue in topic.route(routed_subject, headers))
+        if kind == "headers":
+            queues.update(b["queue"] for b in book.bindings if b["exchange"] == name and "table" in b
+                          and routing.headers_match(routing.arguments_of(b), table))  # fmt: skip
+        for binding in book.exchange_bindings:
+            if binding["source"] == name and binding["destination"] not in seen and \
+                    routing.binding_matches(kind, binding, key, table):  # fmt: skip
+                seen.add(binding["destination"])
+                todo.append(binding["destination"])
+    queues.intersection_update(core.queues)
+    return tuple(sorted(queues)), message, bool(queues)
 
 
 def _flush(session: AmqpSession, channel: Channel, dest: str | None, group: list) -> None:
@@ -131,7 +174,13 @@ async def _commit(session: AmqpSession, channel: Channel, dest: str, group: list
     size = sum(len(message.body) for message in messages)
     session.server.publishing(session, size)
     try:
-        await session.broker.publish_batch(dest, messages)
+        if isinstance(dest, tuple):  # routed by the front: several queues at once
+            results = await session.broker.publish_many([(queue, messages) for queue in dest])
+            for result in results:  # a refusal (reject-publish) nacks, as RabbitMQ does when one queue refuses
+                if isinstance(result, ChuteError) and not isinstance(result, QueueNotFound):
+                    raise result
+        else:
+            await session.broker.publish_batch(dest, messages)
     except (QueueFull, QueueNotFound, TopicNotFound) as exc:  # refused (reject-publish) or gone meanwhile
         _confirm(session, channel, seqs, isinstance(exc, QueueNotFound | TopicNotFound))
         return

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
+from chute.amqp import routing
 from chute.amqp.errors import (
     ACCESS_REFUSED,
     COMMAND_INVALID,
@@ -104,18 +105,65 @@ async def exchange_delete(session: AmqpSession, channel: Channel, method) -> obj
         return commands.Exchange.DeleteOk()
     topic = ex.topic_name(name)
     check(session.principal, "manage", "topic", topic)
-    if method.if_unused and any(b["exchange"] == name for b in book.bindings):
+    if method.if_unused and (any(b["exchange"] == name for b in book.bindings)
+                             or any(b["source"] == name for b in book.exchange_bindings)):  # fmt: skip
         raise AmqpError(PRECONDITION_FAILED, f"exchange '{name}' in vhost {VHOST} in use")
     if topic in session.broker.core.topics:
         await session.broker.delete_topic(topic)
     del book.exchanges[name]
     book.bindings = [b for b in book.bindings if b["exchange"] != name]
+    book.exchange_bindings = [b for b in book.exchange_bindings if name not in (b["source"], b["destination"])]
     await session.front.save_book()
     return commands.Exchange.DeleteOk()
 
 
+async def _bound_exchanges(session: AmqpSession, method) -> tuple[dict, dict]:
+    """The source and destination of exchange.bind / unbind (403 for the default exchange, 404 if missing), with
+    `manage` on both topics checked."""
+    book = session.front.book
+    for name in (method.source, method.destination):
+        if not name:
+            raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
+    for name in (method.destination, method.source):
+        if name not in book.exchanges:
+            raise _no_exchange(name)
+    for name in (method.destination, method.source):
+        check(session.principal, "manage", "topic", ex.topic_name(name))
+    return book.exchanges[method.source], book.exchanges[method.destination]
+
+
+def _find_exchange_binding(book, method, arguments: dict) -> dict | None:
+    for each in book.exchange_bindings:
+        if (each["source"], each["destination"], each["key"], each["arguments"]) == \
+                (method.source, method.destination, method.routing_key, arguments):  # fmt: skip
+            return each
+    return None
+
+
 async def exchange_bind(session: AmqpSession, channel: Channel, method) -> object:
-    raise connection_error(NOT_IMPLEMENTED, "exchange-to-exchange bindings are not supported by Chute", method)
+    """An exchange-to-exchange binding: messages the source routes with this key (or headers) go on to the
+    destination too. Routed by the front (routing.py); a loop of bindings delivers to each queue once."""
+    source, _ = await _bound_exchanges(session, method)
+    book = session.front.book
+    arguments = method.arguments or {}
+    if source["type"] == "headers":
+        routing.match_mode(arguments)
+    if _find_exchange_binding(book, method, plain(arguments)) is None:
+        book.exchange_bindings.append({"source": method.source, "destination": method.destination,
+                                       "key": method.routing_key, "arguments": plain(arguments),
+                                       "table": routing.pack(arguments)})  # fmt: skip
+        await session.front.save_book()
+    return commands.Exchange.BindOk()
+
+
+async def exchange_unbind(session: AmqpSession, channel: Channel, method) -> object:
+    await _bound_exchanges(session, method)
+    book = session.front.book
+    binding = _find_exchange_binding(book, method, plain(method.arguments or {}))
+    if binding is not None:
+        book.exchange_bindings.remove(binding)
+        await session.front.save_book()
+    return commands.Exchange.UnbindOk()
 
 
 # -- queues -----------------------------------------------------------------------------------------------------
@@ -265,7 +313,10 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
     if book.find(exchange, name, method.routing_key, arguments) is not None:
         return commands.Queue.BindOk()
     binding = {"exchange": exchange, "queue": name, "key": method.routing_key, "arguments": arguments}
-    if declared["type"] == "headers":
+    if declared["type"] == "headers" and routing.typed(method.arguments or {}):
+        binding["table"] = routing.pack(method.arguments or {})  # matched by the front (routing.py)
+        binding["slots"] = []
+    elif declared["type"] == "headers":
         filters = ex.headers_filters(arguments)
         taken = {slot for other in book.bound(exchange, name) for slot in other.get("slots", ())}
         free = [slot for slot in range(ex.MAX_HEADERS_SLOTS) if slot not in taken][: len(filters)]
@@ -355,7 +406,7 @@ HANDLERS = {
     commands.Exchange.Declare: exchange_declare,
     commands.Exchange.Delete: exchange_delete,
     commands.Exchange.Bind: exchange_bind,
-    commands.Exchange.Unbind: exchange_bind,
+    commands.Exchange.Unbind: exchange_unbind,
     commands.Queue.Declare: queue_declare,
     commands.Queue.Bind: queue_bind,
     commands.Queue.Unbind: queue_unbind,

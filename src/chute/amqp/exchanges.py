@@ -188,16 +188,37 @@ class ExchangeBook:
         self.exchanges: dict[str, dict] = {}  # name -> {"type", "durable", "auto_delete", "internal", "arguments"}
         self.bindings: list[dict] = []  # {"exchange", "queue", "key", "arguments"}
         self.queues: dict[str, dict] = {}  # Chute queue -> {"durable", "auto_delete", "exclusive", "arguments"}
+        # exchange-to-exchange bindings: {"source", "destination", "key", "arguments", "table" (typed arguments)}
+        self.exchange_bindings: list[dict] = []
+        self._front_routed: set[str] | None = None
         if self.path is not None and self.path.exists():
             with contextlib.suppress(OSError, ValueError):
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                self.exchanges = dict(data.get("exchanges", {}))
-                self.bindings = list(data.get("bindings", []))
-                self.queues = dict(data.get("queues", {}))
+                self.load(json.loads(self.path.read_text(encoding="utf-8")))
+
+    def load(self, data: dict) -> None:
+        self.exchanges = dict(data.get("exchanges", {}))
+        self.bindings = list(data.get("bindings", []))
+        self.queues = dict(data.get("queues", {}))
+        self.exchange_bindings = list(data.get("exchange_bindings", []))
+        self.changed()
 
     def dumps(self) -> str:
-        return json.dumps({"exchanges": self.exchanges, "bindings": self.bindings, "queues": self.queues},
-                          sort_keys=True)  # fmt: skip
+        self.changed()
+        return json.dumps({"exchanges": self.exchanges, "bindings": self.bindings, "queues": self.queues,
+                           "exchange_bindings": self.exchange_bindings}, sort_keys=True)  # fmt: skip
+
+    def changed(self) -> None:
+        self._front_routed = None
+
+    def front_routed(self, exchange: str) -> bool:
+        """Whether publishes to `exchange` are routed by the front (routing.py): it has exchange-to-exchange
+        bindings, or typed headers bindings."""
+        routed = self._front_routed
+        if routed is None:
+            routed = {b["source"] for b in self.exchange_bindings}
+            routed.update(b["exchange"] for b in self.bindings if "table" in b)
+            self._front_routed = routed
+        return exchange in routed
 
     def write(self, data: str) -> None:
         """Store `data` (from `dumps`) atomically (blocking: run it in a worker thread)."""

@@ -63,6 +63,7 @@ class AmqpFront:
 
     async def save_book(self) -> None:
         """Store the exchange book (in a worker thread; one write at a time, each with the latest state)."""
+        self.book.changed()  # before any wait: the next publish sees the new bindings
         async with self._saving:
             await asyncio.to_thread(self.book.write, self.book.dumps())
 
@@ -175,7 +176,7 @@ class AmqpFront:
             "information": "AMQP 0-9-1 front of Chute (docs/amqp.md)",
             "capabilities": {"publisher_confirms": True, "basic.nack": True, "consumer_cancel_notify": True,
                              "connection.blocked": True, "authentication_failure_close": True,
-                             "per_consumer_qos": True, "exchange_exchange_bindings": False,
+                             "per_consumer_qos": True, "exchange_exchange_bindings": True,
                              "direct_reply_to": False, "consumer_priorities": True},
         }  # fmt: skip
 
