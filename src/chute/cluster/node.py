@@ -96,6 +96,7 @@ class ClusterNode:
         self._brokers: dict[int, Broker] = {}
         self._held: set[int] = set()  # shards whose rows we hold (opening, serving or closing)
         self._busy: dict[int, asyncio.Task] = {}
+        self._giving: set[int] = set()  # shards being handed back (still held until their row is cleared)
         self._take_slots = asyncio.Semaphore(TAKE_CONCURRENCY)
         self._nodes: dict[str, NodeInfo] = {}
         self._rows: dict[int, ownership.ShardRow] = {}
@@ -350,7 +351,8 @@ class ClusterNode:
 
     def _act(self, nodes: list[NodeInfo], rows: list[ownership.ShardRow]) -> None:
         alive = [info.name for info in nodes if info.alive]
-        take, give = ownership.plan(self.name, alive, rows, set(self._held), set(self._busy))
+        keeping = self._held - self._giving  # shards being handed back no longer count as ours
+        take, give = ownership.plan(self.name, alive, rows, keeping, set(self._busy))
         for shard in take:
             self._spawn(shard, self._take(shard))
         for shard in give:
@@ -443,11 +445,15 @@ class ClusterNode:
 
     async def _give(self, shard: int) -> None:
         """Hand `shard` back: stop serving it, close its broker cleanly (checkpoint), then clear its row."""
-        broker = self._brokers.pop(shard, None)
-        if broker is not None:
-            self._announce(shard, False)
-            await self._close(broker)
-        await self._release(shard)
+        self._giving.add(shard)
+        try:
+            broker = self._brokers.pop(shard, None)
+            if broker is not None:
+                self._announce(shard, False)
+                await self._close(broker, sever=not self._reachable)
+            await self._release(shard)
+        finally:
+            self._giving.discard(shard)
         log.info("node %s: handed shard %d back", self.name, shard)
 
     async def _release(self, shard: int) -> None:
