@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
-from chute.amqp import routing
+from chute.amqp import reply_to, routing
 from chute.amqp.channel import AmqpConsumer, lease_s
 from chute.amqp.declare import _no_exchange, _no_queue, _owned_elsewhere, queue_name
 from chute.amqp.errors import (
@@ -53,7 +53,18 @@ def publish(session: AmqpSession, channel: Channel, batch: list[Content]) -> Non
     group_dest, group = None, []
     for content in batch:
         try:
-            dest, message, routable = _route(session, content)
+            reply_to.stamp(channel, content)
+            if reply_to.is_reply(content):  # direct reply-to: straight to the requesting channel, not stored
+                dest, message, routable = None, None, reply_to.deliver(session, content)
+                if routable:
+                    _flush(session, channel, group_dest, group)
+                    group_dest, group = None, []
+                    if channel.confirm:
+                        channel.publish_seq += 1
+                        _confirm_now(session, channel, channel.publish_seq)
+                    continue
+            else:
+                dest, message, routable = _route(session, content)
         except (AmqpError, ChuteError) as exc:
             _flush(session, channel, group_dest, group)
             if isinstance(exc, ChuteError):
@@ -83,6 +94,23 @@ def publish(session: AmqpSession, channel: Channel, batch: list[Content]) -> Non
             group_dest, group = dest, []
         group.append((message, seq))
     _flush(session, channel, group_dest, group)
+
+
+def _confirm_now(session: AmqpSession, channel: Channel, seq: int) -> None:
+    """basic.ack for a publish that needs no broker call, after the publishes before it were confirmed."""
+    earlier = list(channel.publishing)
+    channel.unconfirmed.add(seq)
+    if not earlier:
+        _confirm(session, channel, [seq], True)
+        return
+
+    async def after() -> None:
+        await asyncio.wait(earlier)
+        _confirm(session, channel, [seq], True)
+
+    task = session.spawn(after())
+    channel.publishing.add(task)
+    task.add_done_callback(channel.publishing.discard)
 
 
 def _route(session: AmqpSession, content: Content):
@@ -237,11 +265,14 @@ async def basic_qos(session: AmqpSession, channel: Channel, method) -> object:
 
 
 async def basic_consume(session: AmqpSession, channel: Channel, method) -> object:
-    name = _consumable(session, channel, method)
+    name = _consumable(session, channel, method) if method.queue != reply_to.PSEUDO_QUEUE else ""
     front = session.front
     tag = method.consumer_tag or "amq.ctag-" + secrets.token_urlsafe(16)
-    if tag in channel.consumers:
+    if tag in channel.consumers or (channel.reply_to is not None and channel.reply_to[1] == tag):
         raise connection_error(NOT_ALLOWED, f"attempt to reuse consumer tag '{tag}'", method)
+    if method.queue == reply_to.PSEUDO_QUEUE:
+        reply_to.consume(session, channel, method, tag)
+        return None if method.nowait else commands.Basic.ConsumeOk(consumer_tag=tag)
     if name in front.exclusive_consumers or (method.exclusive and front.consumers[name]):
         raise AmqpError(ACCESS_REFUSED, f"queue '{name}' in vhost '/' in exclusive use")
     priority = _consumer_priority(method.arguments or {})

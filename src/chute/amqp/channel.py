@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from pamqp import commands
 
-from chute.amqp import dead_letter
+from chute.amqp import dead_letter, reply_to
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
 from chute.amqp.frames import deliver_method
 from chute.amqp.mapping import origin, to_properties
@@ -130,6 +130,7 @@ class Channel:
         self.unconfirmed: set[int] = set()
         self.publishing: set[asyncio.Task] = set()  # publish batches not yet confirmed by the broker
         self.tx = None  # tx.Transaction after tx.select: publishes and settles wait for tx.commit
+        self.reply_to: tuple[str, str] | None = None  # (token, consumer tag) of a direct reply-to consumer
         self.last_queue = ""  # the queue of the last queue.declare ("" in later methods means this one)
         self.credit = asyncio.Event()
         self._timeout: asyncio.TimerHandle | None = None  # the consumer-timeout check of the oldest one
@@ -240,6 +241,9 @@ class Channel:
         consumer.task = None
 
     def cancel(self, tag: str) -> None:
+        if self.reply_to is not None and self.reply_to[1] == tag:
+            reply_to.forget(self)
+            return
         consumer = self.consumers.get(tag)
         if consumer is not None:
             task = consumer.task
@@ -258,6 +262,7 @@ class Channel:
             self._timeout = None
         for tag in list(self.consumers):
             self.cancel(tag)
+        reply_to.forget(self)
         if self.worker is not None and self.worker is not asyncio.current_task():
             self.worker.cancel()
         self.inbox.clear()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
-from chute.amqp import routing
+from chute.amqp import reply_to, routing
 from chute.amqp.errors import (
     ACCESS_REFUSED,
     COMMAND_INVALID,
@@ -189,6 +189,8 @@ def queue_name(channel: Channel, name: str, method) -> str:
 async def queue_declare(session: AmqpSession, channel: Channel, method) -> object:
     broker, front = session.broker, session.front
     name = method.queue
+    if method.passive and name == reply_to.PSEUDO_QUEUE:  # direct reply-to's pseudo-queue always exists
+        return commands.Queue.DeclareOk(queue=name, message_count=0, consumer_count=0)
     if method.passive:
         name = queue_name(channel, name, method)
         if name not in broker.core.queues:

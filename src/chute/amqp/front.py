@@ -53,6 +53,7 @@ class AmqpFront:
         self.exclusive_consumers: set[str] = set()  # queues with an exclusive consumer
         self.expires: dict[str, float] = {}  # queue -> x-expires (s): deleted after this long unused
         self.single_active: dict[str, list] = {}  # x-single-active-consumer queue -> its consumers, active first
+        self.reply_channels: dict = {}  # direct reply-to token -> the channel it stands for (reply_to.py)
         self.pending_dead_letters: set[str] = set()  # queues whose dead-letter exchange leads nowhere yet
         self.ranked: dict[str, list] = {}  # queue -> its consumers by x-priority, highest first
         self._expiry: dict[str, asyncio.TimerHandle] = {}
@@ -177,7 +178,7 @@ class AmqpFront:
             "capabilities": {"publisher_confirms": True, "basic.nack": True, "consumer_cancel_notify": True,
                              "connection.blocked": True, "authentication_failure_close": True,
                              "per_consumer_qos": True, "exchange_exchange_bindings": True,
-                             "direct_reply_to": False, "consumer_priorities": True},
+                             "direct_reply_to": True, "consumer_priorities": True},
         }  # fmt: skip
 
     # -- queue ownership and consumers --------------------------------------------------------------------------
