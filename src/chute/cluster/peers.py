@@ -39,36 +39,57 @@ class Peer:
                  tls_ca: str | None = None) -> None:  # fmt: skip
         self.name = name
         self.url = url
-        self._client = AsyncClient(url, token=token, tls_ca=tls_ca, timeout=PEER_TIMEOUT_S, connect_timeout=5.0,
-                                   name=f"{PEER_CLIENT} {origin}", linger_s=0.0)  # fmt: skip
+        self._options = {"token": token, "tls_ca": tls_ca, "timeout": PEER_TIMEOUT_S, "connect_timeout": 5.0,
+                         "name": f"{PEER_CLIENT} {origin}", "linger_s": 0.0, "reconnect": False}  # fmt: skip
+        self._client: AsyncClient | None = None
         self._connecting: asyncio.Task | None = None
         self.closed = False
 
     async def _ready(self) -> AsyncClient:
+        """The connected client; a new one after a lost connection (no reconnect loop: a call for a dead node
+        must fail at once, so the router can look for the shard's next owner)."""
         if self._connecting is None:
+            self._client = AsyncClient(self.url, **self._options)
             self._connecting = asyncio.ensure_future(self._client.connect())
+        client, connecting = self._client, self._connecting
         try:
-            await asyncio.shield(self._connecting)
+            await asyncio.shield(connecting)
         except ChuteError as exc:
-            self._connecting = None  # the next call tries again
+            self._drop(connecting)
             raise Unavailable(f"node {self.name} ({self.url}) cannot be reached: {exc.message}") from None
-        return self._client
+        return client
+
+    def _drop(self, connecting: asyncio.Task) -> None:
+        if self._connecting is connecting:
+            self._connecting, client = None, self._client
+            if client is not None:
+                task = asyncio.ensure_future(client.close())
+                task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def _do(self, call):
         client = await self._ready()
+        connecting = self._connecting
         try:
             return await call(client)
         except (ConnectionLost, RequestTimeout) as exc:
+            self._drop(connecting)
             raise Unavailable(f"node {self.name} was lost during the call (its outcome is unknown): "
                               f"{exc.message}") from None  # fmt: skip
+        except ChuteError as exc:
+            if client._fatal is not None or client.closed:  # the connection ended: the next call opens another
+                self._drop(connecting)
+            if exc.name == "broker_closed" and client._fatal is not None:
+                raise Unavailable(f"node {self.name} is gone: {exc.message}") from None
+            raise
 
     async def _manage(self, method: str, kind, **args):
         return await self._do(lambda client: client._manage(method, kind, **args))
 
     async def close(self) -> None:
         self.closed = True
-        with contextlib.suppress(Exception):
-            await self._client.close()
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
 
     # -- messages ---------------------------------------------------------------------------------------------
 
