@@ -10,7 +10,8 @@ import pytest
 
 from chute.cluster import ClusterError, ClusterNode
 from chute.cluster.ownership import ShardRow, plan, target
-from chute.errors import StorageFailed
+from chute.errors import ChuteError, StorageFailed
+from chute.storage.postgres.schema import SCHEMA_V1
 from tests.postgres.helpers import connected, fresh_database
 
 HEARTBEAT_S = 0.2
@@ -124,3 +125,40 @@ async def test_a_second_process_with_the_same_name_takes_the_node_over(postgres_
     assert second.healthy and "q" in {q.name for q in second.local_broker(0).list_queues()}
     await first.stop()
     await second.stop()
+
+
+async def test_a_shard_whose_store_failed_is_reopened_from_postgres(postgres_url):
+    """A lost connection under a group commit makes a store read-only (its outcome is unknown); the node closes
+    that shard's broker and opens it again, recovering from what PostgreSQL committed."""
+    url = await fresh_database(postgres_url)
+    node = await _node(url, "n", shards=2).start()
+    broker = node.local_broker(0)
+    await broker.create_queue("q")
+    await broker.publish("q", b"kept")
+    async with connected(url) as connection:
+        for pid in await broker.store.backend_pids():
+            await connection.execute("SELECT pg_terminate_backend($1)", pid)
+    with pytest.raises(ChuteError) as failed:
+        await broker.publish("q", b"its outcome is unknown")
+    assert failed.value.retryable and not broker.healthy
+    await until([node], lambda: node.local_broker(0) not in (None, broker))
+    again = node.local_broker(0)
+    assert again.healthy and node.healthy
+    assert [d.body for d in await again.peek("q", 10)][0] == b"kept"
+    await again.publish("q", b"after")
+    await node.stop()
+
+
+async def test_a_version_1_database_is_migrated_to_version_2_and_keeps_its_streams(postgres_url):
+    url = await fresh_database(postgres_url)
+    async with connected(url) as connection:  # what Chute before the cluster created
+        await connection.execute(SCHEMA_V1)
+        await connection.execute("INSERT INTO chute_schema_version (version) VALUES (1)")
+        await connection.execute("INSERT INTO chute_streams (name, epoch, owner) VALUES ('default', 3, 'old')")
+    node = await _node(url, "n", shards=1).start()
+    await node.stop()
+    async with connected(url) as connection:
+        versions = [r[0] for r in await connection.fetch("SELECT version FROM chute_schema_version ORDER BY 1")]
+        assert versions == [1, 2]
+        streams = {r["name"]: r["epoch"] for r in await connection.fetch("SELECT name, epoch FROM chute_streams")}
+        assert streams == {"default": 3, "shard-0": 1}
