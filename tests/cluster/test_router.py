@@ -154,3 +154,20 @@ async def test_a_forwarded_call_is_never_forwarded_again():
             with pytest.raises(Unavailable):
                 await client.publish(name, b"x")
         await asyncio.sleep(0)
+
+
+async def test_the_router_in_process_consumes_a_queue_of_another_node():
+    async with static_cluster(2, 2) as (servers, _):
+        name = next(n for n in names_on_each_shard(2, "inproc") if home_shard(n, 2) == 1)  # node-1's shard
+        router = servers[0].broker
+        await router.create_queue(name)
+        await router.publish_batch(name, [b"a", b"b", b"c"])
+        async with router.consume(name, prefetch=2) as consumer:
+            got = []
+            async for delivery in consumer:
+                got.append(delivery.message.body)
+                await consumer.ack(delivery)
+                if len(got) == 3:
+                    break
+        assert got == [b"a", b"b", b"c"]
+        assert (await router.queue_stats(name)).acked == 3

@@ -39,6 +39,7 @@ import msgspec
 from chute.cluster.localview import LocalCore, LocalStore
 from chute.cluster.peers import PEER_CLIENT, Peers
 from chute.cluster.placement import namespace_error
+from chute.consumer import Consumer
 from chute.errors import (
     BrokerClosed,
     ChuteError,
@@ -340,6 +341,14 @@ class ClusterBroker:
     async def _release_remote(self, queue: str, receipts: list[int]) -> None:
         with contextlib.suppress(ChuteError):
             await self._on_name(queue, "release", queue, receipts)
+
+    def consume(self, queue: str, *, prefetch: int = 100, lease_s: float | None = None) -> Consumer:
+        """A push-style consumer in this process (as `Broker.consume`), wherever the queue's shard is."""
+        self._check()
+        return Consumer(self, queue, prefetch=prefetch, lease_s=lease_s)
+
+    def _queue_deleted_or_closed(self, name: str) -> None:
+        """(For `Consumer.close`: its long polls end by themselves within a poll.)"""
 
     async def peek(self, queue: str, max_messages: int = 10) -> list[Delivery]:
         return await self._on_name(queue, "peek", queue, max_messages)
