@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -43,10 +44,11 @@ LEASE_MARGIN_S = 60.0  # a lease outlasts the consumer timeout by this much: the
 POLL_S = 1.0  # longest single long poll of a consumer
 MAX_BATCH = 256  # deliveries leased per batch
 CREDIT_RECHECK_S = 0.5
+CONSUMER_IDS = itertools.count(1)
 
 
 class AmqpConsumer:
-    __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "outstanding", "task", "priority")
+    __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "outstanding", "task", "priority", "id")
 
     def __init__(self, channel: Channel, tag: str, queue: str, no_ack: bool, exclusive: bool, prefetch: int,
                  priority: int = 0):  # fmt: skip
@@ -57,6 +59,7 @@ class AmqpConsumer:
         self.exclusive = exclusive
         self.prefetch = prefetch  # 0: unlimited
         self.outstanding = 0  # unacked deliveries of this consumer
+        self.id = next(CONSUMER_IDS)  # shown in the HTTP API and the dashboard
         self.priority = priority  # x-priority: higher ones get messages first while they have prefetch room
         self.task: asyncio.Task | None = None
 
