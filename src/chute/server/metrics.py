@@ -183,6 +183,11 @@ class BrokerCollector(Collector):
             return
         yield from _loop_lag(server.loop_lag)
         yield _gauge("chute_connections", "Open native-protocol connections.", len(server.sessions))
+        amqp = list(server.amqp.sessions) if getattr(server, "amqp", None) is not None else []
+        yield _gauge("chute_amqp_connections", "Open AMQP 0-9-1 connections (docs/amqp.md).", len(amqp))
+        yield _gauge("chute_amqp_channels", "Open AMQP 0-9-1 channels.", sum(len(s.channels) for s in amqp))
+        yield _gauge("chute_amqp_consumers", "AMQP 0-9-1 consumers (basic.consume).",
+                     sum(len(s.consumer_list()) for s in amqp))  # fmt: skip
         consumers = sum(len(session.consumers) for session in server.sessions)
         yield _gauge("chute_consumers", "Push consumers on native connections (on every queue, ephemeral "
                      "ones included).", consumers)  # fmt: skip
@@ -257,6 +262,8 @@ class BrokerCollector(Collector):
         server = self.server
         queues = server.broker.core.queues
         consumers = Counter(c.queue for session in server.sessions for c in session.consumers.values())
+        if getattr(server, "amqp", None) is not None:
+            consumers.update(server.amqp.consumers)  # AMQP consumers per queue
         rows = []  # in QUEUE_COLUMNS order: the QueueStats fields, then consumers and dead-letter depth
         for name, queue_stats in stats.items():
             queue = queues.get(name)
