@@ -171,3 +171,27 @@ async def test_the_router_in_process_consumes_a_queue_of_another_node():
                     break
         assert got == [b"a", b"b", b"c"]
         assert (await router.queue_stats(name)).acked == 3
+
+
+async def test_an_empty_queue_served_by_the_node_asked_moves_to_its_topics_shard_on_subscribe():
+    async with static_cluster(2, 4) as (servers, directory):
+        topic = next(n for n in names_on_each_shard(4, "topic") if directory.owners[home_shard(n, 4)] == "node-1")
+        mine = [n for n in names_on_each_shard(4, "declared") if directory.owners[home_shard(n, 4)] == "node-0"]
+        empty, full = mine[0], mine[1]
+        async with AsyncClient(servers[0].url) as a, AsyncClient(servers[1].url) as b:
+            await a.create_topic(topic)
+            await a.create_queue(empty, max_deliveries=7)  # declare, then bind: as AMQP clients do
+            await a.create_queue(full)
+            await a.publish(full, b"keeps it where it is")
+            await a.subscribe(topic, ">", empty)
+            await b.publish(topic, b"fanned out")
+            got = await b.receive(empty, 5, wait_s=5)
+            assert [d.message.body for d in got] == [b"fanned out"]
+            shard = home_shard(topic, 4)
+            moved = directory.nodes["node-1"].brokers[shard].core.queues[empty]
+            assert moved.settings.max_deliveries == 7  # with its settings
+            assert all(empty not in broker.core.queues for broker in directory.nodes["node-0"].brokers.values())
+            assert [q.name for q in await b.list_queues()].count(empty) == 1
+            with pytest.raises(InvalidArgument, match="cross-shard"):  # a queue with messages does not move
+                await a.subscribe(topic, ">", full)
+            assert [d.message.body for d in await b.receive(full, 5, wait_s=5)] == [b"keeps it where it is"]

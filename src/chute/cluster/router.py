@@ -483,7 +483,8 @@ class ClusterBroker:
     async def subscribe(self, topic: str, pattern: str, queue: str, *, filter: dict | None = None,
                         start: str | float = "now") -> SubscriptionInfo:  # fmt: skip
         """As `Broker.subscribe`; a queue that does not exist yet is created (default settings) in the topic's
-        shard. A queue of another shard is refused: fan-out happens inside one shard."""
+        shard, and an empty queue of a shard served here is moved there. Another queue of another shard is
+        refused: fan-out happens inside one shard."""
         self._check()
         topic_shard = await self._shard_of(topic, TopicNotFound)
         placed = await self.placement.lookup(queue)
@@ -494,13 +495,62 @@ class ClusterBroker:
                 await self._on_shard(topic_shard, "create_queue", queue)
         if placed.kind != "queue":
             raise namespace_error(queue, "queue", placed)
+        if placed.shard != topic_shard and await self._move_empty_queue(queue, placed.shard, topic_shard):
+            placed = await self.placement.lookup(queue) or placed
         if placed.shard != topic_shard:
             raise InvalidArgument(
                 f"queue {queue!r} lives in shard {placed.shard}, the topic {topic!r} in shard {topic_shard}; "
                 "cross-shard subscriptions are not supported yet (subscribe before creating the queue: the "
-                "subscription then creates it in its topic's shard)"
+                "subscription then creates it in its topic's shard; an empty queue moves there when the node "
+                "asked serves its shard)"
             )
         return await self._on_shard(topic_shard, "subscribe", topic, pattern, queue, filter=filter, start=start)
+
+    async def _move_empty_queue(self, queue: str, old: int, new: int) -> bool:
+        """Move `queue` from shard `old` (served here) to shard `new` (its topic's), if it holds no message, feeds
+        no dead-letter queue of another shard and nothing in `old` depends on it (a subscription, a queue that
+        dead-letters into it): placement row first, the queue created in `new`, then anything published to the
+        old one meanwhile (through a node that still had the old row) moved across, and the old queue deleted in
+        the same step of the event loop that finds it empty. True if it moved. Only a queue of a shard served
+        here moves: that last step must not be interleaved with a publish."""
+        broker = self.node.local_broker(old)
+        if broker is None or not self.forward or queue not in broker.core.queues:
+            return False
+        settings = broker.core.queues[queue].settings
+        stats = broker.queue_stats(queue)
+        if stats.ready or stats.in_flight or stats.delayed:
+            return False
+        if any(s.queue.name == queue for t in broker.core.topics.values() for s in t.subscriptions.values()):
+            return False
+        if any(q.settings.dead_letter_queue == queue for q in broker.core.queues.values()):
+            return False
+        dlq = settings.dead_letter_queue
+        if dlq is not None and await self.placement.shard_of(dlq, "queue") != new:
+            return False
+        if not await self.placement.move(queue, "queue", old, new):
+            return False
+        await self._on_shard(new, "create_queue", queue, **msgspec.to_builtins(settings))
+        while True:
+            source = self.node.local_broker(old)
+            if source is None or queue not in source.core.queues:
+                return True  # the shard moved away meanwhile: its queue goes with it, unrouted (as a stale row)
+            left = source.queue_stats(queue)
+            if not (left.ready or left.in_flight or left.delayed):
+                await source.delete_queue(queue)  # no await between the look and the delete's core step
+                log.info("queue %r moved from shard %d to shard %d (its topic's)", queue, old, new)
+                return True
+            await self._carry_over(source, queue, new)
+
+    async def _carry_over(self, source, queue: str, new: int) -> None:
+        """Move what reached the old copy of a moving queue to the new one (confirmed there before acked here)."""
+        deliveries = await source.receive(queue, 1000, wait_s=0.0, lease_s=60.0)
+        if not deliveries:
+            await asyncio.sleep(0.05)  # in flight or delayed there: their leases or delays end first
+            return
+        messages = [Publish(body=d.message.body, headers=d.message.headers or None, priority=d.message.priority,
+                            group=d.message.group) for d in deliveries]  # fmt: skip
+        await self._on_shard(new, "publish_batch", queue, messages)
+        await source.ack(queue, [d.receipt for d in deliveries])
 
     async def update_subscription(self, topic: str, pattern: str, queue: str, *,
                                   filter: dict | None = None) -> SubscriptionInfo:  # fmt: skip
