@@ -195,3 +195,26 @@ async def test_an_empty_queue_served_by_the_node_asked_moves_to_its_topics_shard
             with pytest.raises(InvalidArgument, match="cross-shard"):  # a queue with messages does not move
                 await a.subscribe(topic, ">", full)
             assert [d.message.body for d in await b.receive(full, 5, wait_s=5)] == [b"keeps it where it is"]
+
+
+async def test_an_ephemeral_subscription_through_a_node_that_does_not_own_the_topic():
+    async with static_cluster(2, 2) as (servers, directory):
+        topic = next(n for n in names_on_each_shard(2, "live") if directory.owners[home_shard(n, 2)] == "node-1")
+        async with AsyncClient(servers[0].url) as a, AsyncClient(servers[1].url) as b:
+            await b.create_topic(topic)
+            consumer = await a.subscribe_ephemeral(topic, "ticks.*")
+            assert consumer.queue.startswith("~r")
+            await b.publish(topic, b"t1", subject="ticks.eu")
+            await b.publish(topic, b"other", subject="news.eu")
+            await a.publish(topic, b"t2", subject="ticks.us")
+            got = [await asyncio.wait_for(consumer.get(), 10) for _ in range(2)]
+            assert [d.message.body for d in got] == [b"t1", b"t2"]
+            assert all(d.receipt == 0 for d in got)  # at most once: nothing to ack
+            owner = directory.nodes["node-1"].brokers[home_shard(topic, 2)]
+            assert any(q.ephemeral for q in owner.core.queues.values())
+            await consumer.close()
+            for _ in range(200):  # the owner's private queue ends with the relay (asynchronously)
+                if not any(q.ephemeral for q in owner.core.queues.values()):
+                    break
+                await asyncio.sleep(0.01)
+            assert not any(q.ephemeral for q in owner.core.queues.values())

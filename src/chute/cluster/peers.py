@@ -120,6 +120,12 @@ class Peer:
             with contextlib.suppress(ChuteError):  # leases that ended meanwhile, a node gone: they come back anyway
                 await self.nack(queue, list(receipts))
 
+    async def subscribe_ephemeral(self, topic: str, pattern: str = ">", *, filter: dict | None = None,
+                                  prefetch: int = 256):  # fmt: skip
+        """An ephemeral subscription on the owner, consumed over this connection (an `AsyncConsumer`)."""
+        return await self._do(lambda client: client.subscribe_ephemeral(topic, pattern, filter=filter,
+                                                                        prefetch=prefetch))  # fmt: skip
+
     async def peek(self, queue: str, max_messages: int = 10) -> list[Delivery]:
         return await self._manage("peek", list[Delivery], queue=queue, max_messages=max_messages)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 from collections.abc import Sequence
 
@@ -73,6 +74,8 @@ class ClusterBroker:
             self._changed = asyncio.Event()
             self._state_value = "new"
             self._draining = False
+            self._relays: dict[str, object] = {}  # "~r<n>" -> AsyncConsumer of an owner's ephemeral subscription
+            self._relay_numbers = itertools.count(1)
             self.local = ClusterBroker(node, wait_owner_s=0.0, forward=False, _shared=self)
         else:  # the local view shares the pool, the state and the change event of its router
             self.peers, self._changed = _shared.peers, _shared._changed
@@ -304,6 +307,9 @@ class ClusterBroker:
         if self._root._draining:
             wait_s = 0.0
         if queue.startswith(EPHEMERAL):
+            relay = self._root._relays.get(queue)
+            if relay is not None:
+                return await self._relayed(queue, relay, max_messages, wait_s)
             shard, real = _ephemeral_parts(queue)
             broker = self.node.local_broker(shard) if shard is not None else None
             if broker is None:
@@ -314,6 +320,17 @@ class ClusterBroker:
             return deliveries
         return await self._on_name(queue, "receive", queue, max_messages, wait_s=wait_s, lease_s=lease_s,
                                    max_bytes=max_bytes)  # fmt: skip
+
+    async def _relayed(self, name: str, relay, max_messages: int, wait_s: float) -> list[Delivery]:
+        """Deliveries of an ephemeral subscription on another node, as they arrive over the peer connection."""
+        try:
+            deliveries = await relay.get_many(max_messages, timeout=wait_s)
+        except ChuteError as exc:
+            self._root._relays.pop(name, None)
+            raise Unavailable(f"the node serving this ephemeral subscription was lost: {exc.message}") from None
+        for delivery in deliveries:
+            delivery.queue = name
+        return deliveries
 
     async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False) -> None:
         await self._on_name(queue, "ack", queue, receipts, lapsed=lapsed)
@@ -561,18 +578,24 @@ class ClusterBroker:
         await self._on_name(topic, "unsubscribe", topic, pattern, queue, missing=TopicNotFound)
 
     def ephemeral_subscription(self, topic: str, pattern: str = ">", *, filter: dict | None = None):
-        """A private in-memory queue bound to `topic` in its shard, named `~<shard>.<n>`. Only on the node that
-        owns the topic's shard (an awaitable that finds that out; `unavailable` elsewhere, for now)."""
+        """A private in-memory queue bound to `topic` in its shard, named `~<shard>.<n>` when this node serves
+        the shard; else (an awaitable) one on the owner, relayed over the peer connection and named `~r<n>`."""
         self._check()
         holder = self._local_holder(topic)
         if holder is not None:
             return self._ephemeral_name(holder, holder.ephemeral_subscription(topic, pattern, filter=filter))
-        return self._remote_ephemeral(topic)
+        return self._remote_ephemeral(topic, pattern, filter)
 
-    async def _remote_ephemeral(self, topic: str) -> str:
+    async def _remote_ephemeral(self, topic: str, pattern: str, filter: dict | None) -> str:
+        """An ephemeral subscription on the owner of the topic's shard, relayed here: named `~r<n>`."""
         shard = await self._shard_of(topic, TopicNotFound)
-        raise Unavailable(f"topic {topic!r} is served by the node that owns shard {shard}; ephemeral "
-                          "subscriptions through another node are not supported yet: connect to that node")  # fmt: skip
+        target = await self._owner(shard, asyncio.get_running_loop().time() + self.wait_owner_s)
+        if hasattr(target, "core"):  # taken over by this node meanwhile
+            return self._ephemeral_name(target, target.ephemeral_subscription(topic, pattern, filter=filter))
+        relay = await target.subscribe_ephemeral(topic, pattern, filter=filter)
+        name = f"{EPHEMERAL}r{next(self._root._relay_numbers)}"
+        self._root._relays[name] = relay
+        return name
 
     def _ephemeral_name(self, broker, real: str) -> str:
         for shard in range(self.node.shards):
@@ -581,6 +604,12 @@ class ClusterBroker:
         raise Unavailable("the topic's shard moved meanwhile")
 
     def end_ephemeral(self, queue: str) -> None:
+        relay = self._root._relays.pop(queue, None)
+        if relay is not None:
+            task = asyncio.ensure_future(relay.close())
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+            return
         shard, real = _ephemeral_parts(queue)
         broker = self.node.local_broker(shard) if shard is not None else None
         if broker is not None:
