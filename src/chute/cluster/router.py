@@ -55,6 +55,7 @@ from chute.model import Delivery, Publish, QueueInfo, SubscriptionInfo, TopicInf
 log = logging.getLogger("chute.cluster")
 WAIT_OWNER_S = 15.0  # how long a call waits for a shard without a live owner (a takeover: lease + recovery)
 RECHECK_S = 0.2  # while waiting, how often ownership is looked at again (besides the node's change events)
+REMOTE_POLL_S = 0.1  # `_wait_ready` for a queue of another node: how long before its caller looks again
 EPHEMERAL = "~"
 
 
@@ -363,6 +364,15 @@ class ClusterBroker:
         """A push-style consumer in this process (as `Broker.consume`), wherever the queue's shard is."""
         self._check()
         return Consumer(self, queue, prefetch=prefetch, lease_s=lease_s)
+
+    async def _wait_ready(self, queue: str, timeout: float) -> None:
+        """Until `queue` may have messages, without leasing (the AMQP front's consumers wait so): the wait of
+        its shard's broker when it is here, else a short pause (a remote wait would need a request of its own)."""
+        holder = self._local_holder(queue)
+        if holder is not None:
+            await holder._wait_ready(_ephemeral_parts(queue)[1] if queue.startswith(EPHEMERAL) else queue, timeout)
+        else:
+            await asyncio.sleep(min(timeout, REMOTE_POLL_S))
 
     def _queue_deleted_or_closed(self, name: str) -> None:
         """(For `Consumer.close`: its long polls end by themselves within a poll.)"""
