@@ -23,8 +23,11 @@ from tests.postgres.helpers import fresh_database
 ROUNDS = int(os.environ.get("CHUTE_CLUSTER_ROUNDS", "3"))
 LEASE_S = float(os.environ.get("CHUTE_CLUSTER_LEASE_S", "4"))
 SHARDS = 16
-TAKEOVER_LIMIT_S = 15.0
+TAKEOVER_LIMIT_S = 15.0  # asserted over every round at the end (so a campaign reports all its rounds)
+TAKEOVER_WAIT_S = 60.0
 BATCH = 20
+LOAD_PAUSE_S = 0.05  # between a publisher's batches: a steady load (up to 6,400 msg/s), not a flood that only
+# grows the backlog each round drains
 CALL_TIMEOUT_S = 5.0  # a publish not confirmed by then counts as failed (not confirmed) and is tried anew
 
 
@@ -66,6 +69,7 @@ class Load:
         async with chute.AsyncClient(self.url, timeout=CALL_TIMEOUT_S, reconnect=True) as client:
             while not self._stop.is_set():
                 await self._publish(client, name)
+                await asyncio.sleep(LOAD_PAUSE_S)
 
     async def _publish(self, client, name: str) -> None:
         bodies = []
@@ -122,9 +126,7 @@ async def test_survivors_take_over_a_killed_node_under_load_and_nothing_confirme
     names = [f"node-{i}" for i in range(3)]
     nodes = {name: NodeProcess(url, name, str(tmp_path / name), lease_s=LEASE_S) for name in names}
     queues = queue_per_shard()
-    takeovers: list[float] = []
-    consumed: dict[str, list[bytes]] = {name: [] for name in queues.values()}
-    confirmed: dict[str, list[bytes]] = {name: [] for name in queues.values()}
+    takeovers: list[tuple[float, float]] = []
     try:
         async with ClusterWatch(url) as watch:
             await watch.until(balanced(names), 60)
@@ -150,14 +152,14 @@ async def test_survivors_take_over_a_killed_node_under_load_and_nothing_confirme
                 nodes[victim].kill()
                 killed = time.monotonic()
                 survivors = [n for n in names if n != victim]
-                await watch.until(lambda o, survivors=survivors: set(o.values()) <= set(survivors), TAKEOVER_LIMIT_S)
-                served = await load.until_confirmed_after(theirs, killed, TAKEOVER_LIMIT_S)
-                takeovers.append(served - killed)
-                assert served - killed < TAKEOVER_LIMIT_S
+                await watch.until(lambda o, survivors=survivors: set(o.values()) <= set(survivors), TAKEOVER_WAIT_S)
+                claimed = time.monotonic()
+                served = await load.until_confirmed_after(theirs, killed, TAKEOVER_WAIT_S)
+                takeovers.append((claimed - killed, served - killed))
+                print(f"round {round_ + 1}: {victim} killed; its {len(theirs)} shards claimed after "
+                      f"{claimed - killed:.2f} s, serving after {served - killed:.2f} s", flush=True)  # fmt: skip
                 await load.until_confirmed_after(list(queues.values()), served, 30)  # more load after takeover
                 await load.stop()
-                for name, bodies in load.confirmed.items():
-                    confirmed[name] += bodies
 
                 # its unacked deliveries are ready again on the new owner, counted as redeliveries
                 async with chute.AsyncClient(nodes[front].url, timeout=30, reconnect=False) as client:
@@ -166,21 +168,25 @@ async def test_survivors_take_over_a_killed_node_under_load_and_nothing_confirme
                     assert {d.id for d in unacked} <= set(redelivered)
                     counts = [redelivered[d.id].delivery_count for d in unacked]
                     assert all(count >= 2 for count in counts), counts
-                    consumed[theirs[0]] += [d.body for d in again]
                     await client.ack(again)
+                # every publish confirmed this round is stored: drained through a survivor (queues start empty)
+                got = await drain(nodes[front].url, list(queues.values()))
+                for name, bodies in load.confirmed.items():
+                    missing = set(bodies) - set(got[name]) - {d.body for d in again}
+                    assert not missing, f"round {round_ + 1}: {len(missing)} confirmed publishes to {name} lost"
+                assert sum(map(len, load.confirmed.values())) > 0
 
                 nodes[victim] = NodeProcess(url, victim, str(tmp_path / victim), lease_s=LEASE_S)  # rejoins
             await watch.until(balanced(names), 60)
-            got = await drain(nodes[names[0]].url, list(queues.values()))
-        lost = {name: len(set(bodies) - set(got[name]) - set(consumed[name])) for name, bodies in confirmed.items()}
-        assert not any(lost.values()), f"confirmed publishes lost: {lost}"
-        assert sum(map(len, confirmed.values())) > 0
     finally:
         for node in nodes.values():
             node.kill()
         if os.environ.get("CHUTE_CLUSTER_LOGS"):
             for node in nodes.values():
                 print(f"--- {node.name}\n{node.text[-6000:]}")
-    print(f"\ntakeover times (kill -> first publish confirmed on every shard of the dead node, lease {LEASE_S} s): "
-          + ", ".join(f"{t:.2f} s" for t in takeovers))  # fmt: skip
+    serving = sorted(t for _, t in takeovers)
+    print(f"takeover (kill -> a publish confirmed on every shard of the dead node), lease {LEASE_S} s, "
+          f"{len(serving)} rounds: min {serving[0]:.2f} s, median {serving[len(serving) // 2]:.2f} s, "
+          f"max {serving[-1]:.2f} s")  # fmt: skip
+    assert serving[-1] < TAKEOVER_LIMIT_S
 
