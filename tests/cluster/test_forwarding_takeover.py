@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import pytest
 
 from chute import AsyncClient
@@ -52,14 +53,17 @@ async def test_calls_for_a_dead_nodes_shard_wait_for_the_takeover_then_succeed(p
                     assert time.monotonic() - killed_at < 60, failures
                 took_s = time.monotonic() - killed_at
                 await watch.until(balanced(names[:2], SHARDS), 60)
+                publish_url = f"{nodes[1].http_url}/api/v1/queues/{queue}/messages"  # the other survivor's HTTP API
+                async with aiohttp.ClientSession() as http, http.post(publish_url, json={"body": "via http"}) as answer:
+                    assert answer.status in (200, 201), await answer.text()
 
                 bodies: list[bytes] = []
-                while len(bodies) < 4:
+                while len(bodies) < 5:
                     got = await b.receive(queue, 10, wait_s=5)
                     assert got, f"only {bodies} came back"
                     bodies += [d.message.body for d in got]
                     await a.ack_receipts(queue, [d.receipt for d in got])
-                assert sorted(bodies) == sorted([b"one", b"two", b"three", b"after"])  # "one": delivered again
+                assert sorted(bodies) == sorted([b"one", b"two", b"three", b"after", b"via http"])  # "one": again
                 print(f"a publish via a survivor succeeded {took_s:.2f} s after the kill; failures: {failures}")
                 assert took_s < LEASE_S + 20, took_s
             finally:

@@ -181,8 +181,8 @@ class ClusterBroker:
             return self.node.local_broker(shard) if shard is not None else None
         for broker in self._local_brokers():
             core = broker.core
-            if name in core.queues or name in core.topics:
-                return broker
+            if (name in core.queues or name in core.topics) and broker._state == "serving":
+                return broker  # (a shard being handed back is not: its calls wait for the next owner)
         return None
 
     async def _shard_of(self, name: str, missing: type[ChuteError] = QueueNotFound) -> int:
