@@ -15,10 +15,11 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
+import msgspec
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
-from chute.amqp import reply_to, routing
+from chute.amqp import metadata, reply_to, routing
 from chute.amqp.errors import (
     ACCESS_REFUSED,
     COMMAND_INVALID,
@@ -31,6 +32,7 @@ from chute.amqp.errors import (
 )
 from chute.amqp.mapping import queue_settings
 from chute.errors import QueueExists, QueueNotFound, SubscriptionNotFound
+from chute.model import TopicSettings
 from chute.server.auth import check
 
 if TYPE_CHECKING:
@@ -91,7 +93,9 @@ async def exchange_declare(session: AmqpSession, channel: Channel, method) -> ob
         raise AmqpError(ACCESS_REFUSED, f"exchange name '{name}' contains reserved prefix 'amq.*'")
     topic = ex.topic_name(name)
     check(session.principal, "manage", "topic", topic)
-    await session.broker.create_topic(topic)
+    if topic not in session.broker.core.topics:  # created with its declaration, in one record
+        attributes = metadata.created_with(session.front.stored, "topic", name, wanted)
+        await session.broker.create_topic(topic, TopicSettings(attributes=attributes))
     book.exchanges[name] = wanted
     await session.front.save_book()
     return commands.Exchange.DeclareOk()
@@ -110,6 +114,7 @@ async def exchange_delete(session: AmqpSession, channel: Channel, method) -> obj
         raise AmqpError(PRECONDITION_FAILED, f"exchange '{name}' in vhost {VHOST} in use")
     if topic in session.broker.core.topics:
         await session.broker.delete_topic(topic)
+        metadata.forget(session.front.stored, "topic", topic)
     del book.exchanges[name]
     book.bindings = [b for b in book.bindings if b["exchange"] != name]
     book.exchange_bindings = [b for b in book.exchange_bindings if name not in (b["source"], b["destination"])]
@@ -235,6 +240,9 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
                                 f"{current['arguments'].get(key)!r}")  # fmt: skip
         return
     settings = queue_settings(arguments, _dead_letter_queue(session, arguments))
+    if name not in broker.core.queues:  # created with its declaration, in one record
+        attributes = metadata.created_with(front.stored, "queue", name, declared)
+        settings = msgspec.structs.replace(settings, attributes=attributes)
     try:
         await broker.create_queue(name, settings)
     except QueueExists:

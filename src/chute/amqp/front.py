@@ -26,8 +26,9 @@ import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from chute.amqp import metadata
 from chute.amqp.errors import CONNECTION_FORCED, AmqpError
-from chute.amqp.exchanges import ExchangeBook
+from chute.amqp.exchanges import PREDECLARED_NAMES, ExchangeBook
 from chute.amqp.session import AmqpSession
 from chute.errors import ChuteError
 from chute.server.config import DEFAULT_AMQP_PORT
@@ -36,8 +37,7 @@ if TYPE_CHECKING:
     from chute.server.app import Server
 
 log = logging.getLogger("chute.amqp")
-PREDECLARED = {"amq.direct": "direct", "amq.fanout": "fanout", "amq.topic": "topic", "amq.headers": "headers",
-               "amq.match": "headers"}  # fmt: skip
+PREDECLARED = dict(zip(PREDECLARED_NAMES, ("direct", "fanout", "topic", "headers", "headers"), strict=True))
 __all__ = ["AmqpFront", "DEFAULT_AMQP_PORT"]
 
 
@@ -45,7 +45,8 @@ class AmqpFront:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.broker = server.broker
-        self.book = ExchangeBook(server.config.data_dir)
+        self.book = ExchangeBook()
+        self.stored: dict = {}  # the metadata last written into the log (metadata.py)
         self.sessions: set[AmqpSession] = set()
         self.consumers: Counter[str] = Counter()  # queue -> AMQP consumers on it
         self.exclusive: dict[str, AmqpSession] = {}  # queue -> the connection that owns it
@@ -63,14 +64,21 @@ class AmqpFront:
         server.auth.on_change.append(self.users_changed)
 
     async def save_book(self) -> None:
-        """Store the exchange book (in a worker thread; one write at a time, each with the latest state)."""
+        """Make the book's changes durable in the log (metadata.py; one write at a time, with the latest state)."""
         self.book.changed()  # before any wait: the next publish sees the new bindings
         async with self._saving:
-            await asyncio.to_thread(self.book.write, self.book.dumps())
+            await metadata.store(self.book, self.broker, self.stored)
 
     async def start(self, host: str, port: int, ssl=None) -> None:
+        core = self.broker.core
+        self.stored = metadata.load(self.book, core)
+        legacy = metadata.import_legacy(self.book, core, self.server.config.data_dir)
         self._predeclare()
         await self._restore()
+        if legacy is not None:
+            await self.save_book()
+            metadata.retire_legacy(legacy)
+            log.info("AMQP: imported %s into the log", legacy)
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(lambda: AmqpSession(self), host, port, reuse_address=True,
                                                   backlog=1024, ssl=ssl)  # fmt: skip
