@@ -97,6 +97,7 @@ class ClusterNode:
         self._held: set[int] = set()  # shards whose rows we hold (opening, serving or closing)
         self._busy: dict[int, asyncio.Task] = {}
         self._giving: set[int] = set()  # shards being handed back (still held until their row is cleared)
+        self._closing: set[asyncio.Task] = set()  # dropped brokers being severed and closed
         self._take_slots = asyncio.Semaphore(TAKE_CONCURRENCY)
         self._nodes: dict[str, NodeInfo] = {}
         self._rows: dict[int, ownership.ShardRow] = {}
@@ -281,7 +282,8 @@ class ClusterNode:
                 await self._loop_task
         if self._busy:
             await asyncio.gather(*self._busy.values(), return_exceptions=True)
-        await asyncio.gather(*(self._give(shard) for shard in list(self._held)), return_exceptions=True)
+        await asyncio.gather(*(self._give(shard) for shard in list(self._held)), *self._closing,
+                             return_exceptions=True)  # fmt: skip
         if self._pool is not None and self._reachable:
             with contextlib.suppress(Exception):
                 async with self._pool.acquire(timeout=self._timeout) as connection:
@@ -471,7 +473,13 @@ class ClusterNode:
         broker = self._brokers.pop(shard, None)
         if broker is not None:
             self._announce(shard, False)
-            await self._close(broker, sever=True)
+            self._close_later(broker)
+
+    def _close_later(self, broker: Broker) -> None:
+        """Sever and close a dropped broker in a task of its own: the heartbeats never wait for it."""
+        task = asyncio.get_running_loop().create_task(self._close(broker, sever=True))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _drop_failed(self) -> None:
         """Shards whose store failed (fenced, or a write's outcome unknown) are closed; still ours, they are
@@ -483,7 +491,7 @@ class ClusterNode:
                 self._brokers.pop(shard, None)
                 self._held.discard(shard)  # our row stays: the plan claims it again (owner = us) and reopens
                 self._announce(shard, False)
-                await self._close(broker, sever=True)
+                self._close_later(broker)
 
     @staticmethod
     async def _close(broker: Broker, *, sever: bool = False) -> None:
