@@ -190,3 +190,40 @@ async def test_survivors_take_over_a_killed_node_under_load_and_nothing_confirme
           f"max {serving[-1]:.2f} s")  # fmt: skip
     assert serving[-1] < TAKEOVER_LIMIT_S
 
+
+
+@pytest.mark.timeout(240)
+async def test_a_rolling_restart_under_load_loses_nothing(postgres_url, tmp_path):
+    """Each node in turn stopped with SIGTERM (it hands its shards back, cleanly closed, and leaves: the others
+    take them at once, without waiting for a lease) and started again, under load through another node."""
+    url = await fresh_database(postgres_url)
+    names = [f"node-{i}" for i in range(3)]
+    nodes = {name: NodeProcess(url, name, str(tmp_path / name), lease_s=LEASE_S) for name in names}
+    queues = queue_per_shard()
+    try:
+        async with ClusterWatch(url) as watch:
+            await watch.until(balanced(names), 60)
+            async with chute.AsyncClient(nodes[names[0]].url, timeout=30, reconnect=False) as client:
+                for name in queues.values():
+                    await client.create_queue(name)
+            for step, name in enumerate(names):
+                front = names[(step + 1) % 3]
+                load = Load(nodes[front].url, queues).start()
+                await load.until_confirmed_after(list(queues.values()), 0.0, 30)
+                stopped = time.monotonic()
+                assert await asyncio.to_thread(nodes[name].stop) == 0
+                others = [n for n in names if n != name]
+                await watch.until(lambda o, others=others: set(o.values()) <= set(others), LEASE_S)  # before its lease
+                moved = time.monotonic() - stopped
+                nodes[name] = NodeProcess(url, name, str(tmp_path / name), lease_s=LEASE_S)
+                await watch.until(balanced(names), 60)
+                await load.until_confirmed_after(list(queues.values()), time.monotonic(), 30)
+                await load.stop()
+                got = await drain(nodes[front].url, list(queues.values()))
+                for queue, bodies in load.confirmed.items():
+                    missing = set(bodies) - set(got[queue])
+                    assert not missing, f"{name} restarted: {len(missing)} confirmed publishes to {queue} lost"
+                print(f"{name} stopped: its shards held by the others {moved:.2f} s after SIGTERM", flush=True)
+    finally:
+        for node in nodes.values():
+            node.kill()
