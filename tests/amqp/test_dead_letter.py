@@ -48,3 +48,17 @@ def test_x_death_round_a_dead_letter_loop(channel, name):
     assert headers["x-first-death-exchange"] == ""
     death = headers["x-death"][0]
     assert death["exchange"] == "" and isinstance(death["routing-keys"], list) and "time" in death
+
+
+def test_queues_dead_lettering_into_each_other_can_be_deleted(channel, name):
+    first, second = f"{name}-first", f"{name}-second"
+    channel.queue_declare(first, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": second})
+    channel.queue_declare(second, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": first})
+    channel.queue_delete(first)  # the dead-letter queue of `second`: RabbitMQ deletes it all the same
+    channel.confirm_delivery()
+    channel.basic_publish("", second, b"x")
+    method, _, _ = get_one(channel, second)
+    channel.basic_reject(method.delivery_tag, requeue=False)  # its dead-letter queue is gone: dropped
+    channel.queue_delete(second)
+    channel.queue_declare(second, passive=False)
+    assert channel.basic_get(second) == (None, None, None)
