@@ -139,7 +139,7 @@ async def store(book: ExchangeBook, broker, stored: dict) -> None:
 
 def created_with(stored: dict, kind: str, name: str, declared: dict) -> dict:
     """The attributes a topic or queue is created with, so its AMQP declaration is in the same record."""
-    wanted = (json.loads(json.dumps(declared)), [])
+    wanted = (declared, [])
     stored[(kind, ex.TOPIC_PREFIX + name if kind == "topic" else name)] = wanted
     return {EXCHANGE if kind == "topic" else QUEUE: _dumps(wanted[0])}
 
@@ -163,7 +163,7 @@ async def _update(update, name: str, current: dict | None, values: dict) -> None
 def _topic_wanted(book: ExchangeBook, name: str) -> tuple:
     declared = book.exchanges.get(name)
     bindings = [{k: v for k, v in b.items() if k != "source"} for b in book.exchange_bindings if b["source"] == name]
-    return (json.loads(json.dumps(declared)) if declared is not None else None, bindings)
+    return (declared, bindings)  # declarations are replaced, never changed in place: compared as they are
 
 
 def _bindings_by_queue(book: ExchangeBook) -> dict[str, list[dict]]:
@@ -174,8 +174,7 @@ def _bindings_by_queue(book: ExchangeBook) -> dict[str, list[dict]]:
 
 
 def _queue_wanted(book: ExchangeBook, name: str, by_queue: dict) -> tuple:
-    declared = book.queues.get(name)
-    return (json.loads(json.dumps(declared)) if declared is not None else None, by_queue.get(name, []))
+    return (book.queues.get(name), by_queue.get(name, []))
 
 
 def _dumps(value) -> str:
