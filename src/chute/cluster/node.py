@@ -45,6 +45,7 @@ log = logging.getLogger("chute.cluster")
 
 DEFAULT_LEASE_S = 10.0
 DEFAULT_HEARTBEAT_S = 1.0
+EXPIRY_MARGIN_S = 0.02  # look this long after a lease's end (the database's clock ticks on meanwhile too)
 TAKE_CONCURRENCY = 4  # shards opened at once: recovery is CPU work on this node; more would only queue
 
 
@@ -106,6 +107,7 @@ class ClusterNode:
         self._pool = None
         self._listener = None
         self._loop_task: asyncio.Task | None = None
+        self._expiry: asyncio.TimerHandle | None = None  # wakes the heartbeat loop when a lease ends
         self._renewed_at = 0.0  # monotonic time our last successful renewal was sent
         self._reachable = False
         self.superseded = False
@@ -276,6 +278,8 @@ class ClusterNode:
         if self.state in ("stopped", "stopping"):
             return
         self.state = "stopping"
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(BaseException):
@@ -347,9 +351,20 @@ class ClusterNode:
             await self._drop(shard)
         self._nodes = {info.name: info for info in nodes}
         self._rows = {row.shard: row for row in rows}
+        self._wake_at_next_expiry(rows)
         self._changed()
         if self.state in ("starting", "running"):
             self._act(nodes, rows)
+
+    def _wake_at_next_expiry(self, rows: list[ownership.ShardRow]) -> None:
+        """Look again just after the next lease of another node's shard ends, rather than up to a heartbeat
+        later: a dead node's shards are claimed as soon as their leases let them."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        ends = [row.expires_in_s for row in rows if row.held and row.owner != self.name]
+        if ends and min(ends) < self.heartbeat_s:
+            self._expiry = asyncio.get_running_loop().call_later(min(ends) + EXPIRY_MARGIN_S, self._wake.set)
 
     def _act(self, nodes: list[NodeInfo], rows: list[ownership.ShardRow]) -> None:
         alive = [info.name for info in nodes if info.alive]

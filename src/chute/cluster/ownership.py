@@ -29,6 +29,7 @@ class ShardRow:
     shard: int
     owner: str | None
     held: bool
+    expires_in_s: float = 0.0  # while held: how long its lease has left, by the database's clock
 
 
 def target(me: str, alive: list[str], shards: int) -> int:
@@ -69,10 +70,14 @@ def _spread(me: str, shard: int) -> int:
 
 async def rows(connection, *, timeout=None) -> list[ShardRow]:
     records = await connection.fetch(
-        "SELECT shard, owner, owner IS NOT NULL AND lease_until > now() AS held FROM chute_shards ORDER BY shard",
+        """
+        SELECT shard, owner, owner IS NOT NULL AND lease_until > now() AS held,
+               coalesce(extract(epoch FROM lease_until - now()), 0)::float8 AS expires_in_s
+        FROM chute_shards ORDER BY shard
+        """,
         timeout=timeout,
     )
-    return [ShardRow(r["shard"], r["owner"], r["held"]) for r in records]
+    return [ShardRow(r["shard"], r["owner"], r["held"], max(r["expires_in_s"], 0.0)) for r in records]
 
 
 async def claim(connection, shard: int, me: str, lease_s: float, *, timeout=None) -> bool:
