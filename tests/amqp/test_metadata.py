@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 
 import pika
 import pytest
@@ -108,3 +109,38 @@ def test_a_data_directory_with_the_old_json_file_is_imported_once(tmp_path):
             channel.queue_unbind("legacy-q", "legacy-x", "invoice")  # the imported binding is a real one
             channel.queue_bind("legacy-q", "legacy-x", "invoice")
             channel.connection.close()
+
+
+def test_declarations_answered_before_a_sigkill_are_there_after_it(tmp_path):
+    from tests.amqp.test_sigkill import free_port, serve
+
+    port = free_port()
+    url = f"amqp://guest:guest@127.0.0.1:{port}/"
+    with (tmp_path / "serve.log").open("w") as log:
+        server = serve(tmp_path / "data", port, log)
+        try:
+            connection = pika.BlockingConnection(pika.URLParameters(url))
+            channel = connection.channel()
+            channel.exchange_declare("orders", "topic", durable=True)
+            channel.exchange_declare("eu", "fanout", durable=True)
+            channel.exchange_bind("eu", "orders", "*.eu")
+            channel.queue_declare("eu-orders", durable=True, arguments={"x-max-length": 100})
+            channel.queue_bind("eu-orders", "eu")
+            channel.queue_declare("scratch", durable=False)
+            connection.close()  # every declaration was answered; the server is not stopped
+        finally:
+            server.send_signal(signal.SIGKILL)  # no clean stop: only what the log holds comes back
+            server.wait(30)
+        server = serve(tmp_path / "data", port, log)
+        try:
+            channel = pika.BlockingConnection(pika.URLParameters(url)).channel()
+            channel.confirm_delivery()
+            channel.basic_publish("orders", "paid.eu", b"routed", mandatory=True)  # orders -> eu -> eu-orders
+            assert drain(channel, "eu-orders") == [b"routed"]
+            assert _refused(channel, lambda ch: ch.queue_declare("eu-orders", durable=True)) == 406
+            channel = channel.connection.channel()
+            assert _refused(channel, lambda ch: ch.queue_declare("scratch", passive=True)) == 404  # not durable
+            channel.connection.close()
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
