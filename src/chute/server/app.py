@@ -280,6 +280,7 @@ class Server:
                 async with asyncio.timeout(2.0):
                     await self._tcp.wait_closed()
         await self._close_http()
+        await self.auth.close()
         self.loop_lag.stop()
         self.state = "stopped"
         self._stopped.set()

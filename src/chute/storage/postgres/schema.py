@@ -18,6 +18,8 @@ Version 2 adds the cluster's tables (src/chute/cluster, docs/cluster.md):
     chute_placement        one row per queue or topic name (one namespace): the shard it lives in
                            (the same DDL as chute.cluster.placement.PLACEMENT_DDL, which may have created it)
 
+Version 3 adds `chute_users` (one row: the users document every node signs clients in with; docs/security.md).
+
 Invariants:
 - migrations run in one transaction under a transaction-level advisory lock, so two nodes starting together
   create the schema once; a database whose version is newer than SCHEMA_VERSION is refused untouched;
@@ -27,7 +29,7 @@ Invariants:
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATION_LOCK = 0x43487574  # pg_advisory_xact_lock key ("CHut"): serializes concurrent first opens
 
 # Version 1. Records and snapshot parts are stored EXTERNAL (out of line, not compressed): message bodies are
@@ -108,7 +110,18 @@ CREATE TABLE IF NOT EXISTS chute_placement (
 CREATE INDEX IF NOT EXISTS chute_placement_shard ON chute_placement (shard);
 """
 
-MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2}  # version -> the DDL that brings version - 1 to it
+# Version 3: the cluster's users (passwords, API tokens, SQS access keys), shared by every node: one row holding
+# the users file's JSON document (chute.server.users_table), its version bumped by each edit.
+SCHEMA_V3 = """
+CREATE TABLE chute_users (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    version bigint NOT NULL,
+    document bytea NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}  # version -> the DDL that brings version - 1 to it
 
 
 class SchemaError(Exception):
