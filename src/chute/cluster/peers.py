@@ -30,6 +30,7 @@ from chute.protocol.frames import Op
 log = logging.getLogger("chute.cluster")
 PEER_CLIENT = "chute-peer"  # HELLO's client name on forwarding connections: "chute-peer <node name>"
 PEER_TIMEOUT_S = 30.0  # a forwarded call's own timeout (a long poll gets its wait on top)
+CLOSE_S = 5.0  # how long closing the pool waits for its connections to end
 
 
 class Peer:
@@ -43,6 +44,7 @@ class Peer:
                          "name": f"{PEER_CLIENT} {origin}", "linger_s": 0.0, "reconnect": False}  # fmt: skip
         self._client: AsyncClient | None = None
         self._connecting: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()  # clients of lost connections being closed
         self.closed = False
 
     async def _ready(self) -> AsyncClient:
@@ -64,6 +66,8 @@ class Peer:
             self._connecting, client = None, self._client
             if client is not None:
                 task = asyncio.ensure_future(client.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
                 task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def _do(self, call):
@@ -87,9 +91,11 @@ class Peer:
 
     async def close(self) -> None:
         self.closed = True
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await self._client.close()
+        closing = [*self._closing]
+        if self._client is not None and self._connecting is not None:
+            closing.append(asyncio.ensure_future(self._client.close()))
+        if closing:
+            await asyncio.wait(closing, timeout=CLOSE_S)
 
     # -- messages ---------------------------------------------------------------------------------------------
 
@@ -196,6 +202,7 @@ class Peers:
         self.scheme = "chutes" if tls else "chute"
         self.tls_ca = tls_ca
         self._peers: dict[str, Peer] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def get(self, owner) -> Peer:
         """The peer for `owner` (a NodeInfo: name, host, port)."""
@@ -203,12 +210,14 @@ class Peers:
         url = f"{self.scheme}://{host}:{owner.port}"
         peer = self._peers.get(owner.name)
         if peer is None or peer.url != url:
-            if peer is not None:
-                asyncio.ensure_future(peer.close())
+            if peer is not None:  # the node moved (restarted elsewhere): its old connection ends
+                task = asyncio.ensure_future(peer.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
             peer = self._peers[owner.name] = Peer(owner.name, url, origin=self.origin, token=self.token,
                                                   tls_ca=self.tls_ca)  # fmt: skip
         return peer
 
     async def close(self) -> None:
         peers, self._peers = list(self._peers.values()), {}
-        await asyncio.gather(*(peer.close() for peer in peers))
+        await asyncio.gather(*(peer.close() for peer in peers), *self._closing, return_exceptions=True)

@@ -126,6 +126,8 @@ class ClusterBroker:
         if self._state == "closed":
             return
         self._state = "closing"
+        if _BACKGROUND:  # forwarded releases, relays being closed
+            await asyncio.wait(list(_BACKGROUND), timeout=5.0)
         await self.peers.close()
         await self.node.stop()
         self._state = "closed"
