@@ -11,9 +11,12 @@ PostgreSQL use it).
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 
 from chute import Broker
+from chute.cluster.peers import Peers
 from chute.cluster.placement import MemoryPlacement
 from chute.cluster.router import ClusterBroker
 from chute.server.app import Server
@@ -97,21 +100,25 @@ class StaticNode:
 
 
 @contextlib.asynccontextmanager
-async def static_cluster(count: int = 3, shards: int = 6, *, wait_owner_s: float = 3.0, http: bool = False):
+async def static_cluster(count: int = 3, shards: int = 6, *, wait_owner_s: float = 3.0, http: bool = False,
+                         token: str | None = None):  # fmt: skip
     """`count` in-process Servers on StaticNodes; shard s is owned by node s % count. Yields (servers, directory)."""
     directory = Directory(shards)
     nodes = [StaticNode(directory, f"node-{i}") for i in range(count)]
     for shard in range(shards):
         await nodes[shard % count].take(shard)
     servers = []
+    data_dir = tempfile.mkdtemp(prefix="chute-routing-")  # users file (none) and SQS key
     try:
         for node in nodes:
             config = ServerConfig(host="127.0.0.1", port=0, http_port=0 if http else None, amqp_port=None,
-                                  data_dir="/nonexistent")  # fmt: skip
-            server = Server(config, broker=ClusterBroker(node, wait_owner_s=wait_owner_s))
+                                  data_dir=data_dir, token=token)  # fmt: skip
+            peers = Peers(node.name, token=token)
+            server = Server(config, broker=ClusterBroker(node, wait_owner_s=wait_owner_s, peers=peers))
             await server.start()
             servers.append(server)
         yield servers, directory
     finally:
         for server in servers:
             await server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -11,7 +11,7 @@ import pytest
 
 from chute import AsyncClient
 from chute.cluster.placement import home_shard
-from chute.errors import InvalidArgument, QueueNotFound, TopicExists, Unavailable
+from chute.errors import InvalidArgument, QueueNotFound, TopicExists, Unauthenticated, Unavailable
 from tests.cluster.routing_helpers import static_cluster
 
 pytestmark = pytest.mark.timeout(60)
@@ -218,3 +218,15 @@ async def test_an_ephemeral_subscription_through_a_node_that_does_not_own_the_to
                     break
                 await asyncio.sleep(0.01)
             assert not any(q.ephemeral for q in owner.core.queues.values())
+
+
+async def test_with_auth_on_nodes_forward_with_the_clusters_token_and_strangers_are_refused():
+    async with static_cluster(2, 2, token="cluster-secret") as (servers, directory):
+        name = next(n for n in names_on_each_shard(2, "guarded") if directory.owners[home_shard(n, 2)] == "node-1")
+        async with AsyncClient(servers[0].url, token="cluster-secret") as a:
+            await a.create_queue(name)  # on node-1, through node-0's peer connection
+            await a.publish(name, b"secret")
+            assert [d.message.body for d in await a.receive(name, 1, wait_s=5)] == [b"secret"]
+        with pytest.raises(Unauthenticated):
+            async with AsyncClient(servers[0].url, token="wrong", reconnect=False) as stranger:
+                await stranger.publish(name, b"nope")
