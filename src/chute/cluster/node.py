@@ -47,6 +47,7 @@ DEFAULT_LEASE_S = 10.0
 DEFAULT_HEARTBEAT_S = 1.0
 EXPIRY_MARGIN_S = 0.02  # look this long after a lease's end (the database's clock ticks on meanwhile too)
 TAKE_CONCURRENCY = 4  # shards opened at once: recovery is CPU work on this node; more would only queue
+POOL_SIZE = 4  # heartbeats, claims and releases, placement lookups
 
 
 class ClusterNode:
@@ -228,8 +229,10 @@ class ClusterNode:
 
         try:
             settings = {"application_name": f"chute-node:{self.name}"[:63]}
-            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4, timeout=self._timeout,
-                                                   server_settings=settings)  # fmt: skip
+            # every connection made at start: an acquire that had to connect under its timeout could be cut off
+            # in the middle of the handshake, which asyncpg leaves as an unclosed socket
+            self._pool = await asyncpg.create_pool(self.url, min_size=POOL_SIZE, max_size=POOL_SIZE,
+                                                   timeout=self._timeout, server_settings=settings)  # fmt: skip
             async with self._pool.acquire() as connection:
                 await migrate(connection)
                 self.shards = await membership.setup_shards(connection, self.wanted_shards, timeout=self._timeout)
@@ -250,7 +253,7 @@ class ClusterNode:
 
     @property
     def pool(self):
-        """The node's asyncpg pool (for placement lookups): up to 4 connections, reconnecting by itself."""
+        """The node's asyncpg pool (for placement lookups): POOL_SIZE connections, reconnecting by itself."""
         return self._pool
 
     @property
