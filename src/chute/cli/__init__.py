@@ -12,6 +12,7 @@ import click
 from chute.cli.admin import queue, subscribe, topic, unsubscribe
 from chute.cli.bench import bench
 from chute.cli.cluster import cluster
+from chute.cli.cluster_admin import db
 from chute.cli.common import ChuteGroup
 from chute.cli.messages import consume, publish, tail
 from chute.cli.serve import serve
@@ -35,3 +36,4 @@ main.add_command(subscribe)
 main.add_command(unsubscribe)
 main.add_command(user)
 main.add_command(cluster)
+main.add_command(db)
