@@ -28,6 +28,7 @@ from chute.errors import (
     Unauthenticated,
 )
 from chute.model import QueueSettings, QueueStats, SubscriptionInfo, TopicInfo, TopicSettings
+from chute.server.api import cluster as c
 from chute.server.api import models as m
 from chute.server.api import queues as q
 from chute.server.api import system as s
@@ -138,6 +139,9 @@ ROUTES: tuple[Route, ...] = (
            "superuser", reply=m.ConnectionList, tag="server"),
     _route("GET", "/consumers", s.consumers, "Push consumers on queues the caller may see", "user",
            reply=m.ConsumerList, tag="server"),
+    _route("GET", "/cluster", c.cluster_status, "The cluster's nodes and the shards each holds, as this node sees "
+           "it", "user", reply=c.ClusterStatus, tag="server",
+           description="`enabled: false` (and nothing else) on a broker that is not a cluster node (no `--store`)."),
     _route("POST", "/login", s.login, "Trade a user's password for a session token (for Bearer)", "public",
            body=m.LoginRequest, reply=m.LoginReply, errors=(Unauthenticated,), tag="auth"),
     _route("GET", "/whoami", s.whoami, "Who the credentials belong to, and their permissions", "user",

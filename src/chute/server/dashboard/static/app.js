@@ -15,6 +15,7 @@ import {queueView} from './view_queue.js';
 import {topicsView} from './view_topics.js';
 import {topicView} from './view_topic.js';
 import {connectionsView} from './view_connections.js';
+import {clusterView} from './view_cluster.js';
 
 const POLL_MS = 1500;
 
@@ -26,6 +27,7 @@ const ROUTES = [
   [/^\/topics$/, topicsView, 'topics'],
   [/^\/topics\/([^/]+)$/, topicView, 'topics'],
   [/^\/connections$/, connectionsView, 'connections'],
+  [/^\/cluster$/, clusterView, 'cluster'],
 ];
 
 const main = document.getElementById('main');
@@ -139,6 +141,16 @@ async function poll() {
   schedule(again ? 0 : POLL_MS);
 }
 
+// The Cluster entry shows only on a cluster node (chute serve --store); the page itself works on any broker.
+async function showClusterLink() {
+  try {
+    const status = await api('GET', '/cluster');
+    document.getElementById('nav-cluster').hidden = !status.enabled;
+  } catch {
+    // an older broker without the route, or a failed request: the entry stays hidden
+  }
+}
+
 function showUser(user) {
   const parts = [h('span', {class: 'who'}, 'Signed in as ', h('strong', {}, user.name))];
   if (!user.auth_enabled) parts.push(h('span', {class: 'hint'}, ' (auth is off)'));
@@ -201,6 +213,7 @@ async function start(focus) {
   }
   state.user = whoami;
   nav.hidden = false;
+  showClusterLink();
   showUser(whoami);
   render(focus);
 }
