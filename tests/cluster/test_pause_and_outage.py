@@ -18,10 +18,11 @@ import chute
 from chute.errors import ChuteError
 from tests.cluster.processes import ClusterWatch, NodeProcess, balanced
 from tests.cluster.test_takeover import queue_per_shard
-from tests.postgres.helpers import fresh_database
+from tests.postgres.helpers import connected, fresh_database
 from tests.postgres.server import PostgresServer, available
 
 LEASE_S = 3.0
+OPENED = re.compile(r"serving shard (\d+) \(opened in [\d.]+ s, epoch (\d+)\)")
 
 
 def healthz(http_url: str) -> int:
@@ -78,6 +79,15 @@ async def test_a_node_paused_past_its_lease_steps_down_and_rejoins_without_losin
             for name in theirs:  # the others serve its shards now
                 await publish_until_confirmed(front.url, name, b"while paused")
                 confirmed[name].append(b"while paused")
+
+            # fenced: every shard it had open was opened again by another node, with a higher epoch, so any write of
+            # its old brokers fails the epoch check (tests/postgres/test_fencing.py shows such writes fail)
+            opened = {int(m[1]): int(m[2]) for m in OPENED.finditer(paused.text)}  # the last open of each shard
+            async with connected(url) as connection:
+                epochs = {int(r["name"].split("-")[1]): r["epoch"]
+                          for r in await connection.fetch("SELECT name, epoch FROM chute_streams")}  # fmt: skip
+            mine = {s for s, owner in owners.items() if owner == paused.name}
+            assert mine and all(epochs[s] > opened[s] for s in mine), (opened, epochs)
 
             paused.signal(signal.SIGCONT)
             # straight to the paused node: it must not serve from the brokers it had (they were taken over)
