@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 
 import pytest
@@ -25,6 +26,7 @@ LEASE_S = float(os.environ.get("CHUTE_CLUSTER_LEASE_S", "4"))
 SHARDS = 16
 TAKEOVER_LIMIT_S = 15.0  # asserted over every round at the end (so a campaign reports all its rounds)
 TAKEOVER_WAIT_S = 60.0
+OPENED = re.compile(r"serving shard \d+ \(opened in ([\d.]+) s")
 BATCH = 20
 LOAD_PAUSE_S = 0.05  # between a publisher's batches: a steady load (up to 6,400 msg/s), not a flood that only
 # grows the backlog each round drains
@@ -149,15 +151,19 @@ async def test_survivors_take_over_a_killed_node_under_load_and_nothing_confirme
                 # delivery counts ride with the next group commit (docs/cluster.md): let one pass before the kill
                 await load.until_confirmed_after([theirs[0]], time.monotonic(), 30)
 
+                survivors = [n for n in names if n != victim]
+                marks = {n: len(nodes[n].lines) for n in survivors}
                 nodes[victim].kill()
                 killed = time.monotonic()
-                survivors = [n for n in names if n != victim]
                 await watch.until(lambda o, survivors=survivors: set(o.values()) <= set(survivors), TAKEOVER_WAIT_S)
                 claimed = time.monotonic()
                 served = await load.until_confirmed_after(theirs, killed, TAKEOVER_WAIT_S)
                 takeovers.append((claimed - killed, served - killed))
+                opening = [float(m[1]) for n in survivors for line in nodes[n].lines[marks[n]:]
+                           if (m := OPENED.search(line))]  # fmt: skip
                 print(f"round {round_ + 1}: {victim} killed; its {len(theirs)} shards claimed after "
-                      f"{claimed - killed:.2f} s, serving after {served - killed:.2f} s", flush=True)  # fmt: skip
+                      f"{claimed - killed:.2f} s, serving after {served - killed:.2f} s (opening took "
+                      f"{max(opening, default=0):.2f} s at most)", flush=True)  # fmt: skip
                 await load.until_confirmed_after(list(queues.values()), served, 30)  # more load after takeover
                 await load.stop()
 
