@@ -66,7 +66,8 @@ async def test_metrics_of_a_node_follow_the_cluster_and_the_database():
         )
         assert found["chute_cluster_shards"] == SHARDS
         assert found["chute_cluster_nodes"] == 1 and found["chute_cluster_nodes_alive"] == 1
-        assert found["chute_cluster_takeovers_total"] == SHARDS  # each shard opened once, by this node
+        opened = found["chute_cluster_takeovers_total"]
+        assert opened >= SHARDS  # each shard opened by this node (again if a late renewal lost one meanwhile)
         assert found["chute_cluster_database_reachable"] == 1 and found["chute_cluster_node_healthy"] == 1
         assert 0 <= found["chute_cluster_heartbeat_age_seconds"] < 2.0
 
@@ -81,7 +82,7 @@ async def test_metrics_of_a_node_follow_the_cluster_and_the_database():
             a, lambda m: m["chute_cluster_node_shards"] == SHARDS and m["chute_cluster_nodes_alive"] == 1
         )
         assert found["chute_cluster_nodes"] == 2  # the stopped node stays listed, not alive
-        assert found["chute_cluster_takeovers_total"] == SHARDS + SHARDS // 2
+        assert found["chute_cluster_takeovers_total"] >= opened + SHARDS // 2  # the leaver's shards, opened here
 
         await asyncio.to_thread(postgres.stop)  # the database goes away: the node says so, its heartbeat ages
         found = await until(a, lambda m: m["chute_cluster_database_reachable"] == 0)
