@@ -1,6 +1,7 @@
 """`/metrics` of a cluster node shows the cluster as that node sees it (chute_cluster_*): the shards it serves and
 the cluster's, nodes alive, takeovers, whether PostgreSQL answers and the heartbeat's age — what an operator's
-alerts need when a node dies or the database goes away."""
+alerts need when a node dies or the database goes away; and GET /api/v1/cluster, the same view for the
+dashboard."""
 
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ async def scrape(server: Server) -> dict[str, float]:
             for sample in family.samples if sample.name.startswith("chute_cluster_")}  # fmt: skip
 
 
+async def cluster_api(server: Server) -> dict:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{server.http_port}/api/v1/cluster") as response,
+    ):
+        assert response.status == 200
+        return await response.json()
+
+
 async def until(server: Server, check, timeout_s: float = 60.0) -> dict[str, float]:
     """Scrape until `check(samples)` holds (the values change on the node's heartbeats)."""
     node, deadline = server.broker.node, time.monotonic() + timeout_s
@@ -74,7 +84,17 @@ async def test_metrics_of_a_node_follow_the_cluster_and_the_database():
         b = await Server(_config(url, "node-b")).start()  # a join: a hands half its shards over
         servers.append(b)
         await until(a, lambda m: m["chute_cluster_node_shards"] == SHARDS // 2 and m["chute_cluster_nodes_alive"] == 2)
-        await until(b, lambda m: m["chute_cluster_node_shards"] == SHARDS // 2)
+        await until(b, lambda m: m["chute_cluster_node_shards"] == SHARDS // 2 and m["chute_cluster_nodes_alive"] == 2)
+        seen = await cluster_api(b)  # the same view as JSON, for the dashboard's Cluster page
+        while [n["shards"] for n in seen["nodes"] if n["name"] == "node-b"] != [seen["serving"]]:
+            await b.broker.node.wait_changed(1.0)  # the rows it last read are a heartbeat behind what it serves
+            seen = await cluster_api(b)
+        assert seen["enabled"] and seen["node"] == "node-b" and seen["healthy"] and seen["shards"] == SHARDS
+        assert [n["name"] for n in seen["nodes"]] == ["node-a", "node-b"] and all(n["alive"] for n in seen["nodes"])
+        held = {n["name"]: n["shards"] for n in seen["nodes"]}
+        assert held["node-b"] == seen["serving"] == [s["shard"] for s in seen["local"]]
+        assert sorted(held["node-a"] + held["node-b"]) == list(range(SHARDS))
+        assert seen["nodes"][0]["http_port"] == a.http_port
 
         await b.stop()  # a clean leave: a takes its shards back, without a lease to wait out
         servers.remove(b)
