@@ -394,6 +394,22 @@ class Broker(ManagementApi, Housekeeping):
         token, self._pending_token = self._pending_token, None
         return token, unknown
 
+    def ack_lazy(self, queue: str, receipts: Sequence[int]) -> list[int]:
+        """Ack deliveries without forcing a group commit, for a client that is never told when its ack is durable
+        (an AMQP basic.ack): applied at once (the messages are gone from the queue), the records ride with the
+        next group commit or the store's lazy delay (FileStore: LAZY_FLUSH_S). A crash before then may deliver
+        the messages again (at-least-once). Returns the receipts not (or no longer) leased; the others are acked."""
+        self._check()
+        core = self.core
+        self._pending_token = None
+        try:
+            return core.ack(queue, receipts)
+        finally:
+            if core.outbox and not core.store.read_only:
+                outbox, core.outbox = core.outbox, []
+                core.store.append_lazy(outbox)
+            self._after()
+
     async def nack(
         self, queue: str, receipts: int | Sequence[int], *, delay_s: float = 0.0, dead_letter: bool = False
     ) -> None:
