@@ -5,8 +5,10 @@
 
 Each channel runs its methods one at a time, in order, in a worker task that exists only while the channel has
 work (`Channel.inbox`); consecutive publishes are taken together and published as one batch (one record write,
-one group commit). Durable work that the client does not wait for (acks, a batch's confirms) runs in tasks of
-its own (`spawn`), started in order, so a later method always sees its effects.
+one group commit). Durable work that the client does not wait for (nacks, a batch's confirms) runs in tasks of
+its own (`spawn`), started in order, so a later method always sees its effects. Acks are applied at once and
+their records ride with the next group commit (`Broker.ack_lazy`): a crash may redeliver a message acked in the
+last LAZY_FLUSH_S (at-least-once, as RabbitMQ after a crash), never lose one that was confirmed.
 
 Errors: an `AmqpError` of a method closes its channel (channel.close with the code and the method's ids) or, if
 it is a connection exception, the connection (connection.close, then the transport once close-ok came or
@@ -183,16 +185,28 @@ class AmqpSession(asyncio.Protocol):
             self._loop.call_soon(self.flush_settles)
         self._settles.setdefault((queue, action), []).extend(receipts)
 
-    def flush_settles(self) -> list[asyncio.Task]:
-        """Hand the gathered acks and nacks to the broker now (each in its own task, started in order)."""
+    def flush_settles(self, durable_acks: bool = False) -> list[asyncio.Task]:
+        """Hand the gathered acks and nacks to the broker now (nacks each in its own task, started in order).
+        Acks are applied at once and ride with the next group commit (`Broker.ack_lazy`): a basic.ack has no
+        reply, so nobody waits for it to be durable; tx.commit, which answers only once they are, asks for
+        `durable_acks` (each ack then in its own task too)."""
         if not self._settles:
             return []
         settles, self._settles = self._settles, {}
         broker = self.broker
         tasks = []
         for (queue, action), receipts in settles.items():
-            if action == "ack":
+            if action == "ack" and durable_acks:
                 tasks.append(self.spawn(broker.ack(queue, receipts)))
+            elif action == "ack":
+                try:
+                    unknown = broker.ack_lazy(queue, receipts)
+                except ChuteError as exc:
+                    log.info("amqp connection %s: %s", self.peer, exc.message)
+                    continue
+                if unknown:
+                    log.info("amqp connection %s: %d receipts of queue %s were no longer leased", self.peer,
+                             len(unknown), queue)  # fmt: skip
             else:
                 tasks.append(self.spawn(broker.nack(queue, receipts, dead_letter=action == "reject")))
         return tasks

@@ -55,7 +55,7 @@ async def tx_commit(session: AmqpSession, channel: Channel, method) -> object:
             return None
     for each in settles:
         channel.settle(*each)
-    waiting = list(channel.publishing) + session.flush_settles()
+    waiting = list(channel.publishing) + session.flush_settles(durable_acks=True)
     if waiting:
         await asyncio.wait(waiting)
     return commands.Tx.CommitOk()
