@@ -189,18 +189,20 @@ class AmqpSession(asyncio.Protocol):
         """Hand the gathered acks and nacks to the broker now (nacks each in its own task, started in order).
         Acks are applied at once and ride with the next group commit (`Broker.ack_lazy`): a basic.ack has no
         reply, so nobody waits for it to be durable; tx.commit, which answers only once they are, asks for
-        `durable_acks` (each ack then in its own task too)."""
+        `durable_acks` (each ack then in its own task too), and a broker without `ack_lazy` (a cluster node's
+        `ClusterBroker`) gets durable acks too."""
         if not self._settles:
             return []
         settles, self._settles = self._settles, {}
         broker = self.broker
+        ack_lazy = None if durable_acks else getattr(broker, "ack_lazy", None)  # a cluster node's broker has none
         tasks = []
         for (queue, action), receipts in settles.items():
-            if action == "ack" and durable_acks:
+            if action == "ack" and ack_lazy is None:
                 tasks.append(self.spawn(broker.ack(queue, receipts)))
             elif action == "ack":
                 try:
-                    unknown = broker.ack_lazy(queue, receipts)
+                    unknown = ack_lazy(queue, receipts)
                 except ChuteError as exc:
                     log.info("amqp connection %s: %s", self.peer, exc.message)
                     continue
