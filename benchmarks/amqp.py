@@ -16,7 +16,8 @@ imported before the common start), so with several of them the server, not one P
 The figure is messages/s end to end: messages published divided by the time from the common start to the last
 ack of their last delivery (fan-out: deliveries/s is 4 times that); each run also reports the publish rate, the
 1-minute load average at its end, and the CPU seconds per 1,000 messages of the server, of all producers and of
-all consumers (on a shared machine, where the CPU goes says more than a noisy rate).
+all consumers (on a shared machine, where the CPU goes says more than a noisy rate), and the rate the server's
+CPU per message would allow if it had one core to itself (`server_bound_msg_per_s`: its limit, not the clients').
 
 The server runs as a subprocess on 127.0.0.1: `chute serve` on a fresh data directory (fsync `always` unless
 --fsync says otherwise; PYTHONPATH picks which Chute, e.g. an older checkout's src for an A/B), or Debian's
@@ -322,6 +323,7 @@ def run_once(target: str, args) -> dict:
         "consumers": len(consumers), "messages": n, "deliveries": expected, "size": args.size, "fsync": args.fsync,
         "msg_per_s": round(n / elapsed), "deliveries_per_s": round(expected / elapsed),
         "publish_msg_per_s": round(n / publish_s),
+        "server_bound_msg_per_s": round(n / server_cpu) if server_cpu else None,  # if the server had a core to itself
         "cpu_ms_per_1000": {"server": round(server_cpu / n * 1e6, 1), "producers": round(cpu["producer"] / n * 1e6, 1),
                             "consumers": round(cpu["consumer"] / n * 1e6, 1)},
         "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -355,7 +357,7 @@ def main() -> None:
             print(json.dumps(result) if args.json else
                   f"{target:8} {args.workload:6} {args.client:8} P{args.producers} C{result['consumers']} "
                   f"{result['msg_per_s']:>7} msg/s end to end ({result['deliveries_per_s']} deliveries/s; "
-                  f"load {result['load_avg_1m']}) "
+                  f"server alone on a core: {result['server_bound_msg_per_s']} msg/s; load {result['load_avg_1m']}) "
                   f"(publish {result['publish_msg_per_s']} msg/s); CPU ms per 1,000 msgs: "
                   f"{result['cpu_ms_per_1000']}")  # fmt: skip
 
