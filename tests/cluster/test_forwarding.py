@@ -23,10 +23,10 @@ pytestmark = pytest.mark.timeout(180)
 SHARDS = 6
 
 
-def _config(url: str, name: str) -> ServerConfig:
+def _config(url: str, name: str, data_dir: str) -> ServerConfig:
     return ServerConfig(host="127.0.0.1", port=0, http_port=0, amqp_port=None, store=url,
                         node_name=name, shards=SHARDS, cluster_lease_s=4.0, cluster_heartbeat_s=0.3,
-                        data_dir="/nonexistent-chute-cluster-test")  # fmt: skip
+                        data_dir=data_dir)  # fmt: skip
 
 
 async def _balanced(servers: list[Server], timeout_s: float = 60.0) -> None:
@@ -46,12 +46,12 @@ async def _balanced(servers: list[Server], timeout_s: float = 60.0) -> None:
 
 
 @pytest.fixture
-async def cluster(postgres_url):
+async def cluster(postgres_url, tmp_path):
     url = await fresh_database(postgres_url)
     servers = []
     try:
         for i in range(3):
-            servers.append(await Server(_config(url, f"node-{i}")).start())
+            servers.append(await Server(_config(url, f"node-{i}", str(tmp_path / f"node-{i}"))).start())
         await _balanced(servers)
         yield servers
     finally:

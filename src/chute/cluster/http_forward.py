@@ -98,6 +98,9 @@ async def _target(request: web.Request) -> tuple[str, str, str] | None:
     if request.method != "POST" or not (path == "/" or request.match_info.get("queue")):
         return None
     target = request.headers.get("X-Amz-Target")
+    if target is not None and request.match_info.get("queue"):  # the queue's URL as the endpoint (boto3 does)
+        action = target.rpartition(".")[2]  # ... so the body is not read here (a send over the memory mark is
+        return request.match_info["queue"], "queue", "delete" if action == "DeleteQueue" else "other"  # refused)
     body = await request.read()
     if target is not None:
         try:
