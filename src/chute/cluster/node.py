@@ -284,7 +284,12 @@ class ClusterNode:
         if self._expiry is not None:
             self._expiry.cancel()
         if self._loop_task is not None:
-            self._loop_task.cancel()
+            # Python 3.11's wait_for can swallow a cancel that lands as `_wake` is set: the loop also ends on the
+            # state, and the cancel is repeated until the task is done
+            while not self._loop_task.done():
+                self._loop_task.cancel()
+                self._wake.set()
+                await asyncio.wait({self._loop_task}, timeout=1.0)
             with contextlib.suppress(BaseException):
                 await self._loop_task
         if self._busy:
@@ -313,10 +318,12 @@ class ClusterNode:
     # -- heartbeats -----------------------------------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        """Heartbeat every `heartbeat_s`, or at once when notified; never ends but by cancellation."""
-        while True:
+        """Heartbeat every `heartbeat_s`, or at once when notified, until cancelled or the node is stopping."""
+        while self.state not in ("stopping", "stopped"):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
+            if self.state in ("stopping", "stopped"):
+                return
             self._wake.clear()
             try:
                 await self._tick()

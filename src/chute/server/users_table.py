@@ -137,7 +137,13 @@ class UsersTable:
             stored[:] = users
 
     def close(self) -> None:
-        self._reset()
+        """Close the connection on its own loop (so its socket is closed, not left to the collector), then the loop."""
+        connection, self._connection = self._connection, None
+        if connection is not None and self._loop is not None:
+            try:
+                self._loop.run_until_complete(asyncio.wait_for(connection.close(), 5.0))
+            except Exception:
+                connection.terminate()
         if self._loop is not None:
             self._loop.close()
             self._loop = None
