@@ -18,30 +18,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import chute
-from benchmarks.postgres_store import machine, server_facts
+from benchmarks.postgres_store import cpu_seconds, machine, server_facts
 from chute.cluster.placement import home_shard
 from tests.cluster.processes import ClusterWatch, NodeProcess, balanced
 from tests.postgres.helpers import fresh_database
 
 SHARDS = 16
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
 
 
 def family(root: int) -> list[int]:

@@ -33,7 +33,7 @@ from chute import Broker
 from chute.storage.postgres import PostgresStore
 
 
-def _cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds of `pids` so far (processes that are gone count as 0)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
@@ -66,14 +66,14 @@ class Meter:
         self.pids = _postgres_pids()
         self.started = time.perf_counter()
         self.own = time.process_time()
-        self.postgres = _cpu_seconds(self.pids)
+        self.postgres = cpu_seconds(self.pids)
         return self
 
     def __exit__(self, *exc) -> None:
         self.pids = sorted(set(self.pids) | set(_postgres_pids()))
         self.seconds = time.perf_counter() - self.started
         self.own = time.process_time() - self.own
-        self.postgres = _cpu_seconds(self.pids) - self.postgres
+        self.postgres = cpu_seconds(self.pids) - self.postgres
 
     def report(self, messages: int) -> dict:
         return {
