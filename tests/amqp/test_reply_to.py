@@ -66,6 +66,7 @@ def test_a_reply_to_a_channel_that_is_gone_is_unroutable(connection, name):
     requester = connection.channel()
     requester.basic_consume(REPLY_TO, lambda *args: None, auto_ack=True)
     requester.queue_declare(name)
+    requester.confirm_delivery()  # the request is stored before the responder looks for it
     requester.basic_publish("", name, b"req", pika.BasicProperties(reply_to=REPLY_TO))
     responder = connection.channel()
     responder.confirm_delivery()

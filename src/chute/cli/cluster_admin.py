@@ -103,7 +103,7 @@ async def forget(node: str, store: str) -> None:
         raise CommandFailed(f"cannot forget node {node!r} in PostgreSQL at {where}: {_first_line(exc)}") from None
     finally:
         await connection.close()
-    shards = f"; freed shards {', '.join(str(r['shard']) for r in freed)}" if freed else ""
+    shards = f"; freed shards {', '.join(str(shard) for shard in sorted(r['shard'] for r in freed))}" if freed else ""
     click.echo(f"forgot node {node}{shards}")
 
 
