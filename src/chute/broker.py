@@ -197,43 +197,43 @@ class Broker(ManagementApi, Housekeeping):
         frame of the file store). A store failure fails every group it covers."""
         self._check()
         now = self.clock()
-        results: list = []
         waits: dict[int, asyncio.Future] = {}
-        settling: dict[int, list] = {}  # the plans each future settles, in order (one callback, one `_after`)
-        prepare = self.core.prepare_publish
         self._pending_token = None
         try:  # as `_run`, with one `_after` for every group
-            for dest, messages in groups:
-                try:
-                    plan = prepare(dest, messages, now)
-                except ChuteError as exc:
-                    results.append(exc)
+            outcomes = self.core.prepare_publish_many(groups, now)
+            settling: dict[int, list] = {}  # the plans each future settles, in order (one callback, one `_after`)
+            for outcome in outcomes:
+                if isinstance(outcome, ChuteError):
                     continue
-                results.append(plan)
+                plan = outcome[0]
                 if plan.token is None:
-                    self.core.commit_publish(plan, now)
-                else:
-                    future = waits.get(id(plan.token))
-                    if future is None:
-                        future = waits[id(plan.token)] = asyncio.ensure_future(plan.token)
-                        settling[id(plan.token)] = plans = []
-                        future.add_done_callback(functools.partial(self._settle_all, plans))
-                    settling[id(plan.token)].append(plan)
+                    if plan in self.core.pending_plans:
+                        self.core.commit_publish(plan, now)
+                    continue
+                future = waits.get(id(plan.token))
+                if future is None:
+                    future = waits[id(plan.token)] = asyncio.ensure_future(plan.token)
+                    settling[id(plan.token)] = plans = []
+                    future.add_done_callback(functools.partial(self._settle_all, plans))
+                plans = settling[id(plan.token)]
+                if not plans or plans[-1] is not plan:  # a plan shared by several groups is settled once
+                    plans.append(plan)
         finally:
             self._after()
             self._pending_token = None  # the plans hold it
         if waits:
             await asyncio.shield(asyncio.gather(*waits.values(), return_exceptions=True))
         out: list[list[int] | ChuteError] = []
-        for result in results:
-            if isinstance(result, ChuteError):
-                out.append(result)
+        for outcome in outcomes:
+            if isinstance(outcome, ChuteError):
+                out.append(outcome)
                 continue
-            future = waits.get(id(result.token)) if result.token is not None else None
+            plan, ids = outcome
+            future = waits.get(id(plan.token)) if plan.token is not None else None
             error = None if future is None else future.exception()
             if error is not None and not isinstance(error, ChuteError):
                 raise error
-            out.append(error if error is not None else result.ids)
+            out.append(error if error is not None else ids)
         return out
 
     def _settle(self, plan, done: asyncio.Future | None) -> None:

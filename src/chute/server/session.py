@@ -423,8 +423,8 @@ class Session(asyncio.Protocol):
         leased = self.leased.get(queue)
         if leased:
             leased.difference_update(receipts)
-        for consumer in self.consumers.values():
-            if consumer.queue == queue:
+        for consumer in self.broker.dispatcher.watched.get(queue, ()):  # the queue's consumers, not all of ours
+            if consumer.session is self:
                 consumer.settled(receipts)
 
     # -- requests ---------------------------------------------------------------------------------------------
