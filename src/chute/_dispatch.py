@@ -6,8 +6,9 @@ leaves ready messages in a queue (the core's `changed`), the broker tells the di
 queue's consumers due; once per turn of the loop, the pass runs `pump(dispatcher)` of every due consumer, and
 each leases what its credit allows (`lease`) and writes its deliveries. With a thousand queues sharing the
 traffic, a commit that fills hundreds of them costs one callback instead of hundreds of task wake-ups (a future,
-a timer and a coroutine resumption each), and the delivery-count records of the whole pass go to the store in
-one append. Deliveries of one message to several queues (fan-out) in the same pass share one decoded `Message`.
+a timer and a coroutine resumption each); the delivery-count records of the whole pass go to the store in one
+append, and its leases share one timer per deadline (`BrokerCore.begin_leases`). Deliveries of one message to
+several queues (fan-out) in the same pass share one decoded `Message`.
 
 Invariants:
 - a watched consumer is made due after anything that may let it deliver: its queue gained ready messages or was
@@ -126,10 +127,12 @@ class Dispatcher:
         broker = self.broker
         self._now = broker.clock()
         broker._pending_token = None
+        broker.core.begin_leases()  # one lease timer for the pass, not one per consumer
         try:
             for consumer in due:
                 consumer.pump(self)
         finally:
+            broker.core.end_leases()
             self._messages.clear()
             if broker._state == "serving":
                 broker._after(housekeep=False)

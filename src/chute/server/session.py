@@ -85,7 +85,7 @@ class ServerConsumer:
         self.id = consumer_id
         self.queue = queue
         self.prefetch = prefetch
-        self.lease_s = lease_s
+        self.lease_s = float(lease_s) if type(lease_s) is int else lease_s  # (checked by each receive)
         self.ephemeral = ephemeral
         self.outstanding: set[int] = set()
         self.blocked = False  # out of credit: settlements (or the dispatcher's sweep) wake it
@@ -93,6 +93,8 @@ class ServerConsumer:
         self.reading: asyncio.Task | None = None  # bodies being read from disk
         self._timer: asyncio.TimerHandle | None = None  # a rate limit lets the next message go
         self._dispatcher = session.broker.dispatcher
+        self.max_frame = session.server.config.max_frame_bytes
+        self.budget = body_budget(self.max_frame)  # the bodies of one DELIVER frame
 
     def start(self) -> None:
         self._dispatcher.watch(self)
@@ -141,7 +143,7 @@ class ServerConsumer:
         queue = broker.core.queues.get(name)
         if queue is None:
             raise QueueNotFound(f"queue {name!r} was deleted")
-        max_frame = session.server.config.max_frame_bytes
+        max_frame, budget = self.max_frame, self.budget
         for _ in range(MAX_BATCHES_PER_PASS):
             if not session.writable.is_set():
                 return  # `writable()` wakes us
@@ -155,7 +157,7 @@ class ServerConsumer:
             self.blocked = False
             if not queue.ready:
                 return  # the queue's next change makes us due
-            entries = dispatcher.lease(name, min(credit, MAX_DELIVER_BATCH), self.lease_s, body_budget(max_frame))
+            entries = dispatcher.lease(name, min(credit, MAX_DELIVER_BATCH), self.lease_s, budget)
             if not entries:  # a rate limit holds them back
                 self._retry_at(broker.core.rate_ready_at(name, broker.clock()))
                 return
