@@ -334,15 +334,17 @@ class Broker(ManagementApi, Housekeeping):
         core = self.core
         queue = core.queues.get(queue_name)
         store = core.store_of(queue) if queue is not None else self.store
+        ephemeral = queue is not None and queue.ephemeral
+        if ephemeral:
+            shared = None  # refs of the ephemeral store: another numbering
         read_cached = store.read_cached
         payloads = []
-        for entry in entries:
-            payload = read_cached(entry.ref)
+        for entry in entries:  # (a message decoded already for another queue needs no payload)
+            payload = read_cached(entry.ref) if shared is None or entry.ref not in shared else b""
             if payload is None:
                 return None
             payloads.append(payload)
-        if queue is not None and queue.ephemeral:
-            shared = None  # refs of the ephemeral store: another numbering
+        if ephemeral:
             for entry in entries:
                 store.release(entry.ref)  # delivered at most once: the body is no longer needed
         if shared is None:

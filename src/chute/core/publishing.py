@@ -89,9 +89,13 @@ class PublishOps(BrokerState):
         plan = PublishPlan()
         window = queue.dedup if queue is not None else topic.dedup
         new, slots = self._deduplicate(window, messages, now) if keyed else (messages, None)
+        fanout = None  # plain messages to a topic: the queues every one of them goes to (one route for all)
         if queue is not None:
             targets = None
             routes = {queue: range(len(new))} if new else {}
+        elif plain:
+            targets, fanout = None, topic.route(topic.name, None)
+            routes = {target: range(len(new)) for target in fanout}
         else:
             targets = [topic.route(m.subject or topic.name, m.headers) for m in new]
             routes = {}
@@ -109,8 +113,13 @@ class PublishOps(BrokerState):
             new_ids = []
         elif queue is not None and not dropped:
             new_ids = self._write_to_queue(new, queue, now, plan, plain)
+        elif fanout is not None and not dropped and not any(t.settings.delay_s or t.settings.retention_s
+                                                            for t in fanout):  # fmt: skip
+            new_ids = self._write_fanout(new, fanout, topic, now, plan)
         else:
-            new_ids = self._write_routed(new, targets or [[queue]] * len(new), topic, now, plan, dropped)
+            if targets is None:
+                targets = [fanout if fanout is not None else [queue]] * len(new)
+            new_ids = self._write_routed(new, targets, topic, now, plan, dropped)
         if not keyed:
             plan.ids = list(new_ids)
         else:
@@ -317,6 +326,36 @@ class PublishOps(BrokerState):
                 _collect(by_queue, message, message_id, ref, transient)
         for (target, source), entries in by_queue.items():
             self._hold(target, entries, plan, source)
+        return new_ids
+
+    def _write_fanout(self, new, queues: list[Queue], topic: Topic, now: float, plan: PublishPlan) -> range:
+        """Plain messages (bodies only) to a topic, every one routed to the same `queues`, none of which has a default
+        delay or TTL: what `_write_routed` does, without routing or timing each message. One MESSAGE record per
+        message lists its durable queues; their entries share its ref (the body is stored once)."""
+        durable = [target for target in queues if not target.ephemeral]
+        transient = [target for target in queues if target.ephemeral]
+        records = self.outbox
+        self.outbox = []
+        first = len(records)
+        now_ms, topic_id, queue_ids = int(now * 1000), topic.id, [target.id for target in durable]
+        new_ids = self.ids.next_many(now, len(new))
+        encode, kind = rec.encode, rec.MESSAGE
+        payloads = [encode((message_id, now_ms, topic_id, queue_ids, 0, 0, 0, None, None, None, None, m.body))
+                    for m, message_id in zip(new, new_ids)]  # fmt: skip
+        retains = topic.retains
+        if durable or retains:
+            records += [(kind, payload) for payload in payloads]
+        if records:
+            refs, plan.token = self.store.append(records)
+            refs = refs[first:]
+            for target in durable:
+                self._hold(target, [Entry(i, ref, len(m.body)) for m, i, ref in zip(new, new_ids, refs)], plan)
+            if retains:
+                plan.retains += [(topic, i, ref, len(m.body)) for m, i, ref in zip(new, new_ids, refs)]
+        if transient:
+            refs, _ = self.ephemeral_store.append([(kind, payload) for payload in payloads])
+            for target in transient:
+                self._hold(target, [Entry(i, ref, len(m.body)) for m, i, ref in zip(new, new_ids, refs)], plan)
         return new_ids
 
     def _write_to_queue(self, new, queue: Queue, now: float, plan: PublishPlan, plain: bool) -> range:
