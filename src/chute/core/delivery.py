@@ -49,7 +49,7 @@ class DeliveryOps(BrokerState):
             batch = queue.pop_many(wanted - len(taken), room, first_may_exceed=not taken)
             if not batch:
                 break
-            if room is not None:
+            if room is not None and wanted > len(taken) + len(batch):  # (only another round needs what is left)
                 room = max(0, room - sum(e.size for e in batch))
             expired = [e for e in batch if e.expires and e.expires <= now]
             if expired:

@@ -48,7 +48,7 @@ from chute.storage.api import Durable
 class PublishPlan:
     """What `prepare_publish` decided; hand it back to `commit_publish` or `abort_publish`."""
 
-    __slots__ = ("ids", "token", "placements", "dropped", "dedups", "retains")
+    __slots__ = ("ids", "token", "placements", "sizes", "dropped", "dedups", "retains")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
@@ -56,6 +56,7 @@ class PublishPlan:
         # (queue, entries, source): entry.deadline holds its ready time; `source` is None, or the queue whose
         # overflow sent these batch messages straight to `queue`, its dead-letter queue
         self.placements: list[tuple[Queue, list[Entry], Queue | None]] = []
+        self.sizes: list[int] = []  # the body bytes of each placement's entries
         self.dropped: list[tuple[Queue, int]] = []  # batch messages a queue dropped for overflow (no DLQ)
         self.dedups: list[tuple[object, str, int]] = []
         self.retains: list[tuple[Topic, int, int, int]] = []
@@ -185,12 +186,13 @@ class PublishOps(BrokerState):
         """Add a plain group's MESSAGE records to `records` and its entries (refs to come) to `plan`."""
         ids = self.ids.next_many(now, len(messages))
         now_ms, queue_ids, encode, kind = int(now * 1000), [queue.id], rec.encode, rec.MESSAGE
-        entries = []
+        entries, size = [], 0
         for m, message_id in zip(messages, ids):
             body = m.body
             records.append((kind, encode((message_id, now_ms, 0, queue_ids, 0, 0, 0, None, None, None, None, body))))
             entries.append(Entry(message_id, 0, len(body)))
-        self._hold(queue, entries, plan)
+            size += len(body)
+        self._hold(queue, entries, plan, None, size)
         plan.ids += ids
         return list(ids)
 
@@ -348,8 +350,10 @@ class PublishOps(BrokerState):
         if records:
             refs, plan.token = self.store.append(records)
             refs = refs[first:]
+            size = sum([len(m.body) for m in new])
             for target in durable:
-                self._hold(target, [Entry(i, ref, len(m.body)) for m, i, ref in zip(new, new_ids, refs)], plan)
+                self._hold(target, [Entry(i, ref, len(m.body)) for m, i, ref in zip(new, new_ids, refs)], plan, None,
+                           size)  # fmt: skip
             if retains:
                 plan.retains += [(topic, i, ref, len(m.body)) for m, i, ref in zip(new, new_ids, refs)]
         if transient:
@@ -397,18 +401,23 @@ class PublishOps(BrokerState):
         return new_ids
 
     @staticmethod
-    def _hold(queue: Queue, entries: list[Entry], plan: PublishPlan, source: Queue | None = None) -> None:
-        """Count pending entries against the queue's limits until the plan is committed or aborted."""
+    def _hold(queue: Queue, entries: list[Entry], plan: PublishPlan, source: Queue | None = None,
+              size: int | None = None) -> None:  # fmt: skip
+        """Count pending entries (of `size` body bytes in all, if known) against the queue's limits until the plan
+        is committed or aborted."""
+        if size is None:
+            size = sum([e.size for e in entries])
         plan.placements.append((queue, entries, source))
+        plan.sizes.append(size)
         queue.pending += len(entries)
-        queue.pending_bytes += sum(e.size for e in entries)
+        queue.pending_bytes += size
 
     def commit_publish(self, plan: PublishPlan, now: float) -> None:
         """The plan's records are durable: place its entries (ready or delayed) and retain topic messages."""
         self.pending_plans.discard(plan)
-        for queue, entries, source in plan.placements:
+        for (queue, entries, source), size in zip(plan.placements, plan.sizes, strict=True):
             queue.pending -= len(entries)
-            queue.pending_bytes -= sum(e.size for e in entries)
+            queue.pending_bytes -= size
             if self.queues.get(queue.name) is not queue:
                 continue  # the queue was deleted while the publish was being written
             track = self.store_of(queue).track
@@ -435,9 +444,9 @@ class PublishOps(BrokerState):
     def abort_publish(self, plan: PublishPlan) -> None:
         """The plan's records did not become durable: forget its entries and dedup ids."""
         self.pending_plans.discard(plan)
-        for queue, entries, _ in plan.placements:
+        for (queue, entries, _), size in zip(plan.placements, plan.sizes, strict=True):
             queue.pending -= len(entries)
-            queue.pending_bytes -= sum(e.size for e in entries)
+            queue.pending_bytes -= size
         for window, key, message_id in plan.dedups:
             window.forget(key, message_id)
 
