@@ -8,7 +8,11 @@ fsync on, synchronous_commit on: durable like a production server) and deletes i
 - `store`: `PostgresStore.append` of batches of `--batch` records (`--inflight` batches awaited at once, like
   that many publishers), each confirmed when its group commit has committed;
 - `p2p`: `chute.Broker` on the store, end to end: producers publish batches of `--batch`, a consumer receives
-  batches and acks them (acks are group-committed too).
+  batches and acks them (acks are group-committed too);
+- `skiplocked`: the baseline users would write themselves on the same server, a table used as a queue:
+  `--inflight` producers inserting a batch per statement, `--inflight` consumers taking a batch with
+  `SELECT ... FOR UPDATE SKIP LOCKED` and deleting it in the same transaction; `skiplocked-1` the same one message
+  per statement and transaction, as most hand-written job queues work (a tenth of `--messages`).
 CPU: seconds of this process and of every PostgreSQL process (from /proc), per message. Nothing here is a test:
 figures go to BENCHMARKS.md with the machine they were measured on.
 """
@@ -118,6 +122,58 @@ async def p2p(url: str, messages: int, batch: int, inflight: int, body: bytes) -
     }
 
 
+SKIP_LOCKED_TABLE = f"bench_skip_locked_{os.getpid()}"  # one per run: runs may share a server
+
+
+async def skip_locked(url: str, messages: int, batch: int, inflight: int, body: bytes) -> dict:
+    """The queue users write themselves on PostgreSQL, given every advantage this benchmark gives Chute: a table,
+    `inflight` producers each inserting a batch of `batch` rows per statement (one commit per batch), and `inflight`
+    consumers each taking a batch at a time with `FOR UPDATE SKIP LOCKED` and deleting it in the same transaction
+    once handled (at-least-once: a consumer that dies before its commit leaves the rows to the others)."""
+    import asyncpg
+
+    pool = await asyncpg.create_pool(url, min_size=2 * inflight, max_size=2 * inflight)
+    try:
+        await pool.execute(f"DROP TABLE IF EXISTS {SKIP_LOCKED_TABLE}")
+        await pool.execute(f"CREATE TABLE {SKIP_LOCKED_TABLE} (id bigserial PRIMARY KEY, payload bytea NOT NULL)")
+        batches = messages // batch
+        next_batch = iter(range(batches))
+        payloads = [body] * batch
+        taken = 0
+
+        async def producer() -> None:
+            async with pool.acquire() as connection:
+                insert = await connection.prepare(
+                    f"INSERT INTO {SKIP_LOCKED_TABLE} (payload) SELECT unnest($1::bytea[])"
+                )
+                for _ in next_batch:
+                    await insert.fetch(payloads)
+
+        async def consumer() -> None:
+            nonlocal taken
+            async with pool.acquire() as connection:
+                take = await connection.prepare(
+                    f"SELECT id, payload FROM {SKIP_LOCKED_TABLE} ORDER BY id FOR UPDATE SKIP LOCKED LIMIT {batch}"
+                )
+                delete = await connection.prepare(f"DELETE FROM {SKIP_LOCKED_TABLE} WHERE id = ANY($1::bigint[])")
+                while taken < batches * batch:
+                    async with connection.transaction():
+                        rows = await take.fetch()
+                        if rows:
+                            await delete.fetch([row[0] for row in rows])
+                    if rows:
+                        taken += len(rows)
+                    else:
+                        await asyncio.sleep(0.001)  # nothing to take yet: the producers are behind
+
+        with Meter() as meter:
+            await asyncio.gather(*(consumer() for _ in range(inflight)), *(producer() for _ in range(inflight)))
+        await pool.execute(f"DROP TABLE {SKIP_LOCKED_TABLE}")
+    finally:
+        await pool.close()
+    return {"workload": "skiplocked" if batch > 1 else "skiplocked-1", **meter.report(taken)}
+
+
 async def server_facts(url: str) -> dict:
     import asyncpg
 
@@ -146,10 +202,15 @@ def machine() -> str:
 async def run(url: str, args) -> list[dict]:
     body = b"x" * args.body
     results = []
-    for workload in (store_appends, p2p):
+    for workload in (store_appends, p2p, skip_locked):
         result = await workload(url, args.messages, args.batch, args.inflight, body)
         result.update(batch=args.batch, inflight_batches=args.inflight, body_bytes=args.body)
         results.append(result)
+    # the same table one message at a time (an insert per message, a take per message), as most hand-written job
+    # queues on PostgreSQL work; a tenth of the messages, since it is that much slower
+    result = await skip_locked(url, max(args.messages // 10, args.inflight), 1, args.inflight, body)
+    result.update(batch=1, inflight_batches=args.inflight, body_bytes=args.body)
+    results.append(result)
     return results
 
 

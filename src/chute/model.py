@@ -144,12 +144,17 @@ class TopicSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     retention_s: float | None = None
     retention_bytes: int | None = None
     dedup_window_s: float = 300.0
+    attributes: dict[str, str] | None = None
+    """Protocol extras Chute keeps but does not act on, by name (e.g. an AMQP exchange's type and flags,
+    docs/amqp.md). At most 32. Stored with the topic in the log and checkpoints, so they are as durable as it."""
 
     def validate(self, name: str = "") -> TopicSettings:
         """Return self if every setting is in range, else raise InvalidArgument naming the setting."""
         _check_range("retention_s", self.retention_s, 0.001, MAX_RETENTION_S)
         _check_range("retention_bytes", self.retention_bytes, 1, 2**50)
         _check_range("dedup_window_s", self.dedup_window_s, 0, MAX_DEDUP_WINDOW_S, allow_none=False)
+        _check_mapping("attributes", self.attributes, MAX_ATTRIBUTES, MAX_ATTRIBUTE_KEY_CHARS,
+                       MAX_ATTRIBUTE_VALUE_CHARS)  # fmt: skip
         return self
 
 

@@ -50,3 +50,14 @@ def test_exchange_is_a_topic_binding_a_subscription(server, channel, name):
         client.publish(f"exchange.{name}", b"native to a topic", subject="orders.created")
     method, _, body = channel.basic_get(queue, auto_ack=True)
     assert body == b"native to a topic" and method.routing_key == "orders.created"
+
+
+def test_native_creates_stay_idempotent_on_what_amqp_declared(server, channel, name):
+    channel.exchange_declare(name, "fanout")
+    channel.queue_declare(f"{name}-q")
+    channel.queue_bind(f"{name}-q", name)
+    with chute.Client(server.url) as client:  # AMQP's metadata (attributes) does not make these conflict
+        client.create_queue(f"{name}-q")
+        client.create_topic(f"exchange.{name}")
+        client.publish(f"exchange.{name}", b"still bound")
+    assert channel.basic_get(f"{name}-q", auto_ack=True)[2] == b"still bound"

@@ -175,3 +175,27 @@ def test_restart_deletes_leftover_exclusive_queues_and_keeps_flags(tmp_path):
             channel.queue_declare("kept", durable=True)
         assert caught.value.reply_code == 406
         channel.connection.close()
+
+
+@chute_only
+def test_restart_deletes_non_durable_queues_and_keeps_durable_ones(tmp_path):
+    from chute.testing import running_server
+
+    with running_server(str(tmp_path)) as server:
+        connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.queue_declare("transient", durable=False)
+        channel.queue_declare("lasting", durable=True)
+        for queue in ("transient", "lasting"):
+            channel.basic_publish("", queue, b"kept?", pika.BasicProperties(delivery_mode=2))
+        connection.close()
+    with running_server(str(tmp_path)) as server:
+        connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+        channel = connection.channel()
+        with pytest.raises(ChannelClosedByBroker) as caught:
+            channel.queue_declare("transient", passive=True)
+        assert caught.value.reply_code == 404
+        channel = connection.channel()
+        assert channel.basic_get("lasting", auto_ack=True)[2] == b"kept?"
+        connection.close()

@@ -475,7 +475,7 @@ USAGE_ERRORS = [  # (command line, what its one line must say; run as `python -m
     (("subscribe", "t", ">", "q", "--filter", "region"), ["'--filter'"]),
     (("queue", "list", "--url", "http://127.0.0.1:6160"), ["'--url'"]),
     (("queue", "nonsense"), [" queue:", "no such command 'nonsense'", "commands: create, delete, list"]),
-    (("nonsense",), ["no such command 'nonsense'", "commands: bench, consume, publish"]),
+    (("nonsense",), ["no such command 'nonsense'", "commands: bench, cluster, consume, publish"]),
     (("--bogus",), ["no such option '--bogus'"]),
     (("user", "grant", "a", "--allow", "fly", "--queues", "*"), [" user grant:", "'--allow'"]),
 ]

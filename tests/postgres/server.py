@@ -79,7 +79,12 @@ class PostgresServer:
     trusted, or with `password` required over TCP (SCRAM)."""
 
     def __init__(
-        self, *, durable: bool = False, settings: dict[str, str] | None = None, password: str | None = None
+        self,
+        *,
+        durable: bool = False,
+        settings: dict[str, str] | None = None,
+        password: str | None = None,
+        standby_of: PostgresServer | None = None,
     ) -> None:
         binaries = bin_dir()
         if binaries is None:
@@ -88,6 +93,7 @@ class PostgresServer:
         self.durable = durable
         self.password = password
         self.settings = dict(settings or {})
+        self.standby_of = standby_of  # a streaming replica of that (running) server, made by pg_basebackup
         _remove_stale_directories()
         self.directory = tempfile.mkdtemp(prefix="chute-pg-")
         self.data = f"{self.directory}/data"
@@ -114,8 +120,16 @@ class PostgresServer:
         return prefix + list(args)
 
     def start(self) -> PostgresServer:
-        """initdb (once) and start the server; returns when it accepts connections."""
-        if not Path(self.data).exists():
+        """initdb (once) and start the server; returns when it accepts connections. A standby is copied from its
+        primary instead (pg_basebackup, streaming the WAL meanwhile; -R makes it follow the primary)."""
+        if not Path(self.data).exists() and self.standby_of is not None:
+            primary = self.standby_of
+            subprocess.run(
+                self._command(f"{self.bin}/pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port),
+                              "-U", "postgres", "-D", self.data, "-X", "stream", "-R", "--no-sync"),
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.directory,
+            )  # fmt: skip
+        elif not Path(self.data).exists():
             auth = ["--auth=trust"]
             if self.password is not None:
                 pwfile = Path(self.directory, "pwfile")

@@ -91,7 +91,7 @@ def test_chute_serve_with_a_postgres_store_keeps_messages_across_sigterm_and_sig
 def test_chute_serve_with_an_unreachable_or_wrong_store_is_one_clear_error(tmp_path):
     result = run("--data-dir", str(tmp_path / "d"), "--port", "0", "--http-port", "-1",
                  "--store", "postgresql://chute:hunter2@127.0.0.1:1/chute")  # fmt: skip
-    assert_one_line_error(result, code=1, says="cannot open stream 'default' in PostgreSQL at 127.0.0.1:1/chute")
+    assert_one_line_error(result, code=1, says="cannot join the cluster in PostgreSQL at 127.0.0.1:1/chute")
     assert "hunter2" not in result.stderr
     result = run("--data-dir", str(tmp_path / "d"), "--port", "0", "--store", "mysql://h/db")
     assert_one_line_error(result, code=1, says="store must be a postgresql:// URL")

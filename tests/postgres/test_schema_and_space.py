@@ -27,11 +27,12 @@ async def test_first_open_creates_the_versioned_schema_once(postgres_url):
         await store.close()
     assert await _tables(url) == {
         "chute_schema_version", "chute_streams", "chute_records", "chute_checkpoints", "chute_snapshot_parts",
+        "chute_cluster", "chute_nodes", "chute_shards", "chute_placement",  # version 2: the cluster
+        "chute_users",  # version 3: the cluster's users
     }  # fmt: skip
     async with connected(url) as connection:
-        assert [tuple(r) for r in await connection.fetch("SELECT version FROM chute_schema_version")] == [
-            (SCHEMA_VERSION,)
-        ]
+        versions = await connection.fetch("SELECT version FROM chute_schema_version ORDER BY version")
+        assert [tuple(r) for r in versions] == [(v,) for v in range(1, SCHEMA_VERSION + 1)]  # one per migration
 
 
 async def test_a_newer_schema_is_refused_and_left_untouched(postgres_url):

@@ -2,10 +2,11 @@
 
 Publishing: a run of consecutive basic.publish on a channel becomes one `Broker.publish_batch` per destination
 (the default exchange publishes to the queue named by the routing key; an exchange to its topic, with the routing
-key as the subject). Unroutable messages are not stored: with `mandatory` they come back as basic.return
-(312 NO_ROUTE) before their confirm. In confirm mode, basic.ack goes out once the broker's durable confirm came
-(so a confirm means durable, as on every front); basic.nack when the broker refused the message (a full queue
-with x-overflow reject-publish, a storage failure).
+key as the subject; an exchange with exchange-to-exchange or typed headers bindings to the queues the front
+routes it to, routing.py, with one `Broker.publish_many`). Unroutable messages are not stored: with `mandatory`
+they come back as basic.return (312 NO_ROUTE) before their confirm. In confirm mode, basic.ack goes out once the
+broker's durable confirm came (so a confirm means durable, as on every front); basic.nack when the broker refused
+the message (a full queue with x-overflow reject-publish, a storage failure).
 
 Consuming: see channel.py (prefetch, leases, settling).
 """
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
-from chute.amqp.channel import LEASE_S, AmqpConsumer
+from chute.amqp import reply_to, routing
+from chute.amqp.channel import AmqpConsumer, lease_s
 from chute.amqp.declare import _no_exchange, _no_queue, _owned_elsewhere, queue_name
 from chute.amqp.errors import (
     ACCESS_REFUSED,
@@ -51,7 +53,18 @@ def publish(session: AmqpSession, channel: Channel, batch: list[Content]) -> Non
     group_dest, group = None, []
     for content in batch:
         try:
-            dest, message, routable = _route(session, content)
+            reply_to.stamp(channel, content)
+            if reply_to.is_reply(content):  # direct reply-to: straight to the requesting channel, not stored
+                dest, message, routable = None, None, reply_to.deliver(session, content)
+                if routable:
+                    _flush(session, channel, group_dest, group)
+                    group_dest, group = None, []
+                    if channel.confirm:
+                        channel.publish_seq += 1
+                        _confirm_now(session, channel, channel.publish_seq)
+                    continue
+            else:
+                dest, message, routable = _route(session, content)
         except (AmqpError, ChuteError) as exc:
             _flush(session, channel, group_dest, group)
             if isinstance(exc, ChuteError):
@@ -83,6 +96,23 @@ def publish(session: AmqpSession, channel: Channel, batch: list[Content]) -> Non
     _flush(session, channel, group_dest, group)
 
 
+def _confirm_now(session: AmqpSession, channel: Channel, seq: int) -> None:
+    """basic.ack for a publish that needs no broker call, after the publishes before it were confirmed."""
+    earlier = list(channel.publishing)
+    channel.unconfirmed.add(seq)
+    if not earlier:
+        _confirm(session, channel, [seq], True)
+        return
+
+    async def after() -> None:
+        await asyncio.wait(earlier)
+        _confirm(session, channel, [seq], True)
+
+    task = session.spawn(after())
+    channel.publishing.add(task)
+    task.add_done_callback(channel.publishing.discard)
+
+
 def _route(session: AmqpSession, content: Content):
     """(destination, Chute publish, routable) of one basic.publish; AmqpError for a refused one."""
     method = content.method
@@ -105,6 +135,8 @@ def _route(session: AmqpSession, content: Content):
         raise AmqpError(ACCESS_REFUSED, f"cannot publish to internal exchange '{exchange}' in vhost '/'")
     check(session.principal, "publish", "topic", dest)
     kind = declared["type"]
+    if session.front.book.front_routed(exchange):
+        return _route_by_front(session, content, exchange)
     subject = ex.HEADERS_SUBJECT if kind == "headers" else ex.subject(key)
     if subject is None and kind == "fanout":
         subject = ex.FANOUT_SUBJECT
@@ -116,6 +148,45 @@ def _route(session: AmqpSession, content: Content):
     message.headers = headers
     routable = subject is not None and topic is not None and bool(topic.route(subject, headers))
     return dest, message, routable
+
+
+def _route_by_front(session: AmqpSession, content: Content, exchange: str):
+    """(queues, Chute publish, routable) of a publish routed by the front (routing.py): the queues reached from
+    `exchange` through its bindings and its exchange-to-exchange bindings, each once."""
+    method = content.method
+    key, table = method.routing_key, (content.properties.headers if content.properties is not None else None)
+    book, core = session.front.book, session.broker.core
+    message = to_publish(content.properties, content.body)
+    headers = message.headers if message.headers is not None else {}
+    headers[EXCHANGE_HEADER] = exchange
+    headers[ROUTING_KEY_HEADER] = key
+    message.headers = headers
+    subject = ex.subject(key)
+    queues: set[str] = set()
+    seen, todo = {exchange}, [exchange]
+    while todo:
+        name = todo.pop()
+        declared = book.exchanges.get(name)
+        if declared is None:
+            continue
+        kind = declared["type"]
+        topic = core.topics.get(ex.topic_name(name))
+        if topic is not None:
+            routed_subject = ex.HEADERS_SUBJECT if kind == "headers" else subject
+            if routed_subject is None and kind == "fanout":
+                routed_subject = ex.FANOUT_SUBJECT
+            if routed_subject is not None:
+                queues.update(queue.name for queue in topic.route(routed_subject, headers))
+        if kind == "headers":
+            queues.update(b["queue"] for b in book.bindings if b["exchange"] == name and "table" in b
+                          and routing.headers_match(routing.arguments_of(b), table))  # fmt: skip
+        for binding in book.exchange_bindings:
+            if binding["source"] == name and binding["destination"] not in seen and \
+                    routing.binding_matches(kind, binding, key, table):  # fmt: skip
+                seen.add(binding["destination"])
+                todo.append(binding["destination"])
+    queues.intersection_update(core.queues)
+    return tuple(sorted(queues)), message, bool(queues)
 
 
 def _flush(session: AmqpSession, channel: Channel, dest: str | None, group: list) -> None:
@@ -131,7 +202,13 @@ async def _commit(session: AmqpSession, channel: Channel, dest: str, group: list
     size = sum(len(message.body) for message in messages)
     session.server.publishing(session, size)
     try:
-        await session.broker.publish_batch(dest, messages)
+        if isinstance(dest, tuple):  # routed by the front: several queues at once
+            results = await session.broker.publish_many([(queue, messages) for queue in dest])
+            for result in results:  # a refusal (reject-publish) nacks, as RabbitMQ does when one queue refuses
+                if isinstance(result, ChuteError) and not isinstance(result, QueueNotFound):
+                    raise result
+        else:
+            await session.broker.publish_batch(dest, messages)
     except (QueueFull, QueueNotFound, TopicNotFound) as exc:  # refused (reject-publish) or gone meanwhile
         _confirm(session, channel, seqs, isinstance(exc, QueueNotFound | TopicNotFound))
         return
@@ -178,7 +255,7 @@ def _consumable(session: AmqpSession, channel: Channel, method) -> str:
 
 async def basic_qos(session: AmqpSession, channel: Channel, method) -> object:
     if method.prefetch_size:
-        raise connection_error(NOT_IMPLEMENTED, "prefetch_size!=0 is not supported", method)
+        raise connection_error(NOT_IMPLEMENTED, f"prefetch_size!=0 ({method.prefetch_size})", method)  # as RabbitMQ
     if method.global_:
         channel.prefetch = method.prefetch_count
     else:
@@ -188,14 +265,19 @@ async def basic_qos(session: AmqpSession, channel: Channel, method) -> object:
 
 
 async def basic_consume(session: AmqpSession, channel: Channel, method) -> object:
-    name = _consumable(session, channel, method)
+    name = _consumable(session, channel, method) if method.queue != reply_to.PSEUDO_QUEUE else ""
     front = session.front
     tag = method.consumer_tag or "amq.ctag-" + secrets.token_urlsafe(16)
-    if tag in channel.consumers:
+    if tag in channel.consumers or (channel.reply_to is not None and channel.reply_to[1] == tag):
         raise connection_error(NOT_ALLOWED, f"attempt to reuse consumer tag '{tag}'", method)
+    if method.queue == reply_to.PSEUDO_QUEUE:
+        reply_to.consume(session, channel, method, tag)
+        return None if method.nowait else commands.Basic.ConsumeOk(consumer_tag=tag)
     if name in front.exclusive_consumers or (method.exclusive and front.consumers[name]):
         raise AmqpError(ACCESS_REFUSED, f"queue '{name}' in vhost '/' in exclusive use")
-    consumer = AmqpConsumer(channel, tag, name, bool(method.no_ack), bool(method.exclusive), channel.consumer_prefetch)
+    priority = _consumer_priority(method.arguments or {})
+    consumer = AmqpConsumer(channel, tag, name, bool(method.no_ack), bool(method.exclusive), channel.consumer_prefetch,
+                            priority)  # fmt: skip
     channel.consumers[tag] = consumer
     front.consumer_started(name, consumer)
     if method.exclusive:
@@ -204,6 +286,14 @@ async def basic_consume(session: AmqpSession, channel: Channel, method) -> objec
         session.write(session.conn.send_method(channel.number, commands.Basic.ConsumeOk(consumer_tag=tag)))
     consumer.task = asyncio.ensure_future(consumer.run())
     return None
+
+
+def _consumer_priority(arguments: dict) -> int:
+    """basic.consume's `x-priority` (any integer, default 0), as RabbitMQ reads it; 406 for another type."""
+    value = arguments.get("x-priority", 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AmqpError(PRECONDITION_FAILED, f"invalid arg 'x-priority' for consumer: {value!r} (an integer)")
+    return value
 
 
 async def basic_cancel(session: AmqpSession, channel: Channel, method) -> object:
@@ -215,7 +305,7 @@ async def basic_get(session: AmqpSession, channel: Channel, method) -> object:
     name = _consumable(session, channel, method)
     broker = session.broker
     session.front.used(name)
-    deliveries = await broker.receive(name, 1, lease_s=LEASE_S)
+    deliveries = await broker.receive(name, 1, lease_s=lease_s(session))
     if not deliveries:
         return commands.Basic.GetEmpty()
     if channel.closed:

@@ -8,8 +8,10 @@ Prefetch: basic.qos with global=false sets the limit of each consumer started af
 global=true the limit of the whole channel. A consumer leases at most its remaining credit (the smaller of the
 two) per batch, and nothing while the connection's write buffer is full.
 
-Leases: an AMQP delivery stays unacked as long as the channel lives, so it is leased for `LEASE_S` (12 h, Chute's
-longest lease) and given back when the channel closes; a no-ack consumer's deliveries are acked as they are sent
+Consumer timeout: a delivery left unacked for the server's `amqp_consumer_timeout_s` (RabbitMQ's
+`consumer_timeout`, 30 min by default) closes its channel with 406 PRECONDITION_FAILED, as RabbitMQ does, which
+gives every unacked delivery of the channel back. Deliveries are leased a minute longer than that (`lease_s`),
+so the lease never ends first while the channel lives; a no-ack consumer's deliveries are acked as they are sent
 (at most once).
 
 Invariants: every tag in `unacked` is leased from the broker under its receipt and released or settled exactly
@@ -20,16 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from pamqp import commands
 
+from chute.amqp import dead_letter, reply_to
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
-from chute.amqp.exchanges import amqp_queue, routing_key
 from chute.amqp.frames import deliver_method
-from chute.amqp.mapping import to_properties
+from chute.amqp.mapping import origin, to_properties
 from chute.errors import ChuteError, QueueNotFound
 from chute.model import MAX_LEASE_S, Delivery
 
@@ -37,16 +40,18 @@ if TYPE_CHECKING:
     from chute.amqp.session import AmqpSession
 
 log = logging.getLogger("chute.amqp")
-LEASE_S = MAX_LEASE_S
+LEASE_MARGIN_S = 60.0  # a lease outlasts the consumer timeout by this much: the channel closes first
 POLL_S = 1.0  # longest single long poll of a consumer
 MAX_BATCH = 256  # deliveries leased per batch
 CREDIT_RECHECK_S = 0.5
+CONSUMER_IDS = itertools.count(1)
 
 
 class AmqpConsumer:
-    __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "outstanding", "task")
+    __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "outstanding", "task", "priority", "id")
 
-    def __init__(self, channel: Channel, tag: str, queue: str, no_ack: bool, exclusive: bool, prefetch: int):
+    def __init__(self, channel: Channel, tag: str, queue: str, no_ack: bool, exclusive: bool, prefetch: int,
+                 priority: int = 0):  # fmt: skip
         self.channel = channel
         self.tag = tag
         self.queue = queue
@@ -54,6 +59,8 @@ class AmqpConsumer:
         self.exclusive = exclusive
         self.prefetch = prefetch  # 0: unlimited
         self.outstanding = 0  # unacked deliveries of this consumer
+        self.id = next(CONSUMER_IDS)  # shown in the HTTP API and the dashboard
+        self.priority = priority  # x-priority: higher ones get messages first while they have prefetch room
         self.task: asyncio.Task | None = None
 
     def credit(self) -> int:
@@ -79,9 +86,13 @@ class AmqpConsumer:
                         async with asyncio.timeout(CREDIT_RECHECK_S):
                             await channel.credit.wait()
                     continue
-                deliveries = await broker.receive(self.queue, credit, wait_s=POLL_S, lease_s=LEASE_S,
+                deliveries = await broker.receive(self.queue, credit, lease_s=lease_s(session),
                                                   max_bytes=session.body_budget)  # fmt: skip
                 if not deliveries:
+                    # Wait without leasing (as receive's own long poll would, at the same cost): once woken, the
+                    # loop asks `may_deliver` again, so a consumer of higher priority that arrived meanwhile
+                    # goes first.
+                    await broker._wait_ready(self.queue, POLL_S)
                     continue
                 if channel.closed or self.task is None:
                     broker.release(self.queue, [d.receipt for d in deliveries])
@@ -99,6 +110,11 @@ class AmqpConsumer:
             channel.consumer_gone(self, notify=True)
 
 
+def lease_s(session: AmqpSession) -> float:
+    """The lease of an AMQP delivery: longer than the consumer timeout, at most Chute's longest lease."""
+    return min(MAX_LEASE_S, session.server.config.amqp_consumer_timeout_s + LEASE_MARGIN_S)
+
+
 class Channel:
     """One open channel of a session."""
 
@@ -106,7 +122,9 @@ class Channel:
         self.session = session
         self.number = number
         self.consumers: dict[str, AmqpConsumer] = {}
-        self.unacked: OrderedDict[int, tuple[str, int, AmqpConsumer | None]] = OrderedDict()
+        # tag -> (queue, receipt, consumer or None for basic.get, loop time sent, the delivery if its queue
+        # dead-letters: a rejection republishes it with x-death, see dead_letter.py)
+        self.unacked: OrderedDict[int, tuple[str, int, AmqpConsumer | None, float, Delivery | None]] = OrderedDict()
         self.next_tag = 1
         self.prefetch = 0  # channel-wide limit (qos global=true); 0: none
         self.consumer_prefetch = 0  # limit of consumers started from now on (qos global=false)
@@ -115,8 +133,10 @@ class Channel:
         self.unconfirmed: set[int] = set()
         self.publishing: set[asyncio.Task] = set()  # publish batches not yet confirmed by the broker
         self.tx = None  # tx.Transaction after tx.select: publishes and settles wait for tx.commit
+        self.reply_to: tuple[str, str] | None = None  # (token, consumer tag) of a direct reply-to consumer
         self.last_queue = ""  # the queue of the last queue.declare ("" in later methods means this one)
         self.credit = asyncio.Event()
+        self._timeout: asyncio.TimerHandle | None = None  # the consumer-timeout check of the oldest one
         self.closed = False
         self.inbox: list = []  # events waiting for the channel's worker (methods run one at a time, in order)
         self.worker: asyncio.Task | None = None
@@ -130,11 +150,12 @@ class Channel:
         conn = session.conn
         parts = []
         acks = []
+        now = session.loop_time()
         for delivery in deliveries:
             tag = self.next_tag
             self.next_tag += 1
             properties = to_properties(delivery)
-            exchange, key = _origin(delivery)
+            exchange, key = origin(delivery)
             redelivered = delivery.delivery_count > 1
             if consumer is None:  # basic.get
                 method = commands.Basic.GetOk(delivery_tag=tag, redelivered=redelivered, exchange=exchange,
@@ -146,13 +167,36 @@ class Channel:
             if no_ack:
                 acks.append(delivery.receipt)
             else:
-                self.unacked[tag] = (delivery.queue, delivery.receipt, consumer)
+                keep = delivery if session.front.dead_letters(delivery.queue) else None
+                self.unacked[tag] = (delivery.queue, delivery.receipt, consumer, now, keep)
                 if consumer is not None:
                     consumer.outstanding += 1
             parts.append(conn.send_content(self.number, method, properties, delivery.body))
         session.write(b"".join(parts))
+        if self._timeout is None and self.unacked:
+            self._timeout = asyncio.get_running_loop().call_later(session.server.config.amqp_consumer_timeout_s,
+                                                                  self._check_timeout)  # fmt: skip
+        if consumer is not None and consumer.credit() <= 0:
+            session.front.consumer_full(consumer.queue)
         if acks:
             session.settle_later(deliveries[0].queue, "ack", acks)
+
+    def _check_timeout(self) -> None:
+        """The oldest unacked delivery's consumer timeout: 406 closes the channel if it passed, else look again
+        when it will."""
+        self._timeout = None
+        if self.closed or not self.unacked:
+            return
+        session = self.session
+        timeout_s = session.server.config.amqp_consumer_timeout_s
+        oldest = next(iter(self.unacked.values()))  # tags are in the order they were sent
+        left = oldest[3] + timeout_s - session.loop_time()
+        if left > 0:
+            self._timeout = asyncio.get_running_loop().call_later(left, self._check_timeout)
+            return
+        session.channel_error(self.number, AmqpError(PRECONDITION_FAILED, f"delivery acknowledgement on channel "
+                              f"{self.number} timed out. Timeout value used: {round(timeout_s * 1000)} ms. This "
+                              "timeout value can be configured, see consumers doc guide to learn more"))  # fmt: skip
 
     def settle(self, method, tag: int, multiple: bool, action: str, requeue: bool = True) -> None:
         """basic.ack / nack / reject: settle `tag` (and every earlier one with `multiple`); 406 if unknown."""
@@ -165,15 +209,23 @@ class Channel:
         if not tags and (tag or not multiple):
             raise AmqpError(PRECONDITION_FAILED, f"unknown delivery tag {tag}", method=method)
         by_queue: dict[str, list[int]] = {}
+        rejected: dict[str, list[Delivery]] = {}  # deliveries dead-lettered with their x-death (dead_letter.py)
         for each in tags:
-            queue, receipt, consumer = self.unacked.pop(each)
+            queue, receipt, consumer, _, delivery = self.unacked.pop(each)
             if consumer is not None:
                 consumer.outstanding -= 1
-            by_queue.setdefault(queue, []).append(receipt)
+            if delivery is not None and action != "ack" and not requeue:
+                rejected.setdefault(queue, []).append(delivery)
+            else:
+                by_queue.setdefault(queue, []).append(receipt)
         self.credit.set()
         for queue, receipts in by_queue.items():
             self.session.settle_later(queue, action if action == "ack" else ("nack" if requeue else "reject"),
                                       receipts)  # fmt: skip
+        for queue, deliveries in rejected.items():
+            task = self.session.spawn(dead_letter.reject(self.session, queue, deliveries))
+            self.publishing.add(task)  # tx.commit waits for it
+            task.add_done_callback(self.publishing.discard)
 
     def recover(self) -> None:
         """basic.recover: every unacked delivery goes back to its queue (delivered again, marked redelivered)."""
@@ -192,6 +244,9 @@ class Channel:
         consumer.task = None
 
     def cancel(self, tag: str) -> None:
+        if self.reply_to is not None and self.reply_to[1] == tag:
+            reply_to.forget(self)
+            return
         consumer = self.consumers.get(tag)
         if consumer is not None:
             task = consumer.task
@@ -205,8 +260,12 @@ class Channel:
             return
         self.closed = True
         self.credit.set()
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
         for tag in list(self.consumers):
             self.cancel(tag)
+        reply_to.forget(self)
         if self.worker is not None and self.worker is not asyncio.current_task():
             self.worker.cancel()
         self.inbox.clear()
@@ -214,22 +273,10 @@ class Channel:
 
     def _release_unacked(self) -> None:
         by_queue: dict[str, list[int]] = {}
-        for queue, receipt, consumer in self.unacked.values():
+        for queue, receipt, consumer, _, _ in self.unacked.values():
             by_queue.setdefault(queue, []).append(receipt)
             if consumer is not None:
                 consumer.outstanding -= 1
         self.unacked.clear()
         for queue, receipts in by_queue.items():
             self.session.broker.release(queue, receipts)
-
-
-def _origin(delivery: Delivery) -> tuple[str, str]:
-    """The exchange and routing key a message was published with."""
-    message = delivery.message
-    exchange = message.headers.get("amqp-exchange", "")
-    key = message.headers.get("amqp-routing-key")
-    if key is not None:
-        return exchange, key
-    if message.subject is not None:
-        return exchange, routing_key(message.subject)
-    return exchange, amqp_queue(delivery.queue)

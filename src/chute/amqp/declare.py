@@ -15,9 +15,11 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
+import msgspec
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
+from chute.amqp import metadata, reply_to, routing
 from chute.amqp.errors import (
     ACCESS_REFUSED,
     COMMAND_INVALID,
@@ -30,6 +32,7 @@ from chute.amqp.errors import (
 )
 from chute.amqp.mapping import queue_settings
 from chute.errors import QueueExists, QueueNotFound, SubscriptionNotFound
+from chute.model import TopicSettings
 from chute.server.auth import check
 
 if TYPE_CHECKING:
@@ -90,7 +93,9 @@ async def exchange_declare(session: AmqpSession, channel: Channel, method) -> ob
         raise AmqpError(ACCESS_REFUSED, f"exchange name '{name}' contains reserved prefix 'amq.*'")
     topic = ex.topic_name(name)
     check(session.principal, "manage", "topic", topic)
-    await session.broker.create_topic(topic)
+    if topic not in session.broker.core.topics:  # created with its declaration, in one record
+        attributes = metadata.created_with(session.front.stored, "topic", name, wanted)
+        await session.broker.create_topic(topic, TopicSettings(attributes=attributes))
     book.exchanges[name] = wanted
     await session.front.save_book()
     return commands.Exchange.DeclareOk()
@@ -104,18 +109,66 @@ async def exchange_delete(session: AmqpSession, channel: Channel, method) -> obj
         return commands.Exchange.DeleteOk()
     topic = ex.topic_name(name)
     check(session.principal, "manage", "topic", topic)
-    if method.if_unused and any(b["exchange"] == name for b in book.bindings):
+    if method.if_unused and (any(b["exchange"] == name for b in book.bindings)
+                             or any(b["source"] == name for b in book.exchange_bindings)):  # fmt: skip
         raise AmqpError(PRECONDITION_FAILED, f"exchange '{name}' in vhost {VHOST} in use")
     if topic in session.broker.core.topics:
         await session.broker.delete_topic(topic)
+        metadata.forget(session.front.stored, "topic", topic)
     del book.exchanges[name]
     book.bindings = [b for b in book.bindings if b["exchange"] != name]
+    book.exchange_bindings = [b for b in book.exchange_bindings if name not in (b["source"], b["destination"])]
     await session.front.save_book()
     return commands.Exchange.DeleteOk()
 
 
+async def _bound_exchanges(session: AmqpSession, method) -> tuple[dict, dict]:
+    """The source and destination of exchange.bind / unbind (403 for the default exchange, 404 if missing), with
+    `manage` on both topics checked."""
+    book = session.front.book
+    for name in (method.source, method.destination):
+        if not name:
+            raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
+    for name in (method.destination, method.source):
+        if name not in book.exchanges:
+            raise _no_exchange(name)
+    for name in (method.destination, method.source):
+        check(session.principal, "manage", "topic", ex.topic_name(name))
+    return book.exchanges[method.source], book.exchanges[method.destination]
+
+
+def _find_exchange_binding(book, method, arguments: dict) -> dict | None:
+    for each in book.exchange_bindings:
+        if (each["source"], each["destination"], each["key"], each["arguments"]) == \
+                (method.source, method.destination, method.routing_key, arguments):  # fmt: skip
+            return each
+    return None
+
+
 async def exchange_bind(session: AmqpSession, channel: Channel, method) -> object:
-    raise connection_error(NOT_IMPLEMENTED, "exchange-to-exchange bindings are not supported by Chute", method)
+    """An exchange-to-exchange binding: messages the source routes with this key (or headers) go on to the
+    destination too. Routed by the front (routing.py); a loop of bindings delivers to each queue once."""
+    source, _ = await _bound_exchanges(session, method)
+    book = session.front.book
+    arguments = method.arguments or {}
+    if source["type"] == "headers":
+        routing.match_mode(arguments)
+    if _find_exchange_binding(book, method, plain(arguments)) is None:
+        book.exchange_bindings.append({"source": method.source, "destination": method.destination,
+                                       "key": method.routing_key, "arguments": plain(arguments),
+                                       "table": routing.pack(arguments)})  # fmt: skip
+        await session.front.save_book()
+    return commands.Exchange.BindOk()
+
+
+async def exchange_unbind(session: AmqpSession, channel: Channel, method) -> object:
+    await _bound_exchanges(session, method)
+    book = session.front.book
+    binding = _find_exchange_binding(book, method, plain(method.arguments or {}))
+    if binding is not None:
+        book.exchange_bindings.remove(binding)
+        await session.front.save_book()
+    return commands.Exchange.UnbindOk()
 
 
 # -- queues -----------------------------------------------------------------------------------------------------
@@ -141,6 +194,8 @@ def queue_name(channel: Channel, name: str, method) -> str:
 async def queue_declare(session: AmqpSession, channel: Channel, method) -> object:
     broker, front = session.broker, session.front
     name = method.queue
+    if method.passive and name == reply_to.PSEUDO_QUEUE:  # direct reply-to's pseudo-queue always exists
+        return commands.Queue.DeclareOk(queue=name, message_count=0, consumer_count=0)
     if method.passive:
         name = queue_name(channel, name, method)
         if name not in broker.core.queues:
@@ -185,6 +240,9 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
                                 f"{current['arguments'].get(key)!r}")  # fmt: skip
         return
     settings = queue_settings(arguments, _dead_letter_queue(session, arguments))
+    if name not in broker.core.queues:  # created with its declaration, in one record
+        attributes = metadata.created_with(front.stored, "queue", name, declared)
+        settings = msgspec.structs.replace(settings, attributes=attributes)
     try:
         await broker.create_queue(name, settings)
     except QueueExists:
@@ -192,12 +250,18 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
                         "arguments differ from the existing queue's settings") from None  # fmt: skip
     front.book.queues[name] = declared
     front.adopt(name, declared, owner=session)
+    if "x-dead-letter-exchange" in arguments and settings.dead_letter_queue is None:
+        front.pending_dead_letters.add(name)
     await front.save_book()
+    if front.pending_dead_letters:
+        await resolve_dead_letters(session)
 
 
 def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
-    """The Chute dead-letter queue of `x-dead-letter-exchange` and `-routing-key`, resolved now: the default
-    exchange names the queue; another exchange must route the routing key to exactly one queue."""
+    """The Chute dead-letter queue of `x-dead-letter-exchange` and `-routing-key`: the default exchange names the
+    queue; another exchange must route the routing key to exactly one queue (406 if it routes to several). None
+    while there is no such queue yet: as in RabbitMQ, dead letters are dropped until there is one
+    (`resolve_dead_letters` looks again after each queue.declare and queue.bind)."""
     if "x-dead-letter-exchange" not in arguments:
         return None
     exchange = arguments["x-dead-letter-exchange"]
@@ -208,20 +272,35 @@ def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
         if not key:
             raise AmqpError(PRECONDITION_FAILED, "x-dead-letter-exchange '' needs x-dead-letter-routing-key (the "
                             "dead-letter queue)")  # fmt: skip
-        if key not in core.queues:
-            raise AmqpError(PRECONDITION_FAILED, f"dead-letter queue '{key}' does not exist: declare it first")
-        return key
+        return key if key in core.queues else None
     if exchange not in session.front.book.exchanges:
-        raise AmqpError(PRECONDITION_FAILED, f"dead-letter exchange '{exchange}' does not exist: declare it and "
-                        "bind its queue first")  # fmt: skip
+        return None
     topic = core.topics.get(ex.topic_name(exchange))
     subject = ex.subject(key or "") or ""
     queues = topic.route(subject, {}) if topic is not None else []
-    if len(queues) != 1:
+    if len(queues) > 1:
         raise AmqpError(PRECONDITION_FAILED, f"dead-letter exchange '{exchange}' must route "
                         f"{'the key ' + repr(key) if key else 'messages'} to exactly one queue (it routes to "
                         f"{len(queues)}): Chute dead-letters to one queue")  # fmt: skip
-    return queues[0].name
+    return queues[0].name if queues else None
+
+
+async def resolve_dead_letters(session: AmqpSession) -> None:
+    """Give the queues whose dead-letter exchange led nowhere yet their dead-letter queue, if it exists now."""
+    front, core = session.front, session.broker.core
+    for name in sorted(front.pending_dead_letters):
+        declared = front.book.queues.get(name)
+        queue = core.queues.get(name)
+        if declared is None or queue is None or queue.settings.dead_letter_queue is not None:
+            front.pending_dead_letters.discard(name)
+            continue
+        try:
+            target = _dead_letter_queue(session, declared["arguments"])
+        except AmqpError:
+            continue
+        if target is not None and target != name:
+            await session.broker.update_queue(name, dead_letter_queue=target)
+            front.pending_dead_letters.discard(name)
 
 
 async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
@@ -244,7 +323,10 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
     if book.find(exchange, name, method.routing_key, arguments) is not None:
         return commands.Queue.BindOk()
     binding = {"exchange": exchange, "queue": name, "key": method.routing_key, "arguments": arguments}
-    if declared["type"] == "headers":
+    if declared["type"] == "headers" and routing.typed(method.arguments or {}):
+        binding["table"] = routing.pack(method.arguments or {})  # matched by the front (routing.py)
+        binding["slots"] = []
+    elif declared["type"] == "headers":
         filters = ex.headers_filters(arguments)
         taken = {slot for other in book.bound(exchange, name) for slot in other.get("slots", ())}
         free = [slot for slot in range(ex.MAX_HEADERS_SLOTS) if slot not in taken][: len(filters)]
@@ -258,6 +340,8 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
             await broker.subscribe(topic, pattern, name)
     book.bindings.append(binding)
     await session.front.save_book()
+    if session.front.pending_dead_letters:
+        await resolve_dead_letters(session)
     return commands.Queue.BindOk()
 
 
@@ -315,6 +399,11 @@ async def queue_delete(session: AmqpSession, channel: Channel, method) -> object
     stats = broker.queue_stats(name)
     if method.if_empty and stats.ready + stats.in_flight + stats.delayed:
         raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} is not empty")
+    for other in [q for q in broker.core.queues.values() if q.settings.dead_letter_queue == name]:
+        if other.name not in front.book.queues:
+            break  # a queue of another front: the broker refuses (406), as before
+        await broker.update_queue(other.name, dead_letter_queue=None)  # RabbitMQ drops its dead letters now
+        front.pending_dead_letters.add(other.name)
     try:
         await broker.delete_queue(name)
     except QueueNotFound:
@@ -327,7 +416,7 @@ HANDLERS = {
     commands.Exchange.Declare: exchange_declare,
     commands.Exchange.Delete: exchange_delete,
     commands.Exchange.Bind: exchange_bind,
-    commands.Exchange.Unbind: exchange_bind,
+    commands.Exchange.Unbind: exchange_unbind,
     commands.Queue.Declare: queue_declare,
     commands.Queue.Bind: queue_bind,
     commands.Queue.Unbind: queue_unbind,

@@ -25,25 +25,22 @@ Binding keys per exchange type:
 `ExchangeBook` keeps what Chute's topics and queues do not: each exchange's type and flags, the list of AMQP
 bindings (a binding may own several subscriptions, and two bindings may share one), and each queue's declared
 flags and arguments (for RabbitMQ's equivalence checks, and what Chute's settings do not hold: auto-delete,
-exclusive, x-expires, x-single-active-consumer), in `<data_dir>/amqp-exchanges.json`, written atomically.
+exclusive, x-expires, x-single-active-consumer), in memory; metadata.py stores them in the topics' and queues'
+attributes, durable with the log.
 Invariant: a subscription made for AMQP bindings is removed only when no remaining binding
 of that exchange and queue needs it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
-import tempfile
-from pathlib import Path
 
 from chute.amqp.errors import NOT_IMPLEMENTED, PRECONDITION_FAILED, AmqpError
 from chute.core.routing import MAX_SUBJECT_CHARS
 from chute.model import NAME_RE
 
 TOPIC_PREFIX = "exchange."
+PREDECLARED_NAMES = ("amq.direct", "amq.fanout", "amq.topic", "amq.headers", "amq.match")  # RabbitMQ's
 TYPES = ("direct", "fanout", "topic", "headers")
 MAX_EXPANSION = 256  # subscriptions one topic binding key may become
 _WORD = re.compile(r"^[A-Za-z0-9\-][A-Za-z0-9_\-]*$")
@@ -181,40 +178,28 @@ def _topic_patterns(key: str) -> list[str]:
 
 
 class ExchangeBook:
-    """Exchange types and flags, and the bindings (exchange, queue, key, arguments), persisted in a JSON file."""
+    """Exchange types and flags, queue flags and the bindings, in memory (metadata.py makes them durable)."""
 
-    def __init__(self, data_dir: str | os.PathLike | None) -> None:
-        self.path = Path(data_dir) / "amqp-exchanges.json" if data_dir is not None else None
+    def __init__(self) -> None:
         self.exchanges: dict[str, dict] = {}  # name -> {"type", "durable", "auto_delete", "internal", "arguments"}
-        self.bindings: list[dict] = []  # {"exchange", "queue", "key", "arguments"}
+        self.bindings: list[dict] = []  # {"exchange", "queue", "key", "arguments"} (+ "slots" or "table")
         self.queues: dict[str, dict] = {}  # Chute queue -> {"durable", "auto_delete", "exclusive", "arguments"}
-        if self.path is not None and self.path.exists():
-            with contextlib.suppress(OSError, ValueError):
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                self.exchanges = dict(data.get("exchanges", {}))
-                self.bindings = list(data.get("bindings", []))
-                self.queues = dict(data.get("queues", {}))
+        # exchange-to-exchange bindings: {"source", "destination", "key", "arguments", "table" (typed arguments)}
+        self.exchange_bindings: list[dict] = []
+        self._front_routed: set[str] | None = None
 
-    def dumps(self) -> str:
-        return json.dumps({"exchanges": self.exchanges, "bindings": self.bindings, "queues": self.queues},
-                          sort_keys=True)  # fmt: skip
+    def changed(self) -> None:
+        self._front_routed = None
 
-    def write(self, data: str) -> None:
-        """Store `data` (from `dumps`) atomically (blocking: run it in a worker thread)."""
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".amqp-exchanges.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:  # a crash leaves the old file or the new one
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+    def front_routed(self, exchange: str) -> bool:
+        """Whether publishes to `exchange` are routed by the front (routing.py): it has exchange-to-exchange
+        bindings, or typed headers bindings."""
+        routed = self._front_routed
+        if routed is None:
+            routed = {b["source"] for b in self.exchange_bindings}
+            routed.update(b["exchange"] for b in self.bindings if "table" in b)
+            self._front_routed = routed
+        return exchange in routed
 
     def bound(self, exchange: str, queue: str) -> list[dict]:
         return [b for b in self.bindings if b["exchange"] == exchange and b["queue"] == queue]

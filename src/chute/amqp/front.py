@@ -10,9 +10,11 @@ Lifecycle: `start()` after the broker has recovered (RabbitMQ's predeclared exch
 work finish and closes every connection with 320 CONNECTION_FORCED, before the broker closes.
 
 Invariants: at most `max_connections` AMQP connections (counted apart from native ones); an exclusive queue is
-deleted when its connection ends; an auto-delete queue when its last consumer goes; a queue with x-expires when
-it has been unused (no consumer, no declare, no basic.get) that long; an x-single-active-consumer queue delivers
-to one consumer at a time, the first registered (then the next, when it goes). The last two are kept in memory.
+deleted when its connection ends, a non-durable one at the next start; an auto-delete queue when its last
+consumer goes; a queue with x-expires when it has been unused (no consumer, no declare, no basic.get) that long;
+an x-single-active-consumer queue delivers to one consumer at a time, the first registered (then the next, when
+it goes); a consumer delivers only while no consumer of higher `x-priority` on its queue has prefetch room. The
+last three are kept in memory.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from chute.amqp import metadata
 from chute.amqp.errors import CONNECTION_FORCED, AmqpError
-from chute.amqp.exchanges import ExchangeBook
+from chute.amqp.exchanges import PREDECLARED_NAMES, ExchangeBook
 from chute.amqp.session import AmqpSession
 from chute.errors import ChuteError
 from chute.server.config import DEFAULT_AMQP_PORT
@@ -34,8 +37,7 @@ if TYPE_CHECKING:
     from chute.server.app import Server
 
 log = logging.getLogger("chute.amqp")
-PREDECLARED = {"amq.direct": "direct", "amq.fanout": "fanout", "amq.topic": "topic", "amq.headers": "headers",
-               "amq.match": "headers"}  # fmt: skip
+PREDECLARED = dict(zip(PREDECLARED_NAMES, ("direct", "fanout", "topic", "headers", "headers"), strict=True))
 __all__ = ["AmqpFront", "DEFAULT_AMQP_PORT"]
 
 
@@ -43,7 +45,8 @@ class AmqpFront:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.broker = server.broker
-        self.book = ExchangeBook(server.config.data_dir)
+        self.book = ExchangeBook()
+        self.stored: dict = {}  # the metadata last written into the log (metadata.py)
         self.sessions: set[AmqpSession] = set()
         self.consumers: Counter[str] = Counter()  # queue -> AMQP consumers on it
         self.exclusive: dict[str, AmqpSession] = {}  # queue -> the connection that owns it
@@ -51,6 +54,9 @@ class AmqpFront:
         self.exclusive_consumers: set[str] = set()  # queues with an exclusive consumer
         self.expires: dict[str, float] = {}  # queue -> x-expires (s): deleted after this long unused
         self.single_active: dict[str, list] = {}  # x-single-active-consumer queue -> its consumers, active first
+        self.reply_channels: dict = {}  # direct reply-to token -> the channel it stands for (reply_to.py)
+        self.pending_dead_letters: set[str] = set()  # queues whose dead-letter exchange leads nowhere yet
+        self.ranked: dict[str, list] = {}  # queue -> its consumers by x-priority, highest first
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self.port: int | None = None
         self._listener: asyncio.base_events.Server | None = None
@@ -58,13 +64,21 @@ class AmqpFront:
         server.auth.on_change.append(self.users_changed)
 
     async def save_book(self) -> None:
-        """Store the exchange book (in a worker thread; one write at a time, each with the latest state)."""
+        """Make the book's changes durable in the log (metadata.py; one write at a time, with the latest state)."""
+        self.book.changed()  # before any wait: the next publish sees the new bindings
         async with self._saving:
-            await asyncio.to_thread(self.book.write, self.book.dumps())
+            await metadata.store(self.book, self.broker, self.stored)
 
     async def start(self, host: str, port: int, ssl=None) -> None:
+        core = self.broker.core
+        self.stored = metadata.load(self.book, core)
+        legacy = metadata.import_legacy(self.book, core, self.server.config.data_dir)
         self._predeclare()
         await self._restore()
+        if legacy is not None:
+            await self.save_book()
+            metadata.retire_legacy(legacy)
+            log.info("AMQP: imported %s into the log", legacy)
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(lambda: AmqpSession(self), host, port, reuse_address=True,
                                                   backlog=1024, ssl=ssl)  # fmt: skip
@@ -88,13 +102,14 @@ class AmqpFront:
 
     async def _restore(self) -> None:
         """At start-up: queues declared through AMQP get their flags back; exclusive ones, whose connections
-        belonged to an earlier run, are deleted (as RabbitMQ deletes them at a restart)."""
+        belonged to an earlier run, and non-durable ones (`durable=False`) are deleted, as RabbitMQ deletes them
+        at a restart."""
         changed = False
         for name, declared in list(self.book.queues.items()):
             if name not in self.broker.core.queues:
                 del self.book.queues[name]
                 changed = True
-            elif declared["exclusive"]:
+            elif declared["exclusive"] or not declared["durable"]:
                 with contextlib.suppress(ChuteError):
                     await self.broker.delete_queue(name)
                 del self.book.queues[name]
@@ -102,6 +117,9 @@ class AmqpFront:
                 changed = True
             else:
                 self.adopt(name, declared)
+                settings = self.broker.core.queues[name].settings
+                if "x-dead-letter-exchange" in declared["arguments"] and settings.dead_letter_queue is None:
+                    self.pending_dead_letters.add(name)
         if changed:
             await self.save_book()
 
@@ -167,14 +185,18 @@ class AmqpFront:
             "information": "AMQP 0-9-1 front of Chute (docs/amqp.md)",
             "capabilities": {"publisher_confirms": True, "basic.nack": True, "consumer_cancel_notify": True,
                              "connection.blocked": True, "authentication_failure_close": True,
-                             "per_consumer_qos": True, "exchange_exchange_bindings": False,
-                             "direct_reply_to": False, "consumer_priorities": False},
+                             "per_consumer_qos": True, "exchange_exchange_bindings": True,
+                             "direct_reply_to": True, "consumer_priorities": True},
         }  # fmt: skip
 
     # -- queue ownership and consumers --------------------------------------------------------------------------
 
     def consumer_started(self, queue: str, consumer=None) -> None:
         self.consumers[queue] += 1
+        if consumer is not None:
+            ranked = self.ranked.setdefault(queue, [])
+            ranked.append(consumer)
+            ranked.sort(key=lambda each: -each.priority)
         waiting = self.single_active.get(queue)
         if waiting is not None and consumer is not None:
             waiting.append(consumer)
@@ -182,11 +204,37 @@ class AmqpFront:
 
     def may_deliver(self, queue: str, consumer) -> bool:
         """False for a consumer of an x-single-active-consumer queue that is not the active one (the first
-        registered of those still there)."""
+        registered of those still there), and for one while a consumer of higher `x-priority` on the same queue
+        has prefetch room (and a connection that is not blocked on writing)."""
         waiting = self.single_active.get(queue)
-        return not waiting or waiting[0] is consumer
+        if waiting and waiting[0] is not consumer:
+            return False
+        ranked = self.ranked.get(queue)
+        if ranked:
+            for other in ranked:
+                if other.priority <= consumer.priority:
+                    break
+                if other.task is not None and other.credit() > 0 and other.channel.session.writable.is_set():
+                    return False
+        return True
+
+    def dead_letters(self, queue: str) -> bool:
+        """Whether `queue` has a dead-letter queue (its rejected deliveries get x-death, see dead_letter.py)."""
+        found = self.broker.core.queues.get(queue)
+        return found is not None and found.settings.dead_letter_queue is not None
+
+    def consumer_full(self, queue: str) -> None:
+        """A consumer of `queue` used up its prefetch room: consumers of lower priority may go on now."""
+        for other in self.ranked.get(queue, ()):
+            other.channel.credit.set()
 
     def consumer_ended(self, queue: str, consumer=None) -> None:
+        ranked = self.ranked.get(queue)
+        if ranked is not None and consumer in ranked:
+            ranked.remove(consumer)
+            if not ranked:
+                del self.ranked[queue]
+            self.consumer_full(queue)
         waiting = self.single_active.get(queue)
         if waiting is not None and consumer in waiting:
             first = waiting[0] is consumer

@@ -15,8 +15,8 @@ table are kept in its Chute headers, in a reversible way that other fronts can r
 
 A Chute message published by another front arrives at an AMQP consumer with its headers as a table of strings;
 the message id becomes `message-id` unless the message had one, `publish_time` the `timestamp`, and a
-dead-lettered message gets an `x-death` header as RabbitMQ writes it (`queue`, `reason`, `count`, `time`,
-`exchange`, `routing-keys`).
+dead-lettered message gets an `x-death` header as RabbitMQ writes it (xdeath.py): the broker's last
+dead-lettering of it added to the entries its table already holds (those a rejection wrote, dead_letter.py).
 
 Priority: AMQP's 0-255 is clamped to Chute's 0-9 (`amqp-priority` keeps the original). Expiration: the
 `expiration` property (milliseconds, a string) is the message's TTL.
@@ -32,6 +32,7 @@ from pamqp import commands, decode, encode
 
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
 from chute.amqp.exchanges import amqp_queue, routing_key
+from chute.amqp.xdeath import add_death
 from chute.model import MAX_DELAY_S, MAX_PRIORITY, Delivery, Publish, QueueSettings
 
 Properties = commands.Basic.Properties
@@ -168,17 +169,26 @@ def to_properties(delivery: Delivery, *, queue: str | None = None) -> Properties
         values["message_id"] = str(message.id)
     if "priority" not in values and message.priority:
         values["priority"] = message.priority
-    if delivery.dead_letter_reason is not None:
-        source = amqp_queue(delivery.dead_letter_source or "")
-        exchange = message.headers.get(EXCHANGE_HEADER, "")
-        key = message.headers.get(ROUTING_KEY_HEADER)
-        if key is None:
-            key = routing_key(message.subject) if message.subject is not None else source
-        table["x-death"] = [{
-            "count": 1, "reason": REASONS.get(delivery.dead_letter_reason, delivery.dead_letter_reason),
-            "queue": source, "time": _stamp(int(message.publish_time)), "exchange": exchange, "routing-keys": [key],
-        }]  # fmt: skip
+    if delivery.dead_letter_reason is not None:  # the broker's last dead-lettering (earlier ones: in the table)
+        exchange, key = origin(delivery, dead_letter_source=True)
+        add_death(table, queue=amqp_queue(delivery.dead_letter_source or ""),
+                  reason=REASONS.get(delivery.dead_letter_reason, delivery.dead_letter_reason), exchange=exchange,
+                  routing_keys=[key], time=_stamp(int(message.publish_time)))  # fmt: skip
     return Properties(headers=table or None, **values)
+
+
+def origin(delivery: Delivery, *, dead_letter_source: bool = False) -> tuple[str, str]:
+    """The exchange and routing key a message was published with (for a message from another front: "" and the
+    queue's name, or with `dead_letter_source` the queue it was dead-lettered from)."""
+    message = delivery.message
+    exchange = message.headers.get(EXCHANGE_HEADER, "")
+    key = message.headers.get(ROUTING_KEY_HEADER)
+    if key is not None:
+        return exchange, key
+    if message.subject is not None:
+        return exchange, routing_key(message.subject)
+    queue = delivery.dead_letter_source if dead_letter_source and delivery.dead_letter_source else delivery.queue
+    return exchange, amqp_queue(queue)
 
 
 def _stamp(seconds: int) -> datetime.datetime:

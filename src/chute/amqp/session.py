@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -52,13 +51,13 @@ from chute.amqp.handshake import authenticate, credential
 from chute.errors import ChuteError
 from chute.protocol.sizes import body_budget
 from chute.server.auth import ANONYMOUS, Principal
+from chute.server.session import _SESSION_IDS as SESSION_IDS
 from chute.server.session import sweeper_of  # the server's one heartbeat sweeper, shared with native sessions
 
 if TYPE_CHECKING:
     from chute.amqp.front import AmqpFront
 
 log = logging.getLogger("chute.amqp")
-_IDS = itertools.count(1)
 HANDSHAKE_TIMEOUT_S = 10.0  # RabbitMQ's handshake_timeout: a connection must be open by then
 CLOSE_WAIT_S = 1.0  # how long we wait for close-ok after sending connection.close
 MISSED_HEARTBEATS = 2  # a peer silent this many heartbeat intervals is considered dead (as RabbitMQ)
@@ -76,7 +75,7 @@ class AmqpSession(asyncio.Protocol):
         self.body_budget = body_budget(config.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.id = next(_IDS)
+        self.id = next(SESSION_IDS)  # one numbering with native sessions: the HTTP API lists both
         self.connected_at = time.time()
         self.closed = False
         self.writable = asyncio.Event()
@@ -271,6 +270,32 @@ class AmqpSession(asyncio.Protocol):
             self.transport.write(HEARTBEAT_BYTES)
             self._last_sent = now
         return min(self._last_sent + half, self._last_received + MISSED_HEARTBEATS * interval + 0.01)
+
+    # -- what the HTTP API, the dashboard and /metrics show (as for native sessions) ------------------------------
+
+    @property
+    def client_name(self) -> str:
+        """What the client calls itself: its `connection_name` client property, else its product name."""
+        props = self.client_properties or {}
+        name = props.get("connection_name") or props.get("product") or ""
+        return (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))[:200]
+
+    def consumer_list(self) -> list[dict]:
+        """This connection's consumers: id, connection_id, queue (Chute's name), prefetch, unacked, tag."""
+        return [{"id": consumer.id, "connection_id": self.id, "queue": consumer.queue,
+                 "prefetch": consumer.prefetch, "unacked": consumer.outstanding, "tag": consumer.tag}
+                for channel in list(self.channels.values())
+                for consumer in list(channel.consumers.values())]  # fmt: skip
+
+    def describe(self) -> dict:
+        """This connection as the HTTP API lists connections (models.ConnectionInfo's fields)."""
+        return {"id": self.id, "peer": self.peer, "client_name": self.client_name, "user": self.principal.name,
+                "connected_at": self.connected_at, "consumers": self.consumer_list(), "protocol": "amqp",
+                "channels": len(self.channels),
+                "leased": sum(len(channel.unacked) for channel in self.channels.values())}  # fmt: skip
+
+    def loop_time(self) -> float:
+        return self._loop.time()
 
     def connected_at_loop(self) -> float:
         return self._loop.time() - (time.time() - self.connected_at)

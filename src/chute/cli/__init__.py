@@ -11,6 +11,7 @@ import click
 
 from chute.cli.admin import queue, subscribe, topic, unsubscribe
 from chute.cli.bench import bench
+from chute.cli.cluster import cluster
 from chute.cli.common import ChuteGroup
 from chute.cli.messages import consume, publish, tail
 from chute.cli.serve import serve
@@ -33,3 +34,4 @@ main.add_command(topic)
 main.add_command(subscribe)
 main.add_command(unsubscribe)
 main.add_command(user)
+main.add_command(cluster)

@@ -29,7 +29,19 @@ from chute.server import Server, load_config
 )
 @click.option(
     "--node-name", default=None,
-    help="This node's name; with --store, the name of its log stream in the database.  [default: default]",
+    help="This node's name; with --store, its name in the cluster (unique per node).  [default: default]",
+)
+@click.option(
+    "--shards", type=int, default=None,
+    help="With --store, on the cluster's first node: its number of shards (later nodes read it).  [default: 16]",
+)
+@click.option(
+    "--cluster-lease", "cluster_lease_s", type=float, default=None, metavar="SECONDS",
+    help="With --store: a node silent this long is dead and its shards are taken over.  [default: 10]",
+)
+@click.option(
+    "--advertise", default=None, metavar="HOST",
+    help="With --store: the host other nodes reach this one at.  [default: --host]",
 )
 @click.option("--host", default=None, help="Address to listen on.  [default: 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="Native protocol port (0: any free port).  [default: 6160]")

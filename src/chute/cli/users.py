@@ -35,19 +35,30 @@ from chute.server.users import (
     new_access_key,
     new_token,
 )
+from chute.server.users_table import UsersTable
 
 PERMISSION_CHOICES = ("publish", "consume", "manage")
 
 
-def _users_file(data_dir: str | None, config_file: str | None) -> UsersFile:
+def _users_file(data_dir: str | None, config_file: str | None, store: str | None = None) -> UsersFile | UsersTable:
+    """The users of a cluster (`--store`, or the config's `store`) or of one broker's data directory."""
+    config = load_config(config_file) if config_file else None
+    store = store or (config.store if config is not None else None)
+    if store:
+        if not store.startswith(("postgresql://", "postgres://")):
+            raise InvalidArgument("--store is a PostgreSQL URL (postgresql://user@host/db)")
+        return UsersTable(store)
     if data_dir is None:
-        data_dir = load_config(config_file).data_dir if config_file else ServerConfig().data_dir
+        data_dir = config.data_dir if config is not None else ServerConfig().data_dir
     return UsersFile(Path(data_dir))
 
 
 def _store_options(command):
     command = click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True), default=None,
-                           help="The broker's TOML config (for its data_dir).")(command)  # fmt: skip
+                           help="The broker's TOML config (for its data_dir or store).")(command)  # fmt: skip
+    command = click.option("--store", envvar="CHUTE_STORE", default=None, metavar="URL",
+                           help="A cluster's PostgreSQL (or $CHUTE_STORE): its users, shared by every node.",
+                           )(command)  # fmt: skip
     return click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                         help="The broker's data directory.  [default: the config's, else ./chute-data]",
                         )(command)  # fmt: skip
@@ -90,10 +101,10 @@ def user() -> None:
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
 @click.option("--no-password", is_flag=True, help="No password: the user signs in with API tokens only.")
 @_store_options
-def add(name, superuser, password_stdin, no_password, data_dir, config_file) -> None:
+def add(name, superuser, password_stdin, no_password, data_dir, config_file, store) -> None:
     """Add a user (asks for a password unless --no-password or --password-stdin)."""
     with one_line_errors():
-        store = _users_file(data_dir, config_file)
+        store = _users_file(data_dir, config_file, store)
         password_hash = None if no_password else hash_password(_read_password(password_stdin))
         with store.edit() as users:
             if any(each.name == name for each in users):
@@ -105,10 +116,10 @@ def add(name, superuser, password_stdin, no_password, data_dir, config_file) -> 
 @user.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_store_options
-def list_users(as_json, data_dir, config_file) -> None:
+def list_users(as_json, data_dir, config_file, store) -> None:
     """List the users of the users file."""
     with one_line_errors():
-        users = _users_file(data_dir, config_file).load()
+        users = _users_file(data_dir, config_file, store).load()
         if as_json:
             print_json([_public(each) for each in users])
             return
@@ -140,19 +151,19 @@ def _public(each: User) -> dict:
 @user.command("show")
 @click.argument("name")
 @_store_options
-def show(name, data_dir, config_file) -> None:
+def show(name, data_dir, config_file, store) -> None:
     """Show one user (as JSON, without secrets)."""
     with one_line_errors():
-        print_json(_public(find(_users_file(data_dir, config_file).load(), name)))
+        print_json(_public(find(_users_file(data_dir, config_file, store).load(), name)))
 
 
 @user.command("delete")
 @click.argument("name")
 @_store_options
-def delete(name, data_dir, config_file) -> None:
+def delete(name, data_dir, config_file, store) -> None:
     """Delete a user, with its tokens and access keys."""
     with one_line_errors():
-        with _users_file(data_dir, config_file).edit() as users:
+        with _users_file(data_dir, config_file, store).edit() as users:
             users.remove(find(users, name))
         click.echo(f"deleted user {name}", err=True)
 
@@ -161,10 +172,10 @@ def delete(name, data_dir, config_file) -> None:
 @click.argument("name")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
 @_store_options
-def passwd(name, password_stdin, data_dir, config_file) -> None:
+def passwd(name, password_stdin, data_dir, config_file, store) -> None:
     """Set a user's password."""
     with one_line_errors():
-        store = _users_file(data_dir, config_file)
+        store = _users_file(data_dir, config_file, store)
         find(store.load(), name)  # fail before asking for a password
         password_hash = hash_password(_read_password(password_stdin))
         with store.edit() as users:
@@ -178,11 +189,11 @@ def passwd(name, password_stdin, data_dir, config_file) -> None:
 @click.option("--queues", default=None, metavar="PATTERN", help="Queue name pattern (glob; * matches dots too).")
 @click.option("--topics", default=None, metavar="PATTERN", help="Topic name pattern (glob; * matches dots too).")
 @_store_options
-def grant(name, allow, queues, topics, data_dir, config_file) -> None:
+def grant(name, allow, queues, topics, data_dir, config_file, store) -> None:
     """Allow a user some permissions on queues or topics matching a pattern."""
     queues, topics = _pattern(queues, topics)
     with one_line_errors():
-        with _users_file(data_dir, config_file).edit() as users:
+        with _users_file(data_dir, config_file, store).edit() as users:
             each = find(users, name)
             for existing in each.grants:
                 if existing.queues == queues and existing.topics == topics:
@@ -200,11 +211,11 @@ def grant(name, allow, queues, topics, data_dir, config_file) -> None:
 @click.option("--queues", default=None, metavar="PATTERN", help="The queue pattern of the grant.")
 @click.option("--topics", default=None, metavar="PATTERN", help="The topic pattern of the grant.")
 @_store_options
-def revoke(name, allow, queues, topics, data_dir, config_file) -> None:
+def revoke(name, allow, queues, topics, data_dir, config_file, store) -> None:
     """Take permissions away from the grant with exactly this pattern."""
     queues, topics = _pattern(queues, topics)
     with one_line_errors():
-        with _users_file(data_dir, config_file).edit() as users:
+        with _users_file(data_dir, config_file, store).edit() as users:
             each = find(users, name)
             matching = [g for g in each.grants if g.queues == queues and g.topics == topics]
             if not matching:
@@ -225,11 +236,11 @@ def token() -> None:
 @click.argument("name")
 @click.option("--label", default="", help="What the token is for (shown in lists).")
 @_store_options
-def token_add(name, label, data_dir, config_file) -> None:
+def token_add(name, label, data_dir, config_file, store) -> None:
     """Make a token for a user and print it (only now: it is stored hashed)."""
     with one_line_errors():
         secret, record = new_token(label)
-        with _users_file(data_dir, config_file).edit() as users:
+        with _users_file(data_dir, config_file, store).edit() as users:
             find(users, name).tokens.append(record)
         click.echo(secret)
         click.echo(f"token {record.id} for {name}: keep it now, it cannot be shown again", err=True)
@@ -238,10 +249,10 @@ def token_add(name, label, data_dir, config_file) -> None:
 @token.command("list")
 @click.argument("name")
 @_store_options
-def token_list(name, data_dir, config_file) -> None:
+def token_list(name, data_dir, config_file, store) -> None:
     """List a user's tokens (ids and labels)."""
     with one_line_errors():
-        for record in find(_users_file(data_dir, config_file).load(), name).tokens:
+        for record in find(_users_file(data_dir, config_file, store).load(), name).tokens:
             click.echo(f"{record.id}\t{record.label}")
 
 
@@ -249,9 +260,9 @@ def token_list(name, data_dir, config_file) -> None:
 @click.argument("name")
 @click.argument("token_id")
 @_store_options
-def token_revoke(name, token_id, data_dir, config_file) -> None:
+def token_revoke(name, token_id, data_dir, config_file, store) -> None:
     """Revoke a token by its id."""
-    _revoke(name, "tokens", "token", token_id, data_dir, config_file)
+    _revoke(name, "tokens", "token", token_id, data_dir, config_file, store)
 
 
 @user.group("key")
@@ -262,11 +273,11 @@ def key() -> None:
 @key.command("add")
 @click.argument("name")
 @_store_options
-def key_add(name, data_dir, config_file) -> None:
+def key_add(name, data_dir, config_file, store) -> None:
     """Make an access key for a user; prints `ID SECRET`."""
     with one_line_errors():
         record = new_access_key()
-        with _users_file(data_dir, config_file).edit() as users:
+        with _users_file(data_dir, config_file, store).edit() as users:
             find(users, name).access_keys.append(record)
         click.echo(f"{record.id} {record.secret}")
 
@@ -275,15 +286,15 @@ def key_add(name, data_dir, config_file) -> None:
 @click.argument("name")
 @click.argument("key_id")
 @_store_options
-def key_revoke(name, key_id, data_dir, config_file) -> None:
+def key_revoke(name, key_id, data_dir, config_file, store) -> None:
     """Revoke an access key by its id."""
-    _revoke(name, "access_keys", "access key", key_id, data_dir, config_file)
+    _revoke(name, "access_keys", "access key", key_id, data_dir, config_file, store)
 
 
-def _revoke(name: str, field: str, what: str, record_id: str, data_dir, config_file) -> None:
+def _revoke(name: str, field: str, what: str, record_id: str, data_dir, config_file, store) -> None:
     """Remove the record with id `record_id` from the user's `field` list (tokens or access keys)."""
     with one_line_errors():
-        with _users_file(data_dir, config_file).edit() as users:
+        with _users_file(data_dir, config_file, store).edit() as users:
             each = find(users, name)
             records = getattr(each, field)
             kept = [record for record in records if record.id != record_id]

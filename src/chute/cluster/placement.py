@@ -8,9 +8,11 @@ Rules (docs/cluster.md, "Placement"):
   created *for a subscription*, which goes `near` its topic's shard, so fan-out stays inside one shard;
 - the row is written before the object is created in its shard (`place` is idempotent: a second call returns
   the row the first wrote, whoever wrote it), and removed after the object is deleted (`forget`); a row whose
-  shard does not hold the object is "not found" for callers (the router checks with the shard).
+  shard does not hold the object is "not found" for callers (the router checks with the shard);
+- a row changes shard only when the router moves an empty queue to the shard of a topic it is subscribed to
+  (`move`, conditional on the shard it was at).
 
-Rows never change shard while they exist, so each node caches what it has looked up; a name it does not know
+Each node caches what it has looked up; a name it does not know
 is looked up in the database every time (a queue created through another node is found at once). `forget`
 drops the cached row; a node that still has a stale row (the name deleted and placed again elsewhere by another
 node) learns it when the shard answers "not found" and the router calls `refresh`.
@@ -113,6 +115,14 @@ class _Base:
         self._cache.pop(name, None)
         await self._delete(name, kind)
 
+    async def move(self, name: str, kind: Kind, from_shard: int, to_shard: int) -> bool:
+        """Point the row of `name` at `to_shard` if it is at `from_shard` now; True if it was moved. (The router
+        moves an empty queue to its topic's shard; other nodes learn it when the old shard says not found.)"""
+        self._cache.pop(name, None)
+        moved = await self._move(name, kind, from_shard, to_shard)
+        await self.lookup(name)
+        return moved
+
     async def refresh(self, name: str) -> Placed | None:
         """Read the row of `name` again (the cached one may be stale)."""
         self._cache.pop(name, None)
@@ -125,6 +135,9 @@ class _Base:
         raise NotImplementedError
 
     async def _delete(self, name: str, kind: str) -> None:
+        raise NotImplementedError
+
+    async def _move(self, name: str, kind: str, from_shard: int, to_shard: int) -> bool:
         raise NotImplementedError
 
 
@@ -150,6 +163,12 @@ class MemoryPlacement(_Base):
     async def _delete(self, name: str, kind: str) -> None:
         if name in self.book and self.book[name].kind == kind:
             del self.book[name]
+
+    async def _move(self, name: str, kind: str, from_shard: int, to_shard: int) -> bool:
+        if self.book.get(name) != Placed(name, kind, from_shard):
+            return False
+        self.book[name] = Placed(name, kind, to_shard)
+        return True
 
 
 class Placement(_Base):
@@ -209,3 +228,10 @@ class Placement(_Base):
 
     async def _delete(self, name: str, kind: str) -> None:
         await self._run("execute", "DELETE FROM chute_placement WHERE name = $1 AND kind = $2", name, kind)
+
+    async def _move(self, name: str, kind: str, from_shard: int, to_shard: int) -> bool:
+        status = await self._run(
+            "execute", "UPDATE chute_placement SET shard = $4, placed_at = now() WHERE name = $1 AND kind = $2 "
+            "AND shard = $3", name, kind, from_shard, to_shard,
+        )  # fmt: skip
+        return status == "UPDATE 1"

@@ -41,7 +41,7 @@ class AdminOps(BrokerState):
         settings = _check_queue_settings(settings, name)
         existing = self.queues.get(name)
         if existing is not None:
-            if existing.settings != settings:
+            if not _same_settings(existing.settings, settings):
                 raise QueueExists(f"queue {name!r} exists with other settings")
             return existing, False
         if name in self.topics:
@@ -180,7 +180,7 @@ class AdminOps(BrokerState):
         settings = _check_topic_settings(settings, name)
         existing = self.topics.get(name)
         if existing is not None:
-            if existing.settings != settings:
+            if not _same_settings(existing.settings, settings):
                 raise TopicExists(f"topic {name!r} exists with other settings")
             return existing, False
         if name in self.queues:
@@ -303,3 +303,11 @@ def _check_topic_settings(settings: TopicSettings, name: str) -> TopicSettings:
     if not isinstance(settings, TopicSettings):
         raise InvalidArgument(f"settings must be TopicSettings, got {type(settings).__name__}")
     return settings.validate(name)
+
+
+def _same_settings(existing, wanted) -> bool:
+    """Whether a create with `wanted` repeats the one that made `existing`: equal settings, where `attributes`
+    (protocol extras such as AMQP's, kept but not acted on) count only when the create gives some."""
+    if wanted.attributes is None and existing.attributes is not None:
+        return msgspec.structs.replace(existing, attributes=None) == wanted
+    return existing == wanted

@@ -53,13 +53,8 @@ class Server:
 
     def __init__(self, config: ServerConfig | None = None, *, broker: Broker | None = None) -> None:
         self.config = (config or ServerConfig()).validate()
-        if broker is None and self.config.store is not None:  # the PostgreSQL store (needs asyncpg)
-            try:
-                from chute.storage.postgres import PostgresStore
-            except ImportError as exc:
-                raise InvalidArgument(f"--store needs asyncpg ({exc}): pip install 'chute[postgres]'") from None
-            store = PostgresStore(self.config.store, stream=self.config.node_name, fsync_policy=self.config.fsync)
-            broker = Broker(store=store, max_message_bytes=self.config.max_message_bytes)
+        if broker is None and self.config.store is not None:  # a cluster node on PostgreSQL (needs asyncpg)
+            broker = cluster_broker(self.config)
         if broker is None:
             broker = Broker(self.config.data_dir, fsync=self.config.fsync,
                             max_message_bytes=self.config.max_message_bytes)  # fmt: skip
@@ -124,6 +119,10 @@ class Server:
                                                  reuse_address=True, backlog=1024, ssl=self.ssl)  # fmt: skip
             if self.config.amqp_port is not None:
                 await self._start_amqp()
+            node = getattr(self.broker, "node", None)
+            if node is not None:  # a cluster node: the others learn where to forward calls for its shards
+                host = self.config.advertise or self.config.host
+                await node.advertise(host, self._tcp.sockets[0].getsockname()[1], self.http_port, self.amqp_port)
         except BaseException:
             if self._tcp is not None:
                 self._tcp.close()
@@ -138,7 +137,9 @@ class Server:
         self.port = self._tcp.sockets[0].getsockname()[1]
         self.state = "serving"
         self.loop_lag.start()  # from now on (start-up's imports and setup are not stalls a client waits behind)
-        where = self.config.data_dir if self.config.store is None else getattr(self.broker.store, "where", "?")
+        where = self.config.data_dir
+        if self.config.store is not None:
+            where = getattr(getattr(self.broker, "node", None) or getattr(self.broker, "store", None), "where", "?")
         log.info("native protocol listening on %s (data in %s, fsync %s)", self.url, where,
                  self.config.fsync)  # fmt: skip
         return self
@@ -279,6 +280,7 @@ class Server:
                 async with asyncio.timeout(2.0):
                     await self._tcp.wait_closed()
         await self._close_http()
+        await self.auth.close()
         self.loop_lag.stop()
         self.state = "stopped"
         self._stopped.set()
@@ -296,6 +298,29 @@ class Server:
         if self._http_runner is not None:
             runner, self._http_runner = self._http_runner, None
             await runner.cleanup()
+
+
+def cluster_broker(config: ServerConfig):
+    """The broker of a cluster node (`--store postgresql://...`): a ClusterNode (membership, the shards it
+    holds) under a ClusterBroker (routing every call to the shard's broker, here or on its owner)."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError as exc:
+        raise InvalidArgument(f"--store needs asyncpg ({exc}): pip install 'chute[postgres]'") from None
+    from chute.cluster.node import ClusterNode
+    from chute.cluster.peers import Peers
+    from chute.cluster.router import ClusterBroker
+
+    heartbeat_s = config.cluster_heartbeat_s
+    options = {
+        "shards": config.shards,
+        "lease_s": config.cluster_lease_s,
+        "heartbeat_s": None if heartbeat_s == 1.0 else heartbeat_s,  # the default: the node's own choice
+    }
+    node = ClusterNode(config.store, config.node_name, host=config.advertise or config.host,
+                       fsync=config.fsync, broker_options={"max_message_bytes": config.max_message_bytes},
+                       **{key: value for key, value in options.items() if value is not None})  # fmt: skip
+    return ClusterBroker(node, peers=Peers(config.node_name, token=config.token, tls=config.tls))
 
 
 class PublishHold:

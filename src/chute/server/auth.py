@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import math
@@ -114,7 +115,12 @@ class Authenticator:
     def __init__(self, config: ServerConfig) -> None:
         self.token = config.token
         self.static = {user.name: user for user in check_users(list(config.users), "config [[users]]")}
-        self.file = UsersFile(config.data_dir)
+        if config.store is not None:  # a cluster node: the users every node shares, in its database
+            from chute.server.users_table import UsersTable
+
+            self.file: UsersFile | UsersTable = UsersTable(config.store)
+        else:
+            self.file = UsersFile(config.data_dir)
         self.users: dict[str, User] = dict(self.static)
         self._by_token: dict[str, User] = {}
         self._by_key: dict[str, tuple[str, User]] = {}
@@ -129,6 +135,15 @@ class Authenticator:
         self._kick: asyncio.Future | None = None
         self.on_change: list[Callable[[], None]] = []  # called after the users changed (server/app.py)
         self._index()
+
+    async def close(self) -> None:
+        """Let go of what the users' source holds (a cluster's database connection), after any refresh ends."""
+        if self._refreshing is not None:
+            with contextlib.suppress(Exception):
+                await self._refreshing
+        close = getattr(self.file, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
 
     @property
     def enabled(self) -> bool:
@@ -352,6 +367,9 @@ async def authorize(request: web.Request, permission: Permission, kind: Kind, na
 
 
 def dest_kind(broker: Broker, dest: str) -> Kind:
+    kind_of = getattr(broker, "kind_of", None)  # a cluster's router knows kinds from placement
+    if kind_of is not None:
+        return kind_of(dest)
     return "topic" if dest in broker.core.topics else "queue"
 
 

@@ -54,6 +54,16 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     `node_name`) instead of `data_dir`, which then holds only the users file (docs/cluster.md)."""
     node_name: str = "default"
     """This node's name: with `store`, the name of its log stream; a node opening a stream takes it over."""
+    shards: int | None = None
+    """With `store`: the cluster's number of shards, fixed when the first node sets the database up (None: the
+    stored number, or 16 for a new cluster); a node given another number than the stored one refuses to start."""
+    cluster_lease_s: float = 10.0
+    """With `store`: a node whose heartbeat is older than this is dead; the others take its shards over."""
+    cluster_heartbeat_s: float = 1.0
+    """With `store`: how often a node renews its heartbeat and its shards' leases (less than cluster_lease_s)."""
+    advertise: str | None = None
+    """With `store`: the host other nodes reach this one at (default: `host`, or this machine's name when `host`
+    is a wildcard address such as 0.0.0.0)."""
     fsync: Literal["always", "interval", "never"] = "always"
     """`always`: confirm after fsync (default); `interval`: fsync every 100 ms; `never`: leave it to the OS."""
     token: str | None = None
@@ -75,6 +85,9 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     memory_high_water_bytes: int = 256 * 2**20
     """Above this many bytes of unconfirmed publishes, the server stops reading from publishers until it falls
     below half of it (backpressure instead of running out of memory)."""
+    amqp_consumer_timeout_s: float = 1800.0
+    """AMQP: a delivery left unacknowledged this long closes its channel with 406 PRECONDITION_FAILED and goes
+    back to its queue (RabbitMQ's `consumer_timeout`, 30 minutes by default; docs/amqp.md)."""
     heartbeat_s: float = 10.0
     """Heartbeat interval offered to clients; a peer silent for 3 intervals is considered dead."""
     shutdown_grace_s: float = 10.0
@@ -85,6 +98,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             ("port", 0, 65535), ("max_connections", 1, 1_000_000), ("max_frame_bytes", 65536, 2**30),
             ("max_message_bytes", 1, 2**30), ("memory_high_water_bytes", 2**20, 2**40),
             ("heartbeat_s", 0.05, 3600), ("shutdown_grace_s", 0, 3600), ("failed_login_limit", 0, 1_000_000),
+            ("amqp_consumer_timeout_s", 0.1, 43_200),
         ):  # fmt: skip
             value = getattr(self, key)
             if not low <= value <= high:
@@ -102,6 +116,15 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         check_users(self.users, "config users")
         if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
             raise InvalidArgument("store must be a postgresql:// URL (without it, data_dir holds the log)")
+        if self.shards is not None and not 1 <= self.shards <= 4096:
+            raise InvalidArgument(f"shards must be between 1 and 4096, got {self.shards!r}")
+        if not 0.5 <= self.cluster_lease_s <= 3600:
+            raise InvalidArgument(f"cluster_lease_s must be between 0.5 and 3600, got {self.cluster_lease_s!r}")
+        if not 0.05 <= self.cluster_heartbeat_s < self.cluster_lease_s:
+            raise InvalidArgument(f"cluster_heartbeat_s must be at least 0.05 and less than cluster_lease_s "
+                                  f"({self.cluster_lease_s}), got {self.cluster_heartbeat_s!r}")  # fmt: skip
+        if self.advertise is not None and (not self.advertise or not self.advertise.isprintable()):
+            raise InvalidArgument("advertise must be a host name or address")
         if not self.node_name or len(self.node_name) > 200 or not self.node_name.isprintable():
             raise InvalidArgument("node_name must be 1 to 200 printable characters")
         return self

@@ -55,6 +55,12 @@ def make_app(server: Server) -> web.Application:
         body = {"status": state if state != "serving" or status == 200 else "read-only"}
         return web.json_response(body, status=status)
 
+    if getattr(server.broker, "routed", False):  # a cluster node: requests for other nodes' shards go there
+        from chute.cluster import http_forward
+
+        forward, close = http_forward.middleware(server)
+        app.middlewares.append(forward)
+        app.on_cleanup.append(close)
     app.router.add_get("/healthz", healthz)
     api.add_routes(app, server)
     metrics.add_routes(app, server)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import attrgetter
@@ -179,10 +180,18 @@ class BrokerCollector(Collector):
         yield InfoMetricFamily("chute_build", "Version of the Chute server.", value={"version": server.name})
         healthy = server.state == "serving" and server.broker.healthy
         yield _gauge("chute_healthy", "1 while serving with a writable store (as /healthz), else 0.", int(healthy))
+        node = getattr(server.broker, "node", None)
+        if node is not None:  # a cluster node (`--store`): its view of the cluster, even while starting
+            yield from _cluster(node)
         if not self.readable():
             return
         yield from _loop_lag(server.loop_lag)
         yield _gauge("chute_connections", "Open native-protocol connections.", len(server.sessions))
+        amqp = list(server.amqp.sessions) if getattr(server, "amqp", None) is not None else []
+        yield _gauge("chute_amqp_connections", "Open AMQP 0-9-1 connections (docs/amqp.md).", len(amqp))
+        yield _gauge("chute_amqp_channels", "Open AMQP 0-9-1 channels.", sum(len(s.channels) for s in amqp))
+        yield _gauge("chute_amqp_consumers", "AMQP 0-9-1 consumers (basic.consume).",
+                     sum(len(s.consumer_list()) for s in amqp))  # fmt: skip
         consumers = sum(len(session.consumers) for session in server.sessions)
         yield _gauge("chute_consumers", "Push consumers on native connections (on every queue, ephemeral "
                      "ones included).", consumers)  # fmt: skip
@@ -257,6 +266,8 @@ class BrokerCollector(Collector):
         server = self.server
         queues = server.broker.core.queues
         consumers = Counter(c.queue for session in server.sessions for c in session.consumers.values())
+        if getattr(server, "amqp", None) is not None:
+            consumers.update(server.amqp.consumers)  # AMQP consumers per queue
         rows = []  # in QUEUE_COLUMNS order: the QueueStats fields, then consumers and dead-letter depth
         for name, queue_stats in stats.items():
             queue = queues.get(name)
@@ -280,6 +291,30 @@ def _fsync_histogram(counts: list[int], seconds: float) -> Metric:
     return HistogramMetricFamily("chute_fsync_duration_seconds", "Time of each group-commit fsync of the log "
                                  "(its segment files and, for new files, the directory), measured in the "
                                  "store's writer thread.", buckets=buckets, sum_value=seconds)  # fmt: skip
+
+
+def _cluster(node) -> Iterator[Metric]:
+    """A cluster node's families (chute.cluster.node.ClusterNode): its own view, read without a database call."""
+    status = node.status()
+    nodes = status["nodes"]
+    renewed_at = getattr(node, "_renewed_at", 0.0)  # monotonic time of the last renewal the database accepted
+    yield _gauge("chute_cluster_shards", "Shards of the cluster (fixed by its first node).", status["shards"])
+    yield _gauge("chute_cluster_node_shards", "Shards this node serves now.", len(status["serving"]))
+    yield _gauge("chute_cluster_shards_unowned", "Shards without a live owner, as this node last read the "
+                 "database (a takeover or hand-over under way).", len(status["unowned"]))  # fmt: skip
+    yield _gauge("chute_cluster_nodes", "Nodes registered in the cluster's database (dead ones included until "
+                 "`chute cluster forget`).", len(nodes))  # fmt: skip
+    yield _gauge("chute_cluster_nodes_alive", "Nodes whose heartbeat is younger than their lease.",
+                 sum(1 for n in nodes if n["alive"]))  # fmt: skip
+    yield _counter("chute_cluster_takeovers", "Shards this node opened (took over or claimed) since it started.",
+                   status["takeovers"])  # fmt: skip
+    yield _gauge("chute_cluster_database_reachable", "1 while this node's last heartbeat reached PostgreSQL, else 0.",
+                 int(bool(getattr(node, "_reachable", False))))  # fmt: skip
+    yield _gauge("chute_cluster_heartbeat_age_seconds", "Seconds since this node's last heartbeat the database "
+                 "accepted (past the lease, the node serves nothing).",
+                 time.monotonic() - renewed_at if renewed_at else float("inf"))  # fmt: skip
+    yield _gauge("chute_cluster_node_healthy", "1 while this node runs, reaches the database, holds its lease "
+                 "and its name, else 0.", int(status["healthy"]))  # fmt: skip
 
 
 def _loop_lag(monitor: LoopLagMonitor) -> Iterator[Metric]:

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 _SESSION_IDS = itertools.count(1)
 log = logging.getLogger("chute.server")
 
+CREDIT_RECHECK_S = 0.5  # through a cluster's router: how soon leases that ended free a consumer's credit
+POLL_S = 1.0  # through a cluster's router: longest single long-poll of a push consumer
 MAX_DELIVER_BATCH = 256  # deliveries per DELIVER frame
 MAX_BATCHES_PER_PASS = 8  # DELIVER frames a consumer writes in one dispatcher pass before the others' turn
 DEAD_PEER_INTERVALS = 3  # a peer silent this many heartbeat intervals is considered dead
@@ -77,7 +79,8 @@ class ServerConsumer:
 
     It has no task of its own: the broker's dispatcher (chute/_dispatch.py) calls `pump` in its pass when the
     queue gained ready messages, credit came back or the transport became writable. Only reading bodies from disk
-    runs a task (`reading`), after which it asks for the next pass."""
+    runs a task (`reading`), after which it asks for the next pass. Through a cluster's router (a broker without a
+    dispatcher, whose queues may be on other nodes) it runs a task of long-poll receives instead (`_run_routed`)."""
 
     def __init__(self, session: Session, consumer_id: int, queue: str, prefetch: int, lease_s: float | None,
                  *, ephemeral: bool = False):  # fmt: skip
@@ -92,12 +95,17 @@ class ServerConsumer:
         self.ended = False
         self.reading: asyncio.Task | None = None  # bodies being read from disk
         self._timer: asyncio.TimerHandle | None = None  # a rate limit lets the next message go
-        self._dispatcher = session.broker.dispatcher
+        self._dispatcher = getattr(session.broker, "dispatcher", None)  # None: a cluster's router (`_run_routed`)
+        self.task: asyncio.Task | None = None  # `_run_routed` only
+        self.credit = asyncio.Event()  # `_run_routed` only: set when deliveries are settled
         self.max_frame = session.server.config.max_frame_bytes
         self.budget = body_budget(self.max_frame)  # the bodies of one DELIVER frame
 
     def start(self) -> None:
-        self._dispatcher.watch(self)
+        if self._dispatcher is not None:
+            self._dispatcher.watch(self)
+        else:
+            self.task = asyncio.get_running_loop().create_task(self._run_routed(self.max_frame, self.budget))
 
     def stop(self) -> None:
         """Deliver no more (deliveries being read from disk are released); an ephemeral subscription is gone when
@@ -105,7 +113,10 @@ class ServerConsumer:
         if self.ended:
             return
         self.ended = True
-        self._dispatcher.unwatch(self)
+        if self._dispatcher is not None:
+            self._dispatcher.unwatch(self)
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
         if self._timer is not None:
             self._timer.cancel()
         if self.reading is not None:
@@ -116,13 +127,15 @@ class ServerConsumer:
     def settled(self, receipts) -> None:
         if self.outstanding:
             self.outstanding.difference_update(receipts)
-            if self.blocked:
+            if self._dispatcher is None:
+                self.credit.set()
+            elif self.blocked:
                 self.blocked = False
                 self._dispatcher.wake(self)
 
     def writable(self) -> None:
         """The transport takes writes again."""
-        if not self.ended:
+        if not self.ended and self._dispatcher is not None:
             self._dispatcher.wake(self)
 
     def pump(self, dispatcher) -> None:
@@ -211,6 +224,42 @@ class ServerConsumer:
             body = m.ErrorBody(code=end.code, name=end.name, message=end.message, retryable=end.retryable)
             session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=[], end=body))
 
+    async def _run_routed(self, max_frame: int, budget: int) -> None:
+        """Through a cluster's router: long-poll receives of at most the credit, wherever the queue is."""
+        session, broker, name = self.session, self.session.broker, self.queue
+        end: ChuteError | None = None
+        try:
+            while not session.closed:
+                if not session.writable.is_set():
+                    await session.writable.wait()
+                    continue
+                credit = self.prefetch - len(self.outstanding)
+                if credit <= 0:
+                    self.credit.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(CREDIT_RECHECK_S):
+                            await self.credit.wait()
+                    continue
+                deliveries = await broker.receive(name, min(credit, MAX_DELIVER_BATCH), wait_s=POLL_S,
+                                                  lease_s=self.lease_s, max_bytes=budget)  # fmt: skip
+                if session.closed:
+                    broker.release(name, [d.receipt for d in deliveries if d.receipt])
+                    return
+                if deliveries:
+                    self._deliver(deliveries, max_frame)
+        except asyncio.CancelledError:
+            raise
+        except ChuteError as exc:
+            end = exc
+        except Exception as exc:
+            log.exception("consumer %s on %s failed", self.id, self.queue)
+            end = ChuteError(f"consumer failed: {exc}")
+        if end is not None:
+            self._end(end)
+        else:
+            session.consumers.pop(self.id, None)
+            self.stop()
+
     def _deliver(self, deliveries: list, max_frame: int) -> None:
         session = self.session
         receipts = [d.receipt for d in deliveries if d.receipt]
@@ -254,6 +303,7 @@ class Session(asyncio.Protocol):
         self.credential: tuple | None = None  # what HELLO authenticated with (None before WELCOME)
         self._held: list[Frame] | None = None  # frames that came behind HELLO while it is being checked
         self._out: list[bytes] | None = None  # bytes for the peer in this turn of the loop (`_send`)
+        self._fast_ack = not getattr(self.broker, "routed", False)  # through a cluster's router, ACK is a task
 
     # -- transport callbacks ------------------------------------------------------------------------------------
 
@@ -289,7 +339,7 @@ class Session(asyncio.Protocol):
         op = frame.op
         if op is Op.HEARTBEAT:
             return
-        if op is Op.ACK:
+        if op is Op.ACK and self._fast_ack:
             self._ack_now(frame)
             return
         if op is Op.HELLO:
@@ -407,6 +457,8 @@ class Session(asyncio.Protocol):
 
     def _prune_leases(self) -> None:
         """Forget receipts whose lease ended (they were released or redelivered elsewhere)."""
+        if getattr(self.broker, "routed", False):  # a cluster's router: leases are on the shards' brokers
+            return  # (released when the connection ends anyway)
         for name, receipts in list(self.leased.items()):
             queue = self.broker.core.queues.get(name)
             if queue is None:
@@ -425,8 +477,10 @@ class Session(asyncio.Protocol):
         leased = self.leased.get(queue)
         if leased:
             leased.difference_update(receipts)
-        for consumer in self.broker.dispatcher.watched.get(queue, ()):  # the queue's consumers, not all of ours
-            if consumer.session is self:
+        dispatcher = getattr(self.broker, "dispatcher", None)  # (a cluster's router has none)
+        consumers = dispatcher.watched.get(queue, ()) if dispatcher is not None else self.consumers.values()
+        for consumer in consumers:  # the queue's consumers, not all of ours
+            if consumer.session is self and consumer.queue == queue:
                 consumer.settled(receipts)
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -441,6 +495,9 @@ class Session(asyncio.Protocol):
             return
         self.credential = self.server.auth.credential(hello)
         self.client_name = hello.client[:200]
+        for_peer = getattr(self.server.broker, "for_peer", None)
+        if for_peer is not None:  # a cluster node: another node's forwarding connection is served locally only
+            self.broker = for_peer(self.client_name)
         if 0.05 <= hello.heartbeat_s <= 3600:
             self.heartbeat_s = hello.heartbeat_s
         try:
@@ -556,12 +613,19 @@ class Session(asyncio.Protocol):
             raise BrokerClosed("the connection is closed")
         self.broker._check()
         if request.topic is None:
-            self.broker.core.queue(request.queue)  # QueueNotFound now rather than in the consumer
+            if not getattr(self.broker, "routed", False):
+                self.broker.core.queue(request.queue)  # QueueNotFound now rather than in the consumer
+            else:  # a cluster's router: asks the queue's shard
+                await _awaited(self.broker.queue_stats(request.queue))
             consumer = ServerConsumer(self, request.consumer, request.queue, prefetch, request.lease_s)
         elif request.queue:
             raise InvalidArgument("CONSUME takes a queue or a topic (an ephemeral subscription), not both")
         else:
             queue = self.broker.ephemeral_subscription(request.topic, request.pattern, filter=request.filter)
+            queue = await _awaited(queue)
+            if self.closed:
+                self.broker.end_ephemeral(queue)
+                raise BrokerClosed("the connection is closed")
             consumer = ServerConsumer(self, request.consumer, queue, prefetch, None, ephemeral=True)
         self.consumers[consumer.id] = consumer
         consumer.start()
@@ -663,6 +727,11 @@ class Session(asyncio.Protocol):
             kind = "queue" if request.method == "list_queues" else "topic"
             result = [each for each in result if self.principal.can_see(kind, each.name)]
         return m.CallReply(result=result)
+
+
+async def _awaited(value):
+    """`value`, awaited if it is awaitable (a cluster's router answers remote questions asynchronously)."""
+    return await value if inspect.isawaitable(value) else value
 
 
 def _outcome(done: asyncio.Future) -> BaseException | None:

@@ -139,7 +139,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def read(self, refs: Sequence[int]) -> list[bytes]:
-        """Return the payloads of the records at `refs` (each must be a live ref), in the same order."""
+        """Return the payloads of the records at `refs` (each must be a live ref when read is called), in the same
+        order. A read in progress holds its refs as live until it returns: their holders may release them
+        meanwhile (compaction moves an entry whose body is being read) and no checkpoint deletes them under it."""
 
     @abc.abstractmethod
     def read_cached(self, ref: int) -> bytes | None:

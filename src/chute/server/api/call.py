@@ -24,6 +24,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from chute.cluster.http_forward import BROKER_KEY
 from chute.errors import (
     BrokerClosed,
     ChuteError,
@@ -107,7 +108,9 @@ class Call:
 
     @property
     def broker(self) -> Broker:
-        return self.server.broker
+        """The broker: on a cluster node, the broker of the shard that holds the path's name when it is here
+        (cluster/http_forward.py), else the node's router."""
+        return self.request.get(BROKER_KEY) or self.server.broker
 
 
 async def run(route: Route, server: Server, request: web.Request) -> web.Response:

@@ -254,6 +254,8 @@ class ConsumerInfo(Reply):
     queue: str
     prefetch: int
     unacked: int
+    tag: str = ""
+    """An AMQP consumer's consumer tag ("" for native consumers)."""
 
 
 class ConnectionInfo(Reply):
@@ -265,6 +267,10 @@ class ConnectionInfo(Reply):
     consumers: list[ConsumerInfo]
     leased: int
     """Deliveries received on this connection and not yet settled."""
+    protocol: str = "native"
+    """`native` or `amqp` (AMQP 0-9-1, docs/amqp.md)."""
+    channels: int = 0
+    """AMQP: open channels."""
 
 
 class ConnectionList(Reply):

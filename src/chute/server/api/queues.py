@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import inspect
 
 from aiohttp import web
 
@@ -102,8 +103,21 @@ def _queue_info(call: Call) -> QueueInfo:
 
 async def list_queues(call: Call) -> m.QueueList:
     sources = dead_letter_sources(call)
-    visible = [q for q in call.broker.list_queues() if call.principal.can_see("queue", q.name)]
-    return m.QueueList(queues=[detail(call, info, sources) for info in visible])
+    listed = call.broker.list_queues()
+    listed = await listed if inspect.isawaitable(listed) else listed  # a cluster's router asks other nodes
+    visible = [q for q in listed if call.principal.can_see("queue", q.name)]
+    if not getattr(call.broker, "routed", False):
+        return m.QueueList(queues=[detail(call, info, sources) for info in visible])
+    stats = await asyncio.gather(*(_awaited(call.broker.queue_stats(q.name)) for q in visible), return_exceptions=True)
+    return m.QueueList(queues=[
+        m.QueueDetail(name=info.name, settings=info.settings, ephemeral=info.ephemeral, stats=found,
+                      dead_letter_sources=sources.get(info.name, []))
+        for info, found in zip(visible, stats, strict=True) if not isinstance(found, BaseException)
+    ])  # fmt: skip
+
+
+async def _awaited(value):
+    return await value if inspect.isawaitable(value) else value
 
 
 async def create_queue(call: Call) -> tuple[int, m.QueueDetail]:

@@ -13,6 +13,7 @@ import time
 import msgspec
 from aiohttp import web
 
+from chute.errors import ChuteError
 from chute.server import auth
 from chute.server.api import models as m
 from chute.server.api.call import Call
@@ -41,20 +42,37 @@ def _consumers(session) -> list[m.ConsumerInfo]:
 async def overview(call: Call) -> m.Overview:
     broker, server, principal = call.broker, call.server, call.principal
     totals = {f.name: 0 for f in TOTALS}
-    queues = [q for q in broker.list_queues() if principal.can_see("queue", q.name)]
+    listed = broker.list_queues()
+    listed = await listed if inspect.isawaitable(listed) else listed  # a cluster's router asks other nodes
+    queues = [q for q in listed if principal.can_see("queue", q.name)]
     for queue in queues:
         stats = broker.queue_stats(queue.name)
+        if inspect.isawaitable(stats):
+            try:
+                stats = await stats
+            except ChuteError:  # deleted meanwhile, or its node is being taken over
+                continue
         for name in totals:
             totals[name] += getattr(stats, name)
-    topics = [t for t in broker.core.topics if principal.can_see("topic", t)]
+    if getattr(broker, "routed", False):
+        topic_names = [t.name for t in await _awaited(broker.list_topics())]
+    else:
+        topic_names = list(broker.core.topics)
+    topics = [t for t in topic_names if principal.can_see("topic", t)]
     store = broker.store.stats()
     sessions = list(server.sessions)
+    amqp = _amqp_sessions(server)
     return m.Overview(
         version=_version(call), state=server.state, uptime_s=max(0.0, time.time() - call.request.app[STARTED]),
-        time=time.time(), queues=len(queues), topics=len(topics), connections=len(sessions),
-        consumers=sum(len(s.consumers) for s in sessions), totals=m.Totals(**totals),
+        time=time.time(), queues=len(queues), topics=len(topics), connections=len(sessions) + len(amqp),
+        consumers=sum(len(s.consumers) for s in sessions) + sum(len(s.consumer_list()) for s in amqp),
+        totals=m.Totals(**totals),
         storage=m.StorageInfo(log_bytes=store.bytes_on_disk, segments=store.segments, read_only=broker.store.read_only),
     )  # fmt: skip
+
+
+async def _awaited(value):
+    return await value if inspect.isawaitable(value) else value
 
 
 async def connections(call: Call) -> m.ConnectionList:
@@ -70,7 +88,15 @@ async def connections(call: Call) -> m.ConnectionList:
         )  # fmt: skip
         for s in sorted(call.server.sessions, key=lambda s: s.id)
     ]
+    items += [msgspec.convert(s.describe(), m.ConnectionInfo) for s in _amqp_sessions(call.server)]
+    items.sort(key=lambda c: c.id)
     return m.ConnectionList(connections=items)
+
+
+def _amqp_sessions(server) -> list:
+    """The AMQP front's connections (chute.amqp), listed beside the native ones."""
+    front = getattr(server, "amqp", None)
+    return sorted(front.sessions, key=lambda s: s.id) if front is not None else []
 
 
 async def consumers(call: Call) -> m.ConsumerList:
@@ -80,6 +106,9 @@ async def consumers(call: Call) -> m.ConsumerList:
         for consumer in _consumers(session)
         if call.principal.can_see("queue", consumer.queue)
     ]
+    items += [msgspec.convert(c, m.ConsumerInfo) for s in _amqp_sessions(call.server) for c in s.consumer_list()
+              if call.principal.can_see("queue", c["queue"])]  # fmt: skip
+    items.sort(key=lambda c: c.connection_id)
     return m.ConsumerList(consumers=items)
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from chute.cluster.http_forward import BROKER_KEY
 from chute.server import auth
 from chute.server.sqs import sigv4
 from chute.server.sqs.common import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, SqsContext, prepared_state, sqs_state
@@ -72,7 +73,8 @@ def add_routes(app: web.Application, server: Server) -> None:
             transport = request.transport
             ctx = SqsContext(server, principal, base_url=f"{request.scheme}://{request.host}",
                              account_id=DEFAULT_ACCOUNT_ID, region=region or DEFAULT_REGION,
-                             extra={"disconnected": lambda: transport is None or transport.is_closing()})  # fmt: skip
+                             extra={"disconnected": lambda: transport is None or transport.is_closing(),
+                                    "broker": request.get(BROKER_KEY)})  # fmt: skip
             if is_json:
                 from chute.server.sqs.jsonproto import handle_json
 

@@ -18,6 +18,7 @@ translated by `call`); it authorizes before it changes anything.
 from __future__ import annotations
 
 import base64
+import inspect
 import re
 import time
 
@@ -187,7 +188,9 @@ async def list_queues(ctx: SqsContext, params: dict) -> dict:
     prefix = params.get("QueueNamePrefix") or ""
     if not isinstance(prefix, str):
         raise SqsError("InvalidParameterValue", "QueueNamePrefix must be a string.")
-    names = [q.name for q in ctx.broker.list_queues() if q.name.startswith(prefix)]
+    listed = ctx.broker.list_queues()
+    listed = await listed if inspect.isawaitable(listed) else listed  # a cluster's router asks other nodes
+    names = [q.name for q in listed if q.name.startswith(prefix)]
     names = [n for n in names if ctx.principal.can_see("queue", n)]
     page, token = _paginate(names, params)
     result: dict = {"QueueUrls": [ctx.queue_url(n) for n in page]}

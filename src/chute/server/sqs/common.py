@@ -51,7 +51,9 @@ class SqsContext:
 
     @property
     def broker(self) -> Broker:
-        return self.server.broker
+        """The broker: on a cluster node, the broker of the shard that holds the request's queue when it is here
+        (cluster/http_forward.py), else the node's router."""
+        return self.extra.get("broker") or self.server.broker
 
     @functools.cached_property
     def state(self) -> SqsState:

@@ -446,14 +446,23 @@ class FileStore(Store):
         result: list[bytes | None] = [self.read_cached(ref) for ref in refs]
         missing = [i for i, payload in enumerate(result) if payload is None]
         if missing:
-            newest = max(refs[i] for i in missing)
-            while newest >= self._written_ref and self._flusher is not None and self._failure is None:
-                # only bytes not yet written are waited for (never the writer's whole backlog); a failure here
-                # concerns writes, and reads of what is on disk go on
-                with contextlib.suppress(StorageFailed, StorageFull):
-                    await asyncio.shield(self._flusher)
-            loop = asyncio.get_running_loop()
-            found = await loop.run_in_executor(self._reader, self._read_many, [refs[i] for i in missing])
+            wanted = [refs[i] for i in missing]
+            # the read holds what it reads until it is done: meanwhile the holder may let go (compaction moves an
+            # entry being delivered to a copy of its record) and a checkpoint must not delete the segment under it
+            for ref in wanted:
+                self.track(ref)
+            try:
+                newest = max(wanted)
+                while newest >= self._written_ref and self._flusher is not None and self._failure is None:
+                    # only bytes not yet written are waited for (never the writer's whole backlog); a failure here
+                    # concerns writes, and reads of what is on disk go on
+                    with contextlib.suppress(StorageFailed, StorageFull):
+                        await asyncio.shield(self._flusher)
+                loop = asyncio.get_running_loop()
+                found = await loop.run_in_executor(self._reader, self._read_many, wanted)
+            finally:
+                for ref in wanted:
+                    self.release(ref)
             for i, payload in zip(missing, found, strict=True):
                 result[i] = payload
         return result

@@ -9,6 +9,17 @@ Every name starts with `chute_`, so Chute can share a database with other applic
                            before it: records and bytes), the snapshot's generation, size, parts and CRC-32
     chute_snapshot_parts   the snapshot of that generation in parts of at most SNAPSHOT_PART_BYTES
 
+Version 2 adds the cluster's tables (src/chute/cluster, docs/cluster.md):
+
+    chute_cluster          one row: the number of shards, fixed when the first node set the database up
+    chute_nodes            one row per node name: advertised addresses, incarnation (which process runs it
+                           now), started_at, heartbeat_at (the database's clock), its lease
+    chute_shards           one row per shard: its owner (a node name or NULL) and lease_until (database clock)
+    chute_placement        one row per queue or topic name (one namespace): the shard it lives in
+                           (the same DDL as chute.cluster.placement.PLACEMENT_DDL, which may have created it)
+
+Version 3 adds `chute_users` (one row: the users document every node signs clients in with; docs/security.md).
+
 Invariants:
 - migrations run in one transaction under a transaction-level advisory lock, so two nodes starting together
   create the schema once; a database whose version is newer than SCHEMA_VERSION is refused untouched;
@@ -18,7 +29,7 @@ Invariants:
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 MIGRATION_LOCK = 0x43487574  # pg_advisory_xact_lock key ("CHut"): serializes concurrent first opens
 
 # Version 1. Records and snapshot parts are stored EXTERNAL (out of line, not compressed): message bodies are
@@ -64,7 +75,53 @@ CREATE TABLE chute_snapshot_parts (
 ALTER TABLE chute_snapshot_parts ALTER COLUMN data SET STORAGE EXTERNAL;
 """
 
-MIGRATIONS = {1: SCHEMA_V1}  # version -> the DDL that brings version - 1 to it
+# Version 2: the cluster. Times are the database's (`now()`), never a node's clock. A shard's stream is
+# `shard-<n>` in chute_streams; its epoch there is the fencing, these rows only say who should hold it.
+SCHEMA_V2 = """
+CREATE TABLE chute_cluster (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    shards integer NOT NULL CHECK (shards > 0),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE chute_nodes (
+    name text PRIMARY KEY,
+    incarnation text NOT NULL,
+    host text NOT NULL,
+    port integer,
+    http_port integer,
+    amqp_port integer,
+    lease_s double precision NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    stopped boolean NOT NULL DEFAULT false
+);
+CREATE TABLE chute_shards (
+    shard integer PRIMARY KEY,
+    owner text,
+    lease_until timestamptz,
+    changed_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS chute_placement (
+    name text PRIMARY KEY,
+    kind text NOT NULL CHECK (kind IN ('queue', 'topic')),
+    shard integer NOT NULL CHECK (shard >= 0),
+    placed_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS chute_placement_shard ON chute_placement (shard);
+"""
+
+# Version 3: the cluster's users (passwords, API tokens, SQS access keys), shared by every node: one row holding
+# the users file's JSON document (chute.server.users_table), its version bumped by each edit.
+SCHEMA_V3 = """
+CREATE TABLE chute_users (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    version bigint NOT NULL,
+    document bytea NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}  # version -> the DDL that brings version - 1 to it
 
 
 class SchemaError(Exception):

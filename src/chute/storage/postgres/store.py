@@ -327,13 +327,19 @@ class PostgresStore(Store):
         if self._db is None:
             raise StorageFailed(f"stream {self.stream!r}: the store is not open")
         wanted = [refs[i] for i in missing]
-        newest = max(wanted)
-        while newest >= self._committed_ref and self._flusher is not None and self._failure is None:
-            await asyncio.shield(self._flusher)  # only records not yet committed are waited for
+        for ref in wanted:  # held until read: a checkpoint must not delete the chunk under the read (as FileStore)
+            self.track(ref)
         try:
-            found = await self._call(self._db.read(wanted))
-        except Exception as exc:
-            raise StorageFailed(f"cannot read from PostgreSQL at {self.where}: {_reason(exc)}") from None
+            newest = max(wanted)
+            while newest >= self._committed_ref and self._flusher is not None and self._failure is None:
+                await asyncio.shield(self._flusher)  # only records not yet committed are waited for
+            try:
+                found = await self._call(self._db.read(wanted))
+            except Exception as exc:
+                raise StorageFailed(f"cannot read from PostgreSQL at {self.where}: {_reason(exc)}") from None
+        finally:
+            for ref in wanted:
+                self.release(ref)
         for i, ref in zip(missing, wanted, strict=True):
             payload = found.get(ref)
             if payload is None:

@@ -1,5 +1,5 @@
-// Connections and consumers (#/connections): every native-protocol connection with its client, user and leases,
-// and every push consumer.
+// Connections and consumers (#/connections): every client connection (native protocol or AMQP 0-9-1) with its
+// client, user, channels and leases, and every push consumer (an AMQP consumer with its consumer tag).
 
 import {h, LiveTable} from './dom.js';
 import * as fmt from './format.js';
@@ -12,10 +12,12 @@ export function connectionsView(ctx) {
     empty: 'No clients are connected.',
     columns: [
       {label: 'ID', text: (c) => String(c.id)},
+      {label: 'Protocol', text: (c) => c.protocol ?? 'native'},
       {label: 'Peer', text: (c) => c.peer ?? '–'},
       {label: 'Client', text: (c) => c.client_name || c.client || '–'},
       {label: 'User', text: (c) => c.user ?? '–'},
       {label: 'Connected since', text: (c) => fmt.time(c.connected_at ?? c.connected_since)},
+      {label: 'Channels', numeric: true, text: (c) => (c.protocol === 'amqp' ? fmt.count(c.channels) : '–')},
       {label: 'Consumers', numeric: true, text: (c) => fmt.count((c.consumers || []).length)},
       {label: 'Leased', numeric: true, text: (c) => fmt.count(c.leased)},
     ],
@@ -25,7 +27,7 @@ export function connectionsView(ctx) {
     key: (c) => `${c.connection_id}/${c.id}`,
     empty: 'No push consumers.',
     columns: [
-      {label: 'Consumer', text: (c) => String(c.id)},
+      {label: 'Consumer', text: (c) => (c.tag ? `${c.id} (${c.tag})` : String(c.id))},
       {label: 'Queue', cell: (c) => queueLink(c.queue)},
       {label: 'Connection', text: (c) => String(c.connection_id ?? '–')},
       {label: 'Prefetch', numeric: true, text: (c) => fmt.count(c.prefetch)},

@@ -1,0 +1,173 @@
+"""A Chute cluster on PostgreSQL with 1, 2 and 3 nodes: point-to-point throughput, and where the CPU goes.
+
+    python -m benchmarks.cluster [--url postgresql://...] [--nodes 1,2,3] [--messages 200000] [--batch 100]
+                                 [--inflight 2] [--body 256] [--json]
+
+For each node count it starts that many `chute serve --store` processes on a fresh database (16 shards), one
+queue per shard, and drives them from this process: for every queue, `--inflight` producers publishing batches
+of `--batch` and a consumer receiving and acking, each connected to the node that holds the queue's shard (no
+forwarding: what the cluster itself can do). CPU is read from /proc for the nodes, for this process (the
+clients) and for the PostgreSQL server's processes. Without --url a private durable PostgreSQL is started
+(fsync on, synchronous_commit on) and deleted afterwards. Nothing here is a test: figures go to BENCHMARKS.md
+with the machine they were measured on (on a machine with fewer cores than processes, throughput cannot grow
+with nodes; the CPU per message says what each part costs, and what more cores would buy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import chute
+from benchmarks.postgres_store import machine, server_facts
+from chute.cluster.placement import home_shard
+from tests.cluster.processes import ClusterWatch, NodeProcess, balanced
+from tests.postgres.helpers import fresh_database
+
+SHARDS = 16
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def family(root: int) -> list[int]:
+    """`root` and its children (PostgreSQL's postmaster and its backends; not other servers on the machine)."""
+    pids = [root]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == root:
+                    pids.append(int(entry.name))
+            except (OSError, ValueError):
+                pass
+    return pids
+
+
+def queue_per_shard() -> dict[int, str]:
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < SHARDS:
+        found.setdefault(home_shard(f"bench-{i}", SHARDS), f"bench-{i}")
+        i += 1
+    return found
+
+
+async def drive(url: str, queue: str, messages: int, batch: int, inflight: int, body: bytes) -> None:
+    """Publish and consume `messages` bodies through one queue on the node at `url`."""
+    batches = messages // batch
+    next_batch = iter(range(batches))
+    async with chute.AsyncClient(url, timeout=60, reconnect=False) as client:
+
+        async def producer() -> None:
+            chunk = [body] * batch
+            for _ in next_batch:
+                await client.publish_batch(queue, chunk)
+
+        async def consumer() -> None:
+            done, acks = 0, set()
+            while done < batches * batch:
+                deliveries = await client.receive(queue, batch, wait_s=1.0, lease_s=300)
+                if deliveries:
+                    acks.add(asyncio.ensure_future(client.ack(deliveries)))
+                    done += len(deliveries)
+                if len(acks) >= inflight:
+                    _, acks = await asyncio.wait(acks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.gather(*acks)
+
+        await asyncio.gather(consumer(), *(producer() for _ in range(inflight)))
+
+
+async def one_size(base_url: str, postmaster: int | None, count: int, args) -> dict:
+    url = await fresh_database(base_url)
+    names = [f"node-{i}" for i in range(count)]
+    directory = tempfile.mkdtemp(prefix="chute-bench-cluster-")
+    nodes = [NodeProcess(url, name, f"{directory}/{name}", "--shards", str(SHARDS), lease_s=10) for name in names]
+    try:
+        async with ClusterWatch(url) as watch:
+            owners = await watch.until(balanced(names), 120)
+        by_name = {node.name: node for node in nodes}
+        queues = queue_per_shard()
+        async with chute.AsyncClient(nodes[0].url, timeout=60, reconnect=False) as client:
+            for name in queues.values():
+                await client.create_queue(name, lease_s=300)
+        per_queue = args.messages // SHARDS // args.batch * args.batch
+        body = b"x" * args.body
+        node_pids = [node.process.pid for node in nodes]
+        pg_pids = family(postmaster) if postmaster else []
+        before = (cpu_seconds(node_pids), time.process_time(), cpu_seconds(pg_pids), time.perf_counter())
+        await asyncio.gather(*(
+            drive(by_name[owners[shard]].url, name, per_queue, args.batch, args.inflight, body)
+            for shard, name in queues.items()
+        ))  # fmt: skip
+        pg_pids = sorted(set(pg_pids) | set(family(postmaster))) if postmaster else []
+        after = (cpu_seconds(node_pids), time.process_time(), cpu_seconds(pg_pids), time.perf_counter())
+        total = per_queue * SHARDS
+        seconds = after[3] - before[3]
+        return {
+            "nodes": count, "messages": total, "seconds": round(seconds, 2),
+            "messages_per_s": round(total / seconds),
+            "cpu_us_per_message_nodes": round((after[0] - before[0]) / total * 1e6, 1),
+            "cpu_us_per_message_clients": round((after[1] - before[1]) / total * 1e6, 1),
+            "cpu_us_per_message_postgres": round((after[2] - before[2]) / total * 1e6, 1) if postmaster else None,
+        }  # fmt: skip
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def run(url: str, postmaster: int | None, args) -> list[dict]:
+    return [await one_size(url, postmaster, count, args) for count in args.nodes]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="an existing PostgreSQL (default: start a private, durable one)")
+    parser.add_argument("--nodes", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 3])
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--inflight", type=int, default=2, help="batches in flight per queue (16 queues)")
+    parser.add_argument("--body", type=int, default=256)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    server = None
+    url = args.url
+    if url is None:
+        from tests.postgres.server import PostgresServer
+
+        server = PostgresServer(durable=True).start()
+        url = server.url
+    try:
+        facts = asyncio.run(server_facts(url))
+        results = asyncio.run(run(url, server.process.pid if server else None, args))
+    finally:
+        if server is not None:
+            server.destroy()
+    report = {"machine": machine(), "postgres": facts, "results": results}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"machine: {report['machine']}")
+    print(f"PostgreSQL {facts['server_version']}: fsync={facts['fsync']} "
+          f"synchronous_commit={facts['synchronous_commit']}")  # fmt: skip
+    for r in results:
+        print(f"{r['nodes']} node(s): {r['messages_per_s']:>7,} msg/s p2p; CPU per message: nodes "
+              f"{r['cpu_us_per_message_nodes']} us, clients {r['cpu_us_per_message_clients']} us, PostgreSQL "
+              f"{r['cpu_us_per_message_postgres']} us")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""A rejected delivery (basic.reject / basic.nack with requeue=false) of a queue that dead-letters.
+
+The broker moves a dead-lettered message without rewriting it (its body and headers are stored once), so it
+knows only the last dead-lettering. To keep the whole `x-death` history as RabbitMQ does (xdeath.py), a rejection
+from an AMQP consumer is carried out here instead: the message is published again to the queue's dead-letter
+queue with its header table holding the new `x-death` entry (added to those it had), then the delivery is
+acked. The other reasons (expired, maxlen, delivery_limit) stay the broker's; their entry is added when the
+message is delivered (mapping.py), so a message going round a loop of dead-letter queues (rejected in one,
+expired in the other) shows every (queue, reason) with its count.
+
+As RabbitMQ does, the republished message loses its per-message expiration; Chute's own options that would
+change its fate there (a delay, a dedup id) are not carried over. Publish first, then ack: a crash between the two
+delivers the message twice (at least once), never zero times. If the dead-letter queue refuses it (gone, full),
+the broker's own dead-lettering is used (without the history).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import TYPE_CHECKING
+
+from chute.amqp.exchanges import amqp_queue
+from chute.amqp.mapping import EXCHANGE_HEADER, ROUTING_KEY_HEADER, origin, to_properties, to_publish
+from chute.amqp.xdeath import add_death
+from chute.errors import ChuteError
+from chute.model import Delivery, Publish
+
+if TYPE_CHECKING:
+    from chute.amqp.session import AmqpSession
+
+
+def republished(delivery: Delivery) -> Publish:
+    """The message of a rejected delivery as it goes to the dead-letter queue, with the rejection in x-death."""
+    properties = to_properties(delivery)
+    exchange, key = origin(delivery)
+    table = dict(properties.headers or {})
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
+    add_death(table, queue=amqp_queue(delivery.queue), reason="rejected", exchange=exchange, routing_keys=[key],
+              time=now)  # fmt: skip
+    properties.headers = table
+    properties.expiration = None
+    message = delivery.message
+    publish = to_publish(properties, delivery.body, message.subject)
+    publish.dedup_id = None
+    publish.delay_s = None
+    publish.group = message.group
+    publish.priority = message.priority
+    headers = publish.headers if publish.headers is not None else {}
+    for name in (EXCHANGE_HEADER, ROUTING_KEY_HEADER):
+        if name in message.headers:
+            headers[name] = message.headers[name]
+    publish.headers = headers or None
+    return publish
+
+
+async def reject(session: AmqpSession, queue: str, deliveries: list[Delivery]) -> None:
+    """Dead-letter rejected deliveries of `queue` with their x-death history (see the module docstring)."""
+    broker = session.broker
+    receipts = [delivery.receipt for delivery in deliveries]
+    found = broker.core.queues.get(queue)
+    target = found.settings.dead_letter_queue if found is not None else None
+    if target is not None:
+        try:
+            await broker.publish_batch(target, [republished(delivery) for delivery in deliveries])
+        except ChuteError:
+            target = None
+    if target is None:
+        await broker.nack(queue, receipts, dead_letter=True)
+        return
+    await broker.ack(queue, receipts)

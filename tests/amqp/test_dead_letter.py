@@ -1,0 +1,64 @@
+"""x-death as RabbitMQ writes it: one entry per (queue, reason), its count going up, the most recent first, and
+the x-first-death-* headers kept, for a message going round a loop of dead-letter queues."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+
+
+def get_one(channel, queue: str, timeout_s: float = 10.0):
+    """basic.get (not acked) until a message comes (a condition awaited, bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        method, properties, body = channel.basic_get(queue)
+        if method is not None:
+            return method, properties, body
+        assert time.monotonic() < deadline, f"no message in {queue} within {timeout_s} s"
+        channel.connection.sleep(0.01)
+
+
+def summary(properties) -> list[tuple]:
+    return [(each["queue"], each["reason"], each["count"]) for each in properties.headers.get("x-death", [])]
+
+
+def test_x_death_round_a_dead_letter_loop(channel, name):
+    work, retry = f"{name}-work", f"{name}-retry"
+    channel.queue_declare(work, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": retry})
+    channel.queue_declare(retry, arguments={"x-message-ttl": 30, "x-dead-letter-exchange": "",
+                                            "x-dead-letter-routing-key": work})  # fmt: skip
+    channel.confirm_delivery()
+    channel.basic_publish("", work, b"flaky", pika.BasicProperties(headers={"attempt": "first"}))
+    seen = []
+    for _ in range(3):  # rejected in work, expired in retry, back in work: three times round
+        method, properties, body = get_one(channel, work)
+        assert body == b"flaky" and properties.headers["attempt"] == "first"
+        seen.append(summary(properties))
+        channel.basic_reject(method.delivery_tag, requeue=False)
+    assert seen == [
+        [],
+        [(retry, "expired", 1), (work, "rejected", 1)],
+        [(retry, "expired", 2), (work, "rejected", 2)],
+    ]
+    method, properties, _ = get_one(channel, retry)  # the third rejection, before it expires: rejected is newest
+    assert summary(properties) == [(work, "rejected", 3), (retry, "expired", 2)]
+    headers = properties.headers
+    assert headers["x-first-death-queue"] == work and headers["x-first-death-reason"] == "rejected"
+    assert headers["x-first-death-exchange"] == ""
+    death = headers["x-death"][0]
+    assert death["exchange"] == "" and isinstance(death["routing-keys"], list) and "time" in death
+
+
+def test_queues_dead_lettering_into_each_other_can_be_deleted(channel, name):
+    first, second = f"{name}-first", f"{name}-second"
+    channel.queue_declare(first, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": second})
+    channel.queue_declare(second, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": first})
+    channel.queue_delete(first)  # the dead-letter queue of `second`: RabbitMQ deletes it all the same
+    channel.confirm_delivery()
+    channel.basic_publish("", second, b"x")
+    method, _, _ = get_one(channel, second)
+    channel.basic_reject(method.delivery_tag, requeue=False)  # its dead-letter queue is gone: dropped
+    channel.queue_delete(second)
+    channel.queue_declare(second, passive=False)
+    assert channel.basic_get(second) == (None, None, None)
