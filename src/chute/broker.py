@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from chute._dispatch import Dispatcher
 from chute._housekeeping import Housekeeping, return_freed_memory
 from chute._management import ManagementApi
 from chute.consumer import Consumer
@@ -75,6 +76,7 @@ class Broker(ManagementApi, Housekeeping):
         self.checkpoint_interval_s = checkpoint_interval_s
         self.recovery: RecoveryReport | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}
+        self.dispatcher = Dispatcher(self)  # the push consumers (the server's), served a pass per loop turn
         self._draining = False  # set by end_long_polls: receive() no longer waits
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -133,6 +135,7 @@ class Broker(ManagementApi, Housekeeping):
                 if not future.done():
                     future.set_exception(BrokerClosed("broker closed"))
         self._waiters.clear()
+        self.dispatcher.wake_all()  # push consumers find the broker closing and end
         if self._housekeeping is not None:
             with contextlib.suppress(Exception):
                 await self._housekeeping
@@ -194,43 +197,43 @@ class Broker(ManagementApi, Housekeeping):
         frame of the file store). A store failure fails every group it covers."""
         self._check()
         now = self.clock()
-        results: list = []
         waits: dict[int, asyncio.Future] = {}
-        settling: dict[int, list] = {}  # the plans each future settles, in order (one callback, one `_after`)
-        prepare = self.core.prepare_publish
         self._pending_token = None
         try:  # as `_run`, with one `_after` for every group
-            for dest, messages in groups:
-                try:
-                    plan = prepare(dest, messages, now)
-                except ChuteError as exc:
-                    results.append(exc)
+            outcomes = self.core.prepare_publish_many(groups, now)
+            settling: dict[int, list] = {}  # the plans each future settles, in order (one callback, one `_after`)
+            for outcome in outcomes:
+                if isinstance(outcome, ChuteError):
                     continue
-                results.append(plan)
+                plan = outcome[0]
                 if plan.token is None:
-                    self.core.commit_publish(plan, now)
-                else:
-                    future = waits.get(id(plan.token))
-                    if future is None:
-                        future = waits[id(plan.token)] = asyncio.ensure_future(plan.token)
-                        settling[id(plan.token)] = plans = []
-                        future.add_done_callback(functools.partial(self._settle_all, plans))
-                    settling[id(plan.token)].append(plan)
+                    if plan in self.core.pending_plans:
+                        self.core.commit_publish(plan, now)
+                    continue
+                future = waits.get(id(plan.token))
+                if future is None:
+                    future = waits[id(plan.token)] = asyncio.ensure_future(plan.token)
+                    settling[id(plan.token)] = plans = []
+                    future.add_done_callback(functools.partial(self._settle_all, plans))
+                plans = settling[id(plan.token)]
+                if not plans or plans[-1] is not plan:  # a plan shared by several groups is settled once
+                    plans.append(plan)
         finally:
             self._after()
             self._pending_token = None  # the plans hold it
         if waits:
             await asyncio.shield(asyncio.gather(*waits.values(), return_exceptions=True))
         out: list[list[int] | ChuteError] = []
-        for result in results:
-            if isinstance(result, ChuteError):
-                out.append(result)
+        for outcome in outcomes:
+            if isinstance(outcome, ChuteError):
+                out.append(outcome)
                 continue
-            future = waits.get(id(result.token)) if result.token is not None else None
+            plan, ids = outcome
+            future = waits.get(id(plan.token)) if plan.token is not None else None
             error = None if future is None else future.exception()
             if error is not None and not isinstance(error, ChuteError):
                 raise error
-            out.append(error if error is not None else result.ids)
+            out.append(error if error is not None else ids)
         return out
 
     def _settle(self, plan, done: asyncio.Future | None) -> None:
@@ -323,26 +326,44 @@ class Broker(ManagementApi, Housekeeping):
 
     _loop: asyncio.AbstractEventLoop | None = None  # the loop the broker serves (cached by `_wait`)
 
-    def _cached_deliveries(self, queue_name: str, entries: list[Entry]) -> list[Delivery] | None:
+    def _cached_deliveries(self, queue_name: str, entries: list[Entry],
+                           shared: dict[int, Message] | None = None) -> list[Delivery] | None:  # fmt: skip
         """The deliveries of leased `entries` if every body is in the store's cache (no coroutine, no wait); None
-        (and nothing changed) if one must be read from disk: then `_read_deliveries`."""
+        (and nothing changed) if one must be read from disk: then `_read_deliveries`. `shared`: decoded messages by
+        ref, filled and reused (the dispatcher's pass: fan-out delivers one message to several queues)."""
         core = self.core
         queue = core.queues.get(queue_name)
         store = core.store_of(queue) if queue is not None else self.store
+        ephemeral = queue is not None and queue.ephemeral
+        if ephemeral:
+            shared = None  # refs of the ephemeral store: another numbering
         read_cached = store.read_cached
         payloads = []
-        for entry in entries:
-            payload = read_cached(entry.ref)
+        for entry in entries:  # (a message decoded already for another queue needs no payload)
+            payload = read_cached(entry.ref) if shared is None or entry.ref not in shared else b""
             if payload is None:
                 return None
             payloads.append(payload)
-        if queue is not None and queue.ephemeral:
+        if ephemeral:
             for entry in entries:
                 store.release(entry.ref)  # delivered at most once: the body is no longer needed
-        return [
-            _delivery(queue_name, payload, e.receipt, e.deliveries, e.deadline, e.dead, core)
-            for payload, e in zip(payloads, entries, strict=True)
-        ]
+        if shared is None:
+            return [
+                _delivery(queue_name, payload, e.receipt, e.deliveries, e.deadline, e.dead, core)
+                for payload, e in zip(payloads, entries, strict=True)
+            ]
+        deliveries = []
+        for payload, e in zip(payloads, entries, strict=True):
+            message = shared.get(e.ref)
+            if message is None:
+                message = _message(queue_name, payload, core, shared, e.ref)
+            if e.dead is None:
+                deliveries.append(Delivery(queue=queue_name, receipt=e.receipt, delivery_count=e.deliveries,
+                                           message=message, lease_deadline=e.deadline))  # fmt: skip
+            else:
+                deliveries.append(_dead_delivery(queue_name, message, e.receipt, e.deliveries, e.deadline, e.dead,
+                                                 core))  # fmt: skip
+        return deliveries
 
     async def _read_deliveries(self, queue: str, entries: list[Entry]) -> list[Delivery]:
         """The deliveries of leased `entries`, reading bodies from disk; if that fails (or is cancelled), the
@@ -481,6 +502,7 @@ class Broker(ManagementApi, Housekeeping):
         if core.outbox:
             self._pending_token = core.flush()
         if core.changed:
+            pushed = self.dispatcher.watched
             for queue in core.changed:
                 waiters = self._waiters.get(queue.name)
                 if waiters:
@@ -488,6 +510,8 @@ class Broker(ManagementApi, Housekeeping):
                         if not future.done():
                             future.set_result(None)
                     waiters.clear()
+                if queue.name in pushed:
+                    self.dispatcher.queue_changed(queue.name)
             core.changed.clear()
         if self.auto_tick and self._state == "serving":
             self._schedule()
@@ -537,6 +561,14 @@ class Broker(ManagementApi, Housekeeping):
         for future in self._waiters.pop(name, []):
             if not future.done():
                 future.set_result(None)
+        self.dispatcher.queue_changed(name, gone=True)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the broker serves (cached: asking asyncio for it costs a getpid() system call)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
 
 def _wake(future: asyncio.Future) -> None:
@@ -546,6 +578,15 @@ def _wake(future: asyncio.Future) -> None:
 
 def _delivery(queue: str, payload: bytes, receipt, count, deadline, dead, core) -> Delivery:
     # the hot path of every delivery: keyword arguments left at their defaults are not passed (each costs time)
+    message = _message(queue, payload, core)
+    if dead is None:
+        return Delivery(queue=queue, receipt=receipt, delivery_count=count, message=message, lease_deadline=deadline)
+    return _dead_delivery(queue, message, receipt, count, deadline, dead, core)
+
+
+def _message(queue: str, payload: bytes, core, shared: dict[int, Message] | None = None, ref: int = 0) -> Message:
+    """The `Message` of a stored MESSAGE record as queue `queue` delivers it; kept in `shared` under `ref` unless
+    its expiry differs between queues (a topic message with the TTL of each queue)."""
     record = rec.decode_message(payload)
     expires_ms = record.expires_ms
     if record.queue_times and queue in core.queues:  # a topic message whose TTL here is the queue's default
@@ -560,8 +601,12 @@ def _delivery(queue: str, payload: bytes, receipt, count, deadline, dead, core) 
     else:
         message = Message(id=record.id, body=record.body, headers=record.headers or {},
                           publish_time=record.publish_ms / 1000.0)  # fmt: skip
-    if dead is None:
-        return Delivery(queue=queue, receipt=receipt, delivery_count=count, message=message, lease_deadline=deadline)
+    if shared is not None and not record.queue_times:
+        shared[ref] = message
+    return message
+
+
+def _dead_delivery(queue: str, message: Message, receipt, count, deadline, dead, core) -> Delivery:
     source_queue = core.queues_by_id.get(dead[1])
     return Delivery(queue=queue, receipt=receipt, delivery_count=count, message=message, lease_deadline=deadline,
                     dead_letter_reason=rec.REASON_NAMES.get(dead[0]),

@@ -158,8 +158,17 @@ class TopicSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         return self
 
 
-class Publish(msgspec.Struct, kw_only=True):
-    """One message to publish: a body and its options."""
+# The per-message types (Publish, Message, Delivery) are made, decoded and dropped for every message on both ends of
+# a connection; as `gc=False` Structs they are not tracked by the cyclic garbage collector, so they neither count
+# towards its collections nor get walked by them (the collections of a busy broker or client were mostly these).
+# Safe because they never form reference cycles: their fields are bytes, str, numbers, a str -> str dict, and a
+# Delivery's Message.
+
+
+class Publish(msgspec.Struct, kw_only=True, gc=False):
+    """One message to publish: a body and its options.
+
+    Not tracked by the garbage collector (`gc=False`: see the note above `Publish`)."""
 
     body: bytes
     headers: dict[str, str] | None = None
@@ -175,8 +184,10 @@ class Publish(msgspec.Struct, kw_only=True):
     """Topic publishes only: the subject matched by subscription patterns (default: the topic name)."""
 
 
-class Message(msgspec.Struct, kw_only=True):
-    """A stored message as a consumer or a browser sees it."""
+class Message(msgspec.Struct, kw_only=True, gc=False):
+    """A stored message as a consumer or a browser sees it.
+
+    Not tracked by the garbage collector (`gc=False`: see the note above `Publish`)."""
 
     id: int
     body: bytes
@@ -189,8 +200,10 @@ class Message(msgspec.Struct, kw_only=True):
     expires_at: float | None = None
 
 
-class Delivery(msgspec.Struct, kw_only=True):
-    """One hand-over of a message: ack or nack it with `receipt` before `lease_deadline`."""
+class Delivery(msgspec.Struct, kw_only=True, gc=False):
+    """One hand-over of a message: ack or nack it with `receipt` before `lease_deadline`.
+
+    Not tracked by the garbage collector (`gc=False`: see the note above `Publish`)."""
 
     queue: str
     receipt: int

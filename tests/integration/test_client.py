@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(60)
 async def until_waiting(server, queue: str) -> None:
     """Until a receive (long poll or push consumer) is waiting in the broker for messages of `queue`."""
     async with asyncio.timeout(5):
-        while not server.server.broker._waiters.get(queue):
+        while not (server.server.broker._waiters.get(queue) or server.server.broker.dispatcher.watched.get(queue)):
             await asyncio.sleep(0.005)
 
 

@@ -56,7 +56,7 @@ async def test_get_many_waits_only_for_the_first():
         await client.create_queue("q")
         consumer = await client.consume("q", prefetch=100)
         waiting = asyncio.ensure_future(consumer.get_many(100, timeout=30))
-        await until(lambda: server.server.broker._waiters.get("q"))
+        await until(lambda: server.server.broker.dispatcher.watched.get("q"))
         await client.publish("q", b"only")
         batch = await asyncio.wait_for(waiting, 10)  # one message, long before 30 s
         assert [d.body for d in batch] == [b"only"]
@@ -70,7 +70,7 @@ async def test_a_cancelled_get_many_takes_nothing():
         await client.create_queue("q")
         consumer = await client.consume("q")
         waiting = asyncio.ensure_future(consumer.get_many(10, timeout=30))
-        await until(lambda: server.server.broker._waiters.get("q"))
+        await until(lambda: server.server.broker.dispatcher.watched.get("q"))
         waiting.cancel()
         await client.publish_batch("q", [b"a", b"b"])
         await until(lambda: len(consumer) == 2)

@@ -39,6 +39,7 @@ def ephemeral_state(broker) -> tuple[list[str], list[tuple[str, str]]]:
 def assert_nothing_left(broker) -> None:
     assert ephemeral_state(broker) == ([], [])
     assert not [name for name in broker._waiters if name.startswith("~")]
+    assert not [name for name in broker.dispatcher.watched if name.startswith("~")]
     assert [q.name for q in broker.list_queues()] == sorted(q.name for q in broker.list_queues())  # still listable
     assert all(not s.ephemeral for t in broker.list_topics() for s in t.subscriptions)
 

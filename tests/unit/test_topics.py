@@ -198,3 +198,28 @@ async def test_subscribing_again_replaces_the_filter(broker, reopen):
     await broker.publish("t", b"b", headers={"k": "b"})
     assert [d.body for d in await broker.receive("q", 10)] == [b"b"]
     assert len(broker.list_topics()[0].subscriptions) == 1
+
+
+async def test_a_plain_batch_fans_out_to_durable_and_ephemeral_queues_and_is_retained(broker, reopen, clock):
+    """Bodies without options published to a topic in one batch (the fan-out path that routes once for the
+    batch): each durable queue gets every message in order, an ephemeral subscription gets them at most once,
+    a queue with a default TTL gets them with its TTL, the topic retains them, and all of it survives a restart."""
+    await broker.create_topic("t", retention_s=1000)
+    for name in ("a", "b"):
+        await broker.create_queue(name)
+        await broker.subscribe("t", ">", name)
+    live = await broker.subscribe_ephemeral("t", ">")
+    bodies = [b"m%d" % i for i in range(5)]
+    ids = await broker.publish_batch("t", [Publish(body=body) for body in bodies])
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert [(await asyncio.wait_for(live.__anext__(), 5)).body for _ in bodies] == bodies
+    await live.close()
+    await broker.create_queue("ttl", retention_s=60)  # a default TTL: the per-message path, same outcome
+    await broker.subscribe("t", ">", "ttl")
+    late = await broker.publish_batch("t", [Publish(body=b"late")])
+    assert [d.message.expires_at for d in await broker.receive("ttl", 10)] == [clock() + 60]
+    broker = await reopen(broker)
+    for name in ("a", "b"):
+        assert [(d.id, d.body) for d in await broker.receive(name, 10)] == [*zip(ids, bodies), (late[0], b"late")]
+    assert len(broker.core.topics["t"].retained) == 6
+    await broker.close()

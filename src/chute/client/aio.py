@@ -534,9 +534,13 @@ def _by_queue(deliveries: Delivery | Sequence[Delivery]) -> dict[str, list[int]]
     if isinstance(deliveries, Delivery):
         deliveries = [deliveries]
     grouped: dict[str, list[int]] = {}
+    queue, receipts = None, []  # the run of the current queue (an ack batch is mostly one queue's deliveries)
     for delivery in deliveries:
-        if not isinstance(delivery, Delivery):
+        if type(delivery) is not Delivery and not isinstance(delivery, Delivery):
             raise InvalidArgument(f"expected Delivery objects, got {type(delivery).__name__}")
         if delivery.receipt:
-            grouped.setdefault(delivery.queue, []).append(delivery.receipt)
+            if delivery.queue != queue:
+                queue = delivery.queue
+                receipts = grouped.setdefault(queue, [])
+            receipts.append(delivery.receipt)
     return grouped

@@ -20,6 +20,8 @@ from chute.model import MAX_DELAY_S, MAX_LEASE_S
 
 
 def _check_lease(lease_s: float) -> float:
+    if type(lease_s) is float and 0.001 <= lease_s <= MAX_LEASE_S:  # the common case, checked in one go
+        return lease_s
     if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or not 0.001 <= lease_s <= MAX_LEASE_S:
         raise InvalidArgument(f"lease_s must be a number from 0.001 to {MAX_LEASE_S:g}, got {lease_s!r}")
     return float(lease_s)
@@ -34,7 +36,8 @@ class DeliveryOps(BrokerState):
         """Lease up to `max_messages` ready messages of a queue; each leased entry carries receipt and deadline.
         With `max_bytes`, their bodies add up to at most that much (or the batch is one message)."""
         queue = self.queue(name)
-        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+        if type(max_messages) is not int and (isinstance(max_messages, bool) or not isinstance(max_messages, int)) \
+                or max_messages < 1:  # fmt: skip
             raise InvalidArgument(f"max_messages must be a positive integer, got {max_messages!r}")
         lease = _check_lease(lease_s if lease_s is not None else queue.settings.lease_s)
         wanted = min(max_messages, queue.ready)
@@ -46,7 +49,7 @@ class DeliveryOps(BrokerState):
             batch = queue.pop_many(wanted - len(taken), room, first_may_exceed=not taken)
             if not batch:
                 break
-            if room is not None:
+            if room is not None and wanted > len(taken) + len(batch):  # (only another round needs what is left)
                 room = max(0, room - sum(e.size for e in batch))
             expired = [e for e in batch if e.expires and e.expires <= now]
             if expired:
@@ -85,13 +88,32 @@ class DeliveryOps(BrokerState):
             entry.deliveries += 1
             in_flight[receipt] = entry
             receipt += 1
-        # one timer per batch, naming its receipts (not its entries: an acked batch must not keep them alive)
-        self.timers.add(deadline, LEASE, queue, range(self.next_receipt, receipt))
+        # one timer per batch, naming its receipts (not its entries: an acked batch must not keep them alive); in a
+        # lease batch (`begin_leases`), one per deadline for every queue's batches
+        receipts = range(self.next_receipt, receipt)
+        if self.lease_batch is None:
+            self.timers.add(deadline, LEASE, queue, receipts)
+        else:
+            self.lease_batch.setdefault(deadline, []).append((queue, receipts))
         self.next_receipt = receipt
         queue.counters["delivered"] += len(taken)
         queue.counters["redelivered"] += redelivered
         self.emit(rec.DELIVERED, rec.DeliveredRecord(queue.id, [e.id for e in taken]))
         return taken
+
+    def begin_leases(self) -> None:
+        """Until `end_leases`, receives share their lease timers: one per deadline (a dispatcher's pass leases
+        from hundreds of queues at one `now`), not one per receive."""
+        self.lease_batch = {}
+
+    def end_leases(self) -> None:
+        """Set the timers of the receives since `begin_leases`: LEASE with no owner names (queue, receipts) pairs."""
+        batch, self.lease_batch = self.lease_batch, None
+        for deadline, leased in (batch or {}).items():
+            if len(leased) == 1:
+                self.timers.add(deadline, LEASE, leased[0][0], leased[0][1])
+            else:
+                self.timers.add(deadline, LEASE, None, leased)
 
     def _leased(self, queue: Queue, receipts) -> tuple[list[Entry], list[int]]:
         found, unknown = [], []
@@ -215,11 +237,12 @@ class DeliveryOps(BrokerState):
         """Fire every timer due at `now`: lease ends, delays, expiries, retention trims."""
         for when, kind, owner, subject in self.timers.pop_due(now):
             if kind == LEASE:
-                in_flight = owner.in_flight
-                for receipt in subject:
-                    entry = in_flight.get(receipt)
-                    if entry is not None and entry.deadline == when:
-                        self._lease_ended(owner, entry, now, 0.0)
+                for queue, receipts in subject if owner is None else ((owner, subject),):
+                    in_flight = queue.in_flight
+                    for receipt in receipts:
+                        entry = in_flight.get(receipt)
+                        if entry is not None and entry.deadline == when:
+                            self._lease_ended(queue, entry, now, 0.0)
             elif kind == DELAY:
                 if subject.state == DELAYED and self.queues.get(owner.name) is owner:
                     owner.undelay(subject)

@@ -31,7 +31,7 @@ from chute.core.routing import validate_subject
 from chute.core.state import BrokerState
 from chute.core.timers import RETAIN
 from chute.core.topic import Topic
-from chute.errors import InvalidArgument, MessageTooLarge, QueueFull, QueueNotFound, StorageReadOnly
+from chute.errors import ChuteError, InvalidArgument, MessageTooLarge, QueueFull, QueueNotFound, StorageReadOnly
 from chute.model import (
     MAX_DEDUP_ID_CHARS,
     MAX_DELAY_S,
@@ -48,7 +48,7 @@ from chute.storage.api import Durable
 class PublishPlan:
     """What `prepare_publish` decided; hand it back to `commit_publish` or `abort_publish`."""
 
-    __slots__ = ("ids", "token", "placements", "dropped", "dedups", "retains")
+    __slots__ = ("ids", "token", "placements", "sizes", "dropped", "dedups", "retains")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
@@ -56,6 +56,7 @@ class PublishPlan:
         # (queue, entries, source): entry.deadline holds its ready time; `source` is None, or the queue whose
         # overflow sent these batch messages straight to `queue`, its dead-letter queue
         self.placements: list[tuple[Queue, list[Entry], Queue | None]] = []
+        self.sizes: list[int] = []  # the body bytes of each placement's entries
         self.dropped: list[tuple[Queue, int]] = []  # batch messages a queue dropped for overflow (no DLQ)
         self.dedups: list[tuple[object, str, int]] = []
         self.retains: list[tuple[Topic, int, int, int]] = []
@@ -89,9 +90,13 @@ class PublishOps(BrokerState):
         plan = PublishPlan()
         window = queue.dedup if queue is not None else topic.dedup
         new, slots = self._deduplicate(window, messages, now) if keyed else (messages, None)
+        fanout = None  # plain messages to a topic: the queues every one of them goes to (one route for all)
         if queue is not None:
             targets = None
             routes = {queue: range(len(new))} if new else {}
+        elif plain:
+            targets, fanout = None, topic.route(topic.name, None)
+            routes = {target: range(len(new)) for target in fanout}
         else:
             targets = [topic.route(m.subject or topic.name, m.headers) for m in new]
             routes = {}
@@ -109,8 +114,13 @@ class PublishOps(BrokerState):
             new_ids = []
         elif queue is not None and not dropped:
             new_ids = self._write_to_queue(new, queue, now, plan, plain)
+        elif fanout is not None and not dropped and not any(t.settings.delay_s or t.settings.retention_s
+                                                            for t in fanout):  # fmt: skip
+            new_ids = self._write_fanout(new, fanout, topic, now, plan)
         else:
-            new_ids = self._write_routed(new, targets or [[queue]] * len(new), topic, now, plan, dropped)
+            if targets is None:
+                targets = [fanout if fanout is not None else [queue]] * len(new)
+            new_ids = self._write_routed(new, targets, topic, now, plan, dropped)
         if not keyed:
             plan.ids = list(new_ids)
         else:
@@ -123,6 +133,78 @@ class PublishOps(BrokerState):
             self.watch_dedup(window)
         self.pending_plans.add(plan)
         return plan
+
+    def prepare_publish_many(self, groups: Sequence[tuple[str, Sequence[Publish]]],
+                             now: float) -> list[tuple[PublishPlan, list[int]] | ChuteError]:  # fmt: skip
+        """`prepare_publish` for several (dest, messages) groups, in order; for each, (its plan, its ids) or the
+        error that refused it (a refused group changes nothing; the others go on). Consecutive *plain* groups --
+        bodies without options, to a durable queue with no default delay or TTL and room for them -- share one
+        plan and one append: a producer spreading messages over a thousand queues sends groups of one or two
+        messages, and the work per group, not per message, was what such a publish cost."""
+        results: list = []
+        run: PublishPlan | None = None  # the plan of the current run of plain groups
+        records: list[tuple[int, bytes]] = []  # its records, appended when the run ends
+        for dest, messages in groups:
+            queue = self.queues.get(dest)
+            if queue is not None and messages and self._plain_group(queue, messages):
+                if run is None:
+                    run, records = PublishPlan(), self.outbox
+                    self.outbox = []
+                results.append((run, self._plain_records(queue, messages, now, run, records)))
+                continue
+            if run is not None:
+                self._append_run(run, records)
+                run = None
+            try:
+                plan = self.prepare_publish(dest, messages, now)
+            except ChuteError as exc:
+                results.append(exc)
+                continue
+            results.append((plan, plan.ids))
+        if run is not None:
+            self._append_run(run, records)
+        return results
+
+    def _plain_group(self, queue: Queue, messages: Sequence[Publish]) -> bool:
+        """Can this group take the plain path (see `prepare_publish_many`)? Changes nothing."""
+        settings, limit = queue.settings, self.max_message_bytes
+        if queue.ephemeral or settings.delay_s or settings.retention_s or self.store.read_only:
+            return False
+        size = 0
+        for m in messages:
+            if not (
+                type(m) is Publish and type(m.body) is bytes and len(m.body) <= limit and m.headers is None
+                and m.priority == 0 and m.delay_s is None and m.ttl_s is None and m.group is None
+                and m.dedup_id is None and m.subject is None
+            ):  # fmt: skip
+                return False
+            size += len(m.body)
+        return queue.has_room(len(messages), size)
+
+    def _plain_records(self, queue: Queue, messages: Sequence[Publish], now: float, plan: PublishPlan,
+                       records: list) -> list[int]:  # fmt: skip
+        """Add a plain group's MESSAGE records to `records` and its entries (refs to come) to `plan`."""
+        ids = self.ids.next_many(now, len(messages))
+        now_ms, queue_ids, encode, kind = int(now * 1000), [queue.id], rec.encode, rec.MESSAGE
+        entries, size = [], 0
+        for m, message_id in zip(messages, ids):
+            body = m.body
+            records.append((kind, encode((message_id, now_ms, 0, queue_ids, 0, 0, 0, None, None, None, None, body))))
+            entries.append(Entry(message_id, 0, len(body)))
+            size += len(body)
+        self._hold(queue, entries, plan, None, size)
+        plan.ids += ids
+        return list(ids)
+
+    def _append_run(self, plan: PublishPlan, records: list[tuple[int, bytes]]) -> None:
+        """Append a run's records (after what the outbox held before it) and give its entries their refs."""
+        refs, plan.token = self.store.append(records)
+        at = len(refs) - len(plan.ids)
+        for _, entries, _ in plan.placements:
+            for entry in entries:
+                entry.ref = refs[at]
+                at += 1
+        self.pending_plans.add(plan)
 
     def _validate(self, m: Publish, to_topic: bool) -> None:
         if not isinstance(m, Publish):
@@ -248,6 +330,38 @@ class PublishOps(BrokerState):
             self._hold(target, entries, plan, source)
         return new_ids
 
+    def _write_fanout(self, new, queues: list[Queue], topic: Topic, now: float, plan: PublishPlan) -> range:
+        """Plain messages (bodies only) to a topic, every one routed to the same `queues`, none of which has a default
+        delay or TTL: what `_write_routed` does, without routing or timing each message. One MESSAGE record per
+        message lists its durable queues; their entries share its ref (the body is stored once)."""
+        durable = [target for target in queues if not target.ephemeral]
+        transient = [target for target in queues if target.ephemeral]
+        records = self.outbox
+        self.outbox = []
+        first = len(records)
+        now_ms, topic_id, queue_ids = int(now * 1000), topic.id, [target.id for target in durable]
+        new_ids = self.ids.next_many(now, len(new))
+        encode, kind = rec.encode, rec.MESSAGE
+        payloads = [encode((message_id, now_ms, topic_id, queue_ids, 0, 0, 0, None, None, None, None, m.body))
+                    for m, message_id in zip(new, new_ids)]  # fmt: skip
+        retains = topic.retains
+        if durable or retains:
+            records += [(kind, payload) for payload in payloads]
+        if records:
+            refs, plan.token = self.store.append(records)
+            refs = refs[first:]
+            size = sum([len(m.body) for m in new])
+            for target in durable:
+                self._hold(target, [Entry(i, ref, len(m.body)) for m, i, ref in zip(new, new_ids, refs)], plan, None,
+                           size)  # fmt: skip
+            if retains:
+                plan.retains += [(topic, i, ref, len(m.body)) for m, i, ref in zip(new, new_ids, refs)]
+        if transient:
+            refs, _ = self.ephemeral_store.append([(kind, payload) for payload in payloads])
+            for target in transient:
+                self._hold(target, [Entry(i, ref, len(m.body)) for m, i, ref in zip(new, new_ids, refs)], plan)
+        return new_ids
+
     def _write_to_queue(self, new, queue: Queue, now: float, plan: PublishPlan, plain: bool) -> range:
         """The common case, kept lean: every message goes to one queue. `plain`: no message has options."""
         records = self.outbox
@@ -287,18 +401,23 @@ class PublishOps(BrokerState):
         return new_ids
 
     @staticmethod
-    def _hold(queue: Queue, entries: list[Entry], plan: PublishPlan, source: Queue | None = None) -> None:
-        """Count pending entries against the queue's limits until the plan is committed or aborted."""
+    def _hold(queue: Queue, entries: list[Entry], plan: PublishPlan, source: Queue | None = None,
+              size: int | None = None) -> None:  # fmt: skip
+        """Count pending entries (of `size` body bytes in all, if known) against the queue's limits until the plan
+        is committed or aborted."""
+        if size is None:
+            size = sum([e.size for e in entries])
         plan.placements.append((queue, entries, source))
+        plan.sizes.append(size)
         queue.pending += len(entries)
-        queue.pending_bytes += sum(e.size for e in entries)
+        queue.pending_bytes += size
 
     def commit_publish(self, plan: PublishPlan, now: float) -> None:
         """The plan's records are durable: place its entries (ready or delayed) and retain topic messages."""
         self.pending_plans.discard(plan)
-        for queue, entries, source in plan.placements:
+        for (queue, entries, source), size in zip(plan.placements, plan.sizes, strict=True):
             queue.pending -= len(entries)
-            queue.pending_bytes -= sum(e.size for e in entries)
+            queue.pending_bytes -= size
             if self.queues.get(queue.name) is not queue:
                 continue  # the queue was deleted while the publish was being written
             track = self.store_of(queue).track
@@ -325,9 +444,9 @@ class PublishOps(BrokerState):
     def abort_publish(self, plan: PublishPlan) -> None:
         """The plan's records did not become durable: forget its entries and dedup ids."""
         self.pending_plans.discard(plan)
-        for queue, entries, _ in plan.placements:
+        for (queue, entries, _), size in zip(plan.placements, plan.sizes, strict=True):
             queue.pending -= len(entries)
-            queue.pending_bytes -= sum(e.size for e in entries)
+            queue.pending_bytes -= size
         for window, key, message_id in plan.dedups:
             window.forget(key, message_id)
 

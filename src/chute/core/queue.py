@@ -202,6 +202,8 @@ class Queue:
 
     def add_batch(self, entries: list[Entry], now: float) -> bool:
         """Place new entries (each ready at `entry.deadline`, 0 = now); return True if any became ready."""
+        if self._add_plain(entries):
+            return True
         became_ready = False
         fifo = self.settings.fifo
         for entry in entries:
@@ -224,6 +226,27 @@ class Queue:
             level.push(entry)
             self.ready += 1
         return became_ready
+
+    def _add_plain(self, entries: list[Entry]) -> bool:
+        """The common batch, placed in one go: every entry ready now, of priority 0, with no group, newer than the
+        tail of the priority-0 line (a publish's entries, in id order). False (nothing done) for any other."""
+        level = self.levels.get(0)
+        if level is None or not entries:
+            return False
+        fresh = level.fresh
+        last = fresh[-1].id if fresh else -1
+        size = 0
+        for entry in entries:
+            if entry.deadline or entry.priority or entry.group is not None or entry.id <= last:
+                return False
+            last = entry.id
+            size += entry.size
+        for entry in entries:
+            entry.state = READY
+        fresh.extend(entries)
+        self.ready += len(entries)
+        self.bytes += size
+        return True
 
     def undelay(self, entry: Entry) -> None:
         """A delay ended: the entry joins the ready line (or its group's)."""

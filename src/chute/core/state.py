@@ -52,6 +52,7 @@ class BrokerState:
         self.changed: set[Queue] = set()
         self.outbox: list[tuple[int, bytes]] = []
         self.pending_plans: set = set()  # publish plans written but not yet committed or aborted
+        self.lease_batch: dict[float, list] | None = None  # deadline -> [(queue, receipts)] (DeliveryOps.begin_leases)
         self.detached: list = []  # (store, entry lists) of deleted queues whose refs are released in steps
         self.on_queue_deleted: Callable[[Queue], None] | None = None
 
@@ -72,12 +73,15 @@ class BrokerState:
     def timer_live(self, when: float, kind: int, owner, subject) -> bool:
         """Can this timer still do anything when it fires? (Asked while the timer heap is compacted; a timer
         judged dead here would have been ignored by `tick`.)"""
-        if kind == LEASE:
-            in_flight = owner.in_flight
-            for receipt in subject:
-                entry = in_flight.get(receipt)
-                if entry is not None and entry.deadline == when:
-                    return self.queues.get(owner.name) is owner
+        if kind == LEASE:  # owner None: (queue, receipts) pairs of a lease batch
+            for queue, receipts in subject if owner is None else ((owner, subject),):
+                in_flight = queue.in_flight
+                for receipt in receipts:
+                    entry = in_flight.get(receipt)
+                    if entry is not None and entry.deadline == when:
+                        if self.queues.get(queue.name) is queue:
+                            return True
+                        break
             return False
         if kind == DELAY:
             return subject.state == DELAYED and self.queues.get(owner.name) is owner

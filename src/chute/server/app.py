@@ -259,7 +259,7 @@ class Server:
             session.write(Op.GOAWAY, m.Goaway(reason="server shutting down"))
             session.pause_reading("shutdown")
             for consumer in list(session.consumers.values()):
-                consumer.task.cancel()
+                consumer.stop()
         # AMQP: in-flight work finishes, then connection.close 320 CONNECTION_FORCED (before the broker closes)
         amqp = asyncio.ensure_future(self.amqp.stop(self.config.shutdown_grace_s)) if self.amqp else None
         self.broker.end_long_polls()  # a long-polling RECEIVE is answered now, not after its wait

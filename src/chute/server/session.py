@@ -2,7 +2,8 @@
 
 Frames are decoded sans-I/O; each request runs as one task (a publish batch is one request, never one task per
 message) and is answered by exactly one REPLY or ERROR with its correlation id, in completion order. Push
-consumers (`ServerConsumer`) run one task each and send DELIVER frames while they have prefetch credit.
+consumers (`ServerConsumer`) have no task: the broker's dispatcher pumps them (one pass per loop turn for every
+consumer whose queue gained messages) and they send DELIVER frames while they have prefetch credit.
 
 Invariants:
 - `leased[queue]` holds every receipt delivered on this connection and not yet settled through it; when the
@@ -53,9 +54,10 @@ if TYPE_CHECKING:
 _SESSION_IDS = itertools.count(1)
 log = logging.getLogger("chute.server")
 
-CREDIT_RECHECK_S = 0.5  # how soon leases that ended free a consumer's prefetch credit
-POLL_S = 1.0  # longest single long-poll of a push consumer
+CREDIT_RECHECK_S = 0.5  # through a cluster's router: how soon leases that ended free a consumer's credit
+POLL_S = 1.0  # through a cluster's router: longest single long-poll of a push consumer
 MAX_DELIVER_BATCH = 256  # deliveries per DELIVER frame
+MAX_BATCHES_PER_PASS = 8  # DELIVER frames a consumer writes in one dispatcher pass before the others' turn
 DEAD_PEER_INTERVALS = 3  # a peer silent this many heartbeat intervals is considered dead
 
 # One heartbeat sweeper per server (server/heartbeats.py): a single timer for every connection's heartbeats and
@@ -73,7 +75,12 @@ def sweeper_of(server: Server, loop: asyncio.AbstractEventLoop) -> Sweeper:
 class ServerConsumer:
     """A push consumer on one session: keeps at most `prefetch` deliveries unsettled. An ephemeral one consumes
     the private queue of an ephemeral subscription made for it, which it ends when it ends (at-most-once: its
-    deliveries have receipt 0, need no ack and take no credit)."""
+    deliveries have receipt 0, need no ack and take no credit).
+
+    It has no task of its own: the broker's dispatcher (chute/_dispatch.py) calls `pump` in its pass when the
+    queue gained ready messages, credit came back or the transport became writable. Only reading bodies from disk
+    runs a task (`reading`), after which it asks for the next pass. Through a cluster's router (a broker without a
+    dispatcher, whose queues may be on other nodes) it runs a task of long-poll receives instead (`_run_routed`)."""
 
     def __init__(self, session: Session, consumer_id: int, queue: str, prefetch: int, lease_s: float | None,
                  *, ephemeral: bool = False):  # fmt: skip
@@ -81,82 +88,144 @@ class ServerConsumer:
         self.id = consumer_id
         self.queue = queue
         self.prefetch = prefetch
-        self.lease_s = lease_s
+        self.lease_s = float(lease_s) if type(lease_s) is int else lease_s  # (checked by each receive)
         self.ephemeral = ephemeral
         self.outstanding: set[int] = set()
-        self.credit = asyncio.Event()
-        self.task: asyncio.Task | None = None
+        self.blocked = False  # out of credit: settlements (or the dispatcher's sweep) wake it
+        self.ended = False
+        self.reading: asyncio.Task | None = None  # bodies being read from disk
+        self._timer: asyncio.TimerHandle | None = None  # a rate limit lets the next message go
+        self._dispatcher = getattr(session.broker, "dispatcher", None)  # None: a cluster's router (`_run_routed`)
+        self.task: asyncio.Task | None = None  # `_run_routed` only
+        self.credit = asyncio.Event()  # `_run_routed` only: set when deliveries are settled
+        self.max_frame = session.server.config.max_frame_bytes
+        self.budget = body_budget(self.max_frame)  # the bodies of one DELIVER frame
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.run())
-        if self.ephemeral:  # however the task ends (even cancelled before its first step)
-            self.task.add_done_callback(lambda _: self._end_subscription())
+        if self._dispatcher is not None:
+            self._dispatcher.watch(self)
+        else:
+            self.task = asyncio.get_running_loop().create_task(self._run_routed(self.max_frame, self.budget))
 
     def stop(self) -> None:
-        """Cancel the task; an ephemeral subscription is gone when this returns."""
-        if self.task is not None:
+        """Deliver no more (deliveries being read from disk are released); an ephemeral subscription is gone when
+        this returns. Idempotent."""
+        if self.ended:
+            return
+        self.ended = True
+        if self._dispatcher is not None:
+            self._dispatcher.unwatch(self)
+        if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
-        self._end_subscription()
-
-    def _end_subscription(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.reading is not None:
+            self.reading.cancel()
         if self.ephemeral:
             self.session.broker.end_ephemeral(self.queue)
 
     def settled(self, receipts) -> None:
         if self.outstanding:
             self.outstanding.difference_update(receipts)
-            self.credit.set()
+            if self._dispatcher is None:
+                self.credit.set()
+            elif self.blocked:
+                self.blocked = False
+                self._dispatcher.wake(self)
 
-    async def run(self) -> None:
-        """Deliver while there is credit. A wake whose bodies are all cached runs without coroutine layers: lease
-        (`Broker._lease`), build the deliveries from the cache, write one DELIVER; only waiting (for messages,
-        credit or a writable transport) and reading bodies from disk suspend the task."""
-        session, broker, name = self.session, self.session.broker, self.queue
-        max_frame = session.server.config.max_frame_bytes
-        budget = body_budget(max_frame)
-        if getattr(broker, "routed", False):  # a cluster's router: the shard's broker may be on another node
-            await self._run_routed(max_frame, budget)
+    def writable(self) -> None:
+        """The transport takes writes again."""
+        if not self.ended and self._dispatcher is not None:
+            self._dispatcher.wake(self)
+
+    def pump(self, dispatcher) -> None:
+        """Deliver while there is credit, ready messages and a writable transport (the dispatcher's pass)."""
+        if self.ended or self.reading is not None or self.session.closed:
             return
-        writable, queues = session.writable, broker.core.queues
-        end: ChuteError | None = None
         try:
-            while not session.closed:
-                if not writable.is_set():
-                    await writable.wait()
-                    continue
-                credit = self.prefetch - len(self.outstanding)
-                if credit <= 0:
-                    await self._wait_for_credit()
-                    continue
-                queue = queues.get(name)
-                if queue is not None and not queue.ready:  # nothing to lease: wait, without an empty receive
-                    await broker._wait_ready(name, POLL_S)
-                    continue
-                entries = broker._lease(name, min(credit, MAX_DELIVER_BATCH), self.lease_s, budget)
-                if not entries:
-                    await broker._wait_ready(name, POLL_S)
-                    continue
-                deliveries = broker._cached_deliveries(name, entries)
-                if deliveries is None:
-                    deliveries = await broker._read_deliveries(name, entries)
-                    if session.closed:
-                        broker.release(name, [d.receipt for d in deliveries if d.receipt])
-                        return
-                self._deliver(deliveries, max_frame)
-        except asyncio.CancelledError:
-            raise
+            self._pump(dispatcher)
         except ChuteError as exc:  # the queue was deleted, the broker is closing, ...
-            end = exc
+            self._end(exc)
         except Exception as exc:  # a bug: end this consumer, keep the connection
             log.exception("consumer %s on %s failed", self.id, self.queue)
-            end = ChuteError(f"consumer failed: {exc}")
+            self._end(ChuteError(f"consumer failed: {exc}"))
+
+    def _pump(self, dispatcher) -> None:
+        session, broker, name = self.session, self.session.broker, self.queue
+        broker._check()
+        queue = broker.core.queues.get(name)
+        if queue is None:
+            raise QueueNotFound(f"queue {name!r} was deleted")
+        max_frame, budget = self.max_frame, self.budget
+        for _ in range(MAX_BATCHES_PER_PASS):
+            if not session.writable.is_set():
+                return  # `writable()` wakes us
+            credit = self.prefetch - len(self.outstanding)
+            if credit <= 0:
+                self.outstanding &= queue.in_flight.keys()  # leases that ended (and were redelivered) free credit
+                credit = self.prefetch - len(self.outstanding)
+                if credit <= 0:
+                    self.blocked = True
+                    return
+            self.blocked = False
+            if not queue.ready:
+                return  # the queue's next change makes us due
+            entries = dispatcher.lease(name, min(credit, MAX_DELIVER_BATCH), self.lease_s, budget)
+            if not entries:  # a rate limit holds them back
+                self._retry_at(broker.core.rate_ready_at(name, broker.clock()))
+                return
+            deliveries = dispatcher.deliveries(name, entries)
+            if deliveries is None:
+                self.reading = asyncio.ensure_future(self._read(entries, max_frame))
+                return
+            self._deliver(deliveries, max_frame)
+        dispatcher.wake(self)  # more to do: in the next pass, after the others' turn
+
+    def _retry_at(self, when: float | None) -> None:
+        if when is None or self._timer is not None:
+            return
+        delay = max(0.001, when - self.session.broker.clock())
+        self._timer = self.session._loop.call_later(delay, self._rate_allows)
+
+    def _rate_allows(self) -> None:
+        self._timer = None
+        if not self.ended:
+            self._dispatcher.wake(self)
+
+    async def _read(self, entries: list, max_frame: int) -> None:
+        """Read bodies that left the cache, deliver them, ask for the next pass."""
+        broker = self.session.broker
+        try:
+            deliveries = await broker._read_deliveries(self.queue, entries)  # releases them if it fails
+        except asyncio.CancelledError:
+            raise
+        except ChuteError as exc:
+            self.reading = None
+            self._end(exc)
+            return
+        except Exception as exc:
+            log.exception("consumer %s on %s failed", self.id, self.queue)
+            self.reading = None
+            self._end(ChuteError(f"consumer failed: {exc}"))
+            return
+        self.reading = None
+        if self.ended or self.session.closed:
+            broker.release(self.queue, [d.receipt for d in deliveries if d.receipt])
+            return
+        self._deliver(deliveries, max_frame)
+        self._dispatcher.wake(self)
+
+    def _end(self, end: ChuteError) -> None:
+        """The server ends this consumer: tell the peer why (an END on DELIVER)."""
+        self.stop()
+        session = self.session
         session.consumers.pop(self.id, None)
-        if end is not None and not session.closed:
+        if not session.closed:
             body = m.ErrorBody(code=end.code, name=end.name, message=end.message, retryable=end.retryable)
             session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=[], end=body))
 
     async def _run_routed(self, max_frame: int, budget: int) -> None:
-        """`run` through a cluster's router: long-poll receives of at most the credit, wherever the queue is."""
+        """Through a cluster's router: long-poll receives of at most the credit, wherever the queue is."""
         session, broker, name = self.session, self.session.broker, self.queue
         end: ChuteError | None = None
         try:
@@ -185,10 +254,11 @@ class ServerConsumer:
         except Exception as exc:
             log.exception("consumer %s on %s failed", self.id, self.queue)
             end = ChuteError(f"consumer failed: {exc}")
-        session.consumers.pop(self.id, None)
-        if end is not None and not session.closed:
-            body = m.ErrorBody(code=end.code, name=end.name, message=end.message, retryable=end.retryable)
-            session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=[], end=body))
+        if end is not None:
+            self._end(end)
+        else:
+            session.consumers.pop(self.id, None)
+            self.stop()
 
     def _deliver(self, deliveries: list, max_frame: int) -> None:
         session = self.session
@@ -203,18 +273,6 @@ class ServerConsumer:
                 count = fitting(deliveries, max_frame)
                 batch, deliveries = deliveries[:count], deliveries[count:]
                 session.write(Op.DELIVER, m.Deliver(consumer=self.id, deliveries=batch))
-
-    async def _wait_for_credit(self) -> None:
-        queue = self.session.broker.core.queues.get(self.queue)
-        if queue is None:
-            raise QueueNotFound(f"queue {self.queue!r} was deleted")
-        self.outstanding &= queue.in_flight.keys()  # leases that ended (and were redelivered) free credit
-        if len(self.outstanding) < self.prefetch:
-            return
-        self.credit.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CREDIT_RECHECK_S):
-                await self.credit.wait()
 
 
 class Session(asyncio.Protocol):
@@ -303,6 +361,8 @@ class Session(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable.set()
         self.resume_reading("write")
+        for consumer in self.consumers.values():
+            consumer.writable()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -417,8 +477,10 @@ class Session(asyncio.Protocol):
         leased = self.leased.get(queue)
         if leased:
             leased.difference_update(receipts)
-        for consumer in self.consumers.values():
-            if consumer.queue == queue:
+        dispatcher = getattr(self.broker, "dispatcher", None)  # (a cluster's router has none)
+        consumers = dispatcher.watched.get(queue, ()) if dispatcher is not None else self.consumers.values()
+        for consumer in consumers:  # the queue's consumers, not all of ours
+            if consumer.session is self and consumer.queue == queue:
                 consumer.settled(receipts)
 
     # -- requests ---------------------------------------------------------------------------------------------

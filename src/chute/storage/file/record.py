@@ -174,8 +174,7 @@ def record_in_batch(body, at: int) -> bytes | None:
     kind, length, back = RECORD.unpack_from(body, at)
     if kind == 0 or back != at + BATCH_SIZE or at + RECORD_SIZE + length > len(body):
         return None
-    with memoryview(body) as view:
-        return bytes(view[at + RECORD_SIZE : at + RECORD_SIZE + length])
+    return bytes(body[at + RECORD_SIZE : at + RECORD_SIZE + length])  # (a record is small: two copies beat a view)
 
 
 def encode_checkpoint(position: tuple[int, int], records_per_segment: dict[int, int], snapshot: bytes) -> bytes:
