@@ -329,10 +329,15 @@ class FileStore(Store):
         self._written_ref = end_ref
         if group is not None and not group.done():
             group.set_result(None)
-        if self._pending:
+        if self._group is not None:  # someone waits for what was appended meanwhile: the next group
             self._hand_over()
-        else:
-            self._flushed()
+            return
+        self._flushed()
+        if self._pending and self._lazy_timer is None and not self._closed:
+            # only lazy records (delivery counts) came meanwhile: they wait for the next commit (or the lazy
+            # timer) rather than cost a write and an fsync of their own, with the wake-ups that go with them;
+            # else every group's deliveries would make one more group, and that group's deliveries another
+            self._lazy_timer = self._loop.call_later(LAZY_FLUSH_S, self._lazy_flush)
 
     def _flushed(self, after_failure: bool = False) -> None:
         """Loop: nothing is pending or being written any more."""
@@ -600,8 +605,8 @@ class FileStore(Store):
             raise StorageReadOnly(f"the log is read-only after an earlier failure: {self._failure}")
         position = (self._active, self._active_size)
         self._open_frame = None  # the position is a frame boundary: a later append must not grow the frame before it
-        if self._pending and self._flusher is None:
-            self._token()
+        if self._pending:
+            self._token()  # a group, so that even lazy records pending behind the one being written are written
         await self.flush()
         loop = asyncio.get_running_loop()
         counts = {segment: info[1] for segment, info in self._segments.items() if segment <= position[0]}
@@ -653,7 +658,7 @@ class FileStore(Store):
             self._closed = True
             return
         if self._failure is None:
-            if self._pending and self._flusher is None:
+            if self._pending:
                 self._token()
             try:
                 await self.flush()
