@@ -246,7 +246,6 @@ class Session(asyncio.Protocol):
         self._held: list[Frame] | None = None  # frames that came behind HELLO while it is being checked
         self._out: list[bytes] | None = None  # bytes for the peer in this turn of the loop (`_send`)
         self._fast_ack = not getattr(self.broker, "routed", False)  # through a cluster's router, ACK is a task
-        # (and so is PUBLISH)
         self._tasked = False  # a frame of this read became a task: later PUBLISHes of the read take tasks too
 
     # -- transport callbacks ------------------------------------------------------------------------------------
@@ -287,7 +286,7 @@ class Session(asyncio.Protocol):
         if op is Op.ACK and self._fast_ack:
             self._ack_now(frame)
             return
-        if op is Op.PUBLISH and not self._tasked and self._fast_ack and not frame.body.more:
+        if op is Op.PUBLISH and not self._tasked and self._fast_ack and not frame.body.more:  # (a router: a task)
             self._publish_now(frame)
             return
         self._tasked = True  # a PUBLISH behind this frame runs after it too (a task's first step runs next turn)
