@@ -310,6 +310,7 @@ class FileStore(Store):
         if taken is None:
             self._flushed()
             return
+        self._cancel_lazy_timer()  # the delivery counts it was for are in this group
         if not self._executor.post(self._write_group, self._loop, *taken):
             self._flushed()  # the writer is gone (a simulated power cut): nothing more is written or confirmed
 
@@ -360,6 +361,7 @@ class FileStore(Store):
         if group is not None and not group.done():
             group.set_result(None)
         if went_on:  # the writer thread took what was pending: it reports that group the same way
+            self._cancel_lazy_timer()
             return
         if self._group is not None:  # someone waits for what was appended meanwhile: the next group
             self._hand_over()
@@ -370,6 +372,12 @@ class FileStore(Store):
             # timer) rather than cost a write and an fsync of their own, with the wake-ups that go with them;
             # else every group's deliveries would make one more group, and that group's deliveries another
             self._lazy_timer = self._loop.call_later(LAZY_FLUSH_S, self._lazy_flush)
+
+    def _cancel_lazy_timer(self) -> None:
+        """Loop: no pending delivery count needs the lazy timer any more (a quiet broker wakes less)."""
+        if self._lazy_timer is not None and not self._pending:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
 
     def _flushed(self, after_failure: bool = False) -> None:
         """Loop: nothing is pending or being written any more."""
