@@ -304,6 +304,7 @@ class Session(asyncio.Protocol):
         self._held: list[Frame] | None = None  # frames that came behind HELLO while it is being checked
         self._out: list[bytes] | None = None  # bytes for the peer in this turn of the loop (`_send`)
         self._fast_ack = not getattr(self.broker, "routed", False)  # through a cluster's router, ACK is a task
+        self._tasked = False  # a frame of this read became a task: later PUBLISHes of the read take tasks too
 
     # -- transport callbacks ------------------------------------------------------------------------------------
 
@@ -327,6 +328,7 @@ class Session(asyncio.Protocol):
         except ChuteError as exc:
             self.fail(exc)
             return
+        self._tasked = False
         for frame in frames:
             if self.closed:
                 return
@@ -342,6 +344,10 @@ class Session(asyncio.Protocol):
         if op is Op.ACK and self._fast_ack:
             self._ack_now(frame)
             return
+        if op is Op.PUBLISH and not self._tasked and self._fast_ack and not frame.body.more:  # (a router: a task)
+            self._publish_now(frame)
+            return
+        self._tasked = True  # a PUBLISH behind this frame runs after it too (a task's first step runs next turn)
         if op is Op.HELLO:
             self._held = []
             self.pause_reading("handshake")
@@ -511,6 +517,7 @@ class Session(asyncio.Protocol):
         if self._sweeper is not None:  # the interval in force may have changed: heartbeats from now on
             self._sweeper.schedule(self, self._last_sent + self.heartbeat_s * 0.5)
         held, self._held = self._held or [], None
+        self._tasked = False
         for frame in held:
             if self.closed:
                 return
@@ -568,6 +575,33 @@ class Session(asyncio.Protocol):
             return m.PublishReply(ids=await self.broker.publish_batch(request.dest, request.messages))
         finally:
             self.server.publishing(self, -size)
+
+    def _publish_now(self, frame: Frame) -> None:
+        """PUBLISH to one destination without a task: prepared now, answered (by a callback on the store's
+        future, after the broker's own callback placed the messages) once durable, never before."""
+        corr, request = frame.correlation_id, frame.body
+        try:
+            if not self.principal.superuser:
+                self._permit(Op.PUBLISH, request)
+            ids, future = self.broker._publish(request.dest, request.messages)
+        except Exception as exc:
+            self._answer_error(exc, corr, "PUBLISH")
+            return
+        if future is None:  # nothing to wait for (every message a repeated dedup id)
+            self.write(Op.REPLY, m.PublishReply(ids=ids), corr)
+            return
+        size = sum(len(message.body) for message in request.messages)
+        self.server.publishing(self, size)  # unconfirmed bytes count against the memory high-water mark
+        future.add_done_callback(functools.partial(self._published, corr, ids, size))
+
+    def _published(self, corr: int, ids: list[int], size: int, done: asyncio.Future) -> None:
+        """The messages of PUBLISH `corr` are durable and placed (or the store failed): answer it."""
+        self.server.publishing(self, -size)
+        error = _outcome(done)
+        if error is None:
+            self.write(Op.REPLY, m.PublishReply(ids=ids), corr)
+        else:
+            self._answer_error(error, corr, "PUBLISH")
 
     async def _publish_many(self, request: m.PublishRequest) -> m.PublishReply:
         """Protocol 2: a PUBLISH with messages for several destinations; each group is authorized, stored or

@@ -3,8 +3,11 @@
 Concurrency: `append` runs on the event loop and only encodes frames into an in-memory buffer. At the end of
 that turn of the loop the whole buffer goes to a single long-lived writer thread (write, then fsync under the
 `always` policy), one group at a time, through a queue; the thread resolves one future for everything that was
-in it, the group, with one call back to the loop, which then hands over what was appended meanwhile (the next
-group). So many publishes and acks share one write and one fsync, and the loop never blocks on disk.
+in it, the group, with one call back to the loop. What was appended meanwhile is the next group: the thread takes
+it itself when it is done (under `_hand_lock`, which the loop holds while it appends), so a busy log costs one
+wake-up of the loop per group and none of the thread; when the thread has gone idle the loop hands the next group
+over. Delivery counts (lazy records) alone never make a group: they wait for the next one or LAZY_FLUSH_S. So many
+publishes and acks share one write and one fsync, and the loop never blocks on disk.
 A checkpoint's file (megabytes, written then fsynced and renamed) is written on a third thread, after the writer
 thread made the segments durable up to the checkpoint's position, so group commits never wait behind it.
 Reads that miss the cache run in a second thread, so they never queue behind a write and its fsync; they only
@@ -98,6 +101,9 @@ class FileStore(Store):
         self._reader: ThreadPoolExecutor | None = None  # reads of bodies not in the cache
         self._checkpointer: ThreadPoolExecutor | None = None  # checkpoint files, never in the way of a commit
         self._files_lock = threading.Lock()  # held by a read, and by whoever unlinks a segment file
+        # held by the loop while it appends or forms a group, and by the writer thread while it takes the next
+        # group itself (`_write_group`): the pending bytes, the open frame and the group future change together
+        self._hand_lock = threading.Lock()
         self._file_sizes: dict[int, int] = {}  # writer thread only: segment id -> its file's size, once known
         self._segments: dict[int, list[int]] = {}  # segment id -> [size, records, live]
         self._format1: set[int] = set()  # segments of format 1 (read as they are, compacted away)
@@ -194,13 +200,15 @@ class FileStore(Store):
     # -- append and group commit ------------------------------------------------------------------------------
 
     def append(self, records: Sequence[Record]) -> tuple[list[int], asyncio.Future]:
-        refs = self._frame_records(records)
-        return refs, self._token()
+        with self._hand_lock:
+            refs = self._frame_records(records)
+            return refs, self._token()
 
     def append_lazy(self, records: Sequence[Record]) -> list[int]:
         """Records nobody waits for go with the next group commit, or LAZY_FLUSH_S from now: a quiet broker
         does not write and fsync once more for each delivery's count."""
-        refs = self._frame_records(records)
+        with self._hand_lock:
+            refs = self._frame_records(records)
         if self._flusher is None and self._lazy_timer is None:
             self._lazy_timer = asyncio.get_running_loop().call_later(LAZY_FLUSH_S, self._lazy_flush)
         return refs
@@ -208,7 +216,8 @@ class FileStore(Store):
     def _lazy_flush(self) -> None:
         self._lazy_timer = None
         if self._pending and self._flusher is None and self._failure is None and not self._closed:
-            self._token()
+            with self._hand_lock:
+                self._token()
 
     def _frame_records(self, records: Sequence[Record]) -> list[int]:
         if self._failure is not None or self._closed:
@@ -275,6 +284,7 @@ class FileStore(Store):
         self._new_segment(self._active + 1)
 
     def _token(self) -> asyncio.Future:
+        """The future of the group the pending appends will be written in (called with `_hand_lock` held)."""
         group = self._group
         if group is not None and self._flusher is not None:  # the common case under load, kept cheap
             return group
@@ -293,10 +303,20 @@ class FileStore(Store):
 
     def _hand_over(self) -> None:
         """Loop: give everything pending, as one group, to the writer thread (one group there at a time; appends
-        made meanwhile form the next one, handed over by `_written`)."""
-        if not self._pending or self._failure is not None:
+        made meanwhile form the next one, which the writer thread takes itself when it is done, or `_written`
+        hands over)."""
+        with self._hand_lock:
+            taken = self._take_group() if self._pending and self._failure is None else None
+        if taken is None:
             self._flushed()
             return
+        self._cancel_lazy_timer()  # the delivery counts it was for are in this group
+        if not self._executor.post(self._write_group, self._loop, *taken):
+            self._flushed()  # the writer is gone (a simulated power cut): nothing more is written or confirmed
+
+    def _take_group(self) -> tuple[list[tuple[int, bytearray]], bool, int, asyncio.Future | None]:
+        """(buffers, fsync?, end ref, future) of everything pending, now a group for the writer thread; called
+        with `_hand_lock` held, on the loop or on the writer thread."""
         batch, self._pending = self._pending, []
         self._open_frame = None  # the writer has these bytes now: later appends start a new frame
         group, self._group = self._group, None
@@ -304,24 +324,35 @@ class FileStore(Store):
         sync = self.fsync_policy == "always" or (
             self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
         )
-        if not self._executor.post(self._write_group, self._loop, batch, sync, end_ref, group):
-            self._flushed()  # the writer is gone (a simulated power cut): nothing more is written or confirmed
+        return batch, sync, end_ref, group
 
     def _write_group(self, loop, batch: list[tuple[int, bytearray]], sync: bool, end_ref: int, group) -> None:
-        """Writer thread: write (and fsync) one group, then tell the loop, with one call."""
-        try:
-            self._write(batch, sync)
-        except OSError as exc:
-            error: OSError | None = exc
-        except Exception as exc:  # a bug: fail the group (and the log) rather than leave its publishers waiting
-            error = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
-        else:
-            error = None
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
-            loop.call_soon_threadsafe(self._written, end_ref, group, error)
+        """Writer thread: write (and fsync) one group, then tell the loop, with one call. If appends that someone
+        waits for came meanwhile (and no other job waits its turn), take them as the next group and go on: the
+        loop need not wake this thread again, and the next write starts at once."""
+        while True:
+            try:
+                self._write(batch, sync)
+            except OSError as exc:
+                error: OSError | None = exc
+            except Exception as exc:  # a bug: fail the group (and the log) rather than leave its publishers waiting
+                error = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
+            else:
+                error = None
+            following = None
+            if error is None and self._executor.idle():
+                with self._hand_lock:
+                    if self._group is not None and self._pending and self._failure is None and not self._closed:
+                        following = self._take_group()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+                loop.call_soon_threadsafe(self._written, end_ref, group, error, following is not None)
+            if following is None:
+                return
+            batch, sync, end_ref, group = following
 
-    def _written(self, end_ref: int, group: asyncio.Future | None, error: OSError | None) -> None:
-        """Loop: a group is written (and fsynced if asked): confirm it and hand over the next, if any."""
+    def _written(self, end_ref: int, group: asyncio.Future | None, error: OSError | None, went_on: bool) -> None:
+        """Loop: a group is written (and fsynced if asked): confirm it; unless the writer thread went on with
+        the next group itself (`went_on`), hand over the next, if any."""
         if error is not None:
             self._fail(error, group)
             self._flushed(after_failure=True)
@@ -329,10 +360,24 @@ class FileStore(Store):
         self._written_ref = end_ref
         if group is not None and not group.done():
             group.set_result(None)
-        if self._pending:
+        if went_on:  # the writer thread took what was pending: it reports that group the same way
+            self._cancel_lazy_timer()
+            return
+        if self._group is not None:  # someone waits for what was appended meanwhile: the next group
             self._hand_over()
-        else:
-            self._flushed()
+            return
+        self._flushed()
+        if self._pending and self._lazy_timer is None and not self._closed:
+            # only lazy records (delivery counts) came meanwhile: they wait for the next commit (or the lazy
+            # timer) rather than cost a write and an fsync of their own, with the wake-ups that go with them;
+            # else every group's deliveries would make one more group, and that group's deliveries another
+            self._lazy_timer = self._loop.call_later(LAZY_FLUSH_S, self._lazy_flush)
+
+    def _cancel_lazy_timer(self) -> None:
+        """Loop: no pending delivery count needs the lazy timer any more (a quiet broker wakes less)."""
+        if self._lazy_timer is not None and not self._pending:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
 
     def _flushed(self, after_failure: bool = False) -> None:
         """Loop: nothing is pending or being written any more."""
@@ -354,7 +399,8 @@ class FileStore(Store):
         finally:
             self._flusher = None
         if self._pending:
-            self._token()
+            with self._hand_lock:
+                self._token()
 
     def _write(self, batch: list[tuple[int, bytearray]], sync: bool) -> None:
         """Writer thread: append each buffer to its segment file; fsync if asked (and the directory for new files)."""
@@ -418,12 +464,13 @@ class FileStore(Store):
             error = StorageFailed(f"{where}: {exc.strerror or exc} (errno {exc.errno}); the log is now read-only")
         self._failure = error
         self._stats.read_only = True
-        for future in (group, self._group):
+        with self._hand_lock:
+            pending_group, self._group = self._group, None
+            self._pending = []
+            self._open_frame = None
+        for future in (group, pending_group):
             if future is not None and not future.done():
                 future.set_exception(error)
-        self._group = None
-        self._pending = []
-        self._open_frame = None
 
     async def flush(self) -> None:
         """Wait until everything appended so far is written (and fsynced under `always`)."""
@@ -598,10 +645,11 @@ class FileStore(Store):
     async def checkpoint(self, snapshot: bytes) -> None:
         if self._failure is not None:
             raise StorageReadOnly(f"the log is read-only after an earlier failure: {self._failure}")
-        position = (self._active, self._active_size)
-        self._open_frame = None  # the position is a frame boundary: a later append must not grow the frame before it
-        if self._pending and self._flusher is None:
-            self._token()
+        with self._hand_lock:
+            position = (self._active, self._active_size)
+            self._open_frame = None  # the position is a frame boundary: a later append must not grow the frame
+            if self._pending:  # before it; a group, so that lazy records pending behind one being written go too
+                self._token()
         await self.flush()
         loop = asyncio.get_running_loop()
         counts = {segment: info[1] for segment, info in self._segments.items() if segment <= position[0]}
@@ -653,8 +701,9 @@ class FileStore(Store):
             self._closed = True
             return
         if self._failure is None:
-            if self._pending and self._flusher is None:
-                self._token()
+            if self._pending:
+                with self._hand_lock:
+                    self._token()
             try:
                 await self.flush()
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._close_clean)
@@ -715,6 +764,10 @@ class _Writer(Executor):
         future: Future = Future()
         self._jobs.put((future, fn, args, kwargs))
         return future
+
+    def idle(self) -> bool:
+        """True if no job waits its turn (called by the running job, on the thread)."""
+        return not self._stopped and self._jobs.empty()
 
     def post(self, fn, *args) -> bool:
         """Run `fn(*args)` on the thread (it reports its own outcome); False if the writer was shut down."""
