@@ -6,6 +6,7 @@ The server runs in the test's own event loop (`chute.testing.serving`), except w
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -507,3 +508,35 @@ def test_chute_url_from_the_environment(monkeypatch):
         with chute.Client() as client:
             assert client.url == server.url
             client.create_queue("from-env")
+
+
+async def test_a_dropped_publisher_leaves_the_unconfirmed_bytes_at_zero():
+    """A connection closed while its publishes wait for fsync: their bytes stay held until the store is done with
+    them, then the server's count of unconfirmed bytes is back to 0 (not below: each is released once)."""
+    from tests.held_fsync import HeldFsync
+
+    async with serving(fsync="always") as server:
+        held = HeldFsync(server)
+        try:
+            async with chute.AsyncClient(server.url) as setup:
+                await setup.create_queue("q")
+            client = chute.AsyncClient(server.url)
+            await client.connect()
+            held.hold()
+            pending = [asyncio.ensure_future(client.publish_batch("q", [b"y" * 1000] * 3)) for _ in range(4)]
+            deadline = time.monotonic() + 10
+            while server.server.publish_bytes < 12_000:
+                assert time.monotonic() < deadline, "the publishes were never counted"
+                await asyncio.sleep(0.01)
+            await client.close()
+            await asyncio.gather(*pending, return_exceptions=True)
+            assert server.server.publish_bytes == 12_000  # still unconfirmed: the store has them
+        finally:
+            held.release()
+        deadline = time.monotonic() + 10
+        while server.server.publish_bytes != 0:
+            assert server.server.publish_bytes > 0, f"released twice: {server.server.publish_bytes}"
+            assert time.monotonic() < deadline, "the bytes were never released"
+            await asyncio.sleep(0.01)
+        async with chute.AsyncClient(server.url) as check:
+            assert (await check.queue_stats("q")).ready == 12

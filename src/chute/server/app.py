@@ -204,8 +204,8 @@ class Server:
         self.sessions.discard(session)
         if not self.sessions:
             self._no_sessions.set()
-        if session.publish_bytes:
-            self.publishing(session, -session.publish_bytes)
+        # A closed session's publishes still waiting for fsync keep their bytes counted: each releases them once,
+        # when the store is done with it (a callback or a task's `finally`), so nothing is subtracted here.
 
     def publishing(self, session: Session | None, size: int) -> None:
         """Account `size` bytes of publishes starting (or, negative, ending) on `session` (None: an HTTP publish,
