@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 from typing import TYPE_CHECKING
 
+from chute.amqp import state
 from chute.amqp.exchanges import amqp_queue
 from chute.amqp.mapping import EXCHANGE_HEADER, ROUTING_KEY_HEADER, origin, to_properties, to_publish
 from chute.amqp.xdeath import add_death
@@ -57,8 +58,8 @@ async def reject(session: AmqpSession, queue: str, deliveries: list[Delivery]) -
     """Dead-letter rejected deliveries of `queue` with their x-death history (see the module docstring)."""
     broker = session.broker
     receipts = [delivery.receipt for delivery in deliveries]
-    found = broker.core.queues.get(queue)
-    target = found.settings.dead_letter_queue if found is not None else None
+    found = await state.queue_settings(broker, queue)
+    target = found.dead_letter_queue if found is not None else None
     if target is not None:
         try:
             await broker.publish_batch(target, [republished(delivery) for delivery in deliveries])

@@ -26,7 +26,7 @@ import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from chute.amqp import metadata
+from chute.amqp import metadata, state
 from chute.amqp.errors import CONNECTION_FORCED, AmqpError
 from chute.amqp.exchanges import PREDECLARED_NAMES, ExchangeBook
 from chute.amqp.session import AmqpSession
@@ -61,6 +61,9 @@ class AmqpFront:
         self.port: int | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._saving = asyncio.Lock()
+        self.routed = state.routed(self.broker)  # a cluster node: the book is read through (state.py)
+        self.exchanges_read: dict[str, float] = {}  # (routed) exchange -> when its metadata was last read
+        self.dead_lettering: dict[str, bool] = {}  # (routed) queue -> has a dead-letter queue, as last read
         server.auth.on_change.append(self.users_changed)
 
     async def save_book(self) -> None:
@@ -70,11 +73,14 @@ class AmqpFront:
             await metadata.store(self.book, self.broker, self.stored)
 
     async def start(self, host: str, port: int, ssl=None) -> None:
-        core = self.broker.core
-        self.stored = metadata.load(self.book, core)
-        legacy = metadata.import_legacy(self.book, core, self.server.config.data_dir)
+        legacy = None
+        if not self.routed:
+            core = self.broker.core
+            self.stored = metadata.load(self.book, core)
+            legacy = metadata.import_legacy(self.book, core, self.server.config.data_dir)
         self._predeclare()
-        await self._restore()
+        if not self.routed:  # a cluster node's queues belong to the cluster: no node deletes them at its start
+            await self._restore()
         if legacy is not None:
             await self.save_book()
             metadata.retire_legacy(legacy)
@@ -126,9 +132,19 @@ class AmqpFront:
     def _predeclare(self) -> None:
         """RabbitMQ's predeclared exchanges exist from the start (their topics are made at their first binding,
         so a server nobody binds on through AMQP has no extra topics)."""
-        for name, kind in PREDECLARED.items():
-            self.book.exchanges.setdefault(name, {"type": kind, "durable": True, "auto_delete": False,
-                                                  "internal": False, "arguments": {}})  # fmt: skip
+        for name in PREDECLARED:
+            self.predeclare(name)
+
+    def predeclare(self, name: str) -> None:
+        self.book.exchanges.setdefault(name, {"type": PREDECLARED[name], "durable": True, "auto_delete": False,
+                                              "internal": False, "arguments": {}})  # fmt: skip
+
+    def note_queue(self, name: str, settings) -> None:
+        """(Routed) what this node last read of a queue's settings: whether it dead-letters (`dead_letters`)."""
+        if settings is None:
+            self.dead_lettering.pop(name, None)
+        else:
+            self.dead_lettering[name] = settings.dead_letter_queue is not None
 
     async def stop(self, grace_s: float) -> None:
         if self._listener is not None:
@@ -219,7 +235,10 @@ class AmqpFront:
         return True
 
     def dead_letters(self, queue: str) -> bool:
-        """Whether `queue` has a dead-letter queue (its rejected deliveries get x-death, see dead_letter.py)."""
+        """Whether `queue` has a dead-letter queue (its rejected deliveries get x-death, see dead_letter.py); on
+        a cluster node, as read when its consumer started or its basic.get ran (`note_queue`)."""
+        if self.routed:
+            return self.dead_lettering.get(queue, False)
         found = self.broker.core.queues.get(queue)
         return found is not None and found.settings.dead_letter_queue is not None
 

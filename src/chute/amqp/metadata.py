@@ -68,6 +68,43 @@ def load(book: ExchangeBook, core) -> dict:
     return stored
 
 
+def take_topic(book: ExchangeBook, stored: dict, name: str, settings) -> None:
+    """Replace the book's exchange `name` (declaration, exchange-to-exchange bindings from it) by what its topic's
+    `settings` hold now (None: the topic is gone); `stored` learns it is what is written."""
+    attributes = (settings.attributes if settings is not None else None) or {}
+    declared = _loads(attributes.get(EXCHANGE))
+    if isinstance(declared, dict):
+        book.exchanges[name] = declared
+    else:
+        book.exchanges.pop(name, None)
+    book.exchange_bindings = [b for b in book.exchange_bindings if b["source"] != name]
+    for each in _loads(attributes.get(EXCHANGE_BINDINGS)) or []:
+        book.exchange_bindings.append({"source": name, **each})
+    if settings is None:
+        stored.pop(("topic", ex.TOPIC_PREFIX + name), None)
+    else:
+        stored[("topic", ex.TOPIC_PREFIX + name)] = _topic_wanted(book, name)
+    book.changed()
+
+
+def take_queue(book: ExchangeBook, stored: dict, name: str, settings) -> None:
+    """Replace the book's queue `name` (declared flags, its AMQP bindings) by what its `settings` hold now."""
+    attributes = (settings.attributes if settings is not None else None) or {}
+    declared = _loads(attributes.get(QUEUE))
+    if isinstance(declared, dict):
+        book.queues[name] = declared
+    else:
+        book.queues.pop(name, None)
+    book.bindings = [b for b in book.bindings if b["queue"] != name]
+    for each in _loads(attributes.get(BINDINGS)) or []:
+        book.bindings.append({**each, "queue": name})
+    if settings is None:
+        stored.pop(("queue", name), None)
+    else:
+        stored[("queue", name)] = _queue_wanted(book, name, _bindings_by_queue(book))
+    book.changed()
+
+
 def import_legacy(book: ExchangeBook, core, data_dir) -> str | None:
     """Take from `<data_dir>/amqp-exchanges.json` what the log does not hold yet; its path if there was one."""
     if data_dir is None:
@@ -104,36 +141,39 @@ def retire_legacy(path: str) -> None:
 
 async def store(book: ExchangeBook, broker, stored: dict) -> None:
     """Write into the topics' and queues' attributes the metadata that changed since `stored` (updated)."""
-    core = broker.core
+    from chute.amqp import state  # (state reads the book through this module)
+
     for name in list(book.exchanges) + [b["source"] for b in book.exchange_bindings]:
         topic_name = ex.TOPIC_PREFIX + name
         wanted = _topic_wanted(book, name)
         if stored.get(("topic", topic_name)) == wanted:
             continue
-        topic = core.topics.get(topic_name)
-        if topic is None:
+        settings = await state.topic_settings(broker, topic_name)
+        if settings is None:
             if not wanted[1] or name not in book.exchanges:
                 continue  # a predeclared exchange nobody bound to yet, or a topic deleted by another front
-            await broker.create_topic(topic_name)
-            topic = core.topics[topic_name]
-        if name in ex.PREDECLARED_NAMES and not wanted[1] and topic.settings.attributes is None:
+            settings = (await broker.create_topic(topic_name)).settings
+        if name in ex.PREDECLARED_NAMES and not wanted[1] and settings.attributes is None:
             continue  # a predeclared exchange's topic needs no record of what it is
         values = {EXCHANGE: _dumps(wanted[0]) if wanted[0] is not None else None,
                   EXCHANGE_BINDINGS: _dumps(wanted[1]) if wanted[1] else None}  # fmt: skip
-        await _update(broker.update_topic, topic_name, topic.settings.attributes, values)
+        await _update(broker.update_topic, topic_name, settings.attributes, values)
         stored[("topic", topic_name)] = wanted
     by_queue = _bindings_by_queue(book)
     for name in set(book.queues) | set(by_queue) | {n for kind, n in stored if kind == "queue"}:
-        queue = core.queues.get(name)
-        if queue is None or queue.ephemeral:
+        if name.startswith("~"):  # an ephemeral subscription's queue keeps nothing
             stored.pop(("queue", name), None)
             continue
         wanted = _queue_wanted(book, name, by_queue)
         if stored.get(("queue", name)) == wanted:
             continue
+        settings = await state.queue_settings(broker, name)
+        if settings is None:
+            stored.pop(("queue", name), None)
+            continue
         values = {QUEUE: _dumps(wanted[0]) if wanted[0] is not None else None,
                   BINDINGS: _dumps(wanted[1]) if wanted[1] else None}  # fmt: skip
-        await _update(broker.update_queue, name, queue.settings.attributes, values)
+        await _update(broker.update_queue, name, settings.attributes, values)
         stored[("queue", name)] = wanted
 
 

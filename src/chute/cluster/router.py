@@ -507,6 +507,36 @@ class ClusterBroker:
             return sorted(mine, key=lambda t: t.name)
         return self._merged("list_topics", mine)
 
+    # -- state reads (chute._reads) ---------------------------------------------------------------------------
+
+    def queue_info(self, name: str):
+        """As `Broker.queue_info`, for a queue of any shard (an awaitable for another node's)."""
+        holder = self._local_holder(name)
+        if holder is not None and not name.startswith(EPHEMERAL):
+            return holder.queue_info(name)
+        return self._on_name(name, "queue_info", name)
+
+    def route(self, topic: str, subject: str, headers: dict[str, str] | None = None):
+        """As `Broker.route`: asked of the topic's shard (fan-out stays inside it, so its queues are all there)."""
+        holder = self._local_holder(topic)
+        if holder is not None:
+            return holder.route(topic, subject, headers)
+        return self._on_name(topic, "route", topic, subject, headers, missing=TopicNotFound)
+
+    def dead_letter_sources(self, name: str):
+        """As `Broker.dead_letter_sources`: asked of the queue's shard (a dead-letter queue and its sources
+        share a shard); none when there is no such queue."""
+        holder = self._local_holder(name)
+        if holder is not None:
+            return holder.dead_letter_sources(name)
+        return self._sources_remote(name)
+
+    async def _sources_remote(self, name: str) -> list[str]:
+        try:
+            return await self._on_name(name, "dead_letter_sources", name)
+        except (QueueNotFound, TopicNotFound):
+            return []
+
     # -- subscriptions ----------------------------------------------------------------------------------------
 
     async def subscribe(self, topic: str, pattern: str, queue: str, *, filter: dict | None = None,
