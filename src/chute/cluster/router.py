@@ -396,6 +396,8 @@ class ClusterBroker:
             settings_kw = dict(msgspec.to_builtins(settings))
         _check_name(name)
         placed = await self.placement.place(name, "queue")
+        if not self.forward and self.node.local_broker(placed.shard) is None:  # a peer moved it here meanwhile
+            placed = await self.placement.refresh(name) or placed
         return await self._create_in(placed, "create_queue", name, settings_kw)
 
     async def _create_in(self, placed, method: str, name: str, settings_kw: dict):
@@ -555,7 +557,15 @@ class ClusterBroker:
         if placed.kind != "queue":
             raise namespace_error(queue, "queue", placed)
         if placed.shard != topic_shard and await self._move_empty_queue(queue, placed.shard, topic_shard):
-            placed = await self.placement.lookup(queue) or placed
+            return await self._root._on_shard(topic_shard, "subscribe", topic, pattern, queue, filter=filter,
+                                              start=start)  # fmt: skip
+        if placed.shard != topic_shard and self.forward and self.node.local_broker(placed.shard) is None:
+            # The queue's shard is another node's: that node moves the queue if it can (its local view, above),
+            # and subscribes it; else it refuses as below.
+            return await self._on_shard(placed.shard, "subscribe", topic, pattern, queue, filter=filter,
+                                        start=start)  # fmt: skip
+        if placed.shard != topic_shard and not self.forward:  # a peer's row may be newer than the one cached here
+            placed = await self.placement.refresh(queue) or placed
         if placed.shard != topic_shard:
             raise InvalidArgument(
                 f"queue {queue!r} lives in shard {placed.shard}, the topic {topic!r} in shard {topic_shard}; "
@@ -571,9 +581,11 @@ class ClusterBroker:
         dead-letters into it): placement row first, the queue created in `new`, then anything published to the
         old one meanwhile (through a node that still had the old row) moved across, and the old queue deleted in
         the same step of the event loop that finds it empty. True if it moved. Only a queue of a shard served
-        here moves: that last step must not be interleaved with a publish."""
+        here moves: that last step must not be interleaved with a publish. The local view moves too (for a peer
+        whose router asked this node, the queue's owner): the new copy is made through the router, one hop to the
+        topic's shard, whose local view never moves anything further (the queue is in its shard by then)."""
         broker = self.node.local_broker(old)
-        if broker is None or not self.forward or queue not in broker.core.queues:
+        if broker is None or queue not in broker.core.queues:
             return False
         settings = broker.core.queues[queue].settings
         stats = broker.queue_stats(queue)
@@ -588,7 +600,7 @@ class ClusterBroker:
             return False
         if not await self.placement.move(queue, "queue", old, new):
             return False
-        await self._on_shard(new, "create_queue", queue, **msgspec.to_builtins(settings))
+        await self._root._on_shard(new, "create_queue", queue, **msgspec.to_builtins(settings))
         while True:
             source = self.node.local_broker(old)
             if source is None or queue not in source.core.queues:
@@ -608,7 +620,7 @@ class ClusterBroker:
             return
         messages = [Publish(body=d.message.body, headers=d.message.headers or None, priority=d.message.priority,
                             group=d.message.group) for d in deliveries]  # fmt: skip
-        await self._on_shard(new, "publish_batch", queue, messages)
+        await self._root._on_shard(new, "publish_batch", queue, messages)
         await source.ack(queue, [d.receipt for d in deliveries])
 
     async def update_subscription(self, topic: str, pattern: str, queue: str, *,
