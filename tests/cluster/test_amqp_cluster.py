@@ -254,3 +254,71 @@ async def test_kombu_simple_queue_through_the_node_that_does_not_own_it(nodes):
     async with AsyncClient(a.url) as native:
         stats = await native.queue_stats(name)
         assert (stats.ready, stats.in_flight, stats.acked) == (0, 0, 3)
+
+
+async def test_a_rejection_through_the_other_node_dead_letters_with_x_death(nodes):
+    a, b = nodes
+    dead, source = owned_by(a, "dlq-")[0], f"dl-source-{owned_by(a, 'x')[0]}"
+
+    def scenario():
+        connection = pika.BlockingConnection(pika.URLParameters(_url(b)))
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.queue_declare(dead, durable=True)  # first: the source is then placed in its shard
+        channel.queue_declare(source, durable=True, arguments={"x-dead-letter-exchange": "",
+                                                                "x-dead-letter-routing-key": dead})  # fmt: skip
+        channel.basic_publish("", source, b"refused", pika.BasicProperties(headers={"k": "v"}))
+        for method, _, _ in channel.consume(source, inactivity_timeout=10):
+            assert method is not None, "nothing came within 10 s"
+            channel.basic_reject(method.delivery_tag, requeue=False)
+            break
+        channel.cancel()
+        method, properties, body = next(channel.consume(dead, inactivity_timeout=10))
+        assert method is not None, "no dead letter within 10 s"
+        channel.basic_ack(method.delivery_tag)
+        channel.cancel()
+        connection.close()
+        return body, properties.headers
+
+    body, headers = await asyncio.to_thread(scenario)
+    assert body == b"refused" and headers["k"] == "v"
+    (death,) = headers["x-death"]
+    assert (death["queue"], death["reason"], death["count"]) == (source, "rejected", 1)
+    assert headers["x-first-death-reason"] == "rejected"
+    assert home_shard(dead, SHARDS) == (await a.broker.placement.lookup(source)).shard  # placed with its DLQ
+
+
+async def test_exchange_to_exchange_bindings_made_through_one_node_route_publishes_through_the_other(nodes):
+    a, b = nodes
+    upstream = owned_by(a, "up-", topic=True)[0]
+    downstream = owned_by(b, "down-", topic=True)[0]
+    queue = owned_by(a, "e2e-q-")[0]
+
+    def bind_on_a() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(_url(a)))
+        channel = connection.channel()
+        channel.exchange_declare(upstream, "topic", durable=True)
+        channel.exchange_declare(downstream, "fanout", durable=True)
+        channel.exchange_bind(downstream, upstream, routing_key="logs.#")
+        channel.queue_declare(queue, durable=True)
+        channel.queue_bind(queue, downstream)
+        connection.close()
+
+    def publish_on_b() -> list[bytes]:
+        connection = pika.BlockingConnection(pika.URLParameters(_url(b)))
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(upstream, "logs.app.error", b"followed", mandatory=True)
+        with pytest.raises(UnroutableError):
+            channel.basic_publish(upstream, "metrics.cpu", b"matches no binding", mandatory=True)
+        got = []
+        while True:
+            method, _, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                break
+            got.append(body)
+        connection.close()
+        return got
+
+    await asyncio.to_thread(bind_on_a)
+    assert await asyncio.to_thread(publish_on_b) == [b"followed"]

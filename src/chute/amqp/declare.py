@@ -12,6 +12,7 @@ exchange that does not exist succeeds.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from chute.amqp.errors import (
     connection_error,
 )
 from chute.amqp.mapping import queue_settings
-from chute.errors import QueueExists, QueueNotFound, SubscriptionNotFound, TopicNotFound
+from chute.errors import InvalidArgument, QueueExists, QueueNotFound, SubscriptionNotFound, TopicNotFound
 from chute.model import TopicSettings
 from chute.server.auth import check
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from chute.amqp.channel import Channel
     from chute.amqp.session import AmqpSession
 
+log = logging.getLogger("chute.amqp")
 VHOST = "'/'"
 
 
@@ -263,6 +265,8 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
     if existing is None:  # created with its declaration, in one record
         attributes = metadata.created_with(front.stored, "queue", name, declared)
         settings = msgspec.structs.replace(settings, attributes=attributes)
+        if settings.dead_letter_queue is not None:
+            await state.place_near(broker, name, settings.dead_letter_queue)
     try:
         await broker.create_queue(name, settings)
     except QueueExists:
@@ -320,7 +324,14 @@ async def resolve_dead_letters(session: AmqpSession) -> None:
         except AmqpError:
             continue
         if target is not None and target != name:
-            info = await session.broker.update_queue(name, dead_letter_queue=target)
+            try:
+                info = await session.broker.update_queue(name, dead_letter_queue=target)
+            except (InvalidArgument, QueueNotFound) as exc:  # (a cluster) the dead-letter queue is in another
+                # shard: still none
+                if not front.routed:
+                    raise
+                log.info("AMQP: queue %r cannot dead-letter to %r yet: %s", name, target, exc.message)
+                continue
             front.pending_dead_letters.discard(name)
             front.note_queue(name, info.settings)
 

@@ -91,6 +91,16 @@ async def ready(broker, name: str) -> int:
         return 0
 
 
+async def place_near(broker, name: str, dead_letter_queue: str) -> None:
+    """(A routed node) place a new queue in the shard of its dead-letter queue: a queue and its dead-letter queue
+    share a shard (the broker moves a dead letter inside one shard)."""
+    if not routed(broker):
+        return
+    shard = await broker.placement.shard_of(dead_letter_queue, "queue")
+    if shard is not None:
+        await broker.placement.place(name, "queue", near=shard)
+
+
 async def refresh_exchange(front, name: str, *, max_age_s: float = 0.0) -> None:
     """(A routed node) take exchange `name`'s declaration and exchange-to-exchange bindings from its topic's
     attributes, unless this node read them less than `max_age_s` ago. A predeclared exchange stays declared."""
