@@ -544,7 +544,7 @@ class ClusterBroker:
     async def subscribe(self, topic: str, pattern: str, queue: str, *, filter: dict | None = None,
                         start: str | float = "now") -> SubscriptionInfo:  # fmt: skip
         """As `Broker.subscribe`; a queue that does not exist yet is created (default settings) in the topic's
-        shard, and an empty queue of a shard served here is moved there. Another queue of another shard is
+        shard, and an empty queue of another shard is moved there (by the node serving its shard). Another queue of another shard is
         refused: fan-out happens inside one shard."""
         self._check()
         topic_shard = await self._shard_of(topic, TopicNotFound)
@@ -570,8 +570,7 @@ class ClusterBroker:
             raise InvalidArgument(
                 f"queue {queue!r} lives in shard {placed.shard}, the topic {topic!r} in shard {topic_shard}; "
                 "cross-shard subscriptions are not supported yet (subscribe before creating the queue: the "
-                "subscription then creates it in its topic's shard; an empty queue moves there when the node "
-                "asked serves its shard)"
+                "subscription then creates it in its topic's shard; an empty queue moves there)"
             )
         return await self._on_shard(topic_shard, "subscribe", topic, pattern, queue, filter=filter, start=start)
 
