@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from chute.amqp import metadata, state
 from chute.amqp.errors import CONNECTION_FORCED, AmqpError
 from chute.amqp.exchanges import PREDECLARED_NAMES, ExchangeBook
+from chute.amqp.mapping import dead_lettered_as, origin
 from chute.amqp.session import AmqpSession
 from chute.errors import ChuteError
 from chute.server.config import DEFAULT_AMQP_PORT
@@ -241,6 +242,18 @@ class AmqpFront:
             return self.dead_lettering.get(queue, False)
         found = self.broker.core.queues.get(queue)
         return found is not None and found.settings.dead_letter_queue is not None
+
+    def origin_of(self, delivery) -> tuple[str, str]:
+        """The exchange and routing key a delivered message has in its queue, as RabbitMQ shows them: those it was
+        published with, or for a message the broker dead-lettered here, those its source queue's dead-letter
+        exchange and routing key gave it (when this front knows how that queue was declared)."""
+        exchange, key = origin(delivery)
+        source = delivery.dead_letter_source
+        if source is not None:
+            declared = self.book.queues.get(source)
+            if declared is not None:
+                exchange, key = dead_lettered_as(declared["arguments"], *origin(delivery, dead_letter_source=True))
+        return exchange, key
 
     def consumer_full(self, queue: str) -> None:
         """A consumer of `queue` used up its prefetch room: consumers of lower priority may go on now."""

@@ -544,8 +544,8 @@ class ClusterBroker:
     async def subscribe(self, topic: str, pattern: str, queue: str, *, filter: dict | None = None,
                         start: str | float = "now") -> SubscriptionInfo:  # fmt: skip
         """As `Broker.subscribe`; a queue that does not exist yet is created (default settings) in the topic's
-        shard, and an empty queue of another shard is moved there (by the node serving its shard). Another queue of another shard is
-        refused: fan-out happens inside one shard."""
+        shard, and an empty queue of another shard is moved there (by the node serving its shard). Another queue
+        of another shard is refused: fan-out happens inside one shard."""
         self._check()
         topic_shard = await self._shard_of(topic, TopicNotFound)
         placed = await self.placement.lookup(queue)
