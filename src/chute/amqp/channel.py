@@ -87,7 +87,7 @@ class AmqpConsumer:
                         async with asyncio.timeout(CREDIT_RECHECK_S):
                             await channel.credit.wait()
                     continue
-                if session.front.routed:  # a cluster node long-polls the queue's shard, maybe another node's
+                if session.front.routed and not broker.holds(self.queue):  # another node's: long-poll it there
                     deliveries = await self._long_poll(broker, credit)
                     if not deliveries:
                         continue

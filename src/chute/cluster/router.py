@@ -170,6 +170,10 @@ class ClusterBroker:
         placed = self.placement._cache.get(name) if self.placement is not None else None
         return placed.kind if placed is not None else "queue"
 
+    def holds(self, name: str) -> bool:
+        """Whether this node serves the shard of queue or topic `name` now (its calls are answered here)."""
+        return self._local_holder(name) is not None
+
     # -- finding the broker of a name ---------------------------------------------------------------------------
 
     def _local_brokers(self) -> list:
