@@ -322,3 +322,22 @@ async def test_exchange_to_exchange_bindings_made_through_one_node_route_publish
 
     await asyncio.to_thread(bind_on_a)
     assert await asyncio.to_thread(publish_on_b) == [b"followed"]
+
+
+async def test_a_consumer_cancelled_during_its_long_poll_of_another_node_leaves_nothing_leased(nodes):
+    a, b = nodes
+    queue = owned_by(a, "cancelled-")[0]
+    async with AsyncClient(a.url) as native:
+        await native.create_queue(queue, lease_s=60)
+
+        def consume_then_cancel() -> None:
+            connection = pika.BlockingConnection(pika.URLParameters(_url(b)))
+            channel = connection.channel()
+            tag = channel.basic_consume(queue, lambda *args: None)  # waits on node A for up to a second
+            channel.basic_cancel(tag)
+            connection.close()
+
+        await asyncio.to_thread(consume_then_cancel)
+        await native.publish(queue, b"published while the cancelled poll was still waiting")
+        got = await native.receive(queue, 1, wait_s=10)  # released at once, not left leased for a lease
+        assert [d.message.body for d in got] == [b"published while the cancelled poll was still waiting"]
