@@ -13,10 +13,14 @@ Rules:
 - a shard with no live owner (its node died; the takeover is under way) is waited for up to `wait_owner_s`,
   then the call fails with `unavailable` (retryable) having changed nothing;
 - no loops: `local` is the view that peers' connections use; it never forwards, and a call for a shard this node
-  does not own fails there with `unavailable`, so the sender looks up the owner again (within its wait);
+  does not own fails there with `unavailable`, so the sender looks up the owner again (within its wait). One
+  exception, bounded: a peer's subscribe of a queue held here to a topic of another shard moves the queue, which
+  creates it (and carries over what reached it) in the topic's shard and subscribes it there through this
+  node's router: one hop to a node whose local view finds the queue in the topic's shard and moves nothing;
 - a new queue or topic gets its placement row first, then is created in its shard; a queue made for a
   subscription (subscribe to a queue that does not exist yet) is placed in its topic's shard, so fan-out stays
-  in one shard; a subscription of a topic to an existing queue of another shard is `invalid_argument`;
+  in one shard; an empty queue of another shard moves there (by the node holding it); a subscription of a topic
+  to another queue of another shard is `invalid_argument`;
 - receipts stay opaque: they are routed by the queue they came from;
 - ephemeral subscriptions' queues get names that say their shard (`~<shard>.<n>`), since each shard's broker
   numbers its own from 1.
