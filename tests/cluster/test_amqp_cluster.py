@@ -6,6 +6,8 @@ would do on one broker: declarations, bindings, confirms, acks, gets and RabbitM
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 
 import kombu
@@ -341,3 +343,38 @@ async def test_a_consumer_cancelled_during_its_long_poll_of_another_node_leaves_
         await native.publish(queue, b"published while the cancelled poll was still waiting")
         got = await native.receive(queue, 1, wait_s=10)  # released at once, not left leased for a lease
         assert [d.message.body for d in got] == [b"published while the cancelled poll was still waiting"]
+
+
+async def test_a_celery_worker_on_one_node_runs_tasks_sent_through_the_other(nodes, tmp_path, monkeypatch):
+    pytest.importorskip("celery")
+    from tests.amqp.test_celery import APP, start_worker, stop
+
+    a, b = nodes
+    (tmp_path / "chute_amqp_celery_app.py").write_text(APP)
+    results = tmp_path / "results"
+    results.mkdir()
+    urls = {server: f"amqp://guest:guest@127.0.0.1:{server.amqp_port}//" for server in nodes}
+    env = dict(os.environ, TEST_BROKER_URL=urls[b], TEST_RESULTS_DIR=str(results), PYTHONPATH=str(tmp_path))
+    monkeypatch.setenv("TEST_BROKER_URL", urls[a])  # this process sends through node A, the worker reads node B
+    monkeypatch.setenv("TEST_RESULTS_DIR", str(results))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "chute_amqp_celery_app", raising=False)
+    import chute_amqp_celery_app as tasks
+
+    worker, log = start_worker(tmp_path, env, "worker.log")
+    try:
+        def send_and_wait() -> list[int]:
+            handles = [tasks.add.delay(i, i) for i in range(10)]
+            return [handle.get(timeout=90) for handle in handles]
+
+        assert await asyncio.to_thread(send_and_wait) == [2 * i for i in range(10)]
+        runs = (results / "runs").read_text().split()
+        assert sorted(runs) == sorted(f"add-{i}-{i}" for i in range(10))  # each exactly once
+    except BaseException:
+        print((tmp_path / "worker.log").read_text()[-6000:])
+        raise
+    finally:
+        await asyncio.to_thread(stop, worker)
+        log.close()
+        tasks.app.pool.force_close_all()
+        tasks.app.close()
