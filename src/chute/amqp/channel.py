@@ -14,6 +14,9 @@ gives every unacked delivery of the channel back. Deliveries are leased a minute
 so the lease never ends first while the channel lives; a no-ack consumer's deliveries are acked as they are sent
 (at most once).
 
+On a cluster node, a consumer of a queue that another node serves long-polls it there (up to POLL_S per call);
+a poll still running when its consumer is cancelled runs to its end and gives back what it leased at once.
+
 Invariants: every tag in `unacked` is leased from the broker under its receipt and released or settled exactly
 once; a consumer's deliveries are written in tag order; after `close()` nothing more is delivered on the channel.
 """
