@@ -378,3 +378,37 @@ async def test_a_celery_worker_on_one_node_runs_tasks_sent_through_the_other(nod
         log.close()
         tasks.app.pool.force_close_all()
         tasks.app.close()
+
+
+async def test_typed_headers_bindings_made_through_one_node_route_publishes_through_the_other(nodes):
+    a, b = nodes
+    exchange = owned_by(a, "typed-ex-", topic=True)[0]
+    queue = owned_by(b, "typed-q-")[0]
+
+    def bind_on_a() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(_url(a)))
+        channel = connection.channel()
+        channel.exchange_declare(exchange, "headers", durable=True)
+        channel.queue_declare(queue, durable=True)
+        channel.queue_bind(queue, exchange, arguments={"x-match": "all", "level": 3})  # an integer: typed
+        connection.close()
+
+    def publish_on_b() -> list[bytes]:
+        connection = pika.BlockingConnection(pika.URLParameters(_url(b)))
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(exchange, "", b"level 3", pika.BasicProperties(headers={"level": 3}), mandatory=True)
+        with pytest.raises(UnroutableError):
+            channel.basic_publish(exchange, "", b"level 4", pika.BasicProperties(headers={"level": 4}),
+                                  mandatory=True)  # fmt: skip
+        got = []
+        while True:
+            method, _, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                break
+            got.append(body)
+        connection.close()
+        return got
+
+    await asyncio.to_thread(bind_on_a)
+    assert await asyncio.to_thread(publish_on_b) == [b"level 3"]
