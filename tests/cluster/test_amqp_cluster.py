@@ -345,6 +345,24 @@ async def test_a_consumer_cancelled_during_its_long_poll_of_another_node_leaves_
         assert [d.message.body for d in got] == [b"published while the cancelled poll was still waiting"]
 
 
+async def test_a_native_consumer_stopped_during_its_long_poll_of_another_node_leaves_nothing_leased(nodes):
+    """The native protocol's push consumer through a node that does not own the queue polls the owner; stopped
+    mid-poll, what the poll leases afterwards is released at once (not hidden for the queue's 60 s lease)."""
+    a, b = nodes
+    queue = owned_by(a, "native-cancelled-")[0]
+    async with AsyncClient(a.url) as native, AsyncClient(b.url) as through_b:
+        await native.create_queue(queue, lease_s=60)
+        consumer = await through_b.consume(queue, prefetch=10)
+        deadline = time.monotonic() + 10
+        while not any(c.task is not None for s in b.sessions for c in s.consumers.values()):  # its poll is running
+            assert time.monotonic() < deadline, "the consumer never started polling node A"
+            await asyncio.sleep(0.01)
+        await consumer.close()
+        await native.publish(queue, b"published while the stopped poll was still waiting")
+        got = await native.receive(queue, 1, wait_s=10)
+        assert [d.message.body for d in got] == [b"published while the stopped poll was still waiting"]
+
+
 async def test_a_celery_worker_on_one_node_runs_tasks_sent_through_the_other(nodes, tmp_path, monkeypatch):
     pytest.importorskip("celery")
     from tests.amqp.test_celery import APP, start_worker, stop
