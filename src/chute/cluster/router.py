@@ -16,7 +16,9 @@ Rules:
   does not own fails there with `unavailable`, so the sender looks up the owner again (within its wait);
 - a new queue or topic gets its placement row first, then is created in its shard; a queue made for a
   subscription (subscribe to a queue that does not exist yet) is placed in its topic's shard, so fan-out stays
-  in one shard; a subscription of a topic to an existing queue of another shard is `invalid_argument`;
+  in one shard; a subscription of a topic to an existing queue of another shard goes through a relay queue in
+  the topic's shard (relay.py), made by the node serving that shard; relay queues are left out of listings and
+  shown under their real queue's name in subscriptions;
 - receipts stay opaque: they are routed by the queue they came from;
 - ephemeral subscriptions' queues get names that say their shard (`~<shard>.<n>`), since each shard's broker
   numbers its own from 1.
@@ -40,6 +42,16 @@ import msgspec
 from chute.cluster.localview import LocalCore, LocalStore
 from chute.cluster.peers import PEER_CLIENT, Peers
 from chute.cluster.placement import namespace_error
+from chute.cluster.relay import (
+    RELAY_SETTINGS,
+    Relays,
+    fits,
+    real_subscription,
+    real_topic,
+    relay_name,
+    relayed_queue,
+    subscribed_name,
+)
 from chute.consumer import Consumer
 from chute.errors import (
     BrokerClosed,
@@ -77,9 +89,10 @@ class ClusterBroker:
             self._draining = False
             self._relays: dict[str, object] = {}  # "~r<n>" -> AsyncConsumer of an owner's ephemeral subscription
             self._relay_numbers = itertools.count(1)
+            self.relays = Relays(self)
             self.local = ClusterBroker(node, wait_owner_s=0.0, forward=False, _shared=self)
         else:  # the local view shares the pool, the state and the change event of its router
-            self.peers, self._changed = _shared.peers, _shared._changed
+            self.peers, self._changed, self.relays = _shared.peers, _shared._changed, _shared.relays
             self.local = self
 
     routed = True  # the server's fronts: calls go through the router (no `_lease`/`_ack` fast paths)
@@ -115,17 +128,21 @@ class ClusterBroker:
             listeners.append(self._node_changed)
         await self.node.start()
         self._state = "serving"
+        self.relays.start()
         return self
 
     def _node_changed(self, *_args) -> None:
-        """The node gained or lost a shard, or learned of another node's change: waiting calls look again."""
+        """The node gained or lost a shard, or learned of another node's change: waiting calls look again, and
+        relays of shards gained start."""
         self._changed.set()
+        self.relays.changed()
 
     async def close(self) -> None:
         """Stop forwarding, hand the node's shards back (their brokers close cleanly) and leave. Idempotent."""
         if self._state == "closed":
             return
         self._state = "closing"
+        await self.relays.close()
         if _BACKGROUND:  # forwarded releases, relays being closed
             await asyncio.wait(list(_BACKGROUND), timeout=5.0)
         await self.peers.close()
@@ -437,7 +454,7 @@ class ClusterBroker:
 
     def list_queues(self):
         """Durable queues of every shard, by name (an awaitable when other nodes own shards: it asks them)."""
-        mine = [q for broker in self._local_brokers() for q in broker.list_queues()]
+        mine = [q for broker in self._local_brokers() for q in broker.list_queues() if not _is_relay(q.name)]
         if not self.forward or not self._remote_owners():
             return sorted(mine, key=lambda q: q.name)
         return self._merged("list_queues", mine)
@@ -463,7 +480,8 @@ class ClusterBroker:
         found = {item.name: item for item in mine}
         for answer in answers:
             for item in answer:
-                found.setdefault(item.name, item)
+                if not _is_relay(item.name):
+                    found.setdefault(item.name, item)
         return [found[name] for name in sorted(found)]
 
     def queue_stats(self, name: str):
@@ -498,11 +516,14 @@ class ClusterBroker:
     def topic_info(self, name: str):
         holder = self._local_holder(name)
         if holder is not None:
-            return holder.topic_info(name)
-        return self._on_name(name, "topic_info", name, missing=TopicNotFound)
+            return real_topic(holder.topic_info(name))
+        return self._remote_topic_info(name)
+
+    async def _remote_topic_info(self, name: str) -> TopicInfo:
+        return real_topic(await self._on_name(name, "topic_info", name, missing=TopicNotFound))
 
     def list_topics(self):
-        mine = [t for broker in self._local_brokers() for t in broker.list_topics()]
+        mine = [real_topic(t) for broker in self._local_brokers() for t in broker.list_topics()]
         if not self.forward or not self._remote_owners():
             return sorted(mine, key=lambda t: t.name)
         return self._merged("list_topics", mine)
@@ -512,8 +533,8 @@ class ClusterBroker:
     async def subscribe(self, topic: str, pattern: str, queue: str, *, filter: dict | None = None,
                         start: str | float = "now") -> SubscriptionInfo:  # fmt: skip
         """As `Broker.subscribe`; a queue that does not exist yet is created (default settings) in the topic's
-        shard, and an empty queue of a shard served here is moved there. Another queue of another shard is
-        refused: fan-out happens inside one shard."""
+        shard, and an empty queue of a shard served here is moved there. A queue of another shard is fed through
+        a relay queue in the topic's shard (relay.py), made by the node serving that shard."""
         self._check()
         topic_shard = await self._shard_of(topic, TopicNotFound)
         placed = await self.placement.lookup(queue)
@@ -526,14 +547,26 @@ class ClusterBroker:
             raise namespace_error(queue, "queue", placed)
         if placed.shard != topic_shard and await self._move_empty_queue(queue, placed.shard, topic_shard):
             placed = await self.placement.lookup(queue) or placed
-        if placed.shard != topic_shard:
-            raise InvalidArgument(
-                f"queue {queue!r} lives in shard {placed.shard}, the topic {topic!r} in shard {topic_shard}; "
-                "cross-shard subscriptions are not supported yet (subscribe before creating the queue: the "
-                "subscription then creates it in its topic's shard; an empty queue moves there when the node "
-                "asked serves its shard)"
-            )
-        return await self._on_shard(topic_shard, "subscribe", topic, pattern, queue, filter=filter, start=start)
+        broker = self.node.local_broker(topic_shard)
+        if placed.shard != topic_shard and broker is not None and broker._state == "serving":
+            return await self._subscribe_relayed(broker, topic, pattern, queue, filter, start)
+        # the topic's shard is served elsewhere: its owner's local view subscribes (through a relay if needed)
+        return real_subscription(await self._on_shard(topic_shard, "subscribe", topic, pattern, queue,
+                                                       filter=filter, start=start))  # fmt: skip
+
+    async def _subscribe_relayed(self, broker, topic: str, pattern: str, queue: str, filter: dict | None,
+                                 start: str | float) -> SubscriptionInfo:  # fmt: skip
+        """Subscribe `topic` (in `broker`, served here) to `queue` of another shard through a relay queue."""
+        if not fits(queue):
+            raise InvalidArgument(f"queue {queue!r} lives in another shard than topic {topic!r}, and its name is "
+                                  "too long for a relay queue (at most 188 characters)")  # fmt: skip
+        relay = relay_name(queue)
+        if relay not in broker.core.queues:
+            await broker.create_queue(relay, RELAY_SETTINGS)
+        info = await broker.subscribe(topic, pattern, relay, filter=filter, start=start)
+        self.relays.changed()
+        log.info("topic %r feeds queue %r of another shard through relay queue %s", topic, queue, relay)
+        return real_subscription(info)
 
     async def _move_empty_queue(self, queue: str, old: int, new: int) -> bool:
         """Move `queue` from shard `old` (served here) to shard `new` (its topic's), if it holds no message, feeds
@@ -583,11 +616,26 @@ class ClusterBroker:
 
     async def update_subscription(self, topic: str, pattern: str, queue: str, *,
                                   filter: dict | None = None) -> SubscriptionInfo:  # fmt: skip
-        return await self._on_name(topic, "update_subscription", topic, pattern, queue, filter=filter,
-                                   missing=TopicNotFound)  # fmt: skip
+        return real_subscription(await self._on_subscription("update_subscription", topic, pattern, queue,
+                                                              filter=filter))  # fmt: skip
 
     async def unsubscribe(self, topic: str, pattern: str, queue: str) -> None:
-        await self._on_name(topic, "unsubscribe", topic, pattern, queue, missing=TopicNotFound)
+        """As `Broker.unsubscribe`; a relay queue left feeding nothing is deleted by its relay once it has
+        forwarded what it holds."""
+        await self._on_subscription("unsubscribe", topic, pattern, queue)
+
+    async def _on_subscription(self, method: str, topic: str, pattern: str, queue: str, **kwargs):
+        """A call on subscription (`pattern`, `queue`) of `topic`: by the broker of the topic's shard here, under
+        the name its subscription has there (the queue's, or its relay queue's); else by the owner's local view."""
+        self._check()
+        holder = self._local_holder(topic)
+        if holder is None:
+            return await self._on_name(topic, method, topic, pattern, queue, missing=TopicNotFound, **kwargs)
+        name = subscribed_name(holder, topic, pattern, queue)
+        result = await getattr(holder, method)(topic, pattern, name, **kwargs)
+        if name != queue:
+            self.relays.changed()
+        return result
 
     def ephemeral_subscription(self, topic: str, pattern: str = ">", *, filter: dict | None = None):
         """A private in-memory queue bound to `topic` in its shard, named `~<shard>.<n>` when this node serves
@@ -631,6 +679,10 @@ class ClusterBroker:
 _BACKGROUND: set[asyncio.Task] = set()
 
 
+def _is_relay(name: str) -> bool:
+    return relayed_queue(name) is not None
+
+
 def _ephemeral_parts(name: str) -> tuple[int | None, str]:
     """`~<shard>.<n>` -> (shard, `~<n>`); (None, name) for anything else."""
     head, dot, tail = name[len(EPHEMERAL) :].partition(".")
@@ -640,5 +692,11 @@ def _ephemeral_parts(name: str) -> tuple[int | None, str]:
 
 
 def _check_name(name: str) -> None:
-    """A name is checked before a placement row is written for it (the shard checks it again)."""
+    """A name is checked before a placement row is written for it (the shard checks it again); names of relay
+    queues are the cluster's."""
     validate_name(name)
+    if relayed_queue(name) is not None:
+        raise InvalidName(
+            f"invalid queue name {name!r}: names starting with 'chute.relay.' are reserved for the "
+            "cluster's relay queues"
+        )

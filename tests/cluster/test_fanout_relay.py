@@ -1,0 +1,121 @@
+"""Fan-out to queues of other shards (src/chute/cluster/relay.py), with in-process nodes whose shards the test
+assigns (routing_helpers.py): a topic's subscriptions to a queue of its own shard and to queues of other nodes'
+shards each get every publish once; relay queues stay out of listings and subscriptions name the real queue;
+a relay retried with the same messages adds nothing (the dedup ids); unsubscribing drains and removes the relay;
+deleting the queue ends its relayed subscriptions; the relay moves with its shard."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chute import AsyncClient
+from chute.cluster.placement import home_shard
+from chute.cluster.relay import PREFIX, relay_name
+from chute.errors import InvalidName
+from chute.model import Publish
+from tests.cluster.routing_helpers import static_cluster
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def name_on(shard_wanted, shards: int, prefix: str) -> str:
+    i = 0
+    while True:
+        name = f"{prefix}-{i}"
+        if shard_wanted(home_shard(name, shards)):
+            return name
+        i += 1
+
+
+async def drain(client, queue: str, count: int, *, ack: bool = True) -> list[bytes]:
+    """Receive until `count` messages came (or 10 s passed without one); then make sure nothing more comes."""
+    bodies: list[bytes] = []
+    while len(bodies) < count:
+        got = await client.receive(queue, 100, wait_s=10)
+        if not got:
+            break
+        bodies += [d.message.body for d in got]
+        if ack:
+            await client.ack_receipts(queue, [d.receipt for d in got])
+    bodies += [d.message.body for d in await client.receive(queue, 100, wait_s=0.3)]
+    return bodies
+
+
+def broker_of(directory, name: str):
+    shard = home_shard(name, directory.shards)
+    return directory.nodes[directory.owners[shard]].brokers[shard]
+
+
+async def test_every_publish_arrives_once_in_a_queue_of_the_topics_shard_and_in_queues_of_other_nodes():
+    async with static_cluster(3, 6) as (servers, directory):
+        a, b, c = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            topic = name_on(lambda s: s == 0, 6, "events")  # shard 0: node-0
+            far = [name_on(lambda s, n=n: s == n, 6, "far") for n in (1, 2)]  # shards of node-1 and node-2
+            for queue in far:
+                await c.create_queue(queue)
+            await a.create_topic(topic)
+            await b.subscribe(topic, ">", "near")  # created in the topic's shard
+            await c.subscribe(topic, ">", far[0])  # through node-2, which serves neither shard
+            info = await a.subscribe(topic, ">", far[1])
+            assert info.queue == far[1]
+            bodies = [f"m{i}".encode() for i in range(120)]
+            for i, body in enumerate(bodies):
+                await (a, b, c)[i % 3].publish(topic, body)
+            for client, queue in ((a, "near"), (b, far[0]), (c, far[1])):
+                assert await drain(client, queue, len(bodies)) == bodies, queue  # once each, in order
+            for client in (a, b, c):  # the relay queues are the cluster's: not listed, not named
+                assert not [q.name for q in await client.list_queues() if q.name.startswith(PREFIX)]
+                subs = next(t for t in await client.list_topics() if t.name == topic).subscriptions
+                assert sorted(s.queue for s in subs) == sorted(["near", *far])
+            assert relay_name(far[0]) in broker_of(directory, topic).core.queues
+            with pytest.raises(InvalidName, match="reserved"):
+                await a.create_queue(relay_name("mine"))
+        finally:
+            for client in (a, b, c):
+                await client.close()
+
+
+async def test_a_relay_repeating_a_batch_adds_no_copy_and_unsubscribing_removes_the_relay():
+    async with static_cluster(2, 4) as (servers, directory):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            topic = name_on(lambda s: s % 2 == 0, 4, "topic")  # node-0
+            queue = name_on(lambda s: s % 2 == 1, 4, "queue")  # node-1
+            await b.create_queue(queue)
+            await a.create_topic(topic)
+            await a.subscribe(topic, "x.>", queue, filter={"kind": "a"})
+            await b.publish(topic, b"one", subject="x.y", headers={"kind": "a"}, priority=3)
+            await b.publish(topic, b"filtered out", subject="x.y", headers={"kind": "b"})
+            got = await b.receive(queue, 10, wait_s=10)
+            assert [(d.message.body, d.message.headers, d.message.priority) for d in got] == [
+                (b"one", {"kind": "a"}, 3)
+            ]
+            # a relay that crashed after publishing and before acking publishes the batch again, with the same
+            # dedup ids (derived from the message's id in the topic's shard): the queue keeps one copy
+            relay = relay_name(queue)
+            dedup_id = got[0].message.dedup_id
+            assert dedup_id is not None and dedup_id.startswith(f"chute.relay:{home_shard(topic, 4)}:")
+            await b.ack_receipts(queue, [got[0].receipt])
+            again = Publish(body=b"one", dedup_id=dedup_id)
+            await servers[0].broker.publish_batch(queue, [again, again])
+            assert (await b.queue_stats(queue)).ready == 0
+            topic_broker = broker_of(directory, topic)
+
+            await a.unsubscribe(topic, "x.>", queue)
+            assert next(t for t in await b.list_topics() if t.name == topic).subscriptions == []
+            await _until(lambda: relay not in topic_broker.core.queues)
+            await b.publish(topic, b"after", subject="x.y", headers={"kind": "a"})
+            await b.publish(queue, b"direct")
+            assert await drain(b, queue, 1) == [b"direct"]  # "after" never came: no subscription
+        finally:
+            for client in (a, b):
+                await client.close()
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.05)
