@@ -119,3 +119,45 @@ async def _until(condition, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():
             await asyncio.sleep(0.05)
+
+
+async def test_a_dead_letter_queue_in_another_shard_gets_dead_letters_with_their_reason_and_source():
+    async with static_cluster(2, 4) as (servers, directory):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            source = name_on(lambda s: s % 2 == 1, 4, "work")  # node-1
+            dlq = name_on(lambda s: s % 2 == 0, 4, "dead")  # node-0
+            other = name_on(lambda s: s % 2 == 1 and s != home_shard(source, 4), 4, "more")
+            await b.create_queue(dlq)
+            info = await a.create_queue(source, max_deliveries=2, dead_letter_queue=dlq)  # via node-0
+            assert info.settings.dead_letter_queue == dlq  # as the user named it
+            await a.create_queue(other)
+            info = await a.update_queue(other, dead_letter_queue=dlq)
+            assert info.settings.dead_letter_queue == dlq
+            listed = {q.name: q.settings.dead_letter_queue for q in await b.list_queues()}
+            assert listed == {source: dlq, other: dlq, dlq: None}
+
+            await b.publish(source, b"refused", headers={"k": "v"})
+            await a.nack(await a.receive(source, 1, wait_s=5), dead_letter=True)
+            await a.publish(source, b"twice")
+            for _ in range(2):  # the second delivery given back reaches max_deliveries
+                got = await b.receive(source, 1, wait_s=5)
+                assert [d.message.body for d in got] == [b"twice"]
+                await b.nack(got)
+            await a.publish(other, b"tired")
+            await b.nack(await b.receive(other, 1, wait_s=5), dead_letter=True)
+
+            dead = []
+            while len(dead) < 3:
+                got = await b.receive(dlq, 10, wait_s=10)
+                assert got, f"only {[d.message.body for d in dead]} were dead-lettered"
+                dead += got
+            seen = {d.message.body: (d.dead_letter_reason, d.dead_letter_source, d.message.headers) for d in dead}
+            assert seen == {
+                b"refused": ("rejected", source, {"k": "v"}),
+                b"twice": ("max_deliveries", source, {}),
+                b"tired": ("rejected", other, {}),
+            }
+        finally:
+            for client in (a, b):
+                await client.close()

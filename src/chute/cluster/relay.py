@@ -1,4 +1,4 @@
-"""Relays: fan-out to queues of other shards, as a transactional outbox in the topic's shard.
+"""Relays: fan-out and dead-lettering to queues of other shards, as a transactional outbox in the source's shard.
 
 A subscription of a topic (shard A) to a queue of another shard (B) is made, in A, to a **relay queue**
 `chute.relay.<queue>`: an ordinary durable queue of A, so the topic's publish and its copy for the relay are
@@ -23,6 +23,14 @@ Invariants:
   messages already in it are still forwarded); when `q` no longer exists, its relays' subscriptions are removed
   and the relay queue deleted, as deleting a queue removes its subscriptions in one broker.
 
+Dead-letter queues of another shard work the same way: a queue of shard A whose dead-letter queue `d` lives in
+shard B dead-letters, in A, into relay queue `chute.relay.d` (its `dead_letter_queue` setting names the relay
+there; the router shows `d`), and the relay forwards each dead letter with two headers saying why and whence:
+`chute-dead-letter-reason` (max_deliveries, expired, overflow, rejected) and `chute-dead-letter-source` (the
+queue it left). The router turns them back into `Delivery.dead_letter_reason` and `dead_letter_source` for the
+native protocol and the CLI; the HTTP API, SQS and AMQP show them as headers. A dead letter whose `d` has been
+deleted meanwhile is dropped, as it is in one broker without a dead-letter queue.
+
 What a relayed copy keeps: body, headers, priority, FIFO group, the remaining TTL. Not kept: the message id
 (`q` numbers its own), the publisher's dedup id (replaced by the relay's; the topic applied the publisher's) and
 the subject (a queue publish carries none; the subscription's pattern already matched it).
@@ -38,15 +46,19 @@ import time
 import msgspec
 
 from chute.errors import BrokerClosed, ChuteError, QueueNotFound
-from chute.model import Publish, QueueSettings, SubscriptionInfo, TopicInfo
+from chute.model import DEAD_LETTER_REASONS, Publish, QueueSettings, SubscriptionInfo, TopicInfo
 
 log = logging.getLogger("chute.cluster")
 
 PREFIX = "chute.relay."
+REASON_HEADER = "chute-dead-letter-reason"
+SOURCE_HEADER = "chute-dead-letter-source"
+MAX_HEADERS = 64  # model.MAX_HEADERS: a dead letter with more headers keeps its own and loses these two
 BATCH = 500  # messages per relayed publish: one group commit on each side
 LEASE_S = 60.0  # a batch's lease in the relay queue: longer than a forwarded call's wait for an owner (15 s)
 WAIT_S = 1.0  # a relay's long poll; also how often an idle relay looks whether it is still needed
 RETRY_S = 0.5  # after a failed publish (the target's shard is being taken over), before the next try
+FAILED_RETRY_S = 5.0  # after a publish refused for good (a bug, or a limit): retried, logged, not dropped
 MAX_NAME_CHARS = 200  # model.NAME_RE: a queue name is at most 200 characters
 SCAN_S = 2.0  # how often the relay queues of this node's shards are looked for besides change events
 
@@ -170,14 +182,18 @@ class Relays:
                 try:
                     await self.router.publish_batch(target, [_copy(shard, d) for d in deliveries])
                 except QueueNotFound:
-                    await _target_gone(broker, name, target)
-                    return
+                    if await _target_gone(broker, name, target, deliveries):
+                        return
+                    continue
                 except ChuteError as exc:
-                    log.warning("relay %s of shard %d: cannot publish to %r yet: %s", name, shard, target,
-                                exc.message)  # fmt: skip
+                    # retryable (the queue's shard is being taken over, its queue is full): try again soon;
+                    # anything else is logged and retried slowly, visible as the relay queue's depth
+                    log.log(logging.INFO if exc.retryable else logging.ERROR, "relay %s of shard %d: cannot "
+                            "publish to %r yet: %s", name, shard, target, exc.message)  # fmt: skip
                     with contextlib.suppress(ChuteError):
                         await broker.nack(name, [d.receipt for d in deliveries])
-                    await asyncio.sleep(RETRY_S)  # a back-off, not a wait for a condition: the owner may be down
+                    # a back-off, not a wait for a condition: nothing announces that the owner came back
+                    await asyncio.sleep(RETRY_S if exc.retryable else FAILED_RETRY_S)
                     continue
                 await broker.ack(name, [d.receipt for d in deliveries])
                 self.relayed += len(deliveries)
@@ -192,7 +208,11 @@ def _copy(shard: int, delivery) -> Publish:
     ttl_s = None
     if message.expires_at is not None:
         ttl_s = max(0.001, message.expires_at - time.time())
-    return Publish(body=message.body, headers=message.headers or None, priority=message.priority,
+    headers = message.headers or None
+    if delivery.dead_letter_reason is not None and len(headers or ()) <= MAX_HEADERS - 2:
+        headers = {**(headers or {}), REASON_HEADER: delivery.dead_letter_reason,
+                   SOURCE_HEADER: delivery.dead_letter_source or ""}  # fmt: skip
+    return Publish(body=message.body, headers=headers, priority=message.priority,
                    group=message.group, ttl_s=ttl_s, dedup_id=f"chute.relay:{shard}:{message.id}")  # fmt: skip
 
 
@@ -202,11 +222,37 @@ def _feeding(broker, name: str) -> list[tuple[str, str]]:
             for sub in list(topic.subscriptions.values()) if sub.queue.name == name]  # fmt: skip
 
 
+def _dead_lettering(broker, name: str) -> list[str]:
+    """The queues of `broker` whose dead-letter queue is `name`."""
+    return [q.name for q in list(broker.core.queues.values()) if q.settings.dead_letter_queue == name]
+
+
+def lift_dead_letter(delivery) -> None:
+    """A relayed dead letter as one broker would hand it out: its reason and source queue from its headers back
+    in the delivery's fields (the headers go)."""
+    headers = delivery.message.headers
+    if headers and REASON_HEADER in headers and delivery.dead_letter_reason is None:
+        reason, source = headers[REASON_HEADER], headers.get(SOURCE_HEADER)
+        kept = {key: value for key, value in headers.items() if key not in (REASON_HEADER, SOURCE_HEADER)}
+        delivery.message = msgspec.structs.replace(delivery.message, headers=kept)  # (messages may be shared)
+        delivery.dead_letter_source = source or None
+        if reason in DEAD_LETTER_REASONS:
+            delivery.dead_letter_reason = reason
+
+
+def real_settings(info):
+    """A QueueInfo as users see it: a dead-letter queue behind a relay queue by its own name."""
+    real = relayed_queue(info.settings.dead_letter_queue or "")
+    if real is None:
+        return info
+    return msgspec.structs.replace(info, settings=msgspec.structs.replace(info.settings, dead_letter_queue=real))
+
+
 async def _retire_if_unused(broker, name: str) -> bool:
     """Delete relay queue `name` if it feeds nothing and holds nothing; True if it is gone."""
     if name not in broker.core.queues:
         return True
-    if _feeding(broker, name):
+    if _feeding(broker, name) or _dead_lettering(broker, name):
         return False
     stats = broker.queue_stats(name)
     if stats.ready or stats.in_flight or stats.delayed:
@@ -216,11 +262,19 @@ async def _retire_if_unused(broker, name: str) -> bool:
     return True
 
 
-async def _target_gone(broker, name: str, target: str) -> None:
-    """`target` was deleted: its subscriptions through this relay end, and the relay queue with them."""
+async def _target_gone(broker, name: str, target: str, deliveries) -> bool:
+    """`target` was deleted: its subscriptions through this relay end, and the relay queue with them; while
+    queues still dead-letter into the relay, their dead letters are dropped (as without a dead-letter queue).
+    True if the relay queue is gone."""
     for topic, pattern in _feeding(broker, name):
         with contextlib.suppress(ChuteError):
             await broker.unsubscribe(topic, pattern, name)
+    if _dead_lettering(broker, name):
+        log.warning("relay %s: dead-letter queue %r no longer exists; %d dead letters of %s dropped", name, target,
+                    len(deliveries), ", ".join(_dead_lettering(broker, name)))  # fmt: skip
+        await broker.ack(name, [d.receipt for d in deliveries])
+        return False
     with contextlib.suppress(ChuteError):
         await broker.delete_queue(name)
     log.info("relay queue %s deleted: its queue %r no longer exists", name, target)
+    return True

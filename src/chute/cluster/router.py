@@ -46,6 +46,8 @@ from chute.cluster.relay import (
     RELAY_SETTINGS,
     Relays,
     fits,
+    lift_dead_letter,
+    real_settings,
     real_subscription,
     real_topic,
     relay_name,
@@ -338,8 +340,8 @@ class ClusterBroker:
             for delivery in deliveries:
                 delivery.queue = queue
             return deliveries
-        return await self._on_name(queue, "receive", queue, max_messages, wait_s=wait_s, lease_s=lease_s,
-                                   max_bytes=max_bytes)  # fmt: skip
+        return _lifted(await self._on_name(queue, "receive", queue, max_messages, wait_s=wait_s, lease_s=lease_s,
+                                           max_bytes=max_bytes))  # fmt: skip
 
     async def _relayed(self, name: str, relay, max_messages: int, wait_s: float) -> list[Delivery]:
         """Deliveries of an ephemeral subscription on another node, as they arrive over the peer connection."""
@@ -397,7 +399,7 @@ class ClusterBroker:
         """(For `Consumer.close`: its long polls end by themselves within a poll.)"""
 
     async def peek(self, queue: str, max_messages: int = 10) -> list[Delivery]:
-        return await self._on_name(queue, "peek", queue, max_messages)
+        return _lifted(await self._on_name(queue, "peek", queue, max_messages))
 
     async def redrive(self, queue: str, max_messages: int | None = None) -> int:
         return await self._on_name(queue, "redrive", queue, max_messages)
@@ -417,6 +419,8 @@ class ClusterBroker:
 
     async def _create_in(self, placed, method: str, name: str, settings_kw: dict):
         try:
+            if method == "create_queue":
+                return await self._queue_settings_call(placed.shard, method, name, settings_kw)
             return await self._on_shard(placed.shard, method, name, **settings_kw)
         except (InvalidName, InvalidArgument):
             with contextlib.suppress(ChuteError):  # nothing was created: the name is free again
@@ -436,7 +440,40 @@ class ClusterBroker:
         return False
 
     async def update_queue(self, name: str, **changes) -> QueueInfo:
-        return await self._on_name(name, "update_queue", name, **changes)
+        self._check()
+        holder = self._local_holder(name)
+        if holder is None or name.startswith(EPHEMERAL):
+            return real_settings(await self._on_name(name, "update_queue", name, **changes))
+        changes = await self._dead_letter_here(holder, changes)
+        return real_settings(await holder.update_queue(name, **changes))
+
+    async def _queue_settings_call(self, shard: int, method: str, name: str, settings_kw: dict) -> QueueInfo:
+        """`create_queue` or `update_queue` on `shard`: here with a dead-letter queue of another shard replaced
+        by its relay queue, else by the owner's local view (which does the same)."""
+        broker = self.node.local_broker(shard)
+        if broker is None or broker._state != "serving":
+            return real_settings(await self._on_shard(shard, method, name, **settings_kw))
+        settings_kw = await self._dead_letter_here(broker, settings_kw)
+        return real_settings(await getattr(broker, method)(name, **settings_kw))
+
+    async def _dead_letter_here(self, broker, settings_kw: dict) -> dict:
+        """Settings for a queue of local `broker`: a dead-letter queue that lives in another shard becomes the
+        relay queue that forwards to it (made here if missing), relay.py."""
+        dlq = settings_kw.get("dead_letter_queue")
+        if not isinstance(dlq, str) or dlq in broker.core.queues or relayed_queue(dlq) is not None:
+            return settings_kw
+        placed = await self.placement.lookup(dlq)
+        if placed is None or placed.kind != "queue":
+            return settings_kw  # the shard refuses it: no such queue
+        if not fits(dlq):
+            raise InvalidArgument(f"dead-letter queue {dlq!r} lives in another shard, and its name is too long for "
+                                  "a relay queue (at most 188 characters)")  # fmt: skip
+        relay = relay_name(dlq)
+        if relay not in broker.core.queues:
+            await broker.create_queue(relay, RELAY_SETTINGS)
+            log.info("dead letters for queue %r of another shard go through relay queue %s", dlq, relay)
+        self.relays.changed()
+        return {**settings_kw, "dead_letter_queue": relay}
 
     async def delete_queue(self, name: str) -> None:
         """Delete in its shard, then remove its placement row."""
@@ -454,7 +491,8 @@ class ClusterBroker:
 
     def list_queues(self):
         """Durable queues of every shard, by name (an awaitable when other nodes own shards: it asks them)."""
-        mine = [q for broker in self._local_brokers() for q in broker.list_queues() if not _is_relay(q.name)]
+        mine = [real_settings(q) for broker in self._local_brokers() for q in broker.list_queues()
+                if not _is_relay(q.name)]  # fmt: skip
         if not self.forward or not self._remote_owners():
             return sorted(mine, key=lambda q: q.name)
         return self._merged("list_queues", mine)
@@ -681,6 +719,13 @@ _BACKGROUND: set[asyncio.Task] = set()
 
 def _is_relay(name: str) -> bool:
     return relayed_queue(name) is not None
+
+
+def _lifted(deliveries: list[Delivery]) -> list[Delivery]:
+    """Deliveries with the dead-letter reason and source of relayed dead letters in their fields (relay.py)."""
+    for delivery in deliveries:
+        lift_dead_letter(delivery)
+    return deliveries
 
 
 def _ephemeral_parts(name: str) -> tuple[int | None, str]:
