@@ -55,6 +55,14 @@ async def cluster_api(server: Server) -> dict:
         return await response.json()
 
 
+async def healthz(server: Server) -> tuple[int, dict]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{server.http_port}/healthz") as response,
+    ):
+        return response.status, await response.json()
+
+
 async def until(server: Server, check, timeout_s: float = 60.0) -> dict[str, float]:
     """Scrape until `check(samples)` holds (the values change on the node's heartbeats)."""
     node, deadline = server.broker.node, time.monotonic() + timeout_s
@@ -77,6 +85,7 @@ async def test_metrics_of_a_node_follow_the_cluster_and_the_database():
         assert found["chute_cluster_shards"] == SHARDS
         assert found["chute_cluster_nodes"] == 1 and found["chute_cluster_nodes_alive"] == 1
         opened = found["chute_cluster_takeovers_total"]
+        assert found["chute_cluster_relay_backlog"] == 0  # no fan-out to other shards waiting
         assert opened >= SHARDS  # each shard opened by this node (again if a late renewal lost one meanwhile)
         assert found["chute_cluster_database_reachable"] == 1 and found["chute_cluster_node_healthy"] == 1
         assert 0 <= found["chute_cluster_heartbeat_age_seconds"] < 2.0
@@ -107,6 +116,7 @@ async def test_metrics_of_a_node_follow_the_cluster_and_the_database():
         await asyncio.to_thread(postgres.stop)  # the database goes away: the node says so, its heartbeat ages
         found = await until(a, lambda m: m["chute_cluster_database_reachable"] == 0)
         assert found["chute_cluster_node_healthy"] == 0
+        assert await healthz(a) == (503, {"status": "cannot reach the database; writes fail"})
         found = await until(a, lambda m: m["chute_cluster_heartbeat_age_seconds"] > 2.0)
 
         await asyncio.to_thread(postgres.start)  # back: reachable again, a fresh heartbeat

@@ -168,6 +168,28 @@ class ClusterNode:
         """True while running and in touch with the database (its lease renewed within `lease_s`)."""
         return self.state == "running" and self._reachable and self._lease_current() and not self.superseded
 
+    @property
+    def database_reachable(self) -> bool:
+        """Did this node's last heartbeat reach PostgreSQL? (Read-only, for metrics and health.)"""
+        return self._reachable
+
+    @property
+    def heartbeat_age_s(self) -> float:
+        """Seconds since the last heartbeat the database accepted (by this node's monotonic clock; infinite
+        before the first). Past `lease_s` the node serves nothing."""
+        return time.monotonic() - self._renewed_at if self._renewed_at else float("inf")
+
+    @property
+    def unhealthy_reason(self) -> str | None:
+        """Why this node is not healthy, in words for `/healthz`; None while it is."""
+        if self.superseded:
+            return "another process runs this node name"
+        if self.state != "running":
+            return self.state
+        if not self._reachable or not self._lease_current():
+            return "cannot reach the database; writes fail"
+        return None
+
     def status(self) -> dict:
         """This node's view of the cluster (no database call): for `/healthz`, the dashboard and the HTTP API."""
         nodes = []
