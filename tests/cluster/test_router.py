@@ -11,7 +11,9 @@ import pytest
 
 from chute import AsyncClient
 from chute.cluster.placement import home_shard
+from chute.cluster.router import _BACKGROUND
 from chute.errors import QueueNotFound, TopicExists, Unauthenticated, Unavailable
+from chute.model import Publish
 from tests.cluster.routing_helpers import static_cluster
 
 pytestmark = pytest.mark.timeout(60)
@@ -230,3 +232,22 @@ async def test_with_auth_on_nodes_forward_with_the_clusters_token_and_strangers_
         with pytest.raises(Unauthenticated):
             async with AsyncClient(servers[0].url, token="wrong", reconnect=False) as stranger:
                 await stranger.publish(name, b"nope")
+
+
+async def test_ack_lazy_applies_at_once_on_a_local_shard_and_is_forwarded_for_another_nodes():
+    async with static_cluster(2, 4) as (servers, directory):
+        router = servers[0].broker  # node-0 serves shards 0 and 2
+        local = next(n for n in names_on_each_shard(4, "lazy") if directory.owners[home_shard(n, 4)] == "node-0")
+        remote = next(n for n in names_on_each_shard(4, "lazy") if directory.owners[home_shard(n, 4)] == "node-1")
+        for queue in (local, remote):
+            await router.create_queue(queue)
+            await router.publish_batch(queue, [Publish(body=b"one"), Publish(body=b"two")])
+            got = await router.receive(queue, 2, wait_s=5)
+            assert router.ack_lazy(queue, [d.receipt for d in got]) == []
+        stats = router.queue_stats(local)  # (answered at once: the shard is here)
+        assert (stats.ready, stats.in_flight, stats.acked) == (0, 0, 2)  # applied before ack_lazy returned
+        assert router.ack_lazy(local, [got[0].receipt + 100]) == [got[0].receipt + 100]  # never leased here
+        assert _BACKGROUND  # the forwarded ack: durable on node-1 once its task is done
+        await asyncio.wait_for(asyncio.gather(*_BACKGROUND), 10)
+        stats = await router.queue_stats(remote)
+        assert (stats.ready, stats.in_flight, stats.acked) == (0, 0, 2)

@@ -357,6 +357,28 @@ class ClusterBroker:
     async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False) -> None:
         await self._on_name(queue, "ack", queue, receipts, lapsed=lapsed)
 
+    def ack_lazy(self, queue: str, receipts: Sequence[int]) -> list[int]:
+        """As `Broker.ack_lazy` (an AMQP basic.ack: nobody waits for it to be durable): for a queue of a shard
+        served here, applied at once and stored with that shard's next group commit; for another node's queue,
+        forwarded as an ordinary (durable) ack in the background, whose failure is logged. Returns the receipts
+        known not to be leased (none for a forwarded ack: the owner's answer comes later)."""
+        self._check()
+        if queue in self._root._relays:
+            return []  # an ephemeral subscription relayed from another node: delivered at most once, no acks
+        holder = self._local_holder(queue)
+        if holder is not None:
+            return holder.ack_lazy(_ephemeral_parts(queue)[1] if queue.startswith(EPHEMERAL) else queue, receipts)
+        task = asyncio.ensure_future(self._ack_forwarded(queue, list(receipts)))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+        return []
+
+    async def _ack_forwarded(self, queue: str, receipts: list[int]) -> None:
+        try:
+            await self.ack(queue, receipts)
+        except ChuteError as exc:
+            log.info("a forwarded ack of %d receipts of queue %r failed: %s", len(receipts), queue, exc.message)
+
     async def nack(self, queue: str, receipts: int | Sequence[int], *, delay_s: float = 0.0,
                    dead_letter: bool = False) -> None:  # fmt: skip
         await self._on_name(queue, "nack", queue, receipts, delay_s=delay_s, dead_letter=dead_letter)
