@@ -71,6 +71,8 @@ async def test_every_publish_arrives_once_in_a_queue_of_the_topics_shard_and_in_
                 subs = next(t for t in await client.list_topics() if t.name == topic).subscriptions
                 assert sorted(s.queue for s in subs) == sorted(["near", *far])
             assert relay_name(far[0]) in broker_of(directory, topic).core.queues
+            assert servers[0].broker.relays.lag() == {0: 0, 3: 0}  # node-0's shards: everything forwarded
+            assert servers[0].broker.relays.relayed == 2 * len(bodies)
             with pytest.raises(InvalidName, match="reserved"):
                 await a.create_queue(relay_name("mine"))
         finally:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 
 from chute.broker import Broker
-from chute.cluster import membership, ownership
+from chute.cluster import membership, ownership, relay
 from chute.cluster.membership import NodeInfo
 from chute.errors import InvalidArgument, StorageFailed
 from chute.storage.postgres.url import describe, redact
@@ -204,8 +204,9 @@ class ClusterNode:
         local = {}
         for shard, broker in sorted(self._brokers.items()):
             with contextlib.suppress(Exception):
-                local[str(shard)] = {"queues": len(broker.list_queues()), "topics": len(broker.list_topics()),
-                                     "healthy": broker.healthy}  # fmt: skip
+                queues = [q for q in broker.list_queues() if relay.relayed_queue(q.name) is None]
+                local[str(shard)] = {"queues": len(queues), "topics": len(broker.list_topics()),
+                                     "healthy": broker.healthy, "relay_backlog": relay.backlog(broker)}  # fmt: skip
         unowned = sorted(r.shard for r in self._rows.values() if r.owner is None or not r.held)
         return {"node": self.name, "state": self.state, "healthy": self.healthy, "shards": self.shards,
                 "lease_s": self.lease_s, "store": self.where, "serving": sorted(self._brokers),

@@ -105,6 +105,15 @@ def subscribed_name(broker, topic: str, pattern: str, queue: str) -> str:
     return queue
 
 
+def backlog(broker) -> int:
+    """Messages waiting in the relay queues of one shard's broker (ready, in flight or delayed)."""
+    total = 0
+    for name in [name for name in broker.core.queues if name.startswith(PREFIX)]:
+        stats = broker.queue_stats(name)
+        total += stats.ready + stats.in_flight + stats.delayed
+    return total
+
+
 class Relays:
     """The relay tasks of one node's router: one per relay queue of a shard this node serves."""
 
@@ -131,15 +140,9 @@ class Relays:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
 
-    def lag(self) -> dict[str, int]:
-        """Messages waiting in each relay queue of the shards served here (ready, in flight or delayed)."""
-        depths: dict[str, int] = {}
-        for shard, broker in self._served().items():
-            for name in list(broker.core.queues):
-                if name.startswith(PREFIX):
-                    stats = broker.queue_stats(name)
-                    depths[f"{shard}:{name}"] = stats.ready + stats.in_flight + stats.delayed
-        return depths
+    def lag(self) -> dict[int, int]:
+        """Messages waiting in the relay queues of each shard served here (ready, in flight or delayed)."""
+        return {shard: backlog(broker) for shard, broker in self._served().items()}
 
     def _served(self) -> dict[int, object]:
         node = self.router.node
