@@ -163,3 +163,31 @@ async def test_a_dead_letter_queue_in_another_shard_gets_dead_letters_with_their
         finally:
             for client in (a, b):
                 await client.close()
+
+
+async def test_one_message_dead_lettered_by_two_queues_of_a_shard_is_two_dead_letters():
+    async with static_cluster(2, 4) as (servers, _):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            topic = name_on(lambda s: s == 1, 4, "orders")  # node-1
+            dlq = name_on(lambda s: s == 0, 4, "dead")  # node-0
+            await a.create_queue(dlq)
+            await a.create_topic(topic)
+            for queue in ("billing", "shipping"):  # made by the subscriptions, in the topic's shard
+                await a.subscribe(topic, ">", queue)
+                await a.update_queue(queue, dead_letter_queue=dlq)
+            await a.publish(topic, b"order 1")
+            for queue in ("billing", "shipping"):
+                await b.nack(await b.receive(queue, 1, wait_s=5), dead_letter=True)
+            dead = []
+            while len(dead) < 2:
+                got = await a.receive(dlq, 10, wait_s=10)
+                assert got, f"only {len(dead)} dead letters came"
+                dead += got
+            assert sorted((d.message.body, d.dead_letter_source) for d in dead) == [
+                (b"order 1", "billing"),
+                (b"order 1", "shipping"),
+            ]
+        finally:
+            for client in (a, b):
+                await client.close()

@@ -7,7 +7,7 @@ serves A runs one **relay task** per relay queue: it receives a batch from the r
 real queue through the router (here, or on B's owner over the peer protocol), then acks the batch in A.
 
     publish(topic) ──► shard A: topic ──► relay queue chute.relay.q ──(relay task)──► router ──► shard B: q
-                       (one commit in A)                                  dedup id "chute.relay:<A>:<message id>"
+                       (one commit in A)                      dedup id "chute.relay:<A>:<message id>[:<source>]"
 
 Invariants:
 - at-least-once: a batch is acked in A only after its publish into `q` was confirmed; a crash, a lost
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 
@@ -61,6 +62,8 @@ RETRY_S = 0.5  # after a failed publish (the target's shard is being taken over)
 FAILED_RETRY_S = 5.0  # after a publish refused for good (a bug, or a limit): retried, logged, not dropped
 MAX_NAME_CHARS = 200  # model.NAME_RE: a queue name is at most 200 characters
 SCAN_S = 2.0  # how often the relay queues of this node's shards are looked for besides change events
+FRESH_S = 30.0  # a relay queue just made is never retired for feeding nothing yet: its subscription (or the
+# queue dead-lettering into it) is made right after it, and may take a while to commit on a loaded node
 
 # A relay queue never dead-letters (no max_deliveries) and never expires its messages (a message's own TTL
 # still applies): what it holds has been confirmed to a publisher.
@@ -124,6 +127,24 @@ class Relays:
         self._scanner: asyncio.Task | None = None
         self.relayed = 0  # messages forwarded since start (for status)
         self._closed = False
+        self._fresh: dict[str, float] = {}  # relay queue -> when this node made it (monotonic)
+
+    def made(self, name: str) -> None:
+        """Relay queue `name` was just made (or reused) for a subscription or a dead-letter queue: keep it."""
+        self._fresh[name] = time.monotonic()
+        self.changed()
+
+    def unused(self, name: str) -> None:
+        """A subscription through relay queue `name` ended: it may be retired as soon as it is empty."""
+        self._fresh.pop(name, None)
+        self.changed()
+
+    def _retirable(self, name: str) -> bool:
+        made = self._fresh.get(name)
+        if made is not None and time.monotonic() - made < FRESH_S:
+            return False
+        self._fresh.pop(name, None)
+        return True
 
     def start(self) -> None:
         self._scanner = asyncio.get_running_loop().create_task(self._scan_loop())
@@ -166,6 +187,8 @@ class Relays:
         for key, task in list(self._tasks.items()):
             if task.done():
                 del self._tasks[key]
+        if self.router._draining:  # the server stops: long polls end at once; relays resume on the next owner
+            return
         for shard, broker in self._served().items():
             for name in list(broker.core.queues):
                 if name.startswith(PREFIX) and (shard, name) not in self._tasks:
@@ -177,9 +200,11 @@ class Relays:
         target = relayed_queue(name)
         try:
             while self.router.node.local_broker(shard) is broker and name in broker.core.queues:
+                if self.router._draining:
+                    return
                 deliveries = await broker.receive(name, BATCH, wait_s=WAIT_S, lease_s=LEASE_S)
                 if not deliveries:
-                    if await _retire_if_unused(broker, name):
+                    if self._retirable(name) and await _retire_if_unused(broker, name):
                         return
                     continue
                 try:
@@ -216,7 +241,19 @@ def _copy(shard: int, delivery) -> Publish:
         headers = {**(headers or {}), REASON_HEADER: delivery.dead_letter_reason,
                    SOURCE_HEADER: delivery.dead_letter_source or ""}  # fmt: skip
     return Publish(body=message.body, headers=headers, priority=message.priority,
-                   group=message.group, ttl_s=ttl_s, dedup_id=f"chute.relay:{shard}:{message.id}")  # fmt: skip
+                   group=message.group, ttl_s=ttl_s, dedup_id=relay_dedup_id(shard, delivery))  # fmt: skip
+
+
+def relay_dedup_id(shard: int, delivery) -> str:
+    """The dedup id of a relayed copy: the same each time the same entry of the relay queue is forwarded
+    (message ids are unique in a shard and kept by recovery). A dead letter adds its source queue (hashed, to
+    stay within the 128 characters of a dedup id): one message fanned out to two queues of the shard that both
+    dead-letter into the relay is two dead letters."""
+    dedup_id = f"chute.relay:{shard}:{delivery.message.id}"
+    if delivery.dead_letter_reason is not None:
+        source = (delivery.dead_letter_source or "").encode()
+        dedup_id += ":" + hashlib.blake2s(source, digest_size=8).hexdigest()
+    return dedup_id
 
 
 def _feeding(broker, name: str) -> list[tuple[str, str]]:

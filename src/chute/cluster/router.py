@@ -491,10 +491,10 @@ class ClusterBroker:
             raise InvalidArgument(f"dead-letter queue {dlq!r} lives in another shard, and its name is too long for "
                                   "a relay queue (at most 188 characters)")  # fmt: skip
         relay = relay_name(dlq)
+        self.relays.made(relay)  # (first: its relay must not retire it before the queue names it)
         if relay not in broker.core.queues:
             await broker.create_queue(relay, RELAY_SETTINGS)
             log.info("dead letters for queue %r of another shard go through relay queue %s", dlq, relay)
-        self.relays.changed()
         return {**settings_kw, "dead_letter_queue": relay}
 
     async def delete_queue(self, name: str) -> None:
@@ -621,10 +621,10 @@ class ClusterBroker:
             raise InvalidArgument(f"queue {queue!r} lives in another shard than topic {topic!r}, and its name is "
                                   "too long for a relay queue (at most 188 characters)")  # fmt: skip
         relay = relay_name(queue)
+        self.relays.made(relay)  # (first: its relay must not retire it before the subscription is made)
         if relay not in broker.core.queues:
             await broker.create_queue(relay, RELAY_SETTINGS)
         info = await broker.subscribe(topic, pattern, relay, filter=filter, start=start)
-        self.relays.changed()
         log.info("topic %r feeds queue %r of another shard through relay queue %s", topic, queue, relay)
         return real_subscription(info)
 
@@ -693,8 +693,8 @@ class ClusterBroker:
             return await self._on_name(topic, method, topic, pattern, queue, missing=TopicNotFound, **kwargs)
         name = subscribed_name(holder, topic, pattern, queue)
         result = await getattr(holder, method)(topic, pattern, name, **kwargs)
-        if name != queue:
-            self.relays.changed()
+        if name != queue and method == "unsubscribe":
+            self.relays.unused(name)
         return result
 
     def ephemeral_subscription(self, topic: str, pattern: str = ">", *, filter: dict | None = None):
