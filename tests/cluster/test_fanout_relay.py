@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 
 from chute import AsyncClient
@@ -191,3 +192,38 @@ async def test_one_message_dead_lettered_by_two_queues_of_a_shard_is_two_dead_le
         finally:
             for client in (a, b):
                 await client.close()
+
+
+async def test_through_the_http_api_a_subscription_and_dead_letters_cross_shards_too():
+    async with static_cluster(2, 4, http=True) as (servers, directory):
+        a = await AsyncClient(servers[0].url, reconnect=False).connect()
+        try:
+            topic = name_on(lambda s: s % 2 == 1, 4, "news")  # node-1
+            queue = name_on(lambda s: s % 2 == 0, 4, "inbox")  # node-0
+            dlq = name_on(lambda s: s % 2 == 1, 4, "graveyard")  # node-1
+            await a.create_queue(dlq)
+            await a.create_queue(queue, dead_letter_queue=dlq)
+            await a.create_topic(topic)
+            base = f"http://127.0.0.1:{servers[0].http_port}/api/v1"  # node-0: the topic's requests go to node-1
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{base}/topics/{topic}/subscriptions", json={"queue": queue}) as answer:
+                    assert answer.status == 201, await answer.text()
+                    assert (await answer.json())["queue"] == queue
+                async with http.get(f"{base}/topics/{topic}/subscriptions") as answer:
+                    assert [s["queue"] for s in (await answer.json())["subscriptions"]] == [queue]
+                async with http.post(f"{base}/topics/{topic}/messages", json={"body": "hello"}) as answer:
+                    assert answer.status in (200, 201), await answer.text()
+                got = await a.receive(queue, 1, wait_s=10)
+                assert [d.message.body for d in got] == [b"hello"]
+                await a.nack(got, dead_letter=True)  # into node-1's dead-letter queue, through a relay on node-0
+                receive = {"max_messages": 1, "wait_s": 10}
+                async with http.post(f"{base}/queues/{dlq}/receive", json=receive) as answer:  # served by node-1
+                    dead = (await answer.json())["deliveries"]
+                assert [(m["dead_letter_reason"], m["dead_letter_source"]) for m in dead] == [("rejected", queue)]
+                async with http.delete(f"{base}/topics/{topic}/subscriptions",
+                                       params={"pattern": ">", "queue": queue}) as answer:  # fmt: skip
+                    assert answer.status in (200, 204), await answer.text()
+                async with http.get(f"{base}/topics/{topic}/subscriptions") as answer:
+                    assert (await answer.json())["subscriptions"] == []
+        finally:
+            await a.close()
