@@ -225,5 +225,13 @@ async def test_through_the_http_api_a_subscription_and_dead_letters_cross_shards
                     assert answer.status in (200, 204), await answer.text()
                 async with http.get(f"{base}/topics/{topic}/subscriptions") as answer:
                     assert (await answer.json())["subscriptions"] == []
+                other = name_on(lambda s: s % 2 == 0, 4, "outbox")  # placed with its dead-letter queue (node-1)
+                async with http.put(f"{base}/queues/{other}", json={"dead_letter_queue": dlq}) as answer:
+                    assert answer.status == 201, await answer.text()
+                    assert (await answer.json())["settings"]["dead_letter_queue"] == dlq
+                async with http.patch(f"{base}/queues/{queue}", json={"dead_letter_queue": None}) as answer:
+                    assert answer.status == 200, await answer.text()
+                async with http.patch(f"{base}/queues/{queue}", json={"dead_letter_queue": dlq}) as answer:
+                    assert (await answer.json())["settings"]["dead_letter_queue"] == dlq
         finally:
             await a.close()

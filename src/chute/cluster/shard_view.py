@@ -7,13 +7,17 @@ shards (relay.py), so that those fronts agree with the router:
   `update_subscription` and `unsubscribe` find a subscription under its relay queue's name;
 - `topic_info` and `list_topics` name the real queue of a subscription through a relay; `list_queues` leaves
   relay queues out;
-- `receive` and `peek` give relayed dead letters their reason and source.
+- `receive` and `peek` give relayed dead letters their reason and source;
+- `create_queue` and `update_queue` with a dead-letter queue of another shard set it through a relay queue (the
+  router's `_dead_letter_here`), and answer with the real name.
 
 Everything else is the broker's own attribute (`core`, `store`, `publish_batch`, ...). Invariant: the view holds
 no state; a handler may keep it for one request only.
 """
 
 from __future__ import annotations
+
+import msgspec
 
 from chute.cluster.relay import (
     lift_dead_letter,
@@ -56,6 +60,21 @@ class ShardView:
         await self._broker.unsubscribe(topic, pattern, name)
         if name == relay_name(queue):
             self._router.relays.unused(name)
+
+    async def create_queue(self, name: str, settings=None, **settings_kw):
+        """As `Broker.create_queue`; a dead-letter queue of another shard is fed through a relay queue."""
+        if settings is not None and settings.dead_letter_queue is not None:
+            wanted = {"dead_letter_queue": settings.dead_letter_queue}
+            dlq = (await self._router._dead_letter_here(self._broker, wanted))["dead_letter_queue"]
+            settings = msgspec.structs.replace(settings, dead_letter_queue=dlq)
+        elif settings is None:
+            settings_kw = await self._router._dead_letter_here(self._broker, settings_kw)
+        return real_settings(await self._broker.create_queue(name, settings, **settings_kw))
+
+    async def update_queue(self, name: str, **changes):
+        """As `Broker.update_queue`; a dead-letter queue of another shard is fed through a relay queue."""
+        changes = await self._router._dead_letter_here(self._broker, changes)
+        return real_settings(await self._broker.update_queue(name, **changes))
 
     def topic_info(self, name: str):
         return real_topic(self._broker.topic_info(name))
