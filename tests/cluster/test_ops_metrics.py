@@ -99,6 +99,7 @@ async def test_metrics_of_a_node_follow_the_cluster_and_the_database():
         assert [n["name"] for n in seen["nodes"]] == ["node-a", "node-b"] and all(n["alive"] for n in seen["nodes"])
         held = {n["name"]: n["shards"] for n in seen["nodes"]}
         assert held["node-b"] == seen["serving"] == [s["shard"] for s in seen["local"]]
+        assert all(s["relay_backlog"] == 0 for s in seen["local"])
         assert sorted(held["node-a"] + held["node-b"]) == list(range(SHARDS))
         assert seen["nodes"][0]["http_port"] == a.http_port
 
