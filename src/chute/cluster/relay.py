@@ -56,6 +56,7 @@ REASON_HEADER = "chute-dead-letter-reason"
 SOURCE_HEADER = "chute-dead-letter-source"
 MAX_HEADERS = 64  # model.MAX_HEADERS: a dead letter with more headers keeps its own and loses these two
 BATCH = 500  # messages per relayed publish: one group commit on each side
+BATCH_BYTES = 4 * 2**20  # and at most this many bytes of bodies (a batch of one may be larger)
 LEASE_S = 60.0  # a batch's lease in the relay queue: longer than a forwarded call's wait for an owner (15 s)
 WAIT_S = 1.0  # a relay's long poll; also how often an idle relay looks whether it is still needed
 RETRY_S = 0.5  # after a failed publish (the target's shard is being taken over), before the next try
@@ -198,11 +199,12 @@ class Relays:
     async def _relay(self, shard: int, broker, name: str) -> None:
         """Forward relay queue `name` of `shard` while this node serves it with `broker`."""
         target = relayed_queue(name)
+        deliveries: list = []
         try:
             while self.router.node.local_broker(shard) is broker and name in broker.core.queues:
                 if self.router._draining:
                     return
-                deliveries = await broker.receive(name, BATCH, wait_s=WAIT_S, lease_s=LEASE_S)
+                deliveries = await broker.receive(name, BATCH, wait_s=WAIT_S, lease_s=LEASE_S, max_bytes=BATCH_BYTES)
                 if not deliveries:
                     if self._retirable(name) and await _retire_if_unused(broker, name):
                         return
@@ -225,10 +227,15 @@ class Relays:
                     continue
                 await broker.ack(name, [d.receipt for d in deliveries])
                 self.relayed += len(deliveries)
+                deliveries = []
         except (BrokerClosed, QueueNotFound):
             return  # the shard was handed back or dropped (its new owner relays), or the relay queue deleted
-        except ChuteError as exc:  # the shard's store failed: the node reopens it, and the scan restarts us
+        except ChuteError as exc:  # an ack refused, or the shard's store failed: the scan restarts us (the node
+            # reopens a failed shard); what this batch leased is given back now rather than when its lease ends
             log.warning("relay %s of shard %d stopped: %s", name, shard, exc.message)
+            if deliveries:
+                with contextlib.suppress(ChuteError):
+                    await broker.nack(name, [d.receipt for d in deliveries])
 
 
 def _copy(shard: int, delivery) -> Publish:
