@@ -57,6 +57,7 @@ async def test_every_publish_arrives_once_in_a_queue_of_the_topics_shard_and_in_
             far = [name_on(lambda s, n=n: s == n, 6, "far") for n in (1, 2)]  # shards of node-1 and node-2
             for queue in far:
                 await c.create_queue(queue)
+                await c.publish(queue, b"first")  # not empty: it stays in its shard (an empty one would move)
             await a.create_topic(topic)
             await b.subscribe(topic, ">", "near")  # created in the topic's shard
             await c.subscribe(topic, ">", far[0])  # through node-2, which serves neither shard
@@ -65,8 +66,9 @@ async def test_every_publish_arrives_once_in_a_queue_of_the_topics_shard_and_in_
             bodies = [f"m{i}".encode() for i in range(120)]
             for i, body in enumerate(bodies):
                 await (a, b, c)[i % 3].publish(topic, body)
-            for client, queue in ((a, "near"), (b, far[0]), (c, far[1])):
-                assert await drain(client, queue, len(bodies)) == bodies, queue  # once each, in order
+            assert await drain(a, "near", len(bodies)) == bodies  # once each, in order
+            for client, queue in ((b, far[0]), (c, far[1])):
+                assert await drain(client, queue, 1 + len(bodies)) == [b"first", *bodies], queue
             for client in (a, b, c):  # the relay queues are the cluster's: not listed, not named
                 assert not [q.name for q in await client.list_queues() if q.name.startswith(PREFIX)]
                 subs = next(t for t in await client.list_topics() if t.name == topic).subscriptions
@@ -88,8 +90,11 @@ async def test_a_relay_repeating_a_batch_adds_no_copy_and_unsubscribing_removes_
             topic = name_on(lambda s: s % 2 == 0, 4, "topic")  # node-0
             queue = name_on(lambda s: s % 2 == 1, 4, "queue")  # node-1
             await b.create_queue(queue)
+            await b.publish(queue, b"first")
+            assert len(await b.receive(queue, 1, wait_s=5, lease_s=600)) == 1  # in flight: the queue stays in its shard
             await a.create_topic(topic)
             await a.subscribe(topic, "x.>", queue, filter={"kind": "a"})
+            assert relay_name(queue) in broker_of(directory, topic).core.queues
             await b.publish(topic, b"one", subject="x.y", headers={"kind": "a"}, priority=3)
             await b.publish(topic, b"filtered out", subject="x.y", headers={"kind": "b"})
             got = await b.receive(queue, 10, wait_s=10)

@@ -112,6 +112,17 @@ async def test_a_topic_fans_out_to_queues_its_subscriptions_create_in_its_shard(
             shard = home_shard("orders", 6)
             broker = directory.nodes[directory.owners[shard]].brokers[shard]
             assert {"eu-orders", "all-orders"} <= set(broker.core.queues)  # both in the topic's shard
+            other = next(n for n in names_on_each_shard(6, "elsewhere") if home_shard(n, 6) != shard)
+            await a.create_queue(other)
+            await a.publish(other, b"keeps it in its shard")  # an empty one would move, whichever node is asked
+            assert (await b.subscribe("orders", ">", other)).queue == other  # through a relay queue
+            await c.publish("orders", b"o3", subject="orders.eu.de")
+            bodies: list[bytes] = []
+            while len(bodies) < 2:
+                got = await a.receive(other, 10, wait_s=5)
+                assert got, bodies
+                bodies += [d.message.body for d in got]
+            assert sorted(bodies) == [b"keeps it in its shard", b"o3"]
         finally:
             for client in (a, b, c):
                 await client.close()
@@ -197,6 +208,21 @@ async def test_an_empty_queue_served_by_the_node_asked_moves_to_its_topics_shard
             while len(got) < 2:
                 got += await b.receive(full, 5, wait_s=5)
             assert [d.message.body for d in got] == [b"keeps it where it is", b"relayed"]
+
+
+async def test_an_empty_queue_of_another_node_moves_to_its_topics_shard_when_its_owner_is_asked_by_the_router():
+    async with static_cluster(2, 4) as (servers, directory):
+        topic = next(n for n in names_on_each_shard(4, "topic") if directory.owners[home_shard(n, 4)] == "node-1")
+        queue = next(n for n in names_on_each_shard(4, "theirs") if directory.owners[home_shard(n, 4)] == "node-0")
+        async with AsyncClient(servers[0].url) as a, AsyncClient(servers[1].url) as b:
+            await b.create_topic(topic)
+            await a.create_queue(queue, max_deliveries=5)
+            await b.subscribe(topic, ">", queue)  # asked of node-1; the queue is node-0's: node-0 moves it
+            await b.publish(topic, b"fanned out")
+            assert [d.message.body for d in await a.receive(queue, 5, wait_s=5)] == [b"fanned out"]
+            moved = directory.nodes["node-1"].brokers[home_shard(topic, 4)].core.queues[queue]
+            assert moved.settings.max_deliveries == 5
+            assert all(queue not in broker.core.queues for broker in directory.nodes["node-0"].brokers.values())
 
 
 async def test_an_ephemeral_subscription_through_a_node_that_does_not_own_the_topic():

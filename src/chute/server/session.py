@@ -787,6 +787,8 @@ CALL_PERMISSIONS = {
     "update_subscription": lambda args: [("manage", "topic", args["topic"]), ("manage", "queue", args["queue"])],
     "unsubscribe": lambda args: [("manage", "topic", args["topic"]), ("manage", "queue", args["queue"])],
     "list_queues": lambda args: [], "list_topics": lambda args: [],
+    "topic_info": _name("topic", permission="see"), "queue_info": _name("queue", permission="see"),
+    "route": _name("topic", "topic", "see"), "dead_letter_sources": _name("queue", permission="see"),
 }  # fmt: skip
 
 
