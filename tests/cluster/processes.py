@@ -27,11 +27,13 @@ START_TIMEOUT_S = 90.0
 class NodeProcess:
     """One `chute serve --store` process; its stderr collected line by line in `lines`."""
 
-    def __init__(self, url: str, name: str, data_dir: str, *extra: str, lease_s: float = 5.0) -> None:
+    def __init__(self, url: str, name: str, data_dir: str, *extra: str, lease_s: float | None = 5.0) -> None:
+        """`lease_s=None`: `chute serve`'s default lease (no `--cluster-lease`)."""
         self.name = name
+        lease = ["--cluster-lease", str(lease_s)] if lease_s is not None else []
         self.args = [sys.executable, "-m", "chute", "serve", "--store", url, "--node-name", name,
                      "--data-dir", data_dir, "--port", "0", "--http-port", "0", "--amqp-port", "-1",
-                     "--cluster-lease", str(lease_s), *extra]  # fmt: skip
+                     *lease, *extra]  # fmt: skip
         self.lines: list[str] = []
         self._seen = threading.Condition()
         self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,

@@ -11,7 +11,9 @@ import pytest
 
 from chute import AsyncClient
 from chute.cluster.placement import home_shard
-from chute.errors import InvalidArgument, QueueNotFound, TopicExists, Unauthenticated, Unavailable
+from chute.cluster.router import _BACKGROUND
+from chute.errors import QueueNotFound, TopicExists, Unauthenticated, Unavailable
+from chute.model import Publish
 from tests.cluster.routing_helpers import static_cluster
 
 pytestmark = pytest.mark.timeout(60)
@@ -113,8 +115,14 @@ async def test_a_topic_fans_out_to_queues_its_subscriptions_create_in_its_shard(
             other = next(n for n in names_on_each_shard(6, "elsewhere") if home_shard(n, 6) != shard)
             await a.create_queue(other)
             await a.publish(other, b"keeps it in its shard")  # an empty one would move, whichever node is asked
-            with pytest.raises(InvalidArgument, match="cross-shard subscriptions are not supported"):
-                await b.subscribe("orders", ">", other)
+            assert (await b.subscribe("orders", ">", other)).queue == other  # through a relay queue
+            await c.publish("orders", b"o3", subject="orders.eu.de")
+            bodies: list[bytes] = []
+            while len(bodies) < 2:
+                got = await a.receive(other, 10, wait_s=5)
+                assert got, bodies
+                bodies += [d.message.body for d in got]
+            assert sorted(bodies) == [b"keeps it in its shard", b"o3"]
         finally:
             for client in (a, b, c):
                 await client.close()
@@ -193,9 +201,13 @@ async def test_an_empty_queue_served_by_the_node_asked_moves_to_its_topics_shard
             assert moved.settings.max_deliveries == 7  # with its settings
             assert all(empty not in broker.core.queues for broker in directory.nodes["node-0"].brokers.values())
             assert [q.name for q in await b.list_queues()].count(empty) == 1
-            with pytest.raises(InvalidArgument, match="cross-shard"):  # a queue with messages does not move
-                await a.subscribe(topic, ">", full)
-            assert [d.message.body for d in await b.receive(full, 5, wait_s=5)] == [b"keeps it where it is"]
+            await a.subscribe(topic, ">", full)  # a queue with messages stays, fed through a relay queue
+            await b.publish(topic, b"relayed")
+            assert all(full not in broker.core.queues for broker in directory.nodes["node-1"].brokers.values())
+            got = await b.receive(full, 5, wait_s=5)
+            while len(got) < 2:
+                got += await b.receive(full, 5, wait_s=5)
+            assert [d.message.body for d in got] == [b"keeps it where it is", b"relayed"]
 
 
 async def test_an_empty_queue_of_another_node_moves_to_its_topics_shard_when_its_owner_is_asked_by_the_router():
@@ -246,3 +258,22 @@ async def test_with_auth_on_nodes_forward_with_the_clusters_token_and_strangers_
         with pytest.raises(Unauthenticated):
             async with AsyncClient(servers[0].url, token="wrong", reconnect=False) as stranger:
                 await stranger.publish(name, b"nope")
+
+
+async def test_ack_lazy_applies_at_once_on_a_local_shard_and_is_forwarded_for_another_nodes():
+    async with static_cluster(2, 4) as (servers, directory):
+        router = servers[0].broker  # node-0 serves shards 0 and 2
+        local = next(n for n in names_on_each_shard(4, "lazy") if directory.owners[home_shard(n, 4)] == "node-0")
+        remote = next(n for n in names_on_each_shard(4, "lazy") if directory.owners[home_shard(n, 4)] == "node-1")
+        for queue in (local, remote):
+            await router.create_queue(queue)
+            await router.publish_batch(queue, [Publish(body=b"one"), Publish(body=b"two")])
+            got = await router.receive(queue, 2, wait_s=5)
+            assert router.ack_lazy(queue, [d.receipt for d in got]) == []
+        stats = router.queue_stats(local)  # (answered at once: the shard is here)
+        assert (stats.ready, stats.in_flight, stats.acked) == (0, 0, 2)  # applied before ack_lazy returned
+        assert router.ack_lazy(local, [got[0].receipt + 100]) == [got[0].receipt + 100]  # never leased here
+        assert _BACKGROUND  # the forwarded ack: durable on node-1 once its task is done
+        await asyncio.wait_for(asyncio.gather(*_BACKGROUND), 10)
+        stats = await router.queue_stats(remote)
+        assert (stats.ready, stats.in_flight, stats.acked) == (0, 0, 2)

@@ -3,7 +3,8 @@ a node SIGKILLed under load has its shards taken over by the others within its l
 its unacked deliveries become ready again, and no confirmed publish is lost — published through a live node to
 the survivors' shards throughout, and to the dead node's shards once they are taken over. The dead node
 restarts under its name and the cluster balances again. `CHUTE_CLUSTER_ROUNDS` sets how many nodes are killed
-(default 3); `CHUTE_CLUSTER_LEASE_S` the lease (default 4 s, to keep CI short; the default of `chute serve` is 10).
+(default 3); `CHUTE_CLUSTER_LEASE_S` the lease (default: `chute serve`'s own, 5 s, whose takeover bound docs/cluster.md
+states: a publish confirmed on every shard of the dead node within 10 s of the kill).
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ import time
 import pytest
 
 import chute
+from chute.cluster.node import DEFAULT_LEASE_S
 from chute.cluster.placement import home_shard
 from chute.errors import ChuteError
 from tests.cluster.processes import ClusterWatch, NodeProcess, balanced
 from tests.postgres.helpers import fresh_database
 
 ROUNDS = int(os.environ.get("CHUTE_CLUSTER_ROUNDS", "3"))
-LEASE_S = float(os.environ.get("CHUTE_CLUSTER_LEASE_S", "4"))
+LEASE_S = float(os.environ["CHUTE_CLUSTER_LEASE_S"]) if os.environ.get("CHUTE_CLUSTER_LEASE_S") else None
 SHARDS = 16
-TAKEOVER_LIMIT_S = 15.0  # asserted over every round at the end (so a campaign reports all its rounds)
+# asserted over every round at the end (so a campaign reports all its rounds): with the default lease, the bound
+# docs/cluster.md promises; with another, the lease plus as much for recovery on a loaded machine
+TAKEOVER_LIMIT_S = 10.0 if LEASE_S is None else 2 * LEASE_S + 7.0
 TAKEOVER_WAIT_S = 60.0
 OPENED = re.compile(r"serving shard \d+ \(opened in ([\d.]+) s")
 BATCH = 20
@@ -191,7 +195,8 @@ async def test_survivors_take_over_a_killed_node_under_load_and_nothing_confirme
             for node in nodes.values():
                 print(f"--- {node.name}\n{node.text[-6000:]}")
     serving = sorted(t for _, t in takeovers)
-    print(f"takeover (kill -> a publish confirmed on every shard of the dead node), lease {LEASE_S} s, "
+    print(f"takeover (kill -> a publish confirmed on every shard of the dead node), lease "
+          f"{LEASE_S or DEFAULT_LEASE_S} s, "
           f"{len(serving)} rounds: min {serving[0]:.2f} s, median {serving[len(serving) // 2]:.2f} s, "
           f"max {serving[-1]:.2f} s")  # fmt: skip
     assert serving[-1] < TAKEOVER_LIMIT_S
@@ -219,7 +224,8 @@ async def test_a_rolling_restart_under_load_loses_nothing(postgres_url, tmp_path
                 stopped = time.monotonic()
                 assert await asyncio.to_thread(nodes[name].stop) == 0
                 others = [n for n in names if n != name]
-                await watch.until(lambda o, others=others: set(o.values()) <= set(others), LEASE_S)  # before its lease
+                await watch.until(lambda o, others=others: set(o.values()) <= set(others),
+                                  LEASE_S or DEFAULT_LEASE_S)  # before its lease
                 moved = time.monotonic() - stopped
                 nodes[name] = NodeProcess(url, name, str(tmp_path / name), lease_s=LEASE_S)
                 await watch.until(balanced(names), 60)

@@ -6,6 +6,8 @@ holds on the primary key the group inserts, so the cut lands while the statement
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from chute.errors import StorageFailed, StorageReadOnly
@@ -158,3 +160,15 @@ async def test_a_group_without_an_answer_in_time_fails_unconfirmed(postgres_url)
         await held.rollback()
     await store.close()
     assert await _recovered_payloads(postgres_url, stream) == [b"confirmed"]
+
+
+async def test_concurrent_reads_share_the_reader_connection_one_at_a_time(postgres_url):
+    """Two receives reading bodies at once (after a takeover nothing is cached): neither breaks the other."""
+    store = PostgresStore(postgres_url, stream=unique_name("reads"), cache_max_bytes=0)
+    await store.open()
+    refs, token = store.append([(1, b"x%d" % i) for i in range(200)])
+    await token
+    answers = await asyncio.gather(*(store.read(refs[i::8]) for i in range(8)))
+    assert answers == [[b"x%d" % j for j in range(i, 200, 8)] for i in range(8)]
+    assert not store.read_only
+    await store.close()

@@ -29,7 +29,8 @@ from chute.server import Server, load_config
 )
 @click.option(
     "--node-name", default=None,
-    help="This node's name; with --store, its name in the cluster (unique per node).  [default: default]",
+    help="With --store: this node's name in the cluster, unique per node (a node started under a running name "
+         "takes it over).  [default: the host name, plus -PORT when --port is neither 6160 nor 0]",
 )
 @click.option(
     "--shards", type=int, default=None,
@@ -37,7 +38,8 @@ from chute.server import Server, load_config
 )
 @click.option(
     "--cluster-lease", "cluster_lease_s", type=float, default=None, metavar="SECONDS",
-    help="With --store: a node silent this long is dead and its shards are taken over.  [default: 10]",
+    help="With --store: a node silent this long is dead and its shards are taken over (within the lease plus "
+         "their recovery; longer pauses than this cost a node its shards).  [default: 5]",
 )
 @click.option(
     "--advertise", default=None, metavar="HOST",

@@ -4,7 +4,8 @@ A request that names a queue or topic (the API's `/api/v1/queues/{name}...` and 
 SQS action's `QueueUrl` or `QueueName`) is served by the node that owns the name's shard:
 
 - on this node, if it owns the shard: the handler runs as it does on a single broker, given that shard's
-  `chute.Broker` (`request[BROKER_KEY]`), so every front's code stays as it is;
+  `chute.Broker` (`request[BROKER_KEY]`, seen through `ShardView`, which adds relays to other shards), so
+  every front's code stays as it is;
 - else it is forwarded as it came (method, path, query, headers — `Host` and SigV4 signatures included — and
   body) to the owner's HTTP port, marked with `X-Chute-Forwarded`, and the owner's answer is returned as it is.
   A forwarded request is never forwarded again: a node that no longer owns the shard answers 503 `unavailable`.
@@ -27,6 +28,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from chute.cluster.shard_view import ShardView
 from chute.errors import ChuteError, Unavailable
 
 log = logging.getLogger("chute.cluster")
@@ -63,8 +65,8 @@ def middleware(server):
                 if not request.headers.get(FORWARDED) else router.local._owner_now(placed.shard)  # fmt: skip
         except ChuteError as exc:
             return _error(exc)
-        if hasattr(owner, "core"):  # this node's broker of the shard
-            request[BROKER_KEY] = owner
+        if hasattr(owner, "core"):  # this node's broker of the shard (seen with what crosses shards: relays)
+            request[BROKER_KEY] = ShardView(owner, router, placed.shard)
             response = await handler(request)
             if action == "delete" and response.status < 300:
                 await router.placement.forget(name, placed.kind)

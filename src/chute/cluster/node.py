@@ -36,14 +36,17 @@ import time
 from collections.abc import Callable
 
 from chute.broker import Broker
-from chute.cluster import membership, ownership
+from chute.cluster import membership, ownership, relay
 from chute.cluster.membership import NodeInfo
 from chute.errors import InvalidArgument, StorageFailed
 from chute.storage.postgres.url import describe, redact
 
 log = logging.getLogger("chute.cluster")
 
-DEFAULT_LEASE_S = 10.0
+# A SIGKILLed node's shards are served again within the lease plus their recovery (up to ~4 s on a loaded 2-core
+# machine): 5 s keeps that within the 10 s promised (docs/cluster.md); a longer pause than the lease (a stalled
+# VM) costs a node its shards, which is safe (the epoch) but slow: raise `--cluster-lease` where pauses are long.
+DEFAULT_LEASE_S = 5.0
 DEFAULT_HEARTBEAT_S = 1.0
 EXPIRY_MARGIN_S = 0.02  # look this long after a lease's end (the database's clock ticks on meanwhile too)
 TAKE_CONCURRENCY = 4  # shards opened at once: recovery is CPU work on this node; more would only queue
@@ -168,6 +171,28 @@ class ClusterNode:
         """True while running and in touch with the database (its lease renewed within `lease_s`)."""
         return self.state == "running" and self._reachable and self._lease_current() and not self.superseded
 
+    @property
+    def database_reachable(self) -> bool:
+        """Did this node's last heartbeat reach PostgreSQL? (Read-only, for metrics and health.)"""
+        return self._reachable
+
+    @property
+    def heartbeat_age_s(self) -> float:
+        """Seconds since the last heartbeat the database accepted (by this node's monotonic clock; infinite
+        before the first). Past `lease_s` the node serves nothing."""
+        return time.monotonic() - self._renewed_at if self._renewed_at else float("inf")
+
+    @property
+    def unhealthy_reason(self) -> str | None:
+        """Why this node is not healthy, in words for `/healthz`; None while it is."""
+        if self.superseded:
+            return "another process runs this node name"
+        if self.state != "running":
+            return self.state
+        if not self._reachable or not self._lease_current():
+            return "cannot reach the database; writes fail"
+        return None
+
     def status(self) -> dict:
         """This node's view of the cluster (no database call): for `/healthz`, the dashboard and the HTTP API."""
         nodes = []
@@ -179,8 +204,9 @@ class ClusterNode:
         local = {}
         for shard, broker in sorted(self._brokers.items()):
             with contextlib.suppress(Exception):
-                local[str(shard)] = {"queues": len(broker.list_queues()), "topics": len(broker.list_topics()),
-                                     "healthy": broker.healthy}  # fmt: skip
+                queues = [q for q in broker.list_queues() if relay.relayed_queue(q.name) is None]
+                local[str(shard)] = {"queues": len(queues), "topics": len(broker.list_topics()),
+                                     "healthy": broker.healthy, "relay_backlog": relay.backlog(broker)}  # fmt: skip
         unowned = sorted(r.shard for r in self._rows.values() if r.owner is None or not r.held)
         return {"node": self.name, "state": self.state, "healthy": self.healthy, "shards": self.shards,
                 "lease_s": self.lease_s, "store": self.where, "serving": sorted(self._brokers),
@@ -531,6 +557,17 @@ class ClusterNode:
             await broker.close()
         except Exception as exc:
             log.warning("closing a shard's broker: %s", _reason(exc))
+
+
+def default_node_name(port: int | None = None) -> str:
+    """The name of a node started without `--node-name`: this machine's host name, so a node restarted on its
+    machine takes back its shards at once; plus `-<port>` when its native port is neither the default (6160) nor
+    0 (any free port), so nodes on one machine, which listen on different ports, get different names. (With
+    port 0 the port changes at each start and would make each start a new node: name such nodes.)"""
+    from chute.protocol.frames import DEFAULT_PORT
+
+    host = socket.gethostname() or "chute"
+    return host if port in (None, 0, DEFAULT_PORT) else f"{host}-{port}"
 
 
 def _reachable_host(host: str) -> str:

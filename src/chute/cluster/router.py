@@ -19,8 +19,10 @@ Rules:
   node's router: one hop to a node whose local view finds the queue in the topic's shard and moves nothing;
 - a new queue or topic gets its placement row first, then is created in its shard; a queue made for a
   subscription (subscribe to a queue that does not exist yet) is placed in its topic's shard, so fan-out stays
-  in one shard; an empty queue of another shard moves there (by the node holding it); a subscription of a topic
-  to another queue of another shard is `invalid_argument`;
+  in one shard; an empty queue of another shard moves there (by the node holding it); a subscription of a
+  topic to another queue of another shard goes through a relay queue in the topic's shard (relay.py), made by
+  the node serving that shard (one more hop when the queue's node was asked first); relay queues are left out
+  of listings and shown under their real queue's name in subscriptions;
 - receipts stay opaque: they are routed by the queue they came from;
 - ephemeral subscriptions' queues get names that say their shard (`~<shard>.<n>`), since each shard's broker
   numbers its own from 1.
@@ -44,6 +46,18 @@ import msgspec
 from chute.cluster.localview import LocalCore, LocalStore
 from chute.cluster.peers import PEER_CLIENT, Peers
 from chute.cluster.placement import namespace_error
+from chute.cluster.relay import (
+    RELAY_SETTINGS,
+    Relays,
+    fits,
+    lift_dead_letter,
+    real_settings,
+    real_subscription,
+    real_topic,
+    relay_name,
+    relayed_queue,
+    subscribed_name,
+)
 from chute.consumer import Consumer
 from chute.errors import (
     BrokerClosed,
@@ -81,9 +95,10 @@ class ClusterBroker:
             self._draining = False
             self._relays: dict[str, object] = {}  # "~r<n>" -> AsyncConsumer of an owner's ephemeral subscription
             self._relay_numbers = itertools.count(1)
+            self.relays = Relays(self)
             self.local = ClusterBroker(node, wait_owner_s=0.0, forward=False, _shared=self)
         else:  # the local view shares the pool, the state and the change event of its router
-            self.peers, self._changed = _shared.peers, _shared._changed
+            self.peers, self._changed, self.relays = _shared.peers, _shared._changed, _shared.relays
             self.local = self
 
     routed = True  # the server's fronts: calls go through the router (no `_lease`/`_ack` fast paths)
@@ -119,17 +134,21 @@ class ClusterBroker:
             listeners.append(self._node_changed)
         await self.node.start()
         self._state = "serving"
+        self.relays.start()
         return self
 
     def _node_changed(self, *_args) -> None:
-        """The node gained or lost a shard, or learned of another node's change: waiting calls look again."""
+        """The node gained or lost a shard, or learned of another node's change: waiting calls look again, and
+        relays of shards gained start."""
         self._changed.set()
+        self.relays.changed()
 
     async def close(self) -> None:
         """Stop forwarding, hand the node's shards back (their brokers close cleanly) and leave. Idempotent."""
         if self._state == "closed":
             return
         self._state = "closing"
+        await self.relays.close()
         if _BACKGROUND:  # forwarded releases, relays being closed
             await asyncio.wait(list(_BACKGROUND), timeout=5.0)
         await self.peers.close()
@@ -329,8 +348,8 @@ class ClusterBroker:
             for delivery in deliveries:
                 delivery.queue = queue
             return deliveries
-        return await self._on_name(queue, "receive", queue, max_messages, wait_s=wait_s, lease_s=lease_s,
-                                   max_bytes=max_bytes)  # fmt: skip
+        return _lifted(await self._on_name(queue, "receive", queue, max_messages, wait_s=wait_s, lease_s=lease_s,
+                                           max_bytes=max_bytes))  # fmt: skip
 
     async def _relayed(self, name: str, relay, max_messages: int, wait_s: float) -> list[Delivery]:
         """Deliveries of an ephemeral subscription on another node, as they arrive over the peer connection."""
@@ -345,6 +364,28 @@ class ClusterBroker:
 
     async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False) -> None:
         await self._on_name(queue, "ack", queue, receipts, lapsed=lapsed)
+
+    def ack_lazy(self, queue: str, receipts: Sequence[int]) -> list[int]:
+        """As `Broker.ack_lazy` (an AMQP basic.ack: nobody waits for it to be durable): for a queue of a shard
+        served here, applied at once and stored with that shard's next group commit; for another node's queue,
+        forwarded as an ordinary (durable) ack in the background, whose failure is logged. Returns the receipts
+        known not to be leased (none for a forwarded ack: the owner's answer comes later)."""
+        self._check()
+        if queue in self._root._relays:
+            return []  # an ephemeral subscription relayed from another node: delivered at most once, no acks
+        holder = self._local_holder(queue)
+        if holder is not None:
+            return holder.ack_lazy(_ephemeral_parts(queue)[1] if queue.startswith(EPHEMERAL) else queue, receipts)
+        task = asyncio.ensure_future(self._ack_forwarded(queue, list(receipts)))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+        return []
+
+    async def _ack_forwarded(self, queue: str, receipts: list[int]) -> None:
+        try:
+            await self.ack(queue, receipts)
+        except ChuteError as exc:
+            log.info("a forwarded ack of %d receipts of queue %r failed: %s", len(receipts), queue, exc.message)
 
     async def nack(self, queue: str, receipts: int | Sequence[int], *, delay_s: float = 0.0,
                    dead_letter: bool = False) -> None:  # fmt: skip
@@ -388,7 +429,7 @@ class ClusterBroker:
         """(For `Consumer.close`: its long polls end by themselves within a poll.)"""
 
     async def peek(self, queue: str, max_messages: int = 10) -> list[Delivery]:
-        return await self._on_name(queue, "peek", queue, max_messages)
+        return _lifted(await self._on_name(queue, "peek", queue, max_messages))
 
     async def redrive(self, queue: str, max_messages: int | None = None) -> int:
         return await self._on_name(queue, "redrive", queue, max_messages)
@@ -410,6 +451,8 @@ class ClusterBroker:
 
     async def _create_in(self, placed, method: str, name: str, settings_kw: dict):
         try:
+            if method == "create_queue":
+                return await self._queue_settings_call(placed.shard, method, name, settings_kw)
             return await self._on_shard(placed.shard, method, name, **settings_kw)
         except (InvalidName, InvalidArgument):
             with contextlib.suppress(ChuteError):  # nothing was created: the name is free again
@@ -429,7 +472,40 @@ class ClusterBroker:
         return False
 
     async def update_queue(self, name: str, **changes) -> QueueInfo:
-        return await self._on_name(name, "update_queue", name, **changes)
+        self._check()
+        holder = self._local_holder(name)
+        if holder is None or name.startswith(EPHEMERAL):
+            return real_settings(await self._on_name(name, "update_queue", name, **changes))
+        changes = await self._dead_letter_here(holder, changes)
+        return real_settings(await holder.update_queue(name, **changes))
+
+    async def _queue_settings_call(self, shard: int, method: str, name: str, settings_kw: dict) -> QueueInfo:
+        """`create_queue` or `update_queue` on `shard`: here with a dead-letter queue of another shard replaced
+        by its relay queue, else by the owner's local view (which does the same)."""
+        broker = self.node.local_broker(shard)
+        if broker is None or broker._state != "serving":
+            return real_settings(await self._on_shard(shard, method, name, **settings_kw))
+        settings_kw = await self._dead_letter_here(broker, settings_kw)
+        return real_settings(await getattr(broker, method)(name, **settings_kw))
+
+    async def _dead_letter_here(self, broker, settings_kw: dict) -> dict:
+        """Settings for a queue of local `broker`: a dead-letter queue that lives in another shard becomes the
+        relay queue that forwards to it (made here if missing), relay.py."""
+        dlq = settings_kw.get("dead_letter_queue")
+        if not isinstance(dlq, str) or dlq in broker.core.queues or relayed_queue(dlq) is not None:
+            return settings_kw
+        placed = await self.placement.lookup(dlq)
+        if placed is None or placed.kind != "queue":
+            return settings_kw  # the shard refuses it: no such queue
+        if not fits(dlq):
+            raise InvalidArgument(f"dead-letter queue {dlq!r} lives in another shard, and its name is too long for "
+                                  "a relay queue (at most 188 characters)")  # fmt: skip
+        relay = relay_name(dlq)
+        self.relays.made(relay)  # (first: its relay must not retire it before the queue names it)
+        if relay not in broker.core.queues:
+            await broker.create_queue(relay, RELAY_SETTINGS)
+            log.info("dead letters for queue %r of another shard go through relay queue %s", dlq, relay)
+        return {**settings_kw, "dead_letter_queue": relay}
 
     async def delete_queue(self, name: str) -> None:
         """Delete in its shard, then remove its placement row."""
@@ -447,7 +523,8 @@ class ClusterBroker:
 
     def list_queues(self):
         """Durable queues of every shard, by name (an awaitable when other nodes own shards: it asks them)."""
-        mine = [q for broker in self._local_brokers() for q in broker.list_queues()]
+        mine = [real_settings(q) for broker in self._local_brokers() for q in broker.list_queues()
+                if not _is_relay(q.name)]  # fmt: skip
         if not self.forward or not self._remote_owners():
             return sorted(mine, key=lambda q: q.name)
         return self._merged("list_queues", mine)
@@ -473,7 +550,8 @@ class ClusterBroker:
         found = {item.name: item for item in mine}
         for answer in answers:
             for item in answer:
-                found.setdefault(item.name, item)
+                if not _is_relay(item.name):
+                    found.setdefault(item.name, item)
         return [found[name] for name in sorted(found)]
 
     def queue_stats(self, name: str):
@@ -508,11 +586,14 @@ class ClusterBroker:
     def topic_info(self, name: str):
         holder = self._local_holder(name)
         if holder is not None:
-            return holder.topic_info(name)
-        return self._on_name(name, "topic_info", name, missing=TopicNotFound)
+            return real_topic(holder.topic_info(name))
+        return self._remote_topic_info(name)
+
+    async def _remote_topic_info(self, name: str) -> TopicInfo:
+        return real_topic(await self._on_name(name, "topic_info", name, missing=TopicNotFound))
 
     def list_topics(self):
-        mine = [t for broker in self._local_brokers() for t in broker.list_topics()]
+        mine = [real_topic(t) for broker in self._local_brokers() for t in broker.list_topics()]
         if not self.forward or not self._remote_owners():
             return sorted(mine, key=lambda t: t.name)
         return self._merged("list_topics", mine)
@@ -527,11 +608,15 @@ class ClusterBroker:
         return self._on_name(name, "queue_info", name)
 
     def route(self, topic: str, subject: str, headers: dict[str, str] | None = None):
-        """As `Broker.route`: asked of the topic's shard (fan-out stays inside it, so its queues are all there)."""
+        """As `Broker.route`: asked of the topic's shard, whose subscriptions name its queues and the relay queues
+        of queues in other shards (named here by their real queues)."""
         holder = self._local_holder(topic)
         if holder is not None:
-            return holder.route(topic, subject, headers)
-        return self._on_name(topic, "route", topic, subject, headers, missing=TopicNotFound)
+            return _real_names(holder.route(topic, subject, headers))
+        return self._route_remote(topic, subject, headers)
+
+    async def _route_remote(self, topic: str, subject: str, headers: dict[str, str] | None) -> list[str]:
+        return _real_names(await self._on_name(topic, "route", topic, subject, headers, missing=TopicNotFound))
 
     def dead_letter_sources(self, name: str):
         """As `Broker.dead_letter_sources`: asked of the queue's shard (a dead-letter queue and its sources
@@ -553,7 +638,8 @@ class ClusterBroker:
                         start: str | float = "now") -> SubscriptionInfo:  # fmt: skip
         """As `Broker.subscribe`; a queue that does not exist yet is created (default settings) in the topic's
         shard, and an empty queue of another shard is moved there (by the node serving its shard). Another queue
-        of another shard is refused: fan-out happens inside one shard."""
+        of another shard is fed through a relay queue in the topic's shard (relay.py), made by the node serving
+        that shard."""
         self._check()
         topic_shard = await self._shard_of(topic, TopicNotFound)
         placed = await self.placement.lookup(queue)
@@ -565,22 +651,36 @@ class ClusterBroker:
         if placed.kind != "queue":
             raise namespace_error(queue, "queue", placed)
         if placed.shard != topic_shard and await self._move_empty_queue(queue, placed.shard, topic_shard):
-            return await self._root._on_shard(topic_shard, "subscribe", topic, pattern, queue, filter=filter,
-                                              start=start)  # fmt: skip
+            return real_subscription(await self._root._on_shard(topic_shard, "subscribe", topic, pattern, queue,
+                                                                filter=filter, start=start))  # fmt: skip
         if placed.shard != topic_shard and self.forward and self.node.local_broker(placed.shard) is None:
             # The queue's shard is another node's: that node moves the queue if it can (its local view, above),
-            # and subscribes it; else it refuses as below.
-            return await self._on_shard(placed.shard, "subscribe", topic, pattern, queue, filter=filter,
-                                        start=start)  # fmt: skip
+            # and subscribes it; else it subscribes it through a relay in the topic's shard (below).
+            return real_subscription(await self._on_shard(placed.shard, "subscribe", topic, pattern, queue,
+                                                          filter=filter, start=start))  # fmt: skip
         if placed.shard != topic_shard and not self.forward:  # a peer's row may be newer than the one cached here
             placed = await self.placement.refresh(queue) or placed
-        if placed.shard != topic_shard:
-            raise InvalidArgument(
-                f"queue {queue!r} lives in shard {placed.shard}, the topic {topic!r} in shard {topic_shard}; "
-                "cross-shard subscriptions are not supported yet (subscribe before creating the queue: the "
-                "subscription then creates it in its topic's shard; an empty queue moves there)"
-            )
-        return await self._on_shard(topic_shard, "subscribe", topic, pattern, queue, filter=filter, start=start)
+        broker = self.node.local_broker(topic_shard)
+        if placed.shard != topic_shard and broker is not None and broker._state == "serving":
+            return await self._subscribe_relayed(broker, topic, pattern, queue, filter, start)
+        # the topic's shard is another node's: its local view subscribes (through a relay if the queue is not in
+        # its shard); from a peer's call this is the same bounded extra hop as a move's
+        return real_subscription(await self._root._on_shard(topic_shard, "subscribe", topic, pattern, queue,
+                                                            filter=filter, start=start))  # fmt: skip
+
+    async def _subscribe_relayed(self, broker, topic: str, pattern: str, queue: str, filter: dict | None,
+                                 start: str | float) -> SubscriptionInfo:  # fmt: skip
+        """Subscribe `topic` (in `broker`, served here) to `queue` of another shard through a relay queue."""
+        if not fits(queue):
+            raise InvalidArgument(f"queue {queue!r} lives in another shard than topic {topic!r}, and its name is "
+                                  "too long for a relay queue (at most 188 characters)")  # fmt: skip
+        relay = relay_name(queue)
+        self.relays.made(relay)  # (first: its relay must not retire it before the subscription is made)
+        if relay not in broker.core.queues:
+            await broker.create_queue(relay, RELAY_SETTINGS)
+        info = await broker.subscribe(topic, pattern, relay, filter=filter, start=start)
+        log.info("topic %r feeds queue %r of another shard through relay queue %s", topic, queue, relay)
+        return real_subscription(info)
 
     async def _move_empty_queue(self, queue: str, old: int, new: int) -> bool:
         """Move `queue` from shard `old` (served here) to shard `new` (its topic's), if it holds no message, feeds
@@ -632,11 +732,26 @@ class ClusterBroker:
 
     async def update_subscription(self, topic: str, pattern: str, queue: str, *,
                                   filter: dict | None = None) -> SubscriptionInfo:  # fmt: skip
-        return await self._on_name(topic, "update_subscription", topic, pattern, queue, filter=filter,
-                                   missing=TopicNotFound)  # fmt: skip
+        return real_subscription(await self._on_subscription("update_subscription", topic, pattern, queue,
+                                                              filter=filter))  # fmt: skip
 
     async def unsubscribe(self, topic: str, pattern: str, queue: str) -> None:
-        await self._on_name(topic, "unsubscribe", topic, pattern, queue, missing=TopicNotFound)
+        """As `Broker.unsubscribe`; a relay queue left feeding nothing is deleted by its relay once it has
+        forwarded what it holds."""
+        await self._on_subscription("unsubscribe", topic, pattern, queue)
+
+    async def _on_subscription(self, method: str, topic: str, pattern: str, queue: str, **kwargs):
+        """A call on subscription (`pattern`, `queue`) of `topic`: by the broker of the topic's shard here, under
+        the name its subscription has there (the queue's, or its relay queue's); else by the owner's local view."""
+        self._check()
+        holder = self._local_holder(topic)
+        if holder is None:
+            return await self._on_name(topic, method, topic, pattern, queue, missing=TopicNotFound, **kwargs)
+        name = subscribed_name(holder, topic, pattern, queue)
+        result = await getattr(holder, method)(topic, pattern, name, **kwargs)
+        if name != queue and method == "unsubscribe":
+            self.relays.unused(name)
+        return result
 
     def ephemeral_subscription(self, topic: str, pattern: str = ">", *, filter: dict | None = None):
         """A private in-memory queue bound to `topic` in its shard, named `~<shard>.<n>` when this node serves
@@ -680,6 +795,22 @@ class ClusterBroker:
 _BACKGROUND: set[asyncio.Task] = set()
 
 
+def _is_relay(name: str) -> bool:
+    return relayed_queue(name) is not None
+
+
+def _real_names(queues: list[str]) -> list[str]:
+    """Queue names with each relay queue's replaced by its real queue's."""
+    return [relayed_queue(name) or name for name in queues]
+
+
+def _lifted(deliveries: list[Delivery]) -> list[Delivery]:
+    """Deliveries with the dead-letter reason and source of relayed dead letters in their fields (relay.py)."""
+    for delivery in deliveries:
+        lift_dead_letter(delivery)
+    return deliveries
+
+
 def _ephemeral_parts(name: str) -> tuple[int | None, str]:
     """`~<shard>.<n>` -> (shard, `~<n>`); (None, name) for anything else."""
     head, dot, tail = name[len(EPHEMERAL) :].partition(".")
@@ -689,5 +820,11 @@ def _ephemeral_parts(name: str) -> tuple[int | None, str]:
 
 
 def _check_name(name: str) -> None:
-    """A name is checked before a placement row is written for it (the shard checks it again)."""
+    """A name is checked before a placement row is written for it (the shard checks it again); names of relay
+    queues are the cluster's."""
     validate_name(name)
+    if relayed_queue(name) is not None:
+        raise InvalidName(
+            f"invalid queue name {name!r}: names starting with 'chute.relay.' are reserved for the "
+            "cluster's relay queues"
+        )

@@ -307,7 +307,7 @@ def cluster_broker(config: ServerConfig):
         import asyncpg  # noqa: F401
     except ImportError as exc:
         raise InvalidArgument(f"--store needs asyncpg ({exc}): pip install 'chute[postgres]'") from None
-    from chute.cluster.node import ClusterNode
+    from chute.cluster.node import ClusterNode, default_node_name
     from chute.cluster.peers import Peers
     from chute.cluster.router import ClusterBroker
 
@@ -317,10 +317,11 @@ def cluster_broker(config: ServerConfig):
         "lease_s": config.cluster_lease_s,
         "heartbeat_s": None if heartbeat_s == 1.0 else heartbeat_s,  # the default: the node's own choice
     }
-    node = ClusterNode(config.store, config.node_name, host=config.advertise or config.host,
+    name = config.node_name or default_node_name(config.port)
+    node = ClusterNode(config.store, name, host=config.advertise or config.host,
                        fsync=config.fsync, broker_options={"max_message_bytes": config.max_message_bytes},
                        **{key: value for key, value in options.items() if value is not None})  # fmt: skip
-    return ClusterBroker(node, peers=Peers(config.node_name, token=config.token, tls=config.tls))
+    return ClusterBroker(node, peers=Peers(name, token=config.token, tls=config.tls))
 
 
 class PublishHold:

@@ -52,12 +52,14 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     store: str | None = None
     """A `postgresql://` URL: keep the broker's log and checkpoints in that PostgreSQL database (a stream named
     `node_name`) instead of `data_dir`, which then holds only the users file (docs/cluster.md)."""
-    node_name: str = "default"
-    """This node's name: with `store`, the name of its log stream; a node opening a stream takes it over."""
+    node_name: str | None = None
+    """With `store`: this node's name in the cluster (a process starting under a running name takes it over).
+    None: this machine's host name, plus `-<port>` when the native port is neither the default nor 0, so that
+    nodes on one machine listening on their own ports get their own names (chute.cluster.node.default_node_name)."""
     shards: int | None = None
     """With `store`: the cluster's number of shards, fixed when the first node sets the database up (None: the
     stored number, or 16 for a new cluster); a node given another number than the stored one refuses to start."""
-    cluster_lease_s: float = 10.0
+    cluster_lease_s: float = 5.0
     """With `store`: a node whose heartbeat is older than this is dead; the others take its shards over."""
     cluster_heartbeat_s: float = 1.0
     """With `store`: how often a node renews its heartbeat and its shards' leases (less than cluster_lease_s)."""
@@ -125,7 +127,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                                   f"({self.cluster_lease_s}), got {self.cluster_heartbeat_s!r}")  # fmt: skip
         if self.advertise is not None and (not self.advertise or not self.advertise.isprintable()):
             raise InvalidArgument("advertise must be a host name or address")
-        if not self.node_name or len(self.node_name) > 200 or not self.node_name.isprintable():
+        if self.node_name is not None and (not self.node_name or len(self.node_name) > 200
+                                           or not self.node_name.isprintable()):  # fmt: skip
             raise InvalidArgument("node_name must be 1 to 200 printable characters")
         return self
 

@@ -1,6 +1,7 @@
 """The HTTP listener (aiohttp, in the broker's own event loop): one app, each area adding its own routes.
 
-    /healthz              200 while serving, 503 while recovering, stopping or read-only (no auth)
+    /healthz              200 while serving, 503 while recovering, stopping, read-only or (a cluster node) cut off
+                          from the database; the body says which (no auth)
     /api/v1/...           the HTTP API (server/api/), /openapi.json and the API page
     /metrics              Prometheus text format (server/metrics.py)
     GET /, /ui/...        the web dashboard (server/dashboard/)
@@ -45,6 +46,13 @@ SERVER_KEY = web.AppKey("server", object)
 PRINCIPAL_KEY = web.RequestKey("principal", object)  # who a request authenticated as (server/auth.py)
 
 
+def _unhealthy(broker) -> str:
+    """Why a serving broker is unhealthy: a cluster node says (it cannot reach the database, its name was taken
+    over); a single broker's store failed, so it is read-only."""
+    reason = getattr(getattr(broker, "node", None), "unhealthy_reason", None)
+    return reason or "read-only"
+
+
 def make_app(server: Server) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[challenge_middleware()])  # 401s challenge
     app[SERVER_KEY] = server
@@ -52,7 +60,7 @@ def make_app(server: Server) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         state = server.state
         status = 200 if state == "serving" and server.broker.healthy else 503
-        body = {"status": state if state != "serving" or status == 200 else "read-only"}
+        body = {"status": state if state != "serving" or status == 200 else _unhealthy(server.broker)}
         return web.json_response(body, status=status)
 
     if getattr(server.broker, "routed", False):  # a cluster node: requests for other nodes' shards go there

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import attrgetter
@@ -183,6 +182,11 @@ class BrokerCollector(Collector):
         node = getattr(server.broker, "node", None)
         if node is not None:  # a cluster node (`--store`): its view of the cluster, even while starting
             yield from _cluster(node)
+            relays = getattr(server.broker, "relays", None)
+            if relays is not None:
+                yield _gauge("chute_cluster_relay_backlog", "Messages waiting in the relay queues of this node's "
+                             "shards for queues of other shards (fan-out and dead letters not forwarded yet).",
+                             sum(relays.lag().values()))  # fmt: skip
         if not self.readable():
             return
         yield from _loop_lag(server.loop_lag)
@@ -297,7 +301,6 @@ def _cluster(node) -> Iterator[Metric]:
     """A cluster node's families (chute.cluster.node.ClusterNode): its own view, read without a database call."""
     status = node.status()
     nodes = status["nodes"]
-    renewed_at = getattr(node, "_renewed_at", 0.0)  # monotonic time of the last renewal the database accepted
     yield _gauge("chute_cluster_shards", "Shards of the cluster (fixed by its first node).", status["shards"])
     yield _gauge("chute_cluster_node_shards", "Shards this node serves now.", len(status["serving"]))
     yield _gauge("chute_cluster_shards_unowned", "Shards without a live owner, as this node last read the "
@@ -309,10 +312,10 @@ def _cluster(node) -> Iterator[Metric]:
     yield _counter("chute_cluster_takeovers", "Shards this node opened (took over or claimed) since it started.",
                    status["takeovers"])  # fmt: skip
     yield _gauge("chute_cluster_database_reachable", "1 while this node's last heartbeat reached PostgreSQL, else 0.",
-                 int(bool(getattr(node, "_reachable", False))))  # fmt: skip
+                 int(node.database_reachable))  # fmt: skip
     yield _gauge("chute_cluster_heartbeat_age_seconds", "Seconds since this node's last heartbeat the database "
                  "accepted (past the lease, the node serves nothing).",
-                 time.monotonic() - renewed_at if renewed_at else float("inf"))  # fmt: skip
+                 node.heartbeat_age_s)  # fmt: skip
     yield _gauge("chute_cluster_node_healthy", "1 while this node runs, reaches the database, holds its lease "
                  "and its name, else 0.", int(status["healthy"]))  # fmt: skip
 

@@ -33,9 +33,10 @@ class LocalShard(Reply):
     queues: int
     topics: int
     healthy: bool
+    relay_backlog: int = 0  # messages in this shard's relay queues, not forwarded to other shards yet
 
 
-LOCAL_FIELDS = ("queues", "topics", "healthy")
+LOCAL_FIELDS = ("queues", "topics", "healthy", "relay_backlog")
 
 
 class ClusterStatus(Reply, omit_defaults=True):

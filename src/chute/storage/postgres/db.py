@@ -129,6 +129,10 @@ class Database:
         self.checkpointer: asyncpg.Connection | None = None
         self.reader: asyncpg.Connection | None = None
         self._connecting = asyncio.Lock()
+        # one read at a time on the reader connection: asyncpg refuses a second operation on a busy connection,
+        # and the retry below would then cut the first read's connection (two receives of bodies not cached,
+        # as after a takeover, broke each other)
+        self._reading = asyncio.Lock()
         self._submitting = threading.Lock()
         self._stopping = False
         # asyncio's own loop, not uvloop: closing a uvloop loop from the thread that stopped it runs libuv again,
@@ -305,16 +309,18 @@ class Database:
     # -- reads ------------------------------------------------------------------------------------------------
 
     async def read(self, refs: list[int]) -> dict[int, bytes]:
-        """The payloads of `refs` that exist. The reader connection is opened again once if it broke."""
-        try:
-            rows = await (await self._side("reader")).fetch(
-                READ, self.stream_id, refs, timeout=self.statement_timeout_s
-            )
-        except Exception:  # a broken connection shows in many ways (a server-side kill: often a protocol state)
-            with contextlib.suppress(Exception):
-                self.reader.terminate()
-            self.reader = await self._connect()
-            rows = await self.reader.fetch(READ, self.stream_id, refs, timeout=self.statement_timeout_s)
+        """The payloads of `refs` that exist. The reader connection is opened again once if it broke. Reads take
+        turns on that connection."""
+        async with self._reading:
+            try:
+                rows = await (await self._side("reader")).fetch(
+                    READ, self.stream_id, refs, timeout=self.statement_timeout_s
+                )
+            except Exception:  # a broken connection shows in many ways (a server-side kill: often a protocol state)
+                with contextlib.suppress(Exception):
+                    self.reader.terminate()
+                self.reader = await self._connect()
+                rows = await self.reader.fetch(READ, self.stream_id, refs, timeout=self.statement_timeout_s)
         return {row[0]: row[1] for row in rows}
 
     # -- end --------------------------------------------------------------------------------------------------

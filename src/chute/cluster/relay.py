@@ -1,0 +1,327 @@
+"""Relays: fan-out and dead-lettering to queues of other shards, as a transactional outbox in the source's shard.
+
+A subscription of a topic (shard A) to a queue of another shard (B) is made, in A, to a **relay queue**
+`chute.relay.<queue>`: an ordinary durable queue of A, so the topic's publish and its copy for the relay are
+one group commit in A (confirm = committed in the topic's shard, as for fan-out inside a shard). The node that
+serves A runs one **relay task** per relay queue: it receives a batch from the relay queue, publishes it into the
+real queue through the router (here, or on B's owner over the peer protocol), then acks the batch in A.
+
+    publish(topic) ──► shard A: topic ──► relay queue chute.relay.q ──(relay task)──► router ──► shard B: q
+                       (one commit in A)                      dedup id "chute.relay:<A>:<message id>[:<source>]"
+
+Invariants:
+- at-least-once: a batch is acked in A only after its publish into `q` was confirmed; a crash, a lost
+  connection or a takeover in between delivers the batch again (the relay queue's lease ends, or the new owner
+  of A recovers it as ready) and the relay publishes it again with the same dedup ids, so `q`'s dedup window
+  (`dedup_window_s`, 300 s by default) keeps the copy out; a retry later than that window duplicates;
+- order: one relay task per relay queue, one batch in flight, so a subscription's messages reach `q` in the
+  order the relay queue delivers them (priority, then publish order);
+- a relay task runs only on the node serving the relay queue's shard (it consumes its local broker); when the
+  shard moves, the task ends with the broker and the new owner starts its own (`Relays.scan`, on every change
+  of the node and every `SCAN_S`);
+- a relay queue that feeds no subscription any more is deleted once it is empty (after an unsubscribe, the
+  messages already in it are still forwarded); when `q` no longer exists, its relays' subscriptions are removed
+  and the relay queue deleted, as deleting a queue removes its subscriptions in one broker.
+
+Dead-letter queues of another shard work the same way: a queue of shard A whose dead-letter queue `d` lives in
+shard B dead-letters, in A, into relay queue `chute.relay.d` (its `dead_letter_queue` setting names the relay
+there; the router shows `d`), and the relay forwards each dead letter with two headers saying why and whence:
+`chute-dead-letter-reason` (max_deliveries, expired, overflow, rejected) and `chute-dead-letter-source` (the
+queue it left). The router turns them back into `Delivery.dead_letter_reason` and `dead_letter_source` for the
+native protocol and the CLI; the HTTP API, SQS and AMQP show them as headers. A dead letter whose `d` has been
+deleted meanwhile is dropped, as it is in one broker without a dead-letter queue.
+
+What a relayed copy keeps: body, headers, priority, FIFO group, the remaining TTL. Not kept: the message id
+(`q` numbers its own), the publisher's dedup id (replaced by the relay's; the topic applied the publisher's) and
+the subject (a queue publish carries none; the subscription's pattern already matched it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+
+import msgspec
+
+from chute.errors import BrokerClosed, ChuteError, QueueNotFound
+from chute.model import DEAD_LETTER_REASONS, Publish, QueueSettings, SubscriptionInfo, TopicInfo
+
+log = logging.getLogger("chute.cluster")
+
+PREFIX = "chute.relay."
+REASON_HEADER = "chute-dead-letter-reason"
+SOURCE_HEADER = "chute-dead-letter-source"
+MAX_HEADERS = 64  # model.MAX_HEADERS: a dead letter with more headers keeps its own and loses these two
+BATCH = 500  # messages per relayed publish: one group commit on each side
+BATCH_BYTES = 4 * 2**20  # and at most this many bytes of bodies (a batch of one may be larger)
+LEASE_S = 60.0  # a batch's lease in the relay queue: longer than a forwarded call's wait for an owner (15 s)
+WAIT_S = 1.0  # a relay's long poll; also how often an idle relay looks whether it is still needed
+RETRY_S = 0.5  # after a failed publish (the target's shard is being taken over), before the next try
+FAILED_RETRY_S = 5.0  # after a publish refused for good (a bug, or a limit): retried, logged, not dropped
+MAX_NAME_CHARS = 200  # model.NAME_RE: a queue name is at most 200 characters
+SCAN_S = 2.0  # how often the relay queues of this node's shards are looked for besides change events
+FRESH_S = 30.0  # a relay queue just made is never retired for feeding nothing yet: its subscription (or the
+# queue dead-lettering into it) is made right after it, and may take a while to commit on a loaded node
+
+# A relay queue never dead-letters (no max_deliveries) and never expires its messages (a message's own TTL
+# still applies): what it holds has been confirmed to a publisher.
+RELAY_SETTINGS = QueueSettings(lease_s=LEASE_S)
+
+
+def relay_name(queue: str) -> str:
+    """The relay queue that carries a topic shard's fan-out to `queue` of another shard."""
+    return PREFIX + queue
+
+
+def relayed_queue(name: str) -> str | None:
+    """The real queue a relay queue named `name` feeds, or None if `name` is not a relay queue's."""
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else None
+
+
+def fits(queue: str) -> bool:
+    """Can `queue` get a relay queue (its name plus the prefix within the name limit)?"""
+    return len(PREFIX) + len(queue) <= MAX_NAME_CHARS
+
+
+def real_subscription(info: SubscriptionInfo) -> SubscriptionInfo:
+    """A subscription to a relay queue as users see it: to the relay's queue."""
+    real = relayed_queue(info.queue)
+    return info if real is None else msgspec.structs.replace(info, queue=real)
+
+
+def real_topic(info: TopicInfo) -> TopicInfo:
+    """A topic as users see it: its subscriptions through relay queues name their real queues."""
+    if not any(relayed_queue(s.queue) is not None for s in info.subscriptions):
+        return info
+    return msgspec.structs.replace(info, subscriptions=[real_subscription(s) for s in info.subscriptions])
+
+
+def subscribed_name(broker, topic: str, pattern: str, queue: str) -> str:
+    """The queue name of `topic`'s subscription (`pattern`, `queue`) in `broker`: `queue`, or its relay queue's
+    when the subscription goes through one."""
+    found = broker.core.topics.get(topic)
+    relayed = (pattern, relay_name(queue))
+    if found is not None and (pattern, queue) not in found.subscriptions and relayed in found.subscriptions:
+        return relay_name(queue)
+    return queue
+
+
+def backlog(broker) -> int:
+    """Messages waiting in the relay queues of one shard's broker (ready, in flight or delayed)."""
+    total = 0
+    for name in [name for name in broker.core.queues if name.startswith(PREFIX)]:
+        stats = broker.queue_stats(name)
+        total += stats.ready + stats.in_flight + stats.delayed
+    return total
+
+
+class Relays:
+    """The relay tasks of one node's router: one per relay queue of a shard this node serves."""
+
+    def __init__(self, router) -> None:
+        self.router = router  # the root ClusterBroker: publishes go through it, to the queue's shard
+        self._tasks: dict[tuple[int, str], asyncio.Task] = {}
+        self._wake = asyncio.Event()
+        self._scanner: asyncio.Task | None = None
+        self.relayed = 0  # messages forwarded since start (for status)
+        self._closed = False
+        self._fresh: dict[str, float] = {}  # relay queue -> when this node made it (monotonic)
+
+    def made(self, name: str) -> None:
+        """Relay queue `name` was just made (or reused) for a subscription or a dead-letter queue: keep it."""
+        self._fresh[name] = time.monotonic()
+        self.changed()
+
+    def unused(self, name: str) -> None:
+        """A subscription through relay queue `name` ended: it may be retired as soon as it is empty."""
+        self._fresh.pop(name, None)
+        self.changed()
+
+    def _retirable(self, name: str) -> bool:
+        made = self._fresh.get(name)
+        if made is not None and time.monotonic() - made < FRESH_S:
+            return False
+        self._fresh.pop(name, None)
+        return True
+
+    def start(self) -> None:
+        self._scanner = asyncio.get_running_loop().create_task(self._scan_loop())
+
+    def changed(self) -> None:
+        """A shard came or went, or a subscription changed: look again now."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._scanner, *self._tasks.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def lag(self) -> dict[int, int]:
+        """Messages waiting in the relay queues of each shard served here (ready, in flight or delayed)."""
+        return {shard: backlog(broker) for shard, broker in self._served().items()}
+
+    def _served(self) -> dict[int, object]:
+        node = self.router.node
+        found = {}
+        for shard in range(node.shards):
+            broker = node.local_broker(shard)
+            if broker is not None and broker._state == "serving":
+                found[shard] = broker
+        return found
+
+    async def _scan_loop(self) -> None:
+        while not self._closed:
+            self.scan()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SCAN_S):
+                    await self._wake.wait()
+
+    def scan(self) -> None:
+        """Start a relay task for every relay queue of a served shard that has none running."""
+        for key, task in list(self._tasks.items()):
+            if task.done():
+                del self._tasks[key]
+        if self.router._draining:  # the server stops: long polls end at once; relays resume on the next owner
+            return
+        for shard, broker in self._served().items():
+            for name in list(broker.core.queues):
+                if name.startswith(PREFIX) and (shard, name) not in self._tasks:
+                    task = asyncio.get_running_loop().create_task(self._relay(shard, broker, name))
+                    self._tasks[(shard, name)] = task
+
+    async def _relay(self, shard: int, broker, name: str) -> None:
+        """Forward relay queue `name` of `shard` while this node serves it with `broker`."""
+        target = relayed_queue(name)
+        deliveries: list = []
+        try:
+            while self.router.node.local_broker(shard) is broker and name in broker.core.queues:
+                if self.router._draining:
+                    return
+                deliveries = await broker.receive(name, BATCH, wait_s=WAIT_S, lease_s=LEASE_S, max_bytes=BATCH_BYTES)
+                if not deliveries:
+                    if self._retirable(name) and await _retire_if_unused(broker, name):
+                        return
+                    continue
+                try:
+                    await self.router.publish_batch(target, [_copy(shard, d) for d in deliveries])
+                except QueueNotFound:
+                    if await _target_gone(broker, name, target, deliveries):
+                        return
+                    continue
+                except ChuteError as exc:
+                    # retryable (the queue's shard is being taken over, its queue is full): try again soon;
+                    # anything else is logged and retried slowly, visible as the relay queue's depth
+                    log.log(logging.INFO if exc.retryable else logging.ERROR, "relay %s of shard %d: cannot "
+                            "publish to %r yet: %s", name, shard, target, exc.message)  # fmt: skip
+                    with contextlib.suppress(ChuteError):
+                        await broker.nack(name, [d.receipt for d in deliveries])
+                    # a back-off, not a wait for a condition: nothing announces that the owner came back
+                    await asyncio.sleep(RETRY_S if exc.retryable else FAILED_RETRY_S)
+                    continue
+                await broker.ack(name, [d.receipt for d in deliveries])
+                self.relayed += len(deliveries)
+                deliveries = []
+        except (BrokerClosed, QueueNotFound):
+            return  # the shard was handed back or dropped (its new owner relays), or the relay queue deleted
+        except ChuteError as exc:  # an ack refused, or the shard's store failed: the scan restarts us (the node
+            # reopens a failed shard); what this batch leased is given back now rather than when its lease ends
+            log.warning("relay %s of shard %d stopped: %s", name, shard, exc.message)
+            if deliveries:
+                with contextlib.suppress(ChuteError):
+                    await broker.nack(name, [d.receipt for d in deliveries])
+
+
+def _copy(shard: int, delivery) -> Publish:
+    message = delivery.message
+    ttl_s = None
+    if message.expires_at is not None:
+        ttl_s = max(0.001, message.expires_at - time.time())
+    headers = message.headers or None
+    if delivery.dead_letter_reason is not None and len(headers or ()) <= MAX_HEADERS - 2:
+        headers = {**(headers or {}), REASON_HEADER: delivery.dead_letter_reason,
+                   SOURCE_HEADER: delivery.dead_letter_source or ""}  # fmt: skip
+    return Publish(body=message.body, headers=headers, priority=message.priority,
+                   group=message.group, ttl_s=ttl_s, dedup_id=relay_dedup_id(shard, delivery))  # fmt: skip
+
+
+def relay_dedup_id(shard: int, delivery) -> str:
+    """The dedup id of a relayed copy: the same each time the same entry of the relay queue is forwarded
+    (message ids are unique in a shard and kept by recovery). A dead letter adds its source queue (hashed, to
+    stay within the 128 characters of a dedup id): one message fanned out to two queues of the shard that both
+    dead-letter into the relay is two dead letters."""
+    dedup_id = f"chute.relay:{shard}:{delivery.message.id}"
+    if delivery.dead_letter_reason is not None:
+        source = (delivery.dead_letter_source or "").encode()
+        dedup_id += ":" + hashlib.blake2s(source, digest_size=8).hexdigest()
+    return dedup_id
+
+
+def _feeding(broker, name: str) -> list[tuple[str, str]]:
+    """(topic, pattern) of the subscriptions of `broker` that feed queue `name`."""
+    return [(topic.name, sub.pattern) for topic in list(broker.core.topics.values())
+            for sub in list(topic.subscriptions.values()) if sub.queue.name == name]  # fmt: skip
+
+
+def _dead_lettering(broker, name: str) -> list[str]:
+    """The queues of `broker` whose dead-letter queue is `name`."""
+    return [q.name for q in list(broker.core.queues.values()) if q.settings.dead_letter_queue == name]
+
+
+def lift_dead_letter(delivery) -> None:
+    """A relayed dead letter as one broker would hand it out: its reason and source queue from its headers back
+    in the delivery's fields (the headers go)."""
+    headers = delivery.message.headers
+    if headers and REASON_HEADER in headers and delivery.dead_letter_reason is None:
+        reason, source = headers[REASON_HEADER], headers.get(SOURCE_HEADER)
+        kept = {key: value for key, value in headers.items() if key not in (REASON_HEADER, SOURCE_HEADER)}
+        delivery.message = msgspec.structs.replace(delivery.message, headers=kept)  # (messages may be shared)
+        delivery.dead_letter_source = source or None
+        if reason in DEAD_LETTER_REASONS:
+            delivery.dead_letter_reason = reason
+
+
+def real_settings(info):
+    """A QueueInfo as users see it: a dead-letter queue behind a relay queue by its own name."""
+    real = relayed_queue(info.settings.dead_letter_queue or "")
+    if real is None:
+        return info
+    return msgspec.structs.replace(info, settings=msgspec.structs.replace(info.settings, dead_letter_queue=real))
+
+
+async def _retire_if_unused(broker, name: str) -> bool:
+    """Delete relay queue `name` if it feeds nothing and holds nothing; True if it is gone."""
+    if name not in broker.core.queues:
+        return True
+    if _feeding(broker, name) or _dead_lettering(broker, name):
+        return False
+    stats = broker.queue_stats(name)
+    if stats.ready or stats.in_flight or stats.delayed:
+        return False
+    await broker.delete_queue(name)
+    log.info("relay queue %s deleted: no subscription feeds it any more", name)
+    return True
+
+
+async def _target_gone(broker, name: str, target: str, deliveries) -> bool:
+    """`target` was deleted: its subscriptions through this relay end, and the relay queue with them; while
+    queues still dead-letter into the relay, their dead letters are dropped (as without a dead-letter queue).
+    True if the relay queue is gone."""
+    for topic, pattern in _feeding(broker, name):
+        with contextlib.suppress(ChuteError):
+            await broker.unsubscribe(topic, pattern, name)
+    if _dead_lettering(broker, name):
+        log.warning("relay %s: dead-letter queue %r no longer exists; %d dead letters of %s dropped", name, target,
+                    len(deliveries), ", ".join(_dead_lettering(broker, name)))  # fmt: skip
+        await broker.ack(name, [d.receipt for d in deliveries])
+        return False
+    with contextlib.suppress(ChuteError):
+        await broker.delete_queue(name)
+    log.info("relay queue %s deleted: its queue %r no longer exists", name, target)
+    return True
