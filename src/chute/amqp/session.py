@@ -189,13 +189,13 @@ class AmqpSession(asyncio.Protocol):
         """Hand the gathered acks and nacks to the broker now (nacks each in its own task, started in order).
         Acks are applied at once and ride with the next group commit (`Broker.ack_lazy`): a basic.ack has no
         reply, so nobody waits for it to be durable; tx.commit, which answers only once they are, asks for
-        `durable_acks` (each ack then in its own task too), and a broker without `ack_lazy` (a cluster node's
-        `ClusterBroker`) gets durable acks too."""
+        `durable_acks` (each ack then in its own task too). A cluster node's `ClusterBroker` has `ack_lazy` too:
+        lazy on its own shards, a durable ack forwarded in the background for another node's."""
         if not self._settles:
             return []
         settles, self._settles = self._settles, {}
         broker = self.broker
-        ack_lazy = None if durable_acks else getattr(broker, "ack_lazy", None)  # a cluster node's broker has none
+        ack_lazy = None if durable_acks else getattr(broker, "ack_lazy", None)
         tasks = []
         for (queue, action), receipts in settles.items():
             if action == "ack" and ack_lazy is None:
