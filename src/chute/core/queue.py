@@ -30,6 +30,8 @@ Invariants:
 from __future__ import annotations
 
 import heapq
+from array import array
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
 
@@ -40,7 +42,9 @@ from chute.core.ids import publish_time
 from chute.core.ratelimit import TokenBucket
 from chute.model import QueueSettings
 
-READY, WAITING, DELAYED, IN_FLIGHT, GONE = range(5)
+READY, WAITING, DELAYED, IN_FLIGHT, GONE, PACKED = range(6)
+# PACKED: the state of a *view*, an Entry made to show (or name, for `Queue.remove`) a message that lives in a
+# packed line as columns; changing a view changes nothing else
 
 LINE_SLACK = 1024  # lazily removed entries tolerated in a queue's ready lines before they are rebuilt
 
@@ -74,49 +78,186 @@ def _by_id(entry: Entry) -> int:
     return entry.id
 
 
-class _Level:
-    """Ready entries of one priority: `fresh` in id order, `returned` a heap of (id, identity, entry)."""
+_PACKED_SIZE_LIMIT = 2**31  # sizes are packed as 32-bit ints; a larger message stays an Entry
 
-    __slots__ = ("fresh", "returned")
+
+def _is_plain(entry: Entry) -> bool:
+    """True if a ready entry holds nothing but id, ref and size (and its level's priority): it can be packed."""
+    return (
+        entry.group is None
+        and not entry.expires
+        and not entry.deliveries
+        and entry.dead is None
+        and not entry.receipt
+        and entry.size < _PACKED_SIZE_LIMIT
+    )
+
+
+class _Packed:
+    """The plain ready messages of one priority, in id order, as columns: `ids`, `refs` (64-bit), `sizes` (32-bit;
+    -1 marks a slot removed lazily), 20 bytes a message and no object. `head` is the first slot not yet taken;
+    the consumed prefix is cut off once it passes half the arrays (amortised O(1) per message), and the arrays are
+    emptied (their memory freed) when the last slot is taken."""
+
+    __slots__ = ("ids", "refs", "sizes", "head")
 
     def __init__(self) -> None:
+        self.ids = array("q")
+        self.refs = array("q")
+        self.sizes = array("i")
+        self.head = 0
+
+    def __len__(self) -> int:
+        return len(self.ids) - self.head
+
+    def accepts(self, message_id: int) -> bool:
+        """True if `message_id` can go at the tail (newer than every slot, or the line is empty)."""
+        return self.head == len(self.ids) or self.ids[-1] < message_id
+
+    def append(self, message_id: int, ref: int, size: int) -> None:
+        if self.head and self.head == len(self.ids):
+            self._reset()
+        self.ids.append(message_id)
+        self.refs.append(ref)
+        self.sizes.append(size)
+
+    def tidy(self) -> None:
+        """Skip removed slots at the head; cut the consumed prefix when it is long."""
+        sizes, head, n = self.sizes, self.head, len(self.ids)
+        while head < n and sizes[head] < 0:
+            head += 1
+        self.head = head
+        if head == n:
+            if n:
+                self._reset()
+        elif head > 4096 and head * 2 > n:
+            del self.ids[:head], self.refs[:head], self.sizes[:head]
+            self.head = 0
+
+    def _reset(self) -> None:
+        self.ids = array("q")
+        self.refs = array("q")
+        self.sizes = array("i")
+        self.head = 0
+
+    def find(self, message_id: int) -> int:
+        """The index of the live slot of `message_id`, or -1."""
+        ids = self.ids
+        i = bisect_left(ids, message_id, self.head)
+        if i < len(ids) and ids[i] == message_id and self.sizes[i] >= 0:
+            return i
+        return -1
+
+    def rebuild(self) -> None:
+        """Keep only the live slots (order kept)."""
+        h = self.head
+        live = [i for i, size in enumerate(self.sizes[h:], h) if size >= 0]
+        ids, refs, sizes = self.ids, self.refs, self.sizes
+        self.ids = array("q", [ids[i] for i in live])
+        self.refs = array("q", [refs[i] for i in live])
+        self.sizes = array("i", [sizes[i] for i in live])
+        self.head = 0
+
+    def live(self) -> tuple[array, array, array]:
+        """Copies of the live slots' columns (C-speed when nothing was removed lazily)."""
+        h = self.head
+        ids, refs, sizes = self.ids[h:], self.refs[h:], self.sizes[h:]
+        if -1 in sizes:
+            keep = [i for i, size in enumerate(sizes) if size >= 0]
+            ids = array("q", [ids[i] for i in keep])
+            refs = array("q", [refs[i] for i in keep])
+            sizes = array("i", [sizes[i] for i in keep])
+        return ids, refs, sizes
+
+    def views(self, priority: int) -> Iterator[Entry]:
+        """A view (a new Entry in state PACKED) of each live slot, in id order, lazily."""
+        ids, refs, sizes = self.ids, self.refs, self.sizes
+        i = self.head
+        while i < len(ids):
+            size = sizes[i]
+            if size >= 0:
+                yield Entry(ids[i], refs[i], size, priority, None, 0.0, 0, None, 0.0, PACKED)
+            i += 1
+
+
+class _Level:
+    """Ready entries of one priority: `packed` (plain messages, in id order, as columns), `fresh` (other entries,
+    in id order) and `returned` (a heap of (id, identity, entry): entries older than their line's tail)."""
+
+    __slots__ = ("priority", "packed", "fresh", "returned")
+
+    def __init__(self, priority: int) -> None:
+        self.priority = priority
+        self.packed = _Packed()
         self.fresh: deque[Entry] = deque()
         self.returned: list[tuple[int, int, Entry]] = []  # (id, identity tie-break, entry)
 
     def push(self, entry: Entry) -> None:
-        fresh = self.fresh
-        if not fresh or fresh[-1].id < entry.id:
-            fresh.append(entry)
+        """Add a READY entry. A plain one newer than the packed tail is packed: the entry becomes a view."""
+        if _is_plain(entry):
+            packed = self.packed
+            if packed.accepts(entry.id):
+                packed.append(entry.id, entry.ref, entry.size)
+                entry.state = PACKED
+                return
         else:
-            heapq.heappush(self.returned, (entry.id, id(entry), entry))
+            fresh = self.fresh
+            if not fresh or fresh[-1].id < entry.id:
+                fresh.append(entry)
+                return
+        heapq.heappush(self.returned, (entry.id, id(entry), entry))
+
+    def front(self) -> int:
+        """Which line holds the next READY entry (smallest id): 1 packed, 2 fresh, 3 returned, 0 none. Drops
+        removed entries met at the fronts."""
+        self.tidy_front()
+        packed, fresh, returned = self.packed, self.fresh, self.returned
+        best, which = None, 0
+        if packed.head < len(packed.ids):
+            best, which = packed.ids[packed.head], 1
+        if fresh and (best is None or fresh[0].id < best):
+            best, which = fresh[0].id, 2
+        if returned and (best is None or returned[0][0] < best):
+            which = 3
+        return which
+
+    def peek(self, which: int) -> Entry:
+        """The front entry of line `which` (see `front`): a view for the packed line."""
+        if which == 1:
+            p = self.packed
+            h = p.head
+            return Entry(p.ids[h], p.refs[h], p.sizes[h], self.priority, None, 0.0, 0, None, 0.0, PACKED)
+        return self.fresh[0] if which == 2 else self.returned[0][2]
+
+    def take(self, which: int) -> Entry:
+        """Remove and return the front entry of line `which`, READY (made for a packed slot)."""
+        if which == 1:
+            p = self.packed
+            h = p.head
+            entry = Entry(p.ids[h], p.refs[h], p.sizes[h], self.priority, None, 0.0, 0, None, 0.0, READY)
+            p.head = h + 1
+            p.tidy()
+            return entry
+        if which == 2:
+            return self.fresh.popleft()
+        return heapq.heappop(self.returned)[2]
 
     def head(self) -> Entry | None:
-        """The next READY entry (smallest id), dropping GONE ones met on the way; None if empty."""
-        fresh, returned = self.fresh, self.returned
-        while fresh and fresh[0].state != READY:
-            fresh.popleft()
-        while returned and returned[0][2].state != READY:
-            heapq.heappop(returned)
-        if returned and (not fresh or returned[0][0] < fresh[0].id):
-            return returned[0][2]
-        return fresh[0] if fresh else None
+        """The next READY entry (a view if packed), dropping removed ones met on the way; None if empty."""
+        which = self.front()
+        return self.peek(which) if which else None
 
     def pop(self) -> Entry | None:
-        entry = self.head()
-        if entry is None:
-            return None
-        if self.returned and self.returned[0][2] is entry:
-            heapq.heappop(self.returned)
-        else:
-            self.fresh.popleft()
-        return entry
+        which = self.front()
+        return self.take(which) if which else None
 
     def __len__(self) -> int:
-        return len(self.fresh) + len(self.returned)
+        return len(self.packed) + len(self.fresh) + len(self.returned)
 
     def tidy_front(self) -> None:
-        """Drop entries that are no longer READY from the front of both lines."""
+        """Drop entries that are no longer READY from the front of every line."""
         fresh, returned = self.fresh, self.returned
+        self.packed.tidy()
         while fresh and fresh[0].state != READY:
             fresh.popleft()
         while returned and returned[0][2].state != READY:
@@ -124,17 +265,26 @@ class _Level:
 
     def rebuild(self) -> None:
         """Keep only the READY entries (order kept)."""
+        self.packed.rebuild()
         self.fresh = deque(e for e in self.fresh if e.state == READY)
         self.returned = [item for item in self.returned if item[2].state == READY]
         heapq.heapify(self.returned)
 
-    def entries(self) -> Iterator[Entry]:
+    def objects(self) -> Iterator[Entry]:
+        """The READY entries that are objects (not packed), in no particular order."""
         for entry in self.fresh:
             if entry.state == READY:
                 yield entry
         for _, _, entry in self.returned:
             if entry.state == READY:
                 yield entry
+
+    def in_order(self) -> Iterator[Entry]:
+        """Every READY entry in id order (views for packed ones), lazily; sorts only the (small) returned heap."""
+        lines = [self.packed.views(self.priority), (e for e in self.fresh if e.state == READY)]
+        if self.returned:
+            lines.append(item[2] for item in sorted(self.returned) if item[2].state == READY)
+        return heapq.merge(*lines, key=_by_id)
 
 
 class Queue:
@@ -228,24 +378,50 @@ class Queue:
         return became_ready
 
     def _add_plain(self, entries: list[Entry]) -> bool:
-        """The common batch, placed in one go: every entry ready now, of priority 0, with no group, newer than the
-        tail of the priority-0 line (a publish's entries, in id order). False (nothing done) for any other."""
+        """The common batch, packed in one go: every entry plain and ready now, of priority 0, newer than the tail
+        of the priority-0 packed line (a publish's entries, in id order); they become views. False (nothing done)
+        for any other."""
         level = self.levels.get(0)
         if level is None or not entries:
             return False
-        fresh = level.fresh
-        last = fresh[-1].id if fresh else -1
+        packed = level.packed
+        last = packed.ids[-1] if packed.head < len(packed.ids) else -1
         size = 0
         for entry in entries:
-            if entry.deadline or entry.priority or entry.group is not None or entry.id <= last:
+            if entry.deadline or entry.priority or not _is_plain(entry) or entry.id <= last:
                 return False
             last = entry.id
             size += entry.size
+        if packed.head and packed.head == len(packed.ids):
+            packed.tidy()
+        ids, refs, sizes = packed.ids, packed.refs, packed.sizes
         for entry in entries:
-            entry.state = READY
-        fresh.extend(entries)
+            entry.state = PACKED
+            ids.append(entry.id)
+            refs.append(entry.ref)
+            sizes.append(entry.size)
         self.ready += len(entries)
         self.bytes += size
+        return True
+
+    def load_packed(self, priority: int, ids: array, refs: array, sizes: array) -> bool:
+        """Recovery's fast path: place plain ready messages given as columns (ids ascending, all newer than the
+        level's packed tail). False (nothing done) if they do not fit that rule."""
+        if not ids:
+            return True
+        level = self.levels.get(priority)
+        if level is None:
+            level = self.levels[priority] = _Level(priority)
+            self.priorities = sorted(self.levels, reverse=True)
+        packed = level.packed
+        if not packed.accepts(ids[0]) or any(a >= b for a, b in zip(ids, ids[1:])) or min(sizes) < 0:
+            return False
+        packed.tidy()
+        packed.ids.extend(ids)
+        packed.refs.extend(refs)
+        packed.sizes.extend(sizes)
+        self.ready += len(ids)
+        self.bytes += sum(sizes)
         return True
 
     def undelay(self, entry: Entry) -> None:
@@ -274,41 +450,52 @@ class Queue:
         entry.state = READY
         level = self.levels.get(entry.priority)
         if level is None:
-            level = self.levels[entry.priority] = _Level()
+            level = self.levels[entry.priority] = _Level(entry.priority)
             self.priorities = sorted(self.levels, reverse=True)
         level.push(entry)
         self.ready += 1
 
     def pop_many(self, count: int, max_bytes: int | None = None, *, first_may_exceed: bool = True) -> list[Entry]:
         """Take up to `count` ready entries in delivery order (highest priority, then oldest); the caller leases
-        or removes them. With `max_bytes`, stop before the bodies would add up to more (but take the first entry
-        whatever its size if `first_may_exceed`): a batch that has to fit a frame."""
+        or removes them (packed messages are made into entries here). With `max_bytes`, stop before the bodies
+        would add up to more (but take the first entry whatever its size if `first_may_exceed`): a batch that has
+        to fit a frame."""
         taken: list[Entry] = []
         room = max_bytes  # body bytes still allowed; below 0 only after a first entry larger than the budget
         for priority in self.priorities:
             level = self.levels[priority]
-            fresh = level.fresh
-            while len(taken) < count:
-                if level.returned:
-                    entry = level.head()
-                    if entry is None:
+            if not level.fresh and not level.returned:  # the packed line alone: read its columns in a tight loop
+                packed = level.packed
+                ids, refs, sizes = packed.ids, packed.refs, packed.sizes
+                i, n = packed.head, len(ids)
+                while i < n and len(taken) < count:
+                    size = sizes[i]
+                    if size < 0:
+                        i += 1
+                        continue
+                    if room is not None:
+                        if size > room and (taken or not first_may_exceed):
+                            count = len(taken)
+                            break
+                        room -= size
+                    taken.append(Entry(ids[i], refs[i], size, priority, None, 0.0, 0, None, 0.0, READY))
+                    i += 1
+                packed.head = i
+                packed.tidy()
+            else:
+                while len(taken) < count:
+                    which = level.front()
+                    if not which:
                         break
-                else:
-                    while fresh and fresh[0].state != READY:
-                        fresh.popleft()
-                    if not fresh:
-                        break
-                    entry = fresh[0]  # no returned entries: the fresh deque alone is in order
-                if room is not None:
-                    if entry.size > room and (taken or not first_may_exceed):
-                        count = len(taken)  # full: ends the outer loop too
-                        break
-                    room -= entry.size
-                if level.returned:
-                    level.pop()
-                else:
-                    fresh.popleft()
-                taken.append(entry)
+                    if room is not None:
+                        size = level.peek(which).size
+                        if size > room and (taken or not first_may_exceed):
+                            count = len(taken)  # full: ends the outer loop too
+                            break
+                        room -= size
+                    entry = level.take(which)
+                    entry.state = READY
+                    taken.append(entry)
             if len(taken) >= count:
                 break
         self.ready -= len(taken)
@@ -324,14 +511,9 @@ class Queue:
         return best
 
     def ready_by_age(self) -> Iterator[Entry]:
-        """Ready entries, oldest (smallest id) first, lazily and without changing anything: drop-oldest's
-        candidates. Take what is needed before changing the queue."""
-        lines = []
-        for level in self.levels.values():
-            lines.append(e for e in level.fresh if e.state == READY)
-            if level.returned:
-                lines.append(item[2] for item in sorted(level.returned) if item[2].state == READY)
-        return heapq.merge(*lines, key=_by_id)
+        """Ready entries (views for packed ones), oldest (smallest id) first, lazily and without changing
+        anything: drop-oldest's candidates. Take what is needed before changing the queue."""
+        return heapq.merge(*(level.in_order() for level in self.levels.values()), key=_by_id)
 
     def overflow(self, sizes: list[int]) -> tuple[list[Entry], list[int]]:
         """drop-oldest, for new messages of `sizes` (oldest first): the ready entries to drop (oldest first) and
@@ -390,6 +572,9 @@ class Queue:
         state = entry.state
         if state == GONE:
             return
+        if state == PACKED:
+            self._remove_packed(entry)
+            return
         if state == IN_FLIGHT:
             del self.in_flight[entry.receipt]
         elif entry.receipt:
@@ -413,6 +598,18 @@ class Queue:
             self._tidy(entry.priority)
         if entry.group is not None and self.settings.fifo and state != DELAYED:
             self._promote(entry.group)
+
+    def _remove_packed(self, view: Entry) -> None:
+        """Remove the message a view names from its packed line (lazily: its slot is marked), if still there."""
+        level = self.levels.get(view.priority)
+        i = level.packed.find(view.id) if level is not None else -1
+        view.state = GONE
+        if i < 0:
+            return
+        level.packed.sizes[i] = -1
+        self.ready -= 1
+        self.bytes -= view.size
+        self._tidy(view.priority)
 
     def _tidy(self, priority: int) -> None:
         """After a READY entry was removed lazily: drop dead entries at the front of its line, and rebuild the
@@ -438,37 +635,88 @@ class Queue:
     # -- browsing ---------------------------------------------------------------------------------------------
 
     def entries(self) -> Iterator[Entry]:
-        """Every live entry: ready (in delivery order per priority), waiting, delayed, in flight. Lazy: taking the
-        first few (a peek) costs a few steps, not a sort of the whole backlog."""
+        """Every live entry: ready (in delivery order per priority; views for packed ones), waiting, delayed, in
+        flight. Lazy: taking the first few (a peek) costs a few steps, not a sort of the whole backlog."""
         for priority in self.priorities:
-            level = self.levels[priority]
-            fresh = (e for e in level.fresh if e.state == READY)  # already in id order
-            returned = [item[2] for item in sorted(level.returned) if item[2].state == READY]
-            yield from heapq.merge(fresh, returned, key=_by_id)
+            yield from self.levels[priority].in_order()
         for waiting in self.groups.values():
             yield from waiting
         yield from sorted(self.delayed, key=lambda e: e.id)
         yield from self.in_flight.values()
 
-    def backlog(self) -> Iterator[Entry]:
-        """Every live entry not in flight (ready, waiting, delayed), lazily and in no particular order; the oldest
-        ready ones come first. For taking a purge in steps (nothing may change while it is iterated)."""
+    def objects(self) -> Iterator[Entry]:
+        """Every live entry that is an object (all but the packed messages), in no particular order."""
         for level in self.levels.values():
-            for entry in level.fresh:
-                if entry.state == READY:
-                    yield entry
-            for item in level.returned:
-                if item[2].state == READY:
-                    yield item[2]
+            yield from level.objects()
+        for waiting in self.groups.values():
+            yield from waiting
+        yield from self.delayed
+        yield from self.in_flight.values()
+
+    def packed_columns(self) -> list[tuple[int, array, array, array]]:
+        """(priority, ids, refs, sizes) of each level's live packed messages: copies, no object per message."""
+        return [(p, *level.packed.live()) for p, level in self.levels.items() if len(level.packed)]
+
+    def refs(self) -> Iterator[int]:
+        """The ref of every live entry (packed ones read from their columns)."""
+        for level in self.levels.values():
+            packed = level.packed
+            for ref, size in zip(packed.refs[packed.head :], packed.sizes[packed.head :]):
+                if size >= 0:
+                    yield ref
+        for entry in self.objects():
+            yield entry.ref
+
+    def find_packed(self, message_id: int) -> Entry | None:
+        """A view of the packed message `message_id` (any priority), or None."""
+        for priority, level in self.levels.items():
+            packed = level.packed
+            i = packed.find(message_id)
+            if i >= 0:
+                return Entry(message_id, packed.refs[i], packed.sizes[i], priority, None, 0.0, 0, None, 0.0, PACKED)
+        return None
+
+    def unpack(self, view: Entry) -> Entry | None:
+        """Make the packed message a view names an object (READY, in its line's heap: it keeps its place), for a
+        change a packed slot cannot hold (a delivery count); None if it is no longer packed."""
+        level = self.levels.get(view.priority)
+        i = level.packed.find(view.id) if level is not None else -1
+        if i < 0:
+            return None
+        packed = level.packed
+        entry = Entry(view.id, packed.refs[i], packed.sizes[i], view.priority, None, 0.0, 0, None, 0.0, READY)
+        packed.sizes[i] = -1
+        packed.tidy()
+        heapq.heappush(level.returned, (entry.id, id(entry), entry))
+        view.state = GONE
+        return entry
+
+    def repoint_packed(self, priority: int, message_id: int, old: int | None, new: int) -> bool:
+        """Point the packed message `message_id` at `new` if it is there (and at `old`, unless None)."""
+        level = self.levels.get(priority)
+        i = level.packed.find(message_id) if level is not None else -1
+        if i < 0 or (old is not None and level.packed.refs[i] != old):
+            return False
+        level.packed.refs[i] = new
+        return True
+
+    def backlog(self) -> Iterator[Entry]:
+        """Every live entry not in flight (ready, waiting, delayed; views for packed ones), lazily and in no
+        particular order; the oldest ready ones come first. For taking a purge in steps (nothing may change while
+        it is iterated)."""
+        for level in self.levels.values():
+            yield from level.packed.views(level.priority)
+            yield from level.objects()
         for waiting in self.groups.values():
             yield from waiting
         yield from self.delayed
 
-    def detach(self) -> list[list[Entry]]:
-        """Empty the queue at once, without touching its entries; return them (as `entry_lists`) for the caller
-        to release in steps. Only for a queue that is being deleted: its entries are never looked at again by
-        the queue (its timers find it unregistered)."""
-        lists = self.entry_lists()
+    def detach(self) -> list[list[Entry] | array]:
+        """Empty the queue at once, without touching its entries; return them (as `entry_lists`, plus an array of
+        refs per packed line) for the caller to release in steps. Only for a queue that is being deleted: its
+        entries are never looked at again by the queue (its timers find it unregistered)."""
+        lists: list[list[Entry] | array] = [refs for _, _, refs, _ in self.packed_columns()]
+        lists += self.entry_lists()
         self.levels = {}
         self.priorities = []
         self.in_flight = {}
@@ -480,7 +728,8 @@ class Queue:
         return lists
 
     def clear(self, *, in_flight: bool = False) -> list[Entry]:
-        """Remove every entry that is not in flight (purge), or every entry with `in_flight`; return them."""
+        """Remove every entry that is not in flight (purge), or every entry with `in_flight`; return them (views
+        for packed ones)."""
         removed = [e for e in self.entries() if in_flight or e.state != IN_FLIGHT]
         for entry in removed:
             entry.state = GONE
@@ -497,13 +746,33 @@ class Queue:
         self.groups = {g: deque() for g in heads} if self.settings.fifo else {}
         return removed
 
+    def drop_packed_except(self, kept: set[int]) -> int:
+        """Remove every packed message whose id is not in `kept` (a purge being replayed); return how many."""
+        count = 0
+        for level in self.levels.values():
+            packed = level.packed
+            for i in range(packed.head, len(packed.ids)):
+                size = packed.sizes[i]
+                if size >= 0 and packed.ids[i] not in kept:
+                    packed.sizes[i] = -1
+                    self.ready -= 1
+                    self.bytes -= size
+                    count += 1
+            packed.tidy()
+        if count:
+            for level in self.levels.values():
+                level.rebuild()
+        return count
+
     def entry_lists(self) -> list[list[Entry]]:
-        """Every structure that holds entries, each copied as a plain list at C speed (so ~1 ms per 100,000
+        """Every structure that holds entry objects, each copied as a plain list at C speed (so ~1 ms per 100,000
         entries): for walks done in slices between which the queue changes (compaction's scan). No order; may
-        include entries already GONE (lazily removed), and an entry may appear twice (a stale heap item)."""
+        include entries already GONE (lazily removed), and an entry may appear twice (a stale heap item). Packed
+        messages are not in them: see `packed_columns`."""
         lists = []
         for level in self.levels.values():
-            lists.append(list(level.fresh))
+            if level.fresh:
+                lists.append(list(level.fresh))
             if level.returned:
                 lists.append([item[2] for item in level.returned])
         lists.extend(list(waiting) for waiting in self.groups.values() if waiting)
@@ -513,4 +782,6 @@ class Queue:
 
     def newest_ref(self) -> int:
         """The ref of the newest ready entry of any priority (0 if none): cheap, a bound for compaction's probe."""
-        return max((level.fresh[-1].ref for level in self.levels.values() if level.fresh), default=0)
+        refs = [level.packed.refs[-1] for level in self.levels.values() if len(level.packed)]
+        refs += [level.fresh[-1].ref for level in self.levels.values() if level.fresh]
+        return max(refs, default=0)

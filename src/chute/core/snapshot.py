@@ -24,7 +24,7 @@ from array import array
 
 import msgspec
 
-from chute.core.queue import DELAYED, GONE, Entry, Queue
+from chute.core.queue import DELAYED, GONE, PACKED, Entry, Queue
 
 VERSION = 1  # the image: the state as of the checkpoint's position
 TAILED = 2  # a compressed image of the state at an earlier position, plus the records appended since
@@ -135,14 +135,58 @@ def decode_entries(columns: EntryColumns) -> list[Entry]:
 
 
 def queue_image(queue: Queue, pending: list[Entry]) -> QueueImage:
-    entries = list(queue.entries()) + pending
+    """A queue's image. Packed messages are written from their columns, with no object each, when they are all
+    of one priority and nothing else is stored (the common backlog); otherwise every entry is listed and sorted."""
+    packed = queue.packed_columns()
+    objects = list(queue.objects()) + pending
+    if not objects and len(packed) <= 1:
+        columns = _plain_columns(*packed[0]) if packed else encode_entries([])
+    else:
+        views = [e for priority, ids, refs, sizes in packed for e in _views(priority, ids, refs, sizes)]
+        columns = encode_entries(objects + views)
     return QueueImage(
         queue.id,
         queue.name,
         msgspec.to_builtins(queue.settings),
-        encode_entries(entries),
+        columns,
         queue.dedup.items(),
     )
+
+
+def _views(priority: int, ids: array, refs: array, sizes: array) -> list[Entry]:
+    return [Entry(i, r, s, priority, None, 0.0, 0, None, 0.0, PACKED) for i, r, s in zip(ids, refs, sizes)]
+
+
+def _plain_columns(priority: int, ids: array, refs: array, sizes: array) -> EntryColumns:
+    """Columns of plain messages (ids ascending): no expiry, delay, delivery or dead-letter reason."""
+    n = len(ids)
+    zeros = bytes(8 * n)
+    return EntryColumns(
+        ids.tobytes(), refs.tobytes(), array("q", sizes).tobytes(), zeros, zeros, zeros,
+        bytes(array("l").itemsize * n), bytes([priority]) * n, bytes(n), [None] * n,
+    )  # fmt: skip
+
+
+def plain_columns(columns: EntryColumns) -> tuple[int, array, array, array] | None:
+    """(priority, ids, refs, sizes) if every entry of `columns` is a plain ready message of one priority (what
+    `Queue.load_packed` takes, no object made); None otherwise. Checked at C speed."""
+    n = len(columns.groups)
+    if not n:
+        return None
+    priorities = columns.priorities
+    if (
+        priorities.count(priorities[0]) != n
+        or columns.dead_reasons.count(0) != n
+        or columns.expires_ms.count(0) != len(columns.expires_ms)
+        or columns.ready_ms.count(0) != len(columns.ready_ms)
+        or columns.deliveries.count(0) != len(columns.deliveries)
+        or columns.groups.count(None) != n
+    ):
+        return None
+    sizes = array("q", columns.sizes)
+    if n and (max(sizes) >= 2**31 or min(sizes) < 0):
+        return None
+    return priorities[0], array("q", columns.ids), array("q", columns.refs), array("i", sizes)
 
 
 def encode(snapshot: Snapshot) -> bytes:
