@@ -1,7 +1,7 @@
 """One queue's in-memory index: which messages are ready, delayed, waiting in a FIFO group, or in flight.
 
-A queue holds `Entry` objects, small references to stored messages (the body stays in the store). An entry is in
-exactly one state:
+A queue holds references to stored messages (the body stays in the store): `Entry` objects, except for the
+backlog at rest of *plain* messages, which is packed in columns (see below). An entry is in exactly one state:
 
     DELAYED ──due──► READY ──lease──► IN_FLIGHT ──ack / dead-letter / drop──► GONE
        ▲               ▲  ▲                │
@@ -9,14 +9,27 @@ exactly one state:
      publish ──────────┘
                 WAITING (FIFO group: behind the group's head) ──head leaves──► READY
 
+Packed messages: a READY message is plain when it holds nothing but its id, ref and size (never leased, no
+group, no expiry, no dead-letter reason; its priority is its line's). Plain ones newer than the tail of their
+priority's packed line are kept there as three columns (`array` of ids, refs, sizes: 20 bytes a message, no
+object); an Entry is made only when one leaves the line (`pop_many`) or must change in a way a slot cannot hold
+(`unpack`: a delivery count replayed). Everything else (returned, grouped, delayed, expiring, dead-lettered, in
+flight) stays an Entry as before. Anything that shows packed messages (`entries`, `backlog`, `ready_by_age`,
+`oldest_ready`, `find_packed`) makes *views*: new Entry objects in state PACKED, changed by nothing. A view names
+its message for `remove` (found by id in the line: O(log n)) for the synchronous walks that pick and then remove
+(purge steps, drop-oldest); once the message left the line, removing a view of it does nothing. An Entry given to
+`add`/`add_batch`/`_make_ready` that gets packed becomes such a view (its state is PACKED).
+
 Invariants:
 - ready order: highest priority first; within a priority, ascending message id (= publish order). New messages
-  arrive in id order and go to the tail of a deque (O(1)); returned ones (nack, lease expiry, delay ended) go to
-  a small heap merged with the deque by id, so they keep their place in line.
-- removal from the middle (expiry, purge) is lazy: the entry is marked GONE and skipped when popped. Lazy
-  entries never pile up: GONE entries at the front of a line are dropped at once (expiry and drop-oldest take
-  the oldest), and when the lines hold more than twice the ready entries plus `LINE_SLACK`, they are rebuilt
-  (amortised O(1) per removal). So the index grows with what is stored, never with what passed through.
+  arrive in id order and go to the tail of their line (packed if plain, else a deque; O(1)); returned ones (nack,
+  lease expiry, delay ended, or any older than their line's tail) go to a small heap; the three lines of a
+  priority are merged by id, so every message keeps its place in line.
+- removal from the middle (expiry, purge) is lazy: an entry is marked GONE (a packed slot: size -1) and skipped
+  when popped. Lazy entries never pile up: removed entries at the front of a line are dropped at once (expiry and
+  drop-oldest take the oldest), and when the lines hold more than twice the ready entries plus `LINE_SLACK`, they
+  are rebuilt (amortised O(1) per removal). A packed line cuts its consumed head once it passes half the arrays,
+  and frees its arrays when emptied. So the index grows with what is stored, never with what passed through.
 - FIFO groups: at most one entry of a group is READY or IN_FLIGHT (the group's head); the others wait in the
   group's deque in id order and the next one becomes ready only when the head leaves the queue.
 - the counters (`ready`, `waiting`, `delayed`, `in_flight`, `bytes`) always equal what the structures hold.
