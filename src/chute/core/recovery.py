@@ -119,9 +119,11 @@ class RecoveryOps(BrokerState):
         self.ids.advance(image.last_id)
         for q in image.queues:
             queue = self._apply_create_queue({"id": q.id, "name": q.name, "settings": q.settings})
-            plain = snap.plain_columns(q.entries)  # the common backlog: straight into the packed columns
-            if plain is None or not queue.load_packed(*plain):
+            split = snap.split_plain(q.entries)  # the plain backlog goes straight into packed columns
+            if split is None or not queue.load_packed(*split[0]):
                 self.place_batch(queue, snap.decode_entries(q.entries), now)
+            elif split[1]:
+                self.place_batch(queue, split[1], now)
             for key, expires, message_id in q.dedup:
                 queue.dedup.remember(key, message_id, expires)
         for t in image.topics:
