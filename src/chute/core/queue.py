@@ -47,6 +47,7 @@ from array import array
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
+from itertools import repeat
 
 import msgspec
 
@@ -106,33 +107,74 @@ def _is_plain(entry: Entry) -> bool:
     )
 
 
+STAGE = 4096  # plain entries a packed line keeps as objects at its tail before packing them in one go
+
+
 class _Packed:
     """The plain ready messages of one priority, in id order, as columns: `ids`, `refs` (64-bit), `sizes` (32-bit;
     -1 marks a slot removed lazily), 20 bytes a message and no object. `head` is the first slot not yet taken;
     the consumed prefix is cut off once it passes half the arrays (amortised O(1) per message), and the arrays are
-    emptied (their memory freed) when the last slot is taken."""
+    emptied (their memory freed) when the last slot is taken.
 
-    __slots__ = ("ids", "refs", "sizes", "head")
+    New entries are first `staged` (kept as the Entry objects they are, after the columns, from `shead` on) and
+    packed `STAGE` at a time, so a line that is consumed as fast as it fills (the usual case) never converts its
+    messages at all; `flush` packs them at once for anything but taking from the front."""
+
+    __slots__ = ("ids", "refs", "sizes", "head", "staged", "shead")
 
     def __init__(self) -> None:
         self.ids = array("q")
         self.refs = array("q")
         self.sizes = array("i")
         self.head = 0
+        self.staged: list[Entry] = []
+        self.shead = 0
 
     def __len__(self) -> int:
-        return len(self.ids) - self.head
+        return len(self.ids) - self.head + len(self.staged) - self.shead
 
     def accepts(self, message_id: int) -> bool:
         """True if `message_id` can go at the tail (newer than every slot, or the line is empty)."""
+        if self.shead < len(self.staged):
+            return self.staged[-1].id < message_id
         return self.head == len(self.ids) or self.ids[-1] < message_id
 
-    def append(self, message_id: int, ref: int, size: int) -> None:
-        if self.head and self.head == len(self.ids):
-            self._reset()
-        self.ids.append(message_id)
-        self.refs.append(ref)
-        self.sizes.append(size)
+    def stage(self, entries: list[Entry]) -> None:
+        """Add plain entries (ids ascending, newer than the tail) at the tail; they become views (PACKED)."""
+        for entry in entries:
+            entry.state = PACKED
+        self.staged.extend(entries)
+        if len(self.staged) - self.shead > STAGE:
+            self.flush()
+
+    def flush(self) -> None:
+        """Pack the staged entries into the columns."""
+        staged = self.staged
+        if self.shead < len(staged):
+            if self.head and self.head == len(self.ids):
+                self._reset()
+            rest = staged[self.shead :]
+            self.ids.fromlist([e.id for e in rest])
+            self.refs.fromlist([e.ref for e in rest])
+            self.sizes.fromlist([e.size for e in rest])
+        if staged:
+            self.staged = []
+            self.shead = 0
+
+    def take_staged(self, count: int) -> list[Entry]:
+        """Take up to `count` staged entries from the front (when the columns are used up), READY."""
+        start = self.shead
+        taken = self.staged[start : start + count]
+        for entry in taken:
+            entry.state = READY
+        self.shead = start + len(taken)
+        if self.shead == len(self.staged):
+            self.staged = []
+            self.shead = 0
+        elif self.shead > STAGE:
+            del self.staged[: self.shead]
+            self.shead = 0
+        return taken
 
     def tidy(self) -> None:
         """Skip removed slots at the head; cut the consumed prefix when it is long."""
@@ -155,6 +197,7 @@ class _Packed:
 
     def find(self, message_id: int) -> int:
         """The index of the live slot of `message_id`, or -1."""
+        self.flush()
         ids = self.ids
         i = bisect_left(ids, message_id, self.head)
         if i < len(ids) and ids[i] == message_id and self.sizes[i] >= 0:
@@ -163,6 +206,7 @@ class _Packed:
 
     def rebuild(self) -> None:
         """Keep only the live slots (order kept)."""
+        self.flush()
         h = self.head
         live = [i for i, size in enumerate(self.sizes[h:], h) if size >= 0]
         ids, refs, sizes = self.ids, self.refs, self.sizes
@@ -173,6 +217,7 @@ class _Packed:
 
     def live(self) -> tuple[array, array, array]:
         """Copies of the live slots' columns (C-speed when nothing was removed lazily)."""
+        self.flush()
         h = self.head
         ids, refs, sizes = self.ids[h:], self.refs[h:], self.sizes[h:]
         if -1 in sizes:
@@ -184,6 +229,7 @@ class _Packed:
 
     def views(self, priority: int) -> Iterator[Entry]:
         """A view (a new Entry in state PACKED) of each live slot, in id order, lazily."""
+        self.flush()
         ids, refs, sizes = self.ids, self.refs, self.sizes
         i = self.head
         while i < len(ids):
@@ -210,8 +256,7 @@ class _Level:
         if _is_plain(entry):
             packed = self.packed
             if packed.accepts(entry.id):
-                packed.append(entry.id, entry.ref, entry.size)
-                entry.state = PACKED
+                packed.stage([entry])
                 return
         else:
             fresh = self.fresh
@@ -223,6 +268,7 @@ class _Level:
     def front(self) -> int:
         """Which line holds the next READY entry (smallest id): 1 packed, 2 fresh, 3 returned, 0 none. Drops
         removed entries met at the fronts."""
+        self.packed.flush()
         self.tidy_front()
         packed, fresh, returned = self.packed, self.fresh, self.returned
         best, which = None, 0
@@ -398,21 +444,22 @@ class Queue:
         if level is None or not entries:
             return False
         packed = level.packed
-        last = packed.ids[-1] if packed.head < len(packed.ids) else -1
+        if packed.shead < len(packed.staged):
+            last = packed.staged[-1].id
+        else:
+            last = packed.ids[-1] if packed.head < len(packed.ids) else -1
         size = 0
-        for entry in entries:
-            if entry.deadline or entry.priority or not _is_plain(entry) or entry.id <= last:
+        for entry in entries:  # _is_plain, inlined: this runs for every message published
+            if (
+                entry.deadline or entry.priority or entry.group is not None or entry.expires or entry.deliveries
+                or entry.dead is not None or entry.receipt or entry.id <= last
+            ):  # fmt: skip
                 return False
             last = entry.id
             size += entry.size
-        if packed.head and packed.head == len(packed.ids):
-            packed.tidy()
-        ids, refs, sizes = packed.ids, packed.refs, packed.sizes
-        for entry in entries:
-            entry.state = PACKED
-            ids.append(entry.id)
-            refs.append(entry.ref)
-            sizes.append(entry.size)
+        if size >= _PACKED_SIZE_LIMIT:  # (one message this large: keep it an Entry)
+            return False
+        packed.stage(entries)
         self.ready += len(entries)
         self.bytes += size
         return True
@@ -427,6 +474,7 @@ class Queue:
             level = self.levels[priority] = _Level(priority)
             self.priorities = sorted(self.levels, reverse=True)
         packed = level.packed
+        packed.flush()
         if not packed.accepts(ids[0]) or any(a >= b for a, b in zip(ids, ids[1:])) or min(sizes) < 0:
             return False
         packed.tidy()
@@ -482,19 +530,44 @@ class Queue:
                 ids, refs, sizes = packed.ids, packed.refs, packed.sizes
                 i, n = packed.head, len(ids)
                 while i < n and len(taken) < count:
-                    size = sizes[i]
-                    if size < 0:
-                        i += 1
-                        continue
-                    if room is not None:
-                        if size > room and (taken or not first_may_exceed):
-                            count = len(taken)
-                            break
-                        room -= size
-                    taken.append(Entry(ids[i], refs[i], size, priority, None, 0.0, 0, None, 0.0, READY))
-                    i += 1
+                    j = min(n, i + count - len(taken))
+                    if room is not None:  # cut where the bodies would exceed the budget
+                        k, live = i, len(taken)
+                        for size in sizes[i:j]:
+                            if size >= 0:
+                                if size > room and (live or not first_may_exceed):
+                                    count = live  # full: ends the outer loop too
+                                    break
+                                room -= size
+                                live += 1
+                            k += 1
+                        j = k
+                    if -1 in sizes[i:j]:  # removed slots among them: one at a time
+                        for k in range(i, j):
+                            if sizes[k] >= 0:
+                                taken.append(Entry(ids[k], refs[k], sizes[k], priority, None, 0.0, 0, None, 0.0, READY))
+                    else:  # the rule: make the entries at C speed
+                        taken.extend(map(Entry, ids[i:j], refs[i:j], sizes[i:j], repeat(priority), repeat(None),
+                                         repeat(0.0), repeat(0), repeat(None), repeat(0.0), repeat(READY)))  # fmt: skip
+                    if j == i:
+                        break
+                    i = j
                 packed.head = i
                 packed.tidy()
+                if len(taken) < count and packed.staged and packed.head == len(packed.ids):  # then the staged ones
+                    want = count - len(taken)
+                    if room is not None:
+                        staged, k, live = packed.staged, packed.shead, len(taken)
+                        while k < len(staged) and k - packed.shead < want:
+                            size = staged[k].size
+                            if size > room and (live or not first_may_exceed):
+                                count = live
+                                break
+                            room -= size
+                            live += 1
+                            k += 1
+                        want = k - packed.shead
+                    taken.extend(packed.take_staged(want))
             else:
                 while len(taken) < count:
                     which = level.front()
@@ -674,6 +747,7 @@ class Queue:
         """The ref of every live entry (packed ones read from their columns)."""
         for level in self.levels.values():
             packed = level.packed
+            packed.flush()
             for ref, size in zip(packed.refs[packed.head :], packed.sizes[packed.head :]):
                 if size >= 0:
                     yield ref
@@ -764,6 +838,7 @@ class Queue:
         count = 0
         for level in self.levels.values():
             packed = level.packed
+            packed.flush()
             for i in range(packed.head, len(packed.ids)):
                 size = packed.sizes[i]
                 if size >= 0 and packed.ids[i] not in kept:
@@ -795,6 +870,7 @@ class Queue:
 
     def newest_ref(self) -> int:
         """The ref of the newest ready entry of any priority (0 if none): cheap, a bound for compaction's probe."""
-        refs = [level.packed.refs[-1] for level in self.levels.values() if len(level.packed)]
+        refs = [level.packed.staged[-1].ref if level.packed.staged else level.packed.refs[-1]
+                for level in self.levels.values() if len(level.packed)]  # fmt: skip
         refs += [level.fresh[-1].ref for level in self.levels.values() if level.fresh]
         return max(refs, default=0)
