@@ -139,15 +139,18 @@ def _entry(message_id: int, *, expires: float = 0.0) -> Entry:
     return Entry(message_id, message_id * 10, 7, 0, None, expires)
 
 
-def test_pop_order_matches_a_model_under_random_operations():
+@pytest.mark.parametrize("stage", [3, 4096])
+def test_pop_order_matches_a_model_under_random_operations(stage, monkeypatch):
     """Random adds (plain and not), pops, returns and removals from the middle: the queue always hands out the
-    smallest ready id first, its counters match, and lazily removed slots stay bounded."""
+    smallest ready id first, its counters match, and lazily removed slots stay bounded. With a tiny `STAGE`, new
+    plain messages are packed into columns almost at once; with the default, most stay staged."""
+    monkeypatch.setattr("chute.core.queue.STAGE", stage)
     rng = random.Random(12)
     queue = Queue(1, "q", QueueSettings())
     model: set[int] = set()
     out: dict[int, Entry] = {}
     next_id = 1
-    for _ in range(20_000):
+    for _ in range(8_000):
         op = rng.random()
         if op < 0.45:
             batch = [_entry(next_id + i, expires=0.0 if rng.random() < 0.8 else 1e12) for i in range(rng.randint(1, 5))]
