@@ -2,7 +2,9 @@
 
 A snapshot stands for every record appended before the checkpoint that stores it; recovery loads it, then
 replays the records after it. Entries are stored column-wise (packed int arrays), so a million-message backlog
-encodes and decodes in well under a second.
+encodes and decodes in well under a second. A queue's packed line (core/queue.py) is written from its columns
+with the few other entries merged in by id, and read back into columns (`split_plain`): no object per plain
+message either way.
 
 What a snapshot keeps: queues (settings, every live entry with its delivery count, delay and dead-letter
 reason), topics (settings, subscriptions, retained messages), dedup windows, the id counters. What it drops on
