@@ -268,12 +268,13 @@ class _Level:
     def front(self) -> int:
         """Which line holds the next READY entry (smallest id): 1 packed, 2 fresh, 3 returned, 0 none. Drops
         removed entries met at the fronts."""
-        self.packed.flush()
         self.tidy_front()
         packed, fresh, returned = self.packed, self.fresh, self.returned
         best, which = None, 0
         if packed.head < len(packed.ids):
             best, which = packed.ids[packed.head], 1
+        elif packed.shead < len(packed.staged):  # (the staged entries come after every column slot)
+            best, which = packed.staged[packed.shead].id, 1
         if fresh and (best is None or fresh[0].id < best):
             best, which = fresh[0].id, 2
         if returned and (best is None or returned[0][0] < best):
@@ -285,6 +286,8 @@ class _Level:
         if which == 1:
             p = self.packed
             h = p.head
+            if h == len(p.ids):
+                return p.staged[p.shead]  # a staged entry is a view already (PACKED)
             return Entry(p.ids[h], p.refs[h], p.sizes[h], self.priority, None, 0.0, 0, None, 0.0, PACKED)
         return self.fresh[0] if which == 2 else self.returned[0][2]
 
@@ -293,6 +296,8 @@ class _Level:
         if which == 1:
             p = self.packed
             h = p.head
+            if h == len(p.ids):
+                return p.take_staged(1)[0]
             entry = Entry(p.ids[h], p.refs[h], p.sizes[h], self.priority, None, 0.0, 0, None, 0.0, READY)
             p.head = h + 1
             p.tidy()
