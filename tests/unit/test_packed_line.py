@@ -264,3 +264,19 @@ def test_a_queue_image_round_trips_its_packed_and_other_entries(mix):
     assert copy.ready == len(expected) and copy.bytes == sum(row[2] for row in expected)
     # delivery order: priority, then id (the leased ones are ready again, in their place)
     assert [e.id for e in copy.pop_many(10_000)] == [i for _, i in sorted((-row[3], row[0]) for row in expected)]
+
+
+def test_live_columns_skip_removed_slots_anywhere():
+    """The columns a snapshot, a compaction scan or a queue delete reads leave out lazily removed messages,
+    wherever they are (first, adjacent, last)."""
+    queue = Queue(1, "q", QueueSettings())
+    queue.add_batch([Entry(i, i * 10, 0xFFFFFF if i % 2 else i) for i in range(1, 10_001)], 0.0)
+    removed = {2, 3, 4, 5000, 5001, 9999, 10_000}
+    for view in [e for e in queue.entries() if e.id in removed]:
+        queue.remove(view)
+    [(priority, ids, refs, sizes)] = queue.packed_columns()
+    kept = [i for i in range(1, 10_001) if i not in removed]
+    assert (priority, list(ids), list(refs)) == (0, kept, [i * 10 for i in kept])
+    assert list(sizes) == [0xFFFFFF if i % 2 else i for i in kept]
+    assert sorted(queue.refs()) == [i * 10 for i in kept]
+    assert queue.ready == len(kept)
