@@ -27,6 +27,7 @@ from pathlib import Path
 from chute._dispatch import Dispatcher
 from chute._housekeeping import Housekeeping, return_freed_memory
 from chute._management import ManagementApi
+from chute._reads import StateReads
 from chute.consumer import Consumer
 from chute.core import records as rec
 from chute.core.broker import BrokerCore
@@ -46,7 +47,7 @@ DEFAULT_DATA_DIR = "./chute-data"
 REDRIVE_STEP = 5_000  # messages a redrive moves per turn of the event loop (a few ms)
 
 
-class Broker(ManagementApi, Housekeeping):
+class Broker(ManagementApi, StateReads, Housekeeping):
     """A durable broker in this process. Use `async with Broker(path) as broker:` (or `await start()` /
     `await close()`). Durable by default: `Broker()` keeps its data in ./chute-data; `Broker.in_memory()` keeps
     nothing (for tests)."""

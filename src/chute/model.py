@@ -88,7 +88,9 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     delay_s: float = 0.0
     """Default delay before a published message becomes ready."""
     retention_s: float | None = None
-    """Default message TTL: a message older than this is dead-lettered (reason `expired`), see `on_expiry`."""
+    """Default message TTL: a message older than this is dead-lettered (reason `expired`), see `on_expiry`. A
+    message dead-lettered into this queue, or redriven back into it, gets this TTL counted from that moment (as
+    RabbitMQ does; SQS counts a dead-letter queue's retention from the first publish instead)."""
     on_expiry: OnExpiry = "dead-letter"
     """What becomes of a message whose TTL ends: `dead-letter` (to the dead-letter queue with reason `expired`,
     as RabbitMQ does; dropped if there is none) or `drop` (deleted even if there is a dead-letter queue, as SQS

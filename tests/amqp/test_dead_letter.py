@@ -62,3 +62,30 @@ def test_queues_dead_lettering_into_each_other_can_be_deleted(channel, name):
     channel.queue_delete(second)
     channel.queue_declare(second, passive=False)
     assert channel.basic_get(second) == (None, None, None)
+
+
+def test_a_dead_letter_carries_its_dead_letter_exchange_and_routing_key_as_rabbitmq_republishes_it(channel, name):
+    """Published to an exchange, rejected into a queue (default exchange, x-dead-letter-routing-key), expired from
+    there through a named dead-letter exchange: each hop shows the exchange and routing key the dead letter was
+    republished with, in the delivery and in the next x-death entry, as RabbitMQ does."""
+    source, dead_exchange, work, retry = f"{name}-ex", f"{name}-dlx", f"{name}-work", f"{name}-retry"
+    channel.exchange_declare(source, "direct")
+    channel.exchange_declare(dead_exchange, "direct")
+    channel.queue_declare(work, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": retry})
+    channel.queue_declare(retry, arguments={"x-message-ttl": 30, "x-dead-letter-exchange": dead_exchange,
+                                            "x-dead-letter-routing-key": "back"})  # fmt: skip
+    channel.queue_bind(work, source, "orders.new")
+    channel.queue_bind(work, dead_exchange, "back")
+    channel.confirm_delivery()
+    channel.basic_publish(source, "orders.new", b"once more", pika.BasicProperties(headers={"a": "b"}))
+    method, properties, _ = get_one(channel, work)
+    assert (method.exchange, method.routing_key) == (source, "orders.new")
+    channel.basic_reject(method.delivery_tag, requeue=False)  # to retry, then expired back to work
+    method, properties, body = get_one(channel, work)
+    assert body == b"once more" and properties.headers["a"] == "b"
+    assert (method.exchange, method.routing_key) == (dead_exchange, "back")
+    deaths = [(d["queue"], d["reason"], d["count"], d["exchange"], list(d["routing-keys"]))
+              for d in properties.headers["x-death"]]  # fmt: skip
+    assert deaths == [(retry, "expired", 1, "", [retry]), (work, "rejected", 1, source, ["orders.new"])]
+    assert properties.headers["x-first-death-exchange"] == source
+    channel.basic_ack(method.delivery_tag)

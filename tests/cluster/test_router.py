@@ -112,6 +112,7 @@ async def test_a_topic_fans_out_to_queues_its_subscriptions_create_in_its_shard(
             assert {"eu-orders", "all-orders"} <= set(broker.core.queues)  # both in the topic's shard
             other = next(n for n in names_on_each_shard(6, "elsewhere") if home_shard(n, 6) != shard)
             await a.create_queue(other)
+            await a.publish(other, b"keeps it in its shard")  # an empty one would move, whichever node is asked
             with pytest.raises(InvalidArgument, match="cross-shard subscriptions are not supported"):
                 await b.subscribe("orders", ">", other)
         finally:
@@ -195,6 +196,21 @@ async def test_an_empty_queue_served_by_the_node_asked_moves_to_its_topics_shard
             with pytest.raises(InvalidArgument, match="cross-shard"):  # a queue with messages does not move
                 await a.subscribe(topic, ">", full)
             assert [d.message.body for d in await b.receive(full, 5, wait_s=5)] == [b"keeps it where it is"]
+
+
+async def test_an_empty_queue_of_another_node_moves_to_its_topics_shard_when_its_owner_is_asked_by_the_router():
+    async with static_cluster(2, 4) as (servers, directory):
+        topic = next(n for n in names_on_each_shard(4, "topic") if directory.owners[home_shard(n, 4)] == "node-1")
+        queue = next(n for n in names_on_each_shard(4, "theirs") if directory.owners[home_shard(n, 4)] == "node-0")
+        async with AsyncClient(servers[0].url) as a, AsyncClient(servers[1].url) as b:
+            await b.create_topic(topic)
+            await a.create_queue(queue, max_deliveries=5)
+            await b.subscribe(topic, ">", queue)  # asked of node-1; the queue is node-0's: node-0 moves it
+            await b.publish(topic, b"fanned out")
+            assert [d.message.body for d in await a.receive(queue, 5, wait_s=5)] == [b"fanned out"]
+            moved = directory.nodes["node-1"].brokers[home_shard(topic, 4)].core.queues[queue]
+            assert moved.settings.max_deliveries == 5
+            assert all(queue not in broker.core.queues for broker in directory.nodes["node-0"].brokers.values())
 
 
 async def test_an_ephemeral_subscription_through_a_node_that_does_not_own_the_topic():

@@ -311,3 +311,36 @@ async def test_fifo_order_survives_a_restart_with_the_head_in_flight(broker, reo
         assert got == [b"0", b"1", b"2"]
     finally:
         await broker2.close()
+
+
+async def test_a_dead_letter_queue_with_a_ttl_expires_what_is_dead_lettered_into_it(broker, clock, reopen):
+    """The dead-letter queue's own TTL counts from when a message enters it (as RabbitMQ does); the TTL of the
+    queue it left, or its own, does not follow it. A redriven message gets its source queue's TTL anew."""
+    await broker.create_queue("dlq", retention_s=30)
+    await broker.create_queue("q", retention_s=60, dead_letter_queue="dlq")
+    await broker.publish("q", b"rejected")
+    [d] = await broker.receive("q")
+    await broker.nack("q", d.receipt, dead_letter=True)
+    clock.advance(20)
+    broker.tick()
+    [dead] = await broker.peek("dlq")
+    assert dead.body == b"rejected"
+    clock.advance(11)  # 31 s in the dead-letter queue
+    broker.tick()
+    assert broker.queue_stats("dlq").ready == 0  # expired there (dropped: the dead-letter queue has none of its own)
+    await broker.publish("q", b"expired", ttl_s=5)
+    clock.advance(6)
+    broker.tick()
+    assert broker.queue_stats("dlq").ready == 1
+    broker = await reopen(broker)  # the expiry in the dead-letter queue survives a restart
+    clock.advance(25)
+    broker.tick()
+    assert broker.queue_stats("dlq").ready == 1
+    assert await broker.redrive("dlq") == 1  # back in "q", whose 60 s TTL starts again
+    clock.advance(59)
+    broker.tick()
+    assert [m.body for m in await broker.peek("q")] == [b"expired"]
+    clock.advance(2)
+    broker.tick()
+    assert broker.queue_stats("q").ready == 0 and broker.queue_stats("dlq").ready == 1
+    await broker.close()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
-from chute.amqp import reply_to, routing
+from chute.amqp import publish_routing, reply_to, routing, state
 from chute.amqp.channel import AmqpConsumer, lease_s
 from chute.amqp.declare import _no_exchange, _no_queue, _owned_elsewhere, queue_name
 from chute.amqp.errors import (
@@ -48,8 +48,43 @@ MAX_BATCH = 1000  # publishes taken together into one broker call
 # -- publishing -------------------------------------------------------------------------------------------------
 
 
-def publish(session: AmqpSession, channel: Channel, batch: list[Content]) -> None:
-    """Route a run of publishes and start their broker calls (one task per destination run), in order."""
+def publish(session: AmqpSession, channel: Channel, batch: list[Content]) -> asyncio.Task | None:
+    """Route a run of publishes and start their broker calls (one task per destination run), in order. On a
+    cluster node, what routing needs is read first (publish_routing.py), in a task (returned) that runs after
+    the channel's previous one."""
+    if session.front.routed:
+        return publish_routing.start(session, channel, batch, _publish)
+    _publish(session, channel, batch, CoreFacts(session.broker.core))
+    return None
+
+
+class CoreFacts:
+    """What routing a publish needs to know, read from one broker's core at once."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core) -> None:
+        self.core = core
+
+    def exchange(self, book, name: str) -> dict | None:
+        return book.exchanges.get(name)
+
+    def has_queue(self, name: str, mandatory: bool) -> bool:
+        return name in self.core.queues
+
+    def routes(self, topic: str, subject: str, headers: dict, mandatory: bool) -> bool:
+        found = self.core.topics.get(topic)
+        return found is not None and bool(found.route(subject, headers))
+
+    def queues(self, topic: str, subject: str, headers: dict) -> list[str]:
+        found = self.core.topics.get(topic)
+        return [queue.name for queue in found.route(subject, headers)] if found is not None else []
+
+    def existing(self, names: set[str]) -> set[str]:
+        return names.intersection(self.core.queues)
+
+
+def _publish(session: AmqpSession, channel: Channel, batch: list[Content], facts) -> None:
     group_dest, group = None, []
     for content in batch:
         try:
@@ -64,7 +99,7 @@ def publish(session: AmqpSession, channel: Channel, batch: list[Content]) -> Non
                         _confirm_now(session, channel, channel.publish_seq)
                     continue
             else:
-                dest, message, routable = _route(session, content)
+                dest, message, routable = _route(session, content, facts)
         except (AmqpError, ChuteError) as exc:
             _flush(session, channel, group_dest, group)
             if isinstance(exc, ChuteError):
@@ -113,22 +148,20 @@ def _confirm_now(session: AmqpSession, channel: Channel, seq: int) -> None:
     task.add_done_callback(channel.publishing.discard)
 
 
-def _route(session: AmqpSession, content: Content):
+def _route(session: AmqpSession, content: Content, facts):
     """(destination, Chute publish, routable) of one basic.publish; AmqpError for a refused one."""
     method = content.method
     if method.immediate:
         raise connection_error(NOT_IMPLEMENTED, "immediate=true", method)
     exchange, key = method.exchange, method.routing_key
-    core = session.broker.core
     if not exchange:
         if not key:
             return "", None, False
         key = ex.chute_queue(key)
         check(session.principal, "publish", "queue", key)
-        return key, to_publish(content.properties, content.body), key in core.queues
-    declared = session.front.book.exchanges.get(exchange)
+        return key, to_publish(content.properties, content.body), facts.has_queue(key, method.mandatory)
+    declared = facts.exchange(session.front.book, exchange)
     dest = ex.topic_name(exchange)
-    topic = core.topics.get(dest)
     if declared is None:
         raise _no_exchange(exchange)
     if declared["internal"]:
@@ -136,7 +169,7 @@ def _route(session: AmqpSession, content: Content):
     check(session.principal, "publish", "topic", dest)
     kind = declared["type"]
     if session.front.book.front_routed(exchange):
-        return _route_by_front(session, content, exchange)
+        return _route_by_front(session, content, exchange, facts)
     subject = ex.HEADERS_SUBJECT if kind == "headers" else ex.subject(key)
     if subject is None and kind == "fanout":
         subject = ex.FANOUT_SUBJECT
@@ -146,16 +179,16 @@ def _route(session: AmqpSession, content: Content):
     if kind == "headers":
         headers[ROUTING_KEY_HEADER] = key
     message.headers = headers
-    routable = subject is not None and topic is not None and bool(topic.route(subject, headers))
+    routable = subject is not None and facts.routes(dest, subject, headers, method.mandatory)
     return dest, message, routable
 
 
-def _route_by_front(session: AmqpSession, content: Content, exchange: str):
+def _route_by_front(session: AmqpSession, content: Content, exchange: str, facts):
     """(queues, Chute publish, routable) of a publish routed by the front (routing.py): the queues reached from
     `exchange` through its bindings and its exchange-to-exchange bindings, each once."""
     method = content.method
     key, table = method.routing_key, (content.properties.headers if content.properties is not None else None)
-    book, core = session.front.book, session.broker.core
+    book = session.front.book
     message = to_publish(content.properties, content.body)
     headers = message.headers if message.headers is not None else {}
     headers[EXCHANGE_HEADER] = exchange
@@ -166,17 +199,15 @@ def _route_by_front(session: AmqpSession, content: Content, exchange: str):
     seen, todo = {exchange}, [exchange]
     while todo:
         name = todo.pop()
-        declared = book.exchanges.get(name)
+        declared = facts.exchange(book, name)
         if declared is None:
             continue
         kind = declared["type"]
-        topic = core.topics.get(ex.topic_name(name))
-        if topic is not None:
-            routed_subject = ex.HEADERS_SUBJECT if kind == "headers" else subject
-            if routed_subject is None and kind == "fanout":
-                routed_subject = ex.FANOUT_SUBJECT
-            if routed_subject is not None:
-                queues.update(queue.name for queue in topic.route(routed_subject, headers))
+        routed_subject = ex.HEADERS_SUBJECT if kind == "headers" else subject
+        if routed_subject is None and kind == "fanout":
+            routed_subject = ex.FANOUT_SUBJECT
+        if routed_subject is not None:
+            queues.update(facts.queues(ex.topic_name(name), routed_subject, headers))
         if kind == "headers":
             queues.update(b["queue"] for b in book.bindings if b["exchange"] == name and "table" in b
                           and routing.headers_match(routing.arguments_of(b), table))  # fmt: skip
@@ -185,7 +216,7 @@ def _route_by_front(session: AmqpSession, content: Content, exchange: str):
                     routing.binding_matches(kind, binding, key, table):  # fmt: skip
                 seen.add(binding["destination"])
                 todo.append(binding["destination"])
-    queues.intersection_update(core.queues)
+    queues = facts.existing(queues)
     return tuple(sorted(queues)), message, bool(queues)
 
 
@@ -244,9 +275,9 @@ def _confirm(session: AmqpSession, channel: Channel, seqs: list[int], ok: bool) 
 # -- consuming --------------------------------------------------------------------------------------------------
 
 
-def _consumable(session: AmqpSession, channel: Channel, method) -> str:
+async def _consumable(session: AmqpSession, channel: Channel, method) -> str:
     name = queue_name(channel, method.queue, method)
-    if name not in session.broker.core.queues:
+    if await state.refresh_queue(session.front, name) is None:
         raise _no_queue(name)
     check(session.principal, "consume", "queue", name)
     _owned_elsewhere(session, name)
@@ -265,7 +296,7 @@ async def basic_qos(session: AmqpSession, channel: Channel, method) -> object:
 
 
 async def basic_consume(session: AmqpSession, channel: Channel, method) -> object:
-    name = _consumable(session, channel, method) if method.queue != reply_to.PSEUDO_QUEUE else ""
+    name = await _consumable(session, channel, method) if method.queue != reply_to.PSEUDO_QUEUE else ""
     front = session.front
     tag = method.consumer_tag or "amq.ctag-" + secrets.token_urlsafe(16)
     if tag in channel.consumers or (channel.reply_to is not None and channel.reply_to[1] == tag):
@@ -302,7 +333,7 @@ async def basic_cancel(session: AmqpSession, channel: Channel, method) -> object
 
 
 async def basic_get(session: AmqpSession, channel: Channel, method) -> object:
-    name = _consumable(session, channel, method)
+    name = await _consumable(session, channel, method)
     broker = session.broker
     session.front.used(name)
     deliveries = await broker.receive(name, 1, lease_s=lease_s(session))
@@ -311,7 +342,10 @@ async def basic_get(session: AmqpSession, channel: Channel, method) -> object:
     if channel.closed:
         broker.release(name, [d.receipt for d in deliveries])
         return None
-    count = broker.queue_stats(name).ready
+    count = await state.ready(broker, name)
+    if channel.closed:
+        broker.release(name, [d.receipt for d in deliveries])
+        return None
     channel.deliver(None, deliveries, get_count=count, get_no_ack=bool(method.no_ack))
     return None
 

@@ -14,6 +14,9 @@ gives every unacked delivery of the channel back. Deliveries are leased a minute
 so the lease never ends first while the channel lives; a no-ack consumer's deliveries are acked as they are sent
 (at most once).
 
+On a cluster node, a consumer of a queue that another node serves long-polls it there (up to POLL_S per call);
+a poll still running when its consumer is cancelled runs to its end and gives back what it leased at once.
+
 Invariants: every tag in `unacked` is leased from the broker under its receipt and released or settled exactly
 once; a consumer's deliveries are written in tag order; after `close()` nothing more is delivered on the channel.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections import OrderedDict
@@ -32,7 +36,7 @@ from pamqp import commands
 from chute.amqp import dead_letter, reply_to
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
 from chute.amqp.frames import deliver_method
-from chute.amqp.mapping import origin, to_properties
+from chute.amqp.mapping import to_properties
 from chute.errors import ChuteError, QueueNotFound
 from chute.model import MAX_LEASE_S, Delivery
 
@@ -86,8 +90,13 @@ class AmqpConsumer:
                         async with asyncio.timeout(CREDIT_RECHECK_S):
                             await channel.credit.wait()
                     continue
-                deliveries = await broker.receive(self.queue, credit, lease_s=lease_s(session),
-                                                  max_bytes=session.body_budget)  # fmt: skip
+                if session.front.routed and not broker.holds(self.queue):  # another node's: long-poll it there
+                    deliveries = await self._long_poll(broker, credit)
+                    if not deliveries:
+                        continue
+                else:
+                    deliveries = await broker.receive(self.queue, credit, lease_s=lease_s(session),
+                                                      max_bytes=session.body_budget)  # fmt: skip
                 if not deliveries:
                     # Wait without leasing (as receive's own long poll would, at the same cost): once woken, the
                     # loop asks `may_deliver` again, so a consumer of higher priority that arrived meanwhile
@@ -108,6 +117,25 @@ class AmqpConsumer:
         except Exception:
             log.exception("consumer %s on %s failed", self.tag, self.queue)
             channel.consumer_gone(self, notify=True)
+
+
+    async def _long_poll(self, broker, credit: int) -> list[Delivery]:
+        """(Cluster node) receive with a wait of up to POLL_S. The call runs to its end even if the consumer is
+        cancelled meanwhile (basic.cancel, the channel closing): what it leased then is released at once, rather
+        than left invisible for a whole lease by a reply nobody reads."""
+        session = self.channel.session
+        fetch = asyncio.ensure_future(broker.receive(self.queue, credit, lease_s=lease_s(session), wait_s=POLL_S,
+                                                     max_bytes=session.body_budget))  # fmt: skip
+        try:
+            return await asyncio.shield(fetch)
+        except asyncio.CancelledError:
+            fetch.add_done_callback(functools.partial(_release_late, broker, self.queue))
+            raise
+
+
+def _release_late(broker, queue: str, fetch: asyncio.Future) -> None:
+    if not fetch.cancelled() and fetch.exception() is None and fetch.result():
+        broker.release(queue, [delivery.receipt for delivery in fetch.result()])
 
 
 def lease_s(session: AmqpSession) -> float:
@@ -132,6 +160,7 @@ class Channel:
         self.publish_seq = 0  # last publish sequence number in confirm mode
         self.unconfirmed: set[int] = set()
         self.publishing: set[asyncio.Task] = set()  # publish batches not yet confirmed by the broker
+        self.routing: asyncio.Task | None = None  # (cluster node) the last batch's routing (publish_routing.py)
         self.tx = None  # tx.Transaction after tx.select: publishes and settles wait for tx.commit
         self.reply_to: tuple[str, str] | None = None  # (token, consumer tag) of a direct reply-to consumer
         self.last_queue = ""  # the queue of the last queue.declare ("" in later methods means this one)
@@ -155,7 +184,7 @@ class Channel:
             tag = self.next_tag
             self.next_tag += 1
             properties = to_properties(delivery)
-            exchange, key = origin(delivery)
+            exchange, key = session.front.origin_of(delivery)
             redelivered = delivery.delivery_count > 1
             if consumer is None:  # basic.get
                 method = commands.Basic.GetOk(delivery_tag=tag, redelivered=redelivered, exchange=exchange,

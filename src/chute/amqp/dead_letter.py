@@ -19,8 +19,9 @@ from __future__ import annotations
 import datetime
 from typing import TYPE_CHECKING
 
+from chute.amqp import state
 from chute.amqp.exchanges import amqp_queue
-from chute.amqp.mapping import EXCHANGE_HEADER, ROUTING_KEY_HEADER, origin, to_properties, to_publish
+from chute.amqp.mapping import EXCHANGE_HEADER, ROUTING_KEY_HEADER, dead_lettered_as, to_properties, to_publish
 from chute.amqp.xdeath import add_death
 from chute.errors import ChuteError
 from chute.model import Delivery, Publish
@@ -29,10 +30,12 @@ if TYPE_CHECKING:
     from chute.amqp.session import AmqpSession
 
 
-def republished(delivery: Delivery) -> Publish:
-    """The message of a rejected delivery as it goes to the dead-letter queue, with the rejection in x-death."""
+def republished(front, delivery: Delivery) -> Publish:
+    """The message of a rejected delivery as it goes to the dead-letter queue, with the rejection in x-death, and
+    the exchange and routing key RabbitMQ gives a dead letter (the queue's dead-letter exchange and routing key:
+    the next death, and the dead-letter queue's consumers, see those)."""
     properties = to_properties(delivery)
-    exchange, key = origin(delivery)
+    exchange, key = front.origin_of(delivery)
     table = dict(properties.headers or {})
     now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
     add_death(table, queue=amqp_queue(delivery.queue), reason="rejected", exchange=exchange, routing_keys=[key],
@@ -40,16 +43,16 @@ def republished(delivery: Delivery) -> Publish:
     properties.headers = table
     properties.expiration = None
     message = delivery.message
-    publish = to_publish(properties, delivery.body, message.subject)
+    publish = to_publish(properties, delivery.body)  # to a queue: the routing key goes in a header, not a subject
     publish.dedup_id = None
     publish.delay_s = None
     publish.group = message.group
     publish.priority = message.priority
+    declared = front.book.queues.get(delivery.queue)
+    exchange, key = dead_lettered_as(declared["arguments"] if declared is not None else None, exchange, key)
     headers = publish.headers if publish.headers is not None else {}
-    for name in (EXCHANGE_HEADER, ROUTING_KEY_HEADER):
-        if name in message.headers:
-            headers[name] = message.headers[name]
-    publish.headers = headers or None
+    headers[EXCHANGE_HEADER], headers[ROUTING_KEY_HEADER] = exchange, key
+    publish.headers = headers
     return publish
 
 
@@ -57,11 +60,11 @@ async def reject(session: AmqpSession, queue: str, deliveries: list[Delivery]) -
     """Dead-letter rejected deliveries of `queue` with their x-death history (see the module docstring)."""
     broker = session.broker
     receipts = [delivery.receipt for delivery in deliveries]
-    found = broker.core.queues.get(queue)
-    target = found.settings.dead_letter_queue if found is not None else None
+    found = await state.queue_settings(broker, queue)
+    target = found.dead_letter_queue if found is not None else None
     if target is not None:
         try:
-            await broker.publish_batch(target, [republished(delivery) for delivery in deliveries])
+            await broker.publish_batch(target, [republished(session.front, delivery) for delivery in deliveries])
         except ChuteError:
             target = None
     if target is None:

@@ -12,6 +12,7 @@ exchange that does not exist succeeds.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ import msgspec
 from pamqp import commands
 
 from chute.amqp import exchanges as ex
-from chute.amqp import metadata, reply_to, routing
+from chute.amqp import metadata, reply_to, routing, state
 from chute.amqp.errors import (
     ACCESS_REFUSED,
     COMMAND_INVALID,
@@ -31,7 +32,7 @@ from chute.amqp.errors import (
     connection_error,
 )
 from chute.amqp.mapping import queue_settings
-from chute.errors import QueueExists, QueueNotFound, SubscriptionNotFound
+from chute.errors import InvalidArgument, QueueExists, QueueNotFound, SubscriptionNotFound, TopicNotFound
 from chute.model import TopicSettings
 from chute.server.auth import check
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from chute.amqp.channel import Channel
     from chute.amqp.session import AmqpSession
 
+log = logging.getLogger("chute.amqp")
 VHOST = "'/'"
 
 
@@ -73,6 +75,7 @@ async def exchange_declare(session: AmqpSession, channel: Channel, method) -> ob
     name, book = method.exchange, session.front.book
     if not name:
         raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
+    await state.refresh_exchange(session.front, name)
     current = book.exchanges.get(name)
     if method.passive:
         if current is None:
@@ -93,7 +96,7 @@ async def exchange_declare(session: AmqpSession, channel: Channel, method) -> ob
         raise AmqpError(ACCESS_REFUSED, f"exchange name '{name}' contains reserved prefix 'amq.*'")
     topic = ex.topic_name(name)
     check(session.principal, "manage", "topic", topic)
-    if topic not in session.broker.core.topics:  # created with its declaration, in one record
+    if await state.topic_settings(session.broker, topic) is None:  # created with its declaration, in one record
         attributes = metadata.created_with(session.front.stored, "topic", name, wanted)
         await session.broker.create_topic(topic, TopicSettings(attributes=attributes))
     book.exchanges[name] = wanted
@@ -105,21 +108,38 @@ async def exchange_delete(session: AmqpSession, channel: Channel, method) -> obj
     name, book = method.exchange, session.front.book
     if not name or name.startswith("amq."):
         raise AmqpError(ACCESS_REFUSED, f"operation not permitted on the {name or 'default'} exchange")
+    await state.refresh_exchange(session.front, name)
     if name not in book.exchanges:
         return commands.Exchange.DeleteOk()
     topic = ex.topic_name(name)
     check(session.principal, "manage", "topic", topic)
-    if method.if_unused and (any(b["exchange"] == name for b in book.bindings)
-                             or any(b["source"] == name for b in book.exchange_bindings)):  # fmt: skip
+    if method.if_unused and await _exchange_in_use(session, name):
         raise AmqpError(PRECONDITION_FAILED, f"exchange '{name}' in vhost {VHOST} in use")
-    if topic in session.broker.core.topics:
+    try:
         await session.broker.delete_topic(topic)
-        metadata.forget(session.front.stored, "topic", topic)
+    except TopicNotFound:
+        pass
+    metadata.forget(session.front.stored, "topic", topic)
     del book.exchanges[name]
     book.bindings = [b for b in book.bindings if b["exchange"] != name]
     book.exchange_bindings = [b for b in book.exchange_bindings if name not in (b["source"], b["destination"])]
     await session.front.save_book()
     return commands.Exchange.DeleteOk()
+
+
+async def _exchange_in_use(session: AmqpSession, name: str) -> bool:
+    """Whether exchange `name` has bindings: to queues (in the book, or on a cluster node its topic's
+    subscriptions, which may have been made through another node) or to other exchanges."""
+    book = session.front.book
+    if any(b["exchange"] == name for b in book.bindings) or any(b["source"] == name for b in book.exchange_bindings):
+        return True
+    if not session.front.routed:
+        return False
+    try:
+        info = await state.value(session.broker.topic_info(ex.topic_name(name)))
+    except TopicNotFound:
+        return False
+    return bool(info.subscriptions)
 
 
 async def _bound_exchanges(session: AmqpSession, method) -> tuple[dict, dict]:
@@ -130,6 +150,8 @@ async def _bound_exchanges(session: AmqpSession, method) -> tuple[dict, dict]:
         if not name:
             raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
     for name in (method.destination, method.source):
+        if name:
+            await state.refresh_exchange(session.front, name)
         if name not in book.exchanges:
             raise _no_exchange(name)
     for name in (method.destination, method.source):
@@ -198,7 +220,7 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
         return commands.Queue.DeclareOk(queue=name, message_count=0, consumer_count=0)
     if method.passive:
         name = queue_name(channel, name, method)
-        if name not in broker.core.queues:
+        if await state.refresh_queue(front, name) is None:
             raise _no_queue(name)
         _see(session, "queue", name)
         _owned_elsewhere(session, name)
@@ -214,8 +236,7 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
         await _declare(session, name, method)
     front.used(name)
     channel.last_queue = name
-    stats = broker.queue_stats(name)
-    return commands.Queue.DeclareOk(queue=ex.amqp_queue(name), message_count=stats.ready,
+    return commands.Queue.DeclareOk(queue=ex.amqp_queue(name), message_count=await state.ready(broker, name),
                                     consumer_count=front.consumers[name])  # fmt: skip
 
 
@@ -226,8 +247,9 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
     arguments = method.arguments or {}
     declared = {"durable": bool(method.durable), "auto_delete": bool(method.auto_delete),
                 "exclusive": bool(method.exclusive), "arguments": plain(arguments)}  # fmt: skip
+    existing = await state.refresh_queue(front, name)
     current = front.book.queues.get(name)
-    if current is not None and name in broker.core.queues:
+    if current is not None and existing is not None:
         for key in ("durable", "auto_delete"):
             if current[key] != declared[key]:
                 raise AmqpError(PRECONDITION_FAILED, f"inequivalent arg '{key}' for queue '{method.queue}' in vhost "
@@ -239,10 +261,12 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
                                 f"{VHOST}: received {declared['arguments'].get(key)!r} but current is "
                                 f"{current['arguments'].get(key)!r}")  # fmt: skip
         return
-    settings = queue_settings(arguments, _dead_letter_queue(session, arguments))
-    if name not in broker.core.queues:  # created with its declaration, in one record
+    settings = queue_settings(arguments, await _dead_letter_queue(session, arguments))
+    if existing is None:  # created with its declaration, in one record
         attributes = metadata.created_with(front.stored, "queue", name, declared)
         settings = msgspec.structs.replace(settings, attributes=attributes)
+        if settings.dead_letter_queue is not None:
+            await state.place_near(broker, name, settings.dead_letter_queue)
     try:
         await broker.create_queue(name, settings)
     except QueueExists:
@@ -250,6 +274,7 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
                         "arguments differ from the existing queue's settings") from None  # fmt: skip
     front.book.queues[name] = declared
     front.adopt(name, declared, owner=session)
+    front.note_queue(name, settings)
     if "x-dead-letter-exchange" in arguments and settings.dead_letter_queue is None:
         front.pending_dead_letters.add(name)
     await front.save_book()
@@ -257,7 +282,7 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
         await resolve_dead_letters(session)
 
 
-def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
+async def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
     """The Chute dead-letter queue of `x-dead-letter-exchange` and `-routing-key`: the default exchange names the
     queue; another exchange must route the routing key to exactly one queue (406 if it routes to several). None
     while there is no such queue yet: as in RabbitMQ, dead letters are dropped until there is one
@@ -266,41 +291,49 @@ def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
         return None
     exchange = arguments["x-dead-letter-exchange"]
     key = arguments.get("x-dead-letter-routing-key")
-    core = session.broker.core
+    broker = session.broker
     if exchange == "":
         key = ex.chute_queue(key or "")
         if not key:
             raise AmqpError(PRECONDITION_FAILED, "x-dead-letter-exchange '' needs x-dead-letter-routing-key (the "
                             "dead-letter queue)")  # fmt: skip
-        return key if key in core.queues else None
+        return key if await state.queue_exists(broker, key) else None
+    await state.refresh_exchange(session.front, exchange)
     if exchange not in session.front.book.exchanges:
         return None
-    topic = core.topics.get(ex.topic_name(exchange))
     subject = ex.subject(key or "") or ""
-    queues = topic.route(subject, {}) if topic is not None else []
+    queues = await state.route(broker, ex.topic_name(exchange), subject, {}) or []
     if len(queues) > 1:
         raise AmqpError(PRECONDITION_FAILED, f"dead-letter exchange '{exchange}' must route "
                         f"{'the key ' + repr(key) if key else 'messages'} to exactly one queue (it routes to "
                         f"{len(queues)}): Chute dead-letters to one queue")  # fmt: skip
-    return queues[0].name if queues else None
+    return queues[0] if queues else None
 
 
 async def resolve_dead_letters(session: AmqpSession) -> None:
     """Give the queues whose dead-letter exchange led nowhere yet their dead-letter queue, if it exists now."""
-    front, core = session.front, session.broker.core
+    front = session.front
     for name in sorted(front.pending_dead_letters):
         declared = front.book.queues.get(name)
-        queue = core.queues.get(name)
-        if declared is None or queue is None or queue.settings.dead_letter_queue is not None:
+        queue = await state.queue_settings(session.broker, name)
+        if declared is None or queue is None or queue.dead_letter_queue is not None:
             front.pending_dead_letters.discard(name)
             continue
         try:
-            target = _dead_letter_queue(session, declared["arguments"])
+            target = await _dead_letter_queue(session, declared["arguments"])
         except AmqpError:
             continue
         if target is not None and target != name:
-            await session.broker.update_queue(name, dead_letter_queue=target)
+            try:
+                info = await session.broker.update_queue(name, dead_letter_queue=target)
+            except (InvalidArgument, QueueNotFound) as exc:  # (a cluster) the dead-letter queue is in another
+                # shard: still none
+                if not front.routed:
+                    raise
+                log.info("AMQP: queue %r cannot dead-letter to %r yet: %s", name, target, exc.message)
+                continue
             front.pending_dead_letters.discard(name)
+            front.note_queue(name, info.settings)
 
 
 async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
@@ -308,8 +341,9 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
     name = queue_name(channel, method.queue, method)
     if not exchange:
         raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
-    if name not in broker.core.queues:
+    if await state.refresh_queue(session.front, name) is None:
         raise _no_queue(name)
+    await state.refresh_exchange(session.front, exchange)
     declared = book.exchanges.get(exchange)
     if declared is None:
         raise _no_exchange(exchange)
@@ -317,8 +351,8 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
     check(session.principal, "manage", "topic", topic)
     check(session.principal, "manage", "queue", name)
     _owned_elsewhere(session, name)
-    if topic not in broker.core.topics:  # a predeclared amq.* exchange's first binding (or a topic deleted natively)
-        await broker.create_topic(topic)
+    if await state.topic_settings(broker, topic) is None:  # a predeclared exchange's first binding (or a topic
+        await broker.create_topic(topic)  # deleted natively)
     arguments = plain(method.arguments or {})
     if book.find(exchange, name, method.routing_key, arguments) is not None:
         return commands.Queue.BindOk()
@@ -350,10 +384,11 @@ async def queue_unbind(session: AmqpSession, channel: Channel, method) -> object
     name = queue_name(channel, method.queue, method)
     if not exchange:
         raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
+    await state.refresh_exchange(session.front, exchange)
     declared = book.exchanges.get(exchange)
     if declared is None:
         raise _no_exchange(exchange)
-    if name not in broker.core.queues:
+    if await state.refresh_queue(session.front, name) is None:
         raise _no_queue(name)
     topic = ex.topic_name(exchange)
     check(session.principal, "manage", "topic", topic)
@@ -380,7 +415,7 @@ async def queue_unbind(session: AmqpSession, channel: Channel, method) -> object
 
 async def queue_purge(session: AmqpSession, channel: Channel, method) -> object:
     name = queue_name(channel, method.queue, method)
-    if name not in session.broker.core.queues:
+    if not await state.queue_exists(session.broker, name):
         raise _no_queue(name)
     check(session.principal, "manage", "queue", name)
     _owned_elsewhere(session, name)
@@ -390,20 +425,22 @@ async def queue_purge(session: AmqpSession, channel: Channel, method) -> object:
 async def queue_delete(session: AmqpSession, channel: Channel, method) -> object:
     broker, front = session.broker, session.front
     name = queue_name(channel, method.queue, method)
-    if name not in broker.core.queues:
+    if not await state.queue_exists(broker, name):
         return commands.Queue.DeleteOk(message_count=0)
     check(session.principal, "manage", "queue", name)
     _owned_elsewhere(session, name)
     if method.if_unused and front.consumers[name]:
         raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} in use")
-    stats = broker.queue_stats(name)
+    stats = await state.value(broker.queue_stats(name))
     if method.if_empty and stats.ready + stats.in_flight + stats.delayed:
         raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} is not empty")
-    for other in [q for q in broker.core.queues.values() if q.settings.dead_letter_queue == name]:
-        if other.name not in front.book.queues:
+    for other in await state.dead_letter_sources(broker, name):
+        await state.refresh_queue(front, other)
+        if other not in front.book.queues:
             break  # a queue of another front: the broker refuses (406), as before
-        await broker.update_queue(other.name, dead_letter_queue=None)  # RabbitMQ drops its dead letters now
-        front.pending_dead_letters.add(other.name)
+        await broker.update_queue(other, dead_letter_queue=None)  # RabbitMQ drops its dead letters now
+        front.pending_dead_letters.add(other)
+        front.note_queue(other, None)
     try:
         await broker.delete_queue(name)
     except QueueNotFound:

@@ -53,8 +53,10 @@ async def work(session: AmqpSession, channel: Channel) -> None:
             if not isinstance(method, SETTLING):
                 session.flush_settles()
                 if channel.publishing:
-                    # RabbitMQ's order: what a channel published is in its queues before its next method
-                    await asyncio.wait(list(channel.publishing))
+                    # RabbitMQ's order: what a channel published is in its queues before its next method (on a
+                    # cluster node a batch's routing task starts its broker calls later: they are waited for too)
+                    while channel.publishing:
+                        await asyncio.wait(list(channel.publishing))
                 elif session.tasks:
                     await asyncio.sleep(0)  # let work spawned before this method take its first step
             await run(session, channel, method)

@@ -26,9 +26,10 @@ import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from chute.amqp import metadata
+from chute.amqp import metadata, state
 from chute.amqp.errors import CONNECTION_FORCED, AmqpError
 from chute.amqp.exchanges import PREDECLARED_NAMES, ExchangeBook
+from chute.amqp.mapping import dead_lettered_as, origin
 from chute.amqp.session import AmqpSession
 from chute.errors import ChuteError
 from chute.server.config import DEFAULT_AMQP_PORT
@@ -61,6 +62,9 @@ class AmqpFront:
         self.port: int | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._saving = asyncio.Lock()
+        self.routed = state.routed(self.broker)  # a cluster node: the book is read through (state.py)
+        self.exchanges_read: dict[str, float] = {}  # (routed) exchange -> when its metadata was last read
+        self.dead_lettering: dict[str, bool] = {}  # (routed) queue -> has a dead-letter queue, as last read
         server.auth.on_change.append(self.users_changed)
 
     async def save_book(self) -> None:
@@ -70,11 +74,14 @@ class AmqpFront:
             await metadata.store(self.book, self.broker, self.stored)
 
     async def start(self, host: str, port: int, ssl=None) -> None:
-        core = self.broker.core
-        self.stored = metadata.load(self.book, core)
-        legacy = metadata.import_legacy(self.book, core, self.server.config.data_dir)
+        legacy = None
+        if not self.routed:
+            core = self.broker.core
+            self.stored = metadata.load(self.book, core)
+            legacy = metadata.import_legacy(self.book, core, self.server.config.data_dir)
         self._predeclare()
-        await self._restore()
+        if not self.routed:  # a cluster node's queues belong to the cluster: no node deletes them at its start
+            await self._restore()
         if legacy is not None:
             await self.save_book()
             metadata.retire_legacy(legacy)
@@ -126,9 +133,19 @@ class AmqpFront:
     def _predeclare(self) -> None:
         """RabbitMQ's predeclared exchanges exist from the start (their topics are made at their first binding,
         so a server nobody binds on through AMQP has no extra topics)."""
-        for name, kind in PREDECLARED.items():
-            self.book.exchanges.setdefault(name, {"type": kind, "durable": True, "auto_delete": False,
-                                                  "internal": False, "arguments": {}})  # fmt: skip
+        for name in PREDECLARED:
+            self.predeclare(name)
+
+    def predeclare(self, name: str) -> None:
+        self.book.exchanges.setdefault(name, {"type": PREDECLARED[name], "durable": True, "auto_delete": False,
+                                              "internal": False, "arguments": {}})  # fmt: skip
+
+    def note_queue(self, name: str, settings) -> None:
+        """(Routed) what this node last read of a queue's settings: whether it dead-letters (`dead_letters`)."""
+        if settings is None:
+            self.dead_lettering.pop(name, None)
+        else:
+            self.dead_lettering[name] = settings.dead_letter_queue is not None
 
     async def stop(self, grace_s: float) -> None:
         if self._listener is not None:
@@ -219,9 +236,24 @@ class AmqpFront:
         return True
 
     def dead_letters(self, queue: str) -> bool:
-        """Whether `queue` has a dead-letter queue (its rejected deliveries get x-death, see dead_letter.py)."""
+        """Whether `queue` has a dead-letter queue (its rejected deliveries get x-death, see dead_letter.py); on
+        a cluster node, as read when its consumer started or its basic.get ran (`note_queue`)."""
+        if self.routed:
+            return self.dead_lettering.get(queue, False)
         found = self.broker.core.queues.get(queue)
         return found is not None and found.settings.dead_letter_queue is not None
+
+    def origin_of(self, delivery) -> tuple[str, str]:
+        """The exchange and routing key a delivered message has in its queue, as RabbitMQ shows them: those it was
+        published with, or for a message the broker dead-lettered here, those its source queue's dead-letter
+        exchange and routing key gave it (when this front knows how that queue was declared)."""
+        exchange, key = origin(delivery)
+        source = delivery.dead_letter_source
+        if source is not None:
+            declared = self.book.queues.get(source)
+            if declared is not None:
+                exchange, key = dead_lettered_as(declared["arguments"], *origin(delivery, dead_letter_source=True))
+        return exchange, key
 
     def consumer_full(self, queue: str) -> None:
         """A consumer of `queue` used up its prefetch room: consumers of lower priority may go on now."""

@@ -191,6 +191,16 @@ def origin(delivery: Delivery, *, dead_letter_source: bool = False) -> tuple[str
     return exchange, amqp_queue(queue)
 
 
+def dead_lettered_as(arguments: dict | None, exchange: str, key: str) -> tuple[str, str]:
+    """The exchange and routing key of a message dead-lettered from a queue declared with `arguments`, as RabbitMQ
+    republishes it: the queue's `x-dead-letter-exchange`, with its `x-dead-letter-routing-key` if it has one, else
+    the message's own key. (`exchange`, `key`: the message's in that queue.)"""
+    if not arguments or "x-dead-letter-exchange" not in arguments:
+        return exchange, key
+    dead_key = arguments.get("x-dead-letter-routing-key")
+    return str(arguments["x-dead-letter-exchange"]), str(dead_key) if dead_key is not None else key
+
+
 def _stamp(seconds: int) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).replace(tzinfo=None)
 

@@ -50,7 +50,9 @@ async def tx_commit(session: AmqpSession, channel: Channel, method) -> object:
     publishes, settles = tx.publishes, tx.settles
     tx.publishes, tx.settles = [], []
     if publishes:
-        basic.publish(session, channel, publishes)
+        routing = basic.publish(session, channel, publishes)
+        if routing is not None:  # a cluster node reads what routing needs first (publish_routing.py)
+            await asyncio.wait([routing])
         if channel.closed:  # a publish was refused (no such exchange, ...): the channel is closed with it
             return None
     for each in settles:

@@ -171,12 +171,16 @@ class Peer:
         return await self._manage("list_topics", list[TopicInfo])
 
     async def topic_info(self, name: str) -> TopicInfo:
-        from chute.errors import TopicNotFound
+        return await self._manage("topic_info", TopicInfo, name=name)
 
-        for topic in await self.list_topics():
-            if topic.name == name:
-                return topic
-        raise TopicNotFound(f"no topic is named {name!r}")
+    async def queue_info(self, name: str) -> QueueInfo:
+        return await self._manage("queue_info", QueueInfo, name=name)
+
+    async def route(self, topic: str, subject: str, headers: dict[str, str] | None = None) -> list[str]:
+        return await self._manage("route", list[str], topic=topic, subject=subject, headers=headers)
+
+    async def dead_letter_sources(self, name: str) -> list[str]:
+        return await self._manage("dead_letter_sources", list[str], name=name)
 
     async def subscribe(self, topic: str, pattern: str, queue: str, *, filter: dict | None = None,
                         start: str | float = "now") -> SubscriptionInfo:  # fmt: skip

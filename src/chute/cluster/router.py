@@ -13,10 +13,14 @@ Rules:
 - a shard with no live owner (its node died; the takeover is under way) is waited for up to `wait_owner_s`,
   then the call fails with `unavailable` (retryable) having changed nothing;
 - no loops: `local` is the view that peers' connections use; it never forwards, and a call for a shard this node
-  does not own fails there with `unavailable`, so the sender looks up the owner again (within its wait);
+  does not own fails there with `unavailable`, so the sender looks up the owner again (within its wait). One
+  exception, bounded: a peer's subscribe of a queue held here to a topic of another shard moves the queue, which
+  creates it (and carries over what reached it) in the topic's shard and subscribes it there through this
+  node's router: one hop to a node whose local view finds the queue in the topic's shard and moves nothing;
 - a new queue or topic gets its placement row first, then is created in its shard; a queue made for a
   subscription (subscribe to a queue that does not exist yet) is placed in its topic's shard, so fan-out stays
-  in one shard; a subscription of a topic to an existing queue of another shard is `invalid_argument`;
+  in one shard; an empty queue of another shard moves there (by the node holding it); a subscription of a topic
+  to another queue of another shard is `invalid_argument`;
 - receipts stay opaque: they are routed by the queue they came from;
 - ephemeral subscriptions' queues get names that say their shard (`~<shard>.<n>`), since each shard's broker
   numbers its own from 1.
@@ -169,6 +173,10 @@ class ClusterBroker:
             return "topic" if name in holder.core.topics else "queue"
         placed = self.placement._cache.get(name) if self.placement is not None else None
         return placed.kind if placed is not None else "queue"
+
+    def holds(self, name: str) -> bool:
+        """Whether this node serves the shard of queue or topic `name` now (its calls are answered here)."""
+        return self._local_holder(name) is not None
 
     # -- finding the broker of a name ---------------------------------------------------------------------------
 
@@ -396,6 +404,8 @@ class ClusterBroker:
             settings_kw = dict(msgspec.to_builtins(settings))
         _check_name(name)
         placed = await self.placement.place(name, "queue")
+        if not self.forward and self.node.local_broker(placed.shard) is None:  # a peer moved it here meanwhile
+            placed = await self.placement.refresh(name) or placed
         return await self._create_in(placed, "create_queue", name, settings_kw)
 
     async def _create_in(self, placed, method: str, name: str, settings_kw: dict):
@@ -507,13 +517,43 @@ class ClusterBroker:
             return sorted(mine, key=lambda t: t.name)
         return self._merged("list_topics", mine)
 
+    # -- state reads (chute._reads) ---------------------------------------------------------------------------
+
+    def queue_info(self, name: str):
+        """As `Broker.queue_info`, for a queue of any shard (an awaitable for another node's)."""
+        holder = self._local_holder(name)
+        if holder is not None and not name.startswith(EPHEMERAL):
+            return holder.queue_info(name)
+        return self._on_name(name, "queue_info", name)
+
+    def route(self, topic: str, subject: str, headers: dict[str, str] | None = None):
+        """As `Broker.route`: asked of the topic's shard (fan-out stays inside it, so its queues are all there)."""
+        holder = self._local_holder(topic)
+        if holder is not None:
+            return holder.route(topic, subject, headers)
+        return self._on_name(topic, "route", topic, subject, headers, missing=TopicNotFound)
+
+    def dead_letter_sources(self, name: str):
+        """As `Broker.dead_letter_sources`: asked of the queue's shard (a dead-letter queue and its sources
+        share a shard); none when there is no such queue."""
+        holder = self._local_holder(name)
+        if holder is not None:
+            return holder.dead_letter_sources(name)
+        return self._sources_remote(name)
+
+    async def _sources_remote(self, name: str) -> list[str]:
+        try:
+            return await self._on_name(name, "dead_letter_sources", name)
+        except (QueueNotFound, TopicNotFound):
+            return []
+
     # -- subscriptions ----------------------------------------------------------------------------------------
 
     async def subscribe(self, topic: str, pattern: str, queue: str, *, filter: dict | None = None,
                         start: str | float = "now") -> SubscriptionInfo:  # fmt: skip
         """As `Broker.subscribe`; a queue that does not exist yet is created (default settings) in the topic's
-        shard, and an empty queue of a shard served here is moved there. Another queue of another shard is
-        refused: fan-out happens inside one shard."""
+        shard, and an empty queue of another shard is moved there (by the node serving its shard). Another queue
+        of another shard is refused: fan-out happens inside one shard."""
         self._check()
         topic_shard = await self._shard_of(topic, TopicNotFound)
         placed = await self.placement.lookup(queue)
@@ -525,13 +565,20 @@ class ClusterBroker:
         if placed.kind != "queue":
             raise namespace_error(queue, "queue", placed)
         if placed.shard != topic_shard and await self._move_empty_queue(queue, placed.shard, topic_shard):
-            placed = await self.placement.lookup(queue) or placed
+            return await self._root._on_shard(topic_shard, "subscribe", topic, pattern, queue, filter=filter,
+                                              start=start)  # fmt: skip
+        if placed.shard != topic_shard and self.forward and self.node.local_broker(placed.shard) is None:
+            # The queue's shard is another node's: that node moves the queue if it can (its local view, above),
+            # and subscribes it; else it refuses as below.
+            return await self._on_shard(placed.shard, "subscribe", topic, pattern, queue, filter=filter,
+                                        start=start)  # fmt: skip
+        if placed.shard != topic_shard and not self.forward:  # a peer's row may be newer than the one cached here
+            placed = await self.placement.refresh(queue) or placed
         if placed.shard != topic_shard:
             raise InvalidArgument(
                 f"queue {queue!r} lives in shard {placed.shard}, the topic {topic!r} in shard {topic_shard}; "
                 "cross-shard subscriptions are not supported yet (subscribe before creating the queue: the "
-                "subscription then creates it in its topic's shard; an empty queue moves there when the node "
-                "asked serves its shard)"
+                "subscription then creates it in its topic's shard; an empty queue moves there)"
             )
         return await self._on_shard(topic_shard, "subscribe", topic, pattern, queue, filter=filter, start=start)
 
@@ -541,9 +588,11 @@ class ClusterBroker:
         dead-letters into it): placement row first, the queue created in `new`, then anything published to the
         old one meanwhile (through a node that still had the old row) moved across, and the old queue deleted in
         the same step of the event loop that finds it empty. True if it moved. Only a queue of a shard served
-        here moves: that last step must not be interleaved with a publish."""
+        here moves: that last step must not be interleaved with a publish. The local view moves too (for a peer
+        whose router asked this node, the queue's owner): the new copy is made through the router, one hop to the
+        topic's shard, whose local view never moves anything further (the queue is in its shard by then)."""
         broker = self.node.local_broker(old)
-        if broker is None or not self.forward or queue not in broker.core.queues:
+        if broker is None or queue not in broker.core.queues:
             return False
         settings = broker.core.queues[queue].settings
         stats = broker.queue_stats(queue)
@@ -558,7 +607,7 @@ class ClusterBroker:
             return False
         if not await self.placement.move(queue, "queue", old, new):
             return False
-        await self._on_shard(new, "create_queue", queue, **msgspec.to_builtins(settings))
+        await self._root._on_shard(new, "create_queue", queue, **msgspec.to_builtins(settings))
         while True:
             source = self.node.local_broker(old)
             if source is None or queue not in source.core.queues:
@@ -578,7 +627,7 @@ class ClusterBroker:
             return
         messages = [Publish(body=d.message.body, headers=d.message.headers or None, priority=d.message.priority,
                             group=d.message.group) for d in deliveries]  # fmt: skip
-        await self._on_shard(new, "publish_batch", queue, messages)
+        await self._root._on_shard(new, "publish_batch", queue, messages)
         await source.ack(queue, [d.receipt for d in deliveries])
 
     async def update_subscription(self, topic: str, pattern: str, queue: str, *,

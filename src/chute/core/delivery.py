@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from chute.core import records as rec
 from chute.core.queue import DELAYED, IN_FLIGHT, READY, WAITING, Entry, Queue
-from chute.core.state import BrokerState
+from chute.core.state import BrokerState, entered_expiry
 from chute.core.timers import DEDUP, DELAY, EXPIRE, LEASE, RETAIN
 from chute.errors import InvalidArgument
 from chute.model import MAX_DELAY_S, MAX_LEASE_S
@@ -227,9 +227,10 @@ class DeliveryOps(BrokerState):
             moved += 1
         for source_id, entries in by_source.items():
             source = self.queues_by_id[source_id]
+            expires = entered_expiry(source, now)
             for entry in entries:
                 dlq.remove(entry)
-                self.place(source, Entry(entry.id, entry.ref, entry.size, entry.priority), 0.0, now)
+                self.place(source, Entry(entry.id, entry.ref, entry.size, entry.priority, None, expires), 0.0, now)
             self.emit(rec.MOVE, rec.MoveRecord(dlq.id, source_id, rec.ACKED, [e.id for e in entries]))
         return moved
 

@@ -22,7 +22,7 @@ from chute.core import records as rec
 from chute.core import snapshot as snap
 from chute.core.compaction import CompactionScan
 from chute.core.queue import GONE, PACKED, Entry, Queue
-from chute.core.state import BrokerState
+from chute.core.state import BrokerState, entered_expiry
 from chute.errors import StorageCorrupt
 
 # what a record or snapshot that passed its checksum but means nothing to this version raises while applied
@@ -242,8 +242,9 @@ class RecoveryOps(BrokerState):
             if target is None:
                 continue
             dead = (record.reason, source.id) if record.reason else None
-            self._replay_place(target, Entry(entry.id, entry.ref, entry.size, entry.priority, None, 0.0, 0, dead),
-                               0.0, now)  # fmt: skip
+            # the move's own time is not logged: the target's TTL counts from the replay (never sooner than live)
+            self._replay_place(target, Entry(entry.id, entry.ref, entry.size, entry.priority, None,
+                                             entered_expiry(target, now), 0, dead), 0.0, now)  # fmt: skip
 
     def _replay_meta(self, record: rec.MetaRecord) -> None:
         op, args = record.op, record.args

@@ -190,10 +190,19 @@ class BrokerState:
         ):
             self.drop(queue, entries, code)
             return
+        expires = entered_expiry(dlq, now)
         for entry in entries:
             queue.remove(entry)
-            moved = Entry(entry.id, entry.ref, entry.size, entry.priority, None, 0.0, 0, (code, queue.id))
+            moved = Entry(entry.id, entry.ref, entry.size, entry.priority, None, expires, 0, (code, queue.id))
             self.place(dlq, moved, 0.0, now)
         self.emit(rec.MOVE, rec.MoveRecord(queue.id, dlq.id, code, [e.id for e in entries]))
         if queue.settings.fifo:
             self.changed.add(queue)
+
+
+def entered_expiry(queue: Queue, now: float) -> float:
+    """When a message moved into `queue` at `now` (dead-lettered into it, or redriven back) expires there: the
+    queue's own TTL counted from the move, as RabbitMQ does for a dead-lettered message (its TTL in the queue it
+    left, and a per-message TTL, do not follow it); 0.0 (never) for a queue without a TTL."""
+    ttl = queue.settings.retention_s
+    return now + ttl if ttl else 0.0

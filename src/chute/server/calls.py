@@ -20,7 +20,7 @@ from chute.errors import InvalidArgument
 CALLS = frozenset({
     "create_queue", "update_queue", "delete_queue", "purge_queue", "list_queues", "queue_stats",
     "create_topic", "update_topic", "delete_topic", "list_topics", "subscribe", "update_subscription",
-    "unsubscribe", "peek", "redrive",
+    "unsubscribe", "peek", "redrive", "topic_info", "queue_info", "route", "dead_letter_sources",
 })  # fmt: skip
 
 

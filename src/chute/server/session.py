@@ -240,8 +240,15 @@ class ServerConsumer:
                         async with asyncio.timeout(CREDIT_RECHECK_S):
                             await self.credit.wait()
                     continue
-                deliveries = await broker.receive(name, min(credit, MAX_DELIVER_BATCH), wait_s=POLL_S,
-                                                  lease_s=self.lease_s, max_bytes=budget)  # fmt: skip
+                fetch = asyncio.ensure_future(broker.receive(name, min(credit, MAX_DELIVER_BATCH), wait_s=POLL_S,
+                                                             lease_s=self.lease_s, max_bytes=budget))  # fmt: skip
+                try:
+                    deliveries = await asyncio.shield(fetch)
+                except asyncio.CancelledError:
+                    # stopped during the poll (CANCEL, the connection closing): the poll runs to its end on the
+                    # queue's node, and what it leased then is given back at once, not left hidden for a lease
+                    fetch.add_done_callback(functools.partial(_release_late, broker, name))
+                    raise
                 if session.closed:
                     broker.release(name, [d.receipt for d in deliveries if d.receipt])
                     return
@@ -787,6 +794,8 @@ CALL_PERMISSIONS = {
     "update_subscription": lambda args: [("manage", "topic", args["topic"]), ("manage", "queue", args["queue"])],
     "unsubscribe": lambda args: [("manage", "topic", args["topic"]), ("manage", "queue", args["queue"])],
     "list_queues": lambda args: [], "list_topics": lambda args: [],
+    "topic_info": _name("topic", permission="see"), "queue_info": _name("queue", permission="see"),
+    "route": _name("topic", "topic", "see"), "dead_letter_sources": _name("queue", permission="see"),
 }  # fmt: skip
 
 
@@ -800,3 +809,9 @@ HANDLERS = {
     Op.EXTEND: Session._extend,
     Op.CALL: Session._call,
 }
+
+
+def _release_late(broker, queue: str, fetch: asyncio.Future) -> None:
+    """A routed consumer's poll that ended after its consumer stopped: release what it leased."""
+    if not fetch.cancelled() and fetch.exception() is None and fetch.result():
+        broker.release(queue, [delivery.receipt for delivery in fetch.result() if delivery.receipt])

@@ -1,0 +1,126 @@
+"""What the AMQP front reads of the broker's state, on one broker or through a cluster node's router.
+
+On a plain `chute.Broker` (one node) every read is the core's, at once. On a cluster node the broker is the
+router (`ClusterBroker`, `routed = True`), whose shards may be served by other nodes: each read becomes a call
+the router answers for any shard (`queue_info`, `topic_info`, `route`, `dead_letter_sources`, `queue_stats`;
+chute/_reads.py), at once for this node's shards and over the peer connection for the others. The functions
+here are coroutines; the hot paths (publishing, delivering) keep their direct reads when the broker is not
+routed.
+
+`refresh_exchange` / `refresh_queue` bring the exchange book (exchanges.py) up to date with what the topic's or
+queue's `attributes` say now (metadata.py), for a node whose book cannot have seen changes made through other
+nodes. On one broker the book is always up to date (every change goes through this front), so they do nothing.
+
+Invariant: a read changes nothing; a queue or topic that does not exist reads as None (or empty), never an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+from chute.amqp import exchanges as ex
+from chute.amqp import metadata
+from chute.errors import QueueNotFound, TopicNotFound
+from chute.model import QueueSettings, TopicSettings
+
+EXCHANGE_FRESH_S = 1.0  # how long a routed node trusts its book's copy of an exchange for publishes
+
+
+def routed(broker) -> bool:
+    """Whether `broker` is a cluster node's router (its state is not all in this process)."""
+    return getattr(broker, "routed", False)
+
+
+async def value(result):
+    """`result`, awaited if the router answered with an awaitable."""
+    return await result if inspect.isawaitable(result) else result
+
+
+async def queue_settings(broker, name: str) -> QueueSettings | None:
+    """The settings of queue `name`, or None if there is no such queue."""
+    if not routed(broker):
+        queue = broker.core.queues.get(name)
+        return queue.settings if queue is not None else None
+    try:
+        return (await value(broker.queue_info(name))).settings
+    except QueueNotFound:
+        return None
+
+
+async def queue_exists(broker, name: str) -> bool:
+    if not routed(broker):
+        return name in broker.core.queues
+    return await queue_settings(broker, name) is not None
+
+
+async def topic_settings(broker, name: str) -> TopicSettings | None:
+    """The settings of topic `name`, or None if there is no such topic."""
+    if not routed(broker):
+        topic = broker.core.topics.get(name)
+        return topic.settings if topic is not None else None
+    try:
+        return (await value(broker.topic_info(name))).settings
+    except TopicNotFound:
+        return None
+
+
+async def route(broker, topic: str, subject: str, headers: dict | None) -> list[str] | None:
+    """The queues a message to `topic` with `subject` and `headers` reaches now; None if there is no such topic."""
+    if not routed(broker):
+        found = broker.core.topics.get(topic)
+        return [queue.name for queue in found.route(subject, headers)] if found is not None else None
+    try:
+        return await value(broker.route(topic, subject, headers))
+    except TopicNotFound:
+        return None
+
+
+async def dead_letter_sources(broker, name: str) -> list[str]:
+    """The queues whose dead-letter queue is `name`."""
+    if not routed(broker):
+        return sorted(q.name for q in broker.core.queues.values() if q.settings.dead_letter_queue == name)
+    return await value(broker.dead_letter_sources(name))
+
+
+async def ready(broker, name: str) -> int:
+    """Messages ready in queue `name` (0 if it is gone)."""
+    try:
+        return (await value(broker.queue_stats(name))).ready
+    except QueueNotFound:
+        return 0
+
+
+async def place_near(broker, name: str, dead_letter_queue: str) -> None:
+    """(A routed node) place a new queue in the shard of its dead-letter queue: a queue and its dead-letter queue
+    share a shard (the broker moves a dead letter inside one shard)."""
+    if not routed(broker):
+        return
+    shard = await broker.placement.shard_of(dead_letter_queue, "queue")
+    if shard is not None:
+        await broker.placement.place(name, "queue", near=shard)
+
+
+async def refresh_exchange(front, name: str, *, max_age_s: float = 0.0) -> None:
+    """(A routed node) take exchange `name`'s declaration and exchange-to-exchange bindings from its topic's
+    attributes, unless this node read them less than `max_age_s` ago. A predeclared exchange stays declared."""
+    if not routed(front.broker) or not name:
+        return
+    now = time.monotonic()
+    if max_age_s and now - front.exchanges_read.get(name, -1e9) < max_age_s:
+        return
+    topic = ex.TOPIC_PREFIX + name
+    settings = await topic_settings(front.broker, topic)
+    metadata.take_topic(front.book, front.stored, name, settings)
+    if settings is None and name in ex.PREDECLARED_NAMES:
+        front.predeclare(name)
+    front.exchanges_read[name] = now
+
+
+async def refresh_queue(front, name: str) -> QueueSettings | None:
+    """(A routed node) take queue `name`'s declared flags and AMQP bindings from its attributes; its settings."""
+    settings = await queue_settings(front.broker, name)
+    if routed(front.broker):
+        metadata.take_queue(front.book, front.stored, name, settings)
+        front.note_queue(name, settings)
+    return settings
