@@ -101,8 +101,8 @@ class AdminOps(BrokerState):
         if queue.length > PURGE_STEP and getattr(self, "index", None) is None:  # live (not replay), and large
             self.detached.append((store, queue.detach()))
         else:
-            for entry in list(queue.entries()):
-                store.release(entry.ref)
+            for ref in list(queue.refs()):
+                store.release(ref)
             queue.clear()
             queue.in_flight.clear()
         del self.queues[queue.name]
@@ -158,7 +158,9 @@ class AdminOps(BrokerState):
                 for _ in range(min(budget, len(entries))):
                     entry = entries.pop()
                     budget -= 1
-                    if entry.state != GONE:  # already released, or met twice (a stale heap item)
+                    if type(entry) is int:  # the ref of a packed message
+                        store.release(entry)
+                    elif entry.state != GONE:  # already released, or met twice (a stale heap item)
                         entry.state = GONE
                         store.release(entry.ref)
                 if not entries:

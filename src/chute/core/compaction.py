@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from chute.core.queue import GONE, Entry
+from chute.core.queue import GONE, PACKED, Entry, Queue
 
 if TYPE_CHECKING:
     from chute.core.state import BrokerState
@@ -53,6 +53,11 @@ class CompactionScan:
         self._lists = [entries for queue in durable for entries in queue.entry_lists()]
         self._list = 0
         self._at = 0
+        # packed lines: copies of their columns (16 bytes a message), walked after the object lists; a holder found
+        # there is a view (state PACKED) and `_view_queue` remembers its queue for `relocate`
+        self._packed = [(queue, priority, ids, refs)
+                        for queue in durable for priority, ids, refs, _ in queue.packed_columns()]  # fmt: skip
+        self._view_queue: dict[Entry, Queue] = {}
 
     def step(self, budget: int | None = None, max_refs: int | None = None) -> bool:
         """Look at up to `budget` more entries (SCAN_STEP_ENTRIES); return True once every entry has been looked
@@ -75,11 +80,30 @@ class CompactionScan:
                 self._lists[self._list] = []  # let the copy go
                 self._list += 1
                 self._at = 0
-        return self._list >= len(self._lists) or len(holders) >= max_refs
+        while budget > 0 and self._packed and self._list >= len(self._lists) and len(holders) < max_refs:
+            queue, priority, ids, refs = self._packed[0]
+            end = min(self._at + budget, len(ids))
+            for i in range(self._at, end):
+                ref = refs[i]
+                if in_sparse(ref):
+                    view = Entry(ids[i], ref, 0, priority, None, 0.0, 0, None, 0.0, PACKED)
+                    self._view_queue[view] = queue
+                    if setdefault(ref, view) is not view:
+                        self.more_holders.setdefault(ref, []).append(view)
+            budget -= end - self._at
+            self._at = end
+            if end >= len(ids):
+                self._packed.pop(0)
+                self._at = 0
+        return (self._list >= len(self._lists) and not self._packed) or len(holders) >= max_refs
 
     def holders_of(self, ref: int) -> list[Entry]:
         first = self.holders.get(ref)
         return [] if first is None else [first, *self.more_holders.get(ref, ())]
+
+    def queue_of(self, view: Entry) -> Queue | None:
+        """The queue whose packed line a view found by this scan came from."""
+        return self._view_queue.get(view)
 
     def refs(self) -> list[int]:
         """The refs to move, in file order (the store reads neighbours together)."""

@@ -21,7 +21,7 @@ import msgspec
 from chute.core import records as rec
 from chute.core import snapshot as snap
 from chute.core.compaction import CompactionScan
-from chute.core.queue import GONE, Entry, Queue
+from chute.core.queue import GONE, PACKED, Entry, Queue
 from chute.core.state import BrokerState, entered_expiry
 from chute.errors import StorageCorrupt
 
@@ -103,8 +103,9 @@ class RecoveryOps(BrokerState):
             self.index = None
         self.outbox.clear()  # replaying emits nothing new
         for queue in self.queues.values():
-            for entry in queue.entries():
-                self.store.track(entry.ref)
+            track = self.store.track
+            for ref in queue.refs():
+                track(ref)
         for topic in self.topics.values():
             for item in topic.retained:
                 self.store.track(item[1])
@@ -118,8 +119,11 @@ class RecoveryOps(BrokerState):
         self.ids.advance(image.last_id)
         for q in image.queues:
             queue = self._apply_create_queue({"id": q.id, "name": q.name, "settings": q.settings})
-            entries = snap.decode_entries(q.entries)
-            self.place_batch(queue, entries, now)
+            split = snap.split_plain(q.entries)  # the plain backlog goes straight into packed columns
+            if split is None or not queue.load_packed(*split[0]):
+                self.place_batch(queue, snap.decode_entries(q.entries), now)
+            elif split[1]:
+                self.place_batch(queue, split[1], now)
             for key, expires, message_id in q.dedup:
                 queue.dedup.remember(key, message_id, expires)
         for t in image.topics:
@@ -143,7 +147,7 @@ class RecoveryOps(BrokerState):
             queue = self.queues_by_id.get(record.queue_id)
             entries = self._entries_of(record.queue_id)
             for message_id in record.ids:
-                entry = entries.pop(message_id, None)
+                entry = self._pop_entry(queue, entries, message_id)
                 if entry is not None:
                     queue.remove(entry)
         elif kind == rec.MOVE:
@@ -158,10 +162,17 @@ class RecoveryOps(BrokerState):
                 for message_id in [m for m in entries.ids() if m not in kept]:
                     while (entry := entries.pop(message_id)) is not None:
                         queue.remove(entry)
+                queue.drop_packed_except(kept)
         elif kind == rec.DELIVERED:
             entries = self._entries_of(record.queue_id)
+            queue = self.queues_by_id.get(record.queue_id)
             for message_id in record.ids:
                 entry = entries.get(message_id)
+                if queue is not None and (entry is None or entry.state == PACKED):  # a packed slot has no count
+                    view = entry or queue.find_packed(message_id)
+                    entry = queue.unpack(view) if view is not None else None
+                    if entry is not None:
+                        entries.replace(message_id, view, entry)
                 if entry is not None:
                     entry.deliveries += 1
         elif kind == rec.ENQUEUE:
@@ -177,16 +188,26 @@ class RecoveryOps(BrokerState):
             self.index[queue.id].add(entry)
 
     def _entries_of(self, queue_id: int) -> _QueueIndex:
-        """Message id -> entries of one queue, built on first need (a clean restart replays nothing)."""
+        """Message id -> entry objects of one queue, built on first need (a clean restart replays nothing). Packed
+        messages are not indexed (no object per message): `_pop_entry` finds them in their columns."""
         entries = self.index.get(queue_id)
         if entries is None:
             entries = _QueueIndex()
             queue = self.queues_by_id.get(queue_id)
             if queue is not None:
-                for entry in queue.entries():
+                for entry in queue.objects():
                     entries.add(entry)
             self.index[queue_id] = entries
         return entries
+
+    @staticmethod
+    def _pop_entry(queue: Queue | None, entries: _QueueIndex, message_id: int) -> Entry | None:
+        """The entry (or a view of the packed message) a record about `message_id` in `queue` names, taken out of
+        the index."""
+        entry = entries.pop(message_id, None)
+        if entry is None and queue is not None:
+            entry = queue.find_packed(message_id)
+        return entry
 
     def _replay_message(self, ref: int, record: rec.MessageRecord, now: float) -> None:
         self.ids.advance(record.id)
@@ -214,7 +235,7 @@ class RecoveryOps(BrokerState):
         target = self.queues_by_id.get(record.to_queue_id)
         entries = self._entries_of(record.from_queue_id)
         for message_id in record.ids:
-            entry = entries.pop(message_id, None)
+            entry = self._pop_entry(source, entries, message_id)
             if entry is None or source is None:
                 continue
             source.remove(entry)
@@ -252,9 +273,12 @@ class RecoveryOps(BrokerState):
             raise ValueError(f"unknown META op {op!r}")
 
     def _move_holders(self, message_id: int, new_ref: int) -> None:
-        for queue_id in list(self.queues_by_id):
+        for queue_id, queue in list(self.queues_by_id.items()):
             for entry in self._entries_of(queue_id).all(message_id):
-                entry.ref = new_ref
+                if entry.state != PACKED:
+                    entry.ref = new_ref
+            for priority in queue.levels:
+                queue.repoint_packed(priority, message_id, None, new_ref)
         for topic in self.topics.values():
             retained = topic.retained
             for i, item in enumerate(retained):
@@ -277,7 +301,12 @@ class RecoveryOps(BrokerState):
         retained = {}
         for (old, _), new in zip(moves, new_refs, strict=True):
             for entry in scan.holders_of(old):
-                if entry.state != GONE and entry.ref == old:
+                if entry.state == PACKED:  # a view: the packed slot, if still there, holds the ref
+                    queue = scan.queue_of(entry)
+                    if queue is not None and queue.repoint_packed(entry.priority, entry.id, old, new):
+                        store.track(new)
+                        store.release(old)
+                elif entry.state != GONE and entry.ref == old:
                     store.track(new)
                     store.release(old)
                     entry.ref = new
@@ -335,6 +364,16 @@ class _QueueIndex:
                 del self.more[message_id]
             return entry
         return self.one.pop(message_id, default)
+
+    def replace(self, message_id: int, old: Entry | None, new: Entry) -> None:
+        """`new` stands for `old` (an unpacked view) from now on, or is added if `old` was not indexed."""
+        if old is not None and self.one.get(message_id) is old:
+            self.one[message_id] = new
+        elif old is not None and old in self.more.get(message_id, ()):
+            extra = self.more[message_id]
+            extra[extra.index(old)] = new
+        else:
+            self.add(new)
 
     def all(self, message_id: int) -> list[Entry]:
         first = self.one.get(message_id)
