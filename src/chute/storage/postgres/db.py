@@ -361,6 +361,8 @@ class Database:
             for task in late:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
+        if self.connections():  # made meanwhile (a side connection was being connected when the stop began)
+            await (self.sever_connections() if sever else self.close_connections())
         for _ in range(3):  # the transports' connection_lost callbacks (which close the sockets) run before the stop
             await asyncio.sleep(0)
 
