@@ -227,7 +227,7 @@ class Broker(ManagementApi, StateReads, Housekeeping):
                 core.abort_publish(plan)
         serving = self._state == "serving"
         if serving:
-            self._after()
+            self._after(housekeep=False)  # nothing was appended: `_publish`'s own `_after` looked at checkpoints
         for plan, then in batch:
             if then is not None:
                 try:
