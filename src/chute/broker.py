@@ -186,8 +186,8 @@ class Broker(ManagementApi, StateReads, Housekeeping):
         and placed, or None if nothing had to be written). A callback added to the future runs after the
         messages were placed (or forgotten, if the store failed: the future then holds the store's error).
         `then(ids, error)`, if given, is called once the messages are placed (error None) or forgotten (the
-        store's error), by the broker's own callback on that future: no callback of the caller's own is scheduled. Not
-        called if the returned future is None (nothing to wait for)."""
+        store's error), by the broker's own callback on that future (no callback of the caller's own is
+        scheduled); not called if the returned future is None (nothing to wait for)."""
         self._check()
         plan = self._run(self.core.prepare_publish, dest, messages, self.clock())
         self._pending_token = None  # the plan holds it
@@ -197,7 +197,9 @@ class Broker(ManagementApi, StateReads, Housekeeping):
             return plan.ids, None
         settling = self._settling
         if settling is not None and settling[0] is token and not token.done():
-            settling[1].append((plan, then))  # the same group commit: one callback settles them all, in order
+            # the same group commit, and no other callback was added to it since: one callback settles them all,
+            # in the order they were prepared (so messages are placed in publish order)
+            settling[1].append((plan, then))
             return plan.ids, token
         if isinstance(token, asyncio.Future):
             future = token
@@ -259,6 +261,7 @@ class Broker(ManagementApi, StateReads, Housekeeping):
                     continue
                 future = waits.get(id(plan.token))
                 if future is None:
+                    self._settling = None  # a later `_publish` on this future settles after these plans, in order
                     future = waits[id(plan.token)] = asyncio.ensure_future(plan.token)
                     settling[id(plan.token)] = plans = []
                     future.add_done_callback(functools.partial(self._settle_all, plans))
