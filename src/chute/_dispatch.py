@@ -18,8 +18,9 @@ Invariants:
 - the sweep, every SWEEP_S while consumers are watched, makes due every consumer whose queue holds ready
   messages (a blocked one then re-counts its credit against the leases that ended): a wake missed for whatever
   reason costs at most SWEEP_S, never a stuck consumer. No timer runs while no consumer is watched.
-- `pump` runs only from the pass, a callback of its own, never inside a core operation: the core's `changed` is
-  not being iterated and no caller's durability token is pending. The pass ends with one `Broker._after`.
+- `pump` runs only from the pass, a callback of its own (or `pass_now` at the end of such a callback: the broker's
+  settlement of a group commit's publishes), never inside a core operation: the core's `changed` is not being
+  iterated and no caller's durability token is pending. The pass ends with one `Broker._after`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Dispatcher:
         self.broker = broker
         self.watched: dict[str, dict[PushConsumer, None]] = {}  # queue name -> its consumers, in arrival order
         self.due: dict[PushConsumer, None] = {}  # made due since the last pass, in order
-        self._scheduled = False
+        self._scheduled: asyncio.Handle | None = None  # the pass's callback, once one is due
         self._sweep: asyncio.TimerHandle | None = None
         self._now = 0.0  # the pass's clock reading
         self._messages: dict[int, object] = {}  # the pass's decoded messages by ref (fan-out shares them)
@@ -82,9 +83,8 @@ class Dispatcher:
     def wake(self, consumer: PushConsumer) -> None:
         """Make `consumer` due: its `pump` runs in the next pass."""
         self.due[consumer] = None
-        if not self._scheduled:
-            self._scheduled = True
-            self.broker._event_loop().call_soon(self._pass)
+        if self._scheduled is None:
+            self._scheduled = self.broker._event_loop().call_soon(self._pass)
 
     def queue_changed(self, name: str, gone: bool = False) -> None:
         """Queue `name` gained ready messages (or, `gone`, was deleted): its consumers with credit are due."""
@@ -94,9 +94,8 @@ class Dispatcher:
             for consumer in consumers:
                 if gone or not consumer.blocked:
                     due[consumer] = None
-            if not self._scheduled:
-                self._scheduled = True
-                self.broker._event_loop().call_soon(self._pass)
+            if self._scheduled is None:
+                self._scheduled = self.broker._event_loop().call_soon(self._pass)
 
     def wake_all(self) -> None:
         """Every watched consumer is due (the broker is closing: each finds out and ends)."""
@@ -118,9 +117,18 @@ class Dispatcher:
 
     # -- the pass -------------------------------------------------------------------------------------------
 
+    def pass_now(self) -> None:
+        """Run the pass now rather than in the next turn of the loop, if one is due (the broker's callback that
+        placed a group commit's publishes: their deliveries leave in the same turn as the publishers' replies).
+        Only from a callback of its own, never inside a core operation."""
+        handle = self._scheduled
+        if handle is not None:
+            handle.cancel()
+            self._pass()
+
     def _pass(self) -> None:
         """Pump every due consumer (those made due meanwhile wait for the next pass), then one `_after`."""
-        self._scheduled = False
+        self._scheduled = None
         due, self.due = self.due, {}
         if not due:
             return
@@ -141,7 +149,8 @@ class Dispatcher:
         """In a pass: lease up to `max_messages` ready messages of queue `name` (as `Broker._lease`; its records
         go to the store with the pass's others). Raises BrokerClosed if the broker is not serving."""
         broker = self.broker
-        broker._check()
+        if broker._state != "serving":
+            broker._check()  # raises
         return broker.core.receive(name, max_messages, self._now, lease_s, max_bytes)
 
     def deliveries(self, name: str, entries: list[Entry]) -> list[Delivery] | None:

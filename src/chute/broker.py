@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import secrets
 import time
@@ -44,6 +45,7 @@ from chute.storage.file import FileStore
 from chute.storage.memory import MemoryStore
 
 DEFAULT_DATA_DIR = "./chute-data"
+log = logging.getLogger("chute.broker")
 REDRIVE_STEP = 5_000  # messages a redrive moves per turn of the event loop (a few ms)
 
 
@@ -185,19 +187,65 @@ class Broker(ManagementApi, StateReads, Housekeeping):
             await asyncio.shield(future)
         return ids
 
-    def _publish(self, dest: str, messages: Sequence[Publish]) -> tuple[list[int], asyncio.Future | None]:
+    def _publish(self, dest: str, messages: Sequence[Publish],
+                 then: Callable[[list[int], BaseException | None], None] | None = None,
+                 ) -> tuple[list[int], asyncio.Future | None]:  # fmt: skip
         """The step of `publish_batch` that does not wait: (the ids, the future that is done once they are durable
         and placed, or None if nothing had to be written). A callback added to the future runs after the
-        messages were placed (or forgotten, if the store failed: the future then holds the store's error)."""
+        messages were placed (or forgotten, if the store failed: the future then holds the store's error).
+        `then(ids, error)`, if given, is called once the messages are placed (error None) or forgotten (the
+        store's error), by the broker's own callback on that future (no callback of the caller's own is
+        scheduled); not called if the returned future is None (nothing to wait for)."""
         self._check()
         plan = self._run(self.core.prepare_publish, dest, messages, self.clock())
         self._pending_token = None  # the plan holds it
-        if plan.token is None:
+        token = plan.token
+        if token is None:
             self._settle(plan, None)
             return plan.ids, None
-        future = asyncio.ensure_future(plan.token)
-        future.add_done_callback(functools.partial(self._settle, plan))
+        settling = self._settling
+        if settling is not None and settling[0] is token and not token.done():
+            # the same group commit, and no other callback was added to it since: one callback settles them all,
+            # in the order they were prepared (so messages are placed in publish order)
+            settling[1].append((plan, then))
+            return plan.ids, token
+        if isinstance(token, asyncio.Future):
+            future = token
+            batch = [(plan, then)]
+            self._settling = (token, batch)
+        else:  # a store whose token is a plain awaitable
+            future = asyncio.ensure_future(token)
+            batch = [(plan, then)]
+        future.add_done_callback(functools.partial(self._settle_batch, batch))
         return plan.ids, future
+
+    _settling: tuple[asyncio.Future, list] | None = None  # the store future `_publish` last waited on, its plans
+
+    def _settle_batch(self, batch: list, done: asyncio.Future) -> None:
+        """The store future of `_publish`es resolved: place (or forget) their plans in order, with one `_after`,
+        tell each caller (`then`), and serve the push consumers at once (a pass of the dispatcher here instead of
+        one more turn of the loop: this is a callback of its own, no core operation is running)."""
+        if self._settling is not None and self._settling[1] is batch:
+            self._settling = None
+        core, now = self.core, self.clock()
+        error = BrokerClosed("the server is shutting down") if done.cancelled() else done.exception()
+        if error is None:
+            for plan, _ in batch:
+                core.commit_publish(plan, now)
+        else:
+            for plan, _ in batch:
+                core.abort_publish(plan)
+        serving = self._state == "serving"
+        if serving:
+            self._after(housekeep=False)  # nothing was appended: `_publish`'s own `_after` looked at checkpoints
+        for plan, then in batch:
+            if then is not None:
+                try:
+                    then(plan.ids, error)
+                except Exception:  # one caller's bug must not keep the others unanswered
+                    log.exception("a publish callback failed")
+        if serving:
+            self.dispatcher.pass_now()
 
     async def publish_many(self, groups: Sequence[tuple[str, Sequence[Publish]]]) -> list[list[int] | ChuteError]:
         """Publish to several destinations at once: for each (dest, messages) group, in order, its ids once
@@ -221,6 +269,7 @@ class Broker(ManagementApi, StateReads, Housekeeping):
                     continue
                 future = waits.get(id(plan.token))
                 if future is None:
+                    self._settling = None  # a later `_publish` on this future settles after these plans, in order
                     future = waits[id(plan.token)] = asyncio.ensure_future(plan.token)
                     settling[id(plan.token)] = plans = []
                     future.add_done_callback(functools.partial(self._settle_all, plans))

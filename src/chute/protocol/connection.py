@@ -58,20 +58,18 @@ PAYLOAD_TYPES: dict[Op, type | None] = {
 _DECODERS = {op: msgspec.msgpack.Decoder(t) for op, t in PAYLOAD_TYPES.items() if t is not None}
 _REPLY_DECODERS: dict[type, msgspec.msgpack.Decoder] = {}
 _ENCODER = msgspec.msgpack.Encoder()
+_OPS: dict[int, Op] = {int(op): op for op in Op}
 
 HEARTBEAT_BYTES = HEADER.pack(LENGTH_OVERHEAD, Op.HEARTBEAT, 0, 0)  # the whole HEARTBEAT frame (10 bytes)
 
 
-class Frame:
+class Frame(msgspec.Struct, frozen=True):
     """One received frame: its opcode, correlation id and payload (a messages.* Struct, raw bytes for REPLY,
-    None for HEARTBEAT)."""
+    None for HEARTBEAT). (A msgspec Struct: made in C, one per frame received.)"""
 
-    __slots__ = ("op", "correlation_id", "body")
-
-    def __init__(self, op: Op, correlation_id: int, body: Any) -> None:
-        self.op = op
-        self.correlation_id = correlation_id
-        self.body = body
+    op: Op
+    correlation_id: int
+    body: Any
 
     def __repr__(self) -> str:
         return f"Frame({self.op.name}, {self.correlation_id}, {self.body!r})"
@@ -138,10 +136,9 @@ class Connection:
         return frames
 
     def _frame(self, opcode: int, correlation_id: int, payload: memoryview) -> Frame:
-        try:
-            op = Op(opcode)
-        except ValueError:
-            raise ProtocolError(f"unknown opcode 0x{opcode:02x}") from None
+        op = _OPS.get(opcode)  # (a dict, not Op(opcode): the enum's constructor is two Python calls per frame)
+        if op is None:
+            raise ProtocolError(f"unknown opcode 0x{opcode:02x}")
         if op not in self._accepts:
             raise ProtocolError(f"a {self.role} does not accept {op.name} frames")
         if self.state == "handshake":

@@ -152,13 +152,14 @@ class ServerConsumer:
 
     def _pump(self, dispatcher) -> None:
         session, broker, name = self.session, self.session.broker, self.queue
-        broker._check()
+        if broker._state != "serving":
+            broker._check()  # raises
         queue = broker.core.queues.get(name)
         if queue is None:
             raise QueueNotFound(f"queue {name!r} was deleted")
         max_frame, budget = self.max_frame, self.budget
         for _ in range(MAX_BATCHES_PER_PASS):
-            if not session.writable.is_set():
+            if not session.can_write:
                 return  # `writable()` wakes us
             credit = self.prefetch - len(self.outstanding)
             if credit <= 0:
@@ -292,8 +293,9 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.closed = False
-        self.writable = asyncio.Event()
+        self.writable = asyncio.Event()  # for tasks that wait until the transport takes writes again
         self.writable.set()
+        self.can_write = True  # = writable.is_set(), read without a call by the dispatcher's pass
         self.requests: set[asyncio.Task] = set()
         self.consumers: dict[int, ServerConsumer] = {}
         self.leased: dict[str, set[int]] = {}
@@ -369,10 +371,12 @@ class Session(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable.clear()
+        self.can_write = False
         self.pause_reading("write")
 
     def resume_writing(self) -> None:
         self.writable.set()
+        self.can_write = True
         self.resume_reading("write")
         for consumer in self.consumers.values():
             consumer.writable()
@@ -381,6 +385,7 @@ class Session(asyncio.Protocol):
         self.closed = True
         self.conn.state = "closed"
         self.writable.set()  # let waiting consumers run to their end
+        self.can_write = True
         if self._sweeper is not None:
             self._sweeper.discard(self)
         for consumer in list(self.consumers.values()):
@@ -584,27 +589,27 @@ class Session(asyncio.Protocol):
             self.server.publishing(self, -size)
 
     def _publish_now(self, frame: Frame) -> None:
-        """PUBLISH to one destination without a task: prepared now, answered (by a callback on the store's
-        future, after the broker's own callback placed the messages) once durable, never before."""
+        """PUBLISH to one destination without a task: prepared now, answered (by the broker's callback on the
+        store's future, after it placed the messages) once durable, never before."""
         corr, request = frame.correlation_id, frame.body
+        messages = request.messages
+        size = sum([len(message.body) for message in messages])
+        then = functools.partial(self._published, corr, size)
         try:
             if not self.principal.superuser:
                 self._permit(Op.PUBLISH, request)
-            ids, future = self.broker._publish(request.dest, request.messages)
+            ids, future = self.broker._publish(request.dest, messages, then)
         except Exception as exc:
             self._answer_error(exc, corr, "PUBLISH")
             return
         if future is None:  # nothing to wait for (every message a repeated dedup id)
             self.write(Op.REPLY, m.PublishReply(ids=ids), corr)
             return
-        size = sum(len(message.body) for message in request.messages)
         self.server.publishing(self, size)  # unconfirmed bytes count against the memory high-water mark
-        future.add_done_callback(functools.partial(self._published, corr, ids, size))
 
-    def _published(self, corr: int, ids: list[int], size: int, done: asyncio.Future) -> None:
-        """The messages of PUBLISH `corr` are durable and placed (or the store failed): answer it."""
+    def _published(self, corr: int, size: int, ids: list[int], error: BaseException | None) -> None:
+        """The messages of PUBLISH `corr` are durable and placed (or the store failed: `error`): answer it."""
         self.server.publishing(self, -size)
-        error = _outcome(done)
         if error is None:
             self.write(Op.REPLY, m.PublishReply(ids=ids), corr)
         else:

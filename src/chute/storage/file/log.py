@@ -293,8 +293,7 @@ class FileStore(Store):
         else:
             loop = self._loop
         if group is None:
-            group = self._group = loop.create_future()
-            group.add_done_callback(_retrieve)
+            group = self._group = loop.create_future()  # (its failure is marked seen by `_fail`)
         if self._flusher is None:
             # the hand-over waits for the end of this turn of the loop: appends made in it join the group
             self._flusher = loop.create_future()
@@ -310,7 +309,8 @@ class FileStore(Store):
         if taken is None:
             self._flushed()
             return
-        self._cancel_lazy_timer()  # the delivery counts it was for are in this group
+        if self._lazy_timer is not None:
+            self._cancel_lazy_timer()  # the delivery counts it was for are in this group
         if not self._executor.post(self._write_group, self._loop, *taken):
             self._flushed()  # the writer is gone (a simulated power cut): nothing more is written or confirmed
 
@@ -361,7 +361,8 @@ class FileStore(Store):
         if group is not None and not group.done():
             group.set_result(None)
         if went_on:  # the writer thread took what was pending: it reports that group the same way
-            self._cancel_lazy_timer()
+            if self._lazy_timer is not None:
+                self._cancel_lazy_timer()
             return
         if self._group is not None:  # someone waits for what was appended meanwhile: the next group
             self._hand_over()
@@ -471,6 +472,7 @@ class FileStore(Store):
         for future in (group, pending_group):
             if future is not None and not future.done():
                 future.set_exception(error)
+                future.exception()  # seen: its publishers get it; nobody else must be warned
 
     async def flush(self) -> None:
         """Wait until everything appended so far is written (and fsynced under `always`)."""
@@ -801,9 +803,3 @@ class _Writer(Executor):
 
 def _nothing() -> None:
     pass
-
-
-def _retrieve(future: asyncio.Future) -> None:
-    """Mark a group's exception as seen: the publishers awaiting it get it; nobody else must be warned."""
-    if not future.cancelled():
-        future.exception()
