@@ -36,9 +36,6 @@ class ForkingQueueMachine(QueueMachine):
     @rule()
     def begin_checkpoint(self):
         """Start a checkpoint and run the loop until its child is forked (the store's append is wrapped)."""
-        scheduled = self.broker._housekeeping  # e.g. the checkpoint a recovery that replayed a tail starts
-        if scheduled is not None and not scheduled.done():
-            self._run(scheduled)  # ends first: one checkpoint in flight at a time, the one this rule follows
         task = self.loop.create_task(self.broker.checkpoint())
         self.broker._housekeeping = task  # a restart's close waits for it, as for a scheduled checkpoint
 
