@@ -16,7 +16,11 @@ def alive(pid: int) -> bool:
 
 def abandon(store) -> None:
     """What the death of its process leaves of a FileStore: nothing of it runs any more (its writer thread is
-    stopped and its timer for lazily appended records cancelled); its files are as the crash left them."""
+    stopped, its reader and checkpoint threads end, its timer for lazily appended records is cancelled); its files
+    are as the crash left them."""
     store._executor.shutdown(wait=True)
+    for pool in (store._reader, store._checkpointer):
+        if pool is not None:
+            pool.shutdown(wait=False)
     if store._lazy_timer is not None:
         store._lazy_timer.cancel()

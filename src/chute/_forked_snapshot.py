@@ -24,6 +24,8 @@ Invariants:
   checkpoint;
 - while the child lives, the parent avoids writing to many pages at once (each first write copies a page): the
   garbage collector is paused (for a second or two), and compaction runs before the fork, not after;
+- the image is read, the pipe closed and the child reaped by a thread of its own, even if the checkpoint is
+  cancelled meanwhile (the child is then killed);
 - Linux only (elsewhere, and for states under FORK_MIN_ENTRIES entries, the snapshot is built on the loop: a
   small one takes less than a fork).
 """
@@ -36,6 +38,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 import warnings
 import zlib
 
@@ -103,7 +106,7 @@ async def snapshot(core: BrokerCore, store: Store) -> bytes | None:
         os.close(write_fd)
         write_fd = -1
         try:
-            image = await asyncio.to_thread(_collect, pid, read_fd)
+            image = await _collecting(pid, read_fd)
         except asyncio.CancelledError:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)  # the thread then reads the end of the pipe and reaps it
@@ -152,6 +155,34 @@ def _child(core: BrokerCore, read_fd: int, write_fd: int) -> None:
         code = 0
     finally:
         os._exit(code)
+
+
+def _collecting(pid: int, read_fd: int) -> asyncio.Future:
+    """`_collect` in a thread of its own, started now: whatever happens to the awaiting task (cancelled, its loop
+    closed), the pipe is read to its end, closed and the child reaped. (A shared executor's queued work, once
+    cancelled, would never run: the descriptor would leak and the child stay a zombie.)"""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(image: bytes | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(image)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        image, error = None, None
+        try:
+            image = _collect(pid, read_fd)
+        except Exception as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for it any more
+            loop.call_soon_threadsafe(settle, image, error)
+
+    threading.Thread(target=run, name="chute-snapshot-reader", daemon=True).start()
+    return done
 
 
 def _collect(pid: int, read_fd: int) -> bytes | None:

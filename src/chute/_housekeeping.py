@@ -2,8 +2,9 @@
 
 `Housekeeping` is a mixin of `Broker` (broker.py) and uses its engine room (`_run`, `core`, `store`, `_state`,
 the checkpoint counters). A checkpoint is due every `checkpoint_bytes` of log or `checkpoint_interval_s` (then
-also when the broker has gone idle), one at a time, in the background. Compaction runs first, in steps; the
-snapshot of a large state is built in a forked child (`_forked_snapshot.py`).
+also when the broker has gone idle), and as soon as a start's recovery replayed a log tail after a crash (crashes
+sooner than the interval would otherwise let the tail grow), one at a time, in the background. Compaction runs
+first, in steps; the snapshot of a large state is built in a forked child (`_forked_snapshot.py`).
 
 Invariant: nothing here walks a large backlog in one turn of the event loop; a checkpoint's snapshot stands for
 exactly the log position the store records (no await between building it and storing it).
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 
 from chute import _forked_snapshot as forked_snapshot
+
+log = logging.getLogger("chute.broker")
 
 COMPACT_READ_BATCH = 1000  # records read per round trip to the store while compacting
 GC_FREEZE_MIN_ENTRIES = 100_000  # a recovered backlog from which full collections would hold the loop > ~5 ms
@@ -32,7 +36,7 @@ class Housekeeping:
             written and time.monotonic() - self._checkpoint_time >= self.checkpoint_interval_s
         )
         if due and not self.store.read_only:
-            self._housekeeping = asyncio.get_running_loop().create_task(self.checkpoint())
+            self._start_checkpoint()
         elif written and self._idle_check is None:
             # if nothing else happens, checkpoint when the interval is over anyway: a broker that goes idle after
             # a busy spell reclaims the files of what was acked, and its checkpoint stands for its state now
@@ -45,6 +49,13 @@ class Housekeeping:
         self._idle_check = None
         if self._state == "serving":
             self._maybe_housekeep()
+
+    def _start_checkpoint(self) -> None:
+        """Run a checkpoint in the background; its failure is logged (the store says itself that it failed), never
+        left to the collector as an exception nobody retrieved, even if the broker is abandoned meanwhile."""
+        task = asyncio.get_running_loop().create_task(self.checkpoint())
+        task.add_done_callback(_checkpoint_ended)
+        self._housekeeping = task
 
     async def checkpoint(self) -> None:
         """Store a snapshot (recovery then replays only later records) and compact sparse log files. A large
@@ -124,3 +135,8 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _checkpoint_ended(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("checkpoint failed: %s", task.exception())

@@ -112,6 +112,14 @@ class Broker(ManagementApi, StateReads, Housekeeping):
         self._checkpoint_time = time.monotonic()
         self._state = "serving"
         self._after()
+        report = recovered.report
+        if report.records and not report.clean_shutdown and not self.store.read_only and (
+            self._housekeeping is None or self._housekeeping.done()
+        ):
+            # a crash left a log tail that recovery replayed: checkpoint now, in the background, so that crashes
+            # coming sooner than checkpoint_interval_s apart (a shard taken over again and again) never let the
+            # tail, and the time of the next recovery, grow with what passed through
+            self._start_checkpoint()
         return self
 
     def end_long_polls(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 
 import pytest
 
@@ -223,3 +224,30 @@ async def test_shared_dead_letter_queue_survives_a_power_cut(tmp_path):
     abandon(broker.store)
     async with Broker(store=FileStore(tmp_path, fs=fs)) as again:
         assert await again.peek("dlq", 10) == []  # both acked copies stay acked
+
+
+async def test_crashes_sooner_than_the_checkpoint_interval_do_not_grow_the_replayed_tail(tmp_path):
+    """A broker that recovered from a log tail after a crash checkpoints at once: crashes coming more often than
+    `checkpoint_interval_s` (a cluster shard taken over again and again) replay only what the last run wrote."""
+    fs = MemoryFs()
+    replayed = []
+    for round_ in range(5):
+        broker = await Broker(store=FileStore(tmp_path, fs=fs), checkpoint_interval_s=3600).start()
+        replayed.append(broker.recovery.records)
+        if round_ == 0:
+            await broker.create_queue("q")
+        await broker.publish_batch("q", [Publish(body=b"%d-%d" % (round_, i)) for i in range(200)])
+        got = await broker.receive("q", 200)
+        await broker.ack("q", [d.receipt for d in got])
+        if round_:  # the checkpoint the recovery asked for (the first run recovered nothing)
+            deadline = time.monotonic() + 10
+            while broker.checkpoints < 1:
+                assert time.monotonic() < deadline, "no checkpoint after a recovery that replayed a tail"
+                await asyncio.sleep(0.01)
+        fs.crash()
+        abandon(broker.store)
+        await asyncio.sleep(0)
+    assert replayed[0] == 0
+    assert max(replayed[2:]) <= replayed[1] * 1.2, replayed  # one run's records, not every run's so far
+    async with Broker(store=FileStore(tmp_path, fs=fs)) as again:
+        assert again.queue_stats("q").ready == 0

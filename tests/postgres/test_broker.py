@@ -4,6 +4,7 @@ connections dropped); acked messages do not."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
@@ -119,3 +120,27 @@ async def test_a_broker_whose_stream_was_taken_over_refuses_writes_and_reports_u
     again = await _broker(postgres_url, stream).start()
     assert [d.body for d in await again.peek("q", 10)] == [b"confirmed by the old owner", b"the new owner's"]
     await again.close()
+
+
+async def test_a_stream_taken_over_sooner_than_the_checkpoint_interval_replays_only_its_last_run(postgres_url):
+    """A shard taken over again and again, each time sooner than `checkpoint_interval_s`: each start that replayed
+    a tail checkpoints at once, so the next open replays one run's records, not every run's since the first."""
+    stream = unique_name("takeover")
+    replayed = []
+    for round_ in range(5):
+        broker = await _broker(postgres_url, stream, checkpoint_interval_s=3600).start()
+        replayed.append(broker.recovery.records)
+        if round_ == 0:
+            await broker.create_queue("q")
+        await broker.publish_batch("q", [Publish(body=b"%d-%d" % (round_, i)) for i in range(200)])
+        got = await broker.receive("q", 200)
+        await broker.ack("q", [d.receipt for d in got])
+        if round_:  # the checkpoint the recovery started (the first run recovered nothing)
+            await asyncio.wait_for(broker._housekeeping, 30)
+            assert broker.checkpoints == 1
+        broker.store.sever()  # the node dies: no checkpoint, no clean close
+    assert replayed[0] == 0
+    assert max(replayed[2:]) <= replayed[1] * 1.2, replayed  # one run's records, not all runs' so far
+    broker = await _broker(postgres_url, stream).start()
+    assert broker.queue_stats("q").ready == 0
+    await broker.close()

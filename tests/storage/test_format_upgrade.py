@@ -51,8 +51,10 @@ async def test_a_format_1_directory_opens_with_everything_in_it(tmp_path, image)
     finally:
         await broker.close()
     now = versions(path)
-    assert {s: v for s, v in now.items() if s in old} == old  # the old files were never appended to
-    assert all(v == 2 for s, v in now.items() if s not in old) and len(now) > len(old)
+    # the old files were never appended to (the crashed image's may be gone already: a recovery that replayed a
+    # tail checkpoints at once, and the checkpoint upgrades what it covers)
+    assert all(old[s] == v for s, v in now.items() if s in old)
+    assert all(v == 2 for s, v in now.items() if s not in old) and max(now) > max(old)
 
 
 @pytest.mark.parametrize("image", IMAGES)
