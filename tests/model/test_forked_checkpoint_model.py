@@ -20,10 +20,11 @@ from tests.postgres import server as postgres_server
 
 FORKED: list[int] = []  # one item per checkpoint seen in flight with its child forked
 
-# Every checkpoint here forks the test process, and a start after a power cut checkpoints at once. In CI's single
-# pytest process (over a GB resident by the time these run) a fork with its child's exit costs ~50 ms, so the
-# profile's examples would take minutes: at most $CHUTE_FORK_MODEL_EXAMPLES (default 60) per store, raise it for
-# a campaign. The same machine without forks runs the whole profile in test_queue_model.py.
+# Every checkpoint here forks the test process, and a start after a power cut checkpoints at once. A fork costs
+# with the process's size, and CI's single pytest process is large by the time these run: the CI profile's 150
+# examples of the file store took 24-30 s alone, 80-88 s with 1 GB of ballast in the process, and once over 120 s
+# in CI. So at most $CHUTE_FORK_MODEL_EXAMPLES (default 60) per store; raise it for a campaign. The same machine
+# without forks runs the whole profile in test_queue_model.py.
 FORK_EXAMPLES = int(os.environ.get("CHUTE_FORK_MODEL_EXAMPLES", "60"))
 pytestmark = pytest.mark.timeout(600)
 
