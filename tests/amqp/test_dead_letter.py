@@ -6,6 +6,9 @@ from __future__ import annotations
 import time
 
 import pika
+from pamqp import commands
+
+from tests.amqp.raw import Raw
 
 
 def get_one(channel, queue: str, timeout_s: float = 10.0):
@@ -89,3 +92,35 @@ def test_a_dead_letter_carries_its_dead_letter_exchange_and_routing_key_as_rabbi
     assert deaths == [(retry, "expired", 1, "", [retry]), (work, "rejected", 1, source, ["orders.new"])]
     assert properties.headers["x-first-death-exchange"] == source
     channel.basic_ack(method.delivery_tag)
+
+
+def test_x_death_count_goes_on_the_wire_as_a_64_bit_integer(server, channel, name):
+    """RabbitMQ sends each x-death `count` as a signed 64-bit field value (`l`): clients in typed languages read it
+    as such (Go's `death["count"].(int64)`), so a smaller type would break them. Read off the raw frames."""
+    work, dead = f"{name}-work", f"{name}-dead"
+    channel.queue_declare(dead)
+    channel.queue_declare(work, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead})
+    channel.confirm_delivery()
+    channel.basic_publish("", work, b"once")
+    method, _, _ = get_one(channel, work)
+    channel.basic_reject(method.delivery_tag, requeue=False)
+    get_one(channel, dead)  # it is there (left unacked: the raw client below gets it once this channel closes)
+    channel.close()
+    raw = Raw(server.server.amqp_port)
+    try:
+        raw.handshake()  # channel 1 open
+        deadline = time.monotonic() + 10
+        while True:
+            raw.method(1, commands.Basic.Get(queue=dead, no_ack=True))
+            reply = raw.read()
+            assert reply is not None
+            if isinstance(reply[1], commands.Basic.GetOk):
+                break
+            assert time.monotonic() < deadline, "the dead letter did not come back"
+        while b"once" not in raw.buffer:  # the content header and body frames, as sent
+            data = raw.sock.recv(65536)
+            assert data, "connection closed"
+            raw.buffer += data
+        assert b"\x05countl\x00\x00\x00\x00\x00\x00\x00\x01" in raw.buffer
+    finally:
+        raw.close()

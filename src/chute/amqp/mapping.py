@@ -32,7 +32,7 @@ from pamqp import commands, decode, encode
 
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
 from chute.amqp.exchanges import amqp_queue, routing_key
-from chute.amqp.xdeath import add_death
+from chute.amqp.xdeath import add_death, as_sent
 from chute.model import MAX_DELAY_S, MAX_PRIORITY, Delivery, Publish, QueueSettings
 
 Properties = commands.Basic.Properties
@@ -174,6 +174,7 @@ def to_properties(delivery: Delivery, *, queue: str | None = None) -> Properties
         add_death(table, queue=amqp_queue(delivery.dead_letter_source or ""),
                   reason=REASONS.get(delivery.dead_letter_reason, delivery.dead_letter_reason), exchange=exchange,
                   routing_keys=[key], time=_stamp(int(message.publish_time)))  # fmt: skip
+    as_sent(table)
     return Properties(headers=table or None, **values)
 
 

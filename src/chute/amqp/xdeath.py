@@ -9,11 +9,18 @@ count 1 goes in front. The first death is also kept in the `x-first-death-reason
 
 Pure functions on a decoded header table (a dict), so the deliveries (mapping.py) and the republish of a rejected
 message (dead_letter.py) build the same thing.
+
+Every `count` a delivery carries is a `Long` (`as_sent`): RabbitMQ sends it as a signed 64-bit field value (`l`), and clients in typed languages
+read it as such (Go's `death["count"].(int64)`, Java's `(Long)`), whereas pamqp, left to itself, encodes an integer
+in its smallest field type (`b` for a count under 128). pamqp's table encoder is taught to encode a `Long` as `l`
+(`_teach_pamqp`, once, at import); every other integer keeps its encoding.
 """
 
 from __future__ import annotations
 
 import datetime
+
+from pamqp import encode
 
 HEADER = "x-death"
 FIRST = ("x-first-death-reason", "x-first-death-queue", "x-first-death-exchange")
@@ -35,3 +42,37 @@ def add_death(table: dict, *, queue: str, reason: str, exchange: str, routing_ke
     table[HEADER] = [same, *entries]
     if FIRST[0] not in table:
         table[FIRST[0]], table[FIRST[1]], table[FIRST[2]] = reason, queue, exchange
+
+
+def as_sent(table: dict) -> None:
+    """Make each x-death `count` of `table` a `Long` (a table decoded from storage holds plain ints)."""
+    entries = table.get(HEADER)
+    if not isinstance(entries, list):
+        return
+    for entry in entries:
+        count = entry.get("count") if isinstance(entry, dict) else None
+        if isinstance(count, int) and not isinstance(count, bool):
+            entry["count"] = Long(count)
+
+
+class Long(int):
+    """An integer sent as AMQP's signed 64-bit field value (`l`) in a header table."""
+
+    __slots__ = ()
+
+
+def _teach_pamqp() -> None:
+    smallest = encode.table_integer
+    if getattr(smallest, "encodes_long", False):
+        return
+
+    def table_integer(value: int) -> bytes:
+        if type(value) is Long:
+            return b"l" + encode.long_long_int(value)
+        return smallest(value)
+
+    table_integer.encodes_long = True  # type: ignore[attr-defined]
+    encode.table_integer = table_integer  # encode_table_value looks it up at each call
+
+
+_teach_pamqp()
