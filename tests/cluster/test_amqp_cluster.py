@@ -19,7 +19,7 @@ from chute import AsyncClient
 from chute.cluster.placement import home_shard
 from chute.server.app import Server
 from chute.server.config import ServerConfig
-from tests.postgres.helpers import fresh_database
+from tests.cluster.inprocess import running_nodes
 
 pytestmark = pytest.mark.timeout(180)
 SHARDS = 4
@@ -30,32 +30,10 @@ def _config(url: str, name: str, data_dir: str) -> ServerConfig:
                         shards=SHARDS, cluster_lease_s=4.0, cluster_heartbeat_s=0.3, data_dir=data_dir)  # fmt: skip
 
 
-async def _balanced(servers: list[Server], timeout_s: float = 60.0) -> None:
-    """Until each node serves half the shards and sees a live, advertised owner for every shard."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = [s.broker.node for s in servers]
-        if all(len(n.local_brokers()) == SHARDS // len(servers) for n in nodes) and all(
-            (o := n.owner(shard)) is not None and o.alive and o.port for n in nodes for shard in range(SHARDS)
-        ):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never balanced: {[n.status() for n in nodes]}")
-        await asyncio.sleep(0.1)  # the nodes' views change on their heartbeats; nothing to await across two
-
-
 @pytest.fixture
 async def nodes(postgres_url, tmp_path):
-    url = await fresh_database(postgres_url)
-    servers = []
-    try:
-        for i in range(2):
-            servers.append(await Server(_config(url, f"node-{i}", str(tmp_path / f"node-{i}"))).start())
-        await _balanced(servers)
+    async with running_nodes(postgres_url, tmp_path, 2, SHARDS, _config) as servers:
         yield servers
-    finally:
-        for server in reversed(servers):
-            await server.stop()
 
 
 def owned_by(server: Server, prefix: str, count: int = 1, *, topic: bool = False, avoid: set | None = None) -> list:
@@ -75,6 +53,16 @@ def owned_by(server: Server, prefix: str, count: int = 1, *, topic: bool = False
     while len(names) < count:  # more names than shards: share them
         names.append(f"{names[0]}-{len(names)}")
     return names
+
+
+def drained(channel, queue: str) -> list[bytes]:
+    """Every body `basic_get` (auto-ack) returns from `queue` until it answers get-empty."""
+    got = []
+    while True:
+        method, _, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return got
+        got.append(body)
 
 
 def _url(server: Server) -> str:
@@ -313,12 +301,7 @@ async def test_exchange_to_exchange_bindings_made_through_one_node_route_publish
         channel.basic_publish(upstream, "logs.app.error", b"followed", mandatory=True)
         with pytest.raises(UnroutableError):
             channel.basic_publish(upstream, "metrics.cpu", b"matches no binding", mandatory=True)
-        got = []
-        while True:
-            method, _, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                break
-            got.append(body)
+        got = drained(channel, queue)
         connection.close()
         return got
 
@@ -419,12 +402,7 @@ async def test_typed_headers_bindings_made_through_one_node_route_publishes_thro
         with pytest.raises(UnroutableError):
             channel.basic_publish(exchange, "", b"level 4", pika.BasicProperties(headers={"level": 4}),
                                   mandatory=True)  # fmt: skip
-        got = []
-        while True:
-            method, _, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                break
-            got.append(body)
+        got = drained(channel, queue)
         connection.close()
         return got
 

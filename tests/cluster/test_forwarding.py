@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 
 import aiohttp
 import pytest
 
 from chute import AsyncClient
 from chute.cluster.placement import home_shard
-from chute.server.app import Server
 from chute.server.config import ServerConfig
-from tests.postgres.helpers import fresh_database
+from tests.cluster.inprocess import running_nodes
 
 pytestmark = pytest.mark.timeout(180)
 SHARDS = 6
@@ -29,34 +27,10 @@ def _config(url: str, name: str, data_dir: str) -> ServerConfig:
                         data_dir=data_dir)  # fmt: skip
 
 
-async def _balanced(servers: list[Server], timeout_s: float = 60.0) -> None:
-    """Until every shard has a live owner with an advertised port, as every node sees it, and each node
-    serves SHARDS / len(servers) shards."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = [s.broker.node for s in servers]
-        ok = all(len(n.local_brokers()) == SHARDS // len(servers) for n in nodes) and all(
-            (o := n.owner(shard)) is not None and o.alive and o.port for n in nodes for shard in range(SHARDS)
-        )
-        if ok:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never balanced: {[n.status() for n in nodes]}")
-        await asyncio.sleep(0.1)  # the nodes' views change on their heartbeats; nothing to await across three
-
-
 @pytest.fixture
 async def cluster(postgres_url, tmp_path):
-    url = await fresh_database(postgres_url)
-    servers = []
-    try:
-        for i in range(3):
-            servers.append(await Server(_config(url, f"node-{i}", str(tmp_path / f"node-{i}"))).start())
-        await _balanced(servers)
+    async with running_nodes(postgres_url, tmp_path, 3, SHARDS, _config) as servers:
         yield servers
-    finally:
-        for server in reversed(servers):
-            await server.stop()
 
 
 def one_name_per_shard(prefix: str) -> list[str]:
