@@ -10,10 +10,10 @@ count 1 goes in front. The first death is also kept in the `x-first-death-reason
 Pure functions on a decoded header table (a dict), so the deliveries (mapping.py) and the republish of a rejected
 message (dead_letter.py) build the same thing.
 
-Every `count` a delivery carries is a `Long` (`as_sent`): RabbitMQ sends it as a signed 64-bit field value (`l`), and clients in typed languages
-read it as such (Go's `death["count"].(int64)`, Java's `(Long)`), whereas pamqp, left to itself, encodes an integer
-in its smallest field type (`b` for a count under 128). pamqp's table encoder is taught to encode a `Long` as `l`
-(`_teach_pamqp`, once, at import); every other integer keeps its encoding.
+Every `count` a delivery carries is a `Long` (`as_sent`): RabbitMQ sends it as a signed 64-bit field value (`l`),
+and clients in typed languages read it as such (Go's `death["count"].(int64)`, Java's `(Long)`), whereas pamqp,
+left to itself, encodes an integer in its smallest field type (`b` for a count under 128). pamqp's table encoder
+is taught to encode a `Long` as `l` (`_teach_pamqp`, once, at import); every other integer keeps its encoding.
 """
 
 from __future__ import annotations
