@@ -28,8 +28,10 @@ shard B dead-letters, in A, into relay queue `chute.relay.d` (its `dead_letter_q
 there; the router shows `d`), and the relay forwards each dead letter with two headers saying why and whence:
 `chute-dead-letter-reason` (max_deliveries, expired, overflow, rejected) and `chute-dead-letter-source` (the
 queue it left). The router turns them back into `Delivery.dead_letter_reason` and `dead_letter_source` for the
-native protocol and the CLI; the HTTP API, SQS and AMQP show them as headers. A dead letter whose `d` has been
-deleted meanwhile is dropped, as it is in one broker without a dead-letter queue.
+native protocol and the CLI; the HTTP API, SQS and AMQP show them as headers. Deleting `d` is refused while a
+queue of any shard dead-letters into it (`refuse_if_dead_letter_queue`: the router asks every node for the queues
+naming `d` or `chute.relay.d`); a dead letter whose `d` is gone all the same is dropped, as it is in one broker
+without a dead-letter queue.
 
 What a relayed copy keeps: body, headers, priority, FIFO group, the remaining TTL. Not kept: the message id
 (`q` numbers its own), the publisher's dedup id (replaced by the relay's; the topic applied the publisher's) and
@@ -41,12 +43,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import time
 
 import msgspec
 
-from chute.errors import BrokerClosed, ChuteError, QueueNotFound
+from chute.errors import BrokerClosed, ChuteError, QueueInUse, QueueNotFound
 from chute.model import DEAD_LETTER_REASONS, Publish, QueueSettings, SubscriptionInfo, TopicInfo
 
 log = logging.getLogger("chute.cluster")
@@ -325,3 +328,11 @@ async def _target_gone(broker, name: str, target: str, deliveries) -> bool:
         await broker.delete_queue(name)
     log.info("relay queue %s deleted: its queue %r no longer exists", name, target)
     return True
+
+
+async def refuse_if_dead_letter_queue(router, name: str) -> None:
+    """QueueInUse, as a single broker says it, if a queue of any shard dead-letters into `name`."""
+    sources = router.dead_letter_sources(name)
+    sources = await sources if inspect.isawaitable(sources) else sources
+    if sources:
+        raise QueueInUse(f"queue {name!r} is the dead-letter queue of {', '.join(sources)}")

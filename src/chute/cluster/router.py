@@ -54,6 +54,7 @@ from chute.cluster.relay import (
     real_settings,
     real_subscription,
     real_topic,
+    refuse_if_dead_letter_queue,
     relay_name,
     relayed_queue,
     subscribed_name,
@@ -508,7 +509,10 @@ class ClusterBroker:
         return {**settings_kw, "dead_letter_queue": relay}
 
     async def delete_queue(self, name: str) -> None:
-        """Delete in its shard, then remove its placement row."""
+        """Delete in its shard, then remove its placement row; refused while a queue of any shard dead-letters into
+        it (its own shard's broker checks its own queues; a relay queue stands for those of other shards)."""
+        self._check()
+        await refuse_if_dead_letter_queue(self, name)
         try:
             await self._on_name(name, "delete_queue", name)
         except QueueNotFound:
@@ -619,18 +623,27 @@ class ClusterBroker:
         return _real_names(await self._on_name(topic, "route", topic, subject, headers, missing=TopicNotFound))
 
     def dead_letter_sources(self, name: str):
-        """As `Broker.dead_letter_sources`: asked of the queue's shard (a dead-letter queue and its sources
-        share a shard); none when there is no such queue."""
-        holder = self._local_holder(name)
-        if holder is not None:
-            return holder.dead_letter_sources(name)
-        return self._sources_remote(name)
+        """As `Broker.dead_letter_sources`, over every shard: the queues whose dead-letter queue is `name`, in its own
+        shard or through a relay queue in theirs (an awaitable when other nodes own shards: it asks each of them; a
+        forwarded call, served by the local view, answers for this node's shards only)."""
+        relay = relay_name(name)
+        mine = {source for broker in self._local_brokers() if broker._state == "serving"
+                for source in (*broker.dead_letter_sources(name), *broker.dead_letter_sources(relay))}  # fmt: skip
+        if not self.forward or not self._remote_owners():
+            return sorted(mine)
+        return self._sources_merged(name, mine)
 
-    async def _sources_remote(self, name: str) -> list[str]:
-        try:
-            return await self._on_name(name, "dead_letter_sources", name)
-        except (QueueNotFound, TopicNotFound):
-            return []
+    async def _sources_merged(self, name: str, mine: set[str]) -> list[str]:
+        async def ask(owner) -> list[str]:
+            try:
+                return await self.peers.get(owner).dead_letter_sources(name)
+            except ChuteError as exc:  # a node lost meanwhile: its shards answer again once taken over
+                log.warning("dead-letter sources: node %s did not answer: %s", owner.name, exc.message)
+                return []
+
+        for answer in await asyncio.gather(*(ask(owner) for owner in self._remote_owners())):
+            mine.update(answer)
+        return sorted(mine)
 
     # -- subscriptions ----------------------------------------------------------------------------------------
 
@@ -828,3 +841,4 @@ def _check_name(name: str) -> None:
             f"invalid queue name {name!r}: names starting with 'chute.relay.' are reserved for the "
             "cluster's relay queues"
         )
+

@@ -9,13 +9,18 @@ shards (relay.py), so that those fronts agree with the router:
   relay queues out;
 - `receive` and `peek` give relayed dead letters their reason and source;
 - `create_queue` and `update_queue` with a dead-letter queue of another shard set it through a relay queue (the
-  router's `_dead_letter_here`), and answer with the real name.
+  router's `_dead_letter_here`), and answer with the real name; `queue_info` answers for a queue of any shard,
+  with the real name of its dead-letter queue;
+- `dead_letter_sources` names the queues of every shard that dead-letter into a queue (the router's), and
+  `delete_queue` refuses to delete such a queue, as a single broker refuses it for its own queues.
 
 Everything else is the broker's own attribute (`core`, `store`, `publish_batch`, ...). Invariant: the view holds
 no state; a handler may keep it for one request only.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import msgspec
 
@@ -24,6 +29,7 @@ from chute.cluster.relay import (
     real_settings,
     real_subscription,
     real_topic,
+    refuse_if_dead_letter_queue,
     relay_name,
     relayed_queue,
     subscribed_name,
@@ -75,6 +81,23 @@ class ShardView:
         """As `Broker.update_queue`; a dead-letter queue of another shard is fed through a relay queue."""
         changes = await self._router._dead_letter_here(self._broker, changes)
         return real_settings(await self._broker.update_queue(name, **changes))
+
+    def queue_info(self, name: str):
+        """As `Broker.queue_info`, for a queue of any shard (an awaitable for another node's)."""
+        if name in self._broker.core.queues:
+            return real_settings(self._broker.queue_info(name))
+        return self._queue_info_elsewhere(name)
+
+    async def _queue_info_elsewhere(self, name: str):
+        info = self._router.queue_info(name)
+        return real_settings(await info if inspect.isawaitable(info) else info)
+
+    def dead_letter_sources(self, name: str):
+        return self._router.dead_letter_sources(name)
+
+    async def delete_queue(self, name: str) -> None:
+        await refuse_if_dead_letter_queue(self._router, name)
+        await self._broker.delete_queue(name)
 
     def topic_info(self, name: str):
         return real_topic(self._broker.topic_info(name))

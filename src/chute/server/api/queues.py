@@ -93,21 +93,20 @@ def dead_letter_sources(call: Call) -> dict[str, list[str]]:
     return sources
 
 
-def _queue_info(call: Call) -> QueueInfo:
-    queue = call.broker.core.queue(call.name)
-    return QueueInfo(name=queue.name, settings=queue.settings, ephemeral=queue.ephemeral)
-
-
 # -- queues ---------------------------------------------------------------------------------------------------
 
 
 async def list_queues(call: Call) -> m.QueueList:
-    sources = dead_letter_sources(call)
     listed = call.broker.list_queues()
     listed = await listed if inspect.isawaitable(listed) else listed  # a cluster's router asks other nodes
     visible = [q for q in listed if call.principal.can_see("queue", q.name)]
     if not getattr(call.broker, "routed", False):
+        sources = dead_letter_sources(call)
         return m.QueueList(queues=[detail(call, info, sources) for info in visible])
+    sources: dict[str, list[str]] = {}  # a cluster's: every shard's queues by their real dead-letter queues
+    for info in listed:
+        if info.settings.dead_letter_queue is not None:
+            sources.setdefault(info.settings.dead_letter_queue, []).append(info.name)
     stats = await asyncio.gather(*(_awaited(call.broker.queue_stats(q.name)) for q in visible), return_exceptions=True)
     return m.QueueList(queues=[
         m.QueueDetail(name=info.name, settings=info.settings, ephemeral=info.ephemeral, stats=found,
@@ -123,16 +122,22 @@ async def _awaited(value):
 async def create_queue(call: Call) -> tuple[int, m.QueueDetail]:
     existed = call.name in call.broker.core.queues
     info = await call.broker.create_queue(call.name, call.body)
-    return (200 if existed else 201), detail(call, info, dead_letter_sources(call))
+    return (200 if existed else 201), await _detail(call, info)
 
 
 async def get_queue(call: Call) -> m.QueueDetail:
-    return detail(call, _queue_info(call), dead_letter_sources(call))
+    return await _detail(call, await _awaited(call.broker.queue_info(call.name)))
 
 
 async def update_queue(call: Call) -> m.QueueDetail:
     info = await call.broker.update_queue(call.name, **m.changes_of(call.body))
-    return detail(call, info, dead_letter_sources(call))
+    return await _detail(call, info)
+
+
+async def _detail(call: Call, info: QueueInfo) -> m.QueueDetail:
+    """One queue's detail; in a cluster its dead-letter sources may live in other shards (the router asks them)."""
+    sources = await _awaited(call.broker.dead_letter_sources(info.name))
+    return detail(call, info, {info.name: sources})
 
 
 async def delete_queue(call: Call) -> None:

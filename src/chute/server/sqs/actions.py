@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import inspect
+import json
 import re
 import time
 
@@ -100,10 +101,12 @@ async def create_queue(ctx: SqsContext, params: dict) -> dict:
     for _ in range(3):  # a concurrent CreateQueue of the same name: compare with what it made
         existing = ctx.broker.core.queues.get(name)
         if existing is not None and not existing.ephemeral:
-            _check_same_attributes(ctx, name, existing.settings, attributes)
+            real = (await _awaited(ctx.broker.queue_info(name))).settings  # a cluster's: the real dead-letter queue
+            await _check_same_attributes(ctx, name, real, attributes)
             return {"QueueUrl": ctx.queue_url(name)}
         changes, kept = queueattrs.parse(ctx.broker, attributes, queue_name=name, fifo=fifo, creating=True,
-                                         region=ctx.region, account_id=ctx.account_id)  # fmt: skip
+                                         region=ctx.region, account_id=ctx.account_id,
+                                         found=await _dead_letter_target(ctx, attributes))  # fmt: skip
         now = _now_s()
         kept = {k: v for k, v in kept.items() if v} | {"CreatedTimestamp": now, "LastModifiedTimestamp": now}
         # on_expiry: SQS deletes a message whose retention period ends; it never dead-letters it
@@ -120,7 +123,28 @@ async def create_queue(ctx: SqsContext, params: dict) -> dict:
     raise SqsError("QueueNameExists", "A queue already exists with the same name and different attributes.")
 
 
-def _check_same_attributes(ctx: SqsContext, name: str, settings: QueueSettings, attributes: dict[str, str]) -> None:
+async def _awaited(value):
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _dead_letter_target(ctx: SqsContext, attributes) -> dict:
+    """The queue a RedrivePolicy names, looked up wherever it lives (in a cluster, maybe in another shard), for
+    `queueattrs.parse` to check; {} if there is none to look up (parse then says what is wrong)."""
+    try:
+        arn = json.loads(attributes.get("RedrivePolicy") or "").get("deadLetterTargetArn")
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    name = arn.rpartition(":")[2] if isinstance(arn, str) else ""
+    if not name:
+        return {}
+    try:
+        return {name: await _awaited(ctx.broker.queue_info(name))}
+    except ChuteError:
+        return {}
+
+
+async def _check_same_attributes(ctx: SqsContext, name: str, settings: QueueSettings,
+                                 attributes: dict[str, str]) -> None:  # fmt: skip
     """CreateQueue of an existing queue succeeds only if every given attribute has the queue's value."""
     if not attributes:
         return
@@ -130,7 +154,8 @@ def _check_same_attributes(ctx: SqsContext, name: str, settings: QueueSettings, 
                        "attribute FifoQueue.")  # fmt: skip
     given = {k: v for k, v in attributes.items() if k != "FifoQueue"}
     changes, kept = queueattrs.parse(ctx.broker, given, queue_name=name, fifo=fifo, creating=True,
-                                     region=ctx.region, account_id=ctx.account_id)  # fmt: skip
+                                     region=ctx.region, account_id=ctx.account_id,
+                                     found=await _dead_letter_target(ctx, given))  # fmt: skip
     current = settings.attributes or {}
     shown = queueattrs.render(ctx.broker, name, settings, list(kept), region=ctx.region, account_id=ctx.account_id)
     for key, value in changes.items():
@@ -202,7 +227,7 @@ async def list_queues(ctx: SqsContext, params: dict) -> dict:
 @action
 async def delete_queue(ctx: SqsContext, params: dict) -> dict:
     queue = queue_of(ctx, params, "manage")
-    sources = sorted(q.name for q in ctx.broker.core.queues.values() if q.settings.dead_letter_queue == queue.name)
+    sources = await _awaited(ctx.broker.dead_letter_sources(queue.name))  # in a cluster: of every shard
     if sources:
         raise SqsError("InvalidParameterValue", f"Queue {queue.name} is the dead-letter queue of "
                        f"{', '.join(sources)}; change their RedrivePolicy first.")  # fmt: skip
@@ -241,7 +266,8 @@ async def get_queue_attributes(ctx: SqsContext, params: dict) -> dict:
     wanted = string_list(params, "AttributeNames")
     if not wanted:
         return {}
-    values = queueattrs.render(ctx.broker, queue.name, queue.settings, wanted, region=ctx.region,
+    settings = (await _awaited(ctx.broker.queue_info(queue.name))).settings  # a cluster's: the real dead-letter queue
+    values = queueattrs.render(ctx.broker, queue.name, settings, wanted, region=ctx.region,
                                account_id=ctx.account_id)  # fmt: skip
     return {"Attributes": values} if values else {}
 
@@ -253,7 +279,8 @@ async def set_queue_attributes(ctx: SqsContext, params: dict) -> dict:
     if "Attributes" not in params:
         raise SqsError("MissingParameter", "The request must contain the parameter Attributes.")
     changes, kept = queueattrs.parse(ctx.broker, attributes, queue_name=queue.name, fifo=queue.settings.fifo,
-                                     creating=False, region=ctx.region, account_id=ctx.account_id)  # fmt: skip
+                                     creating=False, region=ctx.region, account_id=ctx.account_id,
+                                     found=await _dead_letter_target(ctx, attributes))  # fmt: skip
     merged = dict(queue.settings.attributes or {}) | kept | {"LastModifiedTimestamp": _now_s()}
     merged = {k: v for k, v in merged.items() if v}  # an empty value (e.g. RedriveAllowPolicy "") removes it
     await ctx.broker.update_queue(queue.name, **changes, attributes=merged)
@@ -295,7 +322,7 @@ async def list_queue_tags(ctx: SqsContext, params: dict) -> dict:
 @action
 async def list_dead_letter_source_queues(ctx: SqsContext, params: dict) -> dict:
     queue = queue_of(ctx, params, None)
-    sources = [q.name for q in ctx.broker.core.queues.values() if q.settings.dead_letter_queue == queue.name]
+    sources = await _awaited(ctx.broker.dead_letter_sources(queue.name))  # in a cluster: of every shard
     names = sorted(name for name in sources if ctx.principal.can_see("queue", name))
     page, token = _paginate(names, params)
     result: dict = {"queueUrls": [ctx.queue_url(n) for n in page]}

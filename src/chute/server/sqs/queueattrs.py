@@ -93,7 +93,8 @@ def _boolean(name: str, value: object) -> bool:
 
 
 def parse(
-    broker: Broker, attributes: object, *, queue_name: str, fifo: bool, creating: bool, region: str, account_id: str
+    broker: Broker, attributes: object, *, queue_name: str, fifo: bool, creating: bool, region: str, account_id: str,
+    found: dict | None = None,
 ) -> tuple[dict, dict[str, str]]:
     """(changes to QueueSettings fields, attributes to keep) for CreateQueue / SetQueueAttributes `Attributes`."""
     if attributes is None:
@@ -122,7 +123,7 @@ def parse(
         elif name == "MessageRetentionPeriod":
             changes["retention_s"] = float(_integer(name, value))
         elif name == "RedrivePolicy":
-            changes.update(_redrive_policy(broker, value, queue_name, fifo, region, account_id))
+            changes.update(_redrive_policy(broker, value, queue_name, fifo, region, account_id, found or {}))
         elif name in INTEGER_RANGES:
             kept[name] = str(_integer(name, value))
         elif name in BOOLEANS:
@@ -141,7 +142,8 @@ def parse(
     return changes, kept
 
 
-def _redrive_policy(broker: Broker, value: str, queue_name: str, fifo: bool, region: str, account_id: str) -> dict:
+def _redrive_policy(broker: Broker, value: str, queue_name: str, fifo: bool, region: str, account_id: str,
+                    found: dict) -> dict:  # fmt: skip
     if value == "":
         return {"dead_letter_queue": None, "max_deliveries": None}
     invalid = f"Value {value} for parameter RedrivePolicy is invalid."
@@ -165,7 +167,7 @@ def _redrive_policy(broker: Broker, value: str, queue_name: str, fifo: bool, reg
         raise SqsError("InvalidParameterValue", f"{invalid} Reason: Invalid value for maxReceiveCount: {count}, "
                        "valid values are from 1 to 1000 both inclusive.")  # fmt: skip
     dlq_name = name_of_arn(policy["deadLetterTargetArn"], "RedrivePolicy")
-    dlq = broker.core.queues.get(dlq_name)
+    dlq = found.get(dlq_name) or broker.core.queues.get(dlq_name)  # (found: looked up in any shard by the caller)
     if dlq is None or dlq.ephemeral:
         raise SqsError("QueueDoesNotExist", f"{invalid} Reason: Dead letter target does not exist.")
     if dlq_name == queue_name:
