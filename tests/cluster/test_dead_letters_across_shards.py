@@ -14,6 +14,7 @@ import pytest
 
 from chute import AsyncClient
 from chute.errors import QueueInUse
+from chute.model import Publish
 from tests.cluster.routing_helpers import static_cluster
 from tests.cluster.test_fanout_relay import name_on
 
@@ -83,3 +84,57 @@ async def test_a_dead_letter_queue_of_another_shard_through_every_front():
         finally:
             for client in (a, b):
                 await client.close()
+
+
+async def test_dead_letters_relayed_from_another_shard_are_redriven_to_their_source():
+    """Native redrive (through the node not holding the dead-letter queue), the HTTP API's, and SQS's
+    StartMessageMoveTask all send relayed dead letters back into their source queue on the other shard, with
+    their own headers; a message published straight into the dead-letter queue stays there."""
+    async with static_cluster(2, 4, http=True) as (servers, _):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            dlq = name_on(lambda s: s % 2 == 0, 4, "parked")  # node-0
+            source = name_on(lambda s: s % 2 == 1, 4, "tasks")  # node-1
+            await a.create_queue(dlq)
+            await b.create_queue(source, dead_letter_queue=dlq)
+            await b.publish_batch(source, [Publish(body=b"job %d" % i, headers={"k": "v"}) for i in range(5)])
+            await b.nack(await b.receive(source, 5, wait_s=5), dead_letter=True)
+            await a.publish(dlq, b"stay")
+            await until(lambda: _ready(a, dlq), 6)  # the relay has brought all five
+
+            assert await b.redrive(dlq, max_messages=2) == 2  # via node-1's router, forwarded to node-0
+            base = f"http://127.0.0.1:{servers[1].http_port}/api/v1"
+            async with aiohttp.ClientSession() as http, http.post(f"{base}/queues/{dlq}/redrive",
+                                                                     json={"max_messages": 2}) as answer:  # fmt: skip
+                assert (await answer.json())["moved"] == 2, await answer.text()
+
+            def move_task() -> None:
+                client = sqs(servers[1])
+                url = client.get_queue_url(QueueName=dlq)["QueueUrl"]
+                arn = client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+                client.start_message_move_task(SourceArn=arn)
+
+            await asyncio.to_thread(move_task)
+            back = []
+            while len(back) < 5:
+                got = await a.receive(source, 10, wait_s=10)
+                assert got, f"only {[d.message.body for d in back]} came back"
+                back += got
+            assert sorted(d.message.body for d in back) == [b"job %d" % i for i in range(5)]
+            assert all(d.message.headers == {"k": "v"} and d.dead_letter_reason is None for d in back)
+            assert [d.message.body for d in await a.peek(dlq, 10)] == [b"stay"]
+        finally:
+            for client in (a, b):
+                await client.close()
+
+
+async def _ready(client, queue: str) -> int:
+    return (await client.queue_stats(queue)).ready
+
+
+async def until(count, wanted: int, timeout_s: float = 10.0) -> None:
+    """Until `await count()` reaches `wanted` (a relay works in the background: nothing to await but its effect)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (seen := await count()) < wanted:
+        assert asyncio.get_running_loop().time() < deadline, f"{seen} of {wanted}"
+        await asyncio.sleep(0.05)

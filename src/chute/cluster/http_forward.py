@@ -1,7 +1,8 @@
 """HTTP forwarding: the HTTP API, the SQS API and the dashboard work through any node of a cluster.
 
 A request that names a queue or topic (the API's `/api/v1/queues/{name}...` and `/api/v1/topics/{name}...`; an
-SQS action's `QueueUrl` or `QueueName`) is served by the node that owns the name's shard:
+SQS action's `QueueUrl` or `QueueName`, a move task's `SourceArn` or `TaskHandle`) is served by the node that owns
+the name's shard:
 
 - on this node, if it owns the shard: the handler runs as it does on a single broker, given that shard's
   `chute.Broker` (`request[BROKER_KEY]`, seen through `ShardView`, which adds relays to other shards), so
@@ -22,6 +23,7 @@ the router waits, then answered 503 `unavailable` (retryable), having changed no
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from urllib.parse import parse_qs
@@ -121,9 +123,22 @@ async def _target(request: web.Request) -> tuple[str, str, str] | None:
         name = params["QueueUrl"].rstrip("/").rpartition("/")[2]
     elif action in ("CreateQueue", "GetQueueUrl") and isinstance(params.get("QueueName"), str):
         name = params["QueueName"]
+    elif action in ("StartMessageMoveTask", "ListMessageMoveTasks") and isinstance(params.get("SourceArn"), str):
+        name = params["SourceArn"].rpartition(":")[2]  # a move task runs (and is kept) on its source's owner
+    elif action == "CancelMessageMoveTask" and isinstance(params.get("TaskHandle"), str):
+        name = _move_task_source(params["TaskHandle"])
     if not name:
         return None
     return name, "queue", {"CreateQueue": "create", "DeleteQueue": "delete"}.get(action, "other")
+
+
+def _move_task_source(handle: str) -> str | None:
+    """The source queue a move task's handle names (sqs/movetasks.py: base64 of a uuid, a newline, the source ARN)."""
+    try:
+        text = base64.urlsafe_b64decode(handle.encode()).decode()
+    except (ValueError, UnicodeError):
+        return None
+    return text.partition("\n")[2].rpartition(":")[2] or None
 
 
 async def _near(router, request: web.Request, kind: str) -> int | None:

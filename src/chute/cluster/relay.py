@@ -55,6 +55,8 @@ from chute.model import DEAD_LETTER_REASONS, Publish, QueueSettings, Subscriptio
 log = logging.getLogger("chute.cluster")
 
 PREFIX = "chute.relay."
+REDRIVE_BATCH = 100  # relayed dead letters sent back to their sources per round trip
+REDRIVE_LEASE_S = 300.0  # held while a redrive looks at them (released or acked before it returns)
 REASON_HEADER = "chute-dead-letter-reason"
 SOURCE_HEADER = "chute-dead-letter-source"
 MAX_HEADERS = 64  # model.MAX_HEADERS: a dead letter with more headers keeps its own and loses these two
@@ -336,3 +338,48 @@ async def refuse_if_dead_letter_queue(router, name: str) -> None:
     sources = await sources if inspect.isawaitable(sources) else sources
     if sources:
         raise QueueInUse(f"queue {name!r} is the dead-letter queue of {', '.join(sources)}")
+
+
+async def redrive_relayed(broker, router, shard: int, queue: str, budget: int | None) -> int:
+    """Send the dead letters that relays brought into `queue` (of `shard`, served here by `broker`) back to their
+    source queues in other shards, as a single broker's redrive does for its own: each is received, published
+    into its source through `router` (headers without the dead-letter ones; a dedup id from its id here, so a
+    retry after a crash adds no copy within the source's dedup window), then acked. Other messages of `queue` are
+    left where they were (received, then released at the end: their receive count goes up by one). At most
+    `budget` are moved (None: all); returns how many."""
+    moved, passed = 0, []
+    scan = broker.queue_stats(queue).ready  # what is there now: a loop never walks what it released itself
+    try:
+        while scan > 0 and (budget is None or moved < budget):
+            want = min(REDRIVE_BATCH, scan) if budget is None else min(REDRIVE_BATCH, scan, budget - moved)
+            deliveries = await broker.receive(queue, want, lease_s=REDRIVE_LEASE_S)
+            if not deliveries:
+                break
+            scan -= len(deliveries)
+            by_source: dict[str, list] = {}
+            for delivery in deliveries:
+                headers = delivery.message.headers or {}
+                source = headers.get(SOURCE_HEADER) if REASON_HEADER in headers else None
+                if source:
+                    by_source.setdefault(source, []).append(delivery)
+                else:
+                    passed.append(delivery.receipt)
+            for source, back in by_source.items():
+                try:
+                    await router.publish_batch(source, [_back(shard, d) for d in back])
+                except QueueNotFound:  # its source is gone: it stays a dead letter, as in one broker
+                    passed += [d.receipt for d in back]
+                    continue
+                await broker.ack(queue, [d.receipt for d in back])
+                moved += len(back)
+    finally:
+        if passed:
+            broker.release(queue, passed)
+    return moved
+
+
+def _back(shard: int, delivery) -> Publish:
+    message = delivery.message
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in (REASON_HEADER, SOURCE_HEADER)}
+    return Publish(body=message.body, headers=headers or None, priority=message.priority, group=message.group,
+                   dedup_id=f"chute.redrive:{shard}:{message.id}")  # fmt: skip

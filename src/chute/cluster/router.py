@@ -54,6 +54,7 @@ from chute.cluster.relay import (
     real_settings,
     real_subscription,
     real_topic,
+    redrive_relayed,
     refuse_if_dead_letter_queue,
     relay_name,
     relayed_queue,
@@ -433,7 +434,17 @@ class ClusterBroker:
         return _lifted(await self._on_name(queue, "peek", queue, max_messages))
 
     async def redrive(self, queue: str, max_messages: int | None = None) -> int:
-        return await self._on_name(queue, "redrive", queue, max_messages)
+        """As `Broker.redrive`, by the node holding `queue`: its shard's own dead letters, then those relayed from
+        queues of other shards, sent back through the (forwarding) router (relay.py's `redrive_relayed`)."""
+        holder = self._local_holder(queue)
+        if holder is None:
+            return await self._on_name(queue, "redrive", queue, max_messages)  # (the owner's local view: below)
+        moved = await holder.redrive(queue, max_messages)
+        if max_messages is not None and moved >= max_messages:
+            return moved
+        shard = next(s for s in range(self.node.shards) if self.node.local_broker(s) is holder)
+        budget = None if max_messages is None else max_messages - moved
+        return moved + await redrive_relayed(holder, self._root, shard, queue, budget)
 
     # -- queues -----------------------------------------------------------------------------------------------
 

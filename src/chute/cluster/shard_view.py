@@ -12,7 +12,9 @@ shards (relay.py), so that those fronts agree with the router:
   router's `_dead_letter_here`), and answer with the real name; `queue_info` answers for a queue of any shard,
   with the real name of its dead-letter queue;
 - `dead_letter_sources` names the queues of every shard that dead-letter into a queue (the router's), and
-  `delete_queue` refuses to delete such a queue, as a single broker refuses it for its own queues.
+  `delete_queue` refuses to delete such a queue, as a single broker refuses it for its own queues;
+- `redrive` also sends dead letters relayed from other shards back to their sources (`redrive_relayed`), and
+  `publish_batch` to a queue of another shard goes through the router (an SQS move task's destination).
 
 Everything else is the broker's own attribute (`core`, `store`, `publish_batch`, ...). Invariant: the view holds
 no state; a handler may keep it for one request only.
@@ -98,6 +100,16 @@ class ShardView:
     async def delete_queue(self, name: str) -> None:
         await refuse_if_dead_letter_queue(self._router, name)
         await self._broker.delete_queue(name)
+
+    async def redrive(self, queue: str, max_messages: int | None = None) -> int:
+        """As `Broker.redrive`, then the dead letters relayed from queues of other shards (the router's)."""
+        return await self._router.redrive(queue, max_messages)
+
+    async def publish_batch(self, dest: str, messages, **kwargs):
+        core = self._broker.core
+        if dest in core.queues or dest in core.topics:
+            return await self._broker.publish_batch(dest, messages, **kwargs)
+        return await self._router.publish_batch(dest, messages, **kwargs)
 
     def topic_info(self, name: str):
         return real_topic(self._broker.topic_info(name))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -63,10 +64,15 @@ class MoveTask:
         return result
 
 
-def _existing(ctx: SqsContext, arn: object, what: str) -> str:
+async def _existing(ctx: SqsContext, arn: object, what: str) -> str:
+    """The queue an ARN names, wherever it lives (in a cluster, maybe in another shard than the request's)."""
     name = name_of_arn(arn, what)
-    queue = ctx.broker.core.queues.get(name)
-    if queue is None or queue.ephemeral:
+    try:
+        info = ctx.broker.queue_info(name)
+        info = await info if inspect.isawaitable(info) else info
+    except ChuteError:
+        info = None
+    if info is None or info.ephemeral:
         raise SqsError("ResourceNotFoundException", f"The resource that you specified for the {what} parameter "
                        "doesn't exist.")  # fmt: skip
     return name
@@ -75,16 +81,17 @@ def _existing(ctx: SqsContext, arn: object, what: str) -> str:
 @action
 async def start_message_move_task(ctx: SqsContext, params: dict) -> dict:
     source_arn = required_string(params, "SourceArn")
-    source = _existing(ctx, source_arn, "SourceArn")
+    source = await _existing(ctx, source_arn, "SourceArn")
     destination_arn = params.get("DestinationArn")
-    destination = _existing(ctx, destination_arn, "DestinationArn") if destination_arn is not None else None
+    destination = await _existing(ctx, destination_arn, "DestinationArn") if destination_arn is not None else None
     rate = integer(params, "MaxNumberOfMessagesPerSecond", 1, 500)
     authorize(ctx, "consume", source)
     if destination is not None:
         authorize(ctx, "publish", destination)
     if destination == source:
         raise SqsError("InvalidParameterValue", "The destination cannot be the source queue.")
-    if not any(q.settings.dead_letter_queue == source for q in ctx.broker.core.queues.values()):
+    sources = ctx.broker.dead_letter_sources(source)  # in a cluster: of every shard
+    if not (await sources if inspect.isawaitable(sources) else sources):
         raise SqsError("InvalidParameterValue", "Source queue must be configured as a Dead Letter Queue.")
     tasks = ctx.state.move_tasks
     if any(t.source == source and t.status in ("RUNNING", "CANCELLING") for t in tasks):
@@ -144,7 +151,7 @@ async def _copy(broker, task: MoveTask, budget: int | None) -> int:
 @action
 async def list_message_move_tasks(ctx: SqsContext, params: dict) -> dict:
     source_arn = required_string(params, "SourceArn")
-    source = _existing(ctx, source_arn, "SourceArn")
+    source = await _existing(ctx, source_arn, "SourceArn")
     authorize(ctx, None, source)
     limit = integer(params, "MaxResults", 1, 10, 1)
     tasks = [t for t in reversed(ctx.state.move_tasks) if t.source == source][:limit]
