@@ -408,3 +408,34 @@ async def test_typed_headers_bindings_made_through_one_node_route_publishes_thro
 
     await asyncio.to_thread(bind_on_a)
     assert await asyncio.to_thread(publish_on_b) == [b"level 3"]
+
+
+async def test_a_dead_letter_relayed_from_another_shard_carries_x_death(nodes):
+    """A queue whose dead-letter queue is in another shard (set after both exist, so a relay carries the dead
+    letters): a message expired there reaches the dead-letter queue with its x-death entry, as on one broker."""
+    a, b = nodes
+    dead = owned_by(a, "far-dlq-")[0]
+    source = owned_by(b, "far-src-")[0]
+    async with AsyncClient(a.url, reconnect=False) as native:
+        await native.create_queue(dead)
+        await native.create_queue(source)
+        await native.update_queue(source, dead_letter_queue=dead)  # a relay queue in the source's shard
+
+    def scenario():
+        connection = pika.BlockingConnection(pika.URLParameters(_url(a)))
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("", source, b"too late", pika.BasicProperties(headers={"k": "v"}, expiration="50"))
+        method, properties, body = next(channel.consume(dead, inactivity_timeout=10))
+        assert method is not None, "no dead letter within 10 s"
+        channel.basic_ack(method.delivery_tag)
+        channel.cancel()
+        connection.close()
+        return body, properties.headers
+
+    body, headers = await asyncio.to_thread(scenario)
+    assert body == b"too late" and headers["k"] == "v"
+    assert not any(name.startswith("chute-dead-letter") for name in headers)
+    (death,) = headers["x-death"]
+    assert (death["queue"], death["reason"], death["count"]) == (source, "expired", 1)
+    assert headers["x-first-death-reason"] == "expired" and headers["x-first-death-queue"] == source

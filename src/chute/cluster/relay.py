@@ -33,7 +33,8 @@ queue of any shard dead-letters into it (`refuse_if_dead_letter_queue`: the rout
 naming `d` or `chute.relay.d`); a dead letter whose `d` is gone all the same is dropped, as it is in one broker
 without a dead-letter queue.
 
-What a relayed copy keeps: body, headers, priority, FIFO group, the remaining TTL. Not kept: the message id
+What a relayed copy keeps: body, headers, priority, FIFO group, the remaining TTL (not a dead letter's: in its
+dead-letter queue only that queue's TTL counts, as in one broker). Not kept: the message id
 (`q` numbers its own), the publisher's dedup id (replaced by the relay's; the topic applied the publisher's) and
 the subject (a queue publish carries none; the subscription's pattern already matched it).
 """
@@ -246,7 +247,9 @@ class Relays:
 def _copy(shard: int, delivery) -> Publish:
     message = delivery.message
     ttl_s = None
-    if message.expires_at is not None:
+    if message.expires_at is not None and delivery.dead_letter_reason is None:
+        # (a dead letter's own TTL ended with it: in its dead-letter queue only that queue's TTL counts, from now,
+        # as in one broker and in RabbitMQ, which drops a dead letter's expiration)
         ttl_s = max(0.001, message.expires_at - time.time())
     headers = message.headers or None
     if delivery.dead_letter_reason is not None and len(headers or ()) <= MAX_HEADERS - 2:
