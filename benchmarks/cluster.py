@@ -1,7 +1,8 @@
 """A Chute cluster on PostgreSQL with 1, 2 and 3 nodes: point-to-point throughput, and where the CPU goes.
 
     python -m benchmarks.cluster [--url postgresql://...] [--nodes 1,2,3] [--messages 200000] [--batch 100]
-                                 [--inflight 2] [--body 256] [--workload p2p|fanout] [--relayed] [--json]
+                                 [--inflight 2] [--body 256] [--workload p2p|fanout] [--relayed]
+                                 [--forwarded] [--json]
 
 For each node count it starts that many `chute serve --store` processes on a fresh database (16 shards), one queue
 per shard, and drives them from this process: for every queue, `--inflight` producers publishing batches of
@@ -185,7 +186,12 @@ async def one_size(base_url: str, postmaster: int | None, count: int, args) -> d
                 for name in queues.values():
                     await client.create_queue(name, lease_s=300)
             per_queue = args.messages // SHARDS // args.batch * args.batch
-            work = [drive(by_name[owners[shard]].url, name, per_queue, args.batch, args.inflight, body)
+            def via(shard: int) -> str:  # the owner, or with --forwarded the next node (every call forwarded)
+                if not args.forwarded or count == 1:
+                    return by_name[owners[shard]].url
+                return nodes[(names.index(owners[shard]) + 1) % count].url
+
+            work = [drive(via(shard), name, per_queue, args.batch, args.inflight, body)
                     for shard, name in queues.items()]  # fmt: skip
             total = per_queue * SHARDS
             relayed = None
@@ -197,7 +203,8 @@ async def one_size(base_url: str, postmaster: int | None, count: int, args) -> d
         after = (cpu_seconds(node_pids), time.process_time(), cpu_seconds(pg_pids), time.perf_counter())
         seconds = after[3] - before[3]
         return {
-            "nodes": count, "workload": args.workload, "relayed_subscriptions": relayed, "messages": total,
+            "nodes": count, "workload": args.workload, "forwarded": bool(args.forwarded and count > 1),
+            "relayed_subscriptions": relayed, "messages": total,
             "seconds": round(seconds, 2),
             "messages_per_s": round(total / seconds),
             "cpu_us_per_message_nodes": round((after[0] - before[0]) / total * 1e6, 1),
@@ -223,6 +230,8 @@ def main() -> None:
     parser.add_argument("--body", type=int, default=256)
     parser.add_argument("--workload", choices=("p2p", "fanout"), default="p2p")
     parser.add_argument("--relayed", action="store_true", help="fanout: every subscription through a relay")
+    parser.add_argument("--forwarded", action="store_true",
+                        help="p2p: clients connect to a node that does not own their queue (every call forwarded)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     server = None
@@ -246,7 +255,9 @@ def main() -> None:
     print(f"PostgreSQL {facts['server_version']}: fsync={facts['fsync']} "
           f"synchronous_commit={facts['synchronous_commit']}")  # fmt: skip
     for r in results:
-        unit = "msg/s p2p" if r["workload"] == "p2p" else f"deliveries/s ({r['relayed_subscriptions']} relayed subs)"
+        unit = f"deliveries/s ({r['relayed_subscriptions']} relayed subs)"
+        if r["workload"] == "p2p":
+            unit = "msg/s p2p" + (", forwarded" if r["forwarded"] else "")
         print(f"{r['nodes']} node(s): {r['messages_per_s']:>7,} {unit}; CPU per message: nodes "
               f"{r['cpu_us_per_message_nodes']} us, clients {r['cpu_us_per_message_clients']} us, PostgreSQL "
               f"{r['cpu_us_per_message_postgres']} us")  # fmt: skip
