@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from chute import AsyncClient
-from chute.errors import QueueInUse
+from chute.errors import QueueInUse, Unavailable
 from chute.model import Publish
 from tests.cluster.routing_helpers import static_cluster
 from tests.cluster.test_fanout_relay import name_on
@@ -138,3 +138,22 @@ async def until(count, wanted: int, timeout_s: float = 10.0) -> None:
     while (seen := await count()) < wanted:
         assert asyncio.get_running_loop().time() < deadline, f"{seen} of {wanted}"
         await asyncio.sleep(0.05)
+
+
+async def test_deleting_a_dead_letter_queue_waits_for_every_shard_to_have_an_owner():
+    """While a shard has no live owner (a takeover under way), nobody can say whether one of its queues
+    dead-letters into the queue: the delete is refused as retryable, and goes through once the shard is held."""
+    async with static_cluster(2, 4, wait_owner_s=0.2) as (servers, directory):
+        a = await AsyncClient(servers[0].url, reconnect=False).connect()
+        try:
+            dlq = name_on(lambda s: s == 0, 4, "lonely")
+            await a.create_queue(dlq)
+            await directory.nodes["node-1"].drop(3)  # node-1 died holding shard 3
+            with pytest.raises(Unavailable, match="no live owner"):
+                await a.delete_queue(dlq)
+            assert dlq in {q.name for q in await a.list_queues()}
+            await directory.nodes["node-0"].take(3)  # taken over
+            await a.delete_queue(dlq)
+            assert dlq not in {q.name for q in await a.list_queues()}
+        finally:
+            await a.close()

@@ -50,7 +50,7 @@ import time
 
 import msgspec
 
-from chute.errors import BrokerClosed, ChuteError, QueueInUse, QueueNotFound
+from chute.errors import BrokerClosed, ChuteError, QueueInUse, QueueNotFound, Unavailable
 from chute.model import DEAD_LETTER_REASONS, Publish, QueueSettings, SubscriptionInfo, TopicInfo
 
 log = logging.getLogger("chute.cluster")
@@ -336,7 +336,14 @@ async def _target_gone(broker, name: str, target: str, deliveries) -> bool:
 
 
 async def refuse_if_dead_letter_queue(router, name: str) -> None:
-    """QueueInUse, as a single broker says it, if a queue of any shard dead-letters into `name`."""
+    """QueueInUse, as a single broker says it, if a queue of any shard dead-letters into `name`; Unavailable
+    (retryable) while a shard has no live owner to ask (a takeover is under way)."""
+    node = router.node
+    if router.forward:  # (a forwarded call's local view answers for its own shards: its sender asked the rest)
+        for shard in range(node.shards):
+            owner = node.owner(shard)
+            if node.local_broker(shard) is None and not (owner is not None and owner.alive and owner.port):
+                raise Unavailable(f"shard {shard} has no live owner now (a takeover is under way); retry")
     sources = router.dead_letter_sources(name)
     sources = await sources if inspect.isawaitable(sources) else sources
     if sources:
