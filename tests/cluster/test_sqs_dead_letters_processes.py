@@ -2,7 +2,9 @@
 the node that owns neither queue: CreateQueue with a RedrivePolicy naming a queue of another node's shard is
 accepted, GetQueueAttributes names the real dead-letter queue's ARN, a message received more than
 maxReceiveCount times lands in that queue with its source (DeadLetterQueueSourceArn) as on one node, the
-dead-letter queue cannot be deleted while in use, and a move task sends the message back to its source."""
+dead-letter queue cannot be deleted while in use, and a move task sends the message back to its source. Then,
+through the same node, the HTTP API's queue details name the real dead-letter queue and its source, a native
+rejection dead-letters with its reason and source, and the HTTP redrive sends it back once."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import json
 import os
 import time
 
+import aiohttp
 import pytest
 
+from chute import AsyncClient
 from chute.cluster.placement import home_shard
 from tests.cluster.processes import ClusterWatch, NodeProcess, balanced
 from tests.postgres.helpers import fresh_database
@@ -66,6 +70,31 @@ def scenario(endpoint: str, dlq_name: str, source_name: str) -> None:
     assert sqs.receive_message(QueueUrl=dlq_url, WaitTimeSeconds=1).get("Messages", []) == []
 
 
+async def http_and_native(node: NodeProcess, dlq: str, source: str) -> None:
+    base = f"{node.http_url}/api/v1"
+    async with aiohttp.ClientSession() as http, AsyncClient(node.url, reconnect=False) as client:
+        async with http.get(f"{base}/queues/{source}") as answer:
+            assert (await answer.json())["settings"]["dead_letter_queue"] == dlq
+        async with http.get(f"{base}/queues/{dlq}") as answer:
+            assert (await answer.json())["dead_letter_sources"] == [source]
+        await client.publish(source, b"refused", headers={"k": "v"})
+        await client.nack(await client.receive(source, 1, wait_s=10), dead_letter=True)
+        dead = await client.receive(dlq, 1, wait_s=20)  # through the relay to node-a's shard
+        assert [(d.message.body, d.dead_letter_reason, d.dead_letter_source) for d in dead] == [
+            (b"refused", "rejected", source)
+        ]
+        await client.nack(dead)  # back in the dead-letter queue, to be redriven
+        async with http.post(f"{base}/queues/{dlq}/redrive", json={"max_messages": None}) as answer:
+            assert (await answer.json())["moved"] == 1, await answer.text()
+        back = await client.receive(source, 10, wait_s=20)
+        assert [(d.message.body, d.message.headers, d.dead_letter_reason) for d in back] == [
+            (b"refused", {"k": "v"}, None)
+        ]
+        await client.ack_receipts(source, [d.receipt for d in back])
+        assert await client.receive(source, 10, wait_s=1) == []
+        assert await client.receive(dlq, 10, wait_s=1) == []
+
+
 async def test_sqs_dead_letters_across_shards_through_a_third_node(postgres_url, tmp_path):
     url = await fresh_database(postgres_url)
     names = ["node-a", "node-b", "node-c"]
@@ -79,6 +108,7 @@ async def test_sqs_dead_letters_across_shards_through_a_third_node(postgres_url,
         dlq = name_owned_by(owners, "node-a", "graves")
         source = name_owned_by(owners, "node-b", "jobs")
         await asyncio.to_thread(scenario, nodes[2].http_url, dlq, source)
+        await http_and_native(nodes[2], dlq, source)
     finally:
         for node in nodes:
             await asyncio.to_thread(node.kill)
