@@ -187,3 +187,20 @@ async def test_a_recovered_backlog_is_kept_out_of_full_collections_until_close(t
         deliveries = await broker.receive("q", 10)  # frozen objects still work, and are still freed
         assert len(deliveries) == 6
     assert gc.get_freeze_count() == 0
+
+
+async def test_a_large_dedup_window_or_topic_history_forks_too(monkeypatch):
+    """A snapshot walks remembered dedup ids and retained topic messages as well as queued entries: a queue with
+    an empty backlog but a full dedup window (or a topic keeping its history) is as large a state to snapshot."""
+    monkeypatch.setattr(forked_snapshot, "FORK_MIN_ENTRIES", 300)
+    async with Broker.in_memory() as broker:
+        await broker.create_queue("q", dedup_window_s=300)
+        for start in (0, 200):
+            await broker.publish_batch("q", [Publish(body=b"x", dedup_id=f"id-{i}") for i in range(start, start + 200)])
+            await broker.ack("q", [d.receipt for d in await broker.receive("q", 200)])
+        assert broker.queue_stats("q").ready == 0
+        assert forked_snapshot.worth_forking(broker.core) == (sys.platform == "linux")  # 400 ids remembered
+    async with Broker.in_memory() as broker:
+        await broker.create_topic("t", retention_s=3600)
+        await broker.publish_batch("t", [Publish(body=b"x") for _ in range(400)])
+        assert forked_snapshot.worth_forking(broker.core) == (sys.platform == "linux")
