@@ -72,18 +72,21 @@ async def drive(url: str, queue: str, messages: int, batch: int, inflight: int, 
             for _ in next_batch:
                 await client.publish_batch(queue, chunk)
 
-        async def consumer() -> None:
-            done, acks = 0, set()
-            while done < batches * batch:
-                deliveries = await client.receive(queue, batch, wait_s=1.0, lease_s=300)
-                if deliveries:
-                    acks.add(asyncio.ensure_future(client.ack(deliveries)))
-                    done += len(deliveries)
-                if len(acks) >= inflight:
-                    _, acks = await asyncio.wait(acks, return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.gather(*acks)
+        await asyncio.gather(consume(client, queue, batches * batch, batch, inflight),
+                             *(producer() for _ in range(inflight)))  # fmt: skip
 
-        await asyncio.gather(consumer(), *(producer() for _ in range(inflight)))
+
+async def consume(client, queue: str, count: int, batch: int, inflight: int) -> None:
+    """Receive `count` messages of `queue` in batches, acking each batch without waiting (`inflight` at most)."""
+    done, acks = 0, set()
+    while done < count:
+        deliveries = await client.receive(queue, batch, wait_s=1.0, lease_s=300)
+        if deliveries:
+            acks.add(asyncio.ensure_future(client.ack(deliveries)))
+            done += len(deliveries)
+        if len(acks) >= inflight:
+            _, acks = await asyncio.wait(acks, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.gather(*acks)
 
 
 FANOUT_TOPICS = 4
@@ -133,15 +136,7 @@ async def drive_fanout(topic_url: str, topic: str, queue_urls: dict[str, str], m
 
     async def consumer(url: str, queue: str) -> None:
         async with chute.AsyncClient(url, timeout=60, reconnect=False) as client:
-            done, acks = 0, set()
-            while done < messages // batch * batch:
-                deliveries = await client.receive(queue, batch, wait_s=1.0, lease_s=300)
-                if deliveries:
-                    acks.add(asyncio.ensure_future(client.ack(deliveries)))
-                    done += len(deliveries)
-                if len(acks) >= inflight:
-                    _, acks = await asyncio.wait(acks, return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.gather(*acks)
+            await consume(client, queue, messages // batch * batch, batch, inflight)
 
     async with chute.AsyncClient(topic_url, timeout=60, reconnect=False) as client:
         await asyncio.gather(*(producer(client) for _ in range(inflight)),

@@ -65,6 +65,15 @@ def drained(channel, queue: str) -> list[bytes]:
         got.append(body)
 
 
+def dead_letter(channel, queue: str) -> tuple[bytes, dict]:
+    """The body and headers of the first message consumed (and acked) from dead-letter queue `queue`, within 10 s."""
+    method, properties, body = next(channel.consume(queue, inactivity_timeout=10))
+    assert method is not None, "no dead letter within 10 s"
+    channel.basic_ack(method.delivery_tag)
+    channel.cancel()
+    return body, properties.headers
+
+
 def _url(server: Server) -> str:
     return f"amqp://guest:guest@127.0.0.1:{server.amqp_port}/%2F"
 
@@ -263,12 +272,9 @@ async def test_a_rejection_through_the_other_node_dead_letters_with_x_death(node
             channel.basic_reject(method.delivery_tag, requeue=False)
             break
         channel.cancel()
-        method, properties, body = next(channel.consume(dead, inactivity_timeout=10))
-        assert method is not None, "no dead letter within 10 s"
-        channel.basic_ack(method.delivery_tag)
-        channel.cancel()
+        got = dead_letter(channel, dead)
         connection.close()
-        return body, properties.headers
+        return got
 
     body, headers = await asyncio.to_thread(scenario)
     assert body == b"refused" and headers["k"] == "v"
@@ -426,12 +432,9 @@ async def test_a_dead_letter_relayed_from_another_shard_carries_x_death(nodes):
         channel = connection.channel()
         channel.confirm_delivery()
         channel.basic_publish("", source, b"too late", pika.BasicProperties(headers={"k": "v"}, expiration="50"))
-        method, properties, body = next(channel.consume(dead, inactivity_timeout=10))
-        assert method is not None, "no dead letter within 10 s"
-        channel.basic_ack(method.delivery_tag)
-        channel.cancel()
+        got = dead_letter(channel, dead)
         connection.close()
-        return body, properties.headers
+        return got
 
     body, headers = await asyncio.to_thread(scenario)
     assert body == b"too late" and headers["k"] == "v"
