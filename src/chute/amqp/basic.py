@@ -280,7 +280,8 @@ async def _consumable(session: AmqpSession, channel: Channel, method) -> str:
     if await state.refresh_queue(session.front, name) is None:
         raise _no_queue(name)
     check(session.principal, "consume", "queue", name)
-    _owned_elsewhere(session, name)
+    if await _owned_elsewhere(session, name, fresh=True):
+        raise _no_queue(name)
     return name
 
 

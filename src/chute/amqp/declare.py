@@ -27,9 +27,9 @@ from chute.amqp.errors import (
     NOT_FOUND,
     NOT_IMPLEMENTED,
     PRECONDITION_FAILED,
-    RESOURCE_LOCKED,
     AmqpError,
     connection_error,
+    locked,
 )
 from chute.amqp.mapping import queue_settings
 from chute.errors import InvalidArgument, QueueExists, QueueNotFound, SubscriptionNotFound, TopicNotFound
@@ -196,12 +196,21 @@ async def exchange_unbind(session: AmqpSession, channel: Channel, method) -> obj
 # -- queues -----------------------------------------------------------------------------------------------------
 
 
-def _owned_elsewhere(session: AmqpSession, name: str) -> None:
-    owner = session.front.exclusive.get(name)
-    if owner is not None and owner is not session:
-        raise AmqpError(RESOURCE_LOCKED, f"cannot obtain exclusive access to locked queue '{name}' in vhost {VHOST}."
-                        " It could be originally declared on another connection or the exclusive property value "
-                        "does not match that of the original declaration.")  # fmt: skip
+async def _owned_elsewhere(session: AmqpSession, name: str, *, fresh: bool = False) -> bool:
+    """405 if another connection owns exclusive queue `name`. On a cluster node the owner may be a connection of
+    another node (the queue's record names it): True if that connection is gone and the queue was deleted for it
+    now (the caller goes on as for a queue that does not exist). `fresh`: the caller has just read the record."""
+    front = session.front
+    owner = front.exclusive.get(name)
+    if owner is not None:
+        if owner is not session:
+            raise locked(name)
+        return False
+    if not front.routed:
+        return False
+    if not fresh:
+        await state.refresh_queue(front, name)
+    return await front.exclusive_gone(session, name, front.book.queues.get(name))
 
 
 def queue_name(channel: Channel, name: str, method) -> str:
@@ -223,7 +232,8 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
         if await state.refresh_queue(front, name) is None:
             raise _no_queue(name)
         _see(session, "queue", name)
-        _owned_elsewhere(session, name)
+        if await _owned_elsewhere(session, name, fresh=True):
+            raise _no_queue(name)
     else:
         if not name:
             name = "amq.gen-" + secrets.token_urlsafe(16)
@@ -232,7 +242,7 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
         else:
             name = ex.chute_queue(name)
         check(session.principal, "manage", "queue", name)
-        _owned_elsewhere(session, name)
+        await _owned_elsewhere(session, name)
         await _declare(session, name, method)
     front.used(name)
     channel.last_queue = name
@@ -247,6 +257,8 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
     arguments = method.arguments or {}
     declared = {"durable": bool(method.durable), "auto_delete": bool(method.auto_delete),
                 "exclusive": bool(method.exclusive), "arguments": plain(arguments)}  # fmt: skip
+    if method.exclusive and session.owner_tag is not None:  # a cluster node: other nodes must see who owns it
+        declared["owner"] = session.owner_tag
     existing = await state.refresh_queue(front, name)
     current = front.book.queues.get(name)
     if current is not None and existing is not None:
@@ -350,7 +362,8 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
     topic = ex.topic_name(exchange)
     check(session.principal, "manage", "topic", topic)
     check(session.principal, "manage", "queue", name)
-    _owned_elsewhere(session, name)
+    if await _owned_elsewhere(session, name):
+        raise _no_queue(name)
     if await state.topic_settings(broker, topic) is None:  # a predeclared exchange's first binding (or a topic
         await broker.create_topic(topic)  # deleted natively)
     arguments = plain(method.arguments or {})
@@ -418,7 +431,8 @@ async def queue_purge(session: AmqpSession, channel: Channel, method) -> object:
     if not await state.queue_exists(session.broker, name):
         raise _no_queue(name)
     check(session.principal, "manage", "queue", name)
-    _owned_elsewhere(session, name)
+    if await _owned_elsewhere(session, name):
+        raise _no_queue(name)
     return commands.Queue.PurgeOk(message_count=await session.broker.purge_queue(name))
 
 
@@ -428,7 +442,8 @@ async def queue_delete(session: AmqpSession, channel: Channel, method) -> object
     if not await state.queue_exists(broker, name):
         return commands.Queue.DeleteOk(message_count=0)
     check(session.principal, "manage", "queue", name)
-    _owned_elsewhere(session, name)
+    if await _owned_elsewhere(session, name):
+        return commands.Queue.DeleteOk(message_count=0)
     if method.if_unused and front.consumers[name]:
         raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} in use")
     stats = await state.value(broker.queue_stats(name))

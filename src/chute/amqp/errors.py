@@ -99,3 +99,10 @@ def from_chute(exc: ce.ChuteError, method=None) -> AmqpError:
     """The channel exception for a Chute error raised while carrying out `method`."""
     code = _CODES.get(type(exc), INTERNAL_ERROR)
     return AmqpError(code, exc.message, connection=code == INTERNAL_ERROR, method=method)
+
+
+def locked(queue: str) -> AmqpError:
+    """405: another connection owns exclusive queue `queue` (RabbitMQ's words)."""
+    return AmqpError(RESOURCE_LOCKED, f"cannot obtain exclusive access to locked queue '{queue}' in vhost '/'. It "
+                     "could be originally declared on another connection or the exclusive property value does not "
+                     "match that of the original declaration.")  # fmt: skip

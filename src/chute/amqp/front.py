@@ -10,7 +10,10 @@ Lifecycle: `start()` after the broker has recovered (RabbitMQ's predeclared exch
 work finish and closes every connection with 320 CONNECTION_FORCED, before the broker closes.
 
 Invariants: at most `max_connections` AMQP connections (counted apart from native ones); an exclusive queue is
-deleted when its connection ends, a non-durable one at the next start; an auto-delete queue when its last
+deleted when its connection ends, a non-durable one at the next start (one broker); on a cluster node an
+exclusive queue's record names its connection (`owner_tag`: node, incarnation, serial), every other connection of
+any node gets 405, and once that connection's process is gone the queue is deleted by the first method naming
+it or by the sweep of the node serving its shard; an auto-delete queue when its last
 consumer goes; a queue with x-expires when it has been unused (no consumer, no declare, no basic.get) that long;
 an x-single-active-consumer queue delivers to one consumer at a time, the first registered (then the next, when
 it goes); a consumer delivers only while no consumer of higher `x-priority` on its queue has prefetch room. The
@@ -21,23 +24,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
 from chute.amqp import metadata, state
-from chute.amqp.errors import CONNECTION_FORCED, AmqpError
+from chute.amqp.errors import CONNECTION_FORCED, AmqpError, locked
 from chute.amqp.exchanges import PREDECLARED_NAMES, ExchangeBook
 from chute.amqp.mapping import dead_lettered_as, origin
 from chute.amqp.session import AmqpSession
-from chute.errors import ChuteError
+from chute.errors import ChuteError, QueueNotFound
 from chute.server.config import DEFAULT_AMQP_PORT
 
 if TYPE_CHECKING:
     from chute.server.app import Server
 
 log = logging.getLogger("chute.amqp")
+SWEEP_S = 5.0  # (routed) how often a node looks for exclusive queues of its shards whose connection is gone
 PREDECLARED = dict(zip(PREDECLARED_NAMES, ("direct", "fanout", "topic", "headers", "headers"), strict=True))
 __all__ = ["AmqpFront", "DEFAULT_AMQP_PORT"]
 
@@ -62,6 +67,8 @@ class AmqpFront:
         self.port: int | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._saving = asyncio.Lock()
+        self._serials = itertools.count(1)
+        self._sweeper: asyncio.Task | None = None
         self.routed = state.routed(self.broker)  # a cluster node: the book is read through (state.py)
         self.exchanges_read: dict[str, float] = {}  # (routed) exchange -> when its metadata was last read
         self.dead_lettering: dict[str, bool] = {}  # (routed) queue -> has a dead-letter queue, as last read
@@ -93,6 +100,8 @@ class AmqpFront:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.port = self._listener.sockets[0].getsockname()[1]
+        if self.routed:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_exclusive())
         log.info("AMQP 0-9-1 listening on %s://%s:%d", "amqps" if ssl else "amqp", host, self.port)
 
     def adopt(self, name: str, declared: dict, owner: AmqpSession | None = None) -> None:
@@ -148,6 +157,10 @@ class AmqpFront:
             self.dead_lettering[name] = settings.dead_letter_queue is not None
 
     async def stop(self, grace_s: float) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._listener is not None:
             self._listener.close()
         if self.sessions:
@@ -170,6 +183,9 @@ class AmqpFront:
         if self.server.state != "serving" or len(self.sessions) >= self.server.config.max_connections:
             return False
         self.sessions.add(session)
+        if self.routed:
+            name, incarnation = self.broker.process
+            session.owner_tag = f"{name}|{incarnation}|{next(self._serials)}"
         if self.server.memory_paused:
             session.pause_reading("memory")
         return True
@@ -313,6 +329,46 @@ class AmqpFront:
         with contextlib.suppress(ChuteError):
             await self.broker.delete_queue(name)
         await self.forget_queue(name)
+
+    # -- exclusive queues in a cluster ---------------------------------------------------------------------------
+
+    async def exclusive_gone(self, session: AmqpSession, name: str, declared: dict | None) -> bool:
+        """(Routed) whether `name` was an exclusive queue whose connection is gone, and is deleted now; 405 if
+        another live connection, of this node or another, owns it. The owner is `declared["owner"]` (the
+        connection's `owner_tag`: node name, incarnation, serial): its connection ended if its node's process
+        is no longer alive (died, stopped, or restarted as another incarnation), or if it was a connection of
+        this process that is closed."""
+        owner = (declared or {}).get("owner") if (declared or {}).get("exclusive") else None
+        if not owner or owner == getattr(session, "owner_tag", None):
+            return False
+        node, _, rest = owner.partition("|")
+        incarnation = rest.partition("|")[0]
+        if (node, incarnation) == tuple(self.broker.process):
+            if self.exclusive.get(name) is not None:  # a live connection of this node
+                raise locked(name)
+        elif await self.broker.process_running(node, incarnation):
+            raise locked(name)
+        with contextlib.suppress(QueueNotFound):
+            await self.broker.delete_queue(name)
+        await self.forget_queue(name)
+        log.info("AMQP: exclusive queue %r outlived its connection (%s): deleted", name, owner)
+        return True
+
+    async def _sweep_exclusive(self) -> None:
+        """(Routed) every SWEEP_S, delete the exclusive queues of this node's shards whose connection is gone
+        (its node died or left): RabbitMQ deletes them with their connection, which another node cannot see."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                for name, queue in list(self.broker.core.queues.items()):
+                    declared = metadata.declared_queue(queue.settings)
+                    if declared is not None and declared.get("exclusive") and declared.get("owner"):
+                        with contextlib.suppress(AmqpError):
+                            await self.exclusive_gone(None, name, declared)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database away, a shard moving: the next sweep looks again
+                log.warning("AMQP: the sweep of exclusive queues failed", exc_info=True)
 
     async def forget_queue(self, name: str) -> None:
         """A queue is gone: drop its bindings from the book."""

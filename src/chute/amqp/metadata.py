@@ -197,6 +197,12 @@ def created_with(stored: dict, kind: str, name: str, declared: dict) -> dict:
     return {EXCHANGE if kind == "topic" else QUEUE: _dumps(wanted[0])}
 
 
+def declared_queue(settings) -> dict | None:
+    """A queue's AMQP declaration as its `settings` store it, or None (a queue not declared through AMQP)."""
+    found = _loads(((settings.attributes if settings is not None else None) or {}).get(QUEUE))
+    return found if isinstance(found, dict) else None
+
+
 def forget(stored: dict, kind: str, name: str) -> None:
     """A topic or queue was deleted: what it stored went with it."""
     stored.pop((kind, name), None)

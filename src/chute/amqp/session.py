@@ -70,6 +70,7 @@ class AmqpSession(asyncio.Protocol):
 
     def __init__(self, front: AmqpFront) -> None:
         self.front = front
+        self.owner_tag: str | None = None  # (a cluster node) who owns the exclusive queues it declares (front.py)
         self.server = front.server
         self.broker = front.server.broker
         config = front.server.config

@@ -41,6 +41,7 @@ class NodeInfo:
     alive: bool
     heartbeat_age_s: float = 0.0
     started_at: str = ""
+    incarnation: str = ""  # the process that runs the name now (a restart changes it)
 
 
 async def notify(connection, what: str) -> None:
@@ -117,7 +118,7 @@ async def nodes(connection, *, timeout=None) -> list[NodeInfo]:
     """Every node the database knows, by name, with `alive` and the heartbeat's age by the database's clock."""
     rows = await connection.fetch(
         """
-        SELECT name, host, port, http_port, amqp_port, started_at::text AS started_at,
+        SELECT name, host, port, http_port, amqp_port, started_at::text AS started_at, incarnation,
                extract(epoch FROM now() - heartbeat_at)::float8 AS age,
                NOT stopped AND now() - heartbeat_at < lease_s * interval '1 second' AS alive
         FROM chute_nodes ORDER BY name
@@ -126,7 +127,7 @@ async def nodes(connection, *, timeout=None) -> list[NodeInfo]:
     )
     return [
         NodeInfo(r["name"], r["host"], r["port"], r["http_port"], r["amqp_port"], r["alive"], max(r["age"], 0.0),
-                 r["started_at"])
+                 r["started_at"], r["incarnation"])
         for r in rows
     ]  # fmt: skip
 

@@ -157,6 +157,19 @@ class ClusterNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), left)
 
+    async def running(self, name: str, incarnation: str) -> bool:
+        """Whether process `incarnation` still runs node `name` and is alive (AMQP's exclusive queues belong to
+        a connection of one process). A view that does not say yes is read again from the database first, so a
+        node that has just started is not taken for gone."""
+        if name == self.name:
+            return incarnation == self.incarnation
+        info = self._nodes.get(name)
+        if info is not None and info.alive and info.incarnation == incarnation:
+            return True
+        async with self._pool.acquire(timeout=self._timeout) as connection:
+            nodes = await membership.nodes(connection, timeout=self._timeout)
+        return any(each.name == name and each.alive and each.incarnation == incarnation for each in nodes)
+
     async def wait_changed(self, timeout_s: float) -> bool:
         """Wait until this node's view changes (a heartbeat read the rows, a shard was taken or handed back);
         False if `timeout_s` passed first."""

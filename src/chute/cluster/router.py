@@ -187,6 +187,17 @@ class ClusterBroker:
         calls are never forwarded again), else this router."""
         return self.local if client_name.startswith(PEER_CLIENT) else self
 
+    @property
+    def process(self) -> tuple[str, str]:
+        """This node's name and incarnation (which process runs the name now)."""
+        return self.node.name, getattr(self.node, "incarnation", "")
+
+    async def process_running(self, name: str, incarnation: str) -> bool:
+        """Whether process `incarnation` of node `name` is alive (node.py `running`; yes when the node cannot
+        tell)."""
+        running = getattr(self.node, "running", None)
+        return True if running is None else await running(name, incarnation)
+
     def kind_of(self, name: str) -> str:
         """The kind of `name`, "topic" or "queue", as far as this node knows without asking (for permission checks)."""
         holder = self._local_holder(name)
