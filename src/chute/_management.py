@@ -115,6 +115,7 @@ class ManagementApi:
             oldest_age_s=max(0.0, self.clock() - oldest.publish_time) if oldest is not None else 0.0,
             published=counters["published"], delivered=counters["delivered"], acked=counters["acked"],
             nacked=counters["nacked"], redelivered=counters["redelivered"],
+            received_age_s=None if queue.received_at is None else max(0.0, self.clock() - queue.received_at),
         )  # fmt: skip
 
     async def create_topic(self, name: str, settings: TopicSettings | None = None, **settings_kw) -> TopicInfo:

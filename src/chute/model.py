@@ -264,3 +264,7 @@ class QueueStats(msgspec.Struct, kw_only=True):
     acked: int
     nacked: int
     redelivered: int
+    received_age_s: float | None = None
+    """Seconds since a consumer last asked this queue for messages (a receive, a long poll's look, a push
+    consumer's lease), None if none did since the broker started: a consumer waiting in a long poll asks at least
+    once a second. (A cluster's AMQP front counts a queue as in use by another node with it.)"""

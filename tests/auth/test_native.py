@@ -89,6 +89,7 @@ async def snapshot(server) -> dict:
         stats = {name: msgspec.to_builtins(await admin.queue_stats(name)) for name in queues}
         for each in stats.values():
             each.pop("oldest_age_s", None)  # moves with time
+            each.pop("received_age_s", None)  # so does this
         topics = msgspec.to_builtins(await admin.list_topics())
         return {"queues": queues, "stats": stats, "topics": topics}
 

@@ -292,3 +292,16 @@ async def test_receive_max_bytes_gives_back_unused_rate_tokens(broker):
     await broker.publish_batch("q", [Publish(body=b"x" * 100) for _ in range(4)])
     assert len(await broker.receive("q", 4, max_bytes=100)) == 1
     assert len(await broker.receive("q", 4)) == 3  # the 3 tokens the first batch left unused
+
+
+async def test_stats_say_how_long_ago_a_consumer_asked_for_messages(broker, clock):
+    await broker.create_queue("q")
+    assert broker.queue_stats("q").received_age_s is None  # nobody asked since the broker started
+    assert await broker.receive("q") == []  # asking counts, even when nothing is ready
+    assert broker.queue_stats("q").received_age_s == 0.0
+    clock.advance(7.5)
+    await broker.publish("q", b"x")  # publishing does not
+    assert broker.queue_stats("q").received_age_s == 7.5
+    [delivery] = await broker.receive("q")
+    await broker.ack("q", delivery.receipt)
+    assert broker.queue_stats("q").received_age_s == 0.0

@@ -9,15 +9,18 @@ Lifecycle: `start()` after the broker has recovered (RabbitMQ's predeclared exch
 `amq.topic`, `amq.headers` and `amq.match` exist from then on); `stop(grace_s)` closes the listener, lets in-flight
 work finish and closes every connection with 320 CONNECTION_FORCED, before the broker closes.
 
-Invariants: at most `max_connections` AMQP connections (counted apart from native ones); an exclusive queue is
-deleted when its connection ends, a non-durable one at the next start (one broker); on a cluster node an
-exclusive queue's record names its connection (`owner_tag`: node, incarnation, serial), every other connection of
-any node gets 405, and once that connection's process is gone the queue is deleted by the first method naming
-it or by the sweep of the node serving its shard; an auto-delete queue when its last
-consumer goes; a queue with x-expires when it has been unused (no consumer, no declare, no basic.get) that long;
-an x-single-active-consumer queue delivers to one consumer at a time, the first registered (then the next, when
-it goes); a consumer delivers only while no consumer of higher `x-priority` on its queue has prefetch room. The
-last three are kept in memory.
+Invariants:
+- at most `max_connections` AMQP connections (counted apart from native ones);
+- an exclusive queue is deleted when its connection ends, a non-durable one at the next start (one broker). On a
+  cluster node an exclusive queue's record names its connection (`owner_tag`: node, incarnation, serial), every
+  other connection of any node gets 405, and once that connection's process is gone the queue is deleted by the
+  first method naming it or by the sweep of the node serving its shard;
+- an auto-delete queue is deleted when its last consumer goes, a queue with x-expires when it has been unused
+  (no consumer, no declare, no basic.get) that long; on a cluster node either deletion waits until no consumer
+  of any node used the queue for IN_USE_S (`_used_elsewhere`);
+- an x-single-active-consumer queue delivers to one consumer at a time, the first registered (then the next,
+  when it goes); a consumer delivers only while no consumer of higher `x-priority` on its queue has prefetch
+  room. The last three are kept in memory.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from chute.amqp import metadata, state
+from chute.amqp import metadata, reply_to, state
 from chute.amqp.errors import CONNECTION_FORCED, AmqpError, locked
 from chute.amqp.exchanges import PREDECLARED_NAMES, ExchangeBook
 from chute.amqp.mapping import dead_lettered_as, origin
@@ -42,6 +45,9 @@ if TYPE_CHECKING:
     from chute.server.app import Server
 
 log = logging.getLogger("chute.amqp")
+IN_USE_S = 2.5  # (routed) a queue asked for messages this recently is in use by some node's consumer
+USE_MARGIN_S = 0.2  # (routed) what `IN_USE_S` allows for the queue's node's clock and the call's own time
+STOP_TASKS_S = 0.5  # (routed) how long stop() waits for the sweep and the reply inbox to end
 SWEEP_S = 5.0  # (routed) how often a node looks for exclusive queues of its shards whose connection is gone
 PREDECLARED = dict(zip(PREDECLARED_NAMES, ("direct", "fanout", "topic", "headers", "headers"), strict=True))
 __all__ = ["AmqpFront", "DEFAULT_AMQP_PORT"]
@@ -69,6 +75,8 @@ class AmqpFront:
         self._saving = asyncio.Lock()
         self._serials = itertools.count(1)
         self._sweeper: asyncio.Task | None = None
+        self._replies: asyncio.Task | None = None
+        self.closing = False  # stop() began: the background tasks end
         self.routed = state.routed(self.broker)  # a cluster node: the book is read through (state.py)
         self.exchanges_read: dict[str, float] = {}  # (routed) exchange -> when its metadata was last read
         self.dead_lettering: dict[str, bool] = {}  # (routed) queue -> has a dead-letter queue, as last read
@@ -102,6 +110,7 @@ class AmqpFront:
         self.port = self._listener.sockets[0].getsockname()[1]
         if self.routed:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_exclusive())
+            self._replies = asyncio.get_running_loop().create_task(reply_to.serve_inbox(self))
         log.info("AMQP 0-9-1 listening on %s://%s:%d", "amqps" if ssl else "amqp", host, self.port)
 
     def adopt(self, name: str, declared: dict, owner: AmqpSession | None = None) -> None:
@@ -157,10 +166,12 @@ class AmqpFront:
             self.dead_lettering[name] = settings.dead_letter_queue is not None
 
     async def stop(self, grace_s: float) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        self.closing = True
+        tasks = [task for task in (self._sweeper, self._replies) if task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # a long poll of another node's shard may answer its cancellation only when it ends
+            await asyncio.wait(tasks, timeout=STOP_TASKS_S)
         if self._listener is not None:
             self._listener.close()
         if self.sessions:
@@ -225,6 +236,13 @@ class AmqpFront:
     # -- queue ownership and consumers --------------------------------------------------------------------------
 
     def consumer_started(self, queue: str, consumer=None) -> None:
+        if self.routed and queue not in self.auto_delete and queue not in self.expires:
+            declared = self.book.queues.get(queue)  # as read when the consume began (another node may have
+            if declared is not None:  # declared it): this node's last consumer's end must look at it too
+                if declared["auto_delete"]:
+                    self.auto_delete.add(queue)
+                if declared["arguments"].get("x-expires") is not None:
+                    self.expires[queue] = int(declared["arguments"]["x-expires"]) / 1000.0
         self.consumers[queue] += 1
         if consumer is not None:
             ranked = self.ranked.setdefault(queue, [])
@@ -293,7 +311,7 @@ class AmqpFront:
         if self.consumers[queue] <= 0:
             del self.consumers[queue]
             if queue in self.auto_delete:
-                self._delete_later(queue)
+                self._delete_later(queue, if_unused=True)
                 return
         self.used(queue)
 
@@ -315,15 +333,57 @@ class AmqpFront:
 
     def _expire(self, queue: str) -> None:
         self._expiry.pop(queue, None)
-        if not self.consumers[queue] and self.expires.pop(queue, None) is not None:
+        if self.consumers[queue]:
+            return
+        if self.routed and queue in self.expires:
+            self._delete_later(queue, if_unused=True)
+        elif self.expires.pop(queue, None) is not None:
             self._delete_later(queue)
 
-    def _delete_later(self, name: str) -> None:
-        self.auto_delete.discard(name)
+    def _delete_later(self, name: str, *, if_unused: bool = False) -> None:
+        """Delete queue `name` (its connection ended, its last consumer went, it expired). On a cluster node, for
+        the last two (`if_unused`), only once no consumer of another node uses it either (`_used_elsewhere`)."""
         if self.server.state != "serving":
             return
-        task = asyncio.ensure_future(self._delete(name))
+        if self.routed and if_unused:
+            task = asyncio.ensure_future(self._delete_if_unused(name))
+        else:
+            self.auto_delete.discard(name)
+            task = asyncio.ensure_future(self._delete(name))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _delete_if_unused(self, name: str) -> None:
+        """(Routed) wait IN_USE_S, then delete `name` if no consumer of any node used it meanwhile; else look
+        again later: an x-expires queue after its countdown, an auto-delete one after IN_USE_S (the node whose
+        consumers use it deletes it when its own last consumer goes)."""
+        await asyncio.sleep(IN_USE_S)
+        if self.server.state != "serving" or self.consumers[name]:
+            return  # a consumer of this node came back: its end will look again
+        try:
+            busy = await self._used_elsewhere(name, IN_USE_S)
+        except QueueNotFound:
+            await self.forget_queue(name)
+            return
+        except ChuteError:  # unavailable (a takeover): look again later
+            busy = True
+        if busy:
+            if name in self.expires:
+                self.used(name)
+            elif name in self.auto_delete:
+                self._delete_later(name, if_unused=True)
+            return
+        self.auto_delete.discard(name)
+        self.expires.pop(name, None)
+        log.info("AMQP: queue %r deleted: unused (auto-delete or x-expires)", name)
+        await self._delete(name)
+
+    async def _used_elsewhere(self, name: str, window_s: float) -> bool:
+        """Whether a consumer (of any node) used queue `name` within the last `window_s`: it holds leased
+        messages, or asked for messages (a consumer with room asks at least once a second, a long poll's
+        length)."""
+        stats = await state.value(self.broker.queue_stats(name))
+        recent = stats.received_age_s is not None and stats.received_age_s < window_s - USE_MARGIN_S
+        return stats.in_flight > 0 or recent
 
     async def _delete(self, name: str) -> None:
         with contextlib.suppress(ChuteError):
@@ -357,7 +417,7 @@ class AmqpFront:
     async def _sweep_exclusive(self) -> None:
         """(Routed) every SWEEP_S, delete the exclusive queues of this node's shards whose connection is gone
         (its node died or left): RabbitMQ deletes them with their connection, which another node cannot see."""
-        while True:
+        while not self.closing:
             await asyncio.sleep(SWEEP_S)
             try:
                 for name, queue in list(self.broker.core.queues.items()):

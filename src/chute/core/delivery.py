@@ -40,6 +40,7 @@ class DeliveryOps(BrokerState):
                 or max_messages < 1:  # fmt: skip
             raise InvalidArgument(f"max_messages must be a positive integer, got {max_messages!r}")
         lease = _check_lease(lease_s if lease_s is not None else queue.settings.lease_s)
+        queue.received_at = now
         wanted = min(max_messages, queue.ready)
         if wanted and queue.bucket is not None:
             wanted = queue.bucket.take(wanted, now)

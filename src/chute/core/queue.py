@@ -397,6 +397,7 @@ class Queue:
         self.bytes = 0
         self.pending = 0  # published, not yet durable: counted against max_length
         self.pending_bytes = 0
+        self.received_at: float | None = None  # when a consumer last asked for messages (not stored: in memory)
         self.dedup = DedupWindow()
         self.bucket: TokenBucket | None = None
         self.counters = {"published": 0, "delivered": 0, "acked": 0, "nacked": 0, "redelivered": 0, "dead": 0}

@@ -1,8 +1,10 @@
-"""Exclusive queues in a cluster: a queue declared exclusive through one node belongs to that connection on every
-node (405 RESOURCE_LOCKED for any other connection, whichever node it uses and whichever node serves the queue),
-is deleted when that connection closes, and is deleted too when the connection's node stops or dies, since its
-connection is gone with it (as RabbitMQ deletes exclusive queues when their owner's node goes down). Two nodes on
-one PostgreSQL, in-process Servers; pika as the client."""
+"""AMQP queue lifecycles in a cluster (two nodes on one PostgreSQL, in-process Servers; pika and aio-pika).
+
+- Exclusive queues: a queue declared exclusive through one node belongs to that connection on every node (405
+  RESOURCE_LOCKED for any other connection, whichever node it uses and whichever node serves the queue), is
+  deleted when that connection closes, and is deleted too when the connection's node stops or dies, since its
+  connection is gone with it (as RabbitMQ deletes exclusive queues when their owner's node goes down).
+- auto-delete and x-expires: a node never deletes a queue that a consumer of another node still uses."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import time
 
+import aio_pika
 import pika
 import pytest
 from pika.exceptions import ChannelClosedByBroker
@@ -146,3 +149,108 @@ async def test_a_queue_declared_exclusive_on_one_broker_has_no_owner_in_its_reco
         await asyncio.to_thread(connection.close)
     finally:
         await server.stop()
+
+
+# -- auto-delete and x-expires: a queue in use through another node is not deleted ------------------------------
+
+
+async def _consumer(server, queue: str, got: list):
+    """An aio-pika connection through `server` consuming `queue` (acking each message into `got`)."""
+    connection = await aio_pika.connect(_url(server))
+    channel = await connection.channel()
+
+    async def on_message(message) -> None:
+        got.append(message.body)
+        await message.ack()
+
+    tag = await (await channel.get_queue(queue, ensure=False)).consume(on_message)
+    return connection, channel, tag
+
+
+async def _until(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+async def _publish(server, queue: str, body: bytes) -> None:
+    async with await aio_pika.connect(_url(server)) as connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
+
+
+async def test_an_expiring_queue_consumed_through_another_node_stays_while_it_is_used(nodes):
+    a, b = nodes
+    queue = owned_by(a, "expires-")[0]
+    async with await aio_pika.connect(_url(b)) as declaring:  # declared through B, whose countdown starts now
+        await (await declaring.channel()).declare_queue(queue, arguments={"x-expires": 1000})
+    got: list = []
+    connection, _, _ = await _consumer(a, queue, got)  # consumed through A
+    try:
+        await asyncio.sleep(1.0 + amqp_front.IN_USE_S + 1.0)  # B's countdown ended: B found the queue in use
+        await _publish(b, queue, b"still here")
+        await _until(lambda: _true(got == [b"still here"]))
+    finally:
+        await connection.close()
+    await _until(lambda: _false(asyncio.to_thread(_exists, a, queue)))  # unused now: it expires
+
+
+async def test_an_auto_delete_queue_stays_while_a_consumer_of_another_node_remains(nodes):
+    a, b = nodes
+    queue = owned_by(b, "autodel-")[0]
+    got_b: list = []
+    got_a: list = []
+    async with await aio_pika.connect(_url(b)) as declaring:
+        await (await declaring.channel()).declare_queue(queue, auto_delete=True)
+        first, _, _ = await _consumer(b, queue, got_b)
+        second, _, _ = await _consumer(a, queue, got_a)
+        await first.close()  # B's last consumer goes; A's remains
+        await asyncio.sleep(amqp_front.IN_USE_S + 1.0)
+        assert await asyncio.to_thread(_exists, a, queue)
+        await _publish(b, queue, b"for a")
+        await _until(lambda: _true(got_a == [b"for a"]))
+        await second.close()  # the last consumer of all: now it goes
+        await _until(lambda: _false(asyncio.to_thread(_exists, b, queue)))
+
+
+async def _true(value) -> bool:
+    return bool(value)
+
+
+async def _false(awaitable) -> bool:
+    return not await awaitable
+
+
+# -- direct reply-to: a reply published through another node than the requester's ------------------------------
+
+
+async def test_a_direct_reply_to_reply_through_another_node_reaches_the_requester(nodes):
+    a, b = nodes
+    queue = owned_by(b, "rpc-")[0]
+    replies: asyncio.Queue = asyncio.Queue()
+    async with await aio_pika.connect(_url(a)) as requester, await aio_pika.connect(_url(b)) as responder:
+        asking = await requester.channel()
+        pseudo = await asking.get_queue("amq.rabbitmq.reply-to", ensure=False)
+        await pseudo.consume(replies.put, no_ack=True)
+        answering = await responder.channel()
+        requests = await answering.declare_queue(queue)
+        for n in range(3):
+            await asking.default_exchange.publish(
+                aio_pika.Message(str(n).encode(), reply_to="amq.rabbitmq.reply-to", correlation_id=f"c{n}"),
+                routing_key=queue)  # fmt: skip
+        for _ in range(3):
+            request = await requests.get(timeout=10)
+            assert request.reply_to.startswith("amq.rabbitmq.reply-to.") and request.reply_to.endswith(".node-0")
+            await answering.default_exchange.publish(  # through node B, for a channel of node A
+                aio_pika.Message(str(int(request.body) ** 2).encode(), correlation_id=request.correlation_id,
+                                 content_type="text/plain", headers={"n": int(request.body)}),
+                routing_key=request.reply_to)  # fmt: skip
+            await request.ack()
+        got = [await asyncio.wait_for(replies.get(), 10) for _ in range(3)]
+    assert sorted((m.correlation_id, m.body, m.content_type, m.headers) for m in got) == [
+        ("c0", b"0", "text/plain", {"n": 0}),
+        ("c1", b"1", "text/plain", {"n": 1}),
+        ("c2", b"4", "text/plain", {"n": 2}),
+    ]
+    assert all(m.exchange == "" and m.routing_key.startswith("amq.rabbitmq.reply-to.") for m in got)
