@@ -254,3 +254,24 @@ async def test_a_direct_reply_to_reply_through_another_node_reaches_the_requeste
         ("c2", b"4", "text/plain", {"n": 2}),
     ]
     assert all(m.exchange == "" and m.routing_key.startswith("amq.rabbitmq.reply-to.") for m in got)
+
+
+async def test_a_delete_if_unused_through_one_node_is_refused_while_another_nodes_consumer_uses_the_queue(nodes):
+    a, b = nodes
+    queue = owned_by(a, "ifunused-")[0]
+    got: list = []
+    async with await aio_pika.connect(_url(b)) as declaring:
+        await (await declaring.channel()).declare_queue(queue, durable=True)
+    connection, _, _ = await _consumer(a, queue, got)  # a consumer through A only
+    try:
+        await asyncio.sleep(0.5)
+        async with await aio_pika.connect(_url(b)) as deleting:
+            channel = await deleting.channel()
+            with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed, match="in use"):
+                await channel.queue_delete(queue, if_unused=True)
+    finally:
+        await connection.close()
+    await asyncio.sleep(amqp_front.IN_USE_S)  # no consumer anywhere now
+    async with await aio_pika.connect(_url(b)) as deleting:
+        await (await deleting.channel()).queue_delete(queue, if_unused=True)
+    assert not await asyncio.to_thread(_exists, a, queue)

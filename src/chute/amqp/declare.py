@@ -444,9 +444,10 @@ async def queue_delete(session: AmqpSession, channel: Channel, method) -> object
     check(session.principal, "manage", "queue", name)
     if await _owned_elsewhere(session, name):
         return commands.Queue.DeleteOk(message_count=0)
-    if method.if_unused and front.consumers[name]:
-        raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} in use")
     stats = await state.value(broker.queue_stats(name))
+    if method.if_unused and (front.consumers[name] or (front.routed and state.used_recently(stats))):
+        # (a cluster node cannot count another node's consumers: a queue one of them uses counts as in use)
+        raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} in use")
     if method.if_empty and stats.ready + stats.in_flight + stats.delayed:
         raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} is not empty")
     for other in await state.dead_letter_sources(broker, name):

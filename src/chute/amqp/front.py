@@ -38,6 +38,7 @@ from chute.amqp.errors import CONNECTION_FORCED, AmqpError, locked
 from chute.amqp.exchanges import PREDECLARED_NAMES, ExchangeBook
 from chute.amqp.mapping import dead_lettered_as, origin
 from chute.amqp.session import AmqpSession
+from chute.amqp.state import IN_USE_S, used_recently
 from chute.errors import ChuteError, QueueNotFound
 from chute.server.config import DEFAULT_AMQP_PORT
 
@@ -45,10 +46,9 @@ if TYPE_CHECKING:
     from chute.server.app import Server
 
 log = logging.getLogger("chute.amqp")
-IN_USE_S = 2.5  # (routed) a queue asked for messages this recently is in use by some node's consumer
-USE_MARGIN_S = 0.2  # (routed) what `IN_USE_S` allows for the queue's node's clock and the call's own time
 STOP_TASKS_S = 0.5  # (routed) how long stop() waits for the sweep and the reply inbox to end
 SWEEP_S = 5.0  # (routed) how often a node looks for exclusive queues of its shards whose connection is gone
+SWEEP_STEP = 500  # (routed) queues looked at per turn of the loop by that sweep
 PREDECLARED = dict(zip(PREDECLARED_NAMES, ("direct", "fanout", "topic", "headers", "headers"), strict=True))
 __all__ = ["AmqpFront", "DEFAULT_AMQP_PORT"]
 
@@ -70,6 +70,7 @@ class AmqpFront:
         self.pending_dead_letters: set[str] = set()  # queues whose dead-letter exchange leads nowhere yet
         self.ranked: dict[str, list] = {}  # queue -> its consumers by x-priority, highest first
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._used_at: dict[str, float] = {}  # x-expires queue -> when `used` last restarted its countdown
         self.port: int | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._saving = asyncio.Lock()
@@ -325,6 +326,7 @@ class AmqpFront:
         seconds = self.expires.get(queue)
         if seconds is None:
             return
+        self._used_at[queue] = asyncio.get_running_loop().time()
         timer = self._expiry.pop(queue, None)
         if timer is not None:
             timer.cancel()
@@ -356,9 +358,10 @@ class AmqpFront:
         """(Routed) wait IN_USE_S, then delete `name` if no consumer of any node used it meanwhile; else look
         again later: an x-expires queue after its countdown, an auto-delete one after IN_USE_S (the node whose
         consumers use it deletes it when its own last consumer goes)."""
+        began = asyncio.get_running_loop().time()
         await asyncio.sleep(IN_USE_S)
-        if self.server.state != "serving" or self.consumers[name]:
-            return  # a consumer of this node came back: its end will look again
+        if self.server.state != "serving" or self.consumers[name] or self._used_at.get(name, -1.0) > began:
+            return  # used through this node meanwhile: a consumer's end or the new countdown will look again
         try:
             busy = await self._used_elsewhere(name, IN_USE_S)
         except QueueNotFound:
@@ -378,12 +381,8 @@ class AmqpFront:
         await self._delete(name)
 
     async def _used_elsewhere(self, name: str, window_s: float) -> bool:
-        """Whether a consumer (of any node) used queue `name` within the last `window_s`: it holds leased
-        messages, or asked for messages (a consumer with room asks at least once a second, a long poll's
-        length)."""
-        stats = await state.value(self.broker.queue_stats(name))
-        recent = stats.received_age_s is not None and stats.received_age_s < window_s - USE_MARGIN_S
-        return stats.in_flight > 0 or recent
+        """Whether a consumer (of any node) used queue `name` within the last `window_s` (`used_recently`)."""
+        return used_recently(await state.value(self.broker.queue_stats(name)), window_s)
 
     async def _delete(self, name: str) -> None:
         with contextlib.suppress(ChuteError):
@@ -404,7 +403,7 @@ class AmqpFront:
         node, _, rest = owner.partition("|")
         incarnation = rest.partition("|")[0]
         if (node, incarnation) == tuple(self.broker.process):
-            if self.exclusive.get(name) is not None:  # a live connection of this node
+            if any(each.owner_tag == owner for each in self.sessions):  # a live connection of this node
                 raise locked(name)
         elif await self.broker.process_running(node, incarnation):
             raise locked(name)
@@ -420,7 +419,11 @@ class AmqpFront:
         while not self.closing:
             await asyncio.sleep(SWEEP_S)
             try:
-                for name, queue in list(self.broker.core.queues.items()):
+                for i, (name, queue) in enumerate(list(self.broker.core.queues.items())):
+                    if i % SWEEP_STEP == SWEEP_STEP - 1:
+                        await asyncio.sleep(0)  # many queues: the loop serves others between steps
+                    if not metadata.may_be_exclusive(queue.settings):
+                        continue
                     declared = metadata.declared_queue(queue.settings)
                     if declared is not None and declared.get("exclusive") and declared.get("owner"):
                         with contextlib.suppress(AmqpError):
@@ -437,6 +440,7 @@ class AmqpFront:
         self.exclusive.pop(name, None)
         self.auto_delete.discard(name)
         self.expires.pop(name, None)
+        self._used_at.pop(name, None)
         self.single_active.pop(name, None)
         changed = self.book.queues.pop(name, None) is not None
         timer = self._expiry.pop(name, None)

@@ -203,6 +203,12 @@ def declared_queue(settings) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
+def may_be_exclusive(settings) -> bool:
+    """A cheap look (no parsing) at whether a queue's stored declaration can say `exclusive`."""
+    text = ((settings.attributes if settings is not None else None) or {}).get(QUEUE)
+    return text is not None and '"exclusive":true' in text
+
+
 def forget(stored: dict, kind: str, name: str) -> None:
     """A topic or queue was deleted: what it stored went with it."""
     stored.pop((kind, name), None)

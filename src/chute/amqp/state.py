@@ -25,6 +25,8 @@ from chute.errors import QueueNotFound, TopicNotFound
 from chute.model import QueueSettings, TopicSettings
 
 EXCHANGE_FRESH_S = 1.0  # how long a routed node trusts its book's copy of an exchange for publishes
+IN_USE_S = 2.5  # (routed) a queue asked for messages this recently is in use by some node's consumer
+USE_MARGIN_S = 0.2  # (routed) what `IN_USE_S` allows for the queue's node's clock and the call's own time
 
 
 def routed(broker) -> bool:
@@ -124,3 +126,11 @@ async def refresh_queue(front, name: str) -> QueueSettings | None:
         metadata.take_queue(front.book, front.stored, name, settings)
         front.note_queue(name, settings)
     return settings
+
+
+def used_recently(stats, window_s: float = IN_USE_S) -> bool:
+    """Whether a queue's `stats` show a consumer of some node using it within the last `window_s`: it holds
+    leased messages, or it asked for messages (a consumer with room asks at least once a second, a long poll's
+    length). How a cluster node judges the use of a queue by other nodes' consumers, which it cannot count."""
+    recent = stats.received_age_s is not None and stats.received_age_s < window_s - USE_MARGIN_S
+    return stats.in_flight > 0 or recent
