@@ -2,13 +2,16 @@
 thread (so a long run never fills the pipe), and a look at the cluster's rows that waits on NOTIFY.
 
 `NodeProcess(url, name, tmp_path, lease_s)` starts a node and returns once it listens; `.url`, `.http_url`,
-`.kill(sig)`, `.stop()`. `ClusterWatch` holds a LISTEN connection on the cluster's channel and re-reads the
+`.kill(sig)`, `.stop()`; `node_processes(url, names, tmp_path, *flags)` starts several and kills them all when its
+block ends (printing their logs first if CHUTE_CLUSTER_LOGS is set).
+`ClusterWatch` holds a LISTEN connection on the cluster's channel and re-reads the
 shard rows each time a node announces something (and every `poll_s`, since a node that dies announces nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -153,3 +156,21 @@ def balanced(names: list[str], shards: int = 16):
         return all(low <= count <= high for count in counts.values())
 
     return check
+
+
+@contextlib.asynccontextmanager
+async def node_processes(url: str, names: list[str], tmp_path, *extra: str, lease_s: float | None = 5.0):
+    """Nodes `names` (each `NodeProcess(url, name, tmp_path / name, *extra, lease_s=lease_s)`), started one after
+    the other; all killed when the block ends, their logs printed first if CHUTE_CLUSTER_LOGS is set."""
+    nodes: list[NodeProcess] = []
+    try:
+        for name in names:
+            nodes.append(await asyncio.to_thread(NodeProcess, url, name, str(tmp_path / name), *extra,
+                                                 lease_s=lease_s))  # fmt: skip
+        yield nodes
+    finally:
+        for node in nodes:
+            await asyncio.to_thread(node.kill)
+        if os.environ.get("CHUTE_CLUSTER_LOGS"):
+            for node in nodes:
+                print(f"--- {node.name}\n{node.text[-8000:]}")

@@ -19,6 +19,7 @@ from pika.exceptions import ChannelClosedByBroker
 
 from chute import AsyncClient
 from chute.amqp import front as amqp_front
+from chute.amqp import state
 from tests.cluster.inprocess import balanced, running_nodes
 from tests.cluster.test_amqp_cluster import SHARDS, _config, _url, owned_by
 
@@ -264,14 +265,20 @@ async def test_a_delete_if_unused_through_one_node_is_refused_while_another_node
         await (await declaring.channel()).declare_queue(queue, durable=True)
     connection, _, _ = await _consumer(a, queue, got)  # a consumer through A only
     try:
-        await asyncio.sleep(0.5)
+        await _until(lambda: _in_use(a, queue))  # its long polls have reached the queue's node
         async with await aio_pika.connect(_url(b)) as deleting:
             channel = await deleting.channel()
             with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed, match="in use"):
                 await channel.queue_delete(queue, if_unused=True)
     finally:
         await connection.close()
-    await asyncio.sleep(amqp_front.IN_USE_S)  # no consumer anywhere now
+    await _until(lambda: _false(_in_use(a, queue)))  # no consumer anywhere now
     async with await aio_pika.connect(_url(b)) as deleting:
         await (await deleting.channel()).queue_delete(queue, if_unused=True)
     assert not await asyncio.to_thread(_exists, a, queue)
+
+
+async def _in_use(server, queue: str) -> bool:
+    """Whether the queue's stats show a consumer of some node using it (the rule the AMQP front applies)."""
+    async with AsyncClient(server.url) as native:
+        return state.used_recently(await native.queue_stats(queue))

@@ -17,7 +17,7 @@ from chute import AsyncClient
 from chute.cluster.placement import home_shard
 from chute.errors import ChuteError
 from chute.model import Publish
-from tests.cluster.processes import ClusterWatch, NodeProcess, balanced
+from tests.cluster.processes import ClusterWatch, balanced, node_processes
 from tests.postgres.helpers import fresh_database
 
 pytestmark = pytest.mark.timeout(240)
@@ -73,48 +73,40 @@ async def collect(client, queue: str, wanted: set[bytes]) -> collections.Counter
 async def test_fan_out_to_another_shard_survives_the_topic_owners_death(postgres_url, tmp_path):
     url = await fresh_database(postgres_url)
     names = ["node-a", "node-b"]
-    nodes = []
-    try:
-        for name in names:
-            nodes.append(await asyncio.to_thread(NodeProcess, url, name, str(tmp_path / name), "--shards",
-                                                 str(SHARDS), lease_s=LEASE_S))  # fmt: skip
-        async with ClusterWatch(url) as watch:
-            owners = await watch.until(balanced(names, SHARDS), 60)
-            topic = name_owned_by(owners, "node-b", "events")
-            far = name_owned_by(owners, "node-a", "far")
-            async with AsyncClient(nodes[0].url, reconnect=False) as a:
-                await a.create_queue(far)
-                await a.publish(far, b"before")  # not empty: it stays in node-a's shard (an empty one would move)
-                await a.create_topic(topic)
-                await a.subscribe(topic, ">", "near")  # made in the topic's shard
-                await a.subscribe(topic, ">", far)  # through a relay queue in the topic's shard
-                failures = 0
-                backlog = None
-                for wave in range(0, MESSAGES, BATCH * WAVE):
-                    firsts = range(wave, min(wave + BATCH * WAVE, MESSAGES), BATCH)
-                    confirmed = asyncio.Event()
-                    sent = asyncio.gather(*(publish_until_confirmed(a, topic, f, confirmed) for f in firsts))
-                    if backlog is None and wave >= MESSAGES // 3:  # mid-stream: publishes and relays in flight
-                        await confirmed.wait()
-                        backlog = await relay_backlog(nodes[1].http_url)
-                        await asyncio.to_thread(nodes[1].kill)
-                    failures += sum(await sent)
-                await watch.until(lambda o: all(owner == "node-a" for owner in o.values()), 60)
-                wanted = {f"m{i}".encode() for i in range(MESSAGES)}
-                near_seen = await collect(a, "near", wanted)
-                far_seen = await collect(a, far, wanted | {b"before"})
-                assert far_seen.pop(b"before") == 1
-                print(f"{backlog} messages waited in the relay queue at the kill; "
-                      f"{failures} publishes failed retryably during the takeover; extra copies: near "
-                      f"{sum(near_seen.values()) - MESSAGES}, {far} {sum(far_seen.values()) - MESSAGES}")  # fmt: skip
-                assert set(near_seen) == wanted and set(far_seen) == wanted
-                assert max(near_seen.values()) == 1, "a confirmed publish was stored twice in the topic's shard"
-                assert max(far_seen.values()) == 1, "the relay's retry after the takeover made a second copy"
-                assert [q.name for q in await a.list_queues()] == sorted(["near", far])
-                assert home_shard(far, SHARDS) != home_shard(topic, SHARDS)
-    finally:
-        for node in nodes:
-            await asyncio.to_thread(node.kill)
-        if os.environ.get("CHUTE_CLUSTER_LOGS"):
-            for node in nodes:
-                print(f"--- {node.name}\n{node.text[-8000:]}")
+    async with (
+        node_processes(url, names, tmp_path, "--shards", str(SHARDS), lease_s=LEASE_S) as nodes,
+        ClusterWatch(url) as watch,
+    ):
+        owners = await watch.until(balanced(names, SHARDS), 60)
+        topic = name_owned_by(owners, "node-b", "events")
+        far = name_owned_by(owners, "node-a", "far")
+        async with AsyncClient(nodes[0].url, reconnect=False) as a:
+            await a.create_queue(far)
+            await a.publish(far, b"before")  # not empty: it stays in node-a's shard (an empty one would move)
+            await a.create_topic(topic)
+            await a.subscribe(topic, ">", "near")  # made in the topic's shard
+            await a.subscribe(topic, ">", far)  # through a relay queue in the topic's shard
+            failures = 0
+            backlog = None
+            for wave in range(0, MESSAGES, BATCH * WAVE):
+                firsts = range(wave, min(wave + BATCH * WAVE, MESSAGES), BATCH)
+                confirmed = asyncio.Event()
+                sent = asyncio.gather(*(publish_until_confirmed(a, topic, f, confirmed) for f in firsts))
+                if backlog is None and wave >= MESSAGES // 3:  # mid-stream: publishes and relays in flight
+                    await confirmed.wait()
+                    backlog = await relay_backlog(nodes[1].http_url)
+                    await asyncio.to_thread(nodes[1].kill)
+                failures += sum(await sent)
+            await watch.until(lambda o: all(owner == "node-a" for owner in o.values()), 60)
+            wanted = {f"m{i}".encode() for i in range(MESSAGES)}
+            near_seen = await collect(a, "near", wanted)
+            far_seen = await collect(a, far, wanted | {b"before"})
+            assert far_seen.pop(b"before") == 1
+            print(f"{backlog} messages waited in the relay queue at the kill; "
+                  f"{failures} publishes failed retryably during the takeover; extra copies: near "
+                  f"{sum(near_seen.values()) - MESSAGES}, {far} {sum(far_seen.values()) - MESSAGES}")  # fmt: skip
+            assert set(near_seen) == wanted and set(far_seen) == wanted
+            assert max(near_seen.values()) == 1, "a confirmed publish was stored twice in the topic's shard"
+            assert max(far_seen.values()) == 1, "the relay's retry after the takeover made a second copy"
+            assert [q.name for q in await a.list_queues()] == sorted(["near", far])
+            assert home_shard(far, SHARDS) != home_shard(topic, SHARDS)

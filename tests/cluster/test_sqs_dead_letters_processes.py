@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 
 import aiohttp
@@ -18,7 +17,7 @@ import pytest
 
 from chute import AsyncClient
 from chute.cluster.placement import home_shard
-from tests.cluster.processes import ClusterWatch, NodeProcess, balanced
+from tests.cluster.processes import ClusterWatch, NodeProcess, balanced, node_processes
 from tests.postgres.helpers import fresh_database
 
 pytestmark = pytest.mark.timeout(240)
@@ -98,20 +97,10 @@ async def http_and_native(node: NodeProcess, dlq: str, source: str) -> None:
 async def test_sqs_dead_letters_across_shards_through_a_third_node(postgres_url, tmp_path):
     url = await fresh_database(postgres_url)
     names = ["node-a", "node-b", "node-c"]
-    nodes = []
-    try:
-        for name in names:
-            nodes.append(await asyncio.to_thread(NodeProcess, url, name, str(tmp_path / name), "--shards",
-                                                 str(SHARDS)))  # fmt: skip
+    async with node_processes(url, names, tmp_path, "--shards", str(SHARDS)) as nodes:
         async with ClusterWatch(url) as watch:
             owners = await watch.until(balanced(names, SHARDS), 90)
         dlq = name_owned_by(owners, "node-a", "graves")
         source = name_owned_by(owners, "node-b", "jobs")
         await asyncio.to_thread(scenario, nodes[2].http_url, dlq, source)
         await http_and_native(nodes[2], dlq, source)
-    finally:
-        for node in nodes:
-            await asyncio.to_thread(node.kill)
-        if os.environ.get("CHUTE_CLUSTER_LOGS"):
-            for node in nodes:
-                print(f"--- {node.name}\n{node.text[-8000:]}")
