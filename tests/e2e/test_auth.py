@@ -92,8 +92,12 @@ def test_a_forbidden_action_is_explained_and_the_page_stays_usable(page, server)
     expect(page.locator('[data-stat="ready"] dd')).to_have_text("2")  # still live after the refusal
     expect(page.get_by_role("heading", name="Sign in to Chute")).to_have_count(0)
 
-    page.get_by_role("link", name="Connections").click()  # superusers only
+    main_nav = page.get_by_role("navigation", name="Main")
+    main_nav.get_by_role("link", name="Connections").click()  # superusers only
+    # The purge's alert may still be on screen: wait for the connections page itself, then for its refusal.
+    expect(page.get_by_role("heading", level=1)).to_have_text("Connections")
+    expect(page.get_by_role("alert").filter(has_text="Not allowed").filter(has_text="guarded")).to_have_count(0)
     expect(page.get_by_role("alert").filter(has_text="Not allowed")).to_be_visible()
-    page.get_by_role("link", name="Queues").click()
+    main_nav.get_by_role("link", name="Queues").click()
     expect(page.get_by_role("alert").filter(has_text="Not allowed")).to_be_hidden()
     expect(page.get_by_role("link", name="guarded")).to_be_visible()
