@@ -29,6 +29,7 @@ async def test_first_open_creates_the_versioned_schema_once(postgres_url):
         "chute_schema_version", "chute_streams", "chute_records", "chute_checkpoints", "chute_snapshot_parts",
         "chute_cluster", "chute_nodes", "chute_shards", "chute_placement",  # version 2: the cluster
         "chute_users",  # version 3: the cluster's users
+        "chute_consumers",  # version 4: every node's AMQP consumers
     }  # fmt: skip
     async with connected(url) as connection:
         versions = await connection.fetch("SELECT version FROM chute_schema_version ORDER BY version")

@@ -310,6 +310,12 @@ async def basic_consume(session: AmqpSession, channel: Channel, method) -> objec
     priority = _consumer_priority(method.arguments or {})
     consumer = AmqpConsumer(channel, tag, name, bool(method.no_ack), bool(method.exclusive), channel.consumer_prefetch,
                             priority)  # fmt: skip
+    if front.cluster_consumers is not None:  # a cluster node: exclusive use is decided over every node's consumers
+        if not await front.cluster_consumers.register(consumer):
+            raise AmqpError(ACCESS_REFUSED, f"queue '{name}' in vhost '/' in exclusive use")
+        if channel.closed or session.closed:  # it closed while the registry was asked
+            front.cluster_consumers.ended(consumer)
+            return None
     channel.consumers[tag] = consumer
     front.consumer_started(name, consumer)
     if method.exclusive:
@@ -330,6 +336,8 @@ def _consumer_priority(arguments: dict) -> int:
 
 async def basic_cancel(session: AmqpSession, channel: Channel, method) -> object:
     channel.cancel(method.consumer_tag)
+    if session.front.cluster_consumers is not None:
+        await session.front.cluster_consumers.left()
     return commands.Basic.CancelOk(consumer_tag=method.consumer_tag)
 
 

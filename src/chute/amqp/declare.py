@@ -247,7 +247,7 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
     front.used(name)
     channel.last_queue = name
     return commands.Queue.DeclareOk(queue=ex.amqp_queue(name), message_count=await state.ready(broker, name),
-                                    consumer_count=front.consumers[name])  # fmt: skip
+                                    consumer_count=await front.consumer_count(name))  # fmt: skip
 
 
 async def _declare(session: AmqpSession, name: str, method) -> None:
@@ -445,8 +445,9 @@ async def queue_delete(session: AmqpSession, channel: Channel, method) -> object
     if await _owned_elsewhere(session, name):
         return commands.Queue.DeleteOk(message_count=0)
     stats = await state.value(broker.queue_stats(name))
-    if method.if_unused and (front.consumers[name] or (front.routed and state.used_recently(stats))):
-        # (a cluster node cannot count another node's consumers: a queue one of them uses counts as in use)
+    if method.if_unused and (front.consumers[name] or (front.routed and (await front.consumer_count(name)
+                                                                          or state.used_recently(stats)))):
+        # (on a cluster node: an AMQP consumer of any node, or a queue another node's consumer of any protocol uses)
         raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} in use")
     if method.if_empty and stats.ready + stats.in_flight + stats.delayed:
         raise AmqpError(PRECONDITION_FAILED, f"queue '{name}' in vhost {VHOST} is not empty")

@@ -20,7 +20,8 @@ Invariants:
   of any node used the queue for IN_USE_S (`_used_elsewhere`);
 - an x-single-active-consumer queue delivers to one consumer at a time, the first registered (then the next,
   when it goes); a consumer delivers only while no consumer of higher `x-priority` on its queue has prefetch
-  room. The last three are kept in memory.
+  room. The last three are kept in memory; on a cluster node, exclusive consumers, the single active consumer
+  and consumer counts are decided over every node's consumers (consumer_registry.py), priorities per node.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from chute.amqp import metadata, reply_to, state
+from chute.amqp.consumer_registry import ClusterConsumers
 from chute.amqp.errors import CONNECTION_FORCED, AmqpError, locked
 from chute.amqp.exchanges import PREDECLARED_NAMES, ExchangeBook
 from chute.amqp.mapping import dead_lettered_as, origin
@@ -81,6 +83,7 @@ class AmqpFront:
         self.routed = state.routed(self.broker)  # a cluster node: the book is read through (state.py)
         self.exchanges_read: dict[str, float] = {}  # (routed) exchange -> when its metadata was last read
         self.dead_lettering: dict[str, bool] = {}  # (routed) queue -> has a dead-letter queue, as last read
+        self.cluster_consumers = ClusterConsumers(self) if self.routed else None  # (routed) every node's consumers
         server.auth.on_change.append(self.users_changed)
 
     async def save_book(self) -> None:
@@ -112,6 +115,7 @@ class AmqpFront:
         if self.routed:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_exclusive())
             self._replies = asyncio.get_running_loop().create_task(reply_to.serve_inbox(self))
+            self.cluster_consumers.start()
         log.info("AMQP 0-9-1 listening on %s://%s:%d", "amqps" if ssl else "amqp", host, self.port)
 
     def adopt(self, name: str, declared: dict, owner: AmqpSession | None = None) -> None:
@@ -171,6 +175,9 @@ class AmqpFront:
         tasks = [task for task in (self._sweeper, self._replies) if task is not None]
         for task in tasks:
             task.cancel()
+        watching = self.cluster_consumers.stop() if self.cluster_consumers is not None else None
+        if watching is not None:
+            tasks.append(watching)
         if tasks:  # a long poll of another node's shard may answer its cancellation only when it ends
             await asyncio.wait(tasks, timeout=STOP_TASKS_S)
         if self._listener is not None:
@@ -244,6 +251,10 @@ class AmqpFront:
                     self.auto_delete.add(queue)
                 if declared["arguments"].get("x-expires") is not None:
                     self.expires[queue] = int(declared["arguments"]["x-expires"]) / 1000.0
+        if self.routed and queue not in self.single_active:
+            declared = self.book.queues.get(queue)
+            if declared is not None and declared["arguments"].get("x-single-active-consumer"):
+                self.single_active.setdefault(queue, [])
         self.consumers[queue] += 1
         if consumer is not None:
             ranked = self.ranked.setdefault(queue, [])
@@ -257,9 +268,14 @@ class AmqpFront:
     def may_deliver(self, queue: str, consumer) -> bool:
         """False for a consumer of an x-single-active-consumer queue that is not the active one (the first
         registered of those still there), and for one while a consumer of higher `x-priority` on the same queue
-        has prefetch room (and a connection that is not blocked on writing)."""
+        has prefetch room (and a connection that is not blocked on writing). On a cluster node the active consumer
+        of a single-active queue is the one of the whole cluster (consumer_registry.py); priorities rank only the
+        consumers of this node."""
         waiting = self.single_active.get(queue)
-        if waiting and waiting[0] is not consumer:
+        if waiting is not None and self.routed:
+            if not self.cluster_consumers.active(consumer):
+                return False
+        elif waiting and waiting[0] is not consumer:
             return False
         ranked = self.ranked.get(queue)
         if ranked:
@@ -296,6 +312,8 @@ class AmqpFront:
             other.channel.credit.set()
 
     def consumer_ended(self, queue: str, consumer=None) -> None:
+        if self.cluster_consumers is not None and consumer is not None:
+            self.cluster_consumers.ended(consumer)
         ranked = self.ranked.get(queue)
         if ranked is not None and consumer in ranked:
             ranked.remove(consumer)
@@ -381,8 +399,17 @@ class AmqpFront:
         await self._delete(name)
 
     async def _used_elsewhere(self, name: str, window_s: float) -> bool:
-        """Whether a consumer (of any node) used queue `name` within the last `window_s` (`used_recently`)."""
+        """Whether an AMQP consumer of any node is registered on queue `name`, or a consumer (of any node and any
+        protocol) used it within the last `window_s` (`used_recently`)."""
+        if await self.cluster_consumers.count(name):
+            return True
         return used_recently(await state.value(self.broker.queue_stats(name)), window_s)
+
+    async def consumer_count(self, name: str) -> int:
+        """The AMQP consumers of queue `name`: of every node on a cluster node (the registry), else of this one."""
+        if self.cluster_consumers is not None:
+            return await self.cluster_consumers.count(name)
+        return self.consumers[name]
 
     async def _delete(self, name: str) -> None:
         with contextlib.suppress(ChuteError):

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("chute.amqp")
 HANDSHAKE_TIMEOUT_S = 10.0  # RabbitMQ's handshake_timeout: a connection must be open by then
 CLOSE_WAIT_S = 1.0  # how long we wait for close-ok after sending connection.close
+LEAVE_WAIT_S = 1.0  # (cluster node) longest a close-ok waits for the closed consumers' rows to go
 MISSED_HEARTBEATS = 2  # a peer silent this many heartbeat intervals is considered dead (as RabbitMQ)
 
 
@@ -368,15 +369,29 @@ class AmqpSession(asyncio.Protocol):
                 if self._heartbeat:
                     self._sweeper.schedule(self, self._loop.time() + self._heartbeat / 2)
         elif isinstance(method, commands.Connection.Close):
-            with contextlib.suppress(Exception):
-                self.write(self.conn.send_method(0, commands.Connection.CloseOk()))
+            registry = self.front.cluster_consumers
+            if registry is None:
+                with contextlib.suppress(Exception):
+                    self.write(self.conn.send_method(0, commands.Connection.CloseOk()))
             self.conn.state = "closed"
             for channel in list(self.channels.values()):
                 channel.close()
             self.channels.clear()
-            self._abort()
+            if registry is None:
+                self._abort()
+            else:  # close-ok once its consumers left the cluster's registry: then no node counts them any more
+                self.spawn(self._after_consumers_left(lambda: (self.write(self.conn.send_method(
+                    0, commands.Connection.CloseOk())), self._abort())))  # fmt: skip
         elif isinstance(method, commands.Connection.CloseOk):
             self._abort()
+
+    async def _after_consumers_left(self, then) -> None:
+        """(Cluster node) `then()` once the consumers that ended have left the registry, or after LEAVE_WAIT_S."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LEAVE_WAIT_S):
+                await self.front.cluster_consumers.left()
+        with contextlib.suppress(Exception):
+            then()
 
     async def _start_ok(self, method) -> None:
         try:
@@ -410,7 +425,10 @@ class AmqpSession(asyncio.Protocol):
             channel = self.channels.pop(number, None)
             if channel is not None:
                 channel.close()
-            self.write(self.conn.channel_closed(number))
+            if self.front.cluster_consumers is not None and self.front.cluster_consumers.leaving:
+                self.spawn(self._after_consumers_left(lambda: self.write(self.conn.channel_closed(number))))
+            else:
+                self.write(self.conn.channel_closed(number))
             return
         if isinstance(method, commands.Channel.CloseOk):
             return

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from chute.cluster.consumers import ConsumerRegistry
 from chute.cluster.localview import LocalCore, LocalStore
 from chute.cluster.peers import PEER_CLIENT, Peers
 from chute.cluster.placement import namespace_error
@@ -90,6 +91,7 @@ class ClusterBroker:
         self._root = _shared or self
         self.recovery = None
         self.checkpoints = 0
+        self.consumer_registry = ConsumerRegistry(node)  # every node's AMQP consumers (consumers.py)
         if _shared is None:
             self.peers = peers or Peers(node.name)
             self._changed = asyncio.Event()

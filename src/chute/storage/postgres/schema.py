@@ -20,6 +20,9 @@ Version 2 adds the cluster's tables (src/chute/cluster, docs/cluster.md):
 
 Version 3 adds `chute_users` (one row: the users document every node signs clients in with; docs/security.md).
 
+Version 4 adds `chute_consumers` (one row per AMQP consumer of any node, so exclusive consumers,
+x-single-active-consumer and consumer counts hold across the cluster; chute.cluster.consumers).
+
 Invariants:
 - migrations run in one transaction under a transaction-level advisory lock, so two nodes starting together
   create the schema once; a database whose version is newer than SCHEMA_VERSION is refused untouched;
@@ -29,7 +32,7 @@ Invariants:
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIGRATION_LOCK = 0x43487574  # pg_advisory_xact_lock key ("CHut"): serializes concurrent first opens
 
 # Version 1. Records and snapshot parts are stored EXTERNAL (out of line, not compressed): message bodies are
@@ -121,7 +124,24 @@ CREATE TABLE chute_users (
 );
 """
 
-MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}  # version -> the DDL that brings version - 1 to it
+# Version 4: the AMQP consumers of every node (chute.cluster.consumers). A row counts while the process named by
+# (node, incarnation) is alive in chute_nodes; `id` orders registrations (x-single-active-consumer's "first").
+SCHEMA_V4 = """
+CREATE TABLE chute_consumers (
+    id bigserial PRIMARY KEY,
+    queue text NOT NULL,
+    node text NOT NULL,
+    incarnation text NOT NULL,
+    exclusive boolean NOT NULL DEFAULT false,
+    priority integer NOT NULL DEFAULT 0,
+    registered_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX chute_consumers_queue ON chute_consumers (queue, id);
+CREATE INDEX chute_consumers_node ON chute_consumers (node, incarnation);
+"""
+
+# version -> the DDL that brings version - 1 to it
+MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4}
 
 
 class SchemaError(Exception):
