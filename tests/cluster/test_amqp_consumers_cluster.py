@@ -248,3 +248,33 @@ def test_a_node_that_cannot_read_the_registry_lets_no_consumer_be_the_active_one
     assert consumers.active(mine) and not consumers.active(other)
     consumers.read_at -= TRUST_S + 0.1  # the last reading is too old: the database could not be read since
     assert not consumers.active(mine)
+
+
+async def test_a_consume_while_the_registry_cannot_be_reached_is_refused_and_registers_nothing(nodes, monkeypatch):
+    a, _ = nodes
+    name = owned_by(a, "noreg-")[0]
+    registry_of_a = a.amqp.cluster_consumers.registry
+    connection, channel = await _channel(a)
+    try:
+        queue = await channel.declare_queue(name)
+        monkeypatch.setattr(type(registry_of_a.node), "pool", property(lambda node: _Unreachable()))
+        with pytest.raises(aiormq.exceptions.ConnectionInternalError, match="consumer registry .* cannot be reached"):
+            await queue.consume(_ignore)
+    finally:
+        monkeypatch.undo()
+        await connection.close()
+    assert a.amqp.cluster_consumers.mine == {}
+    assert await registry_of_a.count(name) == 0
+
+
+class _Unreachable:
+    """A pool whose connections cannot be had (the database is away)."""
+
+    def acquire(self, **_options):
+        return self
+
+    async def __aenter__(self):
+        raise OSError("connection refused")
+
+    async def __aexit__(self, *exc):
+        return False

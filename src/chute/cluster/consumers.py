@@ -24,7 +24,10 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
+
+from chute.errors import Unavailable
 
 CONSUMER_LOCK = 0x43436F6E  # first key of pg_advisory_xact_lock(key, hashtext(queue)) ("CCon")
 
@@ -111,9 +114,15 @@ class ConsumerRegistry:
         self.node = node
 
     async def _run(self, call, *args, **kwargs):
+        """`call` on a connection of the node's pool; Unavailable (retryable) if the database cannot be reached."""
         node = self.node
-        async with node.pool.acquire(timeout=node._timeout) as connection:
-            return await call(connection, *args, timeout=node._timeout, **kwargs)
+        try:
+            async with node.pool.acquire(timeout=node._timeout) as connection:
+                return await call(connection, *args, timeout=node._timeout, **kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # asyncpg's errors, OSError, a timeout, the pool closed
+            raise Unavailable(f"the cluster's consumer registry in PostgreSQL cannot be reached: {exc}") from exc
 
     async def register(self, queue: str, *, exclusive: bool, priority: int) -> int | None:
         return await self._run(register, queue, self.node.name, self.node.incarnation, exclusive=exclusive,
