@@ -212,8 +212,10 @@ async def test_rows_of_a_process_that_is_gone_do_not_count_and_are_swept(databas
         await connection.execute("UPDATE chute_nodes SET incarnation = 'i1-restarted' WHERE name = 'n1'")
         assert await registry.first(connection, ["q"]) == {"q": second}  # n1's process is gone
         assert await registry.count(connection, "q") == 1
-        await connection.execute("UPDATE chute_nodes SET stopped = true WHERE name = 'n2'")
-        assert await registry.count(connection, "q") == 0
+        await connection.execute("UPDATE chute_nodes SET heartbeat_at = now() - interval '61 s' WHERE name = 'n2'")
+        assert await registry.count(connection, "q") == 0  # n2 died: its lease (60 s) ran out
+        await connection.execute("UPDATE chute_nodes SET heartbeat_at = now(), stopped = true WHERE name = 'n2'")
+        assert await registry.count(connection, "q") == 0  # n2 stopped
         assert await registry.register(connection, "q", "n1", "i1-restarted", exclusive=True, priority=0)
 
         assert await registry.sweep(connection) == 2
