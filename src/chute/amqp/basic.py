@@ -14,6 +14,7 @@ Consuming: see channel.py (prefetch, leases, settling).
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ from chute.amqp.errors import (
     from_chute,
 )
 from chute.amqp.mapping import EXCHANGE_HEADER, ROUTING_KEY_HEADER, to_publish
-from chute.errors import ChuteError, QueueFull, QueueNotFound, TopicNotFound
+from chute.errors import BrokerClosed, ChuteError, QueueFull, QueueNotFound, TopicNotFound
 from chute.server.auth import check
 
 if TYPE_CHECKING:
@@ -220,14 +221,51 @@ def _route_by_front(session: AmqpSession, content: Content, exchange: str, facts
     return tuple(sorted(queues)), message, bool(queues)
 
 
-def _flush(session: AmqpSession, channel: Channel, dest: str | None, group: list) -> None:
-    if group:
-        task = session.spawn(_commit(session, channel, dest, group))
-        channel.publishing.add(task)
-        task.add_done_callback(channel.publishing.discard)
+def _flush(session: AmqpSession, channel: Channel, dest: str | tuple | None, group: list) -> None:
+    if not group:
+        return
+    if isinstance(dest, str) and not session.front.routed:
+        _publish_now(session, channel, dest, group)
+        return
+    task = session.spawn(_commit(session, channel, dest, group))
+    channel.publishing.add(task)
+    task.add_done_callback(channel.publishing.discard)
 
 
-async def _commit(session: AmqpSession, channel: Channel, dest: str, group: list) -> None:
+def _publish_now(session: AmqpSession, channel: Channel, dest: str, group: list) -> None:
+    """One destination on one broker, without a task: prepared now, confirmed by the broker's own callback once
+    durable and placed (as the native session's `_publish_now`); a lone publish costs no task and no extra turn
+    of the loop. `channel.publishing` holds the store's future meanwhile (the channel's next method waits for it,
+    and the broker places the messages before any waiter resumes)."""
+    messages = [message for message, _ in group]
+    seqs = [seq for _, seq in group if seq]
+    size = sum([len(message.body) for message in messages])
+    then = functools.partial(_published, session, channel, seqs, size)
+    try:
+        _, future = session.broker._publish(dest, messages, then)
+    except ChuteError as exc:
+        _refused(session, channel, seqs, exc)
+        return
+    if future is None:  # nothing to wait for (every message a repeated dedup id)
+        _confirm(session, channel, seqs, True)
+        return
+    session.server.publishing(session, size)  # unconfirmed bytes count against the memory high-water mark
+    if future not in channel.publishing:
+        channel.publishing.add(future)
+        future.add_done_callback(channel.publishing.discard)
+
+
+def _published(session: AmqpSession, channel: Channel, seqs: list[int], size: int, _ids, error) -> None:
+    session.server.publishing(session, -size)
+    if error is None:
+        _confirm(session, channel, seqs, True)
+    elif isinstance(error, ChuteError):
+        _refused(session, channel, seqs, error)
+    else:  # the broker was cancelled under us (shutting down)
+        _refused(session, channel, seqs, BrokerClosed("the server is shutting down"))
+
+
+async def _commit(session: AmqpSession, channel: Channel, dest: str | tuple, group: list) -> None:
     messages = [message for message, _ in group]
     seqs = [seq for _, seq in group if seq]
     size = sum(len(message.body) for message in messages)
@@ -240,20 +278,26 @@ async def _commit(session: AmqpSession, channel: Channel, dest: str, group: list
                     raise result
         else:
             await session.broker.publish_batch(dest, messages)
-    except (QueueFull, QueueNotFound, TopicNotFound) as exc:  # refused (reject-publish) or gone meanwhile
-        _confirm(session, channel, seqs, isinstance(exc, QueueNotFound | TopicNotFound))
-        return
     except ChuteError as exc:
-        _confirm(session, channel, seqs, False)
-        error = from_chute(exc, commands.Basic.Publish())
-        if error.connection:
-            session.fail(error)
-        elif not channel.closed:
-            session.channel_error(channel.number, error)
+        _refused(session, channel, seqs, exc)
         return
     finally:
         session.server.publishing(session, -size)
     _confirm(session, channel, seqs, True)
+
+
+def _refused(session: AmqpSession, channel: Channel, seqs: list[int], exc: ChuteError) -> None:
+    """A publish the broker did not take: a full queue (reject-publish) nacks it; a queue or exchange deleted
+    meanwhile acks it (as unroutable); anything else nacks it and closes the channel (or the connection)."""
+    if isinstance(exc, QueueFull | QueueNotFound | TopicNotFound):
+        _confirm(session, channel, seqs, isinstance(exc, QueueNotFound | TopicNotFound))
+        return
+    _confirm(session, channel, seqs, False)
+    error = from_chute(exc, commands.Basic.Publish())
+    if error.connection:
+        session.fail(error)
+    elif not channel.closed:
+        session.channel_error(channel.number, error)
 
 
 def _confirm(session: AmqpSession, channel: Channel, seqs: list[int], ok: bool) -> None:
