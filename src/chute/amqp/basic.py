@@ -404,15 +404,25 @@ async def basic_get(session: AmqpSession, channel: Channel, method) -> object:
 
 
 async def basic_ack(session: AmqpSession, channel: Channel, method) -> object:
-    _settle(channel, method, method.delivery_tag, method.multiple, "ack", True)
+    settle(channel, method)
 
 
 async def basic_nack(session: AmqpSession, channel: Channel, method) -> object:
-    _settle(channel, method, method.delivery_tag, method.multiple, "nack", method.requeue)
+    settle(channel, method)
 
 
 async def basic_reject(session: AmqpSession, channel: Channel, method) -> object:
-    _settle(channel, method, method.delivery_tag, False, "nack", method.requeue)
+    settle(channel, method)
+
+
+def settle(channel: Channel, method) -> None:
+    """basic.ack, basic.nack or basic.reject."""
+    if isinstance(method, commands.Basic.Ack):
+        _settle(channel, method, method.delivery_tag, method.multiple, "ack", True)
+    elif isinstance(method, commands.Basic.Nack):
+        _settle(channel, method, method.delivery_tag, method.multiple, "nack", method.requeue)
+    else:
+        _settle(channel, method, method.delivery_tag, False, "nack", method.requeue)
 
 
 def _settle(channel: Channel, method, tag: int, multiple: bool, action: str, requeue: bool) -> None:

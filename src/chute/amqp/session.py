@@ -99,6 +99,7 @@ class AmqpSession(asyncio.Protocol):
         self._sweeper = None
         self._last_received = self._last_sent = 0.0
         self._closer: asyncio.TimerHandle | None = None
+        self._publishing: dict[Channel, None] = {}  # channels whose publishes of this read go without a worker
         self._settles: dict[tuple[str, str], list[int]] = {}  # acks and nacks gathered for one broker call each
         self._closing = False  # connection.close sent: only close-ok (or the peer's close) matters now
 
@@ -142,6 +143,8 @@ class AmqpSession(asyncio.Protocol):
                 self._held.append(event)
             else:
                 self._event(event)
+        if self._publishing:
+            self._publish_read()
 
     def eof_received(self) -> bool:
         return False
@@ -412,6 +415,8 @@ class AmqpSession(asyncio.Protocol):
             if self.closed:
                 return
             self._event(event)
+        if self._publishing:
+            self._publish_read()
         self.resume_reading("handshake")
 
     # -- channels -----------------------------------------------------------------------------------------------
@@ -438,9 +443,36 @@ class AmqpSession(asyncio.Protocol):
         channel = self.channels.get(number)
         if channel is None or channel.closed:
             return
-        channel.inbox.append(item)
-        if channel.worker is None:
+        if channel.worker is None and not channel.inbox and channel.tx is None:  # nothing before it to run
+            if isinstance(item, Content):
+                self._publishing[channel] = None  # published at the end of this read (`_publish_read`), no task
+            elif isinstance(item, dispatch.SETTLING):
+                dispatch.settle_now(self, channel, item)
+                return
+        if channel.worker is None and channel not in self._publishing:
             channel.worker = asyncio.ensure_future(dispatch.work(self, channel))
+        channel.inbox.append(item)
+
+    def _publish_read(self) -> None:
+        """The end of a read: publish the runs of basic.publish that came on idle channels, as their worker would
+        (dispatch.py: one run is one batch), without starting one; a channel that also got another method gets
+        its worker now, which runs that method after the publishes, in order."""
+        channels, self._publishing = self._publishing, {}
+        for channel in channels:
+            inbox = channel.inbox
+            if self.closed:
+                return
+            if channel.closed or channel.worker is not None:
+                continue
+            if self.front.routed:  # a cluster node's publishes read what routing needs first, in the worker
+                channel.worker = asyncio.ensure_future(dispatch.work(self, channel))
+                continue
+            while inbox and isinstance(inbox[0], Content) and not channel.closed and channel.tx is None:
+                dispatch.publish_run(self, channel)
+                if self.closed:
+                    return
+            if inbox and not channel.closed:
+                channel.worker = asyncio.ensure_future(dispatch.work(self, channel))
 
     def channel_error(self, number: int, error: AmqpError) -> None:
         """A channel exception: channel.close with its code; the channel's deliveries go back at once."""
