@@ -94,6 +94,8 @@ class AmqpConsumer:
                     deliveries = await self._long_poll(broker, credit)
                     if not deliveries:
                         continue
+                elif not session.front.routed and _none_ready(broker, self.queue):
+                    deliveries = []  # (no receive that would find nothing: wait for the queue's next change)
                 else:
                     deliveries = await broker.receive(self.queue, credit, lease_s=lease_s(session),
                                                       max_bytes=session.body_budget)  # fmt: skip
@@ -131,6 +133,12 @@ class AmqpConsumer:
         except asyncio.CancelledError:
             fetch.add_done_callback(functools.partial(_release_late, broker, self.queue))
             raise
+
+
+def _none_ready(broker, name: str) -> bool:
+    """(One broker) whether queue `name` exists and has no ready message now."""
+    queue = broker.core.queues.get(name)
+    return queue is not None and not queue.ready
 
 
 def _release_late(broker, queue: str, fetch: asyncio.Future) -> None:
