@@ -11,6 +11,7 @@ What RabbitMQ decides over all of a queue's consumers holds whichever node each 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aio_pika
@@ -39,6 +40,19 @@ async def _channel(server) -> tuple[aio_pika.abc.AbstractConnection, aio_pika.ab
     return connection, await connection.channel()
 
 
+@contextlib.asynccontextmanager
+async def _channels(*servers):
+    """A connection and a channel through each of `servers`: [(connection, channel), ...], closed at the end."""
+    opened = []
+    try:
+        for server in servers:
+            opened.append(await _channel(server))
+        yield opened
+    finally:
+        for connection, _ in opened:
+            await connection.close()
+
+
 async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
     pass
 
@@ -47,9 +61,7 @@ async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
 async def test_an_exclusive_consumer_holds_its_queue_through_every_node(nodes, home):
     a, b = nodes
     name = owned_by(nodes[home], "xcons-")[0]
-    conn_a, ch_a = await _channel(a)
-    conn_b, ch_b = await _channel(b)
-    try:
+    async with _channels(a, b) as [(conn_a, ch_a), (conn_b, ch_b)]:
         queue_a = await ch_a.declare_queue(name)
         tag = await queue_a.consume(_ignore, exclusive=True)
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused, match="in exclusive use"):
@@ -65,17 +77,12 @@ async def test_an_exclusive_consumer_holds_its_queue_through_every_node(nodes, h
         ch_a = await conn_a.channel()  # now node B's (plain) consumer keeps node A's exclusive one out
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused, match="in exclusive use"):
             await (await ch_a.declare_queue(name, passive=True)).consume(_ignore, exclusive=True)
-    finally:
-        await conn_a.close()
-        await conn_b.close()
 
 
 async def test_declare_ok_counts_the_consumers_of_every_node(nodes):
     a, b = nodes
     name = owned_by(a, "count-")[0]
-    conn_a, ch_a = await _channel(a)
-    conn_b, ch_b = await _channel(b)
-    try:
+    async with _channels(a, b) as [(conn_a, ch_a), (_, ch_b)]:
         queue_a = await ch_a.declare_queue(name)
         await queue_a.consume(_ignore)
         await queue_a.consume(_ignore)
@@ -88,9 +95,6 @@ async def test_declare_ok_counts_the_consumers_of_every_node(nodes):
         assert (await ch_a.declare_queue(name, passive=True)).declaration_result.consumer_count == 2
         await conn_a.close()  # its consumers go with it
         assert (await ch_b.declare_queue(name, passive=True)).declaration_result.consumer_count == 0
-    finally:
-        await conn_a.close()
-        await conn_b.close()
 
 
 class _Received:
@@ -126,10 +130,7 @@ async def _publish(channel, name: str, bodies: list[bytes]) -> None:
 async def test_a_single_active_consumer_queue_delivers_to_one_consumer_of_the_cluster(nodes, first_on):
     name = owned_by(nodes[0], "sac-")[0]
     first_node, second_node = nodes[first_on], nodes[1 - first_on]
-    conn_1, ch_1 = await _channel(first_node)
-    conn_2, ch_2 = await _channel(second_node)
-    conn_p, ch_p = await _channel(nodes[0])
-    try:
+    async with _channels(first_node, second_node, nodes[0]) as [(_, ch_1), (_, ch_2), (_, ch_p)]:
         queue_1 = await ch_1.declare_queue(name, arguments={"x-single-active-consumer": True})
         got_1, got_2 = _Received(), _Received()
         tag_1 = await queue_1.consume(got_1)
@@ -146,17 +147,12 @@ async def test_a_single_active_consumer_queue_delivers_to_one_consumer_of_the_cl
         await got_2.until(20)
         assert got_2.bodies == [b"b%d" % i for i in range(20)]
         assert len(got_1.bodies) == 20
-    finally:
-        for connection in (conn_1, conn_2, conn_p):
-            await connection.close()
 
 
 async def test_when_the_active_consumers_node_stops_the_next_consumer_takes_over(nodes):
     a, b = nodes
     name = owned_by(a, "sac-stop-")[0]
-    conn_b, ch_b = await _channel(b)
-    conn_a, ch_a = await _channel(a)
-    try:
+    async with _channels(b, a) as [(_, ch_b), (_, ch_a)]:
         got_b, got_a = _Received(), _Received()
         queue_b = await ch_b.declare_queue(name, arguments={"x-single-active-consumer": True})
         await queue_b.consume(got_b)
@@ -169,9 +165,6 @@ async def test_when_the_active_consumers_node_stops_the_next_consumer_takes_over
         await _publish(ch_a, name, [b"y%d" % i for i in range(5)])
         await got_a.until(5, timeout_s=30.0)
         assert got_a.bodies == [b"y%d" % i for i in range(5)]
-    finally:
-        await conn_a.close()
-        await conn_b.close()
 
 
 # -- the registry itself ---------------------------------------------------------------------------------------
@@ -256,15 +249,12 @@ async def test_a_consume_while_the_registry_cannot_be_reached_is_refused_and_reg
     a, _ = nodes
     name = owned_by(a, "noreg-")[0]
     registry_of_a = a.amqp.cluster_consumers.registry
-    connection, channel = await _channel(a)
-    try:
+    async with _channels(a) as [(_, channel)]:
         queue = await channel.declare_queue(name)
         monkeypatch.setattr(type(registry_of_a.node), "pool", property(lambda node: _Unreachable()))
         with pytest.raises(aiormq.exceptions.ConnectionInternalError, match="consumer registry .* cannot be reached"):
             await queue.consume(_ignore)
-    finally:
-        monkeypatch.undo()
-        await connection.close()
+        monkeypatch.undo()  # the database is back
     assert a.amqp.cluster_consumers.mine == {}
     assert await registry_of_a.count(name) == 0
 
