@@ -33,6 +33,7 @@ log = logging.getLogger("chute.amqp")
 RECHECK_S = 1.0  # how often a node with consumers of single-active queues reads which consumer is active
 TRUST_S = 3.0  # how long that reading stays good when the registry cannot be read again
 RECONCILE_S = 5.0  # how often a node makes its rows match its live consumers (and deletes those of dead ones)
+LEAVE_WAIT_S = 3.0  # longest a cancel-ok or close-ok waits for the ended consumers' rows to go
 
 
 class ClusterConsumers:
@@ -91,10 +92,11 @@ class ClusterConsumers:
         return bool(self._leaving)
 
     async def left(self) -> None:
-        """Until the rows of the consumers that ended so far are deleted (or failed to be): basic.cancel-ok
-        waits for it, so the queue is free on every node once the client hears its consumer is gone."""
+        """Until the rows of the consumers that ended so far are deleted (or failed to be, or LEAVE_WAIT_S passed):
+        cancel-ok and close-ok wait for it, so the queue is free on every node once the client hears its consumer
+        is gone."""
         if self._leaving:
-            await asyncio.wait(list(self._leaving))
+            await asyncio.wait(list(self._leaving), timeout=LEAVE_WAIT_S)
 
     def active(self, consumer) -> bool:
         """Whether `consumer`, of a single-active queue, is the active consumer of the cluster."""

@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("chute.amqp")
 HANDSHAKE_TIMEOUT_S = 10.0  # RabbitMQ's handshake_timeout: a connection must be open by then
 CLOSE_WAIT_S = 1.0  # how long we wait for close-ok after sending connection.close
-LEAVE_WAIT_S = 1.0  # (cluster node) longest a close-ok waits for the closed consumers' rows to go
 MISSED_HEARTBEATS = 2  # a peer silent this many heartbeat intervals is considered dead (as RabbitMQ)
 
 
@@ -389,10 +388,8 @@ class AmqpSession(asyncio.Protocol):
             self._abort()
 
     async def _after_consumers_left(self, then) -> None:
-        """(Cluster node) `then()` once the consumers that ended have left the registry, or after LEAVE_WAIT_S."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LEAVE_WAIT_S):
-                await self.front.cluster_consumers.left()
+        """(Cluster node) `then()` once the consumers that ended have left the registry (or could not)."""
+        await self.front.cluster_consumers.left()
         with contextlib.suppress(Exception):
             then()
 
