@@ -420,9 +420,7 @@ class PublishOps(BrokerState):
             queue.pending_bytes -= size
             if self.queues.get(queue.name) is not queue:
                 continue  # the queue was deleted while the publish was being written
-            track = self.store_of(queue).track
-            for entry in entries:
-                track(entry.ref)
+            self.store_of(queue).track_many([entry.ref for entry in entries])
             if source is None:
                 queue.counters["published"] += len(entries)
             else:  # published to `source`, dead-lettered at once for overflow

@@ -165,10 +165,8 @@ class BrokerState:
         """Remove entries for good (ack, or a drop without a dead-letter queue) and release their refs."""
         if not entries:
             return
-        store = self.store_of(queue)
-        for entry in entries:
-            queue.remove(entry)
-            store.release(entry.ref)
+        queue.remove_many(entries)
+        self.store_of(queue).release_many([e.ref for e in entries])
         if not queue.ephemeral:
             self.emit(rec.REMOVE, rec.RemoveRecord(queue.id, reason, [e.id for e in entries]))
         if queue.settings.fifo:

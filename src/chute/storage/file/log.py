@@ -630,6 +630,28 @@ class FileStore(Store):
             info[2] -= count
         # the body stays cached: another holder (a fan-out subscription) may still read it; the cache is bounded
 
+    def track_many(self, refs: Sequence[int]) -> None:
+        if refs:
+            segment = min(refs) >> 32
+            if max(refs) >> 32 == segment:  # the common case: a batch of one segment counts in one step
+                info = self._segments.get(segment)
+                if info is not None:
+                    info[2] += len(refs)
+                return
+        for ref in refs:
+            self.track(ref)
+
+    def release_many(self, refs: Sequence[int]) -> None:
+        if refs:
+            segment = min(refs) >> 32
+            if max(refs) >> 32 == segment:  # the common case: a batch of one segment counts in one step
+                info = self._segments.get(segment)
+                if info is not None:
+                    info[2] -= len(refs)
+                return
+        for ref in refs:
+            self.release(ref)
+
     def sparse_segments(self) -> Callable[[int], bool]:
         covered = self._checkpoint_at[0]
         sparse = {
