@@ -420,7 +420,10 @@ class PublishOps(BrokerState):
             queue.pending_bytes -= size
             if self.queues.get(queue.name) is not queue:
                 continue  # the queue was deleted while the publish was being written
-            self.store_of(queue).track_many([entry.ref for entry in entries])
+            if len(entries) == 1:  # (cheaper without the batch's list)
+                self.store_of(queue).track(entries[0].ref)
+            else:
+                self.store_of(queue).track_many([entry.ref for entry in entries])
             if source is None:
                 queue.counters["published"] += len(entries)
             else:  # published to `source`, dead-lettered at once for overflow
