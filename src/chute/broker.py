@@ -396,32 +396,36 @@ class Broker(ManagementApi, StateReads, Housekeeping):
         if ephemeral:
             shared = None  # refs of the ephemeral store: another numbering
         read_cached = store.read_cached
+        if shared is not None:  # one loop: a message decoded already (for another queue) needs no payload
+            deliveries = []
+            append = deliveries.append
+            for e in entries:
+                ref = e.ref
+                message = shared.get(ref)
+                if message is None:
+                    payload = read_cached(ref)
+                    if payload is None:
+                        return None  # (what was decoded stays in `shared`: nothing else changed)
+                    message = _message(queue_name, payload, core, shared, ref)
+                if e.dead is None:
+                    append(Delivery(queue=queue_name, receipt=e.receipt, delivery_count=e.deliveries,
+                                    message=message, lease_deadline=e.deadline))  # fmt: skip
+                else:
+                    append(_dead_delivery(queue_name, message, e.receipt, e.deliveries, e.deadline, e.dead, core))
+            return deliveries
         payloads = []
-        for entry in entries:  # (a message decoded already for another queue needs no payload)
-            payload = read_cached(entry.ref) if shared is None or entry.ref not in shared else b""
+        for entry in entries:
+            payload = read_cached(entry.ref)
             if payload is None:
                 return None
             payloads.append(payload)
         if ephemeral:
             for entry in entries:
                 store.release(entry.ref)  # delivered at most once: the body is no longer needed
-        if shared is None:
-            return [
-                _delivery(queue_name, payload, e.receipt, e.deliveries, e.deadline, e.dead, core)
-                for payload, e in zip(payloads, entries, strict=True)
-            ]
-        deliveries = []
-        for payload, e in zip(payloads, entries, strict=True):
-            message = shared.get(e.ref)
-            if message is None:
-                message = _message(queue_name, payload, core, shared, e.ref)
-            if e.dead is None:
-                deliveries.append(Delivery(queue=queue_name, receipt=e.receipt, delivery_count=e.deliveries,
-                                           message=message, lease_deadline=e.deadline))  # fmt: skip
-            else:
-                deliveries.append(_dead_delivery(queue_name, message, e.receipt, e.deliveries, e.deadline, e.dead,
-                                                 core))  # fmt: skip
-        return deliveries
+        return [
+            _delivery(queue_name, payload, e.receipt, e.deliveries, e.deadline, e.dead, core)
+            for payload, e in zip(payloads, entries, strict=True)
+        ]
 
     async def _read_deliveries(self, queue: str, entries: list[Entry]) -> list[Delivery]:
         """The deliveries of leased `entries`, reading bodies from disk; if that fails (or is cancelled), the

@@ -106,6 +106,30 @@ async def _forty_live_records(tmp_path):
     return store, refs
 
 
+async def test_file_store_counts_batches_as_refs_one_by_one(tmp_path):
+    """`track_many` / `release_many` count what `track` / `release` of each ref would: a batch within one segment
+    (counted in one step), one across segments, a ref named twice."""
+    one_by_one, refs = await _forty_live_records(tmp_path / "a")
+    batched, same_refs = await _forty_live_records(tmp_path / "b")
+    assert refs == same_refs
+    first = [r for r in refs if r >> 32 == refs[0] >> 32]
+    assert 1 < len(first) < len(refs)
+    batches = [("track", first + [first[0]]), ("release", refs[1:]), ("release", [first[0], first[0]]),
+               ("track", refs[-3:]), ("release", [])]  # fmt: skip
+    for verb, batch in batches:
+        for ref in batch:
+            getattr(one_by_one, verb)(ref)
+        getattr(batched, verb + "_many")(batch)
+
+    def live(store):
+        return {segment: info[2] for segment, info in store._segments.items()}
+
+    assert live(batched) == live(one_by_one)
+    assert live(batched)[refs[0] >> 32] == len(first) + (len(first) + 1) - (len(first) - 1) - 2  # (tracked once first)
+    for store in (one_by_one, batched):
+        await store.close()
+
+
 async def test_file_store_reclaims_dead_segments(tmp_path):
     store, refs = await _forty_live_records(tmp_path)
     before = store.stats().segments

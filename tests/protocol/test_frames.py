@@ -817,3 +817,23 @@ def test_what_fitting_counts_fits_one_frame(batch, limit):
             Op.DELIVER, m.Deliver(consumer=1, deliveries=batch[:count])
         )
         assert len(frame) <= limit
+
+
+@given(batch=st.lists(deliveries(), max_size=3), consumer=st.integers(1, 2**31), corr=st.integers(0, 2**32 - 1))
+def test_a_sent_frame_is_its_header_and_its_payload_as_msgpack(batch, consumer, corr):
+    payload = m.Deliver(consumer=consumer, deliveries=batch)
+    body = msgspec.msgpack.encode(payload)
+    data = open_server().send(Op.DELIVER, payload, corr)
+    assert data == HEADER.pack(len(body) + 6, Op.DELIVER, 0, corr) + body
+    assert type(data) is bytes
+
+
+def test_a_frame_of_exactly_the_limit_is_sent_one_byte_more_is_not():
+    exact = m.ErrorBody(code=1, name="x", message="a" * 98)  # (99 "a"s take one byte more: the same str prefix)
+    limit = HEADER_SIZE + len(msgspec.msgpack.encode(exact))
+    conn = Connection("server", max_frame_bytes=limit)
+    assert len(conn.send(Op.ERROR, exact)) == limit
+    with pytest.raises(FrameTooLarge):
+        conn.send(Op.ERROR, m.ErrorBody(code=1, name="x", message="a" * 99))
+    with pytest.raises(ValueError):
+        conn.send(Op.ERROR, exact, 2**32)

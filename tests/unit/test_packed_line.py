@@ -14,7 +14,7 @@ import tracemalloc
 import pytest
 
 from chute import Publish
-from chute.core.queue import LINE_SLACK, PACKED, READY, Entry, Queue
+from chute.core.queue import IN_FLIGHT, LINE_SLACK, PACKED, READY, Entry, Queue
 from chute.model import QueueSettings
 
 pytestmark = pytest.mark.timeout(120)
@@ -280,3 +280,35 @@ def test_live_columns_skip_removed_slots_anywhere():
     assert list(sizes) == [0xFFFFFF if i % 2 else i for i in kept]
     assert sorted(queue.refs()) == [i * 10 for i in kept]
     assert queue.ready == len(kept)
+
+
+@pytest.mark.parametrize("fifo", [False, True])
+def test_remove_many_is_remove_of_each(fifo):
+    """`Queue.remove_many` (an ack's batch: in-flight entries of a queue without groups in one loop) leaves the
+    queue as `remove` of each entry would: in flight, ready, packed views, entries gone already, FIFO groups."""
+
+    def build() -> tuple[Queue, list[Entry]]:
+        queue = Queue(1, "q", QueueSettings(fifo=fifo))
+        queue.add_batch([Entry(i, i * 10, 10 + i, 0, "g" if fifo and i % 3 == 0 else None) for i in range(1, 41)],
+                        0.0)  # fmt: skip
+        leased = queue.pop_many(12)
+        for receipt, entry in enumerate(leased, 100):
+            queue.lease(entry, receipt)
+        ready = [e for e in queue.entries() if e.state != IN_FLIGHT][:5]  # views of packed ones, or entries
+        gone = leased[0]
+        queue.remove(gone)
+        return queue, leased[1:8] + ready + [gone] + leased[8:]
+
+    one_by_one, entries = build()
+    for entry in entries:
+        one_by_one.remove(entry)
+    batched, same = build()
+    batched.remove_many(same)
+
+    def counters(queue: Queue) -> tuple:
+        return queue.ready, queue.waiting, len(queue.in_flight), queue.bytes, queue.length
+
+    assert counters(batched) == counters(one_by_one)
+    assert sorted(batched.in_flight) == sorted(one_by_one.in_flight)
+    assert [e.state for e in same] == [e.state for e in entries]
+    assert [e.id for e in batched.pop_many(100)] == [e.id for e in one_by_one.pop_many(100)]

@@ -65,6 +65,19 @@ async def test_ttl_expiry_dead_letters(broker, clock):
     assert {d.dead_letter_reason for d in dead} == {"expired"}
 
 
+async def test_receive_dead_letters_what_expired_before_its_timer_and_delivers_the_rest(broker, clock):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", dead_letter_queue="dlq")
+    for body, ttl in ((b"a", None), (b"b", 5), (b"c", None), (b"d", 5), (b"e", 50)):
+        await broker.publish("q", body, ttl_s=ttl)
+    clock.advance(6)  # no tick: the receive finds the expired ones itself
+    got = await broker.receive("q", 3)
+    assert [d.body for d in got] == [b"a", b"c", b"e"]
+    dead = await broker.receive("dlq", 10)
+    assert sorted((d.body, d.dead_letter_reason) for d in dead) == [(b"b", "expired"), (b"d", "expired")]
+    assert broker.queue_stats("q").ready == 0
+
+
 async def test_on_expiry_drop_deletes_expired_messages_but_still_dead_letters_the_rest(broker, clock, reopen):
     await broker.create_queue("dlq")
     await broker.create_queue("q", retention_s=60, dead_letter_queue="dlq", lease_s=1, max_deliveries=1,

@@ -52,13 +52,15 @@ class DeliveryOps(BrokerState):
                 break
             if room is not None and wanted > len(taken) + len(batch):  # (only another round needs what is left)
                 room = max(0, room - sum(e.size for e in batch))
-            expired = [e for e in batch if e.expires and e.expires <= now]
-            if expired:
-                for entry in expired:
-                    entry.state = READY  # popped but still counted as present until dead-lettered
-                    queue.ready += 1
-                self.dead_letter(queue, expired, "expired", now)
-                batch = [e for e in batch if e.state == READY]
+            for e in batch:  # (a loop that builds nothing until it finds an expired one: they are rare)
+                if e.expires and e.expires <= now:
+                    expired = [e for e in batch if e.expires and e.expires <= now]
+                    for entry in expired:
+                        entry.state = READY  # popped but still counted as present until dead-lettered
+                        queue.ready += 1
+                    self.dead_letter(queue, expired, "expired", now)
+                    batch = [e for e in batch if e.state == READY]
+                    break
             taken.extend(batch)
         if queue.bucket is not None and wanted > len(taken):
             queue.bucket.give_back(wanted - len(taken))
@@ -117,14 +119,11 @@ class DeliveryOps(BrokerState):
                 self.timers.add(deadline, LEASE, None, leased)
 
     def _leased(self, queue: Queue, receipts) -> tuple[list[Entry], list[int]]:
-        found, unknown = [], []
-        in_flight = queue.in_flight
-        for receipt in receipts:
-            entry = in_flight.get(receipt)
-            if entry is None:
-                unknown.append(receipt)
-            else:
-                found.append(entry)
+        found = list(map(queue.in_flight.get, receipts))  # (looked up at C speed; unknown ones are rare)
+        unknown = []
+        if None in found:
+            unknown = [receipt for receipt, entry in zip(receipts, found) if entry is None]
+            found = [entry for entry in found if entry is not None]
         if len(found) > 1 and len(set(found)) < len(found):  # a receipt named twice: settle its entry once
             found = list(dict.fromkeys(found))
         return found, unknown

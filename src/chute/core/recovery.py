@@ -335,6 +335,12 @@ class _Uncounted:
     def release(self, ref: int, count: int = 1) -> None:
         pass
 
+    def track_many(self, refs) -> None:
+        pass
+
+    def release_many(self, refs) -> None:
+        pass
+
 
 class _QueueIndex:
     """Message id -> entry for replay. One message id can have several entries in one queue (a dead-letter queue

@@ -15,7 +15,8 @@ Contract (every store, proven by tests/contract):
   and reported, never silently.
 - `checkpoint(snapshot)` makes every record appended so far durable, then stores `snapshot` atomically as
   standing for all of them; `open()` afterwards yields the snapshot and only the records appended after it.
-- space: `track(ref)` / `release(ref)` count live references to a record. Records whose files hold no live
+- space: `track(ref)` / `release(ref)` count live references to a record (`track_many` / `release_many`: the
+  same for a batch of refs, a ref named twice counting twice). Records whose files hold no live
   reference and that a checkpoint covers may be deleted; `sparse_segments()` names files worth compacting (the
   core re-appends their live records and releases the old refs).
 - the store never interprets payloads.
@@ -154,6 +155,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def release(self, ref: int, count: int = 1) -> None:
         """Count `count` fewer live references to the record at `ref`."""
+
+    def track_many(self, refs: Sequence[int]) -> None:
+        """`track(ref)` for each of `refs` (one call for a batch of deliveries or placements: a store may count
+        them in one go)."""
+        track = self.track
+        for ref in refs:
+            track(ref)
+
+    def release_many(self, refs: Sequence[int]) -> None:
+        """`release(ref)` for each of `refs` (one call for a batch of acks: a store may count them in one go)."""
+        release = self.release
+        for ref in refs:
+            release(ref)
 
     @abc.abstractmethod
     def sparse_segments(self) -> Callable[[int], bool]:
