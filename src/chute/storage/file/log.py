@@ -631,32 +631,25 @@ class FileStore(Store):
         # the body stays cached: another holder (a fan-out subscription) may still read it; the cache is bounded
 
     def track_many(self, refs: Sequence[int]) -> None:
-        segments = self._segments
-        if len(refs) > 2:
-            segment = min(refs) >> 32
-            if max(refs) >> 32 == segment:  # the common case: a batch of one segment counts in one step
-                info = segments.get(segment)
-                if info is not None:
-                    info[2] += len(refs)
-                return
-        for ref in refs:  # (as `track`, without a call each)
-            info = segments.get(ref >> 32)
-            if info is not None:
-                info[2] += 1
+        self._count_many(refs, 1)
 
     def release_many(self, refs: Sequence[int]) -> None:
+        self._count_many(refs, -1)
+
+    def _count_many(self, refs: Sequence[int], step: int) -> None:
+        """`track` (step 1) or `release` (step -1) each of `refs`, without a call each."""
         segments = self._segments
         if len(refs) > 2:
             segment = min(refs) >> 32
             if max(refs) >> 32 == segment:  # the common case: a batch of one segment counts in one step
                 info = segments.get(segment)
                 if info is not None:
-                    info[2] -= len(refs)
+                    info[2] += step * len(refs)
                 return
-        for ref in refs:  # (as `release`, without a call each)
+        for ref in refs:
             info = segments.get(ref >> 32)
             if info is not None:
-                info[2] -= 1
+                info[2] += step
 
     def sparse_segments(self) -> Callable[[int], bool]:
         covered = self._checkpoint_at[0]
