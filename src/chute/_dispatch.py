@@ -7,8 +7,8 @@ queue's consumers due; once per turn of the loop, the pass runs `pump(dispatcher
 each leases what its credit allows (`lease`) and writes its deliveries. With a thousand queues sharing the
 traffic, a commit that fills hundreds of them costs one callback instead of hundreds of task wake-ups (a future,
 a timer and a coroutine resumption each); the delivery-count records of the whole pass go to the store in one
-append, and its leases share one timer per deadline (`BrokerCore.begin_leases`). Deliveries of one message to
-several queues (fan-out) in the same pass share one decoded `Message`.
+append, and its leases share one timer per deadline (`BrokerCore.begin_leases`). Deliveries take their messages
+from the core's `recent` (core/recent.py) when they can: no record read and decoded again.
 
 Invariants:
 - a watched consumer is made due after anything that may let it deliver: its queue gained ready messages or was
@@ -54,7 +54,6 @@ class Dispatcher:
         self._scheduled: asyncio.Handle | None = None  # the pass's callback, once one is due
         self._sweep: asyncio.TimerHandle | None = None
         self._now = 0.0  # the pass's clock reading
-        self._messages: dict[int, object] = {}  # the pass's decoded messages by ref (fan-out shares them)
 
     # -- who is watched -------------------------------------------------------------------------------------
 
@@ -141,7 +140,6 @@ class Dispatcher:
                 consumer.pump(self)
         finally:
             broker.core.end_leases()
-            self._messages.clear()
             if broker._state == "serving":
                 broker._after(housekeep=False)
 
@@ -154,7 +152,7 @@ class Dispatcher:
         return broker.core.receive(name, max_messages, self._now, lease_s, max_bytes)
 
     def deliveries(self, name: str, entries: list[Entry]) -> list[Delivery] | None:
-        """In a pass: the deliveries of leased `entries` if every body is in the store's cache (as
-        `Broker._cached_deliveries`), sharing the decoded messages of the pass; None if one must be read from disk
+        """In a pass: the deliveries of leased `entries` if every message is at hand (as
+        `Broker._cached_deliveries`); None if one must be read from disk
         (then `Broker._read_deliveries`)."""
-        return self.broker._cached_deliveries(name, entries, self._messages)
+        return self.broker._cached_deliveries(name, entries)

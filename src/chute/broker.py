@@ -33,6 +33,7 @@ from chute.consumer import Consumer
 from chute.core import records as rec
 from chute.core.broker import BrokerCore
 from chute.core.queue import Entry
+from chute.core.recent import RecentMessages
 from chute.core.state import DEFAULT_MAX_MESSAGE_BYTES
 from chute.errors import BrokerClosed, ChuteError, InvalidArgument, InvalidReceipt
 from chute.model import (
@@ -384,48 +385,46 @@ class Broker(ManagementApi, StateReads, Housekeeping):
 
     _loop: asyncio.AbstractEventLoop | None = None  # the loop the broker serves (cached by `_wait`)
 
-    def _cached_deliveries(self, queue_name: str, entries: list[Entry],
-                           shared: dict[int, Message] | None = None) -> list[Delivery] | None:  # fmt: skip
-        """The deliveries of leased `entries` if every body is in the store's cache (no coroutine, no wait); None
-        (and nothing changed) if one must be read from disk: then `_read_deliveries`. `shared`: decoded messages by
-        ref, filled and reused (the dispatcher's pass: fan-out delivers one message to several queues)."""
+    def _cached_deliveries(self, queue_name: str, entries: list[Entry]) -> list[Delivery] | None:
+        """The deliveries of leased `entries` if every message is in `core.recent` or its body in the store's
+        cache (no coroutine, no wait); None (and nothing changed) if one must be read from disk: then
+        `_read_deliveries`. What it decodes goes to `core.recent`: the same message for another queue (fan-out),
+        or again after a redelivery, is not decoded twice."""
         core = self.core
         queue = core.queues.get(queue_name)
-        store = core.store_of(queue) if queue is not None else self.store
-        ephemeral = queue is not None and queue.ephemeral
-        if ephemeral:
-            shared = None  # refs of the ephemeral store: another numbering
-        read_cached = store.read_cached
-        if shared is not None:  # one loop: a message decoded already (for another queue) needs no payload
-            deliveries = []
-            append = deliveries.append
-            for e in entries:
-                ref = e.ref
-                message = shared.get(ref)
-                if message is None:
-                    payload = read_cached(ref)
-                    if payload is None:
-                        return None  # (what was decoded stays in `shared`: nothing else changed)
-                    message = _message(queue_name, payload, core, shared, ref)
-                if e.dead is None:
-                    append(Delivery(queue=queue_name, receipt=e.receipt, delivery_count=e.deliveries,
-                                    message=message, lease_deadline=e.deadline))  # fmt: skip
-                else:
-                    append(_dead_delivery(queue_name, message, e.receipt, e.deliveries, e.deadline, e.dead, core))
-            return deliveries
-        payloads = []
-        for entry in entries:
-            payload = read_cached(entry.ref)
-            if payload is None:
-                return None
-            payloads.append(payload)
-        if ephemeral:
+        if queue is not None and queue.ephemeral:
+            store = core.ephemeral_store  # (another numbering of refs: nothing of it is in `recent`)
+            payloads = []
+            for entry in entries:
+                payload = store.read_cached(entry.ref)
+                if payload is None:
+                    return None
+                payloads.append(payload)
             for entry in entries:
                 store.release(entry.ref)  # delivered at most once: the body is no longer needed
-        return [
-            _delivery(queue_name, payload, e.receipt, e.deliveries, e.deadline, e.dead, core)
-            for payload, e in zip(payloads, entries, strict=True)
-        ]
+            return [
+                _delivery(queue_name, payload, e.receipt, e.deliveries, e.deadline, e.dead, core)
+                for payload, e in zip(payloads, entries, strict=True)
+            ]
+        recent = core.recent
+        recent.used = True
+        read_cached, kept, older = core.store.read_cached, recent.new.get, recent.old.get
+        deliveries = []
+        append = deliveries.append
+        for e in entries:
+            ref = e.ref
+            message = kept(ref) or older(ref)
+            if message is None:
+                payload = read_cached(ref)
+                if payload is None:
+                    return None  # (what was decoded stays in `recent`: nothing else changed)
+                message = _message(queue_name, payload, core, recent, ref)
+            if e.dead is None:
+                append(Delivery(queue=queue_name, receipt=e.receipt, delivery_count=e.deliveries,
+                                message=message, lease_deadline=e.deadline))  # fmt: skip
+            else:
+                append(_dead_delivery(queue_name, message, e.receipt, e.deliveries, e.deadline, e.dead, core))
+        return deliveries
 
     async def _read_deliveries(self, queue: str, entries: list[Entry]) -> list[Delivery]:
         """The deliveries of leased `entries`, reading bodies from disk; if that fails (or is cancelled), the
@@ -646,9 +645,9 @@ def _delivery(queue: str, payload: bytes, receipt, count, deadline, dead, core) 
     return _dead_delivery(queue, message, receipt, count, deadline, dead, core)
 
 
-def _message(queue: str, payload: bytes, core, shared: dict[int, Message] | None = None, ref: int = 0) -> Message:
-    """The `Message` of a stored MESSAGE record as queue `queue` delivers it; kept in `shared` under `ref` unless
-    its expiry differs between queues (a topic message with the TTL of each queue)."""
+def _message(queue: str, payload: bytes, core, recent: RecentMessages | None = None, ref: int = 0) -> Message:
+    """The `Message` of a stored MESSAGE record as queue `queue` delivers it; kept in `recent` under `ref` unless
+    its times differ between queues (a topic message with the TTL of each queue)."""
     record = rec.decode_message(payload)
     expires_ms = record.expires_ms
     if record.queue_times and queue in core.queues:  # a topic message whose TTL here is the queue's default
@@ -663,8 +662,8 @@ def _message(queue: str, payload: bytes, core, shared: dict[int, Message] | None
     else:
         message = Message(id=record.id, body=record.body, headers=record.headers or {},
                           publish_time=record.publish_ms / 1000.0)  # fmt: skip
-    if shared is not None and not record.queue_times:
-        shared[ref] = message
+    if recent is not None and not record.queue_times:
+        recent.put(ref, message)
     return message
 
 

@@ -187,7 +187,8 @@ class Publish(msgspec.Struct, kw_only=True, gc=False):
 
 
 class Message(msgspec.Struct, kw_only=True, gc=False):
-    """A stored message as a consumer or a browser sees it.
+    """A stored message as a consumer or a browser sees it. Read-only by convention: the deliveries of one stored
+    message (to several queues, or again after a redelivery) may share one `Message`.
 
     Not tracked by the garbage collector (`gc=False`: see the note above `Publish`)."""
 

@@ -40,6 +40,7 @@ from chute.model import (
     MAX_HEADERS,
     MAX_PRIORITY,
     MAX_RETENTION_S,
+    Message,
     Publish,
 )
 from chute.storage.api import Durable
@@ -144,16 +145,17 @@ class PublishOps(BrokerState):
         results: list = []
         run: PublishPlan | None = None  # the plan of the current run of plain groups
         records: list[tuple[int, bytes]] = []  # its records, appended when the run ends
+        stored: list[Message] = []  # its messages as consumers will see them (`recent`)
         for dest, messages in groups:
             queue = self.queues.get(dest)
             if queue is not None and messages and self._plain_group(queue, messages):
                 if run is None:
-                    run, records = PublishPlan(), self.outbox
+                    run, records, stored = PublishPlan(), self.outbox, []
                     self.outbox = []
-                results.append((run, self._plain_records(queue, messages, now, run, records)))
+                results.append((run, self._plain_records(queue, messages, now, run, records, stored)))
                 continue
             if run is not None:
-                self._append_run(run, records)
+                self._append_run(run, records, stored)
                 run = None
             try:
                 plan = self.prepare_publish(dest, messages, now)
@@ -162,7 +164,7 @@ class PublishOps(BrokerState):
                 continue
             results.append((plan, plan.ids))
         if run is not None:
-            self._append_run(run, records)
+            self._append_run(run, records, stored)
         return results
 
     def _plain_group(self, queue: Queue, messages: Sequence[Publish]) -> bool:
@@ -182,28 +184,33 @@ class PublishOps(BrokerState):
         return queue.has_room(len(messages), size)
 
     def _plain_records(self, queue: Queue, messages: Sequence[Publish], now: float, plan: PublishPlan,
-                       records: list) -> list[int]:  # fmt: skip
-        """Add a plain group's MESSAGE records to `records` and its entries (refs to come) to `plan`."""
+                       records: list, stored: list[Message]) -> list[int]:  # fmt: skip
+        """Add a plain group's MESSAGE records to `records`, its messages to `stored` and its entries (refs to
+        come) to `plan`."""
         ids = self.ids.next_many(now, len(messages))
         now_ms, queue_ids, encode, kind = int(now * 1000), [queue.id], rec.encode, rec.MESSAGE
+        publish_time = now_ms / 1000.0  # (as a delivery decodes it from the record)
         entries, size = [], 0
         for m, message_id in zip(messages, ids):
             body = m.body
             records.append((kind, encode((message_id, now_ms, 0, queue_ids, 0, 0, 0, None, None, None, None, body))))
             entries.append(Entry(message_id, 0, len(body)))
+            stored.append(Message(id=message_id, body=body, headers={}, publish_time=publish_time))
             size += len(body)
         self._hold(queue, entries, plan, None, size)
         plan.ids += ids
         return list(ids)
 
-    def _append_run(self, plan: PublishPlan, records: list[tuple[int, bytes]]) -> None:
-        """Append a run's records (after what the outbox held before it) and give its entries their refs."""
+    def _append_run(self, plan: PublishPlan, records: list[tuple[int, bytes]], stored: list[Message]) -> None:
+        """Append a run's records (after what the outbox held before it), give its entries their refs and keep
+        its messages in `recent`."""
         refs, plan.token = self.store.append(records)
-        at = len(refs) - len(plan.ids)
+        first = at = len(refs) - len(plan.ids)
         for _, entries, _ in plan.placements:
             for entry in entries:
                 entry.ref = refs[at]
                 at += 1
+        self.recent.put_many(refs[first:], stored, sum(plan.sizes))
         self.pending_plans.add(plan)
 
     def _validate(self, m: Publish, to_topic: bool) -> None:
@@ -354,6 +361,10 @@ class PublishOps(BrokerState):
             size = sum(sizes)
             for target in durable:  # (each queue's entries made at C speed: Entry(id, ref, size))
                 self._hold(target, list(map(Entry, new_ids, refs, sizes)), plan, None, size)
+            if durable:
+                publish_time = now_ms / 1000.0  # (as a delivery decodes it from the record)
+                self.recent.put_many(refs, [Message(id=message_id, body=m.body, headers={}, publish_time=publish_time)
+                                            for m, message_id in zip(new, new_ids)], size)  # fmt: skip
             if retains:
                 plan.retains += [(topic, i, ref, size) for i, ref, size in zip(new_ids, refs, sizes)]
         if transient:
@@ -374,13 +385,16 @@ class PublishOps(BrokerState):
         encode, kind = rec.encode, rec.MESSAGE
         new_ids = self.ids.next_many(now, len(new))
         entries = []
+        stored: list[Message] = []  # plain messages as consumers will see them (`recent`)
         if plain and not default_delay and not default_ttl:  # bodies only: the hot path of a busy queue
+            publish_time = now_ms / 1000.0  # (as a delivery decodes it from the record)
             for m, message_id in zip(new, new_ids):
                 body = m.body
                 records.append(
                     (kind, encode((message_id, now_ms, 0, queue_ids, 0, 0, 0, None, None, None, None, body)))
                 )
                 entries.append(Entry(message_id, 0, len(body)))
+                stored.append(Message(id=message_id, body=body, headers={}, publish_time=publish_time))
             new = ()
         for m, message_id in zip(new, new_ids):
             delay_s = m.delay_s if m.delay_s is not None else default_delay
@@ -398,6 +412,8 @@ class PublishOps(BrokerState):
         for entry, ref in zip(entries, refs[first:], strict=True):
             entry.ref = ref
         self._hold(queue, entries, plan)
+        if stored and not queue.ephemeral:
+            self.recent.put_many(refs[first:], stored, plan.sizes[-1])
         return new_ids
 
     @staticmethod

@@ -17,6 +17,7 @@ from chute.core import records as rec
 from chute.core.dedup import DedupWindow
 from chute.core.ids import IdGenerator
 from chute.core.queue import DELAYED, GONE, Entry, Queue
+from chute.core.recent import RecentMessages
 from chute.core.timers import DEDUP, DELAY, EXPIRE, LEASE, RETAIN, Timers
 from chute.core.topic import Topic
 from chute.errors import QueueNotFound, TopicNotFound
@@ -55,6 +56,7 @@ class BrokerState:
         self.lease_batch: dict[float, list] | None = None  # deadline -> [(queue, receipts)] (DeliveryOps.begin_leases)
         self.detached: list = []  # (store, entry lists) of deleted queues whose refs are released in steps
         self.on_queue_deleted: Callable[[Queue], None] | None = None
+        self.recent = RecentMessages()  # plain messages just stored, by ref: their deliveries need not decode them
 
     # -- lookups ----------------------------------------------------------------------------------------------
 

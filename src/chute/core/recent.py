@@ -1,0 +1,71 @@
+"""`RecentMessages`: the messages stored or read lately, as consumers see them (`Message`), by ref.
+
+A delivery needs its message's `Message`: read from the store (its cache, or the disk) and decoded. Most
+deliveries of a busy broker follow their publish closely, and a fan-out delivers one message to several queues, so
+the core keeps the `Message` of each plain message it has just stored, and the broker keeps each one it has just
+decoded; a delivery then takes it from here without reading or decoding anything.
+
+Invariants:
+- a ref names one record for the whole life of a store (the storage contract: unique and increasing), and a
+  record never changes: a kept message is never stale. Only messages that read the same in every queue are kept
+  (none whose ready or expiry time differs between queues), and only refs of the broker's durable store (an
+  ephemeral queue's store numbers its records on its own).
+- bounded, whatever the traffic: two generations of at most MAX_COUNT messages or MAX_BYTES of bodies each. When
+  the newer one is full it becomes the older one and the older one is dropped, so memory holds at most twice
+  that; a message no longer kept is simply read and decoded again.
+- kept only while it serves: when the newer generation fills without a delivery having been served from here
+  since the last turn (`used`), both are dropped: a backlog building up while nobody consumes keeps at most one
+  generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from chute.model import Message
+
+MAX_COUNT = 2048
+MAX_BYTES = 1 << 20
+
+
+class RecentMessages:
+    """Recent `Message`s by ref, in two generations."""
+
+    __slots__ = ("new", "old", "new_bytes", "max_count", "max_bytes", "used")
+
+    def __init__(self, max_count: int = MAX_COUNT, max_bytes: int = MAX_BYTES) -> None:
+        self.new: dict[int, Message] = {}
+        self.old: dict[int, Message] = {}
+        self.new_bytes = 0
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.used = False  # a delivery was served from here since the last turn (set by its reader)
+
+    def get(self, ref: int) -> Message | None:
+        message = self.new.get(ref)
+        return message if message is not None else self.old.get(ref)
+
+    def put(self, ref: int, message: Message) -> None:
+        if len(self.new) >= self.max_count or self.new_bytes >= self.max_bytes:
+            self._turn()
+        self.new[ref] = message
+        self.new_bytes += len(message.body)
+
+    def put_many(self, refs: Iterable[int], messages: list[Message], size: int) -> None:
+        """Keep `messages` (their bodies `size` bytes in all) under `refs`, in the same order."""
+        if len(self.new) + len(messages) > self.max_count or self.new_bytes + size > self.max_bytes:
+            self._turn()
+            if len(messages) > self.max_count or size > self.max_bytes:
+                return  # larger than a generation on its own: not kept
+        self.new.update(zip(refs, messages))
+        self.new_bytes += size
+
+    def clear(self) -> None:
+        self.new, self.old, self.new_bytes = {}, {}, 0
+
+    def __len__(self) -> int:
+        return len(self.new) + len(self.old)
+
+    def _turn(self) -> None:
+        self.old, self.new, self.new_bytes = self.new if self.used else {}, {}, 0
+        self.used = False
