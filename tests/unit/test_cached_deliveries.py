@@ -124,16 +124,21 @@ def test_recent_messages_are_bounded_by_count_and_bytes():
 
     recent.clear()
     for ref in range(0, 1000, 10):  # batches of 10 messages of 1,000 bytes: the bytes bound turns first
+        recent.used = True
         recent.put_many(range(ref, ref + 10), [Message(id=i, body=b"y" * 1000, headers={}, publish_time=0.0)
                                                for i in range(10)], 10_000)  # fmt: skip
         assert recent.new_bytes <= 10_000 and len(recent) <= 20
+    recent.used = True
     recent.put_many(range(5000, 5200), [Message(id=i, body=b"", headers={}, publish_time=0.0) for i in range(200)], 0)
     assert recent.get(5000) is None and len(recent.new) == 0  # larger than a generation: not kept
 
 
-def test_recent_messages_nobody_reads_are_not_kept_for_long():
+def test_recent_messages_nobody_reads_are_not_kept():
     recent = RecentMessages(max_count=100, max_bytes=10_000)
     for ref in range(1, 1001):  # a backlog building up: no delivery served from here
         recent.put(ref, Message(id=ref, body=b"x" * 10, headers={}, publish_time=0.0))
         assert len(recent) <= 100
-    assert recent.get(1000) is not None and recent.get(900) is None
+    assert len(recent) == 0  # the first generation filled unused: dropped, and nothing kept since
+    recent.used = True  # a consumer looks again
+    recent.put_many([1001, 1002], [Message(id=i, body=b"z", headers={}, publish_time=0.0) for i in (1, 2)], 2)
+    assert recent.get(1001) is not None and recent.get(1002) is not None

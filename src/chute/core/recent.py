@@ -14,8 +14,8 @@ Invariants:
   the newer one is full it becomes the older one and the older one is dropped, so memory holds at most twice
   that; a message no longer kept is simply read and decoded again.
 - kept only while it serves: when the newer generation fills without a delivery having been served from here
-  since the last turn (`used`), both are dropped: a backlog building up while nobody consumes keeps at most one
-  generation.
+  since the last turn (`used`), both are dropped, and nothing more is kept until a delivery looks here again: a
+  backlog building up while nobody consumes costs no memory here.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ MAX_BYTES = 1 << 20
 class RecentMessages:
     """Recent `Message`s by ref, in two generations."""
 
-    __slots__ = ("new", "old", "new_bytes", "max_count", "max_bytes", "used")
+    __slots__ = ("new", "old", "new_bytes", "max_count", "max_bytes", "used", "dormant")
 
     def __init__(self, max_count: int = MAX_COUNT, max_bytes: int = MAX_BYTES) -> None:
         self.new: dict[int, Message] = {}
@@ -40,32 +40,47 @@ class RecentMessages:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.used = False  # a delivery was served from here since the last turn (set by its reader)
+        self.dormant = False  # a generation filled unused: keep nothing until `used` again
 
     def get(self, ref: int) -> Message | None:
         message = self.new.get(ref)
         return message if message is not None else self.old.get(ref)
 
     def put(self, ref: int, message: Message) -> None:
+        if self.dormant and not self._wake():
+            return
         if len(self.new) >= self.max_count or self.new_bytes >= self.max_bytes:
             self._turn()
+            if self.dormant:
+                return
         self.new[ref] = message
         self.new_bytes += len(message.body)
 
     def put_many(self, refs: Iterable[int], messages: list[Message], size: int) -> None:
         """Keep `messages` (their bodies `size` bytes in all) under `refs`, in the same order."""
+        if self.dormant and not self._wake():
+            return
         if len(self.new) + len(messages) > self.max_count or self.new_bytes + size > self.max_bytes:
             self._turn()
-            if len(messages) > self.max_count or size > self.max_bytes:
-                return  # larger than a generation on its own: not kept
+            if self.dormant or len(messages) > self.max_count or size > self.max_bytes:
+                return  # nobody reads here, or larger than a generation on its own: not kept
         self.new.update(zip(refs, messages))
         self.new_bytes += size
 
     def clear(self) -> None:
-        self.new, self.old, self.new_bytes = {}, {}, 0
+        self.new, self.old, self.new_bytes, self.dormant = {}, {}, 0, False
 
     def __len__(self) -> int:
         return len(self.new) + len(self.old)
 
     def _turn(self) -> None:
         self.old, self.new, self.new_bytes = self.new if self.used else {}, {}, 0
+        self.dormant = not self.used
         self.used = False
+
+    def _wake(self) -> bool:
+        """Dormant: keep messages again if a delivery has looked here since (True)."""
+        if self.used:
+            self.dormant = False
+            return True
+        return False
