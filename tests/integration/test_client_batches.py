@@ -78,6 +78,26 @@ async def test_a_cancelled_get_many_takes_nothing():
         await consumer.close()
 
 
+async def test_readers_waiting_together_are_all_served_and_timed_out_gets_leave_nothing_behind():
+    async with serving() as server, chute.AsyncClient(server.url) as client:
+        await client.create_queue("q")
+        consumer = await client.consume("q", prefetch=100)
+        for _ in range(50):  # a poller that finds nothing, again and again
+            assert await consumer.get(timeout=0.001) is None
+        assert consumer._waiters == []
+        readers = [asyncio.ensure_future(consumer.get(timeout=10)) for _ in range(3)]
+        await until(lambda: len(consumer._waiters) == 3)
+        await client.publish_batch("q", [b"a", b"b", b"c"])
+        got = await asyncio.gather(*readers)
+        assert sorted(d.body for d in got) == [b"a", b"b", b"c"]
+        ending = asyncio.ensure_future(consumer.__anext__())
+        await until(lambda: len(consumer._waiters) == 1)
+        await consumer.ack(got)
+        await consumer.close()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(ending, 5)
+
+
 def test_the_blocking_consumer_get_many_and_len(chute_server):
     with chute.Client(chute_server.url) as client:
         client.create_queue("q")

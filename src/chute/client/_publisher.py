@@ -74,11 +74,13 @@ class Publisher:
         self.gathered_size = 0  # an upper bound of their encoding, group overheads included
         self.requests = 0  # multi-destination requests in flight
         self.timer: asyncio.TimerHandle | None = None
+        self.budget = body_budget(DEFAULT_MAX_FRAME_BYTES)  # `frame_budget()` of the current link
 
     def connected(self, loop: asyncio.AbstractEventLoop, version: int) -> None:
         """A link is up: batch per connection if the server speaks protocol 2 (several destinations a request)."""
         self.loop = loop
         self.any_dest = version >= 2
+        self.budget = self.frame_budget()
 
     def publish_nowait(self, dest: str, body, options: dict) -> asyncio.Future[int]:
         body = checked_body(body)
@@ -115,7 +117,7 @@ class Publisher:
         future = loop.create_future()
         batch = self.batches.get(dest)
         extra = size if batch is not None else size + GROUP_OVERHEAD + len(dest.encode())
-        if self.gathered and self.gathered_size + extra > self.frame_budget():
+        if self.gathered and self.gathered_size + extra > self.budget:
             self.send_all()  # this message would not fit the frame: it starts the next request
             extra = size + GROUP_OVERHEAD + len(dest.encode())
             batch = None

@@ -18,6 +18,7 @@ from chute.protocol.connection import Connection, decode_reply, error_from
 from chute.protocol.frames import MAX_CORRELATION_ID, Op
 
 DEAD_PEER_INTERVALS = 3
+_DELIVER, _REPLY, _ERROR = Op.DELIVER, Op.REPLY, Op.ERROR  # the opcodes each received frame is compared with
 CLOSE_WAIT_S = 2.0  # how long close() waits for a TLS close_notify exchange before giving up on it
 
 
@@ -57,14 +58,16 @@ class Link(asyncio.Protocol):
             return
         for frame in frames:
             op = frame.op
-            if op is Op.REPLY or (op is Op.ERROR and frame.correlation_id):
+            if op is _DELIVER:  # (module globals: reading `Op.X` costs ~100 ns on CPython 3.11)
+                self.on_deliver(frame.body)
+            elif op is _REPLY or (op is _ERROR and frame.correlation_id):
                 waiter = self.pending.pop(frame.correlation_id, None)
                 if waiter is None:
                     continue  # its caller gave up (timeout); the reply is dropped
                 future, kind = waiter
                 if future.done():
                     continue
-                if op is Op.ERROR:
+                if op is _ERROR:
                     future.set_exception(error_from(frame.body))
                     continue
                 try:
@@ -73,8 +76,6 @@ class Link(asyncio.Protocol):
                     future.set_exception(exc)
                     self._abort(exc)
                     return
-            elif op is Op.DELIVER:
-                self.on_deliver(frame.body)
             elif op is Op.WELCOME:
                 if not self.ready.done():
                     self.ready.set_result(frame.body)
