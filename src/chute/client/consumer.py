@@ -75,7 +75,7 @@ class AsyncConsumer:
                 raise self.error
             if self.closed:
                 raise StopAsyncIteration
-            # (a future of its own per waiting reader, as asyncio.Event makes, at half the cost per delivery)
+            # (a future of its own per waiting reader, as asyncio.Event makes, without its per-call overhead)
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
