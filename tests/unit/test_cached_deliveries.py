@@ -142,3 +142,18 @@ def test_recent_messages_nobody_reads_are_not_kept():
     recent.used = True  # a consumer looks again
     recent.put_many([1001, 1002], [Message(id=i, body=b"z", headers={}, publish_time=0.0) for i in (1, 2)], 2)
     assert recent.get(1001) is not None and recent.get(1002) is not None
+
+
+async def test_a_backlog_nobody_consumes_is_not_kept(clock):
+    broker = await _broker(clock, MemoryStore())
+    try:
+        await broker.create_queue("q")
+        for _ in range(5):  # more than a generation, nothing delivered meanwhile
+            await broker.publish_batch("q", [Publish(body=b"x" * 10) for _ in range(1000)])
+        assert len(broker.core.recent) == 0
+        leased = broker.core.receive("q", 1, clock())
+        assert broker._cached_deliveries("q", leased)[0].body == b"x" * 10  # a delivery looks again
+        await broker.publish_batch("q", [Publish(body=b"new")])
+        assert len(broker.core.recent) == 2  # the decoded one and the new one
+    finally:
+        await broker.close()

@@ -145,12 +145,12 @@ class PublishOps(BrokerState):
         results: list = []
         run: PublishPlan | None = None  # the plan of the current run of plain groups
         records: list[tuple[int, bytes]] = []  # its records, appended when the run ends
-        stored: list[Message] = []  # its messages as consumers will see them (`recent`)
+        stored: list[Message] | None = None  # its messages as consumers will see them, if `recent` keeps them
         for dest, messages in groups:
             queue = self.queues.get(dest)
             if queue is not None and messages and self._plain_group(queue, messages):
                 if run is None:
-                    run, records, stored = PublishPlan(), self.outbox, []
+                    run, records, stored = PublishPlan(), self.outbox, [] if self.recent.wanted() else None
                     self.outbox = []
                 results.append((run, self._plain_records(queue, messages, now, run, records, stored)))
                 continue
@@ -184,9 +184,9 @@ class PublishOps(BrokerState):
         return queue.has_room(len(messages), size)
 
     def _plain_records(self, queue: Queue, messages: Sequence[Publish], now: float, plan: PublishPlan,
-                       records: list, stored: list[Message]) -> list[int]:  # fmt: skip
-        """Add a plain group's MESSAGE records to `records`, its messages to `stored` and its entries (refs to
-        come) to `plan`."""
+                       records: list, stored: list[Message] | None) -> list[int]:  # fmt: skip
+        """Add a plain group's MESSAGE records to `records`, its messages to `stored` (unless None) and its entries
+        (refs to come) to `plan`."""
         ids = self.ids.next_many(now, len(messages))
         now_ms, queue_ids, encode, kind = int(now * 1000), [queue.id], rec.encode, rec.MESSAGE
         publish_time = now_ms / 1000.0  # (as a delivery decodes it from the record)
@@ -195,13 +195,14 @@ class PublishOps(BrokerState):
             body = m.body
             records.append((kind, encode((message_id, now_ms, 0, queue_ids, 0, 0, 0, None, None, None, None, body))))
             entries.append(Entry(message_id, 0, len(body)))
-            stored.append(Message(id=message_id, body=body, headers={}, publish_time=publish_time))
+            if stored is not None:
+                stored.append(Message(id=message_id, body=body, headers={}, publish_time=publish_time))
             size += len(body)
         self._hold(queue, entries, plan, None, size)
         plan.ids += ids
         return list(ids)
 
-    def _append_run(self, plan: PublishPlan, records: list[tuple[int, bytes]], stored: list[Message]) -> None:
+    def _append_run(self, plan: PublishPlan, records: list[tuple[int, bytes]], stored: list[Message] | None) -> None:
         """Append a run's records (after what the outbox held before it), give its entries their refs and keep
         its messages in `recent`."""
         refs, plan.token = self.store.append(records)
@@ -210,7 +211,8 @@ class PublishOps(BrokerState):
             for entry in entries:
                 entry.ref = refs[at]
                 at += 1
-        self.recent.put_many(refs[first:], stored, sum(plan.sizes))
+        if stored is not None:
+            self.recent.put_many(refs[first:], stored, sum(plan.sizes))
         self.pending_plans.add(plan)
 
     def _validate(self, m: Publish, to_topic: bool) -> None:
@@ -361,7 +363,7 @@ class PublishOps(BrokerState):
             size = sum(sizes)
             for target in durable:  # (each queue's entries made at C speed: Entry(id, ref, size))
                 self._hold(target, list(map(Entry, new_ids, refs, sizes)), plan, None, size)
-            if durable:
+            if durable and self.recent.wanted():
                 publish_time = now_ms / 1000.0  # (as a delivery decodes it from the record)
                 self.recent.put_many(refs, [Message(id=message_id, body=m.body, headers={}, publish_time=publish_time)
                                             for m, message_id in zip(new, new_ids)], size)  # fmt: skip
@@ -385,7 +387,8 @@ class PublishOps(BrokerState):
         encode, kind = rec.encode, rec.MESSAGE
         new_ids = self.ids.next_many(now, len(new))
         entries = []
-        stored: list[Message] = []  # plain messages as consumers will see them (`recent`)
+        stored: list[Message] = []  # plain messages as consumers will see them, if `recent` keeps them
+        keep = not queue.ephemeral and self.recent.wanted()
         if plain and not default_delay and not default_ttl:  # bodies only: the hot path of a busy queue
             publish_time = now_ms / 1000.0  # (as a delivery decodes it from the record)
             for m, message_id in zip(new, new_ids):
@@ -394,7 +397,8 @@ class PublishOps(BrokerState):
                     (kind, encode((message_id, now_ms, 0, queue_ids, 0, 0, 0, None, None, None, None, body)))
                 )
                 entries.append(Entry(message_id, 0, len(body)))
-                stored.append(Message(id=message_id, body=body, headers={}, publish_time=publish_time))
+                if keep:
+                    stored.append(Message(id=message_id, body=body, headers={}, publish_time=publish_time))
             new = ()
         for m, message_id in zip(new, new_ids):
             delay_s = m.delay_s if m.delay_s is not None else default_delay
@@ -412,7 +416,7 @@ class PublishOps(BrokerState):
         for entry, ref in zip(entries, refs[first:], strict=True):
             entry.ref = ref
         self._hold(queue, entries, plan)
-        if stored and not queue.ephemeral:
+        if stored:
             self.recent.put_many(refs[first:], stored, plan.sizes[-1])
         return new_ids
 

@@ -42,6 +42,10 @@ class RecentMessages:
         self.used = False  # a delivery was served from here since the last turn (set by its reader)
         self.dormant = False  # a generation filled unused: keep nothing until `used` again
 
+    def wanted(self) -> bool:
+        """Whether messages put now would be kept (a publisher need not build them otherwise)."""
+        return not self.dormant or self._wake()
+
     def get(self, ref: int) -> Message | None:
         message = self.new.get(ref)
         return message if message is not None else self.old.get(ref)
