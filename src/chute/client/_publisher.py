@@ -65,12 +65,16 @@ class Publisher:
         self.linger_s = linger_s
         self.max_batch = max_batch
         self.loop: asyncio.AbstractEventLoop | None = None  # the client's loop, set when it connects
-        self.batches: dict[str, _Batch] = {}  # gathering, by destination
+        self.batches: dict[str, _Batch] = {}  # protocol 1: gathering, by destination
         self.in_flight: dict[str, int] = {}  # batches sent and not confirmed, by destination
         self.sending: set[asyncio.Task] = set()
-        # protocol 2: one gathering request for every destination
+        # protocol 2: one gathering request for every destination (two lists per destination, no batch object:
+        # with a thousand destinations a request holds about one message each, and every object that lives
+        # until the confirm is one more for the garbage collector to walk)
         self.any_dest = False
-        self.gathered = 0  # messages in `batches`
+        self.gathering: dict[str, list[Publish]] = {}  # by destination, in the order they came
+        self.gathering_futures: dict[str, list[asyncio.Future]] = {}  # the same keys, in the same order
+        self.gathered = 0  # messages in `gathering`
         self.gathered_size = 0  # an upper bound of their encoding, group overheads included
         self.requests = 0  # multi-destination requests in flight
         self.timer: asyncio.TimerHandle | None = None
@@ -115,16 +119,18 @@ class Publisher:
         """Protocol 2: gather `message` in the connection's next request, whatever its destination."""
         loop = self.loop or asyncio.get_running_loop()
         future = loop.create_future()
-        batch = self.batches.get(dest)
-        extra = size if batch is not None else size + GROUP_OVERHEAD + len(dest.encode())
+        messages = self.gathering.get(dest)
+        extra = size if messages is not None else size + GROUP_OVERHEAD + len(dest.encode())
         if self.gathered and self.gathered_size + extra > self.budget:
             self.send_all()  # this message would not fit the frame: it starts the next request
             extra = size + GROUP_OVERHEAD + len(dest.encode())
-            batch = None
-        if batch is None:
-            batch = self.batches[dest] = _Batch(0)
-        batch.messages.append(message)
-        batch.futures.append(future)
+            messages = None
+        if messages is None:
+            self.gathering[dest] = [message]
+            self.gathering_futures[dest] = [future]
+        else:
+            messages.append(message)
+            self.gathering_futures[dest].append(future)
         self.gathered += 1
         self.gathered_size += extra
         if not self.requests or self.gathered >= self.max_batch:
@@ -138,25 +144,27 @@ class Publisher:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if not self.batches:
+        if not self.gathering:
             return
-        groups, self.batches = list(self.batches.items()), {}
+        groups, futures = self.gathering, self.gathering_futures
+        self.gathering, self.gathering_futures = {}, {}
         self.gathered = self.gathered_size = 0
         self.requests += 1
         task = (self.loop or asyncio.get_running_loop()).create_task(self._publish_groups(groups))
         self.sending.add(task)
-        task.add_done_callback(lambda done: self._settle_groups(done, groups))
+        task.add_done_callback(lambda done: self._settle_groups(done, futures))
 
-    async def _publish_groups(self, groups: list[tuple[str, _Batch]]) -> m.PublishReply:
-        (dest, first), rest = groups[0], groups[1:]
-        more = [m.PublishGroup(dest=name, messages=batch.messages) for name, batch in rest] or None
-        request = m.PublishRequest(dest=dest, messages=first.messages, more=more)
+    async def _publish_groups(self, groups: dict[str, list[Publish]]) -> m.PublishReply:
+        rest = iter(groups.items())
+        dest, first = next(rest)
+        more = [m.PublishGroup(dest=name, messages=messages) for name, messages in rest] or None
+        request = m.PublishRequest(dest=dest, messages=first, more=more)
         reply = await self.client._call(Op.PUBLISH, request, m.PublishReply)
-        if len(reply.ids) != sum(len(batch.messages) for _, batch in groups):
+        if len(reply.ids) != sum(map(len, groups.values())):
             raise ChuteError(f"broker confirmed {len(reply.ids)} ids for a request of {len(groups)} groups")
         return reply
 
-    def _settle_groups(self, done: asyncio.Task, groups: list[tuple[str, _Batch]]) -> None:
+    def _settle_groups(self, done: asyncio.Task, futures: dict[str, list[asyncio.Future]]) -> None:
         self.sending.discard(done)
         self.requests = max(0, self.requests - 1)
         error = ConnectionLost("publish cancelled") if done.cancelled() else done.exception()
@@ -165,9 +173,9 @@ class Publisher:
             reply = done.result()
             failed = {failure.group: error_from(failure.error) for failure in reply.failed or ()}
             ids = iter(reply.ids)
-        for index, (_, batch) in enumerate(groups):
+        for index, group in enumerate(futures.values()):
             group_error = error if error is not None else failed.get(index)
-            for future in batch.futures:
+            for future in group:
                 message_id = next(ids) if error is None else 0
                 if future.done():  # its caller cancelled it: the message is published all the same
                     continue
@@ -175,7 +183,7 @@ class Publisher:
                     future.set_exception(group_error)
                 else:
                     future.set_result(message_id)
-        if self.batches and not self.requests:
+        if self.gathering and not self.requests:
             self.send_all()  # what gathered while this request was in flight goes now
 
     def frame_budget(self) -> int:

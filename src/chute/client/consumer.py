@@ -98,6 +98,8 @@ class AsyncConsumer:
     async def get(self, timeout: float | None = None) -> Delivery | None:
         """The next delivery, or None after `timeout` seconds without one (or when the consumer is closed)."""
         try:
+            if timeout is None:  # (no timeout context: its scheduling costs more than the wait for a delivery)
+                return await self.__anext__()
             async with asyncio.timeout(timeout):
                 return await self.__anext__()
         except (TimeoutError, StopAsyncIteration):

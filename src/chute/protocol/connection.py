@@ -64,7 +64,7 @@ _HANDSHAKE_OPS = frozenset({Op.HELLO, Op.WELCOME})
 HEARTBEAT_BYTES = HEADER.pack(LENGTH_OVERHEAD, Op.HEARTBEAT, 0, 0)  # the whole HEARTBEAT frame (10 bytes)
 
 
-class Frame(msgspec.Struct, frozen=True):
+class Frame(msgspec.Struct, frozen=True, gc=False):
     """One received frame: its opcode, correlation id and payload (a messages.* Struct, raw bytes for REPLY,
     None for HEARTBEAT). (A msgspec Struct: made in C, one per frame received.)"""
 

@@ -4,6 +4,11 @@ Messages, deliveries, settings and stats are the public types of `chute.model`, 
 the in-process API returns. Decoding is typed: a payload of the wrong shape is a ProtocolError, never a crash.
 
 Invariant: fields are only ever added with a default (older peers omit them); none is renamed or retyped.
+
+The payloads made per message or per frame (publish, reply, deliver, ack...) are `gc=False`, like `Publish` and
+`Delivery`: untracked by the garbage collector, so the thousands a busy client or broker has in flight neither
+trigger its collections nor get walked by them. Safe because they hold only data (never a payload of their own
+kind, never themselves), so they cannot be part of a reference cycle; keep it so when adding fields.
 """
 
 from __future__ import annotations
@@ -47,12 +52,12 @@ class Goaway(msgspec.Struct, kw_only=True):
     reason: str = ""
 
 
-class PublishGroup(msgspec.Struct, kw_only=True):
+class PublishGroup(msgspec.Struct, kw_only=True, gc=False):
     dest: str
     messages: list[Publish]
 
 
-class PublishRequest(msgspec.Struct, kw_only=True, omit_defaults=True):  # `more` only when there are more
+class PublishRequest(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):  # `more` only when there are more
     dest: str
     messages: list[Publish]
     more: list[PublishGroup] | None = None
@@ -60,13 +65,13 @@ class PublishRequest(msgspec.Struct, kw_only=True, omit_defaults=True):  # `more
     destination's messages are stored or refused as a whole, on their own."""
 
 
-class PublishFailure(msgspec.Struct, kw_only=True):
+class PublishFailure(msgspec.Struct, kw_only=True, gc=False):
     group: int
     """0: the request's `dest` and `messages`; i: its `more[i - 1]`."""
     error: ErrorBody
 
 
-class PublishReply(msgspec.Struct, kw_only=True, omit_defaults=True):  # `failed` only when something failed
+class PublishReply(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):  # `failed` only when something failed
     ids: list[int]
     """One id per message, in request order (`messages`, then each of `more`); 0 for a message of a failed
     group."""
@@ -96,41 +101,41 @@ class ConsumeReply(msgspec.Struct, kw_only=True):
     """For an ephemeral subscription: the name of its private queue (the `queue` of its deliveries)."""
 
 
-class Deliver(msgspec.Struct, kw_only=True):
+class Deliver(msgspec.Struct, kw_only=True, gc=False):
     consumer: int
     deliveries: list[Delivery]
     end: ErrorBody | None = None
     """Set when the server ended this consumer (its queue was deleted, the broker is closing)."""
 
 
-class CancelRequest(msgspec.Struct, kw_only=True):
+class CancelRequest(msgspec.Struct, kw_only=True, gc=False):
     consumer: int
 
 
-class ReceiveRequest(msgspec.Struct, kw_only=True):
+class ReceiveRequest(msgspec.Struct, kw_only=True, gc=False):
     queue: str
     max_messages: int = 1
     wait_s: float = 0.0
     lease_s: float | None = None
 
 
-class ReceiveReply(msgspec.Struct, kw_only=True):
+class ReceiveReply(msgspec.Struct, kw_only=True, gc=False):
     deliveries: list[Delivery]
 
 
-class AckRequest(msgspec.Struct, kw_only=True):
+class AckRequest(msgspec.Struct, kw_only=True, gc=False):
     queue: str
     receipts: list[int]
 
 
-class NackRequest(msgspec.Struct, kw_only=True):
+class NackRequest(msgspec.Struct, kw_only=True, gc=False):
     queue: str
     receipts: list[int]
     delay_s: float = 0.0
     dead_letter: bool = False
 
 
-class ExtendRequest(msgspec.Struct, kw_only=True):
+class ExtendRequest(msgspec.Struct, kw_only=True, gc=False):
     queue: str
     receipts: list[int]
     lease_s: float
@@ -145,5 +150,5 @@ class CallReply(msgspec.Struct, kw_only=True):
     result: Any = None
 
 
-class Empty(msgspec.Struct):
+class Empty(msgspec.Struct, gc=False):
     pass
