@@ -44,6 +44,32 @@ async def test_publishes_to_many_queues_travel_together_and_keep_their_order():
             assert bodies == list(range(j, 2000, 50))  # every message, in publish order
 
 
+async def test_what_is_published_in_one_turn_of_the_loop_leaves_in_one_request():
+    # with nothing in flight, the request leaves at the end of the turn (when a task started for it would first
+    # run): a producer that publishes a few messages at a time (a paced loop) makes one request, one group commit,
+    # per burst, not one for the first message and another, a confirm later, for the rest
+    async with serving() as server, chute.AsyncClient(server.url, linger_s=0.5) as client:
+        for name in ("a", "b"):
+            await client.create_queue(name)
+        requests = []
+        original = client._call
+
+        async def counting(op, payload, kind, timeout=None):
+            if op is Op.PUBLISH:
+                requests.append(1 + len(payload.more or ()))
+            return await original(op, payload, kind, timeout)
+
+        client._call = counting
+        loop = asyncio.get_running_loop()
+        for burst in range(3):
+            started = loop.time()
+            futures = [client.publish_nowait(name, b"%d" % burst) for name in ("a", "b", "a")]
+            await asyncio.gather(*futures)
+            assert loop.time() - started < 0.4  # not held back for the 0.5 s linger: it left in the same turn
+        assert requests == [2, 2, 2]  # one request per burst, both destinations in it
+        assert [d.body for d in await client.peek("a", 10)] == [b"0", b"0", b"1", b"1", b"2", b"2"]
+
+
 async def raw_publish(url_port: int, request: m.PublishRequest, *, user=None, password=None) -> m.PublishReply:
     frame = await raw_request(url_port, request, user=user, password=password)
     assert frame.op is Op.REPLY, frame

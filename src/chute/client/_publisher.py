@@ -6,8 +6,10 @@ of bytes, then leave as one PUBLISH frame, like a Kafka producer. When a batch's
 of its messages get their ids and what gathered meanwhile leaves at once.
 
 With a server of protocol 2 or later the batching is per connection rather than per destination: messages to
-any destinations gather in one request (a PUBLISH with `more` groups), sent at once when no publish is in flight
-on the connection, else after `linger_s`, `max_batch` messages or a frame's worth. A producer spreading messages
+any destinations gather in one request (a PUBLISH with `more` groups), sent at the end of the event loop's turn
+when no publish is in flight on the connection (so what is published in the same turn goes along, with no more
+delay than the task that sends it would take to start anyway), else after `linger_s`, `max_batch` messages or a
+frame's worth. A producer spreading messages
 over a thousand queues then sends a few large requests instead of one per message. Each destination's messages
 still travel in order, and each destination's group is confirmed or refused on its own.
 
@@ -77,7 +79,7 @@ class Publisher:
         self.gathered = 0  # messages in `gathering`
         self.gathered_size = 0  # an upper bound of their encoding, group overheads included
         self.requests = 0  # multi-destination requests in flight
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.Handle | None = None  # a linger timer, or the send at the end of this turn
         self.budget = body_budget(DEFAULT_MAX_FRAME_BYTES)  # `frame_budget()` of the current link
 
     def connected(self, loop: asyncio.AbstractEventLoop, version: int) -> None:
@@ -133,10 +135,15 @@ class Publisher:
             self.gathering_futures[dest].append(future)
         self.gathered += 1
         self.gathered_size += extra
-        if not self.requests or self.gathered >= self.max_batch:
+        if self.gathered >= self.max_batch:
             self.send_all()
         elif self.timer is None:
-            self.timer = loop.call_later(self.linger_s, self.send_all)
+            # nothing in flight: the request leaves at the end of this turn of the loop (when a task made now
+            # would first run), with whatever else is published in the same turn; else after `linger_s` at most
+            if self.requests:
+                self.timer = loop.call_later(self.linger_s, self.send_all)
+            else:
+                self.timer = loop.call_soon(self.send_all)
         return future
 
     def send_all(self) -> None:

@@ -10,8 +10,9 @@ Contract:
 - Every call has a timeout (`timeout=` per client, default 30 s) and raises RequestTimeout when it passes; the
   request may still be carried out by the broker.
 - `publish` returns only after the broker confirmed the message durable. Calls made close together are batched
-  into one frame: the first goes at once, later ones wait up to `linger_s` (or until `max_batch` messages) while
-  an earlier batch is in flight, like a Kafka producer. `publish_batch` sends its messages as one frame.
+  into one frame: with nothing in flight, what is published in one turn of the event loop leaves at the end of
+  that turn; later ones wait up to `linger_s` (or until `max_batch` messages) while an earlier batch is in
+  flight, like a Kafka producer. `publish_batch` sends its messages as one frame.
 - `ack_nowait` returns a future at once; acks made close together share ACK requests, at most
   `max_acks_in_flight` of them outstanding (client/_acks.py). `flush()` waits for every publish and ack.
 - When the connection breaks, the client reconnects with exponential backoff (0.05 s doubling to 5 s) and
