@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import math
 import os
@@ -46,7 +45,7 @@ from chute.bench import (
     drain,
     percentile,
     publish_all,
-    settle_done,
+    publish_paced,
 )
 from chute.client import AsyncClient
 
@@ -125,16 +124,7 @@ async def steady(url: str, rate: float, duration: float, size: int) -> list[floa
                   on_delivery=received))  # fmt: skip
         await asyncio.sleep(0.05)
         with collector_out_of_the_window():  # (the harness's own full collections are not the broker's stalls)
-            futures: collections.deque = collections.deque()
-            sent, start = 0, time.perf_counter()
-            while sent < total:  # a 1 ms pacing loop sends whatever is due (never one sleep per message)
-                due = min(total, int((time.perf_counter() - start) * rate) + 1)
-                while sent < due:
-                    futures.append(producer.publish_nowait(LATENCY_QUEUE, STAMP.pack(time.perf_counter()) + padding))
-                    sent += 1
-                settle_done(futures)
-                await asyncio.sleep(0.001)
-            await asyncio.gather(*futures)
+            await publish_paced(producer, LATENCY_QUEUE, total, rate, padding)
             await draining
     return samples
 

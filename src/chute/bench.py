@@ -388,6 +388,21 @@ def settle_done(futures: collections.deque) -> None:
         futures.popleft().result()
 
 
+async def publish_paced(producer: AsyncClient, queue: str, total: int, rate: float, padding: bytes) -> None:
+    """Publish `total` messages to `queue` at `rate` per second, each body its send time (STAMP) + `padding`: a
+    1 ms pacing loop sends whatever is due (never one sleep per message). Returns once all are confirmed."""
+    futures: collections.deque = collections.deque()
+    sent, start = 0, time.perf_counter()
+    while sent < total:
+        due = min(total, int((time.perf_counter() - start) * rate) + 1)
+        while sent < due:
+            futures.append(producer.publish_nowait(queue, STAMP.pack(time.perf_counter()) + padding))
+            sent += 1
+        settle_done(futures)
+        await asyncio.sleep(0.001)
+    await asyncio.gather(*futures)
+
+
 def percentile(ordered: Sequence[float], p: float) -> float:
     """Nearest-rank percentile of sorted values."""
     return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
@@ -482,19 +497,9 @@ class Bench:
                     drain(consumer, name, total, prefetch=1000, ack_batch=50, acks_in_flight=4,
                           on_delivery=received))  # fmt: skip
                 await asyncio.sleep(0.05)
-                futures: collections.deque = collections.deque()
-                sent = 0
                 with collector_out_of_the_window():
                     before = self.cpu()
-                    start = time.perf_counter()
-                    while sent < total:
-                        due = min(total, int((time.perf_counter() - start) * o.rate) + 1)
-                        while sent < due:
-                            futures.append(producer.publish_nowait(name, STAMP.pack(time.perf_counter()) + padding))
-                            sent += 1
-                        settle_done(futures)
-                        await asyncio.sleep(0.001)
-                    await asyncio.gather(*futures)
+                    await publish_paced(producer, name, total, o.rate, padding)
                     await draining
                     after = self.cpu()
                 cpu = self.cpu_rows("latency", before)
