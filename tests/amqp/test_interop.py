@@ -61,3 +61,21 @@ def test_native_creates_stay_idempotent_on_what_amqp_declared(server, channel, n
         client.create_topic(f"exchange.{name}")
         client.publish(f"exchange.{name}", b"still bound")
     assert channel.basic_get(f"{name}-q", auto_ack=True)[2] == b"still bound"
+
+
+def test_a_header_no_amqp_property_can_carry_reaches_amqp_consumers_in_the_table(server, channel, name):
+    # another front may give a message any string under an `amqp-` property's header; a value the property
+    # cannot carry (pamqp refuses it, the wire has no room for it) used to make every delivery of it an internal
+    # error that closed the consumer's connection, again at each redelivery: it now travels in the header table
+    odd = {"amqp-cluster-id": "c1", "amqp-delivery-mode": "0", "amqp-message-id": "m" * 300,
+           "amqp-timestamp": str(2**62), "amqp-priority": "300", "region": "eu"}  # fmt: skip
+    with chute.Client(server.url) as client:
+        client.create_queue(name)
+        odd_id = client.publish(name, b"odd", headers=odd)
+        client.publish(name, b"plain")
+    method, properties, body = channel.basic_get(name, auto_ack=True)
+    assert body == b"odd"
+    assert properties.headers == odd  # every one of them, as the Chute headers were
+    assert properties.cluster_id is None and properties.delivery_mode is None and properties.priority is None
+    assert properties.message_id == str(odd_id) and properties.timestamp is not None  # as for any native message
+    assert channel.basic_get(name, auto_ack=True)[2] == b"plain"  # the channel and connection lived on

@@ -324,12 +324,16 @@ class AmqpConnection:
 
     def send_content(self, channel: int, method, properties, body: bytes) -> bytes:
         """A method with content (basic.deliver, basic.get-ok, basic.return): method, header and body frames.
-        `method` may be a method's encoded payload (bytes) instead of a pamqp method."""
+        `method` may be a method's encoded payload (bytes) instead of a pamqp method, and `properties` the content
+        header's encoded payload (bytes) instead of pamqp properties."""
         if isinstance(method, bytes):
             parts = [FRAME_HEADER.pack(FRAME_METHOD, channel, len(method)), method, b"\xce"]
         else:
             parts = [frame.marshal(method, channel)]
-        parts.append(frame.marshal(header.ContentHeader(0, len(body), properties), channel))
+        if isinstance(properties, bytes):  # the content header's payload, encoded already (mapping.content_header)
+            parts += (FRAME_HEADER.pack(FRAME_HEADER_TYPE, channel, len(properties)), properties, b"\xce")
+        else:
+            parts.append(frame.marshal(header.ContentHeader(0, len(body), properties), channel))
         step = self.frame_max - FRAME_OVERHEAD
         for offset in range(0, len(body), step):
             chunk = body[offset : offset + step]
