@@ -36,7 +36,7 @@ from pamqp import commands
 from chute.amqp import dead_letter, reply_to
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
 from chute.amqp.frames import deliver_method
-from chute.amqp.mapping import content_header
+from chute.amqp.mapping import content_header, on_the_wire
 from chute.errors import ChuteError, QueueNotFound
 from chute.model import MAX_LEASE_S, Delivery
 
@@ -192,7 +192,7 @@ class Channel:
             tag = self.next_tag
             self.next_tag += 1
             properties = content_header(delivery)
-            exchange, key = session.front.origin_of(delivery)
+            exchange, key = on_the_wire(*session.front.origin_of(delivery))
             redelivered = delivery.delivery_count > 1
             if consumer is None:  # basic.get
                 method = commands.Basic.GetOk(delivery_tag=tag, redelivered=redelivered, exchange=exchange,

@@ -139,8 +139,8 @@ def _byte_arrays(value):
 
 
 def _unpack_table(text: str) -> dict:
-    raw = base64.b64decode(text)
     try:
+        raw = base64.b64decode(text)
         return decode.field_table(len(raw).to_bytes(4, "big") + raw)[1]
     except Exception:  # not ours: keep it as a string
         return {TABLE_HEADER: text}
@@ -274,6 +274,15 @@ def origin(delivery: Delivery, *, dead_letter_source: bool = False) -> tuple[str
         return exchange, routing_key(message.subject)
     queue = delivery.dead_letter_source if dead_letter_source and delivery.dead_letter_source else delivery.queue
     return exchange, amqp_queue(queue)
+
+
+def on_the_wire(exchange: str, key: str) -> tuple[str, str]:
+    """The exchange and routing key of a basic.deliver or basic.get-ok: short strings, so a name of over 255 bytes
+    (only another front can make one: a long subject, or such an `amqp-exchange` header) is sent empty."""
+    if len(exchange) > 63 or len(key) > 63:  # (a character is at most 4 bytes: shorter ones always fit)
+        exchange = exchange if len(exchange.encode()) <= 255 else ""
+        key = key if len(key.encode()) <= 255 else ""
+    return exchange, key
 
 
 def dead_lettered_as(arguments: dict | None, exchange: str, key: str) -> tuple[str, str]:
