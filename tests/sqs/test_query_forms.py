@@ -6,9 +6,12 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import MultiDict
 
 from chute.server.sqs.errors import SqsError
+from chute.server.sqs.messages import md5_hex, md5_of_attributes
 from chute.server.sqs.query import parse_form, render_error, render_result
 
 NS = "{http://queue.amazonaws.com/doc/2012-11-05/}"
@@ -209,3 +212,47 @@ def test_an_error_document_carries_the_legacy_code():
     assert root.findtext(f"{NS}Error/{NS}Message") == "The specified queue does not exist <here>."
     assert root.findtext(NS + "RequestId") == "r"
     assert parse_xml(render_error(SqsError("InternalError"), "r")).findtext(f"{NS}Error/{NS}Type") == "Receiver"
+
+
+# What XML 1.0 can carry (its Char production): a parser refuses a document with any other character, even as a
+# character reference, so the renderer shows those as U+FFFD.
+def xml_char(c: str) -> bool:
+    o = ord(c)
+    return o in (0x9, 0xA, 0xD) or 0x20 <= o <= 0xD7FF or 0xE000 <= o <= 0xFFFD or 0x10000 <= o <= 0x10FFFF
+
+
+def as_shown(text: str) -> str:
+    return "".join(c if xml_char(c) else "\ufffd" for c in text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(codec="utf-8")))
+def test_any_text_renders_as_a_document_a_parser_accepts(text):
+    root = parse_xml(render_result("GetQueueUrl", {"QueueUrl": text}, "r"))
+    assert (root.findtext(f"{NS}GetQueueUrlResult/{NS}QueueUrl") or "") == as_shown(text)
+    root = parse_xml(render_result("ListQueueTags", {"Tags": {text: text}}, "r"))
+    assert (root.findtext(f"{NS}ListQueueTagsResult/{NS}Tag/{NS}Key") or "") == as_shown(text)
+    root = parse_xml(render_error(SqsError("InvalidParameterValue", f"Value {text} is invalid."), "r"))
+    assert root.findtext(f"{NS}Error/{NS}Message") == f"Value {as_shown(text)} is invalid."
+
+
+def test_a_received_message_xml_cannot_carry_is_shown_with_the_md5s_of_what_is_shown():
+    # a natively published body and header may hold control characters that SQS itself refuses at SendMessage
+    body, value = "a\x00b\x1bc\ufffed\tok\r\n", "v\x0bw"
+    attributes = {"h": {"DataType": "String", "StringValue": value},
+                  "b": {"DataType": "Binary", "BinaryValue": "AAE="}}  # fmt: skip
+    message = {"MessageId": "m1", "ReceiptHandle": "r", "MD5OfBody": md5_hex(body.encode()), "Body": body,
+               "MD5OfMessageAttributes": md5_of_attributes(attributes), "MessageAttributes": attributes}  # fmt: skip
+    clean = {"MessageId": "m2", "ReceiptHandle": "r2", "MD5OfBody": md5_hex(b"fine"), "Body": "fine"}
+    root = parse_xml(render_result("ReceiveMessage", {"Messages": [message, clean]}, "r"))
+    shown, second = root.findall(f"{NS}ReceiveMessageResult/{NS}Message")
+    assert shown.findtext(NS + "Body") == "a\ufffdb\ufffdc\ufffdd\tok\r\n"
+    assert shown.findtext(NS + "MD5OfBody") == md5_hex("a\ufffdb\ufffdc\ufffdd\tok\r\n".encode())
+    values = {a.findtext(NS + "Name"): a.find(NS + "Value") for a in shown.findall(NS + "MessageAttribute")}
+    assert values["h"].findtext(NS + "StringValue") == "v\ufffdw"
+    assert values["b"].findtext(NS + "BinaryValue") == "AAE="
+    expected = md5_of_attributes({"h": {"DataType": "String", "StringValue": "v\ufffdw"}, "b": attributes["b"]})
+    assert shown.findtext(NS + "MD5OfMessageAttributes") == expected
+    assert second.findtext(NS + "Body") == "fine"
+    assert second.findtext(NS + "MD5OfBody") == md5_hex(b"fine")
+    assert message["Body"] == body  # the action's result is not changed: the JSON protocol carries it as it is

@@ -20,7 +20,10 @@ non-flattened `Name.member.N` form are accepted too.
 
 Invariants: every request gets exactly one XML document (a result or an `ErrorResponse` with the legacy query
 code and the error's HTTP status); an error other than `SqsError` becomes `InternalError` (500) and is logged;
-values are escaped so that an XML parser gives back exactly the string the action returned (`\\r` included).
+values are escaped so that an XML parser gives back exactly the string the action returned (`\\r` included);
+a character XML 1.0 cannot carry at all (a control character other than tab, LF and CR, U+FFFE, U+FFFF: SQS
+refuses them, but a message from another front may hold them) is shown as U+FFFD, so every answer is a document
+a parser accepts, and a received message's MD5s are those of the body and attributes as shown.
 """
 
 from __future__ import annotations
@@ -118,6 +121,11 @@ RESULT_MAPS: dict[str, tuple[str, str, str]] = {
 }
 
 _INDEX = re.compile(r"[1-9][0-9]{0,5}")
+
+
+# The characters of XML 1.0 (its `Char` production); any other is shown as U+FFFD.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+REPLACEMENT = "\ufffd"
 
 
 async def handle_query(request: web.Request, ctx: SqsContext, form: Mapping[str, Any]) -> web.Response:
@@ -233,6 +241,8 @@ def _is_queue_path(path: str) -> bool:
 def render_result(action: str, result: dict, request_id: str) -> bytes:
     """The XML response document of a successful action."""
     out = [f'<?xml version="1.0" encoding="UTF-8"?>\n<{action}Response xmlns="{XML_NAMESPACE}">']
+    if action == "ReceiveMessage" and result.get("Messages"):
+        result = {**result, "Messages": [_as_shown(message) for message in result["Messages"]]}
     if action not in WITHOUT_RESULT:
         out.append(f"<{action}Result>")
         _render_members(out, result, action)
@@ -249,6 +259,23 @@ def render_error(error: SqsError, request_id: str) -> bytes:
         f"<Message>{escape(error.message)}</Message><Detail/></Error>"
         f"<RequestId>{request_id}</RequestId></ErrorResponse>"
     ).encode()
+
+
+def _as_shown(message: dict) -> dict:
+    """A received message as its XML shows it: characters XML cannot carry replaced, and its MD5s those of what
+    is shown (older SDKs check them against the body and attributes they parsed)."""
+    changed: dict[str, Any] = {}
+    body = message.get("Body")
+    if body and _NOT_XML.search(body):
+        changed["Body"] = shown = _NOT_XML.sub(REPLACEMENT, body)
+        changed["MD5OfBody"] = msgs.md5_hex(shown.encode())
+    attributes = message.get("MessageAttributes")
+    if attributes and any(_NOT_XML.search(value.get("StringValue", "")) for value in attributes.values()):
+        attributes = {name: {**value, "StringValue": _NOT_XML.sub(REPLACEMENT, value["StringValue"])}
+                      if "StringValue" in value else value for name, value in attributes.items()}  # fmt: skip
+        changed["MessageAttributes"] = attributes
+        changed["MD5OfMessageAttributes"] = msgs.md5_of_attributes(attributes)
+    return {**message, **changed} if changed else message
 
 
 def _render_members(out: list[str], members: Mapping[str, Any], action: str) -> None:
@@ -284,5 +311,8 @@ _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;",
 
 
 def escape(text: str) -> str:
-    """Text for an XML element, escaped so that a parser returns it unchanged (a bare \\r would become \\n)."""
+    """Text for an XML element, escaped so that a parser returns it unchanged (a bare \\r would become \\n); a
+    character XML cannot carry, even as a reference, becomes U+FFFD."""
+    if _NOT_XML.search(text):
+        text = _NOT_XML.sub(REPLACEMENT, text)
     return text.translate(_ESCAPES)
