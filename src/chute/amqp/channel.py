@@ -35,7 +35,7 @@ from pamqp import commands
 
 from chute.amqp import dead_letter, reply_to
 from chute.amqp.errors import PRECONDITION_FAILED, AmqpError
-from chute.amqp.frames import deliver_method
+from chute.amqp.frames import deliver_method, get_ok_method
 from chute.amqp.mapping import content_header, on_the_wire
 from chute.errors import ChuteError, QueueNotFound
 from chute.model import MAX_LEASE_S, Delivery
@@ -195,8 +195,7 @@ class Channel:
             exchange, key = on_the_wire(*session.front.origin_of(delivery))
             redelivered = delivery.delivery_count > 1
             if consumer is None:  # basic.get
-                method = commands.Basic.GetOk(delivery_tag=tag, redelivered=redelivered, exchange=exchange,
-                                              routing_key=key, message_count=get_count)  # fmt: skip
+                method = get_ok_method(tag, redelivered, exchange, key, get_count)
                 no_ack = get_no_ack
             else:
                 method = deliver_method(consumer.tag, tag, redelivered, exchange, key)

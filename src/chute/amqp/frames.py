@@ -109,6 +109,7 @@ CLIENT_METHODS = {
 
 
 _DELIVER_INDEX = commands.Basic.Deliver.index.to_bytes(4, "big")
+_GET_OK_INDEX = commands.Basic.GetOk.index.to_bytes(4, "big")
 
 
 def deliver_method(consumer_tag: str, tag: int, redelivered: bool, exchange: str, key: str) -> bytes:
@@ -122,3 +123,18 @@ def deliver_method(consumer_tag: str, tag: int, redelivered: bool, exchange: str
     return b"".join((_DELIVER_INDEX, len(ctag).to_bytes(1, "big"), ctag, tag.to_bytes(8, "big"),
                      b"\x01" if redelivered else b"\x00", len(name).to_bytes(1, "big"), name,
                      len(rkey).to_bytes(1, "big"), rkey))  # fmt: skip
+
+
+def get_ok_method(tag: int, redelivered: bool, exchange: str, key: str, message_count: int) -> bytes:
+    """The payload of a basic.get-ok method frame, encoded by hand as basic.deliver's is, so that both carry the
+    same exchange names: pamqp's GetOk refuses any name outside its own pattern (`[a-zA-Z0-9-_.:@#,/+ ]`, at most
+    127 characters), which a message from another front (its `amqp-exchange` header) may hold, while AMQP allows
+    any short string, as RabbitMQ does.
+
+        class 60, method 71 | delivery-tag u64 | redelivered octet | exchange shortstr | routing-key shortstr
+        | message-count u32
+    """
+    name, rkey = exchange.encode(), key.encode()
+    return b"".join((_GET_OK_INDEX, tag.to_bytes(8, "big"), b"\x01" if redelivered else b"\x00",
+                     len(name).to_bytes(1, "big"), name, len(rkey).to_bytes(1, "big"), rkey,
+                     message_count.to_bytes(4, "big")))  # fmt: skip
