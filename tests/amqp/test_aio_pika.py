@@ -12,6 +12,7 @@ from decimal import Decimal
 import aio_pika
 import pytest
 
+import chute
 from chute.testing import serving
 
 pytestmark = pytest.mark.timeout(60)
@@ -67,6 +68,29 @@ async def test_every_field_type_round_trips():
     got = dict(message.headers)
     got["time"] = got["time"].replace(tzinfo=datetime.UTC) if got["time"].tzinfo is None else got["time"]
     assert got == headers
+
+
+async def test_an_expiration_header_from_another_front_that_is_not_milliseconds_stays_in_the_table():
+    # a native (HTTP, SQS) message may carry any string as `amqp-expiration`; sent as the expiration property,
+    # aio-pika's float() refused it while building the message: its consumer never saw that message (nor acked
+    # it), and queue.get raised
+    odd = {"amqp-expiration": "Binary", "region": "eu"}
+    async with serving() as server:
+        async with chute.AsyncClient(server.url) as client:
+            await client.create_queue("odd-expiration")
+            await client.publish("odd-expiration", b"odd", headers=odd)
+            await client.publish("odd-expiration", b"plain")
+        async with await aio_pika.connect(server.amqp_url) as connection:
+            queue = await (await connection.channel()).get_queue("odd-expiration", ensure=False)
+            got = []
+            async with asyncio.timeout(10), queue.iterator() as messages:
+                async for message in messages:
+                    await message.ack()
+                    got.append(message)
+                    if len(got) == 2:
+                        break
+    assert [message.body for message in got] == [b"odd", b"plain"]
+    assert got[0].headers == odd and got[0].expiration is None
 
 
 async def test_robust_connection_comes_back_after_a_restart(tmp_path):

@@ -193,6 +193,17 @@ def test_per_message_expiration(channel, name):
     assert drain(channel, name) == [b"kept"]
 
 
+@pytest.mark.parametrize("expiration", ["\u00b2", "1.5", "-1", "soon"])
+def test_an_expiration_that_is_not_ascii_digits_is_refused_with_406(connection, channel, name, expiration):
+    # '²' passed str.isdigit and then failed int(): a 541 that closed the whole connection, not just the channel
+    channel.queue_declare(name)
+    with pytest.raises(ChannelClosedByBroker) as refused:
+        channel.basic_publish("", name, b"odd", pika.BasicProperties(expiration=expiration))
+        channel.queue_declare(name, passive=True)  # a round trip: the refusal has come by its end
+    assert refused.value.reply_code == 406
+    assert connection.is_open and connection.channel().queue_declare(name, passive=True).method.message_count == 0
+
+
 def test_reject_dead_letters_through_a_named_exchange(channel, name):
     dlx, dlq = f"{name}-dlx", f"{name}-dlq"
     channel.exchange_declare(dlx, "fanout")

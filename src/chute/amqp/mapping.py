@@ -107,7 +107,7 @@ def _chute_options(table: dict) -> dict:
 
 
 def _expiration_s(text: str) -> float:
-    if not text.isdigit():
+    if not _is_milliseconds(text):
         raise AmqpError(PRECONDITION_FAILED, f"invalid expiration {text!r}: a number of milliseconds")
     return max(int(text), 1) / 1000.0
 
@@ -218,10 +218,17 @@ def _short(value) -> bool:
     return type(value) is str and len(value.encode()) <= 255
 
 
+def _is_milliseconds(text: str) -> bool:
+    """An expiration as RabbitMQ takes it: ASCII digits only (str.isdigit alone takes '²', which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 MAX_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z: the last second a datetime (pamqp's timestamp) can hold
 # what each property can carry (AMQP's domains, and what pamqp checks: a delivery mode is 1 or 2, a cluster id
-# is empty); anything else stays in the header table
+# is empty; an expiration is a number of milliseconds, as RabbitMQ accepts it and clients such as aio-pika parse
+# it); anything else stays in the header table
 _FITS = {**{name: _short for name in _STRING_PROPERTIES}, "cluster_id": lambda value: value == "",
+         "expiration": lambda value: _short(value) and _is_milliseconds(value),
          "delivery_mode": lambda value: value in (1, 2), "priority": lambda value: 0 <= value <= 255,
          "timestamp": lambda value: 0 <= value <= MAX_TIMESTAMP}  # fmt: skip
 
