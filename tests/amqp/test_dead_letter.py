@@ -8,6 +8,8 @@ import time
 import pika
 from pamqp import commands
 
+import chute
+from tests.amqp.conftest import chute_only
 from tests.amqp.raw import Raw
 
 
@@ -124,3 +126,25 @@ def test_x_death_count_goes_on_the_wire_as_a_64_bit_integer(server, channel, nam
         assert b"\x05countl\x00\x00\x00\x00\x00\x00\x00\x01" in raw.buffer
     finally:
         raw.close()
+
+
+@chute_only
+def test_a_rejected_message_from_another_front_with_odd_chute_option_headers_is_dead_lettered(server, channel, name):
+    # x-delay, x-group-id: AMQP publishes are checked for them, but a native or HTTP message may hold any string
+    # there; the republish to the dead-letter queue read them again and failed (a background error: the message
+    # stayed unacked, back in its queue at every rejection); a dead letter does not carry them over as options
+    work, dead = f"{name}-work", f"{name}-dead"
+    odd = {"x-delay": "soon", "x-group-id": "g" * 200, "region": "eu"}
+    with chute.Client(server.url) as client:
+        client.create_queue(dead)
+        client.create_queue(work, dead_letter_queue=dead)
+        client.publish(work, b"odd", headers=odd)
+    method, _, _ = get_one(channel, work)
+    channel.basic_reject(method.delivery_tag, requeue=False)
+    method, properties, body = get_one(channel, dead)
+    assert body == b"odd" and summary(properties) == [(work, "rejected", 1)]
+    assert {key: properties.headers[key] for key in odd} == odd
+    channel.basic_ack(method.delivery_tag)
+    assert channel.queue_declare(work, passive=True).method.message_count == 0
+    with chute.Client(server.url) as client:
+        assert client.peek(work) == []  # not in flight either

@@ -43,9 +43,7 @@ def republished(front, delivery: Delivery) -> Publish:
     properties.headers = table
     properties.expiration = None
     message = delivery.message
-    publish = to_publish(properties, delivery.body)  # to a queue: the routing key goes in a header, not a subject
-    publish.dedup_id = None
-    publish.delay_s = None
+    publish = to_publish(properties, delivery.body, options=False)  # to a queue: the key goes in a header
     publish.group = message.group
     publish.priority = message.priority
     declared = front.book.queues.get(delivery.queue)

@@ -53,8 +53,11 @@ _PROPERTY_OF = {header: name for name, header in _HEADER_OF.items()}
 REASONS = {"rejected": "rejected", "expired": "expired", "overflow": "maxlen", "max_deliveries": "delivery_limit"}
 
 
-def to_publish(properties, body: bytes, routing_subject: str | None = None) -> Publish:
-    """The Chute publish of an AMQP message (406 if its expiration is not a number of milliseconds)."""
+def to_publish(properties, body: bytes, routing_subject: str | None = None, *, options: bool = True) -> Publish:
+    """The Chute publish of an AMQP message (406 if its expiration is not a number of milliseconds). `options`:
+    read Chute's options from the header table (x-delay, x-deduplication-header, x-group-id; 406 for a bad one);
+    False for a dead letter's republish, which does not carry them over (another front may have set any string
+    under those names)."""
     headers: dict[str, str] = {}
     ttl_s = None
     priority = 0
@@ -77,10 +80,10 @@ def to_publish(properties, body: bytes, routing_subject: str | None = None) -> P
             ttl_s = _expiration_s(properties.expiration)
         if properties.headers:
             _pack_table(properties.headers, headers)
-            options = _chute_options(properties.headers)
-            if options:
+            chute_options = _chute_options(properties.headers) if options else None
+            if chute_options:
                 return Publish(body=body, headers=headers or None, priority=priority, ttl_s=ttl_s,
-                               subject=routing_subject, **options)  # fmt: skip
+                               subject=routing_subject, **chute_options)  # fmt: skip
     return Publish(body=body, headers=headers or None, priority=priority, ttl_s=ttl_s, subject=routing_subject)
 
 
