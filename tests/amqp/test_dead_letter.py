@@ -148,3 +148,21 @@ def test_a_rejected_message_from_another_front_with_odd_chute_option_headers_is_
     assert channel.queue_declare(work, passive=True).method.message_count == 0
     with chute.Client(server.url) as client:
         assert client.peek(work) == []  # not in flight either
+
+
+@chute_only
+def test_a_header_amqp_cannot_show_survives_a_rejection_to_the_dead_letter_queue(server, channel, name):
+    # a 256-character name (a valid SQS attribute name) cannot be in an AMQP table: the consumer does not see it,
+    # but the republish to the dead-letter queue used to lose it for every other front
+    work, dead = f"{name}-work", f"{name}-dead"
+    long_name = "n" * 256
+    with chute.Client(server.url) as client:
+        client.create_queue(dead)
+        client.create_queue(work, dead_letter_queue=dead)
+        client.publish(work, b"long", headers={long_name: "kept", f"sqs:type:{long_name}": "Binary"})
+        method, properties, _ = get_one(channel, work)
+        assert long_name not in (properties.headers or {})
+        channel.basic_reject(method.delivery_tag, requeue=False)
+        [delivery] = client.receive(dead, wait_s=10)
+    assert delivery.message.headers[long_name] == "kept"
+    assert delivery.message.headers[f"sqs:type:{long_name}"] == "Binary"

@@ -11,7 +11,8 @@ expired in the other) shows every (queue, reason) with its count.
 As RabbitMQ does, the republished message loses its per-message expiration; Chute's own options that would
 change its fate there (a delay, a dedup id) are not carried over. Publish first, then ack: a crash between the two
 delivers the message twice (at least once), never zero times. If the dead-letter queue refuses it (gone, full),
-the broker's own dead-lettering is used (without the history).
+the broker's own dead-lettering is used (without the history). A header no AMQP table can carry (a name over 255
+bytes, from another front) is carried over unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def republished(front, delivery: Delivery) -> Publish:
     declared = front.book.queues.get(delivery.queue)
     exchange, key = dead_lettered_as(declared["arguments"] if declared is not None else None, exchange, key)
     headers = publish.headers if publish.headers is not None else {}
+    for name, value in message.headers.items():
+        if len(name.encode()) > 255:  # no AMQP table can hold it (another front's, say a 256-character SQS
+            headers[name] = value  # attribute name): carried over as it was, for the other fronts
     headers[EXCHANGE_HEADER], headers[ROUTING_KEY_HEADER] = exchange, key
     publish.headers = headers
     return publish
