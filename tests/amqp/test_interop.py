@@ -99,3 +99,15 @@ def test_other_odd_headers_from_another_front_are_delivered_too(server, channel,
     if headers.get("amqp-table") == "!!not base64":
         assert properties.headers == headers
     assert channel.basic_get(name, auto_ack=True)[2] == b"plain"
+
+
+@pytest.mark.parametrize("headers", [{"amqp-timestamp": "soon"}, {"amqp-priority": "high"},
+                                     {"amqp-delivery-mode": "persistent"}])  # fmt: skip
+def test_a_number_property_header_that_is_not_a_number_stays_in_the_table(server, channel, name, headers):
+    # a numeric property's header holding text (another front's) was dropped: neither property nor table entry
+    with chute.Client(server.url) as client:
+        client.create_queue(name)
+        client.publish(name, b"odd", headers=headers)
+    _, properties, body = channel.basic_get(name, auto_ack=True)
+    assert body == b"odd" and properties.headers == headers
+    assert properties.delivery_mode is None and properties.priority is None and properties.timestamp is not None

@@ -192,11 +192,12 @@ def _property_values(delivery: Delivery) -> tuple[dict, dict]:
             continue
         else:
             table[name] = value
-    for name in _NUMBER_PROPERTIES:
-        if name in values:
-            values[name] = _int(values[name])
-    if "timestamp" in values:
-        values["timestamp"] = _int(values["timestamp"])
+    for name in (*_NUMBER_PROPERTIES, "timestamp"):
+        number = _int(values.get(name))
+        if number is not None:
+            values[name] = number
+        elif values.get(name) == "":
+            values[name] = None  # (other text, which no number property fits, goes to the table below)
     for name in [name for name, value in values.items() if value is not None and not _FITS[name](value)]:
         # a value from another front that the property cannot carry stays visible in the table, under its header
         table[_HEADER_OF[name]] = message.headers.get(_HEADER_OF[name], str(values.pop(name)))
@@ -232,8 +233,9 @@ MAX_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z: the last second a datet
 # it); anything else stays in the header table
 _FITS = {**{name: _short for name in _STRING_PROPERTIES}, "cluster_id": lambda value: value == "",
          "expiration": lambda value: _short(value) and _is_milliseconds(value),
-         "delivery_mode": lambda value: value in (1, 2), "priority": lambda value: 0 <= value <= 255,
-         "timestamp": lambda value: 0 <= value <= MAX_TIMESTAMP}  # fmt: skip
+         "delivery_mode": lambda value: value in (1, 2),
+         "priority": lambda value: type(value) is int and 0 <= value <= 255,
+         "timestamp": lambda value: type(value) is int and 0 <= value <= MAX_TIMESTAMP}  # fmt: skip
 
 
 # basic's property flags, first property first (AMQP 0-9-1, 4.2.6.1: bit 15 down to bit 2), and how each encodes
