@@ -4,7 +4,8 @@
 the checkpoint counters). A checkpoint is due every `checkpoint_bytes` of log or `checkpoint_interval_s` (then
 also when the broker has gone idle), and as soon as a start's recovery replayed a log tail after a crash (crashes
 sooner than the interval would otherwise let the tail grow), one at a time, in the background. Compaction runs
-first, in steps; the snapshot of a large state is built in a forked child (`_forked_snapshot.py`).
+first, in steps, then the timer heap sheds its stale timers if they are half of it or more (in steps too); the
+snapshot of a large state is built in a forked child (`_forked_snapshot.py`).
 
 Invariant: nothing here walks a large backlog in one turn of the event loop; a checkpoint's snapshot stands for
 exactly the log position the store records (no await between building it and storing it).
@@ -22,6 +23,7 @@ from chute import _forked_snapshot as forked_snapshot
 log = logging.getLogger("chute.broker")
 
 COMPACT_READ_BATCH = 1000  # records read per round trip to the store while compacting
+TIMER_STEP = 2048  # timers moved per turn of the loop while dropping stale ones (~1-2 ms)
 GC_FREEZE_MIN_ENTRIES = 100_000  # a recovered backlog from which full collections would hold the loop > ~5 ms
 
 
@@ -69,6 +71,9 @@ class Housekeeping:
             await self._compact()
             if self._state != "serving":
                 return
+            await self._drop_stale_timers()  # before a fork too: it writes to the heap's pages
+            if self._state != "serving":
+                return
             snapshot = None
             if forked_snapshot.worth_forking(self.core):
                 snapshot = await forked_snapshot.snapshot(self.core, self.store)
@@ -101,6 +106,18 @@ class Housekeeping:
             if self._state != "serving":
                 return
             self._run(self.core.relocate, list(zip(batch, payloads, strict=True)), scan)
+
+    async def _drop_stale_timers(self) -> None:
+        """When half or more of the timer heap is stale (what it timed was acked, deleted or purged, and nothing
+        new pushed the heap past its compaction threshold), compact it now, in steps: a burst that was consumed
+        gives its timers' memory back at the next checkpoint, not days later at their deadlines."""
+        timers = self.core.timers
+        if not timers.compacting and timers.mostly_stale():
+            timers.compact()
+        while timers.step(TIMER_STEP):
+            await asyncio.sleep(0)
+            if self._state != "serving":
+                return
 
     def _freeze_recovered_state(self) -> None:
         """After recovering a large backlog, move every object the garbage collector tracks out of its reach

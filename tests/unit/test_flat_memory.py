@@ -139,3 +139,65 @@ def test_timer_compaction_keeps_live_timers_in_order():
     assert [item for item in fired if item[1] not in dead] == live
     assert len(fired) < len(expected) / 2  # most stale timers were dropped before firing
     assert len(timers) == 0
+
+
+BURST = 20_000
+
+
+async def _consume_all(broker, name: str) -> None:
+    while deliveries := await broker.receive(name, 1000):
+        await broker.ack(name, [d.receipt for d in deliveries])
+
+
+@pytest.mark.parametrize("ending", ["consumed", "deleted", "purged"])
+async def test_a_burst_that_is_gone_gives_its_timers_back_at_the_next_checkpoint(manual_broker, ending):
+    # Every message of a queue with a retention has an expiry timer. Once the burst is gone (acked, its queue
+    # deleted or purged) and nothing else comes, those timers are all stale, but the heap only compacts itself
+    # when it grows: without the checkpoint's check they (and the entries they name) stayed for 4 days.
+    broker = manual_broker
+    await broker.create_queue("other")
+    await broker.create_queue("q", retention_s=4 * DAY)
+    for _ in range(BURST // 1000):
+        await broker.publish_batch("q", [Publish(body=b"m") for _ in range(1000)])
+    await broker.publish_batch("other", [Publish(body=b"live", ttl_s=DAY) for _ in range(10)])
+    if ending == "consumed":
+        await _consume_all(broker, "q")
+    elif ending == "deleted":
+        await broker.delete_queue("q")
+    else:
+        assert await broker.purge_queue("q") == BURST
+    assert len(broker.core.timers) >= BURST  # stale, waiting for their deadlines
+    await broker.checkpoint()
+    assert len(broker.core.timers) == 10  # the live ones of "other"
+    assert broker.core.timers.next_deadline() is not None
+
+
+async def test_a_heap_of_mostly_live_timers_is_left_alone_by_the_checkpoint(manual_broker):
+    broker = manual_broker
+    await broker.create_queue("q", retention_s=4 * DAY)
+    for _ in range(BURST // 1000):
+        await broker.publish_batch("q", [Publish(body=b"m") for _ in range(1000)])
+    timers = broker.core.timers
+    assert not timers.mostly_stale()
+    before = list(timers.heap)
+    await broker.checkpoint()
+    assert timers.heap == before and not timers.compacting
+
+
+def test_an_explicit_compaction_keeps_the_live_timers_in_order():
+    rng = random.Random(9)
+    dead: set[int] = set()
+    timers = Timers(lambda when, kind, owner, subject: subject not in dead)
+    expected = [(rng.uniform(0, 1000), i) for i in range(3 * SLACK)]
+    for when, i in expected:
+        timers.add(when, DEDUP, None, i)
+    dead.update(i for _, i in expected if i % 3)  # two thirds go stale at once
+    assert timers.mostly_stale()
+    timers.compact()
+    assert timers.compacting
+    timers.add(500.0, DEDUP, None, "new")  # added while the compaction is under way
+    while timers.step(100):
+        pass
+    assert not timers.compacting and len(timers) == SLACK + 1
+    fired = [(when, subject) for when, _, _, subject in timers.pop_due(2000.0)]
+    assert fired == sorted([(w, i) for w, i in expected if i not in dead] + [(500.0, "new")], key=lambda t: t[0])

@@ -13,12 +13,20 @@ ever taken from its end, or its top), so `next_deadline` and `pop_due` look at b
 `STEP` items of moving work, so a compaction never stalls the event loop, and the heap stays within about twice
 the live timers plus `SLACK`, whatever the traffic that passed through.
 
+That bound follows the heap's size at its last compaction, so it does not shrink by itself when most timers go
+stale at once and nothing new comes: a burst of messages with a 4-day expiry, all consumed, or a large queue
+deleted or purged, would keep every stale timer (and the entry it names) until its deadline. So the broker's
+housekeeping also asks `mostly_stale()` (a sample of the items judged by `live`) at each checkpoint, starts a
+compaction with `compact()` when half or more look stale, and drives it to the end with `step()`, a bounded
+number of items per turn of the loop, even when no timer is added or due.
+
 Invariant: `pop_due(now)` yields timers in deadline order, ties in insertion order.
 """
 
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Callable
 from itertools import count
 
@@ -26,6 +34,8 @@ LEASE, DELAY, EXPIRE, RETAIN, DEDUP = range(5)
 
 SLACK = 4096  # stale timers tolerated before compaction starts: small enough to be noise in memory
 STEP = 128  # items moved per call while compacting: ~0.05 ms, or a few ms if each is a stale lease of 1,000 receipts
+
+_SAMPLER = random.Random()  # draws the items `mostly_stale` looks at
 
 Item = tuple[float, int, int, object, object]
 Live = Callable[[float, int, object, object], bool]
@@ -62,6 +72,34 @@ class Timers:
                 push(heap, item)
         if not old:
             self._compact_at = 2 * len(heap) + SLACK
+
+    @property
+    def compacting(self) -> bool:
+        return bool(self._old)
+
+    def mostly_stale(self, sample: int = 256) -> bool:
+        """Do half or more of the items look stale? Judged by `live` on `sample` items drawn at random (with
+        replacement); False for a heap within `SLACK`, without a `live` predicate, or being compacted."""
+        heap, live, rng = self.heap, self._live, _SAMPLER
+        if len(heap) <= SLACK or live is None or self._old:
+            return False
+        stale = 0
+        for _ in range(sample):
+            when, _, kind, owner, subject = heap[rng.randrange(len(heap))]
+            if not live(when, kind, owner, subject):
+                stale += 1
+        return 2 * stale >= sample
+
+    def compact(self) -> None:
+        """Start a compaction now (unless one is under way): `step`, `add` and `pop_due` move the items on."""
+        if not self._old and self.heap and self._live is not None:
+            self._old, self.heap = self.heap, []
+
+    def step(self, budget: int = STEP) -> bool:
+        """Move up to `budget` items of the compaction under way; True while some are left to move."""
+        if self._old:
+            self._move(budget)
+        return bool(self._old)
 
     def next_deadline(self) -> float | None:
         heap, old = self.heap, self._old
