@@ -132,6 +132,22 @@ def test_mandatory_unroutable_publish_is_returned(channel, name):
     channel.basic_publish("", f"{name}-missing", b"dropped silently")  # not mandatory: confirmed, dropped
 
 
+def test_a_user_id_that_is_not_the_connections_user_is_406(connection, name):
+    # as RabbitMQ: the user_id property, when set, must name the user the connection logged in as (guest here)
+    channel = connection.channel()
+    channel.queue_declare(name)
+    channel.confirm_delivery()
+    channel.basic_publish("", name, b"mine", pika.BasicProperties(user_id="guest"))
+    with pytest.raises(ChannelClosedByBroker) as caught:
+        channel.basic_publish("", name, b"forged", pika.BasicProperties(user_id="mallory"))
+    assert caught.value.reply_code == 406
+    assert "user_id property set to 'mallory' but authenticated user was 'guest'" in caught.value.reply_text
+    other = connection.channel()
+    assert other.queue_declare(name, passive=True).method.message_count == 1  # the forged one was not stored
+    _, properties, body = other.basic_get(name, auto_ack=True)
+    assert body == b"mine" and properties.user_id == "guest"
+
+
 def test_passive_declare_of_a_missing_queue_is_404(channel, name):
     with pytest.raises(ChannelClosedByBroker) as caught:
         channel.queue_declare(name, passive=True)

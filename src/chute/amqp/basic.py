@@ -89,6 +89,10 @@ def _publish(session: AmqpSession, channel: Channel, batch: list[Content], facts
     group_dest, group = None, []
     for content in batch:
         try:
+            user_id = content.properties.user_id if content.properties is not None else None
+            if user_id and user_id != session.user_name:  # as RabbitMQ: a message cannot claim another user
+                raise AmqpError(PRECONDITION_FAILED, f"user_id property set to '{user_id}' but authenticated user "
+                                f"was '{session.user_name}'")  # fmt: skip
             reply_to.stamp(channel, content)
             if reply_to.is_reply(content):  # direct reply-to: straight to the requesting channel, not stored
                 dest, message, routable = None, None, reply_to.deliver(session, content)

@@ -21,6 +21,12 @@ def credential(auth: Authenticator, method) -> tuple:
     return auth.credential(hello)
 
 
+def login_name(auth: Authenticator, method, principal: Principal) -> str:
+    """The user a connection is, which a published message's `user_id` property must name (as RabbitMQ
+    checks it): the authenticated user; with auth off, the user name start-ok gave (`guest` for most clients)."""
+    return principal.name if auth.enabled else _credentials(method)[0]
+
+
 async def authenticate(auth: Authenticator, method) -> Principal:
     """The principal of connection.start-ok's credentials; 403 ACCESS_REFUSED (a connection exception) if they
     are wrong. With auth off every connection is the anonymous superuser, whatever it sent (guest/guest too)."""

@@ -49,7 +49,7 @@ from chute.amqp.errors import (
     AmqpError,
     connection_error,
 )
-from chute.amqp.handshake import authenticate, credential
+from chute.amqp.handshake import authenticate, credential, login_name
 from chute.errors import ChuteError
 from chute.protocol.sizes import body_budget
 from chute.server.auth import ANONYMOUS, Principal
@@ -87,6 +87,7 @@ class AmqpSession(asyncio.Protocol):
         self.tasks: set[asyncio.Task] = set()
         self.principal: Principal = ANONYMOUS
         self.credential: tuple | None = None  # what start-ok authenticated with (None before tune)
+        self.user_name = ""  # who a published message's user_id property may name (handshake.login_name)
         self.capabilities: dict = {}
         self.client_properties: dict = {}
         self.publish_bytes = 0
@@ -397,6 +398,7 @@ class AmqpSession(asyncio.Protocol):
         try:
             self.principal = await authenticate(self.server.auth, method)
             self.credential = credential(self.server.auth, method)
+            self.user_name = login_name(self.server.auth, method, self.principal)
         except AmqpError as exc:
             self.fail(exc)
             return
