@@ -51,7 +51,15 @@ import time
 import msgspec
 
 from chute.errors import BrokerClosed, ChuteError, QueueInUse, QueueNotFound, Unavailable
-from chute.model import DEAD_LETTER_REASONS, Publish, QueueSettings, SubscriptionInfo, TopicInfo
+from chute.model import (
+    DEAD_LETTER_REASONS,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    Publish,
+    QueueSettings,
+    SubscriptionInfo,
+    TopicInfo,
+)
 
 log = logging.getLogger("chute.cluster")
 
@@ -60,7 +68,6 @@ REDRIVE_BATCH = 100  # relayed dead letters sent back to their sources per round
 REDRIVE_LEASE_S = 300.0  # held while a redrive looks at them (released or acked before it returns)
 REASON_HEADER = "chute-dead-letter-reason"
 SOURCE_HEADER = "chute-dead-letter-source"
-MAX_HEADERS = 64  # model.MAX_HEADERS: a dead letter with more headers keeps its own and loses these two
 BATCH = 500  # messages per relayed publish: one group commit on each side
 BATCH_BYTES = 4 * 2**20  # and at most this many bytes of bodies (a batch of one may be larger)
 LEASE_S = 60.0  # a batch's lease in the relay queue: longer than a forwarded call's wait for an owner (15 s)
@@ -252,11 +259,21 @@ def _copy(shard: int, delivery) -> Publish:
         # as in one broker and in RabbitMQ, which drops a dead letter's expiration)
         ttl_s = max(0.001, message.expires_at - time.time())
     headers = message.headers or None
-    if delivery.dead_letter_reason is not None and len(headers or ()) <= MAX_HEADERS - 2:
-        headers = {**(headers or {}), REASON_HEADER: delivery.dead_letter_reason,
-                   SOURCE_HEADER: delivery.dead_letter_source or ""}  # fmt: skip
+    if delivery.dead_letter_reason is not None:
+        headers = _with_dead_letter(headers, delivery.dead_letter_reason, delivery.dead_letter_source or "")
     return Publish(body=message.body, headers=headers, priority=message.priority,
                    group=message.group, ttl_s=ttl_s, dedup_id=relay_dedup_id(shard, delivery))  # fmt: skip
+
+
+def _with_dead_letter(headers: dict[str, str] | None, reason: str, source: str) -> dict[str, str] | None:
+    """A dead letter's headers with its reason and source added, if the two still fit the limits of a message's
+    headers (model.MAX_HEADERS, MAX_HEADER_BYTES); else its own, unchanged: a publish over those limits is refused
+    for good, and the relay would retry the batch forever, holding back every dead letter behind this one. Such a
+    dead letter arrives without a reason and source (not even those of an earlier relay), as an ordinary message."""
+    merged = {**(headers or {}), REASON_HEADER: reason, SOURCE_HEADER: source}  # (a relayed one's are replaced)
+    if len(merged) <= MAX_HEADERS and sum(len(key) + len(value) for key, value in merged.items()) <= MAX_HEADER_BYTES:
+        return merged
+    return {key: value for key, value in merged.items() if key not in (REASON_HEADER, SOURCE_HEADER)} or None
 
 
 def relay_dedup_id(shard: int, delivery) -> str:
