@@ -37,11 +37,15 @@ async def test_a_queue_made_by_boto3_is_used_natively(sqs, sqs_server, name):
         assert delivery.headers == {"kind": "order", "n": "7", "sqs:type:n": "Number", "bin": blob,
                                     "sqs:type:bin": "Binary"}  # fmt: skip
         await client.ack(delivery)
-        await client.publish(name, b"from chute", headers={"origin": "native", "bad name!": "skipped"})
+        # only names SendMessage would take show as attributes (the others stay native headers)
+        refused = {"bad name!": "x", "newline\n": "x", ".lead": "x", "trail.": "x", "dou..ble": "x",
+                   "n" * 257: "x", "AWS.trace": "x", "amazon.x": "x"}  # fmt: skip
+        await client.publish(name, b"from chute", headers={"origin": "native", "n" * 256: "long", **refused})
     [message] = (await asyncio.to_thread(sqs.receive_message, QueueUrl=url, MessageAttributeNames=["All"],
                                          WaitTimeSeconds=5))["Messages"]  # fmt: skip
     assert message["Body"] == "from chute"
-    assert message["MessageAttributes"] == {"origin": {"DataType": "String", "StringValue": "native"}}
+    assert message["MessageAttributes"] == {"origin": {"DataType": "String", "StringValue": "native"},
+                                            "n" * 256: {"DataType": "String", "StringValue": "long"}}  # fmt: skip
     assert message["MD5OfMessageAttributes"] == md5_of_message_attributes(message["MessageAttributes"])
 
 

@@ -85,7 +85,8 @@ def test_empty_body(sqs, url):
 
 
 @pytest.mark.parametrize(
-    "attribute_name", ["AWS.reserved", "amazon.reserved", ".lead", "trail.", "dou..ble", "sp ace", "x" * 257, "ü"]
+    "attribute_name",
+    ["AWS.reserved", "amazon.reserved", ".lead", "trail.", "dou..ble", "sp ace", "x" * 257, "ü", "newline\n"],
 )
 def test_attribute_names(sqs, url, attribute_name):
     _raises(sqs.send_message, "InvalidParameterValue", QueueUrl=url, MessageBody="x",

@@ -42,7 +42,7 @@ SYSTEM_ATTRIBUTES = ("AWSTraceHeader",)
 
 # XML 1.0 characters, as SQS allows them in bodies and string values
 _INVALID_CHARS = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-_ATTRIBUTE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _DATA_TYPE = re.compile(r"^(String|Number|Binary)(\..+)?$")
 _ID_CHARS = re.compile(r"^[A-Za-z0-9!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]{1,128}$")
 
@@ -126,20 +126,29 @@ def check_message_attributes(attributes: object, *, system: bool = False) -> tup
     return checked, size
 
 
+def _well_formed_attribute_name(name: object) -> bool:
+    """1-256 characters of A-Z, a-z, 0-9, '_', '-' and '.', with no '.' first, last or twice in a row."""
+    return (
+        isinstance(name, str)
+        and 1 <= len(name) <= MAX_ATTRIBUTE_NAME_CHARS
+        and _ATTRIBUTE_NAME.fullmatch(name) is not None
+        and not name.startswith(".")
+        and not name.endswith(".")
+        and ".." not in name
+    )
+
+
+def _reserved_attribute_name(name: str) -> bool:
+    lowered = name.lower()
+    return lowered.startswith("aws.") or lowered.startswith("amazon.")
+
+
 def _check_attribute_name(name: object) -> None:
-    if (
-        not isinstance(name, str)
-        or not 1 <= len(name) <= MAX_ATTRIBUTE_NAME_CHARS
-        or not _ATTRIBUTE_NAME.match(name)
-        or name.startswith(".")
-        or name.endswith(".")
-        or ".." in name
-    ):
+    if not _well_formed_attribute_name(name):
         raise SqsError("InvalidParameterValue", f"Message (user) attribute name '{name}' is invalid. It must be "
                        "1-256 characters of A-Z, a-z, 0-9, '_', '-' and '.', with no '.' first, last or twice in a "
                        "row.")  # fmt: skip
-    lowered = name.lower()
-    if lowered.startswith("aws.") or lowered.startswith("amazon."):
+    if _reserved_attribute_name(name):
         raise SqsError("InvalidParameterValue", f"Message (user) attribute name '{name}' is reserved: names "
                        "starting with 'AWS.' or 'Amazon.' are for AWS.")  # fmt: skip
 
@@ -220,8 +229,8 @@ def from_headers(headers: dict[str, str]) -> tuple[dict[str, dict], dict[str, st
             if not name.startswith(TYPE_PREFIX) and name[len(SYSTEM_PREFIX) :] in SYSTEM_ATTRIBUTES:
                 system[name[len(SYSTEM_PREFIX) :]] = value
             continue
-        if not value or not _ATTRIBUTE_NAME.match(name):
-            continue
+        if not value or not _well_formed_attribute_name(name) or _reserved_attribute_name(name):
+            continue  # (a header SendMessage would refuse as an attribute name is not shown as one)
         data_type = headers.get(TYPE_PREFIX + name, "String")
         if data_type.startswith("Binary"):
             try:
