@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import logging
 from urllib.parse import parse_qs
@@ -168,7 +169,9 @@ async def _proxy(session: ClientSession, request: web.Request, owner, scheme: st
     url = f"{scheme}://{host}:{owner.http_port}{request.raw_path}"
     body = await request.read()
     try:
-        async with session.request(request.method, url, headers=headers, data=body,
+        # (a BytesIO, not bytes: aiohttp warns of a bytes body over 1 MiB, such as a publish of a body near
+        # max_message_bytes in base64, with a ResourceWarning, which fails the request where warnings are errors)
+        async with session.request(request.method, url, headers=headers, data=io.BytesIO(body),
                                    allow_redirects=False) as answer:  # fmt: skip
             payload = await answer.read()
             kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
