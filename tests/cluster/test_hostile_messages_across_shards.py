@@ -18,6 +18,7 @@ from tests.cluster.routing_helpers import static_cluster
 from tests.cluster.test_fanout_relay import name_on
 
 pytestmark = pytest.mark.timeout(60)
+KEEPER = b"keeps the queue in its shard"
 
 
 async def drain(client: AsyncClient, queue: str, count: int, timeout_s: float = 10.0) -> list:
@@ -75,3 +76,64 @@ async def test_a_publish_of_the_largest_body_through_the_http_api_of_a_forwardin
                         assert answer.status == 201, await answer.text()
             got = await drain(client, queue, 2)
             assert [d.message.body for d in got] == [body, body]
+
+
+async def until_leased_elsewhere(client: AsyncClient, queue: str) -> None:
+    """Keep `queue` from moving to a topic's shard on subscribe: one message of it leased for the test's length."""
+    await client.publish(queue, KEEPER)
+    assert len(await client.receive(queue, 1, wait_s=5, lease_s=600)) == 1
+
+
+async def test_a_topic_message_relayed_to_a_queue_of_another_shard_keeps_its_subject():
+    # A relayed copy is a queue publish, which carries no subject: readers of a queue of another shard than its
+    # topic's got none (AMQP readers the queue's name as routing key), where one broker gives the topic's.
+    async with static_cluster(2, 4, http=True) as (servers, _):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            topic = name_on(lambda s: s % 2 == 0, 4, "events")  # node-0
+            queue = name_on(lambda s: s % 2 == 1, 4, "audit")  # node-1
+            await b.create_queue(queue)
+            await until_leased_elsewhere(b, queue)
+            await a.create_topic(topic)
+            await a.subscribe(topic, ">", queue)
+            many = {f"h{i}": "v" for i in range(MAX_HEADERS)}  # no room for one more header
+            await b.publish(topic, b"one", subject="orders.eu", headers={"k": "v"})
+            await b.publish(topic, b"full", subject="orders.us", headers=many)
+            await a.publish(topic, b"two", subject="_41.x")
+            for client in (a, b):  # peeked through each node, then received through the other
+                peeked = [d for d in await client.peek(queue, 10) if d.message.body != KEEPER]
+                assert [(d.message.body, d.message.subject) for d in peeked] == [
+                    (b"one", "orders.eu"), (b"full", None), (b"two", "_41.x")]  # fmt: skip
+            for server in servers:
+                async with aiohttp.ClientSession() as http:
+                    url = f"http://127.0.0.1:{server.http_port}/api/v1/queues/{queue}/messages"
+                    async with http.get(url, params={"max_messages": 10}) as answer:
+                        messages = [m["message"] for m in (await answer.json())["messages"]]
+                        shown = [(m["subject"], m["headers"]) for m in messages if m["body"] != KEEPER.decode()]
+                        assert shown == [("orders.eu", {"k": "v"}), (None, many), ("_41.x", {})]
+            got = await drain(a, queue, 3)
+            assert [(d.message.body, d.message.subject, d.message.headers) for d in got] == [
+                (b"one", "orders.eu", {"k": "v"}), (b"full", None, many), (b"two", "_41.x", {})]  # fmt: skip
+        finally:
+            for client in (a, b):
+                await client.close()
+
+
+async def test_a_users_message_with_the_relays_header_names_keeps_them():
+    # Relayed dead letters' reason and source are headers, read back into the delivery's fields: any message
+    # with those header names was shown so, its headers gone, where one broker shows them as they were.
+    async with static_cluster(2, 4, http=True) as (servers, _):
+        headers = {"chute-dead-letter-reason": "rejected", "chute-dead-letter-source": "elsewhere",
+                   "chute-relay-subject": "a.b", "k": "v"}  # fmt: skip
+        async with AsyncClient(servers[0].url) as client:
+            for queue in (name_on(lambda s: s % 2 == 0, 4, "own"), name_on(lambda s: s % 2 == 1, 4, "own")):
+                await client.create_queue(queue)
+                await client.publish(queue, b"mine", headers=headers)
+                assert [d.message.headers for d in await client.peek(queue)] == [headers]
+                for server in servers:
+                    async with aiohttp.ClientSession() as http:
+                        url = f"http://127.0.0.1:{server.http_port}/api/v1/queues/{queue}/messages"
+                        async with http.get(url) as answer:
+                            assert [m["message"]["headers"] for m in (await answer.json())["messages"]] == [headers]
+                (got,) = await drain(client, queue, 1)
+                assert (got.message.headers, got.message.subject, got.dead_letter_reason) == (headers, None, None)

@@ -27,16 +27,19 @@ Dead-letter queues of another shard work the same way: a queue of shard A whose 
 shard B dead-letters, in A, into relay queue `chute.relay.d` (its `dead_letter_queue` setting names the relay
 there; the router shows `d`), and the relay forwards each dead letter with two headers saying why and whence:
 `chute-dead-letter-reason` (max_deliveries, expired, overflow, rejected) and `chute-dead-letter-source` (the
-queue it left). The router turns them back into `Delivery.dead_letter_reason` and `dead_letter_source` for the
-native protocol and the CLI; the HTTP API, SQS and AMQP show them as headers. Deleting `d` is refused while a
+queue it left). The router (native protocol, CLI, AMQP) and `ShardView` (HTTP API, SQS) turn them back into
+`Delivery.dead_letter_reason` and `dead_letter_source` (`lift_relayed`). Deleting `d` is refused while a
 queue of any shard dead-letters into it (`refuse_if_dead_letter_queue`: the router asks every node for the queues
 naming `d` or `chute.relay.d`); a dead letter whose `d` is gone all the same is dropped, as it is in one broker
 without a dead-letter queue.
 
 What a relayed copy keeps: body, headers, priority, FIFO group, the remaining TTL (not a dead letter's: in its
-dead-letter queue only that queue's TTL counts, as in one broker). Not kept: the message id
-(`q` numbers its own), the publisher's dedup id (replaced by the relay's; the topic applied the publisher's) and
-the subject (a queue publish carries none; the subscription's pattern already matched it).
+dead-letter queue only that queue's TTL counts, as in one broker), and the subject of a topic's message, which a
+queue publish cannot carry: it travels as header `chute-relay-subject` and is put back in the message when read
+(so AMQP readers get the routing key of the subject, as on one broker). Not kept: the message id (`q` numbers its
+own), the publisher's dedup id (replaced by the relay's; the topic applied the publisher's). Headers the copy
+adds are left out when they would take it over the limits of a message's headers (`_carried`), and only copies
+the cluster made (their dedup ids say so) are read back: a user's message with such headers keeps them.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ REDRIVE_BATCH = 100  # relayed dead letters sent back to their sources per round
 REDRIVE_LEASE_S = 300.0  # held while a redrive looks at them (released or acked before it returns)
 REASON_HEADER = "chute-dead-letter-reason"
 SOURCE_HEADER = "chute-dead-letter-source"
+SUBJECT_HEADER = "chute-relay-subject"  # a topic message's subject, which a queue publish cannot carry
+LIFTED_HEADERS = frozenset({REASON_HEADER, SOURCE_HEADER, SUBJECT_HEADER})
+COPY_DEDUP_PREFIXES = ("chute.relay:", "chute.redrive:")  # the dedup ids of relayed and redriven copies
 BATCH = 500  # messages per relayed publish: one group commit on each side
 BATCH_BYTES = 4 * 2**20  # and at most this many bytes of bodies (a batch of one may be larger)
 LEASE_S = 60.0  # a batch's lease in the relay queue: longer than a forwarded call's wait for an owner (15 s)
@@ -258,22 +264,32 @@ def _copy(shard: int, delivery) -> Publish:
         # (a dead letter's own TTL ended with it: in its dead-letter queue only that queue's TTL counts, from now,
         # as in one broker and in RabbitMQ, which drops a dead letter's expiration)
         ttl_s = max(0.001, message.expires_at - time.time())
-    headers = message.headers or None
-    if delivery.dead_letter_reason is not None:
-        headers = _with_dead_letter(headers, delivery.dead_letter_reason, delivery.dead_letter_source or "")
-    return Publish(body=message.body, headers=headers, priority=message.priority,
+    return Publish(body=message.body, headers=_carried(delivery), priority=message.priority,
                    group=message.group, ttl_s=ttl_s, dedup_id=relay_dedup_id(shard, delivery))  # fmt: skip
 
 
-def _with_dead_letter(headers: dict[str, str] | None, reason: str, source: str) -> dict[str, str] | None:
-    """A dead letter's headers with its reason and source added, if the two still fit the limits of a message's
-    headers (model.MAX_HEADERS, MAX_HEADER_BYTES); else its own, unchanged: a publish over those limits is refused
-    for good, and the relay would retry the batch forever, holding back every dead letter behind this one. Such a
-    dead letter arrives without a reason and source (not even those of an earlier relay), as an ordinary message."""
-    merged = {**(headers or {}), REASON_HEADER: reason, SOURCE_HEADER: source}  # (a relayed one's are replaced)
-    if len(merged) <= MAX_HEADERS and sum(len(key) + len(value) for key, value in merged.items()) <= MAX_HEADER_BYTES:
-        return merged
-    return {key: value for key, value in merged.items() if key not in (REASON_HEADER, SOURCE_HEADER)} or None
+def _carried(delivery) -> dict[str, str] | None:
+    """A copy's headers: the message's own, plus what a queue publish cannot carry in its fields — the subject
+    of a topic's message (SUBJECT_HEADER), and a dead letter's reason and source — if they still fit the limits
+    of a message's headers (model.MAX_HEADERS, MAX_HEADER_BYTES). What does not fit is left out (the dead
+    letter's first, then the subject): a publish over those limits is refused for good, and the relay would
+    retry the batch forever, holding back every message behind this one. A dead letter's own headers from an
+    earlier relay are replaced, or dropped when the new ones do not fit."""
+    message = delivery.message
+    own = dict(message.headers or {})
+    extra: dict[str, str] = {}
+    if message.subject is not None:
+        extra[SUBJECT_HEADER] = message.subject
+    dead: dict[str, str] = {}
+    if delivery.dead_letter_reason is not None:
+        own.pop(REASON_HEADER, None)
+        own.pop(SOURCE_HEADER, None)
+        dead = {REASON_HEADER: delivery.dead_letter_reason, SOURCE_HEADER: delivery.dead_letter_source or ""}
+    for added in ({**extra, **dead}, dead, {}):
+        headers = {**own, **added}
+        if len(headers) <= MAX_HEADERS and sum(len(k) + len(v) for k, v in headers.items()) <= MAX_HEADER_BYTES:
+            return headers or None
+    return own or None  # (not reached: the message's own headers were within the limits when published)
 
 
 def relay_dedup_id(shard: int, delivery) -> str:
@@ -299,15 +315,23 @@ def _dead_lettering(broker, name: str) -> list[str]:
     return [q.name for q in list(broker.core.queues.values()) if q.settings.dead_letter_queue == name]
 
 
-def lift_dead_letter(delivery) -> None:
-    """A relayed dead letter as one broker would hand it out: its reason and source queue from its headers back
-    in the delivery's fields (the headers go)."""
-    headers = delivery.message.headers
-    if headers and REASON_HEADER in headers and delivery.dead_letter_reason is None:
-        reason, source = headers[REASON_HEADER], headers.get(SOURCE_HEADER)
-        kept = {key: value for key, value in headers.items() if key not in (REASON_HEADER, SOURCE_HEADER)}
-        delivery.message = msgspec.structs.replace(delivery.message, headers=kept)  # (messages may be shared)
-        delivery.dead_letter_source = source or None
+def lift_relayed(delivery) -> None:
+    """A copy a relay (or a redrive) made as one broker would hand the message out: its subject, and a dead
+    letter's reason and source queue, from its headers back in the message's and the delivery's fields (the
+    headers go). Only the cluster's copies, known by their dedup ids, are lifted: a user's message with such
+    headers keeps them, as on one broker."""
+    message = delivery.message
+    headers = message.headers
+    if not headers or not (message.dedup_id or "").startswith(COPY_DEDUP_PREFIXES):
+        return
+    if not (SUBJECT_HEADER in headers or REASON_HEADER in headers):
+        return
+    kept = {key: value for key, value in headers.items() if key not in LIFTED_HEADERS}
+    subject = message.subject if message.subject is not None else headers.get(SUBJECT_HEADER)
+    delivery.message = msgspec.structs.replace(message, headers=kept, subject=subject)  # (messages may be shared)
+    if REASON_HEADER in headers and delivery.dead_letter_reason is None:
+        reason = headers[REASON_HEADER]
+        delivery.dead_letter_source = headers.get(SOURCE_HEADER) or None
         if reason in DEAD_LETTER_REASONS:
             delivery.dead_letter_reason = reason
 

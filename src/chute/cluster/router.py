@@ -51,7 +51,7 @@ from chute.cluster.relay import (
     RELAY_SETTINGS,
     Relays,
     fits,
-    lift_dead_letter,
+    lift_relayed,
     real_settings,
     real_subscription,
     real_topic,
@@ -844,7 +844,7 @@ def _real_names(queues: list[str]) -> list[str]:
 def _lifted(deliveries: list[Delivery]) -> list[Delivery]:
     """Deliveries with the dead-letter reason and source of relayed dead letters in their fields (relay.py)."""
     for delivery in deliveries:
-        lift_dead_letter(delivery)
+        lift_relayed(delivery)
     return deliveries
 
 

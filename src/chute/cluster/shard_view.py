@@ -27,7 +27,7 @@ import inspect
 import msgspec
 
 from chute.cluster.relay import (
-    lift_dead_letter,
+    lift_relayed,
     real_settings,
     real_subscription,
     real_topic,
@@ -123,11 +123,11 @@ class ShardView:
     async def receive(self, queue: str, *args, **kwargs):
         deliveries = await self._broker.receive(queue, *args, **kwargs)
         for delivery in deliveries:
-            lift_dead_letter(delivery)
+            lift_relayed(delivery)
         return deliveries
 
     async def peek(self, queue: str, *args, **kwargs):
         deliveries = await self._broker.peek(queue, *args, **kwargs)
         for delivery in deliveries:
-            lift_dead_letter(delivery)
+            lift_relayed(delivery)
         return deliveries
