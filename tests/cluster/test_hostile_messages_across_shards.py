@@ -11,6 +11,7 @@ import json
 
 import aiohttp
 import pytest
+import requests
 
 from chute import AsyncClient
 from chute.model import MAX_HEADER_BYTES, MAX_HEADERS
@@ -137,3 +138,32 @@ async def test_a_users_message_with_the_relays_header_names_keeps_them():
                             assert [m["message"]["headers"] for m in (await answer.json())["messages"]] == [headers]
                 (got,) = await drain(client, queue, 1)
                 assert (got.message.headers, got.message.subject, got.dead_letter_reason) == (headers, None, None)
+
+
+async def test_a_queue_url_is_read_by_a_forwarding_node_as_the_sqs_front_reads_it():
+    # The forwarding node took the QueueUrl's last segment as it was: a name in percent-encoding, or a URL with a
+    # query or a fragment, named no placed queue, so it answered QueueDoesNotExist where the owner sends.
+    async with static_cluster(2, 4, http=True) as (servers, _):
+        queue = name_on(lambda s: s % 2 == 1, 4, "urls")  # node-1
+        async with AsyncClient(servers[0].url) as client:
+            await client.create_queue(queue)
+
+        def send_all() -> list[tuple]:
+            answers = []
+            for server in servers:  # the owner, then the node that forwards
+                endpoint = f"http://127.0.0.1:{server.http_port}"
+                encoded = "".join(f"%{ord(c):02X}" for c in queue)
+                for url in (f"{endpoint}/000000000000/{encoded}", f"{endpoint}/000000000000/{queue}?a=b",
+                            f"{endpoint}/000000000000/{queue}#c", queue):  # fmt: skip
+                    form = {"Action": "SendMessage", "QueueUrl": url, "MessageBody": "m"}
+                    query = requests.post(f"{endpoint}/", data=form, timeout=30)
+                    headers = {"X-Amz-Target": "AmazonSQS.SendMessage", "Content-Type": "application/x-amz-json-1.0"}
+                    sent = requests.post(f"{endpoint}/", json={"QueueUrl": url, "MessageBody": "m"}, headers=headers,
+                                         timeout=30)  # fmt: skip
+                    answers.append((server.http_port, url, query.status_code, sent.status_code))
+            return answers
+
+        answers = await asyncio.to_thread(send_all)
+        assert [answer for answer in answers if answer[2:] != (200, 200)] == []
+        async with AsyncClient(servers[0].url) as client:
+            assert (await client.queue_stats(queue)).ready == len(answers) * 2

@@ -27,7 +27,7 @@ import base64
 import io
 import json
 import logging
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
@@ -121,7 +121,7 @@ async def _target(request: web.Request) -> tuple[str, str, str] | None:
         return None
     name = request.match_info.get("queue")
     if isinstance(params.get("QueueUrl"), str):
-        name = params["QueueUrl"].rstrip("/").rpartition("/")[2]
+        name = _queue_of_url(params["QueueUrl"])
     elif action in ("CreateQueue", "GetQueueUrl") and isinstance(params.get("QueueName"), str):
         name = params["QueueName"]
     elif action in ("StartMessageMoveTask", "ListMessageMoveTasks") and isinstance(params.get("SourceArn"), str):
@@ -131,6 +131,15 @@ async def _target(request: web.Request) -> tuple[str, str, str] | None:
     if not name:
         return None
     return name, "queue", {"CreateQueue": "create", "DeleteQueue": "delete"}.get(action, "other")
+
+
+def _queue_of_url(url: str) -> str:
+    """The queue a `QueueUrl` names, read as the SQS front reads it (sqs/common.py, `queue_name_of_url`): the last
+    segment of the URL's path, percent-decoded; a bare name is itself. (Read as-is, a name in percent-encoding or
+    a URL with a query or fragment named no placed queue, and a node that does not own the queue answered
+    QueueDoesNotExist where its owner serves the request.)"""
+    path = urlsplit(url).path if "://" in url else url
+    return unquote(path.rstrip("/").rsplit("/", 1)[-1])
 
 
 def _move_task_source(handle: str) -> str | None:
