@@ -167,3 +167,26 @@ async def test_a_queue_url_is_read_by_a_forwarding_node_as_the_sqs_front_reads_i
         assert [answer for answer in answers if answer[2:] != (200, 200)] == []
         async with AsyncClient(servers[0].url) as client:
             assert (await client.queue_stats(queue)).ready == len(answers) * 2
+
+
+async def test_a_redrive_sends_back_only_the_dead_letters_relays_brought():
+    # A redrive sent back, to the queue its header named, any message of a dead-letter queue with the relay's
+    # headers: a user's message published there with them too, where one broker leaves it in place.
+    async with static_cluster(2, 4) as (servers, _), AsyncClient(servers[1].url) as client:
+        dlq = name_on(lambda s: s % 2 == 0, 4, "graves")  # node-0
+        source = name_on(lambda s: s % 2 == 1, 4, "jobs")  # node-1
+        await client.create_queue(dlq)
+        await client.create_queue(source, dead_letter_queue=dlq)
+        await client.publish(source, b"dead")
+        await client.nack(await client.receive(source, 1, wait_s=5), dead_letter=True)
+        forged = {"chute-dead-letter-reason": "rejected", "chute-dead-letter-source": source}
+        await client.publish(dlq, b"mine", headers=forged)
+        leased: list = []
+        async with asyncio.timeout(10):
+            while len(leased) < 2:  # until the relay brought the dead letter (long polls), then both ready again
+                leased += await client.receive(dlq, 2, wait_s=5)
+        await client.nack(leased)
+        assert await client.redrive(dlq) == 1
+        assert [d.message.body for d in await drain(client, source, 1)] == [b"dead"]
+        (mine,) = await drain(client, dlq, 1)
+        assert (mine.message.body, mine.message.headers, mine.dead_letter_reason) == (b"mine", forged, None)

@@ -315,6 +315,11 @@ def _dead_lettering(broker, name: str) -> list[str]:
     return [q.name for q in list(broker.core.queues.values()) if q.settings.dead_letter_queue == name]
 
 
+def _copied(delivery) -> bool:
+    """Whether a delivery's message is a copy a relay or a redrive made (not a user's, whatever its headers)."""
+    return (delivery.message.dedup_id or "").startswith(COPY_DEDUP_PREFIXES)
+
+
 def lift_relayed(delivery) -> None:
     """A copy a relay (or a redrive) made as one broker would hand the message out: its subject, and a dead
     letter's reason and source queue, from its headers back in the message's and the delivery's fields (the
@@ -322,7 +327,7 @@ def lift_relayed(delivery) -> None:
     headers keeps them, as on one broker."""
     message = delivery.message
     headers = message.headers
-    if not headers or not (message.dedup_id or "").startswith(COPY_DEDUP_PREFIXES):
+    if not headers or not _copied(delivery):
         return
     if not (SUBJECT_HEADER in headers or REASON_HEADER in headers):
         return
@@ -410,7 +415,7 @@ async def redrive_relayed(broker, router, shard: int, queue: str, budget: int | 
             by_source: dict[str, list] = {}
             for delivery in deliveries:
                 headers = delivery.message.headers or {}
-                source = headers.get(SOURCE_HEADER) if REASON_HEADER in headers else None
+                source = headers.get(SOURCE_HEADER) if REASON_HEADER in headers and _copied(delivery) else None
                 if source:
                     by_source.setdefault(source, []).append(delivery)
                 else:
