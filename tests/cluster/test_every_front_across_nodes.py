@@ -2,7 +2,9 @@
 tests/integration (test_every_front_publishes_to_every_front.py, test_every_front_reads_every_message.py) on two
 cluster nodes on PostgreSQL, publishing through one node and reading through the other. Their queues and topics
 fall on both nodes' shards, so messages are forwarded (native, AMQP), proxied (HTTP API, SQS) and fanned out
-through relays to queues of other shards, and dead letters relayed to dead-letter queues of other shards.
+through relays to queues of other shards, and dead letters relayed to dead-letter queues of other shards. A
+relay's copies reach their queue a moment after the publish is confirmed, so each queue is read once it holds
+them all.
 
 For each reader, as on one broker: every receive succeeds, every message is reached in order, values are
 carried as the docs say (subjects too: a relayed copy keeps its topic's subject, cd75845), dead letters carry
@@ -60,6 +62,7 @@ def publish_then_read(publisher: Front, reader_node: Front, tmp_path, front: str
     with chute.Client(publisher.url) as native:
         for queue in queues:
             native.create_queue(queue)
+            native.create_queue(f"{queue}-never")  # (await_ready's bounded waits)
     if front == "http":
         sent = every_front.publish_http(publisher, rnd, queues)
     elif front == "amqp":
@@ -72,6 +75,7 @@ def publish_then_read(publisher: Front, reader_node: Front, tmp_path, front: str
     failures = []
     for reader, queue in zip(every_front.READERS, queues, strict=True):
         try:
+            every_front.await_ready(reader_node, queue, len(sent))  # (a relay's copies come a moment later)
             got = every_front.read(reader_node, tmp_path, reader, queue, len(sent))
             every_front.check(front, reader, sent, got)
         except Exception as exc:  # every reader is tried: the report names each one that failed
@@ -93,11 +97,13 @@ def reject_then_read(rejecter_node: Front, reader_node: Front, tmp_path, rejecte
             native.create_queue(f"{queue}-dlq")
             native.create_queue(queue, dead_letter_queue=f"{queue}-dlq")
             native.create_queue(f"{queue}-dlq-never")
+            native.create_queue(f"{queue}-never")
     sent = every_front.publish_http(reader_node, rnd, sources)
     expected = sorted(sent, key=lambda message: -message.priority)
     failures = []
     for reader, queue in zip(every_front.READERS, sources, strict=True):
         try:
+            every_front.await_ready(reader_node, queue, len(sent))  # (a relay's copies come a moment later)
             every_front.reject_all(rejecter_node, rejecter, queue, len(sent))
             every_front.await_ready(reader_node, f"{queue}-dlq", len(sent))
             got = every_front.read(reader_node, tmp_path, reader, f"{queue}-dlq", len(sent))
