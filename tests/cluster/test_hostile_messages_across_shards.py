@@ -10,11 +10,14 @@ import io
 import json
 
 import aiohttp
+import msgspec
 import pytest
 import requests
 
 from chute import AsyncClient
-from chute.model import MAX_HEADER_BYTES, MAX_HEADERS
+from chute.cluster import relay
+from chute.cluster.placement import home_shard
+from chute.model import MAX_HEADER_BYTES, MAX_HEADERS, Publish
 from tests.cluster.routing_helpers import static_cluster
 from tests.cluster.test_fanout_relay import name_on
 
@@ -79,10 +82,11 @@ async def test_a_publish_of_the_largest_body_through_the_http_api_of_a_forwardin
             assert [d.message.body for d in got] == [body, body]
 
 
-async def until_leased_elsewhere(client: AsyncClient, queue: str) -> None:
+async def until_leased_elsewhere(client: AsyncClient, queue: str):
     """Keep `queue` from moving to a topic's shard on subscribe: one message of it leased for the test's length."""
     await client.publish(queue, KEEPER)
-    assert len(await client.receive(queue, 1, wait_s=5, lease_s=600)) == 1
+    (kept,) = await client.receive(queue, 1, wait_s=5, lease_s=600)
+    return kept
 
 
 async def test_a_topic_message_relayed_to_a_queue_of_another_shard_keeps_its_subject():
@@ -190,3 +194,49 @@ async def test_a_redrive_sends_back_only_the_dead_letters_relays_brought():
         assert [d.message.body for d in await drain(client, source, 1)] == [b"dead"]
         (mine,) = await drain(client, dlq, 1)
         assert (mine.message.body, mine.message.headers, mine.dead_letter_reason) == (b"mine", forged, None)
+
+
+async def relayed_topic(client: AsyncClient, queue: str, **settings):
+    """A topic of node-0 subscribed to `queue` of node-1 (through a relay queue in the topic's shard); (topic, the
+    delivery of the message that keeps the queue in its shard)."""
+    topic = name_on(lambda s: s % 2 == 0, 4, "events")
+    await client.create_queue(queue, **settings)
+    kept = await until_leased_elsewhere(client, queue)
+    await client.create_topic(topic)
+    await client.subscribe(topic, ">", queue)
+    return topic, kept
+
+
+async def test_a_relay_fills_a_queue_with_less_room_than_its_backlog():
+    # A relay published its backlog in batches of up to 500, and a queue publishes a batch whole or not at all: a
+    # queue with room for fewer (max_length with overflow `reject`) refused every batch, even empty, and the relay
+    # stalled for ever. One broker takes each publish of the topic as it comes.
+    async with static_cluster(2, 4) as (servers, _), AsyncClient(servers[0].url) as client:
+        queue = name_on(lambda s: s % 2 == 1, 4, "small")  # node-1
+        topic, kept = await relayed_topic(client, queue, max_length=5, overflow="reject")
+        await client.publish_batch(topic, [Publish(body=f"m{i}".encode(), subject="a") for i in range(12)])
+        await client.ack(kept)
+        got = await drain(client, queue, 12)
+        assert [d.message.body for d in got] == [f"m{i}".encode() for i in range(12)]
+
+
+async def test_a_message_the_queue_refuses_for_good_holds_up_no_other(monkeypatch):
+    # A relay's batch refused for good (here a copy the queue refuses, made so by the test) was retried whole
+    # every 5 s, for ever: one such message held up every message behind it. Now it alone is retried.
+    copy = relay._copy
+
+    def refused_copy(shard, delivery):
+        made = copy(shard, delivery)
+        return msgspec.structs.replace(made, priority=99) if delivery.message.body == b"poison" else made
+
+    monkeypatch.setattr(relay, "_copy", refused_copy)
+    async with static_cluster(2, 4) as (servers, directory), AsyncClient(servers[0].url) as client:
+        queue = name_on(lambda s: s % 2 == 1, 4, "jobs")  # node-1
+        topic, _ = await relayed_topic(client, queue)
+        bodies = [b"m0", b"poison", b"m1", b"m2", b"m3"]
+        await client.publish_batch(topic, [Publish(body=body, subject="a") for body in bodies])
+        got = await drain(client, queue, 4)
+        assert [d.message.body for d in got] == [b"m0", b"m1", b"m2", b"m3"]
+        shard = home_shard(topic, 4)
+        stats = directory.nodes[directory.owners[shard]].brokers[shard].queue_stats(relay.relay_name(queue))
+        assert stats.ready + stats.delayed + stats.in_flight == 1  # kept, to be retried

@@ -15,7 +15,8 @@ Invariants:
   of A recovers it as ready) and the relay publishes it again with the same dedup ids, so `q`'s dedup window
   (`dedup_window_s`, 300 s by default) keeps the copy out; a retry later than that window duplicates;
 - order: one relay task per relay queue, one batch in flight, so a subscription's messages reach `q` in the
-  order the relay queue delivers them (priority, then publish order);
+  order the relay queue delivers them (priority, then publish order), except a message `q` refuses for good,
+  which is retried later while the others go on (`_refused`: a refused batch is halved until it fits);
 - a relay task runs only on the node serving the relay queue's shard (it consumes its local broker); when the
   shard moves, the task ends with the broker and the new owner starts its own (`Relays.scan`, on every change
   of the node and every `SCAN_S`);
@@ -53,7 +54,7 @@ import time
 
 import msgspec
 
-from chute.errors import BrokerClosed, ChuteError, QueueInUse, QueueNotFound, Unavailable
+from chute.errors import BrokerClosed, ChuteError, QueueFull, QueueInUse, QueueNotFound, Unavailable
 from chute.model import (
     DEAD_LETTER_REASONS,
     MAX_HEADER_BYTES,
@@ -79,7 +80,7 @@ BATCH_BYTES = 4 * 2**20  # and at most this many bytes of bodies (a batch of one
 LEASE_S = 60.0  # a batch's lease in the relay queue: longer than a forwarded call's wait for an owner (15 s)
 WAIT_S = 1.0  # a relay's long poll; also how often an idle relay looks whether it is still needed
 RETRY_S = 0.5  # after a failed publish (the target's shard is being taken over), before the next try
-FAILED_RETRY_S = 5.0  # after a publish refused for good (a bug, or a limit): retried, logged, not dropped
+FAILED_RETRY_S = 5.0  # a message refused for good (a bug, or a limit) is retried after this, logged, not dropped
 MAX_NAME_CHARS = 200  # model.NAME_RE: a queue name is at most 200 characters
 SCAN_S = 2.0  # how often the relay queues of this node's shards are looked for besides change events
 FRESH_S = 30.0  # a relay queue just made is never retired for feeding nothing yet: its subscription (or the
@@ -219,11 +220,12 @@ class Relays:
         """Forward relay queue `name` of `shard` while this node serves it with `broker`."""
         target = relayed_queue(name)
         deliveries: list = []
+        batch = BATCH  # halved while the real queue refuses batches, doubled back after each that it takes
         try:
             while self.router.node.local_broker(shard) is broker and name in broker.core.queues:
                 if self.router._draining:
                     return
-                deliveries = await broker.receive(name, BATCH, wait_s=WAIT_S, lease_s=LEASE_S, max_bytes=BATCH_BYTES)
+                deliveries = await broker.receive(name, batch, wait_s=WAIT_S, lease_s=LEASE_S, max_bytes=BATCH_BYTES)
                 if not deliveries:
                     if self._retirable(name) and await _retire_if_unused(broker, name):
                         return
@@ -235,18 +237,13 @@ class Relays:
                         return
                     continue
                 except ChuteError as exc:
-                    # retryable (the queue's shard is being taken over, its queue is full): try again soon;
-                    # anything else is logged and retried slowly, visible as the relay queue's depth
-                    log.log(logging.INFO if exc.retryable else logging.ERROR, "relay %s of shard %d: cannot "
-                            "publish to %r yet: %s", name, shard, target, exc.message)  # fmt: skip
-                    with contextlib.suppress(ChuteError):
-                        await broker.nack(name, [d.receipt for d in deliveries])
-                    # a back-off, not a wait for a condition: nothing announces that the owner came back
-                    await asyncio.sleep(RETRY_S if exc.retryable else FAILED_RETRY_S)
+                    batch = await self._refused(shard, broker, name, deliveries, exc)
+                    deliveries = []
                     continue
                 await broker.ack(name, [d.receipt for d in deliveries])
                 self.relayed += len(deliveries)
                 deliveries = []
+                batch = min(BATCH, batch * 2)
         except (BrokerClosed, QueueNotFound):
             return  # the shard was handed back or dropped (its new owner relays), or the relay queue deleted
         except ChuteError as exc:  # an ack refused, or the shard's store failed: the scan restarts us (the node
@@ -255,6 +252,28 @@ class Relays:
             if deliveries:
                 with contextlib.suppress(ChuteError):
                     await broker.nack(name, [d.receipt for d in deliveries])
+
+    async def _refused(self, shard: int, broker, name: str, deliveries: list, exc: ChuteError) -> int:
+        """A batch of relay queue `name` was refused by its real queue: give it back and return the next batch's
+        size. The real queue publishes a batch whole or not at all, and a relay's batch gathers many publishes:
+        a queue with room for fewer (max_length or max_bytes with overflow `reject`), or one message it refuses
+        for good, refused every batch, and the relay stalled for ever. So such a batch is halved until it fits,
+        or is one message: one the queue has no room for waits (the queue is full), one refused for good is
+        given back with a delay, to be retried and logged again, while the messages behind it go on."""
+        target = relayed_queue(name)
+        level = logging.INFO if exc.retryable else logging.ERROR
+        log.log(level, "relay %s of shard %d: cannot publish %d messages to %r yet: %s", name, shard,
+                len(deliveries), target, exc.message)  # fmt: skip
+        splits = isinstance(exc, QueueFull) or not exc.retryable
+        delay_s = FAILED_RETRY_S if len(deliveries) == 1 and not exc.retryable else 0.0
+        with contextlib.suppress(ChuteError):
+            await broker.nack(name, [d.receipt for d in deliveries], delay_s=delay_s)
+        if splits and len(deliveries) > 1:
+            return max(1, len(deliveries) // 2)  # at once: the first half may fit
+        # a back-off, not a wait for a condition: nothing announces that the owner came back or made room (and a
+        # refusal of every message, such as a peer's authentication failing, is not retried in a tight loop)
+        await asyncio.sleep(RETRY_S)
+        return 1 if splits else BATCH
 
 
 def _copy(shard: int, delivery) -> Publish:
