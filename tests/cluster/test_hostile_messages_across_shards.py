@@ -17,6 +17,7 @@ import requests
 from chute import AsyncClient
 from chute.cluster import relay
 from chute.cluster.placement import home_shard
+from chute.errors import QueueFull
 from chute.model import MAX_HEADER_BYTES, MAX_HEADERS, Publish
 from tests.cluster.routing_helpers import static_cluster
 from tests.cluster.test_fanout_relay import name_on
@@ -240,3 +241,25 @@ async def test_a_message_the_queue_refuses_for_good_holds_up_no_other(monkeypatc
         shard = home_shard(topic, 4)
         stats = directory.nodes[directory.owners[shard]].brokers[shard].queue_stats(relay.relay_name(queue))
         assert stats.ready + stats.delayed + stats.in_flight == 1  # kept, to be retried
+
+
+async def test_a_redrive_that_fails_leaves_no_dead_letter_leased():
+    # A redrive whose publish into a source failed (here a full source queue with overflow `reject`) kept the
+    # dead letters it had received leased for 300 s, out of sight of every reader.
+    async with static_cluster(2, 4) as (servers, _), AsyncClient(servers[1].url) as client:
+        dlq = name_on(lambda s: s % 2 == 0, 4, "graves")  # node-0
+        source = name_on(lambda s: s % 2 == 1, 4, "jobs")  # node-1
+        await client.create_queue(dlq)
+        await client.create_queue(source, dead_letter_queue=dlq, max_length=2, overflow="reject")
+        await client.publish_batch(source, [b"a", b"b"])
+        await client.nack(await client.receive(source, 2, wait_s=5), dead_letter=True)
+        leased: list = []
+        async with asyncio.timeout(10):
+            while len(leased) < 2:  # until the relay brought both (long polls), then ready again
+                leased += await client.receive(dlq, 2, wait_s=5)
+        await client.nack(leased)
+        await client.publish_batch(source, [b"c", b"d"])  # full
+        with pytest.raises(QueueFull):
+            await client.redrive(dlq)
+        stats = await client.queue_stats(dlq)
+        assert (stats.ready, stats.in_flight) == (2, 0)

@@ -421,8 +421,11 @@ async def redrive_relayed(broker, router, shard: int, queue: str, budget: int | 
     into its source through `router` (headers without the dead-letter ones; a dedup id from its id here, so a
     retry after a crash adds no copy within the source's dedup window), then acked. Other messages of `queue` are
     left where they were (received, then released at the end: their receive count goes up by one). At most
-    `budget` are moved (None: all); returns how many."""
+    `budget` are moved (None: all); returns how many. An error (a source queue full with overflow `reject`, which
+    one broker's redrive would fill all the same; its node lost) ends the redrive, and what it leased and did not
+    move is released at once (it was left leased for REDRIVE_LEASE_S)."""
     moved, passed = 0, []
+    by_source: dict[str, list] = {}  # (the batch being sent back: what is left of it is released on an error)
     scan = broker.queue_stats(queue).ready  # what is there now: a loop never walks what it released itself
     try:
         while scan > 0 and (budget is None or moved < budget):
@@ -431,7 +434,7 @@ async def redrive_relayed(broker, router, shard: int, queue: str, budget: int | 
             if not deliveries:
                 break
             scan -= len(deliveries)
-            by_source: dict[str, list] = {}
+            by_source = {}
             for delivery in deliveries:
                 headers = delivery.message.headers or {}
                 source = headers.get(SOURCE_HEADER) if REASON_HEADER in headers and _copied(delivery) else None
@@ -439,15 +442,17 @@ async def redrive_relayed(broker, router, shard: int, queue: str, budget: int | 
                     by_source.setdefault(source, []).append(delivery)
                 else:
                     passed.append(delivery.receipt)
-            for source, back in by_source.items():
+            for source in list(by_source):
+                back = by_source[source]
                 try:
                     await router.publish_batch(source, [_back(shard, d) for d in back])
                 except QueueNotFound:  # its source is gone: it stays a dead letter, as in one broker
-                    passed += [d.receipt for d in back]
+                    passed += [d.receipt for d in by_source.pop(source)]
                     continue
-                await broker.ack(queue, [d.receipt for d in back])
+                await broker.ack(queue, [d.receipt for d in by_source.pop(source)])
                 moved += len(back)
     finally:
+        passed += [d.receipt for back in by_source.values() for d in back]
         if passed:
             broker.release(queue, passed)
     return moved
