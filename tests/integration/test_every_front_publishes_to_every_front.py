@@ -452,10 +452,14 @@ def check_sqs(front: str, reader: str, sent: Sent, message: dict) -> None:
         assert message["Attributes"].get("AWSTraceHeader") == trace
         return
     for name, value in sent.headers.items():
-        valid = set(name) <= set(SQS_NAME) and len(name) <= 256 and value
-        if valid and "sqs:type:" + name not in sent.headers:  # typed ones: as their type says, if they are
+        # docs/sqs.md: shown only under a name SendMessage would take (no leading, trailing or double dot, not
+        # AWS./Amazon., 1-256 characters of SQS_NAME)
+        well_formed = (set(name) <= set(SQS_NAME) and 1 <= len(name) <= 256 and not name.startswith(".")
+                       and not name.endswith(".") and ".." not in name
+                       and not name.lower().startswith(("aws.", "amazon.")))  # fmt: skip
+        if well_formed and value and "sqs:type:" + name not in sent.headers:  # typed: as their type says
             assert attributes[name] == {"DataType": "String", "StringValue": show(value)}, name
-        elif not set(name) <= set(SQS_NAME):
+        elif not well_formed:
             assert name not in attributes
 
 
