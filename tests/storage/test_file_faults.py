@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from chute.errors import StorageCorrupt, StorageFailed, StorageFull, StorageReadOnly
 from chute.storage import FileStore, MemoryFs
+from chute.storage.file import log
 from chute.storage.file.record import BATCH_SIZE, RECORD_SIZE, decode_frame, encode_frame
 
 
@@ -311,3 +312,46 @@ async def test_an_unexpected_error_in_the_writer_fails_its_group_instead_of_hang
     store, got, _ = await _reopen(tmp_path, fs=fs)
     assert got == [b"kept"]
     await store.close()
+
+
+@pytest.mark.parametrize("cut_at_sync", [None, 1, 3])
+async def test_a_checkpoint_file_goes_to_the_disk_in_synced_steps(tmp_path, monkeypatch, cut_at_sync):
+    """A checkpoint's file is written and synced a step at a time (so a group commit's fsync waits behind one
+    step at most, never behind the whole file); the steps make the same file, and a power cut between two of
+    them, or a failed sync of one, keeps the old checkpoint."""
+    monkeypatch.setattr(log, "CHECKPOINT_STEP_BYTES", 1000)
+    monkeypatch.setattr(log, "CHECKPOINT_STEP_PAUSE_S", 0)
+    fs = MemoryFs()
+    synced: list[int] = []  # the size of the second checkpoint's file at each of its syncs
+    real_fsync = fs._fsync
+
+    def fsync(path) -> None:
+        if path.endswith(f"{log.CHECKPOINT}.tmp") and armed:
+            synced.append(fs.size(path))
+            if len(synced) == cut_at_sync:
+                raise OSError(errno.EIO, "injected", path)
+        real_fsync(path)
+
+    fs._fsync = fsync
+    armed = False
+    store = FileStore(tmp_path, fs=fs)
+    await store.open()
+    await store.checkpoint(b"first")
+    armed = True
+    _, token = store.append([(1, b"after")])
+    await token
+    snapshot = os.urandom(10_500)
+    if cut_at_sync is None:
+        await store.checkpoint(snapshot)
+        assert len(synced) == 11 and synced[:10] == [1000 * n for n in range(1, 11)]
+        await store.close()
+    else:
+        with pytest.raises(StorageFailed):
+            await store.checkpoint(snapshot)
+        assert synced[-1] == 1000 * cut_at_sync
+    fs.crash()
+    store2 = FileStore(tmp_path, fs=fs)
+    recovered = await store2.open()
+    assert recovered.snapshot == (b"first" if cut_at_sync else snapshot)
+    assert [p for _, _, p in recovered.records] == ([b"after"] if cut_at_sync else [])
+    await store2.close()

@@ -9,7 +9,9 @@ wake-up of the loop per group and none of the thread; when the thread has gone i
 over. Delivery counts (lazy records) alone never make a group: they wait for the next one or LAZY_FLUSH_S. So many
 publishes and acks share one write and one fsync, and the loop never blocks on disk.
 A checkpoint's file (megabytes, written then fsynced and renamed) is written on a third thread, after the writer
-thread made the segments durable up to the checkpoint's position, so group commits never wait behind it.
+thread made the segments durable up to the checkpoint's position, so group commits never wait behind it; it goes
+to the disk in synced steps of CHECKPOINT_STEP_BYTES with a pause between them, so a group commit's fsync never
+waits behind the whole file either.
 Reads that miss the cache run in a second thread, so they never queue behind a write and its fsync; they only
 ask for bytes already written (`_written_ref`), and a segment file is never unlinked while a read runs.
 
@@ -74,6 +76,8 @@ READ_TAIL_BYTES = 4096  # guess of the last record's length in a span; a longer 
 MASK = 0xFFFFFFFF
 LAZY_FLUSH_S = 0.1  # records appended lazily (delivery counts) wait at most this long for a group commit
 FRAME_MERGE_BYTES = 64 * 2**10  # appends of one group share a frame up to this size (a read checks a whole frame)
+CHECKPOINT_STEP_BYTES = 2**20  # a checkpoint file is written and synced in steps of this size ...
+CHECKPOINT_STEP_PAUSE_S = 0.005  # ... with this pause between them, so group commits are never stuck behind it all
 
 
 class FileStore(Store):
@@ -702,11 +706,20 @@ class FileStore(Store):
             self._unsynced.clear()
 
     def _store_checkpoint(self, position, counts, snapshot: bytes) -> None:
-        """Checkpoint thread: write the checkpoint file beside the old one, then put it in its place."""
+        """Checkpoint thread: write the checkpoint file beside the old one, then put it in its place.
+
+        The file goes to the disk in steps of CHECKPOINT_STEP_BYTES, each synced, with a pause between them: a
+        group commit's fsync that lands meanwhile then waits behind one step at most, not behind the whole file
+        (on ext4 a log fsync's journal commit waits for the data blocks being written back with it)."""
         fs, directory = self.fs, self.directory
         tmp = f"{directory}/{CHECKPOINT}.tmp"
-        stored = encode_checkpoint(position, counts, snapshot)
-        fs.write_file(tmp, stored)
+        stored = memoryview(encode_checkpoint(position, counts, snapshot))
+        step = CHECKPOINT_STEP_BYTES
+        fs.write_file(tmp, stored[:step])
+        for at in range(step, len(stored), step):
+            fs.fsync(tmp)
+            time.sleep(CHECKPOINT_STEP_PAUSE_S)
+            fs.append(tmp, stored[at : at + step])
         fs.fsync(tmp)  # the new checkpoint's bytes are durable before its name replaces the old one
         fs.rename(tmp, f"{directory}/{CHECKPOINT}")
         fs.fsync_dir(directory)  # the rename itself survives a power cut
