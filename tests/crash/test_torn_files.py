@@ -4,8 +4,9 @@ naming the file and position, and nothing is ever skipped silently.
 The data directories are made by a real broker with small segments (SEGMENT bytes, so a few hundred messages
 fill a couple of dozen files) and one explicit checkpoint a third of the way in. Two kinds of directory:
 - a crash image: a copy of the directory taken while the broker is still open, right after its last publish
-  was confirmed. That is what SIGKILL leaves: no clean-shutdown marker, and the last two thirds of the log lie
-  after the checkpoint, so recovery validates them frame by frame;
+  was confirmed. That is what SIGKILL leaves: no clean-shutdown marker, the last segment's file still holds its
+  reserved space (zeros after its frames), and the last two thirds of the log lie after the checkpoint, so
+  recovery validates them frame by frame;
 - after a clean close: the close checkpoints, so the checkpoint covers the whole log and recovery reads no
   frame before its position (that is what keeps recovery time independent of the history).
 
@@ -89,11 +90,16 @@ def segments(path: Path) -> list[Path]:
     return sorted(path.glob("*.seg"))
 
 
+def data_end(data: bytes) -> int:
+    """Where the zeros at the end of a file begin (space reserved for frames to come, in a running log's file)."""
+    return len(data.rstrip(b"\0"))
+
+
 def frames(segment: Path) -> list[Frame]:
     data = segment.read_bytes()
     assert segment_version(data, int(segment.stem)) == 2, "test setup: a segment of format 2"
     found, pos = [], SEGMENT_HEADER_SIZE
-    while pos < len(data):
+    while pos < data_end(data):  # (a frame may itself end in zeros: it is parsed whole)
         decoded = decode_batch(data, pos)
         assert decoded is not None, f"test setup: {segment} does not parse at {pos}"
         records, end = decoded
@@ -147,7 +153,9 @@ async def test_truncated_last_segment_is_cut_and_reported(tmp_path, cut):
     last = files[-1]
     last_frames = frames(last)
     assert len(last_frames) >= 2 and checkpoint_position(path)[0] < int(last.stem), "test setup"
-    size, final = last.stat().st_size, last_frames[-1]
+    final = last_frames[-1]
+    size = final.end
+    assert last.stat().st_size == SEGMENT > size, "test setup: the running log's last file has space reserved"
     new_size = {
         "1 byte": size - 1,
         "4 bytes": size - 4,
@@ -156,7 +164,11 @@ async def test_truncated_last_segment_is_cut_and_reported(tmp_path, cut):
         "into the frame before": final.pos - 3,
         "into header": 10,
     }[cut]
-    os.truncate(last, new_size)
+    data = last.read_bytes()
+    with open(last, "r+b") as f:  # the bytes after the cut never reached the disk: the reserved zeros are left
+        f.seek(new_size)
+        f.write(bytes(size - new_size))
+    written = data[:new_size]
     survivors = message_seqs(files[:-1]) + [seq for f in last_frames if f.end <= new_size for seq in f.seqs]
     torn = [f for f in last_frames if f.pos < new_size < f.end]
 
@@ -165,11 +177,11 @@ async def test_truncated_last_segment_is_cut_and_reported(tmp_path, cut):
         assert await stored(broker) == survivors  # every record before the cut, in publish order
     assert not report.clean_shutdown
     if cut == "into header":  # a segment whose header never made it to disk is removed and reported
-        assert report.truncated_at == (str(last), 0) and report.truncated_bytes == new_size
+        assert report.truncated_at == (str(last), 0) and report.truncated_bytes == data_end(written)
         assert not last.exists()
-    elif torn:
+    elif torn:  # (the bytes cut are counted up to the reserved zeros)
         assert report.truncated_at == (str(last), torn[0].pos)
-        assert report.truncated_bytes == new_size - torn[0].pos
+        assert report.truncated_bytes == data_end(written) - torn[0].pos
         assert last.stat().st_size == torn[0].pos
         assert any(str(last) in problem and f"at {torn[0].pos}" in problem for problem in report.problems)
     else:  # cut on a frame boundary: nothing is torn, the log simply ends earlier (like a kill before the write)
@@ -181,25 +193,26 @@ async def test_truncated_last_segment_is_cut_and_reported(tmp_path, cut):
 
 
 def garbage(kind: str) -> bytes:
-    if kind == "zeros":  # what a crash can leave when the file size was updated before its data
-        return bytes(37)
     if kind == "random":
         return random.Random(7).randbytes(101)
     # a frame header promising more payload than follows: a write cut short
     return (100).to_bytes(4, "little") + (12345).to_bytes(4, "little") + bytes([rec.MESSAGE]) + b"p" * 20
 
 
-@pytest.mark.parametrize("kind", ["zeros", "random", "half a frame"])
+@pytest.mark.parametrize("kind", ["random", "half a frame"])
 @pytest.mark.parametrize("image", ["crash", "clean"])
 async def test_garbage_after_the_last_record_is_cut_and_reported(tmp_path, image, kind):
+    """Garbage where the next frame would go: written over the reserved zeros of a crash image's last file, or
+    appended to a cleanly closed one's."""
     path = await populate(tmp_path, image)
     files = segments(path)
     last = files[-1]
-    size = last.stat().st_size
+    size = frames(last)[-1].end
     everything = message_seqs(files)
     assert everything == list(range(MESSAGES)), "test setup"
     junk = garbage(kind)
-    with open(last, "ab") as f:
+    with open(last, "r+b") as f:
+        f.seek(size)
         f.write(junk)
 
     async with open_broker(path) as broker:
@@ -207,6 +220,26 @@ async def test_garbage_after_the_last_record_is_cut_and_reported(tmp_path, image
         assert await stored(broker) == everything
     assert report.truncated_at == (str(last), size) and report.truncated_bytes == len(junk)
     assert last.stat().st_size == size
+    await publish_more_and_reopen(path, everything)
+
+
+@pytest.mark.parametrize("image", ["crash", "clean"])
+async def test_zeros_after_the_last_record_are_where_the_log_ends(tmp_path, image):
+    """Zeros after the last frame (the reserved space of a running log's file, or a file whose size was made
+    durable before its data) are never a frame: the log ends there, and the next write goes there."""
+    path = await populate(tmp_path, image)
+    files = segments(path)
+    last = files[-1]
+    size = frames(last)[-1].end
+    everything = message_seqs(files)
+    with open(last, "ab") as f:
+        f.write(bytes(37))
+
+    async with open_broker(path) as broker:
+        report = broker.recovery
+        assert await stored(broker) == everything
+    assert report.truncated_at is None and report.problems == []
+    assert last.stat().st_size == size  # a clean stop cuts the file to its frames
     await publish_more_and_reopen(path, everything)
 
 

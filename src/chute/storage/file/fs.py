@@ -2,11 +2,14 @@
 
 Every open, write, fsync, rename, directory fsync, unlink and truncate of `FileStore` goes through an `Fs`, so
 tests can inject faults (EIO, ENOSPC) and power cuts without touching the real disk:
-- `OsFs` does the real calls.
+- `OsFs` does the real calls. Its `fsync` of a file is `fdatasync`: the data and the size, which is all the
+  store relies on (a file's times are never read).
 - `MemoryFs` keeps files in memory and models what survives a power cut: a file's bytes survive up to its last
   fsync; a created, renamed or unlinked name survives once its directory was fsynced. `crash()` applies that.
-- `fail(op, errno, times)` on either arms a fault: the next `times` calls of `op` ("write", "fsync") raise
-  OSError(errno) instead of doing anything.
+  It models `preallocate` with at most PREALLOCATED_MODEL_BYTES of zeros past a file's data (enough for recovery
+  to meet zeros after the last frame, without a 64 MiB buffer per segment in tests).
+- `fail(op, errno, times)` on either arms a fault: the next `times` calls of `op` ("write", "fsync",
+  "preallocate") raise OSError(errno) instead of doing anything.
 
 Invariant: paths are absolute strings; methods are safe to call from the store's single writer thread while its
 reader thread reads (`pread`).
@@ -17,6 +20,8 @@ from __future__ import annotations
 import errno as errno_codes
 import os
 import threading
+
+PREALLOCATED_MODEL_BYTES = 4096  # the zeros MemoryFs puts past a file's data for `preallocate` (see above)
 
 
 class Fs:
@@ -40,8 +45,20 @@ class Fs:
         self._check("write", path)
         self._append(path, data)
 
+    def write_at(self, path: str, pos: int, data: bytes | bytearray | memoryview) -> None:
+        """Write bytes at position `pos` of a file (over its preallocated zeros, or past its end), creating it if
+        needed."""
+        self._check("write", path)
+        self._write_at(path, pos, data)
+
+    def preallocate(self, path: str, size: int) -> None:
+        """Reserve space for a file up to `size` bytes (zeros past its data): writes there later change neither
+        its size nor its allocation, so their sync costs the disk less. Creates the file if needed."""
+        self._check("preallocate", path)
+        self._preallocate(path, size)
+
     def fsync(self, path: str) -> None:
-        """Make a file's bytes durable."""
+        """Make a file's bytes (and its size) durable."""
         self._check("fsync", path)
         self._fsync(path)
 
@@ -71,20 +88,31 @@ class OsFs(Fs):
             with self._lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # (not O_APPEND: it would move every pwrite)
                     self._fds[path] = fd
         return fd
 
     def _append(self, path, data) -> None:
         fd = self._fd(path)
+        self._write_at(path, os.lseek(fd, 0, os.SEEK_END), data)
+
+    def _write_at(self, path, pos, data) -> None:
+        fd = self._fd(path)
         view = memoryview(data)
         while view:
-            written = os.write(fd, view)
+            written = os.pwrite(fd, view, pos)
             view = view[written:]
+            pos += written
+
+    def _preallocate(self, path, size) -> None:
+        fd = self._fd(path)
+        if os.fstat(fd).st_size < size:
+            os.posix_fallocate(fd, 0, size)  # the file's size becomes `size`; the space reads as zeros
 
     def _fsync(self, path) -> None:
-        # fsync: the appended records reach stable storage; without it a power cut could drop confirmed writes.
-        os.fsync(self._fd(path))
+        # the written records reach stable storage; without it a power cut could drop confirmed writes. fdatasync
+        # makes the data and the file's size durable, which is all a reader after a power cut needs.
+        os.fdatasync(self._fd(path))
 
     def _write_file(self, path, data) -> None:
         self.close_file(path)
@@ -189,6 +217,18 @@ class MemoryFs(Fs):
     def _append(self, path, data) -> None:
         with self._mutex:
             self.files[self._identity(path, True)].extend(data)
+
+    def _write_at(self, path, pos, data) -> None:
+        with self._mutex:
+            buffer = self.files[self._identity(path, True)]
+            if len(buffer) < pos:
+                buffer.extend(bytes(pos - len(buffer)))
+            buffer[pos : pos + len(data)] = data
+
+    def _preallocate(self, path, size) -> None:
+        with self._mutex:
+            buffer = self.files[self._identity(path, True)]
+            buffer.extend(bytes(max(0, min(size, len(buffer) + PREALLOCATED_MODEL_BYTES) - len(buffer))))
 
     def _fsync(self, path) -> None:
         with self._mutex:

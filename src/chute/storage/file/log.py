@@ -26,6 +26,10 @@ Invariants:
 - after any write or fsync error the store is read-only for good (the state of the page cache after a failed
   fsync is unknown, so it is never retried): the failed group and every later append fail.
 - a segment file is deleted only when a checkpoint covers it and it holds no live record.
+- the writer writes each group's bytes at the position where the segment's written bytes end (`_file_ends`),
+  never elsewhere: the active segment's file has its space reserved (zeros after the frames, so a sync changes
+  neither size nor allocation) and a frame never follows a gap. A segment is cut to its frames (`_seal`),
+  durably, before the next segment's file is created, and the last one at a clean close.
 """
 
 from __future__ import annotations
@@ -108,12 +112,15 @@ class FileStore(Store):
         # held by the loop while it appends or forms a group, and by the writer thread while it takes the next
         # group itself (`_write_group`): the pending bytes, the open frame and the group future change together
         self._hand_lock = threading.Lock()
-        self._file_sizes: dict[int, int] = {}  # writer thread only: segment id -> its file's size, once known
+        # writer thread only: segment id -> where its written bytes end in its file (the active segment's, and
+        # a sealed one's until it is cut to that length); beyond it the file holds preallocated zeros
+        self._file_ends: dict[int, int] = {}
         self._segments: dict[int, list[int]] = {}  # segment id -> [size, records, live]
         self._format1: set[int] = set()  # segments of format 1 (read as they are, compacted away)
         self._active = 0
         self._active_size = 0
-        self._pending: list[tuple[int, bytearray]] = []  # (segment id, bytes) not yet handed to the writer
+        # (segment id, file position of the first byte, bytes) not yet handed to the writer
+        self._pending: list[tuple[int, int, bytearray]] = []
         self._open_frame: list | None = None  # [buffer, header offset, file pos, crc, length] of the frame appends
         # may still extend: the last one in the pending bytes, not yet handed to the writer
         self._group: asyncio.Future | None = None
@@ -186,6 +193,8 @@ class FileStore(Store):
             self._written_ref = last << 32 | self._segments[last][0]
         if last is not None and last not in self._format1:
             self._active, self._active_size = last, self._segments[last][0]
+            self._file_ends[last] = self._active_size
+            self._preallocate(last)
         else:  # a new directory, or one of format 1: format 2 is never appended to a format-1 segment
             self._new_segment(max(segments + [start[0]], default=0) + 1)  # never reuse a checkpointed id
         if report.clean_shutdown:
@@ -198,7 +207,7 @@ class FileStore(Store):
         self._open_frame = None
         header = bytearray(segment_header(segment))
         self._segments[segment] = [len(header), 0, 0]
-        self._pending.append((segment, header))
+        self._pending.append((segment, 0, header))
         self._active, self._active_size = segment, len(header)
 
     # -- append and group commit ------------------------------------------------------------------------------
@@ -253,8 +262,8 @@ class FileStore(Store):
         in the group's open frame if it has room, else in a new one; cache what was added."""
         pending, segment, pos = self._pending, self._active, self._active_size
         if not pending or pending[-1][0] != segment:
-            pending.append((segment, bytearray()))
-        buffer = pending[-1][1]
+            pending.append((segment, pos, bytearray()))
+        buffer = pending[-1][2]
         chunk = records[first:last] if first or last < len(records) else records
         base, start, frame = segment << 32, len(buffer), self._open_frame
         if frame is not None and frame[0] is buffer and frame[4] + size <= FRAME_MERGE_BYTES:
@@ -318,7 +327,7 @@ class FileStore(Store):
         if not self._executor.post(self._write_group, self._loop, *taken):
             self._flushed()  # the writer is gone (a simulated power cut): nothing more is written or confirmed
 
-    def _take_group(self) -> tuple[list[tuple[int, bytearray]], bool, int, asyncio.Future | None]:
+    def _take_group(self) -> tuple[list[tuple[int, int, bytearray]], bool, int, asyncio.Future | None]:
         """(buffers, fsync?, end ref, future) of everything pending, now a group for the writer thread; called
         with `_hand_lock` held, on the loop or on the writer thread."""
         batch, self._pending = self._pending, []
@@ -330,7 +339,7 @@ class FileStore(Store):
         )
         return batch, sync, end_ref, group
 
-    def _write_group(self, loop, batch: list[tuple[int, bytearray]], sync: bool, end_ref: int, group) -> None:
+    def _write_group(self, loop, batch: list[tuple[int, int, bytearray]], sync: bool, end_ref: int, group) -> None:
         """Writer thread: write (and fsync) one group, then tell the loop, with one call. If appends that someone
         waits for came meanwhile (and no other job waits its turn), take them as the next group and go on: the
         loop need not wake this thread again, and the next write starts at once."""
@@ -407,22 +416,29 @@ class FileStore(Store):
             with self._hand_lock:
                 self._token()
 
-    def _write(self, batch: list[tuple[int, bytearray]], sync: bool) -> None:
-        """Writer thread: append each buffer to its segment file; fsync if asked (and the directory for new files)."""
-        fs, new_files, sizes = self.fs, False, self._file_sizes
-        before: list[tuple[str, int | None]] = []  # (path, size before this batch; None: the file is new)
+    def _write(self, batch: list[tuple[int, int, bytearray]], sync: bool) -> None:
+        """Writer thread: write each buffer at its place in its segment file (a new segment's file is created
+        with its space preallocated, and the segment before it sealed); fsync if asked (and the directory for
+        new files)."""
+        fs, new_files, ends = self.fs, False, self._file_ends
+        before: list[tuple[str, int | None]] = []  # (path, end before this batch; None: the file is new)
         try:
-            for segment, data in batch:
+            for segment, pos, data in batch:
                 if not data:
                     continue
                 path = self._path(segment)
-                size = sizes.get(segment)
-                if size is None:  # first write to this file since open: ask the file system
-                    size = fs.size(path) if fs.exists(path) else None
-                before.append((path, size))
-                new_files = new_files or size is None
-                fs.append(path, data)
-                sizes[segment] = (size or 0) + len(data)
+                end = ends.get(segment)
+                if end is None and pos == 0:  # a new segment
+                    self._seal(segment - 1)
+                    before.append((path, None))
+                    new_files = True
+                    self._preallocate(segment)
+                elif end != pos:  # a bug; writing anyway would leave a gap recovery reports as corruption
+                    raise RuntimeError(f"{path}: bytes for position {pos}, but its written bytes end at {end}")
+                else:
+                    before.append((path, end))
+                fs.write_at(path, pos, data)
+                ends[segment] = pos + len(data)
                 self._unsynced.add(segment)
                 self._stats.bytes_written += len(data)
             self._sync(sync, new_files)
@@ -430,11 +446,25 @@ class FileStore(Store):
             self._undo(before)
             raise
 
+    def _preallocate(self, segment: int) -> None:
+        """Writer thread: reserve the segment's space, so its group commits change neither its file's size nor
+        its allocation (a cheaper sync). Best effort: without it the file just grows as it is written."""
+        with contextlib.suppress(OSError):
+            self.fs.preallocate(self._path(segment), self.segment_max_bytes)
+
+    def _seal(self, segment: int) -> None:
+        """Writer thread: cut a segment's file to its written bytes (its unused preallocated zeros go) and make
+        that durable before the next segment's file exists; a sealed segment's size is then its end."""
+        end = self._file_ends.pop(segment, None)
+        if end is not None:
+            self.fs.truncate(self._path(segment), end)
+            self.fs.fsync(self._path(segment))
+
     def _undo(self, before: list[tuple[str, int | None]]) -> None:
         """Best effort after a failed write or fsync: cut the failed group's bytes off again, so a restart does
         not replay publishes that were rejected. If this fails too, recovery may replay them (at-least-once)."""
         fs = self.fs
-        self._file_sizes.clear()  # unknown again: ask the file system
+        self._file_ends.clear()  # the store is read-only from now on: nothing is written after this
         try:
             for path, size in reversed(before):
                 if size is None:
@@ -728,7 +758,7 @@ class FileStore(Store):
     def _delete(self, segments: list[int]) -> None:
         with self._files_lock:
             for segment in segments:
-                self._file_sizes.pop(segment, None)
+                self._file_ends.pop(segment, None)
                 self.fs.unlink(self._path(segment))
         self.fs.fsync_dir(self.directory)  # deletions are durable (harmless if lost: recovery skips them)
 
@@ -763,6 +793,7 @@ class FileStore(Store):
 
     def _close_clean(self) -> None:
         self._write([], True)
+        self._seal(self._active)  # a stopped broker's files hold their records only
         self.fs.write_file(f"{self.directory}/{CLEAN_MARKER}", b"")
         self.fs.fsync(f"{self.directory}/{CLEAN_MARKER}")
         self.fs.fsync_dir(self.directory)

@@ -2,6 +2,8 @@
 
 Rules (docs/storage-format.md):
 - only segments at or after the checkpoint position are read; older ones are kept for their live records.
+- a segment's frames end where only zeros follow (space preallocated for frames to come, never a frame: a frame's
+  length is never 0), or at the end of its file.
 - a frame that fails its length or crc check in the LAST segment, with no valid frame after it, is a torn tail
   (a write cut short by a crash): the file is truncated there and the cut is reported with file and position.
 - any other bad frame, or a bad header of a segment that is not the last, is corruption: `StorageCorrupt` names
@@ -21,6 +23,8 @@ from chute.errors import StorageCorrupt
 from chute.storage.api import RecoveryReport
 from chute.storage.file.fs import Fs
 from chute.storage.file.record import SEGMENT_HEADER_SIZE, decode_batch, decode_frame, segment_version
+
+ZERO_SCAN_BYTES = 2**20  # `data_end` looks for the last non-zero byte this many bytes at a time
 
 
 def segment_name(segment_id: int) -> str:
@@ -63,7 +67,7 @@ def validate(
         if isinstance(version, str):
             if not last:
                 raise StorageCorrupt(f"{path} at 0: {version}")
-            _cut(report, path, 0, len(data))
+            _cut(report, path, 0, data_end(data))  # (its preallocated zeros are not counted)
             fs.unlink(path)
             shape.dropped.append(segment)
             continue
@@ -72,12 +76,13 @@ def validate(
         if len(data) < pos:  # the checkpoint was stored only after these bytes were fsynced: they were lost since
             raise StorageCorrupt(f"{path} at {len(data)}: the checkpoint covers this segment up to {pos}")
         shape.versions[segment] = version
-        while pos < len(data):
+        end = data_end(data)  # (a frame may end in zeros, past `end`: its length says so)
+        while pos < end:
             found = _records(data, pos, version)
             if found is None:
-                if not last or _valid_frame_after(data, pos, version):
+                if not last or _valid_frame_after(data, pos, end, version):
                     raise StorageCorrupt(f"{path} at {pos}: record fails its length or checksum")
-                _cut(report, path, pos, len(data) - pos)
+                _cut(report, path, pos, end - pos)
                 fs.truncate(path, pos)
                 fs.fsync(path)
                 break
@@ -121,9 +126,22 @@ def _records(data, pos: int, version: int) -> tuple[list[tuple[int, int, memoryv
     return decode_batch(data, pos)
 
 
-def _valid_frame_after(data: bytes, pos: int, version: int) -> bool:
-    """True if some valid frame starts after `pos`: then the bad frame is damage, not a torn tail."""
-    for candidate in range(pos + 1, len(data)):
+def data_end(data: bytes) -> int:
+    """The length of `data` without the zeros at its end."""
+    end = len(data)
+    while end:
+        start = max(0, end - ZERO_SCAN_BYTES)
+        kept = len(data[start:end].rstrip(b"\0"))
+        if kept:
+            return start + kept
+        end = start
+    return 0
+
+
+def _valid_frame_after(data: bytes, pos: int, end: int, version: int) -> bool:
+    """True if some valid frame starts after `pos` (and before `end`, where only zeros follow): then the bad
+    frame is damage, not a torn tail."""
+    for candidate in range(pos + 1, end):
         if _records(data, candidate, version) is not None:
             return True
     return False
