@@ -1,5 +1,6 @@
 """Preallocated segments: the active segment's file has its space reserved ahead of the writer (zeros past the
-last frame), so a group commit's sync changes neither the file's size nor its allocation. Recovery finds the
+last frame, RESERVE_BYTES at a time), so most group commits' syncs change neither the file's size nor its
+allocation. Recovery finds the
 end of the frames where only zeros follow; a torn write into those zeros is a torn tail; sealed segments and a
 cleanly stopped broker's files hold their frames only.
 
@@ -17,6 +18,7 @@ import pytest
 
 from chute.errors import StorageCorrupt
 from chute.storage import FileStore, MemoryFs
+from chute.storage.file import log
 from chute.storage.file.recovery import segment_name
 
 SEGMENT = 64 * 1024
@@ -47,7 +49,7 @@ async def test_the_active_segment_is_preallocated_and_a_stopped_one_holds_its_fr
     store, _, _ = await _open(tmp_path / "log")
     await _append(store, [b"a" * 100, b"b" * 100])
     (name, size), = _sizes(tmp_path / "log").items()
-    assert size == SEGMENT  # reserved while the store runs
+    assert size == SEGMENT  # reserved while the store runs (SEGMENT < RESERVE_BYTES: the whole segment)
     end = store.stats().bytes_on_disk
     assert 200 < end < 400
     await store.close()
@@ -157,3 +159,24 @@ async def test_a_power_cut_keeps_every_confirmed_record_with_preallocated_segmen
     again, got, _ = await _open(tmp_path, fs=fs, segment_max_bytes=2048)
     assert got[: len(confirmed)] == confirmed and got[len(confirmed) :] in ([], [b"unconfirmed"])
     await again.close()
+
+
+async def test_the_reserve_runs_ahead_of_the_frames_a_step_at_a_time(tmp_path, monkeypatch):
+    """Space is reserved RESERVE_BYTES ahead of the frames (not the whole segment at once: a directory of a
+    running broker holds its data plus one step), and again each time the frames reach it."""
+    monkeypatch.setattr(log, "RESERVE_BYTES", 1000)
+    store, _, _ = await _open(tmp_path / "log", segment_max_bytes=SEGMENT)
+    payloads = [bytes([97 + i % 26]) * 150 for i in range(40)]
+    seen = set()
+    for payload in payloads:
+        await _append(store, [payload])
+        end = store.stats().bytes_on_disk
+        (size,) = _sizes(tmp_path / "log").values()
+        assert end < size <= end + 1000 + 160  # (+ the frame that made it reserve the next step)
+        seen.add(size)
+    assert len(seen) >= 5  # reserved again and again as the frames went on
+    copy = _killed_copy(tmp_path / "log", tmp_path / "killed")
+    again, got, report = await _open(copy)
+    assert got == payloads and report.truncated_at is None
+    await again.close()
+    await store.close()

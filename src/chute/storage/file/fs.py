@@ -106,8 +106,9 @@ class OsFs(Fs):
 
     def _preallocate(self, path, size) -> None:
         fd = self._fd(path)
-        if os.fstat(fd).st_size < size:
-            os.posix_fallocate(fd, 0, size)  # the file's size becomes `size`; the space reads as zeros
+        have = os.fstat(fd).st_size
+        if have < size:
+            os.posix_fallocate(fd, have, size - have)  # the file's size becomes `size`; the space reads as zeros
 
     def _fsync(self, path) -> None:
         # the written records reach stable storage; without it a power cut could drop confirmed writes. fdatasync

@@ -27,9 +27,10 @@ Invariants:
   fsync is unknown, so it is never retried): the failed group and every later append fail.
 - a segment file is deleted only when a checkpoint covers it and it holds no live record.
 - the writer writes each group's bytes at the position where the segment's written bytes end (`_file_ends`),
-  never elsewhere: the active segment's file has its space reserved (zeros after the frames, so a sync changes
-  neither size nor allocation) and a frame never follows a gap. A segment is cut to its frames (`_seal`),
-  durably, before the next segment's file is created, and the last one at a clean close.
+  never elsewhere: the active segment's file has space reserved up to RESERVE_BYTES ahead (zeros after the
+  frames, so most syncs change neither size nor allocation) and a frame never follows a gap. A segment is cut
+  to its frames (`_seal`), durably, before the next segment's file is created, and the last one at a clean
+  close.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ READ_TAIL_BYTES = 4096  # guess of the last record's length in a span; a longer 
 MASK = 0xFFFFFFFF
 LAZY_FLUSH_S = 0.1  # records appended lazily (delivery counts) wait at most this long for a group commit
 FRAME_MERGE_BYTES = 64 * 2**10  # appends of one group share a frame up to this size (a read checks a whole frame)
+RESERVE_BYTES = 4 * 2**20  # a segment's file space is reserved this far ahead of its frames (see `_reserve`)
 CHECKPOINT_STEP_BYTES = 2**20  # a checkpoint file is written and synced in steps of this size ...
 CHECKPOINT_STEP_PAUSE_S = 0.005  # ... with this pause between them, so group commits are never stuck behind it all
 
@@ -115,6 +117,7 @@ class FileStore(Store):
         # writer thread only: segment id -> where its written bytes end in its file (the active segment's, and
         # a sealed one's until it is cut to that length); beyond it the file holds preallocated zeros
         self._file_ends: dict[int, int] = {}
+        self._reserved: dict[int, int] = {}  # writer thread only: segment id -> its file's reserved size
         self._segments: dict[int, list[int]] = {}  # segment id -> [size, records, live]
         self._format1: set[int] = set()  # segments of format 1 (read as they are, compacted away)
         self._active = 0
@@ -194,7 +197,7 @@ class FileStore(Store):
         if last is not None and last not in self._format1:
             self._active, self._active_size = last, self._segments[last][0]
             self._file_ends[last] = self._active_size
-            self._preallocate(last)
+            self._reserve(last, self._active_size)
         else:  # a new directory, or one of format 1: format 2 is never appended to a format-1 segment
             self._new_segment(max(segments + [start[0]], default=0) + 1)  # never reuse a checkpointed id
         if report.clean_shutdown:
@@ -432,11 +435,12 @@ class FileStore(Store):
                     self._seal(segment - 1)
                     before.append((path, None))
                     new_files = True
-                    self._preallocate(segment)
                 elif end != pos:  # a bug; writing anyway would leave a gap recovery reports as corruption
                     raise RuntimeError(f"{path}: bytes for position {pos}, but its written bytes end at {end}")
                 else:
                     before.append((path, end))
+                if pos + len(data) > self._reserved.get(segment, 0):
+                    self._reserve(segment, pos + len(data))
                 fs.write_at(path, pos, data)
                 ends[segment] = pos + len(data)
                 self._unsynced.add(segment)
@@ -446,16 +450,20 @@ class FileStore(Store):
             self._undo(before)
             raise
 
-    def _preallocate(self, segment: int) -> None:
-        """Writer thread: reserve the segment's space, so its group commits change neither its file's size nor
-        its allocation (a cheaper sync). Best effort: without it the file just grows as it is written."""
+    def _reserve(self, segment: int, need: int) -> None:
+        """Writer thread: reserve the segment's file space for `need` bytes and RESERVE_BYTES more (up to the
+        segment's size), so most group commits change neither its size nor its allocation (a cheaper sync).
+        Best effort: where the file system refuses, the file grows as it is written."""
+        size = max(need, min(need + RESERVE_BYTES, self.segment_max_bytes))
+        self._reserved[segment] = size
         with contextlib.suppress(OSError):
-            self.fs.preallocate(self._path(segment), self.segment_max_bytes)
+            self.fs.preallocate(self._path(segment), size)
 
     def _seal(self, segment: int) -> None:
         """Writer thread: cut a segment's file to its written bytes (its unused preallocated zeros go) and make
         that durable before the next segment's file exists; a sealed segment's size is then its end."""
         end = self._file_ends.pop(segment, None)
+        self._reserved.pop(segment, None)
         if end is not None:
             self.fs.truncate(self._path(segment), end)
             self.fs.fsync(self._path(segment))
@@ -465,6 +473,7 @@ class FileStore(Store):
         not replay publishes that were rejected. If this fails too, recovery may replay them (at-least-once)."""
         fs = self.fs
         self._file_ends.clear()  # the store is read-only from now on: nothing is written after this
+        self._reserved.clear()
         try:
             for path, size in reversed(before):
                 if size is None:
@@ -759,6 +768,7 @@ class FileStore(Store):
         with self._files_lock:
             for segment in segments:
                 self._file_ends.pop(segment, None)
+                self._reserved.pop(segment, None)
                 self.fs.unlink(self._path(segment))
         self.fs.fsync_dir(self.directory)  # deletions are durable (harmless if lost: recovery skips them)
 
