@@ -11,10 +11,10 @@ the name's shard:
   body) to the owner's HTTP port, marked with `X-Chute-Forwarded`, and the owner's answer is returned as it is.
   A forwarded request is never forwarded again: a node that no longer owns the shard answers 503 `unavailable`.
 
-A create (API `PUT` of a queue or topic, SQS `CreateQueue`) writes the name's placement row first (its home
-shard; a queue whose dead-letter queue exists goes to that queue's shard, where the core can check it); a
-delete that succeeded removes the row. Requests naming nothing (lists, the overview, SQS `ListQueues`, static
-files) are served here, by the router, which merges every shard.
+A create (API `PUT` of a queue or topic, SQS `CreateQueue` in the JSON or the query protocol) writes the name's
+placement row first (its home shard; a queue whose dead-letter queue exists goes to that queue's shard, where the
+core can check it); a delete that succeeded removes the row. Requests naming nothing (lists, the overview, SQS
+`ListQueues`, static files) are served here, by the router, which merges every shard.
 
 Invariant: the body is read once (aiohttp keeps it for the handler); a shard with no live owner is waited for as
 the router waits, then answered 503 `unavailable` (retryable), having changed nothing.
@@ -152,13 +152,18 @@ def _move_task_source(handle: str) -> str | None:
 
 
 async def _near(router, request: web.Request, kind: str) -> int | None:
-    """The shard of the dead-letter queue a new queue names (the core checks it exists in the same broker)."""
+    """The shard of the dead-letter queue a new queue names (the core checks it exists in the same broker): the
+    API's `dead_letter_queue`, or the `RedrivePolicy` of an SQS CreateQueue in either protocol — the JSON one's
+    `Attributes`, or the query one's form fields `Attribute.N.Name` and `Attribute.N.Value`."""
     if kind != "queue":
         return None
     body = await request.read()
     dlq = None
     try:
-        settings = json.loads(body or b"{}")
+        if request.path.startswith("/api/") or request.headers.get("X-Amz-Target") is not None:
+            settings = json.loads(body or b"{}")
+        else:
+            settings = {"Attributes": _query_attributes(parse_qs(body.decode("utf-8", "replace")))}
         if isinstance(settings, dict):
             dlq = settings.get("dead_letter_queue")
             policy = (settings.get("Attributes") or {}).get("RedrivePolicy")
@@ -169,6 +174,20 @@ async def _near(router, request: web.Request, kind: str) -> int | None:
     if not isinstance(dlq, str) or not dlq:
         return None
     return await router.placement.shard_of(dlq, "queue")
+
+
+def _query_attributes(form: dict[str, list[str]]) -> dict[str, str]:
+    """The attributes of a query-protocol SQS request, read as the SQS front reads them (sqs/query.py, `MAPS`):
+    `Attribute.N.Name` with its `Attribute.N.Value` (or `Attributes.N....`, the JSON member's name)."""
+    found = {}
+    for key, values in form.items():
+        head, _, rest = key.partition(".")
+        index, _, field = rest.partition(".")
+        if head in ("Attribute", "Attributes") and field == "Name":
+            value = form.get(f"{head}.{index}.Value")
+            if value:
+                found[values[0]] = value[0]
+    return found
 
 
 async def _proxy(session: ClientSession, request: web.Request, owner, scheme: str) -> web.StreamResponse:
