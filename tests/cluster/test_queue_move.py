@@ -1,6 +1,7 @@
-"""An empty queue moving to its topic's shard (router.py, `_move_empty_queue`) while clients publish, receive and
-ack it through every node: nothing confirmed is lost, nothing acked comes back, and no call is answered
-`queue_not_found` for the queue that exists throughout (a retryable error at worst). In-process nodes on
+"""An empty queue moving to its topic's shard (router.py, `_move_empty_queue`) while clients publish (native and
+SQS), receive and ack it through every node: nothing confirmed is lost, nothing acked comes back, and no call is
+answered `queue_not_found` (SQS: QueueDoesNotExist) for the queue that exists throughout (a retryable error at
+worst). In-process nodes on
 StaticNodes (routing_helpers.py), shard s owned by node s % 3."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import requests
 
 from chute import AsyncClient
 from chute.cluster.placement import home_shard
@@ -18,11 +20,15 @@ from tests.cluster.test_fanout_relay import name_on
 pytestmark = pytest.mark.timeout(60)
 
 
+class Retryable(str):
+    retryable = True
+
+
 async def test_calls_during_a_queue_move_lose_nothing_and_never_say_not_found():
     # The placement row moved first and the queue was created in the new shard after a round trip: a node that
     # looked the row up in between asked the new shard, which did not hold the queue yet, and answered
     # queue_not_found to a publish (and a receive) of a queue that existed all along.
-    async with static_cluster(3, 6) as (servers, directory):
+    async with static_cluster(3, 6, http=True) as (servers, directory):
         a, b, c = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
         try:
             topic = name_on(lambda s: s == 0, 6, "moves")  # node-0
@@ -39,6 +45,14 @@ async def test_calls_during_a_queue_move_lose_nothing_and_never_say_not_found():
                     outcomes[body.decode()] = "confirmed"
                 except ChuteError as exc:
                     outcomes[body.decode()] = exc
+
+            def send_sqs(server, body: str) -> None:  # SQS's JSON protocol through `server`'s HTTP port
+                endpoint = f"http://127.0.0.1:{server.http_port}"
+                answer = requests.post(f"{endpoint}/", json={"QueueUrl": queue, "MessageBody": body}, timeout=30,
+                                       headers={"X-Amz-Target": "AmazonSQS.SendMessage",
+                                                "Content-Type": "application/x-amz-json-1.0"})  # fmt: skip
+                outcomes[body] = "confirmed" if answer.status_code == 200 else \
+                    Retryable(answer.text) if answer.status_code in (500, 503) else answer.text  # fmt: skip
 
             async def receive(client) -> None:
                 try:
@@ -59,10 +73,10 @@ async def test_calls_during_a_queue_move_lose_nothing_and_never_say_not_found():
                     await b.ack_receipts(queue, [d.receipt for d in got])
                     assert [d.message.body for d in got] == [b"acked-at-the-old-copy"]
                     await publish(b, b"left-in-the-old-copy")  # carried over to the new copy
-                    loop = asyncio.get_running_loop()
-                    started.extend([loop.create_task(publish(a, b"via-node-0")),
-                                    loop.create_task(publish(c, b"via-node-2")),
-                                    loop.create_task(receive(c))])  # fmt: skip
+                    calls = [publish(a, b"via-node-0"), publish(c, b"via-node-2"), receive(c),
+                             asyncio.to_thread(send_sqs, servers[0], "sqs-via-node-0"),
+                             asyncio.to_thread(send_sqs, servers[2], "sqs-via-node-2")]  # fmt: skip
+                    started.extend(asyncio.ensure_future(call) for call in calls)
                     await asyncio.sleep(0.3)  # they reach the new shard before the queue does
                 return moved
 

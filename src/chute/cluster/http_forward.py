@@ -17,7 +17,9 @@ core can check it); a delete that succeeded removes the row. Requests naming not
 `ListQueues`, static files) are served here, by the router, which merges every shard.
 
 Invariant: the body is read once (aiohttp keeps it for the handler); a shard with no live owner is waited for as
-the router waits, then answered 503 `unavailable` (retryable), having changed nothing.
+the router waits, then answered 503 `unavailable` (retryable), having changed nothing; a name whose row names a
+shard served here that does not hold it yet (being created, or a queue moving to its topic's shard) is waited
+for as the router waits (`_arriving`), not answered "does not exist".
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from chute.cluster.router import ARRIVING_POLL_S, ARRIVING_S
 from chute.cluster.shard_view import ShardView
 from chute.errors import ChuteError, Unavailable
 
@@ -69,6 +72,8 @@ def middleware(server):
         except ChuteError as exc:
             return _error(exc)
         if hasattr(owner, "core"):  # this node's broker of the shard (seen with what crosses shards: relays)
+            if action != "create":
+                await _arriving(router, owner, name, placed.shard)
             request[BROKER_KEY] = ShardView(owner, router, placed.shard)
             response = await handler(request)
             if action == "delete" and response.status < 300:
@@ -131,6 +136,20 @@ async def _target(request: web.Request) -> tuple[str, str, str] | None:
     if not name:
         return None
     return name, "queue", {"CreateQueue": "create", "DeleteQueue": "delete"}.get(action, "other")
+
+
+async def _arriving(router, broker, name: str, shard: int) -> None:
+    """Wait for `name`, whose row names `shard` (served here by `broker`), to be there, as the router does
+    (router.ARRIVING_S): the row is written first, so a queue being created or moved to its topic's shard is on
+    its way, and must not be answered "does not exist" meanwhile. Returns at once when it is there, and when its
+    row names another shard or none (the handler answers)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ARRIVING_S
+    while name not in broker.core.queues and name not in broker.core.topics and loop.time() < deadline:
+        placed = await router.placement.refresh(name)
+        if placed is None or placed.shard != shard:
+            return
+        await asyncio.sleep(ARRIVING_POLL_S)  # (a poll: nothing announces the queue's arrival)
 
 
 def _queue_of_url(url: str) -> str:
