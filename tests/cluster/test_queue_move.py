@@ -11,8 +11,8 @@ import asyncio
 import pytest
 import requests
 
-from chute import AsyncClient
-from chute.cluster.placement import home_shard
+from chute import AsyncClient, Broker
+from chute.cluster.placement import Placed, home_shard
 from chute.errors import ChuteError
 from tests.cluster.routing_helpers import static_cluster
 from tests.cluster.test_fanout_relay import name_on
@@ -99,3 +99,50 @@ async def test_calls_during_a_queue_move_lose_nothing_and_never_say_not_found():
         finally:
             for client in (a, b, c):
                 await client.close()
+
+
+async def test_a_stray_copy_left_by_a_move_cut_short_is_carried_over_when_its_shard_is_served_again():
+    # A move cut short (the old shard's node died or handed the shard over between the row's move and the old
+    # copy's deletion) left the old copy in the shard's recovered broker: its row named the new shard, but the
+    # node serving the old one served the name from that copy, so a publish through it was confirmed where no
+    # reader through another node looked, and what the copy held was never carried over.
+    async with static_cluster(2, 4) as (servers, directory):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            moved = name_on(lambda s: s == 3, 4, "moved")  # row and new copy on node-1's shard 3
+            cut = name_on(lambda s: s == 1, 4, "cut")  # row on shard 1; cut before its new copy was made
+            await b.create_queue(moved)
+            directory.book[cut] = Placed(cut, "queue", 1)
+            old = await Broker.in_memory().start()  # shard 2's broker as node-0 recovers it after the cut
+            for name in (moved, cut):
+                await old.create_queue(name, max_deliveries=3)
+                await old.publish(name, b"held by the old copy")
+            await old.publish(moved, b"confirmed through the old shard's node")
+            node = directory.nodes["node-0"]
+            await node.drop(2)
+            node.brokers[2], directory.owners[2] = old, "node-0"
+            directory.changed()
+            got = {name: sorted(await drain(b, name)) for name in (moved, cut)}
+            assert got == {moved: [b"confirmed through the old shard's node", b"held by the old copy"],
+                           cut: [b"held by the old copy"]}  # fmt: skip
+            await _until(lambda: moved not in old.core.queues and cut not in old.core.queues)
+            assert directory.nodes["node-1"].brokers[1].core.queues[cut].settings.max_deliveries == 3
+            await a.publish(moved, b"through node-0 afterwards")  # reaches the queue readers see
+            assert await drain(b, moved) == [b"through node-0 afterwards"]
+        finally:
+            for client in (a, b):
+                await client.close()
+
+
+async def drain(client, queue: str) -> list[bytes]:
+    bodies: list[bytes] = []
+    while got := await client.receive(queue, 10, wait_s=2 if not bodies else 0.3):
+        bodies += [d.message.body for d in got]
+        await client.ack_receipts(queue, [d.receipt for d in got])
+    return bodies
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.05)

@@ -63,6 +63,7 @@ from chute.cluster.relay import (
     relayed_queue,
     subscribed_name,
 )
+from chute.cluster.strays import Strays
 from chute.consumer import Consumer
 from chute.errors import (
     BrokerClosed,
@@ -105,9 +106,11 @@ class ClusterBroker:
             self._relays: dict[str, object] = {}  # "~r<n>" -> AsyncConsumer of an owner's ephemeral subscription
             self._relay_numbers = itertools.count(1)
             self.relays = Relays(self)
+            self.strays = Strays(self)
             self.local = ClusterBroker(node, wait_owner_s=0.0, forward=False, _shared=self)
         else:  # the local view shares the pool, the state and the change event of its router
             self.peers, self._changed, self.relays = _shared.peers, _shared._changed, _shared.relays
+            self.strays = _shared.strays
             self.local = self
 
     routed = True  # the server's fronts: calls go through the router (no `_lease`/`_ack` fast paths)
@@ -144,6 +147,7 @@ class ClusterBroker:
         await self.node.start()
         self._state = "serving"
         self.relays.start()
+        self.strays.changed()
         return self
 
     def _node_changed(self, *_args) -> None:
@@ -151,6 +155,8 @@ class ClusterBroker:
         relays of shards gained start."""
         self._changed.set()
         self.relays.changed()
+        if self._state == "serving":
+            self.strays.changed()
 
     async def close(self) -> None:
         """Stop forwarding, hand the node's shards back (their brokers close cleanly) and leave. Idempotent."""
@@ -158,6 +164,7 @@ class ClusterBroker:
             return
         self._state = "closing"
         await self.relays.close()
+        await self.strays.close()
         if _BACKGROUND:  # forwarded releases, relays being closed
             await asyncio.wait(list(_BACKGROUND), timeout=5.0)
         await self.peers.close()
