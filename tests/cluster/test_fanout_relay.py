@@ -102,9 +102,14 @@ async def test_a_relay_repeating_a_batch_adds_no_copy_and_unsubscribing_removes_
                 (b"one", {"kind": "a"}, 3)
             ]
             # a relay that crashed after publishing and before acking publishes the batch again, with the same
-            # dedup ids (derived from the message's id in the topic's shard): the queue keeps one copy
+            # dedup ids (derived from the message's id in the topic's shard): the queue keeps one copy (the
+            # copy is stored with the relay's dedup id; a reader sees the publisher's, here none)
+            assert got[0].message.dedup_id is None
             relay = relay_name(queue)
-            dedup_id = got[0].message.dedup_id
+            await b.nack(got)
+            stored = await broker_of(directory, queue).peek(queue, 10)
+            dedup_id = stored[0].message.dedup_id
+            got = await b.receive(queue, 1, wait_s=5)
             assert dedup_id is not None and dedup_id.startswith(f"chute.relay:{home_shard(topic, 4)}:")
             await b.ack_receipts(queue, [got[0].receipt])
             again = Publish(body=b"one", dedup_id=dedup_id)
@@ -240,3 +245,42 @@ async def test_through_the_http_api_a_subscription_and_dead_letters_cross_shards
                     assert (await answer.json())["settings"]["dead_letter_queue"] == dlq
         finally:
             await a.close()
+
+
+async def test_a_relayed_copy_shows_the_publish_time_and_dedup_id_of_the_message_as_one_broker_does():
+    # one broker hands out the one stored message everywhere: its publish time and its publisher's dedup id in
+    # every subscribed queue, and in a dead-letter queue; a relay's copy is a new message (its own id, the
+    # relay's dedup id), but a reader sees the original's time and dedup id
+    async with static_cluster(2, 4) as (servers, _):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            topic = name_on(lambda s: s % 2 == 0, 4, "prices")  # node-0
+            far = name_on(lambda s: s % 2 == 1, 4, "ticker")  # node-1
+            dlq = name_on(lambda s: s % 2 == 0, 4, "graves")  # node-0
+            await b.create_queue(dlq)
+            await b.create_queue(far, dead_letter_queue=dlq)
+            await b.publish(far, b"first")  # not empty: it stays in its shard
+            await a.create_topic(topic)
+            await a.subscribe(topic, ">", "near")  # in the topic's shard: one broker's behaviour
+            await a.subscribe(topic, ">", far)
+            # delayed, so the relay copies it well after it was published
+            await b.publish(topic, b"tick", dedup_id="tick-1", delay_s=0.3)
+            near = (await a.receive("near", 1, wait_s=10))[0].message
+            got = await b.receive(far, 2, wait_s=10)
+            got += [] if len(got) == 2 else await b.receive(far, 1, wait_s=10)
+            copy = next(d for d in got if d.message.body == b"tick")
+            assert (copy.message.publish_time, copy.message.dedup_id) == (near.publish_time, "tick-1")
+            assert copy.message.headers == {}
+            await asyncio.sleep(0.05)
+            await b.nack([copy], dead_letter=True)  # to node-0's dead-letter queue, through a relay on node-1
+            dead = (await a.receive(dlq, 1, wait_s=10))[0]
+            assert (dead.message.body, dead.dead_letter_reason, dead.dead_letter_source) == (b"tick", "rejected", far)
+            assert (dead.message.publish_time, dead.message.dedup_id) == (near.publish_time, "tick-1")
+            assert dead.message.headers == {}
+            # a message published without a dedup id shows none, wherever it was relayed
+            await b.publish(topic, b"tock")
+            tock = [d for d in await b.receive(far, 1, wait_s=10) if d.message.body == b"tock"]
+            assert [d.message.dedup_id for d in tock] == [None]
+        finally:
+            for client in (a, b):
+                await client.close()

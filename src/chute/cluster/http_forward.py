@@ -11,13 +11,15 @@ the name's shard:
   body) to the owner's HTTP port, marked with `X-Chute-Forwarded`, and the owner's answer is returned as it is.
   A forwarded request is never forwarded again: a node that no longer owns the shard answers 503 `unavailable`.
 
-A create (API `PUT` of a queue or topic, SQS `CreateQueue`) writes the name's placement row first (its home
-shard; a queue whose dead-letter queue exists goes to that queue's shard, where the core can check it); a
-delete that succeeded removes the row. Requests naming nothing (lists, the overview, SQS `ListQueues`, static
-files) are served here, by the router, which merges every shard.
+A create (API `PUT` of a queue or topic, SQS `CreateQueue` in the JSON or the query protocol) writes the name's
+placement row first (its home shard; a queue whose dead-letter queue exists goes to that queue's shard, where the
+core can check it); a delete that succeeded removes the row. Requests naming nothing (lists, the overview, SQS
+`ListQueues`, static files) are served here, by the router, which merges every shard.
 
 Invariant: the body is read once (aiohttp keeps it for the handler); a shard with no live owner is waited for as
-the router waits, then answered 503 `unavailable` (retryable), having changed nothing.
+the router waits, then answered 503 `unavailable` (retryable), having changed nothing; a name whose row names a
+shard served here that does not hold it yet (being created, or a queue moving to its topic's shard) is waited
+for as the router waits (`_arriving`), not answered "does not exist".
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from chute.cluster.router import ARRIVING_POLL_S, ARRIVING_S
 from chute.cluster.shard_view import ShardView
 from chute.errors import ChuteError, Unavailable
 
@@ -69,6 +72,8 @@ def middleware(server):
         except ChuteError as exc:
             return _error(exc)
         if hasattr(owner, "core"):  # this node's broker of the shard (seen with what crosses shards: relays)
+            if action != "create":
+                await _arriving(router, owner, name, placed.shard)
             request[BROKER_KEY] = ShardView(owner, router, placed.shard)
             response = await handler(request)
             if action == "delete" and response.status < 300:
@@ -133,6 +138,20 @@ async def _target(request: web.Request) -> tuple[str, str, str] | None:
     return name, "queue", {"CreateQueue": "create", "DeleteQueue": "delete"}.get(action, "other")
 
 
+async def _arriving(router, broker, name: str, shard: int) -> None:
+    """Wait for `name`, whose row names `shard` (served here by `broker`), to be there, as the router does
+    (router.ARRIVING_S): the row is written first, so a queue being created or moved to its topic's shard is on
+    its way, and must not be answered "does not exist" meanwhile. Returns at once when it is there, and when its
+    row names another shard or none (the handler answers)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ARRIVING_S
+    while name not in broker.core.queues and name not in broker.core.topics and loop.time() < deadline:
+        placed = await router.placement.refresh(name)
+        if placed is None or placed.shard != shard:
+            return
+        await asyncio.sleep(ARRIVING_POLL_S)  # (a poll: nothing announces the queue's arrival)
+
+
 def _queue_of_url(url: str) -> str:
     """The queue a `QueueUrl` names, read as the SQS front reads it (sqs/common.py, `queue_name_of_url`): the last
     segment of the URL's path, percent-decoded; a bare name is itself. (Read as-is, a name in percent-encoding or
@@ -152,13 +171,18 @@ def _move_task_source(handle: str) -> str | None:
 
 
 async def _near(router, request: web.Request, kind: str) -> int | None:
-    """The shard of the dead-letter queue a new queue names (the core checks it exists in the same broker)."""
+    """The shard of the dead-letter queue a new queue names (the core checks it exists in the same broker): the
+    API's `dead_letter_queue`, or the `RedrivePolicy` of an SQS CreateQueue in either protocol — the JSON one's
+    `Attributes`, or the query one's form fields `Attribute.N.Name` and `Attribute.N.Value`."""
     if kind != "queue":
         return None
     body = await request.read()
     dlq = None
     try:
-        settings = json.loads(body or b"{}")
+        if request.path.startswith("/api/") or request.headers.get("X-Amz-Target") is not None:
+            settings = json.loads(body or b"{}")
+        else:
+            settings = {"Attributes": _query_attributes(parse_qs(body.decode("utf-8", "replace")))}
         if isinstance(settings, dict):
             dlq = settings.get("dead_letter_queue")
             policy = (settings.get("Attributes") or {}).get("RedrivePolicy")
@@ -169,6 +193,20 @@ async def _near(router, request: web.Request, kind: str) -> int | None:
     if not isinstance(dlq, str) or not dlq:
         return None
     return await router.placement.shard_of(dlq, "queue")
+
+
+def _query_attributes(form: dict[str, list[str]]) -> dict[str, str]:
+    """The attributes of a query-protocol SQS request, read as the SQS front reads them (sqs/query.py, `MAPS`):
+    `Attribute.N.Name` with its `Attribute.N.Value` (or `Attributes.N....`, the JSON member's name)."""
+    found = {}
+    for key, values in form.items():
+        head, _, rest = key.partition(".")
+        index, _, field = rest.partition(".")
+        if head in ("Attribute", "Attributes") and field == "Name":
+            value = form.get(f"{head}.{index}.Value")
+            if value:
+                found[values[0]] = value[0]
+    return found
 
 
 async def _proxy(session: ClientSession, request: web.Request, owner, scheme: str) -> web.StreamResponse:

@@ -38,7 +38,9 @@ What a relayed copy keeps: body, headers, priority, FIFO group, the remaining TT
 dead-letter queue only that queue's TTL counts, as in one broker), and the subject of a topic's message, which a
 queue publish cannot carry: it travels as header `chute-relay-subject` and is put back in the message when read
 (so AMQP readers get the routing key of the subject, as on one broker). Not kept: the message id (`q` numbers its
-own), the publisher's dedup id (replaced by the relay's; the topic applied the publisher's). Headers the copy
+own). Stored with the relay's dedup id (the topic applied the publisher's), but read with the original's publish
+time and the publisher's dedup id, which travel as header `chute-relay-origin` (`lift_relayed`), as one broker
+shows its one stored message. Headers the copy
 adds are left out when they would take it over the limits of a message's headers (`_carried`), and only copies
 the cluster made (their dedup ids say so) are read back: a user's message with such headers keeps them.
 """
@@ -73,7 +75,8 @@ REDRIVE_LEASE_S = 300.0  # held while a redrive looks at them (released or acked
 REASON_HEADER = "chute-dead-letter-reason"
 SOURCE_HEADER = "chute-dead-letter-source"
 SUBJECT_HEADER = "chute-relay-subject"  # a topic message's subject, which a queue publish cannot carry
-LIFTED_HEADERS = frozenset({REASON_HEADER, SOURCE_HEADER, SUBJECT_HEADER})
+ORIGIN_HEADER = "chute-relay-origin"  # "<publish ms>[ <dedup id>]" of the message the copy was made of
+LIFTED_HEADERS = frozenset({REASON_HEADER, SOURCE_HEADER, SUBJECT_HEADER, ORIGIN_HEADER})
 COPY_DEDUP_PREFIXES = ("chute.relay:", "chute.redrive:")  # the dedup ids of relayed and redriven copies
 BATCH = 500  # messages per relayed publish: one group commit on each side
 BATCH_BYTES = 4 * 2**20  # and at most this many bytes of bodies (a batch of one may be larger)
@@ -289,26 +292,37 @@ def _copy(shard: int, delivery) -> Publish:
 
 def _carried(delivery) -> dict[str, str] | None:
     """A copy's headers: the message's own, plus what a queue publish cannot carry in its fields — the subject
-    of a topic's message (SUBJECT_HEADER), and a dead letter's reason and source — if they still fit the limits
-    of a message's headers (model.MAX_HEADERS, MAX_HEADER_BYTES). What does not fit is left out (the dead
-    letter's first, then the subject): a publish over those limits is refused for good, and the relay would
-    retry the batch forever, holding back every message behind this one. A dead letter's own headers from an
+    of a topic's message (SUBJECT_HEADER), the original's publish time and dedup id (ORIGIN_HEADER), and a dead
+    letter's reason and source — if they still fit the limits of a message's headers (model.MAX_HEADERS,
+    MAX_HEADER_BYTES). What does not fit is left out (the origin first, then the dead letter's, then the
+    subject): a publish over those limits is refused for good, and the relay would retry the batch forever,
+    holding back every message behind this one. A dead letter's own headers from an
     earlier relay are replaced, or dropped when the new ones do not fit."""
     message = delivery.message
     own = dict(message.headers or {})
-    extra: dict[str, str] = {}
-    if message.subject is not None:
-        extra[SUBJECT_HEADER] = message.subject
+    subject = {SUBJECT_HEADER: message.subject} if message.subject is not None else {}
+    extra = {**subject, ORIGIN_HEADER: _origin(delivery)}
     dead: dict[str, str] = {}
     if delivery.dead_letter_reason is not None:
         own.pop(REASON_HEADER, None)
         own.pop(SOURCE_HEADER, None)
         dead = {REASON_HEADER: delivery.dead_letter_reason, SOURCE_HEADER: delivery.dead_letter_source or ""}
-    for added in ({**extra, **dead}, dead, {}):
+    for added in ({**extra, **dead}, {**subject, **dead}, dead, {}):
         headers = {**own, **added}
         if len(headers) <= MAX_HEADERS and sum(len(k) + len(v) for k, v in headers.items()) <= MAX_HEADER_BYTES:
             return headers or None
     return own or None  # (not reached: the message's own headers were within the limits when published)
+
+
+def _origin(delivery) -> str:
+    """ORIGIN_HEADER's value for a copy of `delivery`'s message: its publish time in milliseconds and the dedup id
+    its publisher gave it, which a reader of the copy sees, as one broker shows the one stored message (the copy
+    itself is stored with the relay's dedup id, and its own id and time). A copy of a copy keeps the first's."""
+    message = delivery.message
+    if _copied(delivery):
+        return (message.headers or {}).get(ORIGIN_HEADER) or str(round(message.publish_time * 1000))
+    ms = round(message.publish_time * 1000)
+    return f"{ms} {message.dedup_id}" if message.dedup_id is not None else str(ms)
 
 
 def relay_dedup_id(shard: int, delivery) -> str:
@@ -340,19 +354,21 @@ def _copied(delivery) -> bool:
 
 
 def lift_relayed(delivery) -> None:
-    """A copy a relay (or a redrive) made as one broker would hand the message out: its subject, and a dead
-    letter's reason and source queue, from its headers back in the message's and the delivery's fields (the
-    headers go). Only the cluster's copies, known by their dedup ids, are lifted: a user's message with such
-    headers keeps them, as on one broker."""
+    """A copy a relay (or a redrive) made as one broker would hand the message out: its subject, the publish
+    time and dedup id of the message it copies, and a dead letter's reason and source queue, from its headers
+    back in the message's and the delivery's fields (the headers go). Only the cluster's copies, known by their
+    dedup ids, are lifted: a user's message with such headers keeps them, as on one broker."""
     message = delivery.message
     headers = message.headers
-    if not headers or not _copied(delivery):
-        return
-    if not (SUBJECT_HEADER in headers or REASON_HEADER in headers):
+    if not headers or not _copied(delivery) or LIFTED_HEADERS.isdisjoint(headers):
         return
     kept = {key: value for key, value in headers.items() if key not in LIFTED_HEADERS}
     subject = message.subject if message.subject is not None else headers.get(SUBJECT_HEADER)
-    delivery.message = msgspec.structs.replace(message, headers=kept, subject=subject)  # (messages may be shared)
+    fields: dict = {"headers": kept, "subject": subject}
+    ms, _, dedup_id = headers.get(ORIGIN_HEADER, "").partition(" ")
+    if ms.isdigit():
+        fields.update(publish_time=int(ms) / 1000.0, dedup_id=dedup_id or None)
+    delivery.message = msgspec.structs.replace(message, **fields)  # (messages may be shared)
     if REASON_HEADER in headers and delivery.dead_letter_reason is None:
         reason = headers[REASON_HEADER]
         delivery.dead_letter_source = headers.get(SOURCE_HEADER) or None

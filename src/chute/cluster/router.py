@@ -9,7 +9,8 @@ node owns the shard, else to the owner over the native protocol (peers.py). List
 
 Rules:
 - routing: a name held by a local shard's broker is served there at once; else its placement row gives the
-  shard (not placed = not found, as one broker says it), and the shard's owner serves it;
+  shard (not placed = not found, as one broker says it), and the shard's owner serves it; a row naming a shard
+  that does not hold the name yet (it is being created or moved there) is waited for, up to ARRIVING_S;
 - a shard with no live owner (its node died; the takeover is under way) is waited for up to `wait_owner_s`,
   then the call fails with `unavailable` (retryable) having changed nothing;
 - no loops: `local` is the view that peers' connections use; it never forwards, and a call for a shard this node
@@ -39,6 +40,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -61,6 +63,7 @@ from chute.cluster.relay import (
     relayed_queue,
     subscribed_name,
 )
+from chute.cluster.strays import Strays
 from chute.consumer import Consumer
 from chute.errors import (
     BrokerClosed,
@@ -77,6 +80,9 @@ log = logging.getLogger("chute.cluster")
 WAIT_OWNER_S = 15.0  # how long a call waits for a shard without a live owner (a takeover: lease + recovery)
 RECHECK_S = 0.2  # while waiting, how often ownership is looked at again (besides the node's change events)
 REMOTE_POLL_S = 0.1  # `_wait_ready` for a queue of another node: how long before its caller looks again
+ARRIVING_S = 5.0  # how long a call waits for a name whose row names a shard that does not hold it yet (the row
+# is written first: a queue being created, or moved to its topic's shard, is there after one round trip)
+ARRIVING_POLL_S = 0.05  # while waiting, how often the row is read and the call tried again
 EPHEMERAL = "~"
 
 
@@ -100,9 +106,11 @@ class ClusterBroker:
             self._relays: dict[str, object] = {}  # "~r<n>" -> AsyncConsumer of an owner's ephemeral subscription
             self._relay_numbers = itertools.count(1)
             self.relays = Relays(self)
+            self.strays = Strays(self)
             self.local = ClusterBroker(node, wait_owner_s=0.0, forward=False, _shared=self)
         else:  # the local view shares the pool, the state and the change event of its router
             self.peers, self._changed, self.relays = _shared.peers, _shared._changed, _shared.relays
+            self.strays = _shared.strays
             self.local = self
 
     routed = True  # the server's fronts: calls go through the router (no `_lease`/`_ack` fast paths)
@@ -139,6 +147,7 @@ class ClusterBroker:
         await self.node.start()
         self._state = "serving"
         self.relays.start()
+        self.strays.changed()
         return self
 
     def _node_changed(self, *_args) -> None:
@@ -146,6 +155,8 @@ class ClusterBroker:
         relays of shards gained start."""
         self._changed.set()
         self.relays.changed()
+        if self._state == "serving":
+            self.strays.changed()
 
     async def close(self) -> None:
         """Stop forwarding, hand the node's shards back (their brokers close cleanly) and leave. Idempotent."""
@@ -153,6 +164,7 @@ class ClusterBroker:
             return
         self._state = "closing"
         await self.relays.close()
+        await self.strays.close()
         if _BACKGROUND:  # forwarded releases, relays being closed
             await asyncio.wait(list(_BACKGROUND), timeout=5.0)
         await self.peers.close()
@@ -293,20 +305,34 @@ class ClusterBroker:
 
     async def _on_name(self, name: str, method: str, *args, missing: type[ChuteError] = QueueNotFound, **kwargs):
         """Call `method` on the broker holding `name`; a stale placement row (the shard says not found, another
-        node moved the name meanwhile) is read again once."""
+        node moved the name meanwhile) is read again. A row naming the shard that says not found is a name on its
+        way there (its row is written first: a queue being created, or moved to its topic's shard while it
+        exists elsewhere): the call is tried again while the row stays, for up to ARRIVING_S, rather than
+        answered not found for a queue that exists. (Only the router that forwards waits: a peer's local view
+        answers at once, and its sender waits.)"""
         self._check()
         holder = self._local_holder(name)
         if holder is not None:
             result = getattr(holder, method)(*args, **kwargs)
             return await result if inspect.isawaitable(result) else result
         shard = await self._shard_of(name, missing)
-        try:
-            return await self._on_shard(shard, method, *args, **kwargs)
-        except (QueueNotFound, TopicNotFound):
-            placed = await self.placement.refresh(name)
-            if placed is None or placed.shard == shard:
-                raise
-            return await self._on_shard(placed.shard, method, *args, **kwargs)
+        deadline = asyncio.get_running_loop().time() + ARRIVING_S
+        while True:
+            try:
+                return await self._on_shard(shard, method, *args, **kwargs)
+            except (QueueNotFound, TopicNotFound):
+                placed = await self.placement.refresh(name)
+                if placed is None or (placed.shard == shard and not self.forward):
+                    raise
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+                if placed.shard == shard:
+                    await asyncio.sleep(ARRIVING_POLL_S)  # (a poll: nothing announces the queue's arrival)
+                shard = placed.shard
+                holder = self._local_holder(name)
+                if holder is not None:
+                    result = getattr(holder, method)(*args, **kwargs)
+                    return await result if inspect.isawaitable(result) else result
 
     # -- publish ----------------------------------------------------------------------------------------------
 
@@ -762,8 +788,12 @@ class ClusterBroker:
         if not deliveries:
             await asyncio.sleep(0.05)  # in flight or delayed there: their leases or delays end first
             return
+        now = time.time()  # (what is left of a TTL goes with the message; its dedup id too, so a publisher's retry
+        # of it through the new copy is kept out there as it would have been here)
         messages = [Publish(body=d.message.body, headers=d.message.headers or None, priority=d.message.priority,
-                            group=d.message.group) for d in deliveries]  # fmt: skip
+                            group=d.message.group, dedup_id=d.message.dedup_id,
+                            ttl_s=None if d.message.expires_at is None else max(0.001, d.message.expires_at - now))
+                    for d in deliveries]  # fmt: skip
         await self._root._on_shard(new, "publish_batch", queue, messages)
         await source.ack(queue, [d.receipt for d in deliveries])
 
