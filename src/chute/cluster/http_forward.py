@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from chute.cluster.router import ARRIVING_POLL_S, ARRIVING_S
+from chute.cluster.placement import ARRIVING_POLL_S, ARRIVING_S
 from chute.cluster.shard_view import ShardView
 from chute.errors import ChuteError, Unavailable
 
@@ -140,7 +140,7 @@ async def _target(request: web.Request) -> tuple[str, str, str] | None:
 
 async def _arriving(router, broker, name: str, shard: int) -> None:
     """Wait for `name`, whose row names `shard` (served here by `broker`), to be there, as the router does
-    (router.ARRIVING_S): the row is written first, so a queue being created or moved to its topic's shard is on
+    (placement.ARRIVING_S): the row is written first, so a queue being created or moved to its topic's shard is on
     its way, and must not be answered "does not exist" meanwhile. Returns at once when it is there, and when its
     row names another shard or none (the handler answers)."""
     loop = asyncio.get_running_loop()

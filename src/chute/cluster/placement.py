@@ -31,6 +31,9 @@ import msgspec
 from chute.errors import InvalidArgument, QueueExists, TopicExists, Unavailable
 
 Kind = Literal["queue", "topic"]
+ARRIVING_S = 5.0  # how long a call waits for a name whose row names a shard that does not hold it yet (the row
+# is written first: a queue being created, or moved to its topic's shard, is there after one round trip)
+ARRIVING_POLL_S = 0.05  # while waiting, how often the row is read and the call tried again
 
 # The table, created by the schema migration (storage/postgres/schema.py, version 2) or, on a database from
 # before it, by `Placement.start` (IF NOT EXISTS, under the migration's advisory lock).

@@ -48,7 +48,7 @@ import msgspec
 from chute.cluster.consumers import ConsumerRegistry
 from chute.cluster.localview import LocalCore, LocalStore
 from chute.cluster.peers import PEER_CLIENT, Peers
-from chute.cluster.placement import namespace_error
+from chute.cluster.placement import ARRIVING_POLL_S, ARRIVING_S, namespace_error
 from chute.cluster.relay import (
     RELAY_SETTINGS,
     Relays,
@@ -80,9 +80,6 @@ log = logging.getLogger("chute.cluster")
 WAIT_OWNER_S = 15.0  # how long a call waits for a shard without a live owner (a takeover: lease + recovery)
 RECHECK_S = 0.2  # while waiting, how often ownership is looked at again (besides the node's change events)
 REMOTE_POLL_S = 0.1  # `_wait_ready` for a queue of another node: how long before its caller looks again
-ARRIVING_S = 5.0  # how long a call waits for a name whose row names a shard that does not hold it yet (the row
-# is written first: a queue being created, or moved to its topic's shard, is there after one round trip)
-ARRIVING_POLL_S = 0.05  # while waiting, how often the row is read and the call tried again
 EPHEMERAL = "~"
 
 
