@@ -153,6 +153,8 @@ def publish_to_exchanges(server, rnd: random.Random) -> tuple[list[Routed], list
             body, values = any_body(rnd), header_values(rnd)
             native.publish("exchange.xh", body, subject=HEADERS_SUBJECT, headers=values)
             headers.append(Routed(body, values, key="", words=None, exchange="xh"))
+            if rnd.random() < 0.2:  # docs/amqp.md: another subject reaches no headers binding
+                native.publish("exchange.xh", body, subject=rnd.choice(("a", HEADERS_SUBJECT + "._")), headers=values)
     base = f"http://127.0.0.1:{server.http_port}/api/v1/topics"
     for _ in range(MESSAGES):
         body, subject = text(rnd, rnd.randint(0, 30)), odd_subject(rnd)
@@ -319,12 +321,18 @@ def publish_fifo(server, tmp_path, rnd: random.Random, queues: list[str]) -> lis
             for queue in queues]  # fmt: skip
     serial = iter(range(10**6))
     groups = [sqs_id(rnd, next(serial)) for _ in range(3)]
-    for _ in range(MESSAGES):
+    xml_client = query_client(f"http://127.0.0.1:{server.http_port}", tmp_path)
+    for i in range(MESSAGES):  # through JSON and query, alone and in batches (punctuation: XML's <>&"' too)
         body = "".join(rnd.choice(string.printable[:-2]) for _ in range(rnd.randint(1, 30)))  # (no \x0b, \x0c)
         group, dedup_id = rnd.choice(groups), sqs_id(rnd, next(serial))
+        client = json_client if i % 2 else xml_client
         for url in urls:
-            json_client.send_message(QueueUrl=url, MessageBody=body, MessageGroupId=group,
-                                     MessageDeduplicationId=dedup_id)  # fmt: skip
+            if i % 4 < 2:
+                client.send_message(QueueUrl=url, MessageBody=body, MessageGroupId=group,
+                                    MessageDeduplicationId=dedup_id)  # fmt: skip
+            else:
+                entry = {"Id": "e", "MessageBody": body, "MessageGroupId": group, "MessageDeduplicationId": dedup_id}
+                assert not client.send_message_batch(QueueUrl=url, Entries=[entry]).get("Failed")
         sent.append(Keyed(body.encode(), group, dedup_id))
     for bad in ("", "x" * 129, "é", "a b", "\x00"):  # refused, clearly, as AWS refuses them
         with pytest.raises(json_client.exceptions.ClientError, match="InvalidParameterValue"):
