@@ -199,3 +199,15 @@ def test_restart_deletes_non_durable_queues_and_keeps_durable_ones(tmp_path):
         channel = connection.channel()
         assert channel.basic_get("lasting", auto_ack=True)[2] == b"kept?"
         connection.close()
+
+
+def test_a_queue_named_with_any_characters_is_declared_and_used(server, channel, name):
+    """RabbitMQ takes any UTF-8 queue name up to 255 bytes; queue.declare-ok used to fail to encode one outside
+    pamqp's old name domain (541, the connection closed)."""
+    odd = f"{name} é!$%&(*)'\"?"
+    assert channel.queue_declare(odd).method.queue == odd
+    channel.confirm_delivery()
+    channel.basic_publish("", odd, b"hello")
+    assert channel.queue_declare(odd, passive=True).method.message_count == 1
+    method, _, body = channel.basic_get(odd, auto_ack=True)
+    assert body == b"hello" and method.routing_key == odd

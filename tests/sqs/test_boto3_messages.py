@@ -364,3 +364,23 @@ def test_a_server_stops_promptly_during_a_slow_move_task(caplog):
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     [task] = sqs_state(server.server).move_tasks
     assert task.status in ("CANCELLED", "FAILED") and task.runner.done()  # ended with the server, not left pending
+
+
+def test_message_move_task_to_another_queue_keeps_priorities(sqs, sqs_server, name):
+    """A move to DestinationArn publishes each message again with its priority (one published through AMQP or
+    natively has one): it was published with priority 0, behind the destination's own messages."""
+    import chute
+
+    _, dlq, dlq_arn = _dead_lettered(sqs, name, max_receives=1)
+    target = sqs.create_queue(QueueName=f"{name}-target")["QueueUrl"]
+    with chute.Client(sqs_server.url) as native:
+        native.publish(f"{name}-dlq", b"urgent", priority=9)
+        native.publish(f"{name}-target", b"middling", priority=5)
+        sqs.receive_message(QueueUrl=sqs.get_queue_url(QueueName=name)["QueueUrl"], WaitTimeSeconds=1)  # -> dlq
+        wait_until(lambda: native.queue_stats(f"{name}-dlq").ready == 2, what="the dead letter")
+        sqs.start_message_move_task(SourceArn=dlq_arn,
+                                    DestinationArn=attributes(sqs, target, "QueueArn")["QueueArn"])  # fmt: skip
+        wait_until(lambda: native.queue_stats(f"{name}-target").ready == 3, what="the move")
+        deliveries = native.receive(f"{name}-target", 10)
+    assert [(d.message.body, d.message.priority) for d in deliveries] == [
+        (b"urgent", 9), (b"middling", 5), (b"poison", 0)]  # fmt: skip

@@ -246,8 +246,17 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
         await _declare(session, name, method)
     front.used(name)
     channel.last_queue = name
-    return commands.Queue.DeclareOk(queue=ex.amqp_queue(name), message_count=await state.ready(broker, name),
-                                    consumer_count=await front.consumer_count(name))  # fmt: skip
+    return DeclareOk(queue=ex.amqp_queue(name), message_count=await state.ready(broker, name),
+                     consumer_count=await front.consumer_count(name))  # fmt: skip
+
+
+class DeclareOk(commands.Queue.DeclareOk):
+    """queue.declare-ok for any queue name: pamqp checks the name against AMQP's old `queue-name` domain (ASCII
+    letters, digits and `-_.:@#,/+ `) and refused to encode a name RabbitMQ takes (any UTF-8 up to 255 bytes, as
+    queue.declare brings it: `é`, `!`), so the declare failed with 541 and closed the connection."""
+
+    def validate(self) -> None:
+        return None
 
 
 async def _declare(session: AmqpSession, name: str, method) -> None:

@@ -296,24 +296,31 @@ def _mac(key: bytes, payload: bytes) -> bytes:
     return hashlib.blake2b(payload, key=key, digest_size=_MAC_BYTES).digest()
 
 
+# A handle starts with this letter: base64url alone starts with `-` one time in 64, which the AWS CLI reads as an
+# option (`--receipt-handle -xyz`: "expected one argument"), so such a message could not be deleted with it.
+_HANDLE_TAG = "C"
+
+
 def make_receipt_handle(key: bytes, queue: str, receipt: int, chute_id: int) -> str:
     payload = f"{queue}\n{receipt}\n{chute_id}".encode()
     mac = _mac(key, payload)
-    return base64.urlsafe_b64encode(mac + payload).decode()
+    return _HANDLE_TAG + base64.urlsafe_b64encode(mac + payload).decode()
 
 
 def parse_receipt_handle(key: bytes, handle: object) -> tuple[str, int, int]:
     """(queue, Chute receipt, Chute message id) of a handle this server issued; ReceiptHandleIsInvalid if not."""
     if not isinstance(handle, str) or not handle or len(handle) > 1024:
         raise SqsError("ReceiptHandleIsInvalid", f'The input receipt handle "{handle}" is not a valid receipt handle.')
-    try:
-        raw = base64.urlsafe_b64decode(handle.encode())
-        mac, payload = raw[:_MAC_BYTES], raw[_MAC_BYTES:]
-        if not hmac.compare_digest(mac, _mac(key, payload)):
-            raise ValueError("bad mac")
-        queue, receipt, chute_id = payload.decode().split("\n")
-        return queue, int(receipt), int(chute_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise SqsError(
-            "ReceiptHandleIsInvalid", f'The input receipt handle "{handle}" is not a valid receipt handle.'
-        ) from None
+    # (a handle issued before handles had their tag, which may start with one too, is read whole)
+    forms = (handle[len(_HANDLE_TAG):], handle) if handle.startswith(_HANDLE_TAG) else (handle,)
+    for form in forms:
+        try:
+            raw = base64.urlsafe_b64decode(form.encode())
+            mac, payload = raw[:_MAC_BYTES], raw[_MAC_BYTES:]
+            if not hmac.compare_digest(mac, _mac(key, payload)):
+                raise ValueError("bad mac")
+            queue, receipt, chute_id = payload.decode().split("\n")
+            return queue, int(receipt), int(chute_id)
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            continue
+    raise SqsError("ReceiptHandleIsInvalid", f'The input receipt handle "{handle}" is not a valid receipt handle.')

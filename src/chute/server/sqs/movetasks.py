@@ -1,9 +1,10 @@
 """SQS message move tasks: StartMessageMoveTask, ListMessageMoveTasks, CancelMessageMoveTask.
 
 A task moves the messages of a dead-letter queue either back to the queues they came from (no DestinationArn:
-Chute's redrive) or to a given queue (each message received, published there with its attributes, then acked),
-at most `MaxNumberOfMessagesPerSecond` per second if given. Tasks run in the server's event loop and are kept in
-memory only (the latest `MAX_TASKS_KEPT`); a restart forgets them (messages already moved stay moved).
+Chute's redrive) or to a given queue (each message received, published there with its attributes, its priority
+and its group, then acked), at most `MaxNumberOfMessagesPerSecond` per second if given. Tasks run in the
+server's event loop and are kept in memory only (the latest `MAX_TASKS_KEPT`); a restart forgets them (messages
+already moved stay moved).
 
 Invariants: at most one running task per source queue; a message is acked in the source only after its copy's
 publish is durable (a crash in between may duplicate it, never lose it).
@@ -136,8 +137,8 @@ async def _copy(broker, task: MoveTask, budget: int | None) -> int:
         deliveries = await broker.receive(task.source, min(MOVE_BATCH, wanted - moved), lease_s=MOVE_LEASE_S)
         if not deliveries:
             break
-        publishes = [Publish(body=d.body, headers=d.headers or None, group=d.message.group,
-                             dedup_id=None) for d in deliveries]  # fmt: skip
+        publishes = [Publish(body=d.body, headers=d.headers or None, priority=d.message.priority,
+                             group=d.message.group, dedup_id=None) for d in deliveries]  # fmt: skip
         try:
             await broker.publish_batch(task.destination, publishes)
         except BaseException:
