@@ -246,7 +246,9 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
         await _declare(session, name, method)
     front.used(name)
     channel.last_queue = name
-    return DeclareOk(queue=ex.amqp_queue(name), message_count=await state.ready(broker, name),
+    # the name as the client gave it (two AMQP names can share a Chute queue: `a@` and `a_x40_`), else its AMQP name
+    shown = method.queue or ex.amqp_queue(name)
+    return DeclareOk(queue=shown, message_count=await state.ready(broker, name),
                      consumer_count=await front.consumer_count(name))  # fmt: skip
 
 

@@ -73,10 +73,22 @@ def chute_queue(name: str) -> str:
 
 
 def amqp_queue(name: str) -> str:
-    """The AMQP name of a Chute queue (the inverse of `chute_queue`)."""
+    """The AMQP name of a Chute queue (the inverse of `chute_queue`): only an escape `chute_queue` could have
+    written (one character it does not keep, in valid UTF-8) is decoded, and only if the result maps back to
+    `name`; otherwise the name is itself (a native queue named `a_x41_` is `a_x41_`, not `aA`)."""
     if "_x" not in name:
         return name
-    return _ESCAPED.sub(lambda m: bytes.fromhex(m[1]).decode("utf-8", "replace"), name)
+    decoded = _ESCAPED.sub(_unescape, name)
+    return decoded if decoded != name and chute_queue(decoded) == name else name
+
+
+def _unescape(match: re.Match) -> str:
+    try:
+        text = bytes.fromhex(match[1]).decode()
+    except UnicodeDecodeError:
+        return match[0]
+    kept = len(text) != 1 or (text.isascii() and (text.isalnum() or text in "_.-"))
+    return match[0] if kept else text
 
 
 def encode_word(word: str) -> str:
