@@ -177,16 +177,21 @@ def publish_amqp(server, rnd: random.Random, queues: list[str]) -> list[Sent]:
         for _ in range(MESSAGES):
             body, values = any_body(rnd), amqp_properties(rnd)
             channel.basic_publish(exchange, "", body, pika.BasicProperties(**values))
-            headers = {PROPERTY_HEADERS[n]: str(v) for n, v in values.items() if n in PROPERTY_HEADERS}
-            if "timestamp" in values:
-                headers["amqp-timestamp"] = str(values["timestamp"])
-            for name, value in values.get("headers", {}).items():
-                if isinstance(value, str) and not name.startswith("amqp-"):
-                    headers[name] = value
-            sent.append(Sent(body, headers, min(values.get("priority", 0), 9), properties=values))
+            sent.append(sent_through_amqp(body, values))
         return sent
     finally:
         connection.close()
+
+
+def sent_through_amqp(body: bytes, values: dict) -> Sent:
+    """A message published with pika with these properties, and the Chute headers docs/amqp.md gives it."""
+    headers = {PROPERTY_HEADERS[n]: str(v) for n, v in values.items() if n in PROPERTY_HEADERS}
+    if "timestamp" in values:
+        headers["amqp-timestamp"] = str(values["timestamp"])
+    for name, value in values.get("headers", {}).items():
+        if isinstance(value, str) and not name.startswith("amqp-"):
+            headers[name] = value
+    return Sent(body, headers, min(values.get("priority", 0), 9), properties=values)
 
 
 def sqs_attributes(rnd: random.Random) -> dict:

@@ -38,7 +38,6 @@ import chute
 from chute.errors import ChuteError
 from chute.testing import running_server
 from tests.integration.test_every_front_publishes_to_every_front import (
-    PROPERTY_HEADERS,
     WAIT_S,
     Sent,
     amqp_properties,
@@ -50,6 +49,7 @@ from tests.integration.test_every_front_publishes_to_every_front import (
     read_native,
     read_pika_get,
     read_sqs,
+    sent_through_amqp,
     shown_property,
     sqs_attributes,
     text,
@@ -513,13 +513,7 @@ def publish_amqp_to(server, rnd: random.Random, queues: list[str]) -> list[Sent]
             body, values = any_body(rnd), amqp_properties(rnd)
             for queue in queues:
                 channel.basic_publish("", queue, body, pika.BasicProperties(**values))
-            headers = {PROPERTY_HEADERS[n]: str(v) for n, v in values.items() if n in PROPERTY_HEADERS}
-            if "timestamp" in values:
-                headers["amqp-timestamp"] = str(values["timestamp"])
-            for name, value in values.get("headers", {}).items():
-                if isinstance(value, str) and not name.startswith("amqp-"):
-                    headers[name] = value
-            sent.append(Sent(body, headers, min(values.get("priority", 0), 9), properties=values))
+            sent.append(sent_through_amqp(body, values))
         return sent
     finally:
         connection.close()
