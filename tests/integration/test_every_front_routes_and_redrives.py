@@ -49,6 +49,7 @@ from tests.integration.test_every_front_publishes_to_every_front import (
     read_native,
     read_pika_get,
     read_sqs,
+    reject_all,
     sent_through_amqp,
     shown_property,
     sqs_attributes,
@@ -532,28 +533,6 @@ def redrive_by_receive_count(server, queues: list[str], count: int) -> None:
                 break
 
 
-def nack_natively(server, queue: str, count: int) -> None:
-    with chute.Client(server.url) as client:
-        for _ in range(count + 1):
-            deliveries = client.receive(queue, 10)
-            if not deliveries:
-                return
-            client.nack(deliveries, dead_letter=True)
-
-
-def reject_with_pika(server, queue: str, count: int) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
-    try:
-        channel = connection.channel()
-        for _ in range(count + 1):
-            method, _, _ = channel.basic_get(queue)
-            if method is None:
-                return
-            channel.basic_reject(method.delivery_tag, requeue=False)
-    finally:
-        connection.close()
-
-
 def move(client, source: str, destination: str | None = None) -> int:
     """Run a StartMessageMoveTask from `source` (back to the sources, or to `destination`); how many it moved."""
     arns = [client.get_queue_attributes(QueueUrl=client.get_queue_url(QueueName=name)["QueueUrl"],
@@ -603,9 +582,9 @@ def test_dead_letters_of_sqs_and_amqp_messages_are_read_through_every_front(serv
             if case.startswith(("sqs-redrive", "sqs-move-back")):
                 redrive_by_receive_count(server, [queue], len(sent))
             elif case.startswith("amqp-reject"):
-                reject_with_pika(server, queue, len(sent))
+                reject_all(server, "pika", queue, len(sent))
             else:
-                nack_natively(server, queue, len(sent))
+                reject_all(server, "native", queue, len(sent))
             await_ready(server, f"{queue}-dlq", len(sent))
             read_from, source = f"{queue}-dlq", queue
             if case.endswith("-move-back"):
