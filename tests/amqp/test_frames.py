@@ -112,8 +112,12 @@ def bad_frames(draw):
 
 @pytest.fixture(scope="module")
 def sentinel(server):
-    """A queue with 3 messages that no fuzzed connection may change."""
-    connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+    """A queue with 3 messages that no fuzzed connection may change. Its connection sends no heartbeats: a
+    BlockingConnection answers them only when used, and a slow run (a loaded machine, tracemalloc) can go longer
+    than two heartbeat intervals between the examples that use it."""
+    params = pika.URLParameters(server.amqp_url)
+    params.heartbeat = 0
+    connection = pika.BlockingConnection(params)
     channel = connection.channel()
     channel.queue_declare("sentinel")
     channel.confirm_delivery()

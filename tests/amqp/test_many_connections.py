@@ -37,7 +37,11 @@ async def test_many_concurrent_connections():
                                    for i, ch in enumerate(channels)))  # fmt: skip
             assert server.server.broker.queue_stats("many").ready == CONNECTIONS
         finally:
-            await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
+            closed = await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
+        # a close that failed would leave its socket to the garbage collector, and the test would fail later
+        # with nothing but an unclosed-socket warning: name the failure instead
+        failed = [result for result in closed if isinstance(result, BaseException)]
+        assert not failed, f"{len(failed)} of {len(closed)} connections failed to close: {failed[0]!r}"
         for _ in range(500):
             if not server.server.amqp.sessions:
                 break
