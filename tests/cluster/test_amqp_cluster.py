@@ -315,6 +315,37 @@ async def test_exchange_to_exchange_bindings_made_through_one_node_route_publish
     assert await asyncio.to_thread(publish_on_b) == [b"followed"]
 
 
+async def test_an_alternate_exchange_declared_through_one_node_catches_unroutable_publishes_through_the_other(nodes):
+    a, b = nodes
+    orders = owned_by(a, "ae-orders-", topic=True)[0]
+    unrouted = owned_by(b, "ae-unrouted-", topic=True)[0]  # the alternate lives in another shard
+    created, caught = owned_by(a, "ae-created-")[0], owned_by(b, "ae-caught-")[0]
+
+    def declare_on_a() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(_url(a)))
+        channel = connection.channel()
+        channel.exchange_declare(unrouted, "fanout", durable=True)
+        channel.exchange_declare(orders, "direct", durable=True, arguments={"alternate-exchange": unrouted})
+        for queue, exchange, key in ((created, orders, "created"), (caught, unrouted, "")):
+            channel.queue_declare(queue, durable=True)
+            channel.queue_bind(queue, exchange, key)
+        connection.close()
+
+    def publish_on_b() -> tuple[list[bytes], list[bytes], tuple]:
+        connection = pika.BlockingConnection(pika.URLParameters(_url(b)))
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(orders, "created", b"bound", mandatory=True)
+        channel.basic_publish(orders, "paid", b"caught", mandatory=True)  # the alternate routes it: no return
+        bound = drained(channel, created)
+        method, _, body = channel.basic_get(caught, auto_ack=True)
+        connection.close()
+        return bound, [body], (method.exchange, method.routing_key)
+
+    await asyncio.to_thread(declare_on_a)
+    assert await asyncio.to_thread(publish_on_b) == ([b"bound"], [b"caught"], (orders, "paid"))
+
+
 async def test_a_consumer_cancelled_during_its_long_poll_of_another_node_leaves_nothing_leased(nodes):
     a, b = nodes
     queue = owned_by(a, "cancelled-")[0]

@@ -2,8 +2,8 @@
 
 Publishing: a run of consecutive basic.publish on a channel becomes one `Broker.publish_batch` per destination
 (the default exchange publishes to the queue named by the routing key; an exchange to its topic, with the routing
-key as the subject; an exchange with exchange-to-exchange or typed headers bindings to the queues the front
-routes it to, routing.py, with one `Broker.publish_many`). Unroutable messages are not stored: with `mandatory`
+key as the subject; an exchange with exchange-to-exchange or typed headers bindings, or an alternate exchange,
+to the queues the front routes it to, routing.py, with one `Broker.publish_many`). Unroutable messages are not stored: with `mandatory`
 they come back as basic.return (312 NO_ROUTE) before their confirm. In confirm mode, basic.ack goes out once the
 broker's durable confirm came (so a confirm means durable, as on every front); basic.nack when the broker refused
 the message (a full queue with x-overflow reject-publish, a storage failure).
@@ -190,7 +190,9 @@ def _route(session: AmqpSession, content: Content, facts):
 
 def _route_by_front(session: AmqpSession, content: Content, exchange: str, facts):
     """(queues, Chute publish, routable) of a publish routed by the front (routing.py): the queues reached from
-    `exchange` through its bindings and its exchange-to-exchange bindings, each once."""
+    `exchange` through its bindings and its exchange-to-exchange bindings, each once. An exchange whose bindings
+    take the message nowhere (no queue, no exchange) passes it on to its alternate exchange, as RabbitMQ does;
+    every exchange is visited once, so a loop of alternates ends."""
     method = content.method
     key, table = method.routing_key, (content.properties.headers if content.properties is not None else None)
     book = session.front.book
@@ -211,16 +213,20 @@ def _route_by_front(session: AmqpSession, content: Content, exchange: str, facts
         routed_subject = ex.HEADERS_SUBJECT if kind == "headers" else subject
         if routed_subject is None and kind == "fanout":
             routed_subject = ex.FANOUT_SUBJECT
-        if routed_subject is not None:
-            queues.update(facts.queues(ex.topic_name(name), routed_subject, headers))
+        reached = set(facts.queues(ex.topic_name(name), routed_subject, headers)) if routed_subject else set()
         if kind == "headers":
-            queues.update(b["queue"] for b in book.bindings if b["exchange"] == name and "table" in b
-                          and routing.headers_match(routing.arguments_of(b), table))  # fmt: skip
-        for binding in book.exchange_bindings:
-            if binding["source"] == name and binding["destination"] not in seen and \
-                    routing.binding_matches(kind, binding, key, table):  # fmt: skip
-                seen.add(binding["destination"])
-                todo.append(binding["destination"])
+            reached.update(b["queue"] for b in book.bindings if b["exchange"] == name and "table" in b
+                           and routing.headers_match(routing.arguments_of(b), table))  # fmt: skip
+        onward = [binding["destination"] for binding in book.exchange_bindings
+                  if binding["source"] == name and routing.binding_matches(kind, binding, key, table)]  # fmt: skip
+        alternate = ex.alternate_of(declared)
+        if not reached and not onward and alternate is not None:
+            onward.append(alternate)
+        queues.update(reached)
+        for destination in onward:
+            if destination not in seen:
+                seen.add(destination)
+                todo.append(destination)
     queues = facts.existing(queues)
     return tuple(sorted(queues)), message, bool(queues)
 

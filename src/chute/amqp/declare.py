@@ -84,24 +84,68 @@ async def exchange_declare(session: AmqpSession, channel: Channel, method) -> ob
         return commands.Exchange.DeclareOk()
     if method.exchange_type not in ex.TYPES:
         raise connection_error(COMMAND_INVALID, f"unknown exchange type '{method.exchange_type}'")
+    arguments = method.arguments or {}
+    if ex.ALTERNATE in arguments and not isinstance(arguments[ex.ALTERNATE], str):
+        raise AmqpError(PRECONDITION_FAILED, f"invalid type '{_field_type(arguments[ex.ALTERNATE])}' for arg "
+                        f"'{ex.ALTERNATE}' in exchange '{name}' in vhost {VHOST}")  # fmt: skip
     wanted = {"type": method.exchange_type, "durable": bool(method.durable), "auto_delete": bool(method.auto_delete),
-              "internal": bool(method.internal), "arguments": plain(method.arguments or {})}  # fmt: skip
+              "internal": bool(method.internal), "arguments": plain(arguments)}  # fmt: skip
     if current is not None:
         for key in ("type", "durable", "auto_delete", "internal"):
             if current[key] != wanted[key]:
                 raise AmqpError(PRECONDITION_FAILED, f"inequivalent arg '{key}' for exchange '{name}' in vhost "
                                 f"{VHOST}: received '{wanted[key]}' but current is '{current[key]}'")  # fmt: skip
+        _same_alternate(name, current, wanted)
         return commands.Exchange.DeclareOk()
     if name.startswith("amq."):
         raise AmqpError(ACCESS_REFUSED, f"exchange name '{name}' contains reserved prefix 'amq.*'")
     topic = ex.topic_name(name)
     check(session.principal, "manage", "topic", topic)
+    alternate = ex.alternate_of(wanted)
+    alternate_topic = ex.possible_topic(alternate) if alternate is not None else None
+    if alternate_topic is not None:
+        # as RabbitMQ asks for write permission on the alternate: what this exchange routes nowhere is published
+        # there (a name no topic can have is no exchange, and never will be: such messages stay unroutable)
+        check(session.principal, "publish", "topic", alternate_topic)
     if await state.topic_settings(session.broker, topic) is None:  # created with its declaration, in one record
         attributes = metadata.created_with(session.front.stored, "topic", name, wanted)
         await session.broker.create_topic(topic, TopicSettings(attributes=attributes))
     book.exchanges[name] = wanted
     await session.front.save_book()
     return commands.Exchange.DeclareOk()
+
+
+def _same_alternate(name: str, current: dict, wanted: dict) -> None:
+    """406 for a redeclaration naming another alternate exchange: of an exchange's arguments, RabbitMQ compares
+    only this one."""
+    have, want = current["arguments"].get(ex.ALTERNATE), wanted["arguments"].get(ex.ALTERNATE)
+    if have == want:
+        return
+    if have is not None and want is not None:
+        differs = f"received '{want}' but current is '{have}'"
+    else:
+        differs = f"received {_shown(want)} but current is {_shown(have)}"
+    raise AmqpError(PRECONDITION_FAILED, f"inequivalent arg '{ex.ALTERNATE}' for exchange '{name}' in vhost "
+                    f"{VHOST}: {differs}")  # fmt: skip
+
+
+def _shown(value) -> str:
+    return "none" if value is None else f"the value '{value}' of type '{_field_type(value)}'"
+
+
+def _field_type(value) -> str:
+    """RabbitMQ's name for the AMQP field type a decoded value most likely came as (for its error texts)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "signedint" if -(2**31) <= value < 2**31 else "long"
+    kinds = {str: "longstr", bytes: "binary", bytearray: "binary", float: "double", dict: "table", list: "array"}
+    for kind, text in kinds.items():
+        if isinstance(value, kind):
+            return text
+    if value is None:
+        return "void"
+    return type(value).__name__.lower()  # decimal, datetime (timestamp)
 
 
 async def exchange_delete(session: AmqpSession, channel: Channel, method) -> object:

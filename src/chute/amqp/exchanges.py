@@ -48,15 +48,30 @@ FANOUT_SUBJECT = "_"  # the empty word
 HEADERS_WORDS = 8
 HEADERS_SUBJECT = ".".join(["_"] * HEADERS_WORDS)  # every headers-exchange publish (its key is in a header)
 MAX_HEADERS_SLOTS = 2**HEADERS_WORDS  # header filters one queue may have on one headers exchange
+ALTERNATE = "alternate-exchange"  # the exchange.declare argument naming an exchange's alternate exchange
+
+
+def alternate_of(declared: dict) -> str | None:
+    """The alternate exchange a declared exchange names, or None. An empty name would be the default exchange,
+    which cannot be an alternate (RabbitMQ leaves such a message unroutable), and a name that is not a string
+    (recorded before alternates were followed, when any value was accepted) names nothing."""
+    value = (declared.get("arguments") or {}).get(ALTERNATE)
+    return value if isinstance(value, str) and value else None
 
 
 def topic_name(exchange: str) -> str:
     """The Chute topic of an exchange; 406 if the name cannot be one."""
-    name = TOPIC_PREFIX + exchange
-    if not NAME_RE.match(name):
+    name = possible_topic(exchange)
+    if name is None:
         raise AmqpError(PRECONDITION_FAILED, f"exchange name {exchange!r} is not supported here: use letters, "
                         "digits, '_', '-' and '.' (at most 191 characters)")  # fmt: skip
     return name
+
+
+def possible_topic(exchange: str) -> str | None:
+    """The Chute topic of an exchange, or None if no exchange can have that name here."""
+    name = TOPIC_PREFIX + exchange
+    return name if NAME_RE.match(name) else None
 
 
 _ESCAPED = re.compile(r"_x((?:[0-9a-f]{2})+)_")
@@ -205,11 +220,12 @@ class ExchangeBook:
 
     def front_routed(self, exchange: str) -> bool:
         """Whether publishes to `exchange` are routed by the front (routing.py): it has exchange-to-exchange
-        bindings, or typed headers bindings."""
+        bindings, typed headers bindings, or an alternate exchange."""
         routed = self._front_routed
         if routed is None:
             routed = {b["source"] for b in self.exchange_bindings}
             routed.update(b["exchange"] for b in self.bindings if "table" in b)
+            routed.update(name for name, declared in self.exchanges.items() if alternate_of(declared))
             self._front_routed = routed
         return exchange in routed
 
