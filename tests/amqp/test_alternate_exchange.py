@@ -21,13 +21,20 @@ def _with_ae(channel, exchange: str, kind: str, ae: str) -> None:
     channel.exchange_declare(exchange, kind, arguments={"alternate-exchange": ae})
 
 
-def test_what_the_exchange_routes_nowhere_goes_to_its_alternate(channel, name):
+def _orders_with_ae(channel, name: str) -> tuple[str, str, str]:
+    """A direct exchange whose key `created` reaches one queue, and whose alternate (a fanout) another:
+    (exchange, queue of `created`, queue of the alternate)."""
     orders, unrouted = f"{name}-orders", f"{name}-unrouted"
     channel.exchange_declare(unrouted, "fanout")
     _with_ae(channel, orders, "direct", unrouted)
     created, caught = _queue(channel, name, "created"), _queue(channel, name, "caught")
     channel.queue_bind(created, orders, "created")
     channel.queue_bind(caught, unrouted)
+    return orders, created, caught
+
+
+def test_what_the_exchange_routes_nowhere_goes_to_its_alternate(channel, name):
+    orders, created, caught = _orders_with_ae(channel, name)
     channel.confirm_delivery()
     channel.basic_publish(orders, "created", b"one")
     channel.basic_publish(orders, "paid", b"two", pika.BasicProperties(headers={"region": "eu"}))
@@ -136,12 +143,7 @@ def test_native_publishes_to_the_exchange_topic_are_unchanged(server, channel, n
     subscriptions, and nothing else."""
     from chute.client import Client
 
-    orders, unrouted = f"{name}-orders", f"{name}-unrouted"
-    channel.exchange_declare(unrouted, "fanout")
-    _with_ae(channel, orders, "direct", unrouted)
-    created, caught = _queue(channel, name, "created"), _queue(channel, name, "caught")
-    channel.queue_bind(created, orders, "created")
-    channel.queue_bind(caught, unrouted)
+    orders, created, caught = _orders_with_ae(channel, name)
     with Client(server.url) as client:
         client.publish(f"exchange.{orders}", b"native", subject="created")
     assert drain(channel, created) == [b"native"]
