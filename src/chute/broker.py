@@ -458,21 +458,24 @@ class Broker(ManagementApi, StateReads, Housekeeping):
         self.core.queue(queue)
         return Consumer(self, queue, prefetch=prefetch, lease_s=lease_s)
 
-    async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False) -> None:
+    async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False,
+                  dead_lettered: bool = False) -> None:  # fmt: skip
         """Ack deliveries: they are removed for good once this returns. Receipts not (or no longer) leased
         raise InvalidReceipt after the others were acked (`error.receipts` lists them). With `lapsed=True`, a
         receipt whose lease has ended still removes its message if nobody has received it since (SQS's
-        DeleteMessage with the latest receipt handle)."""
-        token, unknown = self._ack(queue, receipts, lapsed=lapsed)
+        DeleteMessage with the latest receipt handle). With `dead_lettered=True`, the caller dead-lettered the
+        messages itself: the queue counts them as nacked and dead-lettered, not acked."""
+        token, unknown = self._ack(queue, receipts, lapsed=lapsed, dead_lettered=dead_lettered)
         await self._wait_for(token)
         _raise_unknown(unknown, "acked")
 
-    def _ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False) -> tuple[object, list[int]]:
+    def _ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False,
+             dead_lettered: bool = False) -> tuple[object, list[int]]:  # fmt: skip
         """The step of `ack` that does not wait: (the durability token of its records or None, unknown receipts).
         The caller waits for the token before telling anyone the acks are done."""
         self._check()
         receipts = [receipts] if isinstance(receipts, int) else receipts
-        unknown = self._run(self.core.ack, queue, receipts, lapsed=lapsed is True)
+        unknown = self._run(self.core.ack, queue, receipts, lapsed=lapsed is True, dead_lettered=dead_lettered is True)
         token, self._pending_token = self._pending_token, None
         return token, unknown
 

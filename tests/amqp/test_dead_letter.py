@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pika
+import requests
 from pamqp import commands
 
 import chute
@@ -166,3 +167,29 @@ def test_a_header_amqp_cannot_show_survives_a_rejection_to_the_dead_letter_queue
         [delivery] = client.receive(dead, wait_s=10)
     assert delivery.message.headers[long_name] == "kept"
     assert delivery.message.headers[f"sqs:type:{long_name}"] == "Binary"
+
+
+@chute_only
+def test_a_rejection_is_counted_as_a_dead_letter_not_as_an_ack(server, channel, name):
+    """A rejected message is republished to the dead-letter queue (for its x-death history) and its delivery
+    settled: the queue's counters (and `chute_queue_messages_dead_lettered_total`) show a nacked, dead-lettered
+    message, as for a dead letter the broker moves itself, not an acked one."""
+    work, dead = f"{name}-work", f"{name}-dead"
+    channel.queue_declare(dead)
+    channel.queue_declare(work, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead})
+    channel.confirm_delivery()
+    for body in (b"rejected", b"acked"):
+        channel.basic_publish("", work, body)
+    first, _, _ = get_one(channel, work)
+    channel.basic_reject(first.delivery_tag, requeue=False)
+    get_one(channel, dead)
+    second, _, _ = get_one(channel, work)
+    channel.basic_ack(second.delivery_tag)
+    deadline = time.monotonic() + 10
+    with chute.Client(server.url) as client:
+        while (stats := client.queue_stats(work)).acked < 1:  # (basic.ack is applied lazily, at once or soon)
+            assert time.monotonic() < deadline, "the ack was not applied"
+            time.sleep(0.01)
+    assert (stats.dead_lettered, stats.nacked, stats.acked) == (1, 1, 1)
+    scraped = requests.get(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10).text
+    assert f'chute_queue_messages_dead_lettered_total{{queue="{work}"}} 1' in scraped

@@ -282,6 +282,8 @@ async def test_a_rejection_through_the_other_node_dead_letters_with_x_death(node
     assert (death["queue"], death["reason"], death["count"]) == (source, "rejected", 1)
     assert headers["x-first-death-reason"] == "rejected"
     assert home_shard(dead, SHARDS) == (await a.broker.placement.lookup(source)).shard  # placed with its DLQ
+    stats = await b.broker.queue_stats(source)  # settled through b, on a's shard: counted as a dead letter there
+    assert (stats.dead_lettered, stats.nacked, stats.acked) == (1, 1, 0)
 
 
 async def test_exchange_to_exchange_bindings_made_through_one_node_route_publishes_through_the_other(nodes):

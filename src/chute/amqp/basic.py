@@ -3,10 +3,10 @@
 Publishing: a run of consecutive basic.publish on a channel becomes one `Broker.publish_batch` per destination
 (the default exchange publishes to the queue named by the routing key; an exchange to its topic, with the routing
 key as the subject; an exchange with exchange-to-exchange or typed headers bindings, or an alternate exchange,
-to the queues the front routes it to, routing.py, with one `Broker.publish_many`). Unroutable messages are not stored: with `mandatory`
-they come back as basic.return (312 NO_ROUTE) before their confirm. In confirm mode, basic.ack goes out once the
-broker's durable confirm came (so a confirm means durable, as on every front); basic.nack when the broker refused
-the message (a full queue with x-overflow reject-publish, a storage failure).
+to the queues the front routes it to, routing.py, with one `Broker.publish_many`). Unroutable messages are not
+stored: with `mandatory` they come back as basic.return (312 NO_ROUTE) before their confirm. In confirm mode,
+basic.ack goes out once the broker's durable confirm came (so a confirm means durable, as on every front);
+basic.nack when the broker refused the message (a full queue with x-overflow reject-publish, a storage failure).
 
 Consuming: see channel.py (prefetch, leases, settling).
 """

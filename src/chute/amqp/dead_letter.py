@@ -72,4 +72,4 @@ async def reject(session: AmqpSession, queue: str, deliveries: list[Delivery]) -
     if target is None:
         await broker.nack(queue, receipts, dead_letter=True)
         return
-    await broker.ack(queue, receipts)
+    await broker.ack(queue, receipts, dead_lettered=True)  # counted as the broker counts its own dead letters

@@ -106,9 +106,11 @@ class Peer:
                       max_bytes: int | None = None) -> list[Delivery]:  # fmt: skip
         return await self._do(lambda client: client.receive(queue, max_messages, wait_s=wait_s, lease_s=lease_s))
 
-    async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False) -> None:
+    async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False,
+                  dead_lettered: bool = False) -> None:  # fmt: skip
         receipts = [receipts] if isinstance(receipts, int) else list(receipts)
-        await self._do(lambda client: client._call(Op.ACK, m.AckRequest(queue=queue, receipts=receipts), m.Empty))
+        request = m.AckRequest(queue=queue, receipts=receipts, dead_lettered=dead_lettered)
+        await self._do(lambda client: client._call(Op.ACK, request, m.Empty))
 
     async def nack(self, queue: str, receipts: int | Sequence[int], *, delay_s: float = 0.0,
                    dead_letter: bool = False) -> None:  # fmt: skip

@@ -400,8 +400,9 @@ class ClusterBroker:
             delivery.queue = name
         return deliveries
 
-    async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False) -> None:
-        await self._on_name(queue, "ack", queue, receipts, lapsed=lapsed)
+    async def ack(self, queue: str, receipts: int | Sequence[int], *, lapsed: bool = False,
+                  dead_lettered: bool = False) -> None:  # fmt: skip
+        await self._on_name(queue, "ack", queue, receipts, lapsed=lapsed, dead_lettered=dead_lettered)
 
     def ack_lazy(self, queue: str, receipts: Sequence[int]) -> list[int]:
         """As `Broker.ack_lazy` (an AMQP basic.ack: nobody waits for it to be durable): for a queue of a shard

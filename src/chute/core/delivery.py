@@ -128,15 +128,22 @@ class DeliveryOps(BrokerState):
             found = list(dict.fromkeys(found))
         return found, unknown
 
-    def ack(self, name: str, receipts, *, lapsed: bool = False) -> list[int]:
+    def ack(self, name: str, receipts, *, lapsed: bool = False, dead_lettered: bool = False) -> list[int]:
         """Remove the leased messages; return the receipts that were not (or no longer) leased. With `lapsed`,
         a receipt whose lease ended also removes its message if nobody has leased it since (SQS's DeleteMessage
-        with the latest receipt handle); an older receipt names nothing."""
+        with the latest receipt handle); an older receipt names nothing. With `dead_lettered`, the caller has
+        dead-lettered the messages itself (the AMQP front republishes a rejected message with its x-death
+        history): they are counted as nacked and dead-lettered, as a `nack(dead_letter=True)` counts them, not
+        as acked."""
         queue = self.queue(name)
         entries, unknown = self._leased(queue, receipts)
         if lapsed and unknown and queue.lapsed:
             entries, unknown = self._lapsed(queue, entries, unknown)
-        queue.counters["acked"] += len(entries)
+        if dead_lettered:
+            queue.counters["nacked"] += len(entries)
+            queue.counters["dead"] += len(entries)
+        else:
+            queue.counters["acked"] += len(entries)
         self.drop(queue, entries, rec.ACKED)
         return unknown
 

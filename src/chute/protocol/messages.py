@@ -123,9 +123,10 @@ class ReceiveReply(msgspec.Struct, kw_only=True, gc=False):
     deliveries: list[Delivery]
 
 
-class AckRequest(msgspec.Struct, kw_only=True, gc=False):
+class AckRequest(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
     queue: str
     receipts: list[int]
+    dead_lettered: bool = False  # the sender dead-lettered them itself: counted as nacked and dead-lettered
 
 
 class NackRequest(msgspec.Struct, kw_only=True, gc=False):

@@ -716,7 +716,7 @@ class Session(asyncio.Protocol):
             if not self.principal.superuser:
                 self._permit(Op.ACK, request)
             self._settled(request.queue, request.receipts)
-            token, unknown = self.broker._ack(request.queue, request.receipts)
+            token, unknown = self.broker._ack(request.queue, request.receipts, dead_lettered=request.dead_lettered)
         except Exception as exc:
             self._answer_error(exc, corr, "ACK")
             return
@@ -749,7 +749,7 @@ class Session(asyncio.Protocol):
 
     async def _ack(self, request: m.AckRequest) -> m.Empty:
         self._settled(request.queue, request.receipts)
-        await self.broker.ack(request.queue, request.receipts)
+        await self.broker.ack(request.queue, request.receipts, dead_lettered=request.dead_lettered)
         return m.Empty()
 
     async def _nack(self, request: m.NackRequest) -> m.Empty:
