@@ -380,6 +380,13 @@ def test_queue_list_stats_peek_purge_delete(server, client, name):
     assert_one_line_error(run("queue", "stats", other, url=server.url), 1, f"'{other}'", "(queue_not_found)")
 
 
+def test_queue_stats_of_a_queue_nobody_received_from(server, name):
+    ok("queue", "create", name, url=server.url)
+    table = ok("queue", "stats", name, url=server.url).stdout
+    [line] = [line for line in table.splitlines() if line.startswith("received_age_s")]
+    assert line.split() == ["received_age_s", "never"] and "None" not in table
+
+
 def test_queue_redrive_after_dead_lettering(server, client, name):
     queue, dlq = f"{name}-q", f"{name}-dlq"
     ok("queue", "create", dlq, url=server.url)

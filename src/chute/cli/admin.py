@@ -186,8 +186,14 @@ async def queue_stats(url, timeout_s, as_json, name) -> None:
         return
     table = _table("field", "value", numeric=("value",))
     for field, value in msgspec.structs.asdict(stats).items():
-        table.add_row(field, Text(f"{value:.3f}" if isinstance(value, float) else str(value)))
+        table.add_row(field, Text(_stat(value)))
     _show(table)
+
+
+def _stat(value) -> str:
+    if value is None:  # received_age_s: no consumer has asked since the broker started
+        return "never"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _delivery_record(delivery: Delivery) -> dict:
