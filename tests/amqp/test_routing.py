@@ -98,6 +98,36 @@ def test_topic_hash_anywhere_and_odd_keys(channel, name):
     assert drain(channel, everything) == [key.encode() for key in keys]
 
 
+def test_the_empty_routing_key_has_no_words(channel, name):
+    """As in RabbitMQ: a topic exchange routes the empty key to the bindings that match no words (`#`, `#.#`, the
+    empty binding key), not to `*`, `*.#` or `.#`, which need a word; the same through an exchange-to-exchange
+    binding from a topic exchange. Found by test_routing_model.py."""
+    channel.exchange_declare(name, "topic")
+    queues = {}
+    for key in ("#", "#.#", "", "*", "*.#", ".#", "#."):
+        queues[key] = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(queues[key], name, key)
+    inner = f"{name}-inner"
+    channel.exchange_declare(inner, "fanout")
+    channel.exchange_bind(inner, name, "*.*")  # needs two words: the empty key does not go this way
+    behind = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(behind, inner)
+    channel.confirm_delivery()
+    channel.basic_publish(name, "", b"no words", pika.BasicProperties(headers={"h": "v"}))
+    channel.basic_publish(name, ".", b"two empty words")
+    got = {key: drain(channel, queue) for key, queue in queues.items()}
+    assert got == {"#": [b"no words", b"two empty words"], "#.#": [b"no words", b"two empty words"],
+                   "": [b"no words"], "*": [], "*.#": [b"two empty words"], ".#": [b"two empty words"],
+                   "#.": [b"two empty words"]}  # fmt: skip
+    assert drain(channel, behind) == [b"two empty words"]
+    channel.basic_publish(name, "", b"again")
+    method, properties, _ = channel.basic_get(queues[""], auto_ack=True)
+    assert (method.exchange, method.routing_key) == (name, "")
+    channel.queue_unbind(queues[".#"], name, ".#")
+    channel.basic_publish(name, ".", b"unbound")
+    assert drain(channel, queues[".#"]) == []
+
+
 def test_delivery_carries_exchange_and_routing_key(channel, name):
     channel.exchange_declare(name, "topic")
     queue = channel.queue_declare("", exclusive=True).method.queue

@@ -348,6 +348,28 @@ async def test_an_alternate_exchange_declared_through_one_node_catches_unroutabl
     assert await asyncio.to_thread(publish_on_b) == ([b"bound"], [b"caught"], (orders, "paid"))
 
 
+async def test_the_empty_routing_key_reaches_only_bindings_matching_no_words_through_the_other_node(nodes):
+    a, b = nodes
+    logs = owned_by(a, "ek-logs-", topic=True)[0]
+    every, single = owned_by(a, "ek-every-")[0], owned_by(b, "ek-single-")[0]
+
+    def scenario() -> tuple[list[bytes], list[bytes]]:
+        with pika.BlockingConnection(pika.URLParameters(_url(a))) as connection:
+            channel = connection.channel()
+            channel.exchange_declare(logs, "topic", durable=True)
+            for queue, key in ((every, "#"), (single, "*")):
+                channel.queue_declare(queue, durable=True)
+                channel.queue_bind(queue, logs, key)
+        with pika.BlockingConnection(pika.URLParameters(_url(b))) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish(logs, "", b"no words", mandatory=True)
+            channel.basic_publish(logs, "one", b"one word", mandatory=True)
+            return drained(channel, every), drained(channel, single)
+
+    assert await asyncio.to_thread(scenario) == ([b"no words", b"one word"], [b"one word"])
+
+
 async def test_a_consumer_cancelled_during_its_long_poll_of_another_node_leaves_nothing_leased(nodes):
     a, b = nodes
     queue = owned_by(a, "cancelled-")[0]

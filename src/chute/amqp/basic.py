@@ -81,6 +81,13 @@ class CoreFacts:
         found = self.core.topics.get(topic)
         return [queue.name for queue in found.route(subject, headers)] if found is not None else []
 
+    def zero_word_queues(self, topic: str, headers: dict) -> list[str]:
+        found = self.core.topics.get(topic)
+        if found is None:
+            return []
+        zero = {s.queue.name for (pattern, _), s in found.subscriptions.items() if pattern in ex.ZERO_WORD_PATTERNS}
+        return [queue.name for queue in found.route(ex.FANOUT_SUBJECT, headers) if queue.name in zero]
+
     def existing(self, names: set[str]) -> set[str]:
         return names.intersection(self.core.queues)
 
@@ -173,7 +180,7 @@ def _route(session: AmqpSession, content: Content, facts):
         raise AmqpError(ACCESS_REFUSED, f"cannot publish to internal exchange '{exchange}' in vhost '/'")
     check(session.principal, "publish", "topic", dest)
     kind = declared["type"]
-    if session.front.book.front_routed(exchange):
+    if session.front.book.front_routed(exchange) or (kind == "topic" and not key):
         return _route_by_front(session, content, exchange, facts)
     subject = ex.HEADERS_SUBJECT if kind == "headers" else ex.subject(key)
     if subject is None and kind == "fanout":
@@ -213,7 +220,12 @@ def _route_by_front(session: AmqpSession, content: Content, exchange: str, facts
         routed_subject = ex.HEADERS_SUBJECT if kind == "headers" else subject
         if routed_subject is None and kind == "fanout":
             routed_subject = ex.FANOUT_SUBJECT
-        reached = set(facts.queues(ex.topic_name(name), routed_subject, headers)) if routed_subject else set()
+        if kind == "topic" and not key:  # no words: only the bindings that match none (see exchanges.py)
+            reached = set(facts.zero_word_queues(ex.topic_name(name), headers))
+        elif routed_subject is not None:
+            reached = set(facts.queues(ex.topic_name(name), routed_subject, headers))
+        else:
+            reached = set()
         if kind == "headers":
             reached.update(b["queue"] for b in book.bindings if b["exchange"] == name and "table" in b
                            and routing.headers_match(routing.arguments_of(b), table))  # fmt: skip

@@ -471,6 +471,9 @@ async def queue_unbind(session: AmqpSession, channel: Channel, method) -> object
     else:
         mine = ex.patterns(declared["type"], method.routing_key)
         still = {p for other in book.bound(exchange, name) for p in ex.patterns(declared["type"], other["key"])}
+        if declared["type"] == "topic" and ex.FANOUT_SUBJECT not in mine:
+            # a binding like `.#` made by an earlier version also subscribed `_`, which it no longer needs
+            mine = [*mine, ex.FANOUT_SUBJECT]
     for pattern in mine:
         if pattern not in still:
             try:

@@ -16,7 +16,10 @@ Binding keys per exchange type:
 - fanout: `>` (every subject; fanout publishes use the subject `_`, the empty word, when the key does not fit).
 - topic: `*` stays `*` (one word); `#` (zero or more words) becomes `>` when last (`a.#` → `a` and `a.>`), and
   anywhere else expands into `*` runs (`#.err` → `err`, `*.err`, `*.*.err`, ... up to the longest subject);
-  an expansion beyond `MAX_EXPANSION` subscriptions is refused (406).
+  an expansion beyond `MAX_EXPANSION` subscriptions is refused (406). The empty routing key has no words (as in
+  RabbitMQ), but its subject `_` is one word, which `*` would match: so a publish with the empty key to a topic
+  exchange is routed by the front (basic.py) to the bindings that match no words, whose subscriptions are the
+  `ZERO_WORD_PATTERNS` (`>` of the bindings made of `#`, `_` of the empty binding key).
 - headers: publishes carry the subject `HEADERS_SUBJECT` (the routing key goes in the `amqp-routing-key` header);
   a binding with `x-match: all` is one subscription whose header filter holds its string values, one with
   `x-match: any` one subscription per value; each takes a slot of its own, a pattern that matches
@@ -132,6 +135,9 @@ def routing_key(subject_text: str) -> str:
     return ".".join(decode_word(word) for word in subject_text.split("."))
 
 
+ZERO_WORD_PATTERNS = (">", FANOUT_SUBJECT)  # the topic-exchange subscriptions of bindings matching the empty key
+
+
 def patterns(kind: str, key: str) -> list[str]:
     """The subscription patterns that carry a binding of a direct, fanout or topic exchange."""
     if kind == "fanout":
@@ -195,6 +201,8 @@ def _topic_patterns(key: str) -> list[str]:
         text = ".".join(each)
         if not text:
             text = FANOUT_SUBJECT  # '#' alone also matches the empty routing key
+        elif text == FANOUT_SUBJECT and key:
+            continue  # one empty word ('.#' with no words for '#'): no routing key has it (the empty key has none)
         elif text.startswith(">"):
             text = ">"
         if len(text) <= MAX_SUBJECT_CHARS and text not in out:

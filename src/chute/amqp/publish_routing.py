@@ -97,6 +97,9 @@ async def prefetch(session: AmqpSession, batch: list) -> Prefetched:
 async def _ask(broker, question: tuple):
     if question[0] == "queue":
         return await state.queue_exists(broker, question[1])
+    if question[0] == "zero":
+        _, topic, headers = question
+        return await state.zero_word_route(broker, topic, dict(headers))
     _, topic, subject, headers = question
     return await state.route(broker, topic, subject, dict(headers)) or []
 
@@ -133,6 +136,10 @@ class Recorder:
         self.questions[("route", topic, subject, _headers_key(headers))] = None
         return []
 
+    def zero_word_queues(self, topic: str, headers: dict) -> list[str]:
+        self.questions[("zero", topic, _headers_key(headers))] = None
+        return []
+
     def existing(self, names: set[str]) -> set[str]:
         return names
 
@@ -156,6 +163,9 @@ class Prefetched:
 
     def queues(self, topic: str, subject: str, headers: dict) -> list[str]:
         return self.answers.get(("route", topic, subject, _headers_key(headers))) or []
+
+    def zero_word_queues(self, topic: str, headers: dict) -> list[str]:
+        return self.answers.get(("zero", topic, _headers_key(headers))) or []
 
     def existing(self, names: set[str]) -> set[str]:
         return names  # a queue gone meanwhile refuses its group (publish_many), which the front confirms

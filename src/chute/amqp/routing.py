@@ -94,8 +94,9 @@ def _value(value):
 
 
 def topic_match(pattern: str, key: str) -> bool:
-    """AMQP topic matching of a routing key against a binding key (`*` one word, `#` zero or more)."""
-    words, keys = pattern.split("."), key.split(".")
+    """AMQP topic matching of a routing key against a binding key (`*` one word, `#` zero or more). An empty key
+    (or binding key) has no words, as in RabbitMQ: `#` and the empty binding key match it, `*` and `.#` do not."""
+    words, keys = (pattern.split(".") if pattern else []), (key.split(".") if key else [])
     states = {0}
     for word in keys:
         following = set()

@@ -78,6 +78,20 @@ async def route(broker, topic: str, subject: str, headers: dict | None) -> list[
         return None
 
 
+async def zero_word_route(broker, topic: str, headers: dict | None) -> list[str]:
+    """The queues a topic-exchange publish with the empty routing key reaches: those `route` gives for its subject
+    that have a subscription of a binding matching no words (exchanges.ZERO_WORD_PATTERNS)."""
+    reached = await route(broker, topic, ex.FANOUT_SUBJECT, headers)
+    if not reached:
+        return []
+    try:
+        info = await value(broker.topic_info(topic))
+    except TopicNotFound:
+        return []
+    zero = {s.queue for s in info.subscriptions if s.pattern in ex.ZERO_WORD_PATTERNS}
+    return [queue for queue in reached if queue in zero]
+
+
 async def dead_letter_sources(broker, name: str) -> list[str]:
     """The queues whose dead-letter queue is `name`."""
     if not routed(broker):
