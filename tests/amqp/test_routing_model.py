@@ -1,7 +1,7 @@
 """AMQP routing against a model: random topologies of exchanges (direct, fanout, topic, headers), queue bindings,
 exchange-to-exchange bindings and alternate exchanges, then random publishes among unbinds and exchange deletions,
-and the queues each message reaches compared with a small reference router written from RabbitMQ's rules. With `CHUTE_AMQP_TARGET=rabbitmq` the same
-examples run against RabbitMQ, which is how the model itself is checked.
+and the queues each message reaches compared with a small reference router written from RabbitMQ's rules. With
+`CHUTE_AMQP_TARGET=rabbitmq` the same examples run against RabbitMQ, which is how the model itself is checked.
 
 The model: an exchange routes a message to the destinations of its matching bindings (queues and exchanges);
 every exchange reached is visited once; an exchange whose own bindings match nothing passes the message to its
