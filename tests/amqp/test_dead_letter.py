@@ -193,3 +193,29 @@ def test_a_rejection_is_counted_as_a_dead_letter_not_as_an_ack(server, channel, 
     assert (stats.dead_lettered, stats.nacked, stats.acked) == (1, 1, 1)
     scraped = requests.get(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10).text
     assert f'chute_queue_messages_dead_lettered_total{{queue="{work}"}} 1' in scraped
+
+
+def test_a_queue_that_dead_letters_into_itself_gets_its_rejections_back(channel, name):
+    """RabbitMQ puts a message rejected from a queue whose dead-letter routing key names that queue back at its
+    tail, with its x-death count rising: a retry count kept in the message. A Chute queue cannot be its own
+    dead-letter queue, so it had no dead-letter queue, and the rejection dropped the message."""
+    channel.queue_declare(name, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": name})
+    channel.confirm_delivery()
+    channel.basic_publish("", name, b"again")
+    channel.basic_publish("", name, b"behind")
+    seen = []
+    for _ in range(3):
+        method, properties, body = get_one(channel, name)
+        seen.append((body, _deaths(properties)))
+        channel.basic_reject(method.delivery_tag, requeue=False)
+    assert seen == [(b"again", []), (b"behind", []), (b"again", [(name, "rejected", 1)])]
+    method, properties, body = get_one(channel, name)
+    assert (body, _deaths(properties)) == (b"behind", [(name, "rejected", 1)])
+    channel.basic_ack(method.delivery_tag)
+    method, properties, body = get_one(channel, name)
+    assert (body, _deaths(properties)) == (b"again", [(name, "rejected", 2)])
+    channel.basic_ack(method.delivery_tag)
+
+
+def _deaths(properties) -> list[tuple]:
+    return summary(properties) if properties.headers else []

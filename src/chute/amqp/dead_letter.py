@@ -21,6 +21,8 @@ import datetime
 from typing import TYPE_CHECKING
 
 from chute.amqp import state
+from chute.amqp.declare import dead_letter_target
+from chute.amqp.errors import AmqpError
 from chute.amqp.exchanges import amqp_queue
 from chute.amqp.mapping import EXCHANGE_HEADER, ROUTING_KEY_HEADER, dead_lettered_as, to_properties, to_publish
 from chute.amqp.xdeath import add_death
@@ -64,6 +66,14 @@ async def reject(session: AmqpSession, queue: str, deliveries: list[Delivery]) -
     receipts = [delivery.receipt for delivery in deliveries]
     found = await state.queue_settings(broker, queue)
     target = found.dead_letter_queue if found is not None else None
+    declared = session.front.book.queues.get(queue)
+    if target is None and found is not None and declared is not None:
+        # no dead-letter queue in its settings: its dead-letter exchange may lead back to itself (RabbitMQ puts
+        # the message back at the tail with its x-death), or to a queue made since
+        try:
+            target = await dead_letter_target(session, declared["arguments"])
+        except AmqpError:
+            target = None  # (an exchange that routes to several queues: dropped, as the broker would)
     if target is not None:
         try:
             await broker.publish_batch(target, [republished(session.front, delivery) for delivery in deliveries])

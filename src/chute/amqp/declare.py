@@ -328,7 +328,8 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
                                 f"{VHOST}: received {declared['arguments'].get(key)!r} but current is "
                                 f"{current['arguments'].get(key)!r}")  # fmt: skip
         return
-    settings = queue_settings(arguments, await _dead_letter_queue(session, arguments))
+    target = await dead_letter_target(session, arguments)
+    settings = queue_settings(arguments, target if target != name else None)  # (itself: dead_letter.py)
     if existing is None:  # created with its declaration, in one record
         attributes = metadata.created_with(front.stored, "queue", name, declared)
         settings = msgspec.structs.replace(settings, attributes=attributes)
@@ -349,11 +350,12 @@ async def _declare(session: AmqpSession, name: str, method) -> None:
         await resolve_dead_letters(session)
 
 
-async def _dead_letter_queue(session: AmqpSession, arguments: dict) -> str | None:
+async def dead_letter_target(session: AmqpSession, arguments: dict) -> str | None:
     """The Chute dead-letter queue of `x-dead-letter-exchange` and `-routing-key`: the default exchange names the
     queue; another exchange must route the routing key to exactly one queue (406 if it routes to several). None
     while there is no such queue yet: as in RabbitMQ, dead letters are dropped until there is one
-    (`resolve_dead_letters` looks again after each queue.declare and queue.bind)."""
+    (`resolve_dead_letters` looks again after each queue.declare and queue.bind). It may be the declared queue
+    itself, which its settings cannot name: a rejection then puts the message back in it (dead_letter.py)."""
     if "x-dead-letter-exchange" not in arguments:
         return None
     exchange = arguments["x-dead-letter-exchange"]
@@ -387,7 +389,7 @@ async def resolve_dead_letters(session: AmqpSession) -> None:
             front.pending_dead_letters.discard(name)
             continue
         try:
-            target = await _dead_letter_queue(session, declared["arguments"])
+            target = await dead_letter_target(session, declared["arguments"])
         except AmqpError:
             continue
         if target is not None and target != name:

@@ -288,7 +288,12 @@ class AmqpFront:
 
     def dead_letters(self, queue: str) -> bool:
         """Whether `queue` has a dead-letter queue (its rejected deliveries get x-death, see dead_letter.py); on
-        a cluster node, as read when its consumer started or its basic.get ran (`note_queue`)."""
+        a cluster node, as read when its consumer started or its basic.get ran (`note_queue`). Also true for a
+        queue declared with a dead-letter exchange that leads nowhere yet, or back to the queue itself (which no
+        queue's settings can say): a rejection looks again (`dead_letter.reject`)."""
+        declared = self.book.queues.get(queue)
+        if declared is not None and "x-dead-letter-exchange" in declared["arguments"]:
+            return True
         if self.routed:
             return self.dead_lettering.get(queue, False)
         found = self.broker.core.queues.get(queue)
