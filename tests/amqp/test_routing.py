@@ -256,6 +256,32 @@ def test_max_length_drops_the_head(channel, name):
     assert drain(channel, name) == [b"2", b"3"]
 
 
+@pytest.mark.parametrize("settle", ["ack", "reject"])
+def test_a_settle_that_frees_room_comes_before_the_publish_after_it(channel, name, settle):
+    """A full queue (reject-publish), then on one channel: settle its message, publish another. The settle came
+    first, so the publish finds room (acks and rejections were carried out after the publishes of the same
+    read, which were refused). Found by test_length_limit_model.py."""
+    dead = f"{name}-dead"
+    channel.queue_declare(dead)
+    channel.queue_declare(name, arguments={"x-max-length": 1, "x-overflow": "reject-publish",
+                                           "x-dead-letter-exchange": "",
+                                           "x-dead-letter-routing-key": dead})  # fmt: skip
+    channel.confirm_delivery()
+    for round_ in range(5):
+        channel.basic_publish("", name, f"first {round_}".encode())
+        method, _, _ = channel.basic_get(name)
+        if settle == "ack":
+            channel.basic_ack(method.delivery_tag)
+        else:
+            channel.basic_reject(method.delivery_tag, requeue=False)
+        channel.basic_publish("", name, f"second {round_}".encode())  # no NackError: there is room
+        assert drain(channel, name) == [f"second {round_}".encode()]
+    rejected = 5 if settle == "reject" else 0
+    got = [body for _, _, body in wait_for(channel, dead, rejected)]
+    assert got == [f"first {n}".encode() for n in range(rejected)]
+    assert drain(channel, dead) == []
+
+
 def test_priorities(channel, name):
     channel.queue_declare(name, arguments={"x-max-priority": 10, "x-queue-type": "classic"})
     channel.confirm_delivery()

@@ -52,11 +52,29 @@ MAX_BATCH = 1000  # publishes taken together into one broker call
 def publish(session: AmqpSession, channel: Channel, batch: list[Content]) -> asyncio.Task | None:
     """Route a run of publishes and start their broker calls (one task per destination run), in order. On a
     cluster node, what routing needs is read first (publish_routing.py), in a task (returned) that runs after
-    the channel's previous one."""
+    the channel's previous one. Acks, nacks and rejections that came before are carried out first (an ack that
+    frees room in a full queue precedes the publish it came before); while some are still under way (a nack, a
+    rejection republished with x-death), the batch waits for them in a task (returned), and the channel's later
+    batches after it."""
+    settling = session.flush_settles() + [task for task in session.settling if not task.done()]
     if session.front.routed:
-        return publish_routing.start(session, channel, batch, _publish)
-    _publish(session, channel, batch, CoreFacts(session.broker.core))
-    return None
+        return publish_routing.start(session, channel, batch, _publish, after=settling)
+    previous = channel.routing
+    if not settling and (previous is None or previous.done()):
+        _publish(session, channel, batch, CoreFacts(session.broker.core))
+        return None
+    task = session.spawn(_publish_after(session, channel, batch, previous, settling))
+    channel.routing = task
+    channel.publishing.add(task)
+    task.add_done_callback(channel.publishing.discard)
+    return task
+
+
+async def _publish_after(session: AmqpSession, channel: Channel, batch: list[Content], previous, settling) -> None:
+    waits = settling + ([previous] if previous is not None and not previous.done() else [])
+    await asyncio.wait(waits)
+    if not (channel.closed or session.closed):
+        _publish(session, channel, batch, CoreFacts(session.broker.core))
 
 
 class CoreFacts:

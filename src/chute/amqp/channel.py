@@ -262,6 +262,7 @@ class Channel:
             task = self.session.spawn(dead_letter.reject(self.session, queue, deliveries))
             self.publishing.add(task)  # tx.commit waits for it
             task.add_done_callback(self.publishing.discard)
+            self.session.track_settling(task)
 
     def recover(self) -> None:
         """basic.recover: every unacked delivery goes back to its queue (delivered again, marked redelivered)."""

@@ -38,19 +38,22 @@ log = logging.getLogger("chute.amqp")
 MAX_HOPS = 8  # rounds of reading exchanges that exchange-to-exchange bindings lead to
 
 
-def start(session: AmqpSession, channel: Channel, batch: list, publish) -> asyncio.Task:
-    """Route and publish `batch` in a task that runs after the channel's previous batch was routed."""
+def start(session: AmqpSession, channel: Channel, batch: list, publish, after: list | None = None) -> asyncio.Task:
+    """Route and publish `batch` in a task that runs after the channel's previous batch was routed (and after
+    the settles in `after`)."""
     previous = channel.routing
-    task = session.spawn(_run(session, channel, batch, publish, previous))
+    task = session.spawn(_run(session, channel, batch, publish, previous, after or []))
     channel.routing = task
     channel.publishing.add(task)
     task.add_done_callback(channel.publishing.discard)
     return task
 
 
-async def _run(session: AmqpSession, channel: Channel, batch: list, publish, previous) -> None:
+async def _run(session: AmqpSession, channel: Channel, batch: list, publish, previous, after: list) -> None:
     if previous is not None and not previous.done():
         await asyncio.wait([previous])
+    if after:
+        await asyncio.wait(after)
     try:
         facts = await prefetch(session, batch)
     except ChuteError as exc:  # an owner that cannot be reached: the channel ends as for a failed publish

@@ -101,6 +101,9 @@ class AmqpSession(asyncio.Protocol):
         self._closer: asyncio.TimerHandle | None = None
         self._publishing: dict[Channel, None] = {}  # channels whose publishes of this read go without a worker
         self._settles: dict[tuple[str, str], list[int]] = {}  # acks and nacks gathered for one broker call each
+        # settles still being carried out (nacks, rejections republished with x-death): a publish after them on
+        # this connection waits for them (basic.py), as AMQP's order within a channel asks
+        self.settling: set[asyncio.Task] = set()
         self._closing = False  # connection.close sent: only close-ok (or the peer's close) matters now
 
     # -- transport callbacks ----------------------------------------------------------------------------------
@@ -216,7 +219,13 @@ class AmqpSession(asyncio.Protocol):
                              len(unknown), queue)  # fmt: skip
             else:
                 tasks.append(self.spawn(broker.nack(queue, receipts, dead_letter=action == "reject")))
+        for task in tasks:
+            self.track_settling(task)
         return tasks
+
+    def track_settling(self, task: asyncio.Task) -> None:
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
 
     def _done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
