@@ -211,3 +211,18 @@ def test_a_queue_named_with_any_characters_is_declared_and_used(server, channel,
     assert channel.queue_declare(odd, passive=True).method.message_count == 1
     method, _, body = channel.basic_get(odd, auto_ack=True)
     assert body == b"hello" and method.routing_key == odd
+
+
+def test_unbinding_what_is_gone_does_nothing(connection, channel, name):
+    """As in RabbitMQ 3.10: queue.unbind and exchange.unbind naming a queue or exchange that does not exist answer
+    unbind-ok (they were 404, which closed the channel of a client tidying up). Found by test_lifecycle_model.py."""
+    channel.exchange_declare(name, "direct")
+    channel.queue_declare(name)
+    channel.queue_unbind(name, f"{name}-no-exchange", "k")
+    channel.queue_unbind(f"{name}-no-queue", name, "k")
+    channel.exchange_unbind(name, f"{name}-no-source", "k")
+    channel.exchange_unbind(f"{name}-no-destination", name, "k")
+    channel.queue_unbind(name, name, "never-bound")
+    with pytest.raises(ChannelClosedByBroker) as raised:  # the default exchange is still refused
+        connection.channel().queue_unbind(name, "", "k")
+    assert raised.value.reply_code == 403

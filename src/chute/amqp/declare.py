@@ -228,7 +228,12 @@ async def exchange_bind(session: AmqpSession, channel: Channel, method) -> objec
 
 
 async def exchange_unbind(session: AmqpSession, channel: Channel, method) -> object:
-    await _bound_exchanges(session, method)
+    try:
+        await _bound_exchanges(session, method)
+    except AmqpError as exc:
+        if exc.code != NOT_FOUND:
+            raise
+        return commands.Exchange.UnbindOk()  # as RabbitMQ: unbinding from an exchange that is gone does nothing
     book = session.front.book
     binding = _find_exchange_binding(book, method, plain(method.arguments or {}))
     if binding is not None:
@@ -456,10 +461,8 @@ async def queue_unbind(session: AmqpSession, channel: Channel, method) -> object
         raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
     await state.refresh_exchange(session.front, exchange)
     declared = book.exchanges.get(exchange)
-    if declared is None:
-        raise _no_exchange(exchange)
-    if await state.refresh_queue(session.front, name) is None:
-        raise _no_queue(name)
+    if declared is None or await state.refresh_queue(session.front, name) is None:
+        return commands.Queue.UnbindOk()  # as RabbitMQ: unbinding what is gone does nothing
     topic = ex.topic_name(exchange)
     check(session.principal, "manage", "topic", topic)
     check(session.principal, "manage", "queue", name)
