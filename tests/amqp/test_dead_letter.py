@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pika
+import pytest
 import requests
 from pamqp import commands
 
@@ -219,3 +220,26 @@ def test_a_queue_that_dead_letters_into_itself_gets_its_rejections_back(channel,
 
 def _deaths(properties) -> list[tuple]:
     return summary(properties) if properties.headers else []
+
+
+def test_reject_publish_dlx_nacks_and_dead_letters_what_it_refuses(channel, name):
+    """x-overflow reject-publish-dlx: a publish that finds the queue full is nacked and dead-lettered, with an
+    x-death entry of reason maxlen (it was only nacked)."""
+    dead = f"{name}-dead"
+    channel.queue_declare(dead)
+    channel.queue_declare(name, arguments={"x-max-length": 1, "x-overflow": "reject-publish-dlx",
+                                           "x-dead-letter-exchange": "",
+                                           "x-dead-letter-routing-key": dead})  # fmt: skip
+    channel.confirm_delivery()
+    channel.basic_publish("", name, b"kept")
+    properties = pika.BasicProperties(headers={"k": "v"}, correlation_id="c-1")
+    with pytest.raises(pika.exceptions.NackError):
+        channel.basic_publish("", name, b"refused", properties)
+    method, got, body = get_one(channel, dead)
+    assert body == b"refused" and got.correlation_id == "c-1" and got.headers["k"] == "v"
+    assert summary(got) == [(name, "maxlen", 1)]
+    (death,) = got.headers["x-death"]
+    assert (death["exchange"], list(death["routing-keys"])) == ("", [name])
+    assert got.headers["x-first-death-reason"] == "maxlen"
+    channel.basic_ack(method.delivery_tag)
+    assert channel.queue_declare(name, passive=True).method.message_count == 1  # it never went in

@@ -13,8 +13,7 @@ with drop-head, the oldest then go while a limit is exceeded.
 Chute's documented differences (docs/amqp.md), modelled for the Chute target: the limits count every message the
 queue holds, delivered and unacked ones too (a Chute queue's `max_length` and `max_bytes`), so a requeue never
 takes it over a limit; a body larger than `x-max-length-bytes` by itself goes to the dead-letter queue rather than
-the messages before it; reject-publish-dlx refuses as reject-publish does, without dead-lettering.
-CHUTE_AMQP_LIMIT_EXAMPLES sizes the run (default 30).
+the messages before it. CHUTE_AMQP_LIMIT_EXAMPLES sizes the run (default 30).
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ class LimitedQueue:
         """True if confirmed (basic.ack), False if refused (basic.nack)."""
         if self.overflow != "drop-head":
             if self._over(1, len(body)):
-                if self.overflow == "reject-publish-dlx" and not self.chute:
+                if self.overflow == "reject-publish-dlx":
                     self.sink.append(body)
                 return False
             self.ready.append((number, body))

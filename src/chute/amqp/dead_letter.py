@@ -13,27 +13,43 @@ change its fate there (a delay, a dedup id) are not carried over. Publish first,
 delivers the message twice (at least once), never zero times. If the dead-letter queue refuses it (gone, full),
 the broker's own dead-lettering is used (without the history). A header no AMQP table can carry (a name over 255
 bytes, from another front) is carried over unchanged.
+
+A publish refused by a full queue whose `x-overflow` is `reject-publish-dlx` (`refused`) goes to its dead-letter
+queue the same way, with reason `maxlen`, after its publisher was nacked: as in RabbitMQ, a refused publish is
+not stored in the queue, and its dead letter is best effort (not part of what the nack answered).
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
+import time
 from typing import TYPE_CHECKING
 
 from chute.amqp import state
 from chute.amqp.declare import dead_letter_target
 from chute.amqp.errors import AmqpError
 from chute.amqp.exchanges import amqp_queue
-from chute.amqp.mapping import EXCHANGE_HEADER, ROUTING_KEY_HEADER, dead_lettered_as, to_properties, to_publish
+from chute.amqp.mapping import (
+    EXCHANGE_HEADER,
+    MESSAGE_ID_HEADER,
+    ROUTING_KEY_HEADER,
+    TIMESTAMP_HEADER,
+    dead_lettered_as,
+    to_properties,
+    to_publish,
+)
 from chute.amqp.xdeath import add_death
 from chute.errors import ChuteError
-from chute.model import Delivery, Publish
+from chute.model import Delivery, Message, Publish
 
 if TYPE_CHECKING:
     from chute.amqp.session import AmqpSession
 
+log = logging.getLogger("chute.amqp")
 
-def republished(front, delivery: Delivery) -> Publish:
+
+def republished(front, delivery: Delivery, reason: str = "rejected") -> Publish:
     """The message of a rejected delivery as it goes to the dead-letter queue, with the rejection in x-death, and
     the exchange and routing key RabbitMQ gives a dead letter (the queue's dead-letter exchange and routing key:
     the next death, and the dead-letter queue's consumers, see those)."""
@@ -41,7 +57,7 @@ def republished(front, delivery: Delivery) -> Publish:
     exchange, key = front.origin_of(delivery)
     table = dict(properties.headers or {})
     now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
-    add_death(table, queue=amqp_queue(delivery.queue), reason="rejected", exchange=exchange, routing_keys=[key],
+    add_death(table, queue=amqp_queue(delivery.queue), reason=reason, exchange=exchange, routing_keys=[key],
               time=now)  # fmt: skip
     properties.headers = table
     properties.expiration = None
@@ -60,11 +76,9 @@ def republished(front, delivery: Delivery) -> Publish:
     return publish
 
 
-async def reject(session: AmqpSession, queue: str, deliveries: list[Delivery]) -> None:
-    """Dead-letter rejected deliveries of `queue` with their x-death history (see the module docstring)."""
-    broker = session.broker
-    receipts = [delivery.receipt for delivery in deliveries]
-    found = await state.queue_settings(broker, queue)
+async def _target(session: AmqpSession, queue: str) -> str | None:
+    """Where `queue`'s dead letters go, or None."""
+    found = await state.queue_settings(session.broker, queue)
     target = found.dead_letter_queue if found is not None else None
     declared = session.front.book.queues.get(queue)
     if target is None and found is not None and declared is not None:
@@ -74,6 +88,43 @@ async def reject(session: AmqpSession, queue: str, deliveries: list[Delivery]) -
             target = await dead_letter_target(session, declared["arguments"])
         except AmqpError:
             target = None  # (an exchange that routes to several queues: dropped, as the broker would)
+    return target
+
+
+async def refused(session: AmqpSession, queue: str, messages: list[Publish]) -> None:
+    """`x-overflow: reject-publish-dlx`: publishes `queue` refused for its length limits (their publisher was
+    nacked) go to its dead-letter queue with x-death reason `maxlen`, as RabbitMQ does; nothing for another
+    overflow, or without a dead-letter queue. Best effort, as in RabbitMQ: a copy the dead-letter queue refuses
+    in turn is dropped."""
+    declared = session.front.book.queues.get(queue)
+    if declared is None or declared["arguments"].get("x-overflow") != "reject-publish-dlx":
+        return
+    target = await _target(session, queue)
+    if target is None:
+        return
+    now = time.time()
+    copies = []
+    for message in messages:
+        headers = dict(message.headers or {})
+        stored = Message(id=0, body=message.body, headers=headers, publish_time=now, priority=message.priority,
+                         group=message.group)  # fmt: skip
+        copy = republished(session.front, Delivery(queue=queue, receipt=0, delivery_count=0, message=stored), "maxlen")
+        for shown in (MESSAGE_ID_HEADER, TIMESTAMP_HEADER):  # it was never stored: no id or publish time of ours
+            if shown not in headers and copy.headers is not None:
+                copy.headers.pop(shown, None)
+        copies.append(copy)
+    try:
+        await session.broker.publish_batch(target, copies)
+    except ChuteError as exc:
+        log.info("AMQP: %d messages refused by %r were not dead-lettered to %r: %s", len(copies), queue, target,
+                 exc.message)  # fmt: skip
+
+
+async def reject(session: AmqpSession, queue: str, deliveries: list[Delivery]) -> None:
+    """Dead-letter rejected deliveries of `queue` with their x-death history (see the module docstring)."""
+    broker = session.broker
+    receipts = [delivery.receipt for delivery in deliveries]
+    target = await _target(session, queue)
     if target is not None:
         try:
             await broker.publish_batch(target, [republished(session.front, delivery) for delivery in deliveries])

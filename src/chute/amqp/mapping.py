@@ -50,6 +50,7 @@ _NUMBER_PROPERTIES = ("delivery_mode", "priority")
 _HEADER_OF = {name: PREFIX + ("type" if name == "message_type" else name).replace("_", "-")
               for name in (*_STRING_PROPERTIES, *_NUMBER_PROPERTIES, "timestamp")}  # fmt: skip
 _PROPERTY_OF = {header: name for name, header in _HEADER_OF.items()}
+MESSAGE_ID_HEADER, TIMESTAMP_HEADER = _HEADER_OF["message_id"], _HEADER_OF["timestamp"]
 REASONS = {"rejected": "rejected", "expired": "expired", "overflow": "maxlen", "max_deliveries": "delivery_limit"}
 
 
