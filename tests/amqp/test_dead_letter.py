@@ -13,6 +13,7 @@ from pamqp import commands
 import chute
 from tests.amqp.conftest import chute_only
 from tests.amqp.raw import Raw
+from tests.amqp.test_routing import one_message_queue
 
 
 def get_one(channel, queue: str, timeout_s: float = 10.0):
@@ -225,12 +226,7 @@ def _deaths(properties) -> list[tuple]:
 def test_reject_publish_dlx_nacks_and_dead_letters_what_it_refuses(channel, name):
     """x-overflow reject-publish-dlx: a publish that finds the queue full is nacked and dead-lettered, with an
     x-death entry of reason maxlen (it was only nacked)."""
-    dead = f"{name}-dead"
-    channel.queue_declare(dead)
-    channel.queue_declare(name, arguments={"x-max-length": 1, "x-overflow": "reject-publish-dlx",
-                                           "x-dead-letter-exchange": "",
-                                           "x-dead-letter-routing-key": dead})  # fmt: skip
-    channel.confirm_delivery()
+    dead = one_message_queue(channel, name, "reject-publish-dlx")
     channel.basic_publish("", name, b"kept")
     properties = pika.BasicProperties(headers={"k": "v"}, correlation_id="c-1")
     with pytest.raises(pika.exceptions.NackError):

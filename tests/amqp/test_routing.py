@@ -256,17 +256,23 @@ def test_max_length_drops_the_head(channel, name):
     assert drain(channel, name) == [b"2", b"3"]
 
 
+def one_message_queue(channel, name: str, overflow: str) -> str:
+    """Queue `name` holding at most one message, with `overflow`, dead-lettering into a queue of its own (whose
+    name is returned); the channel in confirm mode."""
+    dead = f"{name}-dead"
+    channel.queue_declare(dead)
+    channel.queue_declare(name, arguments={"x-max-length": 1, "x-overflow": overflow, "x-dead-letter-exchange": "",
+                                           "x-dead-letter-routing-key": dead})  # fmt: skip
+    channel.confirm_delivery()
+    return dead
+
+
 @pytest.mark.parametrize("settle", ["ack", "reject"])
 def test_a_settle_that_frees_room_comes_before_the_publish_after_it(channel, name, settle):
     """A full queue (reject-publish), then on one channel: settle its message, publish another. The settle came
     first, so the publish finds room (acks and rejections were carried out after the publishes of the same
     read, which were refused). Found by test_length_limit_model.py."""
-    dead = f"{name}-dead"
-    channel.queue_declare(dead)
-    channel.queue_declare(name, arguments={"x-max-length": 1, "x-overflow": "reject-publish",
-                                           "x-dead-letter-exchange": "",
-                                           "x-dead-letter-routing-key": dead})  # fmt: skip
-    channel.confirm_delivery()
+    dead = one_message_queue(channel, name, "reject-publish")
     for round_ in range(5):
         channel.basic_publish("", name, f"first {round_}".encode())
         method, _, _ = channel.basic_get(name)
