@@ -50,6 +50,7 @@ from tests.integration.test_every_front_publishes_to_every_front import (
     read_pika_get,
     read_sqs,
     reject_all,
+    routing_key,
     sent_through_amqp,
     shown_property,
     sqs_attributes,
@@ -126,17 +127,6 @@ def odd_subject(rnd: random.Random) -> str:
     return ".".join(rnd.choice(words) for _ in range(rnd.randint(1, 6)))
 
 
-def subject_key(subject: str) -> str:
-    """The routing key an AMQP reader is shown for a subject (docs/amqp.md)."""
-    words = []
-    for word in subject.split("."):
-        try:
-            words.append(bytes.fromhex(word[1:]).decode() if word.startswith("_") else word)
-        except ValueError:
-            words.append(word)
-    return ".".join(words)
-
-
 def publish_to_exchanges(server, rnd: random.Random) -> tuple[list[Routed], list[Routed]]:
     """(to the topic exchange, to the headers exchange): native, HTTP and pika publishes, in that order."""
     topic, headers = [], []
@@ -149,7 +139,7 @@ def publish_to_exchanges(server, rnd: random.Random) -> tuple[list[Routed], list
                 assert len(subject) > 255
                 continue
             words = subject.split(".")
-            topic.append(Routed(body, {}, key=subject_key(subject), words=words, exchange="", subject=subject))
+            topic.append(Routed(body, {}, key=routing_key(subject), words=words, exchange="", subject=subject))
         for _ in range(MESSAGES):
             body, values = any_body(rnd), header_values(rnd)
             native.publish("exchange.xh", body, subject=HEADERS_SUBJECT, headers=values)
@@ -164,7 +154,7 @@ def publish_to_exchanges(server, rnd: random.Random) -> tuple[list[Routed], list
             assert answer.status_code == 400, answer.text
             continue
         assert answer.status_code == 201, answer.text
-        topic.append(Routed(body.encode(), {}, key=subject_key(subject), words=subject.split("."), exchange="",
+        topic.append(Routed(body.encode(), {}, key=routing_key(subject), words=subject.split("."), exchange="",
                             subject=subject))  # fmt: skip
     connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
     try:
@@ -396,14 +386,7 @@ def test_fifo_group_and_dedup_ids_of_every_front_are_read_through_every_front(se
             expected = by_group([(m.group, m) for m in sent])
             assert len(got) == len(sent)
             if reader.startswith("sqs"):
-                show = xml_shown if reader == "sqs-query" else (lambda text: text)
-                shown = by_group([(message["Attributes"]["MessageGroupId"], message) for _, message in got])
-                assert sorted(shown) == sorted(show(group) for group in expected)
-                for group, messages in expected.items():
-                    seen = shown[show(group)]
-                    assert [m["Body"] for m in seen] == bodies_as(reader, [m.body for m in messages])
-                    assert [m["Attributes"]["MessageDeduplicationId"] for m in seen] == [
-                        show(m.dedup_id) for m in messages]  # fmt: skip
+                for seen in sqs_groups(reader, got, expected):
                     numbers = [int(m["Attributes"]["SequenceNumber"]) for m in seen]
                     assert numbers == sorted(numbers) and all(len(m["Attributes"]["SequenceNumber"]) == 20
                                                               for m in seen)  # fmt: skip
@@ -417,6 +400,21 @@ def test_fifo_group_and_dedup_ids_of_every_front_are_read_through_every_front(se
         except Exception as exc:  # every reader is tried: the report names each one that failed
             failures.append(f"{reader}: {type(exc).__name__}: {str(exc)[:1500]}")
     assert not failures, "\n".join(failures)
+
+
+def sqs_groups(reader: str, got: list, expected: dict) -> list[list[dict]]:
+    """An SQS reader's messages of a FIFO queue, checked group by group against `expected` (group -> messages
+    sent, in order): the same groups, each with its bodies and dedup ids in order; each group's messages."""
+    show = xml_shown if reader == "sqs-query" else (lambda text: text)
+    shown = by_group([(message["Attributes"]["MessageGroupId"], message) for _, message in got])
+    assert sorted(shown) == sorted(show(group) for group in expected)
+    groups = []
+    for group, messages in expected.items():
+        seen = shown[show(group)]
+        assert [m["Body"] for m in seen] == bodies_as(reader, [m.body for m in messages])
+        assert [m["Attributes"]["MessageDeduplicationId"] for m in seen] == [show(m.dedup_id) for m in messages]
+        groups.append(seen)
+    return groups
 
 
 # -- dead letters of SQS and AMQP messages ----------------------------------------------------------------------
@@ -633,7 +631,6 @@ def test_fifo_dead_letters_keep_their_groups_through_redrive_and_move_back(serve
             sent.append(Keyed(body, group, dedup_id))
     failures = []
     for reader in readers:
-        show = xml_shown if reader == "sqs-query" else (lambda text: text)
         mine = [Keyed(m.body, m.group, m.dedup_id) for m in sent]  # (each reader's queue: its own dedup ids)
         expected = by_group([(m.group, m) for m in mine])
         try:
@@ -648,13 +645,7 @@ def test_fifo_dead_letters_keep_their_groups_through_redrive_and_move_back(serve
                     client.start_message_move_task(SourceArn=arn)
                     await_ready(server, source, len(sent))
                 got = read(server, tmp_path, reader, queue, len(sent))
-                shown = by_group([(message["Attributes"]["MessageGroupId"], message) for _, message in got])
-                assert sorted(shown) == sorted(show(group) for group in expected)
-                for group, messages in expected.items():
-                    seen = shown[show(group)]
-                    assert [m["Body"] for m in seen] == bodies_as(reader, [m.body for m in messages])
-                    assert [m["Attributes"]["MessageDeduplicationId"] for m in seen] == [
-                        show(m.dedup_id) for m in messages]  # fmt: skip
+                for seen in sqs_groups(reader, got, expected):
                     if dead:
                         assert {m["Attributes"]["DeadLetterQueueSourceArn"].rsplit(":", 1)[1] for m in seen} == {
                             source}  # fmt: skip
