@@ -11,7 +11,10 @@ import shutil
 import sys
 import time
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chute import Broker, Publish
 from chute import _forked_snapshot as forked_snapshot
@@ -19,6 +22,7 @@ from chute import _housekeeping as housekeeping_module
 from chute.core import compaction
 from chute.core import snapshot as snap
 from chute.storage import FileStore
+from chute.storage.file import log as file_log
 from chute.storage.file.record import decode_checkpoint
 from chute.storage.memory import MemoryStore
 
@@ -204,3 +208,104 @@ async def test_a_large_dedup_window_or_topic_history_forks_too(monkeypatch):
         await broker.create_topic("t", retention_s=3600)
         await broker.publish_batch("t", [Publish(body=b"x") for _ in range(400)])
         assert forked_snapshot.worth_forking(broker.core) == (sys.platform == "linux")
+
+
+# -- a forked snapshot's pieces -------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    image=st.lists(st.binary(max_size=300), max_size=4),
+    image_size=st.sampled_from([0, 255, 256, 65_535, 65_536]),
+    records=st.lists(
+        st.tuples(st.integers(0, 1 << 62), st.integers(1, 40), st.binary(max_size=600), st.booleans()), max_size=40
+    ),
+    chunk=st.integers(1, 2_000),
+)
+def test_a_tail_in_pieces_is_the_tailed_snapshot_byte_for_byte(image, image_size, records, chunk):
+    """Encoded as its records come, in buffers of a few hundred kilobytes, with MessagePack headers of our own
+    around them: end to end, the same bytes as `with_tail` encodes at once (what recovery decodes)."""
+    image = [*image, bytes(image_size)]
+    tail = snap.TailEncoder()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(snap, "TAIL_CHUNK_BYTES", chunk)
+        for at in range(0, len(records), 7):  # as appends of several records come
+            tail.add(
+                (ref, kind, memoryview(payload) if view else payload)
+                for ref, kind, payload, view in records[at : at + 7]
+            )
+    plain = [(ref, kind, payload) for ref, kind, payload, _ in records]
+    assert tail.count == len(records)
+    pieces = snap.tailed_pieces(image, tail)
+    assert b"".join(pieces) == snap.with_tail(b"".join(image), plain)
+    assert msgspec.msgpack.decode(b"".join(pieces), type=snap.Tailed).tail == plain
+
+
+def test_array_headers_of_every_width():
+    """A tail of 15, 16, 65,535 and 65,536 records: each width of MessagePack's array header."""
+    for count in (15, 16, 65_535, 65_536):
+        tail = snap.TailEncoder()
+        tail.add((ref, 1, b"") for ref in range(count))
+        assert b"".join(snap.tailed_pieces([b"i"], tail)) == snap.with_tail(
+            b"i", [(ref, 1, b"") for ref in range(count)]
+        )
+
+
+async def test_a_forked_checkpoint_never_joins_its_tail(tmp_path, always_fork, monkeypatch):
+    """A burst appended while the child works reaches the store as buffers of TAIL_CHUNK_BYTES or so, not as
+    one buffer of the whole tail (its copy would hold the loop: 20-40 ms after a fast burst); the file the
+    store writes from them holds the same snapshot, and a restart recovers every message from it."""
+    monkeypatch.setattr(snap, "TAIL_CHUNK_BYTES", 4096)
+    handed: list = []
+    store = FileStore(tmp_path / "data")
+    checkpoint = store.checkpoint
+
+    async def keep(snapshot):
+        handed.append(snapshot)
+        await checkpoint(snapshot)
+
+    store.checkpoint = keep
+    async with Broker(store=store, checkpoint_bytes=1 << 40) as broker:
+        await broker.create_queue("q")
+        before = await broker.publish_batch("q", [Publish(body=b"old") for _ in range(10)])
+        snapshot = broker.core.snapshot
+
+        def slow_snapshot():
+            time.sleep(0.3)
+            return snapshot()
+
+        broker.core.snapshot = slow_snapshot
+        task = asyncio.create_task(broker.checkpoint())
+        await until_forked(broker, task)
+        during = []
+        for _ in range(20):
+            during += await broker.publish_batch("q", [Publish(body=os.urandom(200)) for _ in range(50)])
+        await task
+        (pieces,) = handed
+        assert not isinstance(pieces, bytes) and len(pieces) > 20
+        assert max(len(piece) for piece in pieces) < 4096 + 1024  # a buffer and at most one record more
+        assert b"".join(pieces) == stored_snapshot(tmp_path / "data")
+        await broker.store.flush()
+        shutil.copytree(tmp_path / "data", tmp_path / "copy")
+    async with Broker(store=FileStore(tmp_path / "copy")) as broker:
+        assert broker.recovery.records == 0  # image and tail, all from the checkpoint
+        assert sorted(d.id for d in await broker.receive("q", 2000)) == sorted(before + during)
+
+
+@pytest.mark.parametrize("snapshot", [b"", b"s" * 2500, [b"s" * 700, bytearray(b"t" * 1800), memoryview(b"u" * 3)]])
+async def test_the_file_store_writes_a_snapshot_in_pieces_as_one(tmp_path, snapshot, monkeypatch):
+    """A snapshot given in pieces makes the same checkpoint file as its bytes joined, in synced steps that cross
+    the pieces' boundaries."""
+    monkeypatch.setattr(file_log, "CHECKPOINT_STEP_BYTES", 1000)
+    monkeypatch.setattr(file_log, "CHECKPOINT_STEP_PAUSE_S", 0)
+    joined = bytes(snapshot) if isinstance(snapshot, bytes) else b"".join(snapshot)
+    files = []
+    for form in (snapshot, joined):
+        store = FileStore(tmp_path / str(len(files)))
+        await store.open()
+        store.append([(1, b"r")])
+        await store.checkpoint(form)
+        files.append((tmp_path / str(len(files)) / "checkpoint").read_bytes())
+        assert store.stats().checkpoint_file_bytes == len(files[-1])
+        await store.close()
+    assert files[0] == files[1] and decode_checkpoint(files[0])[2] == joined

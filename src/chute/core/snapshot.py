@@ -13,7 +13,11 @@ kept), stats counters, ephemeral queues.
 
 A snapshot with a tail (`TAILED`, made by chute._forked_snapshot): the image of the state at an earlier log
 position P, compressed, plus the records appended between P and the checkpoint's position, in order, with their
-refs. Loading it means loading the image, then replaying the tail like records read from the log.
+refs. Loading it means loading the image, then replaying the tail like records read from the log. Such a
+snapshot is handed to the store in pieces (`tailed_pieces`), never joined: its tail, encoded record by record
+while the child works (`TailEncoder`), is tens of megabytes after a burst, and making one buffer of it (the
+copy and the first touch of every new page) would hold the GIL, so the event loop, for tens of milliseconds.
+The pieces, end to end, are the bytes `with_tail` makes of the same image and records.
 
 Invariant: messages still being made durable (pending publishes) are included, because their records precede
 the checkpoint position; the checkpoint is stored only after the log is durable up to that position.
@@ -270,6 +274,60 @@ def encode(snapshot: Snapshot) -> bytes:
 def with_tail(compressed_image: bytes, tail: list[tuple[int, int, bytes]]) -> bytes:
     """A TAILED snapshot: `compressed_image` (zlib of `encode(...)`) plus the records appended after it."""
     return _encoder.encode(Tailed(TAILED, compressed_image, tail))
+
+
+TAIL_CHUNK_BYTES = 256 << 10  # a tail's buffers grow to about this size: one allocation per ~900 records
+
+
+class TailEncoder:
+    """The tail of a TAILED snapshot, encoded as its records are appended (each (ref, kind, payload) as
+    `with_tail` encodes it), in buffers of about TAIL_CHUNK_BYTES: the work is spread over the appends, and no
+    buffer ever holds the whole tail."""
+
+    __slots__ = ("chunks", "count")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytearray] = [bytearray()]
+        self.count = 0
+
+    def add(self, records) -> None:
+        """Encode (ref, kind, payload) records, in order."""
+        chunk = self.chunks[-1]
+        for record in records:
+            if len(chunk) >= TAIL_CHUNK_BYTES:
+                chunk = bytearray()
+                self.chunks.append(chunk)
+            _encoder.encode_into(record, chunk, -1)
+            self.count += 1
+
+
+def tailed_pieces(image_pieces: list[bytes], tail: TailEncoder) -> list[bytes | bytearray]:
+    """The bytes of `with_tail(b"".join(image_pieces), records)`, in pieces: MessagePack headers of our own
+    around the image's pieces and the tail's buffers, as they are."""
+    return [
+        bytes([0x93, TAILED]) + _bin_header(sum(map(len, image_pieces))),
+        *image_pieces,
+        _array_header(tail.count),
+        *tail.chunks,
+    ]
+
+
+def _bin_header(length: int) -> bytes:
+    """MessagePack's header of a `length`-byte bin (how msgspec encodes `bytes`)."""
+    if length < 1 << 8:
+        return bytes([0xC4, length])
+    if length < 1 << 16:
+        return b"\xc5" + length.to_bytes(2, "big")
+    return b"\xc6" + length.to_bytes(4, "big")
+
+
+def _array_header(count: int) -> bytes:
+    """MessagePack's header of an array of `count` items."""
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
 
 
 def decode(data: bytes) -> tuple[Snapshot, list[tuple[int, int, bytes]]]:

@@ -15,6 +15,9 @@ Contract (every store, proven by tests/contract):
   and reported, never silently.
 - `checkpoint(snapshot)` makes every record appended so far durable, then stores `snapshot` atomically as
   standing for all of them; `open()` afterwards yields the snapshot and only the records appended after it.
+  A snapshot is bytes, or a sequence of bytes-like pieces that stand for their concatenation (a forked
+  snapshot's tail comes so: one buffer of tens of megabytes would hold the event loop to build); `open()`
+  yields it as one `bytes` either way.
 - space: `track(ref)` / `release(ref)` count live references to a record (`track_many` / `release_many`: the
   same for a batch of refs, a ref named twice counting twice). Records whose files hold no live
   reference and that a checkpoint covers may be deleted; `sparse_segments()` names files worth compacting (the
@@ -35,6 +38,9 @@ from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+# a checkpoint's snapshot: bytes, or pieces that stand for their concatenation, in order
+SnapshotData = bytes | Sequence[bytes | bytearray | memoryview]
 
 FsyncPolicy = Literal["always", "interval", "never"]
 
@@ -174,8 +180,9 @@ class Store(abc.ABC):
         """A predicate on refs: True for records in files worth compacting (mostly dead, covered by a checkpoint)."""
 
     @abc.abstractmethod
-    async def checkpoint(self, snapshot: bytes) -> None:
-        """Make everything appended durable, store `snapshot` for it atomically, then reclaim dead files."""
+    async def checkpoint(self, snapshot: SnapshotData) -> None:
+        """Make everything appended durable, store `snapshot` (bytes, or pieces standing for their
+        concatenation) for it atomically, then reclaim dead files."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -194,3 +201,13 @@ class Store(abc.ABC):
     def bytes_appended(self) -> int:
         """Bytes appended since open; cheap enough to read after every operation (checkpoint scheduling)."""
         return self.stats().bytes_written
+
+
+def snapshot_pieces(snapshot: SnapshotData) -> Sequence[bytes | bytearray | memoryview]:
+    """The pieces of a checkpoint's snapshot (bytes is one piece)."""
+    return (snapshot,) if isinstance(snapshot, bytes | bytearray | memoryview) else snapshot
+
+
+def snapshot_bytes(snapshot: SnapshotData) -> bytes:
+    """A checkpoint's snapshot as one `bytes` (for stores that keep it so: a copy when it came in pieces)."""
+    return snapshot if isinstance(snapshot, bytes) else b"".join(snapshot_pieces(snapshot))

@@ -15,7 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from chute.storage.api import Durable, Record, Recovered, RecoveryReport, Store, StoreStats
+from chute.storage.api import (
+    Durable,
+    Record,
+    Recovered,
+    RecoveryReport,
+    SnapshotData,
+    Store,
+    StoreStats,
+    snapshot_bytes,
+)
 
 
 class _Done(Durable):
@@ -91,8 +100,8 @@ class MemoryStore(Store):
     def sparse_segments(self) -> Callable[[int], bool]:
         return lambda ref: False  # nothing to compact in memory
 
-    async def checkpoint(self, snapshot: bytes) -> None:
-        self._snapshot = snapshot
+    async def checkpoint(self, snapshot: SnapshotData) -> None:
+        self._snapshot = snapshot_bytes(snapshot)
         self._log.clear()
         for ref in [ref for ref in self._records if ref not in self._live]:
             del self._records[ref]

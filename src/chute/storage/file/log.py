@@ -48,7 +48,16 @@ from pathlib import Path
 from zlib import crc32
 
 from chute.errors import StorageCorrupt, StorageFailed, StorageFull, StorageReadOnly
-from chute.storage.api import FsyncPolicy, Record, Recovered, RecoveryReport, Store, StoreStats
+from chute.storage.api import (
+    FsyncPolicy,
+    Record,
+    Recovered,
+    RecoveryReport,
+    SnapshotData,
+    Store,
+    StoreStats,
+    snapshot_pieces,
+)
 from chute.storage.file import recovery
 from chute.storage.file.fs import Fs, OsFs
 from chute.storage.file.record import (
@@ -59,11 +68,11 @@ from chute.storage.file.record import (
     RECORD,
     RECORD_SIZE,
     SEGMENT_HEADER_SIZE,
+    checkpoint_pieces,
     decode_batch,
     decode_checkpoint,
     decode_frame,
     encode_batch,
-    encode_checkpoint,
     encode_records,
     record_in_batch,
     segment_header,
@@ -708,7 +717,7 @@ class FileStore(Store):
 
     # -- checkpoint and close ---------------------------------------------------------------------------------
 
-    async def checkpoint(self, snapshot: bytes) -> None:
+    async def checkpoint(self, snapshot: SnapshotData) -> None:
         if self._failure is not None:
             raise StorageReadOnly(f"the log is read-only after an earlier failure: {self._failure}")
         with self._hand_lock:
@@ -744,25 +753,33 @@ class FileStore(Store):
             fs.fsync_dir(directory)
             self._unsynced.clear()
 
-    def _store_checkpoint(self, position, counts, snapshot: bytes) -> None:
+    def _store_checkpoint(self, position, counts, snapshot: SnapshotData) -> None:
         """Checkpoint thread: write the checkpoint file beside the old one, then put it in its place.
 
         The file goes to the disk in steps of CHECKPOINT_STEP_BYTES, each synced, with a pause between them: a
         group commit's fsync that lands meanwhile then waits behind one step at most, not behind the whole file
-        (on ext4 a log fsync's journal commit waits for the data blocks being written back with it)."""
+        (on ext4 a log fsync's journal commit waits for the data blocks being written back with it). A snapshot
+        in pieces is written piece by piece, never joined (tens of megabytes copied would hold the GIL)."""
         fs, directory = self.fs, self.directory
         tmp = f"{directory}/{CHECKPOINT}.tmp"
-        stored = memoryview(encode_checkpoint(position, counts, snapshot))
-        step = CHECKPOINT_STEP_BYTES
-        fs.write_file(tmp, stored[:step])
-        for at in range(step, len(stored), step):
-            fs.fsync(tmp)
-            time.sleep(CHECKPOINT_STEP_PAUSE_S)
-            fs.append(tmp, stored[at : at + step])
+        step, written = CHECKPOINT_STEP_BYTES, 0
+        for piece in checkpoint_pieces(position, counts, snapshot_pieces(snapshot)):
+            view = memoryview(piece)
+            while len(view):
+                if written and written % step == 0:  # a step is written: sync it, let group commits through
+                    fs.fsync(tmp)
+                    time.sleep(CHECKPOINT_STEP_PAUSE_S)
+                part = view[: step - written % step]  # (steps cross the pieces' boundaries)
+                view = view[len(part) :]
+                if written:
+                    fs.append(tmp, part)
+                else:
+                    fs.write_file(tmp, part)
+                written += len(part)
         fs.fsync(tmp)  # the new checkpoint's bytes are durable before its name replaces the old one
         fs.rename(tmp, f"{directory}/{CHECKPOINT}")
         fs.fsync_dir(directory)  # the rename itself survives a power cut
-        self._stats.checkpoint_file_bytes = len(stored)
+        self._stats.checkpoint_file_bytes = written
 
     def _delete(self, segments: list[int]) -> None:
         with self._files_lock:

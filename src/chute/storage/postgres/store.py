@@ -37,7 +37,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 from chute.errors import InvalidArgument, StorageCorrupt, StorageFailed, StorageFull, StorageReadOnly
-from chute.storage.api import FsyncPolicy, Record, Recovered, RecoveryReport, Store, StoreStats
+from chute.storage.api import (
+    FsyncPolicy,
+    Record,
+    Recovered,
+    RecoveryReport,
+    SnapshotData,
+    Store,
+    StoreStats,
+    snapshot_bytes,
+)
 from chute.storage.postgres.db import Corrupt, Database, Fenced, Stopped
 from chute.storage.postgres.schema import SchemaError
 from chute.storage.postgres.url import describe, redact
@@ -377,9 +386,12 @@ class PostgresStore(Store):
 
     # -- checkpoint and close ---------------------------------------------------------------------------------
 
-    async def checkpoint(self, snapshot: bytes) -> None:
+    async def checkpoint(self, snapshot: SnapshotData) -> None:
         if self._failure is not None or self._closed or self._db is None:
             raise StorageReadOnly(self._read_only_reason())
+        # one bytea parameter: a snapshot in pieces is joined here (on the loop; unlike the file store, which
+        # writes the pieces as they are)
+        snapshot = snapshot_bytes(snapshot)
         position = self._active << 32 | self._next_index  # now: the snapshot stands for every record before it
         covered = position >> 32
         counts = {chunk: (info[1], info[0]) for chunk, info in self._chunks.items() if chunk <= covered}
