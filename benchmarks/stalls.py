@@ -1,7 +1,7 @@
 """Stalls under a large backlog (issue 12, "No stalls"): end-to-end latency and event-loop lag of `chute serve`.
 
     python -m benchmarks.stalls [--backlog 1000000] [--rate 2000] [--duration 90] [--size 256] [--fsync always]
-                                [--restart] [--json]
+                                [--lag-interval 0.002] [--restart] [--json]
 
 Starts `chute serve` in a subprocess (a fresh data directory, HTTP on for /metrics), publishes a backlog of
 `--backlog` messages to a queue nobody consumes (it stays in the broker for the whole run: its index, its
@@ -16,7 +16,10 @@ Reports latency p50 / p99 / p99.9 / max (ms, every message of the steady phase) 
 (`chute_event_loop_lag_seconds`, scraped before and after the steady phase), the loop lag's p50 / p99 / p99.9
 within the window (upper bounds of their buckets) and the largest lag since the broker began serving
 (`chute_event_loop_lag_max_seconds`, backlog building included), and the group-commit fsync's p99 / p99.9 / max
-in the window (`chute_fsync_duration_seconds`: a latency spike without a loop stall is the disk).
+in the window (`chute_fsync_duration_seconds`: a latency spike without a loop stall is the disk). The broker's
+lag timer is due every `--lag-interval` seconds here (CHUTE_LOOP_LAG_INTERVAL_S; 0.1 s in production): a hold is
+seen only if the timer falls due during it, so the default of 2 ms catches every hold and under-measures it by at
+most 2 ms (at 0.1 s, a 30 ms hold is missed 7 times in 10).
 Targets (issue 12): p99.9 <= 5 ms, max <= 20 ms.
 Clients and broker share the machine, as in every benchmark here; figures go to BENCHMARKS.md with the machine.
 """
@@ -48,6 +51,7 @@ from chute.bench import (
     publish_paced,
 )
 from chute.client import AsyncClient
+from chute.server import looplag
 
 BACKLOG_QUEUE, LATENCY_QUEUE = "stalls-backlog", "stalls-latency"
 
@@ -146,7 +150,8 @@ async def run(options: argparse.Namespace, broker: HttpBrokerProcess, say) -> di
     lag = {f"p{q}": bucket_quantile(before["buckets"], after["buckets"], q / 100) for q in (50, 99, 99.9)}
     return {
         "backlog": options.backlog, "rate": options.rate, "duration_s": options.duration, "size": options.size,
-        "fsync": options.fsync, "backlog_build_s": round(build_s, 1), "messages": len(samples),
+        "fsync": options.fsync, "lag_interval_s": options.lag_interval, "backlog_build_s": round(build_s, 1),
+        "messages": len(samples),
         "restart_s": None if restart_s is None else round(restart_s, 2),
         "latency_ms": {label: percentile(ordered, p) * 1000
                        for label, p in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))},
@@ -174,7 +179,8 @@ def render(result: dict) -> str:
                                             f"{lat['max']:.2f} ms", "p99.9 <= 5, max <= 20"),
         ("loop lag p50 / p99 / p99.9 (bucket bounds)", f"<= {lag['p50']:g} / {lag['p99']:g} / {lag['p99.9']:g} ms",
          ""),
-        ("loop lag max since the broker began serving", f"{lag['max_since_start']:.1f} ms", "<= 20"),
+        (f"loop lag max since the broker began serving (timer every {result['lag_interval_s'] * 1000:g} ms)",
+         f"{lag['max_since_start']:.1f} ms", "<= 20"),
         ("checkpoints in the window", f"{result['checkpoints_in_window']:g}", ">= 1"),
         ("group-commit fsync p99 / p99.9 / max (bucket bounds)",
          " / ".join(f"<= {v:g}" for v in result["fsync_ms"].values()) + " ms", ""),
@@ -203,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="restart the broker once the backlog is built (it then recovers the backlog)",
     )
+    parser.add_argument("--lag-interval", type=float, default=0.002, metavar="SECONDS",
+                        help="the broker's loop-lag timer interval (default 0.002; production 0.1)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     options = parser.parse_args(argv)
+    os.environ[looplag.INTERVAL_ENV] = repr(options.lag_interval)  # the broker inherits it
     broker = HttpBrokerProcess(fsync=options.fsync).start()
     try:
         result = asyncio.run(run(options, broker, lambda text: print(f"# {text}", file=sys.stderr, flush=True)))

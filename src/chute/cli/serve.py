@@ -13,7 +13,7 @@ import sys
 import click
 
 from chute.errors import ChuteError
-from chute.server import Server, load_config
+from chute.server import Server, load_config, looplag
 
 
 @click.command()
@@ -110,8 +110,11 @@ def serve(config_file, log_level, http_port, pidfile, **flags) -> None:  # fmt: 
             config.http_port = None if http_port == -1 else config.http_port
             config.amqp_port = None if amqp_port == -1 else config.amqp_port
             config.validate()
+        looplag.interval_from_env()  # a benchmark's knob: refused here, before anything starts
     except ChuteError as exc:
         raise click.ClickException(f"{exc.message} ({exc.name})") from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         _run(_serve(config, pidfile))
     except ChuteError as exc:

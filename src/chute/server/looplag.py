@@ -3,7 +3,10 @@
 A `LoopLagMonitor` keeps one timer on the loop: every `interval_s` (0.1 s) it runs, notes how much later than
 its due time it ran (`loop.time()` now minus the time it was scheduled for), and schedules itself again. A loop
 held by one long callback (a big snapshot, a scrape, a purge) makes that lateness grow by as long as it was held,
-so the histogram shows the stalls every client of this server felt, whatever caused them.
+so the histogram shows the stalls every client of this server felt, whatever caused them. A hold shorter than
+the interval is seen only if the timer falls due during it: benchmarks that look for every hold over a few
+milliseconds (benchmarks/stalls.py) set a shorter interval with CHUTE_LOOP_LAG_INTERVAL_S (a lag is then
+under-measured by at most that interval).
 
 Invariants:
 - cost: one timer callback and a few integer operations per `interval_s`, whatever the load; nothing per
@@ -16,18 +19,35 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 from bisect import bisect_left
 
 # from half a millisecond (timer noise: libuv's timers have millisecond resolution) to one second
 LAG_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 DEFAULT_INTERVAL_S = 0.1  # coarse on purpose: the cost of watching must stay far below 1% of an idle core
+INTERVAL_ENV = "CHUTE_LOOP_LAG_INTERVAL_S"  # for benchmarks: a finer interval catches shorter holds
+
+
+def interval_from_env() -> float:
+    """The monitor's interval: CHUTE_LOOP_LAG_INTERVAL_S if set (seconds, 0.001 to 10), else the default."""
+    text = os.environ.get(INTERVAL_ENV)
+    if text is None:
+        return DEFAULT_INTERVAL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.001 <= value <= 10:
+        raise ValueError(f"{INTERVAL_ENV} must be a number of seconds from 0.001 to 10, not {text!r}")
+    return value
 
 
 class LoopLagMonitor:
     """Measures how late the event loop runs a periodic callback. `start()` on the loop, `stop()` when done."""
 
-    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S) -> None:
-        self.interval_s = interval_s
+    def __init__(self, interval_s: float | None = None) -> None:
+        self.interval_s = interval_from_env() if interval_s is None else interval_s
         self.buckets = [0] * (len(LAG_BUCKETS_S) + 1)  # per bucket, not cumulative; the last is +Inf
         self.count = 0
         self.sum_s = 0.0
