@@ -213,6 +213,11 @@ async def test_a_large_dedup_window_or_topic_history_forks_too(monkeypatch):
 # -- a forked snapshot's pieces -------------------------------------------------------------------------------
 
 
+def tailed_at_once(image: bytes, records: list) -> bytes:
+    """The reference: a TAILED snapshot encoded in one call, as it was before it came in pieces."""
+    return msgspec.msgpack.encode(snap.Tailed(snap.TAILED, image, records))
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     image=st.lists(st.binary(max_size=300), max_size=4),
@@ -224,7 +229,7 @@ async def test_a_large_dedup_window_or_topic_history_forks_too(monkeypatch):
 )
 def test_a_tail_in_pieces_is_the_tailed_snapshot_byte_for_byte(image, image_size, records, chunk):
     """Encoded as its records come, in buffers of a few hundred kilobytes, with MessagePack headers of our own
-    around them: end to end, the same bytes as `with_tail` encodes at once (what recovery decodes)."""
+    around them: end to end, the same bytes as msgspec's encoding of the whole `Tailed` (what recovery decodes)."""
     image = [*image, bytes(image_size)]
     tail = snap.TailEncoder()
     with pytest.MonkeyPatch.context() as patch:
@@ -237,7 +242,7 @@ def test_a_tail_in_pieces_is_the_tailed_snapshot_byte_for_byte(image, image_size
     plain = [(ref, kind, payload) for ref, kind, payload, _ in records]
     assert tail.count == len(records)
     pieces = snap.tailed_pieces(image, tail)
-    assert b"".join(pieces) == snap.with_tail(b"".join(image), plain)
+    assert b"".join(pieces) == tailed_at_once(b"".join(image), plain)
     assert msgspec.msgpack.decode(b"".join(pieces), type=snap.Tailed).tail == plain
 
 
@@ -246,7 +251,7 @@ def test_array_headers_of_every_width():
     for count in (15, 16, 65_535, 65_536):
         tail = snap.TailEncoder()
         tail.add((ref, 1, b"") for ref in range(count))
-        assert b"".join(snap.tailed_pieces([b"i"], tail)) == snap.with_tail(
+        assert b"".join(snap.tailed_pieces([b"i"], tail)) == tailed_at_once(
             b"i", [(ref, 1, b"") for ref in range(count)]
         )
 
@@ -269,20 +274,25 @@ async def test_a_forked_checkpoint_never_joins_its_tail(tmp_path, always_fork, m
         await broker.create_queue("q")
         before = await broker.publish_batch("q", [Publish(body=b"old") for _ in range(10)])
         snapshot = broker.core.snapshot
+        burst_done = tmp_path / "burst-done"
 
-        def slow_snapshot():
-            time.sleep(0.3)
+        def snapshot_after_the_burst():  # in the child: the image waits until the whole burst is in the tail
+            deadline = time.monotonic() + 30
+            while not burst_done.exists() and time.monotonic() < deadline:
+                time.sleep(0.001)
             return snapshot()
 
-        broker.core.snapshot = slow_snapshot
+        broker.core.snapshot = snapshot_after_the_burst
         task = asyncio.create_task(broker.checkpoint())
         await until_forked(broker, task)
         during = []
         for _ in range(20):
             during += await broker.publish_batch("q", [Publish(body=os.urandom(200)) for _ in range(50)])
+        burst_done.touch()
         await task
         (pieces,) = handed
         assert not isinstance(pieces, bytes) and len(pieces) > 20
+        assert len(snap.decode(b"".join(pieces))[1]) >= 1000  # the burst's records, at least, are the tail
         assert max(len(piece) for piece in pieces) < 4096 + 1024  # a buffer and at most one record more
         assert b"".join(pieces) == stored_snapshot(tmp_path / "data")
         await broker.store.flush()

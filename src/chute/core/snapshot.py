@@ -17,7 +17,7 @@ refs. Loading it means loading the image, then replaying the tail like records r
 snapshot is handed to the store in pieces (`tailed_pieces`), never joined: its tail, encoded record by record
 while the child works (`TailEncoder`), is tens of megabytes after a burst, and making one buffer of it (the
 copy and the first touch of every new page) would hold the GIL, so the event loop, for tens of milliseconds.
-The pieces, end to end, are the bytes `with_tail` makes of the same image and records.
+The pieces, end to end, are the MessagePack encoding of `Tailed(TAILED, image, records)`, which `decode` reads.
 
 Invariant: messages still being made durable (pending publishes) are included, because their records precede
 the checkpoint position; the checkpoint is stored only after the log is durable up to that position.
@@ -271,17 +271,12 @@ def encode(snapshot: Snapshot) -> bytes:
     return _encoder.encode(snapshot)
 
 
-def with_tail(compressed_image: bytes, tail: list[tuple[int, int, bytes]]) -> bytes:
-    """A TAILED snapshot: `compressed_image` (zlib of `encode(...)`) plus the records appended after it."""
-    return _encoder.encode(Tailed(TAILED, compressed_image, tail))
-
-
 TAIL_CHUNK_BYTES = 256 << 10  # a tail's buffers grow to about this size: one allocation per ~900 records
 
 
 class TailEncoder:
     """The tail of a TAILED snapshot, encoded as its records are appended (each (ref, kind, payload) as
-    `with_tail` encodes it), in buffers of about TAIL_CHUNK_BYTES: the work is spread over the appends, and no
+    `Tailed.tail`'s items encode), in buffers of about TAIL_CHUNK_BYTES: the work is spread over the appends, and no
     buffer ever holds the whole tail."""
 
     __slots__ = ("chunks", "count")
@@ -292,18 +287,19 @@ class TailEncoder:
 
     def add(self, records) -> None:
         """Encode (ref, kind, payload) records, in order."""
-        chunk = self.chunks[-1]
+        chunk, added = self.chunks[-1], 0
         for record in records:
             if len(chunk) >= TAIL_CHUNK_BYTES:
                 chunk = bytearray()
                 self.chunks.append(chunk)
             _encoder.encode_into(record, chunk, -1)
-            self.count += 1
+            added += 1
+        self.count += added
 
 
 def tailed_pieces(image_pieces: list[bytes], tail: TailEncoder) -> list[bytes | bytearray]:
-    """The bytes of `with_tail(b"".join(image_pieces), records)`, in pieces: MessagePack headers of our own
-    around the image's pieces and the tail's buffers, as they are."""
+    """The encoding of `Tailed(TAILED, b"".join(image_pieces), records)`, in pieces: MessagePack headers of our
+    own around the image's pieces and the tail's buffers, as they are."""
     return [
         bytes([0x93, TAILED]) + _bin_header(sum(map(len, image_pieces))),
         *image_pieces,
