@@ -61,3 +61,14 @@ def test_interval_quantiles_come_from_bucket_deltas():
     assert highest_bucket(deltas) == 0.1
     assert quantile(bucket_deltas(now, now), 0.99) is None
     assert highest_bucket(bucket_deltas(now, now)) is None
+
+
+def test_stalls_are_split_by_whether_the_loop_was_on_the_cpu():
+    from benchmarks.soak_report import stalls_on_cpu
+
+    rows = [{"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": 2.5},  # the machine's: the thread waited
+            {"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": 25.0},  # the broker's own hold
+            {"loop_lag_max_ms": 5.0, "loop_lag_on_cpu_max_ms": 5.0},  # no stall
+            {"loop_lag_max_ms": None, "loop_lag_on_cpu_max_ms": None}]  # fmt: skip
+    assert stalls_on_cpu(rows) == 1
+    assert stalls_on_cpu([{"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": None}]) is None  # an older broker

@@ -1,5 +1,6 @@
 """chute_event_loop_lag_seconds: a loop held for 50 ms shows in the right bucket of a real /metrics scrape; an idle
-loop's ticks stay in the smallest buckets; the monitor stops with the server."""
+loop's ticks stay in the smallest buckets; the monitor stops with the server. chute_event_loop_lag_on_cpu_seconds
+tells a loop held by its own work (on the CPU) from one whose thread was not running (off the CPU)."""
 
 from __future__ import annotations
 
@@ -18,18 +19,52 @@ from chute.testing import serving
 pytestmark = pytest.mark.timeout(30)
 
 
-async def lag_samples(server) -> dict[str, float]:
+async def lag_samples(server, family: str = "chute_event_loop_lag") -> dict[str, float]:
     """The histogram's samples by bucket bound (`count`, `sum`, `max` too), from a real GET /metrics."""
     async with aiohttp.ClientSession() as http, http.get(f"{server.http_url}/metrics") as response:
         text = await response.text()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {}
-    for sample in families["chute_event_loop_lag_seconds"].samples:
+    for sample in families[f"{family}_seconds"].samples:
         key = sample.labels.get("le") or sample.name.rsplit("_", 1)[1]
         samples[key] = sample.value
-    samples["max"] = families["chute_event_loop_lag_max_seconds"].samples[0].value
-    assert families["chute_event_loop_lag_seconds"].type == "histogram"
+    samples["max"] = families[f"{family}_max_seconds"].samples[0].value
+    assert families[f"{family}_seconds"].type == "histogram"
     return samples
+
+
+def spin(seconds: float) -> None:
+    """Hold the thread on the CPU for `seconds` of its own CPU time (the server's own work, however loaded the
+    machine), unlike time.sleep (a thread that is not running)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def test_a_hold_on_the_cpu_is_told_from_a_thread_that_was_not_running() -> None:
+    """Two 60 ms holds: a busy loop (its thread computing) and a sleeping one (standing for a thread that waits for
+    a core or in the kernel). Both are lags; only the first shows as a lag on the CPU."""
+    async with serving() as server:
+        monitor = server.server.loop_lag
+        monitor.stop()
+        monitor.interval_s = 0.001
+        monitor.start()
+        await asyncio.sleep(0.05)
+        before = await lag_samples(server, "chute_event_loop_lag_on_cpu")
+        await asyncio.sleep(0)
+        time.sleep(0.06)  # off the CPU
+        await asyncio.sleep(0.01)
+        off = await lag_samples(server, "chute_event_loop_lag_on_cpu")
+        lag = await lag_samples(server)
+        assert lag["max"] >= 0.055, lag
+        # the sleeping hold's tick: lag ~60 ms, but its thread used at most a few ms of CPU since the tick before
+        assert off["+Inf"] - off["0.025"] == before["+Inf"] - before["0.025"], (before, off)
+        await asyncio.sleep(0)
+        spin(0.06)  # on the CPU
+        await asyncio.sleep(0.01)
+        on = await lag_samples(server, "chute_event_loop_lag_on_cpu")
+        assert on["+Inf"] - on["0.025"] >= 1 + off["+Inf"] - off["0.025"], (off, on)
+        assert on["max"] >= 0.05, on
 
 
 async def test_a_held_loop_is_counted_in_its_bucket() -> None:
@@ -76,6 +111,17 @@ def test_observations_land_in_the_first_bucket_at_or_above_them() -> None:
     assert cumulative["0.005"] == 3 and cumulative["0.025"] == 3 and cumulative["0.05"] == 4
     assert cumulative["1.0"] == 4 and cumulative["+Inf"] == 5
     assert monitor.max_s == 2.0 and monitor.count == 5
+    assert dict(monitor.on_cpu.cumulative()) == cumulative  # no CPU time given: all of each lag counts on CPU
+
+
+def test_the_on_cpu_part_is_never_more_than_the_lag_nor_the_threads_cpu() -> None:
+    monitor = LoopLagMonitor()
+    monitor.observe(0.030, cpu_s=0.002)  # late 30 ms, the thread ran 2 ms: 2 ms on CPU
+    monitor.observe(0.003, cpu_s=0.050)  # late 3 ms after 50 ms of work before it fell due: at most 3 ms
+    monitor.observe(-0.001, cpu_s=0.001)  # early: nothing
+    assert monitor.max_s == 0.030 and monitor.on_cpu.max_s == 0.003
+    assert dict(monitor.on_cpu.cumulative())["0.0025"] == 2 and monitor.on_cpu.count == 3
+    assert monitor.on_cpu.sum_s == pytest.approx(0.005)
 
 
 def test_the_interval_can_be_set_for_a_benchmark(monkeypatch) -> None:

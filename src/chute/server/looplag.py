@@ -8,11 +8,22 @@ the interval is seen only if the timer falls due during it: benchmarks that look
 milliseconds (benchmarks/stalls.py) set a shorter interval with CHUTE_LOOP_LAG_INTERVAL_S (a lag is then
 under-measured by at most that interval).
 
+Each lag is also split by where the loop's thread was. At every tick the monitor reads the thread's CPU time
+(`time.thread_time()`): the CPU it used since the previous tick bounds how much of the lag the loop spent running
+code (`on_cpu`, its own histogram). The rest of a lag the thread was off the CPU: waiting for a core that other
+processes held (a loaded machine, a noisy neighbour on a VM) or blocked in the kernel (a page fault to disk, a
+blocking system call). A lag that is mostly on CPU is the server's own hold; one that is mostly off CPU is the
+machine's, and no change to the server's code would remove it.
+
 Invariants:
-- cost: one timer callback and a few integer operations per `interval_s`, whatever the load; nothing per
-  message or per connection (10 wake-ups a second are invisible next to an idle server's sweeper);
+- cost: one timer callback, one read of the thread's CPU clock and a few integer operations per `interval_s`,
+  whatever the load; nothing per message or per connection (10 wake-ups a second are invisible next to an idle
+  server's sweeper);
 - the lag of one tick is counted once, in the first bucket whose bound is >= it (cumulated only when rendered);
-  `max_s` is the largest lag seen since the monitor started;
+  `max_s` is the largest lag seen since the monitor started; the same holds for `on_cpu`;
+- a tick's on-CPU part is min(lag, the thread's CPU time since the previous tick): never more than its lag, and
+  an upper bound of the loop's own share (the CPU of the window before the timer fell due is counted too, so the
+  bound is loose by at most the interval's work);
 - state is touched only on the event loop (the tick and the scrape both run there).
 """
 
@@ -21,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import time
 from bisect import bisect_left
 
 # from half a millisecond (timer noise: libuv's timers have millisecond resolution) to one second
@@ -43,35 +55,16 @@ def interval_from_env() -> float:
     return value
 
 
-class LoopLagMonitor:
-    """Measures how late the event loop runs a periodic callback. `start()` on the loop, `stop()` when done."""
+class LagHistogram:
+    """Counts of lags by bucket (not cumulative; the last bucket is +Inf), their sum and their max."""
 
-    def __init__(self, interval_s: float | None = None) -> None:
-        self.interval_s = interval_from_env() if interval_s is None else interval_s
-        self.buckets = [0] * (len(LAG_BUCKETS_S) + 1)  # per bucket, not cumulative; the last is +Inf
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LAG_BUCKETS_S) + 1)
         self.count = 0
         self.sum_s = 0.0
         self.max_s = 0.0
-        self._handle: asyncio.TimerHandle | None = None
-        self._due = 0.0
-
-    @property
-    def running(self) -> bool:
-        return self._handle is not None
-
-    def start(self) -> None:
-        """Begin measuring on the running loop (idempotent)."""
-        if self._handle is None:
-            self._schedule(asyncio.get_running_loop())
-
-    def stop(self) -> None:
-        """Stop measuring; the figures stay readable. Idempotent."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
     def observe(self, lag_s: float) -> None:
-        """Count one lateness (also for tests)."""
         lag_s = max(lag_s, 0.0)
         self.buckets[bisect_left(LAG_BUCKETS_S, lag_s)] += 1
         self.count += 1
@@ -87,10 +80,47 @@ class LoopLagMonitor:
             result.append((bound, total))
         return result
 
+
+class LoopLagMonitor(LagHistogram):
+    """Measures how late the event loop runs a periodic callback (this histogram) and how much of each lateness
+    the loop's thread spent on the CPU (`on_cpu`). `start()` on the loop, `stop()` when done."""
+
+    def __init__(self, interval_s: float | None = None) -> None:
+        super().__init__()
+        self.interval_s = interval_from_env() if interval_s is None else interval_s
+        self.on_cpu = LagHistogram()
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self._cpu = 0.0  # the loop thread's CPU time when the previous tick ran
+
+    @property
+    def running(self) -> bool:
+        return self._handle is not None
+
+    def start(self) -> None:
+        """Begin measuring on the running loop (idempotent)."""
+        if self._handle is None:
+            self._cpu = time.thread_time()
+            self._schedule(asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        """Stop measuring; the figures stay readable. Idempotent."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def observe(self, lag_s: float, cpu_s: float | None = None) -> None:
+        """Count one lateness and, given the loop thread's CPU time since the previous tick, its on-CPU part
+        (also for tests; without `cpu_s` the whole lag counts as on CPU)."""
+        super().observe(lag_s)
+        self.on_cpu.observe(min(lag_s, lag_s if cpu_s is None else cpu_s))
+
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         self._due = loop.time() + self.interval_s
         self._handle = loop.call_at(self._due, self._tick, loop)
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.observe(loop.time() - self._due)
+        cpu = time.thread_time()
+        self.observe(loop.time() - self._due, cpu - self._cpu)
+        self._cpu = cpu
         self._schedule(loop)
