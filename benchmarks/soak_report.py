@@ -43,11 +43,12 @@ def _rss_slope(rows: list[dict]) -> float | None:
     return slope * 1e6
 
 
-def stalls_on_cpu(rows: list[dict]) -> int | None:
+def stalls_over(rows: list[dict], part: str) -> int | None:
+    """Of the intervals with a lag over STALL_MS, how many had that `part` of a lag over it too."""
     stalls = [row for row in rows if row["loop_lag_max_ms"] is not None and row["loop_lag_max_ms"] > STALL_MS]
-    if any(row.get("loop_lag_on_cpu_max_ms") is None for row in stalls):
+    if any(row.get(part) is None for row in stalls):
         return None
-    return sum(row["loop_lag_on_cpu_max_ms"] > STALL_MS for row in stalls)
+    return sum(row[part] > STALL_MS for row in stalls)
 
 
 def summarize(rows: list[dict], counters: dict, elapsed_s: float, warmup_fraction: float, segment_bytes: int,
@@ -86,9 +87,10 @@ def summarize(rows: list[dict], counters: dict, elapsed_s: float, warmup_fractio
         "loop_lag_p99_ms": {"median": statistics.median(lag_p99), "max": max(lag_p99)} if lag_p99 else None,
         "loop_lag_max_bucket_ms": max(lag_max, default=None),
         "loop_lag_stalls": sum(bound > STALL_MS for bound in lag_max),
-        # of those intervals, the ones whose largest on-CPU part of a lag was also over the bound: the broker's own
-        # holds (the others: its loop's thread waited for a core or in the kernel); None from a broker without it
-        "loop_lagstalls_on_cpu": stalls_on_cpu(rows[1:]),
+        # of those intervals, the ones whose largest on-CPU part of a lag was also over the bound (the broker's own
+        # holds) and those whose largest wait for a core was (the machine's); None from a broker without them
+        "loop_lag_stalls_on_cpu": stalls_over(rows[1:], "loop_lag_on_cpu_max_ms"),
+        "loop_lag_stalls_waiting": stalls_over(rows[1:], "loop_lag_waiting_max_ms"),
         "intervals": len(rows) - 1,
     }
 
@@ -132,10 +134,11 @@ def describe(summary: dict, counters: dict, queues: dict, few_segments: int, rss
             f"{s['loop_lag_p99_ms']['max']:.2f} ms; max <= {s['loop_lag_max_bucket_ms']:g} ms (bucket); "
             f"{s['loop_lag_stalls']} of {s['intervals']} intervals saw a lag over {STALL_MS:g} ms"
         )
-        if s["loop_lag_stalls"] and s.get("loop_lagstalls_on_cpu") is not None:
+        if s["loop_lag_stalls"] and None not in (s.get("loop_lag_stalls_on_cpu"), s.get("loop_lag_stalls_waiting")):
             lines.append(
-                f"  of them, {s['loop_lagstalls_on_cpu']} with the loop's thread over {STALL_MS:g} ms on the "
-                "CPU (the broker's own hold); in the others it waited for a core or in the kernel"
+                f"  of them, {s['loop_lag_stalls_on_cpu']} with over {STALL_MS:g} ms of the lag on the loop thread's "
+                f"CPU (the broker's own work), {s['loop_lag_stalls_waiting']} with over {STALL_MS:g} ms waiting for "
+                "a core (the machine's); in the rest the thread was blocked (the GIL, or the kernel)"
             )
         if s.get("loop_lag_max_since_start_ms") is not None:
             lines.append(f"  largest lag since the broker started: {s['loop_lag_max_since_start_ms']:.1f} ms")
@@ -205,8 +208,8 @@ def draw(path: Path, rows: list[dict], summary: dict, title: str, segment_bytes:
         lag_ax.plot(t, col("loop_lag_max_ms"), color="black", linewidth=0.6, label="loop lag max (bucket bound)")
         lag_ax.plot(t, col("loop_lag_on_cpu_max_ms"), color="tab:red", linewidth=0.6,
                     label="largest on-CPU part of a lag (bucket bound)")  # fmt: skip
-        lag_ax.plot(t, col("loop_runqueue_wait_ms"), color="tab:gray", linewidth=0.6, alpha=0.7,
-                    label="loop thread's wait for a core in the interval")  # fmt: skip
+        lag_ax.plot(t, col("loop_lag_waiting_max_ms"), color="tab:gray", linewidth=0.6, alpha=0.7,
+                    label="largest part of a lag waiting for a core (bucket bound)")  # fmt: skip
         lag_ax.set_ylim(bottom=0)
     else:
         lag_ax.text(0.5, 0.5, "event-loop lag not exported by this broker", ha="center", va="center",

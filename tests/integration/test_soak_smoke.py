@@ -63,12 +63,15 @@ def test_interval_quantiles_come_from_bucket_deltas():
     assert highest_bucket(bucket_deltas(now, now)) is None
 
 
-def test_stalls_are_split_by_whether_the_loop_was_on_the_cpu():
-    from benchmarks.soak_report import stalls_on_cpu
+def test_stalls_are_split_by_where_the_loop_thread_was():
+    from benchmarks.soak_report import stalls_over
 
-    rows = [{"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": 2.5},  # the machine's: the thread waited
-            {"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": 25.0},  # the broker's own hold
-            {"loop_lag_max_ms": 5.0, "loop_lag_on_cpu_max_ms": 5.0},  # no stall
-            {"loop_lag_max_ms": None, "loop_lag_on_cpu_max_ms": None}]  # fmt: skip
-    assert stalls_on_cpu(rows) == 1
-    assert stalls_on_cpu([{"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": None}]) is None  # an older broker
+    rows = [{"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": 2.5, "loop_lag_waiting_max_ms": 25.0},  # machine
+            {"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": 25.0, "loop_lag_waiting_max_ms": 0.5},  # broker
+            {"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": 1.0, "loop_lag_waiting_max_ms": 1.0},  # blocked
+            {"loop_lag_max_ms": 5.0, "loop_lag_on_cpu_max_ms": 5.0, "loop_lag_waiting_max_ms": 5.0},  # no stall
+            {"loop_lag_max_ms": None, "loop_lag_on_cpu_max_ms": None, "loop_lag_waiting_max_ms": None}]  # fmt: skip
+    assert stalls_over(rows, "loop_lag_on_cpu_max_ms") == 1
+    assert stalls_over(rows, "loop_lag_waiting_max_ms") == 1
+    old = [{"loop_lag_max_ms": 25.0, "loop_lag_on_cpu_max_ms": None}]  # a broker without the split
+    assert stalls_over(old, "loop_lag_on_cpu_max_ms") is None

@@ -29,7 +29,8 @@ def test_a_tiny_stalls_run_reports_latency_and_loop_lag():
     assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
     lag = report["loop_lag_ms"]
     assert all(math.isfinite(lag[q]) and lag[q] > 0 for q in ("p50", "p99", "p99.9"))  # ~1,500 ticks in 3 s
-    assert 0 <= lag["on_cpu_max_since_start"] <= lag["max_since_start"]  # each tick's on-CPU part <= its lag
+    assert 0 <= lag["on_cpu_max_since_start"] <= lag["max_since_start"]  # each tick's parts <= its lag
+    assert 0 <= lag["waiting_max_since_start"] <= lag["max_since_start"]
     assert report["broker_rss_mb"] > 0 and report["lag_interval_s"] == 0.002
     assert "CPUs" in report["machine"]
 

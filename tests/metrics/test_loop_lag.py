@@ -1,10 +1,15 @@
 """chute_event_loop_lag_seconds: a loop held for 50 ms shows in the right bucket of a real /metrics scrape; an idle
 loop's ticks stay in the smallest buckets; the monitor stops with the server. chute_event_loop_lag_on_cpu_seconds
-tells a loop held by its own work (on the CPU) from one whose thread was not running (off the CPU)."""
+and chute_event_loop_lag_waiting_seconds tell a loop held by its own work (on the CPU) from one whose thread was
+starved of a core (waiting) or blocked (neither)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -101,6 +106,52 @@ async def test_an_idle_loop_shows_no_stall_and_the_monitor_stops_with_the_server
     assert not monitor.running
 
 
+@contextlib.contextmanager
+def sharing_one_core():
+    """The calling thread pinned to one core with a process that spins on it: each gets about half of it."""
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    spin_there = f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin_there])
+    os.sched_setaffinity(0, {core})  # (0: this thread only)
+    try:
+        deadline = time.monotonic() + 10
+        while os.sched_getaffinity(spinner.pid) != {core}:  # the spinner has pinned itself
+            assert time.monotonic() < deadline and spinner.poll() is None
+            time.sleep(0.001)
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+        spinner.kill()
+        spinner.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="the run-queue wait is Linux's")
+async def test_a_loop_starved_of_its_core_shows_the_wait_as_the_machines() -> None:
+    """The loop's thread wants the CPU for 120 ms but shares its core with a spinning process: the tick's lag is
+    ~120 ms, of which about half on the CPU and half waiting for the core, and the waiting part is reported."""
+    async with serving() as server:
+        monitor = server.server.loop_lag
+        monitor.stop()
+        monitor.interval_s = 0.001
+        monitor.start()
+        await asyncio.sleep(0.05)
+        before = await lag_samples(server, "chute_event_loop_lag_waiting")
+        assert before["max"] < 0.03, before  # (a quiet start; a loaded machine may have made it wait a little)
+        with sharing_one_core():
+            await asyncio.sleep(0)
+            end = time.monotonic() + 0.12
+            while time.monotonic() < end:
+                pass
+            await asyncio.sleep(0.01)
+        waiting = await lag_samples(server, "chute_event_loop_lag_waiting")
+        on_cpu = await lag_samples(server, "chute_event_loop_lag_on_cpu")
+        lag = await lag_samples(server)
+    assert lag["max"] >= 0.11, lag
+    assert waiting["max"] >= 0.03, (waiting, on_cpu, lag)  # about 60 ms in theory; at least a quarter of the hold
+    assert on_cpu["max"] <= lag["max"] - 0.03, (waiting, on_cpu, lag)
+
+
 def test_observations_land_in_the_first_bucket_at_or_above_them() -> None:
     monitor = LoopLagMonitor()
     for lag in (-0.001, 0.0005, 0.003, 0.05, 2.0):
@@ -122,6 +173,17 @@ def test_the_on_cpu_part_is_never_more_than_the_lag_nor_the_threads_cpu() -> Non
     assert monitor.max_s == 0.030 and monitor.on_cpu.max_s == 0.003
     assert dict(monitor.on_cpu.cumulative())["0.0025"] == 2 and monitor.on_cpu.count == 3
     assert monitor.on_cpu.sum_s == pytest.approx(0.005)
+    assert monitor.waiting.count == 3 and monitor.waiting.sum_s == 0  # no run-queue wait given
+
+
+def test_the_parts_of_a_lag_never_add_up_to_more_than_it() -> None:
+    monitor = LoopLagMonitor()
+    monitor.observe(0.030, cpu_s=0.002, waited_s=0.025)  # 2 ms on CPU, 25 waiting for a core, 3 blocked
+    monitor.observe(0.020, cpu_s=0.015, waited_s=0.040)  # waited longer than the lag left: capped at 5 ms
+    monitor.observe(0.004, cpu_s=0.010, waited_s=0.010)  # all on CPU: nothing left to wait
+    assert monitor.waiting.max_s == pytest.approx(0.025) and monitor.waiting.sum_s == pytest.approx(0.030)
+    assert monitor.on_cpu.sum_s == pytest.approx(0.021)
+    assert dict(monitor.waiting.cumulative())["0.0005"] == 1
 
 
 def test_the_interval_can_be_set_for_a_benchmark(monkeypatch) -> None:

@@ -327,11 +327,17 @@ def _loop_lag(monitor: LoopLagMonitor) -> Iterator[Metric]:
     yield _gauge("chute_event_loop_lag_max_seconds", "Largest event-loop lag measured since the server began serving.",
                  monitor.max_s)  # fmt: skip
     yield HistogramMetricFamily("chute_event_loop_lag_on_cpu_seconds", "The part of each event-loop lag its "
-                                "thread spent on the CPU (at most the lag): the server's own hold; the rest it "
-                                "waited for a core or in the kernel.", buckets=monitor.on_cpu.cumulative(),
+                                "thread spent on the CPU: the loop's own hold.", buckets=monitor.on_cpu.cumulative(),
                                 sum_value=monitor.on_cpu.sum_s)  # fmt: skip
     yield _gauge("chute_event_loop_lag_on_cpu_max_seconds", "Largest on-CPU part of an event-loop lag since the "
                  "server began serving.", monitor.on_cpu.max_s)  # fmt: skip
+    yield HistogramMetricFamily("chute_event_loop_lag_waiting_seconds", "The part of each event-loop lag its thread "
+                                "was ready but waited for a core (other processes held them; Linux only). The rest "
+                                "of a lag beyond this and the on-CPU part, it was blocked: on the GIL another "
+                                "server thread held, or in the kernel.", buckets=monitor.waiting.cumulative(),
+                                sum_value=monitor.waiting.sum_s)  # fmt: skip
+    yield _gauge("chute_event_loop_lag_waiting_max_seconds", "Largest part of an event-loop lag spent waiting for a "
+                 "core since the server began serving.", monitor.waiting.max_s)  # fmt: skip
 
 
 def _gauge(name: str, text: str, value: float) -> Metric:
