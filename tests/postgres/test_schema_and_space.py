@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 import pytest
 
@@ -139,6 +140,37 @@ async def test_a_snapshot_in_many_parts_and_a_group_in_many_statements(postgres_
     recovered = await reopened.open()
     assert recovered.snapshot == snapshot
     assert [p for _, _, p in recovered.records] == payloads
+    await reopened.close()
+
+
+async def test_a_snapshot_in_pieces_is_stored_as_they_are_and_recovered_whole(postgres_url, monkeypatch):
+    """A forked checkpoint hands its snapshot over in pieces (the image, then its tail's buffers): the store keeps
+    each piece as parts of its own (never joined into one value on the event loop) and a reopen recovers the same
+    bytes as one snapshot, with the same size and CRC as the bytes given whole."""
+    monkeypatch.setattr(database, "SNAPSHOT_PART_BYTES", 1000)
+    stream = unique_name("pieces")
+    pieces = [bytes(range(250)) * 10, bytearray(b"tail-1" * 2), memoryview(b"tail-2" * 200), b""]
+    whole = b"".join(pieces)  # 2,500 + 12 + 1,200 bytes
+    store = PostgresStore(postgres_url, stream=stream)
+    await store.open()
+    await store.checkpoint(pieces)
+    assert store.stats().checkpoint_file_bytes == len(whole)
+    await store.close()
+    async with connected(postgres_url) as connection:
+        sizes = await connection.fetch(
+            "SELECT length(p.data) FROM chute_snapshot_parts p JOIN chute_streams s ON s.id = p.stream_id "
+            "WHERE s.name = $1 ORDER BY p.part",
+            stream,
+        )
+        stored = await connection.fetchrow(
+            "SELECT c.snapshot_bytes, c.snapshot_crc32 FROM chute_checkpoints c JOIN chute_streams s "
+            "ON s.id = c.stream_id WHERE s.name = $1",
+            stream,
+        )
+    assert [row[0] for row in sizes] == [1000, 1000, 500, 12, 1000, 200]  # each piece cut at the part size
+    assert tuple(stored) == (len(whole), zlib.crc32(whole))
+    reopened = PostgresStore(postgres_url, stream=stream)
+    assert (await reopened.open()).snapshot == whole
     await reopened.close()
 
 

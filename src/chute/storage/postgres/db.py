@@ -273,15 +273,21 @@ class Database:
         return f"stream {self.stream!r} was taken over ({now}; ours was epoch {self.epoch})"
 
     async def store_checkpoint(
-        self, generation: int, position: int, chunks: dict[int, tuple[int, int]], snapshot: bytes,
-        dead: Sequence[tuple[int, int]],
+        self, generation: int, position: int, chunks: dict[int, tuple[int, int]],
+        snapshot: Sequence[bytes | bytearray | memoryview], dead: Sequence[tuple[int, int]],
     ) -> None:  # fmt: skip
         """In one transaction checked against our epoch: store the snapshot of `generation` for `position`,
-        forget older generations, delete the records of the dead ref ranges [low, high)."""
+        forget older generations, delete the records of the dead ref ranges [low, high).
+
+        The snapshot comes in pieces (one, or a forked checkpoint's image and its tail's buffers) and is never
+        joined: each piece is stored as parts of at most SNAPSHOT_PART_BYTES (views, not copies), and its CRC is
+        chained over them (zlib computes it without the GIL), so the event loop is not held by a copy of it."""
         connection = await self._side("checkpointer")
-        view = memoryview(snapshot)  # parts are views: a large snapshot is not copied once more
-        parts = [view[i : i + SNAPSHOT_PART_BYTES] for i in range(0, len(snapshot), SNAPSHOT_PART_BYTES)]
-        crc = zlib.crc32(snapshot)
+        parts, crc, size = [], 0, 0
+        for piece in snapshot:
+            view = memoryview(piece).cast("B")
+            parts += [view[i : i + SNAPSHOT_PART_BYTES] for i in range(0, len(view), SNAPSHOT_PART_BYTES)]
+            crc, size = zlib.crc32(view, crc), size + len(view)
         async with connection.transaction():
             if await connection.fetchval(CHECK_EPOCH, self.stream_id, self.epoch) is None:
                 raise Fenced(await self._fenced_by(connection))
@@ -291,7 +297,7 @@ class Database:
             )  # fmt: skip
             table = b"".join(CHUNK_ENTRY.pack(chunk, *chunks[chunk]) for chunk in sorted(chunks))
             await connection.execute(
-                STORE_CHECKPOINT, self.stream_id, generation, position, table, len(snapshot), len(parts), crc
+                STORE_CHECKPOINT, self.stream_id, generation, position, table, size, len(parts), crc
             )
             await connection.execute(
                 "DELETE FROM chute_snapshot_parts WHERE stream_id = $1 AND generation <> $2",

@@ -45,7 +45,7 @@ from chute.storage.api import (
     SnapshotData,
     Store,
     StoreStats,
-    snapshot_bytes,
+    snapshot_pieces,
 )
 from chute.storage.postgres.db import Corrupt, Database, Fenced, Stopped
 from chute.storage.postgres.schema import SchemaError
@@ -389,9 +389,7 @@ class PostgresStore(Store):
     async def checkpoint(self, snapshot: SnapshotData) -> None:
         if self._failure is not None or self._closed or self._db is None:
             raise StorageReadOnly(self._read_only_reason())
-        # one bytea parameter: a snapshot in pieces is joined here (on the loop; unlike the file store, which
-        # writes the pieces as they are)
-        snapshot = snapshot_bytes(snapshot)
+        pieces = snapshot_pieces(snapshot)  # stored as they are, never joined on the loop (db.store_checkpoint)
         position = self._active << 32 | self._next_index  # now: the snapshot stands for every record before it
         covered = position >> 32
         counts = {chunk: (info[1], info[0]) for chunk, info in self._chunks.items() if chunk <= covered}
@@ -403,12 +401,12 @@ class PostgresStore(Store):
             counts.pop(chunk, None)
         generation = self._generation + 1
         try:
-            await self._call(self._db.store_checkpoint(generation, position, counts, snapshot, _ranges(dead)))
+            await self._call(self._db.store_checkpoint(generation, position, counts, pieces, _ranges(dead)))
         except Exception as exc:
             self._fail(exc, None)
             raise self._failure from None
         self._generation, self._checkpoint_at = generation, position
-        self._stats.checkpoint_file_bytes = len(snapshot)
+        self._stats.checkpoint_file_bytes = sum(map(len, pieces))
         for chunk in dead:
             del self._chunks[chunk]
 
