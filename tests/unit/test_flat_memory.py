@@ -8,12 +8,14 @@ baseline, and that it does not grow with the number of messages while traffic go
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 
 from chute import Publish
-from chute.core.timers import DEDUP, SLACK, Timers
+from chute.core.timers import DEDUP, DELAY, EXPIRE, LEASE, RETAIN, SLACK, Timers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -201,3 +203,36 @@ def test_an_explicit_compaction_keeps_the_live_timers_in_order():
     assert not timers.compacting and len(timers) == SLACK + 1
     fired = [(when, subject) for when, _, _, subject in timers.pop_due(2000.0)]
     assert fired == sorted([(w, i) for w, i in expected if i not in dead] + [(500.0, "new")], key=lambda t: t[0])
+
+
+async def test_timers_cost_the_collector_nothing_and_keep_no_deleted_queue_alive(manual_broker):
+    """Every kind of timer (lease, lease batch, delay, expiry, retention, dedup sweep) is an item the cyclic garbage
+    collector does not track: tens of thousands of them live for seconds to days, and walking them made its
+    collections hold the loop for 5-40 ms. A deleted queue's stale timers name it by id, so they do not keep it
+    (and its messages) alive until their deadlines."""
+    broker = manual_broker
+    await broker.create_queue("q", retention_s=DAY, dedup_window_s=60)
+    await broker.create_queue("r")
+    await broker.create_topic("t", retention_s=60)
+    await broker.publish_batch("q", [Publish(body=b"m", dedup_id=f"d{i}") for i in range(300)])
+    await broker.publish_batch("q", [Publish(body=b"later", delay_s=30) for _ in range(100)])
+    await broker.publish_batch("t", [Publish(body=b"kept", subject="t.a") for _ in range(10)])
+    await broker.publish_batch("r", [Publish(body=b"r") for _ in range(10)])
+    await broker.receive("q", 50, lease_s=30)
+    core, now = broker.core, broker.clock()
+    core.begin_leases()  # as a dispatcher's pass does: one timer for both queues' leases of one deadline
+    core.receive("q", 50, now, 40.0)
+    core.receive("r", 10, now, 40.0)
+    core.end_leases()
+    timers = core.timers
+    assert {item.kind for item in timers.heap} == {LEASE, DELAY, EXPIRE, RETAIN, DEDUP} and len(timers) > 400
+    assert [item for item in timers.heap if item.kind == LEASE and item.owner is None]  # the pass's batch
+    assert not [item for item in timers.heap if gc.is_tracked(item)]
+    gc.collect()  # tuples of atoms are untracked by the collection that first sees them (pairs: by the next one)
+    gc.collect()
+    assert not [item for item in timers.heap if gc.is_tracked(item.subject)]
+    queue = weakref.ref(broker.core.queues["q"])
+    await broker.delete_queue("q")
+    gc.collect()
+    assert len(timers) > 400  # stale now, until their deadlines or the next compaction
+    assert queue() is None

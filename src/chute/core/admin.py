@@ -14,7 +14,7 @@ import msgspec
 from chute.core import records as rec
 from chute.core.queue import GONE, Queue
 from chute.core.routing import validate_pattern
-from chute.core.state import BrokerState
+from chute.core.state import EPHEMERAL_PREFIX, BrokerState
 from chute.core.topic import Subscription, Topic
 from chute.errors import (
     InvalidArgument,
@@ -27,7 +27,6 @@ from chute.errors import (
 from chute.model import QueueSettings, TopicSettings, validate_name
 
 PURGE_STEP = 5_000  # messages a purge or a deleted queue gives up per turn of the event loop (a few ms)
-EPHEMERAL_PREFIX = "~"  # not a valid user name: ephemeral queue names never collide with durable ones
 
 
 class AdminOps(BrokerState):

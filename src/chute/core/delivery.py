@@ -95,9 +95,9 @@ class DeliveryOps(BrokerState):
         # lease batch (`begin_leases`), one per deadline for every queue's batches
         receipts = range(self.next_receipt, receipt)
         if self.lease_batch is None:
-            self.timers.add(deadline, LEASE, queue, receipts)
+            self.timers.add(deadline, LEASE, queue.id, receipts)
         else:
-            self.lease_batch.setdefault(deadline, []).append((queue, receipts))
+            self.lease_batch.setdefault(deadline, []).append((queue.id, receipts))
         self.next_receipt = receipt
         queue.counters["delivered"] += len(taken)
         queue.counters["redelivered"] += redelivered
@@ -110,13 +110,14 @@ class DeliveryOps(BrokerState):
         self.lease_batch = {}
 
     def end_leases(self) -> None:
-        """Set the timers of the receives since `begin_leases`: LEASE with no owner names (queue, receipts) pairs."""
+        """Set the timers of the receives since `begin_leases`: LEASE with no owner names (queue id, receipts)
+        pairs."""
         batch, self.lease_batch = self.lease_batch, None
         for deadline, leased in (batch or {}).items():
             if len(leased) == 1:
                 self.timers.add(deadline, LEASE, leased[0][0], leased[0][1])
             else:
-                self.timers.add(deadline, LEASE, None, leased)
+                self.timers.add(deadline, LEASE, None, tuple(leased))
 
     def _leased(self, queue: Queue, receipts) -> tuple[list[Entry], list[int]]:
         found = list(map(queue.in_flight.get, receipts))  # (looked up at C speed; unknown ones are rare)
@@ -182,7 +183,7 @@ class DeliveryOps(BrokerState):
         for entry in entries:
             entry.deadline = now + lease
         if entries:
-            self.timers.add(now + lease, LEASE, queue, tuple(e.receipt for e in entries))
+            self.timers.add(now + lease, LEASE, queue.id, tuple(e.receipt for e in entries))
         return unknown
 
     def release_receipts(self, name: str, receipts, now: float) -> None:
@@ -202,7 +203,7 @@ class DeliveryOps(BrokerState):
             return
         if delay_s > 0:
             queue.delay(entry, now + delay_s)
-            self.timers.add(now + delay_s, DELAY, queue, entry)
+            self.timers.add(now + delay_s, DELAY, queue.id, entry)
         else:
             queue.requeue(entry)
             self.changed.add(queue)
@@ -244,23 +245,30 @@ class DeliveryOps(BrokerState):
     def tick(self, now: float) -> None:
         """Fire every timer due at `now`: lease ends, delays, expiries, retention trims."""
         for when, kind, owner, subject in self.timers.pop_due(now):
-            if kind == LEASE:
-                for queue, receipts in subject if owner is None else ((owner, subject),):
+            if kind == LEASE:  # owner: a queue id; None: (queue id, receipts) pairs of a lease batch
+                for queue_id, receipts in subject if owner is None else ((owner, subject),):
+                    queue = self.timer_queue(queue_id)
+                    if queue is None:
+                        continue  # deleted since
                     in_flight = queue.in_flight
                     for receipt in receipts:
                         entry = in_flight.get(receipt)
                         if entry is not None and entry.deadline == when:
                             self._lease_ended(queue, entry, now, 0.0)
             elif kind == DELAY:
-                if subject.state == DELAYED and self.queues.get(owner.name) is owner:
-                    owner.undelay(subject)
-                    self.changed.add(owner)
+                queue = self.timer_queue(owner)
+                if queue is not None and subject.state == DELAYED:
+                    queue.undelay(subject)
+                    self.changed.add(queue)
             elif kind == EXPIRE:
-                if subject.state in (READY, WAITING, DELAYED) and self.queues.get(owner.name) is owner:
-                    self.dead_letter(owner, [subject], "expired", now)
-            elif kind == RETAIN and self.topics.get(owner.name) is owner and owner.trim_at == when:
-                owner.trim_at = None
-                self.trim_topic(owner, now)
+                queue = self.timer_queue(owner)
+                if queue is not None and subject.state in (READY, WAITING, DELAYED):
+                    self.dead_letter(queue, [subject], "expired", now)
+            elif kind == RETAIN:
+                topic = self.topics_by_id.get(owner)
+                if topic is not None and topic.trim_at == when:
+                    topic.trim_at = None
+                    self.trim_topic(topic, now)
             elif kind == DEDUP and owner.timer_at == when:
                 owner.timer_at = None
                 owner.expire(now)

@@ -492,7 +492,7 @@ class PublishOps(BrokerState):
         when = topic.next_trim()
         if when is not None and (topic.trim_at is None or when < topic.trim_at):
             topic.trim_at = when  # one timer per topic at a time, not one per publish
-            self.timers.add(when, RETAIN, topic, None)
+            self.timers.add(when, RETAIN, topic.id, None)
 
 
 def _check_headers(headers: object) -> None:

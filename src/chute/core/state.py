@@ -25,6 +25,7 @@ from chute.storage.api import Durable, Store
 from chute.storage.memory import MemoryStore
 
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # a broker, not a blob store: larger bodies belong in object storage
+EPHEMERAL_PREFIX = "~"  # not a valid user name: ephemeral queue names never collide with durable ones
 
 
 class BrokerState:
@@ -75,23 +76,32 @@ class BrokerState:
     def timer_live(self, when: float, kind: int, owner, subject) -> bool:
         """Can this timer still do anything when it fires? (Asked while the timer heap is compacted; a timer
         judged dead here would have been ignored by `tick`.)"""
-        if kind == LEASE:  # owner None: (queue, receipts) pairs of a lease batch
-            for queue, receipts in subject if owner is None else ((owner, subject),):
+        if kind == LEASE:  # owner: a queue id; None: (queue id, receipts) pairs of a lease batch
+            for queue_id, receipts in subject if owner is None else ((owner, subject),):
+                queue = self.timer_queue(queue_id)
+                if queue is None:
+                    continue
                 in_flight = queue.in_flight
                 for receipt in receipts:
                     entry = in_flight.get(receipt)
                     if entry is not None and entry.deadline == when:
-                        if self.queues.get(queue.name) is queue:
-                            return True
-                        break
+                        return True
             return False
         if kind == DELAY:
-            return subject.state == DELAYED and self.queues.get(owner.name) is owner
+            return subject.state == DELAYED and self.timer_queue(owner) is not None
         if kind == EXPIRE:  # in flight still counts: the entry may come back before it expires
-            return subject.state != GONE and self.queues.get(owner.name) is owner
+            return subject.state != GONE and self.timer_queue(owner) is not None
         if kind == RETAIN:
-            return owner.trim_at == when and self.topics.get(owner.name) is owner
+            topic = self.topics_by_id.get(owner)
+            return topic is not None and topic.trim_at == when
         return kind == DEDUP and owner.timer_at == when
+
+    def timer_queue(self, queue_id: int) -> Queue | None:
+        """The queue a timer names by its id, or None if it was deleted since (ids are never reused; an ephemeral
+        queue's is minus its number)."""
+        if queue_id > 0:
+            return self.queues_by_id.get(queue_id)
+        return self.queues.get(f"{EPHEMERAL_PREFIX}{-queue_id}")
 
     def index_sizes(self) -> dict[str, int]:
         """How many items the per-message structures hold, summed over queues and topics: what must follow what
@@ -145,11 +155,11 @@ class BrokerState:
     def place(self, queue: Queue, entry: Entry, ready_at: float, now: float) -> None:
         """Put a new entry in `queue`, with the timers its delay and expiry need."""
         if queue.add(entry, ready_at, now):
-            self.timers.add(ready_at, DELAY, queue, entry)
+            self.timers.add(ready_at, DELAY, queue.id, entry)
         else:
             self.changed.add(queue)
         if entry.expires:
-            self.timers.add(entry.expires, EXPIRE, queue, entry)
+            self.timers.add(entry.expires, EXPIRE, queue.id, entry)
 
     def place_batch(self, queue: Queue, entries: list[Entry], now: float) -> None:
         """Put new entries (each ready at `entry.deadline`) in `queue`, with the timers their delays and expiries
@@ -159,9 +169,9 @@ class BrokerState:
         timers = self.timers
         for entry in entries:
             if entry.state == DELAYED:
-                timers.add(entry.deadline, DELAY, queue, entry)
+                timers.add(entry.deadline, DELAY, queue.id, entry)
             if entry.expires:
-                timers.add(entry.expires, EXPIRE, queue, entry)
+                timers.add(entry.expires, EXPIRE, queue.id, entry)
 
     def drop(self, queue: Queue, entries: list[Entry], reason: int) -> None:
         """Remove entries for good (ack, or a drop without a dead-letter queue) and release their refs."""
