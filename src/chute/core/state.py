@@ -28,6 +28,15 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # a broker, not a blob store: larger bo
 EPHEMERAL_PREFIX = "~"  # not a valid user name: ephemeral queue names never collide with durable ones
 
 
+def timer_weight(kind: int, owner, subject) -> int:
+    """What `BrokerState.timer_live` may cost for a timer: one lookup per receipt of a lease, one for the rest."""
+    if kind != LEASE:
+        return 1
+    if owner is None:  # a lease batch: (queue id, receipts) pairs
+        return sum(len(receipts) for _, receipts in subject)
+    return len(subject)
+
+
 class BrokerState:
     """Registries, timers, the id and receipt counters, and the record outbox."""
 
@@ -48,7 +57,7 @@ class BrokerState:
         self.next_queue_id = 1
         self.next_topic_id = 1
         self.ids = IdGenerator()
-        self.timers = Timers(self.timer_live)
+        self.timers = Timers(self.timer_live, timer_weight)
         self.receipt_base = receipt_base  # receipts below it are from another run (or never issued)
         self.next_receipt = receipt_base
         self.changed: set[Queue] = set()

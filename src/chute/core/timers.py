@@ -7,18 +7,22 @@ recognised as stale when it fires and ignored.
 Stale timers must not pile up: a message acked long before its expiry, or a lease batch acked at once, leaves a
 timer behind that would otherwise live until its deadline (days, for an SQS queue's 4-day retention). So the
 heap is compacted: whenever it has grown past twice its size after the last compaction (plus `SLACK`), its items
-are moved, a bounded number per call (`STEP`), into a new heap, and the stale ones (judged by the owner's `live`
-predicate) are dropped. Until the move is over the old heap's remaining items stay a valid heap (items are only
-ever taken from its end, or its top), so `next_deadline` and `pop_due` look at both. No call does more than
-`STEP` items of moving work, so a compaction never stalls the event loop, and the heap stays within about twice
-the live timers plus `SLACK`, whatever the traffic that passed through.
+are moved, a bounded amount of work per call (`STEP`), into a new heap, and the stale ones (judged by the owner's
+`live` predicate) are dropped. Work is counted by each item's `weight`, the lookups `live` may make for it: a
+stale lease timer names up to thousands of receipts, each looked up, and a budget counted in items let one call
+hold the loop 13-30 ms in a soak (BENCHMARKS.md, issue 12). A call moves at least `MIN_ITEMS` items, so a
+compaction of M items ends within M / `MIN_ITEMS` adds however heavy they are. Until the move is over the old
+heap's remaining items stay a valid heap (items are only ever taken from its end, or its top), so
+`next_deadline` and `pop_due` look at both. No call does more than `STEP` units of moving work (or `MIN_ITEMS`
+items), so a compaction never stalls the event loop, and the heap stays within about twice the live timers plus
+`SLACK` (four times plus twice `SLACK` if every item is heavy), whatever the traffic that passed through.
 
 That bound follows the heap's size at its last compaction, so it does not shrink by itself when most timers go
 stale at once and nothing new comes: a burst of messages with a 4-day expiry, all consumed, or a large queue
 deleted or purged, would keep every stale timer (and the entry it names) until its deadline. So the broker's
 housekeeping also asks `mostly_stale()` (a sample of the items judged by `live`) at each checkpoint, starts a
 compaction with `compact()` when half or more look stale, and drives it to the end with `step()`, a bounded
-number of items per turn of the loop, even when no timer is added or due.
+amount of work per turn of the loop, even when no timer is added or due.
 
 Invariants:
 - `pop_due(now)` yields timers in deadline order, ties in insertion order;
@@ -45,7 +49,8 @@ import msgspec
 LEASE, DELAY, EXPIRE, RETAIN, DEDUP = range(5)
 
 SLACK = 4096  # stale timers tolerated before compaction starts: small enough to be noise in memory
-STEP = 128  # items moved per call while compacting: ~0.05 ms, or a few ms if each is a stale lease of 1,000 receipts
+STEP = 256  # units of work (items, or receipts looked up) per call while compacting: ~0.05 ms
+MIN_ITEMS = 4  # items moved per call however heavy: 4 stale leases of 1,000 receipts are ~0.5 ms
 
 _SAMPLER = random.Random()  # draws the items `mostly_stale` looks at
 
@@ -61,19 +66,22 @@ class Timer(msgspec.Struct, gc=False, order=True):
 
 
 Live = Callable[[float, int, object, object], bool]
+Weight = Callable[[int, object, object], int]
 
 
 class Timers:
     """A heap of Timer(when, seq, kind, owner, subject). `live(when, kind, owner, subject)` tells whether a timer
-    can still do anything; it is asked only while compacting."""
+    can still do anything; it is asked only while compacting. `weight(kind, owner, subject)` (default 1) is what
+    asking costs, in units of `STEP`."""
 
-    __slots__ = ("heap", "_old", "_seq", "_live", "_compact_at")
+    __slots__ = ("heap", "_old", "_seq", "_live", "_weight", "_compact_at")
 
-    def __init__(self, live: Live | None = None) -> None:
+    def __init__(self, live: Live | None = None, weight: Weight | None = None) -> None:
         self.heap: list[Timer] = []
         self._old: list[Timer] = []  # the heap being compacted away (a valid heap; emptied from its end)
         self._seq = count()
         self._live = live
+        self._weight = weight
         self._compact_at = SLACK
 
     def add(self, when: float, kind: int, owner: object, subject: object) -> None:
@@ -85,13 +93,23 @@ class Timers:
             self._move(STEP)
 
     def _move(self, budget: int) -> None:
-        """Move up to `budget` items from the old heap's end to the new heap, dropping stale ones."""
-        old, heap, live = self._old, self.heap, self._live
+        """Move items from the old heap's end to the new heap, dropping stale ones, until `budget` units of work
+        are spent (and at least `MIN_ITEMS` items)."""
+        old, heap, live, weight = self._old, self.heap, self._live, self._weight
         push, pop = heapq.heappush, old.pop
-        for _ in range(min(budget, len(old))):
-            item = pop()
-            if live(item.when, item.kind, item.owner, item.subject):
-                push(heap, item)
+        if weight is None:
+            for _ in range(min(budget, len(old))):
+                item = pop()
+                if live(item.when, item.kind, item.owner, item.subject):
+                    push(heap, item)
+        else:
+            moved = 0
+            while old and (budget > 0 or moved < MIN_ITEMS):
+                item = pop()
+                moved += 1
+                budget -= weight(item.kind, item.owner, item.subject)
+                if live(item.when, item.kind, item.owner, item.subject):
+                    push(heap, item)
         if not old:
             self._compact_at = 2 * len(heap) + SLACK
 
@@ -118,7 +136,7 @@ class Timers:
             self._old, self.heap = self.heap, []
 
     def step(self, budget: int = STEP) -> bool:
-        """Move up to `budget` items of the compaction under way; True while some are left to move."""
+        """Move `budget` units of work of the compaction under way; True while some are left to move."""
         if self._old:
             self._move(budget)
         return bool(self._old)
