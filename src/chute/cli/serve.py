@@ -134,9 +134,12 @@ SWITCH_INTERVAL_S = 0.001
 # (CPython's default is 700). A busy broker allocates a few short-lived containers per message (requests, replies,
 # futures), so at 700 the short-lived ones are promoted before they die and older generations fill up: full
 # collections then walk every queue's structures. With 1,000 queues taking 90,000 messages that was ~1,200 young,
-# ~110 middle and 10 full collections and 10-15% of the server's CPU (12% less CPU per message at 20,000; a young
-# collection stays a ~1-2 ms walk of at most that many objects). Process-wide, like the switch interval.
-GC_YOUNG_THRESHOLD = 20_000
+# ~110 middle and 10 full collections and 10-15% of the server's CPU. But a young collection walks up to this many
+# live objects: at 20,000 that held the loop 8-10 ms in a soak (cache-cold objects, ~0.45 us each). At 5,000 it is
+# a ~2 ms walk, and the server's CPU per message was the same as at 20,000 (p2p 4.70-4.90 against 4.80-4.87 us,
+# the 1,000-queue run 31.6-34.8k against 30.1-30.7k msg/s; BENCHMARKS.md, issue 12). Process-wide, like the switch
+# interval.
+GC_YOUNG_THRESHOLD = 5_000
 
 
 def _freeze_startup_objects() -> None:
