@@ -16,7 +16,7 @@ import pytest
 
 from chute import Publish
 from chute.core.state import timer_weight
-from chute.core.timers import DEDUP, DELAY, EXPIRE, LEASE, MIN_ITEMS, RETAIN, SLACK, Timers
+from chute.core.timers import DEDUP, DELAY, EXPIRE, LEASE, MIN_ITEMS, RETAIN, SAMPLE_BUDGET, SLACK, Timer, Timers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -173,6 +173,20 @@ def test_a_compaction_step_is_bounded_by_lookups_not_by_timers():
     fired = [subject.start for _, _, _, subject in timers.pop_due(1e9)]
     assert [start for start in fired if start in live_leases] == sorted(live_leases)
     assert len(fired) < 30_000 / 2
+
+
+def test_judging_whether_a_heap_is_mostly_stale_is_bounded_by_lookups_too():
+    looked_up = [0]
+
+    def live(when, kind, owner, subject):
+        looked_up[0] += len(subject)  # every lease below is stale: each of its receipts is looked up
+        return False
+
+    timers = Timers(live, timer_weight)
+    for i in range(2 * SLACK):  # (more than SLACK: a compaction is started on `add`, so fill the heap directly)
+        timers.heap.append(Timer(float(i), i, LEASE, 1, range(i * 1000, (i + 1) * 1000)))
+    assert timers.mostly_stale()
+    assert looked_up[0] <= SAMPLE_BUDGET + 1000  # 256 such leases: 256,000 lookups
 
 
 def test_the_weight_of_a_timer_is_the_lookups_judging_it_takes():
