@@ -12,9 +12,11 @@ import gc
 import random
 import weakref
 
+import msgspec
 import pytest
 
 from chute import Publish
+from chute.core.dedup import DedupWindow
 from chute.core.state import timer_weight
 from chute.core.timers import DEDUP, DELAY, EXPIRE, LEASE, MIN_ITEMS, RETAIN, SAMPLE_BUDGET, SLACK, Timer, Timers
 
@@ -304,3 +306,16 @@ async def test_a_dedup_window_costs_the_collector_nothing(manual_broker):
     broker.clock.advance(61)
     broker.tick()
     assert not window.table and not window.order
+
+
+def test_a_dedup_window_snapshots_as_the_format_says_without_a_tuple_per_id():
+    """A snapshot's dedup window is a list of (dedup id, expires, message id), soonest expiry first: the window's
+    own items encode to exactly those bytes (no tuple built per id), and decode back as such tuples."""
+    window = DedupWindow()
+    for i in (3, 1, 2):
+        window.remember(f"id-{i}", 100 + i, 1000.0 + i)
+    window.remember("int-expiry", 7, 999)  # (an expiry that happens to be an int encodes as one either way)
+    expected = [("int-expiry", 999, 7), ("id-1", 1001.0, 101), ("id-2", 1002.0, 102), ("id-3", 1003.0, 103)]
+    encoded = msgspec.msgpack.encode(window.items())
+    assert encoded == msgspec.msgpack.encode(expected)
+    assert msgspec.msgpack.decode(encoded, type=list[tuple[str, float, int]]) == expected

@@ -56,7 +56,7 @@ class QueueImage(msgspec.Struct, array_like=True):
     name: str
     settings: dict
     entries: EntryColumns
-    dedup: list[tuple[str, float, int]]
+    dedup: list[tuple[str, float, int]]  # (encoded from core/dedup.py's Remembered, decoded as tuples)
 
 
 class TopicImage(msgspec.Struct, array_like=True):
@@ -65,7 +65,7 @@ class TopicImage(msgspec.Struct, array_like=True):
     settings: dict
     subscriptions: list[tuple[str, int, dict | None]]
     retained: list[tuple[int, int, int]]
-    dedup: list[tuple[str, float, int]]
+    dedup: list[tuple[str, float, int]]  # (encoded from core/dedup.py's Remembered, decoded as tuples)
 
 
 class Snapshot(msgspec.Struct, array_like=True):
