@@ -29,8 +29,8 @@ Invariants:
   of the tens of megabytes a burst appends meanwhile would hold the loop: 20-40 ms measured);
 - the image is read, the pipe closed and the child reaped by a thread of its own, even if the checkpoint is
   cancelled meanwhile (the child is then killed);
-- Linux only (elsewhere, and for states under FORK_MIN_ENTRIES entries, the snapshot is built on the loop: a
-  small one takes less than a fork).
+- Linux only (elsewhere, and for states whose estimated cost is under FORK_MIN_ENTRIES plain messages, the
+  snapshot is built on the loop: a cheap one takes less than a fork and its copy-on-write faults).
 """
 
 from __future__ import annotations
@@ -49,30 +49,47 @@ from chute.core import snapshot as snap
 from chute.core.broker import BrokerCore
 from chute.storage.api import Store
 
-# below this many entries the snapshot takes ~20 ms or less on the loop: not worth a process. The environment
-# variable is for tests that make every checkpoint fork (the SIGKILL campaign: CHUTE_SNAPSHOT_FORK_MIN_ENTRIES=0)
-FORK_MIN_ENTRIES = int(os.environ.get("CHUTE_SNAPSHOT_FORK_MIN_ENTRIES", "20000"))
+# A snapshot is built on the loop when it is cheap, in a forked child otherwise: a fork costs the loop 3.5-5 ms
+# itself, then 11-19 ms of copy-on-write faults in about a third of checkpoints (BENCHMARKS.md, issue 12). What
+# building it on the loop costs is estimated in units of a plain message (~0.1 us here: copied as columns), per
+# item, from measures on the 2-vCPU Intel Xeon machine (rounded up):
+PLAIN_COST = 1  # a plain message of a queue's largest packed line; a remembered dedup id; a retained message
+OBJECT_COST = 8  # an entry that is an object (delayed, grouped, with an expiry, in flight): 0.56-0.79 us
+MERGED_COST = 40  # such an entry in a queue that also has a packed line, merged in by id: 3-4 us
+VIEW_COST = 50  # a plain message of another priority's packed line (made an Entry, then merged): 3.2-5.7 us
+# At or above this cost (~8 ms estimated, the estimates being 10-40 % above what was measured) the snapshot is
+# forked. (Counted in entries until the fifteenth session, when 19,999 objects took 11-16 ms on the loop, and as
+# many messages of three priorities 40-66 ms.) The environment variable is for tests that make every checkpoint
+# fork (the SIGKILL campaign: CHUTE_SNAPSHOT_FORK_MIN_ENTRIES=0)
+FORK_MIN_ENTRIES = int(os.environ.get("CHUTE_SNAPSHOT_FORK_MIN_ENTRIES", "80000"))
 COMPRESS_LEVEL = 1  # ~250 ms per million entries in the child; level 6 is 5x slower for 4% less
 READ_CHUNK_BYTES = 1 << 20
 MAX_FD = 1 << 20  # close_range's upper bound in the child (the kernel stops at the highest open descriptor)
 
 
 def worth_forking(core: BrokerCore) -> bool:
-    """True where forking is available and the durable state is large enough to be worth it."""
+    """True where forking is available and the durable state costs enough to snapshot to be worth it."""
     if sys.platform != "linux":
         return False
     return snapshot_items(core) >= FORK_MIN_ENTRIES
 
 
 def snapshot_items(core: BrokerCore) -> int:
-    """How many items a snapshot walks: entries of durable queues (queued and pending), remembered dedup ids
-    (a 5-minute window at a few thousand publishes a second holds a million) and retained topic messages."""
+    """What a snapshot of the durable state costs to build on the loop, in plain messages (see PLAIN_COST): the
+    entries of durable queues (queued and pending), remembered dedup ids (a 5-minute window at a few thousand
+    publishes a second holds a million) and retained topic messages. O(queues + topics)."""
     items = 0
     for queue in core.queues.values():
-        if not queue.ephemeral:
-            items += queue.length + queue.pending + len(queue.dedup.table)
+        if queue.ephemeral:
+            continue
+        lines = sorted((len(level.packed) for level in queue.levels.values()), reverse=True)
+        packed = sum(lines)
+        largest = lines[0] if lines else 0
+        objects = max(0, queue.length + queue.pending - packed)
+        items += (largest + len(queue.dedup.table)) * PLAIN_COST + (packed - largest) * VIEW_COST
+        items += objects * (MERGED_COST if largest else OBJECT_COST)
     for topic in core.topics.values():
-        items += len(topic.retained) + len(topic.dedup.table)
+        items += (len(topic.retained) + len(topic.dedup.table)) * PLAIN_COST
     return items
 
 
