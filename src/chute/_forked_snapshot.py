@@ -51,17 +51,19 @@ from chute.storage.api import Store
 
 # A snapshot is built on the loop when it is cheap, in a forked child otherwise: a fork costs the loop 3.5-5 ms
 # itself, then 11-19 ms of copy-on-write faults in about a third of checkpoints (BENCHMARKS.md, issue 12). What
-# building it on the loop costs is estimated in units of a plain message (~0.1 us here: copied as columns), per
-# item, from measures on the 2-vCPU Intel Xeon machine (rounded up):
-PLAIN_COST = 1  # a plain message of a queue's largest packed line; a remembered dedup id; a retained message
+# building it on the loop costs is estimated in units of a plain message, per item, from measures in a fresh
+# process on the 2-vCPU Intel Xeon machine (~0.1 us a unit there; rounded up):
+PLAIN_COST = 1  # a plain message of a queue's largest packed line (copied as columns); a dedup id; a retained one
 OBJECT_COST = 8  # an entry that is an object (delayed, grouped, with an expiry, in flight): 0.56-0.79 us
 MERGED_COST = 40  # such an entry in a queue that also has a packed line, merged in by id: 3-4 us
 VIEW_COST = 50  # a plain message of another priority's packed line (made an Entry, then merged): 3.2-5.7 us
-# At or above this cost (~8 ms estimated, the estimates being 10-40 % above what was measured) the snapshot is
-# forked. (Counted in entries until the fifteenth session, when 19,999 objects took 11-16 ms on the loop, and as
-# many messages of three priorities 40-66 ms.) The environment variable is for tests that make every checkpoint
-# fork (the SIGKILL campaign: CHUTE_SNAPSHOT_FORK_MIN_ENTRIES=0)
-FORK_MIN_ENTRIES = int(os.environ.get("CHUTE_SNAPSHOT_FORK_MIN_ENTRIES", "80000"))
+# At or above this cost the snapshot is forked. Inside a busy broker the same work took about 3x as long (cold
+# caches): in a soak, a state estimated at 67,800 held the loop 17-25 ms. So 20,000 (as many plain
+# messages as the threshold counted entries of any kind before the fifteenth session, when 19,999 delayed or
+# grouped messages took 11-16 ms on the loop, and as many messages of three priorities 40-66 ms). The
+# environment variable is for tests that make every checkpoint fork (the SIGKILL campaign:
+# CHUTE_SNAPSHOT_FORK_MIN_ENTRIES=0)
+FORK_MIN_ENTRIES = int(os.environ.get("CHUTE_SNAPSHOT_FORK_MIN_ENTRIES", "20000"))
 COMPRESS_LEVEL = 1  # ~250 ms per million entries in the child; level 6 is 5x slower for 4% less
 READ_CHUNK_BYTES = 1 << 20
 MAX_FD = 1 << 20  # close_range's upper bound in the child (the kernel stops at the highest open descriptor)

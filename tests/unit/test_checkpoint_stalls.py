@@ -213,7 +213,8 @@ async def test_a_large_dedup_window_or_topic_history_forks_too(monkeypatch):
 @pytest.mark.skipif(sys.platform != "linux", reason="forked snapshots are Linux only")
 async def test_what_forks_is_what_would_hold_the_loop_not_how_many_entries():
     """Plain messages are copied as columns (~0.1 us each): 12,000 of them snapshot on the loop in ~1 ms. As many
-    delayed messages are objects, ~0.7 us each (~8 ms), and messages of three priorities ~4 us each: those fork."""
+    delayed messages are objects, ~0.7 us each (~8 ms), and 3,000 messages of three priorities ~4 us each: those
+    fork (the threshold used to count entries of any kind: 20,000)."""
     for name, options, forks in (("plain", {}, False), ("delayed", {"delay_s": 600}, True)):
         async with Broker.in_memory() as broker:
             await broker.create_queue(name)
