@@ -84,9 +84,8 @@ def snapshot_items(core: BrokerCore) -> int:
     for queue in core.queues.values():
         if queue.ephemeral:
             continue
-        lines = sorted((len(level.packed) for level in queue.levels.values()), reverse=True)
-        packed = sum(lines)
-        largest = lines[0] if lines else 0
+        lines = [len(level.packed) for level in queue.levels.values()]
+        packed, largest = sum(lines), max(lines, default=0)
         objects = max(0, queue.length + queue.pending - packed)
         items += (largest + len(queue.dedup.table)) * PLAIN_COST + (packed - largest) * VIEW_COST
         items += objects * (MERGED_COST if largest else OBJECT_COST)

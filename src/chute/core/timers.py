@@ -70,6 +70,10 @@ Live = Callable[[float, int, object, object], bool]
 Weight = Callable[[int, object, object], int]
 
 
+def _one(kind: int, owner: object, subject: object) -> int:
+    return 1
+
+
 class Timers:
     """A heap of Timer(when, seq, kind, owner, subject). `live(when, kind, owner, subject)` tells whether a timer
     can still do anything; it is asked only while compacting. `weight(kind, owner, subject)` (default 1) is what
@@ -82,7 +86,7 @@ class Timers:
         self._old: list[Timer] = []  # the heap being compacted away (a valid heap; emptied from its end)
         self._seq = count()
         self._live = live
-        self._weight = weight
+        self._weight = weight or _one
         self._compact_at = SLACK
 
     def add(self, when: float, kind: int, owner: object, subject: object) -> None:
@@ -98,19 +102,13 @@ class Timers:
         are spent (and at least `MIN_ITEMS` items)."""
         old, heap, live, weight = self._old, self.heap, self._live, self._weight
         push, pop = heapq.heappush, old.pop
-        if weight is None:
-            for _ in range(min(budget, len(old))):
-                item = pop()
-                if live(item.when, item.kind, item.owner, item.subject):
-                    push(heap, item)
-        else:
-            moved = 0
-            while old and (budget > 0 or moved < MIN_ITEMS):
-                item = pop()
-                moved += 1
-                budget -= weight(item.kind, item.owner, item.subject)
-                if live(item.when, item.kind, item.owner, item.subject):
-                    push(heap, item)
+        moved = 0
+        while old and (budget > 0 or moved < MIN_ITEMS):
+            item = pop()
+            moved += 1
+            budget -= weight(item.kind, item.owner, item.subject)
+            if live(item.when, item.kind, item.owner, item.subject):
+                push(heap, item)
         if not old:
             self._compact_at = 2 * len(heap) + SLACK
 
@@ -128,8 +126,7 @@ class Timers:
         judged = stale = 0
         while judged < sample and (budget > 0 or not judged):
             item = heap[rng.randrange(len(heap))]
-            if weight is not None:
-                budget -= weight(item.kind, item.owner, item.subject)
+            budget -= weight(item.kind, item.owner, item.subject)
             judged += 1
             if not live(item.when, item.kind, item.owner, item.subject):
                 stale += 1
