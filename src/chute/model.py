@@ -36,7 +36,7 @@ MAX_ATTRIBUTES = 32
 MAX_ATTRIBUTE_KEY_CHARS = 64
 MAX_ATTRIBUTE_VALUE_CHARS = 20 * 1024  # room for an SQS access policy
 
-Overflow = Literal["reject", "drop-oldest"]
+Overflow = Literal["reject", "drop-oldest", "reject-dead-letter"]
 OnExpiry = Literal["dead-letter", "drop"]
 DeadLetterReason = Literal["max_deliveries", "expired", "overflow", "rejected"]
 DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = ("max_deliveries", "expired", "overflow", "rejected")
@@ -98,7 +98,9 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_length: int | None = None
     max_bytes: int | None = None
     overflow: Overflow = "reject"
-    """At max_length / max_bytes: `reject` the publish (QueueFull), or `drop-oldest` into the dead-letter queue."""
+    """At max_length / max_bytes: `reject` the publish (QueueFull); `reject-dead-letter` it and put the refused
+    messages in the dead-letter queue (reason `overflow`; RabbitMQ's `reject-publish-dlx`); or `drop-oldest`
+    into the dead-letter queue."""
     rate_limit: float | None = None
     """Delivery rate limit in messages per second (token bucket; a spike is delivered at this pace)."""
     rate_burst: float | None = None
@@ -124,8 +126,10 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         _check_range("rate_limit", self.rate_limit, 0.001, 10_000_000)
         _check_range("rate_burst", self.rate_burst, 1, 10_000_000)
         _check_range("dedup_window_s", self.dedup_window_s, 0, MAX_DEDUP_WINDOW_S, allow_none=False)
-        if self.overflow not in ("reject", "drop-oldest"):
-            raise InvalidArgument(f"overflow must be 'reject' or 'drop-oldest', got {self.overflow!r}")
+        if self.overflow not in ("reject", "drop-oldest", "reject-dead-letter"):
+            raise InvalidArgument(
+                f"overflow must be 'reject', 'reject-dead-letter' or 'drop-oldest', got {self.overflow!r}"
+            )
         if self.on_expiry not in ("dead-letter", "drop"):
             raise InvalidArgument(f"on_expiry must be 'dead-letter' or 'drop', got {self.on_expiry!r}")
         if self.rate_burst is not None and self.rate_limit is None:

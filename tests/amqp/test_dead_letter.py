@@ -239,3 +239,23 @@ def test_reject_publish_dlx_nacks_and_dead_letters_what_it_refuses(channel, name
     assert got.headers["x-first-death-reason"] == "maxlen"
     channel.basic_ack(method.delivery_tag)
     assert channel.queue_declare(name, passive=True).method.message_count == 1  # it never went in
+
+
+def test_reject_publish_dlx_dead_letters_a_publish_through_an_exchange(channel, name):
+    """The same through a direct exchange: the publish is nacked and dead-lettered, its x-death naming the
+    exchange and routing key it was published with."""
+    dead = one_message_queue(channel, name, "reject-publish-dlx")
+    exchange = f"{name}-x"
+    channel.exchange_declare(exchange, "direct")
+    channel.queue_bind(name, exchange, "k")
+    channel.basic_publish(exchange, "k", b"kept")
+    with pytest.raises(pika.exceptions.NackError):
+        channel.basic_publish(exchange, "k", b"refused", pika.BasicProperties(message_id="m-1"))
+    method, got, body = get_one(channel, dead)
+    assert (body, got.message_id) == (b"refused", "m-1")
+    assert summary(got) == [(name, "maxlen", 1)]
+    (death,) = got.headers["x-death"]
+    assert (death["exchange"], list(death["routing-keys"])) == (exchange, ["k"])
+    assert (method.exchange, method.routing_key) == ("", dead)  # the queue's dead-letter exchange and key
+    channel.basic_ack(method.delivery_tag)
+    assert channel.queue_declare(name, passive=True).method.message_count == 1

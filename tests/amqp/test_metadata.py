@@ -10,11 +10,13 @@ import signal
 
 import pika
 import pytest
-from pika.exceptions import ChannelClosedByBroker
+from pika.exceptions import ChannelClosedByBroker, NackError
 
+import chute
 from chute import Broker
 from chute.testing import running_server
 from tests.amqp.conftest import chute_only
+from tests.amqp.test_dead_letter import get_one
 from tests.amqp.test_routing import drain
 
 pytestmark = chute_only
@@ -144,3 +146,29 @@ def test_declarations_answered_before_a_sigkill_are_there_after_it(tmp_path):
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
+
+
+def test_a_reject_publish_dlx_queue_of_an_earlier_version_is_upgraded_at_start(tmp_path):
+    """Before the broker dead-lettered refused publishes itself, `reject-publish-dlx` was kept as overflow
+    `reject` (the AMQP front dead-lettered them): such a queue gets `reject-dead-letter` at the next start."""
+    arguments = {"x-max-length": 1, "x-overflow": "reject-publish-dlx", "x-dead-letter-exchange": "",
+                 "x-dead-letter-routing-key": "dead"}  # fmt: skip
+    with running_server(str(tmp_path)) as server:
+        channel = _channel(server)
+        channel.queue_declare("dead", durable=True)
+        channel.queue_declare("small", durable=True, arguments=arguments)
+        channel.connection.close()
+        with chute.Client(server.url) as client:
+            client.update_queue("small", overflow="reject")  # what an earlier version had stored
+    with running_server(str(tmp_path)) as server:
+        with chute.Client(server.url) as client:
+            assert {q.name: q.settings.overflow for q in client.list_queues()}["small"] == "reject-dead-letter"
+        channel = _channel(server)
+        channel.queue_declare("small", durable=True, arguments=arguments)  # still the same declaration
+        channel.confirm_delivery()
+        channel.basic_publish("", "small", b"kept")
+        with pytest.raises(NackError):
+            channel.basic_publish("", "small", b"refused")
+        method, _, body = get_one(channel, "dead")
+        assert body == b"refused"
+        channel.connection.close()

@@ -3,6 +3,7 @@ publish (single, batch, UTF-8 and base64 bodies, binary bodies), peek, receive, 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
@@ -128,6 +129,24 @@ async def test_peek_bounds_and_queue_full(api):
         assert (await api.error("GET", f"/queues/q/messages?max_messages={bad}"))[:2] == (400, "invalid_argument")
     status, name, _ = await api.error("POST", "/queues/q/messages", {"body": "over"})
     assert (status, name) == (429, "queue_full")
+
+
+async def test_a_publish_refused_by_a_reject_dead_letter_queue_is_dead_lettered(api):
+    """overflow `reject-dead-letter` (RabbitMQ's reject-publish-dlx) for a publish over HTTP: 429 queue_full, and
+    the refused message in the dead-letter queue, reason overflow."""
+    await api.ok("PUT", "/queues/dlq")
+    await api.ok("PUT", "/queues/q", {"max_length": 1, "overflow": "reject-dead-letter", "dead_letter_queue": "dlq"})
+    await api.ok("POST", "/queues/q/messages", {"body": "kept"})
+    status, name, _ = await api.error("POST", "/queues/q/messages", {"body": "over"})
+    assert (status, name) == (429, "queue_full")
+    async with asyncio.timeout(5):  # placed once durable, after the refusal was answered
+        while not (dead := (await api.ok("GET", "/queues/dlq/messages"))["messages"]):
+            await asyncio.sleep(0.01)
+    shown = [(d["message"]["body"], d["dead_letter_reason"], d["dead_letter_source"]) for d in dead]
+    assert shown == [("over", "overflow", "q")]
+    assert [d["message"]["body"] for d in (await api.ok("GET", "/queues/q/messages"))["messages"]] == ["kept"]
+    status, name, text = await api.error("PATCH", "/queues/q", {"overflow": "reject-publish-dlx"})
+    assert (status, name) == (400, "invalid_argument") and "overflow" in text
 
 
 async def test_queue_routes_do_not_reach_topics(api):

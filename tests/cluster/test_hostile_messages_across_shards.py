@@ -221,6 +221,26 @@ async def test_a_relay_fills_a_queue_with_less_room_than_its_backlog():
         assert [d.message.body for d in got] == [f"m{i}".encode() for i in range(12)]
 
 
+async def test_a_relay_into_a_full_reject_dead_letter_queue_dead_letters_each_copy_once():
+    # A full queue with overflow `reject-dead-letter` dead-letters every batch it refuses: a relay that halved such
+    # a batch and tried again would have it dead-lettered again and again, and then wait for room for ever.
+    async with static_cluster(2, 4) as (servers, _), AsyncClient(servers[0].url) as client:
+        dead = name_on(lambda s: s % 2 == 1, 4, "dead")  # node-1; `small` is placed in its shard
+        await client.create_queue(dead)
+        queue = name_on(lambda s: s % 2 == 1, 4, "small")
+        topic, _ = await relayed_topic(client, queue, max_length=1, overflow="reject-dead-letter",
+                                       dead_letter_queue=dead)  # fmt: skip
+        await client.publish_batch(topic, [Publish(body=f"m{i}".encode(), subject="a") for i in range(6)])
+        got = await drain(client, dead, 6)
+        assert sorted(d.message.body for d in got) == [f"m{i}".encode() for i in range(6)]
+        assert {(d.dead_letter_reason, d.dead_letter_source) for d in got} == {("overflow", queue)}
+        async with asyncio.timeout(10):  # the relay acked what was dead-lettered: its queue empties
+            while (stats := await client.queue_stats(relay.relay_name(queue))).ready + stats.in_flight:
+                await asyncio.sleep(0.05)
+        assert await client.receive(dead, 10, wait_s=0.3) == []  # each copy once
+        assert [d.message.body for d in await client.peek(queue)] == [KEEPER]
+
+
 async def test_a_message_the_queue_refuses_for_good_holds_up_no_other(monkeypatch):
     # A relay's batch refused for good (here a copy the queue refuses, made so by the test) was retried whole
     # every 5 s, for ever: one such message held up every message behind it. Now it alone is retried.

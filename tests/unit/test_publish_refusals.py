@@ -212,7 +212,7 @@ def _core_state(core: BrokerCore, store: MemoryStore) -> tuple:
 @given(
     max_length=st.none() | st.integers(1, 5),
     max_bytes=st.none() | st.integers(12, 30),
-    overflow=st.sampled_from(["reject", "drop-oldest"]),
+    overflow=st.sampled_from(["reject", "drop-oldest", "reject-dead-letter"]),
     dlq=st.booleans(),
     steps=STEPS,
 )
@@ -247,8 +247,19 @@ def test_refused_publishes_change_nothing_and_drop_oldest_keeps_the_newest(max_l
         try:
             plan = core.prepare_publish("q", batch, now)
         except (InvalidArgument, QueueFull) as exc:
-            assert _core_state(core, store) == before
-            assert isinstance(exc, InvalidArgument) or overflow == "reject"
+            if isinstance(exc, QueueFull) and overflow == "reject-dead-letter" and dlq:
+                # refused as a whole, and every message of it written to the dead-letter queue
+                dead_before = sorted(e.id for e in core.queues["dlq"].entries())
+                (refused,) = core.refused_plans
+                core.refused_plans.clear()
+                core.commit_publish(refused, now)
+                core.flush()
+                dead_now = sorted(e.id for e in core.queues["dlq"].entries())
+                assert dead_now == sorted(dead_before + refused.ids) and len(refused.ids) == len(batch)
+                assert (queue.length, sorted(e.id for e in queue.entries())) == (before[1]["q"][0], before[1]["q"][4])
+                continue
+            assert _core_state(core, store) == before and not core.refused_plans
+            assert isinstance(exc, InvalidArgument) or overflow != "drop-oldest"
             continue
         core.commit_publish(plan, now)
         core.flush()
@@ -288,3 +299,81 @@ async def test_concurrent_publishes_into_a_full_drop_oldest_queue_survive_a_rest
     broker = await reopen(broker)  # the MOVE records written as they were placed replay the same
     assert [d.message.id for d in await broker.peek("q")] == kept
     assert sorted(d.message.id for d in await broker.peek("dlq")) == sorted(ids)[:3]
+
+
+# -- reject-dead-letter: refused, and the refused messages dead-lettered (RabbitMQ's reject-publish-dlx) --------
+
+
+async def _placed(broker: Broker) -> None:
+    """Wait until every publish written is placed: a refused publish's dead letters are placed once durable, after
+    the publisher got its QueueFull."""
+
+    async def poll() -> None:
+        while broker.core.pending_plans:
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), 5)
+
+
+async def test_reject_dead_letter_refuses_the_publish_and_dead_letters_what_it_refused(broker, reopen):
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", max_length=2, overflow="reject-dead-letter", dead_letter_queue="dlq")
+    await broker.publish_batch("q", [Publish(body=b"a"), Publish(body=b"b")])
+    with pytest.raises(QueueFull):
+        await broker.publish_batch("q", [Publish(body=b"c", headers={"k": "v"}), Publish(body=b"d", priority=3)])
+    await _placed(broker)
+    assert [b for b, *_ in await _bodies(broker, "q")] == [b"a", b"b"]  # never went in
+    dead = [(b"d", "overflow", "q"), (b"c", "overflow", "q")]  # (priority first)
+    assert await _bodies(broker, "dlq") == dead
+    (first, *_) = await broker.peek("dlq", 1)
+    assert first.message.priority == 3
+    stats = broker.queue_stats("q")
+    assert (stats.ready, stats.published, stats.dead_lettered) == (2, 2, 2)  # refused: not published
+    broker = await reopen(broker)  # the log says the same
+    assert [b for b, *_ in await _bodies(broker, "q")] == [b"a", b"b"]
+    assert await _bodies(broker, "dlq") == dead
+    assert [d.message.headers for d in await broker.peek("dlq", 100)] == [{}, {"k": "v"}]
+
+
+async def test_reject_dead_letter_forgets_the_refused_dedup_ids(broker):
+    """The publisher was refused: a retry with the same dedup id once there is room is stored, not taken for a
+    repeat (the dead letter does not keep the id)."""
+    await broker.create_queue("dlq")
+    await broker.create_queue("q", max_length=1, overflow="reject-dead-letter", dead_letter_queue="dlq")
+    await broker.publish("q", b"first")
+    with pytest.raises(QueueFull):
+        await broker.publish("q", b"retried", dedup_id="once")
+    [delivery] = await broker.receive("q")
+    await broker.ack("q", [delivery.receipt])
+    retried = await broker.publish("q", b"retried", dedup_id="once")
+    assert [d.message.id for d in await broker.peek("q")] == [retried]
+    assert [d.body for d in await broker.peek("dlq")] == [b"retried"]
+
+
+async def test_reject_dead_letter_on_a_topic_refuses_it_as_a_whole(broker, reopen):
+    """A topic publish that a full reject-dead-letter queue refuses reaches no queue; the messages that queue
+    refused go to its dead-letter queue, those it was not routed go nowhere."""
+    await broker.create_queue("dlq")
+    await broker.create_queue("small", max_length=1, overflow="reject-dead-letter", dead_letter_queue="dlq")
+    await broker.create_queue("all")
+    await broker.create_topic("t")
+    await broker.subscribe("t", "red", "small")
+    await broker.subscribe("t", ">", "all")
+    await broker.publish("t", b"first", subject="red")
+    with pytest.raises(QueueFull):
+        await broker.publish_batch("t", [Publish(body=b"r", subject="red"), Publish(body=b"g", subject="green")])
+    await _placed(broker)
+    assert [b for b, *_ in await _bodies(broker, "all")] == [b"first"]
+    assert await _bodies(broker, "dlq") == [(b"r", "overflow", "small")]
+    broker = await reopen(broker)
+    assert [b for b, *_ in await _bodies(broker, "all")] == [b"first"]
+    assert await _bodies(broker, "dlq") == [(b"r", "overflow", "small")]
+
+
+async def test_reject_dead_letter_without_a_dead_letter_queue_only_refuses(broker, clock):
+    await broker.create_queue("q", max_length=1, overflow="reject-dead-letter")
+    await broker.publish("q", b"first")
+    before = await _observe(broker)
+    with pytest.raises(QueueFull):
+        await broker.publish("q", b"refused")
+    assert await _observe(broker) == before

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from pamqp import commands
 
-from chute.amqp import dead_letter, publish_routing, reply_to, routing, state
 from chute.amqp import exchanges as ex
+from chute.amqp import publish_routing, reply_to, routing, state
 from chute.amqp.channel import AmqpConsumer, lease_s
 from chute.amqp.declare import _no_exchange, _no_queue, _owned_elsewhere, queue_name
 from chute.amqp.errors import (
@@ -285,8 +285,6 @@ def _publish_now(session: AmqpSession, channel: Channel, dest: str, group: list)
         _, future = session.broker._publish(dest, messages, then)
     except ChuteError as exc:
         _refused(session, channel, seqs, exc)
-        if isinstance(exc, QueueFull):
-            _dead_letter_refused(session, {dest: messages})
         return
     if future is None:  # nothing to wait for (every message a repeated dedup id)
         _confirm(session, channel, seqs, True)
@@ -315,8 +313,6 @@ async def _commit(session: AmqpSession, channel: Channel, dest: str | tuple, gro
     try:
         if isinstance(dest, tuple):  # routed by the front: several queues at once
             results = await session.broker.publish_many([(queue, messages) for queue in dest])
-            _dead_letter_refused(session, {queue: messages for queue, result in zip(dest, results, strict=True)
-                                           if isinstance(result, QueueFull)})  # fmt: skip
             for result in results:  # a refusal (reject-publish) nacks, as RabbitMQ does when one queue refuses
                 if isinstance(result, ChuteError) and not isinstance(result, QueueNotFound):
                     raise result
@@ -324,8 +320,6 @@ async def _commit(session: AmqpSession, channel: Channel, dest: str | tuple, gro
             await session.broker.publish_batch(dest, messages)
     except ChuteError as exc:
         _refused(session, channel, seqs, exc)
-        if isinstance(exc, QueueFull) and not isinstance(dest, tuple):
-            _dead_letter_refused(session, {dest: messages})
         return
     finally:
         session.server.publishing(session, -size)
@@ -344,15 +338,6 @@ def _refused(session: AmqpSession, channel: Channel, seqs: list[int], exc: Chute
         session.fail(error)
     elif not channel.closed:
         session.channel_error(channel.number, error)
-
-
-def _dead_letter_refused(session: AmqpSession, refused: dict[str, list]) -> None:
-    """Publishes refused by full queues (queue -> its messages) go on to their dead-letter queues when a queue
-    says `reject-publish-dlx` (dead_letter.refused). A topic's publish (an exchange's) is refused as a whole by
-    the broker, which does not say which queue was full: it dead-letters nothing."""
-    for queue, messages in refused.items():
-        if queue in session.front.book.queues:
-            session.spawn(dead_letter.refused(session, queue, messages))
 
 
 def _confirm(session: AmqpSession, channel: Channel, seqs: list[int], ok: bool) -> None:

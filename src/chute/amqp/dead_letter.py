@@ -14,16 +14,14 @@ delivers the message twice (at least once), never zero times. If the dead-letter
 the broker's own dead-lettering is used (without the history). A header no AMQP table can carry (a name over 255
 bytes, from another front) is carried over unchanged.
 
-A publish refused by a full queue whose `x-overflow` is `reject-publish-dlx` (`refused`) goes to its dead-letter
-queue the same way, with reason `maxlen`, after its publisher was nacked: as in RabbitMQ, a refused publish is
-not stored in the queue, and its dead letter is best effort (not part of what the nack answered).
+A publish refused by a full queue whose `x-overflow` is `reject-publish-dlx` is the broker's to dead-letter (the
+queue's overflow is `reject-dead-letter`, for every front): its entry, reason `maxlen`, is added at delivery.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from chute.amqp import state
@@ -32,16 +30,14 @@ from chute.amqp.errors import AmqpError
 from chute.amqp.exchanges import amqp_queue
 from chute.amqp.mapping import (
     EXCHANGE_HEADER,
-    MESSAGE_ID_HEADER,
     ROUTING_KEY_HEADER,
-    TIMESTAMP_HEADER,
     dead_lettered_as,
     to_properties,
     to_publish,
 )
 from chute.amqp.xdeath import add_death
 from chute.errors import ChuteError
-from chute.model import Delivery, Message, Publish
+from chute.model import Delivery, Publish
 
 if TYPE_CHECKING:
     from chute.amqp.session import AmqpSession
@@ -89,35 +85,6 @@ async def _target(session: AmqpSession, queue: str) -> str | None:
         except AmqpError:
             target = None  # (an exchange that routes to several queues: dropped, as the broker would)
     return target
-
-
-async def refused(session: AmqpSession, queue: str, messages: list[Publish]) -> None:
-    """`x-overflow: reject-publish-dlx`: publishes `queue` refused for its length limits (their publisher was
-    nacked) go to its dead-letter queue with x-death reason `maxlen`, as RabbitMQ does; nothing for another
-    overflow, or without a dead-letter queue. Best effort, as in RabbitMQ: a copy the dead-letter queue refuses
-    in turn is dropped."""
-    declared = session.front.book.queues.get(queue)
-    if declared is None or declared["arguments"].get("x-overflow") != "reject-publish-dlx":
-        return
-    target = await _target(session, queue)
-    if target is None:
-        return
-    now = time.time()
-    copies = []
-    for message in messages:
-        headers = dict(message.headers or {})
-        stored = Message(id=0, body=message.body, headers=headers, publish_time=now, priority=message.priority,
-                         group=message.group)  # fmt: skip
-        copy = republished(session.front, Delivery(queue=queue, receipt=0, delivery_count=0, message=stored), "maxlen")
-        for shown in (MESSAGE_ID_HEADER, TIMESTAMP_HEADER):  # it was never stored: no id or publish time of ours
-            if shown not in headers and copy.headers is not None:
-                copy.headers.pop(shown, None)
-        copies.append(copy)
-    try:
-        await session.broker.publish_batch(target, copies)
-    except ChuteError as exc:
-        log.info("AMQP: %d messages refused by %r were not dead-lettered to %r: %s", len(copies), queue, target,
-                 exc.message)  # fmt: skip
 
 
 async def reject(session: AmqpSession, queue: str, deliveries: list[Delivery]) -> None:

@@ -150,6 +150,9 @@ class AmqpFront:
                 settings = self.broker.core.queues[name].settings
                 if "x-dead-letter-exchange" in declared["arguments"] and settings.dead_letter_queue is None:
                     self.pending_dead_letters.add(name)
+                if declared["arguments"].get("x-overflow") == "reject-publish-dlx" and settings.overflow == "reject":
+                    # declared before the broker dead-lettered refused publishes itself (the front did): upgraded
+                    await self.broker.update_queue(name, overflow="reject-dead-letter")
         if changed:
             await self.save_book()
 

@@ -322,7 +322,7 @@ def _int(text) -> int | None:
 # -- queue arguments ----------------------------------------------------------------------------------------------
 
 QUEUE_TYPES = ("classic", "quorum")
-OVERFLOWS = {"drop-head": "drop-oldest", "reject-publish": "reject", "reject-publish-dlx": "reject"}
+OVERFLOWS = {"drop-head": "drop-oldest", "reject-publish": "reject", "reject-publish-dlx": "reject-dead-letter"}
 ACCEPTED_ARGUMENTS = {"x-message-ttl", "x-dead-letter-exchange", "x-dead-letter-routing-key", "x-max-length",
                       "x-max-length-bytes", "x-overflow", "x-max-priority", "x-queue-type", "x-delivery-limit",
                       "x-queue-mode", "x-queue-master-locator", "x-queue-version", "x-expires",

@@ -115,8 +115,9 @@ def queue() -> None:
 @click.option("--max-bytes", type=click.IntRange(min=1), metavar="N", help="Most body bytes the queue holds.")
 @click.option(
     "--overflow",
-    type=click.Choice(["reject", "drop-oldest"]),
-    help="At --max-length/--max-bytes: reject publishes, or dead-letter the oldest.  [default: reject]",
+    type=click.Choice(["reject", "reject-dead-letter", "drop-oldest"]),
+    help="At --max-length/--max-bytes: reject publishes, reject and dead-letter them, or dead-letter the oldest."
+    "  [default: reject]",
 )
 @click.option("--rate-limit", type=float, metavar="R", help="Deliver at most R messages per second.")
 @click.option("--rate-burst", type=float, metavar="B", help="Token bucket size of --rate-limit.")

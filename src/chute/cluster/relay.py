@@ -16,7 +16,9 @@ Invariants:
   (`dedup_window_s`, 300 s by default) keeps the copy out; a retry later than that window duplicates;
 - order: one relay task per relay queue, one batch in flight, so a subscription's messages reach `q` in the
   order the relay queue delivers them (priority, then publish order), except a message `q` refuses for good,
-  which is retried later while the others go on (`_refused`: a refused batch is halved until it fits);
+  which is retried later while the others go on (`_refused`: a refused batch is halved until it fits); a batch
+  a full `reject-dead-letter` queue refuses is acked instead: that queue put all of it in its dead-letter queue
+  (halving would dead-letter it again and again);
 - a relay task runs only on the node serving the relay queue's shard (it consumes its local broker); when the
   shard moves, the task ends with the broker and the new owner starts its own (`Relays.scan`, on every change
   of the node and every `SCAN_S`);
@@ -239,6 +241,15 @@ class Relays:
                     if await _target_gone(broker, name, target, deliveries):
                         return
                     continue
+                except QueueFull as exc:
+                    if await self._dead_lettered(target):
+                        log.info("relay %s of shard %d: %r refused %d messages and dead-lettered them: %s", name,
+                                 shard, target, len(deliveries), exc.message)  # fmt: skip
+                        await broker.ack(name, [d.receipt for d in deliveries])
+                    else:
+                        batch = await self._refused(shard, broker, name, deliveries, exc)
+                    deliveries = []
+                    continue
                 except ChuteError as exc:
                     batch = await self._refused(shard, broker, name, deliveries, exc)
                     deliveries = []
@@ -255,6 +266,17 @@ class Relays:
             if deliveries:
                 with contextlib.suppress(ChuteError):
                     await broker.nack(name, [d.receipt for d in deliveries])
+
+    async def _dead_lettered(self, target: str) -> bool:
+        """Does `target`, which just refused a batch as full, dead-letter what it refuses (`reject-dead-letter`, with a
+        dead-letter queue)? False if that cannot be asked now: the batch is then given back, as for `reject`."""
+        try:
+            info = self.router.queue_info(target)
+            info = await info if inspect.isawaitable(info) else info
+        except ChuteError:
+            return False
+        settings = info.settings
+        return settings.overflow == "reject-dead-letter" and settings.dead_letter_queue is not None
 
     async def _refused(self, shard: int, broker, name: str, deliveries: list, exc: ChuteError) -> int:
         """A batch of relay queue `name` was refused by its real queue: give it back and return the next batch's

@@ -10,7 +10,13 @@ A publish is two steps so that nothing unconfirmed is ever delivered:
 Invariants:
 - a refused publish changes nothing: every reason to refuse (bad input, a missing destination, a `reject` queue
   without room, a read-only log) is found before the first change (dead-lettering overflow, ids, dedup ids,
-  records). Only the store's append comes after, and it fails only on a read-only log, checked first.
+  records). Only the store's append comes after, and it fails only on a read-only log, checked first. The one
+  exception: a `reject-dead-letter` queue without room refuses the publish as a whole too, but the messages it
+  refused are written to its dead-letter queue first (one MESSAGE record each, then a MOVE record: what
+  `drop-oldest` writes for its own batch messages), without their dedup ids (the publisher was refused: a retry
+  must not be taken for a repeat). Their plan is in `refused_plans`, for the caller to settle once durable, as
+  any plan; the publisher gets QueueFull at once, so such a dead letter is best effort (RabbitMQ's
+  `reject-publish-dlx`).
 - `drop-oldest` never refuses for length or size: it drops the queue's oldest ready messages, then the batch's
   own oldest (and any larger than max_bytes by itself), until the rest fits; dropped batch messages are still
   written once and moved to the dead-letter queue by a MOVE record in the same append (or not written at all
@@ -23,6 +29,8 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import msgspec
 
 from chute.core import records as rec
 from chute.core.ids import publish_time
@@ -49,7 +57,7 @@ from chute.storage.api import Durable
 class PublishPlan:
     """What `prepare_publish` decided; hand it back to `commit_publish` or `abort_publish`."""
 
-    __slots__ = ("ids", "token", "placements", "sizes", "dropped", "dedups", "retains")
+    __slots__ = ("ids", "token", "placements", "sizes", "dropped", "dedups", "retains", "refused")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
@@ -61,6 +69,7 @@ class PublishPlan:
         self.dropped: list[tuple[Queue, int]] = []  # batch messages a queue dropped for overflow (no DLQ)
         self.dedups: list[tuple[object, str, int]] = []
         self.retains: list[tuple[Topic, int, int, int]] = []
+        self.refused = False  # dead letters of a refused publish: counted dead, not published
 
 
 class PublishOps(BrokerState):
@@ -104,8 +113,13 @@ class PublishOps(BrokerState):
             for index, queues in enumerate(targets):
                 for target in queues:
                     routes.setdefault(target, []).append(index)
-        victims, dropped = self._plan_room(routes, new)
         durable = (topic is not None and topic.retains) or any(not target.ephemeral for target in routes)
+        try:
+            victims, dropped = self._plan_room(routes, new)
+        except QueueFull as refusal:
+            if not self.store.read_only:
+                self._dead_letter_refused(refusal.refusing, new, now)
+            raise QueueFull(refusal.message) from None  # (not holding the queues)
         if self.store.read_only and new and durable:
             raise StorageReadOnly("the log is read-only after an earlier storage failure: publishes are refused")
         # nothing below refuses: from here on the publish changes state
@@ -264,18 +278,50 @@ class PublishOps(BrokerState):
         Return (victims: queue -> its ready entries to dead-letter, dropped: queue -> positions it drops)."""
         victims: dict[Queue, list[Entry]] = {}
         dropped: dict[Queue, set[int]] = {}
+        refusing: list[tuple[Queue, Sequence[int]]] = []
         for queue, positions in routes.items():
             sizes = [len(new[i].body) for i in positions]
             if queue.has_room(len(sizes), sum(sizes)):
                 continue
             if queue.settings.overflow != "drop-oldest":
-                raise QueueFull(f"queue {queue.name!r} is full (max_length / max_bytes) and rejects publishes")
+                refusing.append((queue, positions))
+                continue
             old, own = queue.overflow(sizes)
             if old:
                 victims[queue] = old
             if own:
                 dropped[queue] = {positions[i] for i in own}
+        if refusing:
+            refusal = QueueFull(f"queue {refusing[0][0].name!r} is full (max_length / max_bytes) and rejects publishes")
+            refusal.refusing = refusing  # every queue that refused, for `_dead_letter_refused`
+            raise refusal
         return victims, dropped
+
+    def _dead_letter_refused(self, refusing: list[tuple[Queue, Sequence[int]]], new: Sequence[Publish],
+                             now: float) -> None:  # fmt: skip
+        """Write the messages `reject-dead-letter` queues refused to their dead-letter queues (see the module
+        docstring); their plan goes to `refused_plans`. Nothing for a `reject` queue, or one without a durable
+        dead-letter queue."""
+        messages: list[Publish] = []
+        targets: list[list[Queue]] = []
+        moved: dict[Queue, set[int]] = {}
+        for queue, positions in refusing:
+            if queue.settings.overflow != "reject-dead-letter" or self._overflow_target(queue) is None:
+                continue
+            moved[queue] = set(range(len(messages), len(messages) + len(positions)))
+            for i in positions:
+                message = new[i]
+                if message.dedup_id is not None:
+                    message = msgspec.structs.replace(message, dedup_id=None)
+                messages.append(message)
+                targets.append([queue])
+        if not messages:
+            return
+        plan = PublishPlan()
+        plan.refused = True
+        plan.ids = self._write_routed(messages, targets, None, now, plan, moved)
+        self.pending_plans.add(plan)
+        self.refused_plans.append(plan)
 
     def _overflow_target(self, queue: Queue) -> Queue | None:
         """Where `queue`'s overflow goes: its durable dead-letter queue, or None (dropped), as `dead_letter` does."""
@@ -446,6 +492,8 @@ class PublishOps(BrokerState):
                 self.store_of(queue).track_many([entry.ref for entry in entries])
             if source is None:
                 queue.counters["published"] += len(entries)
+            elif plan.refused:  # refused by `source`, dead-lettered: never published there
+                source.counters["dead"] += len(entries)
             else:  # published to `source`, dead-lettered at once for overflow
                 plan.dropped.append((source, len(entries)))
             self.place_batch(queue, entries, now)

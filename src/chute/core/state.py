@@ -63,6 +63,7 @@ class BrokerState:
         self.changed: set[Queue] = set()
         self.outbox: list[tuple[int, bytes]] = []
         self.pending_plans: set = set()  # publish plans written but not yet committed or aborted
+        self.refused_plans: list = []  # of those, the dead letters of refused publishes, for the caller to settle
         self.lease_batch: dict[float, list] | None = None  # deadline -> [(queue, receipts)] (DeliveryOps.begin_leases)
         self.detached: list = []  # (store, entry lists) of deleted queues whose refs are released in steps
         self.on_queue_deleted: Callable[[Queue], None] | None = None

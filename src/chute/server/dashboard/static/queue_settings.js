@@ -18,7 +18,7 @@ const SETTINGS = [
     [['dead-letter', 'dead-letter the message'], ['drop', 'drop it (as SQS does)']]],
   ['max_length', 'Max length', 'number', 'Empty: unlimited'],
   ['max_bytes', 'Max bytes', 'number', 'Empty: unlimited'],
-  ['overflow', 'When full', 'choice', '', [['reject', 'reject publishes'], ['drop-oldest', 'drop the oldest']]],
+  ['overflow', 'When full', 'choice', '', [['reject', 'reject publishes'], ['reject-dead-letter', 'reject and dead-letter them'], ['drop-oldest', 'drop the oldest']]],
   ['rate_limit', 'Rate limit (/s)', 'number', 'Empty: no limit'],
   ['rate_burst', 'Rate burst', 'number', 'Empty: the default'],
   ['dedup_window_s', 'Dedup window (s)', 'required', ''],
