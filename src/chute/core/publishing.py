@@ -292,7 +292,11 @@ class PublishOps(BrokerState):
             if own:
                 dropped[queue] = {positions[i] for i in own}
         if refusing:
-            refusal = QueueFull(f"queue {refusing[0][0].name!r} is full (max_length / max_bytes) and rejects publishes")
+            first = refusing[0][0]
+            text = f"queue {first.name!r} is full (max_length / max_bytes) and rejects publishes"
+            if first.settings.overflow == "reject-dead-letter" and self._overflow_target(first) is not None:
+                text += f" (they go to its dead-letter queue {first.settings.dead_letter_queue!r})"
+            refusal = QueueFull(text)
             refusal.refusing = refusing  # every queue that refused, for `_dead_letter_refused`
             raise refusal
         return victims, dropped
