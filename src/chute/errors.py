@@ -116,7 +116,8 @@ class QueueInUse(ChuteError):
 
 
 class QueueFull(ChuteError):
-    """The queue is at its max length or max bytes and its overflow policy is `reject`."""
+    """The queue is at its max length or max bytes and its overflow policy is `reject` (or `reject-dead-letter`:
+    the refused messages went to its dead-letter queue)."""
 
     name, code, http_status, retryable = "queue_full", 3001, 429, True
 

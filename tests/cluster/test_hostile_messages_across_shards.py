@@ -241,6 +241,40 @@ async def test_a_relay_into_a_full_reject_dead_letter_queue_dead_letters_each_co
         assert [d.message.body for d in await client.peek(queue)] == [KEEPER]
 
 
+async def redrive_into_a_full_source(client: AsyncClient, overflow: str) -> tuple[str, str]:
+    """Dead letters a and b of `source` (node-1, at most 2 messages, `overflow`) in `dlq` (node-0), brought by
+    the relay; `source` filled again; then a redrive of `dlq`, refused as `source` is full. (dlq, source)."""
+    dlq = name_on(lambda s: s % 2 == 0, 4, "graves")
+    source = name_on(lambda s: s % 2 == 1, 4, "jobs")
+    await client.create_queue(dlq)
+    await client.create_queue(source, dead_letter_queue=dlq, max_length=2, overflow=overflow)
+    await client.publish_batch(source, [b"a", b"b"])
+    await client.nack(await client.receive(source, 2, wait_s=5), dead_letter=True)
+    leased: list = []
+    async with asyncio.timeout(10):
+        while len(leased) < 2:  # until the relay brought both (long polls), then ready again
+            leased += await client.receive(dlq, 2, wait_s=5)
+    await client.nack(leased)
+    await client.publish_batch(source, [b"c", b"d"])  # full
+    with pytest.raises(QueueFull):
+        await client.redrive(dlq)
+    return dlq, source
+
+
+async def test_a_redrive_into_a_full_reject_dead_letter_source_leaves_each_dead_letter_once():
+    # The full source dead-letters the redriven batch again (back into the dead-letter queue, through the relay),
+    # and the failed redrive released the originals as well: every dead letter was there twice.
+    async with static_cluster(2, 4) as (servers, _), AsyncClient(servers[1].url) as client:
+        dlq, source = await redrive_into_a_full_source(client, "reject-dead-letter")
+        got = await drain(client, dlq, 2)  # dead-lettered again by the source, for overflow
+        assert sorted(d.message.body for d in got) == [b"a", b"b"]
+        assert {(d.dead_letter_reason, d.dead_letter_source) for d in got} == {("overflow", source)}
+        async with asyncio.timeout(10):  # the relay has brought everything back
+            while (stats := await client.queue_stats(relay.relay_name(dlq))).ready + stats.in_flight:
+                await asyncio.sleep(0.05)
+        assert await client.receive(dlq, 10, wait_s=0.3) == []  # each once
+
+
 async def test_a_message_the_queue_refuses_for_good_holds_up_no_other(monkeypatch):
     # A relay's batch refused for good (here a copy the queue refuses, made so by the test) was retried whole
     # every 5 s, for ever: one such message held up every message behind it. Now it alone is retried.
@@ -267,19 +301,6 @@ async def test_a_redrive_that_fails_leaves_no_dead_letter_leased():
     # A redrive whose publish into a source failed (here a full source queue with overflow `reject`) kept the
     # dead letters it had received leased for 300 s, out of sight of every reader.
     async with static_cluster(2, 4) as (servers, _), AsyncClient(servers[1].url) as client:
-        dlq = name_on(lambda s: s % 2 == 0, 4, "graves")  # node-0
-        source = name_on(lambda s: s % 2 == 1, 4, "jobs")  # node-1
-        await client.create_queue(dlq)
-        await client.create_queue(source, dead_letter_queue=dlq, max_length=2, overflow="reject")
-        await client.publish_batch(source, [b"a", b"b"])
-        await client.nack(await client.receive(source, 2, wait_s=5), dead_letter=True)
-        leased: list = []
-        async with asyncio.timeout(10):
-            while len(leased) < 2:  # until the relay brought both (long polls), then ready again
-                leased += await client.receive(dlq, 2, wait_s=5)
-        await client.nack(leased)
-        await client.publish_batch(source, [b"c", b"d"])  # full
-        with pytest.raises(QueueFull):
-            await client.redrive(dlq)
+        dlq, source = await redrive_into_a_full_source(client, "reject")
         stats = await client.queue_stats(dlq)
         assert (stats.ready, stats.in_flight) == (2, 0)

@@ -242,7 +242,7 @@ class Relays:
                         return
                     continue
                 except QueueFull as exc:
-                    if await self._dead_lettered(target):
+                    if await dead_letters_refused(self.router, target):
                         log.info("relay %s of shard %d: %r refused %d messages and dead-lettered them: %s", name,
                                  shard, target, len(deliveries), exc.message)  # fmt: skip
                         await broker.ack(name, [d.receipt for d in deliveries])
@@ -266,17 +266,6 @@ class Relays:
             if deliveries:
                 with contextlib.suppress(ChuteError):
                     await broker.nack(name, [d.receipt for d in deliveries])
-
-    async def _dead_lettered(self, target: str) -> bool:
-        """Does `target`, which just refused a batch as full, dead-letter what it refuses (`reject-dead-letter`, with a
-        dead-letter queue)? False if that cannot be asked now: the batch is then given back, as for `reject`."""
-        try:
-            info = self.router.queue_info(target)
-            info = await info if inspect.isawaitable(info) else info
-        except ChuteError:
-            return False
-        settings = info.settings
-        return settings.overflow == "reject-dead-letter" and settings.dead_letter_queue is not None
 
     async def _refused(self, shard: int, broker, name: str, deliveries: list, exc: ChuteError) -> int:
         """A batch of relay queue `name` was refused by its real queue: give it back and return the next batch's
@@ -453,6 +442,20 @@ async def refuse_if_dead_letter_queue(router, name: str) -> None:
         raise QueueInUse(f"queue {name!r} is the dead-letter queue of {', '.join(sources)}")
 
 
+async def dead_letters_refused(router, queue: str) -> bool:
+    """Does `queue`, which just refused a publish as full, dead-letter what it refuses (overflow
+    `reject-dead-letter`, with a dead-letter queue)? Then what it refused is a dead letter again, and sending it
+    once more would make another: the caller settles it instead. False if that cannot be asked now (the caller
+    then goes on as for `reject`)."""
+    try:
+        info = router.queue_info(queue)
+        info = await info if inspect.isawaitable(info) else info
+    except ChuteError:
+        return False
+    settings = info.settings
+    return settings.overflow == "reject-dead-letter" and settings.dead_letter_queue is not None
+
+
 async def redrive_relayed(broker, router, shard: int, queue: str, budget: int | None) -> int:
     """Send the dead letters that relays brought into `queue` (of `shard`, served here by `broker`) back to their
     source queues in other shards, as a single broker's redrive does for its own: each is received, published
@@ -461,7 +464,8 @@ async def redrive_relayed(broker, router, shard: int, queue: str, budget: int | 
     left where they were (received, then released at the end: their receive count goes up by one). At most
     `budget` are moved (None: all); returns how many. An error (a source queue full with overflow `reject`, which
     one broker's redrive would fill all the same; its node lost) ends the redrive, and what it leased and did not
-    move is released at once (it was left leased for REDRIVE_LEASE_S)."""
+    move is released at once (it was left leased for REDRIVE_LEASE_S); a source full with `reject-dead-letter`
+    put the batch back in its dead-letter queue itself, so that batch is acked here before the error."""
     moved, passed = 0, []
     by_source: dict[str, list] = {}  # (the batch being sent back: what is left of it is released on an error)
     scan = broker.queue_stats(queue).ready  # what is there now: a loop never walks what it released itself
@@ -487,6 +491,10 @@ async def redrive_relayed(broker, router, shard: int, queue: str, budget: int | 
                 except QueueNotFound:  # its source is gone: it stays a dead letter, as in one broker
                     passed += [d.receipt for d in by_source.pop(source)]
                     continue
+                except QueueFull:  # a full `reject-dead-letter` source dead-lettered them again: not twice
+                    if await dead_letters_refused(router, source):
+                        await broker.ack(queue, [d.receipt for d in by_source.pop(source)])
+                    raise
                 await broker.ack(queue, [d.receipt for d in by_source.pop(source)])
                 moved += len(back)
     finally:
