@@ -567,12 +567,8 @@ class Broker(ManagementApi, StateReads, Housekeeping):
             self._pending_token = core.flush()
         if core.refused_plans:  # the dead letters of a refused publish: placed once durable, nobody waits
             refused, core.refused_plans = core.refused_plans, []
-            for plan in refused:
-                if plan.token is None:
-                    core.commit_publish(plan, self.clock())
-                else:
-                    future = asyncio.ensure_future(plan.token)
-                    future.add_done_callback(functools.partial(self._settle, plan))
+            for plan in refused:  # (each wrote records: its token is never None)
+                asyncio.ensure_future(plan.token).add_done_callback(functools.partial(self._settle, plan))
         if core.changed:
             pushed = self.dispatcher.watched
             for queue in core.changed:

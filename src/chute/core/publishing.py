@@ -114,12 +114,11 @@ class PublishOps(BrokerState):
                 for target in queues:
                     routes.setdefault(target, []).append(index)
         durable = (topic is not None and topic.retains) or any(not target.ephemeral for target in routes)
-        try:
-            victims, dropped = self._plan_room(routes, new)
-        except QueueFull as refusal:
+        victims, dropped, refusing = self._plan_room(routes, new)
+        if refusing:
             if not self.store.read_only:
-                self._dead_letter_refused(refusal.refusing, new, now)
-            raise QueueFull(refusal.message) from None  # (not holding the queues)
+                self._dead_letter_refused(refusing, new, now)
+            raise QueueFull(_full_text(refusing[0][0], self._overflow_target(refusing[0][0])))
         if self.store.read_only and new and durable:
             raise StorageReadOnly("the log is read-only after an earlier storage failure: publishes are refused")
         # nothing below refuses: from here on the publish changes state
@@ -274,8 +273,9 @@ class PublishOps(BrokerState):
 
     def _plan_room(self, routes: dict[Queue, Sequence[int]], new: Sequence[Publish]):
         """Decide, changing nothing, how every target queue takes its messages (`routes`: queue -> positions in
-        `new`): raise QueueFull if a `reject` queue has no room; for a `drop-oldest` one, choose what it drops.
-        Return (victims: queue -> its ready entries to dead-letter, dropped: queue -> positions it drops)."""
+        `new`): for a `drop-oldest` one without room, choose what it drops. Return (victims: queue -> its ready
+        entries to dead-letter, dropped: queue -> positions it drops, refusing: the (queue, positions) of every
+        `reject` or `reject-dead-letter` queue without room, which refuse the publish)."""
         victims: dict[Queue, list[Entry]] = {}
         dropped: dict[Queue, set[int]] = {}
         refusing: list[tuple[Queue, Sequence[int]]] = []
@@ -291,15 +291,7 @@ class PublishOps(BrokerState):
                 victims[queue] = old
             if own:
                 dropped[queue] = {positions[i] for i in own}
-        if refusing:
-            first = refusing[0][0]
-            text = f"queue {first.name!r} is full (max_length / max_bytes) and rejects publishes"
-            if first.settings.overflow == "reject-dead-letter" and self._overflow_target(first) is not None:
-                text += f" (they go to its dead-letter queue {first.settings.dead_letter_queue!r})"
-            refusal = QueueFull(text)
-            refusal.refusing = refusing  # every queue that refused, for `_dead_letter_refused`
-            raise refusal
-        return victims, dropped
+        return victims, dropped, refusing
 
     def _dead_letter_refused(self, refusing: list[tuple[Queue, Sequence[int]]], new: Sequence[Publish],
                              now: float) -> None:  # fmt: skip
@@ -545,6 +537,14 @@ class PublishOps(BrokerState):
         if when is not None and (topic.trim_at is None or when < topic.trim_at):
             topic.trim_at = when  # one timer per topic at a time, not one per publish
             self.timers.add(when, RETAIN, topic.id, None)
+
+
+def _full_text(queue: Queue, dlq: Queue | None) -> str:
+    """QueueFull's text for `queue` (whose dead-letter queue is `dlq`, or None)."""
+    text = f"queue {queue.name!r} is full (max_length / max_bytes) and rejects publishes"
+    if queue.settings.overflow == "reject-dead-letter" and dlq is not None:
+        text += f" (they go to its dead-letter queue {dlq.name!r})"
+    return text
 
 
 def _check_headers(headers: object) -> None:
