@@ -134,6 +134,32 @@ async def test_a_stray_copy_left_by_a_move_cut_short_is_carried_over_when_its_sh
                 await client.close()
 
 
+async def test_a_stray_copy_carried_into_a_full_copy_that_dead_letters_what_it_refuses_is_dead_lettered_once():
+    # The copy the row names was full and dead-letters what it refuses (overflow reject-dead-letter): it
+    # dead-lettered what the stray held, but the sweep took its refusal for an error and left the stray holding
+    # the messages, leased, for the next sweep to carry (and dead-letter) again.
+    async with static_cluster(2, 4) as (servers, directory):
+        b = await AsyncClient(servers[1].url, reconnect=False).connect()
+        try:
+            name = name_on(lambda s: s == 3, 4, "full")  # row and new copy on node-1's shard 3
+            dlq = name_on(lambda s: s == 3, 4, "refused")
+            await b.create_queue(dlq)
+            await b.create_queue(name, max_length=1, overflow="reject-dead-letter", dead_letter_queue=dlq)
+            await b.publish(name, b"fills the copy")
+            old = await Broker.in_memory().start()  # shard 2's broker as node-0 recovers it after a cut move
+            await old.create_queue(name)
+            await old.publish(name, b"held by the stray")
+            node = directory.nodes["node-0"]
+            await node.drop(2)
+            node.brokers[2], directory.owners[2] = old, "node-0"
+            directory.changed()
+            await _until(lambda: name not in old.core.queues)
+            assert await drain(b, dlq) == [b"held by the stray"]
+            assert await drain(b, name) == [b"fills the copy"]
+        finally:
+            await b.close()
+
+
 async def drain(client, queue: str) -> list[bytes]:
     bodies: list[bytes] = []
     while got := await client.receive(queue, 10, wait_s=2 if not bodies else 0.3):

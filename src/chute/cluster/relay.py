@@ -442,13 +442,14 @@ async def refuse_if_dead_letter_queue(router, name: str) -> None:
         raise QueueInUse(f"queue {name!r} is the dead-letter queue of {', '.join(sources)}")
 
 
-async def dead_letters_refused(router, queue: str) -> bool:
+async def dead_letters_refused(router, queue: str, shard: int | None = None) -> bool:
     """Does `queue`, which just refused a publish as full, dead-letter what it refuses (overflow
     `reject-dead-letter`, with a dead-letter queue)? Then what it refused is a dead letter again, and sending it
     once more would make another: the caller settles it instead. False if that cannot be asked now (the caller
-    then goes on as for `reject`)."""
+    then goes on as for `reject`). `shard`: ask the copy in that shard (a moving queue's new one), not the one
+    the router serves the name from (a node serving the old copy serves it from there)."""
     try:
-        info = router.queue_info(queue)
+        info = router.queue_info(queue) if shard is None else router._on_shard(shard, "queue_info", queue)
         info = await info if inspect.isawaitable(info) else info
     except ChuteError:
         return False

@@ -52,6 +52,7 @@ from chute.cluster.placement import ARRIVING_POLL_S, ARRIVING_S, namespace_error
 from chute.cluster.relay import (
     RELAY_SETTINGS,
     Relays,
+    dead_letters_refused,
     fits,
     lift_relayed,
     real_settings,
@@ -70,6 +71,7 @@ from chute.errors import (
     ChuteError,
     InvalidArgument,
     InvalidName,
+    QueueFull,
     QueueNotFound,
     TopicNotFound,
     Unavailable,
@@ -792,8 +794,21 @@ class ClusterBroker:
                             group=d.message.group, dedup_id=d.message.dedup_id,
                             ttl_s=None if d.message.expires_at is None else max(0.001, d.message.expires_at - now))
                     for d in deliveries]  # fmt: skip
-        await self._root._on_shard(new, "publish_batch", queue, messages)
-        await source.ack(queue, [d.receipt for d in deliveries])
+        receipts = [d.receipt for d in deliveries]
+        try:
+            await self._root._on_shard(new, "publish_batch", queue, messages)
+        except QueueFull as exc:
+            if not await dead_letters_refused(self._root, queue, new):
+                source.release(queue, receipts)  # they wait in the old copy, ready, not leased for a minute
+                raise
+            # the new copy dead-lettered what it refused (overflow `reject-dead-letter`): carrying it again would
+            # make a second dead letter of each
+            log.info("queue %r: its new copy refused %d messages carried over and dead-lettered them: %s", queue,
+                     len(deliveries), exc.message)  # fmt: skip
+        except ChuteError:
+            source.release(queue, receipts)
+            raise
+        await source.ack(queue, receipts)
 
     async def update_subscription(self, topic: str, pattern: str, queue: str, *,
                                   filter: dict | None = None) -> SubscriptionInfo:  # fmt: skip
