@@ -1,36 +1,52 @@
-"""Checkpoints that do not hold the event loop: the snapshot of a large state is built in a forked child process.
+"""Checkpoints that do not hold the event loop: the snapshot of a large state is built by a child process.
 
-A snapshot must stand for exactly the log position its checkpoint records, and the store takes that position
-when `checkpoint()` is called. Building the snapshot of a million-message backlog is over a second of Python
-(`BrokerCore.snapshot`), which on the event loop would stall every client. Instead, at a moment P:
-- `os.fork()` copies the process (copy-on-write page tables: ~10 ms for 250 MB resident). The child holds the
-  state exactly as it was at P; it builds the snapshot there, compresses it (zlib level 1: the column-packed
-  entries shrink ~14x, so the parent handles megabytes, not tens of them), writes it to a pipe and exits;
-- meanwhile the broker keeps working, and every record it appends to the durable store is also noted (the
-  store object's `append` is wrapped for the duration): the tail;
-- at P', when the image has arrived, the snapshot is the image plus the tail of records appended in (P, P'],
-  and the caller stores it at once, in the same turn of the loop, so P' is the position the checkpoint records.
-Recovery loads the image, replays the tail, then the log's records after P': the same steps as recovering from
-a checkpoint taken at P, which the model, contract and crash tests prove for every checkpoint.
+Building the snapshot of a million-message backlog is over a second of Python (`BrokerCore.snapshot`), which on
+the event loop would stall every client. So a child builds it, compressed (zlib level 1: the column-packed
+entries shrink ~14x, so the parent handles megabytes, not tens of them), and writes it to a pipe. Two kinds:
+
+**Rebuilt from the files** (`replayed`), where the store's files are real ones (a FileStore on the disk): at a
+position P of the log (`store.replay_point()`, a frame boundary), once what was appended before P is written, a
+new program (`chute._replay_child`, started with posix_spawn) reads the stored checkpoint and the records after it
+up to P, replays them as recovery does, and writes the snapshot of that state. It shares no memory page with the
+broker, so the broker's loop takes no copy-on-write fault meanwhile (a fork's faults held the loop 10-25 ms at
+most checkpoints of a soak: BENCHMARKS.md, issue 12). The checkpoint is stored at P (`store.checkpoint(snapshot,
+at=P)`): recovery loads it and replays the log after P, which holds everything appended while the child worked.
+Its cost is the child's CPU, about what recovery spends on the records since the last checkpoint (~8 us per
+message published and acked on the 2-vCPU AMD machine) plus ~0.35 s to start, at `nice 10`.
+
+**Forked** (`snapshot`), elsewhere (the PostgreSQL store, a test's in-memory files, CHUTE_SNAPSHOT_REPLAY=0, a
+failed rebuild): at a moment P `os.fork()` copies the process (copy-on-write page tables: 2-10 ms for 100-250 MB
+resident); the child holds the state exactly as it was at P and builds the image from memory. Meanwhile the
+broker keeps working, and every record it appends is also noted (the store object's `append` is wrapped for the
+duration): the tail. At P', when the image has arrived, the snapshot is the image plus the tail of records
+appended in (P, P'], and the caller stores it at once, in the same turn of the loop, so P' is the position the
+checkpoint records. Recovery loads the image, replays the tail, then the log's records after P'.
+
+Either way recovery takes the same steps as from a checkpoint taken at P, which the model, contract and crash
+tests prove for every checkpoint.
 
 Invariants:
-- nothing is appended between the end of the tail and the store's position: `snapshot()` returns, and its
-  caller calls `store.checkpoint`, within one synchronous step;
-- every append in (P, P'] is in the tail: the store's append counter must have moved by exactly the appends
-  noted, else the image is dropped and the caller builds the snapshot on the loop (never a wrong checkpoint);
-- the child only reads memory and writes its pipe, then leaves with `os._exit` (no atexit handlers, no flush of
-  inherited buffers); it closes every inherited descriptor but its pipe and stdio first, so it never holds the
-  data directory's lock or a client's socket; a failed child costs an on-loop snapshot, never a missing
-  checkpoint;
-- while the child lives, the parent avoids writing to many pages at once (each first write copies a page): the
-  garbage collector is paused (for a second or two), and compaction runs before the fork, not after;
+- a rebuilt snapshot stands for P exactly: every record before P is written before the child starts (`flush`),
+  none after it is read (storage/file/readonly.py stops at P), and no checkpoint is stored nor segment deleted
+  while it reads (one checkpoint at a time);
+- a forked one: nothing is appended between the end of the tail and the store's position (`snapshot()` returns,
+  and its caller calls `store.checkpoint`, within one synchronous step); every append in (P, P'] is in the tail
+  (the store's append counter must have moved by exactly the appends noted, else the image is dropped and the
+  caller builds the snapshot on the loop: never a wrong checkpoint);
+- a forked child only reads memory and writes its pipe, then leaves with `os._exit` (no atexit handlers, no
+  flush of inherited buffers); it closes every inherited descriptor but its pipe and stdio first, so it never
+  holds the data directory's lock or a client's socket; a spawned one inherits only its pipe and stdio (every
+  descriptor Python opens is close-on-exec); a failed child costs a fork or an on-loop snapshot, never a
+  missing checkpoint;
+- while a forked child lives, the parent avoids writing to many pages at once (each first write copies a page):
+  the garbage collector is paused (for a second or two), and compaction runs before the fork, not after;
 - no step on the loop touches the whole tail or image: each record is encoded into the tail's buffers as it is
   appended (spread over the child's life), and the snapshot goes to the store as pieces, never joined (a join
   of the tens of megabytes a burst appends meanwhile would hold the loop: 20-40 ms measured);
 - the image is read, the pipe closed and the child reaped by a thread of its own, even if the checkpoint is
   cancelled meanwhile (the child is then killed);
 - Linux only (elsewhere, and for states whose estimated cost is under FORK_MIN_ENTRIES plain messages, the
-  snapshot is built on the loop: a cheap one takes less than a fork and its copy-on-write faults).
+  snapshot is built on the loop: a cheap one takes less than a child).
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import signal
 import sys
@@ -66,7 +83,14 @@ VIEW_COST = 50  # a plain message of another priority's packed line (made an Ent
 FORK_MIN_ENTRIES = int(os.environ.get("CHUTE_SNAPSHOT_FORK_MIN_ENTRIES", "20000"))
 COMPRESS_LEVEL = 1  # ~250 ms per million entries in the child; level 6 is 5x slower for 4% less
 READ_CHUNK_BYTES = 1 << 20
+log = logging.getLogger("chute.broker")
+
 MAX_FD = 1 << 20  # close_range's upper bound in the child (the kernel stops at the highest open descriptor)
+# Where the store's files are real ones, the child is a new program that rebuilds the state from them instead
+# of a fork (chute._replay_child): it shares no page with the broker. CHUTE_SNAPSHOT_REPLAY=0 forks anyway.
+REPLAY = os.environ.get("CHUTE_SNAPSHOT_REPLAY", "1") != "0"
+REPLAY_MAX_FAILURES = 3  # children failed in a row (the program cannot import chute?): then every checkpoint forks
+_replay_failures = 0
 
 
 def worth_forking(core: BrokerCore) -> bool:
@@ -159,6 +183,56 @@ async def snapshot(core: BrokerCore, store: Store) -> list[bytes | bytearray] | 
     return snap.tailed_pieces(image, tail)
 
 
+async def replayed(store: Store, now: float) -> tuple[list[bytes | bytearray], object] | None:
+    """(the snapshot, the store's position it stands for) as a new program rebuilt it from the store's files
+    (`chute._replay_child`), for `store.checkpoint(snapshot, at=position)`; None where the store's files are not
+    real ones (it has no `replay_point`), with CHUTE_SNAPSHOT_REPLAY=0, or if the child failed (the caller then
+    forks)."""
+    global _replay_failures
+    point = store.replay_point() if REPLAY and hasattr(store, "replay_point") else None
+    if point is None or _replay_failures >= REPLAY_MAX_FAILURES:
+        return None
+    await store.flush()  # the records before the point are in the files the child reads
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = _spawn(_replay_argv(point.directory, point.end_ref, now), read_fd, write_fd)
+    finally:
+        os.close(write_fd)
+    if pid is None:
+        os.close(read_fd)
+        return None
+    try:
+        image = await _collecting(pid, read_fd)
+    except asyncio.CancelledError:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)  # the thread then reads the end of the pipe and reaps it
+        raise
+    if image is None:
+        _replay_failures += 1
+        log.warning("the checkpoint child failed (its errors are above); this checkpoint forks instead%s",
+                    "" if _replay_failures < REPLAY_MAX_FAILURES else ", and so will the next ones")  # fmt: skip
+        return None
+    _replay_failures = 0
+    return snap.tailed_pieces(image, snap.TailEncoder()), point  # (a tailed snapshot with an empty tail)
+
+
+def _replay_argv(directory: str, end_ref: int, now: float) -> list[str]:
+    """The child's command line (its first item an absolute path)."""
+    return [sys.executable, "-m", "chute._replay_child", directory, str(end_ref), repr(now)]
+
+
+def _spawn(argv: list[str], read_fd: int, write_fd: int) -> int | None:
+    """Start `argv` writing to the pipe as its standard output (posix_spawn: the broker's page tables are not
+    copied and no page is shared; every descriptor the broker opened is close-on-exec, as Python makes them)."""
+    actions = [(os.POSIX_SPAWN_CLOSE, read_fd), (os.POSIX_SPAWN_DUP2, write_fd, 1)]
+    if write_fd != 1:  # (1 itself when the broker runs with its standard output closed)
+        actions.append((os.POSIX_SPAWN_CLOSE, write_fd))
+    try:
+        return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
+    except OSError:
+        return None
+
+
 def _fork() -> int:
     with warnings.catch_warnings():
         # Python 3.12+ warns when a process with threads forks: the child must not need a lock another thread
@@ -228,7 +302,8 @@ def _collect(pid: int, read_fd: int) -> list[bytes] | None:
             chunks.append(chunk)
     finally:
         os.close(read_fd)
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
+        log.debug("checkpoint child %d: %.3f s of CPU, status %d", pid, usage.ru_utime + usage.ru_stime, status)
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         return None
     return chunks

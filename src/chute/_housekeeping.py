@@ -5,10 +5,12 @@ the checkpoint counters). A checkpoint is due every `checkpoint_bytes` of log or
 also when the broker has gone idle), and as soon as a start's recovery replayed a log tail after a crash (crashes
 sooner than the interval would otherwise let the tail grow), one at a time, in the background. Compaction runs
 first, in steps, then the timer heap sheds its stale timers if they are half of it or more (in steps too); the
-snapshot of a large state is built in a forked child (`_forked_snapshot.py`).
+snapshot of a large state is built by a child process (`_forked_snapshot.py`): rebuilt from the files by a new
+program where they are real ones (the checkpoint then stands for the position the child read up to), else forked.
 
 Invariant: nothing here walks a large backlog in one turn of the event loop; a checkpoint's snapshot stands for
-exactly the log position the store records (no await between building it and storing it).
+exactly the log position the store records (no await between building it and storing it, or the position the
+child rebuilt it at, given to the store).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Housekeeping:
 
     async def checkpoint(self) -> None:
         """Store a snapshot (recovery then replays only later records) and compact sparse log files. A large
-        state's snapshot is built in a forked process while the broker keeps serving (chute._forked_snapshot)."""
+        state's snapshot is built by a child process while the broker keeps serving (chute._forked_snapshot)."""
         async with self._checkpointing:  # one at a time: the forked path wraps the store's append
             self._written_at_checkpoint = self.store.bytes_appended
             self._checkpoint_time = time.monotonic()
@@ -75,16 +77,23 @@ class Housekeeping:
             await self._drop_stale_timers()  # before a fork too: it writes to the heap's pages
             if self._state != "serving":
                 return
-            snapshot = None
+            snapshot = at = None
             if forked_snapshot.worth_forking(self.core):
-                snapshot = await forked_snapshot.snapshot(self.core, self.store)
+                replayed = await forked_snapshot.replayed(self.store, self.clock())
+                if replayed is not None:  # rebuilt from the files: it stands for an earlier position, `at`
+                    snapshot, at = replayed
+                else:
+                    snapshot = await forked_snapshot.snapshot(self.core, self.store)
             if snapshot is None:
                 snapshot = self.core.snapshot()
             held = self.core.pending_refs()  # a store must not reclaim them before their publishes are placed
             for ref in held:
                 self.store.track(ref)
             try:
-                await self.store.checkpoint(snapshot)  # no await since the snapshot was made: it stands for here
+                if at is None:
+                    await self.store.checkpoint(snapshot)  # no await since the snapshot was made: it stands for here
+                else:
+                    await self.store.checkpoint(snapshot, at=at)
             finally:
                 for ref in held:
                     self.store.release(ref)

@@ -21,7 +21,8 @@ Per queue and round, with "intended" = an ack was sent (I line) and may or may n
 - split:       a topic message of this round stored in one subscription queue but not in the other (unless an
                ack was intended there): a fan-out publish lands whole or not at all.
 
-Size: CHUTE_CRASH_ROUNDS (default 20). Randomness: CHUTE_CRASH_SEED (default 20261128; printed with -s).
+Size: CHUTE_CRASH_ROUNDS (default 20; then half as many again with every checkpoint of the worker rebuilt by a
+child, chute/_replay_child.py). Randomness: CHUTE_CRASH_SEED (default 20261128; printed with -s).
 Run with -s to see the recovery reports of every round.
 """
 
@@ -220,12 +221,17 @@ def check_round(
 
 @pytest.mark.crash
 @pytest.mark.timeout(60 + 10 * ROUNDS)
-async def test_sigkill_under_load_loses_nothing_confirmed(tmp_path):
+@pytest.mark.parametrize("children", [False, True], ids=["checkpoints-as-sized", "every-checkpoint-by-a-child"])
+async def test_sigkill_under_load_loses_nothing_confirmed(tmp_path, monkeypatch, children):
+    rounds = ROUNDS
+    if children:  # the worker's checkpoints are all rebuilt from the files by a child (chute/_replay_child.py)
+        monkeypatch.setenv("CHUTE_SNAPSHOT_FORK_MIN_ENTRIES", "0")
+        rounds = max(1, ROUNDS // 2)
     data_dir, rng = tmp_path / "data", random.Random(SEED)
     history, previous = History(), {queue: set() for queue in QUEUES}
     summary, started = [], time.monotonic()
-    print(f"\nSIGKILL campaign: {ROUNDS} rounds, CHUTE_CRASH_SEED={SEED}, data in {data_dir}")
-    for round_number in range(1, ROUNDS + 1):
+    print(f"\nSIGKILL campaign: {rounds} rounds, CHUTE_CRASH_SEED={SEED}, children={children}, data in {data_dir}")
+    for round_number in range(1, rounds + 1):
         log_path = tmp_path / f"round{round_number:03d}.log"
         how = await run_worker(round_number, data_dir, log_path, rng)
         this_round = read_log(log_path)
@@ -258,7 +264,7 @@ async def test_sigkill_under_load_loses_nothing_confirmed(tmp_path):
         final = describe(broker.recovery)
     torn = sum(report.truncated_at is not None for report, _ in summary)
     print(f"after draining and reopening: {final}")
-    print(f"{ROUNDS} rounds in {time.monotonic() - started:.1f} s; torn tails cut in {torn} of them")
+    print(f"{rounds} rounds in {time.monotonic() - started:.1f} s; torn tails cut in {torn} of them")
 
 
 def test_checker_flags_each_kind_of_violation(tmp_path):

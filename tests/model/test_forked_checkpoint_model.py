@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import tempfile
 
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import precondition, rule
 
 from chute import _forked_snapshot as forked_snapshot
+from chute.storage import FileStore
 from tests.model.test_queue_model import QueueMachine
 from tests.postgres import server as postgres_server
+from tests.processes import abandon
 
 FORKED: list[int] = []  # one item per checkpoint seen in flight with its child forked
 
@@ -26,6 +30,10 @@ FORKED: list[int] = []  # one item per checkpoint seen in flight with its child 
 # in CI. So at most $CHUTE_FORK_MODEL_EXAMPLES (default 60) per store; raise it for a campaign. The same machine
 # without forks runs the whole profile in test_queue_model.py.
 FORK_EXAMPLES = int(os.environ.get("CHUTE_FORK_MODEL_EXAMPLES", "60"))
+# On a real directory each checkpoint starts a new Python program (~0.25 s): $CHUTE_DISK_MODEL_EXAMPLES (default
+# 15) examples of it.
+DISK_EXAMPLES = int(os.environ.get("CHUTE_DISK_MODEL_EXAMPLES", "15"))
+REPLAYED: list[int] = []  # one item per checkpoint of the disk machine seen in flight
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -105,6 +113,49 @@ class TestForkedCheckpointsFileStore(FileForkingQueueMachine.TestCase):
     settings = fork_settings()
 
 
+class DiskQueueMachine(ForkingQueueMachine):
+    """On a real directory: each checkpoint's snapshot is rebuilt from the files by a new program
+    (chute._replay_child), while the broker goes on. A power cut here is the death of the process: what it wrote
+    stays (the page cache outlives it), its threads, descriptors and lock go."""
+
+    store_kind = "disk"
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="chute-model-")
+        self.saved_spawn = spawn = forked_snapshot._spawn
+
+        def counted(*args):
+            REPLAYED.append(1)
+            return spawn(*args)
+
+        forked_snapshot._spawn = counted
+        super().__init__()
+
+    def _store(self):
+        return FileStore(self.directory, segment_max_bytes=4096)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            forked_snapshot._spawn = self.saved_spawn
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    @rule()
+    def power_cut(self):
+        self._end_checkpoint(cancel=True)
+        store = self.broker.store
+        abandon(store)
+        store.fs.close()
+        store.fs.unlock(f"{self.directory}/lock")
+        self.broker = self._run(self._start())
+        self.held.clear()
+
+
+class TestReplayedCheckpointsOnDisk(DiskQueueMachine.TestCase):
+    settings = settings(settings.default, max_examples=min(settings.default.max_examples, DISK_EXAMPLES))
+
+
 class PostgresForkingQueueMachine(ForkingQueueMachine):
     store_kind = "postgres"
 
@@ -117,4 +168,5 @@ class TestForkedCheckpointsPostgresStore(PostgresForkingQueueMachine.TestCase):
 
 
 def test_the_machines_above_did_fork():
-    assert len(FORKED) >= 20  # runs after the two machines (file order): most of their checkpoints were in flight
+    assert len(FORKED) >= 20  # runs after the machines (file order): most of their checkpoints were in flight
+    assert len(REPLAYED) >= 5  # the disk machine's: children that rebuilt the state from the files

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from chute import Broker
+from chute import _forked_snapshot as forked_snapshot
 from chute.errors import StorageCorrupt
 from chute.storage.file.record import segment_version
 from tests.storage.golden.make_golden import Clock, describe, messages, store
@@ -72,6 +73,30 @@ async def test_checkpoints_upgrade_every_segment_and_lose_nothing(tmp_path, imag
     broker = await Broker(store=store(path), clock=clock, auto_tick=False).start()
     try:
         assert await found(broker) == EXPECTED[image]  # and after a restart from the upgraded files
+    finally:
+        await broker.close()
+
+
+@pytest.mark.parametrize("image", IMAGES)
+async def test_a_checkpoint_rebuilt_from_format_1_files_by_a_child_loses_nothing(tmp_path, image, monkeypatch):
+    monkeypatch.setattr(forked_snapshot, "FORK_MIN_ENTRIES", 0)  # the child (chute._replay_child) reads them
+    spawned = []
+    spawn = forked_snapshot._spawn
+    monkeypatch.setattr(forked_snapshot, "_spawn", lambda *args: spawned.append(args) or spawn(*args))
+    path = copy(image, tmp_path)
+    clock = Clock()
+    broker = await Broker(store=store(path), clock=clock, auto_tick=False).start()
+    try:
+        await broker.checkpoint()
+        assert spawned
+        await broker.store.flush()
+        shutil.copytree(path, tmp_path / "after")  # the process dies here: no closing checkpoint
+    finally:
+        await broker.close()
+    broker = await Broker(store=store(tmp_path / "after"), clock=clock, auto_tick=False).start()
+    try:
+        assert broker.recovery.records == 0  # all of it from the child's checkpoint
+        assert await found(broker) == EXPECTED[image]
     finally:
         await broker.close()
 

@@ -104,6 +104,7 @@ async def until_forked(broker: Broker, task: asyncio.Task) -> None:
 @pytest.fixture
 def always_fork(monkeypatch):
     monkeypatch.setattr(forked_snapshot, "FORK_MIN_ENTRIES", 0)
+    monkeypatch.setattr(forked_snapshot, "REPLAY", False)  # a fork on real files too (test_replayed_snapshot.py)
 
 
 async def test_a_forked_checkpoint_carries_what_happened_while_the_child_worked(tmp_path, always_fork):

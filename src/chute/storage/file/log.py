@@ -44,6 +44,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from zlib import crc32
 
@@ -717,17 +718,22 @@ class FileStore(Store):
 
     # -- checkpoint and close ---------------------------------------------------------------------------------
 
-    async def checkpoint(self, snapshot: SnapshotData) -> None:
+    async def checkpoint(self, snapshot: SnapshotData, at: ReplayPoint | None = None) -> None:
+        """As `Store.checkpoint`; with `at` (from `replay_point`), `snapshot` stands for the state at that earlier
+        position, and recovery replays the log from there."""
         if self._failure is not None:
             raise StorageReadOnly(f"the log is read-only after an earlier failure: {self._failure}")
         with self._hand_lock:
-            position = (self._active, self._active_size)
+            position = (self._active, self._active_size) if at is None else at.position
             self._open_frame = None  # the position is a frame boundary: a later append must not grow the frame
             if self._pending:  # before it; a group, so that lazy records pending behind one being written go too
                 self._token()
         await self.flush()
         loop = asyncio.get_running_loop()
-        counts = {segment: info[1] for segment, info in self._segments.items() if segment <= position[0]}
+        if at is None:
+            counts = {segment: info[1] for segment, info in self._segments.items() if segment <= position[0]}
+        else:
+            counts = at.counts
         try:
             # the writer thread makes the segments durable up to `position` (at once under `always`); the file
             # of the checkpoint, megabytes with its fsyncs, is written on its own thread, so group commits go on
@@ -835,10 +841,36 @@ class FileStore(Store):
         self._stats.bytes_on_disk = sum(info[0] for info in self._segments.values())
         return self._stats
 
+    def replay_point(self) -> ReplayPoint | None:
+        """The end of the log now, made a frame boundary, for a checkpoint whose snapshot another process rebuilds
+        from the files (chute/_replay_child.py) once `flush` has written what was appended, and which is then
+        stored at this position (`checkpoint(snapshot, at=point)`); None if the files are not real ones (a test's
+        MemoryFs) or the log is read-only or closed."""
+        if not isinstance(self.fs, OsFs) or self._failure is not None or self._closed or not self._opened:
+            return None
+        with self._hand_lock:
+            position = (self._active, self._active_size)
+            self._open_frame = None  # a later append must not grow the frame that ends here
+            counts = {segment: info[1] for segment, info in self._segments.items() if segment <= position[0]}
+        return ReplayPoint(self.directory, position, counts)
+
     @property
     def bytes_appended(self) -> int:
         """Bytes appended since the store was opened (cheap: for deciding when to checkpoint)."""
         return self._appended
+
+
+@dataclass(frozen=True)
+class ReplayPoint:
+    """A position of the log that is a frame boundary, with the records per segment up to it."""
+
+    directory: str
+    position: tuple[int, int]
+    counts: dict[int, int]
+
+    @property
+    def end_ref(self) -> int:
+        return self.position[0] << 32 | self.position[1]
 
 
 class _Writer(Executor):
