@@ -163,12 +163,7 @@ async def snapshot(core: BrokerCore, store: Store) -> list[bytes | bytearray] | 
             _child(core, read_fd, write_fd)  # never returns
         os.close(write_fd)
         write_fd = -1
-        try:
-            image = await _collecting(pid, read_fd)
-        except asyncio.CancelledError:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)  # the thread then reads the end of the pipe and reaps it
-            raise
+        image = await _image_of(pid, read_fd)
     finally:
         if collecting:
             gc.enable()
@@ -201,12 +196,7 @@ async def replayed(store: Store, now: float) -> tuple[list[bytes | bytearray], o
     if pid is None:
         os.close(read_fd)
         return None
-    try:
-        image = await _collecting(pid, read_fd)
-    except asyncio.CancelledError:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)  # the thread then reads the end of the pipe and reaps it
-        raise
+    image = await _image_of(pid, read_fd)
     if image is None:
         _replay_failures += 1
         log.warning("the checkpoint child failed (its errors are above); this checkpoint forks instead%s",
@@ -263,6 +253,16 @@ def _child(core: BrokerCore, read_fd: int, write_fd: int) -> None:
         code = 0
     finally:
         os._exit(code)
+
+
+async def _image_of(pid: int, read_fd: int) -> list[bytes] | None:
+    """The child's image (None if it failed); a cancelled caller kills the child."""
+    try:
+        return await _collecting(pid, read_fd)
+    except asyncio.CancelledError:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)  # the thread then reads the end of the pipe and reaps it
+        raise
 
 
 def _collecting(pid: int, read_fd: int) -> asyncio.Future:
