@@ -99,6 +99,7 @@ class Options:
     out_dir: str = "benchmarks/results"
     png: str | None = None  # None: <out_dir>/soak-<stamp>.png
     progress_s: float = 10.0
+    broker_log: str | None = None  # the broker's stderr is appended here too (with CHUTE_HOLD_REPORT_MS: its holds)
 
 
 @dataclass
@@ -515,7 +516,7 @@ async def sample_until(sampler: Sampler, o: Options, producing: asyncio.Task, sa
 
 def run(o: Options, say: Callable[[str], None] = print) -> dict:
     """Start a broker, soak it, stop it; write the CSV, JSON and PNG; return the report (also in the JSON)."""
-    broker = SoakBroker(fsync=o.fsync, parent=o.data_parent).start()
+    broker = SoakBroker(fsync=o.fsync, parent=o.data_parent, log_path=o.broker_log).start()
     say(f"broker pid {broker.pid} at {broker.url}, data in {broker.data_dir}, fsync {o.fsync}")
     version = source_version()
     say(f"chute at {version['commit']}" + (" with uncommitted changes" if version["uncommitted_changes"] else ""))
@@ -607,6 +608,8 @@ def parse_args(argv: list[str] | None) -> Options:
     add("--out-dir", default=d.out_dir, help="CSV, JSON (and PNG) go here (default %(default)s)")
     add("--png", default=d.png, help="where the PNG goes (default: in --out-dir)")
     add("--progress-s", type=float, default=d.progress_s, help="progress line period (default %(default)s)")
+    add("--broker-log", default=d.broker_log, help="append the broker's log to this file (with "
+        "CHUTE_HOLD_REPORT_MS set, what held its loop)")  # fmt: skip
     args = p.parse_args(argv)
     if args.messages < 1 or args.seconds <= 0 or args.rate <= 0 or args.sample_s <= 0 or args.slow_phase_s <= 0:
         p.error("--messages, --seconds, --rate, --sample-s and --slow-phase-s must be positive")

@@ -150,6 +150,7 @@ class BrokerProcess:
     http_url: str = ""
     prefix: str = "chute-bench-"
     parent: str | None = None
+    log_path: str | None = None  # the broker's stderr is also appended to this file
     _tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
 
     @property
@@ -193,9 +194,13 @@ class BrokerProcess:
     def _drain(self, process: subprocess.Popen, lines: queue_mod.Queue) -> None:
         assert process.stderr is not None
         announced = False
-        with process.stderr:  # this process's pipe, closed once drained (a restart makes a new one)
+        with contextlib.ExitStack() as files:
+            files.enter_context(process.stderr)  # this process's pipe, closed once drained (a restart makes a new one)
+            copy = files.enter_context(open(self.log_path, "a", encoding="utf-8")) if self.log_path else None
             for line in process.stderr:
                 self._tail.append(line)
+                if copy is not None:
+                    copy.write(line)
                 if not announced:
                     lines.put(line)
                     announced = LISTENING_RE.search(line) is not None

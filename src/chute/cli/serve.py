@@ -13,7 +13,7 @@ import sys
 import click
 
 from chute.errors import ChuteError
-from chute.server import Server, load_config, looplag
+from chute.server import Server, holdreport, load_config, looplag
 
 
 @click.command()
@@ -111,6 +111,7 @@ def serve(config_file, log_level, http_port, pidfile, **flags) -> None:  # fmt: 
             config.amqp_port = None if amqp_port == -1 else config.amqp_port
             config.validate()
         looplag.interval_from_env()  # a benchmark's knob: refused here, before anything starts
+        holdreport.threshold_from_env()  # (and the stall diagnostic's)
     except ChuteError as exc:
         raise click.ClickException(f"{exc.message} ({exc.name})") from None
     except ValueError as exc:

@@ -32,6 +32,7 @@ from chute.protocol import messages as m
 from chute.protocol.frames import Op
 from chute.server.auth import Authenticator
 from chute.server.config import DEFAULT_AMQP_PORT, ServerConfig
+from chute.server.holdreport import HoldReporter, threshold_from_env
 from chute.server.looplag import LoopLagMonitor
 from chute.server.session import Session
 
@@ -69,6 +70,8 @@ class Server:
         self._memory_paused = False
         self.backpressure_pauses = 0  # times the memory high-water mark paused publishers (for tests, metrics)
         self.loop_lag = LoopLagMonitor()  # how late the event loop runs what is due (/metrics)
+        hold_threshold_s = threshold_from_env()  # CHUTE_HOLD_REPORT_MS: name what held the loop, in the log
+        self.hold_reporter = None if hold_threshold_s is None else HoldReporter(hold_threshold_s)
         self._tcp: asyncio.base_events.Server | None = None
         self._http_runner = None
         self.port: int | None = None
@@ -137,6 +140,8 @@ class Server:
         self.port = self._tcp.sockets[0].getsockname()[1]
         self.state = "serving"
         self.loop_lag.start()  # from now on (start-up's imports and setup are not stalls a client waits behind)
+        if self.hold_reporter is not None:
+            self.hold_reporter.start()
         where = self.config.data_dir
         if self.config.store is not None:
             where = getattr(getattr(self.broker, "node", None) or getattr(self.broker, "store", None), "where", "?")
@@ -282,6 +287,8 @@ class Server:
         await self._close_http()
         await self.auth.close()
         self.loop_lag.stop()
+        if self.hold_reporter is not None:
+            self.hold_reporter.stop()
         self.state = "stopped"
         self._stopped.set()
         log.info("stopped")

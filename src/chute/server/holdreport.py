@@ -1,0 +1,145 @@
+"""Whose code held the event loop: a diagnostic that names the stalls the lag histogram only counts.
+
+`chute_event_loop_lag_*` (looplag.py) says how often and how long the loop was held, not by what. With
+CHUTE_HOLD_REPORT_MS set (a threshold in milliseconds, 2 to 10,000), `chute serve` also runs a `HoldReporter`: a
+heartbeat timer on the loop every threshold/4 and a daemon thread that wakes as often. When the thread finds the
+heartbeat older than the threshold, the loop is held: it takes the loop thread's Python stack
+(`sys._current_frames`) at each wake until the heartbeat runs again, then logs one warning on `chute.holds`: how
+long the hold was, the stacks it saw (most frequent first) and any garbage collection that ran during it. For
+soaks and operators chasing a stall; off by default.
+
+What a sample shows: the sampling thread needs the GIL, so it sees the loop thread between two bytecodes, or
+inside a call that released the GIL (a system call, a `ctypes` call). A hold inside one long C call that keeps
+the GIL (a collection, a big copy) is seen once it returns, as the frame that made it: collections are therefore
+timed separately, through `gc.callbacks`.
+
+Invariants:
+- cost while enabled: one loop timer and one thread wake-up per threshold/4, plus one callback per collection;
+  nothing per message; a stack is taken only while a hold is in progress;
+- the loop and the thread share a heartbeat (a float the loop writes) and a short list of long collections
+  (replaced whole by whichever thread collected, read by the reporter; a note lost in a race costs nothing but
+  that line of a report);
+- one warning per hold, at most `MAX_STACKS` distinct stacks of `STACK_DEPTH` frames each, so a long hold does
+  not flood the log;
+- `stop()` ends the thread and the timer and removes the collector callback (idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import logging
+import math
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger("chute.holds")
+
+ENV = "CHUTE_HOLD_REPORT_MS"
+STACK_DEPTH = 8  # innermost frames kept per sample
+MAX_STACKS = 3  # distinct stacks per report
+
+
+def threshold_from_env() -> float | None:
+    """The threshold in seconds from CHUTE_HOLD_REPORT_MS (2 to 10,000 ms), None when unset; ValueError else."""
+    text = os.environ.get(ENV)
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 2 <= value <= 10_000:
+        raise ValueError(f"{ENV} must be a number of milliseconds from 2 to 10000, not {text!r}")
+    return value / 1000
+
+
+class HoldReporter:
+    """Logs, for each hold of the loop longer than `threshold_s`, where the loop thread was. `start()` on the
+    loop's thread, `stop()` when done."""
+
+    def __init__(self, threshold_s: float) -> None:
+        self.threshold_s = threshold_s
+        self.tick_s = max(threshold_s / 4, 0.0005)
+        self.reports = 0  # holds reported (for tests)
+        self._beat = 0.0  # monotonic time of the loop's latest heartbeat (written by the loop)
+        self._handle: asyncio.TimerHandle | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._loop_ident = 0
+        self._gc_started = 0.0
+        self._collections: list[tuple[int, float, float]] = []  # (generation, seconds, end) of long collections
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop_ident = threading.get_ident()
+        self._beat = time.monotonic()
+        self._heartbeat(asyncio.get_running_loop())
+        gc.callbacks.append(self._on_gc)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="chute-hold-reporter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=1.0)
+            self._thread = None
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _heartbeat(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._beat = time.monotonic()
+        self._handle = loop.call_later(self.tick_s, self._heartbeat, loop)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            end = time.perf_counter()
+            if end - self._gc_started >= self.threshold_s / 4:  # worth naming in a report
+                note = (info.get("generation", -1), end - self._gc_started, time.monotonic())
+                self._collections = [*self._collections[-7:], note]
+
+    def _watch(self) -> None:
+        stacks: collections.Counter[tuple[str, ...]] = collections.Counter()
+        held_since = 0.0  # the heartbeat a hold in progress started from (0: none)
+        while not self._stop.wait(self.tick_s):
+            beat = self._beat
+            if held_since and beat != held_since:  # the loop ran its heartbeat again: the hold is over
+                self._report(held_since, beat - held_since - self.tick_s, stacks)
+                stacks = collections.Counter()
+                held_since = 0.0
+            if time.monotonic() - beat > self.threshold_s + self.tick_s:  # the next heartbeat is a threshold late
+                held_since = beat
+                frame = sys._current_frames().get(self._loop_ident)
+                if frame is not None:
+                    stacks[_stack(frame)] += 1
+
+    def _report(self, since: float, held_s: float, stacks: collections.Counter) -> None:
+        self.reports += 1
+        lines = [f"event loop held ~{held_s * 1000:.1f} ms"]
+        for generation, took, end in self._collections:
+            if end >= since:  # ended during this hold
+                lines.append(f"  garbage collection of generation {generation}: {took * 1000:.1f} ms")
+        for stack, count in stacks.most_common(MAX_STACKS):
+            lines.append(f"  {count} sample(s):")
+            lines.extend(f"    {frame}" for frame in stack)
+        log.warning("\n".join(lines))
+
+
+def _stack(frame) -> tuple[str, ...]:
+    """The innermost STACK_DEPTH frames as 'module.py:line function', innermost first."""
+    out = []
+    while frame is not None and len(out) < STACK_DEPTH:
+        code = frame.f_code
+        out.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return tuple(out)
