@@ -17,6 +17,7 @@ from chute import _forked_snapshot as forked_snapshot
 from chute.core import snapshot as snap
 from chute.errors import StorageCorrupt
 from chute.storage import FileStore
+from chute.storage.file import readonly
 from chute.storage.file.readonly import checkpoint_and_records
 from chute.storage.file.record import decode_checkpoint
 
@@ -191,3 +192,46 @@ def test_a_store_of_files_in_memory_has_no_point_a_child_could_read(tmp_path):
     from chute.storage import MemoryFs
 
     assert FileStore("/x", fs=MemoryFs()).replay_point() is None
+
+
+@pytest.mark.parametrize("window", [16, 100, 1000, 5000])
+async def test_reading_a_window_at_a_time_gives_every_record_a_whole_read_gives(tmp_path, monkeypatch, window):
+    """The reader holds a window of a segment, not all of it: frames across a window's end, frames larger than a
+    window (a 3,000-byte body), the reserved zeros after a sealed segment's records, and the position inside the
+    last segment give the same records, in the same order, as reading each file in one go."""
+    async with Broker(store=FileStore(tmp_path, segment_max_bytes=16384), checkpoint_bytes=1 << 40) as broker:
+        await broker.create_queue("q")
+        for i in range(40):
+            await broker.publish_batch("q", [Publish(body=bytes([65 + j]) * (3000 if (i + j) % 7 == 0 else 40 + i))
+                                             for j in range(5)])  # fmt: skip
+            got = await broker.receive("q", 3)
+            await broker.ack("q", [d.receipt for d in got[:2]])
+        await broker.store.flush()
+        point = broker.store.replay_point()
+        await broker.publish("q", b"after the position")
+        await broker.store.flush()
+        assert len(list(tmp_path.glob("*.seg"))) >= 3
+        _, records = checkpoint_and_records(broker.store.fs, point.directory, point.end_ref)
+        whole = list(records)
+        monkeypatch.setattr(readonly, "WINDOW_BYTES", window)
+        _, records = checkpoint_and_records(broker.store.fs, point.directory, point.end_ref)
+        assert list(records) == whole
+    assert len(whole) > 200 and all(ref < point.end_ref for ref, _, _ in whole)
+    assert not any(payload.endswith(b"after the position") for _, _, payload in whole)
+
+
+async def test_a_damaged_frame_is_an_error_whatever_the_window(tmp_path, monkeypatch):
+    async with Broker(store=FileStore(tmp_path, segment_max_bytes=16384), checkpoint_bytes=1 << 40) as broker:
+        await broker.create_queue("q")
+        for _ in range(10):
+            await broker.publish_batch("q", [Publish(body=b"x" * 700) for _ in range(8)])
+        await broker.store.flush()
+        point = broker.store.replay_point()
+        first = sorted(tmp_path.glob("*.seg"))[0]
+        data = bytearray(first.read_bytes())
+        data[6000] ^= 0xFF  # inside a sealed segment's records
+        first.write_bytes(bytes(data))
+        for window in (64, 4096, 1 << 20):
+            monkeypatch.setattr(readonly, "WINDOW_BYTES", window)
+            with pytest.raises(StorageCorrupt, match="cannot be read"):
+                list(checkpoint_and_records(broker.store.fs, point.directory, point.end_ref)[1])
