@@ -71,7 +71,7 @@ class HoldReporter:
         self._stop = threading.Event()
         self._loop_ident = 0
         self._gc_started = 0.0
-        self._collections: list[tuple[int, float, float]] = []  # (generation, seconds, end) of long collections
+        self._collections: list[tuple[int, float, float, int]] = []  # (generation, s, end, freed) of long ones
 
     def start(self) -> None:
         if self._thread is not None:
@@ -105,7 +105,7 @@ class HoldReporter:
         else:
             end = time.perf_counter()
             if end - self._gc_started >= self.threshold_s / 4:  # worth naming in a report
-                note = (info.get("generation", -1), end - self._gc_started, time.monotonic())
+                note = (info.get("generation", -1), end - self._gc_started, time.monotonic(), info.get("collected", 0))
                 self._collections = [*self._collections[-7:], note]
 
     def _watch(self) -> None:
@@ -126,9 +126,9 @@ class HoldReporter:
     def _report(self, since: float, held_s: float, stacks: collections.Counter) -> None:
         self.reports += 1
         lines = [f"event loop held ~{held_s * 1000:.1f} ms"]
-        for generation, took, end in self._collections:
-            if end >= since:  # ended during this hold
-                lines.append(f"  garbage collection of generation {generation}: {took * 1000:.1f} ms")
+        for generation, took, end, freed in self._collections:
+            if end >= since:  # ended during this hold (with the unreachable objects it freed: cycles of garbage)
+                lines.append(f"  garbage collection of generation {generation}: {took * 1000:.1f} ms, {freed} freed")
         for stack, count in stacks.most_common(MAX_STACKS):
             lines.append(f"  {count} sample(s):")
             lines.extend(f"    {frame}" for frame in stack)
