@@ -100,3 +100,32 @@ def test_the_threshold_comes_from_the_environment_and_bad_values_are_refused(mon
             threshold_from_env()
         result = CliRunner().invoke(cli, ["serve", "--port", "0", "--http-port", "-1", "--amqp-port", "-1"])
         assert result.exit_code == 1 and f"{ENV} must be" in result.output, result.output
+
+
+async def test_the_other_threads_at_work_during_a_hold_are_named(caplog) -> None:
+    """A loop blocked outside Python (here a sleep; in a server, often waiting for the GIL) is reported with the
+    server's other threads that were running Python meanwhile, by name and frame; idle ones are left out."""
+    stop = threading.Event()
+
+    def a_busy_thread_for_this_test() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    busy = threading.Thread(target=a_busy_thread_for_this_test, name="busy-worker")
+    idle = threading.Thread(target=stop.wait, name="idle-worker")
+    reporter = HoldReporter(0.02)
+    reporter.start()
+    busy.start()
+    idle.start()
+    try:
+        await asyncio.sleep(0.05)
+        time.sleep(0.15)  # the loop thread is blocked, not in Python
+        await reports_after(reporter, 1)
+    finally:
+        stop.set()
+        busy.join()
+        idle.join()
+        reporter.stop()
+    messages = [m for m in hold_warnings(caplog) if "other threads" in m]
+    assert any("busy-worker: test_hold_report.py" in m and "a_busy_thread_for_this_test" in m for m in messages)
+    assert not any("idle-worker" in m for m in messages)

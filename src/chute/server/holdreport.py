@@ -11,7 +11,10 @@ soaks and operators chasing a stall; off by default.
 What a sample shows: the sampling thread needs the GIL, so it sees the loop thread between two bytecodes, or
 inside a call that released the GIL (a system call, a `ctypes` call). A hold inside one long C call that keeps
 the GIL (a collection, a big copy) is seen once it returns, as the frame that made it: collections are therefore
-timed separately, through `gc.callbacks`.
+timed separately, through `gc.callbacks`. A loop thread outside any Python frame of its own (only the runner's)
+is in the event loop's C code: a system call, or waiting for the GIL; so each sample also notes where the
+server's other threads were, those not waiting in `threading`, `queue` or an executor (the log's writer and
+reader, a checkpoint's threads): the GIL's likely holders.
 
 Invariants:
 - cost while enabled: one loop timer and one thread wake-up per threshold/4, plus one callback per collection;
@@ -41,6 +44,7 @@ log = logging.getLogger("chute.holds")
 ENV = "CHUTE_HOLD_REPORT_MS"
 STACK_DEPTH = 8  # innermost frames kept per sample
 MAX_STACKS = 3  # distinct stacks per report
+IDLE_MODULES = {"threading.py", "thread.py", "queue.py", "selectors.py"}  # a thread whose innermost frame is here waits
 
 
 def threshold_from_env() -> float | None:
@@ -110,20 +114,28 @@ class HoldReporter:
 
     def _watch(self) -> None:
         stacks: collections.Counter[tuple[str, ...]] = collections.Counter()
+        others: collections.Counter[str] = collections.Counter()
         held_since = 0.0  # the heartbeat a hold in progress started from (0: none)
         while not self._stop.wait(self.tick_s):
             beat = self._beat
             if held_since and beat != held_since:  # the loop ran its heartbeat again: the hold is over
-                self._report(held_since, beat - held_since - self.tick_s, stacks)
-                stacks = collections.Counter()
+                self._report(held_since, beat - held_since - self.tick_s, stacks, others)
+                stacks, others = collections.Counter(), collections.Counter()
                 held_since = 0.0
             if time.monotonic() - beat > self.threshold_s + self.tick_s:  # the next heartbeat is a threshold late
                 held_since = beat
-                frame = sys._current_frames().get(self._loop_ident)
+                frames = sys._current_frames()
+                frames.pop(threading.get_ident(), None)
+                frame = frames.pop(self._loop_ident, None)
                 if frame is not None:
                     stacks[_stack(frame)] += 1
+                names = {thread.ident: thread.name for thread in threading.enumerate()}
+                for ident, other in frames.items():  # the server's other threads that are not idle
+                    where = _stack(other)
+                    if where and where[0].split(":", 1)[0] not in IDLE_MODULES:
+                        others[f"{names.get(ident, ident)}: {where[0]}"] += 1
 
-    def _report(self, since: float, held_s: float, stacks: collections.Counter) -> None:
+    def _report(self, since: float, held_s: float, stacks: collections.Counter, others: collections.Counter) -> None:
         self.reports += 1
         lines = [f"event loop held ~{held_s * 1000:.1f} ms"]
         for generation, took, end, freed in self._collections:
@@ -132,6 +144,9 @@ class HoldReporter:
         for stack, count in stacks.most_common(MAX_STACKS):
             lines.append(f"  {count} sample(s):")
             lines.extend(f"    {frame}" for frame in stack)
+        if others:
+            lines.append("  other threads at work meanwhile (samples): " + ", ".join(
+                f"{where} ({count})" for where, count in others.most_common(MAX_STACKS)))  # fmt: skip
         log.warning("\n".join(lines))
 
 
