@@ -94,7 +94,7 @@ def test_the_threshold_comes_from_the_environment_and_bad_values_are_refused(mon
     assert threshold_from_env() is None
     monkeypatch.setenv(ENV, "8")
     assert threshold_from_env() == 0.008
-    for bad in ("abc", "1", "-5", "nan", "20000"):
+    for bad in ("abc", "1", "-5", "nan", "20000", ""):
         monkeypatch.setenv(ENV, bad)
         with pytest.raises(ValueError, match=f"{ENV} must be a number of milliseconds from 2 to 10000"):
             threshold_from_env()

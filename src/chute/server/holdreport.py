@@ -33,11 +33,12 @@ import asyncio
 import collections
 import gc
 import logging
-import math
 import os
 import sys
 import threading
 import time
+
+from chute.server.looplag import number_from_env
 
 log = logging.getLogger("chute.holds")
 
@@ -49,16 +50,8 @@ IDLE_MODULES = {"threading.py", "thread.py", "queue.py", "selectors.py"}  # a th
 
 def threshold_from_env() -> float | None:
     """The threshold in seconds from CHUTE_HOLD_REPORT_MS (2 to 10,000 ms), None when unset; ValueError else."""
-    text = os.environ.get(ENV)
-    if text is None or text == "":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 2 <= value <= 10_000:
-        raise ValueError(f"{ENV} must be a number of milliseconds from 2 to 10000, not {text!r}")
-    return value / 1000
+    value = number_from_env(ENV, 2, 10_000, "milliseconds")
+    return None if value is None else value / 1000
 
 
 class HoldReporter:

@@ -47,15 +47,22 @@ INTERVAL_ENV = "CHUTE_LOOP_LAG_INTERVAL_S"  # for benchmarks: a finer interval c
 
 def interval_from_env() -> float:
     """The monitor's interval: CHUTE_LOOP_LAG_INTERVAL_S if set (seconds, 0.001 to 10), else the default."""
-    text = os.environ.get(INTERVAL_ENV)
+    value = number_from_env(INTERVAL_ENV, 0.001, 10, "seconds")
+    return DEFAULT_INTERVAL_S if value is None else value
+
+
+def number_from_env(name: str, low: float, high: float, unit: str) -> float | None:
+    """The number in the environment variable `name`, None if it is not set; ValueError (naming the variable and
+    the range) if it is not a number from `low` to `high` (an empty value included)."""
+    text = os.environ.get(name)
     if text is None:
-        return DEFAULT_INTERVAL_S
+        return None
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0.001 <= value <= 10:
-        raise ValueError(f"{INTERVAL_ENV} must be a number of seconds from 0.001 to 10, not {text!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be a number of {unit} from {low:g} to {high:g}, not {text!r}")
     return value
 
 
