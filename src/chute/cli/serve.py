@@ -144,8 +144,9 @@ GC_YOUNG_THRESHOLD = 5_000
 
 
 def _freeze_startup_objects() -> None:
-    """Before serving: collect once, then move every object the collector tracks so far (the modules, classes and
-    functions of Chute, aiohttp, uvloop and the rest: about 50,000) out of its reach for good (`gc.freeze`). They
+    """Collect once, then move every object the collector tracks so far out of its reach for good (`gc.freeze`):
+    before the server starts (the modules, classes and functions of Chute, aiohttp, uvloop and the rest: about
+    50,000), and again once it serves (what the start made: the fronts' modules, recovery's objects). They
     live as long as the process, but each middle and full collection walked them again: 20-27 ms holds of the
     loop, the first about a minute after start, measured in a soak (BENCHMARKS.md, issue 12). A frozen object is
     still freed by reference counting; only a cycle among them would wait for the process's end."""
