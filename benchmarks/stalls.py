@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import struct
 import sys
 import time
 import urllib.request
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.tail import Canary, ChildWatch, HarnessLag, Timeline, explain_tail
 from chute.bench import (
     BROKER_START_TIMEOUT_S,
     STAMP,
@@ -56,6 +58,7 @@ from chute.client import AsyncClient
 from chute.server import looplag
 
 BACKLOG_QUEUE, LATENCY_QUEUE = "stalls-backlog", "stalls-latency"
+INDEX = struct.Struct("<I")  # a message's number in the steady phase, after its STAMP
 
 
 @dataclass
@@ -125,26 +128,48 @@ async def build_backlog(url: str, count: int, body: bytes) -> float:
         return time.perf_counter() - started
 
 
-async def steady(url: str, rate: float, duration: float, size: int) -> list[float]:
-    """Publish at `rate` for `duration` seconds while a consumer drains; return latencies (seconds)."""
+async def steady(url: str, rate: float, duration: float, size: int, pid: int) -> tuple[list[float], dict]:
+    """Publish at `rate` for `duration` seconds while a consumer drains; return the latencies (seconds) and where
+    the slowest waited (benchmarks/tail.py: each message's confirm and receipt, the broker's child processes, the
+    harness's own late wakes)."""
     total = max(1, int(rate * duration))
-    padding = b"x" * max(0, size - STAMP.size)
+    padding = b"x" * max(0, size - STAMP.size - INDEX.size)
     samples: list[float] = []
+    timeline = Timeline()
     async with AsyncClient(url, timeout=60, reconnect=False, name="stalls-producer") as producer, \
             AsyncClient(url, timeout=60, reconnect=False, name="stalls-consumer") as consumer:  # fmt: skip
         await producer.create_queue(LATENCY_QUEUE, lease_s=300)
 
         def received(delivery) -> None:
-            samples.append(time.perf_counter() - STAMP.unpack_from(delivery.body)[0])
+            now = time.perf_counter()
+            samples.append(now - STAMP.unpack_from(delivery.body)[0])
+            timeline.received[INDEX.unpack_from(delivery.body, STAMP.size)[0]] = now
 
-        draining = asyncio.get_running_loop().create_task(
-            drain(consumer, LATENCY_QUEUE, total, prefetch=1000, ack_batch=50, acks_in_flight=4,
-                  on_delivery=received))  # fmt: skip
+        def send() -> asyncio.Future:
+            at = time.perf_counter()
+            index = timeline.send(at)
+            future = producer.publish_nowait(LATENCY_QUEUE, STAMP.pack(at) + INDEX.pack(index) + padding)
+            future.add_done_callback(lambda _, i=index: timeline.confirmed.__setitem__(i, time.perf_counter()))
+            return future
+
+        loop = asyncio.get_running_loop()
+        draining = loop.create_task(drain(consumer, LATENCY_QUEUE, total, prefetch=1000, ack_batch=50,
+                                          acks_in_flight=4, on_delivery=received))  # fmt: skip
         await asyncio.sleep(0.05)
-        with collector_out_of_the_window():  # (the harness's own full collections are not the broker's stalls)
-            await publish_paced(producer, LATENCY_QUEUE, total, rate, padding)
-            await draining
-    return samples
+        children, harness, bystander = ChildWatch(pid).start(), HarnessLag(), Canary().start()
+        watching = loop.create_task(harness.run())
+        try:
+            with collector_out_of_the_window():  # (the harness's own full collections are not the broker's stalls)
+                await publish_paced(send, total, rate)
+                await draining
+        finally:
+            watching.cancel()
+            spans = children.stop()
+            canary_late = bystander.stop()
+    tail = explain_tail(timeline, spans, harness.late, wall_offset=time.time() - time.perf_counter(),
+                        canary_late=canary_late)  # fmt: skip
+    tail["harness_lag_max_ms"] = harness.largest * 1000
+    return samples, tail
 
 
 async def run(options: argparse.Namespace, broker: HttpBrokerProcess, say) -> dict:
@@ -158,7 +183,7 @@ async def run(options: argparse.Namespace, broker: HttpBrokerProcess, say) -> di
         say(f"restarted on the backlog in {restart_s:.1f} s")
     say(f"steady phase: {options.rate:g} msg/s for {options.duration:g} s")
     before = await asyncio.to_thread(scrape, broker.http_url)
-    samples = await steady(broker.url, options.rate, options.duration, options.size)
+    samples, tail = await steady(broker.url, options.rate, options.duration, options.size, broker.pid)
     after = await asyncio.to_thread(scrape, broker.http_url)
     ordered = sorted(samples)
     lag = {f"p{q}": bucket_quantile(before["buckets"], after["buckets"], q / 100) for q in (50, 99, 99.9)}
@@ -175,6 +200,7 @@ async def run(options: argparse.Namespace, broker: HttpBrokerProcess, say) -> di
         "checkpoints_in_window": after["checkpoints"] - before["checkpoints"],
         "fsync_ms": {f"p{q}": bucket_quantile(before["fsync"], after["fsync"], q / 100) * 1000
                      for q in (99, 99.9, 100)},
+        "slowest": tail,
         "broker_rss_mb": round(broker.rss_mb(), 1),
         "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}",
     }  # fmt: skip
@@ -186,6 +212,30 @@ def cpu_model() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.machine()
+
+
+def tail_rows(tail: dict) -> list[tuple[str, str, str]]:
+    """Where the slowest messages waited (benchmarks/tail.py), as rows of the report."""
+    if not tail.get("messages"):
+        return []
+    slow, every = tail["slow"], tail["all"]
+    return [
+        (f"slowest messages (latency >= p{tail['quantile']:g}, {tail['bound_ms']:.2f} ms)", f"{tail['messages']}", ""),
+        ("of them sent while the broker had a child (checkpoint) / share of the run with one",
+         f"{tail['sent_while_a_child_ran']} / {tail['share_of_run_with_a_child']:.0%} ({tail['children']} children)",
+         ""),
+        ("their wait until confirmed, median / max (all messages: median / max)",
+         f"{slow['confirm_wait_ms_median']:.2f} / {slow['confirm_wait_ms_max']:.2f} ms "
+         f"({every['confirm_wait_ms_median']:.2f} / {every['confirm_wait_ms_max']:.2f})", ""),
+        ("their confirm to delivery, median / max (all messages: median / max)",
+         f"{slow['confirm_to_delivery_ms_median']:.2f} / {slow['confirm_to_delivery_ms_max']:.2f} ms "
+         f"({every['confirm_to_delivery_ms_median']:.2f} / {every['confirm_to_delivery_ms_max']:.2f})", ""),
+        ("of them in flight at a late wake of the harness (> 3 ms) / such wakes; the harness's largest lateness",
+         f"{tail['in_flight_at_a_late_harness_wake']} / {tail['harness_late_wakes']}; "
+         f"{tail['harness_lag_max_ms']:.1f} ms", ""),
+        ("late wakes of a bystander process (> 3 ms; benchmarks/tail.py's canary) / its largest lateness",
+         f"{tail['canary_late_wakes']} / {tail['canary_late_max_ms']:.1f} ms", ""),
+    ]  # fmt: skip
 
 
 def render(result: dict) -> str:
@@ -202,6 +252,7 @@ def render(result: dict) -> str:
         ("checkpoints in the window", f"{result['checkpoints_in_window']:g}", ">= 1"),
         ("group-commit fsync p99 / p99.9 / max (bucket bounds)",
          " / ".join(f"<= {v:g}" for v in result["fsync_ms"].values()) + " ms", ""),
+        *tail_rows(result["slowest"]),
         ("broker RSS at the end", f"{result['broker_rss_mb']:.0f} MB", ""),
         ("restart on the backlog (--restart)", "not asked" if result["restart_s"] is None
          else f"{result['restart_s']:.2f} s", ""),
@@ -212,6 +263,14 @@ def render(result: dict) -> str:
     )
     lines = [head, "", "| measure | value | target |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
+    lines += ["", "the slowest messages' episodes, worst first (UTC; sent less than 50 ms apart):"]
+    for e in result["slowest"].get("episodes", []):
+        at = time.strftime("%H:%M:%S", time.gmtime(e["at"])) + f".{int(e['at'] % 1 * 1000):03d}"
+        lines.append(f"- {at}: {e['messages']} messages, latency max {e['latency_max_ms']:.1f} ms, confirm wait max "
+                     f"{e['confirm_wait_max_ms']:.1f} ms, harness late by up to {e['harness_late_max_ms']:.1f} ms, "
+                     f"canary late by up to {e['canary_late_max_ms']:.1f} ms (of it waiting for a core "
+                     f"{e['canary_waited_ms']:.1f}, steal {e['canary_steal_ms']:.0f})"
+                     + (", a child ran" if e["child"] else ""))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -229,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lag-interval", type=float, default=0.002, metavar="SECONDS",
                         help="the broker's loop-lag timer interval (default 0.002; production 0.1)")  # fmt: skip
+    parser.add_argument("--broker-log", metavar="FILE", help="append the broker's log to FILE (with "
+                        "CHUTE_HOLD_REPORT_MS: its holds and slow syncs, to set beside the episodes)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     options = parser.parse_args(argv)
     os.environ[looplag.INTERVAL_ENV] = repr(options.lag_interval)  # the broker inherits it
-    broker = HttpBrokerProcess(fsync=options.fsync).start()
+    broker = HttpBrokerProcess(fsync=options.fsync, log_path=options.broker_log).start()
     try:
         result = asyncio.run(run(options, broker, lambda text: print(f"# {text}", file=sys.stderr, flush=True)))
     except BenchError as exc:

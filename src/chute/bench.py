@@ -393,19 +393,24 @@ def settle_done(futures: collections.deque) -> None:
         futures.popleft().result()
 
 
-async def publish_paced(producer: AsyncClient, queue: str, total: int, rate: float, padding: bytes) -> None:
-    """Publish `total` messages to `queue` at `rate` per second, each body its send time (STAMP) + `padding`: a
-    1 ms pacing loop sends whatever is due (never one sleep per message). Returns once all are confirmed."""
+async def publish_paced(send: Callable[[], asyncio.Future], total: int, rate: float) -> None:
+    """Call `send` (one publish, returning its confirm's future) `total` times at `rate` per second: a 1 ms pacing
+    loop sends whatever is due (never one sleep per message). Returns once all are confirmed."""
     futures: collections.deque = collections.deque()
     sent, start = 0, time.perf_counter()
     while sent < total:
         due = min(total, int((time.perf_counter() - start) * rate) + 1)
         while sent < due:
-            futures.append(producer.publish_nowait(queue, STAMP.pack(time.perf_counter()) + padding))
+            futures.append(send())
             sent += 1
         settle_done(futures)
         await asyncio.sleep(0.001)
     await asyncio.gather(*futures)
+
+
+def stamped(producer: AsyncClient, queue: str, padding: bytes) -> Callable[[], asyncio.Future]:
+    """A `send` for publish_paced: each body is its send time (STAMP) + `padding`."""
+    return lambda: producer.publish_nowait(queue, STAMP.pack(time.perf_counter()) + padding)
 
 
 def percentile(ordered: Sequence[float], p: float) -> float:
@@ -504,7 +509,7 @@ class Bench:
                 await asyncio.sleep(0.05)
                 with collector_out_of_the_window():
                     before = self.cpu()
-                    await publish_paced(producer, name, total, o.rate, padding)
+                    await publish_paced(stamped(producer, name, padding), total, o.rate)
                     await draining
                     after = self.cpu()
                 cpu = self.cpu_rows("latency", before)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,12 @@ def test_a_tiny_stalls_run_reports_latency_and_loop_lag():
     assert 0 <= lag["waiting_max_since_start"] <= lag["max_since_start"]
     assert report["broker_rss_mb"] > 0 and report["lag_interval_s"] == 0.002
     assert "CPUs" in report["machine"]
+    slowest = report["slowest"]  # where the slowest waited: every message confirmed and received, so all split
+    assert slowest["messages"] >= 2 and slowest["bound_ms"] <= latency["max"]
+    assert 0 <= slowest["sent_while_a_child_ran"] <= slowest["messages"]
+    assert 0 <= slowest["share_of_run_with_a_child"] <= 1
+    assert 0 < slowest["all"]["confirm_wait_ms_median"] <= slowest["slow"]["confirm_wait_ms_max"] + latency["max"]
+    assert slowest["harness_lag_max_ms"] > 0
 
 
 def test_quantiles_come_from_the_bucket_counts_between_two_scrapes():
@@ -43,3 +52,79 @@ def test_quantiles_come_from_the_bucket_counts_between_two_scrapes():
     assert bucket_quantile(before, after, 0.999) == math.inf
     assert math.isnan(bucket_quantile(after, after, 0.5))
     assert math.isnan(bucket_quantile({}, {}, 0.5))  # a broker without the histogram
+
+
+def test_the_slowest_messages_are_placed_against_children_and_the_harness():
+    from benchmarks.tail import Timeline, explain_tail
+
+    timeline = Timeline()
+    for i in range(1000):  # one message a ms; each confirmed after 1 ms and received 0.5 ms later
+        timeline.send(i * 0.001)
+        timeline.confirmed[i] = i * 0.001 + 0.001
+        timeline.received[i] = i * 0.001 + 0.0015
+    timeline.confirmed[500] = 0.5 + 0.030  # the slowest: its commit took 30 ms ...
+    timeline.received[500] = 0.5 + 0.031
+    timeline.confirmed[900] = 0.9 + 0.001  # ... and this one waited 20 ms after its confirm
+    timeline.received[900] = 0.9 + 0.021
+    tail = explain_tail(timeline, child_spans=[(0.45, 0.55)], harness_late=[(0.92, 0.01)], quantile=99.8)
+    assert tail["messages"] == 2 and tail["bound_ms"] == pytest.approx(21)
+    assert tail["sent_while_a_child_ran"] == 1 and tail["children"] == 1
+    assert tail["share_of_run_with_a_child"] == pytest.approx(0.1, rel=0.01)
+    assert tail["in_flight_at_a_late_harness_wake"] == 1 and tail["harness_late_wakes"] == 1
+    assert tail["slow"]["confirm_wait_ms_max"] == pytest.approx(30)
+    assert tail["slow"]["confirm_to_delivery_ms_max"] == pytest.approx(20)
+    assert tail["all"]["confirm_wait_ms_median"] == pytest.approx(1)
+    assert explain_tail(Timeline(), [], []) == {"messages": 0}
+
+
+def test_a_child_of_the_broker_is_seen_while_it_runs():
+    from benchmarks.tail import ChildWatch
+
+    watch = ChildWatch(os.getpid(), interval=0.002).start()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not watch.has_child() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        child.communicate(b"", timeout=10)
+    spans = watch.stop()
+    assert len(spans) == 1 and spans[0][0] < spans[0][1]
+
+
+def test_slow_messages_sent_close_together_are_one_episode():
+    from benchmarks.tail import Timeline, explain_tail
+
+    timeline = Timeline()
+    for i in range(2000):
+        timeline.send(i * 0.001)
+        timeline.confirmed[i] = i * 0.001 + 0.001
+        timeline.received[i] = i * 0.001 + 0.002
+    for i in (100, 101, 102, 1500):  # a burst of three, then one alone much later
+        timeline.confirmed[i] += 0.010 if i < 1500 else 0.030
+        timeline.received[i] += 0.010 if i < 1500 else 0.030
+    tail = explain_tail(timeline, [(1.4, 1.6)], [(0.105, 0.004)], quantile=99.8, wall_offset=1000.0)
+    first, second = tail["episodes"]  # worst first
+    assert first["messages"] == 1 and first["latency_max_ms"] == pytest.approx(32) and first["child"]
+    assert first["at"] == pytest.approx(1001.5) and first["harness_late_max_ms"] == 0
+    assert second["messages"] == 3 and second["confirm_wait_max_ms"] == pytest.approx(11)
+    assert second["harness_late_max_ms"] == pytest.approx(4) and not second["child"]
+
+
+def test_the_canary_notes_a_stop_it_did_not_wait_a_core_for():
+    from benchmarks.tail import Canary
+
+    canary = Canary().start()
+    try:
+        time.sleep(0.05)  # (its 1 ms loop runs once start() returns)
+        os.kill(canary._process.pid, signal.SIGSTOP)  # not run at all for 80 ms, like a VM not scheduled
+        time.sleep(0.08)
+        os.kill(canary._process.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    finally:
+        late = canary.stop()
+    worst = max(late, key=lambda wake: wake[1])
+    woke, lateness, waited, _steal = worst
+    assert 0.06 <= lateness <= 5, late
+    assert waited < lateness / 2  # stopped, not runnable: no run-queue wait
+    assert time.perf_counter() - 5 < woke <= time.perf_counter()  # on this process's clock

@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import queue
 import threading
 import time
 
 import pytest
 
+from chute.client import AsyncClient
 from chute.server.holdreport import ENV, HoldReporter, threshold_from_env
 from chute.testing import serving
+from tests.held_fsync import HeldFsync
 from tests.metrics.knobs import assert_refused
 
 pytestmark = pytest.mark.timeout(30)
@@ -48,6 +51,7 @@ async def test_a_held_loop_is_reported_with_the_function_that_held_it(monkeypatc
     held_ms = float(message.split("~", 1)[1].split(" ms", 1)[0])
     assert 100 <= held_ms <= 1000, message  # about the 150 ms of CPU (a busy machine stretches it)
     assert "test_hold_report.py" in message
+    assert "off the CPU" not in message  # the hold was the loop thread's own work
     assert server.server.hold_reporter._thread is None  # stopped with the server
 
 
@@ -106,21 +110,62 @@ async def test_the_other_threads_at_work_during_a_hold_are_named(caplog) -> None
         while not stop.is_set():
             sum(range(1000))
 
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def a_thread_waiting_for_jobs() -> None:  # (its innermost Python frame is here, the wait itself in C)
+        while jobs.get() is not None:
+            pass
+
     busy = threading.Thread(target=a_busy_thread_for_this_test, name="busy-worker")
     idle = threading.Thread(target=stop.wait, name="idle-worker")
+    waiting = threading.Thread(target=a_thread_waiting_for_jobs, name="waiting-worker")
     reporter = HoldReporter(0.02)
-    reporter.start()
-    busy.start()
+    busy.start()  # (before the reporter: starting a thread beside a busy one can itself hold the loop)
     idle.start()
+    waiting.start()
+    reporter.start()
     try:
         await asyncio.sleep(0.05)
         time.sleep(0.15)  # the loop thread is blocked, not in Python
         await reports_after(reporter, 1)
     finally:
         stop.set()
+        jobs.put(None)
         busy.join()
         idle.join()
+        waiting.join()
         reporter.stop()
     messages = [m for m in hold_warnings(caplog) if "other threads" in m]
     assert any("busy-worker: test_hold_report.py" in m and "a_busy_thread_for_this_test" in m for m in messages)
-    assert not any("idle-worker" in m for m in messages)
+    assert not any("idle-worker" in m or "waiting-worker" in m for m in messages)
+    assert all("off the CPU most of the hold" in m for m in messages)  # the loop thread slept: little CPU
+
+
+async def test_a_slow_group_commit_sync_is_logged_beside_the_holds(monkeypatch, caplog) -> None:
+    """A publish that waits behind a slow disk sync is no hold of the loop, but the report names it too."""
+    monkeypatch.setenv(ENV, "20")
+    async with serving(fsync="always") as running:
+        held = HeldFsync(running)
+        async with AsyncClient(running.url) as client:
+            await client.create_queue("q")
+            await client.publish("q", b"fast")
+            assert not [m for m in hold_warnings(caplog) if "fsync" in m]  # a quick sync says nothing
+            held.hold()
+            threading.Timer(0.1, held.release).start()
+            await client.publish("q", b"behind a 100 ms sync")
+    slow = [m for m in hold_warnings(caplog) if "fsync took" in m]
+    assert slow, hold_warnings(caplog)
+    assert all(float(m.split("took ", 1)[1].split(" ms", 1)[0]) >= 20 for m in slow)
+
+
+async def test_without_the_report_a_slow_sync_is_only_counted(monkeypatch, caplog) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    async with serving(fsync="always") as running:
+        held = HeldFsync(running)
+        async with AsyncClient(running.url) as client:
+            await client.create_queue("q")
+            held.hold()
+            threading.Timer(0.1, held.release).start()
+            await client.publish("q", b"behind a 100 ms sync")
+        assert sum(running.server.broker.store.stats().fsync_buckets[10:]) >= 1  # counted (over 50 ms)
+    assert not [m for m in hold_warnings(caplog) if "fsync" in m]

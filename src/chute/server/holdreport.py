@@ -13,8 +13,10 @@ inside a call that released the GIL (a system call, a `ctypes` call). A hold ins
 the GIL (a collection, a big copy) is seen once it returns, as the frame that made it: collections are therefore
 timed separately, through `gc.callbacks`. A loop thread outside any Python frame of its own (only the runner's)
 is in the event loop's C code: a system call, or waiting for the GIL; so each sample also notes where the
-server's other threads were, those not waiting in `threading`, `queue` or an executor (the log's writer and
-reader, a checkpoint's threads): the GIL's likely holders.
+server's other threads were, those whose CPU clock advanced since the previous sample (the log's writer and
+reader, a checkpoint's threads): the GIL's likely holders. The warning also gives the CPU time the loop thread
+used during the hold (from its heartbeats): a hold with little of it was the loop thread off the CPU (a blocking
+call, the GIL, no free core, or a machine that paused), not work of the loop's.
 
 Invariants:
 - cost while enabled: one loop timer and one thread wake-up per threshold/4, plus one callback per collection;
@@ -46,6 +48,7 @@ ENV = "CHUTE_HOLD_REPORT_MS"
 STACK_DEPTH = 8  # innermost frames kept per sample
 MAX_STACKS = 3  # distinct stacks per report
 IDLE_MODULES = {"threading.py", "thread.py", "queue.py", "selectors.py"}  # a thread whose innermost frame is here waits
+BUSY_CPU_S = 0.0001  # another thread that ran more CPU than this between two samples of a hold was at work
 
 
 def threshold_from_env() -> float | None:
@@ -62,7 +65,7 @@ class HoldReporter:
         self.threshold_s = threshold_s
         self.tick_s = max(threshold_s / 4, 0.0005)
         self.reports = 0  # holds reported (for tests)
-        self._beat = 0.0  # monotonic time of the loop's latest heartbeat (written by the loop)
+        self._beat = (0.0, 0.0)  # (monotonic time, the loop thread's CPU time) of its latest heartbeat
         self._handle: asyncio.TimerHandle | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -74,7 +77,6 @@ class HoldReporter:
         if self._thread is not None:
             return
         self._loop_ident = threading.get_ident()
-        self._beat = time.monotonic()
         self._heartbeat(asyncio.get_running_loop())
         gc.callbacks.append(self._on_gc)
         self._stop.clear()
@@ -93,7 +95,7 @@ class HoldReporter:
             gc.callbacks.remove(self._on_gc)
 
     def _heartbeat(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._beat = time.monotonic()
+        self._beat = (time.monotonic(), time.thread_time())  # (one tuple: the thread reads both or neither)
         self._handle = loop.call_later(self.tick_s, self._heartbeat, loop)
 
     def _on_gc(self, phase: str, info: dict) -> None:
@@ -108,14 +110,16 @@ class HoldReporter:
     def _watch(self) -> None:
         stacks: collections.Counter[tuple[str, ...]] = collections.Counter()
         others: collections.Counter[str] = collections.Counter()
-        held_since = 0.0  # the heartbeat a hold in progress started from (0: none)
+        cpu_seen: dict[int, float] = {}  # each other thread's CPU time at the previous sample of this hold
+        held_since = (0.0, 0.0)  # the heartbeat a hold in progress started from ((0, 0): none)
         while not self._stop.wait(self.tick_s):
             beat = self._beat
-            if held_since and beat != held_since:  # the loop ran its heartbeat again: the hold is over
-                self._report(held_since, beat - held_since - self.tick_s, stacks, others)
-                stacks, others = collections.Counter(), collections.Counter()
-                held_since = 0.0
-            if time.monotonic() - beat > self.threshold_s + self.tick_s:  # the next heartbeat is a threshold late
+            if held_since[0] and beat != held_since:  # the loop ran its heartbeat again: the hold is over
+                held_s, loop_cpu_s = beat[0] - held_since[0] - self.tick_s, beat[1] - held_since[1]
+                self._report(held_since[0], held_s, loop_cpu_s, stacks, others)
+                stacks, others, cpu_seen = collections.Counter(), collections.Counter(), {}
+                held_since = (0.0, 0.0)
+            if time.monotonic() - beat[0] > self.threshold_s + self.tick_s:  # the next beat is a threshold late
                 held_since = beat
                 frames = sys._current_frames()
                 frames.pop(threading.get_ident(), None)
@@ -123,14 +127,22 @@ class HoldReporter:
                 if frame is not None:
                     stacks[_stack(frame)] += 1
                 names = {thread.ident: thread.name for thread in threading.enumerate()}
-                for ident, other in frames.items():  # the server's other threads that are not idle
-                    where = _stack(other)
-                    if where and where[0].split(":", 1)[0] not in IDLE_MODULES:
-                        others[f"{names.get(ident, ident)}: {where[0]}"] += 1
+                for ident, other in frames.items():  # the server's other threads that ran since the last sample
+                    where, cpu, before = _stack(other), _thread_cpu(ident), cpu_seen.get(ident)
+                    cpu_seen[ident] = cpu
+                    if cpu is None:  # (no CPU clock: judge by where it is)
+                        ran = bool(where) and where[0].split(":", 1)[0] not in IDLE_MODULES
+                    else:  # (a hold's first sample is the baseline)
+                        ran = before is not None and cpu - before > BUSY_CPU_S
+                    if ran:
+                        others[f"{names.get(ident, ident)}: {where[0] if where else '?'}"] += 1
 
-    def _report(self, since: float, held_s: float, stacks: collections.Counter, others: collections.Counter) -> None:
+    def _report(self, since: float, held_s: float, loop_cpu_s: float, stacks: collections.Counter,
+                others: collections.Counter) -> None:  # fmt: skip
         self.reports += 1
-        lines = [f"event loop held ~{held_s * 1000:.1f} ms"]
+        lines = [f"event loop held ~{held_s * 1000:.1f} ms; the loop thread ran {loop_cpu_s * 1000:.1f} ms of CPU "
+                 "meanwhile" + (" (off the CPU most of the hold: blocked in a system call, waiting for the GIL or for "
+                                "a core, or the machine paused)" if loop_cpu_s < held_s / 2 else "")]  # fmt: skip
         for generation, took, end, freed in self._collections:
             if end >= since:  # ended during this hold (with the unreachable objects it freed: cycles of garbage)
                 lines.append(f"  garbage collection of generation {generation}: {took * 1000:.1f} ms, {freed} freed")
@@ -141,6 +153,14 @@ class HoldReporter:
             lines.append("  other threads at work meanwhile (samples): " + ", ".join(
                 f"{where} ({count})" for where, count in others.most_common(MAX_STACKS)))  # fmt: skip
         log.warning("\n".join(lines))
+
+
+def _thread_cpu(ident: int) -> float | None:
+    """The CPU time of this process's thread `ident` (Linux: its pthread CPU clock), None if it cannot be read."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+    except (AttributeError, OSError, OverflowError):  # (not Linux; a thread that has just ended)
+        return None
 
 
 def _stack(frame) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ serving one queue at the same time is not what this interface is for: leases liv
 from __future__ import annotations
 
 import abc
+import logging
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -117,12 +118,17 @@ class StoreStats:
     last item counts those slower than the last bound. Not cumulative."""
     bytes_written: int = 0
     read_only: bool = False
+    slow_fsync_s: float | None = None
+    """Each fsync slower than this is logged on `chute.holds` (set by a server with CHUTE_HOLD_REPORT_MS,
+    server/holdreport.py: a message waits behind a slow sync without any hold of the loop); None: not logged."""
 
     def observe_fsync(self, seconds: float) -> None:
         """Count one fsync (of a group: its files and perhaps the directory) that took `seconds`."""
         self.fsync_buckets[bisect_left(FSYNC_BUCKETS_S, seconds)] += 1
         self.fsync_seconds_total += seconds
         self.fsyncs += 1
+        if self.slow_fsync_s is not None and seconds > self.slow_fsync_s:
+            logging.getLogger("chute.holds").warning("a group commit's fsync took %.1f ms", seconds * 1000)
 
 
 class Store(abc.ABC):
