@@ -1,7 +1,7 @@
 """Stalls under a large backlog (issue 12, "No stalls"): end-to-end latency and event-loop lag of `chute serve`.
 
     python -m benchmarks.stalls [--backlog 1000000] [--rate 2000] [--duration 90] [--size 256] [--fsync always]
-                                [--lag-interval 0.002] [--restart] [--json]
+                                [--lag-interval 0.002] [--restart] [--broker-log FILE] [--json]
 
 Starts `chute serve` in a subprocess (a fresh data directory, HTTP on for /metrics), publishes a backlog of
 `--backlog` messages to a queue nobody consumes (it stays in the broker for the whole run: its index, its
@@ -22,6 +22,10 @@ parts of a lag on the loop thread's CPU and waiting for a core (`chute_event_loo
 lag timer is due every `--lag-interval` seconds here (CHUTE_LOOP_LAG_INTERVAL_S; 0.1 s in production): a hold is
 seen only if the timer falls due during it, so the default of 2 ms catches every hold and under-measures it by at
 most 2 ms (at 0.1 s, a 30 ms hold is missed 7 times in 10).
+Then it says where the slowest 0.1 % of messages waited (benchmarks/tail.py): until their publish was confirmed
+or after; sent while the broker had a child process (a checkpoint's replay) or not; in flight while the harness's
+own loop, or a bystander process that only sleeps, woke late; and lists their episodes with UTC times, to set
+beside the broker's log (`--broker-log FILE`; with CHUTE_HOLD_REPORT_MS it names holds and slow fsyncs).
 Targets (issue 12): p99.9 <= 5 ms, max <= 20 ms.
 Clients and broker share the machine, as in every benchmark here; figures go to BENCHMARKS.md with the machine.
 """
