@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.tail import Canary, ChildWatch, HarnessLag, Timeline, explain_tail
+from benchmarks.tail import Canary, ChildWatch, HarnessLag, Timeline, broker_log_spans, explain_tail
 from chute.bench import (
     BROKER_START_TIMEOUT_S,
     STAMP,
@@ -132,7 +132,8 @@ async def build_backlog(url: str, count: int, body: bytes) -> float:
         return time.perf_counter() - started
 
 
-async def steady(url: str, rate: float, duration: float, size: int, pid: int) -> tuple[list[float], dict]:
+async def steady(url: str, rate: float, duration: float, size: int, pid: int,
+                 broker_log: str | None = None) -> tuple[list[float], dict]:  # fmt: skip
     """Publish at `rate` for `duration` seconds while a consumer drains; return the latencies (seconds) and where
     the slowest waited (benchmarks/tail.py: each message's confirm and receipt, the broker's child processes, the
     harness's own late wakes)."""
@@ -170,8 +171,10 @@ async def steady(url: str, rate: float, duration: float, size: int, pid: int) ->
             watching.cancel()
             spans = children.stop()
             canary_late = bystander.stop()
-    tail = explain_tail(timeline, spans, harness.late, wall_offset=time.time() - time.perf_counter(),
-                        canary_late=canary_late)  # fmt: skip
+    wall_offset = time.time() - time.perf_counter()
+    logged = broker_log_spans(broker_log, wall_offset) if broker_log else None
+    tail = explain_tail(timeline, spans, harness.late, wall_offset=wall_offset, canary_late=canary_late,
+                        other_spans=logged)  # fmt: skip
     tail["harness_lag_max_ms"] = harness.largest * 1000
     return samples, tail
 
@@ -187,7 +190,8 @@ async def run(options: argparse.Namespace, broker: HttpBrokerProcess, say) -> di
         say(f"restarted on the backlog in {restart_s:.1f} s")
     say(f"steady phase: {options.rate:g} msg/s for {options.duration:g} s")
     before = await asyncio.to_thread(scrape, broker.http_url)
-    samples, tail = await steady(broker.url, options.rate, options.duration, options.size, broker.pid)
+    samples, tail = await steady(broker.url, options.rate, options.duration, options.size, broker.pid,
+                                 options.broker_log)  # fmt: skip
     after = await asyncio.to_thread(scrape, broker.http_url)
     ordered = sorted(samples)
     lag = {f"p{q}": bucket_quantile(before["buckets"], after["buckets"], q / 100) for q in (50, 99, 99.9)}
@@ -239,6 +243,8 @@ def tail_rows(tail: dict) -> list[tuple[str, str, str]]:
          f"{tail['harness_lag_max_ms']:.1f} ms", ""),
         ("late wakes of a bystander process (> 3 ms; benchmarks/tail.py's canary) / its largest lateness",
          f"{tail['canary_late_wakes']} / {tail['canary_late_max_ms']:.1f} ms", ""),
+        ("the slowest messages in flight during ... (one may count under several)",
+         ", ".join(f"{name}: {count}" for name, count in tail["in_flight_during"].items()), ""),
     ]  # fmt: skip
 
 

@@ -29,6 +29,7 @@ import glob
 import json
 import math
 import os
+import re
 import select
 import statistics
 import subprocess
@@ -122,8 +123,10 @@ def _inside(at: float, spans: list[tuple[float, float]]) -> bool:
 
 def explain_tail(timeline: Timeline, child_spans: list[tuple[float, float]], harness_late: list[tuple[float, float]],
                  quantile: float = 99.9, wall_offset: float = 0.0,
-                 canary_late: list[tuple[float, float, float, float]] = ()) -> dict:  # fmt: skip
-    """The slowest messages (the top 1 - `quantile`% by latency, at least one) against the whole run; ms."""
+                 canary_late: list[tuple[float, float, float, float]] = (),
+                 other_spans: dict[str, list[tuple[float, float]]] | None = None) -> dict:  # fmt: skip
+    """The slowest messages (the top 1 - `quantile`% by latency, at least one) against the whole run; ms.
+    `other_spans` (e.g. broker_log_spans) join the sources of `in_flight_during`."""
     latency = {i: timeline.received[i] - sent for i, sent in enumerate(timeline.sent) if i in timeline.received}
     if not latency:
         return {"messages": 0}
@@ -161,7 +164,13 @@ def explain_tail(timeline: Timeline, child_spans: list[tuple[float, float]], har
         "canary_late_max_ms": max((late for _, late, _, _ in canary_late), default=0.0) * 1000,
         "slow": split(slow),
         "all": split(list(latency)),
-    }
+        "in_flight_during": in_flight_during(timeline, slow, {
+            "a late wake of the harness": late_windows,
+            "a late wake of the canary": [(woke - lateness, woke) for woke, lateness, _, _ in canary_late],
+            "a checkpoint child": child_spans,
+            **(other_spans or {}),
+        }),
+    }  # fmt: skip
 
 
 EPISODE_GAP_S = 0.05  # slow messages sent less than this apart are one episode
@@ -253,3 +262,44 @@ def canary(period: float = 0.001, threshold: float = 0.003, limit: int = 100_000
 
 if __name__ == "__main__":
     canary()
+
+
+def in_flight_during(timeline: Timeline, slow: list[int], sources: dict[str, list[tuple[float, float]]]) -> dict:
+    """For each source of spans ([began, ended) on the perf_counter scale), how many of the `slow` messages were
+    in flight (sent before the span ended, received after it began) during one of its spans; and how many during
+    none of them. A message may count under several sources."""
+    counts = dict.fromkeys(sources, 0)
+    unexplained = 0
+    for i in slow:
+        sent, received = timeline.sent[i], timeline.received[i]
+        hit = False
+        for name, spans in sources.items():
+            if any(began < received and ended > sent for began, ended in spans):
+                counts[name] += 1
+                hit = True
+        unexplained += not hit
+    return {**counts, "none of these": unexplained}
+
+
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) WARNING chute\.holds: "
+    r"(?:a group commit's fsync took (?P<fsync>[\d.]+) ms|event loop held ~(?P<held>[\d.]+) ms)"
+)
+
+
+def broker_log_spans(path: str, wall_offset: float) -> dict[str, list[tuple[float, float]]]:
+    """The slow fsyncs and loop holds a broker with CHUTE_HOLD_REPORT_MS logged (its log's local times, to the
+    ms), as spans ending when each was logged, on this process's perf_counter scale (`wall_offset` = time.time()
+    - perf_counter())."""
+    spans: dict[str, list[tuple[float, float]]] = {"a slow fsync (broker log)": [], "a loop hold (broker log)": []}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            match = LOG_LINE.match(line)
+            if match is None:
+                continue
+            logged = time.mktime(time.strptime(match[1], "%Y-%m-%d %H:%M:%S")) + int(match[2]) / 1000 - wall_offset
+            if match["fsync"] is not None:
+                spans["a slow fsync (broker log)"].append((logged - float(match["fsync"]) / 1000, logged + 0.001))
+            else:
+                spans["a loop hold (broker log)"].append((logged - float(match["held"]) / 1000, logged + 0.001))
+    return spans

@@ -128,3 +128,29 @@ def test_the_canary_notes_a_stop_it_did_not_wait_a_core_for():
     assert 0.06 <= lateness <= 5, late
     assert waited < lateness / 2  # stopped, not runnable: no run-queue wait
     assert time.perf_counter() - 5 < woke <= time.perf_counter()  # on this process's clock
+
+
+def test_the_slowest_are_counted_against_each_source_and_the_broker_log(tmp_path):
+    from benchmarks.tail import Timeline, broker_log_spans, explain_tail
+
+    timeline = Timeline()
+    for i in range(1000):
+        timeline.send(100.0 + i * 0.001)  # (perf_counter scale: 100 s on)
+        timeline.confirmed[i] = timeline.received[i] = 100.0 + i * 0.001 + 0.001
+    for i in (200, 600, 900):
+        timeline.received[i] += 0.02
+    wall_offset = time.mktime(time.strptime("2026-12-06 18:00:00", "%Y-%m-%d %H:%M:%S")) - 100.0
+    log = tmp_path / "broker.log"
+    log.write_text(  # an fsync logged as it ended at 100.215 s, a hold at 100.615 s, and lines to skip
+        "2026-12-06 18:00:00,215 WARNING chute.holds: a group commit's fsync took 12.5 ms\n"
+        "2026-12-06 18:00:00,615 WARNING chute.holds: event loop held ~14.0 ms; the loop thread ran 13.0 ms\n"
+        "  1 sample(s):\n"
+        "2026-12-06 18:00:00,700 INFO chute.server: something else\n"
+    )
+    spans = broker_log_spans(str(log), wall_offset)
+    assert spans["a slow fsync (broker log)"][0][0] == pytest.approx(100.2025)
+    tail = explain_tail(timeline, [], [], quantile=99.7, wall_offset=wall_offset, other_spans=spans)
+    assert tail["in_flight_during"] == {
+        "a late wake of the harness": 0, "a late wake of the canary": 0, "a checkpoint child": 0,
+        "a slow fsync (broker log)": 1, "a loop hold (broker log)": 1, "none of these": 1,
+    }  # fmt: skip
