@@ -196,7 +196,9 @@ class BrokerProcess:
         announced = False
         with contextlib.ExitStack() as files:
             files.enter_context(process.stderr)  # this process's pipe, closed once drained (a restart makes a new one)
-            copy = files.enter_context(open(self.log_path, "a", encoding="utf-8")) if self.log_path else None
+            copy = None  # (line-buffered: a harness may read it while the broker runs, e.g. benchmarks.stalls)
+            if self.log_path:
+                copy = files.enter_context(open(self.log_path, "a", encoding="utf-8", buffering=1))
             for line in process.stderr:
                 self._tail.append(line)
                 if copy is not None:
