@@ -25,7 +25,8 @@ most 2 ms (at 0.1 s, a 30 ms hold is missed 7 times in 10).
 Then it says where the slowest 0.1 % of messages waited (benchmarks/tail.py): until their publish was confirmed
 or after; sent while the broker had a child process (a checkpoint's replay) or not; in flight while the harness's
 own loop, or a bystander process that only sleeps, woke late; and lists their episodes with UTC times, to set
-beside the broker's log (`--broker-log FILE`; with CHUTE_HOLD_REPORT_MS it names holds and slow fsyncs).
+beside the broker's log (`--broker-log FILE`; with CHUTE_HOLD_REPORT_MS it names holds and slow fsyncs, and
+the harness names its own holds on stderr, lines marked "harness").
 Targets (issue 12): p99.9 <= 5 ms, max <= 20 ms.
 Clients and broker share the machine, as in every benchmark here; figures go to BENCHMARKS.md with the machine.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import platform
@@ -59,7 +61,8 @@ from chute.bench import (
     publish_paced,
 )
 from chute.client import AsyncClient
-from chute.server import looplag
+from chute.server import holdreport, looplag
+from chute.server.holdreport import HoldReporter
 
 BACKLOG_QUEUE, LATENCY_QUEUE = "stalls-backlog", "stalls-latency"
 INDEX = struct.Struct("<I")  # a message's number in the steady phase, after its STAMP
@@ -140,7 +143,7 @@ async def steady(url: str, rate: float, duration: float, size: int, pid: int,
     total = max(1, int(rate * duration))
     padding = b"x" * max(0, size - STAMP.size - INDEX.size)
     samples: list[float] = []
-    timeline = Timeline()
+    timeline = Timeline(total)
     async with AsyncClient(url, timeout=60, reconnect=False, name="stalls-producer") as producer, \
             AsyncClient(url, timeout=60, reconnect=False, name="stalls-consumer") as consumer:  # fmt: skip
         await producer.create_queue(LATENCY_QUEUE, lease_s=300)
@@ -163,11 +166,17 @@ async def steady(url: str, rate: float, duration: float, size: int, pid: int,
         await asyncio.sleep(0.05)
         children, harness, bystander = ChildWatch(pid).start(), HarnessLag(), Canary().start()
         watching = loop.create_task(harness.run())
+        threshold = holdreport.threshold_from_env()  # (set: the harness names its own holds too, on stderr)
+        reporter = None if threshold is None else HoldReporter(threshold)
+        if reporter is not None:
+            reporter.start()
         try:
             with collector_out_of_the_window():  # (the harness's own full collections are not the broker's stalls)
                 await publish_paced(send, total, rate)
                 await draining
         finally:
+            if reporter is not None:
+                reporter.stop()
             watching.cancel()
             spans = children.stop()
             canary_late = bystander.stop()
@@ -303,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     options = parser.parse_args(argv)
     os.environ[looplag.INTERVAL_ENV] = repr(options.lag_interval)  # the broker inherits it
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s harness %(levelname)s %(name)s: %(message)s")
     broker = HttpBrokerProcess(fsync=options.fsync, log_path=options.broker_log).start()
     try:
         result = asyncio.run(run(options, broker, lambda text: print(f"# {text}", file=sys.stderr, flush=True)))

@@ -36,23 +36,33 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@dataclass
 class Timeline:
-    """Per-message times, indexed by the message's number in the run."""
+    """Per-message times, indexed by the message's number in the run; NaN where a time is not (yet) known. The
+    lists are made whole at the start: growing them, or dicts, during the run would hold the harness's loop (a
+    resize copies them) and show as latency."""
 
-    sent: list[float] = field(default_factory=list)
-    confirmed: dict[int, float] = field(default_factory=dict)
-    received: dict[int, float] = field(default_factory=dict)
+    def __init__(self, total: int = 0) -> None:
+        self.sent = [math.nan] * total
+        self.confirmed = [math.nan] * total
+        self.received = [math.nan] * total
+        self.count = 0  # messages sent so far
 
     def send(self, at: float) -> int:
-        self.sent.append(at)
-        return len(self.sent) - 1
+        index, self.count = self.count, self.count + 1
+        self.sent[index] = at
+        return index
+
+    def done(self, i: int) -> bool:
+        """Message `i` was sent and received."""
+        return i < self.count and not math.isnan(self.received[i])
+
+    def was_confirmed(self, i: int) -> bool:
+        return not math.isnan(self.confirmed[i])
 
 
 class ChildWatch:
@@ -127,20 +137,20 @@ def explain_tail(timeline: Timeline, child_spans: list[tuple[float, float]], har
                  other_spans: dict[str, list[tuple[float, float]]] | None = None) -> dict:  # fmt: skip
     """The slowest messages (the top 1 - `quantile`% by latency, at least one) against the whole run; ms.
     `other_spans` (e.g. broker_log_spans) join the sources of `in_flight_during`."""
-    latency = {i: timeline.received[i] - sent for i, sent in enumerate(timeline.sent) if i in timeline.received}
+    latency = {i: timeline.received[i] - timeline.sent[i] for i in range(timeline.count) if timeline.done(i)}
     if not latency:
         return {"messages": 0}
     count = max(1, math.ceil(round(len(latency) * (1 - quantile / 100), 6)))  # (the top ones, however many tie)
     slow = sorted(latency, key=latency.__getitem__)[-count:]
     bound = latency[slow[0]]
-    start, end = min(timeline.sent), max(timeline.received.values())
+    start, end = min(timeline.sent[i] for i in latency), max(timeline.received[i] for i in latency)
     child_time = sum(max(0.0, min(e, end) - max(s, start)) for s, e in child_spans)
     # a late wake of the harness counts for a message in flight when it woke (sent before, received after)
     late_windows = [(woke - lateness, woke) for woke, lateness in harness_late]
 
     def split(indices: list[int]) -> dict:
-        confirm = [timeline.confirmed[i] - timeline.sent[i] for i in indices if i in timeline.confirmed]
-        deliver = [timeline.received[i] - timeline.confirmed[i] for i in indices if i in timeline.confirmed]
+        confirm = [timeline.confirmed[i] - timeline.sent[i] for i in indices if timeline.was_confirmed(i)]
+        deliver = [timeline.received[i] - timeline.confirmed[i] for i in indices if timeline.was_confirmed(i)]
         return {
             "confirm_wait_ms_median": statistics.median(confirm) * 1000 if confirm else math.nan,
             "confirm_wait_ms_max": max(confirm) * 1000 if confirm else math.nan,
@@ -200,7 +210,7 @@ def episodes(timeline: Timeline, slow: list[int], child_spans: list[tuple[float,
             "messages": len(group),
             "latency_max_ms": max(timeline.received[i] - timeline.sent[i] for i in group) * 1000,
             "confirm_wait_max_ms": max((timeline.confirmed[i] - timeline.sent[i] for i in group
-                                        if i in timeline.confirmed), default=math.nan) * 1000,
+                                        if timeline.was_confirmed(i)), default=math.nan) * 1000,
             "harness_late_max_ms": max(late, default=0.0) * 1000,
             "canary_late_max_ms": bystander[0] * 1000,
             "canary_waited_ms": bystander[1] * 1000,

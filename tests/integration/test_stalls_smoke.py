@@ -21,10 +21,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(90)
-def test_a_tiny_stalls_run_reports_latency_and_loop_lag():
+def test_a_tiny_stalls_run_reports_latency_and_loop_lag(tmp_path):
+    log = tmp_path / "broker.log"
     command = [sys.executable, "-W", "error", "-m", "benchmarks.stalls", "--backlog", "20000", "--rate", "500",
-               "--duration", "3", "--fsync", "never", "--restart", "--json"]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=80)
+               "--duration", "3", "--fsync", "never", "--restart", "--broker-log", str(log), "--json"]  # fmt: skip
+    env = {**os.environ, "CHUTE_HOLD_REPORT_MS": "5000"}  # (the broker's and the harness's reports on; none due)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=80, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["backlog"] == 20000 and report["messages"] == 1500 and report["restart_s"] > 0
@@ -42,6 +44,10 @@ def test_a_tiny_stalls_run_reports_latency_and_loop_lag():
     assert 0 <= slowest["share_of_run_with_a_child"] <= 1
     assert 0 < slowest["all"]["confirm_wait_ms_median"] <= slowest["slow"]["confirm_wait_ms_max"] + latency["max"]
     assert slowest["harness_lag_max_ms"] > 0
+    causes = slowest["in_flight_during"]  # the broker's log was read for slow fsyncs and holds (none here)
+    assert causes["a slow fsync (broker log)"] == causes["a loop hold (broker log)"] == 0
+    assert causes["none of these"] <= slowest["messages"]
+    assert "native protocol listening" in log.read_text()
 
 
 def test_quantiles_come_from_the_bucket_counts_between_two_scrapes():
@@ -57,7 +63,7 @@ def test_quantiles_come_from_the_bucket_counts_between_two_scrapes():
 def test_the_slowest_messages_are_placed_against_children_and_the_harness():
     from benchmarks.tail import Timeline, explain_tail
 
-    timeline = Timeline()
+    timeline = Timeline(1000)
     for i in range(1000):  # one message a ms; each confirmed after 1 ms and received 0.5 ms later
         timeline.send(i * 0.001)
         timeline.confirmed[i] = i * 0.001 + 0.001
@@ -75,6 +81,7 @@ def test_the_slowest_messages_are_placed_against_children_and_the_harness():
     assert tail["slow"]["confirm_to_delivery_ms_max"] == pytest.approx(20)
     assert tail["all"]["confirm_wait_ms_median"] == pytest.approx(1)
     assert explain_tail(Timeline(), [], []) == {"messages": 0}
+    assert explain_tail(Timeline(10), [], []) == {"messages": 0}  # (none sent yet)
 
 
 def test_a_child_of_the_broker_is_seen_while_it_runs():
@@ -95,7 +102,7 @@ def test_a_child_of_the_broker_is_seen_while_it_runs():
 def test_slow_messages_sent_close_together_are_one_episode():
     from benchmarks.tail import Timeline, explain_tail
 
-    timeline = Timeline()
+    timeline = Timeline(2000)
     for i in range(2000):
         timeline.send(i * 0.001)
         timeline.confirmed[i] = i * 0.001 + 0.001
@@ -133,7 +140,7 @@ def test_the_canary_notes_a_stop_it_did_not_wait_a_core_for():
 def test_the_slowest_are_counted_against_each_source_and_the_broker_log(tmp_path):
     from benchmarks.tail import Timeline, broker_log_spans, explain_tail
 
-    timeline = Timeline()
+    timeline = Timeline(1000)
     for i in range(1000):
         timeline.send(100.0 + i * 0.001)  # (perf_counter scale: 100 s on)
         timeline.confirmed[i] = timeline.received[i] = 100.0 + i * 0.001 + 0.001
