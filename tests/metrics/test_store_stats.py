@@ -64,3 +64,19 @@ async def test_memory_store_has_no_fsyncs_and_no_disk():
     stats = store.stats()
     assert stats.fsyncs == 0 == sum(stats.fsync_buckets)
     assert stats.bytes_on_disk == 0 == stats.checkpoint_file_bytes
+
+
+def test_a_nodes_shards_are_counted_together_and_a_setting_is_not_summed():
+    """A cluster node's /metrics sums its shards' counters (cluster/localview.py); the hold report's slow-fsync
+    threshold, set on a shard's stats, is a setting and stays out of the sum."""
+    from types import SimpleNamespace
+
+    from chute.cluster.localview import LocalStore
+
+    first, second = StoreStats(appends=3, read_only=False), StoreStats(appends=4, read_only=True)
+    first.observe_fsync(0.002)
+    first.slow_fsync_s = second.slow_fsync_s = 0.01
+    shards = [SimpleNamespace(store=SimpleNamespace(stats=lambda s=s: s)) for s in (first, second)]
+    total = LocalStore(lambda: shards, "here").stats()
+    assert total.appends == 7 and total.read_only and total.fsyncs == 1 and sum(total.fsync_buckets) == 1
+    assert total.slow_fsync_s is None

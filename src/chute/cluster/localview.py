@@ -61,6 +61,8 @@ class LocalStore:
         for broker in self._brokers():
             stats = broker.store.stats()
             for field in fields(StoreStats):
+                if field.metadata.get("setting"):  # (e.g. the slow-fsync threshold of the hold report)
+                    continue
                 mine, theirs = getattr(total, field.name), getattr(stats, field.name)
                 if isinstance(mine, list):
                     setattr(total, field.name, [a + b for a, b in zip(mine, theirs, strict=False)])

@@ -118,7 +118,7 @@ class StoreStats:
     last item counts those slower than the last bound. Not cumulative."""
     bytes_written: int = 0
     read_only: bool = False
-    slow_fsync_s: float | None = None
+    slow_fsync_s: float | None = field(default=None, metadata={"setting": True})  # (not a counter: never summed)
     """Each fsync slower than this is logged on `chute.holds` (set by a server with CHUTE_HOLD_REPORT_MS,
     server/holdreport.py: a message waits behind a slow sync without any hold of the loop); None: not logged."""
 
