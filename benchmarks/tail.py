@@ -1,7 +1,7 @@
 """Where the slowest messages of a latency run waited (issue 12: a p99.9 or max miss with no hold of the loop).
 
 A latency harness records, for every message, when it was sent, when its publish was confirmed and when the
-consumer received it (`Timeline`). Beside it run two watchers on the harness's own clock (`time.perf_counter`):
+consumer received it (`Timeline`). Beside it run three watchers on the harness's own clock (`time.perf_counter`):
 - `ChildWatch`, a thread polling `/proc/<broker>/task/*/children` every `interval` seconds, notes the spans in which
   the broker had a child process (the checkpoint's replay child, which shares the machine's cores);
 - `HarnessLag`, a task on the harness's loop, notes each time that loop woke late by more than `threshold` (the
@@ -11,15 +11,18 @@ consumer received it (`Timeline`). Beside it run two watchers on the harness's o
   machine's steal time meanwhile (/proc/stat). When the broker, the harness and the canary are late together, the
   machine was (every core busy, or the VM not run); a canary late without waiting for a core was not run at all.
 
-`explain_tail` then takes the slowest messages (those above a quantile) and says, for them against the whole run:
+`explain_tail` then takes the slowest messages (the top 1 - quantile) and says, for them against the whole run:
 how many were sent while a child ran (against the share of the run a child ran), how their wait splits into
 "until the publish was confirmed" (the broker's commit: its loop, its writer thread, the disk's sync) and "from
-the confirm to the delivery" (dispatch and the consumer's side), and how many were in flight during a late wake
-of the harness. It proves nothing alone; it says which cause to look at.
+the confirm to the delivery" (dispatch and the consumer's side), how many were in flight during a span of each
+cause (`in_flight_during`: the watchers above, and the slow fsyncs and loop holds a broker with
+CHUTE_HOLD_REPORT_MS logged, read by `broker_log_spans`), and their episodes (`episodes`). It proves nothing
+alone; it says which cause to look at.
 
-Invariants: every time is a `time.perf_counter()` reading of this process; a message never confirmed or never
-received is left out of the split (a run that loses messages fails elsewhere); the watchers are bounded by the
-run (the thread stops on `stop()`, the task when cancelled).
+Invariants: every time is a `time.perf_counter()` reading of this process (the canary's and the broker log's
+wall-clock times are converted); a message never confirmed or never received is left out of the split (a run
+that loses messages fails elsewhere); the watchers are bounded by the run (the thread stops on `stop()`, the task
+when cancelled, the canary when its stdin ends).
 """
 
 from __future__ import annotations

@@ -126,16 +126,18 @@ class HoldReporter:
                 frame = frames.pop(self._loop_ident, None)
                 if frame is not None:
                     stacks[_stack(frame)] += 1
-                names = {thread.ident: thread.name for thread in threading.enumerate()}
+                threads = {thread.ident: thread for thread in threading.enumerate()}
                 for ident, other in frames.items():  # the server's other threads that ran since the last sample
-                    where, cpu, before = _stack(other), _thread_cpu(ident), cpu_seen.get(ident)
+                    thread = threads.get(ident)
+                    cpu = _thread_cpu(thread.native_id) if thread is not None and thread.native_id else None
+                    where, before = _stack(other), cpu_seen.get(ident)
                     cpu_seen[ident] = cpu
                     if cpu is None:  # (no CPU clock: judge by where it is)
                         ran = bool(where) and where[0].split(":", 1)[0] not in IDLE_MODULES
                     else:  # (a hold's first sample is the baseline)
                         ran = before is not None and cpu - before > BUSY_CPU_S
                     if ran:
-                        others[f"{names.get(ident, ident)}: {where[0] if where else '?'}"] += 1
+                        others[f"{thread.name if thread is not None else ident}: {where[0] if where else '?'}"] += 1
 
     def _report(self, since: float, held_s: float, loop_cpu_s: float, stacks: collections.Counter,
                 others: collections.Counter) -> None:  # fmt: skip
@@ -155,11 +157,13 @@ class HoldReporter:
         log.warning("\n".join(lines))
 
 
-def _thread_cpu(ident: int) -> float | None:
-    """The CPU time of this process's thread `ident` (Linux: its pthread CPU clock), None if it cannot be read."""
+def _thread_cpu(native_id: int) -> float | None:
+    """The CPU time (s) this process's thread `native_id` has run, from /proc (Linux); None if it cannot be read
+    (another system, or a thread that has just ended: a file, unlike a pthread handle, is safe to ask then)."""
     try:
-        return time.clock_gettime(time.pthread_getcpuclockid(ident))
-    except (AttributeError, OSError, OverflowError):  # (not Linux; a thread that has just ended)
+        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
         return None
 
 
