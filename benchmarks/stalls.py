@@ -248,7 +248,7 @@ def tail_rows(tail: dict) -> list[tuple[str, str, str]]:
          f"{slow['confirm_to_delivery_ms_median']:.2f} / {slow['confirm_to_delivery_ms_max']:.2f} ms "
          f"({every['confirm_to_delivery_ms_median']:.2f} / {every['confirm_to_delivery_ms_max']:.2f})", ""),
         ("of them in flight at a late wake of the harness (> 3 ms) / such wakes; the harness's largest lateness",
-         f"{tail['in_flight_at_a_late_harness_wake']} / {tail['harness_late_wakes']}; "
+         f"{tail['in_flight_during']['a late wake of the harness']} / {tail['harness_late_wakes']}; "
          f"{tail['harness_lag_max_ms']:.1f} ms", ""),
         ("late wakes of a bystander process (> 3 ms; benchmarks/tail.py's canary) / its largest lateness",
          f"{tail['canary_late_wakes']} / {tail['canary_late_max_ms']:.1f} ms", ""),

@@ -169,9 +169,6 @@ def explain_tail(timeline: Timeline, child_spans: list[tuple[float, float]], har
         "sent_while_a_child_ran": sum(_inside(timeline.sent[i], child_spans) for i in slow),
         "share_of_run_with_a_child": child_time / (end - start) if end > start else math.nan,
         "children": len(child_spans),
-        "in_flight_at_a_late_harness_wake": sum(
-            any(timeline.sent[i] < woke and timeline.received[i] > began for began, woke in late_windows) for i in slow
-        ),  # fmt: skip
         "harness_late_wakes": len(late_windows),
         "canary_late_wakes": len(canary_late),
         "canary_late_max_ms": max((late for _, late, _, _ in canary_late), default=0.0) * 1000,

@@ -76,7 +76,7 @@ def test_the_slowest_messages_are_placed_against_children_and_the_harness():
     assert tail["messages"] == 2 and tail["bound_ms"] == pytest.approx(21)
     assert tail["sent_while_a_child_ran"] == 1 and tail["children"] == 1
     assert tail["share_of_run_with_a_child"] == pytest.approx(0.1, rel=0.01)
-    assert tail["in_flight_at_a_late_harness_wake"] == 1 and tail["harness_late_wakes"] == 1
+    assert tail["in_flight_during"]["a late wake of the harness"] == 1 and tail["harness_late_wakes"] == 1
     assert tail["slow"]["confirm_wait_ms_max"] == pytest.approx(30)
     assert tail["slow"]["confirm_to_delivery_ms_max"] == pytest.approx(20)
     assert tail["all"]["confirm_wait_ms_median"] == pytest.approx(1)

@@ -142,8 +142,8 @@ class Server:
         self.loop_lag.start()  # from now on (start-up's imports and setup are not stalls a client waits behind)
         if self.hold_reporter is not None:
             self.hold_reporter.start()
-            if (store := getattr(self.broker, "store", None)) is not None:  # (a cluster's shards: not yet)
-                store.stats().slow_fsync_s = self.hold_reporter.threshold_s  # a sync is no loop hold, but a wait
+            if isinstance(self.broker, Broker):  # a sync is no loop hold, but a wait (a cluster node's shards
+                self.broker.store.stats().slow_fsync_s = self.hold_reporter.threshold_s  # do not log them yet)
         where = self.config.data_dir
         if self.config.store is not None:
             where = getattr(getattr(self.broker, "node", None) or getattr(self.broker, "store", None), "where", "?")
