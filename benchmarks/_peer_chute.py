@@ -92,7 +92,7 @@ async def _bench(server: Server, opts: Opts, workload: str) -> dict[str, float]:
         rows = await bounded(bench.run(workload), opts.timeout_s * 2, workload)
     except BenchError as exc:
         raise PeerError(str(exc)) from None
-    return {row.metric.replace("broker CPU", "server CPU"): row.value for row in rows}
+    return {row.metric.replace("broker ", "server ", 1): row.value for row in rows}
 
 
 async def p2p(server: Server, opts: Opts) -> dict[str, float]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from chute.bench import DEFAULT_MESSAGES, end_process
+from chute.bench import DEFAULT_MESSAGES, context_switches, end_process
 
 START_TIMEOUT_S = 120.0  # a peer recovering a 1,000,000-message backlog may take a while
 STOP_TIMEOUT_S = 30.0
@@ -81,11 +81,17 @@ def latency_metrics(samples: list[float]) -> dict[str, float]:
 
 
 class CpuClock:
-    """Wall clock, this process's CPU and a server's CPU since it was made; `metrics()` as % of one core."""
+    """Wall clock, this process's CPU and a server's CPU and context switches since it was made; `metrics()` as %
+    of one core."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.wall, self.client, self.server = time.perf_counter(), time.process_time(), proc_cpu_seconds(pid)
+        self.switches = context_switches(pid)
+
+    def server_switches(self) -> int:
+        """The server's context switches (all its threads) since this clock was made."""
+        return context_switches(self.pid) - self.switches
 
     def server_seconds(self) -> float:
         """The server's CPU seconds since this clock was made."""

@@ -208,6 +208,7 @@ async def latency(server: Server, opts: Opts) -> dict[str, float]:
             await draining
             cpu = clock.metrics()
         cpu["server CPU per message"] = clock.server_seconds() / total * 1e6
+        cpu["server switches per message"] = clock.server_switches() / total
     finally:
         await producer.close()
         await consumer.close()

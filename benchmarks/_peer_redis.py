@@ -176,6 +176,7 @@ async def latency(server: Server, opts: Opts) -> dict[str, float]:
             await bounded(draining, opts.timeout_s, "latency consumer")
             cpu = clock.metrics()
         cpu["server CPU per message"] = clock.server_seconds() / total * 1e6
+        cpu["server switches per message"] = clock.server_switches() / total
     finally:
         await producer.aclose()
         await consumer.aclose()

@@ -79,7 +79,8 @@ SYSTEMS: dict[str, ModuleType] = {"chute": _peer_chute, "redis": _peer_redis, "n
 PEERS = ("redis", "nats")
 WORKLOADS = ("p2p", "fanout", "latency", "backlog")
 UNITS = {"end to end": "msg/s", "publish confirmed": "msg/s", "consume backlog": "msg/s", "deliveries": "deliv/s",
-         "server CPU": "% core", "client CPU": "% core", "server CPU per message": "µs", "p50": "ms", "p99": "ms",
+         "server CPU": "% core", "client CPU": "% core", "server CPU per message": "µs",
+         "server switches per message": "", "p50": "ms", "p99": "ms",
          "p99.9": "ms",
          "max": "ms"}  # fmt: skip
 

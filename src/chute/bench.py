@@ -122,6 +122,19 @@ class Row:
 # -- the broker subprocess --------------------------------------------------------------------------------------
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary plus involuntary context switches of a process's live threads (/proc/<pid>/task/*/status): at a
+    low rate, about one wake-up of a thread each, which is what a message's CPU goes with."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if line.split(":")[0].endswith("ctxt_switches"))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return total
+
+
 def end_process(process: subprocess.Popen, signum: int, timeout_s: float) -> int | None:
     """Send `signum` to a running process and wait for its exit (SIGKILL after `timeout_s`); return its exit
     status. Does nothing to a process that has already exited."""
@@ -509,11 +522,14 @@ class Bench:
                     drain(consumer, name, total, prefetch=1000, ack_batch=50, acks_in_flight=4,
                           on_delivery=received))  # fmt: skip
                 await asyncio.sleep(0.05)
+                pid = self.broker.pid if self.broker is not None else None
                 with collector_out_of_the_window():
                     before = self.cpu()
+                    switched = context_switches(pid) if pid else 0
                     await publish_paced(stamped(producer, name, padding), total, o.rate)
                     await draining
                     after = self.cpu()
+                    switched = context_switches(pid) - switched if pid else None
                 cpu = self.cpu_rows("latency", before)
         finally:
             await delete_queues(self.admin, [name])
@@ -522,7 +538,9 @@ class Bench:
                 for label, p in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))]  # fmt: skip
         broker_s = after[2] - before[2]  # nan when the broker is not ours
         per_message = None if math.isnan(broker_s) else broker_s / total * 1e6
-        return rows + cpu + [Row("latency", "broker CPU per message", per_message, "µs")]
+        switches = None if switched is None else switched / total
+        return [*rows, *cpu, Row("latency", "broker CPU per message", per_message, "µs"),
+                Row("latency", "broker switches per message", switches, "")]  # fmt: skip
 
     async def w_fanout(self) -> list[Row]:
         o = self.options

@@ -43,6 +43,8 @@ def test_every_workload_against_brokers_it_starts_and_stops():
                 ("backlog", "RSS with backlog")]:  # fmt: skip
         assert values[key] is not None and values[key] > 0, key
     assert values[("latency", "p50")] <= values[("latency", "p99")] <= values[("latency", "max")]
+    # every message wakes the broker at least once (its publish arrives) and its threads switch at least that often
+    assert values[("latency", "broker switches per message")] >= 1
     # the broker's CPU comes from /proc's 10 ms ticks: p2p's 2,000 messages may take less than one (latency's
     # second of publishing, checked above, cannot)
     assert values[("p2p", "broker CPU")] is not None and values[("p2p", "broker CPU")] >= 0

@@ -63,6 +63,9 @@ def test_p2p_and_latency_side_by_side_with_a_peer(peer: str):
     for system in ("chute", peer):
         assert 0 < rows[("latency", "p50")][system] <= rows[("latency", "p99")][system] <= rows[("latency", "max")][
             system]  # fmt: skip
+    # each server's context switches per message, side by side: a message that wakes a server switches its threads
+    assert rows[("latency", "server switches per message")]["chute"] >= 1
+    assert rows[("latency", "server switches per message")][peer] > 0
     judged = rows[("p2p", "end to end")] if peer == "redis" else rows[("latency", "p99")]
     assert judged["status"] in {"met", "missed"}
 
