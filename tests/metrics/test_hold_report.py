@@ -169,3 +169,30 @@ async def test_without_the_report_a_slow_sync_is_only_counted(monkeypatch, caplo
             await client.publish("q", b"behind a 100 ms sync")
         assert sum(running.server.broker.store.stats().fsync_buckets[10:]) >= 1  # counted (over 50 ms)
     assert not [m for m in hold_warnings(caplog) if "fsync" in m]
+
+
+async def test_the_loop_threads_kernel_state_names_a_lock_wait_and_a_sleep(caplog) -> None:
+    """Off the CPU, a report says where in the kernel the loop thread was: here, waiting for a lock another thread
+    holds (a futex, as for the GIL), then asleep in `time.sleep` (a timer's wait, not a futex)."""
+    lock = threading.Lock()
+    lock.acquire()
+    releaser = threading.Timer(0.15, lock.release)
+    reporter = HoldReporter(0.02)
+    reporter.start()
+    try:
+        await asyncio.sleep(0.05)
+        releaser.start()
+        lock.acquire()  # the loop thread waits for the lock (the kernel: a futex wait)
+        lock.release()
+        await reports_after(reporter, 1)
+        await asyncio.sleep(0.05)
+        time.sleep(0.15)  # the loop thread sleeps on a timer
+        await reports_after(reporter, 2)
+    finally:
+        releaser.cancel()
+        reporter.stop()
+    locked, slept = hold_warnings(caplog)[-2:]
+    state_line = "the loop thread in the kernel (samples): "
+    assert state_line + "S futex" in locked, locked
+    assert state_line in slept and "futex" not in slept.split(state_line, 1)[1].split("\n", 1)[0], slept
+    assert "off the CPU most of the hold" in locked and "off the CPU most of the hold" in slept

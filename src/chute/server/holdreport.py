@@ -16,7 +16,12 @@ is in the event loop's C code: a system call, or waiting for the GIL; so each sa
 server's other threads were, those whose CPU clock advanced since the previous sample (the log's writer and
 reader, a checkpoint's threads): the GIL's likely holders. The warning also gives the CPU time the loop thread
 used during the hold (from its heartbeats): a hold with little of it was the loop thread off the CPU (a blocking
-call, the GIL, no free core, or a machine that paused), not work of the loop's.
+call, the GIL, no free core, or a machine that paused), not work of the loop's. Which of those, each sample notes
+from the kernel (Linux: /proc/self/task/N/stat and wchan): the loop thread runnable (`R`: running, or waiting for
+a core), or asleep and where (`futex_...`: the GIL or a lock; `do_epoll_wait`: idle in the loop's poll, so the
+heartbeat's timer itself came late; a disk wait, `D`). A sample is taken while the sampling thread holds the GIL,
+so a loop thread busy in Python is seen runnable or waiting to take the GIL back: read the states with its CPU
+time (off the CPU and `futex_...`: another thread held the GIL, or the loop waited for a lock).
 
 Invariants:
 - cost while enabled: one loop timer and one thread wake-up per threshold/4, plus one callback per collection;
@@ -70,6 +75,7 @@ class HoldReporter:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._loop_ident = 0
+        self._loop_native_id = 0
         self._gc_started = 0.0
         self._collections: list[tuple[int, float, float, int]] = []  # (generation, s, end, freed) of long ones
 
@@ -77,6 +83,7 @@ class HoldReporter:
         if self._thread is not None:
             return
         self._loop_ident = threading.get_ident()
+        self._loop_native_id = threading.get_native_id()
         self._heartbeat(asyncio.get_running_loop())
         gc.callbacks.append(self._on_gc)
         self._stop.clear()
@@ -110,17 +117,22 @@ class HoldReporter:
     def _watch(self) -> None:
         stacks: collections.Counter[tuple[str, ...]] = collections.Counter()
         others: collections.Counter[str] = collections.Counter()
+        states: collections.Counter[str] = collections.Counter()  # the loop thread's, in the kernel
         cpu_seen: dict[int, float] = {}  # each other thread's CPU time at the previous sample of this hold
         held_since = (0.0, 0.0)  # the heartbeat a hold in progress started from ((0, 0): none)
         while not self._stop.wait(self.tick_s):
             beat = self._beat
             if held_since[0] and beat != held_since:  # the loop ran its heartbeat again: the hold is over
                 held_s, loop_cpu_s = beat[0] - held_since[0] - self.tick_s, beat[1] - held_since[1]
-                self._report(held_since[0], held_s, loop_cpu_s, stacks, others)
-                stacks, others, cpu_seen = collections.Counter(), collections.Counter(), {}
+                self._report(held_since[0], held_s, loop_cpu_s, stacks, others, states)
+                stacks, others, states = collections.Counter(), collections.Counter(), collections.Counter()
+                cpu_seen = {}
                 held_since = (0.0, 0.0)
             if time.monotonic() - beat[0] > self.threshold_s + self.tick_s:  # the next beat is a threshold late
                 held_since = beat
+                state = _kernel_state(self._loop_native_id)
+                if state is not None:
+                    states[state] += 1
                 frames = sys._current_frames()
                 frames.pop(threading.get_ident(), None)
                 frame = frames.pop(self._loop_ident, None)
@@ -140,11 +152,14 @@ class HoldReporter:
                         others[f"{thread.name if thread is not None else ident}: {where[0] if where else '?'}"] += 1
 
     def _report(self, since: float, held_s: float, loop_cpu_s: float, stacks: collections.Counter,
-                others: collections.Counter) -> None:  # fmt: skip
+                others: collections.Counter, states: collections.Counter) -> None:  # fmt: skip
         self.reports += 1
         lines = [f"event loop held ~{held_s * 1000:.1f} ms; the loop thread ran {loop_cpu_s * 1000:.1f} ms of CPU "
                  "meanwhile" + (" (off the CPU most of the hold: blocked in a system call, waiting for the GIL or for "
                                 "a core, or the machine paused)" if loop_cpu_s < held_s / 2 else "")]  # fmt: skip
+        if states:
+            lines.append("  the loop thread in the kernel (samples): " + ", ".join(
+                f"{state} ({count})" for state, count in states.most_common()))  # fmt: skip
         for generation, took, end, freed in self._collections:
             if end >= since:  # ended during this hold (with the unreachable objects it freed: cycles of garbage)
                 lines.append(f"  garbage collection of generation {generation}: {took * 1000:.1f} ms, {freed} freed")
@@ -165,6 +180,21 @@ def _thread_cpu(native_id: int) -> float | None:
             return int(f.read().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _kernel_state(native_id: int) -> str | None:
+    """The thread's scheduler state and, if it sleeps, where in the kernel ('R', 'S futex_do_wait', 'D ...'), from
+    /proc (Linux); None if it cannot be read."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+        if state == "R":
+            return state
+        with open(f"/proc/self/task/{native_id}/wchan", "rb") as f:
+            where = f.read().decode(errors="replace").strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    return f"{state} {where}" if where and where != "0" else state
 
 
 def _stack(frame) -> tuple[str, ...]:
