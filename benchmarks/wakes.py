@@ -40,6 +40,8 @@ import sys
 import threading
 import time
 
+from chute.bench import context_switches
+
 MODES = ("sleep", "loop", "thread", "inline", "aio")
 DATA = b"x" * 600  # a lone 256-byte message's group, about
 RESERVE = 64 << 20
@@ -79,18 +81,6 @@ def machine_delta_ns(before: dict[tuple[str, str], int], after: dict[tuple[str, 
     """Run time between two readings of the tasks alive at the second (one that ended meanwhile is not counted:
     an under-count, never a negative figure)."""
     return sum(ns - before.get(task, 0) for task, ns in after.items())
-
-
-def switches(pid: int | str = "self") -> int:
-    """Voluntary plus involuntary context switches of every thread of a process."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                total += sum(int(line.split()[1]) for line in f if line.split(":")[0].endswith("ctxt_switches"))
-        except OSError:
-            pass
-    return total
 
 
 class _Iocb(ctypes.Structure):
@@ -231,9 +221,10 @@ def measure(mode: str, rate: float, count: int) -> dict[str, float]:
 
     path = f"{os.environ.get('TMPDIR', '/tmp')}/chute-wakes-{os.getpid()}.dat"
     machine = machine_run_ns()  # scanned before the process's own reading starts and after it ends: not counted
-    cpu, switched, started = task_run_ns(), switches(), time.perf_counter()
+    pid = os.getpid()
+    cpu, switched, started = task_run_ns(), context_switches(pid), time.perf_counter()
     latencies = _run_sleep(rate, count) if mode == "sleep" else uvloop.run(_run_loop(mode, rate, count, path))
-    seconds, cpu, switched = time.perf_counter() - started, task_run_ns() - cpu, switches() - switched
+    seconds, cpu, switched = time.perf_counter() - started, task_run_ns() - cpu, context_switches(pid) - switched
     machine_ns = machine_delta_ns(machine, machine_run_ns())
     result = {
         "process CPU µs": cpu / count / 1e3,
