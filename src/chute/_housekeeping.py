@@ -79,15 +79,11 @@ class Housekeeping:
                 return
             snapshot = at = None
             if forked_snapshot.worth_forking(self.core):
-                replayed = await forked_snapshot.replayed(self.store, self.clock(), self._serving)
-                if self._state != "serving":
-                    return  # a stop came (and cut the child short): the closing checkpoint supersedes this one
+                replayed = await forked_snapshot.replayed(self.store, self.clock())
                 if replayed is not None:  # rebuilt from the files: it stands for an earlier position, `at`
                     snapshot, at = replayed
                 else:
                     snapshot = await forked_snapshot.snapshot(self.core, self.store)
-                    if self._state != "serving":
-                        return
             if snapshot is None:
                 snapshot = self.core.snapshot()
             held = self.core.pending_refs()  # a store must not reclaim them before their publishes are placed
@@ -104,9 +100,6 @@ class Housekeeping:
             self.checkpoints += 1
             del snapshot
             return_freed_memory()  # the snapshot was a large transient buffer
-
-    def _serving(self) -> bool:
-        return self._state == "serving"
 
     async def closing_checkpoint(self) -> None:
         """The checkpoint of a clean stop, once the broker no longer serves: a large state's snapshot is forked, as
