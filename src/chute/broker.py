@@ -153,7 +153,7 @@ class Broker(ManagementApi, StateReads, Housekeeping):
                 await self._housekeeping
         if not self.store.read_only:
             with contextlib.suppress(ChuteError):
-                await self.closing_checkpoint()  # (a large state's snapshot is forked: no hold of the loop)
+                await self.store.checkpoint(self.core.snapshot())
         self._thaw()
         await self.store.close()
         self._state = "closed"
