@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 
 
@@ -12,6 +14,28 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def abandon_broker(broker) -> None:
+    """What the death of its process leaves of a Broker on a FileStore: `end_background(broker)`, and its store as
+    `abandon` leaves it."""
+    await end_background(broker)
+    abandon(broker.store)
+
+
+async def end_background(broker) -> None:
+    """A broker's background work ends with its process: the checkpoint in flight is cancelled (which kills any
+    child it started) and the idle checkpoint's timer goes. Without this an abandoned broker's checkpoint goes on
+    in the test's process: it may fork (once its replay child finds the newer checkpoint of the broker that
+    replaced it), and the child's inherited copy of the new broker's lock keeps a restart out."""
+    if broker._idle_check is not None:
+        broker._idle_check.cancel()
+        broker._idle_check = None
+    task = broker._housekeeping
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 def abandon(store) -> None:

@@ -3,6 +3,8 @@ PostgreSQL (a real server, tests/postgres/server.py; each test on a stream of it
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from chute.errors import StorageReadOnly
@@ -164,6 +166,31 @@ async def test_second_store_on_same_directory_is_refused(tmp_path):
     with pytest.raises(StorageFailed, match="in use"):
         await second.open()
     await first.close()
+
+
+async def test_a_reopen_waits_out_a_forked_childs_copy_of_the_lock(tmp_path):
+    """A child the broker's process forks (a checkpoint's snapshot) shares the lock until its first step closes
+    its copy: a store of the same process that closes and opens again meanwhile gets the directory, not an "in
+    use" error. (The child here keeps its copy for 150 ms.)"""
+    import os
+    import signal
+    import time
+
+    first = FileStore(tmp_path / "d")
+    await first.open()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        time.sleep(0.15)
+        os._exit(0)
+    try:
+        await first.close()
+        again = FileStore(tmp_path / "d")
+        await again.open()
+        await again.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 async def test_closed_store_refuses_appends(tmp_path):

@@ -20,7 +20,7 @@ from chute import _forked_snapshot as forked_snapshot
 from chute.storage import FileStore
 from tests.model.test_queue_model import QueueMachine
 from tests.postgres import server as postgres_server
-from tests.processes import abandon
+from tests.processes import abandon_broker
 
 FORKED: list[int] = []  # one item per checkpoint seen in flight with its child forked
 
@@ -145,7 +145,7 @@ class DiskQueueMachine(ForkingQueueMachine):
     def power_cut(self):
         self._end_checkpoint(cancel=True)
         store = self.broker.store
-        abandon(store)
+        self._run(abandon_broker(self.broker))
         store.fs.close()
         store.fs.unlock(f"{self.directory}/lock")
         self.broker = self._run(self._start())

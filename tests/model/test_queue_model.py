@@ -25,7 +25,7 @@ from chute.errors import InvalidReceipt
 from chute.storage import FileStore, MemoryFs, MemoryStore
 from tests.conftest import Clock
 from tests.postgres import server as postgres_server
-from tests.processes import abandon
+from tests.processes import abandon_broker, end_background
 
 LEASE_S = 10.0
 DEDUP_WINDOW_S = 300.0
@@ -155,9 +155,10 @@ class QueueMachine(RuleBasedStateMachine):
     def power_cut(self):
         if self.store_kind == "postgres":
             self.broker.store.sever()  # the old process is gone: its connections drop, the server rolls back
+            self._run(end_background(self.broker))
         else:
             self.fs.crash()
-            abandon(self.broker.store)  # the old process is gone
+            self._run(abandon_broker(self.broker))  # the old process is gone
         self.broker = self._run(self._start())
         self.held.clear()
 

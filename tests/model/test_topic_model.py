@@ -13,7 +13,7 @@ from chute.core.filters import compile_filter
 from chute.core.routing import Pattern
 from chute.storage import FileStore, MemoryFs
 from tests.conftest import Clock
-from tests.processes import abandon
+from tests.processes import abandon_broker
 
 SUBJECTS = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3).map(".".join)
 PATTERNS = st.sampled_from([">", "a.>", "*", "a.*", "*.b", "a.b", "b.>", "*.*.c"])
@@ -52,7 +52,7 @@ async def _scenario(subscriptions, before, after, ending):
         broker = await open_broker().start()
     elif ending == "power_cut":
         fs.crash()
-        abandon(broker.store)
+        await abandon_broker(broker)
         broker = await open_broker().start()
     for subject, header in after:
         headers = {"k": header} if header is not None else None

@@ -20,8 +20,14 @@ from __future__ import annotations
 import errno as errno_codes
 import os
 import threading
+import time
 
 PREALLOCATED_MODEL_BYTES = 4096  # the zeros MemoryFs puts past a file's data for `preallocate` (see above)
+# A lock is a flock: held while any copy of its descriptor is open. A child this process forks (a checkpoint's
+# snapshot) has a copy from its fork until its first step closes it, so a store of this process that releases the
+# lock and takes it again at once (a restart within the process) may find it held for that moment: `lock` tries
+# again for LOCK_WAIT_S before it reports the directory in use.
+LOCK_WAIT_S = 0.5
 
 
 class Fs:
@@ -174,11 +180,20 @@ class OsFs(Fs):
         import fcntl
 
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)  # (in the store's thread: the store is not open yet)
+                    continue
+                os.close(fd)
+                return False
+            except OSError:
+                os.close(fd)
+                return False
         self._locks[path] = fd
         return True
 
