@@ -45,6 +45,8 @@ Invariants:
   of the tens of megabytes a burst appends meanwhile would hold the loop: 20-40 ms measured);
 - the image is read, the pipe closed and the child reaped by a thread of its own, even if the checkpoint is
   cancelled meanwhile (the child is then killed);
+- a stop cuts its store's working children short (`cut_short`: killed, neither counted as a failure nor
+  replaced by a fork): the closing checkpoint supersedes theirs, and a replay of a burst can take seconds;
 - Linux only (elsewhere, and for states whose estimated cost is under FORK_MIN_ENTRIES plain messages, the
   snapshot is built on the loop: a cheap one takes less than a child).
 """
@@ -61,6 +63,7 @@ import sys
 import threading
 import warnings
 import zlib
+from collections.abc import Callable
 
 from chute.core import snapshot as snap
 from chute.core.broker import BrokerCore
@@ -91,6 +94,27 @@ MAX_FD = 1 << 20  # close_range's upper bound in the child (the kernel stops at 
 REPLAY = os.environ.get("CHUTE_SNAPSHOT_REPLAY", "1") != "0"
 REPLAY_MAX_FAILURES = 3  # children failed in a row (the program cannot import chute?): then every checkpoint forks
 _replay_failures = 0
+_working: dict[int, list] = {}  # pid -> [the store it works for, cut short by a stop?], while a child works
+
+
+def cut_short(store: Store) -> None:
+    """A stop: kill the children still building a snapshot for `store` (a cluster node's other shards keep
+    theirs); the checkpoints they were for end without one, and without counting a failure."""
+    for pid, work in list(_working.items()):
+        if work[0] is store and not work[1]:
+            work[1] = True
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # its reading thread then sees the pipe end and reaps it
+
+
+async def _image_for(store: Store, pid: int, read_fd: int) -> tuple[list[bytes] | None, bool]:
+    """(the child's image or None, whether a stop cut it short)."""
+    _working[pid] = [store, False]
+    try:
+        image = await _image_of(pid, read_fd)
+    finally:
+        cut = _working.pop(pid)[1]
+    return (None, True) if cut else (image, False)
 
 
 def worth_forking(core: BrokerCore) -> bool:
@@ -163,7 +187,7 @@ async def snapshot(core: BrokerCore, store: Store) -> list[bytes | bytearray] | 
             _child(core, read_fd, write_fd)  # never returns
         os.close(write_fd)
         write_fd = -1
-        image = await _image_of(pid, read_fd)
+        image, _ = await _image_for(store, pid, read_fd)
     finally:
         if collecting:
             gc.enable()
@@ -178,16 +202,19 @@ async def snapshot(core: BrokerCore, store: Store) -> list[bytes | bytearray] | 
     return snap.tailed_pieces(image, tail)
 
 
-async def replayed(store: Store, now: float) -> tuple[list[bytes | bytearray], object] | None:
+async def replayed(store: Store, now: float, wanted: Callable[[], bool] = lambda: True,
+                   ) -> tuple[list[bytes | bytearray], object] | None:  # fmt: skip
     """(the snapshot, the store's position it stands for) as a new program rebuilt it from the store's files
     (`chute._replay_child`), for `store.checkpoint(snapshot, at=position)`; None where the store's files are not
-    real ones (it has no `replay_point`), with CHUTE_SNAPSHOT_REPLAY=0, or if the child failed (the caller then
-    forks)."""
+    real ones (it has no `replay_point`), with CHUTE_SNAPSHOT_REPLAY=0, if the child failed (the caller then
+    forks), or if it is no longer `wanted()` once the files are written (a stop came)."""
     global _replay_failures
     point = store.replay_point() if REPLAY and hasattr(store, "replay_point") else None
     if point is None or _replay_failures >= REPLAY_MAX_FAILURES:
         return None
     await store.flush()  # the records before the point are in the files the child reads
+    if not wanted():
+        return None
     read_fd, write_fd = os.pipe()
     try:
         pid = _spawn(_replay_argv(point.directory, point.end_ref, now), read_fd, write_fd)
@@ -196,7 +223,9 @@ async def replayed(store: Store, now: float) -> tuple[list[bytes | bytearray], o
     if pid is None:
         os.close(read_fd)
         return None
-    image = await _image_of(pid, read_fd)
+    image, cut = await _image_for(store, pid, read_fd)
+    if cut:
+        return None  # (a stop: nothing failed)
     if image is None:
         _replay_failures += 1
         log.warning("the checkpoint child failed (its errors are above); this checkpoint forks instead%s",

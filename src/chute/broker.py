@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from chute import _forked_snapshot as forked_snapshot
 from chute._dispatch import Dispatcher
 from chute._housekeeping import Housekeeping, return_freed_memory
 from chute._management import ManagementApi
@@ -148,12 +149,13 @@ class Broker(ManagementApi, StateReads, Housekeeping):
                     future.set_exception(BrokerClosed("broker closed"))
         self._waiters.clear()
         self.dispatcher.wake_all()  # push consumers find the broker closing and end
+        forked_snapshot.cut_short(self.store)  # a checkpoint's child would only delay the closing one
         if self._housekeeping is not None:
             with contextlib.suppress(Exception):
                 await self._housekeeping
         if not self.store.read_only:
             with contextlib.suppress(ChuteError):
-                await self.store.checkpoint(self.core.snapshot())
+                await self.closing_checkpoint()  # (a large state's snapshot is forked: no hold of the loop)
         self._thaw()
         await self.store.close()
         self._state = "closed"

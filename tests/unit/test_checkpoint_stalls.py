@@ -142,6 +142,64 @@ async def test_a_forked_checkpoint_carries_what_happened_while_the_child_worked(
         assert [d.id for d in await broker.receive("dlq", 10)] == [deliveries[3].id]
 
 
+async def test_a_clean_stop_forks_a_large_states_snapshot_and_the_loop_keeps_running(tmp_path, always_fork):
+    """The checkpoint of a clean stop: a large state's snapshot is built in a child (here a slow one), so the loop
+    goes on meanwhile; a restart finds every message in that checkpoint."""
+    made_here: list[int] = []  # pids that built a snapshot in this process's memory (the child's list is its own)
+    broker = Broker(store=FileStore(tmp_path), checkpoint_bytes=1 << 40)
+    await broker.start()
+    await broker.create_queue("q", lease_s=3600)
+    ids = await broker.publish_batch("q", [Publish(body=b"m-%d" % i) for i in range(200)])
+    leased = await broker.receive("q", 20)
+    snapshot = broker.core.snapshot
+
+    def slow_snapshot():
+        made_here.append(os.getpid())
+        time.sleep(0.3)  # in the child; on the loop it would hold it this long
+        return snapshot()
+
+    broker.core.snapshot = slow_snapshot
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    running = asyncio.create_task(ticker())
+    try:
+        await broker.close()
+    finally:
+        running.cancel()
+    assert made_here == []  # not built in this process
+    assert ticks >= 5, ticks  # ~30 turns of 10 ms while the child worked, none if the loop had been held
+    async with Broker(store=FileStore(tmp_path)) as broker:
+        assert broker.recovery.records == 0  # all of it from the closing checkpoint
+        ready = await broker.receive("q", 1000)
+        assert sorted(d.id for d in ready) == sorted(ids)
+        counts = {d.id: d.delivery_count for d in ready}
+        assert {counts[d.id] for d in leased} == {2}  # the leased ones came back, their first delivery counted
+
+
+async def test_a_clean_stop_snapshots_a_small_state_on_the_loop(tmp_path):
+    made_here: list[int] = []
+    async with Broker(store=FileStore(tmp_path)) as broker:
+        await broker.create_queue("q")
+        ids = await broker.publish_batch("q", [Publish(body=b"x") for _ in range(10)])
+        snapshot = broker.core.snapshot
+
+        def noted_snapshot():
+            made_here.append(os.getpid())
+            return snapshot()
+
+        broker.core.snapshot = noted_snapshot
+    assert made_here == [os.getpid()]  # below the forking threshold: no child for it
+    async with Broker(store=FileStore(tmp_path)) as broker:
+        assert broker.recovery.records == 0
+        assert [d.id for d in await broker.receive("q", 100)] == ids
+
+
 async def test_a_child_that_fails_means_a_snapshot_made_on_the_loop(tmp_path, always_fork, monkeypatch):
     monkeypatch.setattr(forked_snapshot, "_child", lambda *args: os._exit(3))
     async with Broker(store=FileStore(tmp_path), checkpoint_bytes=1 << 40) as broker:

@@ -5,8 +5,11 @@ the broker's checkpoints use it where the files are real ones."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import shutil
 import sys
+import time
 import zlib
 
 import msgspec
@@ -132,7 +135,8 @@ def test_the_child_program_reports_failure_with_its_status(tmp_path):
 async def test_a_checkpoint_on_real_files_is_rebuilt_by_the_child_and_stored_at_its_position(tmp_path, monkeypatch):
     monkeypatch.setattr(forked_snapshot, "FORK_MIN_ENTRIES", 0)
     forks, argvs = [], []
-    monkeypatch.setattr(forked_snapshot, "_fork", lambda: forks.append(1))
+    fork = forked_snapshot._fork
+    monkeypatch.setattr(forked_snapshot, "_fork", lambda: forks.append(1) or fork())  # (the closing one forks)
     argv_of = forked_snapshot._replay_argv
 
     def slow_child(*args):  # the child starts half a second late: the operations below happen meanwhile
@@ -166,6 +170,36 @@ async def test_a_checkpoint_on_real_files_is_rebuilt_by_the_child_and_stored_at_
         assert sorted(d.id for d in ready) == sorted(set(before + during) - {d.id for d in deliveries[:3]})
         counts = {d.id: d.delivery_count for d in ready}
         assert {counts[d.id] for d in deliveries[3:]} == {2} and len(set(counts.values()) - {1, 2}) == 0
+
+
+async def test_a_stop_cuts_a_working_checkpoint_child_short(tmp_path, monkeypatch, caplog):
+    """A stop does not wait for a periodic checkpoint's child (rebuilding a burst can take seconds): it is killed,
+    not counted as a failure, and the closing checkpoint has everything."""
+    monkeypatch.setattr(forked_snapshot, "FORK_MIN_ENTRIES", 0)
+    monkeypatch.setattr(forked_snapshot, "_replay_failures", 0)
+    argv_of = forked_snapshot._replay_argv
+    late = "import os, sys, time; time.sleep(30); os.execv(sys.argv[1], sys.argv[1:])"  # one process, then the child
+    monkeypatch.setattr(forked_snapshot, "_replay_argv", lambda *args: [sys.executable, "-c", late, *argv_of(*args)])
+    broker = Broker(store=FileStore(tmp_path), checkpoint_bytes=1 << 40)
+    await broker.start()
+    await broker.create_queue("q")
+    ids = await broker.publish_batch("q", [Publish(body=b"m-%d" % i) for i in range(100)])
+    broker._start_checkpoint()  # as the broker starts one every checkpoint_bytes
+    async with asyncio.timeout(10):
+        while not forked_snapshot._working:
+            await asyncio.sleep(0.005)
+    (child,) = forked_snapshot._working
+    started = time.monotonic()
+    await broker.close()
+    assert time.monotonic() - started < 10  # the child would have slept 30 s
+    async with asyncio.timeout(10):  # killed, and reaped by its reading thread
+        while os.path.exists(f"/proc/{child}"):
+            await asyncio.sleep(0.01)
+    assert forked_snapshot._replay_failures == 0 and not forked_snapshot._working
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "child" in r.getMessage()]
+    async with Broker(store=FileStore(tmp_path)) as broker:
+        assert broker.recovery.records == 0  # the closing checkpoint holds it all
+        assert sorted(d.id for d in await broker.receive("q", 1000)) == sorted(ids)
 
 
 async def test_a_child_that_fails_means_a_forked_snapshot(tmp_path, monkeypatch):
