@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 from hypothesis import settings
-from hypothesis.stateful import precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 
 from chute import _forked_snapshot as forked_snapshot
 from chute.storage import FileStore
@@ -46,7 +46,23 @@ class ForkingQueueMachine(QueueMachine):
         self.saved_min = forked_snapshot.FORK_MIN_ENTRIES
         forked_snapshot.FORK_MIN_ENTRIES = 0  # every checkpoint forks, however small the state
         self.checkpointing: asyncio.Task | None = None
+        # A power cut ends the process: no snapshot may be started for a store abandoned by one (the test's
+        # process lives on, and an abandoned broker still at work would fork beside the new one)
+        self.dead_stores: list = []
+        self.strays: list[str] = []
+        self.saved_paths = forked_snapshot.snapshot, forked_snapshot.replayed
+        for name, path in zip(("snapshot", "replayed"), self.saved_paths, strict=True):
+            setattr(forked_snapshot, name, self._watched(name, path))
         super().__init__()
+
+    def _watched(self, name, path):
+        async def watched(*args, **kwargs):
+            store = args[1] if name == "snapshot" else args[0]
+            if any(store is dead for dead in self.dead_stores):
+                self.strays.append(name)
+            return await path(*args, **kwargs)
+
+        return watched
 
     def teardown(self) -> None:
         try:
@@ -54,6 +70,11 @@ class ForkingQueueMachine(QueueMachine):
             super().teardown()
         finally:
             forked_snapshot.FORK_MIN_ENTRIES = self.saved_min
+            forked_snapshot.snapshot, forked_snapshot.replayed = self.saved_paths
+
+    @invariant()
+    def no_abandoned_broker_is_at_work(self):
+        assert not self.strays, f"a broker abandoned by a power cut started a checkpoint: {self.strays}"
 
     @precondition(lambda self: self.checkpointing is None)
     @rule()
@@ -98,6 +119,7 @@ class ForkingQueueMachine(QueueMachine):
     @rule()
     def power_cut(self):
         self._end_checkpoint(cancel=True)
+        self.dead_stores.append(self.broker.store)
         super().power_cut()
 
 
@@ -145,6 +167,7 @@ class DiskQueueMachine(ForkingQueueMachine):
     def power_cut(self):
         self._end_checkpoint(cancel=True)
         store = self.broker.store
+        self.dead_stores.append(store)
         self._run(abandon_broker(self.broker))
         store.fs.close()
         store.fs.unlock(f"{self.directory}/lock")
