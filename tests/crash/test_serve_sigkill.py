@@ -10,7 +10,7 @@ the restart the stored messages of the queue must satisfy, over all rounds so fa
 After each check the checker acks every stored message (and the ledger counts them as acked), so the backlog
 never outgrows one round.
 
-A second case stops the server cleanly (SIGTERM) at that moment and kills it with SIGKILL 0-400 ms later, every
+A second case stops the server cleanly (SIGTERM) at that moment and kills it with SIGKILL 0-60 ms later, every
 snapshot forked (CHUTE_SNAPSHOT_FORK_MIN_ENTRIES=0): the kill lands while connections close, while the closing
 snapshot's child works or while the closing checkpoint is written, or after a clean exit.
 
@@ -124,7 +124,7 @@ def test_sigkill_under_publish_and_ack_loses_nothing_confirmed(tmp_path, monkeyp
                 server.kill()
                 return
             server.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(rng.uniform(0, 0.4))
+            await asyncio.sleep(rng.uniform(0, 0.06))
             server.kill()
 
         try:
