@@ -196,3 +196,35 @@ async def test_the_loop_threads_kernel_state_names_a_lock_wait_and_a_sleep(caplo
     assert state_line + "S futex" in locked, locked
     assert state_line in slept and "futex" not in slept.split(state_line, 1)[1].split("\n", 1)[0], slept
     assert "off the CPU most of the hold" in locked and "off the CPU most of the hold" in slept
+
+
+async def test_a_hold_is_measured_by_the_loops_heartbeats_not_by_when_the_reporter_woke(caplog) -> None:
+    """The reporting thread may wake long after a hold ended (it needs a core and the GIL): the hold's length is
+    still the loop's own gap between heartbeats. Here the reporter is kept from finishing its sample of an 80 ms
+    hold until 400 ms after it began (another thread holds the lock `threading.enumerate` takes) while the loop
+    goes on beating."""
+    taken, release = threading.Event(), threading.Event()
+
+    def keep_the_reporter_waiting() -> None:
+        with threading._active_limbo_lock:  # the reporter's `threading.enumerate()` waits for it
+            taken.set()
+            release.wait(5)
+
+    reporter = HoldReporter(0.02)
+    reporter.start()
+    helper = threading.Thread(target=keep_the_reporter_waiting)
+    try:
+        await asyncio.sleep(0.05)
+        helper.start()
+        taken.wait(5)
+        time.sleep(0.08)  # the hold
+        await asyncio.sleep(0.32)  # the loop beats on; the reporter is stuck in its sample of the hold
+        assert reporter.reports == 0
+        release.set()
+        await reports_after(reporter, 1)
+    finally:
+        release.set()
+        helper.join(5)
+        reporter.stop()
+    held_ms = float(hold_warnings(caplog)[-1].split("held ~", 1)[1].split(" ms", 1)[0])
+    assert 70 <= held_ms <= 200, hold_warnings(caplog)[-1]  # (to the reporter's wake: ~400 ms)

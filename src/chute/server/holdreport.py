@@ -26,9 +26,10 @@ time (off the CPU and `futex_...`: another thread held the GIL, or the loop wait
 Invariants:
 - cost while enabled: one loop timer and one thread wake-up per threshold/4, plus one callback per collection;
   nothing per message; a stack is taken only while a hold is in progress;
-- the loop and the thread share a heartbeat (a float the loop writes) and a short list of long collections
-  (replaced whole by whichever thread collected, read by the reporter; a note lost in a race costs nothing but
-  that line of a report);
+- the loop and the thread share a heartbeat (a float the loop writes), the loop's last few long gaps between
+  heartbeats (a hold's length is the loop's own gap, not the time until the reporting thread next woke) and a
+  short list of long collections (each list replaced whole by the thread that writes it, read by the reporter; a note
+  lost in a race costs nothing but that line of a report, or a hold measured to the latest heartbeat);
 - one warning per hold, at most `MAX_STACKS` distinct stacks of `STACK_DEPTH` frames each, so a long hold does
   not flood the log;
 - `stop()` ends the thread and the timer and removes the collector callback (idempotent).
@@ -71,6 +72,7 @@ class HoldReporter:
         self.tick_s = max(threshold_s / 4, 0.0005)
         self.reports = 0  # holds reported (for tests)
         self._beat = (0.0, 0.0)  # (monotonic time, the loop thread's CPU time) of its latest heartbeat
+        self._gaps: list[tuple[tuple[float, float], tuple[float, float]]] = []  # (beat, the next one) of long gaps
         self._handle: asyncio.TimerHandle | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -102,7 +104,13 @@ class HoldReporter:
             gc.callbacks.remove(self._on_gc)
 
     def _heartbeat(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._beat = (time.monotonic(), time.thread_time())  # (one tuple: the thread reads both or neither)
+        beat = (time.monotonic(), time.thread_time())  # (one tuple: the thread reads both or neither)
+        previous = self._beat
+        if previous[0] and beat[0] - previous[0] > self.threshold_s + self.tick_s:
+            # the hold's end as the loop saw it: the reporting thread may wake well after it (it needs a core
+            # and the GIL), and the latest beat it then reads would add its own lateness to the hold
+            self._gaps = [*self._gaps[-7:], (previous, beat)]
+        self._beat = beat
         self._handle = loop.call_later(self.tick_s, self._heartbeat, loop)
 
     def _on_gc(self, phase: str, info: dict) -> None:
@@ -123,7 +131,8 @@ class HoldReporter:
         while not self._stop.wait(self.tick_s):
             beat = self._beat
             if held_since[0] and beat != held_since:  # the loop ran its heartbeat again: the hold is over
-                held_s, loop_cpu_s = beat[0] - held_since[0] - self.tick_s, beat[1] - held_since[1]
+                end = next((after for before, after in self._gaps if before == held_since), beat)
+                held_s, loop_cpu_s = end[0] - held_since[0] - self.tick_s, end[1] - held_since[1]
                 self._report(held_since[0], held_s, loop_cpu_s, stacks, others, states)
                 stacks, others, states = collections.Counter(), collections.Counter(), collections.Counter()
                 cpu_seen = {}
