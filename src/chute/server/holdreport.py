@@ -26,10 +26,11 @@ time (off the CPU and `futex_...`: another thread held the GIL, or the loop wait
 Invariants:
 - cost while enabled: one loop timer and one thread wake-up per threshold/4, plus one callback per collection;
   nothing per message; a stack is taken only while a hold is in progress;
-- the loop and the thread share a heartbeat (a float the loop writes), the loop's last few long gaps between
+- the loop and the thread share a heartbeat (a tuple the loop writes), the loop's last few long gaps between
   heartbeats (a hold's length is the loop's own gap, not the time until the reporting thread next woke) and a
-  short list of long collections (each list replaced whole by the thread that writes it, read by the reporter; a note
-  lost in a race costs nothing but that line of a report, or a hold measured to the latest heartbeat);
+  short list of long collections; each list is replaced whole by the thread that writes it and read by the
+  reporter, and a note lost in a race costs nothing but that line of a report (or a hold measured to the
+  latest heartbeat);
 - one warning per hold, at most `MAX_STACKS` distinct stacks of `STACK_DEPTH` frames each, so a long hold does
   not flood the log;
 - `stop()` ends the thread and the timer and removes the collector callback (idempotent).
