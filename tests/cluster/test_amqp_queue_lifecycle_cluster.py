@@ -20,6 +20,7 @@ from pika.exceptions import ChannelClosedByBroker
 from chute import AsyncClient
 from chute.amqp import front as amqp_front
 from chute.amqp import state
+from tests.amqp.test_front_forgets import _names_held
 from tests.cluster.inprocess import balanced, running_nodes
 from tests.cluster.test_amqp_cluster import SHARDS, _config, _url, owned_by
 
@@ -282,3 +283,36 @@ async def _in_use(server, queue: str) -> bool:
     """Whether the queue's stats show a consumer of some node using it (the rule the AMQP front applies)."""
     async with AsyncClient(server.url) as native:
         return state.used_recently(await native.queue_stats(queue))
+
+
+async def test_a_node_keeps_nothing_of_the_queues_and_exchanges_deleted_through_it(nodes):
+    """A routed node caches what it read of queues and exchanges (whether a queue dead-letters, when an
+    exchange was last read): queues and exchanges that came and went through it, or a publish to an exchange
+    that does not exist, leave no entry behind (issue 12: memory follows what is stored)."""
+    _, b = nodes
+
+    def churn() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(_url(b)))
+        try:
+            channel = connection.channel()
+            for i in range(3):
+                queue, exchange = f"churn-q{i}", f"churn-x{i}"
+                channel.queue_declare(queue, arguments={"x-dead-letter-exchange": "churn-nowhere"})
+                channel.exchange_declare(exchange, "topic")
+                channel.queue_bind(queue, exchange, routing_key="k")
+                channel.basic_publish(exchange, "k", b"m")
+                deadline = time.monotonic() + 10
+                while (got := channel.basic_get(queue))[0] is None:
+                    assert time.monotonic() < deadline, "the message never reached the queue"
+                    time.sleep(0.05)
+                channel.basic_reject(got[0].delivery_tag, requeue=False)
+                channel.exchange_delete(exchange)
+                channel.queue_delete(queue)
+            with contextlib.suppress(ChannelClosedByBroker):
+                channel.basic_publish("churn-missing", "k", b"m")
+                channel.queue_declare("churn-probe", passive=True)  # the 404 of the publish arrives by then
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(churn)
+    assert [(table, name) for table, name in _names_held(b.amqp) if "churn" in name] == []

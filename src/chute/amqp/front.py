@@ -167,7 +167,11 @@ class AmqpFront:
                                               "internal": False, "arguments": {}})  # fmt: skip
 
     def note_queue(self, name: str, settings) -> None:
-        """(Routed) what this node last read of a queue's settings: whether it dead-letters (`dead_letters`)."""
+        """(Routed) what this node last read of a queue's settings: whether it dead-letters (`dead_letters`). A
+        single broker reads its core instead, so it keeps nothing here: an entry per queue ever declared would
+        outlive the queue."""
+        if not self.routed:
+            return
         if settings is None:
             self.dead_lettering.pop(name, None)
         else:
@@ -477,6 +481,8 @@ class AmqpFront:
         self.expires.pop(name, None)
         self._used_at.pop(name, None)
         self.single_active.pop(name, None)
+        self.dead_lettering.pop(name, None)
+        self.pending_dead_letters.discard(name)
         changed = self.book.queues.pop(name, None) is not None
         timer = self._expiry.pop(name, None)
         if timer is not None:

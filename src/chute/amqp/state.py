@@ -130,7 +130,10 @@ async def refresh_exchange(front, name: str, *, max_age_s: float = 0.0) -> None:
     metadata.take_topic(front.book, front.stored, name, settings)
     if settings is None and name in ex.PREDECLARED_NAMES:
         front.predeclare(name)
-    front.exchanges_read[name] = now
+    if settings is None and name not in ex.PREDECLARED_NAMES:
+        front.exchanges_read.pop(name, None)  # no entry for a name that names nothing (it would outlive nothing)
+    else:
+        front.exchanges_read[name] = now
 
 
 async def refresh_queue(front, name: str) -> QueueSettings | None:
