@@ -104,6 +104,7 @@ class AdminOps(BrokerState):
                 store.release(ref)
             queue.clear()
             queue.in_flight.clear()
+        queue.dedup.clear()
         del self.queues[queue.name]
         self.queues_by_id.pop(queue.id, None)
         self.changed.discard(queue)
@@ -227,6 +228,7 @@ class AdminOps(BrokerState):
         for ref in (ref for _, ref, _ in topic.retained):
             self.store.release(ref)
         topic.retained.clear()
+        topic.dedup.clear()
         for key, subscription in list(topic.subscriptions.items()):
             topic.remove_subscription(key)
             if subscription.queue.ephemeral:

@@ -66,6 +66,12 @@ class DedupWindow:
             if table.get(item.dedup_id) is item:  # not forgotten, nor remembered again since
                 del table[item.dedup_id]
 
+    def clear(self) -> None:
+        """Forget every id (the queue or topic is deleted): its sweep timer, which may fire minutes later, then
+        holds an empty window, not the ids of something gone."""
+        self.table = {}
+        self.order = deque()
+
     def next_expiry(self) -> float | None:
         """When the oldest remembered id expires (None: nothing is remembered)."""
         return self.order[0].expires if self.order else None

@@ -1,0 +1,196 @@
+"""Nothing reachable from a server names a queue, topic, exchange or dedup id that is gone (issue 12: memory
+follows what is stored, never what passed through).
+
+Queues come and go all day: an RPC client's reply queue per connection, an ephemeral subscription per consumer,
+Celery's queues, tests. A table that keeps a name after its queue is deleted grows with that churn forever, a
+few hundred bytes at a time, which no per-message test sees (the AMQP front had two such tables). So this test
+churns names through every front with its real client (native, HTTP API, SQS, AMQP), then walks everything
+reachable from the `Server` object, on the server's own loop (where nothing changes under the walk), for any
+string that still contains the churned names' marker, and reports the path to it.
+
+The recent-messages cache (bounded; its messages carry their dedup ids) is emptied first and the timer heap
+compacted to its live timers (a stale dedup sweep keeps its window until it fires)."""
+
+from __future__ import annotations
+
+import collections
+import gc
+import json
+import threading
+import types
+import urllib.request
+
+import boto3
+import pika
+import pytest
+from botocore.config import Config
+
+import chute
+from chute.testing import running_server
+
+pytestmark = pytest.mark.timeout(120)
+
+MARKER = "zqchurn"
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType, types.FrameType,
+           types.MethodType, bytes, bytearray, memoryview, int, float)  # fmt: skip
+
+
+def paths_to_marker(root: object, marker: str, limit: int = 20) -> list[str]:
+    """Breadth-first over the objects reachable from `root` (dict keys and values, attributes, slots and struct
+    fields, and whatever else the collector says an object refers to): the paths to strings containing
+    `marker`. Modules, classes and functions are not followed (they are the program, not its state)."""
+    seen, found = {id(root)}, []
+    pending = collections.deque([(root, "server")])
+    while pending and len(found) < limit:
+        value, path = pending.popleft()
+        if isinstance(value, str):
+            if marker in value:
+                found.append(path)
+            continue
+        if isinstance(value, _OPAQUE):
+            continue
+        children: list[tuple[object, str]] = []
+        if isinstance(value, dict):
+            for key, item in value.items():
+                children += [(key, f"{path}[key {str(key)[:40]}]"), (item, f"{path}[{str(key)[:40]}]")]
+        else:
+            fields = getattr(type(value), "__struct_fields__", None) or ()
+            children += [(getattr(value, field, None), f"{path}.{field}") for field in fields]
+            for cls in type(value).__mro__:
+                for field in getattr(cls, "__slots__", ()):
+                    if isinstance(field, str) and hasattr(value, field):
+                        children.append((getattr(value, field), f"{path}.{field}"))
+            if isinstance(getattr(value, "__dict__", None), dict):
+                children += [(item, f"{path}.{key}") for key, item in vars(value).items()]
+        try:
+            children += [(child, f"{path}/{type(child).__name__}") for child in gc.get_referents(value)]
+        except Exception:  # an object whose referents cannot be listed: its fields were taken above
+            pass
+        for child, child_path in children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                pending.append((child, child_path))
+    return found
+
+
+def _on_server_loop(server, function):
+    """Run `function()` on the server's event loop thread and return its result."""
+    broker, done, result = server.server.broker, threading.Event(), {}
+
+    def run() -> None:
+        try:
+            result["value"] = function()
+        finally:
+            done.set()
+
+    broker._loop.call_soon_threadsafe(run)
+    assert done.wait(60)
+    return result["value"]
+
+
+def _settle_and_scan(server) -> list[str]:
+    core = server.server.broker.core
+
+    def settle_and_scan() -> list[str]:
+        core.recent.clear()
+        core.timers.compact()
+        while core.timers.step(1 << 30):
+            pass
+        return paths_to_marker(server.server, MARKER)
+
+    return _on_server_loop(server, settle_and_scan)
+
+
+def _native(server, i: int) -> None:
+    queue, topic = f"{MARKER}-nq{i}", f"{MARKER}-nt{i}"
+    with chute.Client(server.url) as client:
+        client.create_queue(queue, dedup_window_s=0.5)
+        client.create_topic(topic)
+        client.subscribe(topic, ">", queue)
+        client.publish(topic, b"fanned out")
+        client.publish(queue, b"deduplicated", dedup_id=f"{MARKER}-dedup{i}")
+        with client.consume(queue) as consumer:
+            got: list = []
+            while len(got) < 2:
+                batch = consumer.get_many(10, timeout=10)
+                assert batch, f"{len(got)} of 2 delivered"
+                got += batch
+            consumer.ack(got)
+        with client.subscribe_ephemeral(topic, ">") as ephemeral:  # a temporary queue of the connection
+            client.publish(topic, b"to the ephemeral subscription")
+            assert ephemeral.get(timeout=10) is not None
+        client.unsubscribe(topic, ">", queue)
+        client.delete_topic(topic)
+        client.delete_queue(queue)
+
+
+def _http(server, i: int) -> None:
+    base = f"{server.http_url}/api/v1/queues/{MARKER}-hq{i}"
+    for method, path, body in (("PUT", "", {}), ("POST", "/messages", {"body": "b"}), ("GET", "/stats", None),
+                               ("POST", "/purge", {}), ("DELETE", "", None)):  # fmt: skip
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(base + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        urllib.request.urlopen(request, timeout=10).close()
+
+
+def _sqs(server, i: int) -> None:
+    sqs = boto3.client("sqs", endpoint_url=server.http_url, region_name="us-east-1", aws_access_key_id="test",
+                       aws_secret_access_key="test", config=Config(retries={"max_attempts": 0}))  # fmt: skip
+    try:
+        for name, attributes in ((f"{MARKER}-sq{i}", {}), (f"{MARKER}-sf{i}.fifo", {"FifoQueue": "true"})):
+            url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+            extra = {"MessageGroupId": "g", "MessageDeduplicationId": f"{MARKER}-{i}"} if attributes else {}
+            sqs.send_message(QueueUrl=url, MessageBody="m", **extra)
+            for message in sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+            sqs.purge_queue(QueueUrl=url)
+            sqs.delete_queue(QueueUrl=url)
+    finally:
+        sqs.close()
+
+
+def _amqp(server, i: int) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+    try:
+        channel = connection.channel()
+        queue, exchange = f"{MARKER}-aq{i}", f"{MARKER}-ax{i}"
+        channel.exchange_declare(exchange, "topic")
+        channel.queue_declare(queue, arguments={"x-dead-letter-exchange": f"{MARKER}-nowhere", "x-expires": 60_000})
+        channel.queue_bind(queue, exchange, routing_key="#")
+        channel.basic_publish(exchange, "k", b"m", pika.BasicProperties(message_id=f"{MARKER}-id{i}"))
+        method, _, _ = channel.basic_get(queue)
+        assert method is not None
+        channel.basic_reject(method.delivery_tag, requeue=False)
+        tag = channel.basic_consume(queue, lambda *a: None)
+        channel.basic_cancel(tag)
+        channel.exchange_delete(exchange)
+        channel.queue_delete(queue)
+    finally:
+        connection.close()
+
+
+def test_no_name_of_what_is_gone_stays_reachable_from_the_server():
+    with running_server(fsync="always") as server:
+        for i in range(3):
+            for front in (_native, _http, _sqs, _amqp):
+                front(server, i)
+            urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10).close()  # labels of the queues
+            urllib.request.urlopen(f"{server.http_url}/api/v1/queues", timeout=10).close()
+        assert not [name for name in server.server.broker.core.queues if MARKER in name]
+        assert _settle_and_scan(server) == []
+
+
+def test_the_walk_finds_the_names_of_what_exists():
+    """The walk reaches each front's tables: with the queues not deleted, it finds their names."""
+    with running_server() as server:
+        with chute.Client(server.url) as client:
+            client.create_queue(f"{MARKER}-kept")
+        connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+        try:
+            connection.channel().queue_declare(f"{MARKER}-amqp", arguments={"x-dead-letter-exchange": "x"})
+            paths = _settle_and_scan(server)
+        finally:
+            connection.close()
+    assert any(".core.queues[key" in path and "-kept" in path for path in paths), paths
+    assert any(path.startswith("server.amqp.") for path in paths), paths
