@@ -84,7 +84,10 @@ def middleware(server):
             return _error(Unavailable(f"the owner of shard {placed.shard} has no HTTP port to forward to"))
         if not sessions:
             sessions.append(ClientSession(timeout=ClientTimeout(total=FORWARD_TIMEOUT_S), auto_decompress=False))
-        return await _proxy(sessions[0], request, info, "https" if server.ssl else "http")
+        response = await _proxy(sessions[0], request, info, "https" if server.ssl else "http")
+        if action == "delete" and response.status < 300:
+            router.placement.uncache(name)  # the owner removed the row; no stale copy of it stays here
+        return response
 
     async def close(app) -> None:
         for session in sessions:

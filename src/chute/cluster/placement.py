@@ -15,7 +15,10 @@ Rules (docs/cluster.md, "Placement"):
 Each node caches what it has looked up; a name it does not know
 is looked up in the database every time (a queue created through another node is found at once). `forget`
 drops the cached row; a node that still has a stale row (the name deleted and placed again elsewhere by another
-node) learns it when the shard answers "not found" and the router calls `refresh`.
+node) learns it when the shard answers "not found" and the router calls `refresh`. A name deleted through
+another node is never forgotten here that way, so the cache is bounded: at most `CACHE_MAX` rows, the
+longest-cached dropped first (a dropped row is read again when next used), so queue churn through other nodes
+costs a bounded amount of memory, not a row per name ever seen.
 
 `MemoryPlacement` is the in-memory twin (one dict, shared by the nodes of one process): same rules, no database.
 """
@@ -33,6 +36,7 @@ from chute.errors import InvalidArgument, QueueExists, TopicExists, Unavailable
 Kind = Literal["queue", "topic"]
 ARRIVING_S = 5.0  # how long a call waits for a name whose row names a shard that does not hold it yet (the row
 # is written first: a queue being created, or moved to its topic's shard, is there after one round trip)
+CACHE_MAX = 65_536  # rows a node keeps cached (~200 bytes each): beyond it, the longest-cached row is dropped
 ARRIVING_POLL_S = 0.05  # while waiting, how often the row is read and the call tried again
 
 # The table, created by the schema migration (storage/postgres/schema.py, version 2) or, on a database from
@@ -90,8 +94,15 @@ class _Base:
         if placed is None:
             placed = await self._read(name)
             if placed is not None:
-                self._cache[name] = placed
+                self._keep(placed)
         return placed
+
+    def _keep(self, placed: Placed) -> None:
+        cache = self._cache
+        cache.pop(placed.name, None)  # (re-inserted last: the newest)
+        while len(cache) >= CACHE_MAX:
+            del cache[next(iter(cache))]  # the longest-cached row
+        cache[placed.name] = placed
 
     async def shard_of(self, name: str, kind: Kind | None = None) -> int | None:
         """The shard of `name` (of that kind, if given), or None."""
@@ -108,7 +119,7 @@ class _Base:
         if not 0 <= shard < self.shards:
             raise InvalidArgument(f"shard {shard} out of range 0..{self.shards - 1}")
         placed = self._cache.get(name) or await self._insert(Placed(name, kind, shard))
-        self._cache[name] = placed
+        self._keep(placed)
         if placed.kind != kind:
             raise namespace_error(name, kind, placed)
         return placed
@@ -117,6 +128,10 @@ class _Base:
         """Remove the row of `name` (a deleted queue or topic); nothing if there is none or it is another kind."""
         self._cache.pop(name, None)
         await self._delete(name, kind)
+
+    def uncache(self, name: str) -> None:
+        """Drop this node's cached row of `name` only (another node deleted it and removed the row)."""
+        self._cache.pop(name, None)
 
     async def move(self, name: str, kind: Kind, from_shard: int, to_shard: int) -> bool:
         """Point the row of `name` at `to_shard` if it is at `from_shard` now; True if it was moved. (The router

@@ -8,6 +8,8 @@ consumer whose queue gained messages) and they send DELIVER frames while they ha
 Invariants:
 - `leased[queue]` holds every receipt delivered on this connection and not yet settled through it; when the
   connection ends they are released at once, so another consumer gets those messages without waiting for leases.
+  A queue's key goes when its last receipt is settled, or at the next heartbeat once the queue is gone or its
+  leases ended: a connection that lives for months keeps no key per queue it ever consumed from.
 - A peer that breaks the protocol gets one ERROR frame and the connection is closed; it never affects others.
 - No frame exceeds `max_frame_bytes`: the broker leases at most a frame's worth of bodies per batch, and a DELIVER
   batch (or a RECEIVE reply) that large headers still make too big is cut (`protocol.sizes`).
@@ -475,14 +477,13 @@ class Session(asyncio.Protocol):
 
     def _prune_leases(self) -> None:
         """Forget receipts whose lease ended (they were released or redelivered elsewhere)."""
-        if getattr(self.broker, "routed", False):  # a cluster's router: leases are on the shards' brokers
-            return  # (released when the connection ends anyway)
+        routed = getattr(self.broker, "routed", False)  # a cluster's router: leases are on the shards' brokers
         for name, receipts in list(self.leased.items()):
-            queue = self.broker.core.queues.get(name)
-            if queue is None:
-                del self.leased[name]
-            elif receipts:
+            queue = None if routed else self.broker.core.queues.get(name)
+            if queue is not None and receipts:
                 receipts.intersection_update(queue.in_flight.keys())
+            if not receipts or (queue is None and not routed):  # (a router's: released when the connection ends)
+                del self.leased[name]
 
     def track(self, queue: str, receipts) -> None:
         if receipts:
@@ -495,6 +496,8 @@ class Session(asyncio.Protocol):
         leased = self.leased.get(queue)
         if leased:
             leased.difference_update(receipts)
+            if not leased:  # no key per queue ever consumed through a long-lived connection
+                del self.leased[queue]
         dispatcher = getattr(self.broker, "dispatcher", None)  # (a cluster's router has none)
         consumers = dispatcher.watched.get(queue, ()) if dispatcher is not None else self.consumers.values()
         for consumer in consumers:  # the queue's consumers, not all of ours
