@@ -16,6 +16,7 @@ from chute.cluster.placement import MemoryPlacement
 from tests.cluster.inprocess import running_nodes
 from tests.cluster.test_amqp_cluster import SHARDS, _config
 from tests.integration.test_names_forgotten import MARKER, _amqp, _http, _native, _sqs, paths_to_marker
+from tests.server_loop import compact_timers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,7 +28,8 @@ async def nodes(postgres_url, tmp_path):
 
 
 def _addresses(server) -> types.SimpleNamespace:
-    return types.SimpleNamespace(url=f"chute://127.0.0.1:{server.port}", http_url=f"http://127.0.0.1:{server.http_port}",
+    return types.SimpleNamespace(url=f"chute://127.0.0.1:{server.port}", http_port=server.http_port,
+                                 http_url=f"http://127.0.0.1:{server.http_port}",
                                  amqp_url=f"amqp://127.0.0.1:{server.amqp_port}/")  # fmt: skip
 
 
@@ -36,9 +38,7 @@ def _settle(server) -> None:
     nodes' loop: nothing runs meanwhile)."""
     for broker in server.broker.node.local_brokers().values():
         broker.core.recent.clear()
-        broker.core.timers.compact()
-        while broker.core.timers.step(1 << 30):
-            pass
+        compact_timers(broker.core)
 
 
 async def test_no_name_of_what_is_gone_stays_reachable_from_any_node(nodes):

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import gc
 import json
-import threading
 import tracemalloc
 import urllib.request
 import uuid
 
-import boto3
 import pika
 import pytest
-from botocore.config import Config
 
 import chute
 from chute.testing import running_server
+from tests.server_loop import compact_timers, on_server_loop
+from tests.sqs.boto3_support import client_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -55,23 +54,9 @@ def _server_side(snapshot: tracemalloc.Snapshot) -> int:
     return sum(stat.size for stat in kept.statistics("filename"))
 
 
-def _compact_timers(server) -> None:
-    """Drop the stale timers now, on the server's loop (the heap is the broker's, used by no other thread)."""
-    broker, done = server.server.broker, threading.Event()
-
-    def compact() -> None:
-        broker.core.timers.compact()
-        while broker.core.timers.step(1 << 30):
-            pass
-        done.set()
-
-    broker._loop.call_soon_threadsafe(compact)
-    assert done.wait(10)
-
-
 def _snapshot(server) -> tracemalloc.Snapshot:
     _scrape(server)
-    _compact_timers(server)
+    on_server_loop(server, lambda: compact_timers(server.server.broker.core))
     gc.collect()
     return tracemalloc.take_snapshot()
 
@@ -168,8 +153,7 @@ def test_the_http_api_keeps_nothing_per_message(server):
 
 
 def test_the_sqs_api_keeps_nothing_per_message(server):
-    sqs = boto3.client("sqs", endpoint_url=server.http_url, region_name="us-east-1", aws_access_key_id="test",
-                       aws_secret_access_key="test", config=Config(retries={"max_attempts": 0}))  # fmt: skip
+    sqs = client_for(server.http_port)
     name = f"s{uuid.uuid4().hex[:6]}"
     plain = sqs.create_queue(QueueName=name)["QueueUrl"]
     fifo = sqs.create_queue(QueueName=f"{name}.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]

@@ -16,17 +16,16 @@ from __future__ import annotations
 import collections
 import gc
 import json
-import threading
 import types
 import urllib.request
 
-import boto3
 import pika
 import pytest
-from botocore.config import Config
 
 import chute
 from chute.testing import running_server
+from tests.server_loop import compact_timers, on_server_loop
+from tests.sqs.boto3_support import client_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,32 +72,15 @@ def paths_to_marker(root: object, marker: str, limit: int = 20) -> list[str]:
     return found
 
 
-def _on_server_loop(server, function):
-    """Run `function()` on the server's event loop thread and return its result."""
-    broker, done, result = server.server.broker, threading.Event(), {}
-
-    def run() -> None:
-        try:
-            result["value"] = function()
-        finally:
-            done.set()
-
-    broker._loop.call_soon_threadsafe(run)
-    assert done.wait(60)
-    return result["value"]
-
-
 def _settle_and_scan(server) -> list[str]:
     core = server.server.broker.core
 
     def settle_and_scan() -> list[str]:
         core.recent.clear()
-        core.timers.compact()
-        while core.timers.step(1 << 30):
-            pass
+        compact_timers(core)
         return paths_to_marker(server.server, MARKER)
 
-    return _on_server_loop(server, settle_and_scan)
+    return on_server_loop(server, settle_and_scan)
 
 
 def _native(server, i: int) -> None:
@@ -135,8 +117,7 @@ def _http(server, i: int) -> None:
 
 
 def _sqs(server, i: int) -> None:
-    sqs = boto3.client("sqs", endpoint_url=server.http_url, region_name="us-east-1", aws_access_key_id="test",
-                       aws_secret_access_key="test", config=Config(retries={"max_attempts": 0}))  # fmt: skip
+    sqs = client_for(server.http_port)
     try:
         for name, attributes in ((f"{MARKER}-sq{i}", {}), (f"{MARKER}-sf{i}.fifo", {"FifoQueue": "true"})):
             url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
