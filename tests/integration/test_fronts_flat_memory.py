@@ -8,7 +8,7 @@ every bounded cache and size every table for the round's peak), tracemalloc meas
 modules hold (`chute/` minus the client); four more rounds may not add more than `ALLOWED_BYTES` to it. Those
 rounds carry 2,000 messages or more, so a structure kept per message (a receipt map, a seen-id set, a
 per-message label) of even 25 bytes a message would exceed it: keeping each ack's receipt list (a test-only patch
-of the broker's ack calls) added 98-148 KB in each front's test, where the fronts as they are add -12 to +11 KB,
+of the broker's ack calls) added 98-148 KB in each front's test, where the fronts as they are add -14 to +11 KB,
 and no more over 12 rounds than over 4.
 
 What is bounded by a constant by design is shrunk for the test so that the warm-up reaches its bound (the store's
