@@ -349,14 +349,33 @@ async def test_a_slow_consumer_only_slows_itself():
 
 
 async def test_publishers_wait_above_the_memory_high_water_mark():
-    async with serving(memory_high_water_bytes=2**20) as server, chute.AsyncClient(server.url) as client:
-        await client.create_queue("q")
-        body = b"z" * 100_000
-        ids = await asyncio.gather(*(client.publish_batch("q", [body] * 5) for _ in range(40)))
-        assert len({i for batch in ids for i in batch}) == 200
-        assert server.server.backpressure_pauses >= 1
-        assert server.server.publish_bytes == 0
-        assert (await client.queue_stats("q")).ready == 200
+    """Publishes held unconfirmed (fsync made to wait) pass the 1 MiB mark: the server stops reading, and once the
+    disk answers every publish is confirmed and stored once. (Without the held fsync, whether 20 MB of publishes
+    ever sat unconfirmed at once depended on how fast the machine synced: the test flaked on a loaded one.)"""
+    from tests.held_fsync import HeldFsync
+
+    async with serving(fsync="always", memory_high_water_bytes=2**20) as server:
+        held = HeldFsync(server)
+        try:
+            async with chute.AsyncClient(server.url) as client:
+                await client.create_queue("q")
+                body = b"z" * 100_000
+                held.hold()
+                batches = asyncio.gather(*(client.publish_batch("q", [body] * 5) for _ in range(40)))
+                deadline = time.monotonic() + 10
+                while server.server.backpressure_pauses == 0:
+                    assert time.monotonic() < deadline, "the publishers were never paused"
+                    await asyncio.sleep(0.01)
+                assert server.server.memory_paused
+                assert 2**20 < server.server.publish_bytes < 40 * 500_000  # reading stopped before all arrived
+                held.release()
+                ids = await asyncio.wait_for(batches, 30)
+                assert len({i for batch in ids for i in batch}) == 200
+                assert server.server.publish_bytes == 0
+                assert not server.server.memory_paused
+                assert (await client.queue_stats("q")).ready == 200
+        finally:
+            held.release()
 
 
 async def test_a_frame_over_the_limit_is_refused_before_sending():
