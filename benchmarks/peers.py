@@ -2,7 +2,7 @@
 every figure is also a ratio measured on the same machine at the same time.
 
     apt-get install -y -q redis-server nats-server     # first step; the script does it when a binary is missing
-    pip install -e '.[bench]'                           # redis, nats-py (hiredis optional: faster redis-py)
+    pip install -e '.[bench]'                           # redis with hiredis, nats-py
     python -m benchmarks.peers [--workload p2p --workload latency ...] [--peers redis,nats] [--messages N]
                                [--size 256] [--repeat K] [--rate 2000] [--duration 10]
                                [--backlog 100000,1000000] [--no-install] [--json] [--save FILE]
