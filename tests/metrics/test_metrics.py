@@ -260,6 +260,33 @@ def test_label_values_are_escaped_as_the_text_format_requires():
     assert family.samples[0].labels == {"queue": 'a"b\\c\nd'}
 
 
+async def test_the_process_series_are_read_from_proc_off_the_event_loop(monkeypatch):
+    """Resident memory, CPU and open files come with every scrape, and their reads of /proc (system calls that can
+    wait in the kernel) are made in the scrape's worker thread, never on the loop that serves the clients."""
+    import os
+    import threading
+
+    from prometheus_client import ProcessCollector
+
+    threads: list[threading.Thread] = []
+    real = ProcessCollector.collect
+
+    def collect(self):
+        threads.append(threading.current_thread())
+        return real(self)
+
+    monkeypatch.setattr(ProcessCollector, "collect", collect)
+    async with serving() as server:
+        result = await scrape(server)
+    loop_thread = threading.current_thread()  # `serving` runs the server on this test's loop
+    assert threads and all(thread is not loop_thread for thread in threads)
+    with open("/proc/self/status") as status:
+        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    assert 0.5 * rss_kb * 1024 < result("process_resident_memory_bytes") < 2 * rss_kb * 1024
+    assert result("process_cpu_seconds_total") > 0
+    assert 0 < result("process_open_fds") <= len(os.listdir("/proc/self/fd")) + 16
+
+
 async def test_gzip_when_asked_plain_text_otherwise():
     async with serving() as server, chute.AsyncClient(server.url) as client:
         for i in range(20):

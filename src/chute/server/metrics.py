@@ -16,7 +16,8 @@ Invariants:
   GET /metrics in slices of SCRAPE_SLICE_QUEUES queues with a turn of the event loop between them (each row is
   one queue's values at one instant; the rows of 10,000 queues span a few turns);
 - broker state is read only on the event loop (it is not thread-safe); the snapshot (plain values) is then
-  rendered, and gzipped when asked, in a worker thread;
+  rendered, and gzipped when asked, in a worker thread, where the process collector reads /proc too (its reads
+  and directory listing are system calls that never run on the loop);
 - per-queue series exist only for durable queues that exist: a deleted queue disappears from the next scrape;
   ephemeral queues (the private queues of live push subscriptions) are only counted (see docs/metrics.md);
 - the caller is authenticated before anything is read; a non-superuser sees only the queues and topics it
@@ -368,8 +369,11 @@ def make_registry(server: Server) -> tuple[CollectorRegistry, BrokerCollector, l
     return registry, collector, others
 
 
-def render(families: list[Metric], tables: list[Table], gzip_ok: bool = False) -> tuple[bytes, bool]:
-    """The exposition text (gzipped if the client accepts it and it is worth it); runs in a worker thread."""
+def render(families: list[Metric], tables: list[Table], gzip_ok: bool = False,
+           others: Sequence[Collector] = ()) -> tuple[bytes, bool]:  # fmt: skip
+    """The exposition text (gzipped if the client accepts it and it is worth it); runs in a worker thread. The
+    `others` (the process collector: reads of /proc, system calls that may wait) are collected here, off the loop."""
+    families = families + [family for other in others for family in other.collect()]
     body = generate_latest(_Frozen(families)) + "".join(table.render() for table in tables).encode()
     if gzip_ok and len(body) >= GZIP_MIN_BYTES:
         return gzip.compress(body, GZIP_LEVEL), True
@@ -406,10 +410,8 @@ def add_routes(app: web.Application, server: Server) -> None:
             tables = await collector.tables_in_slices(lambda name: principal.can_see("queue", name),
                                                       lambda name: principal.can_see("topic", name))  # fmt: skip
         families = list(collector.server_families())
-        for other in others:
-            families.extend(other.collect())
         gzip_ok = accepts_gzip(request.headers.get("Accept-Encoding", ""))
-        body, gzipped = await asyncio.to_thread(render, families, tables, gzip_ok)
+        body, gzipped = await asyncio.to_thread(render, families, tables, gzip_ok, others)
         headers = {"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store", "Vary": "Accept-Encoding"}
         if gzipped:
             headers["Content-Encoding"] = "gzip"
