@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     versions = {name: SYSTEMS[name].version() for name in systems}
     versions["chute"] += f", commit {commit()}"
     clients = {name: SYSTEMS[name].client_version() for name in systems}
+    if "pure-Python parser" in clients.get("redis", ""):
+        say("warning: redis-py without hiredis: its pure-Python parser, not Redis, will bound Redis's figures "
+            "(pip install hiredis, or the bench extra)")  # fmt: skip
     started = time.perf_counter()
     runs, errors = run_all(opts, systems, workloads, args.repeat)
     summary = summarize(runs, systems, args.repeat)
