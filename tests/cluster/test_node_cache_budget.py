@@ -1,0 +1,56 @@
+"""A cluster node's shard stores share one read-cache budget (issue 12: memory follows what is stored, and a
+node holding every shard must not hold every shard's full cache): each store's cache is its part of the node's
+budget, traffic through every shard never fills them past it, and what falls out of a cache is read back from
+PostgreSQL, so every message is still delivered whole."""
+
+from __future__ import annotations
+
+import pytest
+
+import chute
+from chute.cluster import node as node_module
+from chute.cluster.placement import home_shard
+from tests.cluster.inprocess import running_nodes
+from tests.cluster.test_amqp_cluster import SHARDS, _config
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_each_shard_gets_its_part_of_the_budget():
+    assert node_module.shard_cache_bytes(16) == node_module.NODE_CACHE_BYTES // 16
+    assert node_module.shard_cache_bytes(1) == node_module.NODE_CACHE_BYTES
+    assert node_module.shard_cache_bytes(4096) == node_module.MIN_SHARD_CACHE_BYTES
+
+
+def _one_queue_per_shard() -> list[str]:
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < SHARDS:
+        found.setdefault(home_shard(f"cached-{i}", SHARDS), f"cached-{i}")
+        i += 1
+    return list(found.values())
+
+
+async def test_a_node_holding_every_shard_keeps_its_caches_within_the_budget(postgres_url, tmp_path, monkeypatch):
+    budget = SHARDS * 16 * 2**10  # 16 KiB a shard: a few dozen 1 KB messages overflow each cache
+    monkeypatch.setattr(node_module, "NODE_CACHE_BYTES", budget)
+    monkeypatch.setattr(node_module, "MIN_SHARD_CACHE_BYTES", 1)
+    async with running_nodes(postgres_url, tmp_path, 1, SHARDS, _config) as (server,):
+        brokers = server.broker.node.local_brokers()
+        assert len(brokers) == SHARDS  # the only node holds every shard
+        assert {broker.store.cache_max_bytes for broker in brokers.values()} == {budget // SHARDS}
+        queues = _one_queue_per_shard()
+        async with chute.AsyncClient(f"chute://127.0.0.1:{server.port}") as client:
+            for queue in queues:
+                await client.create_queue(queue)
+                await client.publish_batch(queue, [f"{queue}:{i}:".encode() + b"x" * 1000 for i in range(60)])
+            assert sum(broker.store._cache_bytes for broker in brokers.values()) <= budget
+            for queue in queues:
+                got = []
+                while len(got) < 60:
+                    batch = await client.receive(queue, max_messages=60, wait_s=5)
+                    assert batch, f"{queue}: {len(got)} of 60 delivered"
+                    got += batch
+                assert sorted(m.body for m in got) == sorted(f"{queue}:{i}:".encode() + b"x" * 1000 for i in range(60))
+                await client.ack(got)
+        assert sum(broker.store._cache_bytes for broker in brokers.values()) <= budget
