@@ -9,9 +9,8 @@ import pytest
 
 import chute
 from chute.cluster import node as node_module
-from chute.cluster.placement import home_shard
 from tests.cluster.inprocess import running_nodes
-from tests.cluster.test_amqp_cluster import SHARDS, _config
+from tests.cluster.test_forwarding import SHARDS, _config, one_name_per_shard
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,15 +21,6 @@ def test_each_shard_gets_its_part_of_the_budget():
     assert node_module.shard_cache_bytes(4096) == node_module.MIN_SHARD_CACHE_BYTES
 
 
-def _one_queue_per_shard() -> list[str]:
-    found: dict[int, str] = {}
-    i = 0
-    while len(found) < SHARDS:
-        found.setdefault(home_shard(f"cached-{i}", SHARDS), f"cached-{i}")
-        i += 1
-    return list(found.values())
-
-
 async def test_a_node_holding_every_shard_keeps_its_caches_within_the_budget(postgres_url, tmp_path, monkeypatch):
     budget = SHARDS * 16 * 2**10  # 16 KiB a shard: a few dozen 1 KB messages overflow each cache
     monkeypatch.setattr(node_module, "NODE_CACHE_BYTES", budget)
@@ -39,7 +29,7 @@ async def test_a_node_holding_every_shard_keeps_its_caches_within_the_budget(pos
         brokers = server.broker.node.local_brokers()
         assert len(brokers) == SHARDS  # the only node holds every shard
         assert {broker.store.cache_max_bytes for broker in brokers.values()} == {budget // SHARDS}
-        queues = _one_queue_per_shard()
+        queues = one_name_per_shard("cached-")
         async with chute.AsyncClient(f"chute://127.0.0.1:{server.port}") as client:
             for queue in queues:
                 await client.create_queue(queue)
