@@ -54,7 +54,9 @@ from chute.storage.postgres.url import describe, redact
 ROW_BYTES = 80  # about what a record costs PostgreSQL beyond its payload: tuple header, columns, index entry
 SPARSE_FRACTION = 0.25  # a chunk with fewer live records than this share is worth compacting (as file segments)
 REPLAY_BATCH = 5000  # records fetched per round trip while recovering
-CACHE_ITEM_BYTES = 120  # what a cached record costs beyond its payload (dict slot, int key, bytes header)
+# what a cached record costs beyond its payload: an OrderedDict entry (slot and link), its int key and the bytes
+# header (~170 bytes by tracemalloc, with the dict's spare slots)
+CACHE_ITEM_BYTES = 176
 MAX_STREAM_NAME = 200
 LAZY_FLUSH_S = 0.1  # records appended lazily (delivery counts) wait at most this long for a group commit
 
