@@ -1,7 +1,8 @@
-"""A cluster node's shard stores share one read-cache budget (issue 12: memory follows what is stored, and a
-node holding every shard must not hold every shard's full cache): each store's cache is its part of the node's
-budget, traffic through every shard never fills them past it, and what falls out of a cache is read back from
-PostgreSQL, so every message is still delivered whole."""
+"""A cluster node's shard stores share one read-cache budget, and its shard brokers one budget of recent messages
+(issue 12: memory follows what is stored, and a node holding every shard must not hold every shard's full
+caches): each store's cache and each broker's recent messages are its part of the node's budget, traffic through
+every shard never fills them past it, and what falls out of a cache is read back from PostgreSQL, so every
+message is still delivered whole."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 import chute
 from chute.cluster import node as node_module
+from chute.core import recent
 from tests.cluster.inprocess import running_nodes
 from tests.cluster.test_forwarding import SHARDS, _config, one_name_per_shard
 
@@ -21,20 +23,34 @@ def test_each_shard_gets_its_part_of_the_budget():
     assert node_module.shard_cache_bytes(4096) == node_module.MIN_SHARD_CACHE_BYTES
 
 
+def test_each_shard_keeps_its_part_of_the_recent_messages():
+    assert node_module.shard_recent_limits(1) == (recent.MAX_COUNT, recent.MAX_BYTES)  # as a single broker
+    assert node_module.shard_recent_limits(16) == (node_module.NODE_RECENT_COUNT // 16,
+                                                   node_module.NODE_RECENT_BYTES // 16)  # fmt: skip
+    assert node_module.shard_recent_limits(4096) == (node_module.MIN_SHARD_RECENT_COUNT,
+                                                     node_module.MIN_SHARD_RECENT_BYTES)  # fmt: skip
+
+
 async def test_a_node_holding_every_shard_keeps_its_caches_within_the_budget(postgres_url, tmp_path, monkeypatch):
     budget = SHARDS * 16 * 2**10  # 16 KiB a shard: a few dozen 1 KB messages overflow each cache
     monkeypatch.setattr(node_module, "NODE_CACHE_BYTES", budget)
     monkeypatch.setattr(node_module, "MIN_SHARD_CACHE_BYTES", 1)
+    monkeypatch.setattr(node_module, "NODE_RECENT_COUNT", SHARDS * 8)  # 8 a generation a shard: 60 overflow it
+    monkeypatch.setattr(node_module, "MIN_SHARD_RECENT_COUNT", 1)
     async with running_nodes(postgres_url, tmp_path, 1, SHARDS, _config) as (server,):
         brokers = server.broker.node.local_brokers()
         assert len(brokers) == SHARDS  # the only node holds every shard
         assert {broker.store.cache_max_bytes for broker in brokers.values()} == {budget // SHARDS}
+        assert {broker.core.recent.max_count for broker in brokers.values()} == {8}
         queues = one_name_per_shard("cached-")
         async with chute.AsyncClient(f"chute://127.0.0.1:{server.port}") as client:
             for queue in queues:
                 await client.create_queue(queue)
-                await client.publish_batch(queue, [f"{queue}:{i}:".encode() + b"x" * 1000 for i in range(60)])
+                for first in range(0, 60, 4):  # batches that fit a generation of recent messages, so they are kept
+                    await client.publish_batch(queue, [f"{queue}:{i}:".encode() + b"x" * 1000
+                                                       for i in range(first, first + 4)])  # fmt: skip
             assert sum(broker.store._cache_bytes for broker in brokers.values()) <= budget
+            assert all(len(broker.core.recent) <= 2 * 8 for broker in brokers.values())  # two generations
             for queue in queues:
                 got = []
                 while len(got) < 60:
@@ -43,4 +59,5 @@ async def test_a_node_holding_every_shard_keeps_its_caches_within_the_budget(pos
                     got += batch
                 assert sorted(m.body for m in got) == sorted(f"{queue}:{i}:".encode() + b"x" * 1000 for i in range(60))
                 await client.ack(got)
-        assert sum(broker.store._cache_bytes for broker in brokers.values()) <= budget
+            assert sum(broker.store._cache_bytes for broker in brokers.values()) <= budget
+            assert all(len(broker.core.recent) <= 2 * 8 for broker in brokers.values())

@@ -24,7 +24,9 @@ Invariants:
   bookkeeping, so a paused or partitioned node is harmless whatever it believes;
 - a shard is opened by at most one task of this node at a time (`_busy`);
 - the read caches of the shards' stores together hold at most NODE_CACHE_BYTES, however many shards the node
-  holds (`shard_cache_bytes`; a cluster of more than 128 shards gives each at least MIN_SHARD_CACHE_BYTES).
+  holds (`shard_cache_bytes`; a cluster of more than 128 shards gives each at least MIN_SHARD_CACHE_BYTES);
+  likewise the shards' recent messages (core/recent.py) keep at most NODE_RECENT_COUNT messages and
+  NODE_RECENT_BYTES of bodies a generation in all (`shard_recent_limits`, each shard at least a small floor).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from collections.abc import Callable
 from chute.broker import Broker
 from chute.cluster import membership, ownership, relay
 from chute.cluster.membership import NodeInfo
+from chute.core import recent
 from chute.errors import InvalidArgument, StorageFailed
 from chute.storage.postgres.url import describe, redact
 
@@ -58,6 +61,27 @@ POOL_SIZE = 4  # heartbeats, claims and releases, placement lookups
 # idle node holding 16 shards grew to ~320 MB of RSS once traffic had filled them.)
 NODE_CACHE_BYTES = 32 * 2**20
 MIN_SHARD_CACHE_BYTES = 256 * 2**10
+
+
+# The recent messages each shard's broker keeps (two generations, core/recent.py) share a budget the same way: a
+# single broker keeps up to recent.MAX_COUNT messages and recent.MAX_BYTES of bodies a generation, a node eight
+# times that in all, so a node of up to 8 shards keeps each shard's in full. A message not kept is decoded again
+# when delivered: in benchmarks.cluster's p2p (one node, 16 shards, consumers lagging their producers) 47-62 % of
+# deliveries were decoded with a single broker's 2,048 a shard, 77-84 % with 1,024 (this budget), 89-94 % with 512.
+# (With a single broker's each, a node holding 16 shards kept up to 65,536 `Message`s: ~29 MB with 256-byte
+# bodies, by tracemalloc.)
+NODE_RECENT_COUNT = 8 * recent.MAX_COUNT
+NODE_RECENT_BYTES = 8 * recent.MAX_BYTES
+MIN_SHARD_RECENT_COUNT = 64
+MIN_SHARD_RECENT_BYTES = 32 * 2**10
+
+
+def shard_recent_limits(shards: int) -> tuple[int, int]:
+    """(messages, bytes of bodies) a generation of one shard's recent messages keeps in a cluster of `shards`: its
+    part of NODE_RECENT_COUNT and NODE_RECENT_BYTES, never more than a single broker keeps."""
+    shards = max(shards, 1)
+    return (min(recent.MAX_COUNT, max(MIN_SHARD_RECENT_COUNT, NODE_RECENT_COUNT // shards)),
+            min(recent.MAX_BYTES, max(MIN_SHARD_RECENT_BYTES, NODE_RECENT_BYTES // shards)))  # fmt: skip
 
 
 def shard_cache_bytes(shards: int) -> int:
@@ -484,7 +508,9 @@ class ClusterNode:
 
         store = PostgresStore(self.url, stream=f"shard-{shard}", fsync_policy=self.fsync,
                               cache_max_bytes=shard_cache_bytes(self.shards))  # fmt: skip
-        return Broker(store=store, **self._broker_options)
+        broker = Broker(store=store, **self._broker_options)
+        broker.core.recent.max_count, broker.core.recent.max_bytes = shard_recent_limits(self.shards)
+        return broker
 
     async def _take(self, shard: int) -> None:
         """Claim the row of `shard`, open its broker (the store's open fences the previous holder, and recovery
