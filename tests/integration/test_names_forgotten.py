@@ -6,7 +6,9 @@ Celery's queues, tests. A table that keeps a name after its queue is deleted gro
 few hundred bytes at a time, which no per-message test sees (the AMQP front had two such tables). So this test
 churns names through every front with its real client (native, HTTP API, SQS, AMQP), then walks everything
 reachable from the `Server` object, on the server's own loop (where nothing changes under the walk), for any
-string that still contains the churned names' marker, and reports the path to it.
+string that still contains the churned names' marker, and reports the path to it. The same walk looks for the
+ids (ints) of acked messages: none may stay reachable once acked (the core's packed per-message columns are
+not looked into; tests/unit/test_flat_memory.py measures those).
 
 The recent-messages cache (bounded; its messages carry their dedup ids) is emptied first and the timer heap
 compacted to its live timers (a stale dedup sweep keeps its window until it fires)."""
@@ -34,16 +36,21 @@ _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType
            types.MethodType, bytes, bytearray, memoryview, int, float)  # fmt: skip
 
 
-def paths_to_marker(root: object, marker: str, limit: int = 20) -> list[str]:
+def paths_to_marker(root: object, marker: str | None, limit: int = 20, ids: frozenset[int] = frozenset()) -> list[str]:
     """Breadth-first over the objects reachable from `root` (dict keys and values, attributes, slots and struct
     fields, and whatever else the collector says an object refers to): the paths to strings containing
-    `marker`. Modules, classes and functions are not followed (they are the program, not its state)."""
+    `marker`, and to ints in `ids`. Modules, classes and functions are not followed (they are the program, not its
+    state), nor bytes and arrays (an int packed in them is not seen)."""
     seen, found = {id(root)}, []
     pending = collections.deque([(root, "server")])
     while pending and len(found) < limit:
         value, path = pending.popleft()
         if isinstance(value, str):
-            if marker in value:
+            if marker is not None and marker in value:
+                found.append(path)
+            continue
+        if type(value) is int:
+            if value in ids:
                 found.append(path)
             continue
         if isinstance(value, _OPAQUE):
@@ -72,13 +79,13 @@ def paths_to_marker(root: object, marker: str, limit: int = 20) -> list[str]:
     return found
 
 
-def _settle_and_scan(server) -> list[str]:
+def _settle_and_scan(server, marker: str | None = MARKER, ids: frozenset[int] = frozenset()) -> list[str]:
     core = server.server.broker.core
 
     def settle_and_scan() -> list[str]:
         core.recent.clear()
         compact_timers(core)
-        return paths_to_marker(server.server, MARKER)
+        return paths_to_marker(server.server, marker, ids=ids)
 
     return on_server_loop(server, settle_and_scan)
 
@@ -175,3 +182,40 @@ def test_the_walk_finds_the_names_of_what_exists():
             connection.close()
     assert any(".core.queues[key" in path and "-kept" in path for path in paths), paths
     assert any(path.startswith("server.amqp.") for path in paths), paths
+
+
+def test_no_id_of_an_acked_message_stays_reachable_from_the_server():
+    """Message ids (ints, where names are strings) the same way: once acked, the ids of messages published to a
+    queue and fanned out by a topic, delivered, nacked, redelivered, and acked, are reachable from nothing; the id
+    of a message still leased is found (the walk reaches where a delivery in flight keeps its id)."""
+    with running_server(fsync="always") as server, chute.Client(server.url) as client:
+        client.create_queue("ids-q")
+        client.create_topic("ids-t")
+        for queue in ("ids-s1", "ids-s2"):
+            client.create_queue(queue)
+            client.subscribe("ids-t", ">", queue)
+        client.publish_batch("ids-q", [b"p2p"] * 20)
+        client.publish_batch("ids-t", [b"fanned out"] * 20)
+        acked: set[int] = set()
+        for queue in ("ids-q", "ids-s1", "ids-s2"):
+            first = _received(client, queue, 20)
+            client.nack(first[:5])  # redelivered, then acked with the rest
+            client.ack(first[5:])
+            again = _received(client, queue, 5)
+            client.ack(again)
+            acked |= {d.message.id for d in first + again}
+        assert len(acked) == 40
+        client.publish("ids-q", b"leased")  # (also the id generator's latest: not one of the acked)
+        (leased,) = _received(client, "ids-q", 1)
+        assert _settle_and_scan(server, None, frozenset(acked)) == []
+        paths = _settle_and_scan(server, None, frozenset({leased.message.id}))
+        assert any(not path.endswith(".ids.last") for path in paths), paths
+
+
+def _received(client, queue: str, count: int) -> list:
+    got: list = []
+    while len(got) < count:
+        batch = client.receive(queue, max_messages=count - len(got), wait_s=10)
+        assert batch, f"{queue}: {len(got)} of {count} delivered"
+        got += batch
+    return got
