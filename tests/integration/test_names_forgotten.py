@@ -7,8 +7,9 @@ few hundred bytes at a time, which no per-message test sees (the AMQP front had 
 churns names through every front with its real client (native, HTTP API, SQS, AMQP), then walks everything
 reachable from the `Server` object, on the server's own loop (where nothing changes under the walk), for any
 string that still contains the churned names' marker, and reports the path to it. The same walk looks for the
-ids (ints) of acked messages: none may stay reachable once acked (the core's packed per-message columns are
-not looked into; tests/unit/test_flat_memory.py measures those).
+ids (ints) of acked messages, and through SQS their MessageIds and receipt handles: none may stay reachable
+once acked or deleted (the core's packed per-message columns are not looked into; tests/unit/test_flat_memory.py
+measures those).
 
 The recent-messages cache (bounded; its messages carry their dedup ids) is emptied first and the timer heap
 compacted to its live timers (a stale dedup sweep keeps its window until it fires)."""
@@ -25,6 +26,7 @@ import pika
 import pytest
 
 import chute
+from chute.server.sqs.messages import chute_id_of
 from chute.testing import running_server
 from tests.server_loop import compact_timers, on_server_loop
 from tests.sqs.boto3_support import client_for
@@ -36,21 +38,21 @@ _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType
            types.MethodType, bytes, bytearray, memoryview, int, float)  # fmt: skip
 
 
-def paths_to_marker(root: object, marker: str | None, limit: int = 20, ids: frozenset[int] = frozenset()) -> list[str]:
+def paths_to_marker(root: object, marker: str | None, limit: int = 20, values: frozenset = frozenset()) -> list[str]:
     """Breadth-first over the objects reachable from `root` (dict keys and values, attributes, slots and struct
     fields, and whatever else the collector says an object refers to): the paths to strings containing
-    `marker`, and to ints in `ids`. Modules, classes and functions are not followed (they are the program, not its
-    state), nor bytes and arrays (an int packed in them is not seen)."""
+    `marker`, and to ints and strings in `values`. Modules, classes and functions are not followed (they are the
+    program, not its state), nor bytes and arrays (an int packed in them is not seen)."""
     seen, found = {id(root)}, []
     pending = collections.deque([(root, "server")])
     while pending and len(found) < limit:
         value, path = pending.popleft()
         if isinstance(value, str):
-            if marker is not None and marker in value:
+            if (marker is not None and marker in value) or value in values:
                 found.append(path)
             continue
         if type(value) is int:
-            if value in ids:
+            if value in values:
                 found.append(path)
             continue
         if isinstance(value, _OPAQUE):
@@ -79,13 +81,13 @@ def paths_to_marker(root: object, marker: str | None, limit: int = 20, ids: froz
     return found
 
 
-def _settle_and_scan(server, marker: str | None = MARKER, ids: frozenset[int] = frozenset()) -> list[str]:
+def _settle_and_scan(server, marker: str | None = MARKER, values: frozenset = frozenset()) -> list[str]:
     core = server.server.broker.core
 
     def settle_and_scan() -> list[str]:
         core.recent.clear()
         compact_timers(core)
-        return paths_to_marker(server.server, marker, ids=ids)
+        return paths_to_marker(server.server, marker, values=values)
 
     return on_server_loop(server, settle_and_scan)
 
@@ -210,6 +212,48 @@ def test_no_id_of_an_acked_message_stays_reachable_from_the_server():
         assert _settle_and_scan(server, None, frozenset(acked)) == []
         paths = _settle_and_scan(server, None, frozenset({leased.message.id}))
         assert any(not path.endswith(".ids.last") for path in paths), paths
+
+
+def test_no_id_or_receipt_handle_of_a_deleted_sqs_message_stays_reachable():
+    """Through SQS: the ids, MessageIds and receipt handles of messages received and deleted, on a standard
+    queue (each received twice, its first handle gone stale) and a FIFO queue, are reachable from nothing; the id
+    of a message received and not deleted is found."""
+    with running_server(fsync="always") as server:
+        sqs = client_for(server.http_port)
+        try:
+            gone: set = set()
+            for name, attributes in (("ids-sq", {}), ("ids-sf.fifo", {"FifoQueue": "true"})):
+                url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+                for i in range(10):
+                    fifo = {"MessageGroupId": f"g{i}", "MessageDeduplicationId": f"d{i}"} if attributes else {}
+                    sqs.send_message(QueueUrl=url, MessageBody=f"m{i}", **fifo)
+                # a standard queue's messages visible again at once, received again (their first handles stale)
+                messages = [] if attributes else _sqs_received(sqs, url, 10, VisibilityTimeout=0)
+                again = _sqs_received(sqs, url, 10)
+                for message in again:
+                    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+                for message in messages + again:
+                    gone |= {message["MessageId"], message["ReceiptHandle"], chute_id_of(message["MessageId"])}
+            url = sqs.create_queue(QueueName="ids-kept")["QueueUrl"]
+            sqs.send_message(QueueUrl=url, MessageBody="kept")  # (also the id generator's latest)
+            (kept,) = _sqs_received(sqs, url, 1)
+        finally:
+            sqs.close()
+        # (a FIFO queue's dedup window keeps each id for its 5 minutes, as SQS does: stored state, bounded by it)
+        left = [p for p in _settle_and_scan(server, None, frozenset(gone)) if ".fifo].dedup.table[" not in p]
+        assert left == []
+        paths = _settle_and_scan(server, None, frozenset({chute_id_of(kept["MessageId"])}))
+        assert any(not path.endswith(".ids.last") for path in paths), paths
+
+
+def _sqs_received(sqs, url: str, count: int, **options) -> list[dict]:
+    got: list[dict] = []
+    while len(got) < count:
+        batch = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, count - len(got)), WaitTimeSeconds=5,
+                                    **options).get("Messages", [])  # fmt: skip
+        assert batch, f"{url}: {len(got)} of {count} received"
+        got += batch
+    return got
 
 
 def _received(client, queue: str, count: int) -> list:
