@@ -2,7 +2,7 @@
 12: memory follows what is stored): tests/integration/test_names_forgotten.py's churn through every front, run
 through both nodes of a two-node cluster on PostgreSQL, so names owned by one node are used and deleted through
 the other (forwarded calls, fan-out relays, placements, an AMQP node's caches), then the same walk from each
-node's `Server`."""
+node's `Server`; and the ids and receipts of messages acked through a node that forwards half the calls."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import types
 
 import pytest
 
+from chute.client import AsyncClient
 from chute.cluster import placement as placement_module
 from chute.cluster.placement import MemoryPlacement
 from tests.cluster.inprocess import running_nodes
@@ -50,6 +51,44 @@ async def test_no_name_of_what_is_gone_stays_reachable_from_any_node(nodes):
         _settle(server)
     found = {server.broker.node.name: paths_to_marker(server, MARKER) for server in nodes}
     assert found == {server.broker.node.name: [] for server in nodes}
+
+
+async def test_no_id_or_receipt_of_an_acked_message_stays_reachable_from_any_node(nodes):
+    """Ids and receipts the same way, with every call made through node-0: a queue on each shard (half of them
+    owned by node-1, so every call about them forwarded), messages delivered, nacked, redelivered and acked."""
+    names: dict[int, str] = {}
+    i = 0
+    while len(names) < SHARDS:  # one queue name per shard
+        names.setdefault(placement_module.home_shard(f"ids-{i}", SHARDS), f"ids-{i}")
+        i += 1
+    queues = list(names.values())
+    gone: set[int] = set()
+    async with AsyncClient(f"chute://127.0.0.1:{nodes[0].port}", reconnect=False) as client:
+        for queue in queues:
+            await client.create_queue(queue)
+            await client.publish_batch(queue, [b"m"] * 10)
+            first = await _received(client, queue, 10)
+            await client.nack(first[:3])
+            await client.ack(first[3:])
+            again = await _received(client, queue, 3)
+            await client.ack(again)
+            gone |= {d.message.id for d in first + again} | {d.receipt for d in first + again}
+            await client.publish(queue, b"kept")  # (its shard's latest id: not one of those acked)
+    for server in nodes:
+        _settle(server)
+    # (a broker's first receipt is its receipt counter's base, a constant of its run)
+    found = {server.broker.node.name: [p for p in paths_to_marker(server, None, values=frozenset(gone))
+                                       if not p.endswith(".receipt_base")] for server in nodes}  # fmt: skip
+    assert found == {server.broker.node.name: [] for server in nodes}
+
+
+async def _received(client, queue: str, count: int) -> list:
+    got: list = []
+    while len(got) < count:
+        batch = await client.receive(queue, max_messages=count - len(got), wait_s=10)
+        assert batch, f"{queue}: {len(got)} of {count} delivered"
+        got += batch
+    return got
 
 
 async def test_a_nodes_placement_cache_is_bounded(monkeypatch):
