@@ -7,9 +7,9 @@ few hundred bytes at a time, which no per-message test sees (the AMQP front had 
 churns names through every front with its real client (native, HTTP API, SQS, AMQP), then walks everything
 reachable from the `Server` object, on the server's own loop (where nothing changes under the walk), for any
 string that still contains the churned names' marker, and reports the path to it. The same walk looks for the
-ids (ints) of acked messages, and through SQS their MessageIds and receipt handles: none may stay reachable
-once acked or deleted (the core's packed per-message columns are not looked into; tests/unit/test_flat_memory.py
-measures those).
+ids (ints) of acked messages (through the native protocol, AMQP and SQS), their receipts, and SQS's MessageIds
+and receipt handles: none may stay reachable once acked or deleted (the core's packed per-message columns are
+not looked into; tests/unit/test_flat_memory.py measures those).
 
 The recent-messages cache (bounded; its messages carry their dedup ids) is emptied first and the timer heap
 compacted to its live timers (a stale dedup sweep keeps its window until it fires)."""
@@ -213,6 +213,47 @@ def test_no_id_of_an_acked_message_stays_reachable_from_the_server():
         assert [p for p in _settle_and_scan(server, None, frozenset(acked)) if not p.endswith(".receipt_base")] == []
         paths = _settle_and_scan(server, None, frozenset({leased.message.id}))
         assert any(not path.endswith(".ids.last") for path in paths), paths
+
+
+def test_no_id_of_a_message_acked_over_amqp_stays_reachable():
+    """Through AMQP (pika): the ids of messages got, rejected back to the queue, got again and acked (each
+    delivery's `message_id`, which the broker sets to its id) are reachable from nothing; the id of a message got
+    and not yet acked is found."""
+    with running_server(fsync="always") as server:
+        connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
+        try:
+            channel = connection.channel()
+            channel.queue_declare("ids-aq")
+            for _ in range(10):
+                channel.basic_publish("", "ids-aq", b"m")
+            gone: set = set()
+            got = [_amqp_got(channel, "ids-aq") for _ in range(10)]
+            for method, _ in got[:3]:
+                channel.basic_reject(method.delivery_tag, requeue=True)
+            for method, _ in got[3:]:
+                channel.basic_ack(method.delivery_tag)
+            again = [_amqp_got(channel, "ids-aq") for _ in range(3)]
+            for method, _ in again:
+                channel.basic_ack(method.delivery_tag)
+            for _, properties in got + again:
+                gone |= {properties.message_id, int(properties.message_id)}
+            assert len(gone) == 20
+            channel.basic_publish("", "ids-aq", b"kept")  # (also the id generator's latest)
+            _, kept = _amqp_got(channel, "ids-aq")
+            assert _settle_and_scan(server, None, frozenset(gone)) == []
+            paths = _settle_and_scan(server, None, frozenset({int(kept.message_id)}))
+            assert any(not path.endswith(".ids.last") for path in paths), paths
+        finally:
+            connection.close()
+
+
+def _amqp_got(channel, queue: str) -> tuple:
+    for _ in range(100):  # (basic.get does not wait: a publish may not be placed yet)
+        method, properties, _ = channel.basic_get(queue)
+        if method is not None:
+            return method, properties
+        channel.connection.sleep(0.05)
+    raise AssertionError(f"nothing to get from {queue}")
 
 
 def test_no_id_or_receipt_handle_of_a_deleted_sqs_message_stays_reachable():
