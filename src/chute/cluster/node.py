@@ -66,8 +66,9 @@ MIN_SHARD_CACHE_BYTES = 256 * 2**10
 # The recent messages each shard's broker keeps (two generations, core/recent.py) share a budget the same way: a
 # single broker keeps up to recent.MAX_COUNT messages and recent.MAX_BYTES of bodies a generation, a node eight
 # times that in all, so a node of up to 8 shards keeps each shard's in full. A message not kept is decoded again
-# when delivered: in benchmarks.cluster's p2p (one node, 16 shards, consumers lagging their producers) 47-62 % of
-# deliveries were decoded with a single broker's 2,048 a shard, 77-84 % with 1,024 (this budget), 89-94 % with 512.
+# when delivered: with benchmarks.cluster's p2p clients driving one in-process node of 16 shards (consumers lag
+# their producers), 47-62 % of deliveries were decoded with a single broker's 2,048 a shard, 77-84 % with 1,024
+# (this budget), 89-94 % with 512 (BENCHMARKS.md, twenty-fourth session).
 # (With a single broker's each, a node holding 16 shards kept up to 65,536 `Message`s: ~29 MB with 256-byte
 # bodies, by tracemalloc.)
 NODE_RECENT_COUNT = 8 * recent.MAX_COUNT
