@@ -144,6 +144,23 @@ def test_recent_messages_nobody_reads_are_not_kept():
     assert recent.get(1001) is not None and recent.get(1002) is not None
 
 
+def test_smaller_limits_take_effect_at_once_and_larger_ones_keep_what_is_there():
+    """A cluster node resizes its shards' recent messages as shards come and go (cluster/node.py)."""
+    recent = RecentMessages(max_count=100, max_bytes=10_000)
+    for ref in range(1, 151):
+        recent.used = True
+        recent.put(ref, Message(id=ref, body=b"x" * 10, headers={}, publish_time=0.0))
+    assert len(recent) == 150  # two generations
+    recent.resize(200, 20_000)  # larger: nothing dropped
+    assert len(recent) == 150 and recent.get(150) is not None
+    recent.resize(10, 1_000)  # smaller: within the new bound from now on
+    assert len(recent) == 0
+    for ref in range(151, 200):
+        recent.used = True
+        recent.put(ref, Message(id=ref, body=b"x" * 10, headers={}, publish_time=0.0))
+        assert len(recent) <= 20
+
+
 async def test_a_backlog_nobody_consumes_is_not_kept(clock):
     broker = await _broker(clock, MemoryStore())
     try:

@@ -24,9 +24,11 @@ Invariants:
   bookkeeping, so a paused or partitioned node is harmless whatever it believes;
 - a shard is opened by at most one task of this node at a time (`_busy`);
 - the read caches of the shards' stores together hold at most NODE_CACHE_BYTES, however many shards the node
-  holds (`shard_cache_bytes`; a cluster of more than 128 shards gives each at least MIN_SHARD_CACHE_BYTES);
-  likewise the shards' recent messages (core/recent.py) keep at most NODE_RECENT_COUNT messages and
-  NODE_RECENT_BYTES of bodies a generation in all (`shard_recent_limits`, each shard at least a small floor).
+  holds (`shard_cache_bytes`: an equal part for each shard it holds now, at most a single store's default, at
+  least MIN_SHARD_CACHE_BYTES, so more than 128 shards held may take more); likewise the shards' recent messages
+  (core/recent.py) keep at most NODE_RECENT_COUNT messages and NODE_RECENT_BYTES of bodies a generation in all
+  (`shard_recent_limits`). The parts are set again whenever a shard comes or goes (`_share_budgets`), and a
+  smaller part takes effect at once.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ EXPIRY_MARGIN_S = 0.02  # look this long after a lease's end (the database's clo
 TAKE_CONCURRENCY = 4  # shards opened at once: recovery is CPU work on this node; more would only queue
 POOL_SIZE = 4  # heartbeats, claims and releases, placement lookups
 # The read caches of a node's shard stores share one budget: each shard's store gets an equal part of it, so a
-# node holding every shard (the last one up) holds at most the budget. (With the single store's 8 MiB each, an
-# idle node holding 16 shards grew to ~320 MB of RSS once traffic had filled them.)
+# node holding every shard (the last one up) holds at most the budget, and one holding a few keeps a single
+# store's full cache for each. (With the single store's 8 MiB each, an idle node holding 16 shards grew to
+# ~320 MB of RSS once traffic had filled them.)
 NODE_CACHE_BYTES = 32 * 2**20
 MIN_SHARD_CACHE_BYTES = 256 * 2**10
 
@@ -78,16 +81,19 @@ MIN_SHARD_RECENT_BYTES = 32 * 2**10
 
 
 def shard_recent_limits(shards: int) -> tuple[int, int]:
-    """(messages, bytes of bodies) a generation of one shard's recent messages keeps in a cluster of `shards`: its
-    part of NODE_RECENT_COUNT and NODE_RECENT_BYTES, never more than a single broker keeps."""
+    """(messages, bytes of bodies) a generation of one shard's recent messages keeps on a node holding `shards`:
+    its part of NODE_RECENT_COUNT and NODE_RECENT_BYTES, never more than a single broker keeps."""
     shards = max(shards, 1)
     return (min(recent.MAX_COUNT, max(MIN_SHARD_RECENT_COUNT, NODE_RECENT_COUNT // shards)),
             min(recent.MAX_BYTES, max(MIN_SHARD_RECENT_BYTES, NODE_RECENT_BYTES // shards)))  # fmt: skip
 
 
 def shard_cache_bytes(shards: int) -> int:
-    """The read cache of one shard's store in a cluster of `shards` shards: its part of NODE_CACHE_BYTES."""
-    return max(MIN_SHARD_CACHE_BYTES, NODE_CACHE_BYTES // max(shards, 1))
+    """The read cache of one shard's store on a node holding `shards`: its part of NODE_CACHE_BYTES, never more
+    than a single store's default."""
+    from chute.storage.postgres.store import CACHE_MAX_BYTES  # (imported when used, as `_default_broker` does)
+
+    return max(MIN_SHARD_CACHE_BYTES, min(CACHE_MAX_BYTES, NODE_CACHE_BYTES // max(shards, 1)))
 
 
 class ClusterNode:
@@ -495,6 +501,7 @@ class ClusterNode:
         event.set()
 
     def _announce(self, shard: int, held: bool) -> None:
+        self._share_budgets()
         for callback in list(self.on_change):
             try:
                 callback(shard, held)
@@ -502,15 +509,27 @@ class ClusterNode:
                 log.exception("node %s: a shard-change callback failed", self.name)
         self._changed()
 
+    def _share_budgets(self) -> None:
+        """Give each shard served now its part of the node's cache and recent-message budgets, counting those
+        claimed and still being opened (which get theirs when served)."""
+        held = max(len(self._held), len(self._brokers))
+        cache_bytes, recent_limits = shard_cache_bytes(held), shard_recent_limits(held)
+        for broker in self._brokers.values():
+            resize = getattr(broker.store, "resize_cache", None)  # (a PostgreSQL store; a test's may be another)
+            if resize is not None:
+                resize(cache_bytes)
+            broker.core.recent.resize(*recent_limits)
+
     # -- taking, handing back, dropping ---------------------------------------------------------------------
 
     def _default_broker(self, shard: int) -> Broker:
         from chute.storage.postgres import PostgresStore
 
+        held = max(len(self._held), 1)  # (claimed, this one included; its parts are set again once it serves)
         store = PostgresStore(self.url, stream=f"shard-{shard}", fsync_policy=self.fsync,
-                              cache_max_bytes=shard_cache_bytes(self.shards))  # fmt: skip
+                              cache_max_bytes=shard_cache_bytes(held))  # fmt: skip
         broker = Broker(store=store, **self._broker_options)
-        broker.core.recent.max_count, broker.core.recent.max_bytes = shard_recent_limits(self.shards)
+        broker.core.recent.resize(*shard_recent_limits(held))
         return broker
 
     async def _take(self, shard: int) -> None:
@@ -564,6 +583,7 @@ class ClusterNode:
 
     async def _release(self, shard: int) -> None:
         self._held.discard(shard)
+        self._share_budgets()  # (one shard fewer claimed: the others' parts grow)
         if self._pool is None:
             return
         with contextlib.suppress(Exception):

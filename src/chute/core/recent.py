@@ -71,6 +71,14 @@ class RecentMessages:
         self.new.update(zip(refs, messages))
         self.new_bytes += size
 
+    def resize(self, max_count: int, max_bytes: int) -> None:
+        """Keep at most `max_count` messages and `max_bytes` of bodies a generation from now on. Smaller limits
+        drop both generations at once (they may hold more; a kept message is only a saved decode), so the bound
+        holds from the call on."""
+        if max_count < self.max_count or max_bytes < self.max_bytes:
+            self.new, self.old, self.new_bytes = {}, {}, 0
+        self.max_count, self.max_bytes = max_count, max_bytes
+
     def clear(self) -> None:
         self.new, self.old, self.new_bytes, self.dormant = {}, {}, 0, False
 

@@ -57,6 +57,7 @@ REPLAY_BATCH = 5000  # records fetched per round trip while recovering
 # what a cached record costs beyond its payload: an OrderedDict entry (slot and link), its int key and the bytes
 # header (~170 bytes by tracemalloc, with the dict's spare slots)
 CACHE_ITEM_BYTES = 176
+CACHE_MAX_BYTES = 8 * 2**20  # a store's read cache by default
 MAX_STREAM_NAME = 200
 LAZY_FLUSH_S = 0.1  # records appended lazily (delivery counts) wait at most this long for a group commit
 
@@ -79,7 +80,7 @@ class PostgresStore(Store):
         stream: str = "default",
         fsync_policy: FsyncPolicy = "always",
         chunk_max_bytes: int = 16 * 2**20,
-        cache_max_bytes: int = 8 * 2**20,
+        cache_max_bytes: int = CACHE_MAX_BYTES,
         connect_timeout_s: float = 10.0,
         statement_timeout_s: float = 30.0,
     ) -> None:
@@ -358,6 +359,13 @@ class PostgresStore(Store):
                                      "missing")  # fmt: skip
             result[i] = payload
         return result
+
+    def resize_cache(self, max_bytes: int) -> None:
+        """Bound the read cache to `max_bytes` from now on, dropping its oldest records at once if it holds more (a
+        cluster node shares one budget among the shards it holds: each shard's part changes as shards come and
+        go)."""
+        self.cache_max_bytes = max_bytes
+        self._trim_cache()
 
     def _trim_cache(self) -> None:
         cache, limit = self._cache, self.cache_max_bytes
