@@ -49,19 +49,11 @@ async def test_a_node_holding_every_shard_keeps_its_caches_within_the_budget(pos
         async with chute.AsyncClient(f"chute://127.0.0.1:{server.port}") as client:
             for queue in queues:
                 await client.create_queue(queue)
-                for first in range(0, 60, 4):  # batches that fit a generation of recent messages, so they are kept
-                    await client.publish_batch(queue, [f"{queue}:{i}:".encode() + b"x" * 1000
-                                                       for i in range(first, first + 4)])  # fmt: skip
+                await _publish(client, queue)
             assert sum(broker.store._cache_bytes for broker in brokers.values()) <= budget
             assert all(len(broker.core.recent) <= 2 * 8 for broker in brokers.values())  # two generations
             for queue in queues:
-                got = []
-                while len(got) < 60:
-                    batch = await client.receive(queue, max_messages=60, wait_s=5)
-                    assert batch, f"{queue}: {len(got)} of 60 delivered"
-                    got += batch
-                assert sorted(m.body for m in got) == sorted(f"{queue}:{i}:".encode() + b"x" * 1000 for i in range(60))
-                await client.ack(got)
+                await client.ack(await _delivered_whole(client, queue))
             assert sum(broker.store._cache_bytes for broker in brokers.values()) <= budget
             assert all(len(broker.core.recent) <= 2 * 8 for broker in brokers.values())
 
@@ -87,9 +79,7 @@ async def test_each_shards_part_follows_the_shards_the_node_holds(postgres_url, 
             owner = staying if staying.broker.node.local_broker(_shard(queue)) else leaving
             async with chute.AsyncClient(urls[owner.broker.node.name]) as client:
                 await client.create_queue(queue)
-                for first in range(0, 60, 4):
-                    await client.publish_batch(queue, [f"{queue}:{i}:".encode() + b"x" * 1000
-                                                       for i in range(first, first + 4)])  # fmt: skip
+                await _publish(client, queue)
         await leaving.stop()  # hands its shards back; the other node takes them over
         await balanced([staying], SHARDS)
         brokers = staying.broker.node.local_brokers().values()
@@ -99,13 +89,29 @@ async def test_each_shards_part_follows_the_shards_the_node_holds(postgres_url, 
         assert all(len(b.core.recent) <= 2 * 8 for b in brokers)
         async with chute.AsyncClient(urls[staying.broker.node.name]) as client:  # nothing lost on the way
             for queue in queues:
-                got = []
-                while len(got) < 60:
-                    batch = await client.receive(queue, max_messages=60, wait_s=5)
-                    assert batch, f"{queue}: {len(got)} of 60 delivered"
-                    got += batch
-                assert sorted(m.body for m in got) == sorted(f"{queue}:{i}:".encode() + b"x" * 1000 for i in range(60))
+                await _delivered_whole(client, queue)
 
 
 def _shard(queue: str) -> int:
     return home_shard(queue, SHARDS)
+
+
+def _bodies(queue: str) -> list[bytes]:
+    return [f"{queue}:{i}:".encode() + b"x" * 1000 for i in range(60)]
+
+
+async def _publish(client, queue: str) -> None:
+    bodies = _bodies(queue)
+    for first in range(0, len(bodies), 4):  # batches that fit a generation of recent messages, so they are kept
+        await client.publish_batch(queue, bodies[first : first + 4])
+
+
+async def _delivered_whole(client, queue: str) -> list:
+    """Every message of `queue`, each body whole (what fell out of a cache is read back from PostgreSQL)."""
+    got: list = []
+    while len(got) < 60:
+        batch = await client.receive(queue, max_messages=60, wait_s=5)
+        assert batch, f"{queue}: {len(got)} of 60 delivered"
+        got += batch
+    assert sorted(m.body for m in got) == sorted(_bodies(queue))
+    return got
