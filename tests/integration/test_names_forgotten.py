@@ -217,8 +217,8 @@ def test_no_id_of_an_acked_message_stays_reachable_from_the_server():
 
 def test_no_id_of_a_message_acked_over_amqp_stays_reachable():
     """Through AMQP (pika): the ids of messages got, rejected back to the queue, got again and acked (each
-    delivery's `message_id`, which the broker sets to its id) are reachable from nothing; the id of a message got
-    and not yet acked is found."""
+    delivery's `message_id`, which the broker sets to its id), and the broker receipts their delivery tags stood
+    for, are reachable from nothing; the id and receipt of a message got and not yet acked are found."""
     with running_server(fsync="always") as server:
         connection = pika.BlockingConnection(pika.URLParameters(server.amqp_url))
         try:
@@ -228,23 +228,38 @@ def test_no_id_of_a_message_acked_over_amqp_stays_reachable():
                 channel.basic_publish("", "ids-aq", b"m")
             gone: set = set()
             got = [_amqp_got(channel, "ids-aq") for _ in range(10)]
+            gone |= _amqp_receipts(server)  # the broker's receipts behind the delivery tags
             for method, _ in got[:3]:
                 channel.basic_reject(method.delivery_tag, requeue=True)
             for method, _ in got[3:]:
                 channel.basic_ack(method.delivery_tag)
             again = [_amqp_got(channel, "ids-aq") for _ in range(3)]
+            gone |= _amqp_receipts(server)
             for method, _ in again:
                 channel.basic_ack(method.delivery_tag)
             for _, properties in got + again:
                 gone |= {properties.message_id, int(properties.message_id)}
-            assert len(gone) == 20
+            assert len(gone) == 20 + 13  # ids as strings and ints; a receipt per delivery
             channel.basic_publish("", "ids-aq", b"kept")  # (also the id generator's latest)
             _, kept = _amqp_got(channel, "ids-aq")
-            assert _settle_and_scan(server, None, frozenset(gone)) == []
+            (kept_receipt,) = _amqp_receipts(server)
+            # (the first receipt of a run is the receipt counter's base, a constant of the run)
+            assert [p for p in _settle_and_scan(server, None, frozenset(gone)) if not p.endswith(".receipt_base")] == []
             paths = _settle_and_scan(server, None, frozenset({int(kept.message_id)}))
             assert any(not path.endswith(".ids.last") for path in paths), paths
+            assert _settle_and_scan(server, None, frozenset({kept_receipt}))  # (one path per object: the first)
         finally:
             connection.close()
+
+
+def _amqp_receipts(server) -> set[int]:
+    """The broker receipts every AMQP channel holds for its unacked delivery tags, read on the server's loop."""
+
+    def receipts() -> set[int]:
+        return {receipt for session in server.server.amqp.sessions for channel in session.channels.values()
+                for _, receipt, _, _, _ in channel.unacked.values()}  # fmt: skip
+
+    return on_server_loop(server, receipts)
 
 
 def _amqp_got(channel, queue: str) -> tuple:
