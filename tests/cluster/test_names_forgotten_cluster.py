@@ -13,7 +13,7 @@ import pytest
 
 from chute.client import AsyncClient
 from chute.cluster import placement as placement_module
-from chute.cluster.placement import MemoryPlacement
+from chute.cluster.placement import MemoryPlacement, Placed, home_shard
 from tests.cluster.inprocess import running_nodes
 from tests.cluster.test_amqp_cluster import SHARDS, _config
 from tests.integration.test_names_forgotten import MARKER, _amqp, _http, _native, _sqs, paths_to_marker
@@ -107,3 +107,50 @@ async def test_a_nodes_placement_cache_is_bounded(monkeypatch):
     assert await here.lookup("q0") is None  # not cached: read, and gone
     assert (await here.lookup("q1")).shard == placement_module.home_shard("q1", 4)  # read again
     assert list(here._cache) == ["q3", "q4", "q1"]
+
+
+class _SlowReads(MemoryPlacement):
+    """A placement whose reads can be held between reading a row and returning it, as a database read in flight."""
+
+    def __init__(self, shards: int, book: dict) -> None:
+        super().__init__(shards, book)
+        self.read_done, self.release = asyncio.Event(), asyncio.Event()
+        self.release.set()
+
+    async def _read(self, name: str):
+        placed = await super()._read(name)
+        self.read_done.set()
+        await self.release.wait()
+        return placed
+
+
+@pytest.mark.parametrize("change", ["forget here", "deleted elsewhere", "moved", "refreshed"])
+async def test_a_row_read_while_it_changes_is_not_cached(change):
+    """A lookup whose read returns after the row was deleted (or moved) gives its caller what it read, but the
+    cache does not keep it: a deleted queue's row would outlive it (found on a loaded machine, where a rejected
+    AMQP message's dead-lettering looked its queue up while the queue was deleted: its row stayed cached on both
+    nodes), and a moved queue's old row would be used again."""
+    book: dict = {}
+    elsewhere, here = MemoryPlacement(4, book), _SlowReads(4, book)
+    await elsewhere.place("q", "queue")
+    here.release.clear()
+    reading = asyncio.create_task(here.lookup("q"))
+    await asyncio.wait_for(here.read_done.wait(), 5)  # the old row is read; the lookup has not returned yet
+    if change == "forget here":
+        await here.forget("q", "queue")
+    elif change == "deleted elsewhere":
+        await elsewhere.forget("q", "queue")
+        here.uncache("q")  # (what a node does when the owner it forwarded the delete to says it is done)
+    elif change == "moved":
+        assert await elsewhere.move("q", "queue", home_shard("q", 4), (home_shard("q", 4) + 1) % 4)
+        here.uncache("q")
+    else:
+        book["q"] = Placed("q", "queue", (home_shard("q", 4) + 2) % 4)
+        refreshing = asyncio.create_task(here.refresh("q"))
+        await asyncio.sleep(0)
+    here.release.set()
+    assert (await asyncio.wait_for(reading, 5)) == Placed("q", "queue", home_shard("q", 4))  # what it read
+    if change == "refreshed":
+        assert await asyncio.wait_for(refreshing, 5) == book["q"]
+    assert here._cache.get("q") in (None, book.get("q"))  # nothing, or the row as it is now
+    assert await here.lookup("q") == book.get("q")

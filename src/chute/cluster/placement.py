@@ -18,7 +18,9 @@ drops the cached row; a node that still has a stale row (the name deleted and pl
 node) learns it when the shard answers "not found" and the router calls `refresh`. A name deleted through
 another node is never forgotten here that way, so the cache is bounded: at most `CACHE_MAX` rows, the
 longest-cached dropped first (a dropped row is read again when next used), so queue churn through other nodes
-costs a bounded amount of memory, not a row per name ever seen.
+costs a bounded amount of memory, not a row per name ever seen. A lookup whose read was in flight while a row was
+dropped (forgotten, uncached, moved or refreshed) does not cache what it read: the read may predate the change,
+and a deleted name's row kept that way would outlive its queue (and be used if the name were created again).
 
 `MemoryPlacement` is the in-memory twin (one dict, shared by the nodes of one process): same rules, no database.
 """
@@ -87,15 +89,22 @@ class _Base:
             raise InvalidArgument(f"shards must be an integer from 1 to 4096, got {shards!r}")
         self.shards = shards
         self._cache: dict[str, Placed] = {}
+        self._drops = 0  # rows dropped from the cache so far: a read that straddles a drop is not cached
 
     async def lookup(self, name: str) -> Placed | None:
         """The row of `name` (cached once seen), or None if it is not placed."""
         placed = self._cache.get(name)
         if placed is None:
+            drops = self._drops
             placed = await self._read(name)
-            if placed is not None:
+            # (a row read before a delete and returned after it: the caller gets it, the cache does not keep it)
+            if placed is not None and self._drops == drops:
                 self._keep(placed)
         return placed
+
+    def _drop(self, name: str) -> None:
+        self._drops += 1
+        self._cache.pop(name, None)
 
     def _keep(self, placed: Placed) -> None:
         cache = self._cache
@@ -126,24 +135,26 @@ class _Base:
 
     async def forget(self, name: str, kind: Kind) -> None:
         """Remove the row of `name` (a deleted queue or topic); nothing if there is none or it is another kind."""
-        self._cache.pop(name, None)
+        self._drop(name)
         await self._delete(name, kind)
+        self._drop(name)  # (and what a lookup in flight meanwhile kept)
 
     def uncache(self, name: str) -> None:
         """Drop this node's cached row of `name` only (another node deleted it and removed the row)."""
-        self._cache.pop(name, None)
+        self._drop(name)
 
     async def move(self, name: str, kind: Kind, from_shard: int, to_shard: int) -> bool:
         """Point the row of `name` at `to_shard` if it is at `from_shard` now; True if it was moved. (The router
         moves an empty queue to its topic's shard; other nodes learn it when the old shard says not found.)"""
-        self._cache.pop(name, None)
+        self._drop(name)
         moved = await self._move(name, kind, from_shard, to_shard)
+        self._drop(name)
         await self.lookup(name)
         return moved
 
     async def refresh(self, name: str) -> Placed | None:
         """Read the row of `name` again (the cached one may be stale)."""
-        self._cache.pop(name, None)
+        self._drop(name)
         return await self.lookup(name)
 
     async def _read(self, name: str) -> Placed | None:
