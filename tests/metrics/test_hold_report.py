@@ -73,7 +73,11 @@ async def test_a_held_loop_is_reported_with_the_function_that_held_it(monkeypatc
     held_ms = float(message.split("~", 1)[1].split(" ms", 1)[0])
     assert 100 <= held_ms <= 1000, message  # about the 150 ms of CPU (a busy machine stretches it)
     assert "test_hold_report.py" in message
-    assert "off the CPU" not in message  # the hold was the loop thread's own work
+    loop_cpu_ms = float(re.search(r"the loop thread ran ([\d.]+) ms of CPU", message).group(1))
+    assert 100 <= loop_cpu_ms <= held_ms + 5, message  # the hold was the loop thread's own work, ~150 ms of CPU
+    # said to be off the CPU only if the machine gave it less than half the hold (seen with the cores taken by
+    # other processes: 150 ms of CPU in a 424 ms hold)
+    assert ("off the CPU" in message) == (loop_cpu_ms < held_ms / 2), message
     assert server.server.hold_reporter._thread is None  # stopped with the server
 
 
