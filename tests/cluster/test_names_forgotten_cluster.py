@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import types
 
+import pika
 import pytest
 
+from chute.amqp import state as amqp_state
 from chute.client import AsyncClient
 from chute.cluster import placement as placement_module
 from chute.cluster.placement import MemoryPlacement, Placed, home_shard
@@ -154,3 +156,66 @@ async def test_a_row_read_while_it_changes_is_not_cached(change):
         assert await asyncio.wait_for(refreshing, 5) == book["q"]
     assert here._cache.get("q") in (None, book.get("q"))  # nothing, or the row as it is now
     assert await here.lookup("q") == book.get("q")
+
+
+@pytest.mark.parametrize("kind", ["queue", "exchange"])
+async def test_an_amqp_read_in_flight_while_its_queue_or_exchange_is_deleted_keeps_nothing(nodes, kind):
+    """A cluster node's AMQP front reads a queue's (or an exchange's) settings from the node that owns it and takes
+    them into its book. If this node deletes that queue while the read is in flight, settings read before the
+    delete must not be taken after it: the name would stay in the book and the front's tables after what it names
+    is gone. (The same race as the placement cache's, above; the refresh reads again and finds it gone.)"""
+    node = nodes[0]
+    front, router = node.amqp, node.broker
+    name = f"{MARKER}-straddle-{kind}"
+
+    def declare() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(_addresses(node).amqp_url))
+        try:
+            channel = connection.channel()
+            if kind == "queue":
+                channel.queue_declare(name, arguments={"x-dead-letter-exchange": f"{MARKER}-nowhere"})
+            else:
+                channel.exchange_declare(name, "topic")
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(declare)
+    held, release = asyncio.Event(), asyncio.Event()
+    info_call = "queue_info" if kind == "queue" else "topic_info"
+    original = getattr(router, info_call)
+
+    async def slow_info(*args, **kwargs):  # the first read returns what it read only once released
+        result = await amqp_state.value(original(*args, **kwargs))
+        if not held.is_set():
+            held.set()
+            await release.wait()
+        return result
+
+    setattr(router, info_call, slow_info)
+    try:
+        if kind == "queue":
+            reading = asyncio.create_task(amqp_state.refresh_queue(front, name))
+        else:
+            reading = asyncio.create_task(amqp_state.refresh_exchange(front, name))
+        await asyncio.wait_for(held.wait(), 10)  # the settings are read; the refresh has not taken them yet
+        if kind == "queue":
+            await front._delete(name)  # what queue.delete and x-expires do
+        else:
+            await asyncio.to_thread(_delete_exchange, _addresses(node).amqp_url, name)
+        release.set()
+        await asyncio.wait_for(reading, 10)
+    finally:
+        setattr(router, info_call, original)
+    assert name not in front.book.queues and name not in front.book.exchanges
+    assert name not in front.dead_lettering and name not in front.exchanges_read
+    assert not [key for key in front.stored if name in key[1]]
+    _settle(node)
+    assert paths_to_marker(node, "straddle") == []
+
+
+def _delete_exchange(url: str, name: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().exchange_delete(name)
+    finally:
+        connection.close()

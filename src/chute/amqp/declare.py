@@ -164,6 +164,7 @@ async def exchange_delete(session: AmqpSession, channel: Channel, method) -> obj
     except TopicNotFound:
         pass
     metadata.forget(session.front.stored, "topic", topic)
+    session.front.forgets += 1
     session.front.exchanges_read.pop(name, None)
     del book.exchanges[name]
     book.bindings = [b for b in book.bindings if b["exchange"] != name]

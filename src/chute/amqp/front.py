@@ -83,6 +83,7 @@ class AmqpFront:
         self.routed = state.routed(self.broker)  # a cluster node: the book is read through (state.py)
         self.exchanges_read: dict[str, float] = {}  # (routed) exchange -> when its metadata was last read
         self.dead_lettering: dict[str, bool] = {}  # (routed) queue -> has a dead-letter queue, as last read
+        self.forgets = 0  # queues and exchanges forgotten so far (state.py: a read that straddles one reads again)
         self.cluster_consumers = ClusterConsumers(self) if self.routed else None  # (routed) every node's consumers
         server.auth.on_change.append(self.users_changed)
 
@@ -474,6 +475,7 @@ class AmqpFront:
 
     async def forget_queue(self, name: str) -> None:
         """A queue is gone: drop its bindings from the book."""
+        self.forgets += 1
         before = len(self.book.bindings)
         self.book.bindings = [b for b in self.book.bindings if b["queue"] != name]
         self.exclusive.pop(name, None)

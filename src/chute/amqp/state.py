@@ -12,6 +12,9 @@ queue's `attributes` say now (metadata.py), for a node whose book cannot have se
 nodes. On one broker the book is always up to date (every change goes through this front), so they do nothing.
 
 Invariant: a read changes nothing; a queue or topic that does not exist reads as None (or empty), never an error.
+A refresh whose read was in flight while this node forgot a queue or an exchange (`front.forgets` moved) reads
+again before it takes anything (up to READS_WHILE_FORGETTING times): settings read before a delete and taken
+after it would keep the name in the book, the front's tables and its `stored` copy, after its queue is gone.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from chute.model import QueueSettings, TopicSettings
 EXCHANGE_FRESH_S = 1.0  # how long a routed node trusts its book's copy of an exchange for publishes
 IN_USE_S = 2.5  # (routed) a queue asked for messages this recently is in use by some node's consumer
 USE_MARGIN_S = 0.2  # (routed) what `IN_USE_S` allows for the queue's node's clock and the call's own time
+READS_WHILE_FORGETTING = 3  # reads of one refresh at most, while this node forgets queues or exchanges meanwhile
 
 
 def routed(broker) -> bool:
@@ -125,8 +129,7 @@ async def refresh_exchange(front, name: str, *, max_age_s: float = 0.0) -> None:
     now = time.monotonic()
     if max_age_s and now - front.exchanges_read.get(name, -1e9) < max_age_s:
         return
-    topic = ex.TOPIC_PREFIX + name
-    settings = await topic_settings(front.broker, topic)
+    settings = await _settled(front, topic_settings, ex.TOPIC_PREFIX + name)
     metadata.take_topic(front.book, front.stored, name, settings)
     if settings is None and name in ex.PREDECLARED_NAMES:
         front.predeclare(name)
@@ -138,10 +141,22 @@ async def refresh_exchange(front, name: str, *, max_age_s: float = 0.0) -> None:
 
 async def refresh_queue(front, name: str) -> QueueSettings | None:
     """(A routed node) take queue `name`'s declared flags and AMQP bindings from its attributes; its settings."""
-    settings = await queue_settings(front.broker, name)
-    if routed(front.broker):
-        metadata.take_queue(front.book, front.stored, name, settings)
-        front.note_queue(name, settings)
+    if not routed(front.broker):
+        return await queue_settings(front.broker, name)
+    settings = await _settled(front, queue_settings, name)
+    metadata.take_queue(front.book, front.stored, name, settings)
+    front.note_queue(name, settings)
+    return settings
+
+
+async def _settled(front, read, name: str):
+    """`read(broker, name)`, read again while this node forgot a queue or an exchange meanwhile (the first read
+    may predate that delete), at most READS_WHILE_FORGETTING reads in all."""
+    for _ in range(READS_WHILE_FORGETTING):
+        forgets = front.forgets
+        settings = await read(front.broker, name)
+        if front.forgets == forgets:
+            break
     return settings
 
 
