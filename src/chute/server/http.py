@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web, web_protocol
+from aiohttp import web, web_app, web_protocol
 from aiohttp.web_protocol import RequestHandler
 
 from chute.errors import ChuteError, ProtocolError, RequestTimeout
@@ -74,7 +74,19 @@ def make_app(server: Server) -> web.Application:
     metrics.add_routes(app, server)
     sqs.add_routes(app, server)
     dashboard.add_routes(app, server)  # last: it serves GET /
+    app.on_cleanup.append(_forget_middleware_chains)
     return app
+
+
+async def _forget_middleware_chains(app: web.Application) -> None:
+    """aiohttp (3.10 on) caches each handler's chain of middlewares in one LRU cache of 1,024 entries for the
+    whole process, keyed by the app: a stopped server stays reachable from it, with its broker and whatever that
+    holds, until newer entries push it out. A process that starts and stops servers (tests, `chute.testing`,
+    an embedding application) would keep up to that many. Clearing it costs a rebuild of each chain at its next
+    request, for any app of the process. (A private name: where it is missing there is nothing to clear.)"""
+    cache = getattr(web_app, "_cached_build_middleware", None)
+    if callable(getattr(cache, "cache_clear", None)):
+        cache.cache_clear()
 
 
 def _error_for(status: int, message: str | None) -> ChuteError:
