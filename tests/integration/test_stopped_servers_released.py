@@ -2,8 +2,8 @@
 
 aiohttp caches each handler's chain of middlewares in a process-wide LRU cache keyed by the app; until the server
 cleared it at stop, every server a process had started and stopped stayed reachable from that cache (up to 1,024
-entries): this test suite's own process grew to ~1 GB, and an application that embeds servers or a user's tests
-with `chute.testing` would too."""
+entries): this test suite's own process grew by ~45 MB every 100 tests (518 MB after 900), and an application that
+embeds servers, or a user's tests with `chute.testing`, would grow the same way."""
 
 from __future__ import annotations
 
