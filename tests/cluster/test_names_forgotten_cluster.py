@@ -219,3 +219,68 @@ def _delete_exchange(url: str, name: str) -> None:
         connection.channel().exchange_delete(name)
     finally:
         connection.close()
+
+
+async def test_a_queue_deleted_while_its_dead_letter_queue_is_given_keeps_nothing(nodes):
+    """A queue declared with a dead-letter exchange that leads nowhere yet gets its dead-letter queue once a bind
+    makes one (RabbitMQ's behaviour; declare.resolve_dead_letters). If this node deletes the queue while that
+    update is in flight, what the update returned must not be noted after the delete: the node would keep an
+    entry for a queue that is gone."""
+    node = nodes[0]
+    front, router = node.amqp, node.broker
+    name, exchange, target = (f"{MARKER}-dl-straddle-{part}" for part in ("queue", "exchange", "target"))
+    url = _addresses(node).amqp_url
+
+    def declare() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            channel = connection.channel()
+            channel.queue_declare(name, arguments={"x-dead-letter-exchange": exchange})
+            channel.exchange_declare(exchange, "fanout")
+            channel.queue_declare(target)
+        finally:
+            connection.close()
+
+    def bind() -> None:  # the bind that gives `name` its dead-letter queue
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            connection.channel().queue_bind(target, exchange)
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(declare)
+    assert name in front.pending_dead_letters
+    held, release = asyncio.Event(), asyncio.Event()
+    original = router.update_queue
+
+    async def slow_update(queue, **changes):  # the update is made; its answer comes back only once released
+        info = await original(queue, **changes)
+        if queue == name and not held.is_set():
+            held.set()
+            await release.wait()
+        return info
+
+    router.update_queue = slow_update
+    try:
+        binding = asyncio.create_task(asyncio.to_thread(bind))
+        await asyncio.wait_for(held.wait(), 10)
+        await front._delete(name)  # what queue.delete and x-expires do
+        release.set()
+        await asyncio.wait_for(binding, 10)
+    finally:
+        router.update_queue = original
+    assert name not in front.book.queues and name not in front.dead_lettering
+    assert name not in front.pending_dead_letters
+    for gone in (name, exchange, target):  # the rest as any user would delete it
+        if gone != name:
+            await asyncio.to_thread(_delete_exchange if gone == exchange else _delete_queue, url, gone)
+    _settle(node)
+    assert paths_to_marker(node, "dl-straddle") == []
+
+
+def _delete_queue(url: str, name: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().queue_delete(name)
+    finally:
+        connection.close()

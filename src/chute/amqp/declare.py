@@ -400,6 +400,7 @@ async def resolve_dead_letters(session: AmqpSession) -> None:
         except AmqpError:
             continue
         if target is not None and target != name:
+            forgets = front.forgets
             try:
                 info = await session.broker.update_queue(name, dead_letter_queue=target)
             except (InvalidArgument, QueueNotFound) as exc:  # (a cluster) the dead-letter queue is in another
@@ -409,7 +410,10 @@ async def resolve_dead_letters(session: AmqpSession) -> None:
                 log.info("AMQP: queue %r cannot dead-letter to %r yet: %s", name, target, exc.message)
                 continue
             front.pending_dead_letters.discard(name)
-            front.note_queue(name, info.settings)
+            if front.forgets == forgets:
+                front.note_queue(name, info.settings)
+            else:  # (a cluster node) it forgot a queue meanwhile, perhaps this one: read it again, not note a ghost
+                await state.refresh_queue(front, name)
 
 
 async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
