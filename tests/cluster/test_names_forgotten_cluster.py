@@ -284,3 +284,43 @@ def _delete_queue(url: str, name: str) -> None:
         connection.channel().queue_delete(name)
     finally:
         connection.close()
+
+
+async def test_a_queue_deleted_while_it_is_declared_keeps_nothing(nodes):
+    """Another connection deletes a queue while its queue.declare is being made (between the queue's creation
+    and the declare's answer): the declare is answered, and the node keeps nothing of the queue (its book, its
+    expiry countdown, its pending dead-letter exchange)."""
+    node = nodes[0]
+    front, router = node.amqp, node.broker
+    name = f"{MARKER}-declare-straddle"
+    held, release = asyncio.Event(), asyncio.Event()
+    original = router.create_queue
+
+    async def slow_create(queue, *args, **kwargs):  # the queue is made; the declare goes on once released
+        info = await original(queue, *args, **kwargs)
+        if queue == name:
+            held.set()
+            await release.wait()
+        return info
+
+    def declare() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(_addresses(node).amqp_url))
+        try:
+            arguments = {"x-expires": 60_000, "x-dead-letter-exchange": f"{MARKER}-nowhere"}
+            connection.channel().queue_declare(name, arguments=arguments)
+        finally:
+            connection.close()
+
+    router.create_queue = slow_create
+    try:
+        declaring = asyncio.create_task(asyncio.to_thread(declare))
+        await asyncio.wait_for(held.wait(), 10)
+        await front._delete(name)
+        release.set()
+        await asyncio.wait_for(declaring, 10)
+    finally:
+        router.create_queue = original
+    assert name not in front.book.queues and name not in front.dead_lettering
+    assert name not in front.pending_dead_letters and name not in front.expires and name not in front._expiry
+    _settle(node)
+    assert paths_to_marker(node, "declare-straddle") == []

@@ -294,7 +294,12 @@ async def queue_declare(session: AmqpSession, channel: Channel, method) -> objec
             name = ex.chute_queue(name)
         check(session.principal, "manage", "queue", name)
         await _owned_elsewhere(session, name)
+        forgets = front.forgets
         await _declare(session, name, method)
+        if front.forgets != forgets and await state.refresh_queue(front, name) is None:
+            # another connection deleted it as it was made: the declare came first, the delete after; keep nothing
+            await front.forget_queue(name)
+            return DeclareOk(queue=method.queue or ex.amqp_queue(name), message_count=0, consumer_count=0)
     front.used(name)
     channel.last_queue = name
     # the name as the client gave it (two AMQP names can share a Chute queue: `a@` and `a_x40_`), else its AMQP name
