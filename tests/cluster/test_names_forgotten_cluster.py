@@ -324,3 +324,102 @@ async def test_a_queue_deleted_while_it_is_declared_keeps_nothing(nodes):
     assert name not in front.pending_dead_letters and name not in front.expires and name not in front._expiry
     _settle(node)
     assert paths_to_marker(node, "declare-straddle") == []
+
+
+@pytest.mark.parametrize("deleted", ["queue", "exchange"])
+async def test_a_queue_or_exchange_deleted_while_it_is_bound_keeps_no_binding(nodes, deleted):
+    """Another connection deletes the queue (or the exchange) of a queue.bind while the bind is being made: the
+    bind is answered, and the node's book keeps no binding of what is gone."""
+    node = nodes[0]
+    front, router = node.amqp, node.broker
+    name, exchange = f"{MARKER}-bind-straddle-queue", f"{MARKER}-bind-straddle-exchange"
+    url = _addresses(node).amqp_url
+    held, release = asyncio.Event(), asyncio.Event()
+    original = router.subscribe
+
+    async def slow_subscribe(topic, pattern, queue, *args, **kwargs):  # subscribed; the bind goes on once released
+        result = await original(topic, pattern, queue, *args, **kwargs)
+        if queue == name:
+            held.set()
+            await release.wait()
+        return result
+
+    def declare_and_bind(bind: bool) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            channel = connection.channel()
+            if bind:
+                channel.queue_bind(name, exchange, "key")
+            else:
+                channel.queue_declare(name)
+                channel.exchange_declare(exchange, "direct")
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(declare_and_bind, False)
+    router.subscribe = slow_subscribe
+    try:
+        binding = asyncio.create_task(asyncio.to_thread(declare_and_bind, True))
+        await asyncio.wait_for(held.wait(), 10)
+        if deleted == "queue":
+            await front._delete(name)
+        else:
+            await asyncio.to_thread(_delete_exchange, url, exchange)
+        release.set()
+        await asyncio.wait_for(binding, 10)
+    finally:
+        router.subscribe = original
+    assert not [b for b in front.book.bindings if name in b["queue"] or exchange in b["exchange"]]
+    await asyncio.to_thread(_delete_queue if deleted == "exchange" else _delete_exchange, url,
+                            name if deleted == "exchange" else exchange)  # fmt: skip
+    _settle(node)
+    assert paths_to_marker(node, "bind-straddle") == []
+
+
+async def test_an_exchange_deleted_while_it_is_bound_to_another_keeps_no_binding(nodes):
+    """exchange.bind reads its destination, then its source: the destination, deleted by another connection
+    while the source is read, is not found (404, as if deleted first; it failed with 541 and closed the
+    connection) and leaves no exchange binding in the node's book."""
+    node = nodes[0]
+    front, router = node.amqp, node.broker
+    source, destination = f"{MARKER}-xbind-straddle-source", f"{MARKER}-xbind-straddle-destination"
+    url = _addresses(node).amqp_url
+    held, release = asyncio.Event(), asyncio.Event()
+    original = router.topic_info
+
+    async def slow_info(topic, *args, **kwargs):  # the source's first read answers once released
+        result = await amqp_state.value(original(topic, *args, **kwargs))
+        if source in topic and not held.is_set():
+            held.set()
+            await release.wait()
+        return result
+
+    def declare_and_bind(bind: bool) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            channel = connection.channel()
+            if bind:
+                with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+                    channel.exchange_bind(destination, source, "key")
+                assert refused.value.reply_code == 404 and destination in refused.value.reply_text
+            else:
+                channel.exchange_declare(source, "direct")
+                channel.exchange_declare(destination, "fanout")
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(declare_and_bind, False)
+    front.exchanges_read.clear()  # the bind reads both again
+    router.topic_info = slow_info
+    try:
+        binding = asyncio.create_task(asyncio.to_thread(declare_and_bind, True))
+        await asyncio.wait_for(held.wait(), 10)
+        await asyncio.to_thread(_delete_exchange, url, destination)
+        release.set()
+        await asyncio.wait_for(binding, 10)
+    finally:
+        router.topic_info = original
+    assert not [b for b in front.book.exchange_bindings if destination in (b["source"], b["destination"])]
+    await asyncio.to_thread(_delete_exchange, url, source)
+    _settle(node)
+    assert paths_to_marker(node, "xbind-straddle") == []

@@ -196,8 +196,8 @@ async def _bound_exchanges(session: AmqpSession, method) -> tuple[dict, dict]:
         if not name:
             raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
     for name in (method.destination, method.source):
-        if name:
-            await state.refresh_exchange(session.front, name)
+        await state.refresh_exchange(session.front, name)
+    for name in (method.destination, method.source):  # after both reads: one may be deleted as the other is read
         if name not in book.exchanges:
             raise _no_exchange(name)
     for name in (method.destination, method.source):
@@ -426,6 +426,7 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
     name = queue_name(channel, method.queue, method)
     if not exchange:
         raise AmqpError(ACCESS_REFUSED, "operation not permitted on the default exchange")
+    forgets = session.front.forgets
     if await state.refresh_queue(session.front, name) is None:
         raise _no_queue(name)
     await state.refresh_exchange(session.front, exchange)
@@ -458,11 +459,22 @@ async def queue_bind(session: AmqpSession, channel: Channel, method) -> object:
     else:
         for pattern in ex.patterns(declared["type"], method.routing_key):
             await broker.subscribe(topic, pattern, name)
+    if session.front.forgets != forgets and not await _both_there(session.front, name, exchange):
+        return commands.Queue.BindOk()  # deleted as it was bound: the bind came first, the delete took it away
     book.bindings.append(binding)
     await session.front.save_book()
     if session.front.pending_dead_letters:
         await resolve_dead_letters(session)
     return commands.Queue.BindOk()
+
+
+async def _both_there(front, queue: str, exchange: str) -> bool:
+    """Whether queue and exchange both exist still (read again: this node forgot a queue or an exchange since
+    they were last read, perhaps one of these)."""
+    if await state.refresh_queue(front, queue) is None:
+        return False
+    await state.refresh_exchange(front, exchange)
+    return exchange in front.book.exchanges
 
 
 async def queue_unbind(session: AmqpSession, channel: Channel, method) -> object:
