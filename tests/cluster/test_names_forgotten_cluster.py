@@ -423,3 +423,49 @@ async def test_an_exchange_deleted_while_it_is_bound_to_another_keeps_no_binding
     await asyncio.to_thread(_delete_exchange, url, source)
     _settle(node)
     assert paths_to_marker(node, "xbind-straddle") == []
+
+
+async def test_an_exchange_deleted_while_it_is_declared_keeps_nothing(nodes):
+    """Another connection deletes an exchange (twice at once) while its exchange.declare is being made: every
+    call is answered, and the node's book keeps nothing of the exchange."""
+    node = nodes[0]
+    front, router = node.amqp, node.broker
+    name = f"{MARKER}-xdeclare-straddle"
+    url = _addresses(node).amqp_url
+    held, release = asyncio.Event(), asyncio.Event()
+    original_create, original_delete = router.create_topic, router.delete_topic
+    deleting = asyncio.Event()
+
+    async def slow_create(topic, *args, **kwargs):  # the topic is made; the declare goes on once released
+        result = await original_create(topic, *args, **kwargs)
+        if name in topic:
+            held.set()
+            await release.wait()
+        return result
+
+    async def slow_delete(topic, *args, **kwargs):  # the two deletes overlap
+        if name in topic and not deleting.is_set():
+            deleting.set()
+            await asyncio.sleep(0.2)
+        return await original_delete(topic, *args, **kwargs)
+
+    def declare() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            connection.channel().exchange_declare(name, "topic")
+        finally:
+            connection.close()
+
+    router.create_topic, router.delete_topic = slow_create, slow_delete
+    try:
+        declaring = asyncio.create_task(asyncio.to_thread(declare))
+        await asyncio.wait_for(held.wait(), 10)
+        deletes = [asyncio.to_thread(_delete_exchange, url, name) for _ in range(2)]
+        await asyncio.wait_for(asyncio.gather(*deletes), 10)
+        release.set()
+        await asyncio.wait_for(declaring, 10)
+    finally:
+        router.create_topic, router.delete_topic = original_create, original_delete
+    assert name not in front.book.exchanges and name not in front.exchanges_read
+    _settle(node)
+    assert paths_to_marker(node, "xdeclare-straddle") == []

@@ -107,9 +107,12 @@ async def exchange_declare(session: AmqpSession, channel: Channel, method) -> ob
         # as RabbitMQ asks for write permission on the alternate: what this exchange routes nowhere is published
         # there (a name no topic can have is no exchange, and never will be: such messages stay unroutable)
         check(session.principal, "publish", "topic", alternate_topic)
+    forgets = session.front.forgets
     if await state.topic_settings(session.broker, topic) is None:  # created with its declaration, in one record
         attributes = metadata.created_with(session.front.stored, "topic", name, wanted)
         await session.broker.create_topic(topic, TopicSettings(attributes=attributes))
+    if session.front.forgets != forgets and await state.topic_settings(session.broker, topic) is None:
+        return commands.Exchange.DeclareOk()  # another connection deleted it as it was made: keep nothing of it
     book.exchanges[name] = wanted
     await session.front.save_book()
     return commands.Exchange.DeclareOk()
@@ -166,7 +169,7 @@ async def exchange_delete(session: AmqpSession, channel: Channel, method) -> obj
     metadata.forget(session.front.stored, "topic", topic)
     session.front.forgets += 1
     session.front.exchanges_read.pop(name, None)
-    del book.exchanges[name]
+    book.exchanges.pop(name, None)  # (two connections may delete it at once)
     book.bindings = [b for b in book.bindings if b["exchange"] != name]
     book.exchange_bindings = [b for b in book.exchange_bindings if name not in (b["source"], b["destination"])]
     await session.front.save_book()
