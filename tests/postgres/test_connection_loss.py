@@ -172,3 +172,31 @@ async def test_concurrent_reads_share_the_reader_connection_one_at_a_time(postgr
     assert answers == [[b"x%d" % j for j in range(i, 200, 8)] for i in range(8)]
     assert not store.read_only
     await store.close()
+
+
+async def test_a_connect_cancelled_once_its_socket_is_open_leaves_no_connection(postgres_url, monkeypatch):
+    """A connection is set up after its socket opens (the session's synchronous_commit is read). A connect
+    cancelled there (a stop, a cancelled checkpoint's side connection) closes the socket: it was left open,
+    and found only by the collector."""
+    import asyncpg
+
+    from chute.storage.postgres.db import Database
+
+    made: list[asyncpg.Connection] = []
+    real = asyncpg.connect
+
+    async def connect_then_cancelled(*args, **kwargs):
+        connection = await real(*args, **kwargs)
+        made.append(connection)
+        asyncio.current_task().cancel()  # lands at the setup's first wait
+        return connection
+
+    monkeypatch.setattr(asyncpg, "connect", connect_then_cancelled)
+    db = Database(postgres_url, unique_name("cancel"), synchronous_commit=None, connect_timeout_s=10,
+                  statement_timeout_s=10)  # fmt: skip
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wrap_future(db.submit(db._connect()))
+        assert len(made) == 1 and made[0].is_closed()
+    finally:
+        await asyncio.to_thread(db.stop)

@@ -162,10 +162,14 @@ class Database:
         if self.synchronous_commit is not None:
             settings["synchronous_commit"] = self.synchronous_commit
         connection = await asyncpg.connect(self.url, timeout=self.connect_timeout_s, server_settings=settings)
-        if self.synchronous_commit is None and await connection.fetchval("SHOW synchronous_commit") == "off":
-            # the server confirms commits before they are durable: under the `always` policy a confirm must
-            # mean committed and flushed, so this session asks for at least a local flush
-            await connection.execute("SET synchronous_commit = on")
+        try:
+            if self.synchronous_commit is None and await connection.fetchval("SHOW synchronous_commit") == "off":
+                # the server confirms commits before they are durable: under the `always` policy a confirm must
+                # mean committed and flushed, so this session asks for at least a local flush
+                await connection.execute("SET synchronous_commit = on")
+        except BaseException:  # failed or cancelled (a stop, a cancelled checkpoint): no one else will close it
+            connection.terminate()
+            raise
         return connection
 
     async def _side(self, name: str) -> asyncpg.Connection:
