@@ -213,12 +213,35 @@ async def test_an_amqp_read_in_flight_while_its_queue_or_exchange_is_deleted_kee
     assert paths_to_marker(node, "straddle") == []
 
 
-def _delete_exchange(url: str, name: str) -> None:
+def _held_once(original, matches, held: asyncio.Event, release: asyncio.Event):
+    """`original` (a router method), whose first call with arguments that `matches` does its work, sets `held`
+    and answers only once `release` is set: the caller's next step waits while the test acts."""
+
+    async def holding(*args, **kwargs):
+        result = await amqp_state.value(original(*args, **kwargs))
+        if matches(*args) and not held.is_set():
+            held.set()
+            await release.wait()
+        return result
+
+    return holding
+
+
+def _on_channel(url: str, act) -> None:
+    """`act(channel)` on a channel of a new connection to `url` (closed after)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
-        connection.channel().exchange_delete(name)
+        act(connection.channel())
     finally:
         connection.close()
+
+
+def _delete_exchange(url: str, name: str) -> None:
+    _on_channel(url, lambda channel: channel.exchange_delete(name))
+
+
+def _delete_queue(url: str, name: str) -> None:
+    _on_channel(url, lambda channel: channel.queue_delete(name))
 
 
 async def test_a_queue_deleted_while_its_dead_letter_queue_is_given_keeps_nothing(nodes):
@@ -231,38 +254,19 @@ async def test_a_queue_deleted_while_its_dead_letter_queue_is_given_keeps_nothin
     name, exchange, target = (f"{MARKER}-dl-straddle-{part}" for part in ("queue", "exchange", "target"))
     url = _addresses(node).amqp_url
 
-    def declare() -> None:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            channel = connection.channel()
-            channel.queue_declare(name, arguments={"x-dead-letter-exchange": exchange})
-            channel.exchange_declare(exchange, "fanout")
-            channel.queue_declare(target)
-        finally:
-            connection.close()
+    def declare(channel) -> None:
+        channel.queue_declare(name, arguments={"x-dead-letter-exchange": exchange})
+        channel.exchange_declare(exchange, "fanout")
+        channel.queue_declare(target)
 
-    def bind() -> None:  # the bind that gives `name` its dead-letter queue
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            connection.channel().queue_bind(target, exchange)
-        finally:
-            connection.close()
-
-    await asyncio.to_thread(declare)
+    await asyncio.to_thread(_on_channel, url, declare)
     assert name in front.pending_dead_letters
     held, release = asyncio.Event(), asyncio.Event()
     original = router.update_queue
-
-    async def slow_update(queue, **changes):  # the update is made; its answer comes back only once released
-        info = await original(queue, **changes)
-        if queue == name and not held.is_set():
-            held.set()
-            await release.wait()
-        return info
-
-    router.update_queue = slow_update
+    router.update_queue = _held_once(original, lambda queue: queue == name, held, release)  # the update is made
     try:
-        binding = asyncio.create_task(asyncio.to_thread(bind))
+        # the bind that gives `name` its dead-letter queue
+        binding = asyncio.create_task(asyncio.to_thread(_on_channel, url, lambda c: c.queue_bind(target, exchange)))
         await asyncio.wait_for(held.wait(), 10)
         await front._delete(name)  # what queue.delete and x-expires do
         release.set()
@@ -271,19 +275,10 @@ async def test_a_queue_deleted_while_its_dead_letter_queue_is_given_keeps_nothin
         router.update_queue = original
     assert name not in front.book.queues and name not in front.dead_lettering
     assert name not in front.pending_dead_letters
-    for gone in (name, exchange, target):  # the rest as any user would delete it
-        if gone != name:
-            await asyncio.to_thread(_delete_exchange if gone == exchange else _delete_queue, url, gone)
+    await asyncio.to_thread(_delete_exchange, url, exchange)  # the rest as any user would delete it
+    await asyncio.to_thread(_delete_queue, url, target)
     _settle(node)
     assert paths_to_marker(node, "dl-straddle") == []
-
-
-def _delete_queue(url: str, name: str) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        connection.channel().queue_delete(name)
-    finally:
-        connection.close()
 
 
 async def test_a_queue_deleted_while_it_is_declared_keeps_nothing(nodes):
@@ -295,25 +290,14 @@ async def test_a_queue_deleted_while_it_is_declared_keeps_nothing(nodes):
     name = f"{MARKER}-declare-straddle"
     held, release = asyncio.Event(), asyncio.Event()
     original = router.create_queue
+    arguments = {"x-expires": 60_000, "x-dead-letter-exchange": f"{MARKER}-nowhere"}
 
-    async def slow_create(queue, *args, **kwargs):  # the queue is made; the declare goes on once released
-        info = await original(queue, *args, **kwargs)
-        if queue == name:
-            held.set()
-            await release.wait()
-        return info
+    def declare(channel) -> None:
+        channel.queue_declare(name, arguments=arguments)
 
-    def declare() -> None:
-        connection = pika.BlockingConnection(pika.URLParameters(_addresses(node).amqp_url))
-        try:
-            arguments = {"x-expires": 60_000, "x-dead-letter-exchange": f"{MARKER}-nowhere"}
-            connection.channel().queue_declare(name, arguments=arguments)
-        finally:
-            connection.close()
-
-    router.create_queue = slow_create
+    router.create_queue = _held_once(original, lambda queue, *_: queue == name, held, release)  # the queue is made
     try:
-        declaring = asyncio.create_task(asyncio.to_thread(declare))
+        declaring = asyncio.create_task(asyncio.to_thread(_on_channel, _addresses(node).amqp_url, declare))
         await asyncio.wait_for(held.wait(), 10)
         await front._delete(name)
         release.set()
@@ -337,29 +321,15 @@ async def test_a_queue_or_exchange_deleted_while_it_is_bound_keeps_no_binding(no
     held, release = asyncio.Event(), asyncio.Event()
     original = router.subscribe
 
-    async def slow_subscribe(topic, pattern, queue, *args, **kwargs):  # subscribed; the bind goes on once released
-        result = await original(topic, pattern, queue, *args, **kwargs)
-        if queue == name:
-            held.set()
-            await release.wait()
-        return result
+    def declare(channel) -> None:
+        channel.queue_declare(name)
+        channel.exchange_declare(exchange, "direct")
 
-    def declare_and_bind(bind: bool) -> None:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            channel = connection.channel()
-            if bind:
-                channel.queue_bind(name, exchange, "key")
-            else:
-                channel.queue_declare(name)
-                channel.exchange_declare(exchange, "direct")
-        finally:
-            connection.close()
-
-    await asyncio.to_thread(declare_and_bind, False)
-    router.subscribe = slow_subscribe
+    await asyncio.to_thread(_on_channel, url, declare)
+    router.subscribe = _held_once(original, lambda topic, pattern, queue, *_: queue == name, held, release)
     try:
-        binding = asyncio.create_task(asyncio.to_thread(declare_and_bind, True))
+        bind = asyncio.to_thread(_on_channel, url, lambda channel: channel.queue_bind(name, exchange, "key"))
+        binding = asyncio.create_task(bind)
         await asyncio.wait_for(held.wait(), 10)
         if deleted == "queue":
             await front._delete(name)
@@ -387,32 +357,20 @@ async def test_an_exchange_deleted_while_it_is_bound_to_another_keeps_no_binding
     held, release = asyncio.Event(), asyncio.Event()
     original = router.topic_info
 
-    async def slow_info(topic, *args, **kwargs):  # the source's first read answers once released
-        result = await amqp_state.value(original(topic, *args, **kwargs))
-        if source in topic and not held.is_set():
-            held.set()
-            await release.wait()
-        return result
+    def declare(channel) -> None:
+        channel.exchange_declare(source, "direct")
+        channel.exchange_declare(destination, "fanout")
 
-    def declare_and_bind(bind: bool) -> None:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            channel = connection.channel()
-            if bind:
-                with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
-                    channel.exchange_bind(destination, source, "key")
-                assert refused.value.reply_code == 404 and destination in refused.value.reply_text
-            else:
-                channel.exchange_declare(source, "direct")
-                channel.exchange_declare(destination, "fanout")
-        finally:
-            connection.close()
+    def bind(channel) -> None:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.exchange_bind(destination, source, "key")
+        assert refused.value.reply_code == 404 and destination in refused.value.reply_text
 
-    await asyncio.to_thread(declare_and_bind, False)
+    await asyncio.to_thread(_on_channel, url, declare)
     front.exchanges_read.clear()  # the bind reads both again
-    router.topic_info = slow_info
+    router.topic_info = _held_once(original, lambda topic, *_: source in topic, held, release)  # the source's read
     try:
-        binding = asyncio.create_task(asyncio.to_thread(declare_and_bind, True))
+        binding = asyncio.create_task(asyncio.to_thread(_on_channel, url, bind))
         await asyncio.wait_for(held.wait(), 10)
         await asyncio.to_thread(_delete_exchange, url, destination)
         release.set()
@@ -436,29 +394,17 @@ async def test_an_exchange_deleted_while_it_is_declared_keeps_nothing(nodes):
     original_create, original_delete = router.create_topic, router.delete_topic
     deleting = asyncio.Event()
 
-    async def slow_create(topic, *args, **kwargs):  # the topic is made; the declare goes on once released
-        result = await original_create(topic, *args, **kwargs)
-        if name in topic:
-            held.set()
-            await release.wait()
-        return result
-
     async def slow_delete(topic, *args, **kwargs):  # the two deletes overlap
         if name in topic and not deleting.is_set():
             deleting.set()
             await asyncio.sleep(0.2)
         return await original_delete(topic, *args, **kwargs)
 
-    def declare() -> None:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            connection.channel().exchange_declare(name, "topic")
-        finally:
-            connection.close()
-
+    slow_create = _held_once(original_create, lambda topic, *_: name in topic, held, release)  # the topic is made
     router.create_topic, router.delete_topic = slow_create, slow_delete
     try:
-        declaring = asyncio.create_task(asyncio.to_thread(declare))
+        declare = asyncio.to_thread(_on_channel, url, lambda channel: channel.exchange_declare(name, "topic"))
+        declaring = asyncio.create_task(declare)
         await asyncio.wait_for(held.wait(), 10)
         deletes = [asyncio.to_thread(_delete_exchange, url, name) for _ in range(2)]
         await asyncio.wait_for(asyncio.gather(*deletes), 10)
