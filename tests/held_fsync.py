@@ -14,10 +14,13 @@ class HeldFsync:
     def __init__(self, running) -> None:
         self.gate = threading.Event()
         self.gate.set()
+        self.waiting = threading.Event()  # set once an fsync waits at the held gate (it passed the fault check)
         fs = running.server.broker.store.fs
         real = fs._fsync
 
         def fsync(path: str) -> None:
+            if not self.gate.is_set():
+                self.waiting.set()
             self.gate.wait(HOLD_LIMIT_S)
             real(path)
 

@@ -71,7 +71,8 @@ async def test_a_failed_commit_answers_every_publish_in_it_with_the_error_and_de
             held = HeldFsync(server)
             held.hold()
             blocker = asyncio.ensure_future(consuming.publish("q", b"held"))  # its commit waits in fsync
-            await _until(lambda: server.server.publish_bytes == 4, "the held commit")
+            # in fsync, not only appended: a fault armed before its fsync began would fail it (seen under load)
+            await _until(held.waiting.is_set, "the held commit's fsync")
             sends = [asyncio.ensure_future(producer.publish("q", f"{p}".encode()))
                      for p, producer in enumerate(producers)]  # fmt: skip
             await _until(lambda: server.server.publish_bytes == 4 + len(sends), "every publish to be appended")
