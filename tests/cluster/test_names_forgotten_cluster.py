@@ -392,12 +392,15 @@ async def test_an_exchange_deleted_while_it_is_declared_keeps_nothing(nodes):
     url = _addresses(node).amqp_url
     held, release = asyncio.Event(), asyncio.Event()
     original_create, original_delete = router.create_topic, router.delete_topic
-    deleting = asyncio.Event()
+    arrivals: list[str] = []
+    both_deleting = asyncio.Event()
 
-    async def slow_delete(topic, *args, **kwargs):  # the two deletes overlap
-        if name in topic and not deleting.is_set():
-            deleting.set()
-            await asyncio.sleep(0.2)
+    async def slow_delete(topic, *args, **kwargs):  # the first delete waits for the second: the two overlap
+        if name in topic:
+            arrivals.append(topic)
+            if len(arrivals) == 2:
+                both_deleting.set()
+            await asyncio.wait_for(both_deleting.wait(), 10)
         return await original_delete(topic, *args, **kwargs)
 
     slow_create = _held_once(original_create, lambda topic, *_: name in topic, held, release)  # the topic is made
@@ -407,7 +410,8 @@ async def test_an_exchange_deleted_while_it_is_declared_keeps_nothing(nodes):
         declaring = asyncio.create_task(declare)
         await asyncio.wait_for(held.wait(), 10)
         deletes = [asyncio.to_thread(_delete_exchange, url, name) for _ in range(2)]
-        await asyncio.wait_for(asyncio.gather(*deletes), 10)
+        await asyncio.wait_for(asyncio.gather(*deletes), 15)
+        assert len(arrivals) == 2  # both deletes reached the router before either had forgotten the exchange
         release.set()
         await asyncio.wait_for(declaring, 10)
     finally:
