@@ -181,13 +181,19 @@ async def test_a_slow_group_commit_sync_is_logged_beside_the_holds(monkeypatch, 
         async with AsyncClient(running.url) as client:
             await client.create_queue("q")
             await client.publish("q", b"fast")
-            assert not [m for m in hold_warnings(caplog) if "fsync" in m]  # a quick sync says nothing
+            # a quick sync says nothing (the disk's own syncs may be slow: those, and only those, are named)
+            assert all(_took_ms(m) >= 20 for m in hold_warnings(caplog) if "fsync" in m)
             held.hold()
             threading.Timer(0.1, held.release).start()
             await client.publish("q", b"behind a 100 ms sync")
     slow = [m for m in hold_warnings(caplog) if "fsync took" in m]
     assert slow, hold_warnings(caplog)
-    assert all(float(m.split("took ", 1)[1].split(" ms", 1)[0]) >= 20 for m in slow)
+    assert all(_took_ms(m) >= 20 for m in slow)
+
+
+def _took_ms(message: str) -> float:
+    """The milliseconds in a report's "fsync took N ms"."""
+    return float(message.split("took ", 1)[1].split(" ms", 1)[0])
 
 
 async def test_without_the_report_a_slow_sync_is_only_counted(monkeypatch, caplog) -> None:
