@@ -55,9 +55,13 @@ def _settle(server: Server) -> None:
         compact_timers(broker.core)
 
 
-def _held_once(original, matches, held: asyncio.Event, release: asyncio.Event):
-    """`original` (a router method), whose first call with arguments that `matches` does its work, sets `held`
-    and answers only once `release` is set: the caller's next step waits while the test acts."""
+async def _straddle(node: Server, method: str, matches, act, delete) -> None:
+    """`act(channel)` on a new connection, whose first call of the broker's `method` with arguments that `matches`
+    does its work and is then held (the front's next step waits); meanwhile `await delete()`; then the call
+    answers and `act` finishes."""
+    router = node.broker
+    held, release = asyncio.Event(), asyncio.Event()
+    original = getattr(router, method)
 
     async def holding(*args, **kwargs):
         result = await amqp_state.value(original(*args, **kwargs))
@@ -66,7 +70,16 @@ def _held_once(original, matches, held: asyncio.Event, release: asyncio.Event):
             await release.wait()
         return result
 
-    return holding
+    setattr(router, method, holding)
+    try:
+        acting = asyncio.create_task(asyncio.to_thread(_on_channel, _amqp_url(node), act))
+        await asyncio.wait_for(held.wait(), 10)
+        await delete()
+        release.set()
+        await asyncio.wait_for(acting, 10)
+    finally:
+        release.set()
+        setattr(router, method, original)
 
 
 def _on_channel(url: str, act) -> None:
@@ -91,7 +104,7 @@ async def test_a_queue_deleted_while_its_dead_letter_queue_is_given_keeps_nothin
     makes one (RabbitMQ's behaviour; declare.resolve_dead_letters). If this node deletes the queue while that
     update is in flight, what the update returned must not be noted after the delete: the node would keep an
     entry for a queue that is gone."""
-    front, router = node.amqp, node.broker
+    front = node.amqp
     name, exchange, target = (f"{MARKER}-dl-straddle-{part}" for part in ("queue", "exchange", "target"))
     url = _amqp_url(node)
 
@@ -102,18 +115,10 @@ async def test_a_queue_deleted_while_its_dead_letter_queue_is_given_keeps_nothin
 
     await asyncio.to_thread(_on_channel, url, declare)
     assert name in front.pending_dead_letters
-    held, release = asyncio.Event(), asyncio.Event()
-    original = router.update_queue
-    router.update_queue = _held_once(original, lambda queue: queue == name, held, release)  # the update is made
-    try:
-        # the bind that gives `name` its dead-letter queue
-        binding = asyncio.create_task(asyncio.to_thread(_on_channel, url, lambda c: c.queue_bind(target, exchange)))
-        await asyncio.wait_for(held.wait(), 10)
-        await front._delete(name)  # what queue.delete and x-expires do
-        release.set()
-        await asyncio.wait_for(binding, 10)
-    finally:
-        router.update_queue = original
+    # the bind that gives `name` its dead-letter queue, held once the update is made; the delete is what
+    # queue.delete and x-expires do
+    await _straddle(node, "update_queue", lambda queue: queue == name,
+                    lambda channel: channel.queue_bind(target, exchange), lambda: front._delete(name))  # fmt: skip
     assert name not in front.book.queues and name not in front.dead_lettering
     assert name not in front.pending_dead_letters
     await asyncio.to_thread(_delete_exchange, url, exchange)  # the rest as any user would delete it
@@ -126,24 +131,14 @@ async def test_a_queue_deleted_while_it_is_declared_keeps_nothing(node):
     """Another connection deletes a queue while its queue.declare is being made (between the queue's creation
     and the declare's answer): the declare is answered, and the node keeps nothing of the queue (its book, its
     expiry countdown, its pending dead-letter exchange)."""
-    front, router = node.amqp, node.broker
+    front = node.amqp
     name = f"{MARKER}-declare-straddle"
-    held, release = asyncio.Event(), asyncio.Event()
-    original = router.create_queue
     arguments = {"x-expires": 60_000, "x-dead-letter-exchange": f"{MARKER}-nowhere"}
 
     def declare(channel) -> None:
         channel.queue_declare(name, arguments=arguments)
 
-    router.create_queue = _held_once(original, lambda queue, *_: queue == name, held, release)  # the queue is made
-    try:
-        declaring = asyncio.create_task(asyncio.to_thread(_on_channel, _amqp_url(node), declare))
-        await asyncio.wait_for(held.wait(), 10)
-        await front._delete(name)
-        release.set()
-        await asyncio.wait_for(declaring, 10)
-    finally:
-        router.create_queue = original
+    await _straddle(node, "create_queue", lambda queue, *_: queue == name, declare, lambda: front._delete(name))
     assert name not in front.book.queues and name not in front.dead_lettering
     assert name not in front.pending_dead_letters and name not in front.expires and name not in front._expiry
     _settle(node)
@@ -154,30 +149,21 @@ async def test_a_queue_deleted_while_it_is_declared_keeps_nothing(node):
 async def test_a_queue_or_exchange_deleted_while_it_is_bound_keeps_no_binding(node, deleted):
     """Another connection deletes the queue (or the exchange) of a queue.bind while the bind is being made: the
     bind is answered, and the node's book keeps no binding of what is gone."""
-    front, router = node.amqp, node.broker
+    front = node.amqp
     name, exchange = f"{MARKER}-bind-straddle-queue", f"{MARKER}-bind-straddle-exchange"
     url = _amqp_url(node)
-    held, release = asyncio.Event(), asyncio.Event()
-    original = router.subscribe
 
     def declare(channel) -> None:
         channel.queue_declare(name)
         channel.exchange_declare(exchange, "direct")
 
     await asyncio.to_thread(_on_channel, url, declare)
-    router.subscribe = _held_once(original, lambda topic, pattern, queue, *_: queue == name, held, release)
-    try:
-        bind = asyncio.to_thread(_on_channel, url, lambda channel: channel.queue_bind(name, exchange, "key"))
-        binding = asyncio.create_task(bind)
-        await asyncio.wait_for(held.wait(), 10)
-        if deleted == "queue":
-            await front._delete(name)
-        else:
-            await asyncio.to_thread(_delete_exchange, url, exchange)
-        release.set()
-        await asyncio.wait_for(binding, 10)
-    finally:
-        router.subscribe = original
+
+    def delete():
+        return front._delete(name) if deleted == "queue" else asyncio.to_thread(_delete_exchange, url, exchange)
+
+    await _straddle(node, "subscribe", lambda topic, pattern, queue, *_: queue == name,
+                    lambda channel: channel.queue_bind(name, exchange, "key"), delete)  # fmt: skip
     assert not [b for b in front.book.bindings if name in b["queue"] or exchange in b["exchange"]]
     await asyncio.to_thread(_delete_queue if deleted == "exchange" else _delete_exchange, url,
                             name if deleted == "exchange" else exchange)  # fmt: skip
@@ -190,11 +176,9 @@ async def test_an_exchange_deleted_while_it_is_bound_to_another_keeps_no_binding
     """exchange.bind reads its destination, then its source: the destination, deleted by another connection
     while the source is read, is not found (404, as if deleted first; it failed with 541 and closed the
     connection) and leaves no exchange binding in the node's book."""
-    front, router = node.amqp, node.broker
+    front = node.amqp
     source, destination = f"{MARKER}-xbind-straddle-source", f"{MARKER}-xbind-straddle-destination"
     url = _amqp_url(node)
-    held, release = asyncio.Event(), asyncio.Event()
-    original = router.topic_info
 
     def declare(channel) -> None:
         channel.exchange_declare(source, "direct")
@@ -207,15 +191,9 @@ async def test_an_exchange_deleted_while_it_is_bound_to_another_keeps_no_binding
 
     await asyncio.to_thread(_on_channel, url, declare)
     front.exchanges_read.clear()  # the bind reads both again
-    router.topic_info = _held_once(original, lambda topic, *_: source in topic, held, release)  # the source's read
-    try:
-        binding = asyncio.create_task(asyncio.to_thread(_on_channel, url, bind))
-        await asyncio.wait_for(held.wait(), 10)
-        await asyncio.to_thread(_delete_exchange, url, destination)
-        release.set()
-        await asyncio.wait_for(binding, 10)
-    finally:
-        router.topic_info = original
+    # held: the source's read
+    await _straddle(node, "topic_info", lambda topic, *_: source in topic, bind,
+                    lambda: asyncio.to_thread(_delete_exchange, url, destination))  # fmt: skip
     assert not [b for b in front.book.exchange_bindings if destination in (b["source"], b["destination"])]
     await asyncio.to_thread(_delete_exchange, url, source)
     _settle(node)
@@ -230,8 +208,7 @@ async def test_an_exchange_deleted_while_it_is_declared_keeps_nothing(node):
     front, router = node.amqp, node.broker
     name = f"{MARKER}-xdeclare-straddle"
     url = _amqp_url(node)
-    held, release = asyncio.Event(), asyncio.Event()
-    original_create, original_delete = router.create_topic, router.delete_topic
+    original_delete = router.delete_topic
     arrivals: list[str] = []
     both_deleting = asyncio.Event()
 
@@ -243,19 +220,17 @@ async def test_an_exchange_deleted_while_it_is_declared_keeps_nothing(node):
             await asyncio.wait_for(both_deleting.wait(), 10)
         return await original_delete(topic, *args, **kwargs)
 
-    slow_create = _held_once(original_create, lambda topic, *_: name in topic, held, release)  # the topic is made
-    router.create_topic, router.delete_topic = slow_create, slow_delete
-    try:
-        declare = asyncio.to_thread(_on_channel, url, lambda channel: channel.exchange_declare(name, "topic"))
-        declaring = asyncio.create_task(declare)
-        await asyncio.wait_for(held.wait(), 10)
+    async def delete_twice() -> None:
         deletes = [asyncio.to_thread(_delete_exchange, url, name) for _ in range(2)]
         await asyncio.wait_for(asyncio.gather(*deletes), 15)
         assert len(arrivals) == 2  # both deletes reached the router before either had forgotten the exchange
-        release.set()
-        await asyncio.wait_for(declaring, 10)
+
+    router.delete_topic = slow_delete
+    try:  # the declare is held once the topic is made
+        await _straddle(node, "create_topic", lambda topic, *_: name in topic,
+                        lambda channel: channel.exchange_declare(name, "topic"), delete_twice)  # fmt: skip
     finally:
-        router.create_topic, router.delete_topic = original_create, original_delete
+        router.delete_topic = original_delete
     assert name not in front.book.exchanges and name not in front.exchanges_read
     _settle(node)
     assert paths_to_marker(node, "xdeclare-straddle") == []
