@@ -3,7 +3,7 @@ after an `await` (the queue or topic being made, a binding stored, a setting rea
 that name meanwhile, the note must not outlive it: the book, the dead-letter and expiry tables and the saved book
 keep nothing of what is gone, and every call gets the answer it would get had the delete come first or last.
 
-Each test holds one broker call (`_held_once`) at the moment in question, deletes through the front or a second
+Each test holds one broker call (`_straddle`) at the moment in question, deletes through the front or a second
 connection, releases the call, then walks everything reachable from the server for the churned names
 (tests/integration/test_names_forgotten.py). On a single node the held call is the `Broker`'s, which waits on the
 group commit; on a node of a two-node cluster on PostgreSQL it is the router's (forwarded calls, reads through)."""
@@ -59,9 +59,9 @@ async def _straddle(node: Server, method: str, matches, act, delete) -> None:
     """`act(channel)` on a new connection, whose first call of the broker's `method` with arguments that `matches`
     does its work and is then held (the front's next step waits); meanwhile `await delete()`; then the call
     answers and `act` finishes."""
-    router = node.broker
+    broker = node.broker  # a cluster node's: its router
     held, release = asyncio.Event(), asyncio.Event()
-    original = getattr(router, method)
+    original = getattr(broker, method)
 
     async def holding(*args, **kwargs):
         result = await amqp_state.value(original(*args, **kwargs))
@@ -70,7 +70,7 @@ async def _straddle(node: Server, method: str, matches, act, delete) -> None:
             await release.wait()
         return result
 
-    setattr(router, method, holding)
+    setattr(broker, method, holding)
     try:
         acting = asyncio.create_task(asyncio.to_thread(_on_channel, _amqp_url(node), act))
         await asyncio.wait_for(held.wait(), 10)
@@ -79,7 +79,7 @@ async def _straddle(node: Server, method: str, matches, act, delete) -> None:
         await asyncio.wait_for(acting, 10)
     finally:
         release.set()
-        setattr(router, method, original)
+        setattr(broker, method, original)
 
 
 def _on_channel(url: str, act) -> None:
