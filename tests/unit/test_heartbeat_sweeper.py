@@ -1,8 +1,13 @@
-"""The server's heartbeat sweeper (chute.server.heartbeats): one loop timer for every connection's checks."""
+"""The server's heartbeat sweeper (chute.server.heartbeats): one loop timer for every connection's checks.
+
+The bounds on when an item is looked at are the sweeper's own, so they are checked on a hand-driven loop (its clock
+moves only to the next timer: no lateness of a busy machine in them); two tests use the real event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import random
 
 from chute.server.heartbeats import TICK_S, Sweeper, tick_s
@@ -33,37 +38,87 @@ class Item:
         return at
 
 
-async def test_many_items_share_few_wakeups_and_each_is_looked_at_on_time():
-    loop = asyncio.get_running_loop()
+class Timer:
+    def __init__(self, callback) -> None:
+        self.callback, self.cancelled = callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class HandDrivenLoop:
+    """What the sweeper uses of an event loop (`time`, `call_at`, `call_exception_handler`), on a clock that moves
+    only when the test runs the next timer, to that timer's time."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._order = itertools.count()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback) -> Timer:
+        timer = Timer(callback)
+        heapq.heappush(self._timers, (when, next(self._order), timer))
+        return timer
+
+    def call_exception_handler(self, context: dict) -> None:
+        raise AssertionError(context)
+
+    def run_next(self) -> bool:
+        """Move the clock to the next live timer and run it; False when there is none."""
+        while self._timers:
+            when, _, timer = heapq.heappop(self._timers)
+            if timer.cancelled:
+                continue
+            self.now = max(self.now, when)
+            timer.callback()
+            return True
+        return False
+
+    def run_until(self, at: float) -> None:
+        """Run the timers due by `at`, then move the clock to `at`."""
+        while any(when <= at and not timer.cancelled for when, _, timer in self._timers):
+            self.run_next()
+        self.now = max(self.now, at)
+
+
+EPSILON = 1e-9  # float rounding of slot times
+
+
+def test_many_items_share_few_wakeups_and_each_is_looked_at_on_time():
+    loop = HandDrivenLoop()
     sweeper = Sweeper(loop)
     rng = random.Random(7)
     start = loop.time()
     items = [Item(loop, 2.0, 0.3, 3) for _ in range(300)]
     for item in items:
         item.ask(sweeper, start + rng.uniform(0.0, 0.5))
-    while len(sweeper):
-        await asyncio.sleep(0.05)
+    while loop.run_next():
+        pass
+    assert len(sweeper) == 0
     step = tick_s(2.0)
     for item in items:
         assert len(item.seen) == 3
         for asked, (now, actual) in zip(item.asked, item.seen, strict=True):
-            assert now >= asked  # never early
-            assert actual - asked <= step + 0.25  # at most a grid step late (+ the loop's lateness on a busy box)
-    # 900 checks over about 1.1 s, on a 0.25 s grid: a handful of wakeups, not one per check
-    assert sweeper.wakeups <= 20, sweeper.wakeups
+            assert asked <= now == actual  # never early, and `now` is when it runs
+            assert actual - asked <= step + EPSILON  # at most a grid step late
+    # 900 checks over about 1.1 s, on a 0.25 s grid: one wakeup per slot, not one per check
+    assert sweeper.wakeups <= 6, sweeper.wakeups
     assert sweeper._timer is None  # nothing registered: no timer
 
 
-async def test_short_intervals_get_a_finer_grid():
-    loop = asyncio.get_running_loop()
+def test_short_intervals_get_a_finer_grid():
+    loop = HandDrivenLoop()
     sweeper = Sweeper(loop)
     item = Item(loop, 0.05, 0.025, 8)
     item.ask(sweeper, loop.time() + 0.025)
-    while len(sweeper):
-        await asyncio.sleep(0.01)
-    assert tick_s(0.05) < TICK_S
+    while loop.run_next():
+        pass
+    assert tick_s(0.05) < TICK_S and len(item.seen) == 8
     for asked, (now, actual) in zip(item.asked, item.seen, strict=True):
-        assert asked <= now and actual - asked <= tick_s(0.05) + 0.25
+        assert asked <= now == actual and actual - asked <= tick_s(0.05) + EPSILON
 
 
 async def test_discarded_and_rescheduled_items():
@@ -83,20 +138,20 @@ async def test_discarded_and_rescheduled_items():
     assert len(sweeper) == 0 and sweeper._timer is None
 
 
-async def test_on_sweep_runs_at_least_every_every_s_while_items_are_registered():
-    loop = asyncio.get_running_loop()
+def test_on_sweep_runs_at_least_every_every_s_while_items_are_registered():
+    loop = HandDrivenLoop()
     calls: list[float] = []
     sweeper = Sweeper(loop, lambda: calls.append(loop.time()), every_s=0.1)
+    start = loop.time()
     item = Item(loop, 100.0, 50.0, 1)
-    item.ask(sweeper, loop.time() + 50.0)  # nothing due for a long time
-    await asyncio.sleep(0.55)
-    assert len(calls) >= 3, calls
-    assert all(b - a <= 0.1 + 0.25 for a, b in zip(calls, calls[1:], strict=False))  # + a busy loop's lateness
+    item.ask(sweeper, start + 50.0)  # nothing due for a long time
+    loop.run_until(start + 0.55)
+    assert len(calls) == 5 and item.seen == [], calls
+    assert calls[0] - start <= 0.1 + EPSILON
+    assert all(b - a <= 0.1 + EPSILON for a, b in zip(calls, calls[1:], strict=False))
     sweeper.discard(item)
-    count = len(calls)
-    await asyncio.sleep(0.25)
-    assert len(calls) == count  # no items: no timer, no calls
-    assert sweeper._timer is None
+    assert not loop.run_next()  # no items: no timer, no calls
+    assert len(calls) == 5 and sweeper._timer is None
 
 
 async def test_a_failing_item_does_not_stop_the_others():
