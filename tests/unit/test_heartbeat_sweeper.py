@@ -1,11 +1,11 @@
 """The server's heartbeat sweeper (chute.server.heartbeats): one loop timer for every connection's checks.
 
-The bounds on when an item is looked at are the sweeper's own, so they are checked on a hand-driven loop (its clock
-moves only to the next timer: no lateness of a busy machine in them); two tests use the real event loop."""
+The tests run the sweeper on a hand-driven loop (its clock moves only to the next timer): the bounds on when an item
+is looked at are the sweeper's own, without a busy machine's lateness in them, and nothing sleeps. The server's
+heartbeats over real sockets are tests/protocol/test_heartbeats.py."""
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 import random
@@ -39,6 +39,8 @@ class Item:
 
 
 class Timer:
+    """A timer of `HandDrivenLoop` (the sweeper only cancels it)."""
+
     def __init__(self, callback) -> None:
         self.callback, self.cancelled = callback, False
 
@@ -54,6 +56,7 @@ class HandDrivenLoop:
         self.now = now
         self._timers: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()
+        self.errors: list[dict] = []  # what call_exception_handler was given
 
     def time(self) -> float:
         return self.now
@@ -64,7 +67,7 @@ class HandDrivenLoop:
         return timer
 
     def call_exception_handler(self, context: dict) -> None:
-        raise AssertionError(context)
+        self.errors.append(context)
 
     def run_next(self) -> bool:
         """Move the clock to the next live timer and run it; False when there is none."""
@@ -121,20 +124,21 @@ def test_short_intervals_get_a_finer_grid():
         assert asked <= now == actual and actual - asked <= tick_s(0.05) + EPSILON
 
 
-async def test_discarded_and_rescheduled_items():
-    loop = asyncio.get_running_loop()
+def test_discarded_and_rescheduled_items():
+    loop = HandDrivenLoop()
     sweeper = Sweeper(loop)
+    start = loop.time()
     gone, moved = Item(loop, 1.0, 1.0, 1), Item(loop, 1.0, 1.0, 1)
-    gone.ask(sweeper, loop.time() + 0.05)
-    moved.ask(sweeper, loop.time() + 0.05)
-    moved.ask(sweeper, loop.time() + 0.4)  # replaces its first request
+    gone.ask(sweeper, start + 0.05)
+    moved.ask(sweeper, start + 0.05)
+    moved.ask(sweeper, start + 0.4)  # replaces its first request
     sweeper.discard(gone)
-    await asyncio.sleep(0.2)
+    loop.run_until(start + 0.2)
     assert gone.seen == [] and moved.seen == []
-    async with asyncio.timeout(5):  # its slot is at most a grid step after 0.4 s
-        while not moved.seen:
-            await asyncio.sleep(0.02)
+    while loop.run_next():
+        pass
     assert gone.seen == [] and len(moved.seen) == 1
+    assert start + 0.4 <= moved.seen[0][1] <= start + 0.4 + tick_s(1.0) + EPSILON  # its slot, a grid step at most
     assert len(sweeper) == 0 and sweeper._timer is None
 
 
@@ -154,10 +158,8 @@ def test_on_sweep_runs_at_least_every_every_s_while_items_are_registered():
     assert len(calls) == 5 and sweeper._timer is None
 
 
-async def test_a_failing_item_does_not_stop_the_others():
-    loop = asyncio.get_running_loop()
-    errors = []
-    loop.set_exception_handler(lambda loop, context: errors.append(context))
+def test_a_failing_item_does_not_stop_the_others():
+    loop = HandDrivenLoop()
 
     class Broken(Item):
         def sweep(self, now):
@@ -167,7 +169,7 @@ async def test_a_failing_item_does_not_stop_the_others():
     broken, fine = Broken(loop, 1.0, 0.1, 1), Item(loop, 1.0, 0.1, 2)
     broken.ask(sweeper, loop.time() + 0.01)
     fine.ask(sweeper, loop.time() + 0.01)
-    while len(sweeper):
-        await asyncio.sleep(0.02)
-    assert len(fine.seen) == 2 and broken not in sweeper
-    assert [type(context["exception"]) for context in errors] == [RuntimeError]
+    while loop.run_next():
+        pass
+    assert len(fine.seen) == 2 and broken not in sweeper and len(sweeper) == 0
+    assert [type(context["exception"]) for context in loop.errors] == [RuntimeError]
