@@ -37,6 +37,12 @@ def timer_weight(kind: int, owner, subject) -> int:
     return len(subject)
 
 
+def timer_size(kind: int, owner, subject) -> int:
+    """What a timer holds, for the heap's load (core/timers.py): a lease batch its (queue id, receipts) pairs, one
+    for a pass over hundreds of queues' push consumers; any other timer one (a receipts range is one object)."""
+    return len(subject) if owner is None and kind == LEASE else 1
+
+
 class BrokerState:
     """Registries, timers, the id and receipt counters, and the record outbox."""
 
@@ -57,7 +63,7 @@ class BrokerState:
         self.next_queue_id = 1
         self.next_topic_id = 1
         self.ids = IdGenerator()
-        self.timers = Timers(self.timer_live, timer_weight)
+        self.timers = Timers(self.timer_live, timer_weight, timer_size)
         self.receipt_base = receipt_base  # receipts below it are from another run (or never issued)
         self.next_receipt = receipt_base
         self.changed: set[Queue] = set()
@@ -120,6 +126,7 @@ class BrokerState:
         queues, topics = self.queues.values(), self.topics.values()
         return {
             "timers": len(self.timers),
+            "timer_load": self.timers.load,
             "ready_lines": sum(len(level) for q in queues for level in q.levels.values()),
             "group_lines": sum(len(waiting) for q in queues for waiting in q.groups.values()),
             "in_flight": sum(len(q.in_flight) for q in queues),

@@ -6,16 +6,23 @@ recognised as stale when it fires and ignored.
 
 Stale timers must not pile up: a message acked long before its expiry, or a lease batch acked at once, leaves a
 timer behind that would otherwise live until its deadline (days, for an SQS queue's 4-day retention). So the
-heap is compacted: whenever it has grown past twice its size after the last compaction (plus `SLACK`), its items
-are moved, a bounded amount of work per call (`STEP`), into a new heap, and the stale ones (judged by the owner's
+heap is compacted: whenever its load has grown past twice its load after the last compaction (plus `SLACK`), its
+items are moved, a bounded amount of work per call (`STEP`), into a new heap, and the stale ones (judged by the owner's
 `live` predicate) are dropped. Work is counted by each item's `weight`, the lookups `live` may make for it: a
 stale lease timer names up to thousands of receipts, each looked up, and a budget counted in items let one call
 hold the loop 13-30 ms in a soak (BENCHMARKS.md, issue 12). A call moves at least `MIN_ITEMS` items, so a
 compaction of M items ends within M / `MIN_ITEMS` adds however heavy they are. Until the move is over the old
 heap's remaining items stay a valid heap (items are only ever taken from its end, or its top), so
 `next_deadline` and `pop_due` look at both. No call does more than `STEP` units of moving work (or `MIN_ITEMS`
-items), so a compaction never stalls the event loop, and the heap stays within about twice the live timers plus
-`SLACK` (four times plus twice `SLACK` if every item is heavy), whatever the traffic that passed through.
+items), so a compaction never stalls the event loop, and the heap's load stays within about twice the live
+timers' plus `SLACK` (four times plus twice `SLACK` if every item is heavy), whatever the traffic that passed
+through.
+
+The load is what the items hold, counted by the owner's `size` (default 1 an item): a dispatcher's pass leases
+from hundreds of queues under one timer, whose subject is a (queue id, receipts) pair per queue, so one item may
+hold a thousand pairs. Counted in items, a heap of such timers stayed under `SLACK` items while holding millions
+of pairs of acked messages until their leases ran out (8 MB a round of `chute bench --workload queues` with
+300 s leases: BENCHMARKS.md, issue 12); counted in what they hold, it is compacted like any other.
 
 That bound follows the heap's size at its last compaction, so it does not shrink by itself when most timers go
 stale at once and nothing new comes: a burst of messages with a 4-day expiry, all consumed, or a large queue
@@ -68,6 +75,7 @@ class Timer(msgspec.Struct, gc=False, order=True):
 
 Live = Callable[[float, int, object, object], bool]
 Weight = Callable[[int, object, object], int]
+Size = Callable[[int, object, object], int]
 
 
 def _one(kind: int, owner: object, subject: object) -> int:
@@ -77,23 +85,27 @@ def _one(kind: int, owner: object, subject: object) -> int:
 class Timers:
     """A heap of Timer(when, seq, kind, owner, subject). `live(when, kind, owner, subject)` tells whether a timer
     can still do anything; it is asked only while compacting. `weight(kind, owner, subject)` (default 1) is what
-    asking costs, in units of `STEP`."""
+    asking costs, in units of `STEP`; `size(kind, owner, subject)` (default 1, and O(1)) what the item holds, in
+    units of `SLACK`."""
 
-    __slots__ = ("heap", "_old", "_seq", "_live", "_weight", "_compact_at")
+    __slots__ = ("heap", "_old", "_seq", "_live", "_weight", "_size", "_compact_at", "load")
 
-    def __init__(self, live: Live | None = None, weight: Weight | None = None) -> None:
+    def __init__(self, live: Live | None = None, weight: Weight | None = None, size: Size | None = None) -> None:
         self.heap: list[Timer] = []
         self._old: list[Timer] = []  # the heap being compacted away (a valid heap; emptied from its end)
         self._seq = count()
         self._live = live
         self._weight = weight or _one
+        self._size = size or _one
         self._compact_at = SLACK
+        self.load = 0  # the sizes of the items in both heaps, summed
 
     def add(self, when: float, kind: int, owner: object, subject: object) -> None:
         heapq.heappush(self.heap, Timer(when, next(self._seq), kind, owner, subject))
+        self.load += self._size(kind, owner, subject)
         if self._old:
             self._move(STEP)
-        elif len(self.heap) > self._compact_at and self._live is not None:
+        elif self.load > self._compact_at and self._live is not None:
             self._old, self.heap = self.heap, []
             self._move(STEP)
 
@@ -102,15 +114,18 @@ class Timers:
         are spent (and at least `MIN_ITEMS` items)."""
         old, heap, live, weight = self._old, self.heap, self._live, self._weight
         push, pop = heapq.heappush, old.pop
-        moved = 0
+        moved = dropped = 0
         while old and (budget > 0 or moved < MIN_ITEMS):
             item = pop()
             moved += 1
             budget -= weight(item.kind, item.owner, item.subject)
             if live(item.when, item.kind, item.owner, item.subject):
                 push(heap, item)
+            else:
+                dropped += self._size(item.kind, item.owner, item.subject)
+        self.load -= dropped
         if not old:
-            self._compact_at = 2 * len(heap) + SLACK
+            self._compact_at = 2 * self.load + SLACK
 
     @property
     def compacting(self) -> bool:
@@ -118,10 +133,10 @@ class Timers:
 
     def mostly_stale(self, sample: int = 256, budget: int = SAMPLE_BUDGET) -> bool:
         """Do half or more of the items look stale? Judged by `live` on up to `sample` items drawn at random (with
-        replacement), fewer if their weights spend `budget` first (at least one); False for a heap within `SLACK`,
-        without a `live` predicate, or being compacted."""
+        replacement), fewer if their weights spend `budget` first (at least one); False for a heap whose load is
+        within `SLACK`, without a `live` predicate, or being compacted."""
         heap, live, weight, rng = self.heap, self._live, self._weight, _SAMPLER
-        if len(heap) <= SLACK or live is None or self._old:
+        if self.load <= SLACK or live is None or self._old:
             return False
         judged = stale = 0
         while judged < sample and (budget > 0 or not judged):
@@ -159,6 +174,7 @@ class Timers:
                 item = heapq.heappop(heap)
             else:
                 break
+            self.load -= self._size(item.kind, item.owner, item.subject)
             yield item.when, item.kind, item.owner, item.subject
         if self._old:
             self._move(STEP)
