@@ -24,7 +24,7 @@ hold a thousand pairs. Counted in items, a heap of such timers stayed under `SLA
 of pairs of acked messages until their leases ran out (8 MB a round of `chute bench --workload queues` with
 300 s leases: BENCHMARKS.md, issue 12); counted in what they hold, it is compacted like any other.
 
-That bound follows the heap's size at its last compaction, so it does not shrink by itself when most timers go
+That bound follows the heap's load at its last compaction, so it does not shrink by itself when most timers go
 stale at once and nothing new comes: a burst of messages with a 4-day expiry, all consumed, or a large queue
 deleted or purged, would keep every stale timer (and the entry it names) until its deadline. So the broker's
 housekeeping also asks `mostly_stale()` (a sample of the items judged by `live`) at each checkpoint, starts a
