@@ -8,6 +8,7 @@ import pytest
 
 from chute import Publish
 from chute.errors import InvalidArgument, QueueFull, QueueInUse
+from tests.unit.test_large_purge import _without_checkpoint
 
 
 async def test_max_deliveries_dead_letters_then_redrive(broker, clock):
@@ -27,6 +28,38 @@ async def test_max_deliveries_dead_letters_then_redrive(broker, clock):
     assert back.body == b"poison" and back.delivery_count == 1
     with pytest.raises(QueueInUse):
         await broker.delete_queue("dlq")
+
+
+@pytest.mark.parametrize("restart", ["replayed", "checkpointed"])
+async def test_a_dead_letter_queue_in_use_cannot_be_deleted_until_no_queue_names_it(broker, reopen, restart):
+    # which queues name a dead-letter queue is kept as settings change, and rebuilt by recovery: from the log's
+    # records (a stop without a checkpoint, as after a crash), or from a checkpoint's queues
+    async def restarted(old):
+        return await reopen(_without_checkpoint(old) if restart == "replayed" else old)
+
+    async def refused(name: str, users: str) -> None:
+        with pytest.raises(QueueInUse, match=f"dead-letter queue of {users}$"):
+            await broker.delete_queue(name)
+
+    for name in ("dlq", "dlq2"):
+        await broker.create_queue(name)
+    await broker.create_queue("a", dead_letter_queue="dlq")
+    await broker.create_queue("b", dead_letter_queue="dlq")
+    await refused("dlq", "a, b")
+    await broker.update_queue("a", dead_letter_queue="dlq2")
+    for _ in range(2):  # as it is, then after a restart
+        await refused("dlq", "b")
+        await refused("dlq2", "a")
+        broker = await restarted(broker)
+    await broker.delete_queue("b")
+    await broker.update_queue("a", dead_letter_queue=None)
+    broker = await restarted(broker)
+    await broker.delete_queue("dlq")
+    await broker.delete_queue("dlq2")
+    assert broker.core.dead_letter_users == {}
+    await broker.create_queue("dlq")  # the name again: nobody names it
+    await broker.delete_queue("dlq")
+    await broker.close()
 
 
 async def test_nack_dead_letter_is_rejected(broker):

@@ -2,7 +2,9 @@
 
 Each public operation validates everything first (nothing is half-applied), then calls an `_apply_*` method and
 emits one META record with the same arguments; recovery calls the same `_apply_*` methods with the recorded
-arguments, so the live path and the replay path cannot drift apart.
+arguments, so the live path and the replay path cannot drift apart. The same methods keep `dead_letter_users`
+(which queues name each dead-letter queue), so `delete_queue` asks it instead of walking every queue (deleting
+N queues was O(N²): 30,000 took 17 s).
 """
 
 from __future__ import annotations
@@ -57,7 +59,23 @@ class AdminOps(BrokerState):
         self.queues[queue.name] = queue
         self.queues_by_id[queue.id] = queue
         self.next_queue_id = max(self.next_queue_id, queue.id + 1)
+        self._name_dead_letter_queue(queue.name, None, settings.dead_letter_queue)
         return queue
+
+    def _name_dead_letter_queue(self, name: str, old: str | None, new: str | None) -> None:
+        """Keep `dead_letter_users` (what `delete_queue` asks, without a walk over every queue) as queue `name`
+        stops naming `old` and starts naming `new` as its dead-letter queue."""
+        if old == new:
+            return
+        users = self.dead_letter_users
+        if old is not None:
+            named = users.get(old)
+            if named is not None:
+                named.discard(name)
+                if not named:
+                    del users[old]
+        if new is not None:
+            users.setdefault(new, set()).add(name)
 
     def update_queue(self, name: str, changes: dict) -> Queue:
         """Change some settings of a queue; unknown or out-of-range settings change nothing."""
@@ -78,12 +96,15 @@ class AdminOps(BrokerState):
         return queue
 
     def _apply_update_queue(self, args: dict) -> None:
-        self.queues_by_id[args["id"]].apply_settings(msgspec.convert(args["settings"], QueueSettings))
+        queue = self.queues_by_id[args["id"]]
+        old = queue.settings.dead_letter_queue
+        queue.apply_settings(msgspec.convert(args["settings"], QueueSettings))
+        self._name_dead_letter_queue(queue.name, old, queue.settings.dead_letter_queue)
 
     def delete_queue(self, name: str) -> None:
         """Delete a queue, its messages and the subscriptions that feed it."""
         queue = self.queue(name)
-        users = [q.name for q in self.queues.values() if q.settings.dead_letter_queue == name]
+        users = self.dead_letter_users.get(name)
         if users:
             raise QueueInUse(f"queue {name!r} is the dead-letter queue of {', '.join(sorted(users))}")
         if queue.ephemeral:
@@ -107,6 +128,7 @@ class AdminOps(BrokerState):
         queue.dedup.clear()
         del self.queues[queue.name]
         self.queues_by_id.pop(queue.id, None)
+        self._name_dead_letter_queue(queue.name, queue.settings.dead_letter_queue, None)
         self.changed.discard(queue)
         if self.on_queue_deleted is not None:
             self.on_queue_deleted(queue)

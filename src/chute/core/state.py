@@ -58,6 +58,7 @@ class BrokerState:
         self.max_message_bytes = max_message_bytes
         self.queues: dict[str, Queue] = {}
         self.queues_by_id: dict[int, Queue] = {}
+        self.dead_letter_users: dict[str, set[str]] = {}  # a dead-letter queue's name -> the queues naming it
         self.topics: dict[str, Topic] = {}
         self.topics_by_id: dict[int, Topic] = {}
         self.next_queue_id = 1
