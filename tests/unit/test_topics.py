@@ -189,6 +189,37 @@ async def test_delete_queue_removes_its_subscriptions(broker):
     await broker.publish("t", b"x")
 
 
+async def test_a_queue_fed_by_many_topics_leaves_them_all_when_deleted_and_keeps_nothing_of_them(broker, reopen):
+    # a queue knows the subscriptions that feed it (deleting one walks those, not every topic): kept through
+    # subscribe again, unsubscribe, a topic's deletion and a restart
+    for name in ("t1", "t2", "t3", "other"):
+        await broker.create_topic(name)
+    for name in ("q", "r"):
+        await broker.create_queue(name)
+    await broker.subscribe("t1", "a.>", "q")
+    await broker.subscribe("t1", "b.*", "q")
+    await broker.subscribe("t1", "a.>", "q", filter={"k": "v"})  # the same binding again: replaced
+    await broker.subscribe("t2", ">", "q")
+    await broker.subscribe("t3", ">", "q")
+    await broker.subscribe("t1", ">", "r")
+    await broker.subscribe("other", ">", "r")
+    feeds = lambda name: sorted(broker.core.queues[name].feeds)  # noqa: E731
+    assert feeds("q") == [("t1", ("a.>", "q")), ("t1", ("b.*", "q")), ("t2", (">", "q")), ("t3", (">", "q"))]
+    await broker.unsubscribe("t1", "b.*", "q")
+    await broker.delete_topic("t3")
+    broker = await reopen(broker)
+    assert feeds("q") == [("t1", ("a.>", "q")), ("t2", (">", "q"))]
+    assert feeds("r") == [("other", (">", "r")), ("t1", (">", "r"))]
+    await broker.delete_queue("q")
+    topics = {t.name: sorted((s.pattern, s.queue) for s in t.subscriptions) for t in broker.list_topics()}
+    assert topics == {"t1": [(">", "r")], "t2": [], "other": [(">", "r")]}
+    await broker.publish("t1", b"x", subject="a.b")
+    assert [d.body for d in await broker.receive("r", 10)] == [b"x"]
+    await broker.delete_topic("t1")
+    assert feeds("r") == [("other", (">", "r"))]
+    await broker.close()
+
+
 async def test_subscribing_again_replaces_the_filter(broker, reopen):
     await broker.create_topic("t")
     await broker.create_queue("q")

@@ -3,8 +3,9 @@
 Each public operation validates everything first (nothing is half-applied), then calls an `_apply_*` method and
 emits one META record with the same arguments; recovery calls the same `_apply_*` methods with the recorded
 arguments, so the live path and the replay path cannot drift apart. The same methods keep `dead_letter_users`
-(which queues name each dead-letter queue), so `delete_queue` asks it instead of walking every queue (deleting
-N queues was O(N²): 30,000 took 17 s).
+(which queues name each dead-letter queue), so `delete_queue` asks it instead of walking every queue, and a
+queue's `feeds` (core/topic.py) name its subscriptions, so it leaves its topics without a walk over all of them
+(deleting N queues was O(N²): 30,000 took 17 s; 10,000 beside 10,000 topics, 37 s).
 """
 
 from __future__ import annotations
@@ -114,9 +115,8 @@ class AdminOps(BrokerState):
         self.emit(rec.META, rec.MetaRecord("delete_queue", {"id": queue.id}))
 
     def _apply_delete_queue(self, queue: Queue) -> None:
-        for topic in self.topics.values():
-            for key in [k for k, s in topic.subscriptions.items() if s.queue is queue]:
-                topic.remove_subscription(key)
+        for subscription in list(queue.feeds.values()):
+            subscription.topic.remove_subscription(subscription.key)
         store = self.store_of(queue)
         if queue.length > PURGE_STEP and getattr(self, "index", None) is None:  # live (not replay), and large
             self.detached.append((store, queue.detach()))

@@ -48,6 +48,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
 from itertools import repeat
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -55,6 +56,9 @@ from chute.core.dedup import DedupWindow
 from chute.core.ids import publish_time
 from chute.core.ratelimit import TokenBucket
 from chute.model import QueueSettings
+
+if TYPE_CHECKING:
+    from chute.core.topic import Subscription
 
 READY, WAITING, DELAYED, IN_FLIGHT, GONE, PACKED = range(6)
 # PACKED: the state of a *view*, an Entry made to show (or name, for `Queue.remove`) a message that lives in a
@@ -398,6 +402,7 @@ class Queue:
         self.pending = 0  # published, not yet durable: counted against max_length
         self.pending_bytes = 0
         self.received_at: float | None = None  # when a consumer last asked for messages (not stored: in memory)
+        self.feeds: dict[tuple[str, tuple[str, str]], Subscription] = {}  # (topic name, key) -> a subscription to it
         self.dedup = DedupWindow()
         self.bucket: TokenBucket | None = None
         self.counters = {"published": 0, "delivered": 0, "acked": 0, "nacked": 0, "redelivered": 0, "dead": 0}

@@ -3,6 +3,10 @@
 A subscription binds a subject pattern (and an optional header filter) to a queue. Publishing routes a message
 to every matching subscription's queue, once per queue even if several of its subscriptions match.
 
+A queue knows the subscriptions that feed it (`Queue.feeds`, kept by `add_subscription` and
+`remove_subscription`, the only ways in and out of `subscriptions`), so deleting a queue does not walk every
+topic.
+
 Retention keeps (id, ref, size) of recent messages, oldest first, so a new subscription can start from
 `earliest` or a timestamp. Invariants: `retained_bytes` is the sum of retained sizes; every retained ref holds
 one live reference in the store (taken on publish, given back on trim); trimming is by publish time (carried by
@@ -58,14 +62,17 @@ class Topic:
 
     def add_subscription(self, subscription: Subscription) -> None:
         """Bind; the same pattern and queue again replaces the earlier binding (and its filter)."""
-        self.remove_subscription(subscription.key)
-        self.subscriptions[subscription.key] = subscription
+        key = subscription.key
+        self.remove_subscription(key)
+        self.subscriptions[key] = subscription
         self.index.add(subscription.pattern, subscription)
+        subscription.queue.feeds[(self.name, key)] = subscription
 
     def remove_subscription(self, key: tuple[str, str]) -> Subscription | None:
         subscription = self.subscriptions.pop(key, None)
         if subscription is not None:
             self.index.remove(subscription.pattern, subscription)
+            del subscription.queue.feeds[(self.name, key)]
         return subscription
 
     def route(self, subject: str, headers: dict[str, str] | None) -> list[Queue]:
