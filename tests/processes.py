@@ -48,3 +48,14 @@ def abandon(store) -> None:
             pool.shutdown(wait=False)
     if store._lazy_timer is not None:
         store._lazy_timer.cancel()
+
+
+def without_checkpoint(broker):
+    """Make `broker` close without storing a checkpoint, so the next start replays its records (as after a
+    crash once they were durable)."""
+
+    async def no_checkpoint(snapshot: bytes) -> None:
+        return None
+
+    broker.store.checkpoint = no_checkpoint
+    return broker

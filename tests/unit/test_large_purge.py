@@ -17,6 +17,7 @@ from chute import Publish
 from chute.core.admin import PURGE_STEP
 from chute.errors import InvalidArgument, InvalidReceipt, QueueNotFound
 from tests.held_fsync import HeldFsync
+from tests.processes import without_checkpoint
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -46,17 +47,6 @@ async def test_large_purge_removes_everything_but_in_flight_and_survives_restart
     await broker.close()
 
 
-def _without_checkpoint(broker):
-    """Make `broker` close without storing a checkpoint, so the next start replays its records (as after a
-    crash once they were durable)."""
-
-    async def no_checkpoint(snapshot: bytes) -> None:
-        return None
-
-    broker.store.checkpoint = no_checkpoint
-    return broker
-
-
 @pytest.mark.parametrize("size", ["small", "large"])
 async def test_purge_with_in_flight_removes_every_message_for_good(broker, clock, reopen, size):
     await broker.create_queue("q", fifo=True)
@@ -79,7 +69,7 @@ async def test_purge_with_in_flight_removes_every_message_for_good(broker, clock
     await broker.publish("q", b"after", group="a")  # group "a" is not stuck behind its purged head
     [after] = await broker.receive("q", 10)
     assert after.body == b"after"
-    broker = await reopen(_without_checkpoint(broker))  # leases do not survive a restart: the purged in-flight
+    broker = await reopen(without_checkpoint(broker))  # leases do not survive a restart: the purged in-flight
     clock.advance(120)  # ones must not come back when the log is replayed
     broker.tick()
     assert [d.body for d in await broker.receive("q", 100)] == [b"after"]
@@ -113,7 +103,7 @@ async def test_a_publish_being_made_durable_during_a_purge_survives_it_and_a_res
     assert await purge == 1  # "before"; "during" was not in the queue yet
     await publish
     assert [d.body for d in await broker.peek("q")] == [b"during"]
-    broker = await reopen(_without_checkpoint(broker))
+    broker = await reopen(without_checkpoint(broker))
     assert [d.body for d in await broker.peek("q")] == [b"during"]  # the PURGE record spared it on replay too
     await broker.close()
 

@@ -8,7 +8,7 @@ import pytest
 
 from chute import Publish
 from chute.errors import InvalidArgument, QueueFull, QueueInUse
-from tests.unit.test_large_purge import _without_checkpoint
+from tests.processes import without_checkpoint
 
 
 async def test_max_deliveries_dead_letters_then_redrive(broker, clock):
@@ -35,7 +35,7 @@ async def test_a_dead_letter_queue_in_use_cannot_be_deleted_until_no_queue_names
     # which queues name a dead-letter queue is kept as settings change, and rebuilt by recovery: from the log's
     # records (a stop without a checkpoint, as after a crash), or from a checkpoint's queues
     async def restarted(old):
-        return await reopen(_without_checkpoint(old) if restart == "replayed" else old)
+        return await reopen(without_checkpoint(old) if restart == "replayed" else old)
 
     async def refused(name: str, users: str) -> None:
         with pytest.raises(QueueInUse, match=f"dead-letter queue of {users}$"):

@@ -203,7 +203,10 @@ async def test_a_queue_fed_by_many_topics_leaves_them_all_when_deleted_and_keeps
     await broker.subscribe("t3", ">", "q")
     await broker.subscribe("t1", ">", "r")
     await broker.subscribe("other", ">", "r")
-    feeds = lambda name: sorted(broker.core.queues[name].feeds)  # noqa: E731
+
+    def feeds(name: str) -> list:
+        return sorted(broker.core.queues[name].feeds)
+
     assert feeds("q") == [("t1", ("a.>", "q")), ("t1", ("b.*", "q")), ("t2", (">", "q")), ("t3", (">", "q"))]
     await broker.unsubscribe("t1", "b.*", "q")
     await broker.delete_topic("t3")
