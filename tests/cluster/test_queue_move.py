@@ -13,9 +13,11 @@ import requests
 
 from chute import AsyncClient, Broker
 from chute.cluster.placement import Placed, home_shard
+from chute.cluster.relay import relay_name
 from chute.errors import ChuteError
 from tests.cluster.routing_helpers import static_cluster
-from tests.cluster.test_fanout_relay import name_on
+from tests.cluster.test_fanout_relay import broker_of, name_on
+from tests.cluster.test_fanout_relay import drain as drain_count
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,6 +136,41 @@ async def test_a_stray_copy_left_by_a_move_cut_short_is_carried_over_when_its_sh
                 await client.close()
 
 
+async def test_a_stray_copy_still_used_in_its_shard_is_left_with_its_messages_and_an_unused_one_is_carried_over():
+    # A stray that a subscription or a queue of its shard feeds is left alone: retiring it would delete the
+    # subscription with it, or carry its messages over and then fail to delete it (its shard refuses while a queue
+    # dead-letters into it). The sweep looks at a shard's queues in the order they were made, so once the unused
+    # stray made after them is gone, the used ones were looked at.
+    async with static_cluster(2, 4) as (servers, directory):
+        b = await AsyncClient(servers[1].url, reconnect=False).connect()
+        try:
+            fed, dead, unused = [name_on(lambda s: s == 3, 4, prefix) for prefix in ("fed", "dead", "unused")]
+            topic = name_on(lambda s: s == 2, 4, "feeds")  # the old shard's topic and queue that use the strays
+            source = name_on(lambda s: s == 2, 4, "source")
+            for name in (fed, dead, unused):  # rows and copies on node-1's shard 3
+                await b.create_queue(name)
+            old = await Broker.in_memory().start()  # shard 2's broker as node-0 recovers it after cut moves
+            for name in (fed, dead, unused):
+                await old.create_queue(name)
+                await old.publish(name, b"held by the old copy")
+            await old.create_topic(topic)
+            await old.subscribe(topic, ">", fed)
+            await old.create_queue(source, dead_letter_queue=dead)
+            directory.book[topic] = Placed(topic, "topic", 2)
+            directory.book[source] = Placed(source, "queue", 2)
+            node = directory.nodes["node-0"]
+            await node.drop(2)
+            node.brokers[2], directory.owners[2] = old, "node-0"
+            directory.changed()
+            await _until(lambda: unused not in old.core.queues)
+            assert await drain(b, unused) == [b"held by the old copy"]
+            assert {name: old.queue_stats(name).ready for name in (fed, dead)} == {fed: 1, dead: 1}
+            assert (">", fed) in old.core.topics[topic].subscriptions
+            assert old.core.queues[source].settings.dead_letter_queue == dead
+        finally:
+            await b.close()
+
+
 async def test_a_stray_copy_carried_into_a_full_copy_that_dead_letters_what_it_refuses_is_dead_lettered_once():
     # The copy the row names was full and dead-letters what it refuses (overflow reject-dead-letter): it
     # dead-lettered what the stray held, but the sweep took its refusal for an error and left the stray holding
@@ -158,6 +195,58 @@ async def test_a_stray_copy_carried_into_a_full_copy_that_dead_letters_what_it_r
             assert await drain(b, name) == [b"fills the copy"]
         finally:
             await b.close()
+
+
+async def test_an_empty_queue_fed_by_a_subscription_of_its_shard_stays_and_is_fed_through_a_relay():
+    # Moving it to the new topic's shard would delete the old copy, and the subscription of its own shard's topic
+    # with it: that topic's publishes would reach it no more.
+    async with static_cluster(2, 4) as (servers, directory):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            queue = name_on(lambda s: s == 1, 4, "fed")  # node-1
+            near = name_on(lambda s: s == 1, 4, "near")  # node-1: feeds the queue in its shard
+            far = name_on(lambda s: s == 0, 4, "far")  # node-0
+            await b.create_queue(queue)
+            await b.create_topic(near)
+            await b.subscribe(near, ">", queue)
+            await a.create_topic(far)
+            info = await a.subscribe(far, ">", queue)  # empty, but fed in its shard: it stays
+            assert info.queue == queue
+            assert queue in broker_of(directory, queue).core.queues
+            assert relay_name(queue) in broker_of(directory, far).core.queues
+            await a.publish(near, b"from the topic of its shard")
+            await b.publish(far, b"from the topic of the other shard")
+            got = await drain_count(b, queue, 2)
+            assert sorted(got) == [b"from the topic of its shard", b"from the topic of the other shard"]
+        finally:
+            for client in (a, b):
+                await client.close()
+
+
+async def test_an_empty_dead_letter_queue_of_a_queue_of_its_shard_stays_and_is_fed_through_a_relay():
+    # Moving it would delete the old copy, which its shard refuses while a queue dead-letters into it: the move
+    # would fail half done (row and new copy made), and the subscribe with it.
+    async with static_cluster(2, 4) as (servers, directory):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            queue = name_on(lambda s: s == 1, 4, "graves")  # node-1
+            source = name_on(lambda s: s == 1, 4, "work")  # node-1: dead-letters into the queue in its shard
+            topic = name_on(lambda s: s == 0, 4, "far")  # node-0
+            await b.create_queue(queue)
+            await b.create_queue(source, dead_letter_queue=queue)
+            await a.create_topic(topic)
+            info = await b.subscribe(topic, ">", queue)  # empty, but a dead-letter queue in its shard: it stays
+            assert info.queue == queue
+            assert queue in broker_of(directory, queue).core.queues
+            assert relay_name(queue) in broker_of(directory, topic).core.queues
+            await a.publish(source, b"dead-lettered")
+            await b.nack(await b.receive(source, 1, wait_s=5), dead_letter=True)
+            await a.publish(topic, b"from the topic of the other shard")
+            got = await drain_count(b, queue, 2)
+            assert sorted(got) == [b"dead-lettered", b"from the topic of the other shard"]
+        finally:
+            for client in (a, b):
+                await client.close()
 
 
 async def drain(client, queue: str) -> list[bytes]:
