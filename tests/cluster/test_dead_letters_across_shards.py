@@ -13,10 +13,11 @@ import aiohttp
 import pytest
 
 from chute import AsyncClient
+from chute.cluster.relay import relay_name
 from chute.errors import QueueInUse, Unavailable
 from chute.model import Publish
 from tests.cluster.routing_helpers import static_cluster
-from tests.cluster.test_fanout_relay import name_on
+from tests.cluster.test_fanout_relay import _until, broker_of, drain, name_on, retire_checks
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -157,3 +158,70 @@ async def test_deleting_a_dead_letter_queue_waits_for_every_shard_to_have_an_own
             assert dlq not in {q.name for q in await a.list_queues()}
         finally:
             await a.close()
+
+
+async def test_a_relay_queue_still_a_dead_letter_queue_stays_when_the_last_subscription_through_it_ends(monkeypatch):
+    # Its shard would refuse to delete it while a queue names it (QueueInUse), so nothing would be lost if the
+    # relay tried; but the relay would stop with a warning, and the dead letters wait for the next scan to start
+    # it again: so the test looks at the check's answer and at the relay's task.
+    answers = retire_checks(monkeypatch)
+    async with static_cluster(2, 4) as (servers, directory):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            dlq = name_on(lambda s: s % 2 == 0, 4, "graves")  # node-0
+            topic = name_on(lambda s: s == 1, 4, "news")  # node-1
+            source = name_on(lambda s: s == 1, 4, "jobs")  # node-1: dead-letters through the same relay queue
+            relay = relay_name(dlq)
+            await a.create_queue(dlq)
+            await a.publish(dlq, b"first")  # not empty: it stays in its shard
+            await b.create_topic(topic)
+            await b.subscribe(topic, ">", dlq)
+            await b.create_queue(source, dead_letter_queue=dlq)
+            await b.unsubscribe(topic, ">", dlq)
+            await _until(lambda: answers)  # the relay looked whether its relay queue may go
+            assert answers[0] == (relay, False)
+            relays = servers[1].broker.relays
+            task = relays._tasks[(1, relay)]
+            assert relay in broker_of(directory, topic).core.queues and not task.done()
+            await b.publish(source, b"dead-lettered")
+            await b.nack(await b.receive(source, 1, wait_s=5), dead_letter=True)
+            assert await drain(a, dlq, 2) == [b"first", b"dead-lettered"]
+        finally:
+            for client in (a, b):
+                await client.close()
+
+
+async def test_a_relay_whose_queue_is_gone_ends_its_subscriptions_and_drops_its_dead_letters():
+    # A node whose cached placement row still named a queue that another node had just deleted made a queue
+    # dead-letter into it, through the relay queue of a subscription to it: once the relay finds the queue gone,
+    # it ends the subscription through it and drops the dead letters (as one broker does without a dead-letter
+    # queue), and the relay queue stays while the queue names it (its shard refuses to delete it).
+    async with static_cluster(2, 4) as (servers, directory):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            gone = name_on(lambda s: s % 2 == 0, 4, "gone")  # node-0
+            topic = name_on(lambda s: s == 1, 4, "news")  # node-1
+            source = name_on(lambda s: s == 1, 4, "jobs")  # node-1: its relay queue is the subscription's
+            relay = relay_name(gone)
+            await a.create_queue(gone)
+            await b.publish(gone, b"first")  # not empty, so it stays in its shard; node-1 caches its row
+            await b.create_topic(topic)
+            await b.subscribe(topic, ">", gone)
+            await a.delete_queue(gone)  # node-0 removes the row; node-1's cached row names the queue still
+            await b.create_queue(source, dead_letter_queue=gone)
+            shard = broker_of(directory, topic)
+            assert shard.core.queues[source].settings.dead_letter_queue == relay
+            await b.publish(topic, b"for the queue gone")
+            await b.publish(source, b"dead-lettered")
+            await b.nack(await b.receive(source, 1, wait_s=5), dead_letter=True)
+
+            def settled() -> bool:
+                stats = shard.queue_stats(relay)
+                return not shard.core.topics[topic].subscriptions and not (stats.ready or stats.in_flight)
+
+            await _until(settled)
+            assert relay in shard.core.queues
+            assert next(t for t in await a.list_topics() if t.name == topic).subscriptions == []
+        finally:
+            for client in (a, b):
+                await client.close()

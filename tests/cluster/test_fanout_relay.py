@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from chute import AsyncClient
+from chute.cluster import relay as relay_module
 from chute.cluster.placement import home_shard
 from chute.cluster.relay import PREFIX, relay_name
 from chute.errors import InvalidName
@@ -47,6 +48,26 @@ async def drain(client, queue: str, count: int, *, ack: bool = True) -> list[byt
 def broker_of(directory, name: str):
     shard = home_shard(name, directory.shards)
     return directory.nodes[directory.owners[shard]].brokers[shard]
+
+
+def retire_checks(monkeypatch) -> list:
+    """The answers of the relays' checks whether their relay queue may go (`_retire_if_unused`, asked by an idle
+    relay once a subscription through its queue ended), in order: (relay queue, True if it deleted the queue, False,
+    or the error it raised). A test of what stays waits for the first: by then a queue deleted by mistake is gone."""
+    answers: list = []
+    retire = relay_module._retire_if_unused
+
+    async def recorded(broker, name: str) -> bool:
+        try:
+            gone = await retire(broker, name)
+        except Exception as exc:
+            answers.append((name, exc))
+            raise
+        answers.append((name, gone))
+        return gone
+
+    monkeypatch.setattr(relay_module, "_retire_if_unused", recorded)
+    return answers
 
 
 async def test_every_publish_arrives_once_in_a_queue_of_the_topics_shard_and_in_queues_of_other_nodes():
@@ -123,6 +144,31 @@ async def test_a_relay_repeating_a_batch_adds_no_copy_and_unsubscribing_removes_
             await b.publish(topic, b"after", subject="x.y", headers={"kind": "a"})
             await b.publish(queue, b"direct")
             assert await drain(b, queue, 1) == [b"direct"]  # "after" never came: no subscription
+        finally:
+            for client in (a, b):
+                await client.close()
+
+
+async def test_a_relay_queue_still_feeding_a_subscription_stays_when_another_through_it_ends(monkeypatch):
+    answers = retire_checks(monkeypatch)
+    async with static_cluster(2, 4) as (servers, directory):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            topic = name_on(lambda s: s % 2 == 0, 4, "topic")  # node-0
+            queue = name_on(lambda s: s % 2 == 1, 4, "queue")  # node-1
+            await b.create_queue(queue)
+            await b.publish(queue, b"first")  # not empty: it stays in its shard
+            await a.create_topic(topic)
+            await a.subscribe(topic, "a.>", queue)
+            await a.subscribe(topic, "b.>", queue)  # through the same relay queue
+            await a.unsubscribe(topic, "a.>", queue)
+            await _until(lambda: answers)  # the relay looked whether its relay queue may go
+            assert answers[0] == (relay_name(queue), False)
+            assert relay_name(queue) in broker_of(directory, topic).core.queues
+            subs = next(t for t in await b.list_topics() if t.name == topic).subscriptions
+            assert [(s.pattern, s.queue) for s in subs] == [("b.>", queue)]
+            await b.publish(topic, b"through the subscription left", subject="b.x")
+            assert await drain(b, queue, 2) == [b"first", b"through the subscription left"]
         finally:
             for client in (a, b):
                 await client.close()
