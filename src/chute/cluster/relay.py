@@ -349,14 +349,15 @@ def relay_dedup_id(shard: int, delivery) -> str:
 
 
 def _feeding(broker, name: str) -> list[tuple[str, str]]:
-    """(topic, pattern) of the subscriptions of `broker` that feed queue `name`."""
-    return [(topic.name, sub.pattern) for topic in list(broker.core.topics.values())
-            for sub in list(topic.subscriptions.values()) if sub.queue.name == name]  # fmt: skip
+    """(topic, pattern) of the subscriptions of `broker` that feed queue `name`, read from the queue's `feeds`,
+    whose keys are (topic name, (pattern, queue name)); none if the queue is gone."""
+    queue = broker.core.queues.get(name)
+    return [] if queue is None else [(topic, pattern) for topic, (pattern, _) in queue.feeds]
 
 
 def _dead_lettering(broker, name: str) -> list[str]:
-    """The queues of `broker` whose dead-letter queue is `name`."""
-    return [q.name for q in list(broker.core.queues.values()) if q.settings.dead_letter_queue == name]
+    """The queues of `broker` whose dead-letter queue is `name` (the core's `dead_letter_users`), by name."""
+    return sorted(broker.core.dead_letter_users.get(name, ()))
 
 
 def _copied(delivery) -> bool:

@@ -761,9 +761,9 @@ class ClusterBroker:
         stats = broker.queue_stats(queue)
         if stats.ready or stats.in_flight or stats.delayed:
             return False
-        if any(s.queue.name == queue for t in broker.core.topics.values() for s in t.subscriptions.values()):
+        if broker.core.queues[queue].feeds:  # a subscription of `old` feeds it (core/topic.py keeps `feeds`)
             return False
-        if any(q.settings.dead_letter_queue == queue for q in broker.core.queues.values()):
+        if broker.core.dead_letter_users.get(queue):  # a queue of `old` dead-letters into it
             return False
         dlq = settings.dead_letter_queue
         if dlq is not None and await self.placement.shard_of(dlq, "queue") != new:

@@ -99,7 +99,7 @@ class Strays:
 
 
 def _depended_on(broker, name: str) -> bool:
-    """Whether a subscription or a queue of `broker` feeds queue `name`."""
-    if any(s.queue.name == name for t in broker.core.topics.values() for s in t.subscriptions.values()):
-        return True
-    return any(q.settings.dead_letter_queue == name for q in broker.core.queues.values())
+    """Whether a subscription or a queue of `broker` feeds queue `name` (the queue's `feeds`, the core's
+    `dead_letter_users`: no walk over every topic and queue of the shard)."""
+    queue = broker.core.queues.get(name)  # (gone meanwhile: the sweep awaited its placement row)
+    return bool(queue is not None and queue.feeds) or bool(broker.core.dead_letter_users.get(name))
