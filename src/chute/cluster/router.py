@@ -545,7 +545,9 @@ class ClusterBroker:
         dlq = settings_kw.get("dead_letter_queue")
         if not isinstance(dlq, str) or dlq in broker.core.queues or relayed_queue(dlq) is not None:
             return settings_kw
-        placed = await self.placement.lookup(dlq)
+        # the row as it is now, not as cached: a queue deleted through another node is refused here as one
+        # broker refuses a missing dead-letter queue, not named through a relay that drops its dead letters
+        placed = await self.placement.refresh(dlq)
         if placed is None or placed.kind != "queue":
             return settings_kw  # the shard refuses it: no such queue
         if not fits(dlq):
