@@ -174,6 +174,29 @@ async def test_a_relay_queue_still_feeding_a_subscription_stays_when_another_thr
                 await client.close()
 
 
+async def test_subscribing_a_queue_deleted_through_another_node_makes_it_again_as_on_one_broker():
+    # A node whose cached placement row still named a queue another node had just deleted looked for it where
+    # the row said and answered queue_not_found, where one broker makes the missing queue it subscribes.
+    async with static_cluster(2, 4) as (servers, directory):
+        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
+        try:
+            queue = name_on(lambda s: s % 2 == 0, 4, "gone")  # node-0
+            topic = name_on(lambda s: s == 1, 4, "news")  # node-1
+            await a.create_queue(queue)
+            await b.publish(queue, b"looked up")  # node-1 caches its row
+            assert await drain(a, queue, 1) == [b"looked up"]
+            await b.create_topic(topic)
+            await a.delete_queue(queue)  # node-0 removes the row; node-1's cache still names it
+            await b.subscribe(topic, ">", queue)
+            await b.publish(topic, b"fanned out")
+            assert await drain(a, queue, 1) == [b"fanned out"]
+            subs = next(t for t in await a.list_topics() if t.name == topic).subscriptions
+            assert [s.queue for s in subs] == [queue]
+        finally:
+            for client in (a, b):
+                await client.close()
+
+
 async def _until(condition, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():

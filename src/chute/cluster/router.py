@@ -707,7 +707,9 @@ class ClusterBroker:
         that shard."""
         self._check()
         topic_shard = await self._shard_of(topic, TopicNotFound)
-        placed = await self.placement.lookup(queue)
+        # the row as it is now, not as cached: a queue deleted through another node is made again here, as one
+        # broker makes a missing queue it subscribes, not looked for where the stale row says (queue_not_found)
+        placed = await self.placement.refresh(queue)
         if placed is None:
             _check_name(queue)
             placed = await self.placement.place(queue, "queue", near=topic_shard)
