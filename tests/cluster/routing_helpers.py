@@ -1,5 +1,5 @@
 """Helpers of the router tests: `StaticNode`, a cluster node whose shards are assigned by the test, and
-`static_cluster`, in-process Servers on such nodes.
+`static_cluster`, in-process Servers on such nodes; `clients_of`, a client connected to each.
 
 `StaticNode` has the seam of `chute.cluster.node.ClusterNode` that the router uses (`shards`, `name`,
 `placement`, `local_broker`, `owner`, `on_change`, `healthy`, `status`, `advertise`, `start`, `stop`) over
@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 
-from chute import Broker
+from chute import AsyncClient, Broker
 from chute.cluster.peers import Peers
 from chute.cluster.placement import MemoryPlacement
 from chute.cluster.router import ClusterBroker
@@ -122,3 +122,16 @@ async def static_cluster(count: int = 3, shards: int = 6, *, wait_owner_s: float
         for server in servers:
             await server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def clients_of(servers):
+    """A client connected to each of `servers` (no reconnection), in order; closed on the way out."""
+    clients: list[AsyncClient] = []
+    try:
+        for server in servers:
+            clients.append(await AsyncClient(server.url, reconnect=False).connect())
+        yield clients
+    finally:
+        for client in clients:
+            await client.close()

@@ -16,7 +16,7 @@ from chute import AsyncClient
 from chute.cluster.relay import relay_name
 from chute.errors import QueueInUse, QueueNotFound, Unavailable
 from chute.model import Publish
-from tests.cluster.routing_helpers import static_cluster
+from tests.cluster.routing_helpers import clients_of, static_cluster
 from tests.cluster.test_fanout_relay import _until, broker_of, drain, name_on, retire_checks
 
 pytestmark = pytest.mark.timeout(60)
@@ -165,30 +165,25 @@ async def test_a_relay_queue_still_a_dead_letter_queue_stays_when_the_last_subsc
     # relay tried; but the relay would stop with a warning, and the dead letters wait for the next scan to start
     # it again: so the test looks at the check's answer and at the relay's task.
     answers = retire_checks(monkeypatch)
-    async with static_cluster(2, 4) as (servers, directory):
-        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
-        try:
-            dlq = name_on(lambda s: s % 2 == 0, 4, "graves")  # node-0
-            topic = name_on(lambda s: s == 1, 4, "news")  # node-1
-            source = name_on(lambda s: s == 1, 4, "jobs")  # node-1: dead-letters through the same relay queue
-            relay = relay_name(dlq)
-            await a.create_queue(dlq)
-            await a.publish(dlq, b"first")  # not empty: it stays in its shard
-            await b.create_topic(topic)
-            await b.subscribe(topic, ">", dlq)
-            await b.create_queue(source, dead_letter_queue=dlq)
-            await b.unsubscribe(topic, ">", dlq)
-            await _until(lambda: answers)  # the relay looked whether its relay queue may go
-            assert answers[0] == (relay, False)
-            relays = servers[1].broker.relays
-            task = relays._tasks[(1, relay)]
-            assert relay in broker_of(directory, topic).core.queues and not task.done()
-            await b.publish(source, b"dead-lettered")
-            await b.nack(await b.receive(source, 1, wait_s=5), dead_letter=True)
-            assert await drain(a, dlq, 2) == [b"first", b"dead-lettered"]
-        finally:
-            for client in (a, b):
-                await client.close()
+    async with static_cluster(2, 4) as (servers, directory), clients_of(servers) as (a, b):
+        dlq = name_on(lambda s: s % 2 == 0, 4, "graves")  # node-0
+        topic = name_on(lambda s: s == 1, 4, "news")  # node-1
+        source = name_on(lambda s: s == 1, 4, "jobs")  # node-1: dead-letters through the same relay queue
+        relay = relay_name(dlq)
+        await a.create_queue(dlq)
+        await a.publish(dlq, b"first")  # not empty: it stays in its shard
+        await b.create_topic(topic)
+        await b.subscribe(topic, ">", dlq)
+        await b.create_queue(source, dead_letter_queue=dlq)
+        await b.unsubscribe(topic, ">", dlq)
+        await _until(lambda: answers)  # the relay looked whether its relay queue may go
+        assert answers[0] == (relay, False)
+        relays = servers[1].broker.relays
+        task = relays._tasks[(1, relay)]
+        assert relay in broker_of(directory, topic).core.queues and not task.done()
+        await b.publish(source, b"dead-lettered")
+        await b.nack(await b.receive(source, 1, wait_s=5), dead_letter=True)
+        assert await drain(a, dlq, 2) == [b"first", b"dead-lettered"]
 
 
 async def test_a_relay_whose_queue_is_gone_ends_its_subscriptions_and_drops_its_dead_letters():
@@ -198,61 +193,51 @@ async def test_a_relay_whose_queue_is_gone_ends_its_subscriptions_and_drops_its_
     # finds the queue gone, it ends the subscription through it and drops the dead letters (as one broker does
     # without a dead-letter queue), and the relay queue stays while the queue names it (its shard refuses to
     # delete it).
-    async with static_cluster(2, 4) as (servers, directory):
-        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
-        try:
-            gone = name_on(lambda s: s % 2 == 0, 4, "gone")  # node-0
-            topic = name_on(lambda s: s == 1, 4, "news")  # node-1
-            source = name_on(lambda s: s == 1, 4, "jobs")  # node-1: its relay queue is the subscription's
-            relay = relay_name(gone)
-            await a.create_queue(gone)
-            await b.publish(gone, b"first")  # not empty, so it stays in its shard; node-1 caches its row
-            await b.create_topic(topic)
-            await b.subscribe(topic, ">", gone)
-            await b.create_queue(source, dead_letter_queue=gone)
-            await broker_of(directory, gone).delete_queue(gone)  # what the racing delete leaves: no queue, no row
-            await directory.nodes["node-0"].placement.forget(gone, "queue")
-            shard = broker_of(directory, topic)
-            assert shard.core.queues[source].settings.dead_letter_queue == relay
-            await b.publish(topic, b"for the queue gone")
-            await b.publish(source, b"dead-lettered")
-            await b.nack(await b.receive(source, 1, wait_s=5), dead_letter=True)
+    async with static_cluster(2, 4) as (servers, directory), clients_of(servers) as (a, b):
+        gone = name_on(lambda s: s % 2 == 0, 4, "gone")  # node-0
+        topic = name_on(lambda s: s == 1, 4, "news")  # node-1
+        source = name_on(lambda s: s == 1, 4, "jobs")  # node-1: its relay queue is the subscription's
+        relay = relay_name(gone)
+        await a.create_queue(gone)
+        await b.publish(gone, b"first")  # not empty, so it stays in its shard; node-1 caches its row
+        await b.create_topic(topic)
+        await b.subscribe(topic, ">", gone)
+        await b.create_queue(source, dead_letter_queue=gone)
+        await broker_of(directory, gone).delete_queue(gone)  # what the racing delete leaves: no queue, no row
+        await directory.nodes["node-0"].placement.forget(gone, "queue")
+        shard = broker_of(directory, topic)
+        assert shard.core.queues[source].settings.dead_letter_queue == relay
+        await b.publish(topic, b"for the queue gone")
+        await b.publish(source, b"dead-lettered")
+        await b.nack(await b.receive(source, 1, wait_s=5), dead_letter=True)
 
-            def settled() -> bool:
-                stats = shard.queue_stats(relay)
-                return not shard.core.topics[topic].subscriptions and not (stats.ready or stats.in_flight)
+        def settled() -> bool:
+            stats = shard.queue_stats(relay)
+            return not shard.core.topics[topic].subscriptions and not (stats.ready or stats.in_flight)
 
-            await _until(settled)
-            assert relay in shard.core.queues
-            assert next(t for t in await a.list_topics() if t.name == topic).subscriptions == []
-        finally:
-            for client in (a, b):
-                await client.close()
+        await _until(settled)
+        assert relay in shard.core.queues
+        assert next(t for t in await a.list_topics() if t.name == topic).subscriptions == []
 
 
 async def test_a_dead_letter_queue_deleted_through_another_node_is_refused_as_on_one_broker():
     # A node whose cached placement row still named a queue another node had just deleted let a queue be created
     # (or changed) to dead-letter into it, through a relay queue: its dead letters were later dropped. One broker
     # refuses a dead-letter queue that does not exist.
-    async with static_cluster(2, 4) as (servers, directory):
-        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
-        try:
-            gone = name_on(lambda s: s % 2 == 0, 4, "gone")  # node-0
-            source = name_on(lambda s: s == 1, 4, "jobs")  # node-1
-            kept = name_on(lambda s: s == 3, 4, "kept")  # node-1
-            await a.create_queue(gone)
-            await b.publish(gone, b"looked up")  # node-1 caches its row
-            await b.create_queue(kept)
-            await a.delete_queue(gone)  # node-0 removes the row; node-1's cache still names it
-            with pytest.raises(QueueNotFound, match="does not exist"):
-                await b.create_queue(source, dead_letter_queue=gone)
-            with pytest.raises(QueueNotFound, match="does not exist"):
-                await b.update_queue(kept, dead_letter_queue=gone)
-            listed = {q.name: q.settings.dead_letter_queue for q in await b.list_queues()}
-            assert source not in listed and listed[kept] is None
-            await a.create_queue(gone)  # made again: named at once, through either node
+    async with static_cluster(2, 4) as (servers, directory), clients_of(servers) as (a, b):
+        gone = name_on(lambda s: s % 2 == 0, 4, "gone")  # node-0
+        source = name_on(lambda s: s == 1, 4, "jobs")  # node-1
+        kept = name_on(lambda s: s == 3, 4, "kept")  # node-1
+        await a.create_queue(gone)
+        await b.publish(gone, b"looked up")  # node-1 caches its row
+        await b.create_queue(kept)
+        await a.delete_queue(gone)  # node-0 removes the row; node-1's cache still names it
+        with pytest.raises(QueueNotFound, match="does not exist"):
             await b.create_queue(source, dead_letter_queue=gone)
-            assert {q.name: q.settings.dead_letter_queue for q in await a.list_queues()}[source] == gone
-        finally:
-            for client in (a, b):
-                await client.close()
+        with pytest.raises(QueueNotFound, match="does not exist"):
+            await b.update_queue(kept, dead_letter_queue=gone)
+        listed = {q.name: q.settings.dead_letter_queue for q in await b.list_queues()}
+        assert source not in listed and listed[kept] is None
+        await a.create_queue(gone)  # made again: named at once, through either node
+        await b.create_queue(source, dead_letter_queue=gone)
+        assert {q.name: q.settings.dead_letter_queue for q in await a.list_queues()}[source] == gone

@@ -17,7 +17,7 @@ from chute.cluster.placement import home_shard
 from chute.cluster.relay import PREFIX, relay_name
 from chute.errors import InvalidName
 from chute.model import Publish
-from tests.cluster.routing_helpers import static_cluster
+from tests.cluster.routing_helpers import clients_of, static_cluster
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -151,50 +151,40 @@ async def test_a_relay_repeating_a_batch_adds_no_copy_and_unsubscribing_removes_
 
 async def test_a_relay_queue_still_feeding_a_subscription_stays_when_another_through_it_ends(monkeypatch):
     answers = retire_checks(monkeypatch)
-    async with static_cluster(2, 4) as (servers, directory):
-        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
-        try:
-            topic = name_on(lambda s: s % 2 == 0, 4, "topic")  # node-0
-            queue = name_on(lambda s: s % 2 == 1, 4, "queue")  # node-1
-            await b.create_queue(queue)
-            await b.publish(queue, b"first")  # not empty: it stays in its shard
-            await a.create_topic(topic)
-            await a.subscribe(topic, "a.>", queue)
-            await a.subscribe(topic, "b.>", queue)  # through the same relay queue
-            await a.unsubscribe(topic, "a.>", queue)
-            await _until(lambda: answers)  # the relay looked whether its relay queue may go
-            assert answers[0] == (relay_name(queue), False)
-            assert relay_name(queue) in broker_of(directory, topic).core.queues
-            subs = next(t for t in await b.list_topics() if t.name == topic).subscriptions
-            assert [(s.pattern, s.queue) for s in subs] == [("b.>", queue)]
-            await b.publish(topic, b"through the subscription left", subject="b.x")
-            assert await drain(b, queue, 2) == [b"first", b"through the subscription left"]
-        finally:
-            for client in (a, b):
-                await client.close()
+    async with static_cluster(2, 4) as (servers, directory), clients_of(servers) as (a, b):
+        topic = name_on(lambda s: s % 2 == 0, 4, "topic")  # node-0
+        queue = name_on(lambda s: s % 2 == 1, 4, "queue")  # node-1
+        await b.create_queue(queue)
+        await b.publish(queue, b"first")  # not empty: it stays in its shard
+        await a.create_topic(topic)
+        await a.subscribe(topic, "a.>", queue)
+        await a.subscribe(topic, "b.>", queue)  # through the same relay queue
+        await a.unsubscribe(topic, "a.>", queue)
+        await _until(lambda: answers)  # the relay looked whether its relay queue may go
+        assert answers[0] == (relay_name(queue), False)
+        assert relay_name(queue) in broker_of(directory, topic).core.queues
+        subs = next(t for t in await b.list_topics() if t.name == topic).subscriptions
+        assert [(s.pattern, s.queue) for s in subs] == [("b.>", queue)]
+        await b.publish(topic, b"through the subscription left", subject="b.x")
+        assert await drain(b, queue, 2) == [b"first", b"through the subscription left"]
 
 
 async def test_subscribing_a_queue_deleted_through_another_node_makes_it_again_as_on_one_broker():
     # A node whose cached placement row still named a queue another node had just deleted looked for it where
     # the row said and answered queue_not_found, where one broker makes the missing queue it subscribes.
-    async with static_cluster(2, 4) as (servers, directory):
-        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
-        try:
-            queue = name_on(lambda s: s % 2 == 0, 4, "gone")  # node-0
-            topic = name_on(lambda s: s == 1, 4, "news")  # node-1
-            await a.create_queue(queue)
-            await b.publish(queue, b"looked up")  # node-1 caches its row
-            assert await drain(a, queue, 1) == [b"looked up"]
-            await b.create_topic(topic)
-            await a.delete_queue(queue)  # node-0 removes the row; node-1's cache still names it
-            await b.subscribe(topic, ">", queue)
-            await b.publish(topic, b"fanned out")
-            assert await drain(a, queue, 1) == [b"fanned out"]
-            subs = next(t for t in await a.list_topics() if t.name == topic).subscriptions
-            assert [s.queue for s in subs] == [queue]
-        finally:
-            for client in (a, b):
-                await client.close()
+    async with static_cluster(2, 4) as (servers, directory), clients_of(servers) as (a, b):
+        queue = name_on(lambda s: s % 2 == 0, 4, "gone")  # node-0
+        topic = name_on(lambda s: s == 1, 4, "news")  # node-1
+        await a.create_queue(queue)
+        await b.publish(queue, b"looked up")  # node-1 caches its row
+        assert await drain(a, queue, 1) == [b"looked up"]
+        await b.create_topic(topic)
+        await a.delete_queue(queue)  # node-0 removes the row; node-1's cache still names it
+        await b.subscribe(topic, ">", queue)
+        await b.publish(topic, b"fanned out")
+        assert await drain(a, queue, 1) == [b"fanned out"]
+        subs = next(t for t in await a.list_topics() if t.name == topic).subscriptions
+        assert [s.queue for s in subs] == [queue]
 
 
 async def _until(condition, timeout_s: float = 10.0) -> None:

@@ -15,7 +15,7 @@ from chute import AsyncClient, Broker
 from chute.cluster.placement import Placed, home_shard
 from chute.cluster.relay import relay_name
 from chute.errors import ChuteError
-from tests.cluster.routing_helpers import static_cluster
+from tests.cluster.routing_helpers import clients_of, static_cluster
 from tests.cluster.test_fanout_relay import broker_of, name_on
 from tests.cluster.test_fanout_relay import drain as drain_count
 
@@ -200,53 +200,43 @@ async def test_a_stray_copy_carried_into_a_full_copy_that_dead_letters_what_it_r
 async def test_an_empty_queue_fed_by_a_subscription_of_its_shard_stays_and_is_fed_through_a_relay():
     # Moving it to the new topic's shard would delete the old copy, and the subscription of its own shard's topic
     # with it: that topic's publishes would reach it no more.
-    async with static_cluster(2, 4) as (servers, directory):
-        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
-        try:
-            queue = name_on(lambda s: s == 1, 4, "fed")  # node-1
-            near = name_on(lambda s: s == 1, 4, "near")  # node-1: feeds the queue in its shard
-            far = name_on(lambda s: s == 0, 4, "far")  # node-0
-            await b.create_queue(queue)
-            await b.create_topic(near)
-            await b.subscribe(near, ">", queue)
-            await a.create_topic(far)
-            info = await a.subscribe(far, ">", queue)  # empty, but fed in its shard: it stays
-            assert info.queue == queue
-            assert queue in broker_of(directory, queue).core.queues
-            assert relay_name(queue) in broker_of(directory, far).core.queues
-            await a.publish(near, b"from the topic of its shard")
-            await b.publish(far, b"from the topic of the other shard")
-            got = await drain_count(b, queue, 2)
-            assert sorted(got) == [b"from the topic of its shard", b"from the topic of the other shard"]
-        finally:
-            for client in (a, b):
-                await client.close()
+    async with static_cluster(2, 4) as (servers, directory), clients_of(servers) as (a, b):
+        queue = name_on(lambda s: s == 1, 4, "fed")  # node-1
+        near = name_on(lambda s: s == 1, 4, "near")  # node-1: feeds the queue in its shard
+        far = name_on(lambda s: s == 0, 4, "far")  # node-0
+        await b.create_queue(queue)
+        await b.create_topic(near)
+        await b.subscribe(near, ">", queue)
+        await a.create_topic(far)
+        info = await a.subscribe(far, ">", queue)  # empty, but fed in its shard: it stays
+        assert info.queue == queue
+        assert queue in broker_of(directory, queue).core.queues
+        assert relay_name(queue) in broker_of(directory, far).core.queues
+        await a.publish(near, b"from the topic of its shard")
+        await b.publish(far, b"from the topic of the other shard")
+        got = await drain_count(b, queue, 2)
+        assert sorted(got) == [b"from the topic of its shard", b"from the topic of the other shard"]
 
 
 async def test_an_empty_dead_letter_queue_of_a_queue_of_its_shard_stays_and_is_fed_through_a_relay():
     # Moving it would delete the old copy, which its shard refuses while a queue dead-letters into it: the move
     # would fail half done (row and new copy made), and the subscribe with it.
-    async with static_cluster(2, 4) as (servers, directory):
-        a, b = [await AsyncClient(s.url, reconnect=False).connect() for s in servers]
-        try:
-            queue = name_on(lambda s: s == 1, 4, "graves")  # node-1
-            source = name_on(lambda s: s == 1, 4, "work")  # node-1: dead-letters into the queue in its shard
-            topic = name_on(lambda s: s == 0, 4, "far")  # node-0
-            await b.create_queue(queue)
-            await b.create_queue(source, dead_letter_queue=queue)
-            await a.create_topic(topic)
-            info = await b.subscribe(topic, ">", queue)  # empty, but a dead-letter queue in its shard: it stays
-            assert info.queue == queue
-            assert queue in broker_of(directory, queue).core.queues
-            assert relay_name(queue) in broker_of(directory, topic).core.queues
-            await a.publish(source, b"dead-lettered")
-            await b.nack(await b.receive(source, 1, wait_s=5), dead_letter=True)
-            await a.publish(topic, b"from the topic of the other shard")
-            got = await drain_count(b, queue, 2)
-            assert sorted(got) == [b"dead-lettered", b"from the topic of the other shard"]
-        finally:
-            for client in (a, b):
-                await client.close()
+    async with static_cluster(2, 4) as (servers, directory), clients_of(servers) as (a, b):
+        queue = name_on(lambda s: s == 1, 4, "graves")  # node-1
+        source = name_on(lambda s: s == 1, 4, "work")  # node-1: dead-letters into the queue in its shard
+        topic = name_on(lambda s: s == 0, 4, "far")  # node-0
+        await b.create_queue(queue)
+        await b.create_queue(source, dead_letter_queue=queue)
+        await a.create_topic(topic)
+        info = await b.subscribe(topic, ">", queue)  # empty, but a dead-letter queue in its shard: it stays
+        assert info.queue == queue
+        assert queue in broker_of(directory, queue).core.queues
+        assert relay_name(queue) in broker_of(directory, topic).core.queues
+        await a.publish(source, b"dead-lettered")
+        await b.nack(await b.receive(source, 1, wait_s=5), dead_letter=True)
+        await a.publish(topic, b"from the topic of the other shard")
+        got = await drain_count(b, queue, 2)
+        assert sorted(got) == [b"dead-lettered", b"from the topic of the other shard"]
 
 
 async def drain(client, queue: str) -> list[bytes]:
