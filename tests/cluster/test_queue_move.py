@@ -120,10 +120,7 @@ async def test_a_stray_copy_left_by_a_move_cut_short_is_carried_over_when_its_sh
                 await old.create_queue(name, max_deliveries=3)
                 await old.publish(name, b"held by the old copy")
             await old.publish(moved, b"confirmed through the old shard's node")
-            node = directory.nodes["node-0"]
-            await node.drop(2)
-            node.brokers[2], directory.owners[2] = old, "node-0"
-            directory.changed()
+            await serve_recovered(directory, "node-0", 2, old)
             got = {name: sorted(await drain(b, name)) for name in (moved, cut)}
             assert got == {moved: [b"confirmed through the old shard's node", b"held by the old copy"],
                            cut: [b"held by the old copy"]}  # fmt: skip
@@ -158,10 +155,7 @@ async def test_a_stray_copy_still_used_in_its_shard_is_left_with_its_messages_an
             await old.create_queue(source, dead_letter_queue=dead)
             directory.book[topic] = Placed(topic, "topic", 2)
             directory.book[source] = Placed(source, "queue", 2)
-            node = directory.nodes["node-0"]
-            await node.drop(2)
-            node.brokers[2], directory.owners[2] = old, "node-0"
-            directory.changed()
+            await serve_recovered(directory, "node-0", 2, old)
             await _until(lambda: unused not in old.core.queues)
             assert await drain(b, unused) == [b"held by the old copy"]
             assert {name: old.queue_stats(name).ready for name in (fed, dead)} == {fed: 1, dead: 1}
@@ -186,10 +180,7 @@ async def test_a_stray_copy_carried_into_a_full_copy_that_dead_letters_what_it_r
             old = await Broker.in_memory().start()  # shard 2's broker as node-0 recovers it after a cut move
             await old.create_queue(name)
             await old.publish(name, b"held by the stray")
-            node = directory.nodes["node-0"]
-            await node.drop(2)
-            node.brokers[2], directory.owners[2] = old, "node-0"
-            directory.changed()
+            await serve_recovered(directory, "node-0", 2, old)
             await _until(lambda: name not in old.core.queues)
             assert await drain(b, dlq) == [b"held by the stray"]
             assert await drain(b, name) == [b"fills the copy"]
@@ -237,6 +228,14 @@ async def test_an_empty_dead_letter_queue_of_a_queue_of_its_shard_stays_and_is_f
         await a.publish(topic, b"from the topic of the other shard")
         got = await drain_count(b, queue, 2)
         assert sorted(got) == [b"dead-lettered", b"from the topic of the other shard"]
+
+
+async def serve_recovered(directory, node_name: str, shard: int, broker) -> None:
+    """`node_name` serves `shard` from `broker` from now on (as if it had recovered the shard's store into it)."""
+    node = directory.nodes[node_name]
+    await node.drop(shard)
+    node.brokers[shard], directory.owners[shard] = broker, node_name
+    directory.changed()
 
 
 async def drain(client, queue: str) -> list[bytes]:
